@@ -1,0 +1,46 @@
+"""action-metrics: SQL-backed unit economics (cost, revenue, margin, latency) for LLM-powered products."""
+
+from action_metrics.aggregate import Aggregate, ModelAggregate
+from action_metrics.errors import (
+    DatabaseUnavailable,
+    InvalidFilter,
+    InvalidMetric,
+    InvalidPrice,
+    InvalidValue,
+    SchemaError,
+    SchemaNotCreated,
+    SchemaOutOfDate,
+    SchemaTooNew,
+)
+from action_metrics.model import ActionMetric, uuid7
+from action_metrics.pricing import (
+    ACTION_CREDITS,
+    MODEL_COSTS_PER_1M,
+    REVENUE_PER_CREDIT_USD,
+    ActionType,
+    ModelName,
+)
+from action_metrics.store import AsyncMetricsStore, MetricsStore
+
+__all__ = [
+    "ACTION_CREDITS",
+    "MODEL_COSTS_PER_1M",
+    "REVENUE_PER_CREDIT_USD",
+    "ActionMetric",
+    "ActionType",
+    "Aggregate",
+    "AsyncMetricsStore",
+    "DatabaseUnavailable",
+    "InvalidFilter",
+    "InvalidMetric",
+    "InvalidPrice",
+    "InvalidValue",
+    "MetricsStore",
+    "ModelAggregate",
+    "ModelName",
+    "SchemaError",
+    "SchemaNotCreated",
+    "SchemaOutOfDate",
+    "SchemaTooNew",
+    "uuid7",
+]

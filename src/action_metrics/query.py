@@ -1,0 +1,114 @@
+"""Which metrics a question is about: the filters of `query()` and `aggregate()`, checked at the call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy import ColumnCollection, ColumnElement, Row, Select, false, select
+
+from action_metrics.errors import InvalidFilter
+from action_metrics.model import ActionMetric
+from action_metrics.schema import action_metrics
+from action_metrics.validation import as_utc, storable_text
+
+EQUALITY_FILTERS: Final = ("user_id", "town_id", "citizen_id", "action_type", "model")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricFilter:
+    """Equality on ids, type and model; `since` inclusive, `until` exclusive; the newest `limit`."""
+
+    user_id: str | None = None
+    town_id: str | None = None
+    citizen_id: str | None = None
+    action_type: str | None = None
+    model: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in EQUALITY_FILTERS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidFilter(name, f"expected a string, got {type(value).__name__}")
+            if value is not None:
+                object.__setattr__(self, name, str(value))
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, as_utc(name, value, InvalidFilter))
+        if self.limit is not None and (
+            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0
+        ):
+            raise InvalidFilter("limit", f"expected a whole number >= 0, got {self.limit!r}")
+
+    def conditions(self, columns: ColumnCollection[str, Any]) -> list[ColumnElement[bool]]:
+        """WHERE terms against a table or view that has the action_metrics columns."""
+        terms: list[ColumnElement[bool]] = []
+        for name in EQUALITY_FILTERS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not storable_text(value):
+                return [false()]  # no stored value can hold it: nothing matches
+            terms.append(columns[name] == value)
+        if self.since is not None:
+            terms.append(columns["timestamp"] >= self.since)
+        if self.until is not None:
+            terms.append(columns["timestamp"] < self.until)
+        return terms
+
+    def newest_first(self, statement: Select[Any], columns: ColumnCollection[str, Any]) -> Select[Any]:
+        statement = statement.where(*self.conditions(columns)).order_by(
+            columns["timestamp"].desc(), columns["id"].desc()
+        )
+        return statement if self.limit is None else statement.limit(self.limit)
+
+
+FILTER_NAMES: Final = tuple(field.name for field in fields(MetricFilter))
+
+
+def metrics_statement(metric_filter: MetricFilter) -> Select[Any]:
+    return metric_filter.newest_first(select(action_metrics), action_metrics.c)
+
+
+def metric_from_row(row: Row[Any]) -> ActionMetric:
+    return ActionMetric(
+        action_type=row.action_type,
+        user_id=row.user_id,
+        town_id=row.town_id,
+        citizen_id=row.citizen_id,
+        tokens_in=row.tokens_in,
+        tokens_out=row.tokens_out,
+        model=row.model,
+        latency_ms=row.latency_ms,
+        credits_charged=row.credits_charged,
+        timestamp=row.timestamp,
+        metadata=row._mapping["metadata"],
+        id=row.id,
+    )
+
+
+def metric_rows(metrics: Sequence[ActionMetric]) -> list[dict[str, Any]]:
+    """Bind parameters for inserting into action_metrics (keys are the table's column keys)."""
+    return [
+        {
+            "id": metric.id,
+            "timestamp": metric.timestamp,
+            "action_type": metric.action_type,
+            "user_id": metric.user_id,
+            "town_id": metric.town_id,
+            "citizen_id": metric.citizen_id,
+            "model": metric.model,
+            "tokens_in": metric.tokens_in,
+            "tokens_out": metric.tokens_out,
+            "latency_ms": metric.latency_ms,
+            "credits_charged": metric.credits_charged,
+            "metadata": metric.metadata,
+        }
+        for metric in metrics
+    ]

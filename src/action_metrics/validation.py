@@ -1,0 +1,120 @@
+"""Field checks shared by metrics, filters and prices: each names the field it rejects."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from action_metrics.errors import InvalidMetric, InvalidValue
+
+MAX_INT64: Final = 2**63 - 1
+MAX_ID_LENGTH: Final = 256
+MAX_MODEL_LENGTH: Final = 128
+MAX_METADATA_BYTES: Final = 64 * 1024
+MAX_METADATA_DEPTH: Final = 32
+_ACTION_TYPE: Final = re.compile(r"[a-z0-9_.\-]{1,64}")
+
+
+def storable_text(value: str) -> bool:
+    """Whether both databases can store the string exactly: no NUL and no lone surrogate."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_action_type(value: object) -> str:
+    if not isinstance(value, str) or not _ACTION_TYPE.fullmatch(value):
+        raise InvalidMetric(
+            "action_type",
+            f"expected 1-64 characters of a-z, 0-9, '_', '-', '.', got {value!r:.80}",
+        )
+    return str(value)
+
+
+def check_model(value: object, error: type[InvalidValue] = InvalidMetric) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_MODEL_LENGTH:
+        raise error("model", f"expected 1-{MAX_MODEL_LENGTH} characters, got {value!r:.80}")
+    if not value.isprintable() or not storable_text(value):
+        raise error("model", f"expected printable characters only, got {value!r:.80}")
+    return str(value)
+
+
+def check_id(field_name: str, value: object) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_LENGTH:
+        raise InvalidMetric(field_name, f"expected 1-{MAX_ID_LENGTH} characters, got {value!r:.80}")
+    if not storable_text(value):
+        raise InvalidMetric(field_name, "must be valid Unicode without NUL characters")
+    return str(value)
+
+
+def check_count(field_name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidMetric(field_name, f"expected an integer, got {type(value).__name__}")
+    if not 0 <= value <= MAX_INT64:
+        raise InvalidMetric(field_name, f"expected 0 <= {field_name} < 2**63, got {value}")
+    return int(value)
+
+
+def check_latency(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidMetric("latency_ms", f"expected a number, got {type(value).__name__}")
+    latency = float(value)
+    if not math.isfinite(latency) or latency < 0:
+        raise InvalidMetric("latency_ms", f"expected a finite number >= 0, got {value}")
+    return latency
+
+
+def as_utc(field_name: str, value: object, error: type[InvalidValue] = InvalidMetric) -> datetime:
+    """An aware UTC datetime; a naive one is read as local time, as `datetime.astimezone()` does."""
+    if not isinstance(value, datetime):
+        raise error(field_name, f"expected a datetime, got {type(value).__name__}")
+    try:
+        return value.astimezone(UTC)
+    except (OverflowError, ValueError, OSError) as problem:
+        raise error(field_name, f"cannot be expressed in UTC: {problem}") from None
+
+
+def _check_json(value: object, path: str, depth: int) -> None:
+    """Reject what JSON (as PostgreSQL's jsonb stores it) would not give back equal."""
+    if depth > MAX_METADATA_DEPTH:
+        raise InvalidMetric("metadata", f"nested deeper than {MAX_METADATA_DEPTH} levels at {path}")
+    if value is None or isinstance(value, bool | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidMetric("metadata", f"{path} is {value}, which JSON cannot hold")
+    elif isinstance(value, str):
+        if not storable_text(value):
+            raise InvalidMetric("metadata", f"{path} holds NUL or a lone surrogate")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{path}[{index}]", depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or not storable_text(key):
+                raise InvalidMetric("metadata", f"keys must be valid strings, got {key!r:.40} at {path}")
+            _check_json(item, f"{path}.{key}", depth + 1)
+    else:
+        raise InvalidMetric("metadata", f"{path} is a {type(value).__name__}, not JSON")
+
+
+def check_metadata(value: object) -> tuple[dict[str, Any], str]:
+    """The metadata as a dict and as its JSON text, which is what the store writes."""
+    if not isinstance(value, Mapping):
+        raise InvalidMetric("metadata", f"expected a dict, got {type(value).__name__}")
+    if not value:
+        return {}, "{}"
+    metadata = dict(value)
+    _check_json(metadata, "metadata", 0)
+    text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
+    if len(text.encode("utf-8")) > MAX_METADATA_BYTES:
+        raise InvalidMetric("metadata", f"serialises to more than {MAX_METADATA_BYTES} bytes")
+    return metadata, text
