@@ -1,0 +1,147 @@
+"""One fixture, `backend`, parametrises every database test over SQLite and PostgreSQL.
+
+PostgreSQL tests need a server (default postgresql://postgres@127.0.0.1:5432/test, or
+$ACTION_METRICS_TEST_POSTGRES_URL). Each test gets a throwaway database cloned from a migrated
+template, dropped afterwards; the server is never assumed empty. Without a server the PostgreSQL
+half is skipped with the reason, unless ACTION_METRICS_REQUIRE_POSTGRES=1 (as in CI) makes it fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy import make_url
+
+from action_metrics import migrate
+from action_metrics.dialects import backend_for
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "ACTION_METRICS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_POSTGRES = os.environ.get("ACTION_METRICS_REQUIRE_POSTGRES") == "1"
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _admin(*statements: str) -> None:
+    connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+def postgres_admin(*statements: str) -> None:
+    asyncio.run(_admin(*statements))
+
+
+def postgres_url(database: str) -> str:
+    return make_url(POSTGRES_ADMIN_URL).set(database=database).render_as_string(hide_password=False)
+
+
+def migrate_to_head(url: str) -> None:
+    backend = backend_for(url)
+
+    async def run() -> None:
+        engine = backend.create_engine()
+        try:
+            await migrate.run_migrations(engine, migrate.upgrade_to("head"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="session")
+def postgres_available() -> None:
+    try:
+        postgres_admin("SELECT 1")
+    except (OSError, asyncpg.PostgresError) as error:
+        message = f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}: {error}"
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"{message} (ACTION_METRICS_REQUIRE_POSTGRES=1)")
+        pytest.skip(message)
+
+
+class Databases:
+    """Makes throwaway databases of one backend: empty, or migrated to head."""
+
+    def __init__(self, name: str, workdir: Path) -> None:
+        self.name = name
+        self.workdir = workdir
+        self._created: list[str] = []
+        self._template: str | None = None
+
+    def empty(self) -> str:
+        token = uuid.uuid4().hex[:12]
+        if self.name == "sqlite":
+            return f"sqlite:///{self.workdir / f'{token}.db'}"
+        database = f"am_test_{token}"
+        postgres_admin(f'CREATE DATABASE "{database}"')
+        self._created.append(database)
+        return postgres_url(database)
+
+    def migrated(self) -> str:
+        """A database at head, cloned from a template migrated once per session."""
+        if self._template is None:
+            self._template = self.empty()
+            migrate_to_head(self._template)
+        token = uuid.uuid4().hex[:12]
+        if self.name == "sqlite":
+            path = self.workdir / f"{token}.db"
+            shutil.copyfile(make_url(self._template).database or "", path)
+            return f"sqlite:///{path}"
+        database = f"am_test_{token}"
+        template = make_url(self._template).database
+        postgres_admin(f'CREATE DATABASE "{database}" TEMPLATE "{template}"')
+        self._created.append(database)
+        return postgres_url(database)
+
+    def drop(self, url: str) -> None:
+        database = make_url(url).database or ""
+        if self.name == "postgresql" and database in self._created:
+            postgres_admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            self._created.remove(database)
+
+    def drop_all(self) -> None:
+        if self.name == "postgresql" and self._created:
+            postgres_admin(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in self._created))
+            self._created.clear()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
+    """The backend under test: SQLite or PostgreSQL."""
+    if request.param == "postgresql":
+        request.getfixturevalue("postgres_available")
+    databases = Databases(request.param, tmp_path_factory.mktemp(request.param))
+    yield databases
+    databases.drop_all()
+
+
+@pytest.fixture
+def database_url(backend: Databases) -> Iterator[str]:
+    """A fresh database at the newest schema revision."""
+    url = backend.migrated()
+    yield url
+    backend.drop(url)
+
+
+@pytest.fixture
+def empty_database_url(backend: Databases) -> Iterator[str]:
+    """A fresh database with nothing in it."""
+    url = backend.empty()
+    yield url
+    backend.drop(url)

@@ -1,0 +1,246 @@
+"""The store's contract on both backends: what is emitted is what is queried, once, verbatim."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from action_metrics import (
+    ActionMetric,
+    ActionType,
+    AsyncMetricsStore,
+    InvalidFilter,
+    InvalidPrice,
+    MetricsStore,
+    ModelName,
+    SchemaNotCreated,
+    SchemaTooNew,
+)
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+def metric(**fields: object) -> ActionMetric:
+    values: dict[str, object] = {
+        "action_type": ActionType.LOD3,
+        "user_id": "user-1",
+        "town_id": "town-1",
+        "citizen_id": "citizen-1",
+        "tokens_in": 100,
+        "tokens_out": 50,
+        "model": ModelName.HAIKU,
+        "latency_ms": 120.5,
+        "credits_charged": 10,
+        "timestamp": NOW,
+    }
+    values.update(fields)
+    return ActionMetric(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(database_url: str):
+    with MetricsStore(database_url) as store:
+        yield store
+
+
+def test_emitted_metric_reads_back_equal(store: MetricsStore) -> None:
+    sent = metric(metadata={"lod": 3, "nested": {"list": [1, 2.5, None, True, "é"]}})
+    store.emit(sent)
+    assert store.query() == [sent]
+
+
+def test_emitting_the_same_id_twice_stores_it_once(store: MetricsStore) -> None:
+    first = metric()
+    store.emit(first)
+    store.emit(first)
+    store.emit_many([first, first])
+    assert store.query() == [first]
+
+
+def test_a_batch_mixing_new_and_stored_ids_stores_only_the_new(store: MetricsStore) -> None:
+    stored = [metric(timestamp=NOW - timedelta(minutes=i)) for i in range(5)]
+    store.emit_many(stored[:3])
+    store.emit_many([stored[1], stored[3], stored[0], stored[4], stored[2]])
+    assert store.query() == stored
+    assert store.aggregate().count == 5
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    [
+        "o'brien",
+        'say "hi"',
+        "100%",
+        "snake_case_",
+        "back\\slash",
+        "'; DROP TABLE action_metrics; --",
+        "%' OR '1'='1",
+        "ünïcødé 用户 🙂",
+        " padded ",
+    ],
+)
+def test_hostile_user_ids_are_stored_and_found_verbatim(store: MetricsStore, user_id: str) -> None:
+    store.emit_many([metric(user_id=user_id), metric(user_id="someone-else")])
+    found = store.query(user_id=user_id)
+    assert [m.user_id for m in found] == [user_id]
+    assert store.aggregate(user_id=user_id).count == 1
+
+
+def test_filters_that_no_stored_value_can_hold_match_nothing(store: MetricsStore) -> None:
+    store.emit(metric())
+    assert store.query(user_id="nul\x00byte") == []
+    assert store.aggregate(town_id="\ud800").count == 0
+
+
+def test_naive_timestamps_are_local_time_and_aware_ones_any_zone(store: MetricsStore) -> None:
+    naive = datetime(2026, 6, 1, 9, 30)
+    plus_five = datetime(2026, 6, 1, 9, 30, tzinfo=timezone(timedelta(hours=5)))
+    store.emit_many([metric(timestamp=naive), metric(timestamp=plus_five)])
+    stored = {m.timestamp for m in store.query()}
+    assert stored == {naive.astimezone(UTC), plus_five.astimezone(UTC)}
+    assert all(t.tzinfo is not None and t.utcoffset() == timedelta(0) for t in stored)
+
+
+def test_since_is_inclusive_and_until_exclusive(store: MetricsStore) -> None:
+    metrics = [metric(timestamp=NOW + timedelta(seconds=s)) for s in range(4)]
+    store.emit_many(metrics)
+    found = store.query(since=NOW + timedelta(seconds=1), until=NOW + timedelta(seconds=3))
+    assert found == [metrics[2], metrics[1]]
+
+
+def test_query_is_newest_first_and_limited(store: MetricsStore) -> None:
+    metrics = [metric(timestamp=NOW + timedelta(minutes=m)) for m in range(10)]
+    store.emit_many(reversed(metrics))
+    assert store.query(limit=3) == metrics[:-4:-1]
+
+
+def test_real_provider_model_names_are_kept(store: MetricsStore) -> None:
+    names = ["claude-sonnet-4-5@20250929", "openai/gpt-4o-mini", "Llama 3.1 70B (fp8)"]
+    store.emit_many(metric(model=name) for name in names)
+    assert {m.model for m in store.query()} == set(names)
+    assert set(store.aggregate().by_model) == set(names)
+
+
+@pytest.mark.parametrize(
+    ("filters", "field"),
+    [
+        ({"user_id": 42}, "user_id"),
+        ({"since": "yesterday"}, "since"),
+        ({"until": 1700000000}, "until"),
+        ({"limit": -1}, "limit"),
+        ({"limit": 2.5}, "limit"),
+    ],
+)
+def test_bad_filters_name_the_field(store: MetricsStore, filters: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidFilter, match=f"^{field}:"):
+        store.query(**filters)  # type: ignore[arg-type]
+    with pytest.raises(InvalidFilter, match=f"^{field}:"):
+        store.aggregate(**filters)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("", 1, 1), "model"),
+        (("m", -1, 1), "input_per_1m"),
+        (("m", 1, float("nan")), "output_per_1m"),
+        (("m", "abc", 1), "input_per_1m"),
+        (("m", 1, "0.0000000001"), "output_per_1m"),
+    ],
+)
+def test_bad_prices_name_the_field(store: MetricsStore, args: tuple[object, ...], field: str) -> None:
+    with pytest.raises(InvalidPrice, match=f"^{field}:"):
+        store.set_model_price(*args)  # type: ignore[arg-type]
+
+
+def test_bad_input_loses_nothing_already_accepted(store: MetricsStore) -> None:
+    kept = metric()
+    store.emit(kept)
+    with pytest.raises(TypeError, match=r"metrics\[1\]"):
+        store.emit_many([metric(), {"action_type": "lod3"}])  # type: ignore[list-item]
+    assert store.query() == [kept]
+
+
+def test_blocking_store_works_inside_a_running_event_loop(database_url: str) -> None:
+    async def notebook_cell() -> int:
+        with MetricsStore(database_url) as store:
+            store.emit(metric())
+            return store.aggregate().count
+
+    assert asyncio.run(notebook_cell()) == 1
+
+
+@pytest.mark.anyio
+async def test_async_store_has_the_same_methods(database_url: str) -> None:
+    async with AsyncMetricsStore(database_url) as store:
+        sent = [metric(timestamp=NOW - timedelta(seconds=i)) for i in range(3)]
+        await store.emit(sent[0])
+        await store.emit_many(sent)
+        await store.flush()
+        assert await store.query(town_id="town-1") == sent
+        await store.set_model_price("haiku", 1, 2, effective_from=NOW - timedelta(days=1))
+        await store.set_credit_price(0.01, effective_from=NOW - timedelta(days=1))
+        aggregate = await store.aggregate()
+        assert aggregate.count == 3
+        assert aggregate.total_revenue_usd == pytest.approx(3 * 10 * 0.01, abs=1e-12)
+        assert aggregate.total_cost_usd == pytest.approx(3 * (100 * 1 + 50 * 2) / 1e6, abs=1e-12)
+
+
+def test_a_new_sqlite_file_is_created_and_migrated(tmp_path) -> None:
+    path = tmp_path / "new.db"
+    with MetricsStore(f"sqlite:///{path}") as store:
+        store.emit(metric())
+        assert store.aggregate().count == 1
+    assert path.exists()
+
+
+def test_default_url_comes_from_the_environment(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "from-env.db"
+    monkeypatch.setenv("ACTION_METRICS_URL", f"sqlite:///{path}")
+    with MetricsStore() as store:
+        store.emit(metric())
+    assert path.exists()
+
+
+def test_an_unmigrated_postgres_database_names_the_command_to_run(backend, empty_database_url: str) -> None:
+    if backend.name != "postgresql":
+        pytest.skip("a new SQLite file is migrated on first use (see the test above)")
+    with pytest.raises(SchemaNotCreated, match="action-metrics db upgrade --url"):
+        MetricsStore(empty_database_url).open()
+
+
+def test_a_database_from_a_newer_release_is_refused(database_url: str) -> None:
+    import sqlite3
+
+    import asyncpg
+    from sqlalchemy import make_url
+
+    url = make_url(database_url)
+    statement = "UPDATE alembic_version SET version_num = '9999'"
+    if url.get_backend_name() == "sqlite":
+        with sqlite3.connect(url.database or "") as connection:
+            connection.execute(statement)
+    else:
+
+        async def stamp() -> None:
+            connection = await asyncpg.connect(database_url)
+            await connection.execute(statement)
+            await connection.close()
+
+        asyncio.run(stamp())
+    store = MetricsStore(database_url)
+    try:
+        with pytest.raises(SchemaTooNew, match="upgrade the action-metrics package"):
+            store.open()
+    finally:
+        store.close()
+
+
+def test_ids_are_time_ordered_uuid7(store: MetricsStore) -> None:
+    metrics = [metric() for _ in range(100)]
+    assert all(m.id.version == 7 for m in metrics)
+    assert [m.id for m in metrics] == sorted(m.id for m in metrics)
+    assert isinstance(metrics[0].id, uuid.UUID)
