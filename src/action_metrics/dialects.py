@@ -125,7 +125,7 @@ class SQLiteBackend(Backend):
         @event.listens_for(engine.sync_engine, "connect")
         def set_pragmas(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -> None:
             # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin (see "begin").
-            dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
+            dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             if not in_memory:
                 cursor.execute("PRAGMA journal_mode=WAL")

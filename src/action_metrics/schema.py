@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -131,9 +131,9 @@ class CreditPriceRow(Base):
     __table_args__ = (Index(None, "effective_from", unique=True),)
 
 
-action_metrics = ActionMetricRow.__table__
-model_prices = ModelPriceRow.__table__
-credit_prices = CreditPriceRow.__table__
+action_metrics = cast(Table, ActionMetricRow.__table__)
+model_prices = cast(Table, ModelPriceRow.__table__)
+credit_prices = cast(Table, CreditPriceRow.__table__)
 
 # The views, for building queries against them. They live in their own MetaData so that
 # create_all() and autogenerate never mistake them for tables: migrations create them from sql/.
