@@ -139,10 +139,7 @@ credit_prices = cast(Table, CreditPriceRow.__table__)
 # create_all() and autogenerate never mistake them for tables: migrations create them from sql/.
 view_metadata = MetaData()
 
-_METRIC_COLUMNS = [
-    (column.name, column.type)
-    for column in ActionMetricRow.__table__.columns  # type: ignore[attr-defined]
-]
+_METRIC_COLUMNS = [(column.name, column.type) for column in action_metrics.columns]
 
 action_metrics_priced = Table(
     "action_metrics_priced",
