@@ -1,0 +1,27 @@
+# The two set-up commands of the README. Each creates .venv and installs the project on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CHECKED := src tests bench migrations
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed  ## simulate a town into sqlite:///action_metrics.db and print the dashboard
+	$(BIN)/action-metrics demo
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check $(CHECKED)
+	$(BIN)/ruff format --check $(CHECKED)
+	$(BIN)/mypy
+
+test: lint  ## ruff, mypy (strict on src/), then pytest on SQLite and PostgreSQL
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

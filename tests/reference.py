@@ -1,0 +1,116 @@
+"""An independent reference for aggregates: Python `decimal` for money, NumPy for percentiles.
+
+It shares nothing with the code under test but the ActionMetric values it is given.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+
+from action_metrics import ActionMetric
+
+
+@dataclass(frozen=True)
+class PriceBook:
+    """Effective-dated prices as the test set them: model -> [(from, input, output)], credits."""
+
+    models: dict[str, list[tuple[datetime, Decimal, Decimal]]]
+    credits: list[tuple[datetime, Decimal]]
+
+    def model_price(self, model: str, at: datetime) -> tuple[Decimal, Decimal] | None:
+        in_force = [p for p in self.models.get(model, []) if p[0] <= at]
+        if not in_force:
+            return None
+        _, input_price, output_price = max(in_force, key=lambda p: p[0])
+        return input_price, output_price
+
+    def credit_price(self, at: datetime) -> Decimal:
+        return max((p for p in self.credits if p[0] <= at), key=lambda p: p[0])[1]
+
+
+def cost(metric: ActionMetric, book: PriceBook) -> Decimal | None:
+    price = book.model_price(metric.model, metric.timestamp)
+    if price is None:
+        return None
+    return (metric.tokens_in * price[0] + metric.tokens_out * price[1]) / Decimal(1_000_000)
+
+
+def revenue(metric: ActionMetric, book: PriceBook) -> Decimal:
+    return metric.credits_charged * book.credit_price(metric.timestamp)
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    return float(np.percentile(values, fraction * 100, method="linear")) if values else None
+
+
+def expected_aggregate(metrics: list[ActionMetric], book: PriceBook) -> dict[str, Any]:
+    latencies = [m.latency_ms for m in metrics]
+    costs = [cost(m, book) for m in metrics]
+    revenues = [revenue(m, book) for m in metrics]
+    total_cost = sum((c for c in costs if c is not None), Decimal(0))
+    total_revenue = sum(revenues, Decimal(0))
+    margins = [(r - c) / r for c, r in zip(costs, revenues, strict=True) if c is not None and r > 0]
+    by_model: dict[str, dict[str, Any]] = {}
+    for model in {m.model for m in metrics}:
+        chosen = [(m, c) for m, c in zip(metrics, costs, strict=True) if m.model == model]
+        model_latencies = [m.latency_ms for m, _ in chosen]
+        by_model[model] = {
+            "count": len(chosen),
+            "total_tokens": sum(m.total_tokens for m, _ in chosen),
+            "avg_latency_ms": statistics.fmean(model_latencies),
+            "p95_latency_ms": percentile(model_latencies, 0.95),
+            "total_cost_usd": sum((c for _, c in chosen if c is not None), Decimal(0)),
+            "unpriced_count": sum(1 for _, c in chosen if c is None),
+        }
+    return {
+        "count": len(metrics),
+        "tokens_in": sum(m.tokens_in for m in metrics),
+        "tokens_out": sum(m.tokens_out for m in metrics),
+        "total_tokens": sum(m.total_tokens for m in metrics),
+        "total_credits": sum(m.credits_charged for m in metrics),
+        "avg_latency_ms": statistics.fmean(latencies) if latencies else None,
+        "p50_latency_ms": percentile(latencies, 0.50),
+        "p95_latency_ms": percentile(latencies, 0.95),
+        "p99_latency_ms": percentile(latencies, 0.99),
+        "total_cost_usd": total_cost,
+        "total_revenue_usd": total_revenue,
+        "avg_margin": sum(margins, Decimal(0)) / len(margins) if margins else None,
+        "gross_margin": (total_revenue - total_cost) / total_revenue if total_revenue else None,
+        "unpriced_count": sum(1 for c in costs if c is None),
+        "by_model": by_model,
+    }
+
+
+MONEY_TOLERANCE = 1e-9
+RELATIVE_TOLERANCE = 1e-9
+
+
+def assert_matches(actual: dict[str, Any], expected: dict[str, Any], where: str = "") -> None:
+    """Integers exactly; money to 1e-9 USD; averages, percentiles and margins to 1e-9 relative."""
+    for key, want in expected.items():
+        got = actual[key]
+        label = f"{where}{key}"
+        if key == "by_model":
+            assert set(got) == set(want), label
+            for model, stats in want.items():
+                assert_matches(got[model], stats, where=f"{label}[{model}].")
+        elif want is None or isinstance(want, int):
+            assert got == want, f"{label}: {got!r} != {want!r}"
+        elif key.endswith("_usd"):
+            assert got is not None, label
+            assert abs(Decimal(repr(got)) - want) <= Decimal(MONEY_TOLERANCE), f"{label}: {got} vs {want}"
+        else:
+            assert got is not None, label
+            assert float(got) == _approx(float(want)), f"{label}: {got} vs {want}"
+
+
+def _approx(value: float) -> Any:
+    import pytest
+
+    return pytest.approx(value, rel=RELATIVE_TOLERANCE, abs=1e-12)

@@ -1,0 +1,195 @@
+"""Known-answer aggregates: a few thousand generated metrics, every filter and combinations of them,
+checked against the independent reference in tests/reference.py on both backends.
+
+The price book changes mid-range: sonnet gets cheaper on day 5, a new model is priced from day 3
+(unpriced before), the credit price drops on day 7, and one model is never priced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from action_metrics import ACTION_CREDITS, ActionMetric, ActionType, MetricsStore
+from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
+
+from reference import PriceBook, assert_matches, expected_aggregate
+
+START = datetime(2026, 11, 1, tzinfo=UTC)
+DAYS = 10
+SONNET_CHEAPER = START + timedelta(days=5)
+MINI_PRICED = START + timedelta(days=3)
+CREDITS_CHEAPER = START + timedelta(days=7)
+TOWNS = ["town-a", "town-b", "town-'quoted'"]
+USERS = ["alice", "bob", "system", "100%_user", "back\\slash"]
+MODELS = ["haiku", "sonnet", "opus", "template", "cached", "openai/gpt-4o-mini", "mystery-model"]
+COUNT = 3000
+
+
+def _book() -> PriceBook:
+    models = {
+        model: [(BEGINNING_OF_TIME, Decimal(str(i)), Decimal(str(o)))]
+        for model, (i, o) in MODEL_COSTS_PER_1M.items()
+    }
+    models["sonnet"].append((SONNET_CHEAPER, Decimal("2.5"), Decimal("12.5")))
+    models["openai/gpt-4o-mini"] = [(MINI_PRICED, Decimal("0.15"), Decimal("0.6"))]
+    credits = [(BEGINNING_OF_TIME, Decimal("0.006")), (CREDITS_CHEAPER, Decimal("0.0045"))]
+    return PriceBook(models, credits)
+
+
+def _metrics() -> list[ActionMetric]:
+    rng = random.Random(20261125)
+    action_types = [*ActionType, "custom.op-1"]
+    metrics = []
+    for _ in range(COUNT):
+        action_type = rng.choice(action_types)
+        metrics.append(
+            ActionMetric(
+                action_type=action_type,
+                user_id=rng.choice(USERS),
+                town_id=rng.choice(TOWNS),
+                citizen_id=rng.choice([None, *(f"citizen-{i}" for i in range(8))]),
+                tokens_in=rng.choice([0, rng.randint(1, 5000), rng.randint(10_000, 2_000_000)]),
+                tokens_out=rng.randint(0, 4000),
+                model=rng.choice(MODELS),
+                # Ties, sub-millisecond template calls and a long tail.
+                latency_ms=rng.choice([0.25, 1, 120, rng.uniform(0, 5), rng.lognormvariate(5, 1)]),
+                credits_charged=ACTION_CREDITS.get(action_type, rng.choice([0, 7, 1000])),
+                timestamp=START + timedelta(seconds=rng.uniform(0, DAYS * 86400)),
+            )
+        )
+    # Exactly on the boundaries: the new price is in force from its effective_from on.
+    for model, at in [("sonnet", SONNET_CHEAPER), ("openai/gpt-4o-mini", MINI_PRICED)]:
+        metrics.append(ActionMetric("lod4", "alice", "town-a", None, 1000, 1000, model, 5.0, 100, at))
+    metrics.append(ActionMetric("lod5", "bob", "town-b", None, 10, 10, "opus", 9.0, 400, CREDITS_CHEAPER))
+    return metrics
+
+
+@dataclass
+class Dataset:
+    store: MetricsStore
+    metrics: list[ActionMetric]
+    book: PriceBook
+
+    def select(self, **filters: Any) -> list[ActionMetric]:
+        chosen = [m for m in self.metrics if _matches(m, filters)]
+        chosen.sort(key=lambda m: (m.timestamp, m.id), reverse=True)
+        limit = filters.get("limit")
+        return chosen if limit is None else chosen[:limit]
+
+
+def _matches(metric: ActionMetric, filters: dict[str, Any]) -> bool:
+    for name, value in filters.items():
+        if name == "since" and metric.timestamp < value:
+            return False
+        if name == "until" and metric.timestamp >= value:
+            return False
+        if name not in ("since", "until", "limit") and getattr(metric, name) != value:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def dataset(backend) -> Iterator[Dataset]:
+    url = backend.migrated()
+    metrics = _metrics()
+    with MetricsStore(url) as store:
+        store.set_model_price("sonnet", "2.5", "12.5", effective_from=SONNET_CHEAPER)
+        store.set_model_price("openai/gpt-4o-mini", 0.15, 0.6, effective_from=MINI_PRICED)
+        store.set_credit_price(Decimal("0.0045"), effective_from=CREDITS_CHEAPER)
+        for start in range(0, len(metrics), 500):
+            store.emit_many(metrics[start : start + 500])
+        yield Dataset(store, metrics, _book())
+    backend.drop(url)
+
+
+FILTER_VALUES: dict[str, Any] = {
+    "user_id": "100%_user",
+    "town_id": "town-'quoted'",
+    "citizen_id": "citizen-3",
+    "action_type": "lod4",
+    "model": "sonnet",
+    "since": START + timedelta(days=4, hours=3),
+    "until": START + timedelta(days=8),
+    "limit": 700,
+}
+SINGLE = [{name: value} for name, value in FILTER_VALUES.items()]
+PAIRS = [dict(pair) for pair in itertools.combinations(FILTER_VALUES.items(), 2)]
+WIDER = [
+    {"town_id": "town-a", "action_type": "lod3", "since": START + timedelta(days=1)},
+    {"model": "openai/gpt-4o-mini", "since": START + timedelta(days=2), "until": START + timedelta(days=6)},
+    {"user_id": "system", "town_id": "town-b", "model": "template", "limit": 25},
+    {"action_type": "custom.op-1", "until": START + timedelta(days=9)},
+    {"model": "mystery-model", "town_id": "town-a"},
+    {"since": START + timedelta(days=30)},  # empty
+    {"user_id": "nobody"},  # empty
+    FILTER_VALUES,
+]
+
+
+@pytest.mark.parametrize("filters", [{}, *SINGLE, *PAIRS, *WIDER], ids=lambda f: ",".join(f) or "everything")
+def test_aggregate_matches_the_reference(dataset: Dataset, filters: dict[str, Any]) -> None:
+    expected = expected_aggregate(dataset.select(**filters), dataset.book)
+    assert_matches(dataset.store.aggregate(**filters).to_dict(), expected)
+
+
+@pytest.mark.parametrize("filters", [{}, *SINGLE, *WIDER], ids=lambda f: ",".join(f) or "everything")
+def test_query_returns_exactly_the_selection_newest_first(dataset: Dataset, filters: dict[str, Any]) -> None:
+    assert dataset.store.query(**filters) == dataset.select(**filters)
+
+
+def test_an_empty_selection_has_zero_sums_and_no_averages(dataset: Dataset) -> None:
+    empty = dataset.store.aggregate(town_id="nowhere").to_dict()
+    assert {k: empty[k] for k in ("count", "total_tokens", "total_cost_usd", "unpriced_count")} == {
+        "count": 0,
+        "total_tokens": 0,
+        "total_cost_usd": 0,
+        "unpriced_count": 0,
+    }
+    for key in ("avg_latency_ms", "p50_latency_ms", "p95_latency_ms", "p99_latency_ms"):
+        assert empty[key] is None
+    assert empty["avg_margin"] is None
+    assert empty["gross_margin"] is None
+    assert empty["by_model"] == {}
+
+
+def test_an_unpriced_model_is_counted_never_a_silent_zero(dataset: Dataset) -> None:
+    mystery = dataset.store.aggregate(model="mystery-model")
+    assert mystery.count > 0
+    assert mystery.unpriced_count == mystery.count
+    assert mystery.by_model["mystery-model"].unpriced_count == mystery.count
+    assert mystery.avg_margin is None
+
+
+def test_a_model_priced_mid_range_is_unpriced_before_and_priced_from_then_on(dataset: Dataset) -> None:
+    before = dataset.store.aggregate(model="openai/gpt-4o-mini", until=MINI_PRICED)
+    after = dataset.store.aggregate(model="openai/gpt-4o-mini", since=MINI_PRICED)
+    assert before.unpriced_count == before.count > 0
+    assert after.unpriced_count == 0
+    assert after.total_cost_usd > 0
+
+
+def test_a_price_change_applies_from_its_effective_time(dataset: Dataset) -> None:
+    boundary = dataset.store.aggregate(model="sonnet", since=SONNET_CHEAPER, limit=None)
+    expected = expected_aggregate(dataset.select(model="sonnet", since=SONNET_CHEAPER), dataset.book)
+    assert_matches(boundary.to_dict(), expected)
+    # The metric stamped exactly at the change: 1000 in + 1000 out at the new sonnet price.
+    exact = dataset.store.aggregate(
+        model="sonnet", since=SONNET_CHEAPER, until=SONNET_CHEAPER + timedelta(microseconds=1)
+    )
+    assert exact.count == 1
+    assert exact.total_cost_usd == pytest.approx((1000 * 2.5 + 1000 * 12.5) / 1e6, abs=1e-12)
+
+
+def test_a_credit_price_change_applies_from_its_effective_time(dataset: Dataset) -> None:
+    at_change = dataset.store.aggregate(
+        action_type="lod5", since=CREDITS_CHEAPER, until=CREDITS_CHEAPER + timedelta(microseconds=1)
+    )
+    assert at_change.total_revenue_usd == pytest.approx(400 * 0.0045, abs=1e-12)

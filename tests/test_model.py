@@ -1,0 +1,220 @@
+"""ActionMetric: validated at construction, each bad field named; the seed's properties and exports."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from action_metrics import (
+    ACTION_CREDITS,
+    MODEL_COSTS_PER_1M,
+    REVENUE_PER_CREDIT_USD,
+    ActionMetric,
+    ActionType,
+    InvalidMetric,
+    ModelName,
+)
+
+GOOD: dict[str, Any] = {
+    "action_type": "lod4",
+    "user_id": "user-123",
+    "town_id": "town-456",
+    "citizen_id": "citizen-789",
+    "tokens_in": 500,
+    "tokens_out": 300,
+    "model": "sonnet",
+    "latency_ms": 1000,
+    "credits_charged": 100,
+}
+
+
+def make(**changes: Any) -> ActionMetric:
+    return ActionMetric(**{**GOOD, **changes})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("action_type", ""),
+        ("action_type", "LOD3"),
+        ("action_type", "lod 3"),
+        ("action_type", "x" * 65),
+        ("action_type", 3),
+        ("user_id", ""),
+        ("user_id", "u" * 257),
+        ("user_id", "nul\x00inside"),
+        ("user_id", "lone \ud800 surrogate"),
+        ("user_id", None),
+        ("town_id", ""),
+        ("town_id", 456),
+        ("citizen_id", ""),
+        ("citizen_id", "c" * 257),
+        ("tokens_in", -1),
+        ("tokens_in", 1.5),
+        ("tokens_in", "100"),
+        ("tokens_in", True),
+        ("tokens_in", 2**63),
+        ("tokens_out", -5),
+        ("tokens_out", 2**64),
+        ("credits_charged", -1),
+        ("credits_charged", 10.0),
+        ("credits_charged", 2**63),
+        ("model", ""),
+        ("model", "m" * 129),
+        ("model", "tab\tinside"),
+        ("model", "new\nline"),
+        ("model", None),
+        ("latency_ms", float("nan")),
+        ("latency_ms", float("inf")),
+        ("latency_ms", -0.5),
+        ("latency_ms", "12"),
+        ("latency_ms", None),
+        ("timestamp", "2026-01-01"),
+        ("timestamp", date(2026, 1, 1)),
+        ("timestamp", 1700000000),
+        ("metadata", ["not", "a", "dict"]),
+        ("metadata", {"when": datetime(2026, 1, 1)}),
+        ("metadata", {"bad": float("nan")}),
+        ("metadata", {"bad": [1, float("inf")]}),
+        ("metadata", {1: "int key"}),
+        ("metadata", {"nul": "a\x00b"}),
+        ("metadata", {"surrogate": "\udfff"}),
+        ("metadata", {"big": "x" * (64 * 1024)}),
+        ("metadata", {"set": {1, 2}}),
+        ("id", "not-a-uuid"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_field(field: str, value: Any) -> None:
+    with pytest.raises(InvalidMetric, match=f"^{field}:") as raised:
+        make(**{field: value})
+    assert raised.value.field == field
+    assert isinstance(raised.value, ValueError)
+
+
+def test_deeply_nested_metadata_is_refused() -> None:
+    nested: dict[str, Any] = {}
+    cursor = nested
+    for _ in range(100):
+        cursor["next"] = {}
+        cursor = cursor["next"]
+    with pytest.raises(InvalidMetric, match=r"^metadata: nested deeper"):
+        make(metadata=nested)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, 2**63 - 1],
+)
+def test_counts_accept_the_full_64_bit_range(value: int) -> None:
+    metric = make(tokens_in=value, tokens_out=value, credits_charged=value)
+    assert metric.tokens_in == value
+
+
+def test_sub_millisecond_latency_is_kept() -> None:
+    assert make(latency_ms=0.037).latency_ms == 0.037
+    assert make(latency_ms=12).latency_ms == 12.0
+
+
+def test_real_provider_model_names_and_custom_action_types_are_accepted() -> None:
+    for model in ["claude-sonnet-4-5@20250929", "openai/gpt-4o-mini", "Meta Llama 3.1 (70B)"]:
+        assert make(model=model).model == model
+    assert make(action_type="agent.plan-step_2").action_type == "agent.plan-step_2"
+
+
+def test_enums_are_stored_as_their_plain_values() -> None:
+    metric = make(action_type=ActionType.LOD5, model=ModelName.OPUS)
+    assert metric.action_type == "lod5"
+    assert type(metric.action_type) is str
+    assert type(metric.model) is str
+
+
+def test_timestamp_defaults_to_now_in_utc() -> None:
+    before = datetime.now(UTC)
+    metric = make()
+    assert before <= metric.timestamp <= datetime.now(UTC)
+    assert metric.timestamp.tzinfo is UTC
+
+
+def test_a_naive_timestamp_is_local_time() -> None:
+    naive = datetime(2026, 3, 29, 1, 30)
+    assert make(timestamp=naive).timestamp == naive.astimezone(UTC)
+
+
+def test_an_aware_timestamp_is_converted_to_utc() -> None:
+    aware = datetime(2026, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=-8)))
+    stamped = make(timestamp=aware).timestamp
+    assert stamped == aware
+    assert stamped.utcoffset() == timedelta(0)
+    assert stamped.hour == 20
+
+
+def test_the_seed_properties() -> None:
+    metric = make()
+    assert metric.total_tokens == 800
+    cost = (500 * Decimal("3.00") + 300 * Decimal("15.00")) / Decimal(1_000_000)
+    assert metric.estimated_cost_usd == pytest.approx(float(cost), abs=1e-15)
+    assert metric.revenue_usd == pytest.approx(100 * 0.006)
+    assert metric.gross_margin == pytest.approx((0.6 - float(cost)) / 0.6)
+
+
+def test_margin_is_none_without_revenue_or_without_a_price() -> None:
+    assert make(credits_charged=0).gross_margin is None
+    unpriced = make(model="mystery")
+    assert unpriced.estimated_cost_usd is None
+    assert unpriced.gross_margin is None
+
+
+def test_to_dict_is_json_safe_and_round_trips_the_fields() -> None:
+    metric = make(metadata={"lod": 4, "speaker": "alice"})
+    data = json.loads(json.dumps(metric.to_dict()))
+    assert data["id"] == str(metric.id)
+    assert datetime.fromisoformat(data["timestamp"]) == metric.timestamp
+    assert data["metadata"] == {"lod": 4, "speaker": "alice"}
+    assert data["total_tokens"] == 800
+    for key in GOOD:
+        assert data[key] == GOOD[key]
+
+
+def test_otel_attributes_follow_the_genai_conventions() -> None:
+    attributes = make().to_otel_span()
+    assert attributes["gen_ai.request.model"] == "sonnet"
+    assert attributes["gen_ai.usage.input_tokens"] == 500
+    assert attributes["gen_ai.usage.output_tokens"] == 300
+    assert attributes["action.type"] == "lod4"
+    assert attributes["action.credits"] == 100
+    assert attributes["action.citizen_id"] == "citizen-789"
+    assert all(value is not None for value in attributes.values())
+    assert "action.citizen_id" not in make(citizen_id=None).to_otel_span()
+
+
+def test_the_seed_constants() -> None:
+    assert MODEL_COSTS_PER_1M["haiku"] == (0.25, 1.25)
+    assert MODEL_COSTS_PER_1M["sonnet"] == (3.00, 15.00)
+    assert MODEL_COSTS_PER_1M["opus"] == (15.00, 75.00)
+    assert MODEL_COSTS_PER_1M["template"] == MODEL_COSTS_PER_1M["cached"] == (0.0, 0.0)
+    assert {k: ACTION_CREDITS[k] for k in ("lod3", "lod4", "lod5", "branch", "inhabit", "force")} == {
+        "lod3": 10,
+        "lod4": 100,
+        "lod5": 400,
+        "branch": 150,
+        "inhabit": 100,
+        "force": 50,
+    }
+    assert REVENUE_PER_CREDIT_USD == 0.006
+    assert {a.value for a in ActionType} == {
+        "lod3", "lod4", "lod5", "branch", "inhabit", "force", "dialogue", "greet", "gossip", "trade", "solo"
+    }  # fmt: skip
+    assert {m.value for m in ModelName} == {"haiku", "sonnet", "opus", "template", "cached"}
+
+
+def test_metrics_are_values() -> None:
+    metric = make()
+    with pytest.raises(AttributeError):
+        metric.tokens_in = 5  # type: ignore[misc]
+    assert metric == ActionMetric(**{**GOOD, "timestamp": metric.timestamp, "id": metric.id})
+    assert not math.isnan(metric.latency_ms)

@@ -1,0 +1,185 @@
+"""The SQL surface, read the way a dashboard reads it: the plain `sqlite3` module and a plain asyncpg
+connection, with nothing of action-metrics loaded into the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import statistics
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import make_url
+
+from action_metrics import ActionMetric, MetricsStore
+from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
+
+from reference import PriceBook, cost, percentile, revenue
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "sql" / "examples"
+NOW = datetime.now(UTC)
+MIDNIGHT = NOW.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def plain_sql(url: str, sql: str) -> list[dict[str, Any]]:
+    """Run SQL through the bare driver, as psql, the sqlite3 shell or Grafana would."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        connection = sqlite3.connect(parsed.database or "")
+        connection.row_factory = sqlite3.Row
+        try:
+            return [dict(row) for row in connection.execute(sql)]
+        finally:
+            connection.close()
+
+    async def fetch() -> list[dict[str, Any]]:
+        connection = await asyncpg.connect(url)
+        try:
+            return [dict(row) for row in await connection.fetch(sql)]
+        finally:
+            await connection.close()
+
+    return asyncio.run(fetch())
+
+
+def example(name: str, dialect: str) -> str:
+    specific = EXAMPLES / f"{name}.{dialect}.sql"
+    return (specific if specific.exists() else EXAMPLES / f"{name}.sql").read_text()
+
+
+def _book() -> PriceBook:
+    models = {
+        m: [(BEGINNING_OF_TIME, Decimal(str(i)), Decimal(str(o)))] for m, (i, o) in MODEL_COSTS_PER_1M.items()
+    }
+    return PriceBook(models, [(BEGINNING_OF_TIME, Decimal("0.006"))])
+
+
+def _metrics() -> list[ActionMetric]:
+    rng = random.Random(7)
+    since_midnight = (NOW - MIDNIGHT).total_seconds()
+    metrics = []
+    for i in range(400):
+        # Today (at least a minute ago), earlier this week, and weeks ago; never near a boundary.
+        when = rng.choice(
+            [
+                NOW - timedelta(seconds=rng.uniform(60, max(61, since_midnight - 60))),
+                NOW - timedelta(days=rng.uniform(1.5, 6)),
+                NOW - timedelta(days=rng.uniform(9, 30)),
+            ]
+        )
+        metrics.append(
+            ActionMetric(
+                action_type=rng.choice(["lod3", "lod4", "lod5", "dialogue"]),
+                user_id=f"user-{i % 7}",
+                town_id=rng.choice(["town-a", "town-b"]),
+                citizen_id=None,
+                tokens_in=rng.randint(0, 3000),
+                tokens_out=rng.randint(0, 1500),
+                model=rng.choice(["haiku", "sonnet", "opus", "template", "unpriced-x"]),
+                latency_ms=rng.choice([0.5, 100.0, rng.uniform(1, 900)]),
+                credits_charged=rng.choice([0, 10, 100, 400]),
+                timestamp=when,
+            )
+        )
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def town(backend) -> Iterator[tuple[str, MetricsStore, list[ActionMetric]]]:
+    url = backend.migrated()
+    metrics = _metrics()
+    with MetricsStore(url) as store:
+        store.emit_many(metrics)
+        yield url, store, metrics
+    backend.drop(url)
+
+
+def test_priced_view_prices_every_action_as_the_reference_does(town) -> None:
+    url, _, metrics = town
+    rows = {
+        str(row["id"]).replace("-", ""): row for row in plain_sql(url, "SELECT * FROM action_metrics_priced")
+    }
+    assert len(rows) == len(metrics)
+    book = _book()
+    for metric in metrics:
+        row = rows[metric.id.hex]
+        want_cost, want_revenue = cost(metric, book), revenue(metric, book)
+        assert bool(row["priced"]) is (want_cost is not None)
+        if want_cost is None:
+            assert row["cost_usd"] is None
+            assert row["margin"] is None
+        else:
+            assert abs(Decimal(str(row["cost_usd"])) - want_cost) < Decimal("1e-12")
+        assert abs(Decimal(str(row["revenue_usd"])) - want_revenue) < Decimal("1e-12")
+        if want_cost is not None and want_revenue > 0:
+            assert float(row["margin"]) == pytest.approx(float((want_revenue - want_cost) / want_revenue))
+        assert row["tokens_in"] == metric.tokens_in
+        assert row["user_id"] == metric.user_id
+
+
+def test_daily_view_matches_the_reference_per_day_town_action_and_model(town) -> None:
+    url, _, metrics = town
+    book = _book()
+    groups: dict[tuple[str, str, str, str], list[ActionMetric]] = defaultdict(list)
+    for m in metrics:
+        groups[(m.timestamp.date().isoformat(), m.town_id, m.action_type, m.model)].append(m)
+    rows = plain_sql(url, "SELECT * FROM action_metrics_daily")
+    assert len(rows) == len(groups)
+    for row in rows:
+        chosen = groups[(str(row["day"]), row["town_id"], row["action_type"], row["model"])]
+        latencies = [m.latency_ms for m in chosen]
+        costs = [cost(m, book) for m in chosen]
+        assert row["count"] == len(chosen)
+        assert row["tokens_in"] == sum(m.tokens_in for m in chosen)
+        assert row["tokens_out"] == sum(m.tokens_out for m in chosen)
+        assert row["credits_charged"] == sum(m.credits_charged for m in chosen)
+        assert row["unpriced_count"] == sum(c is None for c in costs)
+        assert abs(Decimal(str(row["cost_usd"])) - sum((c for c in costs if c), Decimal(0))) < Decimal("1e-9")
+        assert abs(Decimal(str(row["revenue_usd"])) - sum(revenue(m, book) for m in chosen)) < Decimal("1e-9")
+        assert row["avg_latency_ms"] == pytest.approx(statistics.fmean(latencies), rel=1e-12)
+        assert row["p50_latency_ms"] == pytest.approx(percentile(latencies, 0.5), rel=1e-12)
+        assert row["p95_latency_ms"] == pytest.approx(percentile(latencies, 0.95), rel=1e-12)
+
+
+def test_average_lod3_latency_today(town, backend) -> None:
+    url, store, metrics = town
+    (row,) = plain_sql(url, example("average_lod3_latency_today", backend.name))
+    today = [m.latency_ms for m in metrics if m.action_type == "lod3" and m.timestamp >= MIDNIGHT]
+    api = store.aggregate(action_type="lod3", since=MIDNIGHT)
+    assert row["count"] == api.count == len(today)
+    if today:
+        assert row["avg_latency_ms"] == pytest.approx(api.avg_latency_ms, rel=1e-12)
+        assert api.avg_latency_ms == pytest.approx(statistics.fmean(today), rel=1e-12)
+
+
+def test_gross_margin_for_lod4_this_week(town, backend) -> None:
+    url, store, metrics = town
+    (row,) = plain_sql(url, example("gross_margin_lod4_this_week", backend.name))
+    api = store.aggregate(action_type="lod4", since=NOW - timedelta(days=7))
+    week = [m for m in metrics if m.action_type == "lod4" and m.timestamp >= NOW - timedelta(days=7)]
+    assert row["count"] == api.count == len(week) > 0
+    assert row["unpriced_count"] == api.unpriced_count
+    assert float(row["revenue_usd"]) == pytest.approx(api.total_revenue_usd, abs=1e-9)
+    assert float(row["gross_margin"]) == pytest.approx(api.gross_margin, rel=1e-9)
+    book = _book()
+    total_revenue = sum(revenue(m, book) for m in week)
+    total_cost = sum((c for m in week if (c := cost(m, book)) is not None), Decimal(0))
+    assert api.gross_margin == pytest.approx(float((total_revenue - total_cost) / total_revenue), rel=1e-9)
+
+
+def test_which_model_is_used_most(town, backend) -> None:
+    url, store, metrics = town
+    rows = plain_sql(url, example("model_usage", backend.name))
+    by_model = store.aggregate().by_model
+    assert [row["model"] for row in rows] == list(by_model)  # both most-used first
+    counts = {m: sum(1 for x in metrics if x.model == m) for m in {x.model for x in metrics}}
+    assert {row["model"]: row["count"] for row in rows} == counts
+    assert counts[rows[0]["model"]] == max(counts.values())
