@@ -193,3 +193,26 @@ def test_a_credit_price_change_applies_from_its_effective_time(dataset: Dataset)
         action_type="lod5", since=CREDITS_CHEAPER, until=CREDITS_CHEAPER + timedelta(microseconds=1)
     )
     assert at_change.total_revenue_usd == pytest.approx(400 * 0.0045, abs=1e-12)
+
+
+def test_money_sums_stay_exact_when_one_huge_action_meets_many_tiny_ones(database_url: str) -> None:
+    # Summed row by row in doubles, each tiny cost (2.5e-7 USD) would be rounded to the spacing of
+    # doubles near 1e6 (1.2e-10) and 20,000 of them would drift ~1e-6 from the exact total.
+    huge = ActionMetric("lod5", "whale", "town-a", None, 4_000_000_000_000, 0, "haiku", 1.0, 10**9, START)
+    tiny = [
+        ActionMetric(
+            "lod3", "minnow", "town-a", None, 1, 0, "haiku", 1.0, 1, START + timedelta(seconds=i + 1)
+        )
+        for i in range(20_000)
+    ]
+    with MetricsStore(database_url) as store:
+        store.set_credit_price("0.000000007", effective_from=START + timedelta(seconds=10_000))
+        store.emit_many([huge, *tiny])
+        aggregate = store.aggregate()
+    book = PriceBook(
+        {"haiku": [(BEGINNING_OF_TIME, Decimal("0.25"), Decimal("1.25"))]},
+        [(BEGINNING_OF_TIME, Decimal("0.006")), (START + timedelta(seconds=10_000), Decimal("0.000000007"))],
+    )
+    expected = expected_aggregate([huge, *tiny], book)
+    assert expected["total_cost_usd"] == Decimal("1000000.005")
+    assert_matches(aggregate.to_dict(), expected)

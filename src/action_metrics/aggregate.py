@@ -15,13 +15,18 @@ from sqlalchemy import (
     ColumnElement,
     CompoundSelect,
     Double,
+    Numeric,
+    Select,
     String,
+    and_,
     case,
     cast,
     func,
+    literal_column,
     not_,
     null,
     select,
+    true,
     union_all,
 )
 from sqlalchemy.sql.selectable import NamedFromClause
@@ -108,13 +113,12 @@ def _as_int(expression: ColumnElement[Any]) -> ColumnElement[int]:
     return cast(func.coalesce(expression, 0), BigInteger)
 
 
-def _grouped_stats(rows: NamedFromClause, keys: Sequence[str], backend: Backend) -> Any:
+def _latency_and_counts(rows: NamedFromClause, keys: Sequence[str], backend: Backend) -> NamedFromClause:
     ranked = backend.rank_latencies(rows, keys)
     c = ranked.c
-    revenue, cost = func.sum(c.revenue_usd), func.coalesce(func.sum(c.cost_usd), 0)
     return (
         select(
-            (c.model if keys else cast(null(), String)).label("model"),
+            *(c[key] for key in keys),
             func.count().label("count"),
             _as_int(func.sum(c.tokens_in)).label("tokens_in"),
             _as_int(func.sum(c.tokens_out)).label("tokens_out"),
@@ -124,15 +128,64 @@ def _grouped_stats(rows: NamedFromClause, keys: Sequence[str], backend: Backend)
                 backend.latency_percentile(ranked, fraction).label(name)
                 for name, fraction in PERCENTILES.items()
             ),
-            _as_float(cost).label("total_cost_usd"),
-            _as_float(func.coalesce(revenue, 0)).label("total_revenue_usd"),
             _as_float(func.avg(c.margin)).label("avg_margin"),
-            _as_float(case((revenue > 0, (revenue - cost) / revenue))).label("gross_margin"),
             func.count().filter(not_(c.priced)).label("unpriced_count"),
         )
         .select_from(ranked)
         .group_by(*(c[key] for key in keys))
+        .subquery()
     )
+
+
+def _money(rows: NamedFromClause, keys: Sequence[str]) -> NamedFromClause:
+    """Cost and revenue, summed exactly on both backends.
+
+    Tokens and credits are summed as integers per price in force, and each sum is multiplied by
+    its price once: SQLite's REAL arithmetic then rounds a handful of times instead of once per
+    row, which keeps a million-row total within 1e-9 USD of the decimal answer.
+    """
+    c = rows.c
+    prices = (c.input_per_1m, c.output_per_1m, c.usd_per_credit)
+    per_price = (
+        select(
+            *(c[key] for key in keys),
+            *prices,
+            func.sum(c.tokens_in).label("tokens_in"),
+            func.sum(c.tokens_out).label("tokens_out"),
+            func.sum(c.credits_charged).label("credits"),
+        )
+        .group_by(*(c[key] for key in keys), *prices)
+        .subquery()
+    )
+    p = per_price.c
+    # Unpriced groups have NULL prices and drop out of SUM: they add no cost.
+    cost = func.sum((p.tokens_in * p.input_per_1m + p.tokens_out * p.output_per_1m) / _ONE_MILLION)
+    return (
+        select(
+            *(p[key] for key in keys),
+            func.coalesce(cost, 0).label("cost"),
+            func.coalesce(func.sum(p.credits * p.usd_per_credit), 0).label("revenue"),
+        )
+        .group_by(*(p[key] for key in keys))
+        .subquery()
+    )
+
+
+_ONE_MILLION = literal_column("1000000.0", Numeric)
+"""A decimal literal: NUMERIC on PostgreSQL (a bound float would make the division inexact)."""
+
+
+def _grouped(rows: NamedFromClause, keys: Sequence[str], backend: Backend) -> Select[Any]:
+    stats, money = _latency_and_counts(rows, keys, backend), _money(rows, keys)
+    joined = stats.join(money, and_(true(), *(stats.c[key] == money.c[key] for key in keys)))
+    cost, revenue = money.c.cost, money.c.revenue
+    return select(
+        (stats.c.model if keys else cast(null(), String)).label("model"),
+        *(column for column in stats.c if column.name not in keys),
+        _as_float(cost).label("total_cost_usd"),
+        _as_float(revenue).label("total_revenue_usd"),
+        _as_float(case((revenue > 0, (revenue - cost) / revenue))).label("gross_margin"),
+    ).select_from(joined)
 
 
 def aggregate_statement(metric_filter: MetricFilter, backend: Backend) -> CompoundSelect[Any]:
@@ -142,7 +195,7 @@ def aggregate_statement(metric_filter: MetricFilter, backend: Backend) -> Compou
     else:  # the newest `limit` metrics
         selection = metric_filter.newest_first(select(view), view.c)
     rows = selection.cte("selection")
-    return union_all(_grouped_stats(rows, [], backend), _grouped_stats(rows, ["model"], backend))
+    return union_all(_grouped(rows, [], backend), _grouped(rows, ["model"], backend))
 
 
 def aggregate_from_rows(rows: Sequence[Mapping[str, Any]]) -> Aggregate:

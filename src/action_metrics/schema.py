@@ -149,6 +149,9 @@ action_metrics_priced = Table(
     Column("revenue_usd", MONEY),
     Column("margin", Double()),
     Column("priced", Boolean()),
+    Column("input_per_1m", PRICE),
+    Column("output_per_1m", PRICE),
+    Column("usd_per_credit", PRICE),
 )
 
 action_metrics_daily = Table(

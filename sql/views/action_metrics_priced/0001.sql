@@ -6,6 +6,7 @@
 --   revenue_usd = credits_charged * usd_per_credit in force at that time
 --   margin      = (revenue_usd - cost_usd) / revenue_usd when revenue_usd > 0 and the action is priced
 --   priced      = whether the model had a price at that time
+--   input_per_1m, output_per_1m, usd_per_credit = the prices applied (NULL when unpriced)
 --
 -- A price is in force from its effective_from until the next effective_from of the same model.
 CREATE VIEW action_metrics_priced AS
@@ -41,7 +42,10 @@ priced_actions AS (
         m.metadata,
         (m.tokens_in * p.input_per_1m + m.tokens_out * p.output_per_1m) / 1000000.0 AS cost_usd,
         m.credits_charged * c.usd_per_credit AS revenue_usd,
-        p.model IS NOT NULL AS priced
+        p.model IS NOT NULL AS priced,
+        p.input_per_1m,
+        p.output_per_1m,
+        c.usd_per_credit
     FROM action_metrics AS m
     LEFT JOIN model_price_periods AS p
         ON p.model = m.model
@@ -69,5 +73,8 @@ SELECT
     CASE
         WHEN revenue_usd > 0 AND cost_usd IS NOT NULL THEN (revenue_usd - cost_usd) / revenue_usd
     END AS margin,
-    priced
+    priced,
+    input_per_1m,
+    output_per_1m,
+    usd_per_credit
 FROM priced_actions
