@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from functools import wraps
@@ -52,7 +53,20 @@ def friendly_errors(command: Callable[P, T]) -> Callable[P, T]:
 
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coroutine)
+    """`asyncio.run()`, but the loop closes only after aiosqlite's worker threads have finished.
+
+    When a SQLite file cannot be opened, aiosqlite stops its worker thread without awaiting it, and
+    the thread then posts to the loop; if `asyncio.run()` has closed the loop by then, the thread
+    prints a traceback after our one-line error (aiosqlite issue #259). The store has closed its
+    connections by the time the coroutine returns, so these threads are ending.
+    """
+    with asyncio.Runner() as runner:
+        try:
+            return runner.run(coroutine)
+        finally:
+            for thread in threading.enumerate():
+                if thread.name.endswith("(_connection_worker_thread)"):
+                    thread.join(timeout=10)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

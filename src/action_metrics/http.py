@@ -22,7 +22,7 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, statu
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import URL
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from action_metrics.errors import DatabaseUnavailable, SchemaError
 from action_metrics.store import AsyncMetricsStore
@@ -35,7 +35,7 @@ TOKENS_VARIABLE: Final = "ACTION_METRICS_API_TOKENS"
 MIN_TOKEN_LENGTH: Final = 16
 MAX_SINCE_HOURS: Final = 24 * 366 * 10
 """Ten years: a window reaching further back is a typo, not a question."""
-DEFAULT_SINCE_HOURS: Final = 24
+DEFAULT_SINCE_HOURS: Final = 24.0
 ACTION_TYPE_PATTERN: Final = r"^[a-z0-9_.\-]{1,64}$"
 ALL_TOWNS: Final = "*"
 RETRY_AFTER_SECONDS: Final = "5"
@@ -301,7 +301,15 @@ def create_app(
                 "the metrics database is unavailable",
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             ) from error
-        window: float = int(since_hours) if since_hours.is_integer() else since_hours
+        except DBAPIError as error:
+            # The database refused the query (a table dropped under a running server, say):
+            # the operator must act, the client can only wait. Logged with its traceback.
+            logger.exception("metrics endpoint: the database refused the query")
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, "the metrics database cannot answer this query"
+            ) from error
+        hours = float(since_hours)
+        window: int | float = int(hours) if hours.is_integer() else hours
         return {
             "town_id": town_id,
             "action_type": action_type,
