@@ -19,6 +19,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from action_metrics import demo as town
 from action_metrics import migrate, report
+from action_metrics.aggregate import Aggregate
 from action_metrics.dialects import URL_VARIABLE, Backend, UnsupportedDatabase, backend_for, display_url
 from action_metrics.errors import DatabaseUnavailable, InvalidValue, SchemaError
 from action_metrics.store import AsyncMetricsStore
@@ -227,10 +228,10 @@ def report_command(
     check: bool,
     lod3_p95_budget_ms: float,
 ) -> None:
-    """Totals and a by-model breakdown of the recorded actions, as a table or JSON."""
+    """Totals and a by-model breakdown of recorded actions (a table, or --json)."""
     selection = report.Selection(town_id=town_id, action_type=action_type, model=model, since=since)
 
-    async def gather() -> tuple[Any, tuple[report.CheckResult, ...] | None]:
+    async def gather() -> tuple[Aggregate, tuple[report.CheckResult, ...] | None]:
         async with AsyncMetricsStore(url) as store:
             aggregate = await selection.aggregate(store)
             checks = None
@@ -277,7 +278,7 @@ def report_command(
 def demo_command(
     url: str | None, seed: int, size: int, days: float, town_id: str, lod3_p95_budget_ms: float
 ) -> None:
-    """Simulate a few days of an Agent Town into the store, then print its dashboard and checks."""
+    """Simulate a town's activity into the store, then print its dashboard and checks."""
     plan = town.TownPlan(seed=seed, size=size, days=days, town_id=town_id)
     metrics = town.simulate(plan)
     err = _stderr()
@@ -335,7 +336,12 @@ async def _preflight(url: str | None) -> None:
 )
 @friendly_errors
 def serve(url: str | None, host: str, port: int, insecure: bool) -> None:
-    """Serve GET /v1/town/{town_id}/metrics (bearer token from $ACTION_METRICS_API_TOKEN) and /healthz."""
+    """Serve the metrics endpoint over HTTP (needs a bearer token).
+
+    GET /v1/town/{town_id}/metrics?action_type=&since_hours= and GET /healthz. Clients send
+    Authorization: Bearer <token>. $ACTION_METRICS_API_TOKEN is a token for every town;
+    $ACTION_METRICS_API_TOKENS lists tokens limited to towns: 'TOKEN:TOWN,TOWN;TOKEN:*'.
+    """
     try:
         import uvicorn
 
