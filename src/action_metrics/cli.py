@@ -1,20 +1,29 @@
-"""The `action-metrics` command: database migrations (and, later, demo, report and serve)."""
+"""The `action-metrics` command: database migrations, the demo town, reports and the metrics endpoint."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+import threading
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
 import click
 from alembic.config import Config
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from action_metrics import migrate
+from action_metrics import demo as town
+from action_metrics import migrate, report
+from action_metrics.aggregate import Aggregate
 from action_metrics.dialects import URL_VARIABLE, Backend, UnsupportedDatabase, backend_for, display_url
 from action_metrics.errors import DatabaseUnavailable, InvalidValue, SchemaError
+from action_metrics.store import AsyncMetricsStore
+from action_metrics.validation import check_action_type, check_model
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -45,7 +54,20 @@ def friendly_errors(command: Callable[P, T]) -> Callable[P, T]:
 
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coroutine)
+    """`asyncio.run()`, but the loop closes only after aiosqlite's worker threads have finished.
+
+    When a SQLite file cannot be opened, aiosqlite stops its worker thread without awaiting it, and
+    the thread then posts to the loop; if `asyncio.run()` has closed the loop by then, the thread
+    prints a traceback after our one-line error (aiosqlite issue #259). The store has closed its
+    connections by the time the coroutine returns, so these threads are ending.
+    """
+    with asyncio.Runner() as runner:
+        try:
+            return runner.run(coroutine)
+        finally:
+            for thread in threading.enumerate():
+                if thread.name.endswith("(_connection_worker_thread)"):
+                    thread.join(timeout=10)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -116,6 +138,226 @@ def current(url: str | None) -> None:
     head = migrate.head_revision()
     state = "head" if revision == head else f"behind head {head}" if revision else "no schema"
     click.echo(f"{revision or '-'} ({state})")
+
+
+# --- report and demo ------------------------------------------------------------------------
+
+
+def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """`--since`: a duration back from now (30m, 24h, 7d, 2w) or an ISO 8601 date or time."""
+    if value is None:
+        return None
+    try:
+        return report.parse_since(value)
+    except InvalidValue as error:
+        raise click.BadParameter(error.problem, ctx, param) from None
+
+
+def _checked(check: Callable[[object], str]) -> Callable[[click.Context, click.Parameter, Any], str | None]:
+    """A click callback that applies one of the library's field checks to an optional value."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check(value)
+        except InvalidValue as error:
+            raise click.BadParameter(error.problem, ctx, param) from None
+
+    return callback
+
+
+budget_option = click.option(
+    "--lod3-p95-budget-ms",
+    type=click.FloatRange(min=0, min_open=True),
+    default=report.DEFAULT_LOD3_P95_BUDGET_MS,
+    show_default=True,
+    envvar="ACTION_METRICS_LOD3_P95_BUDGET_MS",
+    help="SLO: the p95 latency LOD3 queries must stay within (env ACTION_METRICS_LOD3_P95_BUDGET_MS).",
+)
+
+
+def _stdout() -> Console:
+    return Console(highlight=False)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _exit_if_failed(checks: tuple[report.CheckResult, ...]) -> None:
+    if report.any_failed(checks):
+        failed = ", ".join(check.name for check in checks if check.failed)
+        click.echo(f"checks failed: {failed}", err=True)
+        raise click.exceptions.Exit(report.CHECKS_FAILED_EXIT_CODE)
+
+
+@main.command(name="report")
+@url_option
+@click.option("--town", "town_id", metavar="TOWN", help="Only this town.")
+@click.option(
+    "--action",
+    "action_type",
+    metavar="ACTION",
+    callback=_checked(check_action_type),
+    help="Only this action type.",
+)
+@click.option("--model", metavar="MODEL", callback=_checked(check_model), help="Only this model.")
+@click.option(
+    "--since",
+    metavar="WHEN",
+    callback=_since,
+    help="Only actions since then: 30m, 24h, 7d, 2w, or an ISO date/time such as 2025-12-01.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the filters and Aggregate.to_dict().")
+@click.option(
+    "--check",
+    is_flag=True,
+    help=f"Also run the SLO and ethics checks (over --town and --since); exit "
+    f"{report.CHECKS_FAILED_EXIT_CODE} when one fails.",
+)
+@budget_option
+@friendly_errors
+def report_command(
+    url: str | None,
+    town_id: str | None,
+    action_type: str | None,
+    model: str | None,
+    since: datetime | None,
+    as_json: bool,
+    check: bool,
+    lod3_p95_budget_ms: float,
+) -> None:
+    """Totals and a by-model breakdown of recorded actions (a table, or --json)."""
+    selection = report.Selection(town_id=town_id, action_type=action_type, model=model, since=since)
+
+    async def gather() -> tuple[Aggregate, tuple[report.CheckResult, ...] | None]:
+        async with AsyncMetricsStore(url) as store:
+            aggregate = await selection.aggregate(store)
+            checks = None
+            if check:
+                checks = await report.run_checks(
+                    store, town_id=town_id, since=since, lod3_p95_budget_ms=lod3_p95_budget_ms
+                )
+            return aggregate, checks
+
+    with _stderr().status("Reading the metrics..."):
+        aggregate, checks = run_async(gather())
+    if as_json:
+        click.echo(json.dumps(report.report_json(selection, aggregate, checks), indent=2))
+    else:
+        console = _stdout()
+        console.print(report.render_aggregate(aggregate, f"Actions: {selection.describe()}"))
+        if checks is not None:
+            console.print()
+            console.print(report.render_checks(checks))
+    if checks is not None:
+        _exit_if_failed(checks)
+
+
+@main.command(name="demo")
+@url_option
+@click.option("--seed", type=int, default=42, show_default=True, help="The same seed replays the same town.")
+@click.option(
+    "--size",
+    type=click.IntRange(min=1),
+    default=2_000,
+    show_default=True,
+    help="Number of actions to record.",
+)
+@click.option(
+    "--days",
+    type=click.FloatRange(min=0, max=366, min_open=True),
+    default=3.0,
+    show_default=True,
+    help="Spread the actions over this many days up to now.",
+)
+@click.option("--town", "town_id", default=town.DEMO_TOWN, show_default=True, help="The town's id.")
+@budget_option
+@friendly_errors
+def demo_command(
+    url: str | None, seed: int, size: int, days: float, town_id: str, lod3_p95_budget_ms: float
+) -> None:
+    """Simulate a town's activity into the store, then print its dashboard and checks."""
+    plan = town.TownPlan(seed=seed, size=size, days=days, town_id=town_id)
+    metrics = town.simulate(plan)
+    err = _stderr()
+
+    async def simulate_and_read() -> tuple[report.Dashboard, tuple[report.CheckResult, ...]]:
+        async with AsyncMetricsStore(url) as store:
+            with Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=err,
+            ) as progress:
+                task = progress.add_task(f"Recording {town_id}", total=len(metrics))
+                await town.record(store, metrics, lambda done: progress.advance(task, done))
+            with err.status("Reading the dashboard..."):
+                dashboard = await report.build_dashboard(store, town_id=town_id)
+                checks = await report.run_checks(
+                    store, town_id=town_id, since=plan.start, lod3_p95_budget_ms=lod3_p95_budget_ms
+                )
+            return dashboard, checks
+
+    dashboard, checks = run_async(simulate_and_read())
+    console = _stdout()
+    console.print(
+        f"Recorded {len(metrics):,} actions of {town_id} over {days:g} days (seed {seed}) "
+        f"into {display_url(backend_for(url).given_url)}"
+    )
+    console.print()
+    console.print(report.render_dashboard(dashboard))
+    console.print()
+    console.print(report.render_checks(checks))
+    _exit_if_failed(checks)
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+
+async def _preflight(url: str | None) -> None:
+    """Fail now, in one line, rather than inside uvicorn's startup: the schema must be at head."""
+    async with AsyncMetricsStore(url):
+        pass
+
+
+@main.command()
+@url_option
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback by default)."
+)
+@click.option("--port", type=click.IntRange(0, 65_535), default=8000, show_default=True)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Serve every town to anyone, without a bearer token (local development only).",
+)
+@friendly_errors
+def serve(url: str | None, host: str, port: int, insecure: bool) -> None:
+    """Serve the metrics endpoint over HTTP (needs a bearer token).
+
+    GET /v1/town/{town_id}/metrics?action_type=&since_hours= and GET /healthz. Clients send
+    Authorization: Bearer <token>. $ACTION_METRICS_API_TOKEN is a token for every town;
+    $ACTION_METRICS_API_TOKENS lists tokens limited to towns: 'TOKEN:TOWN,TOWN;TOKEN:*'.
+    """
+    try:
+        import uvicorn
+
+        from action_metrics import http
+    except ImportError as error:
+        raise click.ClickException(
+            f"serve needs the server extra ({error.name} is missing): pip install 'action-metrics[server]'"
+        ) from None
+    try:
+        app = http.create_app(url, insecure=insecure)
+    except http.TokenConfigError as error:
+        raise click.ClickException(str(error)) from None
+    run_async(_preflight(url))
+    if insecure:
+        click.echo(f"warning: --insecure: anyone who can reach {host}:{port} reads every town", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,320 @@
+"""The seed's metrics endpoint on FastAPI, async over `AsyncMetricsStore` (the `server` extra).
+
+`GET /v1/town/{town_id}/metrics?action_type=&since_hours=` answers with the seed's JSON; it needs
+`Authorization: Bearer <token>`. A token may read every town or a listed few (`ApiTokens`).
+`GET /healthz` needs no token. Bad parameters get 422, an unreachable database 503, never a 500.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Final
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import URL
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from action_metrics.errors import DatabaseUnavailable, SchemaError
+from action_metrics.store import AsyncMetricsStore
+from action_metrics.validation import MAX_ID_LENGTH
+
+logger = logging.getLogger(__name__)
+
+TOKEN_VARIABLE: Final = "ACTION_METRICS_API_TOKEN"
+TOKENS_VARIABLE: Final = "ACTION_METRICS_API_TOKENS"
+MIN_TOKEN_LENGTH: Final = 16
+MAX_SINCE_HOURS: Final = 24 * 366 * 10
+"""Ten years: a window reaching further back is a typo, not a question."""
+DEFAULT_SINCE_HOURS: Final = 24.0
+ACTION_TYPE_PATTERN: Final = r"^[a-z0-9_.\-]{1,64}$"
+ALL_TOWNS: Final = "*"
+RETRY_AFTER_SECONDS: Final = "5"
+
+_B64TOKEN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+"""RFC 6750's token68: what can travel in `Authorization: Bearer`."""
+
+UNAVAILABLE: Final = (DatabaseUnavailable, OperationalError, InterfaceError, OSError)
+
+
+class TokenConfigError(ValueError):
+    """The API tokens are missing or malformed; the message says how to set them."""
+
+
+# --- tokens -----------------------------------------------------------------------------------
+
+
+def _digest(token: str) -> bytes:
+    # Compare fixed-length digests, so neither a token's length nor its characters leak.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """One bearer token and the towns it may read (None: every town)."""
+
+    digest: bytes
+    towns: frozenset[str] | None
+
+    def allows(self, town_id: str) -> bool:
+        return self.towns is None or town_id in self.towns
+
+
+@dataclass(frozen=True, slots=True)
+class ApiTokens:
+    """The bearer tokens the endpoint accepts; only their SHA-256 digests are kept."""
+
+    grants: tuple[TokenGrant, ...]
+
+    @staticmethod
+    def _grant(token: str, towns: frozenset[str] | None) -> TokenGrant:
+        if len(token) < MIN_TOKEN_LENGTH or not _B64TOKEN.fullmatch(token):
+            raise TokenConfigError(
+                f"an API token must be at least {MIN_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / "
+                "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return TokenGrant(_digest(token), towns)
+
+    @classmethod
+    def single(cls, token: str) -> ApiTokens:
+        """One token that reads every town."""
+        return cls((cls._grant(token, None),))
+
+    @classmethod
+    def parse(cls, spec: str) -> ApiTokens:
+        """`TOKEN:TOWN[,TOWN...]` entries separated by `;` or newlines; `TOKEN:*` reads every town."""
+        grants: list[TokenGrant] = []
+        for entry in re.split(r"[;\n]", spec):
+            entry = entry.strip()
+            if not entry:
+                continue
+            token, colon, towns_text = entry.partition(":")
+            towns = [town.strip() for town in towns_text.split(",") if town.strip()]
+            if not colon or not towns:
+                raise TokenConfigError(
+                    f"{TOKENS_VARIABLE}: expected TOKEN:TOWN[,TOWN...] or TOKEN:* in each ';'-separated "
+                    f"entry, got an entry without towns"
+                )
+            towns_allowed = None if ALL_TOWNS in towns else frozenset(towns)
+            grants.append(cls._grant(token.strip(), towns_allowed))
+        digests = [grant.digest for grant in grants]
+        if len(set(digests)) != len(digests):
+            raise TokenConfigError(f"{TOKENS_VARIABLE}: the same token is listed twice")
+        return cls(tuple(grants))
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> ApiTokens:
+        """`ACTION_METRICS_API_TOKEN` (every town) and `ACTION_METRICS_API_TOKENS` (per-town), together."""
+        environ = os.environ if environ is None else environ
+        grants: list[TokenGrant] = []
+        token = environ.get(TOKEN_VARIABLE, "").strip()
+        if token:
+            grants.extend(cls.single(token).grants)
+        grants.extend(cls.parse(environ.get(TOKENS_VARIABLE, "")).grants)
+        return cls(tuple(grants))
+
+    def grant_for(self, presented: str) -> TokenGrant | None:
+        """The grant of a presented token, compared in constant time against every configured one."""
+        digest = _digest(presented)
+        found: TokenGrant | None = None
+        for grant in self.grants:
+            if secrets.compare_digest(digest, grant.digest):
+                found = grant
+        return found
+
+    def __bool__(self) -> bool:
+        return bool(self.grants)
+
+
+# --- response shapes (for the OpenAPI schema; extra keys of Aggregate.to_dict() pass through) -
+
+
+class ModelMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    count: int
+    total_tokens: int
+    avg_latency_ms: float | None
+    p95_latency_ms: float | None
+    total_cost_usd: float
+
+
+class Metrics(BaseModel):
+    """`Aggregate.to_dict()`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    count: int
+    tokens_in: int
+    tokens_out: int
+    total_tokens: int
+    total_credits: int
+    avg_latency_ms: float | None
+    p50_latency_ms: float | None
+    p95_latency_ms: float | None
+    p99_latency_ms: float | None
+    total_cost_usd: float
+    total_revenue_usd: float
+    avg_margin: float | None
+    gross_margin: float | None
+    unpriced_count: int
+    by_model: dict[str, ModelMetrics]
+
+
+class TownMetrics(BaseModel):
+    """The seed's answer: which town, which action, which window, and its numbers."""
+
+    town_id: str
+    action_type: str | None
+    time_window_hours: int | float
+    metrics: Metrics
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="A token from ACTION_METRICS_API_TOKEN(S).")
+
+
+def _unauthorized(detail: str, error: str | None = None) -> HTTPException:
+    challenge = "Bearer" if error is None else f'Bearer error="{error}"'
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": challenge})
+
+
+def _store(request: Request) -> AsyncMetricsStore:
+    store: AsyncMetricsStore = request.app.state.store
+    return store
+
+
+TownId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH, description="The town's id.")]
+
+
+def create_app(
+    store_url: str | URL | None = None,
+    *,
+    tokens: ApiTokens | None = None,
+    insecure: bool = False,
+) -> FastAPI:
+    """The endpoint over the store at `store_url` (default `$ACTION_METRICS_URL`).
+
+    `tokens` default to the environment's. Without any token the app refuses to exist unless
+    `insecure`, which serves every town to anyone and is meant for a laptop.
+    """
+    tokens = ApiTokens.from_environment() if tokens is None else tokens
+    if not tokens and not insecure:
+        raise TokenConfigError(
+            f"the metrics endpoint needs a bearer token: set {TOKEN_VARIABLE} (or {TOKENS_VARIABLE}), "
+            "or pass --insecure to serve without one"
+        )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = AsyncMetricsStore(store_url)
+        try:
+            await store.open()
+        except DatabaseUnavailable as error:
+            # Serve anyway: requests answer 503 and the store retries on each one.
+            logger.warning("database unavailable at startup, will retry per request: %s", error)
+        app.state.store = store
+        try:
+            yield
+        finally:
+            await store.close()
+
+    app = FastAPI(
+        title="action-metrics",
+        summary="Unit economics of an LLM-powered product, per town.",
+        version="1",
+        lifespan=lifespan,
+    )
+
+    async def authorize(
+        town_id: TownId,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        if insecure:
+            return
+        if credentials is None:
+            raise _unauthorized("send Authorization: Bearer <token>")
+        grant = tokens.grant_for(credentials.credentials)
+        if grant is None:
+            raise _unauthorized("the bearer token is not valid", "invalid_token")
+        if not grant.allows(town_id):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "this token may not read this town")
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz() -> Health:
+        """Liveness: the process answers. Needs no token and touches no database."""
+        return Health(status="ok")
+
+    @app.get(
+        "/v1/town/{town_id}/metrics",
+        response_model=TownMetrics,
+        tags=["metrics"],
+        dependencies=[Depends(authorize)],
+        responses={
+            401: {"model": Problem, "description": "Missing or unknown bearer token"},
+            403: {"model": Problem, "description": "The token may not read this town"},
+            503: {"model": Problem, "description": "The database is unreachable or its schema is behind"},
+        },
+    )
+    async def town_metrics(
+        town_id: TownId,
+        store: Annotated[AsyncMetricsStore, Depends(_store)],
+        action_type: Annotated[
+            str | None, Query(pattern=ACTION_TYPE_PATTERN, description="Only this action type, e.g. lod3.")
+        ] = None,
+        since_hours: Annotated[
+            float, Query(gt=0, le=MAX_SINCE_HOURS, description="The window: actions of the last N hours.")
+        ] = DEFAULT_SINCE_HOURS,
+    ) -> dict[str, Any]:
+        """The dashboard numbers of one town over the last `since_hours` hours."""
+        since = datetime.now(UTC) - timedelta(hours=since_hours)
+        try:
+            aggregate = await store.aggregate(town_id=town_id, action_type=action_type, since=since)
+        except SchemaError as error:
+            logger.error("metrics endpoint: %s", error)
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "the database schema is not the one this server needs; run action-metrics db upgrade",
+            ) from error
+        except UNAVAILABLE as error:
+            logger.warning("metrics endpoint: database unavailable: %s", error)
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "the metrics database is unavailable",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            ) from error
+        except DBAPIError as error:
+            # The database refused the query (a table dropped under a running server, say):
+            # the operator must act, the client can only wait. Logged with its traceback.
+            logger.exception("metrics endpoint: the database refused the query")
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, "the metrics database cannot answer this query"
+            ) from error
+        hours = float(since_hours)
+        window: int | float = int(hours) if hours.is_integer() else hours
+        return {
+            "town_id": town_id,
+            "action_type": action_type,
+            "time_window_hours": window,
+            "metrics": aggregate.to_dict(),
+        }
+
+    return app

@@ -1,0 +1,346 @@
+"""The metrics endpoint: the real app, its lifespan and an HTTP client, on both backends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from action_metrics import ActionMetric, ActionType, AsyncMetricsStore, ModelName, migrate
+from action_metrics.dialects import backend_for
+from action_metrics.http import ApiTokens, TokenConfigError, create_app
+
+pytestmark = pytest.mark.anyio
+
+TOWN_A_TOKEN = "town-a-token-0123456789abcdef"
+ANY_TOWN_TOKEN = "any-town-token-0123456789abcdef"
+TOKENS = ApiTokens.parse(f"{TOWN_A_TOKEN}:town-a ; {ANY_TOWN_TOKEN}:*")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@asynccontextmanager
+async def serving(url: str, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The app started as uvicorn starts it (lifespan first), with a client talking ASGI to it."""
+    options.setdefault("tokens", TOKENS)
+    app = create_app(url, **options)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metrics.test") as client,
+    ):
+        yield client
+
+
+def metric(hours_ago: float, **fields: Any) -> ActionMetric:
+    values: dict[str, Any] = {
+        "action_type": ActionType.LOD3,
+        "user_id": "user-1",
+        "town_id": "town-a",
+        "citizen_id": "alice",
+        "tokens_in": 0,
+        "tokens_out": 0,
+        "model": ModelName.TEMPLATE,
+        "latency_ms": 120.0,
+        "credits_charged": 10,
+        "timestamp": datetime.now(UTC) - timedelta(hours=hours_ago),
+    }
+    values.update(fields)
+    return ActionMetric(**values)
+
+
+TOWN = [
+    # In the last 24 hours, well away from the window's edge.
+    metric(1, latency_ms=100.0),
+    metric(2, latency_ms=140.0),
+    metric(
+        3,
+        action_type=ActionType.LOD4,
+        credits_charged=100,
+        model=ModelName.SONNET,
+        tokens_in=1_000,
+        tokens_out=200,
+        latency_ms=900.0,
+    ),
+    # Between 24 and 48 hours ago.
+    metric(30, latency_ms=180.0),
+    # Another town.
+    metric(1, town_id="town-b", latency_ms=50.0),
+]
+
+
+@pytest.fixture
+async def town(database_url: str) -> str:
+    async with AsyncMetricsStore(database_url) as store:
+        await store.emit_many(TOWN)
+    return database_url
+
+
+async def aggregate(url: str, **filters: Any) -> dict[str, Any]:
+    async with AsyncMetricsStore(url) as store:
+        return (await store.aggregate(**filters)).to_dict()
+
+
+# --- auth -----------------------------------------------------------------------------------
+
+
+async def test_healthz_needs_no_token(town: str) -> None:
+    async with serving(town) as client:
+        answer = await client.get("/healthz")
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": f"Basic {TOWN_A_TOKEN}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": TOWN_A_TOKEN},
+    ],
+    ids=["none", "basic", "empty", "no-scheme"],
+)
+async def test_a_missing_token_is_401(town: str, headers: dict[str, str]) -> None:
+    async with serving(town) as client:
+        answer = await client.get("/v1/town/town-a/metrics", headers=headers)
+    assert answer.status_code == 401
+    assert answer.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        f"Bearer {TOWN_A_TOKEN}x",
+        f"Bearer {TOWN_A_TOKEN[:-1]}",
+        "Bearer " + "a" * 300,
+        f"bearer {TOWN_A_TOKEN.upper()}",
+        "Bearer é€-not-ascii".encode().decode("latin-1"),
+    ],
+    ids=["longer", "shorter", "huge", "case", "non-ascii"],
+)
+async def test_a_wrong_token_is_401(town: str, authorization: str) -> None:
+    async with serving(town) as client:
+        answer = await client.get(
+            "/v1/town/town-a/metrics", headers={"Authorization": authorization.encode("latin-1")}
+        )
+    assert answer.status_code == 401
+    assert answer.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+
+
+async def test_a_token_reads_its_towns_only(town: str) -> None:
+    async with serving(town) as client:
+        own = await client.get("/v1/town/town-a/metrics", headers=bearer(TOWN_A_TOKEN))
+        other = await client.get("/v1/town/town-b/metrics", headers=bearer(TOWN_A_TOKEN))
+        nowhere = await client.get("/v1/town/town-z/metrics", headers=bearer(TOWN_A_TOKEN))
+        everywhere = await client.get("/v1/town/town-b/metrics", headers=bearer(ANY_TOWN_TOKEN))
+        scheme_case = await client.get(
+            "/v1/town/town-a/metrics", headers={"Authorization": f"bearer {TOWN_A_TOKEN}"}
+        )
+    assert own.status_code == 200
+    assert other.status_code == 403
+    assert nowhere.status_code == 403
+    assert everywhere.status_code == 200
+    assert everywhere.json()["metrics"]["count"] == 1
+    assert scheme_case.status_code == 200
+
+
+async def test_bad_parameters_without_a_token_are_401_first(town: str) -> None:
+    async with serving(town) as client:
+        answer = await client.get("/v1/town/town-a/metrics?since_hours=-1")
+    assert answer.status_code == 401
+
+
+async def test_insecure_serves_without_a_token(town: str) -> None:
+    async with serving(town, tokens=ApiTokens(()), insecure=True) as client:
+        answer = await client.get("/v1/town/town-b/metrics")
+    assert answer.status_code == 200
+
+
+def test_the_app_refuses_to_exist_without_a_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("ACTION_METRICS_API_TOKEN", raising=False)
+    monkeypatch.delenv("ACTION_METRICS_API_TOKENS", raising=False)
+    with pytest.raises(TokenConfigError, match="ACTION_METRICS_API_TOKEN"):
+        create_app(f"sqlite:///{tmp_path / 'metrics.db'}")
+    monkeypatch.setenv("ACTION_METRICS_API_TOKEN", TOWN_A_TOKEN)
+    assert create_app(f"sqlite:///{tmp_path / 'metrics.db'}") is not None
+
+
+async def test_tokens_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, town: str) -> None:
+    monkeypatch.setenv("ACTION_METRICS_API_TOKEN", ANY_TOWN_TOKEN)
+    monkeypatch.setenv("ACTION_METRICS_API_TOKENS", f"{TOWN_A_TOKEN}:town-a")
+    async with serving(town, tokens=None) as client:
+        assert (
+            await client.get("/v1/town/town-b/metrics", headers=bearer(ANY_TOWN_TOKEN))
+        ).status_code == 200
+        assert (await client.get("/v1/town/town-b/metrics", headers=bearer(TOWN_A_TOKEN))).status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("short:town-a", "at least 16 characters"),
+        (f"{TOWN_A_TOKEN}", "TOKEN:TOWN"),
+        (f"{TOWN_A_TOKEN}:", "TOKEN:TOWN"),
+        (f"{TOWN_A_TOKEN}:a;{TOWN_A_TOKEN}:b", "listed twice"),
+        ("token with spaces 0123456789:a", "at least 16 characters"),
+    ],
+)
+def test_malformed_token_lists_are_refused(spec: str, problem: str) -> None:
+    with pytest.raises(TokenConfigError, match=problem):
+        ApiTokens.parse(spec)
+
+
+def test_a_token_list_names_towns() -> None:
+    tokens = ApiTokens.parse(f"\n  {TOWN_A_TOKEN}: town-a, town-c\n{ANY_TOWN_TOKEN}:*;\n")
+    own = tokens.grant_for(TOWN_A_TOKEN)
+    assert own is not None
+    assert own.allows("town-a")
+    assert own.allows("town-c")
+    assert not own.allows("town-b")
+    anywhere = tokens.grant_for(ANY_TOWN_TOKEN)
+    assert anywhere is not None
+    assert anywhere.allows("town-b")
+    assert tokens.grant_for("nobody-0123456789abcdef") is None
+
+
+# --- the answer -----------------------------------------------------------------------------
+
+
+async def test_the_answer_is_the_seed_json_over_the_last_day(town: str) -> None:
+    async with serving(town) as client:
+        answer = await client.get("/v1/town/town-a/metrics", headers=bearer(TOWN_A_TOKEN))
+    assert answer.status_code == 200
+    body = answer.json()
+    assert set(body) == {"town_id", "action_type", "time_window_hours", "metrics"}
+    assert body["town_id"] == "town-a"
+    assert body["action_type"] is None
+    assert body["time_window_hours"] == 24
+    since = datetime.now(UTC) - timedelta(hours=24)
+    assert body["metrics"] == await aggregate(town, town_id="town-a", since=since)
+    # Independently: the three town-a actions of the last day, one of them LOD4 on sonnet.
+    assert body["metrics"]["count"] == 3
+    assert body["metrics"]["total_credits"] == 120
+    assert body["metrics"]["by_model"]["sonnet"]["count"] == 1
+    assert body["metrics"]["by_model"]["template"]["count"] == 2
+
+
+async def test_filters_narrow_the_answer(town: str) -> None:
+    async with serving(town) as client:
+
+        async def ask(query: str) -> dict[str, Any]:
+            answer = await client.get(f"/v1/town/town-a/metrics?{query}", headers=bearer(TOWN_A_TOKEN))
+            assert answer.status_code == 200, answer.text
+            body: dict[str, Any] = answer.json()
+            return body
+
+        lod3_today = await ask("action_type=lod3")
+        lod3_two_days = await ask("action_type=lod3&since_hours=48")
+        half_hour = await ask("since_hours=0.5")
+        unknown_action = await ask("action_type=teleport")
+    assert lod3_today["action_type"] == "lod3"
+    assert lod3_today["metrics"]["count"] == 2
+    assert lod3_today["metrics"]["avg_latency_ms"] == pytest.approx(120.0)
+    assert lod3_two_days["time_window_hours"] == 48
+    assert lod3_two_days["metrics"]["count"] == 3
+    assert lod3_two_days["metrics"]["avg_latency_ms"] == pytest.approx(140.0)
+    assert half_hour["time_window_hours"] == 0.5
+    assert half_hour["metrics"]["count"] == 0
+    assert half_hour["metrics"]["avg_latency_ms"] is None
+    assert half_hour["metrics"]["by_model"] == {}
+    assert unknown_action["metrics"]["count"] == 0
+
+
+@pytest.mark.parametrize(
+    ("query", "parameter"),
+    [
+        ("since_hours=0", "since_hours"),
+        ("since_hours=-3", "since_hours"),
+        ("since_hours=abc", "since_hours"),
+        ("since_hours=nan", "since_hours"),
+        ("since_hours=inf", "since_hours"),
+        ("since_hours=1e12", "since_hours"),
+        ("since_hours=", "since_hours"),
+        ("action_type=LOD3", "action_type"),
+        ("action_type=", "action_type"),
+        ("action_type=" + "a" * 65, "action_type"),
+        ("action_type=lod3%00", "action_type"),
+        ("action_type=lod3;drop", "action_type"),
+    ],
+)
+async def test_bad_parameters_are_422_with_the_reason(town: str, query: str, parameter: str) -> None:
+    async with serving(town) as client:
+        answer = await client.get(f"/v1/town/town-a/metrics?{query}", headers=bearer(ANY_TOWN_TOKEN))
+    assert answer.status_code == 422
+    problems = answer.json()["detail"]
+    assert [problem["loc"] for problem in problems] == [["query", parameter]]
+    assert problems[0]["msg"]
+
+
+async def test_an_over_long_town_id_is_422(town: str) -> None:
+    async with serving(town) as client:
+        answer = await client.get("/v1/town/" + "t" * 257 + "/metrics", headers=bearer(ANY_TOWN_TOKEN))
+    assert answer.status_code == 422
+
+
+async def test_unusual_town_ids_are_answered_not_crashed(town: str) -> None:
+    async with serving(town) as client:
+        for town_id in ("t%C3%A9st", "%F0%9F%8F%A0", "a%00b", "%20", "..", "%ED%A0%80"):
+            answer = await client.get(f"/v1/town/{town_id}/metrics", headers=bearer(ANY_TOWN_TOKEN))
+            assert answer.status_code in (200, 404, 422), (town_id, answer.status_code)
+            if answer.status_code == 200:
+                assert answer.json()["metrics"]["count"] == 0
+
+
+async def test_the_openapi_schema_describes_the_endpoint(town: str) -> None:
+    async with serving(town) as client:
+        schema = (await client.get("/openapi.json")).json()
+    operation = schema["paths"]["/v1/town/{town_id}/metrics"]["get"]
+    assert {parameter["name"] for parameter in operation["parameters"]} == {
+        "town_id",
+        "action_type",
+        "since_hours",
+    }
+    assert {"200", "401", "403", "422", "503"} <= set(operation["responses"])
+    assert operation["security"]
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+# --- the database ---------------------------------------------------------------------------
+
+
+def unreachable_url(backend_name: str, tmp_path: Path) -> str:
+    return {
+        "sqlite": f"sqlite:///{tmp_path / 'missing-directory' / 'metrics.db'}",
+        "postgresql": "postgresql://postgres@127.0.0.1:1/nowhere",
+    }[backend_name]
+
+
+async def test_an_unreachable_database_is_503(backend: Any, tmp_path: Path) -> None:
+    async with serving(unreachable_url(backend.name, tmp_path)) as client:
+        health = await client.get("/healthz")
+        answer = await client.get("/v1/town/town-a/metrics", headers=bearer(TOWN_A_TOKEN))
+        denied = await client.get("/v1/town/town-a/metrics")
+    assert health.status_code == 200
+    assert answer.status_code == 503
+    assert answer.json() == {"detail": "the metrics database is unavailable"}
+    assert answer.headers["Retry-After"]
+    assert denied.status_code == 401
+
+
+async def test_tables_dropped_under_a_running_server_are_503(town: str) -> None:
+    async with serving(town) as client:
+        assert (await client.get("/v1/town/town-a/metrics", headers=bearer(TOWN_A_TOKEN))).status_code == 200
+        engine = backend_for(town).create_engine()
+        try:
+            await migrate.run_migrations(engine, migrate.downgrade_to("base"))
+        finally:
+            await engine.dispose()
+        answer = await client.get("/v1/town/town-a/metrics", headers=bearer(TOWN_A_TOKEN))
+    assert answer.status_code == 503
