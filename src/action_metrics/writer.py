@@ -238,7 +238,7 @@ class BatchWriter:
             lost = self.take_pending()
             self.count_lost(
                 len(lost),
-                f"the database was still failing after {timeout} s at close ({self._last_error!r})",
+                f"still unwritten {timeout} s into close() (last write error: {self._last_error!r})",
             )
         for barrier in self._in_flight_barriers:
             barrier.resolve(FlushTimeout("the store was closed before these metrics were written"))
