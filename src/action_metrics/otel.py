@@ -258,6 +258,9 @@ class ActionMetricsSpanProcessor(SpanProcessor):
             return _flush_async_store(self.store, timeout)
         except FlushTimeout:
             return False
+        except Exception:  # an OpenTelemetry hook must never raise into the application
+            logger.exception("action-metrics: flushing %r failed", self.store)
+            return False
 
 
 def _flush_async_store(store: AsyncMetricsStore, timeout: float) -> bool:

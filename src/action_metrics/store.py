@@ -367,6 +367,8 @@ class MetricsStore:
         self._loop.call(self._store.emit_many(list(metrics)))
 
     def flush(self, timeout: float | None = None) -> None:
+        if self._loop.loop.is_closed():
+            return  # close() wrote everything, or counted it in `dropped`
         self._loop.call(self._store.flush(timeout))
 
     def query(self, **filters: Unpack[Filters]) -> list[ActionMetric]:
