@@ -3,6 +3,7 @@
 from action_metrics.aggregate import Aggregate, ModelAggregate
 from action_metrics.errors import (
     DatabaseUnavailable,
+    FlushTimeout,
     InvalidFilter,
     InvalidMetric,
     InvalidPrice,
@@ -12,7 +13,9 @@ from action_metrics.errors import (
     SchemaOutOfDate,
     SchemaTooNew,
 )
+from action_metrics.instrument import configure, default_store, emit_action_metric, instrument_action
 from action_metrics.model import ActionMetric, uuid7
+from action_metrics.otel import ActionMetricsSpanProcessor, get_tracer, setup_otel_tracing
 from action_metrics.pricing import (
     ACTION_CREDITS,
     MODEL_COSTS_PER_1M,
@@ -27,10 +30,12 @@ __all__ = [
     "MODEL_COSTS_PER_1M",
     "REVENUE_PER_CREDIT_USD",
     "ActionMetric",
+    "ActionMetricsSpanProcessor",
     "ActionType",
     "Aggregate",
     "AsyncMetricsStore",
     "DatabaseUnavailable",
+    "FlushTimeout",
     "InvalidFilter",
     "InvalidMetric",
     "InvalidPrice",
@@ -42,5 +47,11 @@ __all__ = [
     "SchemaNotCreated",
     "SchemaOutOfDate",
     "SchemaTooNew",
+    "configure",
+    "default_store",
+    "emit_action_metric",
+    "get_tracer",
+    "instrument_action",
+    "setup_otel_tracing",
     "uuid7",
 ]

@@ -42,3 +42,10 @@ class SchemaOutOfDate(SchemaError):
 
 class SchemaTooNew(SchemaError):
     """The database was migrated by a newer action-metrics: upgrade the package."""
+
+
+class FlushTimeout(TimeoutError):
+    """`flush(timeout=...)` ran out of time with metrics still waiting for the database.
+
+    Nothing was discarded: they stay buffered and the writer keeps retrying; `flush()` again later.
+    """

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from action_metrics.errors import InvalidMetric
 from action_metrics.pricing import MODEL_COSTS_PER_1M, REVENUE_PER_CREDIT_USD
 from action_metrics.validation import (
+    MAX_ID_LENGTH,
+    MAX_INT64,
     as_utc,
     check_action_type,
     check_count,
@@ -24,8 +27,39 @@ from action_metrics.validation import (
 
 # --- time-ordered ids ------------------------------------------------------------------------
 
-_uuid7_lock = threading.Lock()
-_uuid7_last_stamp = 0
+_RANDOM_POOL_BYTES: Final = 4096
+
+
+class _Uuid7State:
+    """The last stamp handed out, and a pool of CSPRNG words.
+
+    Random bits come from `os.urandom` 4 KiB at a time (one system call per 512 ids); a forked child
+    starts a fresh state, or parent and child would hand out the same bits.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last_stamp = 0
+        self.random_words: list[int] = []
+
+
+_uuid7_state = _Uuid7State()
+
+
+def _forget_inherited_state() -> None:
+    global _uuid7_state
+    _uuid7_state = _Uuid7State()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_state)
+
+# uuid.UUID(int=...) re-checks a value that is valid by construction; set its two slots directly.
+_new_uuid = object.__new__
+_set_uuid_int = uuid.UUID.__dict__["int"].__set__
+_set_uuid_safety = uuid.UUID.__dict__["is_safe"].__set__
+_UNKNOWN_SAFETY: Final = uuid.SafeUUID.unknown
+_RANDOM_62_BITS: Final = (1 << 62) - 1
+_VERSION_AND_VARIANT: Final = 0x7 << 76 | 0b10 << 62
 
 
 def uuid7() -> uuid.UUID:
@@ -33,16 +67,21 @@ def uuid7() -> uuid.UUID:
 
     Ids made by one process are strictly increasing, so rows land in primary-key order.
     """
-    global _uuid7_last_stamp
-    nanos = time.time_ns()
-    stamp = (nanos // 1_000_000) << 12 | (nanos % 1_000_000) * 4096 // 1_000_000
-    with _uuid7_lock:
-        if stamp <= _uuid7_last_stamp:
-            stamp = _uuid7_last_stamp + 1
-        _uuid7_last_stamp = stamp
-    random_bits = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = (stamp >> 12) << 80 | 0x7 << 76 | (stamp & 0xFFF) << 64 | 0b10 << 62 | random_bits
-    return uuid.UUID(int=value)
+    milliseconds, nanos = divmod(time.time_ns(), 1_000_000)
+    stamp = milliseconds << 12 | nanos * 4096 // 1_000_000
+    state = _uuid7_state
+    with state.lock:
+        if stamp <= state.last_stamp:
+            stamp = state.last_stamp + 1
+        state.last_stamp = stamp
+        words = state.random_words
+        if not words:
+            words.extend(memoryview(os.urandom(_RANDOM_POOL_BYTES)).cast("Q"))
+        random_bits = words.pop() & _RANDOM_62_BITS
+    made: uuid.UUID = _new_uuid(uuid.UUID)
+    _set_uuid_int(made, (stamp >> 12) << 80 | (stamp & 0xFFF) << 64 | _VERSION_AND_VARIANT | random_bits)
+    _set_uuid_safety(made, _UNKNOWN_SAFETY)
+    return made
 
 
 # --- the metric ------------------------------------------------------------------------------
@@ -52,7 +91,32 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True, slots=True, eq=True)
+_MAX_REMEMBERED_NAMES: Final = 4096
+_valid_action_types: set[str] = set()
+_valid_models: set[str] = set()
+
+
+def _plain(text: str) -> bool:
+    """ASCII without NUL: storable as is, the common case for ids (full check: `check_id`)."""
+    return text.isascii() and "\x00" not in text
+
+
+_set_field = object.__setattr__
+
+
+def _remember(valid: set[str], name: str) -> str:
+    """Note a name that passed its full check; action types and models are few, so a set stays small."""
+    if len(valid) < _MAX_REMEMBERED_NAMES:
+        valid.add(name)
+    return name
+
+
+_DEFAULT: Final[Any] = object()
+"""Marks an argument left out, so that an explicit None is still checked (and refused)."""
+_MAX_FLOAT: Final = sys.float_info.max
+
+
+@dataclass(frozen=True, slots=True, eq=True, init=False)
 class ActionMetric:
     """One recorded action. Field order follows the seed, so positional construction still works."""
 
@@ -70,27 +134,74 @@ class ActionMetric:
     id: uuid.UUID = field(default_factory=uuid7)
     metadata_json: str = field(default="{}", init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        setattr_ = object.__setattr__
-        setattr_(self, "action_type", check_action_type(self.action_type))
-        setattr_(self, "user_id", check_id("user_id", self.user_id))
-        setattr_(self, "town_id", check_id("town_id", self.town_id))
-        if self.citizen_id is not None:
-            setattr_(self, "citizen_id", check_id("citizen_id", self.citizen_id))
-        setattr_(self, "tokens_in", check_count("tokens_in", self.tokens_in))
-        setattr_(self, "tokens_out", check_count("tokens_out", self.tokens_out))
-        setattr_(self, "model", check_model(self.model))
-        setattr_(self, "latency_ms", check_latency(self.latency_ms))
-        setattr_(self, "credits_charged", check_count("credits_charged", self.credits_charged))
-        setattr_(self, "timestamp", as_utc("timestamp", self.timestamp))
-        metadata, text = check_metadata(self.metadata)
-        setattr_(self, "metadata", metadata)
-        setattr_(self, "metadata_json", text)
-        if not isinstance(self.id, uuid.UUID):
+    def __init__(
+        self,
+        action_type: str,
+        user_id: str,
+        town_id: str,
+        citizen_id: str | None,
+        tokens_in: int,
+        tokens_out: int,
+        model: str,
+        latency_ms: float,
+        credits_charged: int,
+        timestamp: datetime = _DEFAULT,
+        metadata: dict[str, Any] = _DEFAULT,
+        id: uuid.UUID = _DEFAULT,
+    ) -> None:
+        # Written by hand because instrumented calls build one per call: each value is checked once
+        # and stored once. A value of the exact expected type that is obviously valid (ids and names
+        # from code, counts from an API response) takes a fast path; anything else goes through the
+        # full check in `validation`, which stays the definition of valid.
+        if type(action_type) is not str or action_type not in _valid_action_types:
+            action_type = _remember(_valid_action_types, check_action_type(action_type))
+        if type(user_id) is not str or not (0 < len(user_id) <= MAX_ID_LENGTH and _plain(user_id)):
+            user_id = check_id("user_id", user_id)
+        if type(town_id) is not str or not (0 < len(town_id) <= MAX_ID_LENGTH and _plain(town_id)):
+            town_id = check_id("town_id", town_id)
+        if citizen_id is not None and (
+            type(citizen_id) is not str or not (0 < len(citizen_id) <= MAX_ID_LENGTH and _plain(citizen_id))
+        ):
+            citizen_id = check_id("citizen_id", citizen_id)
+        if type(tokens_in) is not int or not 0 <= tokens_in <= MAX_INT64:
+            tokens_in = check_count("tokens_in", tokens_in)
+        if type(tokens_out) is not int or not 0 <= tokens_out <= MAX_INT64:
+            tokens_out = check_count("tokens_out", tokens_out)
+        if type(model) is not str or model not in _valid_models:
+            model = _remember(_valid_models, check_model(model))
+        if type(latency_ms) is not float or not 0.0 <= latency_ms <= _MAX_FLOAT:
+            latency_ms = check_latency(latency_ms)
+        if type(credits_charged) is not int or not 0 <= credits_charged <= MAX_INT64:
+            credits_charged = check_count("credits_charged", credits_charged)
+        if timestamp is _DEFAULT:
+            timestamp = datetime.now(UTC)
+        elif type(timestamp) is not datetime or timestamp.tzinfo is not UTC:
+            timestamp = as_utc("timestamp", timestamp)
+        if metadata is _DEFAULT or (type(metadata) is dict and not metadata):
+            metadata, metadata_json = {}, "{}"  # a new dict: a caller's must not alias a frozen field
+        else:
+            metadata, metadata_json = check_metadata(metadata)
+        if id is _DEFAULT:
+            id = uuid7()
+        elif type(id) is not uuid.UUID:
             try:
-                setattr_(self, "id", uuid.UUID(str(self.id)))
+                id = uuid.UUID(str(id))
             except ValueError:
-                raise InvalidMetric("id", f"expected a UUID, got {self.id!r:.80}") from None
+                raise InvalidMetric("id", f"expected a UUID, got {id!r:.80}") from None
+        set_ = _set_field
+        set_(self, "action_type", action_type)
+        set_(self, "user_id", user_id)
+        set_(self, "town_id", town_id)
+        set_(self, "citizen_id", citizen_id)
+        set_(self, "tokens_in", tokens_in)
+        set_(self, "tokens_out", tokens_out)
+        set_(self, "model", model)
+        set_(self, "latency_ms", latency_ms)
+        set_(self, "credits_charged", credits_charged)
+        set_(self, "timestamp", timestamp)
+        set_(self, "metadata", metadata)
+        set_(self, "id", id)
+        set_(self, "metadata_json", metadata_json)
 
     @property
     def total_tokens(self) -> int:

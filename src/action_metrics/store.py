@@ -3,15 +3,23 @@
 There is one implementation. `MetricsStore` runs an `AsyncMetricsStore` on an event loop of its own,
 in a daemon thread, so it also works inside a program that already runs a loop (a notebook, a
 FastAPI handler), where `asyncio.run()` would refuse.
+
+`emit()` does not wait for the database: it hands the metric to the store's `BatchWriter` (see
+`writer`), which writes in batches in the background; `durable=True` makes `emit()` return only
+after the commit. `emit_many()` always writes before it returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import concurrent.futures.thread  # noqa: F401 - see _call_at_exit
 import threading
-from collections.abc import Coroutine, Iterable
+import weakref
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
 from types import TracebackType
 from typing import Any, Self, TypedDict, TypeVar, Unpack
 
@@ -26,6 +34,14 @@ from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
 from action_metrics.query import MetricFilter
 from action_metrics.repository import MetricsRepository
+from action_metrics.writer import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BUFFER_SIZE,
+    DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_FLUSH_INTERVAL,
+    BatchWriter,
+    WriterSettings,
+)
 
 T = TypeVar("T")
 Amount = float | int | str | Decimal
@@ -44,14 +60,65 @@ class Filters(TypedDict, total=False):
     limit: int | None
 
 
-class AsyncMetricsStore:
-    """Action metrics in SQLite or PostgreSQL. Connects, and checks the schema, on first use."""
+def _call_at_exit(hook: Callable[[], None]) -> None:
+    """Run `hook` when the interpreter exits, while thread pools still accept work.
 
-    def __init__(self, url: str | URL | None = None) -> None:
+    Plain `atexit` hooks run after `concurrent.futures` has shut its pools down, and asyncio needs
+    one to resolve a host name, so a store could not reconnect to `localhost` from there.
+    `threading._register_atexit` (what concurrent.futures itself uses) runs earlier, in reverse
+    order of registration; concurrent.futures.thread is imported above so its hook comes after ours.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover - CPython has had it since 3.9
+        atexit.register(hook)
+        return
+    try:
+        register(hook)
+    except RuntimeError:  # already shutting down
+        atexit.register(hook)
+
+
+def _write_at_exit(store_ref: weakref.ref[AsyncMetricsStore]) -> None:
+    store = store_ref()
+    if store is not None:
+        store._write_at_exit()
+
+
+def _check_metric(metric: object) -> None:
+    if not isinstance(metric, ActionMetric):
+        raise TypeError(f"expected an ActionMetric, got {type(metric).__name__}")
+
+
+class AsyncMetricsStore:
+    """Action metrics in SQLite or PostgreSQL. Connects, and checks the schema, on first use.
+
+    `emit()` buffers; the buffer is written at least every `flush_interval` seconds, on `flush()`,
+    on `close()` and at interpreter exit. `durable=True` makes `emit()` wait for the commit.
+    """
+
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        *,
+        durable: bool = False,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+    ) -> None:
         self.backend = backend_for(url)
         self.url = self.backend.given_url
+        self.durable = bool(durable)
+        settings = WriterSettings(
+            buffer_size=buffer_size,
+            batch_size=batch_size,
+            flush_interval=flush_interval,
+            close_timeout=close_timeout,
+        )
+        self.writer = BatchWriter(self._insert, settings, name=display_url(self.url))
         self._repository: MetricsRepository | None = None
         self._opening = asyncio.Lock()
+        self._exit_hook_registered = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({display_url(self.url)!r})"
@@ -79,9 +146,45 @@ class AsyncMetricsStore:
                 self._repository = MetricsRepository(engine, self.backend)
         return self._repository
 
+    @property
+    def dropped(self) -> int:
+        """Metrics emitted but never written: the buffer overflowed, or the database was down at close."""
+        return self.writer.dropped
+
     async def emit(self, metric: ActionMetric) -> None:
-        """Store one metric (once: emitting the same id again changes nothing)."""
-        await self.emit_many([metric])
+        """Store one metric (once: emitting the same id again changes nothing).
+
+        Returns at once, before the write, unless the store is durable.
+        """
+        _check_metric(metric)
+        if self.durable:
+            await self.emit_many([metric])
+            return
+        self._start_writer()
+        self.writer.put(metric)
+
+    def emit_nowait(self, metric: ActionMetric) -> None:
+        """Buffer one metric without awaiting, from any thread, even on a durable store."""
+        _check_metric(metric)
+        self.writer.put(metric)
+        if not self.writer.running:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop here: written when the store is next used, or at exit
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self.writer.running:
+            return
+        self.writer.start()
+        if not self._exit_hook_registered:
+            # A weak reference: a closed store can go. A running writer's task keeps an open one.
+            _call_at_exit(partial(_write_at_exit, weakref.ref(self)))
+            self._exit_hook_registered = True
+
+    async def _insert(self, batch: Sequence[ActionMetric]) -> None:
+        await (await self._open()).insert(batch)
 
     async def emit_many(self, metrics: Iterable[ActionMetric]) -> None:
         """Store a batch atomically; ids already stored are skipped."""
@@ -91,22 +194,24 @@ class AsyncMetricsStore:
                 raise TypeError(f"metrics[{position}]: expected an ActionMetric, got {type(metric).__name__}")
         await (await self._open()).insert(batch)
 
-    async def flush(self) -> None:
+    async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - as MetricsStore's
         """Return once every metric emitted so far is committed.
 
-        Emits are written before they return, so nothing is pending; this is the point where a
-        buffered writer would drain.
+        While the database is down this keeps retrying; after `timeout` seconds (None: no limit) it
+        raises `FlushTimeout`, and the metrics stay buffered.
         """
-        await self._open()
+        await self.writer.flush(timeout)
 
     async def query(self, **filters: Unpack[Filters]) -> list[ActionMetric]:
-        """Metrics matching every filter given, newest first."""
+        """Metrics matching every filter given, newest first (including every metric emitted before)."""
         metric_filter = MetricFilter(**filters)
+        await self.writer.settle()
         return await (await self._open()).select(metric_filter)
 
     async def aggregate(self, **filters: Unpack[Filters]) -> Aggregate:
         """The dashboard numbers of the metrics matching every filter, computed in SQL."""
         metric_filter = MetricFilter(**filters)
+        await self.writer.settle()
         return await (await self._open()).aggregate(metric_filter)
 
     async def set_model_price(
@@ -125,10 +230,43 @@ class AsyncMetricsStore:
         price = CreditPrice.of(usd_per_credit, effective_from)
         await (await self._open()).set_credit_price(price)
 
-    async def close(self) -> None:
-        repository, self._repository = self._repository, None
-        if repository is not None:
-            await repository.close()
+    async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - as MetricsStore's
+        """Write what is buffered (for up to `timeout`, default `close_timeout` seconds), then disconnect.
+
+        Metrics the database still refuses after that are counted in `dropped` and logged.
+        """
+        try:
+            await self.writer.close(timeout)
+        finally:
+            repository, self._repository = self._repository, None
+            if repository is not None:
+                await repository.close()
+
+    def _write_at_exit(self) -> None:
+        """Interpreter exit: write what is still buffered, so a program need not call flush()."""
+        writer = self.writer
+        if not writer.pending:
+            return
+        timeout = writer.settings.close_timeout
+        loop = writer.loop
+        if loop is not None and loop.is_running():  # in another thread, as a MetricsStore's is
+            asyncio.run_coroutine_threadsafe(self.close(), loop).result()
+            return
+        # The store's loop has ended (asyncio.run() returned): write on a loop and engine of our own.
+        pending = writer.take_pending()
+        rescue = AsyncMetricsStore(self.url, durable=True)
+
+        async def write() -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await rescue.emit_many(pending)
+            finally:
+                await rescue.close()
+
+        try:
+            asyncio.run(write())
+        except Exception as error:
+            writer.count_lost(len(pending), f"not written at interpreter exit: {error!r}")
 
     async def __aenter__(self) -> Self:
         return await self.open()
@@ -167,10 +305,32 @@ class _LoopThread:
 class MetricsStore:
     """The blocking face of `AsyncMetricsStore`: the same methods, the same behaviour."""
 
-    def __init__(self, url: str | URL | None = None) -> None:
-        self._store = AsyncMetricsStore(url)
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        *,
+        durable: bool = False,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+    ) -> None:
+        self._store = AsyncMetricsStore(
+            url,
+            durable=durable,
+            buffer_size=buffer_size,
+            batch_size=batch_size,
+            flush_interval=flush_interval,
+            close_timeout=close_timeout,
+        )
         self.url = self._store.url
+        self.durable = self._store.durable
         self._loop = _LoopThread(name=f"action-metrics {display_url(self.url)}")
+        self._loop.call(self._start_writer())
+        self._put = self._store.writer.put
+
+    async def _start_writer(self) -> None:
+        self._store._start_writer()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({display_url(self.url)!r})"
@@ -179,14 +339,37 @@ class MetricsStore:
         self._loop.call(self._store.open())
         return self
 
+    @property
+    def dropped(self) -> int:
+        """Metrics emitted but never written: the buffer overflowed, or the database was down at close."""
+        return self._store.dropped
+
+    @property
+    def writer(self) -> BatchWriter:
+        return self._store.writer
+
     def emit(self, metric: ActionMetric) -> None:
-        self._loop.call(self._store.emit(metric))
+        """Buffer one metric and return without waiting for the database (unless durable)."""
+        if type(metric) is not ActionMetric:
+            _check_metric(metric)
+        if self.durable:
+            self._loop.call(self._store.emit_many([metric]))
+        else:
+            self._put(metric)
+
+    def emit_nowait(self, metric: ActionMetric) -> None:
+        """Buffer one metric and return at once, even on a durable store."""
+        if type(metric) is not ActionMetric:
+            _check_metric(metric)
+        self._put(metric)
 
     def emit_many(self, metrics: Iterable[ActionMetric]) -> None:
         self._loop.call(self._store.emit_many(list(metrics)))
 
-    def flush(self) -> None:
-        self._loop.call(self._store.flush())
+    def flush(self, timeout: float | None = None) -> None:
+        if self._loop.loop.is_closed():
+            return  # close() wrote everything, or counted it in `dropped`
+        self._loop.call(self._store.flush(timeout))
 
     def query(self, **filters: Unpack[Filters]) -> list[ActionMetric]:
         return self._loop.call(self._store.query(**filters))
@@ -206,11 +389,11 @@ class MetricsStore:
     def set_credit_price(self, usd_per_credit: Amount, effective_from: datetime | None = None) -> None:
         self._loop.call(self._store.set_credit_price(usd_per_credit, effective_from))
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         if self._loop.loop.is_closed():
             return
         try:
-            self._loop.call(self._store.close())
+            self._loop.call(self._store.close(timeout))
         finally:
             self._loop.stop()
 

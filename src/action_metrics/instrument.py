@@ -1,0 +1,355 @@
+"""`@instrument_action` and `emit_action_metric()`: one metric (and one span) per action, off the hot path.
+
+Both emit to a store given explicitly or to the one default store: the one passed to `configure()`,
+else a `MetricsStore` opened from `ACTION_METRICS_URL` on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, ParamSpec, TypeVar, cast
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from action_metrics.errors import InvalidValue
+from action_metrics.model import ActionMetric
+from action_metrics.otel import (
+    ANONYMOUS_USER,
+    UNKNOWN_MODEL,
+    UNKNOWN_TOWN,
+    get_tracer,
+    logger,
+)
+from action_metrics.pricing import ACTION_CREDITS
+from action_metrics.store import AsyncMetricsStore, MetricsStore
+from action_metrics.validation import check_action_type, check_count, check_model
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Store = MetricsStore | AsyncMetricsStore
+
+# --- the default store -----------------------------------------------------------------------
+
+_default_store: Store | None = None
+_default_store_is_ours = False
+_default_store_lock = threading.Lock()
+
+
+def configure(store: Store | None) -> None:
+    """Make `store` the default for `@instrument_action` and `emit_action_metric()`.
+
+    None goes back to a store opened from `ACTION_METRICS_URL` on next use. A default store this
+    module opened itself is closed (so flushed) when it is replaced.
+    """
+    global _default_store, _default_store_is_ours
+    if store is not None and not isinstance(store, MetricsStore | AsyncMetricsStore):
+        raise TypeError(f"expected a MetricsStore or AsyncMetricsStore, got {type(store).__name__}")
+    with _default_store_lock:
+        previous, was_ours = _default_store, _default_store_is_ours
+        _default_store, _default_store_is_ours = store, False
+    if was_ours and previous is not None and previous is not store:
+        cast(MetricsStore, previous).close()
+
+
+def default_store() -> Store:
+    """The store metrics go to when none is given: configured, or opened from the environment."""
+    global _default_store, _default_store_is_ours
+    store = _default_store
+    if store is not None:
+        return store
+    with _default_store_lock:
+        if _default_store is None:
+            _default_store, _default_store_is_ours = MetricsStore(), True
+        return _default_store
+
+
+def emit_action_metric(**fields: Any) -> ActionMetric:
+    """Build an `ActionMetric` from its fields, emit it to the default store, and return it."""
+    metric = ActionMetric(**fields)
+    store = default_store()
+    if isinstance(store, MetricsStore):
+        store.emit(metric)
+    else:
+        store.emit_nowait(metric)
+    return metric
+
+
+# --- the decorator ---------------------------------------------------------------------------
+
+_MISSING: Final[Any] = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Argument:
+    """Where a call carries one named argument; found once, when the function is decorated."""
+
+    name: str
+    position: int | None
+    by_keyword: bool
+    default: Any
+
+    @classmethod
+    def find(cls, signature: inspect.Signature, name: str) -> _Argument | None:
+        parameters = list(signature.parameters.values())
+        for position, parameter in enumerate(parameters):
+            if parameter.name != name:
+                continue
+            default = _MISSING if parameter.default is inspect.Parameter.empty else parameter.default
+            positional = parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+            return cls(
+                name,
+                position if positional else None,
+                parameter.kind is not parameter.POSITIONAL_ONLY,
+                default,
+            )
+        if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+            return cls(name, None, True, _MISSING)
+        return None
+
+    def value(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        if self.position is not None and self.position < len(args):
+            return args[self.position]
+        if self.by_keyword:
+            return kwargs.get(self.name, self.default)
+        return self.default
+
+
+def _as_id(value: Any, missing: Any) -> Any:
+    """Ids are text; an integer or UUID id is written as text, None or absent means `missing`."""
+    if value is None or value is _MISSING:
+        return missing
+    if type(value) is str:
+        return value
+    if isinstance(value, int | uuid.UUID) and not isinstance(value, bool):
+        return str(value)
+    return value  # anything else is refused by ActionMetric, naming the field
+
+
+class _Action:
+    """What one decorated function records: fixed at decoration, so a call only reads its values."""
+
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        action_type: str,
+        model: str | None,
+        credits_charged: int,
+        store: Store | None,
+    ) -> None:
+        self.action_type = action_type
+        self.model = model
+        self.credits_charged = credits_charged
+        self.store = store
+        self.qualname = getattr(function, "__qualname__", repr(function))
+        signature = inspect.signature(function)
+        self.user_id = _Argument.find(signature, "user_id")
+        self.town_id = _Argument.find(signature, "town_id")
+        self.citizen_id = _Argument.find(signature, "citizen_id")
+        self.span_name = action_type
+
+    def metric(
+        self,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        result: Any,
+        error: BaseException | None,
+        started_at: datetime,
+        elapsed_ns: int,
+    ) -> ActionMetric | None:
+        """The metric of one call; None (logged) when the call's values make no valid metric."""
+        user_id = self.user_id.value(args, kwargs) if self.user_id else None
+        town_id = self.town_id.value(args, kwargs) if self.town_id else None
+        citizen_id = self.citizen_id.value(args, kwargs) if self.citizen_id else None
+        tokens_in = tokens_out = 0
+        model = self.model
+        if error is None and isinstance(result, Mapping):
+            tokens_in = result.get("tokens_in", 0)
+            tokens_out = result.get("tokens_out", 0)
+            model = result.get("model") or model
+        try:
+            return ActionMetric(
+                self.action_type,
+                _as_id(user_id, ANONYMOUS_USER),
+                _as_id(town_id, UNKNOWN_TOWN),
+                _as_id(citizen_id, None),
+                tokens_in,
+                tokens_out,
+                model or UNKNOWN_MODEL,
+                elapsed_ns / 1e6,
+                self.credits_charged if error is None else 0,
+                started_at,
+                {"error": type(error).__name__} if error is not None else {},
+            )
+        except InvalidValue as invalid:
+            logger.warning("action-metrics: %s recorded no metric: %s", self.qualname, invalid)
+            return None
+
+    def store_for_call(self) -> Store:
+        return self.store if self.store is not None else default_store()
+
+
+def _record_span(span: trace.Span, metric: ActionMetric | None, error: BaseException | None) -> None:
+    if metric is not None:
+        span.set_attributes(metric.to_otel_span())
+    if error is not None:
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+
+
+def instrument_action(
+    action_type: str,
+    *,
+    model: str | None = None,
+    credits_charged: int | None = None,
+    store: Store | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Record one `ActionMetric` and one span per call of the decorated function (sync or async).
+
+    Latency is the call's, on a monotonic clock. A dict result gives `tokens_in`, `tokens_out` and
+    optionally `model` (which wins over `model=`; neither: "unknown", counted as unpriced). The
+    call's `user_id`, `town_id` and `citizen_id` arguments give the ids; without them the user is
+    "anonymous" and the town "unknown". Credits default to `ACTION_CREDITS[action_type]` (0 for other
+    types). A call that raises is recorded with 0 credits and `{"error": <type name>}` and the span
+    marked as an error; the exception propagates unchanged. The metric is buffered (the call never
+    waits on the database) unless the store is durable. Values that make no valid metric (say a
+    negative token count) are logged on the `action_metrics` logger, never raised into the caller.
+    """
+    checked_type = check_action_type(str(action_type))
+    checked_model = None if model is None else check_model(str(model))
+    credits = (
+        ACTION_CREDITS.get(checked_type, 0)
+        if credits_charged is None
+        else check_count("credits_charged", credits_charged)
+    )
+    if store is not None and not isinstance(store, MetricsStore | AsyncMetricsStore):
+        raise TypeError(f"store: expected a MetricsStore or AsyncMetricsStore, got {type(store).__name__}")
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        action = _Action(function, checked_type, checked_model, credits, store)
+        if inspect.iscoroutinefunction(function):
+            return cast(Callable[P, R], _async_wrapper(action, function))
+        return _sync_wrapper(action, function)
+
+    return decorate
+
+
+def _sync_wrapper(action: _Action, function: Callable[P, R]) -> Callable[P, R]:
+    tracer = get_tracer()
+    now, clock = datetime.now, time.perf_counter_ns
+
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        span: trace.Span | None = tracer.start_span(action.span_name)
+        if span.is_recording():  # type: ignore[union-attr]
+            context_token = otel_context.attach(trace.set_span_in_context(span))  # type: ignore[arg-type]
+        else:
+            span = context_token = None  # no tracer provider: nothing to record
+        started_at = now(UTC)
+        start = clock()
+        try:
+            result = function(*args, **kwargs)
+        except BaseException as error:
+            elapsed = clock() - start
+            try:
+                _finish_sync(action, args, kwargs, None, error, started_at, elapsed, span, context_token)
+            except Exception:  # the caller gets its own exception, unchanged
+                logger.exception("action-metrics: recording the failed call of %s failed", action.qualname)
+            raise
+        elapsed = clock() - start
+        _finish_sync(action, args, kwargs, result, None, started_at, elapsed, span, context_token)
+        return result
+
+    return wrapper
+
+
+def _finish_sync(
+    action: _Action,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    result: Any,
+    error: BaseException | None,
+    started_at: datetime,
+    elapsed: int,
+    span: trace.Span | None,
+    context_token: object,
+) -> None:
+    metric = action.metric(args, kwargs, result, error, started_at, elapsed)
+    if span is not None:
+        _record_span(span, metric, error)
+        otel_context.detach(context_token)  # type: ignore[arg-type]
+        span.end()
+    if metric is None:
+        return
+    store = action.store_for_call()
+    if type(store) is MetricsStore:
+        store.emit(metric)
+    else:
+        store.emit_nowait(metric)  # a sync function cannot await an async store's commit
+
+
+def _async_wrapper(action: _Action, function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    tracer = get_tracer()
+    now, clock = datetime.now, time.perf_counter_ns
+
+    @functools.wraps(function)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        span: trace.Span | None = tracer.start_span(action.span_name)
+        if span.is_recording():  # type: ignore[union-attr]
+            context_token = otel_context.attach(trace.set_span_in_context(span))  # type: ignore[arg-type]
+        else:
+            span = context_token = None  # no tracer provider: nothing to record
+        started_at = now(UTC)
+        start = clock()
+        try:
+            result = await function(*args, **kwargs)
+        except BaseException as error:
+            elapsed = clock() - start
+            try:
+                await _finish_async(
+                    action, args, kwargs, None, error, started_at, elapsed, span, context_token
+                )
+            except Exception:  # the caller gets its own exception, unchanged
+                logger.exception("action-metrics: recording the failed call of %s failed", action.qualname)
+            raise
+        elapsed = clock() - start
+        await _finish_async(action, args, kwargs, result, None, started_at, elapsed, span, context_token)
+        return result
+
+    return wrapper
+
+
+async def _finish_async(
+    action: _Action,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    result: Any,
+    error: BaseException | None,
+    started_at: datetime,
+    elapsed: int,
+    span: trace.Span | None,
+    context_token: object,
+) -> None:
+    metric = action.metric(args, kwargs, result, error, started_at, elapsed)
+    if span is not None:
+        _record_span(span, metric, error)
+        otel_context.detach(context_token)  # type: ignore[arg-type]
+        span.end()
+    if metric is None:
+        return
+    store = action.store_for_call()
+    if type(store) is AsyncMetricsStore:
+        await store.emit(metric)
+    elif store.durable:
+        await asyncio.to_thread(store.emit, metric)  # a blocking commit, kept off the event loop
+    else:
+        store.emit(metric)

@@ -1,0 +1,368 @@
+"""The write path of `emit()`: a bounded buffer that a background task drains into the database.
+
+The pattern of OpenTelemetry's BatchSpanProcessor. `put()` appends to a buffer and returns at once,
+from any thread; a task on the store's event loop writes the buffer in batches (one transaction
+each), at least every `flush_interval` seconds and as soon as a batch fills. A failed batch is
+retried with exponential backoff until it is written, so an outage delays metrics rather than
+losing them; the buffer is bounded, so an outage longer than the buffer can hold drops the newest
+metrics, and those are counted in `dropped` and logged as a warning on the `action_metrics` logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from action_metrics.errors import FlushTimeout, InvalidValue
+from action_metrics.model import ActionMetric
+
+logger: Final = logging.getLogger("action_metrics")
+
+DEFAULT_BUFFER_SIZE: Final = 10_000
+DEFAULT_BATCH_SIZE: Final = 500
+DEFAULT_FLUSH_INTERVAL: Final = 1.0
+DEFAULT_CLOSE_TIMEOUT: Final = 10.0
+
+InsertBatch = Callable[[Sequence[ActionMetric]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class WriterSettings:
+    """How much the writer buffers, how often it writes, and how it waits out an outage."""
+
+    buffer_size: int = DEFAULT_BUFFER_SIZE
+    """Metrics held while the database is slow or down; beyond this, new metrics are dropped."""
+    batch_size: int = DEFAULT_BATCH_SIZE
+    """Metrics per transaction; a full batch is written at once rather than at the next interval."""
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL
+    """Seconds a metric may wait in the buffer before it is written."""
+    first_retry_delay: float = 0.05
+    max_retry_delay: float = 5.0
+    """Backoff after a failed write doubles from `first_retry_delay` up to this."""
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT
+    """Seconds `close()` (and interpreter exit) keeps trying to write what is buffered."""
+
+    def __post_init__(self) -> None:
+        for name in ("buffer_size", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidValue(name, f"expected a whole number >= 1, got {value!r}")
+        for name in ("flush_interval", "first_retry_delay", "max_retry_delay", "close_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise InvalidValue(name, f"expected a number of seconds > 0, got {value!r}")
+
+
+class _Barrier:
+    """A mark in the buffer: `done` resolves once every metric put before it is written.
+
+    A fail-fast barrier (a read that wants to see earlier emits) fails with the write error instead
+    of waiting out an outage.
+    """
+
+    __slots__ = ("done", "fail_fast")
+
+    def __init__(self, done: asyncio.Future[None], fail_fast: bool) -> None:
+        self.done = done
+        self.fail_fast = fail_fast
+
+    def resolve(self, error: BaseException | None = None) -> None:
+        if self.done.done():
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
+
+
+class BatchWriter:
+    """Buffers metrics from any thread and writes them in batches from one event loop."""
+
+    def __init__(self, insert: InsertBatch, settings: WriterSettings, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.dropped = 0
+        """Metrics given up on: the buffer was full, or they were still unwritten at close."""
+        self.written = 0
+        """Metrics committed by this writer."""
+        self._insert = insert
+        self._buffer: deque[ActionMetric | _Barrier] = deque()
+        self._in_flight: list[ActionMetric] = []
+        self._in_flight_barriers: list[_Barrier] = []
+        self._fail_fast_barriers: set[_Barrier] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._wake_pending = False
+        self._closing = False
+        self._giving_up = False
+        self._accepting = True
+        self._last_error: BaseException | None = None
+        self._drop_lock = threading.Lock()
+        self._dropping = False
+        self._dropped_reported = 0
+
+    def __repr__(self) -> str:
+        return f"<BatchWriter {self.name}: {self.pending} pending, {self.dropped} dropped>"
+
+    # --- any thread ----------------------------------------------------------------------------
+
+    def put(self, metric: ActionMetric) -> None:
+        """Buffer `metric` and return at once; never waits, never raises for a database problem."""
+        buffer = self._buffer
+        if not self._accepting or len(buffer) >= self.settings.buffer_size:
+            self._drop(1, "the writer is closed" if not self._accepting else "the buffer is full")
+            return
+        buffer.append(metric)
+        if len(buffer) >= self.settings.batch_size and not self._wake_pending:
+            self._wake_pending = True
+            self._wake_from_any_thread()
+
+    @property
+    def pending(self) -> int:
+        """Metrics accepted and not yet written (approximate while other threads emit)."""
+        return len(self._in_flight) + sum(1 for item in list(self._buffer) if type(item) is ActionMetric)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def take_pending(self) -> list[ActionMetric]:
+        """Remove and return every unwritten metric, for a last write on another event loop."""
+        pending = list(self._in_flight)
+        self._in_flight.clear()
+        while self._buffer:
+            item = self._buffer.popleft()
+            if type(item) is ActionMetric:
+                pending.append(item)
+        return pending
+
+    def count_lost(self, count: int, why: str) -> None:
+        """Count and log metrics that will never be written (the store's exit path uses it too)."""
+        if not count:
+            return
+        with self._drop_lock:
+            self.dropped += count
+            self._dropped_reported += count
+        logger.warning("action-metrics %s: %d metrics dropped: %s", self.name, count, why)
+
+    def _drop(self, count: int, why: str) -> None:
+        with self._drop_lock:
+            self.dropped += count
+            first = not self._dropping
+            self._dropping = True
+        if first:
+            logger.warning(
+                "action-metrics %s: %s, dropping metrics (%d dropped so far, %d waiting); see "
+                "`dropped` on the store",
+                self.name,
+                why,
+                self.dropped,
+                len(self._buffer),
+            )
+
+    def _wake_from_any_thread(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None:
+            return  # not started: the first start() drains what is buffered
+        # A closed loop raises RuntimeError: the store's exit path writes what is left.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(wake.set)
+
+    # --- the store's event loop ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start (or restart after close) the background task on the running loop."""
+        if self.running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._giving_up = False
+        self._accepting = True
+        self._task = self._loop.create_task(self._run(), name=f"action-metrics writer {self.name}")
+
+    async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - as MetricsStore's
+        """Return once every metric put before this call is written; keeps retrying through an outage.
+
+        Raises `FlushTimeout` after `timeout` seconds (None: wait as long as it takes); nothing is
+        discarded then, the writer keeps trying.
+        """
+        barrier = self._barrier(fail_fast=False)
+        if barrier is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(barrier.done), timeout)
+        except TimeoutError:
+            raise FlushTimeout(
+                f"{self.pending} metrics still waiting for the database after {timeout} s "
+                f"(last error: {self._last_error!r}); they stay buffered and are retried, "
+                "call flush() again or check the database"
+            ) from self._last_error
+
+    async def settle(self) -> None:
+        """Let a read see every metric put before it: wait for them, or raise the write's error."""
+        barrier = self._barrier(fail_fast=True)
+        if barrier is not None:
+            await barrier.done
+
+    async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - as MetricsStore's
+        """Write what is buffered (up to `timeout`, default `close_timeout`) and stop.
+
+        Metrics still unwritten then are counted in `dropped` and logged: never lost silently.
+        """
+        if (self._buffer or self._in_flight) and not self.running:
+            self.start()  # metrics put before the writer ever started
+        self._accepting = False
+        task = self._task
+        if task is None or task.done():
+            return
+        self._closing = True
+        self._wake_now()
+        timeout = self.settings.close_timeout if timeout is None else timeout
+        done, _ = await asyncio.wait([task], timeout=timeout)
+        if not done:
+            self._giving_up = True  # the task's cancellation must not start another last write
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            lost = self.take_pending()
+            self.count_lost(
+                len(lost),
+                f"still unwritten {timeout} s into close() (last write error: {self._last_error!r})",
+            )
+        for barrier in self._in_flight_barriers:
+            barrier.resolve(FlushTimeout("the store was closed before these metrics were written"))
+        self._task = None
+
+    def _barrier(self, fail_fast: bool) -> _Barrier | None:
+        if not self._buffer and not self._in_flight:
+            return None
+        barrier = _Barrier(asyncio.get_running_loop().create_future(), fail_fast)
+        if fail_fast:
+            self._fail_fast_barriers.add(barrier)
+            barrier.done.add_done_callback(lambda _: self._fail_fast_barriers.discard(barrier))
+            if self._last_error is not None and self._in_flight:
+                barrier.resolve(self._last_error)  # the writer is in backoff: do not wait it out
+                return barrier
+        self._buffer.append(barrier)
+        if not self.running:
+            self.start()
+        self._wake_now()
+        return barrier
+
+    def _wake_now(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep up to `seconds`, or until woken (a full batch, a flush, close)."""
+        wake = self._wake
+        assert wake is not None
+        if not wake.is_set():
+            try:
+                async with asyncio.timeout(seconds):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+        wake.clear()
+        self._wake_pending = False
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._drain()
+                if self._closing and not self._buffer:
+                    return
+                await self._sleep(self.settings.flush_interval)
+        except asyncio.CancelledError:
+            if self._giving_up or not (self._buffer or self._in_flight):
+                raise
+            # The loop is shutting down (asyncio.run() ends by cancelling every task): one last
+            # bounded attempt, so a program that never calls flush() keeps its metrics.
+            self._closing = True
+            try:
+                async with asyncio.timeout(self.settings.close_timeout):
+                    await self._drain()
+            except TimeoutError:
+                pass  # what is left is written by the store's exit hook, or counted there
+            raise
+
+    async def _drain(self) -> None:
+        """Write batches until the buffer is empty, retrying each failed batch with backoff."""
+        delay = self.settings.first_retry_delay
+        failures = 0
+        while True:
+            if not self._in_flight and not self._in_flight_barriers:
+                self._take_batch()
+                if not self._in_flight and not self._in_flight_barriers:
+                    return
+            try:
+                if self._in_flight:
+                    await self._insert(self._in_flight)
+            except Exception as error:
+                failures += 1
+                self._failed(error, failures)
+                self._wake_pending = True  # a filling buffer must not cut the backoff short
+                await self._sleep(delay)
+                delay = min(delay * 2, self.settings.max_retry_delay)
+                continue
+            if failures:
+                logger.warning(
+                    "action-metrics %s: the database is back, writing again after %d failed attempts",
+                    self.name,
+                    failures,
+                )
+                failures, delay = 0, self.settings.first_retry_delay
+            self._last_error = None
+            self.written += len(self._in_flight)
+            self._in_flight.clear()
+            for barrier in self._in_flight_barriers:
+                barrier.resolve()
+            self._in_flight_barriers.clear()
+            self._report_drops()
+
+    def _take_batch(self) -> None:
+        buffer, batch, barriers = self._buffer, self._in_flight, self._in_flight_barriers
+        limit = self.settings.batch_size
+        while buffer and len(batch) < limit:
+            item = buffer.popleft()
+            if type(item) is _Barrier:
+                barriers.append(item)
+            else:
+                batch.append(item)  # type: ignore[arg-type]
+
+    def _failed(self, error: Exception, failures: int) -> None:
+        self._last_error = error
+        if failures == 1:
+            logger.warning(
+                "action-metrics %s: writing %d metrics failed, retrying with backoff: %r",
+                self.name,
+                len(self._in_flight),
+                error,
+            )
+        for barrier in list(self._fail_fast_barriers):
+            barrier.resolve(error)
+
+    def _report_drops(self) -> None:
+        if not self._dropping:
+            return
+        with self._drop_lock:
+            self._dropping = False
+            newly = self.dropped - self._dropped_reported
+            self._dropped_reported = self.dropped
+        logger.warning(
+            "action-metrics %s: writing again; %d metrics were dropped meanwhile (%d in all)",
+            self.name,
+            newly,
+            self.dropped,
+        )

@@ -1,0 +1,265 @@
+"""@instrument_action and emit_action_metric on both backends: one metric and one span per call."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from action_metrics import (
+    ACTION_CREDITS,
+    ActionMetric,
+    AsyncMetricsStore,
+    InvalidMetric,
+    MetricsStore,
+    configure,
+    default_store,
+    emit_action_metric,
+    instrument_action,
+)
+
+
+@pytest.fixture(scope="module")
+def exporter() -> InMemorySpanExporter:
+    """Spans of this process, captured by the SDK's in-memory exporter on the global provider."""
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture
+def spans(exporter: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
+    exporter.clear()
+    yield exporter
+    exporter.clear()
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[MetricsStore]:
+    with MetricsStore(database_url) as store:
+        yield store
+
+
+def test_a_sync_call_records_tokens_ids_credits_and_latency(store: MetricsStore, spans) -> None:
+    @instrument_action("lod3", model="haiku", store=store)
+    def query_citizen_memory(user_id: str, town_id: str, citizen_id: str) -> dict[str, int]:
+        return {"tokens_in": 100, "tokens_out": 50}
+
+    assert query_citizen_memory("user-1", town_id="town-1", citizen_id="alice") == {
+        "tokens_in": 100,
+        "tokens_out": 50,
+    }
+    [metric] = store.query()
+    assert (metric.action_type, metric.user_id, metric.town_id, metric.citizen_id) == (
+        "lod3",
+        "user-1",
+        "town-1",
+        "alice",
+    )
+    assert (metric.tokens_in, metric.tokens_out, metric.model) == (100, 50, "haiku")
+    assert metric.credits_charged == ACTION_CREDITS["lod3"]
+    assert metric.latency_ms >= 0
+    assert metric.metadata == {}
+    [span] = spans.get_finished_spans()
+    assert dict(span.attributes or {}) == metric.to_otel_span()
+    assert span.status.status_code is StatusCode.UNSET
+
+
+@pytest.mark.anyio
+async def test_an_async_call_into_an_async_store(database_url: str, spans) -> None:
+    async with AsyncMetricsStore(database_url) as store:
+
+        @instrument_action("dialogue", credits_charged=3, store=store)
+        async def speak(citizen_id: str, *, user_id: str, town_id: str) -> dict[str, object]:
+            return {"tokens_in": 7, "tokens_out": 9, "model": "claude-sonnet-4-5@20250929"}
+
+        await speak("bob", user_id="user-2", town_id="town-2")
+        [metric] = await store.query()
+    assert (metric.user_id, metric.town_id, metric.citizen_id) == ("user-2", "town-2", "bob")
+    assert (metric.tokens_in, metric.tokens_out, metric.credits_charged) == (7, 9, 3)
+    assert metric.model == "claude-sonnet-4-5@20250929"
+    [span] = spans.get_finished_spans()
+    assert span.attributes is not None
+    assert span.attributes["gen_ai.request.model"] == "claude-sonnet-4-5@20250929"
+    assert span.attributes["gen_ai.usage.output_tokens"] == 9
+
+
+def test_a_failing_call_charges_nothing_and_reraises_the_same_exception(store: MetricsStore, spans) -> None:
+    raised = LookupError("no such citizen")
+
+    @instrument_action("lod4", model="sonnet", store=store)
+    def manifest(user_id: str, town_id: str) -> dict[str, int]:
+        raise raised
+
+    with pytest.raises(LookupError) as caught:
+        manifest("user-1", "town-1")
+    assert caught.value is raised
+    [metric] = store.query()
+    assert metric.credits_charged == 0
+    assert metric.metadata == {"error": "LookupError"}
+    assert (metric.tokens_in, metric.tokens_out) == (0, 0)
+    [span] = spans.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert [event.name for event in span.events] == ["exception"]
+
+
+@pytest.mark.anyio
+async def test_a_failing_async_call_is_recorded_the_same_way(database_url: str, spans) -> None:
+    async with AsyncMetricsStore(database_url) as store:
+
+        @instrument_action("force", store=store)
+        async def force(user_id: str, town_id: str) -> None:
+            raise TimeoutError("model did not answer")
+
+        with pytest.raises(TimeoutError, match="model did not answer"):
+            await force("u", "t")
+        [metric] = await store.query()
+    assert (metric.credits_charged, metric.metadata) == (0, {"error": "TimeoutError"})
+    assert spans.get_finished_spans()[0].status.status_code is StatusCode.ERROR
+
+
+def test_calls_without_ids_or_model_are_anonymous_and_unpriced(store: MetricsStore) -> None:
+    @instrument_action("greet", store=store)
+    def greet() -> str:
+        return "hello"
+
+    greet()
+    [metric] = store.query()
+    assert (metric.user_id, metric.town_id, metric.citizen_id, metric.model) == (
+        "anonymous",
+        "unknown",
+        None,
+        "unknown",
+    )
+    assert store.aggregate().unpriced_count == 1
+
+
+def test_ids_from_defaults_kwargs_and_numeric_values(store: MetricsStore) -> None:
+    @instrument_action("trade", store=store)
+    def trade(amount: int, town_id: str = "harbour", **context: object) -> dict[str, int]:
+        return {"tokens_in": amount, "tokens_out": 1}
+
+    trade(5, user_id=42)
+    [metric] = store.query()
+    assert (metric.user_id, metric.town_id, metric.tokens_in) == ("42", "harbour", 5)
+
+
+def test_methods_take_ids_from_their_arguments(store: MetricsStore) -> None:
+    class Town:
+        @instrument_action("solo", store=store)
+        def act(self, user_id: str, town_id: str) -> None:
+            return None
+
+    Town().act("user-9", "town-9")
+    [metric] = store.query()
+    assert (metric.user_id, metric.town_id) == ("user-9", "town-9")
+
+
+def test_the_wrapper_keeps_name_docstring_and_signature(store: MetricsStore) -> None:
+    def lookup(user_id: str, town_id: str, *, depth: int = 3) -> dict[str, int]:
+        """Look a citizen up."""
+        return {}
+
+    wrapped = instrument_action("lod3", store=store)(lookup)
+    assert wrapped.__name__ == "lookup"
+    assert wrapped.__doc__ == "Look a citizen up."
+    assert inspect.signature(wrapped) == inspect.signature(lookup)
+    assert inspect.iscoroutinefunction(instrument_action("lod3")(_async_noop))
+
+
+async def _async_noop() -> None:
+    return None
+
+
+def test_a_result_that_makes_no_valid_metric_is_logged_not_raised(
+    store: MetricsStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    @instrument_action("lod3", store=store)
+    def broken(user_id: str, town_id: str) -> dict[str, int]:
+        return {"tokens_in": -1, "tokens_out": 5}
+
+    with caplog.at_level(logging.WARNING, logger="action_metrics"):
+        assert broken("u", "t") == {"tokens_in": -1, "tokens_out": 5}
+    assert "tokens_in" in caplog.text
+    assert store.query() == []
+
+
+def test_bad_decorator_arguments_fail_at_decoration() -> None:
+    with pytest.raises(InvalidMetric, match=r"^action_type:"):
+        instrument_action("LOD 3")
+    with pytest.raises(InvalidMetric, match=r"^credits_charged:"):
+        instrument_action("lod3", credits_charged=-5)
+    with pytest.raises(InvalidMetric, match=r"^model:"):
+        instrument_action("lod3", model="")
+
+
+def test_a_durable_store_has_the_metric_committed_when_the_call_returns(database_url: str) -> None:
+    with MetricsStore(database_url, durable=True) as durable, MetricsStore(database_url) as reader:
+
+        @instrument_action("branch", store=durable)
+        def branch(user_id: str, town_id: str) -> None:
+            return None
+
+        branch("u", "t")
+        assert [m.action_type for m in reader.query()] == ["branch"]
+
+
+def test_emit_action_metric_goes_to_the_configured_store(store: MetricsStore) -> None:
+    configure(store)
+    try:
+        assert default_store() is store
+        metric = emit_action_metric(
+            action_type="lod4",
+            user_id="user-123",
+            town_id="town-456",
+            citizen_id="citizen-789",
+            tokens_in=500,
+            tokens_out=300,
+            model="sonnet",
+            latency_ms=1000,
+            credits_charged=100,
+        )
+
+        @instrument_action("lod5", model="opus")
+        def deep(user_id: str, town_id: str) -> dict[str, int]:
+            return {"tokens_in": 1, "tokens_out": 2}
+
+        deep("user-123", "town-456")
+    finally:
+        configure(None)
+    assert isinstance(metric, ActionMetric)
+    assert {m.id for m in store.query()} >= {metric.id}
+    assert sorted(m.action_type for m in store.query()) == ["lod4", "lod5"]
+
+
+def test_the_default_store_comes_from_the_environment(backend, database_url: str, monkeypatch) -> None:
+    monkeypatch.setenv("ACTION_METRICS_URL", database_url)
+    configure(None)
+    try:
+        metric = emit_action_metric(
+            action_type="inhabit",
+            user_id="u",
+            town_id="t",
+            citizen_id=None,
+            tokens_in=1,
+            tokens_out=1,
+            model="haiku",
+            latency_ms=0.25,
+            credits_charged=100,
+        )
+        assert str(default_store().url) == database_url
+    finally:
+        configure(None)  # closes the store it opened, which flushes it
+    with MetricsStore(database_url) as reader:
+        assert reader.query() == [metric]

@@ -1,0 +1,279 @@
+"""OpenTelemetry out (setup_otel_tracing) and in (GenAI spans of any instrumentation become metrics)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Status, StatusCode
+
+from action_metrics import ACTION_CREDITS, ActionMetricsSpanProcessor, MetricsStore
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run_python(*snippets: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """A fresh interpreter: the global tracer provider can be set only once per process."""
+    script = "\n".join(textwrap.dedent(snippet) for snippet in snippets)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+DECORATED_CALL = """
+    from action_metrics import MetricsStore, instrument_action
+    store = MetricsStore("sqlite:///:memory:")
+
+    @instrument_action("lod3", model="haiku", store=store)
+    def lookup(user_id, town_id):
+        return {"tokens_in": 120, "tokens_out": 30}
+
+    lookup("user-1", "town-1")
+"""
+
+
+# --- out -------------------------------------------------------------------------------------
+
+
+def test_setup_prints_spans_to_the_console_by_default() -> None:
+    result = run_python(
+        """
+        from action_metrics import setup_otel_tracing
+        setup_otel_tracing(service_name="town-api")
+        """,
+        DECORATED_CALL,
+    )
+    assert result.returncode == 0, result.stderr
+    span = json.loads(result.stdout)
+    assert span["name"] == "lod3"
+    assert span["resource"]["attributes"]["service.name"] == "town-api"
+    assert span["attributes"]["gen_ai.request.model"] == "haiku"
+    assert span["attributes"]["gen_ai.usage.input_tokens"] == 120
+    assert span["attributes"]["gen_ai.usage.output_tokens"] == 30
+    assert span["attributes"]["action.credits"] == ACTION_CREDITS["lod3"]
+
+
+def test_setup_exports_to_the_exporter_given_and_never_replaces_the_hosts_provider() -> None:
+    result = run_python(
+        """
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from action_metrics import setup_otel_tracing
+
+        ours = InMemorySpanExporter()
+        provider = setup_otel_tracing(ours)
+        provider.force_flush()
+        assert trace.get_tracer_provider() is provider
+
+        second = InMemorySpanExporter()
+        assert setup_otel_tracing(second) is provider   # already set: left alone
+        """,
+        DECORATED_CALL,
+        """
+provider.force_flush()
+print(len(ours.get_finished_spans()), len(second.get_finished_spans()))
+""",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "0"]
+    assert "already set" in result.stderr
+
+
+def test_a_host_provider_set_first_is_kept_and_receives_our_spans() -> None:
+    result = run_python(
+        """
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from action_metrics import setup_otel_tracing
+
+        host = TracerProvider()
+        hosts_exporter = InMemorySpanExporter()
+        host.add_span_processor(SimpleSpanProcessor(hosts_exporter))
+        trace.set_tracer_provider(host)
+        assert setup_otel_tracing() is host
+        """,
+        DECORATED_CALL,
+        """
+[span] = hosts_exporter.get_finished_spans()
+print(span.attributes["gen_ai.usage.input_tokens"])
+""",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "120"
+    assert result.stdout.count("{") == 0  # nothing went to a console exporter
+
+
+class _Collector(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list[tuple[str, bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append((self.path, body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+@pytest.fixture
+def otlp_collector() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    received: ClassVar[list[tuple[str, bytes]]] = []
+    handler = type("Collector", (_Collector,), {"received": received})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", received
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def test_otlp_is_used_when_the_standard_environment_variables_name_a_collector(otlp_collector) -> None:
+    endpoint, received = otlp_collector
+    result = run_python(
+        """
+        from action_metrics import setup_otel_tracing
+        provider = setup_otel_tracing()
+        """,
+        DECORATED_CALL,
+        "provider.shutdown()",
+        OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+    )
+    assert result.returncode == 0, result.stderr
+    assert [path for path, _ in received] == ["/v1/traces"]
+    body = received[0][1]
+    assert b"gen_ai.usage.input_tokens" in body
+    assert b"action-metrics" in body  # the service name
+
+
+# --- in --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[MetricsStore]:
+    with MetricsStore(database_url) as store:
+        yield store
+
+
+@pytest.fixture
+def app(store: MetricsStore) -> tuple[TracerProvider, ActionMetricsSpanProcessor, InMemorySpanExporter]:
+    """An application's own tracer provider, instrumented with the GenAI conventions."""
+    provider = TracerProvider()
+    processor = ActionMetricsSpanProcessor(
+        store, user_id_attribute="user.id", town_id_attribute="app.tenant", default_action_type="chat"
+    )
+    provider.add_span_processor(processor)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, processor, exporter
+
+
+def test_a_genai_span_becomes_a_stored_metric(store: MetricsStore, app) -> None:
+    provider, processor, exporter = app
+    tracer = provider.get_tracer("openllmetry-like")
+    with tracer.start_as_current_span("chat gpt-4o-mini") as span:
+        span.set_attributes(
+            {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": "gpt-4o",
+                "gen_ai.response.model": "openai/gpt-4o-mini",
+                "gen_ai.usage.input_tokens": 812,
+                "gen_ai.usage.output_tokens": 64,
+                "user.id": "user-7",
+                "app.tenant": "acme",
+                "action.credits": 4,
+            }
+        )
+    processor.force_flush()
+    [metric] = store.query()
+    [finished] = exporter.get_finished_spans()
+    assert finished.start_time is not None
+    assert finished.end_time is not None
+    assert (metric.action_type, metric.user_id, metric.town_id) == ("chat", "user-7", "acme")
+    assert (metric.model, metric.tokens_in, metric.tokens_out) == ("openai/gpt-4o-mini", 812, 64)
+    assert metric.credits_charged == 4
+    assert metric.latency_ms == (finished.end_time - finished.start_time) / 1e6
+    assert metric.timestamp == datetime.fromtimestamp(finished.start_time / 1e9, UTC)
+    assert metric.metadata["trace_id"] == f"{finished.context.trace_id:032x}"
+    assert processor.recorded == 1
+
+
+def test_spans_without_genai_attributes_are_ignored(store: MetricsStore, app) -> None:
+    provider, processor, _ = app
+    tracer = provider.get_tracer("web")
+    with tracer.start_as_current_span("GET /town") as span:
+        span.set_attribute("http.route", "/town")
+    processor.force_flush()
+    assert store.query() == []
+    assert (processor.recorded, processor.rejected) == (0, 0)
+
+
+def test_a_failed_genai_call_charges_nothing(store: MetricsStore, app) -> None:
+    provider, processor, _ = app
+    tracer = provider.get_tracer("app")
+    with tracer.start_as_current_span("chat", record_exception=False, set_status_on_exception=False) as span:
+        span.set_attributes(
+            {"gen_ai.request.model": "haiku", "error.type": "RateLimitError", "action.credits": 9}
+        )
+        span.set_status(Status(StatusCode.ERROR, "429"))
+    processor.force_flush()
+    [metric] = store.query()
+    assert (metric.credits_charged, metric.metadata["error"]) == (0, "RateLimitError")
+    assert (metric.user_id, metric.town_id, metric.tokens_in) == ("anonymous", "unknown", 0)
+
+
+def test_a_span_that_makes_no_valid_metric_is_counted_never_raised(
+    store: MetricsStore, app, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider, processor, _ = app
+    tracer = provider.get_tracer("app")
+    with caplog.at_level(logging.WARNING, logger="action_metrics"):
+        with tracer.start_as_current_span("chat") as span:
+            span.set_attributes({"gen_ai.request.model": "haiku", "gen_ai.usage.input_tokens": -3})
+        with tracer.start_as_current_span("chat") as span:
+            span.set_attributes({"gen_ai.request.model": "haiku", "gen_ai.usage.input_tokens": 3})
+    processor.force_flush()
+    assert processor.rejected == 1
+    assert "tokens_in" in caplog.text
+    assert [m.tokens_in for m in store.query()] == [3]
+
+
+def test_spans_of_our_own_decorator_are_not_stored_twice(store: MetricsStore, app) -> None:
+    provider, processor, _ = app
+    tracer = provider.get_tracer("action_metrics")
+    from action_metrics import ActionMetric
+
+    decorated = ActionMetric("lod3", "u", "t", None, 1, 2, "haiku", 1.0, 10)
+    with tracer.start_as_current_span("lod3") as span:
+        span.set_attributes(decorated.to_otel_span())
+    processor.force_flush()
+    assert store.query() == []

@@ -1,0 +1,323 @@
+"""The write path on both backends: emit() never waits, nothing is lost silently, exit flushes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import make_url
+
+from action_metrics import ActionMetric, AsyncMetricsStore, FlushTimeout, InvalidValue, MetricsStore
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def metric(user_id: str = "user-1") -> ActionMetric:
+    return ActionMetric("lod3", user_id, "town-1", None, 100, 50, "haiku", 12.5, 10, NOW)
+
+
+def stored(url: str) -> int:
+    """How many metrics the database holds, read through a store of its own."""
+    with MetricsStore(url) as reader:
+        return reader.aggregate().count
+
+
+def eventually(predicate, timeout: float = 20.0) -> bool:
+    """For outcomes with nothing to wait on (a timer firing in another thread)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_emit_returns_before_the_write_and_flush_commits(database_url: str) -> None:
+    with MetricsStore(database_url, flush_interval=3600, batch_size=1000) as store:
+        sent = [metric(f"user-{i}") for i in range(10)]
+        for m in sent:
+            store.emit(m)
+        assert store.writer.pending == 10
+        assert stored(database_url) == 0
+        store.flush()
+        assert stored(database_url) == 10
+        assert store.dropped == 0
+
+
+def test_a_query_sees_every_metric_emitted_before_it(database_url: str) -> None:
+    with MetricsStore(database_url, flush_interval=3600) as store:
+        sent = metric()
+        store.emit(sent)
+        assert store.query() == [sent]
+        assert store.aggregate().count == 1
+
+
+def test_the_buffer_is_written_on_a_timer_without_flush(database_url: str) -> None:
+    with MetricsStore(database_url, flush_interval=0.05) as store:
+        store.emit(metric())
+        assert eventually(lambda: stored(database_url) == 1)
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_timer(database_url: str) -> None:
+    with MetricsStore(database_url, flush_interval=3600, batch_size=5) as store:
+        for i in range(5):
+            store.emit(metric(f"user-{i}"))
+        assert eventually(lambda: stored(database_url) == 5)
+
+
+def test_durable_emit_returns_after_the_commit(database_url: str) -> None:
+    with MetricsStore(database_url, durable=True, flush_interval=3600) as store:
+        store.emit(metric())
+        assert stored(database_url) == 1
+
+
+def test_a_full_buffer_drops_new_metrics_counts_them_and_warns(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.WARNING, logger="action_metrics"),
+        MetricsStore(database_url, buffer_size=3, batch_size=100, flush_interval=3600) as store,
+    ):
+        for i in range(5):
+            store.emit(metric(f"user-{i}"))
+        assert store.dropped == 2
+        store.flush()
+        assert sorted(m.user_id for m in store.query()) == ["user-0", "user-1", "user-2"]
+    assert "buffer is full" in caplog.text
+
+
+def test_close_writes_what_is_buffered(database_url: str) -> None:
+    store = MetricsStore(database_url, flush_interval=3600)
+    store.emit(metric())
+    store.close()
+    assert stored(database_url) == 1
+
+
+def test_emit_refuses_what_is_not_a_metric(database_url: str) -> None:
+    with MetricsStore(database_url) as store, pytest.raises(TypeError, match="ActionMetric"):
+        store.emit({"action_type": "lod3"})  # type: ignore[arg-type]
+
+
+def test_writer_settings_are_checked() -> None:
+    with pytest.raises(InvalidValue, match=r"^buffer_size:"):
+        MetricsStore("sqlite:///:memory:", buffer_size=0)
+    with pytest.raises(InvalidValue, match=r"^flush_interval:"):
+        AsyncMetricsStore("sqlite:///:memory:", flush_interval=-1)
+
+
+@pytest.mark.anyio
+async def test_the_async_store_buffers_the_same_way(database_url: str) -> None:
+    async with AsyncMetricsStore(database_url, flush_interval=3600) as store:
+        await store.emit(metric())
+        assert store.writer.pending == 1
+        await store.flush()
+        assert store.writer.pending == 0
+        assert store.writer.written == 1
+
+
+# --- interpreter exit ------------------------------------------------------------------------
+
+EXIT_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
+
+    url, mode, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    metrics = [ActionMetric("lod3", f"user-{i}", "town", None, 1, 1, "haiku", 1.0, 10) for i in range(count)]
+    if mode == "blocking":
+        store = MetricsStore(url, flush_interval=3600)
+        for m in metrics:
+            store.emit(m)
+    elif mode == "asyncio.run":
+        async def main():
+            store = AsyncMetricsStore(url, flush_interval=3600)
+            for m in metrics:
+                await store.emit(m)
+        asyncio.run(main())
+    else:  # a loop left behind, never closed: the exit hook writes on a loop of its own
+        store = AsyncMetricsStore(url, flush_interval=3600)
+        async def main():
+            for m in metrics:
+                await store.emit(m)
+        asyncio.new_event_loop().run_until_complete(main())
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["blocking", "asyncio.run", "abandoned loop"])
+def test_metrics_emitted_without_flush_are_written_at_exit(database_url: str, mode: str) -> None:
+    url = database_url
+    if make_url(url).host == "127.0.0.1":  # a host name needs a resolver thread, late in shutdown
+        url = url.replace("@127.0.0.1", "@localhost")
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, url, mode, "1234"],
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "dropped" not in result.stderr
+    assert stored(database_url) == 1234
+
+
+# --- an outage -------------------------------------------------------------------------------
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a server; `cut()` severs every connection and refuses new ones."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+        self.restore()
+        assert self.server is not None
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def _call(self, coroutine) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, upstream_writer}
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+
+    async def _start(self) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+
+    async def _stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+
+    def cut(self) -> None:
+        self._call(self._stop())
+
+    def restore(self) -> None:
+        self._call(self._start())
+
+    def close(self) -> None:
+        self._call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+@pytest.fixture
+def proxy(backend, database_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    if backend.name != "postgresql":
+        pytest.skip("a TCP proxy stands between us and a server; SQLite's outage is a lock, below")
+    url = make_url(database_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    try:
+        yield proxy, url.set(port=proxy.port).render_as_string(hide_password=False)
+    finally:
+        proxy.close()
+
+
+def test_metrics_emitted_while_postgres_is_unreachable_arrive_once_it_is_back(
+    proxy: tuple[TcpProxy, str], database_url: str
+) -> None:
+    tcp, url = proxy
+    with MetricsStore(url, flush_interval=3600) as store:
+        store.emit(metric("before"))
+        store.flush()
+        tcp.cut()
+        for i in range(20):
+            store.emit(metric(f"during-{i}"))
+        with pytest.raises(FlushTimeout, match="still waiting"):
+            store.flush(timeout=0.5)
+        tcp.restore()
+        store.flush()
+        assert store.dropped == 0
+    assert stored(database_url) == 21
+
+
+def test_an_outage_longer_than_the_buffer_drops_the_overflow_and_counts_it(
+    proxy: tuple[TcpProxy, str], database_url: str
+) -> None:
+    tcp, url = proxy
+    with MetricsStore(url, buffer_size=5, batch_size=100, flush_interval=3600) as store:
+        store.open()
+        tcp.cut()
+        for i in range(5):
+            store.emit(metric(f"first-{i}"))
+        with pytest.raises(FlushTimeout):
+            store.flush(timeout=0.3)  # the writer now holds those 5, retrying; the buffer is empty
+        for i in range(8):
+            store.emit(metric(f"second-{i}"))
+        assert store.dropped == 3
+        tcp.restore()
+        store.flush()
+    assert stored(database_url) == 10
+
+
+def test_metrics_emitted_while_sqlite_is_locked_arrive_once_it_is_released(
+    backend, database_url: str
+) -> None:
+    if backend.name != "sqlite":
+        pytest.skip("PostgreSQL's outage is the proxy above")
+    with MetricsStore(database_url, flush_interval=3600) as store:
+        store.open()
+        holder = sqlite3.connect(make_url(database_url).database or "", isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # another process's long write transaction
+        try:
+            store.emit(metric())
+            with pytest.raises(FlushTimeout):
+                store.flush(timeout=0.3)
+        finally:
+            holder.execute("COMMIT")
+            holder.close()
+        store.flush()
+        assert store.dropped == 0
+    assert stored(database_url) == 1
+
+
+def test_close_gives_up_after_its_timeout_and_counts_what_is_lost(
+    proxy: tuple[TcpProxy, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    tcp, url = proxy
+    store = MetricsStore(url, flush_interval=3600)
+    store.open()
+    tcp.cut()
+    for i in range(4):
+        store.emit(metric(f"lost-{i}"))
+    with caplog.at_level(logging.WARNING, logger="action_metrics"):
+        store.close(timeout=0.3)
+    assert store.dropped == 4
+    assert "4 metrics dropped" in caplog.text
