@@ -74,7 +74,8 @@ def metric(**fields: object) -> ActionMetric:
 
 @pytest.fixture
 def store(database_url: str) -> Iterator[MetricsStore]:
-    with MetricsStore(database_url) as store:
+    # durable: each emit is committed before the command under test reads the database.
+    with MetricsStore(database_url, durable=True) as store:
         yield store
 
 
