@@ -6,8 +6,10 @@ that differ: the async driver, connect-time settings, `INSERT ... ON CONFLICT`, 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any, ClassVar, Final
 
 from sqlalchemy import (
@@ -92,13 +94,29 @@ class Backend:
         raise NotImplementedError
 
 
+def jsonb_text(value: Any) -> str:
+    """JSON text for a jsonb column that reads back equal, floats included.
+
+    jsonb keeps numbers as NUMERIC and prints them without an exponent: `1e+23` would come back
+    as the integer 10**23, which is not the float 1e23. Written out in full with a `.0`, it comes
+    back as that float. Everything else is written as `json.dumps` writes it.
+    """
+    if isinstance(value, float) and "e+" in (text := repr(value)):
+        return f"{Decimal(text):f}.0"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(key)}:{jsonb_text(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(jsonb_text(item) for item in value) + "]"
+    return json.dumps(value)
+
+
 class PostgresBackend(Backend):
     name = "postgresql"
     async_driver = "asyncpg"
 
     def engine_options(self) -> dict[str, Any]:
         # A pooled connection may have died with a restarted server: test it before use.
-        return {"pool_pre_ping": True}
+        return {"pool_pre_ping": True, "json_serializer": jsonb_text}
 
     def insert(self, table: Table) -> PostgresInsert:
         return postgresql.insert(table)

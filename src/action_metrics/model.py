@@ -20,6 +20,7 @@ from action_metrics.validation import (
     check_latency,
     check_metadata,
     check_model,
+    shown,
 )
 
 # --- time-ordered ids ------------------------------------------------------------------------
@@ -90,7 +91,7 @@ class ActionMetric:
             try:
                 setattr_(self, "id", uuid.UUID(str(self.id)))
             except ValueError:
-                raise InvalidMetric("id", f"expected a UUID, got {self.id!r:.80}") from None
+                raise InvalidMetric("id", f"expected a UUID, got {shown(self.id)}") from None
 
     @property
     def total_tokens(self) -> int:
