@@ -110,13 +110,43 @@ def jsonb_text(value: Any) -> str:
     return json.dumps(value)
 
 
+def server_settings(options: str | Sequence[str]) -> dict[str, str]:
+    """libpq's `options` URL parameter (`-c name=value` or `--name=value`, space separated) as
+    settings for asyncpg, which has no such parameter: `?options=-csearch_path%3Dmetrics` works."""
+    words = " ".join([options] if isinstance(options, str) else options).split()
+    settings: dict[str, str] = {}
+    for position, word in enumerate(words):
+        if word == "-c":
+            continue
+        if position > 0 and words[position - 1] == "-c":
+            setting = word
+        elif word.startswith(("-c", "--")):
+            setting = word[2:]
+        else:
+            raise UnsupportedDatabase(f"cannot read the URL's options {options!r}: expected -c name=value")
+        name, equals, value = setting.partition("=")
+        if not equals or not name:
+            raise UnsupportedDatabase(f"cannot read the URL's options {options!r}: expected -c name=value")
+        settings[name.replace("-", "_")] = value
+    return settings
+
+
 class PostgresBackend(Backend):
     name = "postgresql"
     async_driver = "asyncpg"
 
+    def __init__(self, url: URL) -> None:
+        super().__init__(url)
+        options = self.url.query.get("options")
+        self.server_settings = server_settings(options) if options is not None else {}
+        self.url = self.url.difference_update_query(["options"])
+
     def engine_options(self) -> dict[str, Any]:
         # A pooled connection may have died with a restarted server: test it before use.
-        return {"pool_pre_ping": True, "json_serializer": jsonb_text}
+        options: dict[str, Any] = {"pool_pre_ping": True, "json_serializer": jsonb_text}
+        if self.server_settings:
+            options["connect_args"] = {"server_settings": self.server_settings}
+        return options
 
     def insert(self, table: Table) -> PostgresInsert:
         return postgresql.insert(table)
