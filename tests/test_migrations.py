@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import random
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, inspect, text
 
-from action_metrics import MetricsStore, migrate
+from action_metrics import ActionMetric, MetricsStore, SchemaOutOfDate, migrate
 from action_metrics.dialects import backend_for
+from action_metrics.pricing import CreditPrice, ModelPrice
+from action_metrics.query import MetricFilter
+from action_metrics.repository import MetricsRepository
 from action_metrics.schema import Base
 
 TABLES = {"action_metrics", "model_prices", "credit_prices", "alembic_version"}
@@ -138,3 +144,192 @@ def test_an_unsupported_url_is_refused_with_the_supported_ones() -> None:
     assert result.returncode != 0
     assert "sqlite:///" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- migrations with data ---------------------------------------------------------------------
+# The store refuses a database behind head, so the data is written and read at 0001 through the
+# repository, which is what the store runs on top of.
+
+FIRST_REVISION = "0001"
+START = datetime(2026, 10, 1, tzinfo=UTC)
+DATA_ROWS = 3000
+FILTERS: list[dict[str, Any]] = [
+    {},
+    {"town_id": "town-b"},
+    {"model": "custom-llm"},
+    {"action_type": "lod4", "since": START + timedelta(days=12)},
+    {"user_id": "user-3", "until": START + timedelta(days=20)},
+    {"limit": 250},
+]
+
+
+PRICE_CHANGES = [
+    ModelPrice.of("haiku", "0.8", "4", START + timedelta(days=10)),
+    ModelPrice.of("custom-llm", "1.1", "2.2", START + timedelta(days=15)),  # unpriced before
+    ModelPrice.of("sonnet", "2.5", "12.5", START + timedelta(days=20)),
+]
+CREDIT_CHANGES = [CreditPrice.of("0.008", START + timedelta(days=5))]
+
+
+def _data() -> list[ActionMetric]:
+    rng = random.Random(6)
+    # Exactly at each price change: the instant where one price period ends and the next begins.
+    boundaries = [change.effective_from for change in [*PRICE_CHANGES, *CREDIT_CHANGES]]
+    at_boundaries = [
+        ActionMetric("lod4", "user-1", "town-a", None, 1000, 100, model, 9.5, 100, at)
+        for at in boundaries
+        for model in ("haiku", "custom-llm", "sonnet")
+    ]
+    return at_boundaries + [
+        ActionMetric(
+            action_type=rng.choice(["lod3", "lod4", "lod5", "dialogue", "custom.op"]),
+            user_id=f"user-{rng.randrange(8)}",
+            town_id=rng.choice(["town-a", "town-b", "town-c"]),
+            citizen_id=rng.choice([None, "citizen-1", "citizen-2"]),
+            tokens_in=rng.randrange(0, 50_000),
+            tokens_out=rng.randrange(0, 5_000),
+            model=rng.choice(["haiku", "sonnet", "opus", "template", "custom-llm"]),
+            latency_ms=rng.lognormvariate(5, 1),
+            credits_charged=rng.choice([0, 10, 100, 400]),
+            timestamp=START + timedelta(seconds=rng.uniform(0, 30 * 86400)),
+            metadata={"n": rng.randrange(1000), "tag": rng.choice(["a", "b", None])},
+        )
+        for _ in range(DATA_ROWS - len(at_boundaries))
+    ]
+
+
+def _at_revision(url: str, action: Any) -> Any:
+    """Run `action(repository)` on `url` whatever its revision (the store would refuse one behind)."""
+    backend = backend_for(url)
+
+    async def run() -> Any:
+        engine = backend.create_engine()
+        try:
+            return await action(MetricsRepository(engine, backend))
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def _migrate(url: str, action: Any) -> None:
+    async def run(repository: MetricsRepository) -> None:
+        await migrate.run_migrations(repository.engine, action)
+
+    _at_revision(url, run)
+
+
+async def _fill(repository: MetricsRepository) -> None:
+    metrics = _data()
+    for start in range(0, len(metrics), 500):
+        await repository.insert(metrics[start : start + 500])
+    for price in PRICE_CHANGES:
+        await repository.set_model_price(price)
+    for credit in CREDIT_CHANGES:
+        await repository.set_credit_price(credit)
+
+
+async def _snapshot(repository: MetricsRepository) -> dict[str, Any]:
+    """Everything a user or a dashboard can read: query(), aggregates, and both views row by row."""
+    snapshot: dict[str, Any] = {"revision": None, "query": await repository.select(MetricFilter())}
+    for number, filters in enumerate(FILTERS):
+        snapshot[f"aggregate {number}"] = (await repository.aggregate(MetricFilter(**filters))).to_dict()
+    async with repository.engine.connect() as connection:
+        snapshot["revision"] = await migrate.revision_of(connection)
+        for view, order in [
+            ("action_metrics_priced", "id"),
+            ("action_metrics_daily", "day, town_id, action_type, model"),
+        ]:
+            rows = await connection.execute(text(f"SELECT * FROM {view} ORDER BY {order}"))
+            snapshot[view] = [dict(row) for row in rows.mappings()]
+    return snapshot
+
+
+def _assert_same(before: Any, after: Any, where: str = "") -> None:
+    """Equal, floats to 1e-12 relative: a sum of doubles may be added up in another order."""
+    if isinstance(before, float) and isinstance(after, float):
+        assert math.isclose(before, after, rel_tol=1e-12), f"{where}: {before} != {after}"
+    elif isinstance(before, dict) and isinstance(after, dict):
+        assert before.keys() == after.keys(), where
+        for key in before:
+            _assert_same(before[key], after[key], f"{where}.{key}")
+    elif isinstance(before, list) and isinstance(after, list):
+        assert len(before) == len(after), f"{where}: {len(before)} rows != {len(after)}"
+        for index, (left, right) in enumerate(zip(before, after, strict=True)):
+            _assert_same(left, right, f"{where}[{index}]")
+    else:
+        assert before == after, f"{where}: {before!r} != {after!r}"
+
+
+def test_data_written_at_the_first_revision_survives_upgrade_downgrade_and_upgrade(
+    empty_database_url: str,
+) -> None:
+    url = empty_database_url
+    _migrate(url, migrate.upgrade_to(FIRST_REVISION))
+    _at_revision(url, _fill)
+    before = _at_revision(url, _snapshot)
+    assert before["revision"] == FIRST_REVISION
+    assert len(before["query"]) == DATA_ROWS
+    assert before["aggregate 0"]["count"] == DATA_ROWS
+    assert before["aggregate 2"]["unpriced_count"] > 0  # custom-llm before its first price
+    head = migrate.head_revision()
+    assert head != FIRST_REVISION
+
+    for action, revision in [
+        (migrate.upgrade_to("head"), head),
+        (migrate.downgrade_to(FIRST_REVISION), FIRST_REVISION),
+        (migrate.upgrade_to("head"), head),
+    ]:
+        _migrate(url, action)
+        after = _at_revision(url, _snapshot)
+        assert after.pop("revision") == revision
+        _assert_same({**before, "revision": None}, {**after, "revision": None}, revision)
+
+    with MetricsStore(url) as store:  # at head again: the store opens, and reads the same
+        assert store.query() == before["query"]
+        _assert_same(store.aggregate().to_dict(), before["aggregate 0"], "store")
+
+
+def test_the_price_period_views_show_each_price_until_the_next(database_url: str) -> None:
+    with MetricsStore(database_url) as store:
+        store.set_model_price("haiku", "0.8", "4", START)
+        store.set_model_price("haiku", "1", "5", START + timedelta(days=1))
+        store.set_credit_price("0.008", START)
+
+    async def periods(repository: MetricsRepository) -> tuple[list[Any], list[Any]]:
+        async with repository.engine.connect() as connection:
+            models = await connection.execute(
+                text(
+                    "SELECT effective_from, effective_until, input_per_1m, output_per_1m "
+                    "FROM model_price_periods WHERE model = 'haiku' ORDER BY effective_from"
+                )
+            )
+            credits = await connection.execute(
+                text(
+                    "SELECT effective_from, effective_until, usd_per_credit "
+                    "FROM credit_price_periods ORDER BY effective_from"
+                )
+            )
+            return [tuple(row) for row in models], [tuple(row) for row in credits]
+
+    models, credits = _at_revision(database_url, periods)
+    assert [(float(i), float(o)) for *_, i, o in models] == [(0.25, 1.25), (0.8, 4.0), (1.0, 5.0)]
+    # effective_until of each period is the next effective_from; the last is open-ended.
+    assert [row[1] for row in models[:-1]] == [row[0] for row in models[1:]]
+    assert models[-1][1] is None
+    assert [float(row[2]) for row in credits] == [0.006, 0.008]
+    assert credits[0][1] == credits[1][0]
+    assert credits[-1][1] is None
+
+
+def test_a_database_at_an_older_revision_names_the_upgrade_command(empty_database_url: str) -> None:
+    _migrate(empty_database_url, migrate.upgrade_to(FIRST_REVISION))
+    store = MetricsStore(empty_database_url)
+    try:
+        with pytest.raises(SchemaOutOfDate, match=r"action-metrics db upgrade --url '[^']+'") as raised:
+            store.open()
+    finally:
+        store.close()
+    assert f"revision {FIRST_REVISION}" in str(raised.value)
+    # Nothing was changed on the way: the database is still at the old revision.
+    assert _on_database(empty_database_url, _schema)[2] == FIRST_REVISION

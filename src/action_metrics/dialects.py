@@ -6,8 +6,10 @@ that differ: the async driver, connect-time settings, `INSERT ... ON CONFLICT`, 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any, ClassVar, Final
 
 from sqlalchemy import (
@@ -92,13 +94,59 @@ class Backend:
         raise NotImplementedError
 
 
+def jsonb_text(value: Any) -> str:
+    """JSON text for a jsonb column that reads back equal, floats included.
+
+    jsonb keeps numbers as NUMERIC and prints them without an exponent: `1e+23` would come back
+    as the integer 10**23, which is not the float 1e23. Written out in full with a `.0`, it comes
+    back as that float. Everything else is written as `json.dumps` writes it.
+    """
+    if isinstance(value, float) and "e+" in (text := repr(value)):
+        return f"{Decimal(text):f}.0"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(key)}:{jsonb_text(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(jsonb_text(item) for item in value) + "]"
+    return json.dumps(value)
+
+
+def server_settings(options: str | Sequence[str]) -> dict[str, str]:
+    """libpq's `options` URL parameter (`-c name=value` or `--name=value`, space separated) as
+    settings for asyncpg, which has no such parameter: `?options=-csearch_path%3Dmetrics` works."""
+    words = " ".join([options] if isinstance(options, str) else options).split()
+    settings: dict[str, str] = {}
+    for position, word in enumerate(words):
+        if word == "-c":
+            continue
+        if position > 0 and words[position - 1] == "-c":
+            setting = word
+        elif word.startswith(("-c", "--")):
+            setting = word[2:]
+        else:
+            raise UnsupportedDatabase(f"cannot read the URL's options {options!r}: expected -c name=value")
+        name, equals, value = setting.partition("=")
+        if not equals or not name:
+            raise UnsupportedDatabase(f"cannot read the URL's options {options!r}: expected -c name=value")
+        settings[name.replace("-", "_")] = value
+    return settings
+
+
 class PostgresBackend(Backend):
     name = "postgresql"
     async_driver = "asyncpg"
 
+    def __init__(self, url: URL) -> None:
+        super().__init__(url)
+        options = self.url.query.get("options")
+        self.server_settings = server_settings(options) if options is not None else {}
+        self.url = self.url.difference_update_query(["options"])
+
     def engine_options(self) -> dict[str, Any]:
         # A pooled connection may have died with a restarted server: test it before use.
-        return {"pool_pre_ping": True}
+        options: dict[str, Any] = {"pool_pre_ping": True, "json_serializer": jsonb_text}
+        if self.server_settings:
+            options["connect_args"] = {"server_settings": self.server_settings}
+        return options
 
     def insert(self, table: Table) -> PostgresInsert:
         return postgresql.insert(table)

@@ -23,6 +23,7 @@ from action_metrics.validation import (
     check_latency,
     check_metadata,
     check_model,
+    shown,
 )
 
 # --- time-ordered ids ------------------------------------------------------------------------
@@ -187,7 +188,7 @@ class ActionMetric:
             try:
                 id = uuid.UUID(str(id))
             except ValueError:
-                raise InvalidMetric("id", f"expected a UUID, got {id!r:.80}") from None
+                raise InvalidMetric("id", f"expected a UUID, got {shown(id)}") from None
         set_ = _set_field
         set_(self, "action_type", action_type)
         set_(self, "user_id", user_id)

@@ -12,7 +12,7 @@ from sqlalchemy import ColumnCollection, ColumnElement, Row, Select, false, sele
 from action_metrics.errors import InvalidFilter
 from action_metrics.model import ActionMetric
 from action_metrics.schema import action_metrics
-from action_metrics.validation import as_utc, storable_text
+from action_metrics.validation import MAX_INT64, as_utc, shown, storable_text
 
 EQUALITY_FILTERS: Final = ("user_id", "town_id", "citizen_id", "action_type", "model")
 
@@ -41,10 +41,11 @@ class MetricFilter:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, as_utc(name, value, InvalidFilter))
-        if self.limit is not None and (
-            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0
+        limit = self.limit
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_INT64
         ):
-            raise InvalidFilter("limit", f"expected a whole number >= 0, got {self.limit!r}")
+            raise InvalidFilter("limit", f"expected a whole number from 0 to 2**63 - 1, got {shown(limit)}")
 
     def conditions(self, columns: ColumnCollection[str, Any]) -> list[ColumnElement[bool]]:
         """WHERE terms against a table or view that has the action_metrics columns."""

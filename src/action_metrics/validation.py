@@ -19,6 +19,18 @@ MAX_METADATA_DEPTH: Final = 32
 _ACTION_TYPE: Final = re.compile(r"[a-z0-9_.\-]{1,64}")
 
 
+def shown(value: object) -> str:
+    """A value for an error message, whatever it is: repr() cannot print an int of more than
+    4300 digits, would copy a huge string whole, and may recurse without end into a container."""
+    if isinstance(value, str):
+        return repr(value[:80]) + ("..." if len(value) > 80 else "")
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    if value is None or isinstance(value, int | float):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 def storable_text(value: str) -> bool:
     """Whether both databases can store the string exactly: no NUL and no lone surrogate."""
     if "\x00" in value:
@@ -34,22 +46,22 @@ def check_action_type(value: object) -> str:
     if not isinstance(value, str) or not _ACTION_TYPE.fullmatch(value):
         raise InvalidMetric(
             "action_type",
-            f"expected 1-64 characters of a-z, 0-9, '_', '-', '.', got {value!r:.80}",
+            f"expected 1-64 characters of a-z, 0-9, '_', '-', '.', got {shown(value)}",
         )
     return str(value)
 
 
 def check_model(value: object, error: type[InvalidValue] = InvalidMetric) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_MODEL_LENGTH:
-        raise error("model", f"expected 1-{MAX_MODEL_LENGTH} characters, got {value!r:.80}")
+        raise error("model", f"expected 1-{MAX_MODEL_LENGTH} characters, got {shown(value)}")
     if not value.isprintable() or not storable_text(value):
-        raise error("model", f"expected printable characters only, got {value!r:.80}")
+        raise error("model", f"expected printable characters only, got {shown(value)}")
     return str(value)
 
 
 def check_id(field_name: str, value: object) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_LENGTH:
-        raise InvalidMetric(field_name, f"expected 1-{MAX_ID_LENGTH} characters, got {value!r:.80}")
+        raise InvalidMetric(field_name, f"expected 1-{MAX_ID_LENGTH} characters, got {shown(value)}")
     if not storable_text(value):
         raise InvalidMetric(field_name, "must be valid Unicode without NUL characters")
     return str(value)
@@ -59,14 +71,17 @@ def check_count(field_name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidMetric(field_name, f"expected an integer, got {type(value).__name__}")
     if not 0 <= value <= MAX_INT64:
-        raise InvalidMetric(field_name, f"expected 0 <= {field_name} < 2**63, got {value}")
+        raise InvalidMetric(field_name, f"expected 0 <= {field_name} < 2**63, got {shown(value)}")
     return int(value)
 
 
 def check_latency(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidMetric("latency_ms", f"expected a number, got {type(value).__name__}")
-    latency = float(value)
+    try:
+        latency = float(value)
+    except OverflowError:  # an int beyond the range of a float
+        raise InvalidMetric("latency_ms", f"expected a finite number >= 0, got {shown(value)}") from None
     if not math.isfinite(latency) or latency < 0:
         raise InvalidMetric("latency_ms", f"expected a finite number >= 0, got {value}")
     return latency
@@ -100,7 +115,7 @@ def _check_json(value: object, path: str, depth: int) -> None:
     elif isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str) or not storable_text(key):
-                raise InvalidMetric("metadata", f"keys must be valid strings, got {key!r:.40} at {path}")
+                raise InvalidMetric("metadata", f"keys must be valid strings, got {shown(key)} at {path}")
             _check_json(item, f"{path}.{key}", depth + 1)
     else:
         raise InvalidMetric("metadata", f"{path} is a {type(value).__name__}, not JSON")
@@ -114,7 +129,10 @@ def check_metadata(value: object) -> tuple[dict[str, Any], str]:
         return {}, "{}"
     metadata = dict(value)
     _check_json(metadata, "metadata", 0)
-    text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
+    except ValueError as problem:  # an int of more digits than Python converts to text
+        raise InvalidMetric("metadata", f"cannot be written as JSON: {problem}") from None
     if len(text.encode("utf-8")) > MAX_METADATA_BYTES:
         raise InvalidMetric("metadata", f"serialises to more than {MAX_METADATA_BYTES} bytes")
     return metadata, text
