@@ -244,3 +244,22 @@ def test_ids_are_time_ordered_uuid7(store: MetricsStore) -> None:
     assert all(m.id.version == 7 for m in metrics)
     assert [m.id for m in metrics] == sorted(m.id for m in metrics)
     assert isinstance(metrics[0].id, uuid.UUID)
+
+
+def test_stores_opening_new_sqlite_files_at_once_each_migrate_their_own(tmp_path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    starting = Barrier(8)
+
+    def open_and_count(index: int) -> int:
+        store = MetricsStore(f"sqlite:///{tmp_path / f'new-{index}.db'}", durable=True)
+        starting.wait()
+        try:
+            store.emit(metric())
+            return store.aggregate().count
+        finally:
+            store.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(open_and_count, range(8))) == [1] * 8

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final, TextIO
@@ -73,12 +74,17 @@ def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+_ALEMBIC_IN_USE = threading.Lock()
+"""alembic's `context` and `op` are module-level proxies: one migration at a time per process."""
+
+
 def _run_with_connection(
     connection: Connection, action: Callable[[Config], None], stdout: TextIO | None = None
 ) -> None:
     config = alembic_config(stdout=stdout)
     config.attributes["connection"] = connection
-    action(config)
+    with _ALEMBIC_IN_USE:
+        action(config)
 
 
 async def run_migrations(
@@ -104,12 +110,13 @@ def offline_sql(url: str | URL | None, action: str, revision: str) -> str:
     buffer = io.StringIO()
     config = alembic_config(url, stdout=buffer)
     config.output_buffer = buffer
-    if action == "upgrade":
-        command.upgrade(config, revision, sql=True)
-    else:
-        if ":" not in revision:
-            revision = f"{head_revision()}:{revision}"
-        command.downgrade(config, revision, sql=True)
+    if action != "upgrade" and ":" not in revision:
+        revision = f"{head_revision()}:{revision}"
+    with _ALEMBIC_IN_USE:
+        if action == "upgrade":
+            command.upgrade(config, revision, sql=True)
+        else:
+            command.downgrade(config, revision, sql=True)
     return buffer.getvalue()
 
 
