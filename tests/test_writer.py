@@ -268,6 +268,35 @@ def test_metrics_emitted_while_postgres_is_unreachable_arrive_once_it_is_back(
     assert stored(database_url) == 21
 
 
+OUTAGE_SECONDS = 3.0
+
+
+def test_a_service_emitting_through_a_three_second_outage_loses_nothing(
+    proxy: tuple[TcpProxy, str], database_url: str
+) -> None:
+    # A service keeps emitting (about a thousand actions a second) for the whole outage. Every emit
+    # must return while the database is unreachable (if one blocked, this loop would never reach its
+    # deadline and restore the connection), and everything must arrive once it is back: the default
+    # buffer holds the whole outage, so nothing may be dropped.
+    tcp, url = proxy
+    with MetricsStore(url, flush_interval=0.2) as store:
+        store.open()
+        tcp.cut()
+        emitted, slowest = 0, 0.0
+        deadline = time.monotonic() + OUTAGE_SECONDS
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            store.emit(metric(f"outage-{emitted}"))
+            slowest = max(slowest, time.perf_counter() - started)
+            emitted += 1
+            time.sleep(0.001)  # pacing a load generator, not synchronisation
+        tcp.restore()
+        store.flush(timeout=60)
+        assert store.dropped == 0
+    assert stored(database_url) == emitted > 1000
+    print(f"outage {OUTAGE_SECONDS}s: {emitted} emitted, slowest emit {slowest * 1e3:.2f} ms, 0 dropped")
+
+
 def test_an_outage_longer_than_the_buffer_drops_the_overflow_and_counts_it(
     proxy: tuple[TcpProxy, str], database_url: str
 ) -> None:
