@@ -106,6 +106,11 @@ def _check_json(value: object, path: str, depth: int) -> None:
         raise InvalidMetric("metadata", f"{path} is a {type(value).__name__}, not JSON")
 
 
+def json_text(value: object) -> str:
+    """The JSON text the store writes: compact and UTF-8, the same from every write path."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def check_metadata(value: object) -> tuple[dict[str, Any], str]:
     """The metadata as a dict and as its JSON text, which is what the store writes."""
     if not isinstance(value, Mapping):
@@ -114,7 +119,7 @@ def check_metadata(value: object) -> tuple[dict[str, Any], str]:
         return {}, "{}"
     metadata = dict(value)
     _check_json(metadata, "metadata", 0)
-    text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
+    text = json_text(metadata)
     if len(text.encode("utf-8")) > MAX_METADATA_BYTES:
         raise InvalidMetric("metadata", f"serialises to more than {MAX_METADATA_BYTES} bytes")
     return metadata, text
