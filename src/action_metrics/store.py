@@ -29,6 +29,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from action_metrics.aggregate import Aggregate
 from action_metrics.dialects import backend_for, display_url
 from action_metrics.errors import DatabaseUnavailable
+from action_metrics.ingest import metric_batches
 from action_metrics.migrate import ensure_schema
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
@@ -187,12 +188,14 @@ class AsyncMetricsStore:
         await (await self._open()).insert(batch)
 
     async def emit_many(self, metrics: Iterable[ActionMetric]) -> None:
-        """Store a batch atomically; ids already stored are skipped."""
-        batch = list(metrics)
-        for position, metric in enumerate(batch):
-            if not isinstance(metric, ActionMetric):
-                raise TypeError(f"metrics[{position}]: expected an ActionMetric, got {type(metric).__name__}")
-        await (await self._open()).insert(batch)
+        """Store metrics; ids already stored are skipped.
+
+        Streams: every `INGEST_BATCH` (20,000) metrics are one atomic transaction, so a generator of
+        any length runs in bounded memory; a failure keeps the batches committed before it.
+        """
+        repository = await self._open()
+        for batch in metric_batches(metrics):
+            await repository.insert(batch)
 
     async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - as MetricsStore's
         """Return once every metric emitted so far is committed.
@@ -364,7 +367,8 @@ class MetricsStore:
         self._put(metric)
 
     def emit_many(self, metrics: Iterable[ActionMetric]) -> None:
-        self._loop.call(self._store.emit_many(list(metrics)))
+        for batch in metric_batches(metrics):  # drawn here: the caller's iterable stays on its thread
+            self._loop.call(self._store.emit_many(batch))
 
     def flush(self, timeout: float | None = None) -> None:
         if self._loop.loop.is_closed():

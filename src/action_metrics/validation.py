@@ -7,6 +7,8 @@ import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
+from functools import partial
 from typing import Any, Final
 
 from action_metrics.errors import InvalidMetric, InvalidValue
@@ -121,6 +123,34 @@ def _check_json(value: object, path: str, depth: int) -> None:
         raise InvalidMetric("metadata", f"{path} is a {type(value).__name__}, not JSON")
 
 
+_compact_json = partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
+
+
+def json_text(value: object) -> str:
+    """The JSON text the store writes: compact UTF-8, the same from every write path and backend.
+
+    PostgreSQL's jsonb keeps numbers as NUMERIC and prints them without an exponent, so `1e+23`
+    would come back as the integer 10**23, not the float 1e23. Such floats are written out in full
+    with a `.0`, which reads back as the same float from jsonb and from SQLite's text alike.
+    """
+    text = _compact_json(value)
+    return _positional_json(value) if "e+" in text else text
+
+
+def _positional_json(value: object) -> str:
+    if isinstance(value, float) and "e+" in (text := repr(value)):
+        return f"{Decimal(text):f}.0"
+    if isinstance(value, dict):
+        return (
+            "{"
+            + ",".join(f"{_compact_json(key)}:{_positional_json(item)}" for key, item in value.items())
+            + "}"
+        )
+    if isinstance(value, list):
+        return "[" + ",".join(_positional_json(item) for item in value) + "]"
+    return _compact_json(value)
+
+
 def check_metadata(value: object) -> tuple[dict[str, Any], str]:
     """The metadata as a dict and as its JSON text, which is what the store writes."""
     if not isinstance(value, Mapping):
@@ -130,7 +160,7 @@ def check_metadata(value: object) -> tuple[dict[str, Any], str]:
     metadata = dict(value)
     _check_json(metadata, "metadata", 0)
     try:
-        text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
+        text = json_text(metadata)
     except ValueError as problem:  # an int of more digits than Python converts to text
         raise InvalidMetric("metadata", f"cannot be written as JSON: {problem}") from None
     if len(text.encode("utf-8")) > MAX_METADATA_BYTES:

@@ -1,0 +1,404 @@
+"""Ingest speed of `emit_many` against the raw driver, on the same rows in the same run.
+
+    PYTHONPATH=src python bench/ingest.py                 # 1M metrics, 3 runs per backend, 10M streamed
+    PYTHONPATH=src python bench/ingest.py --metrics 100000 --stream 0
+
+For each backend and run, two fresh databases migrated to head (same table, same indexes) take the
+same metrics: one through the raw driver, given rows already in its own format (untimed) and
+writing them in one transaction (sqlite3 `executemany` of a plain INSERT; asyncpg binary `COPY`
+straight into action_metrics), the other through `AsyncMetricsStore.emit_many`, given the
+`ActionMetric` objects and doing all its work: conversion, batches of 20,000 each in its own
+transaction, and skipping stored ids. The ratio is emit_many's rows/s over the raw driver's.
+
+The streaming part runs in a child process per backend: `emit_many` draws M metrics from a
+generator, and the child reports its peak RSS (the whole process: interpreter, libraries, data).
+
+PostgreSQL: $ACTION_METRICS_BENCH_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres)
+must allow CREATE DATABASE; the bench drops only the databases it creates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import random
+import resource
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy import func, make_url, select
+
+from action_metrics import ACTION_CREDITS, ActionMetric, ActionType, AsyncMetricsStore, ModelName, migrate
+from action_metrics.dialects import WRITE, backend_for
+from action_metrics.ingest import INGEST_BATCH, metric_batches
+from action_metrics.query import metric_rows
+from action_metrics.schema import action_metrics
+
+TARGET_RATIO = 0.7
+RSS_LIMIT_MB = 300
+POSTGRES_ADMIN_URL = os.environ.get(
+    "ACTION_METRICS_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+COLUMNS = [column.name for column in action_metrics.columns]
+START = datetime(2026, 11, 1, tzinfo=UTC)
+ACTIONS = [action.value for action in ActionType]
+MODELS = [model.value for model in ModelName]
+
+
+def generate(count: int, seed: int = 5) -> Iterator[ActionMetric]:
+    """Metrics as a product records them: in time order, ids by uuid7, a town's mix of users."""
+    rng = random.Random(seed)
+    for index in range(count):
+        action = rng.choice(ACTIONS)
+        yield ActionMetric(
+            action_type=action,
+            user_id=f"user-{rng.randrange(1000)}",
+            town_id=f"town-{rng.randrange(50)}",
+            citizen_id=f"citizen-{rng.randrange(5000)}" if rng.random() < 0.8 else None,
+            tokens_in=rng.randrange(50, 4000),
+            tokens_out=rng.randrange(10, 1500),
+            model=rng.choice(MODELS),
+            latency_ms=rng.lognormvariate(6, 1),
+            credits_charged=ACTION_CREDITS.get(action, 1),
+            timestamp=START + timedelta(milliseconds=index + rng.random()),
+            metadata={"lod": rng.randrange(3, 6), "cached": rng.random() < 0.1} if index % 2 else {},
+        )
+
+
+# --- the raw drivers' rows, made here independently of the package's bulk path -----------------
+
+
+def sqlite_rows(metrics: Sequence[ActionMetric]) -> list[tuple[Any, ...]]:
+    """What SQLAlchemy's types bind on SQLite: hex UUID, 'YYYY-MM-DD HH:MM:SS.ffffff' UTC, JSON text."""
+    return [
+        (
+            metric.id.hex,
+            metric.timestamp.strftime("%Y-%m-%d %H:%M:%S.%f"),
+            *(getattr(metric, name) for name in COLUMNS[2:-1]),
+            metric.metadata_json,
+        )
+        for metric in metrics
+    ]
+
+
+def postgres_rows(metrics: Sequence[ActionMetric]) -> list[tuple[Any, ...]]:
+    """asyncpg's binary COPY takes UUIDs, aware datetimes and jsonb text as they are."""
+    return [(*(getattr(metric, name) for name in COLUMNS[:-1]), metric.metadata_json) for metric in metrics]
+
+
+# --- databases ---------------------------------------------------------------------------------
+
+
+async def migrate_to_head(url: str) -> None:
+    engine = backend_for(url).create_engine()
+    try:
+        await migrate.run_migrations(engine, migrate.upgrade_to("head"))
+    finally:
+        await engine.dispose()
+
+
+async def postgres_admin(*statements: str) -> None:
+    connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=10)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+class Databases:
+    """Fresh migrated databases of one backend, cloned from a template migrated once."""
+
+    def __init__(self, backend: str, workdir: Path) -> None:
+        self.backend = backend
+        self.workdir = workdir
+        self.created: list[str] = []
+        self.template: str | None = None
+
+    async def fresh(self) -> str:
+        token = uuid.uuid4().hex[:12]
+        if self.backend == "sqlite":
+            if self.template is None:
+                self.template = f"sqlite:///{self.workdir / 'template.db'}"
+                await migrate_to_head(self.template)
+            path = self.workdir / f"{token}.db"
+            shutil.copyfile(make_url(self.template).database or "", path)
+            return f"sqlite:///{path}"
+        if self.template is None:
+            self.template = await self._create(f"am_bench_{token}_template")
+            await migrate_to_head(self.template)
+            token = uuid.uuid4().hex[:12]
+        template = make_url(self.template).database
+        return await self._create(f"am_bench_{token}", f' TEMPLATE "{template}"')
+
+    async def _create(self, name: str, clause: str = "") -> str:
+        await postgres_admin(f'CREATE DATABASE "{name}"{clause}')
+        self.created.append(name)
+        return make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+    async def drop(self, url: str) -> None:
+        database = make_url(url).database or ""
+        if self.backend == "sqlite":
+            remove_sqlite_files(database)
+        elif database in self.created:
+            await postgres_admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            self.created.remove(database)
+
+    async def drop_all(self) -> None:
+        if self.backend == "postgresql" and self.created:
+            await postgres_admin(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in self.created))
+            self.created.clear()
+
+
+def remove_sqlite_files(database: str) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(database + suffix).unlink(missing_ok=True)
+
+
+async def settle(backend: str) -> None:
+    """Start each timed phase from the same state: PostgreSQL's dirty pages written out."""
+    if backend == "postgresql":
+        await postgres_admin("CHECKPOINT")
+
+
+async def stored_count(url: str) -> int:
+    engine = backend_for(url).create_engine()
+    try:
+        async with engine.connect() as connection:
+            return (await connection.execute(select(func.count()).select_from(action_metrics))).scalar_one()
+    finally:
+        await engine.dispose()
+
+
+# --- the timed paths ---------------------------------------------------------------------------
+
+
+async def raw_sqlite(url: str, rows: Sequence[tuple[Any, ...]]) -> float:
+    connection = sqlite3.connect(make_url(url).database or "", isolation_level=None)
+    try:
+        # The project's connect-time settings (dialects.SQLiteBackend), so only the path differs.
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA busy_timeout=30000")
+        placeholders = ", ".join("?" * len(COLUMNS))
+        statement = f"INSERT INTO action_metrics ({', '.join(COLUMNS)}) VALUES ({placeholders})"
+        started = time.perf_counter()
+        connection.execute("BEGIN IMMEDIATE")
+        connection.executemany(statement, rows)
+        connection.execute("COMMIT")
+        return time.perf_counter() - started
+    finally:
+        connection.close()
+
+
+async def raw_postgres(url: str, rows: Sequence[tuple[Any, ...]]) -> float:
+    connection = await asyncpg.connect(url)
+    try:
+        started = time.perf_counter()
+        async with connection.transaction():
+            await connection.copy_records_to_table("action_metrics", records=rows, columns=COLUMNS)
+        return time.perf_counter() - started
+    finally:
+        await connection.close()
+
+
+async def project_path(url: str, metrics: Sequence[ActionMetric]) -> float:
+    async with AsyncMetricsStore(url) as store:  # connected and schema-checked before the clock
+        started = time.perf_counter()
+        await store.emit_many(metrics)
+        return time.perf_counter() - started
+
+
+async def plain_sqlalchemy(url: str, metrics: Sequence[ActionMetric]) -> float:
+    """The path before the bulk insert: Core INSERT ... ON CONFLICT DO NOTHING, same batches."""
+    backend = backend_for(url)
+    engine = backend.create_engine()
+    statement = backend.insert(action_metrics).on_conflict_do_nothing(index_elements=["id"])
+    try:
+        async with engine.connect() as connection:
+            connection = await connection.execution_options(**{WRITE: True})
+            started = time.perf_counter()
+            for batch in metric_batches(metrics):
+                async with connection.begin():
+                    await connection.execute(statement, metric_rows(batch))
+            return time.perf_counter() - started
+    finally:
+        await engine.dispose()
+
+
+@dataclass(frozen=True)
+class Run:
+    raw_rate: float
+    project_rate: float
+
+    @property
+    def ratio(self) -> float:
+        return self.project_rate / self.raw_rate
+
+
+async def timed(
+    databases: Databases, path: Callable[[str, Any], Awaitable[float]], data: Any, expected: int
+) -> float:
+    url = await databases.fresh()
+    try:
+        await settle(databases.backend)
+        seconds = await path(url, data)
+        stored = await stored_count(url)
+        if stored != expected:
+            raise SystemExit(f"{databases.backend}: stored {stored} rows, expected {expected}")
+        return expected / seconds
+    finally:
+        await databases.drop(url)
+
+
+async def compare(
+    backend: str, metrics: Sequence[ActionMetric], runs: int, plain: bool, workdir: Path
+) -> list[Run]:
+    raw_path, make_rows = {
+        "sqlite": (raw_sqlite, sqlite_rows),
+        "postgresql": (raw_postgres, postgres_rows),
+    }[backend]
+    raw_name = {"sqlite": "raw sqlite3 executemany", "postgresql": "raw asyncpg COPY"}[backend]
+    rows = make_rows(metrics)
+    gc.freeze()  # the 1M objects held for the comparison are not what a streaming producer holds
+    databases = Databases(backend, workdir / backend)
+    databases.workdir.mkdir()
+    results: list[Run] = []
+    try:
+        for number in range(1, runs + 1):
+            # Alternate which side goes first, so drift on a shared machine hits both.
+            if number % 2:
+                raw_rate = await timed(databases, raw_path, rows, len(metrics))
+                project_rate = await timed(databases, project_path, metrics, len(metrics))
+            else:
+                project_rate = await timed(databases, project_path, metrics, len(metrics))
+                raw_rate = await timed(databases, raw_path, rows, len(metrics))
+            run = Run(raw_rate, project_rate)
+            results.append(run)
+            print(
+                f"{backend:<10} run {number}: {raw_name:<24} {raw_rate:>9,.0f} rows/s"
+                f" | emit_many {project_rate:>9,.0f} rows/s | ratio {run.ratio:.2f}",
+                flush=True,
+            )
+        if plain:
+            rate = await timed(databases, plain_sqlalchemy, metrics, len(metrics))
+            print(f"{backend:<10} for reference, the plain SQLAlchemy Core insert: {rate:>9,.0f} rows/s")
+    finally:
+        await databases.drop_all()
+        gc.unfreeze()
+    return results
+
+
+# --- streaming a generator, in a child process so its RSS is its own -----------------------------
+
+
+async def stream_child(url: str, count: int) -> None:
+    async with AsyncMetricsStore(url) as store:
+        started = time.perf_counter()
+        await store.emit_many(generate(count, seed=7))
+        seconds = time.perf_counter() - started
+    print(f"{peak_rss_mb():.1f} {count / seconds:.0f}")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set. Linux's ru_maxrss survives exec, so it would count the
+    parent's RSS at fork time: read the high-water mark of this process's own memory instead."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(kib) / 1024
+
+
+async def stream(backend: str, count: int, workdir: Path) -> float:
+    databases = Databases(backend, workdir / f"{backend}-stream")
+    databases.workdir.mkdir()
+    url = await databases.fresh()
+    try:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--stream-child", url, str(count), stdout=subprocess.PIPE
+        )
+        output, _ = await child.communicate()
+        if child.returncode != 0:
+            raise SystemExit(f"{backend}: the streaming child failed ({child.returncode})")
+        peak_mb, rate = (float(value) for value in output.split())
+        stored = await stored_count(url)
+        verdict = "PASS" if peak_mb < RSS_LIMIT_MB and stored == count else "FAIL"
+        print(
+            f"{backend:<10} streamed {stored:,} metrics at {rate:,.0f} rows/s (generation included):"
+            f" peak RSS {peak_mb:.0f} MB, target < {RSS_LIMIT_MB} MB: {verdict}",
+            flush=True,
+        )
+        return peak_mb if stored == count else float("inf")
+    finally:
+        await databases.drop(url)
+        await databases.drop_all()
+
+
+async def main(arguments: argparse.Namespace) -> int:
+    print(
+        f"action-metrics ingest bench: {arguments.metrics:,} metrics, {arguments.runs} runs per backend,"
+        f" {os.cpu_count()} CPUs, batches of {INGEST_BATCH:,}",
+        flush=True,
+    )
+    started = time.perf_counter()
+    metrics = list(generate(arguments.metrics))
+    print(f"generated {len(metrics):,} metrics in {time.perf_counter() - started:.1f} s\n", flush=True)
+    passed = True
+    with tempfile.TemporaryDirectory(prefix="am-bench-") as directory:
+        workdir = Path(directory)
+        for backend in arguments.backend:
+            results = await compare(backend, metrics, arguments.runs, arguments.plain, workdir)
+            ratios = [run.ratio for run in results]
+            median = statistics.median(ratios)
+            verdict = "PASS" if median >= TARGET_RATIO else "FAIL"
+            passed &= median >= TARGET_RATIO
+            print(
+                f"{backend:<10} ratio median {median:.2f} (min {min(ratios):.2f}, max {max(ratios):.2f});"
+                f" raw {statistics.median(r.raw_rate for r in results):,.0f} rows/s,"
+                f" emit_many {statistics.median(r.project_rate for r in results):,.0f} rows/s;"
+                f" target >= {TARGET_RATIO}: {verdict}\n",
+                flush=True,
+            )
+        del metrics
+        if arguments.stream:
+            print(f"streaming {arguments.stream:,} metrics from a generator through emit_many:", flush=True)
+            for backend in arguments.backend:
+                passed &= await stream(backend, arguments.stream, workdir) < RSS_LIMIT_MB
+    return 0 if passed else 1
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--metrics", type=int, default=1_000_000, help="metrics per timed run")
+    parser.add_argument("--runs", type=int, default=3, help="paired runs per backend")
+    parser.add_argument("--stream", type=int, default=10_000_000, help="metrics to stream (0: skip)")
+    parser.add_argument("--backend", action="append", choices=["sqlite", "postgresql"], help="default: both")
+    parser.add_argument(
+        "--no-plain", dest="plain", action="store_false", help="skip the plain SQLAlchemy reference"
+    )
+    arguments = parser.parse_args(argv)
+    arguments.backend = arguments.backend or ["sqlite", "postgresql"]
+    return arguments
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--stream-child"]:
+        asyncio.run(stream_child(sys.argv[2], int(sys.argv[3])))
+    else:
+        sys.exit(asyncio.run(main(parse(sys.argv[1:]))))
