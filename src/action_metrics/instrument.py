@@ -272,7 +272,7 @@ def _sync_wrapper(action: _Action, function: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def _finish_sync(
+def _conclude(
     action: _Action,
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
@@ -282,15 +282,21 @@ def _finish_sync(
     elapsed: int,
     span: trace.Span | None,
     context_token: object,
-) -> None:
+) -> tuple[ActionMetric, Store] | None:
+    """End the call's span; the metric to emit and the store to emit it to (None: nothing valid)."""
     metric = action.metric(args, kwargs, result, error, started_at, elapsed)
     if span is not None:
         _record_span(span, metric, error)
         otel_context.detach(context_token)  # type: ignore[arg-type]
         span.end()
-    if metric is None:
+    return None if metric is None else (metric, action.store_for_call())
+
+
+def _finish_sync(*call: Any) -> None:
+    concluded = _conclude(*call)
+    if concluded is None:
         return
-    store = action.store_for_call()
+    metric, store = concluded
     if type(store) is MetricsStore:
         store.emit(metric)
     else:
@@ -328,25 +334,11 @@ def _async_wrapper(action: _Action, function: Callable[P, Awaitable[R]]) -> Call
     return wrapper
 
 
-async def _finish_async(
-    action: _Action,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    result: Any,
-    error: BaseException | None,
-    started_at: datetime,
-    elapsed: int,
-    span: trace.Span | None,
-    context_token: object,
-) -> None:
-    metric = action.metric(args, kwargs, result, error, started_at, elapsed)
-    if span is not None:
-        _record_span(span, metric, error)
-        otel_context.detach(context_token)  # type: ignore[arg-type]
-        span.end()
-    if metric is None:
+async def _finish_async(*call: Any) -> None:
+    concluded = _conclude(*call)
+    if concluded is None:
         return
-    store = action.store_for_call()
+    metric, store = concluded
     if type(store) is AsyncMetricsStore:
         await store.emit(metric)
     elif store.durable:
