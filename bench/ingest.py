@@ -10,6 +10,12 @@ straight into action_metrics), the other through `AsyncMetricsStore.emit_many`, 
 `ActionMetric` objects and doing all its work: conversion, batches of 20,000 each in its own
 transaction, and skipping stored ids. The ratio is emit_many's rows/s over the raw driver's.
 
+A third side times the background writer: a producer thread calls `MetricsStore.emit()` for the
+same metrics as fast as it can, then `flush()`; the clock runs from the first emit to flush's
+return. The store has the library's default buffer and batch size, and the producer respects
+back-pressure: when the buffer is nearly full it sleeps 1 ms at a time (what a batch producer
+that must not drop does), so `dropped` must be 0; it is printed.
+
 The streaming part runs in a child process per backend: `emit_many` draws M metrics from a
 generator, and the child reports its peak RSS (the whole process: interpreter, libraries, data).
 
@@ -42,11 +48,20 @@ from typing import Any
 import asyncpg
 from sqlalchemy import func, make_url, select
 
-from action_metrics import ACTION_CREDITS, ActionMetric, ActionType, AsyncMetricsStore, ModelName, migrate
+from action_metrics import (
+    ACTION_CREDITS,
+    ActionMetric,
+    ActionType,
+    AsyncMetricsStore,
+    MetricsStore,
+    ModelName,
+    migrate,
+)
 from action_metrics.dialects import WRITE, backend_for
 from action_metrics.ingest import INGEST_BATCH, metric_batches
 from action_metrics.query import metric_rows
 from action_metrics.schema import action_metrics
+from action_metrics.writer import DEFAULT_BATCH_SIZE, DEFAULT_BUFFER_SIZE
 
 TARGET_RATIO = 0.7
 RSS_LIMIT_MB = 300
@@ -240,14 +255,60 @@ async def plain_sqlalchemy(url: str, metrics: Sequence[ActionMetric]) -> float:
         await engine.dispose()
 
 
+BACK_PRESSURE_CHECK = 1_000
+"""The producer looks at the writer's backlog every this many emits."""
+
+
+@dataclass(frozen=True)
+class WriterSettings:
+    buffer_size: int = DEFAULT_BUFFER_SIZE
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+
+def produce(url: str, metrics: Sequence[ActionMetric], settings: WriterSettings) -> tuple[float, int]:
+    """Emit every metric from this thread, waiting while the buffer is nearly full, then flush."""
+    full = max(settings.buffer_size - BACK_PRESSURE_CHECK, 1)
+    with MetricsStore(url, buffer_size=settings.buffer_size, batch_size=settings.batch_size) as store:
+        writer = store.writer
+        emit = store.emit
+        started = time.perf_counter()
+        for start in range(0, len(metrics), BACK_PRESSURE_CHECK):
+            while writer.pending >= full:
+                time.sleep(0.001)  # back-pressure: let the writer catch up rather than drop
+            for metric in metrics[start : start + BACK_PRESSURE_CHECK]:
+                emit(metric)
+        store.flush()
+        seconds = time.perf_counter() - started
+        return seconds, store.dropped
+
+
+def writer_path(
+    settings: WriterSettings, dropped: list[int]
+) -> Callable[[str, Sequence[ActionMetric]], Awaitable[float]]:
+    """The writer side; appends each run's `dropped` to `dropped` (a drop also fails the count)."""
+
+    async def path(url: str, metrics: Sequence[ActionMetric]) -> float:
+        # The producer is a thread of its own, as in a service; MetricsStore runs its loop in another.
+        seconds, run_dropped = await asyncio.to_thread(produce, url, metrics, settings)
+        dropped.append(run_dropped)
+        return seconds
+
+    return path
+
+
 @dataclass(frozen=True)
 class Run:
     raw_rate: float
     project_rate: float
+    writer_rate: float
 
     @property
     def ratio(self) -> float:
         return self.project_rate / self.raw_rate
+
+    @property
+    def writer_ratio(self) -> float:
+        return self.writer_rate / self.raw_rate
 
 
 async def timed(
@@ -266,7 +327,12 @@ async def timed(
 
 
 async def compare(
-    backend: str, metrics: Sequence[ActionMetric], runs: int, plain: bool, workdir: Path
+    backend: str,
+    metrics: Sequence[ActionMetric],
+    runs: int,
+    plain: bool,
+    workdir: Path,
+    writer_settings: WriterSettings,
 ) -> list[Run]:
     raw_path, make_rows = {
         "sqlite": (raw_sqlite, sqlite_rows),
@@ -279,19 +345,25 @@ async def compare(
     databases.workdir.mkdir()
     results: list[Run] = []
     try:
+        dropped: list[int] = []
+        sides: list[tuple[str, Callable[[str, Any], Awaitable[float]], Any]] = [
+            ("raw", raw_path, rows),
+            ("emit_many", project_path, metrics),
+            ("writer", writer_path(writer_settings, dropped), metrics),
+        ]
         for number in range(1, runs + 1):
-            # Alternate which side goes first, so drift on a shared machine hits both.
-            if number % 2:
-                raw_rate = await timed(databases, raw_path, rows, len(metrics))
-                project_rate = await timed(databases, project_path, metrics, len(metrics))
-            else:
-                project_rate = await timed(databases, project_path, metrics, len(metrics))
-                raw_rate = await timed(databases, raw_path, rows, len(metrics))
-            run = Run(raw_rate, project_rate)
+            # Rotate which side goes first, so drift on a shared machine hits every side.
+            shift = (number - 1) % len(sides)
+            rates = {}
+            for name, path, data in sides[shift:] + sides[:shift]:
+                rates[name] = await timed(databases, path, data, len(metrics))
+            run = Run(rates["raw"], rates["emit_many"], rates["writer"])
             results.append(run)
             print(
-                f"{backend:<10} run {number}: {raw_name:<24} {raw_rate:>9,.0f} rows/s"
-                f" | emit_many {project_rate:>9,.0f} rows/s | ratio {run.ratio:.2f}",
+                f"{backend:<10} run {number}: {raw_name:<24} {run.raw_rate:>9,.0f} rows/s"
+                f" | emit_many {run.project_rate:>9,.0f} rows/s, ratio {run.ratio:.2f}"
+                f" | writer {run.writer_rate:>9,.0f} rows/s, ratio {run.writer_ratio:.2f},"
+                f" dropped {dropped[-1]}",
                 flush=True,
             )
         if plain:
@@ -353,9 +425,11 @@ async def stream(backend: str, count: int, workdir: Path) -> float:
 async def main(arguments: argparse.Namespace) -> int:
     print(
         f"action-metrics ingest bench: {arguments.metrics:,} metrics, {arguments.runs} runs per backend,"
-        f" {os.cpu_count()} CPUs, batches of {INGEST_BATCH:,}",
+        f" {os.cpu_count()} CPUs, emit_many batches of {INGEST_BATCH:,}; writer buffer"
+        f" {arguments.writer_buffer:,}, batches up to {arguments.writer_batch:,}",
         flush=True,
     )
+    writer_settings = WriterSettings(arguments.writer_buffer, arguments.writer_batch)
     started = time.perf_counter()
     metrics = list(generate(arguments.metrics))
     print(f"generated {len(metrics):,} metrics in {time.perf_counter() - started:.1f} s\n", flush=True)
@@ -363,18 +437,24 @@ async def main(arguments: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="am-bench-") as directory:
         workdir = Path(directory)
         for backend in arguments.backend:
-            results = await compare(backend, metrics, arguments.runs, arguments.plain, workdir)
-            ratios = [run.ratio for run in results]
-            median = statistics.median(ratios)
-            verdict = "PASS" if median >= TARGET_RATIO else "FAIL"
-            passed &= median >= TARGET_RATIO
-            print(
-                f"{backend:<10} ratio median {median:.2f} (min {min(ratios):.2f}, max {max(ratios):.2f});"
-                f" raw {statistics.median(r.raw_rate for r in results):,.0f} rows/s,"
-                f" emit_many {statistics.median(r.project_rate for r in results):,.0f} rows/s;"
-                f" target >= {TARGET_RATIO}: {verdict}\n",
-                flush=True,
+            results = await compare(
+                backend, metrics, arguments.runs, arguments.plain, workdir, writer_settings
             )
+            for side, ratios, rates in (
+                ("emit_many", [r.ratio for r in results], [r.project_rate for r in results]),
+                ("writer", [r.writer_ratio for r in results], [r.writer_rate for r in results]),
+            ):
+                median = statistics.median(ratios)
+                verdict = "PASS" if median >= TARGET_RATIO else "FAIL"
+                passed &= median >= TARGET_RATIO
+                print(
+                    f"{backend:<10} {side:<9} ratio median {median:.2f} (min {min(ratios):.2f},"
+                    f" max {max(ratios):.2f}); raw {statistics.median(r.raw_rate for r in results):,.0f}"
+                    f" rows/s, {side} {statistics.median(rates):,.0f} rows/s; target >= {TARGET_RATIO}:"
+                    f" {verdict}",
+                    flush=True,
+                )
+            print(flush=True)
         del metrics
         if arguments.stream:
             print(f"streaming {arguments.stream:,} metrics from a generator through emit_many:", flush=True)
@@ -388,6 +468,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--metrics", type=int, default=1_000_000, help="metrics per timed run")
     parser.add_argument("--runs", type=int, default=3, help="paired runs per backend")
     parser.add_argument("--stream", type=int, default=10_000_000, help="metrics to stream (0: skip)")
+    parser.add_argument(
+        "--writer-buffer", type=int, default=DEFAULT_BUFFER_SIZE, help="the writer's buffer_size"
+    )
+    parser.add_argument(
+        "--writer-batch", type=int, default=DEFAULT_BATCH_SIZE, help="the writer's batch_size"
+    )
     parser.add_argument("--backend", action="append", choices=["sqlite", "postgresql"], help="default: both")
     parser.add_argument(
         "--no-plain", dest="plain", action="store_false", help="skip the plain SQLAlchemy reference"

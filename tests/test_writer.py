@@ -350,3 +350,103 @@ def test_close_gives_up_after_its_timeout_and_counts_what_is_lost(
         store.close(timeout=0.3)
     assert store.dropped == 4
     assert "4 metrics dropped" in caplog.text
+
+
+# --- rows the database refuses, and a schema that went missing ---------------------------------
+
+POISON = "poison"
+
+
+def refuse_poison(backend, url: str) -> None:
+    """Make the database itself reject any metric of user `poison`, as a constraint added by a DBA."""
+    if backend.name == "postgresql":
+        asyncio.run(
+            _postgres(url, "ALTER TABLE action_metrics ADD CONSTRAINT no_poison CHECK (user_id <> 'poison')")
+        )
+    else:
+        _sqlite(
+            url,
+            "CREATE TRIGGER no_poison BEFORE INSERT ON action_metrics WHEN NEW.user_id = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poison refused'); END",
+        )
+
+
+async def _postgres(url: str, statement: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(url, timeout=10)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+def _sqlite(url: str, statement: str) -> None:
+    connection = sqlite3.connect(make_url(url).database or "", isolation_level=None)
+    try:
+        connection.execute(statement)
+    finally:
+        connection.close()
+
+
+def run_sql(backend, url: str, statement: str) -> None:
+    if backend.name == "postgresql":
+        asyncio.run(_postgres(url, statement))
+    else:
+        _sqlite(url, statement)
+
+
+# 5 metrics take the plain INSERT on PostgreSQL, 1000 its COPY path; SQLite's executemany both.
+@pytest.mark.parametrize("count", [5, 1000])
+def test_metrics_the_database_rejects_are_dropped_and_the_rest_of_their_batch_is_written(
+    backend, database_url: str, count: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    refuse_poison(backend, database_url)
+    poisoned = {1, count - 1}
+    sent = [metric(POISON if i in poisoned else f"user-{i}") for i in range(count)]
+    with (
+        caplog.at_level(logging.WARNING, logger="action_metrics"),
+        MetricsStore(database_url, flush_interval=3600, batch_size=count) as store,
+    ):
+        for m in sent:
+            store.emit(m)
+        store.flush()
+        assert store.writer.rejected == 2
+        assert store.dropped == 2
+        later = metric("user-after")
+        store.emit(later)  # the writer is not stuck on the rejected rows
+        store.flush()
+        kept = {m.id for m in sent if m.user_id != POISON} | {later.id}
+        assert {m.id for m in store.query()} == kept
+        assert store.writer.written == count - 2 + 1
+    rejected_ids = [str(m.id) for m in sent if m.user_id == POISON]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "rejected 2 metrics" in errors[0]
+    assert all(rejected_id in errors[0] for rejected_id in rejected_ids)
+
+
+def test_a_table_gone_while_running_is_retried_until_it_is_back_and_nothing_is_dropped(
+    backend, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An operator problem (a schema dropped or behind, a revoked grant): rejecting the rows would
+    # lose everything, so the writer logs it and retries until the operator has fixed it.
+    with (
+        caplog.at_level(logging.WARNING, logger="action_metrics"),
+        MetricsStore(database_url, flush_interval=3600) as store,
+    ):
+        store.open()
+        run_sql(backend, database_url, "ALTER TABLE action_metrics RENAME TO action_metrics_away")
+        try:
+            for i in range(3):
+                store.emit(metric(f"user-{i}"))
+            with pytest.raises(FlushTimeout):
+                store.flush(timeout=0.5)
+        finally:
+            run_sql(backend, database_url, "ALTER TABLE action_metrics_away RENAME TO action_metrics")
+        store.flush()
+        assert store.dropped == 0
+        assert store.writer.rejected == 0
+    assert stored(database_url) == 3
+    failure = next(r.getMessage() for r in caplog.records if "retrying" in r.getMessage())
+    assert "does not exist" in failure or "no such table" in failure
