@@ -149,8 +149,14 @@ class AsyncMetricsStore:
 
     @property
     def dropped(self) -> int:
-        """Metrics emitted but never written: the buffer overflowed, or the database was down at close."""
+        """Metrics emitted but never written: the buffer overflowed, the database was down at close,
+        or it refused them (those are also in `rejected`)."""
         return self.writer.dropped
+
+    @property
+    def rejected(self) -> int:
+        """Emitted metrics the database refused (a constraint of its own); logged with their ids."""
+        return self.writer.rejected
 
     async def emit(self, metric: ActionMetric) -> None:
         """Store one metric (once: emitting the same id again changes nothing).
@@ -344,8 +350,14 @@ class MetricsStore:
 
     @property
     def dropped(self) -> int:
-        """Metrics emitted but never written: the buffer overflowed, or the database was down at close."""
+        """Metrics emitted but never written: the buffer overflowed, the database was down at close,
+        or it refused them (those are also in `rejected`)."""
         return self._store.dropped
+
+    @property
+    def rejected(self) -> int:
+        """Emitted metrics the database refused (a constraint of its own); logged with their ids."""
+        return self._store.rejected
 
     @property
     def writer(self) -> BatchWriter:
