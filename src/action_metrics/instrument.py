@@ -249,6 +249,7 @@ def _sync_wrapper(action: _Action, function: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(function)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        # Inlined in both wrappers on purpose: a shared helper measured +0.2-0.3 us median per call.
         span: trace.Span | None = tracer.start_span(action.span_name)
         if span.is_recording():  # type: ignore[union-attr]
             context_token = otel_context.attach(trace.set_span_in_context(span))  # type: ignore[arg-type]
@@ -309,6 +310,7 @@ def _async_wrapper(action: _Action, function: Callable[P, Awaitable[R]]) -> Call
 
     @functools.wraps(function)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        # Inlined in both wrappers on purpose: a shared helper measured +0.2-0.3 us median per call.
         span: trace.Span | None = tracer.start_span(action.span_name)
         if span.is_recording():  # type: ignore[union-attr]
             context_token = otel_context.attach(trace.set_span_in_context(span))  # type: ignore[arg-type]
