@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import numpy as np
+import pytest
 
 from action_metrics import ActionMetric
 
@@ -32,6 +33,26 @@ class PriceBook:
 
     def credit_price(self, at: datetime) -> Decimal:
         return max((p for p in self.credits if p[0] <= at), key=lambda p: p[0])[1]
+
+
+def select_like_the_store(metrics: list[ActionMetric], filters: dict[str, Any]) -> list[ActionMetric]:
+    """The metrics `query(**filters)` returns, newest first: equality filters, `since` inclusive,
+    `until` exclusive, the newest `limit`."""
+    chosen = [m for m in metrics if _matches(m, filters)]
+    chosen.sort(key=lambda m: (m.timestamp, m.id), reverse=True)
+    limit = filters.get("limit")
+    return chosen if limit is None else chosen[:limit]
+
+
+def _matches(metric: ActionMetric, filters: dict[str, Any]) -> bool:
+    for name, value in filters.items():
+        if name == "since" and metric.timestamp < value:
+            return False
+        if name == "until" and metric.timestamp >= value:
+            return False
+        if name not in ("since", "until", "limit") and getattr(metric, name) != value:
+            return False
+    return True
 
 
 def cost(metric: ActionMetric, book: PriceBook) -> Decimal | None:
@@ -80,6 +101,7 @@ def expected_aggregate(metrics: list[ActionMetric], book: PriceBook) -> dict[str
         "p99_latency_ms": percentile(latencies, 0.99),
         "total_cost_usd": total_cost,
         "total_revenue_usd": total_revenue,
+        "total_profit_usd": total_revenue - total_cost,
         "avg_margin": sum(margins, Decimal(0)) / len(margins) if margins else None,
         "gross_margin": (total_revenue - total_cost) / total_revenue if total_revenue else None,
         "unpriced_count": sum(1 for c in costs if c is None),
@@ -89,17 +111,28 @@ def expected_aggregate(metrics: list[ActionMetric], book: PriceBook) -> dict[str
 
 MONEY_TOLERANCE = 1e-9
 RELATIVE_TOLERANCE = 1e-9
+HISTOGRAM_TOLERANCE = 0.01
+"""Percentiles merged from the rollups' latency histograms are within 1% of the exact ones."""
+PERCENTILE_KEYS = ("p50_latency_ms", "p95_latency_ms", "p99_latency_ms")
 
 
-def assert_matches(actual: dict[str, Any], expected: dict[str, Any], where: str = "") -> None:
-    """Integers exactly; money to 1e-9 USD; averages, percentiles and margins to 1e-9 relative."""
+def assert_matches(
+    actual: dict[str, Any], expected: dict[str, Any], where: str = "", *, exact: bool | None = None
+) -> None:
+    """Integers exactly; money to 1e-9 USD; averages and margins to 1e-9 relative; percentiles to
+    1e-9 relative when the aggregate says they are exact, else to 1%."""
+    if exact is None:
+        exact = actual.get("percentiles_exact", True)
     for key, want in expected.items():
         got = actual[key]
         label = f"{where}{key}"
         if key == "by_model":
             assert set(got) == set(want), label
             for model, stats in want.items():
-                assert_matches(got[model], stats, where=f"{label}[{model}].")
+                assert_matches(got[model], stats, where=f"{label}[{model}].", exact=exact)
+        elif key in PERCENTILE_KEYS and want is not None and not exact:
+            assert got is not None, label
+            assert got == pytest.approx(float(want), rel=HISTOGRAM_TOLERANCE), f"{label}: {got} vs {want}"
         elif want is None or isinstance(want, int):
             assert got == want, f"{label}: {got!r} != {want!r}"
         elif key.endswith("_usd"):
@@ -111,6 +144,4 @@ def assert_matches(actual: dict[str, Any], expected: dict[str, Any], where: str 
 
 
 def _approx(value: float) -> Any:
-    import pytest
-
     return pytest.approx(value, rel=RELATIVE_TOLERANCE, abs=1e-12)

@@ -20,7 +20,7 @@ import pytest
 from action_metrics import ACTION_CREDITS, ActionMetric, ActionType, MetricsStore
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 
-from reference import PriceBook, assert_matches, expected_aggregate
+from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
 DAYS = 10
@@ -79,21 +79,7 @@ class Dataset:
     book: PriceBook
 
     def select(self, **filters: Any) -> list[ActionMetric]:
-        chosen = [m for m in self.metrics if _matches(m, filters)]
-        chosen.sort(key=lambda m: (m.timestamp, m.id), reverse=True)
-        limit = filters.get("limit")
-        return chosen if limit is None else chosen[:limit]
-
-
-def _matches(metric: ActionMetric, filters: dict[str, Any]) -> bool:
-    for name, value in filters.items():
-        if name == "since" and metric.timestamp < value:
-            return False
-        if name == "until" and metric.timestamp >= value:
-            return False
-        if name not in ("since", "until", "limit") and getattr(metric, name) != value:
-            return False
-    return True
+        return select_like_the_store(self.metrics, filters)
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +120,14 @@ WIDER = [
 ]
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["rollups", "exact"])
 @pytest.mark.parametrize("filters", [{}, *SINGLE, *PAIRS, *WIDER], ids=lambda f: ",".join(f) or "everything")
-def test_aggregate_matches_the_reference(dataset: Dataset, filters: dict[str, Any]) -> None:
+def test_aggregate_matches_the_reference(dataset: Dataset, filters: dict[str, Any], exact: bool) -> None:
     expected = expected_aggregate(dataset.select(**filters), dataset.book)
-    assert_matches(dataset.store.aggregate(**filters).to_dict(), expected)
+    aggregate = dataset.store.aggregate(exact=exact, **filters).to_dict()
+    if exact:
+        assert aggregate["percentiles_exact"]
+    assert_matches(aggregate, expected)
 
 
 @pytest.mark.parametrize("filters", [{}, *SINGLE, *WIDER], ids=lambda f: ",".join(f) or "everything")

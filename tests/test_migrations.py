@@ -9,22 +9,25 @@ import random
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import Connection, insert, inspect, select, text
 
 from action_metrics import ActionMetric, MetricsStore, SchemaOutOfDate, migrate
 from action_metrics.dialects import backend_for
-from action_metrics.pricing import CreditPrice, ModelPrice
-from action_metrics.query import MetricFilter
+from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M, CreditPrice, ModelPrice
+from action_metrics.query import MetricFilter, metric_from_row, metric_rows
 from action_metrics.repository import MetricsRepository
-from action_metrics.schema import Base
+from action_metrics.schema import Base, action_metrics, credit_prices, model_prices
+
+from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
 
 TABLES = {"action_metrics", "model_prices", "credit_prices", "alembic_version"}
-VIEWS = {"action_metrics_priced", "action_metrics_daily"}
+VIEWS = {"action_metrics_priced", "action_metrics_daily", "action_metrics_hourly"}
 
 
 def _on_database(url: str, inspect_with: Any) -> Any:
@@ -147,8 +150,8 @@ def test_an_unsupported_url_is_refused_with_the_supported_ones() -> None:
 
 
 # --- migrations with data ---------------------------------------------------------------------
-# The store refuses a database behind head, so the data is written and read at 0001 through the
-# repository, which is what the store runs on top of.
+# Data is written at 0001 as any SQL client would (the repository needs the newest schema), then
+# the database goes to head, where the rollups are built from it, back to 0001 and to head again.
 
 FIRST_REVISION = "0001"
 START = datetime(2026, 10, 1, tzinfo=UTC)
@@ -158,6 +161,7 @@ FILTERS: list[dict[str, Any]] = [
     {"town_id": "town-b"},
     {"model": "custom-llm"},
     {"action_type": "lod4", "since": START + timedelta(days=12)},
+    {"since": START + timedelta(days=3, hours=7, minutes=13), "until": START + timedelta(days=25, hours=1)},
     {"user_id": "user-3", "until": START + timedelta(days=20)},
     {"limit": 250},
 ]
@@ -165,10 +169,24 @@ FILTERS: list[dict[str, Any]] = [
 
 PRICE_CHANGES = [
     ModelPrice.of("haiku", "0.8", "4", START + timedelta(days=10)),
-    ModelPrice.of("custom-llm", "1.1", "2.2", START + timedelta(days=15)),  # unpriced before
+    ModelPrice.of("custom-llm", "1.1", "2.2", START + timedelta(days=15, hours=6, minutes=30)),
     ModelPrice.of("sonnet", "2.5", "12.5", START + timedelta(days=20)),
 ]
-CREDIT_CHANGES = [CreditPrice.of("0.008", START + timedelta(days=5))]
+CREDIT_CHANGES = [CreditPrice.of("0.008", START + timedelta(days=5, seconds=1))]
+
+
+def _book() -> PriceBook:
+    models: dict[str, list[tuple[datetime, Decimal, Decimal]]] = {
+        model: [(BEGINNING_OF_TIME, Decimal(str(i)), Decimal(str(o)))]
+        for model, (i, o) in MODEL_COSTS_PER_1M.items()
+    }
+    for price in PRICE_CHANGES:
+        models.setdefault(price.model, []).append(
+            (price.effective_from, price.input_per_1m, price.output_per_1m)
+        )
+    credits = [(BEGINNING_OF_TIME, Decimal("0.006"))]
+    credits += [(credit.effective_from, credit.usd_per_credit) for credit in CREDIT_CHANGES]
+    return PriceBook(models, credits)
 
 
 def _data() -> list[ActionMetric]:
@@ -215,40 +233,76 @@ def _at_revision(url: str, action: Any) -> Any:
 def _migrate(url: str, action: Any) -> None:
     async def run(repository: MetricsRepository) -> None:
         await migrate.run_migrations(repository.engine, action)
+        if action is UPGRADE_TO_HEAD:  # what `action-metrics db upgrade` does next
+            await repository.build_rollups()
 
     _at_revision(url, run)
 
 
-async def _fill(repository: MetricsRepository) -> None:
-    metrics = _data()
-    for start in range(0, len(metrics), 500):
-        await repository.insert(metrics[start : start + 500])
-    for price in PRICE_CHANGES:
-        await repository.set_model_price(price)
-    for credit in CREDIT_CHANGES:
-        await repository.set_credit_price(credit)
+UPGRADE_TO_HEAD = migrate.upgrade_to("head")
 
 
-async def _snapshot(repository: MetricsRepository) -> dict[str, Any]:
-    """Everything a user or a dashboard can read: query(), aggregates, and both views row by row."""
-    snapshot: dict[str, Any] = {"revision": None, "query": await repository.select(MetricFilter())}
-    for number, filters in enumerate(FILTERS):
-        snapshot[f"aggregate {number}"] = (await repository.aggregate(MetricFilter(**filters))).to_dict()
+async def _fill_as_a_sql_client(repository: MetricsRepository) -> None:
+    async with repository.engine.begin() as connection:
+        await connection.execute(insert(action_metrics), metric_rows(_data()))
+        for price in PRICE_CHANGES:
+            await connection.execute(
+                insert(model_prices).values(
+                    model=price.model,
+                    effective_from=price.effective_from,
+                    input_per_1m=price.input_per_1m,
+                    output_per_1m=price.output_per_1m,
+                )
+            )
+        for credit in CREDIT_CHANGES:
+            await connection.execute(
+                insert(credit_prices).values(
+                    effective_from=credit.effective_from, usd_per_credit=credit.usd_per_credit
+                )
+            )
+
+
+async def _views(repository: MetricsRepository, views: list[tuple[str, str]]) -> dict[str, Any]:
+    snapshot: dict[str, Any] = {}
     async with repository.engine.connect() as connection:
         snapshot["revision"] = await migrate.revision_of(connection)
-        for view, order in [
-            ("action_metrics_priced", "id"),
-            ("action_metrics_daily", "day, town_id, action_type, model"),
-        ]:
+        snapshot["rows"] = [
+            metric_from_row(row)
+            for row in await connection.execute(select(action_metrics).order_by(action_metrics.c.id))
+        ]
+        for view, order in views:
             rows = await connection.execute(text(f"SELECT * FROM {view} ORDER BY {order}"))
             snapshot[view] = [dict(row) for row in rows.mappings()]
     return snapshot
 
 
+PRICED = ("action_metrics_priced", "id")
+DAILY = ("action_metrics_daily", "day, town_id, action_type, model")
+HOURLY = ("action_metrics_hourly", "hour, town_id, action_type, model")
+
+
+async def _raw_snapshot(repository: MetricsRepository) -> dict[str, Any]:
+    """What a dashboard reads at any revision: the rows and the views of 0001."""
+    return await _views(repository, [PRICED, DAILY])
+
+
+async def _head_snapshot(repository: MetricsRepository) -> dict[str, Any]:
+    """Everything a user or a dashboard can read at head: query(), aggregates (from the rollups
+    and exact), and every view row by row."""
+    snapshot = await _views(repository, [PRICED, DAILY, HOURLY])
+    snapshot["query"] = await repository.select(MetricFilter())
+    for number, filters in enumerate(FILTERS):
+        for exact in (False, True):
+            aggregate = await repository.aggregate(MetricFilter(**filters), exact=exact)
+            snapshot[f"aggregate {number} exact={exact}"] = aggregate.to_dict()
+    return snapshot
+
+
 def _assert_same(before: Any, after: Any, where: str = "") -> None:
-    """Equal, floats to 1e-12 relative: a sum of doubles may be added up in another order."""
-    if isinstance(before, float) and isinstance(after, float):
-        assert math.isclose(before, after, rel_tol=1e-12), f"{where}: {before} != {after}"
+    """Equal, numbers with fractions to 1e-12 relative: sums may be added up in another order."""
+    fractional = (float, Decimal)
+    if isinstance(before, fractional) and isinstance(after, fractional):
+        assert math.isclose(before, after, rel_tol=1e-12, abs_tol=1e-15), f"{where}: {before} != {after}"
     elif isinstance(before, dict) and isinstance(after, dict):
         assert before.keys() == after.keys(), where
         for key in before:
@@ -266,28 +320,34 @@ def test_data_written_at_the_first_revision_survives_upgrade_downgrade_and_upgra
 ) -> None:
     url = empty_database_url
     _migrate(url, migrate.upgrade_to(FIRST_REVISION))
-    _at_revision(url, _fill)
-    before = _at_revision(url, _snapshot)
-    assert before["revision"] == FIRST_REVISION
-    assert len(before["query"]) == DATA_ROWS
-    assert before["aggregate 0"]["count"] == DATA_ROWS
-    assert before["aggregate 2"]["unpriced_count"] > 0  # custom-llm before its first price
+    _at_revision(url, _fill_as_a_sql_client)
+    first = _at_revision(url, _raw_snapshot)
+    assert first["revision"] == FIRST_REVISION
+    assert len(first["rows"]) == DATA_ROWS
     head = migrate.head_revision()
-    assert head != FIRST_REVISION
 
-    for action, revision in [
-        (migrate.upgrade_to("head"), head),
-        (migrate.downgrade_to(FIRST_REVISION), FIRST_REVISION),
-        (migrate.upgrade_to("head"), head),
-    ]:
-        _migrate(url, action)
-        after = _at_revision(url, _snapshot)
-        assert after.pop("revision") == revision
-        _assert_same({**before, "revision": None}, {**after, "revision": None}, revision)
+    _migrate(url, UPGRADE_TO_HEAD)  # builds the rollups from the rows already there
+    at_head = _at_revision(url, _head_snapshot)
+    assert at_head["revision"] == head
+    _assert_same(first["rows"], at_head["rows"], "rows")
+    _assert_same(first["action_metrics_priced"], at_head["action_metrics_priced"], "priced")
+    # The daily view now answers from the rollups: the same numbers as 0001's over raw rows.
+    _assert_same(first["action_metrics_daily"], at_head["action_metrics_daily"], "daily")
+    book, data = _book(), _data()
+    for number, filters in enumerate(FILTERS):
+        expected = expected_aggregate(select_like_the_store(data, filters), book)
+        for exact in (False, True):
+            assert_matches(at_head[f"aggregate {number} exact={exact}"], expected, f"{filters} {exact}: ")
+    assert not at_head["aggregate 0 exact=False"]["percentiles_exact"]  # the rollups answered
+
+    _migrate(url, migrate.downgrade_to(FIRST_REVISION))
+    _assert_same(first, _at_revision(url, _raw_snapshot), FIRST_REVISION)
+    _migrate(url, UPGRADE_TO_HEAD)
+    _assert_same(at_head, _at_revision(url, _head_snapshot), "head again")
 
     with MetricsStore(url) as store:  # at head again: the store opens, and reads the same
-        assert store.query() == before["query"]
-        _assert_same(store.aggregate().to_dict(), before["aggregate 0"], "store")
+        assert store.query() == at_head["query"]
+        _assert_same(store.aggregate().to_dict(), at_head["aggregate 0 exact=False"], "store")
 
 
 def test_the_price_period_views_show_each_price_until_the_next(database_url: str) -> None:

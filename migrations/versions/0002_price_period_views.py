@@ -12,13 +12,9 @@ Create Date: 2026-11-26
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
-import sqlalchemy as sa
-from alembic import op
-
-from action_metrics.migrate import read_view_sql
+from action_metrics.views import create_views, drop_views, grants_kept
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -27,56 +23,6 @@ depends_on: str | Sequence[str] | None = None
 
 PERIOD_VIEWS = ("model_price_periods", "credit_price_periods")
 REPLACED_VIEWS = ("action_metrics_priced", "action_metrics_daily")  # in dependency order
-
-# Plain SQL, so that `db upgrade --sql` prints it for a DBA too. Grants to the owner are implicit.
-_SAVE_GRANTS = """
-CREATE TEMPORARY TABLE action_metrics_saved_grants ON COMMIT DROP AS
-SELECT
-    c.relname AS view_name,
-    a.privilege_type,
-    CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END AS grantee,
-    a.is_grantable
-FROM pg_class AS c
-CROSS JOIN LATERAL aclexplode(c.relacl) AS a
-LEFT JOIN pg_roles AS r ON r.oid = a.grantee
-WHERE c.oid IN ({views}) AND a.grantee <> c.relowner
-"""
-_RESTORE_GRANTS = """
-DO $$
-DECLARE saved record;
-BEGIN
-    FOR saved IN SELECT * FROM action_metrics_saved_grants LOOP
-        EXECUTE format(
-            'GRANT %s ON %I TO %s%s', saved.privilege_type, saved.view_name, saved.grantee,
-            CASE WHEN saved.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END
-        );
-    END LOOP;
-END
-$$
-"""
-
-
-@contextmanager
-def grants_kept(views: Sequence[str]) -> Iterator[None]:
-    """Re-grant, after the block, what was granted on `views` before it (PostgreSQL only)."""
-    if op.get_context().dialect.name != "postgresql":
-        yield
-        return
-    op.execute(_SAVE_GRANTS.format(views=", ".join(f"to_regclass('{view}')" for view in views)))
-    yield
-    op.execute(_RESTORE_GRANTS)
-    op.execute("DROP TABLE action_metrics_saved_grants")
-
-
-def create_views(views: Sequence[tuple[str, str]]) -> None:
-    dialect = op.get_context().dialect.name
-    for view, view_revision in views:
-        op.execute(sa.text(read_view_sql(view, view_revision, dialect)))
-
-
-def drop_views(views: Iterable[str]) -> None:
-    for view in views:
-        op.execute(f"DROP VIEW IF EXISTS {view}")
 
 
 def upgrade() -> None:

@@ -1,6 +1,13 @@
-"""`aggregate()`: one SQL statement over `action_metrics_priced` answers every dashboard number.
+"""`aggregate()`: one SQL statement answers every dashboard number of a selection.
 
-Totals and by-model figures come from a single statement (a UNION ALL of the two groupings), so
+The statement reads what `rollup.plan_reads` chose: rollup rows for the whole closed buckets of the
+window and raw rows for the rest (or raw rows only, for `exact=True` and the filters no rollup keeps).
+Both become the same "parts" (a raw row is a part of count 1 starting at its timestamp), priced by
+the prices in force at each part's start; money is summed per price and multiplied once, so SQLite's
+REAL arithmetic stays within 1e-9 USD of the decimal answer. Percentiles are exact over raw rows, and
+merged from the rollups' latency histograms (within 1%) where those are read.
+
+Totals and by-model figures come from the one statement (a UNION ALL of the two groupings), so
 they are read from one snapshot and always agree with each other.
 """
 
@@ -15,6 +22,7 @@ from sqlalchemy import (
     ColumnElement,
     CompoundSelect,
     Double,
+    Integer,
     Numeric,
     Select,
     String,
@@ -22,18 +30,25 @@ from sqlalchemy import (
     case,
     cast,
     func,
+    literal,
     literal_column,
-    not_,
     null,
     select,
     true,
     union_all,
 )
-from sqlalchemy.sql.selectable import NamedFromClause
+from sqlalchemy.sql.selectable import CTE, NamedFromClause
 
 from action_metrics.dialects import Backend
 from action_metrics.query import MetricFilter
-from action_metrics.schema import action_metrics_priced
+from action_metrics.rollup import SUM_COLUMNS, Level, ReadPlan, any_range, bin_value, range_terms, raw_sums
+from action_metrics.schema import (
+    action_metrics,
+    credit_price_periods,
+    latency_histogram,
+    model_price_periods,
+    rollup,
+)
 
 PERCENTILES = {"p50_latency_ms": 0.50, "p95_latency_ms": 0.95, "p99_latency_ms": 0.99}
 
@@ -74,9 +89,12 @@ class Aggregate:
     p99_latency_ms: float | None
     total_cost_usd: float
     total_revenue_usd: float
+    total_profit_usd: float
     avg_margin: float | None
     gross_margin: float | None
     unpriced_count: int
+    percentiles_exact: bool
+    """False when the percentiles were merged from latency histograms (within 1% of exact)."""
     by_model: Mapping[str, ModelAggregate] = field(default_factory=dict)
 
     @property
@@ -96,9 +114,11 @@ class Aggregate:
             "p99_latency_ms": self.p99_latency_ms,
             "total_cost_usd": self.total_cost_usd,
             "total_revenue_usd": self.total_revenue_usd,
+            "total_profit_usd": self.total_profit_usd,
             "avg_margin": self.avg_margin,
             "gross_margin": self.gross_margin,
             "unpriced_count": self.unpriced_count,
+            "percentiles_exact": self.percentiles_exact,
             "by_model": {model: stats.to_dict() for model, stats in self.by_model.items()},
         }
 
@@ -108,94 +128,234 @@ def _as_float(expression: ColumnElement[Any]) -> ColumnElement[float]:
     return cast(expression, Double)
 
 
-def _as_int(expression: ColumnElement[Any]) -> ColumnElement[int]:
-    """SUM(bigint) is NUMERIC on PostgreSQL."""
-    return cast(func.coalesce(expression, 0), BigInteger)
+def _as_int(expression: ColumnElement[Any]) -> ColumnElement[Any]:
+    """A sum of integers, made an int in Python (`_integer`): NUMERIC on PostgreSQL has no 64-bit limit."""
+    return func.coalesce(expression, 0)
 
 
-def _latency_and_counts(rows: NamedFromClause, keys: Sequence[str], backend: Backend) -> NamedFromClause:
-    ranked = backend.rank_latencies(rows, keys)
-    c = ranked.c
-    return (
-        select(
-            *(c[key] for key in keys),
-            func.count().label("count"),
-            _as_int(func.sum(c.tokens_in)).label("tokens_in"),
-            _as_int(func.sum(c.tokens_out)).label("tokens_out"),
-            _as_int(func.sum(c.credits_charged)).label("total_credits"),
-            func.avg(c.latency_ms).label("avg_latency_ms"),
-            *(
-                backend.latency_percentile(ranked, fraction).label(name)
-                for name, fraction in PERCENTILES.items()
-            ),
-            _as_float(func.avg(c.margin)).label("avg_margin"),
-            func.count().filter(not_(c.priced)).label("unpriced_count"),
-        )
-        .select_from(ranked)
-        .group_by(*(c[key] for key in keys))
-        .subquery()
-    )
-
-
-def _money(rows: NamedFromClause, keys: Sequence[str]) -> NamedFromClause:
-    """Cost and revenue, summed exactly on both backends.
-
-    Tokens and credits are summed as integers per price in force, and each sum is multiplied by
-    its price once: SQLite's REAL arithmetic then rounds a handful of times instead of once per
-    row, which keeps a million-row total within 1e-9 USD of the decimal answer.
-    """
-    c = rows.c
-    prices = (c.input_per_1m, c.output_per_1m, c.usd_per_credit)
-    per_price = (
-        select(
-            *(c[key] for key in keys),
-            *prices,
-            func.sum(c.tokens_in).label("tokens_in"),
-            func.sum(c.tokens_out).label("tokens_out"),
-            func.sum(c.credits_charged).label("credits"),
-        )
-        .group_by(*(c[key] for key in keys), *prices)
-        .subquery()
-    )
-    p = per_price.c
-    # Unpriced groups have NULL prices and drop out of SUM: they add no cost.
-    cost = func.sum((p.tokens_in * p.input_per_1m + p.tokens_out * p.output_per_1m) / _ONE_MILLION)
-    return (
-        select(
-            *(p[key] for key in keys),
-            func.coalesce(cost, 0).label("cost"),
-            func.coalesce(func.sum(p.credits * p.usd_per_credit), 0).label("revenue"),
-        )
-        .group_by(*(p[key] for key in keys))
-        .subquery()
-    )
+def _integer(value: Any) -> int:
+    return int(value)
 
 
 _ONE_MILLION = literal_column("1000000.0", Numeric)
 """A decimal literal: NUMERIC on PostgreSQL (a bound float would make the division inexact)."""
 
 
-def _grouped(rows: NamedFromClause, keys: Sequence[str], backend: Backend) -> Select[Any]:
-    stats, money = _latency_and_counts(rows, keys, backend), _money(rows, keys)
-    joined = stats.join(money, and_(true(), *(stats.c[key] == money.c[key] for key in keys)))
-    cost, revenue = money.c.cost, money.c.revenue
-    return select(
-        (stats.c.model if keys else cast(null(), String)).label("model"),
-        *(column for column in stats.c if column.name not in keys),
-        _as_float(cost).label("total_cost_usd"),
-        _as_float(revenue).label("total_revenue_usd"),
+# --- what is read -------------------------------------------------------------------------------
+
+
+def _raw_rows(metric_filter: MetricFilter, plan: ReadPlan) -> CTE:
+    """The raw actions the plan reads: its raw time ranges, or the newest `limit` of the selection."""
+    m = action_metrics
+    if metric_filter.limit is not None:
+        return metric_filter.newest_first(select(m), m.c).cte("selection")
+    selection = select(m).where(*metric_filter.conditions(m.c, times=False))
+    return selection.where(any_range(m.c.timestamp, plan.raw_ranges)).cte("selection")
+
+
+def _level_terms(level: Level, table: Any, metric_filter: MetricFilter) -> list[ColumnElement[bool]]:
+    """This level's rows of `table` that the filter selects."""
+    terms = [*level.rows(table)]
+    for name in ("town_id", "action_type", "model"):
+        value = getattr(metric_filter, name)
+        if value is not None:
+            terms.append(table.c[name] == value)
+    return terms
+
+
+def _parts(metric_filter: MetricFilter, plan: ReadPlan, raw: CTE) -> NamedFromClause:
+    """Rollup rows and raw rows alike: model, start (`at`) and the summed columns."""
+    sums = raw_sums(raw)
+    selects: list[Select[Any]] = [
+        select(raw.c.model, raw.c.timestamp.label("at"), *(sums[name].label(name) for name in SUM_COLUMNS))
+    ]
+    r = rollup
+    for level, since, until in plan.rollup_ranges:
+        selects.append(
+            select(r.c.model, r.c.start.label("at"), *(r.c[name] for name in SUM_COLUMNS)).where(
+                *_level_terms(level, r, metric_filter), *range_terms(r.c.start, since, until)
+            )
+        )
+    return union_all(*selects).subquery("parts")
+
+
+def _latencies(metric_filter: MetricFilter, plan: ReadPlan, raw: CTE) -> NamedFromClause:
+    """Latency values with their weights: raw rows' own (weight 1, exact) and histogram bins'
+    representatives (weight: the bin's count, `approximate`)."""
+    selects: list[Select[Any]] = [
+        select(
+            raw.c.model,
+            raw.c.latency_ms.label("value"),
+            literal(1, BigInteger).label("n"),
+            literal(0, Integer).label("approximate"),
+        )
+    ]
+    h = latency_histogram
+    for level, since, until in plan.rollup_ranges:
+        bins = (
+            select(h.c.model, h.c.bin, func.sum(h.c["count"]).label("n"))
+            .where(*_level_terms(level, h, metric_filter), *range_terms(h.c.start, since, until))
+            .group_by(h.c.model, h.c.bin)
+            .subquery("bins")
+        )
+        selects.append(
+            select(bins.c.model, bin_value(bins.c.bin), bins.c.n, literal(1, Integer).label("approximate"))
+        )
+    return union_all(*selects).cte("latencies")
+
+
+# --- money and counts ---------------------------------------------------------------------------
+
+
+def _per_model(parts: NamedFromClause) -> NamedFromClause:
+    """Counts, sums and money per model. Parts are grouped by the prices in force at their start
+    and each group's sums are multiplied by its prices once."""
+    p, c = model_price_periods, credit_price_periods
+    at = parts.c.at
+    priced = parts.outerjoin(
+        p,
+        and_(
+            p.c.model == parts.c.model,
+            at >= p.c.effective_from,
+            (p.c.effective_until.is_(None)) | (at < p.c.effective_until),
+        ),
+    ).outerjoin(
+        c, and_(at >= c.c.effective_from, (c.c.effective_until.is_(None)) | (at < c.c.effective_until))
+    )
+    prices = (p.c.input_per_1m, p.c.output_per_1m, c.c.usd_per_credit)
+    per_price = (
+        select(parts.c.model, *prices, *(func.sum(parts.c[name]).label(name) for name in SUM_COLUMNS))
+        .select_from(priced)
+        .group_by(parts.c.model, *prices)
+        .subquery("per_price")
+    )
+    g = per_price.c
+    priced_group = g.input_per_1m.is_not(None)
+    with_margin = and_(priced_group, g.usd_per_credit > 0)
+    # margin = 1 - cost / revenue per action, so over a group with one price the margins add up to
+    # credited - (input * sum(tokens_in / credits) + output * sum(tokens_out / credits)) / (1e6 * usd).
+    cost_per_revenue = (
+        g.input_per_1m * g.tokens_in_per_credit + g.output_per_1m * g.tokens_out_per_credit
+    ) / (_ONE_MILLION * g.usd_per_credit)
+    return (
+        select(
+            g.model,
+            func.sum(g["count"]).label("count"),
+            func.sum(g.tokens_in).label("tokens_in"),
+            func.sum(g.tokens_out).label("tokens_out"),
+            func.sum(g.credits_charged).label("total_credits"),
+            func.sum(g.latency_ms_sum).label("latency_ms_sum"),
+            func.sum(case((priced_group, 0), else_=g["count"])).label("unpriced_count"),
+            func.coalesce(
+                func.sum((g.tokens_in * g.input_per_1m + g.tokens_out * g.output_per_1m) / _ONE_MILLION), 0
+            ).label("cost"),
+            func.coalesce(func.sum(g.credits_charged * g.usd_per_credit), 0).label("revenue"),
+            func.sum(
+                case((with_margin, cast(g.credited_count, Double) - cast(cost_per_revenue, Double)))
+            ).label("margin_sum"),
+            func.sum(case((with_margin, g.credited_count))).label("margin_count"),
+        )
+        .group_by(g.model)
+        .cte("per_model")
+    )
+
+
+# --- percentiles --------------------------------------------------------------------------------
+
+
+def _weighted_percentiles(latencies: NamedFromClause, keys: Sequence[str]) -> NamedFromClause:
+    """Percentiles of weighted values, interpolated as percentile_cont: the value of rank
+    floor((N - 1) * f), plus the fraction of the way to the next rank's value. An entry of weight n
+    holds the ranks [upto - n, upto) in value order."""
+    v = latencies.c
+    partition = [v[key] for key in keys]
+    ranked = select(
+        *partition,
+        v.value,
+        v.n,
+        v.approximate,
+        func.sum(v.n).over(partition_by=partition, order_by=v.value, rows=(None, 0)).label("upto"),
+        func.sum(v.n).over(partition_by=partition).label("total"),
+    ).subquery("weighted")
+    w = ranked.c
+    first = w.upto - w.n
+
+    def value_at(rank: ColumnElement[Any]) -> ColumnElement[float]:
+        return func.max(case((and_(first <= rank, rank < w.upto), w.value)))
+
+    columns: list[ColumnElement[Any]] = []
+    for name, fraction in PERCENTILES.items():
+        position = cast(w.total - 1, Double) * literal(fraction, Double)
+        low_rank = func.floor(position)
+        low, high = value_at(low_rank), value_at(low_rank + 1)
+        weight = func.max(position - low_rank)
+        columns.append((low + weight * (func.coalesce(high, low) - low)).label(name))
+    columns.append(func.coalesce(func.max(w.approximate), 0).label("approximate"))
+    statement = select(*(w[key] for key in keys), *columns)
+    return (statement.group_by(*(w[key] for key in keys)) if keys else statement).subquery("percentiles")
+
+
+def _exact_percentiles(raw: CTE, keys: Sequence[str], backend: Backend) -> NamedFromClause:
+    """Percentiles of the raw rows, the backend's fastest exact way (percentile_cont on PostgreSQL)."""
+    ranked = backend.rank_latencies(raw, keys)
+    statement = select(
+        *(ranked.c[key] for key in keys),
+        *(backend.latency_percentile(ranked, fraction).label(name) for name, fraction in PERCENTILES.items()),
+        literal(0, Integer).label("approximate"),
+    ).select_from(ranked)
+    return (statement.group_by(*(ranked.c[key] for key in keys)) if keys else statement).subquery(
+        "percentiles"
+    )
+
+
+# --- the statement --------------------------------------------------------------------------------
+
+
+def _figures(sums: NamedFromClause, percentiles: NamedFromClause) -> list[ColumnElement[Any]]:
+    cost, revenue = sums.c.cost, sums.c.revenue
+    return [
+        _as_int(sums.c["count"]).label("count"),
+        _as_int(sums.c.tokens_in).label("tokens_in"),
+        _as_int(sums.c.tokens_out).label("tokens_out"),
+        _as_int(sums.c.total_credits).label("total_credits"),
+        (sums.c.latency_ms_sum / func.nullif(cast(sums.c["count"], Double), 0)).label("avg_latency_ms"),
+        *(percentiles.c[name] for name in PERCENTILES),
+        _as_float(func.coalesce(cost, 0)).label("total_cost_usd"),
+        _as_float(func.coalesce(revenue, 0)).label("total_revenue_usd"),
+        _as_float(func.coalesce(revenue, 0) - func.coalesce(cost, 0)).label("total_profit_usd"),
+        (sums.c.margin_sum / func.nullif(cast(sums.c.margin_count, Double), 0)).label("avg_margin"),
         _as_float(case((revenue > 0, (revenue - cost) / revenue))).label("gross_margin"),
-    ).select_from(joined)
+        _as_int(sums.c.unpriced_count).label("unpriced_count"),
+        percentiles.c.approximate,
+    ]
 
 
-def aggregate_statement(metric_filter: MetricFilter, backend: Backend) -> CompoundSelect[Any]:
-    view = action_metrics_priced
-    if metric_filter.limit is None:
-        selection = select(view).where(*metric_filter.conditions(view.c))
-    else:  # the newest `limit` metrics
-        selection = metric_filter.newest_first(select(view), view.c)
-    rows = selection.cte("selection")
-    return union_all(_grouped(rows, [], backend), _grouped(rows, ["model"], backend))
+def aggregate_statement(metric_filter: MetricFilter, plan: ReadPlan, backend: Backend) -> CompoundSelect[Any]:
+    raw = _raw_rows(metric_filter, plan)
+    per_model = _per_model(_parts(metric_filter, plan, raw))
+    if plan.uses_rollups:
+        latencies = _latencies(metric_filter, plan, raw)
+        overall_percentiles = _weighted_percentiles(latencies, [])
+        model_percentiles = _weighted_percentiles(latencies, ["model"])
+    else:
+        overall_percentiles = _exact_percentiles(raw, [], backend)
+        model_percentiles = _exact_percentiles(raw, ["model"], backend)
+    summed = ("count", "tokens_in", "tokens_out", "total_credits", "latency_ms_sum", "unpriced_count")
+    overall = select(
+        *(func.sum(per_model.c[name]).label(name) for name in summed),
+        *(
+            func.sum(per_model.c[name]).label(name)
+            for name in ("cost", "revenue", "margin_sum", "margin_count")
+        ),
+    ).subquery("overall")
+    return union_all(
+        select(cast(null(), String).label("model"), *_figures(overall, overall_percentiles)).select_from(
+            overall.join(overall_percentiles, true())
+        ),
+        select(per_model.c.model, *_figures(per_model, model_percentiles)).select_from(
+            per_model.outerjoin(model_percentiles, model_percentiles.c.model == per_model.c.model)
+        ),
+    )
 
 
 def aggregate_from_rows(rows: Sequence[Mapping[str, Any]]) -> Aggregate:
@@ -206,28 +366,30 @@ def aggregate_from_rows(rows: Sequence[Mapping[str, Any]]) -> Aggregate:
             overall = row
             continue
         by_model[row["model"]] = ModelAggregate(
-            count=row["count"],
-            total_tokens=row["tokens_in"] + row["tokens_out"],
+            count=_integer(row["count"]),
+            total_tokens=_integer(row["tokens_in"]) + _integer(row["tokens_out"]),
             avg_latency_ms=row["avg_latency_ms"],
             p95_latency_ms=row["p95_latency_ms"],
             total_cost_usd=row["total_cost_usd"],
-            unpriced_count=row["unpriced_count"],
+            unpriced_count=_integer(row["unpriced_count"]),
         )
     assert overall is not None, "an ungrouped aggregate always returns one row"
     ordered = dict(sorted(by_model.items(), key=lambda item: (-item[1].count, item[0])))
     return Aggregate(
-        count=overall["count"],
-        tokens_in=overall["tokens_in"],
-        tokens_out=overall["tokens_out"],
-        total_credits=overall["total_credits"],
+        count=_integer(overall["count"]),
+        tokens_in=_integer(overall["tokens_in"]),
+        tokens_out=_integer(overall["tokens_out"]),
+        total_credits=_integer(overall["total_credits"]),
         avg_latency_ms=overall["avg_latency_ms"],
         p50_latency_ms=overall["p50_latency_ms"],
         p95_latency_ms=overall["p95_latency_ms"],
         p99_latency_ms=overall["p99_latency_ms"],
         total_cost_usd=overall["total_cost_usd"],
         total_revenue_usd=overall["total_revenue_usd"],
+        total_profit_usd=overall["total_profit_usd"],
         avg_margin=overall["avg_margin"],
         gross_margin=overall["gross_margin"],
-        unpriced_count=overall["unpriced_count"],
+        unpriced_count=_integer(overall["unpriced_count"]),
+        percentiles_exact=not overall["approximate"],
         by_model=ordered,
     )

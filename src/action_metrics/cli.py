@@ -22,6 +22,8 @@ from action_metrics import migrate, report
 from action_metrics.aggregate import Aggregate
 from action_metrics.dialects import URL_VARIABLE, Backend, UnsupportedDatabase, backend_for, display_url
 from action_metrics.errors import DatabaseUnavailable, InvalidValue, SchemaError
+from action_metrics.repository import MetricsRepository, PruneResult
+from action_metrics.rollup import BuildProgress, RollupState
 from action_metrics.store import AsyncMetricsStore
 from action_metrics.validation import check_action_type, check_model
 
@@ -111,6 +113,39 @@ def upgrade(revision: str, url: str | None, sql: bool) -> None:
         return
     run_async(_migrate(backend, migrate.upgrade_to(revision)))
     click.echo(f"{display_url(backend.given_url)} is at revision {revision}", err=True)
+    if revision in ("head", migrate.head_revision()):
+        _build_rollups(backend)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _build_rollups(backend: Backend) -> None:
+    """Sum the rows already stored into the rollups, a day per transaction: run again, it resumes."""
+
+    async def build() -> RollupState:
+        engine = backend.create_engine()
+        try:
+            with _progress(_stderr()) as progress:
+                task = progress.add_task("Building the rollups (days)", total=None)
+
+                def report_progress(done: BuildProgress) -> None:
+                    progress.update(task, completed=done.done, total=done.total)
+
+                return await MetricsRepository(engine, backend).build_rollups(report_progress)
+        finally:
+            await engine.dispose()
+
+    state = run_async(build())
+    reach = state.days_closed_until.isoformat() if state.days_closed_until else "nothing stored yet"
+    click.echo(f"rollups built: whole days up to {reach}", err=True)
 
 
 @db.command()
@@ -126,6 +161,56 @@ def downgrade(revision: str, url: str | None, sql: bool) -> None:
         return
     run_async(_migrate(backend, migrate.downgrade_to(revision)))
     click.echo(f"{display_url(backend.given_url)} is at revision {revision}", err=True)
+
+
+def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return report.parse_since(value)
+    except InvalidValue as error:
+        raise click.BadParameter(error.problem, ctx, param) from None
+
+
+@db.command()
+@url_option
+@click.option(
+    "--older-than",
+    "older_than",
+    metavar="AGE",
+    callback=_moment,
+    help="Remove raw rows older than this: 90d, 12w, 24h.",
+)
+@click.option("--before", metavar="DATE", callback=_moment, help="Remove raw rows before this date (UTC).")
+@click.option("--dry-run", is_flag=True, help="Print what would be removed, remove nothing.")
+@friendly_errors
+def prune(url: str | None, older_than: datetime | None, before: datetime | None, dry_run: bool) -> None:
+    """Remove raw rows before a cut-off and keep the rollups, so all-time dashboards still answer.
+
+    The cut-off is the UTC midnight at or before the time given. Afterwards aggregates over whole
+    days before it still answer from the rollups; what needs raw rows there (exact=True, query(),
+    a user or citizen filter) raises an error naming the cut-off.
+    """
+    if (older_than is None) == (before is None):
+        raise click.UsageError("give exactly one of --older-than and --before")
+    cutoff = older_than if older_than is not None else before
+    assert cutoff is not None
+    err = _stderr()
+
+    async def run() -> PruneResult:
+        async with AsyncMetricsStore(url) as store:
+            if dry_run:
+                return await store.prune(cutoff, dry_run=True)
+            with _progress(err) as progress:
+                task = progress.add_task("Removing raw rows", total=None)
+                return await store.prune(cutoff, progress=lambda done: progress.update(task, completed=done))
+
+    result = run_async(run())
+    when = result.cutoff.isoformat()
+    if result.dry_run:
+        click.echo(f"would remove {result.rows:,} raw rows from before {when}; the rollups keep their sums")
+    else:
+        click.echo(f"removed {result.rows:,} raw rows from before {when}; the rollups keep their sums")
 
 
 @db.command()
@@ -285,13 +370,7 @@ def demo_command(
 
     async def simulate_and_read() -> tuple[report.Dashboard, tuple[report.CheckResult, ...]]:
         async with AsyncMetricsStore(url) as store:
-            with Progress(
-                TextColumn("[progress.description]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=err,
-            ) as progress:
+            with _progress(err) as progress:
                 task = progress.add_task(f"Recording {town_id}", total=len(metrics))
                 await town.record(store, metrics, lambda done: progress.advance(task, done))
             with err.status("Reading the dashboard..."):

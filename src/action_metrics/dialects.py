@@ -1,12 +1,14 @@
 """Everything that differs between SQLite and PostgreSQL, behind one small interface.
 
 The rest of the package builds dialect-free SQLAlchemy Core and asks a `Backend` for the few pieces
-that differ: the async driver, connect-time settings, `INSERT ... ON CONFLICT`, percentiles, and the
-bulk insert of metrics through the driver's fastest path.
+that differ: the async driver, connect-time settings, `INSERT ... ON CONFLICT`, percentiles, the
+start of a timestamp's hour or day, GREATEST, a read snapshot, and the bulk insert of metrics
+through the driver's fastest path.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -22,12 +24,15 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Select,
+    String,
     Table,
     case,
     event,
     func,
+    literal,
     make_url,
     select,
+    type_coerce,
 )
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
@@ -41,7 +46,7 @@ from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.selectable import NamedFromClause
 
 from action_metrics.model import ActionMetric
-from action_metrics.schema import action_metrics
+from action_metrics.schema import UTCDateTime, action_metrics
 from action_metrics.validation import json_text
 
 DEFAULT_URL: Final = "sqlite:///action_metrics.db"
@@ -96,6 +101,21 @@ class Backend:
     def insert(self, table: Table) -> SQLiteInsert | PostgresInsert:
         """An INSERT that supports `on_conflict_do_nothing()` / `on_conflict_do_update()`."""
         raise NotImplementedError
+
+    def bucket_start(self, timestamp: ColumnElement[Any], grain: str) -> ColumnElement[Any]:
+        """The start of the UTC `grain` ('hour' or 'day') that holds `timestamp`."""
+        raise NotImplementedError
+
+    def greatest(self, first: ColumnElement[Any], *others: ColumnElement[Any]) -> ColumnElement[Any]:
+        """The largest of the values, ignoring NULLs among `others` (`first` is never NULL)."""
+        raise NotImplementedError
+
+    def sum_without_overflow(self, expression: ColumnElement[Any]) -> ColumnElement[Any]:
+        """SUM for the rollups' sums, which must never fail a write however large the values."""
+        return func.sum(expression)
+
+    snapshot_options: ClassVar[dict[str, Any]] = {}
+    """Connection options under which every statement of a transaction reads the same snapshot."""
 
     def rank_latencies(self, rows: NamedFromClause, keys: Sequence[str]) -> NamedFromClause:
         """Prepare `rows` for `latency_percentile()` over groups of `keys`."""
@@ -178,6 +198,15 @@ class PostgresBackend(Backend):
     def latency_percentile(self, ranked: NamedFromClause, fraction: float) -> ColumnElement[float]:
         return func.percentile_cont(fraction).within_group(ranked.c.latency_ms)
 
+    def bucket_start(self, timestamp: ColumnElement[Any], grain: str) -> ColumnElement[Any]:
+        # The three-argument date_trunc truncates in the zone given, not the session's TimeZone.
+        return type_coerce(func.date_trunc(grain, timestamp, "UTC"), UTCDateTime())
+
+    def greatest(self, first: ColumnElement[Any], *others: ColumnElement[Any]) -> ColumnElement[Any]:
+        return type_coerce(func.greatest(first, *others), first.type)
+
+    snapshot_options: ClassVar[dict[str, Any]] = {"isolation_level": "REPEATABLE READ"}
+
     # Measured: below ~200 rows, creating the staging table costs more than COPY saves.
     bulk_insert_minimum = 200
 
@@ -238,6 +267,7 @@ class SQLiteBackend(Backend):
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+            _ensure_math_functions(dbapi_connection)
 
         @event.listens_for(engine.sync_engine, "begin")
         def begin(connection: Any) -> None:
@@ -248,6 +278,21 @@ class SQLiteBackend(Backend):
 
     def insert(self, table: Table) -> SQLiteInsert:
         return sqlite.insert(table)
+
+    def bucket_start(self, timestamp: ColumnElement[Any], grain: str) -> ColumnElement[Any]:
+        # Timestamps are UTC text, 'YYYY-MM-DD HH:MM:SS.ffffff': keep the day or the hour.
+        kept, rest = _SQLITE_BUCKET_TEXT[grain]
+        truncated = func.substr(type_coerce(timestamp, String), 1, kept) + literal(rest, String)
+        return type_coerce(truncated, UTCDateTime())
+
+    def sum_without_overflow(self, expression: ColumnElement[Any]) -> ColumnElement[Any]:
+        # SUM() raises "integer overflow" past 2**63; TOTAL() is a double (exact below 2**53, so for
+        # any real token counts), stored back as an INTEGER whenever it is one.
+        return func.total(expression)
+
+    def greatest(self, first: ColumnElement[Any], *others: ColumnElement[Any]) -> ColumnElement[Any]:
+        # SQLite's multi-argument max() is NULL when any argument is.
+        return type_coerce(func.max(first, *(func.coalesce(other, first) for other in others)), first.type)
 
     bulk_insert_minimum = 1
 
@@ -283,6 +328,25 @@ class SQLiteBackend(Backend):
         low_value = func.max(case((rank == lower, latency)))
         high_value = func.coalesce(func.max(case((rank == lower + 1, latency))), low_value)
         return low_value + func.max(position - lower) * (high_value - low_value)
+
+
+_SQLITE_BUCKET_TEXT: Final = {"hour": (13, ":00:00.000000"), "day": (10, " 00:00:00.000000")}
+
+_MATH_FUNCTIONS: Final = {"ln": math.log, "exp": math.exp, "ceil": math.ceil, "floor": math.floor}
+"""What the rollups compute with. SQLite has them when built with SQLITE_ENABLE_MATH_FUNCTIONS (most
+builds since 3.35); elsewhere Python's are registered on our own connections. The views need none."""
+
+
+def _ensure_math_functions(dbapi_connection: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT ln(1), exp(0), ceil(0.5), floor(0.5)")
+        cursor.fetchall()
+    except sqlite3.OperationalError:
+        for name, function in _MATH_FUNCTIONS.items():
+            dbapi_connection.create_function(name, 1, function, deterministic=True)
+    finally:
+        cursor.close()
 
 
 def _sqlite_row(metric: ActionMetric) -> tuple[Any, ...]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 
 class InvalidValue(ValueError):
     """A value given to action-metrics is unusable; `field` names the argument at fault."""
@@ -42,6 +44,22 @@ class SchemaOutOfDate(SchemaError):
 
 class SchemaTooNew(SchemaError):
     """The database was migrated by a newer action-metrics: upgrade the package."""
+
+
+class RawRowsPruned(LookupError):
+    """The question needs raw rows from before the cut-off of `action-metrics db prune`, which are gone.
+
+    Only the rollups reach back there: aggregates without `exact=True`, without `user_id`,
+    `citizen_id` or `limit`, over whole UTC days before the cut-off. `cutoff` is that instant.
+    """
+
+    def __init__(self, cutoff: datetime, question: str) -> None:
+        self.cutoff = cutoff
+        super().__init__(
+            f"{question} needs raw rows from before {cutoff.isoformat()}, which `action-metrics db prune` "
+            f"removed; ask from {cutoff.isoformat()} on, or for whole UTC days without exact=True, "
+            "user_id, citizen_id or limit (the rollups keep those)"
+        )
 
 
 class FlushTimeout(TimeoutError):

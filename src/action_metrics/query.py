@@ -47,8 +47,17 @@ class MetricFilter:
         ):
             raise InvalidFilter("limit", f"expected a whole number from 0 to 2**63 - 1, got {shown(limit)}")
 
-    def conditions(self, columns: ColumnCollection[str, Any]) -> list[ColumnElement[bool]]:
-        """WHERE terms against a table or view that has the action_metrics columns."""
+    @property
+    def storable(self) -> bool:
+        """Whether every id, type and model filter could match a stored value."""
+        values = (getattr(self, name) for name in EQUALITY_FILTERS)
+        return all(storable_text(value) for value in values if value is not None)
+
+    def conditions(
+        self, columns: ColumnCollection[str, Any], *, times: bool = True
+    ) -> list[ColumnElement[bool]]:
+        """WHERE terms against a table or view that has the action_metrics columns (without `since`
+        and `until` when not `times`)."""
         terms: list[ColumnElement[bool]] = []
         for name in EQUALITY_FILTERS:
             value = getattr(self, name)
@@ -57,9 +66,9 @@ class MetricFilter:
             if not storable_text(value):
                 return [false()]  # no stored value can hold it: nothing matches
             terms.append(columns[name] == value)
-        if self.since is not None:
+        if times and self.since is not None:
             terms.append(columns["timestamp"] >= self.since)
-        if self.until is not None:
+        if times and self.until is not None:
             terms.append(columns["timestamp"] < self.until)
         return terms
 

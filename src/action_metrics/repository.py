@@ -1,18 +1,43 @@
-"""The repository: owns the engine's connections and transactions, so callers never touch one."""
+"""The repository: owns the engine's connections and transactions, so callers never touch one.
+
+Every write keeps the rollups equal to the raw rows in the same transaction (see `rollup`): a batch
+of metrics adds its late metrics to the closed buckets and closes the buckets it moved past; a price
+that begins inside a closed bucket rebuilds that bucket. Every read takes one snapshot, so the
+rollup state it plans with and the rows it reads agree.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
 
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from action_metrics import rollup
 from action_metrics.aggregate import Aggregate, aggregate_from_rows, aggregate_statement
 from action_metrics.dialects import WRITE, Backend
+from action_metrics.errors import InvalidFilter, InvalidPrice, RawRowsPruned
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
 from action_metrics.query import MetricFilter, metric_from_row, metric_rows, metrics_statement
+from action_metrics.rollup import BuildProgress, ReadPlan, RollupState
 from action_metrics.schema import action_metrics, credit_prices, model_prices
+
+PRUNE_BATCH = 50_000
+"""Raw rows deleted per transaction by `prune`: short transactions, so writers are never held up long."""
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What `prune` removed (or, on a dry run, would remove): raw rows from before `cutoff`."""
+
+    cutoff: datetime
+    rows: int
+    dry_run: bool
 
 
 class MetricsRepository:
@@ -30,8 +55,16 @@ class MetricsRepository:
             async with connection.begin():
                 yield connection
 
+    @asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as connection:
+            connection = await connection.execution_options(**self.backend.snapshot_options)
+            async with connection.begin():
+                yield connection
+
     async def insert(self, metrics: Sequence[ActionMetric]) -> None:
-        """Store a batch atomically; ids already stored are skipped, so a re-sent batch is harmless.
+        """Store a batch atomically, with the rollups; ids already stored are skipped, so a re-sent
+        batch is harmless.
 
         Batches big enough go through the driver's bulk path (COPY, executemany), which stores the
         same values as the plain INSERT at the driver's speed.
@@ -39,23 +72,72 @@ class MetricsRepository:
         if not metrics:
             return
         async with self._write_transaction() as connection:
+            state = await rollup.read_state(connection, for_update=True)
+            late = await self._new_late_metrics(connection, state, metrics)
             if len(metrics) >= self.backend.bulk_insert_minimum:
                 await self.backend.bulk_insert_metrics(connection, metrics)
             else:
                 await connection.execute(self._insert_metrics, metric_rows(metrics))
+            if late:
+                await rollup.add_late(connection, self.backend, state, list(late), min(late.values()))
+            newest = min(max(metric.timestamp for metric in metrics), datetime.now(UTC))
+            if newest - datetime.min.replace(tzinfo=UTC) > rollup.CLOSE_DELAY:
+                closed = await rollup.close(connection, self.backend, state, newest - rollup.CLOSE_DELAY)
+                await rollup.write_state(connection, state, closed)
+
+    async def _new_late_metrics(
+        self, connection: AsyncConnection, state: RollupState, metrics: Sequence[ActionMetric]
+    ) -> dict[Any, datetime]:
+        """The metrics of the batch for closed buckets that are not stored yet: id -> timestamp."""
+        closed = state.hours_closed_until
+        if closed is None:
+            return {}
+        late: dict[Any, datetime] = {}
+        for metric in metrics:
+            if metric.timestamp < closed:
+                late.setdefault(metric.id, metric.timestamp)
+        for stored in await rollup.stored_ids(connection, list(late)) if late else ():
+            del late[stored]
+        return late
 
     async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]:
-        async with self.engine.connect() as connection:
+        async with self._snapshot() as connection:
+            state = await rollup.read_state(connection)
             result = await connection.execute(metrics_statement(metric_filter))
-            return [metric_from_row(row) for row in result]
+            metrics = [metric_from_row(row) for row in result]
+        cutoff = state.raw_kept_from
+        if cutoff is not None and _reaches_before(metric_filter, cutoff):
+            complete = metric_filter.limit is not None and len(metrics) == metric_filter.limit
+            if not complete or metrics[-1].timestamp < cutoff:
+                raise RawRowsPruned(cutoff, "query()")
+        return metrics
 
-    async def aggregate(self, metric_filter: MetricFilter) -> Aggregate:
-        async with self.engine.connect() as connection:
-            result = await connection.execute(aggregate_statement(metric_filter, self.backend))
+    async def aggregate(self, metric_filter: MetricFilter, *, exact: bool = False) -> Aggregate:
+        async with self._snapshot() as connection:
+            state = await rollup.read_state(connection)
+            plan = _plan(metric_filter, state, exact=exact)
+            if rollup.reads_pruned_rows(plan, state):
+                await self._check_newest_unpruned(connection, metric_filter, state)
+            result = await connection.execute(aggregate_statement(metric_filter, plan, self.backend))
             return aggregate_from_rows(result.mappings().all())
 
+    async def _check_newest_unpruned(
+        self, connection: AsyncConnection, metric_filter: MetricFilter, state: RollupState
+    ) -> None:
+        """Raise unless the selection is the newest `limit` metrics and all of them are kept."""
+        assert state.raw_kept_from is not None
+        cutoff = state.raw_kept_from
+        question = "aggregate(exact=True)" if metric_filter.limit is None else "aggregate(limit=...)"
+        if metric_filter.limit is None:
+            raise RawRowsPruned(cutoff, question)
+        newest = metrics_statement(metric_filter).with_only_columns(action_metrics.c.timestamp).subquery()
+        count, oldest = (await connection.execute(select(func.count(), func.min(newest.c.timestamp)))).one()
+        if count < metric_filter.limit or oldest < cutoff:
+            raise RawRowsPruned(cutoff, question)
+
     async def set_model_price(self, price: ModelPrice) -> None:
-        """Insert, or replace the price of the same model from the same instant."""
+        """Insert, or replace the price of the same model from the same instant. A new price that
+        begins inside a closed bucket splits it: the bucket's rows are summed again from raw rows."""
         statement = self.backend.insert(model_prices).values(
             model=price.model,
             effective_from=price.effective_from,
@@ -69,8 +151,10 @@ class MetricsRepository:
                 "output_per_1m": statement.excluded.output_per_1m,
             },
         )
-        async with self._write_transaction() as connection:
-            await connection.execute(statement)
+        existing = select(model_prices.c.id).where(
+            model_prices.c.model == price.model, model_prices.c.effective_from == price.effective_from
+        )
+        await self._set_price(statement, existing, price.effective_from, model=price.model)
 
     async def set_credit_price(self, price: CreditPrice) -> None:
         statement = self.backend.insert(credit_prices).values(
@@ -80,8 +164,89 @@ class MetricsRepository:
             index_elements=["effective_from"],
             set_={"usd_per_credit": statement.excluded.usd_per_credit},
         )
+        existing = select(credit_prices.c.id).where(credit_prices.c.effective_from == price.effective_from)
+        await self._set_price(statement, existing, price.effective_from, model=None)
+
+    async def _set_price(self, upsert: Any, existing: Any, start: datetime, *, model: str | None) -> None:
         async with self._write_transaction() as connection:
-            await connection.execute(statement)
+            state = await rollup.read_state(connection, for_update=True)
+            is_new = (await connection.execute(existing)).first() is None
+            split = rollup.closed_buckets_split_by(state, start) if is_new else []
+            cutoff = state.raw_kept_from
+            if cutoff is not None and any(bucket < cutoff for _, bucket in split):
+                raise InvalidPrice(
+                    "effective_from",
+                    f"{start.isoformat()} falls inside a UTC day whose raw rows were pruned (before "
+                    f"{cutoff.isoformat()}), so the day cannot be split there: start the price at the "
+                    "day's midnight or at the cut-off",
+                )
+            await connection.execute(upsert)
+            if split:
+                await rollup.rebuild(connection, self.backend, split, model)
+
+    async def build_rollups(self, progress: Callable[[BuildProgress], None] | None = None) -> RollupState:
+        """Close every bucket that can be closed now, a day per transaction (resumable)."""
+        return await rollup.build(self._write_transaction, self.backend, progress=progress)
+
+    async def prune(
+        self,
+        before: datetime,
+        *,
+        dry_run: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> PruneResult:
+        """Delete raw rows older than the UTC midnight at or before `before`, keeping the rollups.
+
+        The buckets before the cut-off are closed first; the cut-off is recorded before any row
+        goes, so a reader never mistakes a half-pruned period for a whole one. Rows go in batches of
+        `PRUNE_BATCH`, each its own transaction.
+        """
+        cutoff = rollup.floor_to(before, "day")
+        older = action_metrics.c.timestamp < cutoff
+        if dry_run:
+            async with self._snapshot() as connection:
+                rows = (await connection.execute(select(func.count()).where(older))).scalar_one()
+            return PruneResult(cutoff, rows, dry_run=True)
+        state = await self.build_rollups()
+        if state.days_closed_until is None or state.days_closed_until < cutoff:
+            reach = state.days_closed_until.isoformat() if state.days_closed_until else "nothing"
+            raise InvalidFilter(
+                "before",
+                f"cannot prune up to {cutoff.isoformat()}: the rollups are closed up to {reach} only "
+                f"(a day closes {rollup.CLOSE_DELAY} after it ends); choose an earlier cut-off",
+            )
+        async with self._write_transaction() as connection:
+            state = await rollup.read_state(connection, for_update=True)
+            if state.raw_kept_from is None or state.raw_kept_from < cutoff:
+                await rollup.write_state(connection, state, replace(state, raw_kept_from=cutoff))
+        batch = select(action_metrics.c.id).where(older).limit(PRUNE_BATCH).scalar_subquery()
+        removed = 0
+        while True:
+            async with self._write_transaction() as connection:
+                result = await connection.execute(
+                    delete(action_metrics).where(action_metrics.c.id.in_(batch))
+                )
+                deleted = result.rowcount
+            removed += deleted
+            if progress is not None:
+                progress(removed)
+            if deleted < PRUNE_BATCH:
+                return PruneResult(cutoff, removed, dry_run=False)
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _reaches_before(metric_filter: MetricFilter, cutoff: datetime) -> bool:
+    return metric_filter.since is None or metric_filter.since < cutoff
+
+
+def _plan(metric_filter: MetricFilter, state: RollupState, *, exact: bool) -> ReadPlan:
+    """Rollups where they can answer; raw rows for `exact`, for users and citizens (no rollup keeps
+    them), and for the newest `limit`."""
+    since, until = metric_filter.since, metric_filter.until
+    unkept = (metric_filter.limit, metric_filter.user_id, metric_filter.citizen_id)
+    if exact or any(value is not None for value in unkept) or not metric_filter.storable:
+        return rollup.raw_only(since, until)
+    kept = [name for name in rollup.DIMENSIONS if getattr(metric_filter, name) is not None]
+    return rollup.plan_reads(state, kept, since, until)

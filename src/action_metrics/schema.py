@@ -38,6 +38,10 @@ PRICE = Numeric(20, 9)
 MONEY = Numeric(38, 15)
 """A computed amount of USD in the views."""
 
+TOKEN_SUM = BigInteger().with_variant(Numeric(38, 0), "postgresql")
+"""A rollup's sum of tokens or credits: each action's fits 64 bits, their sum need not. Exact NUMERIC
+on PostgreSQL; on SQLite an INTEGER, which SQLite turns into a REAL past 2**63 rather than fail."""
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Stores UTC and gives back aware UTC datetimes on both backends.
@@ -131,15 +135,97 @@ class CreditPriceRow(Base):
     __table_args__ = (Index(None, "effective_from", unique=True),)
 
 
+class RollupRow(Base):
+    """Sums of the actions of one time segment, at one grain, for one combination of dimensions.
+
+    A level of the rollup is a grain (`hour`, `day`) and the dimensions it keeps; a dimension a
+    level sums over holds '' (never a valid id), so `town_id = '' AND action_type = ''` are the
+    per-model totals. `start` is the bucket's start, or a later instant where a model or credit price
+    changed inside the bucket: every row lies within one price period, and is priced at read.
+    """
+
+    __tablename__ = "action_metrics_rollup"
+
+    grain: Mapped[str] = mapped_column(String(8), primary_key=True)
+    town_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    action_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
+    tokens_in: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
+    tokens_out: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
+    credits_charged: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
+    latency_ms_sum: Mapped[float] = mapped_column(Double(), nullable=False)
+    credited_count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
+    """Actions with credits > 0: those that can have a margin."""
+    tokens_in_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
+    """The sum of tokens_in / credits_charged over credited actions; with the prices it gives the
+    sum of per-action margins (avg_margin) without the rows."""
+    tokens_out_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
+
+    # SQLite keeps the rows in their primary key's order: the rollups are read by key ranges.
+    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - as SQLAlchemy declares it
+
+
+class LatencyHistogramRow(Base):
+    """How many actions of a bucket had a latency in each logarithmic bin (see `rollup.BINS`)."""
+
+    __tablename__ = "action_metrics_latency_histogram"
+
+    grain: Mapped[str] = mapped_column(String(8), primary_key=True)
+    town_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    action_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bin: Mapped[int] = mapped_column(Integer(), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
+
+    # SQLite keeps the rows in their primary key's order: the rollups are read by key ranges.
+    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - as SQLAlchemy declares it
+
+
+class RollupStateRow(Base):
+    """How far the rollups reach, in one row: actions before `hours_closed_until` are in the hourly
+    rollups, before `days_closed_until` in the daily ones; raw rows before `raw_kept_from` were pruned."""
+
+    __tablename__ = "action_metrics_rollup_state"
+
+    id: Mapped[int] = mapped_column(Integer(), primary_key=True, autoincrement=False)
+    hours_closed_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    days_closed_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    raw_kept_from: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
 action_metrics = cast(Table, ActionMetricRow.__table__)
 model_prices = cast(Table, ModelPriceRow.__table__)
 credit_prices = cast(Table, CreditPriceRow.__table__)
+rollup = cast(Table, RollupRow.__table__)
+latency_histogram = cast(Table, LatencyHistogramRow.__table__)
+rollup_state = cast(Table, RollupStateRow.__table__)
 
 # The views, for building queries against them. They live in their own MetaData so that
 # create_all() and autogenerate never mistake them for tables: migrations create them from sql/.
 view_metadata = MetaData()
 
 _METRIC_COLUMNS = [(column.name, column.type) for column in action_metrics.columns]
+
+model_price_periods = Table(
+    "model_price_periods",
+    view_metadata,
+    Column("model", String()),
+    Column("effective_from", UTCDateTime()),
+    Column("effective_until", UTCDateTime()),
+    Column("input_per_1m", PRICE),
+    Column("output_per_1m", PRICE),
+)
+
+credit_price_periods = Table(
+    "credit_price_periods",
+    view_metadata,
+    Column("effective_from", UTCDateTime()),
+    Column("effective_until", UTCDateTime()),
+    Column("usd_per_credit", PRICE),
+)
 
 action_metrics_priced = Table(
     "action_metrics_priced",
@@ -154,21 +240,36 @@ action_metrics_priced = Table(
     Column("usd_per_credit", PRICE),
 )
 
+
+def _bucket_columns() -> list[Column[Any]]:
+    """The columns of the daily and hourly views after their time bucket."""
+    return [
+        Column("town_id", String()),
+        Column("action_type", String()),
+        Column("model", String()),
+        Column("count", BigInteger()),
+        Column("tokens_in", BigInteger()),
+        Column("tokens_out", BigInteger()),
+        Column("credits_charged", BigInteger()),
+        Column("cost_usd", MONEY),
+        Column("revenue_usd", MONEY),
+        Column("unpriced_count", BigInteger()),
+        Column("avg_latency_ms", Double()),
+        Column("p50_latency_ms", Double()),
+        Column("p95_latency_ms", Double()),
+    ]
+
+
+action_metrics_hourly = Table(
+    "action_metrics_hourly",
+    view_metadata,
+    Column("hour", UTCDateTime()),
+    *_bucket_columns(),
+)
+
 action_metrics_daily = Table(
     "action_metrics_daily",
     view_metadata,
     Column("day", Date()),
-    Column("town_id", String()),
-    Column("action_type", String()),
-    Column("model", String()),
-    Column("count", BigInteger()),
-    Column("tokens_in", BigInteger()),
-    Column("tokens_out", BigInteger()),
-    Column("credits_charged", BigInteger()),
-    Column("cost_usd", MONEY),
-    Column("revenue_usd", MONEY),
-    Column("unpriced_count", BigInteger()),
-    Column("avg_latency_ms", Double()),
-    Column("p50_latency_ms", Double()),
-    Column("p95_latency_ms", Double()),
+    *_bucket_columns(),
 )

@@ -28,13 +28,14 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from action_metrics.aggregate import Aggregate
 from action_metrics.dialects import backend_for, display_url
-from action_metrics.errors import DatabaseUnavailable
+from action_metrics.errors import DatabaseUnavailable, InvalidFilter
 from action_metrics.ingest import metric_batches
 from action_metrics.migrate import ensure_schema
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
 from action_metrics.query import MetricFilter
-from action_metrics.repository import MetricsRepository
+from action_metrics.repository import MetricsRepository, PruneResult
+from action_metrics.validation import as_utc
 from action_metrics.writer import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BUFFER_SIZE,
@@ -217,11 +218,25 @@ class AsyncMetricsStore:
         await self.writer.settle()
         return await (await self._open()).select(metric_filter)
 
-    async def aggregate(self, **filters: Unpack[Filters]) -> Aggregate:
-        """The dashboard numbers of the metrics matching every filter, computed in SQL."""
+    async def aggregate(self, *, exact: bool = False, **filters: Unpack[Filters]) -> Aggregate:
+        """The dashboard numbers of the metrics matching every filter, computed in SQL.
+
+        Served from the rollups where they keep the filters (every figure exact; percentiles within
+        1%, `percentiles_exact` False); `exact=True` reads raw rows only, percentiles exact too.
+        """
         metric_filter = MetricFilter(**filters)
         await self.writer.settle()
-        return await (await self._open()).aggregate(metric_filter)
+        return await (await self._open()).aggregate(metric_filter, exact=bool(exact))
+
+    async def prune(
+        self, before: datetime, *, dry_run: bool = False, progress: Callable[[int], None] | None = None
+    ) -> PruneResult:
+        """Delete raw rows from before the UTC midnight at or before `before`; the rollups stay, so
+        aggregates over whole days before it still answer. `dry_run` only counts them; `progress`
+        is called with the number removed so far."""
+        cutoff = as_utc("before", before, InvalidFilter)
+        await self.writer.settle()
+        return await (await self._open()).prune(cutoff, dry_run=bool(dry_run), progress=progress)
 
     async def set_model_price(
         self,
@@ -390,8 +405,13 @@ class MetricsStore:
     def query(self, **filters: Unpack[Filters]) -> list[ActionMetric]:
         return self._loop.call(self._store.query(**filters))
 
-    def aggregate(self, **filters: Unpack[Filters]) -> Aggregate:
-        return self._loop.call(self._store.aggregate(**filters))
+    def aggregate(self, *, exact: bool = False, **filters: Unpack[Filters]) -> Aggregate:
+        return self._loop.call(self._store.aggregate(exact=exact, **filters))
+
+    def prune(
+        self, before: datetime, *, dry_run: bool = False, progress: Callable[[int], None] | None = None
+    ) -> PruneResult:
+        return self._loop.call(self._store.prune(before, dry_run=dry_run, progress=progress))
 
     def set_model_price(
         self,

@@ -1,0 +1,92 @@
+"""Rollups: action_metrics_rollup (sums per hour or day and level), action_metrics_latency_histogram
+(latency bins per bucket) and action_metrics_rollup_state (how far they reach); the views
+action_metrics_daily (re-created to read from them) and action_metrics_hourly.
+
+The tables start empty, with nothing closed: every question reads raw rows until the rollups are
+built. `action-metrics db upgrade` builds them right after this migration, a day per transaction
+with its progress on the console (interrupted, it resumes where it stopped); otherwise the writers
+build them a bounded step per batch. Downgrading drops them; the raw rows are untouched.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-27
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+from action_metrics.views import create_views, drop_views, grants_kept
+
+revision: str = "0003"
+down_revision: str | None = "0002"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+KEY_COLUMNS = (
+    ("grain", sa.String(8)),
+    ("town_id", sa.String(256)),
+    ("action_type", sa.String(64)),
+    ("start", sa.DateTime(timezone=True)),
+    ("model", sa.String(128)),
+)
+# Each action's tokens and credits fit 64 bits, their sums need not: NUMERIC on PostgreSQL.
+TOKEN_SUM = sa.BigInteger().with_variant(sa.Numeric(38, 0), "postgresql")
+SUM_COLUMNS = (
+    ("count", sa.BigInteger()),
+    ("tokens_in", TOKEN_SUM),
+    ("tokens_out", TOKEN_SUM),
+    ("credits_charged", TOKEN_SUM),
+    ("latency_ms_sum", sa.Double()),
+    ("credited_count", sa.BigInteger()),
+    ("tokens_in_per_credit", sa.Double()),
+    ("tokens_out_per_credit", sa.Double()),
+)
+
+
+def _key() -> list[sa.Column[object]]:
+    return [sa.Column(name, type_, nullable=False) for name, type_ in KEY_COLUMNS]
+
+
+def upgrade() -> None:
+    op.create_table(
+        "action_metrics_rollup",
+        *_key(),
+        *(sa.Column(name, type_, nullable=False) for name, type_ in SUM_COLUMNS),
+        sa.PrimaryKeyConstraint(*(name for name, _ in KEY_COLUMNS), name="pk_action_metrics_rollup"),
+        sqlite_with_rowid=False,
+    )
+    op.create_table(
+        "action_metrics_latency_histogram",
+        *_key(),
+        sa.Column("bin", sa.Integer(), nullable=False),
+        sa.Column("count", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint(
+            *(name for name, _ in KEY_COLUMNS), "bin", name="pk_action_metrics_latency_histogram"
+        ),
+        sqlite_with_rowid=False,
+    )
+    state = op.create_table(
+        "action_metrics_rollup_state",
+        sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("hours_closed_until", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("days_closed_until", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("raw_kept_from", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id", name="pk_action_metrics_rollup_state"),
+    )
+    op.bulk_insert(state, [{"id": 1}])
+    with grants_kept(["action_metrics_daily"]):
+        drop_views(["action_metrics_daily"])
+        create_views([("action_metrics_daily", "0003"), ("action_metrics_hourly", "0003")])
+
+
+def downgrade() -> None:
+    with grants_kept(["action_metrics_daily"]):
+        drop_views(["action_metrics_hourly", "action_metrics_daily"])
+        create_views([("action_metrics_daily", "0001")])
+    op.drop_table("action_metrics_rollup_state")
+    op.drop_table("action_metrics_latency_histogram")
+    op.drop_table("action_metrics_rollup")

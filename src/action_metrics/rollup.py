@@ -1,0 +1,682 @@
+"""Rollups: the dashboard's sums and latency histograms kept per hour and per day, so that the cost of
+a question grows with the buckets it touches, not with the actions stored.
+
+How they stay equal to the raw rows (TimescaleDB's real-time aggregates, kept in the write's own
+transaction instead of by a scheduler):
+
+- A bucket is *closed* once a batch of metrics has moved `CLOSE_DELAY` past its end: the batch's
+  transaction sums the bucket's raw rows into the rollups, in bulk. Until then the bucket is *open*
+  and readers take its raw rows. `action_metrics_rollup_state` says how far each grain is closed;
+  readers read it and the data in one snapshot, so every action is counted once, from one side.
+- A metric that arrives for a closed bucket (late) is added to the rollups by its own batch, once:
+  ids already stored are skipped, as they are in the raw table.
+- Money is not stored. Tokens and credits are, and priced when read by the price in force at each
+  row's `start`. No row spans a price change: where a price starts inside a bucket the bucket's rows
+  are split there, and a price set later inside a closed bucket rebuilds that bucket from raw rows.
+- Percentiles come from logarithmic histograms (DDSketch): a latency x is counted in bin
+  ceil(log_GAMMA(x)), whose representative value is within `RELATIVE_ACCURACY` of every latency in it,
+  so any k-th smallest latency, and so any interpolated percentile, is too. Histograms of any
+  buckets add up, which daily percentiles do not; raw rows of open buckets join them exactly.
+
+A level is a grain and the dimensions it keeps (`Level`); the model is always kept. Which levels
+exist is a trade between write cost and the questions they answer fast: see `LEVELS`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Double,
+    Integer,
+    and_,
+    case,
+    cast,
+    delete,
+    false,
+    func,
+    literal,
+    or_,
+    select,
+    true,
+    type_coerce,
+    union_all,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.selectable import Subquery
+
+from action_metrics.dialects import Backend
+from action_metrics.schema import (
+    action_metrics,
+    credit_prices,
+    latency_histogram,
+    model_prices,
+    rollup,
+    rollup_state,
+)
+
+Grain = Literal["hour", "day"]
+GRAIN_LENGTH: Final[dict[Grain, timedelta]] = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
+DIMENSIONS: Final = ("town_id", "action_type")
+"""The dimensions a level may keep besides the model; '' in a rollup row means "all of them"."""
+
+CLOSE_DELAY: Final = timedelta(minutes=5)
+"""How far past a bucket's end a batch must reach before the bucket is closed: metrics emitted by
+other processes a little before the batch's newest still land in the open bucket, not the late path."""
+MAX_HOURS_CLOSED_PER_BATCH: Final = 48
+MAX_DAYS_CLOSED_PER_BATCH: Final = 2
+"""A batch closes at most this much, so that catching up a long backlog (a database migrated with
+`--sql` and not yet built) costs every batch a bounded amount instead of one batch all of it."""
+
+STATE_ID: Final = 1
+
+# --- the latency histogram's bins --------------------------------------------------------------
+
+RELATIVE_ACCURACY: Final = 0.009
+"""Every latency is within 0.9% of its bin's representative: 1% with room for rounding at bin edges."""
+GAMMA: Final = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
+LN_GAMMA: Final = math.log(GAMMA)
+REPRESENTATIVE_FACTOR: Final = 2 / (GAMMA + 1)
+"""Bin i holds (GAMMA**(i-1), GAMMA**i]; its representative 2 * GAMMA**i / (GAMMA + 1) is within
+RELATIVE_ACCURACY of both ends."""
+ZERO_BIN: Final = -(2**31)
+"""The bin of a latency of 0 (whose logarithm is undefined); its representative is 0."""
+
+
+def latency_bin(latency_ms: ColumnElement[float]) -> ColumnElement[int]:
+    exponent = func.ceil(func.ln(latency_ms) / literal(LN_GAMMA, Double))
+    return case((latency_ms > 0, cast(exponent, Integer)), else_=literal(ZERO_BIN, Integer))
+
+
+def bin_value(bin_column: ColumnElement[int]) -> ColumnElement[float]:
+    """The latency a bin stands for."""
+    scaled = func.exp(cast(bin_column, Double) * literal(LN_GAMMA, Double)) * literal(
+        REPRESENTATIVE_FACTOR, Double
+    )
+    return type_coerce(case((bin_column == ZERO_BIN, literal(0.0, Double)), else_=scaled), Double)
+
+
+def bin_of(latency_ms: float) -> int:
+    """`latency_bin` in Python, for tests and tools."""
+    return ZERO_BIN if latency_ms <= 0 else math.ceil(math.log(latency_ms) / LN_GAMMA)
+
+
+# --- levels --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Level:
+    """A grain and the dimensions kept (the model always is); where its sums and histogram come from
+    when a bucket closes: a finer level's rows, or (None) the raw rows."""
+
+    grain: Grain
+    keeps: tuple[str, ...]
+    histogram: bool
+    sums_from: Level | None = None
+    histogram_from: Level | None = None
+
+    def rows(self, table: Any) -> list[ColumnElement[bool]]:
+        """WHERE terms selecting this level's rows of the rollup or histogram table."""
+        terms: list[ColumnElement[bool]] = [table.c.grain == self.grain]
+        for dimension in DIMENSIONS:
+            column = table.c[dimension]
+            terms.append(column != "" if dimension in self.keeps else column == "")
+        return terms
+
+
+HOURLY: Final = Level("hour", (), histogram=True)
+"""Per model and hour: every question without a town or action filter over part of a day."""
+HOURLY_DETAIL: Final = Level("hour", DIMENSIONS, histogram=False)
+"""Per town, action, model and hour: the `action_metrics_hourly` view."""
+DAILY: Final = Level("day", (), histogram=True, sums_from=HOURLY, histogram_from=HOURLY)
+DAILY_DETAIL: Final = Level("day", DIMENSIONS, histogram=False, sums_from=HOURLY_DETAIL)
+"""Per town, action, model and day: the `action_metrics_daily` view."""
+DAILY_BY_TOWN: Final = Level("day", ("town_id",), histogram=True, sums_from=DAILY_DETAIL)
+DAILY_BY_ACTION: Final = Level("day", ("action_type",), histogram=True, sums_from=DAILY_DETAIL)
+
+LEVELS: Final = (HOURLY, HOURLY_DETAIL, DAILY, DAILY_DETAIL, DAILY_BY_TOWN, DAILY_BY_ACTION)
+"""Every level, each after the levels it is summed from. A town or action filter over part of a day
+reads raw rows through their indexes (a town's day is ~1/50 of the actions): hourly levels per town
+or action would be nearly as large as the raw table at 50 towns x 11 actions x 5 models."""
+
+
+def levels_of(grain: Grain) -> tuple[Level, ...]:
+    return tuple(level for level in LEVELS if level.grain == grain)
+
+
+def reading_level(grain: Grain, kept: Iterable[str]) -> Level | None:
+    """The smallest level with a histogram that keeps every filtered dimension, if any."""
+    wanted = set(kept)
+    candidates = [level for level in levels_of(grain) if level.histogram and wanted <= set(level.keeps)]
+    return min(candidates, key=lambda level: len(level.keeps), default=None)
+
+
+# --- the sums kept per row ------------------------------------------------------------------------
+
+
+def raw_sums(rows: Any) -> dict[str, ColumnElement[Any]]:
+    """Each rollup sum as the expression summed over raw action rows. Adding one here (and its
+    column, by a migration) is all a new summed figure needs."""
+    c = rows.c
+    credited = c.credits_charged > 0
+    per_credit = {
+        f"{tokens}_per_credit": case(
+            (credited, cast(c[tokens], Double) / c.credits_charged), else_=literal(0.0, Double)
+        )
+        for tokens in ("tokens_in", "tokens_out")
+    }
+    return {
+        "count": literal(1, BigInteger),
+        "tokens_in": c.tokens_in,
+        "tokens_out": c.tokens_out,
+        "credits_charged": c.credits_charged,
+        "latency_ms_sum": c.latency_ms,
+        "credited_count": case((credited, 1), else_=0),
+        **per_credit,
+    }
+
+
+SUM_COLUMNS: Final = tuple(raw_sums(action_metrics))
+KEY_COLUMNS: Final = ("grain", "town_id", "action_type", "start", "model")
+assert {column.name for column in rollup.columns} == {*KEY_COLUMNS, *SUM_COLUMNS}
+
+
+# --- state ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RollupState:
+    """How far the rollups reach (see `RollupStateRow`)."""
+
+    hours_closed_until: datetime | None = None
+    days_closed_until: datetime | None = None
+    raw_kept_from: datetime | None = None
+
+    def closed_until(self, grain: Grain) -> datetime | None:
+        return self.hours_closed_until if grain == "hour" else self.days_closed_until
+
+
+async def read_state(connection: AsyncConnection, *, for_update: bool = False) -> RollupState:
+    """The state row; `for_update` also makes concurrent writers wait their turn (PostgreSQL; a
+    SQLite writer already holds the database's write lock)."""
+    statement = select(
+        rollup_state.c.hours_closed_until, rollup_state.c.days_closed_until, rollup_state.c.raw_kept_from
+    ).where(rollup_state.c.id == STATE_ID)
+    if for_update:
+        statement = statement.with_for_update()
+    row = (await connection.execute(statement)).one()
+    return RollupState(*row)
+
+
+async def _write_state(connection: AsyncConnection, state: RollupState) -> None:
+    await connection.execute(
+        update(rollup_state)
+        .where(rollup_state.c.id == STATE_ID)
+        .values(
+            hours_closed_until=state.hours_closed_until,
+            days_closed_until=state.days_closed_until,
+            raw_kept_from=state.raw_kept_from,
+        )
+    )
+
+
+# --- time ------------------------------------------------------------------------------------------
+
+
+def floor_to(moment: datetime, grain: Grain) -> datetime:
+    moment = moment.astimezone(UTC)
+    floored = moment.replace(minute=0, second=0, microsecond=0)
+    return floored.replace(hour=0) if grain == "day" else floored
+
+
+def ceil_to(moment: datetime, grain: Grain) -> datetime:
+    """The first bucket start at or after `moment` (the end of time when there is none)."""
+    floored = floor_to(moment, grain)
+    if floored == moment:
+        return floored
+    return END_OF_TIME if END_OF_TIME - floored < GRAIN_LENGTH[grain] else floored + GRAIN_LENGTH[grain]
+
+
+END_OF_TIME: Final = datetime.max.replace(tzinfo=UTC)
+
+
+# --- filling levels --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which source rows a fill takes: a time range (on the raw timestamp, or a rollup row's start),
+    and optionally one model, or exactly these action ids (late metrics; raw rows only)."""
+
+    since: datetime | None
+    until: datetime | None
+    model: str | None = None
+    ids: tuple[Any, ...] | None = None
+
+    def terms(self, moment: ColumnElement[Any], model: ColumnElement[str]) -> list[ColumnElement[bool]]:
+        terms: list[ColumnElement[bool]] = []
+        if self.since is not None:
+            terms.append(moment >= self.since)
+        if self.until is not None:
+            terms.append(moment < self.until)
+        if self.model is not None:
+            terms.append(model == self.model)
+        return terms
+
+
+def _raw_source(scope: Scope, *, histogram: bool) -> Subquery:
+    m = action_metrics
+    where = scope.terms(m.c.timestamp, m.c.model)
+    if scope.ids is not None:
+        where.append(m.c.id.in_(scope.ids))
+    measures: dict[str, ColumnElement[Any]] = (
+        {"bin": latency_bin(m.c.latency_ms), "count": literal(1, BigInteger)} if histogram else raw_sums(m)
+    )
+    return (
+        select(
+            m.c.town_id,
+            m.c.action_type,
+            m.c.model,
+            m.c.timestamp.label("at"),
+            *(expression.label(name) for name, expression in measures.items()),
+        )
+        .where(*where)
+        .subquery("source")
+    )
+
+
+def _level_source(finer: Level, scope: Scope, *, histogram: bool) -> Subquery:
+    table = latency_histogram if histogram else rollup
+    measures = ("bin", "count") if histogram else SUM_COLUMNS
+    return (
+        select(
+            table.c.town_id,
+            table.c.action_type,
+            table.c.model,
+            table.c.start.label("at"),
+            *(table.c[name] for name in measures),
+        )
+        .where(*finer.rows(table), *scope.terms(table.c.start, table.c.model))
+        .subquery("source")
+    )
+
+
+def price_start(model: ColumnElement[str], moment: ColumnElement[Any]) -> ColumnElement[Any]:
+    """When the price of `model` in force at `moment` began (NULL when unpriced)."""
+    p = model_prices
+    return (
+        select(func.max(p.c.effective_from))
+        .where(p.c.model == model, p.c.effective_from <= moment)
+        .scalar_subquery()
+    )
+
+
+def credit_price_start(moment: ColumnElement[Any]) -> ColumnElement[Any]:
+    c = credit_prices
+    return select(func.max(c.c.effective_from)).where(c.c.effective_from <= moment).scalar_subquery()
+
+
+def _kept(level: Level, source: Subquery) -> list[ColumnElement[str]]:
+    return [
+        source.c[dimension] if dimension in level.keeps else literal("", rollup.c[dimension].type)
+        for dimension in DIMENSIONS
+    ]
+
+
+def _fill_sums(level: Level, source: Subquery, backend: Backend, *, split: bool) -> Any:
+    """INSERT ... SELECT of `source`'s sums into `level`, adding to rows already there."""
+    start = backend.bucket_start(source.c.at, level.grain)
+    if split:  # a price began inside a bucket: rows start at the latest of bucket and price starts
+        start = backend.greatest(
+            start, price_start(source.c.model, source.c.at), credit_price_start(source.c.at)
+        )
+    keyed = select(
+        *(column.label(name) for name, column in zip(DIMENSIONS, _kept(level, source), strict=True)),
+        start.label("start"),
+        source.c.model,
+        *(source.c[name] for name in SUM_COLUMNS),
+    ).subquery("keyed")
+    k = keyed.c
+    grouped = select(
+        literal(level.grain, rollup.c.grain.type).label("grain"),
+        k.town_id,
+        k.action_type,
+        k.start,
+        k.model,
+        *(backend.sum_without_overflow(k[name]).label(name) for name in SUM_COLUMNS),
+    ).group_by(k.town_id, k.action_type, k.start, k.model)
+    insert = backend.insert(rollup).from_select([*KEY_COLUMNS, *SUM_COLUMNS], grouped)
+    return insert.on_conflict_do_update(
+        index_elements=list(KEY_COLUMNS),
+        set_={name: rollup.c[name] + insert.excluded[name] for name in SUM_COLUMNS},
+    )
+
+
+def _fill_histogram(level: Level, source: Subquery, backend: Backend) -> Any:
+    start = backend.bucket_start(source.c.at, level.grain)
+    keyed = select(
+        *(column.label(name) for name, column in zip(DIMENSIONS, _kept(level, source), strict=True)),
+        start.label("start"),
+        source.c.model,
+        source.c.bin,
+        source.c["count"],
+    ).subquery("keyed")
+    k = keyed.c
+    grouped = select(
+        literal(level.grain, latency_histogram.c.grain.type).label("grain"),
+        k.town_id,
+        k.action_type,
+        k.start,
+        k.model,
+        k.bin,
+        func.sum(k["count"]).label("count"),
+    ).group_by(k.town_id, k.action_type, k.start, k.model, k.bin)
+    columns = [*KEY_COLUMNS, "bin", "count"]
+    insert = backend.insert(latency_histogram).from_select(columns, grouped)
+    return insert.on_conflict_do_update(
+        index_elements=[*KEY_COLUMNS, "bin"],
+        set_={"count": latency_histogram.c["count"] + insert.excluded["count"]},
+    )
+
+
+async def _prices_start_inside(connection: AsyncConnection, grain: Grain, scope: Scope) -> bool:
+    """Whether a model or credit price begins strictly inside a `grain` bucket of the scope's range."""
+    model_starts = select(model_prices.c.effective_from.label("at")).where(
+        *range_terms(model_prices.c.effective_from, scope.since, scope.until)
+    )
+    if scope.model is not None:
+        model_starts = model_starts.where(model_prices.c.model == scope.model)
+    credit_starts = select(credit_prices.c.effective_from.label("at")).where(
+        *range_terms(credit_prices.c.effective_from, scope.since, scope.until)
+    )
+    moments = (await connection.execute(union_all(model_starts, credit_starts))).scalars().all()
+    return any(moment != floor_to(moment, grain) for moment in moments)
+
+
+async def fill(
+    connection: AsyncConnection,
+    backend: Backend,
+    levels: Sequence[Level],
+    scope: Scope,
+    *,
+    from_raw: bool = False,
+) -> None:
+    """Add the scope's actions to `levels` (in order). Each level sums a finer level's rows where it
+    has one, unless `from_raw` (late metrics, rebuilds) or the scope selects ids."""
+    split = {
+        grain: await _prices_start_inside(connection, grain, scope) for grain in {lv.grain for lv in levels}
+    }
+    raw = from_raw or scope.ids is not None
+    for level in levels:
+        sums_source = (
+            _raw_source(scope, histogram=False)
+            if raw or level.sums_from is None
+            else _level_source(level.sums_from, scope, histogram=False)
+        )
+        await connection.execute(_fill_sums(level, sums_source, backend, split=split[level.grain]))
+        if level.histogram:
+            histogram_source = (
+                _raw_source(scope, histogram=True)
+                if raw or level.histogram_from is None
+                else _level_source(level.histogram_from, scope, histogram=True)
+            )
+            await connection.execute(_fill_histogram(level, histogram_source, backend))
+
+
+# --- the write path ----------------------------------------------------------------------------------
+
+
+async def _next_timestamp(connection: AsyncConnection, since: datetime | None) -> datetime | None:
+    """The first raw timestamp at or after `since`: closing skips the empty time before it."""
+    m = action_metrics
+    statement = select(func.min(m.c.timestamp)).where(*range_terms(m.c.timestamp, since, None))
+    result: datetime | None = (await connection.execute(statement)).scalar()
+    return result
+
+
+async def close(
+    connection: AsyncConnection,
+    backend: Backend,
+    state: RollupState,
+    reach: datetime,
+    *,
+    max_hours: int = MAX_HOURS_CLOSED_PER_BATCH,
+    max_days: int = MAX_DAYS_CLOSED_PER_BATCH,
+) -> RollupState:
+    """Close the buckets that end at or before `reach` (at most `max_hours` hours and `max_days`
+    days holding actions), within the connection's transaction; the new state, not yet written."""
+    hours = await _close_grain(
+        connection, backend, "hour", state.hours_closed_until, floor_to(reach, "hour"), max_hours
+    )
+    days = await _close_grain(
+        connection, backend, "day", state.days_closed_until, floor_to(hours, "day"), max_days
+    )
+    return replace(state, hours_closed_until=hours, days_closed_until=days)
+
+
+async def _close_grain(
+    connection: AsyncConnection,
+    backend: Backend,
+    grain: Grain,
+    closed: datetime | None,
+    target: datetime,
+    most: int,
+) -> datetime:
+    """Fill the levels of `grain` from `closed` (None: the beginning) up to `target`, skipping the
+    buckets without actions and filling at most `most` buckets; how far it got."""
+    if closed is not None and closed >= target:
+        return closed
+    following = await _next_timestamp(connection, closed)
+    if following is None or following >= target:
+        return target
+    since = floor_to(following, grain)
+    until = min(target, since + most * GRAIN_LENGTH[grain])
+    await fill(connection, backend, levels_of(grain), Scope(since, until))
+    return until
+
+
+async def write_state(connection: AsyncConnection, before: RollupState, after: RollupState) -> None:
+    if after != before:
+        await _write_state(connection, after)
+
+
+async def add_late(
+    connection: AsyncConnection, backend: Backend, state: RollupState, ids: Sequence[Any], since: datetime
+) -> None:
+    """Add newly stored actions with these ids (all from `since` on) to every level whose buckets
+    holding them are closed."""
+    for grain in ("hour", "day"):
+        closed = state.closed_until(grain)
+        if closed is None or since >= closed:
+            continue
+        for chunk in _chunks(ids, 5_000):
+            await fill(connection, backend, levels_of(grain), Scope(since, closed, ids=tuple(chunk)))
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+async def stored_ids(connection: AsyncConnection, ids: Sequence[Any]) -> set[Any]:
+    """Which of `ids` are already in action_metrics."""
+    found: set[Any] = set()
+    for chunk in _chunks(ids, 5_000):
+        result = await connection.execute(select(action_metrics.c.id).where(action_metrics.c.id.in_(chunk)))
+        found.update(result.scalars())
+    return found
+
+
+# --- prices set afterwards -------------------------------------------------------------------------
+
+
+def closed_buckets_split_by(state: RollupState, moment: datetime) -> list[tuple[Grain, datetime]]:
+    """The closed buckets a price beginning at `moment` falls strictly inside."""
+    split: list[tuple[Grain, datetime]] = []
+    for grain in ("hour", "day"):
+        start = floor_to(moment, grain)
+        closed = state.closed_until(grain)
+        if start != moment and closed is not None and start < closed:
+            split.append((grain, start))
+    return split
+
+
+async def rebuild(
+    connection: AsyncConnection,
+    backend: Backend,
+    buckets: Sequence[tuple[Grain, datetime]],
+    model: str | None,
+) -> None:
+    """Sum these buckets again from the raw rows (one model's, or all), splitting rows at every
+    price that begins inside them. The histograms do not depend on prices and stay."""
+    for grain, start in buckets:
+        scope = Scope(start, start + GRAIN_LENGTH[grain], model=model)
+        where = [rollup.c.grain == grain, *scope.terms(rollup.c.start, rollup.c.model)]
+        await connection.execute(delete(rollup).where(*where))
+        await fill(connection, backend, levels_of(grain), scope, from_raw=True)
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+Range = tuple[datetime | None, datetime | None]
+"""[since, until): None is minus or plus infinity."""
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Where each part of a window is read from: whole closed buckets of levels, the rest raw."""
+
+    rollup_ranges: tuple[tuple[Level, datetime | None, datetime], ...] = ()
+    raw_ranges: tuple[Range, ...] = ()
+
+    @property
+    def uses_rollups(self) -> bool:
+        return bool(self.rollup_ranges)
+
+
+def _subtract(window: Range, covered: Sequence[tuple[datetime | None, datetime]]) -> list[Range]:
+    """`window` minus the covered ranges (which lie inside it, in order, without overlap)."""
+    pieces: list[Range] = []
+    since, until = window
+    for start, end in covered:
+        if start is not None and (since is None or since < start):
+            pieces.append((since, start))
+        since = end
+    if until is None or since is None or since < until:
+        pieces.append((since, until))
+    return pieces
+
+
+def plan_reads(
+    state: RollupState, kept: Iterable[str], since: datetime | None, until: datetime | None
+) -> ReadPlan:
+    """Cover [since, until) with whole closed days of the daily level, then whole closed hours of the
+    hourly level (where one keeps the filtered dimensions); raw rows for the rest."""
+    kept = tuple(kept)
+    covered: list[tuple[Level, datetime | None, datetime]] = []
+    day_level = reading_level("day", kept)
+    days_closed = state.days_closed_until
+    day_range: tuple[datetime | None, datetime] | None = None
+    if day_level is not None and days_closed is not None:
+        first = None if since is None else ceil_to(since, "day")
+        last = days_closed if until is None else min(floor_to(until, "day"), days_closed)
+        if first is None or first < last:
+            day_range = (first, last)
+    hour_level = reading_level("hour", kept)
+    hours_closed = state.hours_closed_until
+    if hour_level is not None and hours_closed is not None:
+        first_hour = None if since is None else ceil_to(since, "hour")
+        last_hour = hours_closed if until is None else min(floor_to(until, "hour"), hours_closed)
+        if day_range is None:
+            if first_hour is None or first_hour < last_hour:
+                covered.append((hour_level, first_hour, last_hour))
+        else:
+            day_first, day_last = day_range
+            if day_first is not None and (first_hour is None or first_hour < day_first):
+                covered.append((hour_level, first_hour, day_first))
+            if day_level is not None:
+                covered.append((day_level, day_first, day_last))
+            if last_hour > day_last:
+                covered.append((hour_level, day_last, last_hour))
+    elif day_range is not None and day_level is not None:
+        covered.append((day_level, *day_range))
+    if not covered:
+        return ReadPlan(raw_ranges=((since, until),))
+    raw = _subtract((since, until), [(start, end) for _, start, end in covered])
+    return ReadPlan(rollup_ranges=tuple(covered), raw_ranges=tuple(raw))
+
+
+def raw_only(since: datetime | None, until: datetime | None) -> ReadPlan:
+    return ReadPlan(raw_ranges=((since, until),))
+
+
+def reads_pruned_rows(plan: ReadPlan, state: RollupState) -> bool:
+    """Whether the plan needs raw rows from before the prune cut-off (its raw ranges are never empty)."""
+    cutoff = state.raw_kept_from
+    return cutoff is not None and any(since is None or since < cutoff for since, _ in plan.raw_ranges)
+
+
+def range_terms(
+    column: ColumnElement[Any], since: datetime | None, until: datetime | None
+) -> list[ColumnElement[bool]]:
+    terms: list[ColumnElement[bool]] = []
+    if since is not None:
+        terms.append(column >= since)
+    if until is not None:
+        terms.append(column < until)
+    return terms
+
+
+def any_range(column: ColumnElement[Any], ranges: Sequence[Range]) -> ColumnElement[bool]:
+    return or_(false(), *(and_(true(), *range_terms(column, since, until)) for since, until in ranges))
+
+
+# --- building ------------------------------------------------------------------------------------------
+
+WriteTransaction = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """Days closed so far by a build, out of those it will close."""
+
+    done: int
+    total: int
+
+
+async def build(
+    transaction: WriteTransaction,
+    backend: Backend,
+    *,
+    now: datetime | None = None,
+    progress: Callable[[BuildProgress], None] | None = None,
+) -> RollupState:
+    """Close every bucket up to `now` (less `CLOSE_DELAY`), a day of actions per transaction, so that
+    an interrupted build resumes where it stopped; `progress` gets the days covered so far."""
+    reach = (now or datetime.now(UTC)) - CLOSE_DELAY
+    async with transaction() as connection:
+        first = await _next_timestamp(connection, None)
+    first_day = None if first is None else floor_to(first, "day")
+    total = 0 if first_day is None else max(0, (floor_to(reach, "day") - first_day) // GRAIN_LENGTH["day"])
+    while True:
+        async with transaction() as connection:
+            before = await read_state(connection, for_update=True)
+            following = await _next_timestamp(connection, before.hours_closed_until)
+            step = (
+                reach if following is None else min(reach, floor_to(following, "day") + GRAIN_LENGTH["day"])
+            )
+            after = await close(connection, backend, before, step, max_hours=24, max_days=1)
+            await write_state(connection, before, after)
+        if progress is not None and first_day is not None and after.days_closed_until is not None:
+            done = max(0, (after.days_closed_until - first_day) // GRAIN_LENGTH["day"])
+            progress(BuildProgress(min(done, total), total))
+        if after == before:
+            return after
