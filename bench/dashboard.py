@@ -33,14 +33,21 @@ Per backend and selection, the median of `--repeat` runs (sides rotated each run
   SQLite's view adds up a rounded double per action). A MISMATCH line names every difference, and the
   bench exits 1.
 
-How the hand SQL is made fast (each is exact): prices are joined once per group rather than per action
-(PostgreSQL: `width_bucket` of each timestamp in the sorted array of all price changes, a hash
-aggregate, then one price lookup per group; SQLite: the price periods drive an index range scan of
-action_metrics per period, so there is neither a per-action price lookup nor a GROUP BY sort);
-tokens and credits are summed as integers and multiplied by their price once; the mean margin is
-derived from per-group sums; percentiles take one sort for the overall ones and one for the
-by-model ones (PostgreSQL: `percentile_cont` over an array of fractions; SQLite: ROW_NUMBER and only the
-ranked rows at the interpolation points are read back).
+How the hand SQL is made fast (all of it exact): prices are found once per group of actions, not per
+action; tokens and credits are summed as integers and multiplied by their price once; the mean margin
+comes from per-group sums; p50/p95/p99 take one sort and the by-model p95 one more.
+- PostgreSQL: `width_bucket` places each timestamp in the sorted array of all price changes, so one
+  hash aggregate by model, credits and bucket needs no join per action; `percentile_cont` over an
+  array of fractions.
+- SQLite, no filter but model and time: each price period drives a range scan of the (model, timestamp)
+  index, in the price tables' index order, so there is no GROUP BY sort; with a user, town, citizen or
+  action type: that filter's index finds the actions once, six columns of them are kept and priced by
+  a join. Percentiles: ROW_NUMBER, reading back only the rows at the interpolation points.
+
+PostgreSQL runs with the server's settings (jit=on by default, work_mem 4MB): `--postgres-setting
+jit=off` (repeatable, any NAME=VALUE) applies a setting to both sides' sessions. After a load the bench
+runs `VACUUM (ANALYZE) action_metrics`, as autovacuum soon would; it leaves the price tables
+unanalyzed, as autovacuum does with a table of a few rows.
 
 PostgreSQL: $ACTION_METRICS_BENCH_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres)
 must allow CREATE DATABASE; the bench drops only the databases it created (never a `--postgres-db`).
@@ -136,16 +143,21 @@ def selections(now: datetime) -> list[Selection]:
 
 # --- the hand-written SQL: SQLite ----------------------------------------------------------------
 #
-# Money: each price period of each model, crossed with each credit price period, drives one index
-# range scan of action_metrics (model = ?, timestamp in the period), and the scans come out grouped
-# by period in the order of the price tables' unique indexes, so SQLite needs neither a price lookup
-# per action nor a sort for the GROUP BY. Actions with no model price in force (before a model's
-# first price, or a model never priced) and actions before the first credit price come from two
-# more scans, empty unless such actions exist. The mean margin over actions with revenue > 0 is
-# n - (input * sum(tokens_in / credits) + output * sum(tokens_out / credits)) / (1e6 * usd_per_credit)
-# per price period, a sum of doubles as `aggregate()`'s AVG(margin) is.
-# Percentiles: ROW_NUMBER over all actions and within each model (one sort each), then only the rows
-# at the ranks the interpolation needs are kept; '~' sorts after every stored timestamp, '' before.
+# Two ways to find the actions and their prices, chosen by the filters as a DBA would:
+# - no filter but model and time (everything, one model, any window): each price period of each model,
+#   crossed with each credit price period, drives one range scan of the (model, timestamp) index, and
+#   the scans come out grouped by period in the order of the price tables' unique indexes, so there is
+#   neither a price lookup per action nor a sort for the GROUP BY. Actions with no model price in force
+#   (before a model's first price, or a model never priced) and actions before the first credit price
+#   come from two more scans, empty unless such actions exist.
+# - a user, town, citizen or action type: that filter's index finds the few actions once; they are kept
+#   (six columns) and each is priced by a join with the price periods, the GROUP BY sorting few rows.
+# Both sum tokens and credits as integers per price and multiply each sum by its price once, as
+# `aggregate()` does. The mean margin over priced actions with revenue > 0 is, per price period,
+# n - (input * sum(tokens_in / credits) + output * sum(tokens_out / credits)) / (1e6 * usd_per_credit):
+# a sum of doubles, as `aggregate()`'s AVG(margin) is.
+# Percentiles: ROW_NUMBER over the selection and within each model (one sort each), then only the
+# rows at the ranks the interpolation needs are read back. '~' sorts after every stored timestamp.
 
 SQLITE_PERIOD_SCANS: Final = """
 WITH RECURSIVE
@@ -160,12 +172,15 @@ first_credit_price AS (
 ),
 priced AS (
     SELECT p.model, p.input_per_1m AS i, p.output_per_1m AS o, c.usd_per_credit AS c{key_column},
-           count(*) AS n, sum(s.tokens_in) AS ti, sum(s.tokens_out) AS tout, sum(s.credits_charged) AS credits,
-           sum(s.latency_ms) AS lat, 0 AS unpriced, count(CASE WHEN s.credits_charged > 0 THEN 1 END) AS margin_n,
-           total(CASE WHEN s.credits_charged > 0 THEN s.tokens_in * 1.0 / s.credits_charged END) AS ti_per_credit,
-           total(CASE WHEN s.credits_charged > 0 THEN s.tokens_out * 1.0 / s.credits_charged END) AS tout_per_credit
+           count(*) AS n, sum(s.tokens_in) AS ti, sum(s.tokens_out) AS tout,
+           sum(s.credits_charged) AS credits, sum(s.latency_ms) AS lat, 0 AS unpriced,
+           count(CASE WHEN s.credits_charged > 0 THEN 1 END) AS margin_n,
+           total(CASE WHEN s.credits_charged > 0 THEN s.tokens_in * 1.0 / s.credits_charged END)
+               AS ti_per_credit,
+           total(CASE WHEN s.credits_charged > 0 THEN s.tokens_out * 1.0 / s.credits_charged END)
+               AS tout_per_credit
     FROM model_prices AS p CROSS JOIN credit_prices AS c CROSS JOIN action_metrics AS s
-    WHERE {model_match} = p.model
+    WHERE s.model = p.model
       AND s."timestamp" >= max(p.effective_from, c.effective_from, :since)
       AND s."timestamp" < min(
           coalesce((SELECT min(q.effective_from) FROM model_prices AS q
@@ -178,9 +193,10 @@ priced AS (
 ),
 credit_unpriced AS (
     SELECT p.model, p.input_per_1m, p.output_per_1m, NULL{key_column},
-           count(*), sum(s.tokens_in), sum(s.tokens_out), sum(s.credits_charged), sum(s.latency_ms), 0, 0, 0, 0
+           count(*), sum(s.tokens_in), sum(s.tokens_out), sum(s.credits_charged), sum(s.latency_ms),
+           0, 0, 0, 0
     FROM model_prices AS p CROSS JOIN action_metrics AS s
-    WHERE {model_match} = p.model
+    WHERE s.model = p.model
       AND s."timestamp" >= max(p.effective_from, :since)
       AND s."timestamp" < min(
           coalesce((SELECT min(q.effective_from) FROM model_prices AS q
@@ -194,13 +210,14 @@ model_unpriced AS (
     SELECT m.model, NULL, NULL,
            (SELECT q.usd_per_credit FROM credit_prices AS q WHERE q.effective_from <= s."timestamp"
             ORDER BY q.effective_from DESC LIMIT 1) AS c{key_column},
-           count(*), sum(s.tokens_in), sum(s.tokens_out), sum(s.credits_charged), sum(s.latency_ms), count(*),
-           0, 0, 0
+           count(*), sum(s.tokens_in), sum(s.tokens_out), sum(s.credits_charged), sum(s.latency_ms),
+           count(*), 0, 0, 0
     FROM models AS m CROSS JOIN action_metrics AS s
-    WHERE m.model IS NOT NULL AND {model_match} = m.model
+    WHERE m.model IS NOT NULL AND s.model = m.model
       AND s."timestamp" >= :since
       AND s."timestamp" < min(
-          coalesce((SELECT min(q.effective_from) FROM model_prices AS q WHERE q.model = m.model), '~'), :until)
+          coalesce((SELECT min(q.effective_from) FROM model_prices AS q WHERE q.model = m.model), '~'),
+          :until)
       {conditions}
     GROUP BY m.model, c{key_group}
 ),
@@ -208,21 +225,54 @@ periods AS (
     SELECT * FROM priced UNION ALL SELECT * FROM credit_unpriced UNION ALL SELECT * FROM model_unpriced
 )"""
 
-SQLITE_AGGREGATE: Final = (
-    SQLITE_PERIOD_SCANS
-    + """,
+SQLITE_SELECTION_JOIN: Final = """
+WITH
+model_periods AS (
+    SELECT model, effective_from AS starts, input_per_1m AS i, output_per_1m AS o,
+           coalesce(LEAD(effective_from) OVER (PARTITION BY model ORDER BY effective_from), '~') AS ends
+    FROM model_prices
+),
+credit_periods AS (
+    SELECT effective_from AS starts, usd_per_credit AS c,
+           coalesce(LEAD(effective_from) OVER (ORDER BY effective_from), '~') AS ends
+    FROM credit_prices
+),
+selection AS MATERIALIZED (
+    SELECT model, "timestamp", tokens_in, tokens_out, credits_charged, latency_ms
+    FROM action_metrics AS s
+    {where}
+),
+periods AS (
+    SELECT s.model, m.i, m.o, c.c,
+           count(*) AS n, sum(s.tokens_in) AS ti, sum(s.tokens_out) AS tout,
+           sum(s.credits_charged) AS credits, sum(s.latency_ms) AS lat, count(*) - count(m.model) AS unpriced,
+           count(CASE WHEN s.credits_charged > 0 THEN 1 END) AS margin_n,
+           total(CASE WHEN s.credits_charged > 0 THEN s.tokens_in * 1.0 / s.credits_charged END)
+               AS ti_per_credit,
+           total(CASE WHEN s.credits_charged > 0 THEN s.tokens_out * 1.0 / s.credits_charged END)
+               AS tout_per_credit
+    FROM selection AS s
+    LEFT JOIN model_periods AS m
+        ON m.model = s.model AND s."timestamp" >= m.starts AND s."timestamp" < m.ends
+    LEFT JOIN credit_periods AS c ON s."timestamp" >= c.starts AND s."timestamp" < c.ends
+    GROUP BY s.model, m.starts, c.starts
+)"""
+
+SQLITE_TOTALS_AND_PERCENTILES: Final = """,
 per_price AS (
     SELECT model, i, o, c, sum(n) AS n, sum(ti) AS ti, sum(tout) AS tout, sum(credits) AS credits,
            sum(lat) AS lat, sum(unpriced) AS unpriced,
            sum(CASE WHEN c > 0 AND i IS NOT NULL THEN margin_n END) AS margin_n,
            sum(CASE WHEN c > 0 AND i IS NOT NULL
-                    THEN margin_n - (i * ti_per_credit + o * tout_per_credit) / (1000000.0 * c) END) AS margin_sum
+                    THEN margin_n - (i * ti_per_credit + o * tout_per_credit) / (1000000.0 * c) END)
+               AS margin_sum
     FROM periods GROUP BY model, i, o, c
 ),
 totals AS (
-    SELECT NULL AS model, coalesce(sum(n), 0) AS n, coalesce(sum(ti), 0) AS ti, coalesce(sum(tout), 0) AS tout,
-           coalesce(sum(credits), 0) AS credits, sum(lat) / sum(n) AS avg_latency,
-           coalesce(sum(unpriced), 0) AS unpriced, sum(margin_sum) / sum(margin_n) AS avg_margin,
+    SELECT NULL AS model, coalesce(sum(n), 0) AS n, coalesce(sum(ti), 0) AS ti,
+           coalesce(sum(tout), 0) AS tout, coalesce(sum(credits), 0) AS credits,
+           sum(lat) / sum(n) AS avg_latency, coalesce(sum(unpriced), 0) AS unpriced,
+           sum(margin_sum) / sum(margin_n) AS avg_margin,
            coalesce(sum(cost), 0) AS cost, coalesce(sum(revenue), 0) AS revenue
     FROM (
         SELECT sum(n) AS n, sum(ti) AS ti, sum(tout) AS tout, sum(credits) AS credits, sum(lat) AS lat,
@@ -237,7 +287,8 @@ totals AS (
     FROM per_price GROUP BY model
 ),
 positions AS (
-    SELECT t.model, f.fraction, (t.n - 1) * f.fraction AS position, CAST((t.n - 1) * f.fraction AS INTEGER) AS lo
+    SELECT t.model, f.fraction, (t.n - 1) * f.fraction AS position,
+           CAST((t.n - 1) * f.fraction AS INTEGER) AS lo
     FROM totals AS t
     JOIN (SELECT 0.5 AS fraction UNION ALL SELECT 0.95 UNION ALL SELECT 0.99) AS f
         ON t.model IS NULL OR f.fraction = 0.95
@@ -246,9 +297,9 @@ positions AS (
 ranked AS NOT MATERIALIZED (
     SELECT model, latency_ms,
            ROW_NUMBER() OVER (ORDER BY latency_ms) - 1 AS overall_rank,
-           ROW_NUMBER() OVER (PARTITION BY model ORDER BY latency_ms) - 1 AS model_rank
-    FROM action_metrics AS s {ranked_hint}
-    {ranked_where}
+           -- +model: not the model index's order, which would cost a scan of the whole index
+           ROW_NUMBER() OVER (PARTITION BY +model ORDER BY latency_ms) - 1 AS model_rank
+    FROM {ranked_source}
 ),
 picked AS (
     SELECT model, overall_rank, model_rank, latency_ms FROM ranked
@@ -278,7 +329,6 @@ SELECT t.model, t.n, t.ti, t.tout, t.credits, t.avg_latency,
        CASE WHEN t.revenue > 0 THEN (t.revenue - t.cost) / t.revenue END, t.unpriced
 FROM totals AS t
 """
-)
 
 SQLITE_DAILY: Final = (
     SQLITE_PERIOD_SCANS
@@ -293,6 +343,8 @@ GROUP BY key
 )
 
 SQLITE_DAILY_KEYS: Final = {"day": 'substr(s."timestamp", 1, 10)', "town_id": "s.town_id", "model": "s.model"}
+SQLITE_NARROW_FILTERS: Final = ("user_id", "town_id", "citizen_id", "action_type")
+"""Filters whose index finds few enough actions to keep them and price each by a join."""
 
 
 def sqlite_aggregate_sql(filters: Filters) -> tuple[str, dict[str, Any]]:
@@ -301,35 +353,32 @@ def sqlite_aggregate_sql(filters: Filters) -> tuple[str, dict[str, Any]]:
     parameters: dict[str, Any] = {name: filters[name] for name in equalities}
     parameters["since"] = sqlite_time(filters["since"]) if filters.get("since") else ""
     parameters["until"] = sqlite_time(filters["until"]) if filters.get("until") else "~"
-    conditions = "".join(f" AND s.{name} = :{name}" for name in equalities)
-    ranked_conditions = [f"s.{name} = :{name}" for name in equalities]
+    conditions = [f"s.{name} = :{name}" for name in equalities]
     if filters.get("since"):
-        ranked_conditions.append('s."timestamp" >= :since')
+        conditions.append('s."timestamp" >= :since')
     if filters.get("until"):
-        ranked_conditions.append('s."timestamp" < :until')
-    sql = SQLITE_AGGREGATE.format(
-        key_column="",
-        key_group="",
-        conditions=conditions,
-        model_match=sqlite_model_match(equalities),
-        ranked_hint="" if ranked_conditions else "NOT INDEXED",
-        ranked_where=f"WHERE {' AND '.join(ranked_conditions)}" if ranked_conditions else "",
-    )
+        conditions.append('s."timestamp" < :until')
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    if any(name in SQLITE_NARROW_FILTERS for name in equalities):
+        sql = SQLITE_SELECTION_JOIN.format(where=where) + SQLITE_TOTALS_AND_PERCENTILES.format(
+            ranked_source="selection AS s"
+        )
+    else:
+        period_scans = SQLITE_PERIOD_SCANS.format(
+            key_column="",
+            key_group="",
+            conditions="".join(f" AND s.{name} = :{name}" for name in equalities),
+        )
+        # With no filter at all, a plain scan of the table beats walking an index for the windows.
+        source = f"action_metrics AS s {where}" if where else "action_metrics AS s NOT INDEXED"
+        sql = period_scans + SQLITE_TOTALS_AND_PERCENTILES.format(ranked_source=source)
     return sql, parameters
 
 
 def sqlite_daily_sql(key: str) -> str:
     return SQLITE_DAILY.format(
-        key_column=f", {SQLITE_DAILY_KEYS[key]} AS key",
-        key_group=", key",
-        conditions="",
-        model_match="s.model",
+        key_column=f", {SQLITE_DAILY_KEYS[key]} AS key", key_group=", key", conditions=""
     )
-
-
-def sqlite_model_match(equalities: Sequence[str]) -> str:
-    """`+s.model` keeps SQLite off the model index when another filter's index is the narrower scan."""
-    return "+s.model" if any(name != "model" for name in equalities) else "s.model"
 
 
 def sqlite_time(moment: datetime) -> str:
@@ -354,18 +403,26 @@ WITH bounds AS MATERIALIZED (
     ) AS changes
 ),
 buckets AS MATERIALIZED (
-    SELECT bucket, (SELECT starts FROM bounds)[bucket] AS starts
-    FROM generate_subscripts((SELECT starts FROM bounds), 1) AS bucket
+    SELECT bucket::int AS bucket, starts
+    FROM unnest((SELECT starts FROM bounds)) WITH ORDINALITY AS changes(starts, bucket)
 ),
 model_bucket_prices AS MATERIALIZED (
-    SELECT DISTINCT ON (b.bucket, p.model) b.bucket, p.model, p.input_per_1m AS i, p.output_per_1m AS o
-    FROM buckets AS b JOIN model_prices AS p ON p.effective_from <= b.starts
-    ORDER BY b.bucket, p.model, p.effective_from DESC
+    SELECT b.bucket, p.model, p.i, p.o
+    FROM (
+        SELECT model, input_per_1m AS i, output_per_1m AS o, effective_from AS starts,
+               lead(effective_from) OVER (PARTITION BY model ORDER BY effective_from) AS ends
+        FROM model_prices
+    ) AS p
+    JOIN buckets AS b ON b.starts >= p.starts AND (p.ends IS NULL OR b.starts < p.ends)
 ),
 credit_bucket_prices AS MATERIALIZED (
-    SELECT DISTINCT ON (b.bucket) b.bucket, c.usd_per_credit AS c
-    FROM buckets AS b JOIN credit_prices AS c ON c.effective_from <= b.starts
-    ORDER BY b.bucket, c.effective_from DESC
+    SELECT b.bucket, p.c
+    FROM (
+        SELECT usd_per_credit AS c, effective_from AS starts,
+               lead(effective_from) OVER (ORDER BY effective_from) AS ends
+        FROM credit_prices
+    ) AS p
+    JOIN buckets AS b ON b.starts >= p.starts AND (p.ends IS NULL OR b.starts < p.ends)
 )"""
 
 POSTGRES_AGGREGATE: Final = (
@@ -388,7 +445,8 @@ totals AS (
     SELECT model, coalesce(sum(n), 0) AS n, coalesce(sum(ti), 0) AS ti, coalesce(sum(tout), 0) AS tout,
            coalesce(sum(credits * n), 0) AS credits, sum(lat) / sum(n) AS avg_latency,
            coalesce(sum(n) FILTER (WHERE i IS NULL), 0) AS unpriced,
-           sum(n - (ti * i + tout * o) / (1000000.0 * credits * c)) FILTER (WHERE credits * c > 0 AND i IS NOT NULL)
+           sum(n - (ti * i + tout * o) / (1000000.0 * credits * c))
+               FILTER (WHERE credits * c > 0 AND i IS NOT NULL)
                / sum(n) FILTER (WHERE credits * c > 0 AND i IS NOT NULL) AS avg_margin,
            coalesce(sum((ti * i + tout * o) / 1000000.0), 0) AS cost,
            coalesce(sum(credits * n * c), 0) AS revenue
@@ -584,8 +642,8 @@ class PostgresHandSQL(HandSQL):
         self.connection = connection
 
     @classmethod
-    async def connect(cls, url: str) -> PostgresHandSQL:
-        return cls(await asyncpg.connect(url))
+    async def connect(cls, url: str, settings: Mapping[str, str]) -> PostgresHandSQL:
+        return cls(await asyncpg.connect(url, server_settings=dict(settings)))
 
     async def aggregate(self, filters: Filters) -> dict[str, Any]:
         sql, parameters = postgres_aggregate_sql(filters)
@@ -623,10 +681,11 @@ def differences(
     """What `got` (an API result) gets wrong against `want` (the hand SQL's), one line each.
 
     Integers exactly, money to 1e-9 USD, the rest to 1e-9 relative; `percentiles_within` loosens
-    the percentiles (an approximate aggregate's). Keys only one side has are not compared."""
+    the percentiles (an approximate aggregate's). Keys only the API has are not compared."""
     found: list[str] = []
     for key, expected in want.items():
         if key not in got:
+            found.append(f"{where}{key}: missing from the api's result")
             continue
         actual = got[key]
         label = f"{where}{key}"
@@ -876,10 +935,19 @@ async def load(url: str, arguments: argparse.Namespace, console: Console) -> Non
     )
 
 
-async def open_hand(backend: str, url: str) -> HandSQL:
+async def open_hand(backend: str, url: str, settings: Mapping[str, str] | None = None) -> HandSQL:
     if backend == "sqlite":
         return SQLiteHandSQL(make_url(url).database or "")
-    return await PostgresHandSQL.connect(url)
+    return await PostgresHandSQL.connect(url, settings or {})
+
+
+def with_settings(url: str, settings: Mapping[str, str]) -> str:
+    """The store's URL with PostgreSQL settings for its sessions (libpq's `options`, which the
+    package passes on to asyncpg), so both sides run under the same settings."""
+    if not settings:
+        return url
+    options = " ".join(f"-c {name}={value}" for name, value in settings.items())
+    return make_url(url).update_query_dict({"options": options}).render_as_string(hide_password=False)
 
 
 async def database(backend: str, arguments: argparse.Namespace, workdir: Path) -> tuple[str, bool]:
@@ -896,7 +964,9 @@ async def database(backend: str, arguments: argparse.Namespace, workdir: Path) -
 
 async def fill(backend: str, url: str, arguments: argparse.Namespace, console: Console) -> None:
     """Migrate to head, then load unless the database already holds actions (a kept one)."""
+    started = time.perf_counter()
     await migrate_to_head(url)
+    console.print(f"{backend}: migrated to head in {time.perf_counter() - started:.1f} s")
     hand = await open_hand(backend, url)
     try:
         stored = await stored_actions(hand)
@@ -998,7 +1068,8 @@ async def run_backend(
 
 
 async def measure(backend: str, url: str, arguments: argparse.Namespace, console: Console) -> list[Outcome]:
-    hand = await open_hand(backend, url)
+    settings = arguments.postgres_settings if backend == "postgresql" else {}
+    hand = await open_hand(backend, url, settings)
     outcomes: list[Outcome] = []
     try:
         now = await hand.newest()
@@ -1008,7 +1079,7 @@ async def measure(backend: str, url: str, arguments: argparse.Namespace, console
             s for s in selections(now) if not arguments.only or any(o in s.name for o in arguments.only)
         ]
         console.print(f"{backend}: {await server_facts(hand)}; clock: the newest action, {now.isoformat()}")
-        async with AsyncMetricsStore(url) as store:
+        async with AsyncMetricsStore(with_settings(url, settings)) as store:
             bench = Bench(store, hand, arguments.repeat)
             for selection in chosen:
                 outcome = await bench.run(selection)
@@ -1018,9 +1089,8 @@ async def measure(backend: str, url: str, arguments: argparse.Namespace, console
                 console.print(progress_line(outcome), highlight=False)
                 for line in outcome.mismatches:
                     console.print(f"[red bold]MISMATCH {backend} {selection.name}: {line}", highlight=False)
-                if arguments.explain:
-                    if selection.daily_key is None:
-                        console.print(await hand.explain(selection.filters), highlight=False, markup=False)
+                if arguments.explain and selection.daily_key is None:
+                    console.print(await hand.explain(selection.filters), highlight=False, markup=False)
         total = await stored_actions(hand)
         title = f"{backend}: {total:,} actions, median of {arguments.repeat} runs"
         console.print(report_table(backend, title, outcomes))
@@ -1030,7 +1100,8 @@ async def measure(backend: str, url: str, arguments: argparse.Namespace, console
 
 
 async def main(arguments: argparse.Namespace) -> int:
-    console = Console(stderr=arguments.json, highlight=False)
+    stream = sys.stderr if arguments.json else sys.stdout
+    console = Console(stderr=arguments.json, highlight=False, width=None if stream.isatty() else 150)
     console.print(
         f"action-metrics dashboard bench: {arguments.actions:,} actions over {arguments.days:g} days,"
         f" {arguments.repeat} runs per side, {os.cpu_count()} CPUs, backends {', '.join(arguments.backends)}"
@@ -1075,6 +1146,14 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout (the tables go to stderr)")
     parser.add_argument(
+        "--postgres-setting",
+        dest="postgres_settings",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a PostgreSQL setting for both sides' sessions, e.g. jit=off or work_mem=64MB (repeatable)",
+    )
+    parser.add_argument(
         "--explain", action="store_true", help="print the hand SQL's plan after each selection (diagnosis)"
     )
     arguments = parser.parse_args(argv)
@@ -1083,6 +1162,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(
             f"--backends takes sqlite and/or postgresql, not {', '.join(sorted(unknown)) or 'nothing'}"
         )
+    settings = [setting.partition("=") for setting in arguments.postgres_settings]
+    if any(not name or not equals or not value for name, equals, value in settings):
+        parser.error("--postgres-setting takes NAME=VALUE")
+    arguments.postgres_settings = {name.strip(): value.strip() for name, _, value in settings}
     if arguments.actions < 1 or arguments.repeat < 1:
         parser.error("--actions and --repeat must be at least 1")
     return arguments

@@ -23,6 +23,7 @@ from action_metrics.dialects import WRITE, Backend, backend_for
 from action_metrics.ingest import INGEST_BATCH, metric_batches
 from action_metrics.query import metric_rows
 from action_metrics.schema import action_metrics
+from action_metrics.validation import MAX_LATENCY_MS
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 MODELS = ["haiku", "sonnet", "claude-sonnet-4-5@20250929", "openai/gpt-4o-mini", "unpriced-model"]
@@ -39,7 +40,7 @@ def varied_metrics(count: int, start: datetime = NOW, *, extremes: bool = True) 
         {"tokens_in": 2**63 - 1, "tokens_out": 0, "credits_charged": 2**63 - 1},
         {"latency_ms": 0.0},
         {"latency_ms": 0.000123},
-        {"latency_ms": 1e300},
+        {"latency_ms": MAX_LATENCY_MS},
         {"user_id": 'o\'brien "quoted" \\ % _ ; --', "citizen_id": None},
         {"town_id": "町-ü-😀", "metadata": {"text": "é 😀 \u2028", "list": [1, 2.5, None, True, "x"]}},
         {"metadata": {"nested": {"deeper": {"value": -0.0, "big": 12345678901234567890}}}},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 import uuid
@@ -16,6 +15,7 @@ from action_metrics.pricing import MODEL_COSTS_PER_1M, REVENUE_PER_CREDIT_USD
 from action_metrics.validation import (
     MAX_ID_LENGTH,
     MAX_INT64,
+    MAX_LATENCY_MS,
     as_utc,
     check_action_type,
     check_count,
@@ -114,7 +114,6 @@ def _remember(valid: set[str], name: str) -> str:
 
 _DEFAULT: Final[Any] = object()
 """Marks an argument left out, so that an explicit None is still checked (and refused)."""
-_MAX_FLOAT: Final = sys.float_info.max
 
 
 @dataclass(frozen=True, slots=True, eq=True, init=False)
@@ -170,7 +169,7 @@ class ActionMetric:
             tokens_out = check_count("tokens_out", tokens_out)
         if type(model) is not str or model not in _valid_models:
             model = _remember(_valid_models, check_model(model))
-        if type(latency_ms) is not float or not 0.0 <= latency_ms <= _MAX_FLOAT:
+        if type(latency_ms) is not float or not 0.0 <= latency_ms <= MAX_LATENCY_MS:
             latency_ms = check_latency(latency_ms)
         if type(credits_charged) is not int or not 0 <= credits_charged <= MAX_INT64:
             credits_charged = check_count("credits_charged", credits_charged)

@@ -97,9 +97,10 @@ def latency_bin(latency_ms: ColumnElement[float]) -> ColumnElement[int]:
 
 
 def bin_value(bin_column: ColumnElement[int]) -> ColumnElement[float]:
-    """The latency a bin stands for."""
-    scaled = func.exp(cast(bin_column, Double) * literal(LN_GAMMA, Double)) * literal(
-        REPRESENTATIVE_FACTOR, Double
+    """The latency a bin stands for: 2 * GAMMA**bin / (GAMMA + 1)."""
+    scaled = func.exp(
+        cast(bin_column, Double) * literal(LN_GAMMA, Double)
+        + literal(math.log(REPRESENTATIVE_FACTOR), Double)
     )
     return type_coerce(case((bin_column == ZERO_BIN, literal(0.0, Double)), else_=scaled), Double)
 

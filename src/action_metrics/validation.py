@@ -18,6 +18,8 @@ MAX_ID_LENGTH: Final = 256
 MAX_MODEL_LENGTH: Final = 128
 MAX_METADATA_BYTES: Final = 64 * 1024
 MAX_METADATA_DEPTH: Final = 32
+MAX_LATENCY_MS: Final = 1e15
+"""About 31,700 years: anything longer is a broken clock, and sums of such values could overflow."""
 _ACTION_TYPE: Final = re.compile(r"[a-z0-9_.\-]{1,64}")
 
 
@@ -83,9 +85,11 @@ def check_latency(value: object) -> float:
     try:
         latency = float(value)
     except OverflowError:  # an int beyond the range of a float
-        raise InvalidMetric("latency_ms", f"expected a finite number >= 0, got {shown(value)}") from None
-    if not math.isfinite(latency) or latency < 0:
-        raise InvalidMetric("latency_ms", f"expected a finite number >= 0, got {value}")
+        raise InvalidMetric(
+            "latency_ms", f"expected a number from 0 to {MAX_LATENCY_MS:g}, got {shown(value)}"
+        ) from None
+    if not math.isfinite(latency) or not 0 <= latency <= MAX_LATENCY_MS:
+        raise InvalidMetric("latency_ms", f"expected a number from 0 to {MAX_LATENCY_MS:g}, got {value}")
     return latency
 
 
