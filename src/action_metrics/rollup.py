@@ -33,15 +33,19 @@ from typing import Any, Final, Literal
 
 from sqlalchemy import (
     BigInteger,
+    Column,
     ColumnElement,
     Double,
     Integer,
+    MetaData,
+    Table,
     and_,
     case,
     cast,
     delete,
     false,
     func,
+    insert,
     literal,
     or_,
     select,
@@ -51,6 +55,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.schema import CreateTable, DropTable
 from sqlalchemy.sql.selectable import Subquery
 
 from action_metrics.dialects import Backend
@@ -273,25 +278,50 @@ class Scope:
         return terms
 
 
-def _raw_source(scope: Scope, *, histogram: bool) -> Subquery:
+_scratch_columns = [
+    Column("town_id", rollup.c.town_id.type),
+    Column("action_type", rollup.c.action_type.type),
+    Column("model", rollup.c.model.type),
+    Column("at", rollup.c.start.type),
+    *(Column(name, rollup.c[name].type) for name in SUM_COLUMNS),
+    Column("bin", latency_histogram.c.bin.type),
+]
+_scratch = Table(
+    "action_metrics_rollup_scratch",
+    MetaData(),
+    *_scratch_columns,
+    prefixes=["TEMPORARY"],
+    postgresql_on_commit="DROP",
+)
+"""The raw rows being summed, read once with their sums' terms and latency bin, then summed into
+every level: one pass over the raw table instead of one per level."""
+
+
+async def _copy_raw_rows(connection: AsyncConnection, scope: Scope) -> None:
     m = action_metrics
     where = scope.terms(m.c.timestamp, m.c.model)
     if scope.ids is not None:
         where.append(m.c.id.in_(scope.ids))
-    measures: dict[str, ColumnElement[Any]] = (
-        {"bin": latency_bin(m.c.latency_ms), "count": literal(1, BigInteger)} if histogram else raw_sums(m)
-    )
-    return (
-        select(
-            m.c.town_id,
-            m.c.action_type,
-            m.c.model,
-            m.c.timestamp.label("at"),
-            *(expression.label(name) for name, expression in measures.items()),
-        )
-        .where(*where)
-        .subquery("source")
-    )
+    sums = raw_sums(m)
+    rows = select(
+        m.c.town_id,
+        m.c.action_type,
+        m.c.model,
+        m.c.timestamp,
+        *(sums[name] for name in SUM_COLUMNS),
+        latency_bin(m.c.latency_ms),
+    ).where(*where)
+    await connection.execute(CreateTable(_scratch))
+    await connection.execute(insert(_scratch).from_select([column.name for column in _scratch_columns], rows))
+
+
+def _raw_source(*, histogram: bool) -> Subquery:
+    s = _scratch
+    measures = ("bin",) if histogram else SUM_COLUMNS
+    counted = (literal(1, BigInteger).label("count"),) if histogram else ()
+    return select(
+        s.c.town_id, s.c.action_type, s.c.model, s.c.at, *(s.c[name] for name in measures), *counted
+    ).subquery("source")
 
 
 def _level_source(finer: Level, scope: Scope, *, histogram: bool) -> Subquery:
@@ -332,8 +362,9 @@ def _kept(level: Level, source: Subquery) -> list[ColumnElement[str]]:
     ]
 
 
-def _fill_sums(level: Level, source: Subquery, backend: Backend, *, split: bool) -> Any:
-    """INSERT ... SELECT of `source`'s sums into `level`, adding to rows already there."""
+def _fill_sums(level: Level, source: Subquery, backend: Backend, *, split: bool, merge: bool) -> Any:
+    """INSERT ... SELECT of `source`'s sums into `level`, adding to rows already there if `merge`
+    (buckets being closed have none: a plain INSERT is cheaper)."""
     start = backend.bucket_start(source.c.at, level.grain)
     if split:  # a price began inside a bucket: rows start at the latest of bucket and price starts
         start = backend.greatest(
@@ -355,13 +386,15 @@ def _fill_sums(level: Level, source: Subquery, backend: Backend, *, split: bool)
         *(backend.sum_without_overflow(k[name]).label(name) for name in SUM_COLUMNS),
     ).group_by(k.town_id, k.action_type, k.start, k.model)
     insert = backend.insert(rollup).from_select([*KEY_COLUMNS, *SUM_COLUMNS], grouped)
+    if not merge:
+        return insert
     return insert.on_conflict_do_update(
         index_elements=list(KEY_COLUMNS),
         set_={name: rollup.c[name] + insert.excluded[name] for name in SUM_COLUMNS},
     )
 
 
-def _fill_histogram(level: Level, source: Subquery, backend: Backend) -> Any:
+def _fill_histogram(level: Level, source: Subquery, backend: Backend, *, merge: bool) -> Any:
     start = backend.bucket_start(source.c.at, level.grain)
     keyed = select(
         *(column.label(name) for name, column in zip(DIMENSIONS, _kept(level, source), strict=True)),
@@ -382,6 +415,8 @@ def _fill_histogram(level: Level, source: Subquery, backend: Backend) -> Any:
     ).group_by(k.town_id, k.action_type, k.start, k.model, k.bin)
     columns = [*KEY_COLUMNS, "bin", "count"]
     insert = backend.insert(latency_histogram).from_select(columns, grouped)
+    if not merge:
+        return insert
     return insert.on_conflict_do_update(
         index_elements=[*KEY_COLUMNS, "bin"],
         set_={"count": latency_histogram.c["count"] + insert.excluded["count"]},
@@ -408,28 +443,35 @@ async def fill(
     levels: Sequence[Level],
     scope: Scope,
     *,
-    from_raw: bool = False,
+    closing: bool,
+    histograms: bool = True,
 ) -> None:
-    """Add the scope's actions to `levels` (in order). Each level sums a finer level's rows where it
-    has one, unless `from_raw` (late metrics, rebuilds) or the scope selects ids."""
-    split = {
-        grain: await _prices_start_inside(connection, grain, scope) for grain in {lv.grain for lv in levels}
-    }
-    raw = from_raw or scope.ids is not None
+    """Add the scope's actions to `levels` (in order). When `closing` the buckets have no rows yet,
+    and each level sums a finer level's rows where it has one; otherwise (late metrics, rebuilds)
+    every level sums the raw rows and adds to its rows. `histograms=False` fills the sums only."""
+    grains = {level.grain for level in levels}
+    split = {grain: await _prices_start_inside(connection, grain, scope) for grain in grains}
+    copied = False
     for level in levels:
-        sums_source = (
-            _raw_source(scope, histogram=False)
-            if raw or level.sums_from is None
-            else _level_source(level.sums_from, scope, histogram=False)
+        sources = [(False, level.sums_from)] + (
+            [(True, level.histogram_from)] if level.histogram and histograms else []
         )
-        await connection.execute(_fill_sums(level, sums_source, backend, split=split[level.grain]))
-        if level.histogram:
-            histogram_source = (
-                _raw_source(scope, histogram=True)
-                if raw or level.histogram_from is None
-                else _level_source(level.histogram_from, scope, histogram=True)
+        for histogram, finer in sources:
+            if finer is not None and closing:
+                source = _level_source(finer, scope, histogram=histogram)
+            else:
+                if not copied:
+                    await _copy_raw_rows(connection, scope)
+                    copied = True
+                source = _raw_source(histogram=histogram)
+            statement = (
+                _fill_histogram(level, source, backend, merge=not closing)
+                if histogram
+                else _fill_sums(level, source, backend, split=split[level.grain], merge=not closing)
             )
-            await connection.execute(_fill_histogram(level, histogram_source, backend))
+            await connection.execute(statement)
+    if copied:
+        await connection.execute(DropTable(_scratch))
 
 
 # --- the write path ----------------------------------------------------------------------------------
@@ -480,7 +522,7 @@ async def _close_grain(
         return target
     since = floor_to(following, grain)
     until = min(target, since + most * GRAIN_LENGTH[grain])
-    await fill(connection, backend, levels_of(grain), Scope(since, until))
+    await fill(connection, backend, levels_of(grain), Scope(since, until), closing=True)
     return until
 
 
@@ -499,7 +541,9 @@ async def add_late(
         if closed is None or since >= closed:
             continue
         for chunk in _chunks(ids, 5_000):
-            await fill(connection, backend, levels_of(grain), Scope(since, closed, ids=tuple(chunk)))
+            await fill(
+                connection, backend, levels_of(grain), Scope(since, closed, ids=tuple(chunk)), closing=False
+            )
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -542,7 +586,7 @@ async def rebuild(
         scope = Scope(start, start + GRAIN_LENGTH[grain], model=model)
         where = [rollup.c.grain == grain, *scope.terms(rollup.c.start, rollup.c.model)]
         await connection.execute(delete(rollup).where(*where))
-        await fill(connection, backend, levels_of(grain), scope, from_raw=True)
+        await fill(connection, backend, levels_of(grain), scope, closing=False, histograms=False)
 
 
 # --- reading -----------------------------------------------------------------------------------------
