@@ -115,6 +115,13 @@ def bin_of(latency_ms: float) -> int:
     return ZERO_BIN if latency_ms <= 0 else math.ceil(math.log(latency_ms) / LN_GAMMA)
 
 
+def bin_value_of(bin_number: int) -> float:
+    """`bin_value` in Python."""
+    return (
+        0.0 if bin_number == ZERO_BIN else math.exp(bin_number * LN_GAMMA + math.log(REPRESENTATIVE_FACTOR))
+    )
+
+
 # --- levels --------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,389 @@
+"""The rollups stay equal to the raw rows through everything the raw table survives: late and
+re-sent metrics, prices set afterwards inside closed buckets, an interrupted build, a prune, and
+any window and filter (hypothesis). Checked against the independent reference in tests/reference.py
+on both backends; percentiles merged from histograms to 1%, everything else exactly.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from action_metrics import ActionMetric, InvalidPrice, MetricsStore
+from action_metrics.errors import RawRowsPruned
+from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
+from action_metrics.rollup import (
+    CLOSE_DELAY,
+    BuildProgress,
+    RollupState,
+    bin_of,
+    bin_value_of,
+    floor_to,
+    read_state,
+)
+
+from reference import PriceBook, assert_matches, expected_aggregate, percentile, select_like_the_store
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+START = (NOW - timedelta(days=6)).replace(hour=0, minute=0, second=0)
+TOWNS = ["town-a", "town-b", "town-c"]
+ACTIONS = ["lod3", "lod4", "dialogue"]
+MODELS = ["haiku", "sonnet", "opus", "template", "mystery"]
+
+
+def _book(
+    extra_models: dict[str, list[tuple[datetime, str, str]]] | None = None,
+    extra_credits: list[tuple[datetime, str]] | None = None,
+) -> PriceBook:
+    models = {
+        model: [(BEGINNING_OF_TIME, Decimal(str(i)), Decimal(str(o)))]
+        for model, (i, o) in MODEL_COSTS_PER_1M.items()
+    }
+    for model, prices in (extra_models or {}).items():
+        models.setdefault(model, []).extend((at, Decimal(i), Decimal(o)) for at, i, o in prices)
+    credits = [(BEGINNING_OF_TIME, Decimal("0.006"))]
+    credits += [(at, Decimal(usd)) for at, usd in extra_credits or []]
+    return PriceBook(models, credits)
+
+
+def _metric(rng: random.Random, at: datetime, **fields: Any) -> ActionMetric:
+    values: dict[str, Any] = {
+        "action_type": rng.choice(ACTIONS),
+        "user_id": f"user-{rng.randrange(5)}",
+        "town_id": rng.choice(TOWNS),
+        "citizen_id": rng.choice([None, "citizen-1", "citizen-2"]),
+        "tokens_in": rng.randrange(0, 40_000),
+        "tokens_out": rng.randrange(0, 4_000),
+        "model": rng.choice(MODELS),
+        "latency_ms": rng.choice([0.0, 0.3, rng.lognormvariate(5, 1.5), rng.uniform(1, 5)]),
+        "credits_charged": rng.choice([0, 10, 100, 400]),
+        "timestamp": at,
+    }
+    values.update(fields)
+    return ActionMetric(**values)
+
+
+def _spread(rng: random.Random, count: int, since: datetime, until: datetime) -> list[ActionMetric]:
+    seconds = (until - since).total_seconds()
+    moments = sorted(since + timedelta(seconds=rng.uniform(0, seconds)) for _ in range(count))
+    return [_metric(rng, at) for at in moments]
+
+
+class Interrupted(Exception):
+    """Stands for Ctrl-C in the middle of a build."""
+
+
+def _assert_everything(
+    store: MetricsStore, metrics: list[ActionMetric], book: PriceBook, **filters: Any
+) -> None:
+    """aggregate() from the rollups and exact=True from raw rows both match the reference."""
+    expected = expected_aggregate(select_like_the_store(metrics, filters), book)
+    for exact in (False, True):
+        assert_matches(
+            store.aggregate(exact=exact, **filters).to_dict(), expected, f"{filters} exact={exact}: "
+        )
+
+
+WINDOWS: list[dict[str, Any]] = [
+    {},
+    {"since": START + timedelta(days=2)},
+    {
+        "since": START + timedelta(days=1, hours=13, minutes=37, seconds=11),
+        "until": START + timedelta(days=3, hours=4, minutes=12, seconds=9),
+    },
+    {"until": START + timedelta(days=4, hours=5)},
+    {"since": NOW - timedelta(hours=24)},
+    {"town_id": "town-b"},
+    {"action_type": "lod4", "since": START + timedelta(days=1, minutes=30)},
+    {"model": "sonnet", "until": START + timedelta(days=5, hours=1, seconds=1)},
+    {"town_id": "town-a", "action_type": "lod3"},
+    {"user_id": "user-2", "since": START + timedelta(days=1)},
+]
+
+
+def test_late_and_resent_metrics_are_counted_once_in_the_closed_buckets(database_url: str) -> None:
+    rng = random.Random(1)
+    on_time = _spread(rng, 1500, START, NOW - timedelta(minutes=20))
+    with MetricsStore(database_url) as store:
+        for start in range(0, len(on_time), 300):
+            store.emit_many(on_time[start : start + 300])
+        state = _state(store)
+        assert state.days_closed_until is not None
+        assert state.days_closed_until > START + timedelta(days=4)
+        # Late: days and hours that are already closed, some twice in one batch; and metrics stored
+        # before, sent again one by one and in a batch.
+        late = _spread(rng, 400, START, NOW - timedelta(hours=3))
+        store.emit_many([*late[:200], *late[:50], *on_time[:100]])
+        for metric in [*late[200:260], *on_time[100:110]]:
+            store.emit(metric)
+        store.emit_many(late[200:])
+        store.flush()
+        everything = on_time + late
+        assert store.aggregate().count == len(everything)
+        for window in WINDOWS:
+            _assert_everything(store, everything, _book(), **window)
+        assert not store.aggregate().percentiles_exact  # the rollups answered
+
+
+def test_a_price_set_afterwards_inside_closed_buckets_reprices_them(database_url: str) -> None:
+    rng = random.Random(2)
+    metrics = _spread(rng, 1500, START, NOW - timedelta(minutes=20))
+    # One metric exactly at each new price's start: it is the new price's.
+    sonnet_cheaper = START + timedelta(days=2, hours=10, minutes=17, seconds=23)
+    credits_dearer = START + timedelta(days=3, hours=14)  # an hour's start inside a closed day
+    mystery_priced = START + timedelta(days=4, hours=6, minutes=1)
+    metrics += [
+        _metric(rng, sonnet_cheaper, model="sonnet", credits_charged=100),
+        _metric(rng, credits_dearer, credits_charged=400),
+        _metric(rng, mystery_priced, model="mystery", credits_charged=10),
+    ]
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        store.set_model_price("sonnet", "2.5", "12.5", effective_from=sonnet_cheaper)
+        store.set_credit_price("0.0075", effective_from=credits_dearer)
+        store.set_model_price("mystery", "1", "2", effective_from=mystery_priced)
+        book = _book(
+            {"sonnet": [(sonnet_cheaper, "2.5", "12.5")], "mystery": [(mystery_priced, "1", "2")]},
+            [(credits_dearer, "0.0075")],
+        )
+        for window in WINDOWS:
+            _assert_everything(store, metrics, book, **window)
+        # Replacing a price (same model, same instant) changes the money, not the rows.
+        store.set_model_price("sonnet", "2", "10", effective_from=sonnet_cheaper)
+        book = _book(
+            {"sonnet": [(sonnet_cheaper, "2", "10")], "mystery": [(mystery_priced, "1", "2")]},
+            [(credits_dearer, "0.0075")],
+        )
+        _assert_everything(store, metrics, book)
+        _assert_everything(store, metrics, book, model="sonnet", since=START + timedelta(days=2))
+
+
+def test_an_interrupted_build_resumes_and_every_answer_is_right_on_the_way(database_url: str) -> None:
+    rng = random.Random(3)
+    metrics = _spread(rng, 1200, START, NOW - timedelta(hours=1))
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics[:1])  # closes nothing: its batch is at the very start
+    _reset_rollups(database_url)
+    with MetricsStore(database_url) as store:
+        store._loop.call(_insert_without_rollups(store, metrics[1:]))
+        _assert_everything(store, metrics, _book())  # nothing built: raw rows answer, exactly
+        days_seen: list[BuildProgress] = []
+
+        def stop_after_two_days(progress: BuildProgress) -> None:
+            days_seen.append(progress)
+            if len(days_seen) == 2:
+                raise Interrupted
+
+        repository = store._loop.call(store._store._open())
+        with pytest.raises(Interrupted):
+            store._loop.call(repository.build_rollups(stop_after_two_days))
+        halfway = _state(store)
+        assert halfway.days_closed_until == START + timedelta(days=2)
+        for window in WINDOWS:  # half rollups, half raw rows
+            _assert_everything(store, metrics, _book(), **window)
+        store._loop.call(repository.build_rollups())
+        now = datetime.now(UTC) - CLOSE_DELAY
+        assert _state(store).days_closed_until == floor_to(floor_to(now, "hour"), "day")
+        for window in WINDOWS:
+            _assert_everything(store, metrics, _book(), **window)
+
+
+def test_prune_keeps_the_rollups_and_says_what_needs_the_pruned_rows(database_url: str) -> None:
+    rng = random.Random(4)
+    metrics = _spread(rng, 1500, START, NOW - timedelta(minutes=20))
+    cutoff = START + timedelta(days=3)
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        older = sum(1 for metric in metrics if metric.timestamp < cutoff)
+        dry = store.prune(cutoff + timedelta(hours=7), dry_run=True)  # rounded down to the day
+        assert (dry.cutoff, dry.rows, dry.dry_run) == (cutoff, older, True)
+        assert len(store.query()) == len(metrics)
+        done = store.prune(cutoff + timedelta(hours=7))
+        assert (done.cutoff, done.rows) == (cutoff, older)
+        kept = [metric for metric in metrics if metric.timestamp >= cutoff]
+        assert store.query(since=cutoff) == select_like_the_store(kept, {})
+        assert store.query(limit=5) == select_like_the_store(kept, {"limit": 5})  # newest: all kept
+
+        # Whole days, before and after the cut-off, still answer from the rollups.
+        book = _book()
+        for window in [
+            {},
+            {"since": START + timedelta(days=1)},
+            {"town_id": "town-c"},
+            {"action_type": "lod3", "until": START + timedelta(days=5)},
+            {"model": "opus"},
+        ]:
+            expected = expected_aggregate(select_like_the_store(metrics, window), book)
+            assert_matches(store.aggregate(**window).to_dict(), expected, f"{window}: ")
+        _assert_everything(store, metrics, book, since=cutoff)
+
+        # What needs the pruned raw rows says so, naming the cut-off.
+        for call in [
+            lambda: store.aggregate(exact=True),
+            lambda: store.aggregate(user_id="user-1"),
+            lambda: store.aggregate(since=START + timedelta(days=1, hours=5, minutes=17)),
+            lambda: store.aggregate(town_id="town-a", action_type="lod3"),
+            lambda: store.query(),
+            lambda: store.query(until=cutoff, limit=3),
+        ]:
+            with pytest.raises(RawRowsPruned, match=re.escape(cutoff.isoformat())) as raised:
+                call()
+            assert raised.value.cutoff == cutoff
+
+        # A price can still start at a pruned day's midnight, not inside it.
+        with pytest.raises(InvalidPrice, match="effective_from"):
+            store.set_model_price("opus", "10", "50", effective_from=START + timedelta(days=1, hours=3))
+        store.set_model_price("opus", "10", "50", effective_from=START + timedelta(days=1))
+        book = _book({"opus": [(START + timedelta(days=1), "10", "50")]})
+        expected = expected_aggregate(metrics, book)
+        assert_matches(store.aggregate().to_dict(), expected)
+
+
+def test_a_metric_is_in_the_next_aggregate_after_its_batch_commits(database_url: str) -> None:
+    rng = random.Random(5)
+    with MetricsStore(database_url) as store:
+        store.emit_many(_spread(rng, 300, START, NOW - timedelta(hours=2)))
+        before = store.aggregate()
+        for at in (NOW - timedelta(seconds=1), START + timedelta(days=1, hours=2)):  # open and closed
+            store.emit(_metric(rng, at, tokens_in=123_456))
+            after = store.aggregate()
+            assert after.count == before.count + 1
+            assert after.tokens_in == before.tokens_in + 123_456
+            before = after
+
+
+# --- any window, any filter ------------------------------------------------------------------------
+
+FILTERS = st.fixed_dictionaries(
+    {},
+    optional={
+        "town_id": st.sampled_from(TOWNS),
+        "action_type": st.sampled_from(ACTIONS),
+        "model": st.sampled_from(MODELS),
+        "user_id": st.sampled_from(["user-1", "user-4"]),
+    },
+)
+MOMENTS = st.integers(min_value=-3_600, max_value=7 * 86_400 + 3_600).map(
+    lambda seconds: START + timedelta(seconds=seconds)
+)
+
+
+@pytest.fixture(scope="module")
+def population(backend: Any) -> Any:
+    """Six days of metrics up to a few minutes ago: closed days, closed hours and an open hour."""
+    url = backend.migrated()
+    rng = random.Random(6)
+    metrics = _spread(rng, 2500, START, NOW - timedelta(minutes=2))
+    sonnet_cheaper = START + timedelta(days=1, hours=20, minutes=30)
+    store = MetricsStore(url)
+    store.set_model_price("sonnet", "2.5", "12.5", effective_from=sonnet_cheaper)
+    for start in range(0, len(metrics), 250):
+        store.emit_many(metrics[start : start + 250])
+    yield store, metrics, _book({"sonnet": [(sonnet_cheaper, "2.5", "12.5")]})
+    store.close()
+    backend.drop(url)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(filters=FILTERS, since=st.none() | MOMENTS, until=st.none() | MOMENTS)
+def test_any_window_and_filters_match_the_reference(
+    population: Any, filters: dict[str, Any], since: datetime | None, until: datetime | None
+) -> None:
+    store, metrics, book = population
+    window = {**filters, **({"since": since} if since else {}), **({"until": until} if until else {})}
+    expected = expected_aggregate(select_like_the_store(metrics, window), book)
+    assert_matches(store.aggregate(**window).to_dict(), expected, f"{window}: ")
+
+
+# --- the histograms ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(latency=st.floats(min_value=0, max_value=1e15, allow_nan=False))
+def test_every_latency_is_within_one_percent_of_its_bins_value(latency: float) -> None:
+    value = bin_value_of(bin_of(latency))
+    assert value == pytest.approx(latency, rel=0.01, abs=0)
+
+
+def test_merged_percentiles_are_within_one_percent_over_decades_of_latency(database_url: str) -> None:
+    rng = random.Random(8)
+    latencies = [*(10 ** rng.uniform(-3, 6) for _ in range(3000)), *([0.0] * 40), *([250.0] * 200)]
+    rng.shuffle(latencies)  # decades of latency, zeros and ties, spread over the days
+    metrics = [
+        _metric(rng, START + timedelta(seconds=index * 97), latency_ms=latency, model="haiku")
+        for index, latency in enumerate(latencies)
+    ]
+    with MetricsStore(database_url) as store:
+        for start in range(0, len(metrics), 300):  # in time order: each batch closes what it passed
+            store.emit_many(metrics[start : start + 300])
+        for days in (1, 2, 3):
+            since = START + timedelta(days=days, hours=days)
+            chosen = [m.latency_ms for m in metrics if m.timestamp >= since]
+            got = store.aggregate(since=since)
+            assert not got.percentiles_exact
+            for fraction, value in [
+                (0.5, got.p50_latency_ms),
+                (0.95, got.p95_latency_ms),
+                (0.99, got.p99_latency_ms),
+            ]:
+                want = percentile(chosen, fraction)
+                assert want is not None
+                assert value is not None
+                assert value == pytest.approx(want, rel=0.01, abs=0), (days, fraction)
+        exact = store.aggregate(exact=True)
+        assert exact.percentiles_exact
+        assert exact.p99_latency_ms == pytest.approx(
+            float(np.percentile([m.latency_ms for m in metrics], 99))
+        )
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _state(store: MetricsStore) -> RollupState:
+    async def read() -> RollupState:
+        repository = await store._store._open()
+        async with repository.engine.connect() as connection:
+            return await read_state(connection)
+
+    return store._loop.call(read())
+
+
+def _reset_rollups(url: str) -> None:
+    """Empty the rollups, as a database just migrated to 0003 with rows already stored has them."""
+    with MetricsStore(url) as store:
+
+        async def empty() -> None:
+            repository = await store._store._open()
+            async with repository.engine.begin() as connection:
+                from sqlalchemy import delete, update
+
+                from action_metrics.schema import latency_histogram, rollup, rollup_state
+
+                await connection.execute(delete(rollup))
+                await connection.execute(delete(latency_histogram))
+                await connection.execute(
+                    update(rollup_state).values(hours_closed_until=None, days_closed_until=None)
+                )
+
+        store._loop.call(empty())
+
+
+async def _insert_without_rollups(store: MetricsStore, metrics: list[ActionMetric]) -> None:
+    """Rows written as a SQL client would, behind the rollups' back (as before migration 0003)."""
+    from sqlalchemy import insert
+
+    from action_metrics.query import metric_rows
+    from action_metrics.schema import action_metrics
+
+    repository = await store._store._open()
+    async with repository.engine.begin() as connection:
+        await connection.execute(insert(action_metrics), metric_rows(metrics))
