@@ -145,3 +145,18 @@ def assert_matches(
 
 def _approx(value: float) -> Any:
     return pytest.approx(value, rel=RELATIVE_TOLERANCE, abs=1e-12)
+
+
+def assert_same_figures(rollups: Any, exact: Any) -> None:
+    """Two aggregates of the same selection, from the rollups and from raw rows: every figure equal
+    (floats to 1e-9 relative), percentiles to 1%."""
+    expected = exact.to_dict()
+    expected.pop("percentiles_exact")
+    for stats in expected["by_model"].values():
+        for key, value in stats.items():
+            if isinstance(value, float):
+                stats[key] = Decimal(repr(value)) if key.endswith("_usd") else value
+    for key, value in list(expected.items()):
+        if key.endswith("_usd") and isinstance(value, float):
+            expected[key] = Decimal(repr(value))
+    assert_matches(rollups.to_dict(), expected, exact=rollups.percentiles_exact)

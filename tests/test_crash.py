@@ -23,6 +23,8 @@ from sqlalchemy import Engine, event, make_url
 
 from action_metrics import ActionMetric, MetricsStore
 
+from reference import assert_same_figures
+
 BATCHES = 20
 BATCH_SIZE = 500
 KILL_AFTER = 6  # batches reported committed before the kill
@@ -49,7 +51,7 @@ def batches() -> list[list[ActionMetric]]:
                 model=batch_model(batch),
                 latency_ms=row / 7,
                 credits_charged=100,
-                timestamp=START + timedelta(seconds=batch * BATCH_SIZE + row),
+                timestamp=START + timedelta(seconds=(batch * BATCH_SIZE + row) * 20),  # 2 days
                 metadata={"batch": batch, "row": row},
                 id=uuid.uuid5(NAMESPACE, f"{batch}/{row}"),
             )
@@ -144,7 +146,9 @@ def test_a_killed_ingest_keeps_whole_batches_and_a_rerun_completes_it(
             store.emit_many(metrics)
         stored = store.query()
         sizes, total = stored_batches(store)
+        rollups, exact = store.aggregate(), store.aggregate(exact=True)
     assert len(stored) == BATCHES * BATCH_SIZE
     assert {metric.id: metric for metric in stored} == expected
     assert sizes == Counter({batch_model(batch): BATCH_SIZE for batch in range(BATCHES)})
     assert total == BATCHES * BATCH_SIZE
+    assert_same_figures(rollups, exact)  # the rollups committed with the rows, batch by batch

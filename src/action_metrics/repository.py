@@ -183,6 +183,7 @@ class MetricsRepository:
             await connection.execute(upsert)
             if split:
                 await rollup.rebuild(connection, self.backend, split, model)
+            await self.backend.refresh_statistics(connection, model_prices, credit_prices)
 
     async def build_rollups(self, progress: Callable[[BuildProgress], None] | None = None) -> RollupState:
         """Close every bucket that can be closed now, a day per transaction (resumable)."""
