@@ -82,7 +82,9 @@ class MetricsRepository:
                 await rollup.add_late(connection, self.backend, state, list(late), min(late.values()))
             newest = min(max(metric.timestamp for metric in metrics), datetime.now(UTC))
             if newest - datetime.min.replace(tzinfo=UTC) > rollup.CLOSE_DELAY:
-                closed = await rollup.close(connection, self.backend, state, newest - rollup.CLOSE_DELAY)
+                oldest = min(metric.timestamp for metric in metrics)
+                reach = newest - rollup.CLOSE_DELAY
+                closed = await rollup.close(connection, self.backend, state, reach, batch_since=oldest)
                 await rollup.write_state(connection, state, closed)
 
     async def _new_late_metrics(

@@ -78,8 +78,9 @@ CLOSE_DELAY: Final = timedelta(minutes=5)
 other processes a little before the batch's newest still land in the open bucket, not the late path."""
 MAX_HOURS_CLOSED_PER_BATCH: Final = 48
 MAX_DAYS_CLOSED_PER_BATCH: Final = 2
-"""A batch closes at most this much, so that catching up a long backlog (a database migrated with
-`--sql` and not yet built) costs every batch a bounded amount instead of one batch all of it."""
+"""A batch closes every bucket it moved past, but at most this much of a backlog older than itself
+(a database migrated with `--sql` and not yet built): catching up costs every batch a bounded amount
+instead of one batch all of it."""
 
 STATE_ID: Final = 1
 
@@ -498,16 +499,18 @@ async def close(
     state: RollupState,
     reach: datetime,
     *,
+    batch_since: datetime | None = None,
     max_hours: int = MAX_HOURS_CLOSED_PER_BATCH,
     max_days: int = MAX_DAYS_CLOSED_PER_BATCH,
 ) -> RollupState:
-    """Close the buckets that end at or before `reach` (at most `max_hours` hours and `max_days`
-    days holding actions), within the connection's transaction; the new state, not yet written."""
+    """Close the buckets that end at or before `reach`, within the connection's transaction; the
+    new state, not yet written. Buckets before `batch_since` (the oldest metric of the batch doing
+    this; None: all of them) are a backlog, closed `max_hours` hours and `max_days` days at a time."""
     hours = await _close_grain(
-        connection, backend, "hour", state.hours_closed_until, floor_to(reach, "hour"), max_hours
+        connection, backend, "hour", state.hours_closed_until, floor_to(reach, "hour"), batch_since, max_hours
     )
     days = await _close_grain(
-        connection, backend, "day", state.days_closed_until, floor_to(hours, "day"), max_days
+        connection, backend, "day", state.days_closed_until, floor_to(hours, "day"), batch_since, max_days
     )
     return replace(state, hours_closed_until=hours, days_closed_until=days)
 
@@ -518,17 +521,19 @@ async def _close_grain(
     grain: Grain,
     closed: datetime | None,
     target: datetime,
+    batch_since: datetime | None,
     most: int,
 ) -> datetime:
     """Fill the levels of `grain` from `closed` (None: the beginning) up to `target`, skipping the
-    buckets without actions and filling at most `most` buckets; how far it got."""
+    buckets without actions; a backlog at most `most` buckets at a time. How far it got."""
     if closed is not None and closed >= target:
         return closed
     following = await _next_timestamp(connection, closed)
     if following is None or following >= target:
         return target
     since = floor_to(following, grain)
-    until = min(target, since + most * GRAIN_LENGTH[grain])
+    backlog = batch_since is None or since < floor_to(batch_since, grain) - GRAIN_LENGTH[grain]
+    until = min(target, since + most * GRAIN_LENGTH[grain]) if backlog else target
     await fill(connection, backend, levels_of(grain), Scope(since, until), closing=True)
     return until
 
