@@ -2,7 +2,10 @@
 
 from action_metrics.aggregate import Aggregate, ModelAggregate
 from action_metrics.errors import (
+    ActionMetricsError,
+    DatabaseError,
     DatabaseUnavailable,
+    DataRejected,
     FlushTimeout,
     InvalidFilter,
     InvalidMetric,
@@ -12,6 +15,10 @@ from action_metrics.errors import (
     SchemaNotCreated,
     SchemaOutOfDate,
     SchemaTooNew,
+    StatementRefused,
+    StoreClosed,
+    TokenConfigError,
+    UnsupportedDatabase,
 )
 from action_metrics.instrument import configure, default_store, emit_action_metric, instrument_action
 from action_metrics.model import ActionMetric, uuid7
@@ -30,10 +37,13 @@ __all__ = [
     "MODEL_COSTS_PER_1M",
     "REVENUE_PER_CREDIT_USD",
     "ActionMetric",
+    "ActionMetricsError",
     "ActionMetricsSpanProcessor",
     "ActionType",
     "Aggregate",
     "AsyncMetricsStore",
+    "DataRejected",
+    "DatabaseError",
     "DatabaseUnavailable",
     "FlushTimeout",
     "InvalidFilter",
@@ -47,6 +57,10 @@ __all__ = [
     "SchemaNotCreated",
     "SchemaOutOfDate",
     "SchemaTooNew",
+    "StatementRefused",
+    "StoreClosed",
+    "TokenConfigError",
+    "UnsupportedDatabase",
     "configure",
     "default_store",
     "emit_action_metric",

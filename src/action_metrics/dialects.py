@@ -40,6 +40,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.selectable import NamedFromClause
 
+from action_metrics.errors import UnsupportedDatabase
 from action_metrics.model import ActionMetric
 from action_metrics.schema import action_metrics
 from action_metrics.validation import json_text
@@ -50,10 +51,6 @@ SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
 
 WRITE: Final = "action_metrics_write"
 """Connection execution option: this transaction writes (SQLite then takes its write lock up front)."""
-
-
-class UnsupportedDatabase(ValueError):
-    """The URL names a database action-metrics does not run on."""
 
 
 def resolve_url(url: str | URL | None) -> URL:

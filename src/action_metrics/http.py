@@ -2,7 +2,7 @@
 
 `GET /v1/town/{town_id}/metrics?action_type=&since_hours=` answers with the seed's JSON; it needs
 `Authorization: Bearer <token>`. A token may read every town or a listed few (`ApiTokens`).
-`GET /healthz` needs no token. Bad parameters get 422, an unreachable database 503, never a 500.
+`GET /healthz` needs no token. Bad parameters get 422, a database that cannot answer 503, never a 500.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, statu
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import URL
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from action_metrics.errors import DatabaseUnavailable, SchemaError
+from action_metrics.errors import DatabaseError, DatabaseUnavailable, SchemaError, TokenConfigError
 from action_metrics.store import AsyncMetricsStore
 from action_metrics.validation import MAX_ID_LENGTH
 
@@ -42,12 +41,6 @@ RETRY_AFTER_SECONDS: Final = "5"
 
 _B64TOKEN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 """RFC 6750's token68: what can travel in `Authorization: Bearer`."""
-
-UNAVAILABLE: Final = (DatabaseUnavailable, OperationalError, InterfaceError, OSError)
-
-
-class TokenConfigError(ValueError):
-    """The API tokens are missing or malformed; the message says how to set them."""
 
 
 # --- tokens -----------------------------------------------------------------------------------
@@ -197,6 +190,27 @@ def _unauthorized(detail: str, error: str | None = None) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": challenge})
 
 
+def _unavailable(error: DatabaseError) -> HTTPException:
+    """503 for a database that cannot answer; the log says why, the client only when to retry."""
+    if isinstance(error, DatabaseUnavailable):
+        logger.warning("metrics endpoint: database unavailable: %s", error)
+        return HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the metrics database is unavailable",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    if isinstance(error, SchemaError):
+        logger.error("metrics endpoint: %s", error)
+        return HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the database schema is not the one this server needs; run action-metrics db upgrade",
+        )
+    # The database refused the query (a table dropped under a running server, say): the operator
+    # must act, the client can only wait. Logged with its traceback.
+    logger.error("metrics endpoint: the database refused the query: %s", error, exc_info=error)
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the metrics database cannot answer this query")
+
+
 def _store(request: Request) -> AsyncMetricsStore:
     store: AsyncMetricsStore = request.app.state.store
     return store
@@ -288,26 +302,8 @@ def create_app(
         since = datetime.now(UTC) - timedelta(hours=since_hours)
         try:
             aggregate = await store.aggregate(town_id=town_id, action_type=action_type, since=since)
-        except SchemaError as error:
-            logger.error("metrics endpoint: %s", error)
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                "the database schema is not the one this server needs; run action-metrics db upgrade",
-            ) from error
-        except UNAVAILABLE as error:
-            logger.warning("metrics endpoint: database unavailable: %s", error)
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                "the metrics database is unavailable",
-                headers={"Retry-After": RETRY_AFTER_SECONDS},
-            ) from error
-        except DBAPIError as error:
-            # The database refused the query (a table dropped under a running server, say):
-            # the operator must act, the client can only wait. Logged with its traceback.
-            logger.exception("metrics endpoint: the database refused the query")
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE, "the metrics database cannot answer this query"
-            ) from error
+        except DatabaseError as error:
+            raise _unavailable(error) from error
         hours = float(since_hours)
         window: int | float = int(hours) if hours.is_integer() else hours
         return {

@@ -24,13 +24,10 @@ from types import TracebackType
 from typing import Any, Self, TypedDict, TypeVar, Unpack
 
 from sqlalchemy import URL
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from action_metrics.aggregate import Aggregate
 from action_metrics.dialects import backend_for, display_url
-from action_metrics.errors import DatabaseUnavailable
 from action_metrics.ingest import metric_batches
-from action_metrics.migrate import ensure_schema
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
 from action_metrics.query import MetricFilter
@@ -134,17 +131,13 @@ class AsyncMetricsStore:
             return self._repository
         async with self._opening:
             if self._repository is None:
-                engine = self.backend.create_engine()
+                repository = MetricsRepository(self.backend.create_engine(), self.backend)
                 try:
-                    await ensure_schema(engine, self.backend)
-                except (OSError, OperationalError, InterfaceError) as error:
-                    await engine.dispose()
-                    reason = getattr(error, "orig", None) or error
-                    raise DatabaseUnavailable(f"cannot use {display_url(self.url)}: {reason}") from error
+                    await repository.ensure_schema()
                 except BaseException:
-                    await engine.dispose()
+                    await repository.close()
                     raise
-                self._repository = MetricsRepository(engine, self.backend)
+                self._repository = repository
         return self._repository
 
     @property
