@@ -72,6 +72,9 @@ class Backend:
 
     name: ClassVar[str]
     async_driver: ClassVar[str]
+    migrates_on_first_use: ClassVar[bool]
+    """Whether a store creates the schema in a brand-new, empty database (an embedded file), or
+    leaves every schema change to an operator (a server)."""
 
     def __init__(self, url: URL) -> None:
         self.given_url = url
@@ -155,6 +158,7 @@ def server_settings(options: str | Sequence[str]) -> dict[str, str]:
 class PostgresBackend(Backend):
     name = "postgresql"
     async_driver = "asyncpg"
+    migrates_on_first_use = False  # schema changes on a server are an operator's decision
 
     def __init__(self, url: URL) -> None:
         super().__init__(url)
@@ -212,6 +216,7 @@ _MOVE_STAGED: Final = (
 class SQLiteBackend(Backend):
     name = "sqlite"
     async_driver = "aiosqlite"
+    migrates_on_first_use = True  # an embedded file: the store is its only user
 
     @property
     def in_memory(self) -> bool:

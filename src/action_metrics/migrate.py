@@ -121,16 +121,16 @@ def offline_sql(url: str | URL | None, action: str, revision: str) -> str:
 
 
 async def ensure_schema(engine: AsyncEngine, backend: Backend) -> None:
-    """Migrate a brand-new SQLite database; otherwise insist the schema is exactly at head.
-
-    PostgreSQL is never migrated implicitly: schema changes there are an operator's decision.
+    """Migrate a brand-new database if the backend does that (SQLite); otherwise insist the schema is
+    exactly at head. PostgreSQL is never migrated implicitly: schema changes there are an operator's.
     """
     head = head_revision()
+    may_migrate = backend.migrates_on_first_use
     async with engine.connect() as connection:
-        connection = await connection.execution_options(**{WRITE: backend.name == "sqlite"})
+        connection = await connection.execution_options(**{WRITE: may_migrate})
         async with connection.begin():
             revision, has_tables = await connection.run_sync(_inspect_schema)
-            if revision is None and not has_tables and backend.name == "sqlite":
+            if revision is None and not has_tables and may_migrate:
                 # Inside the same write transaction, so two processes opening one new file
                 # cannot both migrate it.
                 await connection.run_sync(_run_with_connection, upgrade_to("head"), io.StringIO())
