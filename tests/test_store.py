@@ -263,3 +263,27 @@ def test_stores_opening_new_sqlite_files_at_once_each_migrate_their_own(tmp_path
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(open_and_count, range(8))) == [1] * 8
+
+
+def test_charges_are_audited_in_sql(store: MetricsStore) -> None:
+    force = {"action_type": "force", "model": "sonnet"}
+    store.emit_many(
+        [
+            metric(**force, credits_charged=50),
+            metric(**force, credits_charged=50, metadata={"error": "Timeout"}),  # failed, yet charged
+            metric(**force, credits_charged=0, metadata={"error": "ConsentRefused"}),  # failed: exempt
+            metric(**force, credits_charged=0, metadata={"error": None}),  # the key is what counts
+            metric(**force, credits_charged=0, metadata={"errors": 1}),  # not failed: undercharged
+            metric(**force, credits_charged=10),
+            metric(**force, credits_charged=60, metadata={"nested": {"error": "x"}}),
+            metric(**force, credits_charged=50, town_id="town-2"),
+            metric(credits_charged=0),  # another action type
+        ]
+    )
+    audit = store.audit_charges(50, action_type="force", town_id="town-1")
+    assert (audit.count, audit.failed, audit.under, audit.over) == (7, 2, 2, 1)
+    assert (audit.charged, audit.exact) == (5, 2)
+    assert store.audit_charges(50, action_type="force").count == 8
+    assert store.audit_charges(50, action_type="force", limit=1).count == 1
+    nothing = store.audit_charges(50, action_type="branch")
+    assert (nothing.count, nothing.charged, nothing.exact) == (0, 0, 0)

@@ -1,8 +1,9 @@
 """Everything that differs between SQLite and PostgreSQL, behind one small interface.
 
 The rest of the package builds dialect-free SQLAlchemy Core and asks a `Backend` for the few pieces
-that differ: the async driver, connect-time settings, `INSERT ... ON CONFLICT`, percentiles, and the
-bulk insert of metrics through the driver's fastest path.
+that differ: the async driver, connect-time settings, whether a new database is migrated on first
+use, `INSERT ... ON CONFLICT`, percentiles, a JSON key test, and the bulk insert of metrics through
+the driver's fastest path.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sqlalchemy import (
     func,
     make_url,
     select,
+    type_coerce,
 )
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
@@ -105,6 +107,10 @@ class Backend:
         """The `fraction` percentile of `latency_ms` within each group, interpolated linearly."""
         raise NotImplementedError
 
+    def has_json_key(self, document: ColumnElement[Any], key: str) -> ColumnElement[bool]:
+        """Whether the JSON object `document` has the top-level `key` (whatever its value, even null)."""
+        raise NotImplementedError
+
     bulk_insert_minimum: ClassVar[int]
     """The smallest batch for which `bulk_insert_metrics` beats a plain `INSERT ... ON CONFLICT`."""
 
@@ -178,6 +184,10 @@ class PostgresBackend(Backend):
 
     def latency_percentile(self, ranked: NamedFromClause, fraction: float) -> ColumnElement[float]:
         return func.percentile_cont(fraction).within_group(ranked.c.latency_ms)
+
+    def has_json_key(self, document: ColumnElement[Any], key: str) -> ColumnElement[bool]:
+        has_key: ColumnElement[bool] = type_coerce(document, postgresql.JSONB()).has_key(key)  # jsonb's `?`
+        return has_key
 
     # Measured: below ~200 rows, creating the staging table costs more than COPY saves.
     bulk_insert_minimum = 200
@@ -285,6 +295,11 @@ class SQLiteBackend(Backend):
         low_value = func.max(case((rank == lower, latency)))
         high_value = func.coalesce(func.max(case((rank == lower + 1, latency))), low_value)
         return low_value + func.max(position - lower) * (high_value - low_value)
+
+    def has_json_key(self, document: ColumnElement[Any], key: str) -> ColumnElement[bool]:
+        # json_type() is NULL for a missing key and 'null' for a key whose value is null.
+        assert '"' not in key, "a quoted JSON path holds a plain key"
+        return func.json_type(document, f'$."{key}"').is_not(None)
 
 
 def _sqlite_row(metric: ActionMetric) -> tuple[Any, ...]:

@@ -15,6 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from action_metrics import migrate
 from action_metrics.aggregate import Aggregate, aggregate_from_rows, aggregate_statement
+from action_metrics.charges import ChargeAudit, audit_statement
 from action_metrics.dialects import WRITE, Backend, display_url
 from action_metrics.errors import (
     ActionMetricsError,
@@ -138,6 +139,11 @@ class MetricsRepository:
         async with self._connection() as connection:
             result = await connection.execute(aggregate_statement(metric_filter, self.backend))
             return aggregate_from_rows(result.mappings().all())
+
+    async def audit_charges(self, metric_filter: MetricFilter, credits: int) -> ChargeAudit:
+        async with self._connection() as connection:
+            result = await connection.execute(audit_statement(metric_filter, credits, self.backend))
+            return ChargeAudit(**result.mappings().one())
 
     async def set_model_price(self, price: ModelPrice) -> None:
         """Insert, or replace the price of the same model from the same instant."""

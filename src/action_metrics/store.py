@@ -26,6 +26,7 @@ from typing import Any, Self, TypedDict, TypeVar, Unpack
 from sqlalchemy import URL
 
 from action_metrics.aggregate import Aggregate
+from action_metrics.charges import ChargeAudit
 from action_metrics.dialects import backend_for, display_url
 from action_metrics.ingest import metric_batches
 from action_metrics.model import ActionMetric
@@ -232,6 +233,15 @@ class AsyncMetricsStore:
         price = CreditPrice.of(usd_per_credit, effective_from)
         await (await self._open()).set_credit_price(price)
 
+    async def audit_charges(self, credits: int, **filters: Unpack[Filters]) -> ChargeAudit:
+        """How the matching actions were charged against `credits` each, counted in SQL.
+
+        An action that failed (metadata `error`) and was charged nothing counts as `failed`, not under.
+        """
+        metric_filter = MetricFilter(**filters)
+        await self.writer.settle()
+        return await (await self._open()).audit_charges(metric_filter, credits)
+
     async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - as MetricsStore's
         """Write what is buffered (for up to `timeout`, default `close_timeout` seconds), then disconnect.
 
@@ -385,6 +395,9 @@ class MetricsStore:
 
     def aggregate(self, **filters: Unpack[Filters]) -> Aggregate:
         return self._loop.call(self._store.aggregate(**filters))
+
+    def audit_charges(self, credits: int, **filters: Unpack[Filters]) -> ChargeAudit:
+        return self._loop.call(self._store.audit_charges(credits, **filters))
 
     def set_model_price(
         self,
