@@ -12,12 +12,14 @@ from action_metrics import (
     ActionMetric,
     ActionType,
     AsyncMetricsStore,
+    DatabaseUnavailable,
     InvalidFilter,
     InvalidPrice,
     MetricsStore,
     ModelName,
     SchemaNotCreated,
     SchemaTooNew,
+    StoreClosed,
 )
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -287,3 +289,57 @@ def test_charges_are_audited_in_sql(store: MetricsStore) -> None:
     assert store.audit_charges(50, action_type="force", limit=1).count == 1
     nothing = store.audit_charges(50, action_type="branch")
     assert (nothing.count, nothing.charged, nothing.exact) == (0, 0, 0)
+
+
+def test_calls_after_close_raise_store_closed(database_url: str) -> None:
+    store = MetricsStore(database_url)
+    store.emit(metric())
+    store.close()
+    for call in (
+        store.open,
+        store.query,
+        store.aggregate,
+        lambda: store.audit_charges(50),
+        lambda: store.emit_many([metric()]),
+        lambda: store.set_model_price("haiku", 1, 2),
+        lambda: store.set_credit_price("0.01"),
+    ):
+        with pytest.raises(StoreClosed, match="is closed"):
+            call()
+    store.flush()  # nothing left to write
+    store.close()  # closing twice is harmless
+    store.emit(metric())  # emit never raises for the database: the metric is counted as dropped
+    assert store.dropped == 1
+    with MetricsStore(database_url) as reopened:
+        assert reopened.aggregate().count == 1
+
+
+@pytest.mark.anyio
+async def test_calls_after_close_raise_store_closed_on_the_async_store_too(database_url: str) -> None:
+    store = AsyncMetricsStore(database_url)
+    await store.emit(metric())
+    await store.close()
+    with pytest.raises(StoreClosed, match="is closed"):
+        await store.query()
+    with pytest.raises(StoreClosed):
+        await store.emit_many([metric()])
+    await store.flush()
+    await store.close()
+    await store.emit(metric())
+    assert store.dropped == 1
+    assert not store.writer.running
+
+
+def test_an_unreachable_database_raises_database_unavailable(backend, tmp_path) -> None:
+    url = {
+        "sqlite": f"sqlite:///{tmp_path / 'missing-directory' / 'metrics.db'}",
+        "postgresql": "postgresql://postgres@127.0.0.1:1/nowhere",
+    }[backend.name]
+    store = MetricsStore(url)
+    try:
+        with pytest.raises(DatabaseUnavailable, match=r"^cannot use ") as raised:
+            store.aggregate()
+    finally:
+        store.close()
+    assert raised.value.reason  # the driver's words, in one line
+    assert "\n" not in raised.value.reason

@@ -28,6 +28,7 @@ from sqlalchemy import URL
 from action_metrics.aggregate import Aggregate
 from action_metrics.charges import ChargeAudit
 from action_metrics.dialects import backend_for, display_url
+from action_metrics.errors import StoreClosed
 from action_metrics.ingest import metric_batches
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
@@ -93,6 +94,8 @@ class AsyncMetricsStore:
 
     `emit()` buffers; the buffer is written at least every `flush_interval` seconds, on `flush()`,
     on `close()` and at interpreter exit. `durable=True` makes `emit()` wait for the commit.
+    Database failures raise `DatabaseError`s; after `close()` every call that needs the database
+    raises `StoreClosed` (`flush()` and `close()` do nothing, `emit()` counts the metric as dropped).
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class AsyncMetricsStore:
         self._repository: MetricsRepository | None = None
         self._opening = asyncio.Lock()
         self._exit_hook_registered = False
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({display_url(self.url)!r})"
@@ -130,6 +134,8 @@ class AsyncMetricsStore:
     async def _open(self) -> MetricsRepository:
         if self._repository is not None:
             return self._repository
+        if self._closed:
+            raise _closed_error(self)
         async with self._opening:
             if self._repository is None:
                 repository = MetricsRepository(self.backend.create_engine(), self.backend)
@@ -161,14 +167,15 @@ class AsyncMetricsStore:
         if self.durable:
             await self.emit_many([metric])
             return
-        self._start_writer()
+        if not self._closed:
+            self._start_writer()
         self.writer.put(metric)
 
     def emit_nowait(self, metric: ActionMetric) -> None:
         """Buffer one metric without awaiting, from any thread, even on a durable store."""
         _check_metric(metric)
         self.writer.put(metric)
-        if not self.writer.running:
+        if not self.writer.running and not self._closed:
             try:
                 asyncio.get_running_loop()
             except RuntimeError:
@@ -245,11 +252,13 @@ class AsyncMetricsStore:
     async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - as MetricsStore's
         """Write what is buffered (for up to `timeout`, default `close_timeout` seconds), then disconnect.
 
-        Metrics the database still refuses after that are counted in `dropped` and logged.
+        Metrics the database still refuses after that are counted in `dropped` and logged. Closing
+        again does nothing.
         """
         try:
-            await self.writer.close(timeout)
+            await self.writer.close(timeout)  # which may still need to open the database
         finally:
+            self._closed = True
             repository, self._repository = self._repository, None
             if repository is not None:
                 await repository.close()
@@ -292,6 +301,10 @@ class AsyncMetricsStore:
         await self.close()
 
 
+def _closed_error(store: AsyncMetricsStore | MetricsStore) -> StoreClosed:
+    return StoreClosed(f"{store!r} is closed: make a new store (or use one in a `with` block)")
+
+
 class _LoopThread:
     """An event loop running in a daemon thread, for calling coroutines from blocking code."""
 
@@ -300,11 +313,17 @@ class _LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
 
-    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+    def call(self, coroutine: Coroutine[Any, Any, T], closed: Callable[[], Exception]) -> T:
+        """Run `coroutine` on the loop and wait for its result; raise `closed()` once it is stopped."""
         if threading.current_thread() is self.thread:
             coroutine.close()
             raise RuntimeError("a blocking MetricsStore method was called from its own event loop")
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        except RuntimeError:  # the loop is closed
+            coroutine.close()
+            raise closed() from None
+        return future.result()
 
     def stop(self) -> None:
         if self.loop.is_closed():
@@ -338,17 +357,20 @@ class MetricsStore:
         self.url = self._store.url
         self.durable = self._store.durable
         self._loop = _LoopThread(name=f"action-metrics {display_url(self.url)}")
-        self._loop.call(self._start_writer())
+        self._call(self._start_writer())
         self._put = self._store.writer.put
 
     async def _start_writer(self) -> None:
         self._store._start_writer()
 
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self._loop.call(coroutine, lambda: _closed_error(self))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({display_url(self.url)!r})"
 
     def open(self) -> Self:
-        self._loop.call(self._store.open())
+        self._call(self._store.open())
         return self
 
     @property
@@ -371,7 +393,7 @@ class MetricsStore:
         if type(metric) is not ActionMetric:
             _check_metric(metric)
         if self.durable:
-            self._loop.call(self._store.emit_many([metric]))
+            self._call(self._store.emit_many([metric]))
         else:
             self._put(metric)
 
@@ -383,21 +405,21 @@ class MetricsStore:
 
     def emit_many(self, metrics: Iterable[ActionMetric]) -> None:
         for batch in metric_batches(metrics):  # drawn here: the caller's iterable stays on its thread
-            self._loop.call(self._store.emit_many(batch))
+            self._call(self._store.emit_many(batch))
 
     def flush(self, timeout: float | None = None) -> None:
         if self._loop.loop.is_closed():
             return  # close() wrote everything, or counted it in `dropped`
-        self._loop.call(self._store.flush(timeout))
+        self._call(self._store.flush(timeout))
 
     def query(self, **filters: Unpack[Filters]) -> list[ActionMetric]:
-        return self._loop.call(self._store.query(**filters))
+        return self._call(self._store.query(**filters))
 
     def aggregate(self, **filters: Unpack[Filters]) -> Aggregate:
-        return self._loop.call(self._store.aggregate(**filters))
+        return self._call(self._store.aggregate(**filters))
 
     def audit_charges(self, credits: int, **filters: Unpack[Filters]) -> ChargeAudit:
-        return self._loop.call(self._store.audit_charges(credits, **filters))
+        return self._call(self._store.audit_charges(credits, **filters))
 
     def set_model_price(
         self,
@@ -406,16 +428,16 @@ class MetricsStore:
         output_per_1m: Amount,
         effective_from: datetime | None = None,
     ) -> None:
-        self._loop.call(self._store.set_model_price(model, input_per_1m, output_per_1m, effective_from))
+        self._call(self._store.set_model_price(model, input_per_1m, output_per_1m, effective_from))
 
     def set_credit_price(self, usd_per_credit: Amount, effective_from: datetime | None = None) -> None:
-        self._loop.call(self._store.set_credit_price(usd_per_credit, effective_from))
+        self._call(self._store.set_credit_price(usd_per_credit, effective_from))
 
     def close(self, timeout: float | None = None) -> None:
         if self._loop.loop.is_closed():
             return
         try:
-            self._loop.call(self._store.close(timeout))
+            self._call(self._store.close(timeout))
         finally:
             self._loop.stop()
 
