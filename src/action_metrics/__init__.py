@@ -20,9 +20,15 @@ from action_metrics.errors import (
     TokenConfigError,
     UnsupportedDatabase,
 )
-from action_metrics.instrument import configure, default_store, emit_action_metric, instrument_action
+from action_metrics.instrument import (
+    configure,
+    default_store,
+    emit_action_metric,
+    get_tracer,
+    instrument_action,
+)
 from action_metrics.model import ActionMetric, uuid7
-from action_metrics.otel import ActionMetricsSpanProcessor, get_tracer, setup_otel_tracing
+from action_metrics.otel import ActionMetricsSpanProcessor, setup_otel_tracing
 from action_metrics.pricing import (
     ACTION_CREDITS,
     MODEL_COSTS_PER_1M,

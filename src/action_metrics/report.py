@@ -71,7 +71,10 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Selection:
-    """The filters of one report; None means no filter on that field."""
+    """The filters of one report; None means no filter on that field.
+
+    A few of `MetricFilter`'s fields, on purpose: the ones `report` offers and `--json` shows.
+    """
 
     town_id: str | None = None
     action_type: str | None = None

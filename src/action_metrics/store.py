@@ -334,8 +334,12 @@ class _LoopThread:
 
 
 class MetricsStore:
-    """The blocking face of `AsyncMetricsStore`: the same methods, the same behaviour."""
+    """The blocking face of `AsyncMetricsStore`: the same methods, the same behaviour.
 
+    Its signatures repeat the async store's on purpose, so that help() and editors show them here.
+    """
+
+    # The same parameters as AsyncMetricsStore's, on purpose (see above).
     def __init__(
         self,
         url: str | URL | None = None,
@@ -375,13 +379,12 @@ class MetricsStore:
 
     @property
     def dropped(self) -> int:
-        """Metrics emitted but never written: the buffer overflowed, the database was down at close,
-        or it refused them (those are also in `rejected`)."""
+        """See `AsyncMetricsStore.dropped`."""
         return self._store.dropped
 
     @property
     def rejected(self) -> int:
-        """Emitted metrics the database refused (a constraint of its own); logged with their ids."""
+        """See `AsyncMetricsStore.rejected`."""
         return self._store.rejected
 
     @property
