@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any, ClassVar, Final
 
-import asyncpg
 from sqlalchemy import (
     URL,
     Column,
@@ -195,6 +194,8 @@ class PostgresBackend(Backend):
     async def bulk_insert_metrics(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> None:
         # COPY cannot skip conflicts: copy into a temporary table dropped at commit, then move the
         # rows with INSERT ... SELECT ... ON CONFLICT DO NOTHING, all in the caller's transaction.
+        import asyncpg  # imported here: only a PostgreSQL store needs the driver
+
         await connection.execute(_CREATE_STAGING)  # through SQLAlchemy: this also opens the transaction
         driver = await _driver_connection(connection)
         assert driver.is_in_transaction(), "COPY must run in the batch's transaction"
