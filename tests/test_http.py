@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from action_metrics import ActionMetric, ActionType, AsyncMetricsStore, ModelName, migrate
 from action_metrics.dialects import backend_for
-from action_metrics.http import ApiTokens, TokenConfigError, create_app
+from action_metrics.http import ApiTokens, TokenConfigError, create_app, response_model
 
 pytestmark = pytest.mark.anyio
 
@@ -310,6 +311,55 @@ async def test_the_openapi_schema_describes_the_endpoint(town: str) -> None:
     assert {"200", "401", "403", "422", "503"} <= set(operation["responses"])
     assert operation["security"]
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def resolved(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """`node` of an OpenAPI document with its `$ref` followed."""
+    while "$ref" in node:
+        node = schema["components"]["schemas"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+async def test_the_openapi_schema_is_aggregate_to_dict_key_for_key(town: str) -> None:
+    async with serving(town) as client:
+        schema = (await client.get("/openapi.json")).json()
+        answer = await client.get("/v1/town/town-a/metrics", headers=bearer(TOWN_A_TOKEN))
+    ok = schema["paths"]["/v1/town/{town_id}/metrics"]["get"]["responses"]["200"]
+    town_metrics = resolved(schema, ok["content"]["application/json"]["schema"])
+    metrics = resolved(schema, town_metrics["properties"]["metrics"])
+    by_model = resolved(schema, metrics["properties"]["by_model"]["additionalProperties"])
+
+    figures = await aggregate(town, town_id="town-a", since=datetime.now(UTC) - timedelta(hours=24))
+    model_entry = next(iter(figures["by_model"].values()))
+    # Every key documented, nothing undocumented, every key always there.
+    assert set(metrics["properties"]) == set(metrics["required"]) == set(figures)
+    assert set(by_model["properties"]) == set(by_model["required"]) == set(model_entry)
+    assert metrics["additionalProperties"] is False
+    assert by_model["additionalProperties"] is False
+    assert answer.json()["metrics"] == figures
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Whole:
+    error_count: int
+    exact: bool
+    parts: Mapping[str, Part]
+
+    @property
+    def errors_per_part(self) -> float | None:
+        return self.error_count / len(self.parts) if self.parts else None
+
+
+def test_a_figure_added_to_a_result_dataclass_appears_in_its_response_model() -> None:
+    schema = response_model(Whole).model_json_schema()
+    assert list(schema["properties"]) == ["error_count", "exact", "parts", "errors_per_part"]
+    part = schema["properties"]["parts"]["additionalProperties"]["$ref"].rsplit("/", 1)[-1]
+    assert list(schema["$defs"][part]["properties"]) == ["count"]
 
 
 # --- the database ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -16,16 +17,18 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final
+from types import GenericAlias
+from typing import Annotated, Any, Final, get_args, get_origin, get_type_hints
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 from sqlalchemy import URL
 
+from action_metrics.aggregate import Aggregate
 from action_metrics.errors import DatabaseError, DatabaseUnavailable, SchemaError, TokenConfigError
 from action_metrics.store import AsyncMetricsStore
-from action_metrics.validation import MAX_ID_LENGTH
+from action_metrics.validation import ACTION_TYPE_PATTERN, MAX_ID_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,6 @@ MIN_TOKEN_LENGTH: Final = 16
 MAX_SINCE_HOURS: Final = 24 * 366 * 10
 """Ten years: a window reaching further back is a typo, not a question."""
 DEFAULT_SINCE_HOURS: Final = 24.0
-ACTION_TYPE_PATTERN: Final = r"^[a-z0-9_.\-]{1,64}$"
 ALL_TOWNS: Final = "*"
 RETRY_AFTER_SECONDS: Final = "5"
 
@@ -128,39 +130,41 @@ class ApiTokens:
         return bool(self.grants)
 
 
-# --- response shapes (for the OpenAPI schema; extra keys of Aggregate.to_dict() pass through) -
+# --- response shapes ------------------------------------------------------------------------
 
 
-class ModelMetrics(BaseModel):
-    model_config = ConfigDict(extra="allow")
+def response_model(shape: type[Any]) -> type[BaseModel]:
+    """The pydantic model of a frozen dataclass's `to_dict()`: its fields, then its public properties.
 
-    count: int
-    total_tokens: int
-    avg_latency_ms: float | None
-    p95_latency_ms: float | None
-    total_cost_usd: float
+    Derived rather than written out, so that a figure added to `Aggregate` (or `ModelAggregate`)
+    appears in the OpenAPI schema, and is validated in every answer, without a change here.
+    """
+    hints = get_type_hints(shape)
+    figures: dict[str, Any] = {field.name: hints[field.name] for field in dataclasses.fields(shape)}
+    for name, member in vars(shape).items():
+        if isinstance(member, property) and not name.startswith("_"):
+            figures[name] = get_type_hints(member.fget)["return"]
+    fields: dict[str, Any] = {name: (_schema_type(annotation), ...) for name, annotation in figures.items()}
+    model: type[BaseModel] = create_model(
+        shape.__name__, __config__=ConfigDict(extra="forbid"), __doc__=shape.__doc__, **fields
+    )
+    return model
 
 
-class Metrics(BaseModel):
-    """`Aggregate.to_dict()`."""
+def _schema_type(annotation: Any) -> Any:
+    """`annotation` with every dataclass in it (`Mapping[str, ModelAggregate]`) replaced by its model."""
+    if dataclasses.is_dataclass(annotation):
+        return response_model(annotation)  # type: ignore[arg-type]
+    origin, arguments = get_origin(annotation), get_args(annotation)
+    if origin is None or not arguments:
+        return annotation
+    if origin is Mapping or origin is dict:
+        key, value = arguments
+        return GenericAlias(dict, (key, _schema_type(value)))
+    return annotation
 
-    model_config = ConfigDict(extra="allow")
 
-    count: int
-    tokens_in: int
-    tokens_out: int
-    total_tokens: int
-    total_credits: int
-    avg_latency_ms: float | None
-    p50_latency_ms: float | None
-    p95_latency_ms: float | None
-    p99_latency_ms: float | None
-    total_cost_usd: float
-    total_revenue_usd: float
-    avg_margin: float | None
-    gross_margin: float | None
-    unpriced_count: int
-    by_model: dict[str, ModelMetrics]
+Metrics = response_model(Aggregate)
 
 
 class TownMetrics(BaseModel):
@@ -169,7 +173,7 @@ class TownMetrics(BaseModel):
     town_id: str
     action_type: str | None
     time_window_hours: int | float
-    metrics: Metrics
+    metrics: Metrics  # type: ignore[valid-type]
 
 
 class Health(BaseModel):
@@ -292,7 +296,8 @@ def create_app(
         town_id: TownId,
         store: Annotated[AsyncMetricsStore, Depends(_store)],
         action_type: Annotated[
-            str | None, Query(pattern=ACTION_TYPE_PATTERN, description="Only this action type, e.g. lod3.")
+            str | None,
+            Query(pattern=f"^{ACTION_TYPE_PATTERN}$", description="Only this action type, e.g. lod3."),
         ] = None,
         since_hours: Annotated[
             float, Query(gt=0, le=MAX_SINCE_HOURS, description="The window: actions of the last N hours.")

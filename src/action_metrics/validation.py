@@ -18,7 +18,9 @@ MAX_ID_LENGTH: Final = 256
 MAX_MODEL_LENGTH: Final = 128
 MAX_METADATA_BYTES: Final = 64 * 1024
 MAX_METADATA_DEPTH: Final = 32
-_ACTION_TYPE: Final = re.compile(r"[a-z0-9_.\-]{1,64}")
+ACTION_TYPE_PATTERN: Final = r"[a-z0-9_.\-]{1,64}"
+"""What an action type is (matched whole): the check here, and the endpoint's `action_type` parameter."""
+_ACTION_TYPE: Final = re.compile(ACTION_TYPE_PATTERN)
 
 
 def shown(value: object) -> str:
