@@ -11,10 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import metric
 
-from action_metrics import ActionMetric, ActionType, AsyncMetricsStore, ModelName, migrate
+from action_metrics import ActionType, AsyncMetricsStore, ModelName, TokenConfigError, migrate
 from action_metrics.dialects import backend_for
-from action_metrics.http import ApiTokens, TokenConfigError, create_app, response_model
+from action_metrics.http import ApiTokens, create_app, response_model
 
 pytestmark = pytest.mark.anyio
 
@@ -39,47 +40,33 @@ async def serving(url: str, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def metric(hours_ago: float, **fields: Any) -> ActionMetric:
-    values: dict[str, Any] = {
-        "action_type": ActionType.LOD3,
-        "user_id": "user-1",
-        "town_id": "town-a",
-        "citizen_id": "alice",
-        "tokens_in": 0,
-        "tokens_out": 0,
-        "model": ModelName.TEMPLATE,
-        "latency_ms": 120.0,
-        "credits_charged": 10,
-        "timestamp": datetime.now(UTC) - timedelta(hours=hours_ago),
-    }
-    values.update(fields)
-    return ActionMetric(**values)
-
-
-TOWN = [
-    # In the last 24 hours, well away from the window's edge.
-    metric(1, latency_ms=100.0),
-    metric(2, latency_ms=140.0),
-    metric(
-        3,
-        action_type=ActionType.LOD4,
-        credits_charged=100,
-        model=ModelName.SONNET,
-        tokens_in=1_000,
-        tokens_out=200,
-        latency_ms=900.0,
-    ),
-    # Between 24 and 48 hours ago.
-    metric(30, latency_ms=180.0),
-    # Another town.
-    metric(1, town_id="town-b", latency_ms=50.0),
-]
+def hours_ago(hours: float) -> datetime:
+    return datetime.now(UTC) - timedelta(hours=hours)
 
 
 @pytest.fixture
 async def town(database_url: str) -> str:
+    metrics = [
+        # LOD3 queries on haiku in the last 24 hours, well away from the window's edge.
+        metric(town_id="town-a", timestamp=hours_ago(1), latency_ms=100.0),
+        metric(town_id="town-a", timestamp=hours_ago(2), latency_ms=140.0),
+        metric(
+            town_id="town-a",
+            timestamp=hours_ago(3),
+            action_type=ActionType.LOD4,
+            credits_charged=100,
+            model=ModelName.SONNET,
+            tokens_in=1_000,
+            tokens_out=200,
+            latency_ms=900.0,
+        ),
+        # Between 24 and 48 hours ago.
+        metric(town_id="town-a", timestamp=hours_ago(30), latency_ms=180.0),
+        # Another town.
+        metric(town_id="town-b", timestamp=hours_ago(1), latency_ms=50.0),
+    ]
     async with AsyncMetricsStore(database_url) as store:
-        await store.emit_many(TOWN)
+        await store.emit_many(metrics)
     return database_url
 
 
@@ -229,7 +216,7 @@ async def test_the_answer_is_the_seed_json_over_the_last_day(town: str) -> None:
     assert body["metrics"]["count"] == 3
     assert body["metrics"]["total_credits"] == 120
     assert body["metrics"]["by_model"]["sonnet"]["count"] == 1
-    assert body["metrics"]["by_model"]["template"]["count"] == 2
+    assert body["metrics"]["by_model"]["haiku"]["count"] == 2
 
 
 async def test_filters_narrow_the_answer(town: str) -> None:
@@ -329,7 +316,7 @@ async def test_the_openapi_schema_is_aggregate_to_dict_key_for_key(town: str) ->
     metrics = resolved(schema, town_metrics["properties"]["metrics"])
     by_model = resolved(schema, metrics["properties"]["by_model"]["additionalProperties"])
 
-    figures = await aggregate(town, town_id="town-a", since=datetime.now(UTC) - timedelta(hours=24))
+    figures = await aggregate(town, town_id="town-a", since=hours_ago(24))
     model_entry = next(iter(figures["by_model"].values()))
     # Every key documented, nothing undocumented, every key always there.
     assert set(metrics["properties"]) == set(metrics["required"]) == set(figures)

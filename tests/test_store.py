@@ -7,39 +7,20 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from conftest import metric
 
 from action_metrics import (
-    ActionMetric,
-    ActionType,
     AsyncMetricsStore,
     DatabaseUnavailable,
     InvalidFilter,
     InvalidPrice,
     MetricsStore,
-    ModelName,
     SchemaNotCreated,
     SchemaTooNew,
     StoreClosed,
 )
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
-
-
-def metric(**fields: object) -> ActionMetric:
-    values: dict[str, object] = {
-        "action_type": ActionType.LOD3,
-        "user_id": "user-1",
-        "town_id": "town-1",
-        "citizen_id": "citizen-1",
-        "tokens_in": 100,
-        "tokens_out": 50,
-        "model": ModelName.HAIKU,
-        "latency_ms": 120.5,
-        "credits_charged": 10,
-        "timestamp": NOW,
-    }
-    values.update(fields)
-    return ActionMetric(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture

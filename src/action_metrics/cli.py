@@ -56,13 +56,15 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     When a SQLite file cannot be opened, aiosqlite stops its worker thread without awaiting it, and
     the thread then posts to the loop; if `asyncio.run()` has closed the loop by then, the thread
     prints a traceback after our one-line error (aiosqlite issue #259). The store has closed its
-    connections by the time the coroutine returns, so these threads are ending.
+    connections by the time the coroutine returns, so these threads are ending. Only the threads
+    started meanwhile are awaited: another store of the same process keeps its own.
     """
+    running_before = set(threading.enumerate())
     with asyncio.Runner() as runner:
         try:
             return runner.run(coroutine)
         finally:
-            for thread in threading.enumerate():
+            for thread in set(threading.enumerate()) - running_before:
                 if thread.name.endswith("(_connection_worker_thread)"):
                     thread.join(timeout=10)
 
