@@ -317,10 +317,8 @@ def test_an_unreachable_database_raises_database_unavailable(backend, tmp_path) 
         "postgresql": "postgresql://postgres@127.0.0.1:1/nowhere",
     }[backend.name]
     store = MetricsStore(url)
-    try:
-        with pytest.raises(DatabaseUnavailable, match=r"^cannot use ") as raised:
-            store.aggregate()
-    finally:
-        store.close()
+    with pytest.raises(DatabaseUnavailable, match=r"^cannot use ") as raised:
+        store.aggregate()
+    store.close()
     assert raised.value.reason  # the driver's words, in one line
     assert "\n" not in raised.value.reason

@@ -91,16 +91,18 @@ class MetricsRepository:
             raise translated from error
 
     @asynccontextmanager
-    async def _connection(self, *, write: bool = False) -> AsyncIterator[AsyncConnection]:
-        """A connection, in a write transaction when `write`; what fails in it leaves as a DatabaseError."""
+    async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
         with self._database_errors():
             async with self.engine.connect() as connection:
-                if not write:
-                    yield connection
-                    return
                 connection = await connection.execution_options(**{WRITE: True})
                 async with connection.begin():
                     yield connection
+
+    @asynccontextmanager
+    async def _read_connection(self) -> AsyncIterator[AsyncConnection]:
+        with self._database_errors():
+            async with self.engine.connect() as connection:
+                yield connection
 
     async def ensure_schema(self) -> None:
         """Migrate a brand-new SQLite file; otherwise insist that the schema is at head (see `migrate`)."""
@@ -113,7 +115,7 @@ class MetricsRepository:
             await migrate.run_migrations(self.engine, action)
 
     async def schema_revision(self) -> str | None:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             return await migrate.revision_of(connection)
 
     async def insert(self, metrics: Sequence[ActionMetric]) -> None:
@@ -124,24 +126,24 @@ class MetricsRepository:
         """
         if not metrics:
             return
-        async with self._connection(write=True) as connection:
+        async with self._write_transaction() as connection:
             if len(metrics) >= self.backend.bulk_insert_minimum:
                 await self.backend.bulk_insert_metrics(connection, metrics)
             else:
                 await connection.execute(self._insert_metrics, metric_rows(metrics))
 
     async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             result = await connection.execute(metrics_statement(metric_filter))
             return [metric_from_row(row) for row in result]
 
     async def aggregate(self, metric_filter: MetricFilter) -> Aggregate:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             result = await connection.execute(aggregate_statement(metric_filter, self.backend))
             return aggregate_from_rows(result.mappings().all())
 
     async def audit_charges(self, metric_filter: MetricFilter, credits: int) -> ChargeAudit:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             result = await connection.execute(audit_statement(metric_filter, credits, self.backend))
             return ChargeAudit(**result.mappings().one())
 
@@ -160,7 +162,7 @@ class MetricsRepository:
                 "output_per_1m": statement.excluded.output_per_1m,
             },
         )
-        async with self._connection(write=True) as connection:
+        async with self._write_transaction() as connection:
             await connection.execute(statement)
 
     async def set_credit_price(self, price: CreditPrice) -> None:
@@ -171,7 +173,7 @@ class MetricsRepository:
             index_elements=["effective_from"],
             set_={"usd_per_credit": statement.excluded.usd_per_credit},
         )
-        async with self._connection(write=True) as connection:
+        async with self._write_transaction() as connection:
             await connection.execute(statement)
 
     async def close(self) -> None:
