@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from action_metrics.errors import InvalidValue
 from action_metrics.ingest import metric_batches
 from action_metrics.model import ActionMetric, uuid7_at
 from action_metrics.pricing import ACTION_CREDITS, ActionType, ModelName
@@ -50,9 +51,9 @@ class TownPlan:
 
     def __post_init__(self) -> None:
         if self.size < 1:
-            raise ValueError(f"size: expected at least 1 metric, got {self.size}")
+            raise InvalidValue("size", f"expected at least 1 metric, got {self.size}")
         if not 0 < self.days <= 366:
-            raise ValueError(f"days: expected a number of days in (0, 366], got {self.days}")
+            raise InvalidValue("days", f"expected a number of days in (0, 366], got {self.days}")
 
     @property
     def start(self) -> datetime:
