@@ -4,6 +4,8 @@ PostgreSQL tests need a server (default postgresql://postgres@127.0.0.1:5432/tes
 $ACTION_METRICS_TEST_POSTGRES_URL). Each test gets a throwaway database cloned from a migrated
 template, dropped afterwards; the server is never assumed empty. Without a server the PostgreSQL
 half is skipped with the reason, unless ACTION_METRICS_REQUIRE_POSTGRES=1 (as in CI) makes it fail.
+
+Also the two things every test file builds: a metric (`metric`) and a command line (`run_cli`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+from click.testing import CliRunner, Result
 from sqlalchemy import make_url
 
-from action_metrics import migrate
+from action_metrics import ActionMetric, migrate
+from action_metrics.cli import main
 from action_metrics.dialects import backend_for
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -27,6 +32,51 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 REQUIRE_POSTGRES = os.environ.get("ACTION_METRICS_REQUIRE_POSTGRES") == "1"
 BACKENDS = ["sqlite", "postgresql"]
+
+METRIC_FIELDS: dict[str, Any] = {
+    "action_type": "lod3",
+    "user_id": "user-1",
+    "town_id": "town-1",
+    "citizen_id": "citizen-1",
+    "tokens_in": 100,
+    "tokens_out": 50,
+    "model": "haiku",
+    "latency_ms": 120.5,
+    "credits_charged": 10,
+}
+"""A valid metric's required fields: an LOD3 query answered by haiku."""
+
+
+def metric(**fields: Any) -> ActionMetric:
+    """`METRIC_FIELDS` with `fields` changed; timestamp (now), metadata and id are ActionMetric's own
+    defaults unless given."""
+    return ActionMetric(**{**METRIC_FIELDS, **fields})
+
+
+CLI_VARIABLES = (
+    "ACTION_METRICS_URL",
+    "ACTION_METRICS_API_TOKEN",
+    "ACTION_METRICS_API_TOKENS",
+    "ACTION_METRICS_LOD3_P95_BUDGET_MS",
+)
+
+
+def run_cli(*args: str, **environment: str) -> Result:
+    """`action-metrics ARGS` in this process, with none of our variables set but `environment`.
+
+    An exception the command does not turn into its one-line error is raised here, failing the test.
+    """
+    variables: dict[str, str | None] = {name: None for name in CLI_VARIABLES}
+    variables.update(COLUMNS="120", **environment)
+    return CliRunner().invoke(main, list(args), env=variables, catch_exceptions=False)
+
+
+def assert_one_line_error(result: Result, exit_code: int, fragment: str) -> None:
+    """The command failed with `exit_code` and one `Error:` line, which holds `fragment`."""
+    assert result.exit_code == exit_code, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    assert fragment in errors[0]
 
 
 @pytest.fixture

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import metric
 
-from action_metrics import ActionMetric, ActionType, AsyncMetricsStore, ModelName, migrate
+from action_metrics import ActionType, AsyncMetricsStore, ModelName, TokenConfigError, migrate
 from action_metrics.dialects import backend_for
-from action_metrics.http import ApiTokens, TokenConfigError, create_app
+from action_metrics.http import ApiTokens, create_app, response_model
 
 pytestmark = pytest.mark.anyio
 
@@ -38,47 +40,33 @@ async def serving(url: str, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def metric(hours_ago: float, **fields: Any) -> ActionMetric:
-    values: dict[str, Any] = {
-        "action_type": ActionType.LOD3,
-        "user_id": "user-1",
-        "town_id": "town-a",
-        "citizen_id": "alice",
-        "tokens_in": 0,
-        "tokens_out": 0,
-        "model": ModelName.TEMPLATE,
-        "latency_ms": 120.0,
-        "credits_charged": 10,
-        "timestamp": datetime.now(UTC) - timedelta(hours=hours_ago),
-    }
-    values.update(fields)
-    return ActionMetric(**values)
-
-
-TOWN = [
-    # In the last 24 hours, well away from the window's edge.
-    metric(1, latency_ms=100.0),
-    metric(2, latency_ms=140.0),
-    metric(
-        3,
-        action_type=ActionType.LOD4,
-        credits_charged=100,
-        model=ModelName.SONNET,
-        tokens_in=1_000,
-        tokens_out=200,
-        latency_ms=900.0,
-    ),
-    # Between 24 and 48 hours ago.
-    metric(30, latency_ms=180.0),
-    # Another town.
-    metric(1, town_id="town-b", latency_ms=50.0),
-]
+def hours_ago(hours: float) -> datetime:
+    return datetime.now(UTC) - timedelta(hours=hours)
 
 
 @pytest.fixture
 async def town(database_url: str) -> str:
+    metrics = [
+        # LOD3 queries on haiku in the last 24 hours, well away from the window's edge.
+        metric(town_id="town-a", timestamp=hours_ago(1), latency_ms=100.0),
+        metric(town_id="town-a", timestamp=hours_ago(2), latency_ms=140.0),
+        metric(
+            town_id="town-a",
+            timestamp=hours_ago(3),
+            action_type=ActionType.LOD4,
+            credits_charged=100,
+            model=ModelName.SONNET,
+            tokens_in=1_000,
+            tokens_out=200,
+            latency_ms=900.0,
+        ),
+        # Between 24 and 48 hours ago.
+        metric(town_id="town-a", timestamp=hours_ago(30), latency_ms=180.0),
+        # Another town.
+        metric(town_id="town-b", timestamp=hours_ago(1), latency_ms=50.0),
+    ]
     async with AsyncMetricsStore(database_url) as store:
-        await store.emit_many(TOWN)
+        await store.emit_many(metrics)
     return database_url
 
 
@@ -228,7 +216,7 @@ async def test_the_answer_is_the_seed_json_over_the_last_day(town: str) -> None:
     assert body["metrics"]["count"] == 3
     assert body["metrics"]["total_credits"] == 120
     assert body["metrics"]["by_model"]["sonnet"]["count"] == 1
-    assert body["metrics"]["by_model"]["template"]["count"] == 2
+    assert body["metrics"]["by_model"]["haiku"]["count"] == 2
 
 
 async def test_filters_narrow_the_answer(town: str) -> None:
@@ -310,6 +298,55 @@ async def test_the_openapi_schema_describes_the_endpoint(town: str) -> None:
     assert {"200", "401", "403", "422", "503"} <= set(operation["responses"])
     assert operation["security"]
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def resolved(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """`node` of an OpenAPI document with its `$ref` followed."""
+    while "$ref" in node:
+        node = schema["components"]["schemas"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+async def test_the_openapi_schema_is_aggregate_to_dict_key_for_key(town: str) -> None:
+    async with serving(town) as client:
+        schema = (await client.get("/openapi.json")).json()
+        answer = await client.get("/v1/town/town-a/metrics", headers=bearer(TOWN_A_TOKEN))
+    ok = schema["paths"]["/v1/town/{town_id}/metrics"]["get"]["responses"]["200"]
+    town_metrics = resolved(schema, ok["content"]["application/json"]["schema"])
+    metrics = resolved(schema, town_metrics["properties"]["metrics"])
+    by_model = resolved(schema, metrics["properties"]["by_model"]["additionalProperties"])
+
+    figures = await aggregate(town, town_id="town-a", since=hours_ago(24))
+    model_entry = next(iter(figures["by_model"].values()))
+    # Every key documented, nothing undocumented, every key always there.
+    assert set(metrics["properties"]) == set(metrics["required"]) == set(figures)
+    assert set(by_model["properties"]) == set(by_model["required"]) == set(model_entry)
+    assert metrics["additionalProperties"] is False
+    assert by_model["additionalProperties"] is False
+    assert answer.json()["metrics"] == figures
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Whole:
+    error_count: int
+    exact: bool
+    parts: Mapping[str, Part]
+
+    @property
+    def errors_per_part(self) -> float | None:
+        return self.error_count / len(self.parts) if self.parts else None
+
+
+def test_a_figure_added_to_a_result_dataclass_appears_in_its_response_model() -> None:
+    schema = response_model(Whole).model_json_schema()
+    assert list(schema["properties"]) == ["error_count", "exact", "parts", "errors_per_part"]
+    part = schema["properties"]["parts"]["additionalProperties"]["$ref"].rsplit("/", 1)[-1]
+    assert list(schema["$defs"][part]["properties"]) == ["count"]
 
 
 # --- the database ---------------------------------------------------------------------------

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -18,11 +16,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-from conftest import POSTGRES_ADMIN_URL, Databases
+from conftest import POSTGRES_ADMIN_URL, Databases, metric, run_cli
 from sqlalchemy import make_url
 
-from action_metrics import ActionMetric, MetricsStore, migrate
-from action_metrics.dialects import UnsupportedDatabase, backend_for
+from action_metrics import ActionMetric, MetricsStore, UnsupportedDatabase, migrate
+from action_metrics.dialects import backend_for
 
 DASHBOARD_VIEWS = (
     "action_metrics_priced",
@@ -89,18 +87,7 @@ def roles(backend: Databases) -> Iterator[Roles]:
 
 
 def _metrics(count: int) -> list[ActionMetric]:
-    return [
-        ActionMetric(
-            "lod3", f"user-{n % 3}", "town-1", None, 100, 50, "haiku", 12.5, 10, START + timedelta(minutes=n)
-        )
-        for n in range(count)
-    ]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "action_metrics", *args], capture_output=True, text=True, timeout=120
-    )
+    return [metric(user_id=f"user-{n % 3}", timestamp=START + timedelta(minutes=n)) for n in range(count)]
 
 
 def test_a_dashboard_role_reads_the_views_and_cannot_write_or_read_the_tables(
@@ -108,7 +95,7 @@ def test_a_dashboard_role_reads_the_views_and_cannot_write_or_read_the_tables(
 ) -> None:
     url = empty_database_url
     database = make_url(url).database
-    assert _cli("db", "upgrade", "0001", "--url", url).returncode == 0
+    assert run_cli("db", "upgrade", "0001", "--url", url).exit_code == 0
     dashboard = roles.make("dashboard")
     roles.used_in(url)
     run(
@@ -118,8 +105,8 @@ def test_a_dashboard_role_reads_the_views_and_cannot_write_or_read_the_tables(
         f'GRANT SELECT ON action_metrics_priced, action_metrics_daily TO "{dashboard}"',
     )
     # An upgrade that re-creates the views keeps what was granted on them.
-    upgraded = _cli("db", "upgrade", "--url", url)
-    assert upgraded.returncode == 0, upgraded.stderr
+    upgraded = run_cli("db", "upgrade", "--url", url)
+    assert upgraded.exit_code == 0, upgraded.output
     run(url, f'GRANT SELECT ON model_price_periods, credit_price_periods TO "{dashboard}"')
     with MetricsStore(url) as store:
         store.emit_many(_metrics(30))
@@ -170,8 +157,8 @@ def test_the_store_runs_as_a_role_that_owns_only_its_own_schema(
 
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         run(admin_url, "CREATE TABLE public.app_scratch (x int)", user=app)
-    upgraded = _cli("db", "upgrade", "--url", url)
-    assert upgraded.returncode == 0, upgraded.stderr
+    upgraded = run_cli("db", "upgrade", "--url", url)
+    assert upgraded.exit_code == 0, upgraded.output
     sent = _metrics(20)
     with MetricsStore(url) as store:
         store.emit_many(sent)
@@ -181,7 +168,7 @@ def test_the_store_runs_as_a_role_that_owns_only_its_own_schema(
         aggregate = store.aggregate()
     assert aggregate.count == 20
     assert aggregate.total_cost_usd == pytest.approx(20 * (100 * 1 + 50 * 2) / 1e6, abs=1e-12)
-    assert _cli("db", "current", "--url", url).stdout.strip() == f"{migrate.head_revision()} (head)"
+    assert run_cli("db", "current", "--url", url).stdout.strip() == f"{migrate.head_revision()} (head)"
 
     placed = run(
         admin_url,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from conftest import METRIC_FIELDS, metric
 
 from action_metrics import (
     ACTION_CREDITS,
@@ -20,21 +20,15 @@ from action_metrics import (
     ModelName,
 )
 
-GOOD: dict[str, Any] = {
+LOD4_ON_SONNET: dict[str, Any] = {
     "action_type": "lod4",
-    "user_id": "user-123",
-    "town_id": "town-456",
-    "citizen_id": "citizen-789",
     "tokens_in": 500,
     "tokens_out": 300,
     "model": "sonnet",
     "latency_ms": 1000,
     "credits_charged": 100,
 }
-
-
-def make(**changes: Any) -> ActionMetric:
-    return ActionMetric(**{**GOOD, **changes})
+"""The README's example action."""
 
 
 @pytest.mark.parametrize(
@@ -91,7 +85,7 @@ def make(**changes: Any) -> ActionMetric:
 )
 def test_bad_input_is_refused_naming_the_field(field: str, value: Any) -> None:
     with pytest.raises(InvalidMetric, match=f"^{field}:") as raised:
-        make(**{field: value})
+        metric(**{field: value})
     assert raised.value.field == field
     assert isinstance(raised.value, ValueError)
 
@@ -103,7 +97,7 @@ def test_deeply_nested_metadata_is_refused() -> None:
         cursor["next"] = {}
         cursor = cursor["next"]
     with pytest.raises(InvalidMetric, match=r"^metadata: nested deeper"):
-        make(metadata=nested)
+        metric(metadata=nested)
 
 
 @pytest.mark.parametrize(
@@ -111,85 +105,85 @@ def test_deeply_nested_metadata_is_refused() -> None:
     [0, 2**63 - 1],
 )
 def test_counts_accept_the_full_64_bit_range(value: int) -> None:
-    metric = make(tokens_in=value, tokens_out=value, credits_charged=value)
-    assert metric.tokens_in == value
+    action = metric(tokens_in=value, tokens_out=value, credits_charged=value)
+    assert action.tokens_in == value
 
 
 def test_sub_millisecond_latency_is_kept() -> None:
-    assert make(latency_ms=0.037).latency_ms == 0.037
-    assert make(latency_ms=12).latency_ms == 12.0
+    assert metric(latency_ms=0.037).latency_ms == 0.037
+    assert metric(latency_ms=12).latency_ms == 12.0
 
 
 def test_real_provider_model_names_and_custom_action_types_are_accepted() -> None:
     for model in ["claude-sonnet-4-5@20250929", "openai/gpt-4o-mini", "Meta Llama 3.1 (70B)"]:
-        assert make(model=model).model == model
-    assert make(action_type="agent.plan-step_2").action_type == "agent.plan-step_2"
+        assert metric(model=model).model == model
+    assert metric(action_type="agent.plan-step_2").action_type == "agent.plan-step_2"
 
 
 def test_enums_are_stored_as_their_plain_values() -> None:
-    metric = make(action_type=ActionType.LOD5, model=ModelName.OPUS)
-    assert metric.action_type == "lod5"
-    assert type(metric.action_type) is str
-    assert type(metric.model) is str
+    action = metric(action_type=ActionType.LOD5, model=ModelName.OPUS)
+    assert action.action_type == "lod5"
+    assert type(action.action_type) is str
+    assert type(action.model) is str
 
 
 def test_timestamp_defaults_to_now_in_utc() -> None:
     before = datetime.now(UTC)
-    metric = make()
-    assert before <= metric.timestamp <= datetime.now(UTC)
-    assert metric.timestamp.tzinfo is UTC
+    action = metric()
+    assert before <= action.timestamp <= datetime.now(UTC)
+    assert action.timestamp.tzinfo is UTC
 
 
 def test_a_naive_timestamp_is_local_time() -> None:
     naive = datetime(2026, 3, 29, 1, 30)
-    assert make(timestamp=naive).timestamp == naive.astimezone(UTC)
+    assert metric(timestamp=naive).timestamp == naive.astimezone(UTC)
 
 
 def test_an_aware_timestamp_is_converted_to_utc() -> None:
     aware = datetime(2026, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=-8)))
-    stamped = make(timestamp=aware).timestamp
+    stamped = metric(timestamp=aware).timestamp
     assert stamped == aware
     assert stamped.utcoffset() == timedelta(0)
     assert stamped.hour == 20
 
 
 def test_the_seed_properties() -> None:
-    metric = make()
-    assert metric.total_tokens == 800
+    action = metric(**LOD4_ON_SONNET)
+    assert action.total_tokens == 800
     cost = (500 * Decimal("3.00") + 300 * Decimal("15.00")) / Decimal(1_000_000)
-    assert metric.estimated_cost_usd == pytest.approx(float(cost), abs=1e-15)
-    assert metric.revenue_usd == pytest.approx(100 * 0.006)
-    assert metric.gross_margin == pytest.approx((0.6 - float(cost)) / 0.6)
+    assert action.estimated_cost_usd == pytest.approx(float(cost), abs=1e-15)
+    assert action.revenue_usd == pytest.approx(100 * 0.006)
+    assert action.gross_margin == pytest.approx((0.6 - float(cost)) / 0.6)
 
 
 def test_margin_is_none_without_revenue_or_without_a_price() -> None:
-    assert make(credits_charged=0).gross_margin is None
-    unpriced = make(model="mystery")
+    assert metric(credits_charged=0).gross_margin is None
+    unpriced = metric(model="mystery")
     assert unpriced.estimated_cost_usd is None
     assert unpriced.gross_margin is None
 
 
 def test_to_dict_is_json_safe_and_round_trips_the_fields() -> None:
-    metric = make(metadata={"lod": 4, "speaker": "alice"})
-    data = json.loads(json.dumps(metric.to_dict()))
-    assert data["id"] == str(metric.id)
-    assert datetime.fromisoformat(data["timestamp"]) == metric.timestamp
+    action = metric(**LOD4_ON_SONNET, metadata={"lod": 4, "speaker": "alice"})
+    data = json.loads(json.dumps(action.to_dict()))
+    assert data["id"] == str(action.id)
+    assert datetime.fromisoformat(data["timestamp"]) == action.timestamp
     assert data["metadata"] == {"lod": 4, "speaker": "alice"}
     assert data["total_tokens"] == 800
-    for key in GOOD:
-        assert data[key] == GOOD[key]
+    for key, value in {**METRIC_FIELDS, **LOD4_ON_SONNET}.items():
+        assert data[key] == value
 
 
 def test_otel_attributes_follow_the_genai_conventions() -> None:
-    attributes = make().to_otel_span()
+    attributes = metric(**LOD4_ON_SONNET).to_otel_span()
     assert attributes["gen_ai.request.model"] == "sonnet"
     assert attributes["gen_ai.usage.input_tokens"] == 500
     assert attributes["gen_ai.usage.output_tokens"] == 300
     assert attributes["action.type"] == "lod4"
     assert attributes["action.credits"] == 100
-    assert attributes["action.citizen_id"] == "citizen-789"
+    assert attributes["action.citizen_id"] == METRIC_FIELDS["citizen_id"]
     assert all(value is not None for value in attributes.values())
-    assert "action.citizen_id" not in make(citizen_id=None).to_otel_span()
+    assert "action.citizen_id" not in metric(citizen_id=None).to_otel_span()
 
 
 def test_the_seed_constants() -> None:
@@ -213,8 +207,8 @@ def test_the_seed_constants() -> None:
 
 
 def test_metrics_are_values() -> None:
-    metric = make()
+    action = metric()
     with pytest.raises(AttributeError):
-        metric.tokens_in = 5  # type: ignore[misc]
-    assert metric == ActionMetric(**{**GOOD, "timestamp": metric.timestamp, "id": metric.id})
-    assert not math.isnan(metric.latency_ms)
+        action.tokens_in = 5  # type: ignore[misc]
+    assert action == ActionMetric(**METRIC_FIELDS, timestamp=action.timestamp, id=action.id)
+    assert action != metric(timestamp=action.timestamp)  # another id: another action

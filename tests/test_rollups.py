@@ -173,7 +173,7 @@ def test_an_interrupted_build_resumes_and_every_answer_is_right_on_the_way(datab
         store.emit_many(metrics[:1])  # closes nothing: its batch is at the very start
     _reset_rollups(database_url)
     with MetricsStore(database_url) as store:
-        store._loop.call(_insert_without_rollups(store, metrics[1:]))
+        store._call(_insert_without_rollups(store, metrics[1:]))
         _assert_everything(store, metrics, _book())  # nothing built: raw rows answer, exactly
         days_seen: list[BuildProgress] = []
 
@@ -182,14 +182,14 @@ def test_an_interrupted_build_resumes_and_every_answer_is_right_on_the_way(datab
             if len(days_seen) == 2:
                 raise Interrupted
 
-        repository = store._loop.call(store._store._open())
+        repository = store._call(store._store._open())
         with pytest.raises(Interrupted):
-            store._loop.call(repository.build_rollups(stop_after_two_days))
+            store._call(repository.build_rollups(stop_after_two_days))
         halfway = _state(store)
         assert halfway.days_closed_until == START + timedelta(days=2)
         for window in WINDOWS:  # half rollups, half raw rows
             _assert_everything(store, metrics, _book(), **window)
-        store._loop.call(repository.build_rollups())
+        store._call(repository.build_rollups())
         now = datetime.now(UTC) - CLOSE_DELAY
         assert _state(store).days_closed_until == floor_to(floor_to(now, "hour"), "day")
         for window in WINDOWS:
@@ -354,7 +354,7 @@ def _state(store: MetricsStore) -> RollupState:
         async with repository.engine.connect() as connection:
             return await read_state(connection)
 
-    return store._loop.call(read())
+    return store._call(read())
 
 
 def _reset_rollups(url: str) -> None:
@@ -374,7 +374,7 @@ def _reset_rollups(url: str) -> None:
                     update(rollup_state).values(hours_closed_until=None, days_closed_until=None)
                 )
 
-        store._loop.call(empty())
+        store._call(empty())
 
 
 async def _insert_without_rollups(store: MetricsStore, metrics: list[ActionMetric]) -> None:

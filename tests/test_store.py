@@ -7,37 +7,20 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from conftest import metric
 
 from action_metrics import (
-    ActionMetric,
-    ActionType,
     AsyncMetricsStore,
+    DatabaseUnavailable,
     InvalidFilter,
     InvalidPrice,
     MetricsStore,
-    ModelName,
     SchemaNotCreated,
     SchemaTooNew,
+    StoreClosed,
 )
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
-
-
-def metric(**fields: object) -> ActionMetric:
-    values: dict[str, object] = {
-        "action_type": ActionType.LOD3,
-        "user_id": "user-1",
-        "town_id": "town-1",
-        "citizen_id": "citizen-1",
-        "tokens_in": 100,
-        "tokens_out": 50,
-        "model": ModelName.HAIKU,
-        "latency_ms": 120.5,
-        "credits_charged": 10,
-        "timestamp": NOW,
-    }
-    values.update(fields)
-    return ActionMetric(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -263,3 +246,79 @@ def test_stores_opening_new_sqlite_files_at_once_each_migrate_their_own(tmp_path
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(open_and_count, range(8))) == [1] * 8
+
+
+def test_charges_are_audited_in_sql(store: MetricsStore) -> None:
+    force = {"action_type": "force", "model": "sonnet"}
+    store.emit_many(
+        [
+            metric(**force, credits_charged=50),
+            metric(**force, credits_charged=50, metadata={"error": "Timeout"}),  # failed, yet charged
+            metric(**force, credits_charged=0, metadata={"error": "ConsentRefused"}),  # failed: exempt
+            metric(**force, credits_charged=0, metadata={"error": None}),  # the key is what counts
+            metric(**force, credits_charged=0, metadata={"errors": 1}),  # not failed: undercharged
+            metric(**force, credits_charged=10),
+            metric(**force, credits_charged=60, metadata={"nested": {"error": "x"}}),
+            metric(**force, credits_charged=50, town_id="town-2"),
+            metric(credits_charged=0),  # another action type
+        ]
+    )
+    audit = store.audit_charges(50, action_type="force", town_id="town-1")
+    assert (audit.count, audit.failed, audit.under, audit.over) == (7, 2, 2, 1)
+    assert (audit.charged, audit.exact) == (5, 2)
+    assert store.audit_charges(50, action_type="force").count == 8
+    assert store.audit_charges(50, action_type="force", limit=1).count == 1
+    nothing = store.audit_charges(50, action_type="branch")
+    assert (nothing.count, nothing.charged, nothing.exact) == (0, 0, 0)
+
+
+def test_calls_after_close_raise_store_closed(database_url: str) -> None:
+    store = MetricsStore(database_url)
+    store.emit(metric())
+    store.close()
+    for call in (
+        store.open,
+        store.query,
+        store.aggregate,
+        lambda: store.audit_charges(50),
+        lambda: store.emit_many([metric()]),
+        lambda: store.set_model_price("haiku", 1, 2),
+        lambda: store.set_credit_price("0.01"),
+    ):
+        with pytest.raises(StoreClosed, match="is closed"):
+            call()
+    store.flush()  # nothing left to write
+    store.close()  # closing twice is harmless
+    store.emit(metric())  # emit never raises for the database: the metric is counted as dropped
+    assert store.dropped == 1
+    with MetricsStore(database_url) as reopened:
+        assert reopened.aggregate().count == 1
+
+
+@pytest.mark.anyio
+async def test_calls_after_close_raise_store_closed_on_the_async_store_too(database_url: str) -> None:
+    store = AsyncMetricsStore(database_url)
+    await store.emit(metric())
+    await store.close()
+    with pytest.raises(StoreClosed, match="is closed"):
+        await store.query()
+    with pytest.raises(StoreClosed):
+        await store.emit_many([metric()])
+    await store.flush()
+    await store.close()
+    await store.emit(metric())
+    assert store.dropped == 1
+    assert not store.writer.running
+
+
+def test_an_unreachable_database_raises_database_unavailable(backend, tmp_path) -> None:
+    url = {
+        "sqlite": f"sqlite:///{tmp_path / 'missing-directory' / 'metrics.db'}",
+        "postgresql": "postgresql://postgres@127.0.0.1:1/nowhere",
+    }[backend.name]
+    store = MetricsStore(url)
+    with pytest.raises(DatabaseUnavailable, match=r"^cannot use ") as raised:
+        store.aggregate()
+    store.close()
+    assert raised.value.reason  # the driver's words, in one line
+    assert "\n" not in raised.value.reason

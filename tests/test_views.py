@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from conftest import metric
 from sqlalchemy import make_url
 
 from action_metrics import ActionMetric, MetricsStore
@@ -25,8 +26,6 @@ from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 from reference import PriceBook, cost, percentile, revenue
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "sql" / "examples"
-NOW = datetime.now(UTC)
-MIDNIGHT = NOW.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def plain_sql(url: str, sql: str) -> list[dict[str, Any]]:
@@ -62,17 +61,16 @@ def _book() -> PriceBook:
     return PriceBook(models, [(BEGINNING_OF_TIME, Decimal("0.006"))])
 
 
-def _metrics() -> list[ActionMetric]:
+def _metrics(now: datetime) -> list[ActionMetric]:
     rng = random.Random(7)
-    since_midnight = (NOW - MIDNIGHT).total_seconds()
     metrics = []
     for i in range(400):
-        # Today (at least a minute ago), earlier this week, and weeks ago; never near a boundary.
+        # The last day, earlier this week, and weeks ago; never near the edge of a week.
         when = rng.choice(
             [
-                NOW - timedelta(seconds=rng.uniform(60, max(61, since_midnight - 60))),
-                NOW - timedelta(days=rng.uniform(1.5, 6)),
-                NOW - timedelta(days=rng.uniform(9, 30)),
+                now - timedelta(hours=rng.uniform(0.1, 23)),
+                now - timedelta(days=rng.uniform(1.5, 6)),
+                now - timedelta(days=rng.uniform(9, 30)),
             ]
         )
         metrics.append(
@@ -93,25 +91,26 @@ def _metrics() -> list[ActionMetric]:
 
 
 @pytest.fixture(scope="module")
-def town(backend) -> Iterator[tuple[str, MetricsStore, list[ActionMetric]]]:
+def town(backend) -> Iterator[tuple[str, MetricsStore, list[ActionMetric], datetime]]:
     url = backend.migrated()
-    metrics = _metrics()
+    now = datetime.now(UTC)
+    metrics = _metrics(now)
     with MetricsStore(url) as store:
         store.emit_many(metrics)
-        yield url, store, metrics
+        yield url, store, metrics, now
     backend.drop(url)
 
 
 def test_priced_view_prices_every_action_as_the_reference_does(town) -> None:
-    url, _, metrics = town
+    url, _, metrics, _ = town
     rows = {
         str(row["id"]).replace("-", ""): row for row in plain_sql(url, "SELECT * FROM action_metrics_priced")
     }
     assert len(rows) == len(metrics)
     book = _book()
-    for metric in metrics:
-        row = rows[metric.id.hex]
-        want_cost, want_revenue = cost(metric, book), revenue(metric, book)
+    for action in metrics:
+        row = rows[action.id.hex]
+        want_cost, want_revenue = cost(action, book), revenue(action, book)
         assert bool(row["priced"]) is (want_cost is not None)
         if want_cost is None:
             assert row["cost_usd"] is None
@@ -121,12 +120,12 @@ def test_priced_view_prices_every_action_as_the_reference_does(town) -> None:
         assert abs(Decimal(str(row["revenue_usd"])) - want_revenue) < Decimal("1e-12")
         if want_cost is not None and want_revenue > 0:
             assert float(row["margin"]) == pytest.approx(float((want_revenue - want_cost) / want_revenue))
-        assert row["tokens_in"] == metric.tokens_in
-        assert row["user_id"] == metric.user_id
+        assert row["tokens_in"] == action.tokens_in
+        assert row["user_id"] == action.user_id
 
 
 def test_daily_view_matches_the_reference_per_day_town_action_and_model(town) -> None:
-    url, _, metrics = town
+    url, _, metrics, _ = town
     book = _book()
     groups: dict[tuple[str, str, str, str], list[ActionMetric]] = defaultdict(list)
     for m in metrics:
@@ -149,22 +148,38 @@ def test_daily_view_matches_the_reference_per_day_town_action_and_model(town) ->
         assert row["p95_latency_ms"] == pytest.approx(percentile(latencies, 0.95), rel=1e-12)
 
 
-def test_average_lod3_latency_today(town, backend) -> None:
-    url, store, metrics = town
-    (row,) = plain_sql(url, example("average_lod3_latency_today", backend.name))
-    today = [m.latency_ms for m in metrics if m.action_type == "lod3" and m.timestamp >= MIDNIGHT]
-    api = store.aggregate(action_type="lod3", since=MIDNIGHT)
-    assert row["count"] == api.count == len(today)
-    if today:
-        assert row["avg_latency_ms"] == pytest.approx(api.avg_latency_ms, rel=1e-12)
-        assert api.avg_latency_ms == pytest.approx(statistics.fmean(today), rel=1e-12)
+def test_average_lod3_latency_today(backend, database_url: str) -> None:
+    # "Today" is the database's current UTC day. Today's queries are placed between midnight and
+    # now, whatever the time; should midnight pass before the answers are in, ask about the new day.
+    sent: list[ActionMetric] = []
+    with MetricsStore(database_url) as store:
+        while True:
+            now = datetime.now(UTC)
+            midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+            so_far = now - midnight
+            sent += [
+                metric(latency_ms=90.0, timestamp=midnight + so_far / 4),
+                metric(latency_ms=140.5, timestamp=midnight + so_far / 2),
+                metric(latency_ms=400.0, timestamp=midnight + so_far * 3 / 4),
+                metric(latency_ms=999.0, timestamp=midnight - timedelta(hours=2)),  # yesterday
+                metric(latency_ms=5.0, timestamp=midnight + so_far / 2, action_type="lod4"),
+            ]
+            store.emit_many(sent)
+            (row,) = plain_sql(database_url, example("average_lod3_latency_today", backend.name))
+            api = store.aggregate(action_type="lod3", since=midnight)
+            if datetime.now(UTC).date() == now.date():
+                break
+    today = [m.latency_ms for m in sent if m.action_type == "lod3" and m.timestamp >= midnight]
+    assert row["count"] == api.count == len(today) >= 3
+    assert row["avg_latency_ms"] == pytest.approx(api.avg_latency_ms, rel=1e-12)
+    assert api.avg_latency_ms == pytest.approx(statistics.fmean(today), rel=1e-12)
 
 
 def test_gross_margin_for_lod4_this_week(town, backend) -> None:
-    url, store, metrics = town
+    url, store, metrics, now = town
     (row,) = plain_sql(url, example("gross_margin_lod4_this_week", backend.name))
-    api = store.aggregate(action_type="lod4", since=NOW - timedelta(days=7))
-    week = [m for m in metrics if m.action_type == "lod4" and m.timestamp >= NOW - timedelta(days=7)]
+    api = store.aggregate(action_type="lod4", since=now - timedelta(days=7))
+    week = [m for m in metrics if m.action_type == "lod4" and m.timestamp >= now - timedelta(days=7)]
     assert row["count"] == api.count == len(week) > 0
     assert row["unpriced_count"] == api.unpriced_count
     assert float(row["revenue_usd"]) == pytest.approx(api.total_revenue_usd, abs=1e-9)
@@ -176,7 +191,7 @@ def test_gross_margin_for_lod4_this_week(town, backend) -> None:
 
 
 def test_which_model_is_used_most(town, backend) -> None:
-    url, store, metrics = town
+    url, store, metrics, _ = town
     rows = plain_sql(url, example("model_usage", backend.name))
     by_model = store.aggregate().by_model
     assert [row["model"] for row in rows] == list(by_model)  # both most-used first

@@ -11,20 +11,15 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import metric
 from sqlalchemy import make_url
 
-from action_metrics import ActionMetric, AsyncMetricsStore, FlushTimeout, InvalidValue, MetricsStore
+from action_metrics import AsyncMetricsStore, FlushTimeout, InvalidValue, MetricsStore
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def metric(user_id: str = "user-1") -> ActionMetric:
-    return ActionMetric("lod3", user_id, "town-1", None, 100, 50, "haiku", 12.5, 10, NOW)
 
 
 def stored(url: str) -> int:
@@ -45,7 +40,7 @@ def eventually(predicate, timeout: float = 20.0) -> bool:
 
 def test_emit_returns_before_the_write_and_flush_commits(database_url: str) -> None:
     with MetricsStore(database_url, flush_interval=3600, batch_size=1000) as store:
-        sent = [metric(f"user-{i}") for i in range(10)]
+        sent = [metric(user_id=f"user-{i}") for i in range(10)]
         for m in sent:
             store.emit(m)
         assert store.writer.pending == 10
@@ -72,7 +67,7 @@ def test_the_buffer_is_written_on_a_timer_without_flush(database_url: str) -> No
 def test_a_full_batch_is_written_without_waiting_for_the_timer(database_url: str) -> None:
     with MetricsStore(database_url, flush_interval=3600, batch_size=5) as store:
         for i in range(5):
-            store.emit(metric(f"user-{i}"))
+            store.emit(metric(user_id=f"user-{i}"))
         assert eventually(lambda: stored(database_url) == 5)
 
 
@@ -90,7 +85,7 @@ def test_a_full_buffer_drops_new_metrics_counts_them_and_warns(
         MetricsStore(database_url, buffer_size=3, batch_size=100, flush_interval=3600) as store,
     ):
         for i in range(5):
-            store.emit(metric(f"user-{i}"))
+            store.emit(metric(user_id=f"user-{i}"))
         assert store.dropped == 2
         store.flush()
         assert sorted(m.user_id for m in store.query()) == ["user-0", "user-1", "user-2"]
@@ -255,11 +250,11 @@ def test_metrics_emitted_while_postgres_is_unreachable_arrive_once_it_is_back(
 ) -> None:
     tcp, url = proxy
     with MetricsStore(url, flush_interval=3600) as store:
-        store.emit(metric("before"))
+        store.emit(metric(user_id="before"))
         store.flush()
         tcp.cut()
         for i in range(20):
-            store.emit(metric(f"during-{i}"))
+            store.emit(metric(user_id=f"during-{i}"))
         with pytest.raises(FlushTimeout, match="still waiting"):
             store.flush(timeout=0.5)
         tcp.restore()
@@ -286,7 +281,7 @@ def test_a_service_emitting_through_a_three_second_outage_loses_nothing(
         deadline = time.monotonic() + OUTAGE_SECONDS
         while time.monotonic() < deadline:
             started = time.perf_counter()
-            store.emit(metric(f"outage-{emitted}"))
+            store.emit(metric(user_id=f"outage-{emitted}"))
             slowest = max(slowest, time.perf_counter() - started)
             emitted += 1
             time.sleep(0.001)  # pacing a load generator, not synchronisation
@@ -305,11 +300,11 @@ def test_an_outage_longer_than_the_buffer_drops_the_overflow_and_counts_it(
         store.open()
         tcp.cut()
         for i in range(5):
-            store.emit(metric(f"first-{i}"))
+            store.emit(metric(user_id=f"first-{i}"))
         with pytest.raises(FlushTimeout):
             store.flush(timeout=0.3)  # the writer now holds those 5, retrying; the buffer is empty
         for i in range(8):
-            store.emit(metric(f"second-{i}"))
+            store.emit(metric(user_id=f"second-{i}"))
         assert store.dropped == 3
         tcp.restore()
         store.flush()
@@ -345,7 +340,7 @@ def test_close_gives_up_after_its_timeout_and_counts_what_is_lost(
     store.open()
     tcp.cut()
     for i in range(4):
-        store.emit(metric(f"lost-{i}"))
+        store.emit(metric(user_id=f"lost-{i}"))
     with caplog.at_level(logging.WARNING, logger="action_metrics"):
         store.close(timeout=0.3)
     assert store.dropped == 4
@@ -403,7 +398,7 @@ def test_metrics_the_database_rejects_are_dropped_and_the_rest_of_their_batch_is
 ) -> None:
     refuse_poison(backend, database_url)
     poisoned = {1, count - 1}
-    sent = [metric(POISON if i in poisoned else f"user-{i}") for i in range(count)]
+    sent = [metric(user_id=POISON if i in poisoned else f"user-{i}") for i in range(count)]
     with (
         caplog.at_level(logging.WARNING, logger="action_metrics"),
         MetricsStore(database_url, flush_interval=3600, batch_size=count) as store,
@@ -413,7 +408,7 @@ def test_metrics_the_database_rejects_are_dropped_and_the_rest_of_their_batch_is
         store.flush()
         assert store.rejected == store.writer.rejected == 2
         assert store.dropped == 2
-        later = metric("user-after")
+        later = metric(user_id="user-after")
         store.emit(later)  # the writer is not stuck on the rejected rows
         store.flush()
         kept = {m.id for m in sent if m.user_id != POISON} | {later.id}
@@ -439,7 +434,7 @@ def test_a_table_gone_while_running_is_retried_until_it_is_back_and_nothing_is_d
         run_sql(backend, database_url, "ALTER TABLE action_metrics RENAME TO action_metrics_away")
         try:
             for i in range(3):
-                store.emit(metric(f"user-{i}"))
+                store.emit(metric(user_id=f"user-{i}"))
             with pytest.raises(FlushTimeout):
                 store.flush(timeout=0.5)
         finally:

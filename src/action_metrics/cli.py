@@ -6,22 +6,20 @@ import asyncio
 import json
 import sys
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import click
-from alembic.config import Config
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from action_metrics import demo as town
 from action_metrics import migrate, report
 from action_metrics.aggregate import Aggregate
-from action_metrics.dialects import URL_VARIABLE, Backend, UnsupportedDatabase, backend_for, display_url
-from action_metrics.errors import DatabaseUnavailable, InvalidValue, SchemaError
+from action_metrics.dialects import URL_VARIABLE, Backend, backend_for, display_url
+from action_metrics.errors import ActionMetricsError, InvalidValue
 from action_metrics.repository import MetricsRepository, PruneResult
 from action_metrics.rollup import BuildProgress, RollupState
 from action_metrics.store import AsyncMetricsStore
@@ -40,17 +38,15 @@ url_option = click.option(
 
 
 def friendly_errors(command: Callable[P, T]) -> Callable[P, T]:
-    """Expected failures print one line and exit non-zero; a traceback is for bugs only."""
+    """Expected failures (action-metrics' own exceptions) print one line and exit 1; a traceback is
+    for bugs only."""
 
     @wraps(command)
     def run(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return command(*args, **kwargs)
-        except (DatabaseUnavailable, SchemaError, UnsupportedDatabase, InvalidValue) as error:
+        except ActionMetricsError as error:
             raise click.ClickException(str(error)) from None
-        except (OSError, OperationalError, InterfaceError) as error:
-            reason = getattr(error, "orig", None) or error
-            raise click.ClickException(f"cannot reach the database: {reason}") from None
 
     return run
 
@@ -61,13 +57,15 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     When a SQLite file cannot be opened, aiosqlite stops its worker thread without awaiting it, and
     the thread then posts to the loop; if `asyncio.run()` has closed the loop by then, the thread
     prints a traceback after our one-line error (aiosqlite issue #259). The store has closed its
-    connections by the time the coroutine returns, so these threads are ending.
+    connections by the time the coroutine returns, so these threads are ending. Only the threads
+    started meanwhile are awaited: another store of the same process keeps its own.
     """
+    running_before = set(threading.enumerate())
     with asyncio.Runner() as runner:
         try:
             return runner.run(coroutine)
         finally:
-            for thread in threading.enumerate():
+            for thread in set(threading.enumerate()) - running_before:
                 if thread.name.endswith("(_connection_worker_thread)"):
                     thread.join(timeout=10)
 
@@ -83,38 +81,46 @@ def db() -> None:
     """Migrate the database schema with the migrations this package carries."""
 
 
-async def _migrate(backend: Backend, action: Callable[[Config], None]) -> None:
-    engine = backend.create_engine()
+async def _on_database(backend: Backend, use: Callable[[MetricsRepository], Awaitable[T]]) -> T:
+    """`use` a repository of the database, whatever its schema revision (a store would refuse one behind)."""
+    repository = MetricsRepository(backend.create_engine(), backend)
     try:
-        await migrate.run_migrations(engine, action)
+        return await use(repository)
     finally:
-        await engine.dispose()
+        await repository.close()
 
 
-async def _current(backend: Backend) -> str | None:
-    engine = backend.create_engine()
-    try:
-        async with engine.connect() as connection:
-            return await migrate.revision_of(connection)
-    finally:
-        await engine.dispose()
+sql_option = click.option("--sql", is_flag=True, help="Print the SQL for a DBA instead of running it.")
 
 
+def _migrate(direction: Literal["upgrade", "downgrade"], revision: str, url: str | None, sql: bool) -> None:
+    """Migrate the database to `revision`, or with `sql` print the SQL that would."""
+    backend = backend_for(url)
+    if sql:
+        click.echo(migrate.offline_sql(backend.given_url, direction, revision), nl=False)
+        return
+    action = migrate.upgrade_to(revision) if direction == "upgrade" else migrate.downgrade_to(revision)
+    run_async(_on_database(backend, lambda database: database.run_migrations(action)))
+    click.echo(f"{display_url(backend.given_url)} is at revision {revision}", err=True)
+
+
+# upgrade and downgrade repeat their options on purpose: click reads them from each command.
 @db.command()
 @click.argument("revision", default="head")
 @url_option
-@click.option("--sql", is_flag=True, help="Print the SQL for a DBA instead of running it.")
+@sql_option
 @friendly_errors
 def upgrade(revision: str, url: str | None, sql: bool) -> None:
     """Upgrade the schema to REVISION (default: head)."""
-    backend = backend_for(url)
-    if sql:
-        click.echo(migrate.offline_sql(backend.given_url, "upgrade", revision), nl=False)
-        return
-    run_async(_migrate(backend, migrate.upgrade_to(revision)))
-    click.echo(f"{display_url(backend.given_url)} is at revision {revision}", err=True)
+    _migrate("upgrade", revision, url, sql)
     if revision in ("head", migrate.head_revision()):
-        _build_rollups(backend)
+        if sql:
+            click.echo(
+                "-- The rollups start empty. To build them from the rows already stored (a day per\n"
+                "-- transaction, resumable), run: action-metrics db upgrade --url <this database>"
+            )
+        else:
+            _build_rollups(backend_for(url))
 
 
 def _progress(console: Console) -> Progress:
@@ -130,20 +136,16 @@ def _progress(console: Console) -> Progress:
 def _build_rollups(backend: Backend) -> None:
     """Sum the rows already stored into the rollups, a day per transaction: run again, it resumes."""
 
-    async def build() -> RollupState:
-        engine = backend.create_engine()
-        try:
-            with _progress(_stderr()) as progress:
-                task = progress.add_task("Building the rollups (days)", total=None)
+    async def build(repository: MetricsRepository) -> RollupState:
+        with _progress(_stderr()) as progress:
+            task = progress.add_task("Building the rollups (days)", total=None)
 
-                def report_progress(done: BuildProgress) -> None:
-                    progress.update(task, completed=done.done, total=done.total)
+            def report_progress(done: BuildProgress) -> None:
+                progress.update(task, completed=done.done, total=done.total)
 
-                return await MetricsRepository(engine, backend).build_rollups(report_progress)
-        finally:
-            await engine.dispose()
+            return await repository.build_rollups(report_progress)
 
-    state = run_async(build())
+    state = run_async(_on_database(backend, build))
     reach = state.days_closed_until.isoformat() if state.days_closed_until else "nothing stored yet"
     click.echo(f"rollups built: whole days up to {reach}", err=True)
 
@@ -151,16 +153,11 @@ def _build_rollups(backend: Backend) -> None:
 @db.command()
 @click.argument("revision")
 @url_option
-@click.option("--sql", is_flag=True, help="Print the SQL for a DBA instead of running it.")
+@sql_option
 @friendly_errors
 def downgrade(revision: str, url: str | None, sql: bool) -> None:
     """Downgrade the schema to REVISION ('base' removes every action-metrics table)."""
-    backend = backend_for(url)
-    if sql:
-        click.echo(migrate.offline_sql(backend.given_url, "downgrade", revision), nl=False)
-        return
-    run_async(_migrate(backend, migrate.downgrade_to(revision)))
-    click.echo(f"{display_url(backend.given_url)} is at revision {revision}", err=True)
+    _migrate("downgrade", revision, url, sql)
 
 
 def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
@@ -219,7 +216,7 @@ def prune(url: str | None, older_than: datetime | None, before: datetime | None,
 def current(url: str | None) -> None:
     """Print the database's schema revision and whether it is the newest this package knows."""
     backend = backend_for(url)
-    revision = run_async(_current(backend))
+    revision = run_async(_on_database(backend, MetricsRepository.schema_revision))
     head = migrate.head_revision()
     state = "head" if revision == head else f"behind head {head}" if revision else "no schema"
     click.echo(f"{revision or '-'} ({state})")
@@ -429,10 +426,7 @@ def serve(url: str | None, host: str, port: int, insecure: bool) -> None:
         raise click.ClickException(
             f"serve needs the server extra ({error.name} is missing): pip install 'action-metrics[server]'"
         ) from None
-    try:
-        app = http.create_app(url, insecure=insecure)
-    except http.TokenConfigError as error:
-        raise click.ClickException(str(error)) from None
+    app = http.create_app(url, insecure=insecure)
     run_async(_preflight(url))
     if insecure:
         click.echo(f"warning: --insecure: anyone who can reach {host}:{port} reads every town", err=True)

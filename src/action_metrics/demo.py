@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import random
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from action_metrics.model import ActionMetric
+from action_metrics.errors import InvalidValue
+from action_metrics.ingest import metric_batches
+from action_metrics.model import ActionMetric, uuid7_at
 from action_metrics.pricing import ACTION_CREDITS, ActionType, ModelName
 from action_metrics.store import AsyncMetricsStore
 
@@ -50,13 +51,20 @@ class TownPlan:
 
     def __post_init__(self) -> None:
         if self.size < 1:
-            raise ValueError(f"size: expected at least 1 metric, got {self.size}")
+            raise InvalidValue("size", f"expected at least 1 metric, got {self.size}")
         if not 0 < self.days <= 366:
-            raise ValueError(f"days: expected a number of days in (0, 366], got {self.days}")
+            raise InvalidValue("days", f"expected a number of days in (0, 366], got {self.days}")
 
     @property
     def start(self) -> datetime:
         return self.end - timedelta(days=self.days)
+
+
+_GENERATIONS: Final = (
+    # (cumulative share of generations, model, tokens in, tokens out, median latency ms, its spread)
+    (0.70, ModelName.HAIKU, (300, 900), (60, 200), 650.0, 0.35),
+    (0.85, ModelName.SONNET, (800, 2_000), (150, 400), 1_900.0, 0.3),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,31 +92,12 @@ class _Town:
 
     def generation(self) -> _Call:
         roll = self.random.random()
-        if roll < 0.70:
-            return _Call(
-                ModelName.HAIKU,
-                self.random.randint(300, 900),
-                self.random.randint(60, 200),
-                self.latency(650, 0.35),
-            )
-        if roll < 0.85:
-            return _Call(
-                ModelName.SONNET,
-                self.random.randint(800, 2_000),
-                self.random.randint(150, 400),
-                self.latency(1_900, 0.3),
-            )
+        for share, model, tokens_in, tokens_out, median_ms, spread in _GENERATIONS:
+            if roll < share:
+                in_, out = self.random.randint(*tokens_in), self.random.randint(*tokens_out)
+                return _Call(model, in_, out, self.latency(median_ms, spread))
         # A canned line: no model call, sub-millisecond.
         return _Call(ModelName.TEMPLATE, 0, 0, self.latency(0.4, 0.5))
-
-    def metric_id(self, timestamp: datetime) -> uuid.UUID:
-        """A UUIDv7 at the metric's own time, with seeded random bits: time-ordered and repeatable."""
-        millis = int(timestamp.timestamp() * 1000)
-        random_bits = self.random.getrandbits(74)
-        value = (
-            millis << 80 | 0x7 << 76 | (random_bits >> 62) << 64 | 0b10 << 62 | (random_bits & (2**62 - 1))
-        )
-        return uuid.UUID(int=value)
 
     def metric(
         self,
@@ -133,7 +122,7 @@ class _Town:
             credits_charged=credits,
             timestamp=moment,
             metadata=metadata,
-            id=self.metric_id(moment),
+            id=uuid7_at(moment, self.random.getrandbits(74)),  # seeded: time-ordered and repeatable
         )
 
     @staticmethod
@@ -299,12 +288,7 @@ async def record(
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
     """Emit in batches through the public API; `on_batch(n)` after each batch of n, for progress."""
-    for batch in _batches(metrics, BATCH_SIZE):
+    for batch in metric_batches(metrics, BATCH_SIZE):
         await store.emit_many(batch)
         if on_batch is not None:
             on_batch(len(batch))
-
-
-def _batches(metrics: Sequence[ActionMetric], size: int) -> Iterable[Sequence[ActionMetric]]:
-    for start in range(0, len(metrics), size):
-        yield metrics[start : start + size]

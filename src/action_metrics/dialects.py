@@ -1,9 +1,9 @@
 """Everything that differs between SQLite and PostgreSQL, behind one small interface.
 
 The rest of the package builds dialect-free SQLAlchemy Core and asks a `Backend` for the few pieces
-that differ: the async driver, connect-time settings, `INSERT ... ON CONFLICT`, percentiles, the
-start of a timestamp's hour or day, GREATEST, a read snapshot, and the bulk insert of metrics
-through the driver's fastest path.
+that differ: the async driver, connect-time settings, whether a new database is migrated on first
+use, `INSERT ... ON CONFLICT`, percentiles, a JSON key test, the start of a timestamp's hour or
+day, GREATEST, a read snapshot, and the bulk insert of metrics through the driver's fastest path.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any, ClassVar, Final
 
-import asyncpg
 from sqlalchemy import (
     URL,
     Column,
@@ -45,6 +44,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.selectable import NamedFromClause
 
+from action_metrics.errors import UnsupportedDatabase
 from action_metrics.model import ActionMetric
 from action_metrics.schema import UTCDateTime, action_metrics
 from action_metrics.validation import json_text
@@ -55,10 +55,6 @@ SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
 
 WRITE: Final = "action_metrics_write"
 """Connection execution option: this transaction writes (SQLite then takes its write lock up front)."""
-
-
-class UnsupportedDatabase(ValueError):
-    """The URL names a database action-metrics does not run on."""
 
 
 def resolve_url(url: str | URL | None) -> URL:
@@ -80,6 +76,9 @@ class Backend:
 
     name: ClassVar[str]
     async_driver: ClassVar[str]
+    migrates_on_first_use: ClassVar[bool]
+    """Whether a store creates the schema in a brand-new, empty database (an embedded file), or
+    leaves every schema change to an operator (a server)."""
 
     def __init__(self, url: URL) -> None:
         self.given_url = url
@@ -127,6 +126,10 @@ class Backend:
 
     def latency_percentile(self, ranked: NamedFromClause, fraction: float) -> ColumnElement[float]:
         """The `fraction` percentile of `latency_ms` within each group, interpolated linearly."""
+        raise NotImplementedError
+
+    def has_json_key(self, document: ColumnElement[Any], key: str) -> ColumnElement[bool]:
+        """Whether the JSON object `document` has the top-level `key` (whatever its value, even null)."""
         raise NotImplementedError
 
     bulk_insert_minimum: ClassVar[int]
@@ -182,6 +185,7 @@ def server_settings(options: str | Sequence[str]) -> dict[str, str]:
 class PostgresBackend(Backend):
     name = "postgresql"
     async_driver = "asyncpg"
+    migrates_on_first_use = False  # schema changes on a server are an operator's decision
 
     def __init__(self, url: URL) -> None:
         super().__init__(url)
@@ -215,12 +219,18 @@ class PostgresBackend(Backend):
         # A role that does not own the table gets a warning, not an error.
         await connection.exec_driver_sql(f"ANALYZE {', '.join(table.name for table in tables)}")
 
+    def has_json_key(self, document: ColumnElement[Any], key: str) -> ColumnElement[bool]:
+        has_key: ColumnElement[bool] = type_coerce(document, postgresql.JSONB()).has_key(key)  # jsonb's `?`
+        return has_key
+
     # Measured: below ~200 rows, creating the staging table costs more than COPY saves.
     bulk_insert_minimum = 200
 
     async def bulk_insert_metrics(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> None:
         # COPY cannot skip conflicts: copy into a temporary table dropped at commit, then move the
         # rows with INSERT ... SELECT ... ON CONFLICT DO NOTHING, all in the caller's transaction.
+        import asyncpg  # imported here: only a PostgreSQL store needs the driver
+
         await connection.execute(_CREATE_STAGING)  # through SQLAlchemy: this also opens the transaction
         driver = await _driver_connection(connection)
         assert driver.is_in_transaction(), "COPY must run in the batch's transaction"
@@ -252,6 +262,7 @@ _MOVE_STAGED: Final = (
 class SQLiteBackend(Backend):
     name = "sqlite"
     async_driver = "aiosqlite"
+    migrates_on_first_use = True  # an embedded file: the store is its only user
 
     @property
     def in_memory(self) -> bool:
@@ -336,6 +347,11 @@ class SQLiteBackend(Backend):
         low_value = func.max(case((rank == lower, latency)))
         high_value = func.coalesce(func.max(case((rank == lower + 1, latency))), low_value)
         return low_value + func.max(position - lower) * (high_value - low_value)
+
+    def has_json_key(self, document: ColumnElement[Any], key: str) -> ColumnElement[bool]:
+        # json_type() is NULL for a missing key and 'null' for a key whose value is null.
+        assert '"' not in key, "a quoted JSON path holds a plain key"
+        return func.json_type(document, f'$."{key}"').is_not(None)
 
 
 _SQLITE_BUCKET_TEXT: Final = {"hour": (13, ":00:00.000000"), "day": (10, " 00:00:00.000000")}

@@ -1,11 +1,20 @@
-"""Every exception action-metrics raises on purpose; each message says what to do next."""
+"""Every exception action-metrics raises on purpose; each message says what to do next.
+
+They all derive from `ActionMetricsError`, so a caller (the command line, the endpoint) catches one
+family. Database failures are translated into `DatabaseError`s once, where the repository uses a
+connection; the driver's exception stays attached as `__cause__`.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 
 
-class InvalidValue(ValueError):
+class ActionMetricsError(Exception):
+    """Anything action-metrics refuses or cannot do; the message says what to do next."""
+
+
+class InvalidValue(ActionMetricsError, ValueError):
     """A value given to action-metrics is unusable; `field` names the argument at fault."""
 
     def __init__(self, field_name: str, problem: str) -> None:
@@ -26,11 +35,51 @@ class InvalidPrice(InvalidValue):
     """A model or credit price is not a finite, non-negative amount."""
 
 
-class DatabaseUnavailable(ConnectionError):
-    """The database could not be reached."""
+class UnsupportedDatabase(ActionMetricsError, ValueError):
+    """The URL names a database action-metrics does not run on, or cannot be read."""
 
 
-class SchemaError(RuntimeError):
+class TokenConfigError(ActionMetricsError, ValueError):
+    """The endpoint's API tokens are missing or malformed; the message says how to set them."""
+
+
+class StoreClosed(ActionMetricsError, RuntimeError):
+    """The store was closed: open a new one to use the database again."""
+
+
+class FlushTimeout(ActionMetricsError, TimeoutError):
+    """`flush(timeout=...)` ran out of time with metrics still waiting for the database.
+
+    Nothing was discarded: they stay buffered and the writer keeps retrying; `flush()` again later.
+    """
+
+
+class DatabaseError(ActionMetricsError):
+    """The database did not do what was asked; the subclass says whose fix it is.
+
+    `reason` is the driver's error in one line (without SQLAlchemy's statement and parameters).
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = message if reason is None else reason
+
+
+class DatabaseUnavailable(DatabaseError, ConnectionError):
+    """The database could not be reached, or the connection failed: try again later."""
+
+
+class StatementRefused(DatabaseError):
+    """The database refused a statement whatever its data: a table missing or renamed, a privilege
+    not granted. An operator fixes it (`action-metrics db upgrade`, a GRANT)."""
+
+
+class DataRejected(DatabaseError):
+    """The database refused the data of a statement: a constraint or trigger of its own, a value out
+    of range (SQLSTATE classes 22 and 23). The same data fails again; other data may succeed."""
+
+
+class SchemaError(DatabaseError, RuntimeError):
     """The database's schema is not the one this version of action-metrics was built for."""
 
 
@@ -46,7 +95,7 @@ class SchemaTooNew(SchemaError):
     """The database was migrated by a newer action-metrics: upgrade the package."""
 
 
-class RawRowsPruned(LookupError):
+class RawRowsPruned(ActionMetricsError, LookupError):
     """The question needs raw rows from before the cut-off of `action-metrics db prune`, which are gone.
 
     Only the rollups reach back there: aggregates without `exact=True`, without `user_id`,
@@ -60,10 +109,3 @@ class RawRowsPruned(LookupError):
             f"removed; ask from {cutoff.isoformat()} on, or for whole UTC days without exact=True, "
             "user_id, citizen_id or limit (the rollups keep those)"
         )
-
-
-class FlushTimeout(TimeoutError):
-    """`flush(timeout=...)` ran out of time with metrics still waiting for the database.
-
-    Nothing was discarded: they stay buffered and the writer keeps retrying; `flush()` again later.
-    """

@@ -2,11 +2,12 @@
 
 `GET /v1/town/{town_id}/metrics?action_type=&since_hours=` answers with the seed's JSON; it needs
 `Authorization: Bearer <token>`. A token may read every town or a listed few (`ApiTokens`).
-`GET /healthz` needs no token. Bad parameters get 422, an unreachable database 503, never a 500.
+`GET /healthz` needs no token. Bad parameters get 422, a database that cannot answer 503, never a 500.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -16,17 +17,18 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final
+from types import GenericAlias
+from typing import Annotated, Any, Final, get_args, get_origin, get_type_hints
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 from sqlalchemy import URL
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from action_metrics.errors import DatabaseUnavailable, SchemaError
+from action_metrics.aggregate import Aggregate
+from action_metrics.errors import DatabaseError, DatabaseUnavailable, SchemaError, TokenConfigError
 from action_metrics.store import AsyncMetricsStore
-from action_metrics.validation import MAX_ID_LENGTH
+from action_metrics.validation import ACTION_TYPE_PATTERN, MAX_ID_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +38,11 @@ MIN_TOKEN_LENGTH: Final = 16
 MAX_SINCE_HOURS: Final = 24 * 366 * 10
 """Ten years: a window reaching further back is a typo, not a question."""
 DEFAULT_SINCE_HOURS: Final = 24.0
-ACTION_TYPE_PATTERN: Final = r"^[a-z0-9_.\-]{1,64}$"
 ALL_TOWNS: Final = "*"
 RETRY_AFTER_SECONDS: Final = "5"
 
 _B64TOKEN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 """RFC 6750's token68: what can travel in `Authorization: Bearer`."""
-
-UNAVAILABLE: Final = (DatabaseUnavailable, OperationalError, InterfaceError, OSError)
-
-
-class TokenConfigError(ValueError):
-    """The API tokens are missing or malformed; the message says how to set them."""
 
 
 # --- tokens -----------------------------------------------------------------------------------
@@ -135,39 +130,41 @@ class ApiTokens:
         return bool(self.grants)
 
 
-# --- response shapes (for the OpenAPI schema; extra keys of Aggregate.to_dict() pass through) -
+# --- response shapes ------------------------------------------------------------------------
 
 
-class ModelMetrics(BaseModel):
-    model_config = ConfigDict(extra="allow")
+def response_model(shape: type[Any]) -> type[BaseModel]:
+    """The pydantic model of a frozen dataclass's `to_dict()`: its fields, then its public properties.
 
-    count: int
-    total_tokens: int
-    avg_latency_ms: float | None
-    p95_latency_ms: float | None
-    total_cost_usd: float
+    Derived rather than written out, so that a figure added to `Aggregate` (or `ModelAggregate`)
+    appears in the OpenAPI schema, and is validated in every answer, without a change here.
+    """
+    hints = get_type_hints(shape)
+    figures: dict[str, Any] = {field.name: hints[field.name] for field in dataclasses.fields(shape)}
+    for name, member in vars(shape).items():
+        if isinstance(member, property) and not name.startswith("_"):
+            figures[name] = get_type_hints(member.fget)["return"]
+    fields: dict[str, Any] = {name: (_schema_type(annotation), ...) for name, annotation in figures.items()}
+    model: type[BaseModel] = create_model(
+        shape.__name__, __config__=ConfigDict(extra="forbid"), __doc__=shape.__doc__, **fields
+    )
+    return model
 
 
-class Metrics(BaseModel):
-    """`Aggregate.to_dict()`."""
+def _schema_type(annotation: Any) -> Any:
+    """`annotation` with every dataclass in it (`Mapping[str, ModelAggregate]`) replaced by its model."""
+    if dataclasses.is_dataclass(annotation):
+        return response_model(annotation)  # type: ignore[arg-type]
+    origin, arguments = get_origin(annotation), get_args(annotation)
+    if origin is None or not arguments:
+        return annotation
+    if origin is Mapping or origin is dict:
+        key, value = arguments
+        return GenericAlias(dict, (key, _schema_type(value)))
+    return annotation
 
-    model_config = ConfigDict(extra="allow")
 
-    count: int
-    tokens_in: int
-    tokens_out: int
-    total_tokens: int
-    total_credits: int
-    avg_latency_ms: float | None
-    p50_latency_ms: float | None
-    p95_latency_ms: float | None
-    p99_latency_ms: float | None
-    total_cost_usd: float
-    total_revenue_usd: float
-    avg_margin: float | None
-    gross_margin: float | None
-    unpriced_count: int
-    by_model: dict[str, ModelMetrics]
+Metrics = response_model(Aggregate)
 
 
 class TownMetrics(BaseModel):
@@ -176,7 +173,7 @@ class TownMetrics(BaseModel):
     town_id: str
     action_type: str | None
     time_window_hours: int | float
-    metrics: Metrics
+    metrics: Metrics  # type: ignore[valid-type]
 
 
 class Health(BaseModel):
@@ -195,6 +192,27 @@ _bearer = HTTPBearer(auto_error=False, description="A token from ACTION_METRICS_
 def _unauthorized(detail: str, error: str | None = None) -> HTTPException:
     challenge = "Bearer" if error is None else f'Bearer error="{error}"'
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": challenge})
+
+
+def _unavailable(error: DatabaseError) -> HTTPException:
+    """503 for a database that cannot answer; the log says why, the client only when to retry."""
+    if isinstance(error, DatabaseUnavailable):
+        logger.warning("metrics endpoint: database unavailable: %s", error)
+        return HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the metrics database is unavailable",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    if isinstance(error, SchemaError):
+        logger.error("metrics endpoint: %s", error)
+        return HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the database schema is not the one this server needs; run action-metrics db upgrade",
+        )
+    # The database refused the query (a table dropped under a running server, say): the operator
+    # must act, the client can only wait. Logged with its traceback.
+    logger.error("metrics endpoint: the database refused the query: %s", error, exc_info=error)
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the metrics database cannot answer this query")
 
 
 def _store(request: Request) -> AsyncMetricsStore:
@@ -278,7 +296,8 @@ def create_app(
         town_id: TownId,
         store: Annotated[AsyncMetricsStore, Depends(_store)],
         action_type: Annotated[
-            str | None, Query(pattern=ACTION_TYPE_PATTERN, description="Only this action type, e.g. lod3.")
+            str | None,
+            Query(pattern=f"^{ACTION_TYPE_PATTERN}$", description="Only this action type, e.g. lod3."),
         ] = None,
         since_hours: Annotated[
             float, Query(gt=0, le=MAX_SINCE_HOURS, description="The window: actions of the last N hours.")
@@ -288,26 +307,8 @@ def create_app(
         since = datetime.now(UTC) - timedelta(hours=since_hours)
         try:
             aggregate = await store.aggregate(town_id=town_id, action_type=action_type, since=since)
-        except SchemaError as error:
-            logger.error("metrics endpoint: %s", error)
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                "the database schema is not the one this server needs; run action-metrics db upgrade",
-            ) from error
-        except UNAVAILABLE as error:
-            logger.warning("metrics endpoint: database unavailable: %s", error)
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                "the metrics database is unavailable",
-                headers={"Retry-After": RETRY_AFTER_SECONDS},
-            ) from error
-        except DBAPIError as error:
-            # The database refused the query (a table dropped under a running server, say):
-            # the operator must act, the client can only wait. Logged with its traceback.
-            logger.exception("metrics endpoint: the database refused the query")
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE, "the metrics database cannot answer this query"
-            ) from error
+        except DatabaseError as error:
+            raise _unavailable(error) from error
         hours = float(since_hours)
         window: int | float = int(hours) if hours.is_integer() else hours
         return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import threading
 import time
 import uuid
@@ -22,14 +23,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from action_metrics.errors import InvalidValue
-from action_metrics.model import ActionMetric
-from action_metrics.otel import (
-    ANONYMOUS_USER,
-    UNKNOWN_MODEL,
-    UNKNOWN_TOWN,
-    get_tracer,
-    logger,
-)
+from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric
 from action_metrics.pricing import ACTION_CREDITS
 from action_metrics.store import AsyncMetricsStore, MetricsStore
 from action_metrics.validation import check_action_type, check_count, check_model
@@ -37,6 +31,19 @@ from action_metrics.validation import check_action_type, check_count, check_mode
 P = ParamSpec("P")
 R = TypeVar("R")
 Store = MetricsStore | AsyncMetricsStore
+
+logger: Final = logging.getLogger(__name__)
+
+TRACER_NAME: Final = "action_metrics"
+
+
+def get_tracer() -> trace.Tracer:
+    """The tracer `@instrument_action` records spans with, from the global tracer provider.
+
+    Made before any provider is set, it follows the one set later (OpenTelemetry's proxy tracer).
+    """
+    return trace.get_tracer(TRACER_NAME)
+
 
 # --- the default store -----------------------------------------------------------------------
 

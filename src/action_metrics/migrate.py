@@ -1,7 +1,8 @@
 """Alembic migrations run from the installed package, and the schema-version check of every store.
 
 The wheel carries `migrations/` and `sql/` inside the package (see pyproject.toml); a source checkout
-reads them from the project's top level, where a DBA finds them.
+reads them from the project's top level, where a DBA finds them. alembic is imported by the functions
+that use it, as MLflow does: a process that never checks or changes a schema never loads it.
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, inspect
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from action_metrics.dialects import WRITE, Backend, backend_for, display_url
 from action_metrics.errors import SchemaNotCreated, SchemaOutOfDate, SchemaTooNew
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 _PACKAGE_DIR: Final = Path(__file__).resolve().parent
 _SOURCE_ROOT: Final = _PACKAGE_DIR.parent.parent
@@ -53,6 +54,8 @@ def read_view_sql(view: str, revision: str, dialect: str) -> str:
 
 def alembic_config(url: str | URL | None = None, stdout: TextIO | None = None) -> Config:
     """An alembic Config for the packaged migrations, as `alembic.ini` gives for a checkout."""
+    from alembic.config import Config
+
     config = Config(stdout=stdout or sys.stdout)
     config.set_main_option("script_location", str(migrations_dir()))
     if url is not None:
@@ -64,13 +67,21 @@ def alembic_config(url: str | URL | None = None, stdout: TextIO | None = None) -
     return config
 
 
+def _scripts() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config())
+
+
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = _scripts().get_current_head()
     assert head is not None, "the packaged migrations have no head"
     return head
 
 
 def current_revision(connection: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(connection).get_current_revision()
 
 
@@ -98,15 +109,27 @@ async def run_migrations(
 
 
 def upgrade_to(revision: str) -> Callable[[Config], None]:
-    return lambda config: command.upgrade(config, revision)
+    def upgrade(config: Config) -> None:
+        from alembic import command
+
+        command.upgrade(config, revision)
+
+    return upgrade
 
 
 def downgrade_to(revision: str) -> Callable[[Config], None]:
-    return lambda config: command.downgrade(config, revision)
+    def downgrade(config: Config) -> None:
+        from alembic import command
+
+        command.downgrade(config, revision)
+
+    return downgrade
 
 
 def offline_sql(url: str | URL | None, action: str, revision: str) -> str:
     """The SQL a migration would run, for a DBA to review and run by hand."""
+    from alembic import command
+
     buffer = io.StringIO()
     config = alembic_config(url, stdout=buffer)
     config.output_buffer = buffer
@@ -121,16 +144,16 @@ def offline_sql(url: str | URL | None, action: str, revision: str) -> str:
 
 
 async def ensure_schema(engine: AsyncEngine, backend: Backend) -> None:
-    """Migrate a brand-new SQLite database; otherwise insist the schema is exactly at head.
-
-    PostgreSQL is never migrated implicitly: schema changes there are an operator's decision.
+    """Migrate a brand-new database if the backend does that (SQLite); otherwise insist the schema is
+    exactly at head. PostgreSQL is never migrated implicitly: schema changes there are an operator's.
     """
     head = head_revision()
+    may_migrate = backend.migrates_on_first_use
     async with engine.connect() as connection:
-        connection = await connection.execution_options(**{WRITE: backend.name == "sqlite"})
+        connection = await connection.execution_options(**{WRITE: may_migrate})
         async with connection.begin():
             revision, has_tables = await connection.run_sync(_inspect_schema)
-            if revision is None and not has_tables and backend.name == "sqlite":
+            if revision is None and not has_tables and may_migrate:
                 # Inside the same write transaction, so two processes opening one new file
                 # cannot both migrate it.
                 await connection.run_sync(_run_with_connection, upgrade_to("head"), io.StringIO())
@@ -141,7 +164,7 @@ async def ensure_schema(engine: AsyncEngine, backend: Backend) -> None:
         raise SchemaNotCreated(f"{where} has no action-metrics schema; create it with: {command_hint}")
     if revision == head:
         return
-    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    known = {script.revision for script in _scripts().walk_revisions()}
     if revision in known:
         raise SchemaOutOfDate(
             f"{where} is at schema revision {revision}, this action-metrics needs {head}; "

@@ -80,17 +80,31 @@ def uuid7() -> uuid.UUID:
             words.extend(memoryview(os.urandom(_RANDOM_POOL_BYTES)).cast("Q"))
         random_bits = words.pop() & _RANDOM_62_BITS
     made: uuid.UUID = _new_uuid(uuid.UUID)
-    _set_uuid_int(made, (stamp >> 12) << 80 | (stamp & 0xFFF) << 64 | _VERSION_AND_VARIANT | random_bits)
+    _set_uuid_int(made, _uuid7_int(stamp, random_bits))
     _set_uuid_safety(made, _UNKNOWN_SAFETY)
     return made
 
 
+def uuid7_at(moment: datetime, random_bits: int) -> uuid.UUID:
+    """The UUIDv7 of `moment` made from 74 given random bits (12 of them where `uuid7()` puts the
+    sub-millisecond time): repeatable ids, for a simulation that must store each metric once."""
+    stamp = int(moment.timestamp() * 1000) << 12 | (random_bits >> 62) & 0xFFF
+    return uuid.UUID(int=_uuid7_int(stamp, random_bits & _RANDOM_62_BITS))
+
+
+def _uuid7_int(stamp: int, random_bits: int) -> int:
+    """RFC 9562's layout of a 60-bit stamp (Unix milliseconds << 12 | 12 more bits) and 62 random bits."""
+    return (stamp >> 12) << 80 | (stamp & 0xFFF) << 64 | _VERSION_AND_VARIANT | random_bits
+
+
 # --- the metric ------------------------------------------------------------------------------
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
+ANONYMOUS_USER: Final = "anonymous"
+"""The `user_id` of a metric whose call or span names no user."""
+UNKNOWN_TOWN: Final = "unknown"
+"""The `town_id` of a metric whose call or span names no town."""
+UNKNOWN_MODEL: Final = "unknown"
+"""The model of a metric that names none: it is counted as unpriced, never as free."""
 
 _MAX_REMEMBERED_NAMES: Final = 4096
 _valid_action_types: set[str] = set()
@@ -129,10 +143,10 @@ class ActionMetric:
     model: str
     latency_ms: float
     credits_charged: int
-    timestamp: datetime = field(default_factory=_now)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    id: uuid.UUID = field(default_factory=uuid7)
-    metadata_json: str = field(default="{}", init=False, repr=False, compare=False)
+    timestamp: datetime  # the defaults of these three are given by __init__, below
+    metadata: dict[str, Any]
+    id: uuid.UUID
+    metadata_json: str = field(init=False, repr=False, compare=False)
 
     def __init__(
         self,

@@ -1,7 +1,8 @@
 """OpenTelemetry both ways: our spans out to any exporter, and other tools' GenAI spans in as metrics.
 
 Out: `setup_otel_tracing()` installs a tracer provider unless the host application already has one
-(then ours is never installed over it), and `get_tracer()` is what `@instrument_action` records with.
+(then ours is never installed over it); `@instrument_action` records its spans with `get_tracer()`
+(in `instrument`, which needs only the OpenTelemetry API: this module loads the SDK).
 
 In: `ActionMetricsSpanProcessor` is added to an application's own tracer provider; every finished
 span that carries the GenAI semantic-convention attributes (from OpenLLMetry, OpenLIT or the
@@ -30,19 +31,11 @@ from opentelemetry.trace import StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from action_metrics.errors import FlushTimeout, InvalidValue
-from action_metrics.model import ActionMetric
+from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric
 from action_metrics.pricing import ACTION_CREDITS
 from action_metrics.store import AsyncMetricsStore, MetricsStore
 
-logger: Final = logging.getLogger("action_metrics")
-
-TRACER_NAME: Final = "action_metrics"
-ANONYMOUS_USER: Final = "anonymous"
-"""The `user_id` of a metric whose call or span names no user."""
-UNKNOWN_TOWN: Final = "unknown"
-"""The `town_id` of a metric whose call or span names no town."""
-UNKNOWN_MODEL: Final = "unknown"
-"""The model of a metric that names none: it is counted as unpriced, never as free."""
+logger: Final = logging.getLogger(__name__)
 
 _OTLP_PROTOCOLS: Final = {
     "grpc": "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
@@ -51,19 +44,6 @@ _OTLP_PROTOCOLS: Final = {
 
 
 # --- out -------------------------------------------------------------------------------------
-
-
-def get_tracer() -> trace.Tracer:
-    """The tracer action-metrics records spans with, from the global tracer provider.
-
-    Made before any provider is set, it follows the one set later (OpenTelemetry's proxy tracer).
-    """
-    return trace.get_tracer(TRACER_NAME)
-
-
-def tracing_enabled() -> bool:
-    """Whether anything would record a span: a tracer provider has been set."""
-    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 def setup_otel_tracing(

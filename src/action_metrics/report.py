@@ -1,7 +1,7 @@
 """What a person reads: a report of one selection, the seed's dashboard, and the SLO and ethics checks.
 
-Everything here reads through the public store API (`aggregate()`, `query()`), so a report shows
-exactly what a library user would compute, and renders it with Rich or as JSON.
+Everything here reads through the public store API (`aggregate()`, `audit_charges()`), so a report
+shows exactly what a library user would compute, and renders it with Rich or as JSON.
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ DEFAULT_LOD3_P95_BUDGET_MS: Final = 300.0
 """LOD3 is a template manifest (no LLM call): its p95 must stay interactive."""
 
 FORCE_PREMIUM_CREDITS: Final = ACTION_CREDITS[ActionType.FORCE]
-
-FAILED_ACTION_KEY: Final = "error"
-"""Metadata key of an action that failed (the error type); a failed action is charged nothing."""
 
 CHECKS_FAILED_EXIT_CODE: Final = 3
 """Exit code of `report --check` and `demo` when an SLO or ethics check fails (1 is an error)."""
@@ -74,7 +71,10 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Selection:
-    """The filters of one report; None means no filter on that field."""
+    """The filters of one report; None means no filter on that field.
+
+    A few of `MetricFilter`'s fields, on purpose: the ones `report` offers and `--json` shows.
+    """
 
     town_id: str | None = None
     action_type: str | None = None
@@ -153,19 +153,20 @@ async def check_force_premium(
     A force action that failed (metadata `error`) and was charged nothing is correct, not a breach.
     """
     name = f"force actions charged the {FORCE_PREMIUM_CREDITS}-credit premium"
-    forces = await store.query(town_id=town_id, since=since, action_type=ActionType.FORCE)
-    if not forces:
+    audit = await store.audit_charges(
+        FORCE_PREMIUM_CREDITS, town_id=town_id, since=since, action_type=ActionType.FORCE
+    )
+    if not audit.count:
         return CheckResult(name, "ethics", CheckStatus.NO_DATA, "no force actions in the selection")
-    failed = sum(1 for m in forces if FAILED_ACTION_KEY in m.metadata and m.credits_charged == 0)
-    charged = [m.credits_charged for m in forces if FAILED_ACTION_KEY not in m.metadata or m.credits_charged]
-    under = sum(1 for credits in charged if credits < FORCE_PREMIUM_CREDITS)
-    over = sum(1 for credits in charged if credits > FORCE_PREMIUM_CREDITS)
-    figures = f"{len(charged) - under - over:,} of {len(charged):,} charged {FORCE_PREMIUM_CREDITS}"
-    if failed:
-        figures += f"; {failed:,} failed and charged nothing"
-    if under or over:
+    figures = f"{audit.exact:,} of {audit.charged:,} charged {FORCE_PREMIUM_CREDITS}"
+    if audit.failed:
+        figures += f"; {audit.failed:,} failed and charged nothing"
+    if audit.under or audit.over:
         return CheckResult(
-            name, "ethics", CheckStatus.FAIL, f"{figures}; {under:,} undercharged, {over:,} overcharged"
+            name,
+            "ethics",
+            CheckStatus.FAIL,
+            f"{figures}; {audit.under:,} undercharged, {audit.over:,} overcharged",
         )
     return CheckResult(name, "ethics", CheckStatus.PASS, figures)
 

@@ -4,28 +4,47 @@ Every write keeps the rollups equal to the raw rows in the same transaction (see
 of metrics adds its late metrics to the closed buckets and closes the buckets it moved past; a price
 that begins inside a closed bucket rebuilds that bucket. Every read takes one snapshot, so the
 rollup state it plans with and the rows it reads agree.
+
+It is also the one place where the database's exceptions become action-metrics' own (`DatabaseError`s,
+see `errors`): everything above it catches those alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from action_metrics import rollup
+from action_metrics import migrate, rollup
 from action_metrics.aggregate import Aggregate, aggregate_from_rows, aggregate_statement
-from action_metrics.dialects import WRITE, Backend
-from action_metrics.errors import InvalidFilter, InvalidPrice, RawRowsPruned
+from action_metrics.charges import ChargeAudit, audit_statement
+from action_metrics.dialects import WRITE, Backend, display_url
+from action_metrics.errors import (
+    ActionMetricsError,
+    DatabaseError,
+    DatabaseUnavailable,
+    DataRejected,
+    InvalidFilter,
+    InvalidPrice,
+    RawRowsPruned,
+    StatementRefused,
+)
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
 from action_metrics.query import MetricFilter, metric_from_row, metric_rows, metrics_statement
 from action_metrics.rollup import BuildProgress, ReadPlan, RollupState
 from action_metrics.schema import action_metrics, credit_prices, model_prices
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
 
 PRUNE_BATCH = 50_000
 """Raw rows deleted per transaction by `prune`: short transactions, so writers are never held up long."""
@@ -40,6 +59,42 @@ class PruneResult:
     dry_run: bool
 
 
+def _one_line(error: BaseException) -> str:
+    """The driver's error in one line, without SQLAlchemy's statement and parameters."""
+    reason = getattr(error, "orig", None) or error
+    first_line = next(iter(str(reason).strip().splitlines()), "")
+    return f"{type(reason).__name__}: {first_line}"
+
+
+def _rejects_data(error: DBAPIError) -> bool:
+    """SQLSTATE classes 22 and 23 (DataError, IntegrityError in DB-API terms; also when a driver's
+    bulk path surfaced them as a plain DBAPIError)."""
+    if isinstance(error, IntegrityError | DataError):
+        return True
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")
+
+
+def translate(error: BaseException, where: str) -> DatabaseError | None:
+    """Our exception for a failure of the database at `where`; None for anything else (a bug)."""
+    if isinstance(error, ActionMetricsError):
+        return None  # already ours (a schema check, a closed store)
+    reason = _one_line(error)
+    if isinstance(error, DBAPIError):
+        if not error.connection_invalidated and _rejects_data(error):
+            return DataRejected(f"{where} rejected the data: {reason}", reason)
+        if error.connection_invalidated or isinstance(error, OperationalError | InterfaceError):
+            return DatabaseUnavailable(f"cannot use {where}: {reason}", reason)
+        return StatementRefused(
+            f"{where} refused the statement: {reason}; is its schema at head (action-metrics db upgrade) "
+            "and may this role use it?",
+            reason,
+        )
+    if isinstance(error, OSError | PoolTimeout):  # refused, unresolvable, timed out, unopenable
+        return DatabaseUnavailable(f"cannot use {where}: {reason}", reason)
+    return None
+
+
 class MetricsRepository:
     """Reads and writes action metrics and prices on one database."""
 
@@ -47,20 +102,55 @@ class MetricsRepository:
         self.engine = engine
         self.backend = backend
         self._insert_metrics = backend.insert(action_metrics).on_conflict_do_nothing(index_elements=["id"])
+        self._where = display_url(backend.given_url)
+
+    @contextmanager
+    def _database_errors(self) -> Iterator[None]:
+        """Re-raise a database failure inside the block as the `DatabaseError` `translate` makes."""
+        try:
+            yield
+        except Exception as error:
+            translated = translate(error, self._where)
+            if translated is None:
+                raise
+            raise translated from error
 
     @asynccontextmanager
     async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as connection:
-            connection = await connection.execution_options(**{WRITE: True})
-            async with connection.begin():
+        with self._database_errors():
+            async with self.engine.connect() as connection:
+                connection = await connection.execution_options(**{WRITE: True})
+                async with connection.begin():
+                    yield connection
+
+    @asynccontextmanager
+    async def _read_connection(self) -> AsyncIterator[AsyncConnection]:
+        with self._database_errors():
+            async with self.engine.connect() as connection:
                 yield connection
 
     @asynccontextmanager
     async def _snapshot(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as connection:
-            connection = await connection.execution_options(**self.backend.snapshot_options)
-            async with connection.begin():
-                yield connection
+        """A read transaction whose statements all see one snapshot."""
+        with self._database_errors():
+            async with self.engine.connect() as connection:
+                connection = await connection.execution_options(**self.backend.snapshot_options)
+                async with connection.begin():
+                    yield connection
+
+    async def ensure_schema(self) -> None:
+        """Migrate a brand-new SQLite file; otherwise insist that the schema is at head (see `migrate`)."""
+        with self._database_errors():
+            await migrate.ensure_schema(self.engine, self.backend)
+
+    async def run_migrations(self, action: Callable[[Config], None]) -> None:
+        """An alembic command (`migrate.upgrade_to`, `migrate.downgrade_to`) on this database."""
+        with self._database_errors():
+            await migrate.run_migrations(self.engine, action)
+
+    async def schema_revision(self) -> str | None:
+        async with self._read_connection() as connection:
+            return await migrate.revision_of(connection)
 
     async def insert(self, metrics: Sequence[ActionMetric]) -> None:
         """Store a batch atomically, with the rollups; ids already stored are skipped, so a re-sent
@@ -136,6 +226,11 @@ class MetricsRepository:
         count, oldest = (await connection.execute(select(func.count(), func.min(newest.c.timestamp)))).one()
         if count < metric_filter.limit or oldest < cutoff:
             raise RawRowsPruned(cutoff, question)
+
+    async def audit_charges(self, metric_filter: MetricFilter, credits: int) -> ChargeAudit:
+        async with self._read_connection() as connection:
+            result = await connection.execute(audit_statement(metric_filter, credits, self.backend))
+            return ChargeAudit(**result.mappings().one())
 
     async def set_model_price(self, price: ModelPrice) -> None:
         """Insert, or replace the price of the same model from the same instant. A new price that

@@ -532,7 +532,7 @@ async def _close_grain(
     if following is None or following >= target:
         return target
     since = floor_to(following, grain)
-    backlog = batch_since is None or since < floor_to(batch_since, grain) - GRAIN_LENGTH[grain]
+    backlog = batch_since is None or since + GRAIN_LENGTH[grain] < floor_to(batch_since, grain)
     until = min(target, since + most * GRAIN_LENGTH[grain]) if backlog else target
     await fill(connection, backend, levels_of(grain), Scope(since, until), closing=True)
     return until

@@ -24,13 +24,12 @@ from types import TracebackType
 from typing import Any, Self, TypedDict, TypeVar, Unpack
 
 from sqlalchemy import URL
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from action_metrics.aggregate import Aggregate
+from action_metrics.charges import ChargeAudit
 from action_metrics.dialects import backend_for, display_url
-from action_metrics.errors import DatabaseUnavailable, InvalidFilter
+from action_metrics.errors import InvalidFilter, StoreClosed
 from action_metrics.ingest import metric_batches
-from action_metrics.migrate import ensure_schema
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
 from action_metrics.query import MetricFilter
@@ -96,6 +95,8 @@ class AsyncMetricsStore:
 
     `emit()` buffers; the buffer is written at least every `flush_interval` seconds, on `flush()`,
     on `close()` and at interpreter exit. `durable=True` makes `emit()` wait for the commit.
+    Database failures raise `DatabaseError`s; after `close()` every call that needs the database
+    raises `StoreClosed` (`flush()` and `close()` do nothing, `emit()` counts the metric as dropped).
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class AsyncMetricsStore:
         self._repository: MetricsRepository | None = None
         self._opening = asyncio.Lock()
         self._exit_hook_registered = False
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({display_url(self.url)!r})"
@@ -133,19 +135,17 @@ class AsyncMetricsStore:
     async def _open(self) -> MetricsRepository:
         if self._repository is not None:
             return self._repository
+        if self._closed:
+            raise _closed_error(self)
         async with self._opening:
             if self._repository is None:
-                engine = self.backend.create_engine()
+                repository = MetricsRepository(self.backend.create_engine(), self.backend)
                 try:
-                    await ensure_schema(engine, self.backend)
-                except (OSError, OperationalError, InterfaceError) as error:
-                    await engine.dispose()
-                    reason = getattr(error, "orig", None) or error
-                    raise DatabaseUnavailable(f"cannot use {display_url(self.url)}: {reason}") from error
+                    await repository.ensure_schema()
                 except BaseException:
-                    await engine.dispose()
+                    await repository.close()
                     raise
-                self._repository = MetricsRepository(engine, self.backend)
+                self._repository = repository
         return self._repository
 
     @property
@@ -168,14 +168,15 @@ class AsyncMetricsStore:
         if self.durable:
             await self.emit_many([metric])
             return
-        self._start_writer()
+        if not self._closed:
+            self._start_writer()
         self.writer.put(metric)
 
     def emit_nowait(self, metric: ActionMetric) -> None:
         """Buffer one metric without awaiting, from any thread, even on a durable store."""
         _check_metric(metric)
         self.writer.put(metric)
-        if not self.writer.running:
+        if not self.writer.running and not self._closed:
             try:
                 asyncio.get_running_loop()
             except RuntimeError:
@@ -254,14 +255,25 @@ class AsyncMetricsStore:
         price = CreditPrice.of(usd_per_credit, effective_from)
         await (await self._open()).set_credit_price(price)
 
+    async def audit_charges(self, credits: int, **filters: Unpack[Filters]) -> ChargeAudit:
+        """How the matching actions were charged against `credits` each, counted in SQL.
+
+        An action that failed (metadata `error`) and was charged nothing counts as `failed`, not under.
+        """
+        metric_filter = MetricFilter(**filters)
+        await self.writer.settle()
+        return await (await self._open()).audit_charges(metric_filter, credits)
+
     async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - as MetricsStore's
         """Write what is buffered (for up to `timeout`, default `close_timeout` seconds), then disconnect.
 
-        Metrics the database still refuses after that are counted in `dropped` and logged.
+        Metrics the database still refuses after that are counted in `dropped` and logged. Closing
+        again does nothing.
         """
         try:
-            await self.writer.close(timeout)
+            await self.writer.close(timeout)  # which may still need to open the database
         finally:
+            self._closed = True
             repository, self._repository = self._repository, None
             if repository is not None:
                 await repository.close()
@@ -304,6 +316,10 @@ class AsyncMetricsStore:
         await self.close()
 
 
+def _closed_error(store: AsyncMetricsStore | MetricsStore) -> StoreClosed:
+    return StoreClosed(f"{store!r} is closed: make a new store (or use one in a `with` block)")
+
+
 class _LoopThread:
     """An event loop running in a daemon thread, for calling coroutines from blocking code."""
 
@@ -312,11 +328,17 @@ class _LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
 
-    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+    def call(self, coroutine: Coroutine[Any, Any, T], closed: Callable[[], Exception]) -> T:
+        """Run `coroutine` on the loop and wait for its result; raise `closed()` once it is stopped."""
         if threading.current_thread() is self.thread:
             coroutine.close()
             raise RuntimeError("a blocking MetricsStore method was called from its own event loop")
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        except RuntimeError:  # the loop is closed
+            coroutine.close()
+            raise closed() from None
+        return future.result()
 
     def stop(self) -> None:
         if self.loop.is_closed():
@@ -327,8 +349,12 @@ class _LoopThread:
 
 
 class MetricsStore:
-    """The blocking face of `AsyncMetricsStore`: the same methods, the same behaviour."""
+    """The blocking face of `AsyncMetricsStore`: the same methods, the same behaviour.
 
+    Its signatures repeat the async store's on purpose, so that help() and editors show them here.
+    """
+
+    # The same parameters as AsyncMetricsStore's, on purpose (see above).
     def __init__(
         self,
         url: str | URL | None = None,
@@ -350,28 +376,30 @@ class MetricsStore:
         self.url = self._store.url
         self.durable = self._store.durable
         self._loop = _LoopThread(name=f"action-metrics {display_url(self.url)}")
-        self._loop.call(self._start_writer())
+        self._call(self._start_writer())
         self._put = self._store.writer.put
 
     async def _start_writer(self) -> None:
         self._store._start_writer()
 
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self._loop.call(coroutine, lambda: _closed_error(self))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({display_url(self.url)!r})"
 
     def open(self) -> Self:
-        self._loop.call(self._store.open())
+        self._call(self._store.open())
         return self
 
     @property
     def dropped(self) -> int:
-        """Metrics emitted but never written: the buffer overflowed, the database was down at close,
-        or it refused them (those are also in `rejected`)."""
+        """See `AsyncMetricsStore.dropped`."""
         return self._store.dropped
 
     @property
     def rejected(self) -> int:
-        """Emitted metrics the database refused (a constraint of its own); logged with their ids."""
+        """See `AsyncMetricsStore.rejected`."""
         return self._store.rejected
 
     @property
@@ -383,7 +411,7 @@ class MetricsStore:
         if type(metric) is not ActionMetric:
             _check_metric(metric)
         if self.durable:
-            self._loop.call(self._store.emit_many([metric]))
+            self._call(self._store.emit_many([metric]))
         else:
             self._put(metric)
 
@@ -395,23 +423,26 @@ class MetricsStore:
 
     def emit_many(self, metrics: Iterable[ActionMetric]) -> None:
         for batch in metric_batches(metrics):  # drawn here: the caller's iterable stays on its thread
-            self._loop.call(self._store.emit_many(batch))
+            self._call(self._store.emit_many(batch))
 
     def flush(self, timeout: float | None = None) -> None:
         if self._loop.loop.is_closed():
             return  # close() wrote everything, or counted it in `dropped`
-        self._loop.call(self._store.flush(timeout))
+        self._call(self._store.flush(timeout))
 
     def query(self, **filters: Unpack[Filters]) -> list[ActionMetric]:
-        return self._loop.call(self._store.query(**filters))
+        return self._call(self._store.query(**filters))
 
     def aggregate(self, *, exact: bool = False, **filters: Unpack[Filters]) -> Aggregate:
-        return self._loop.call(self._store.aggregate(exact=exact, **filters))
+        return self._call(self._store.aggregate(exact=exact, **filters))
+
+    def audit_charges(self, credits: int, **filters: Unpack[Filters]) -> ChargeAudit:
+        return self._call(self._store.audit_charges(credits, **filters))
 
     def prune(
         self, before: datetime, *, dry_run: bool = False, progress: Callable[[int], None] | None = None
     ) -> PruneResult:
-        return self._loop.call(self._store.prune(before, dry_run=dry_run, progress=progress))
+        return self._call(self._store.prune(before, dry_run=dry_run, progress=progress))
 
     def set_model_price(
         self,
@@ -420,16 +451,16 @@ class MetricsStore:
         output_per_1m: Amount,
         effective_from: datetime | None = None,
     ) -> None:
-        self._loop.call(self._store.set_model_price(model, input_per_1m, output_per_1m, effective_from))
+        self._call(self._store.set_model_price(model, input_per_1m, output_per_1m, effective_from))
 
     def set_credit_price(self, usd_per_credit: Amount, effective_from: datetime | None = None) -> None:
-        self._loop.call(self._store.set_credit_price(usd_per_credit, effective_from))
+        self._call(self._store.set_credit_price(usd_per_credit, effective_from))
 
     def close(self, timeout: float | None = None) -> None:
         if self._loop.loop.is_closed():
             return
         try:
-            self._loop.call(self._store.close(timeout))
+            self._call(self._store.close(timeout))
         finally:
             self._loop.stop()
 

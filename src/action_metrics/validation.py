@@ -20,7 +20,9 @@ MAX_METADATA_BYTES: Final = 64 * 1024
 MAX_METADATA_DEPTH: Final = 32
 MAX_LATENCY_MS: Final = 1e15
 """About 31,700 years: anything longer is a broken clock, and sums of such values could overflow."""
-_ACTION_TYPE: Final = re.compile(r"[a-z0-9_.\-]{1,64}")
+ACTION_TYPE_PATTERN: Final = r"[a-z0-9_.\-]{1,64}"
+"""What an action type is (matched whole): the check here, and the endpoint's `action_type` parameter."""
+_ACTION_TYPE: Final = re.compile(ACTION_TYPE_PATTERN)
 
 
 def shown(value: object) -> str:

@@ -8,13 +8,14 @@ as a batch fills.
 A failed batch is retried with exponential backoff until it is written, so an outage delays
 metrics rather than losing them; the buffer is bounded, so an outage longer than the buffer can
 hold drops the newest metrics, and those are counted in `dropped` and logged as a warning on the
-`action_metrics` logger. Two failures are not an outage:
-- rows the database refuses (a constraint or trigger, a value out of range: `rejects_rows`) fail on
+`action_metrics` logger. Two failures (as the repository translates them, see `errors`) are not
+an outage:
+- rows the database refuses (a constraint or trigger, a value out of range: `DataRejected`) fail on
   every retry, so the batch is bisected, the rest written, and only the refused metrics dropped,
   counted in `rejected` (and `dropped`) and logged as an error;
 - a statement the database refuses whatever the rows (schema missing or behind, no INSERT grant:
-  `refuses_statement`) is the operator's to fix, so it is retried like an outage, logged as an error
-  that names the fix.
+  `StatementRefused`, `SchemaError`) is the operator's to fix, so it is retried like an outage,
+  logged as an error that names the fix.
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
-
-from action_metrics.errors import FlushTimeout, InvalidValue, SchemaError
+from action_metrics.errors import (
+    DatabaseError,
+    DataRejected,
+    FlushTimeout,
+    InvalidValue,
+    SchemaError,
+    StatementRefused,
+)
 from action_metrics.model import ActionMetric
 
-logger: Final = logging.getLogger("action_metrics")
+logger: Final = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE: Final = 20_000
 """The most metrics per transaction. Under load the writer takes everything pending up to this:
@@ -50,33 +56,9 @@ MAX_LOGGED_REJECTS: Final = 10
 InsertBatch = Callable[[Sequence[ActionMetric]], Awaitable[None]]
 
 
-def rejects_rows(error: BaseException) -> bool:
-    """The database refused rows of the batch (a constraint, a trigger, a value out of range):
-    the same rows fail on every retry, and the batch without them succeeds.
-
-    SQLSTATE classes 22 and 23 (DataError, IntegrityError in DB-API terms; also when a driver's
-    bulk path surfaced them as a plain DBAPIError), unless the connection died with them.
-    """
-    if not isinstance(error, DBAPIError) or error.connection_invalidated:
-        return False
-    if isinstance(error, IntegrityError | DataError):
-        return True
-    sqlstate = getattr(error.orig, "sqlstate", None)
-    return isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")
-
-
-def refuses_statement(error: BaseException) -> bool:
-    """The database refuses the insert itself, whatever the rows: a missing or older schema, or a
-    role without INSERT. An operator fixes that (`action-metrics db upgrade`, a GRANT), so the
-    writer keeps retrying, and logs it as an error."""
-    return isinstance(error, ProgrammingError | SchemaError)
-
-
 def _reason(error: BaseException) -> str:
-    """The driver's error in one line, without SQLAlchemy's statement and parameters."""
-    reason = getattr(error, "orig", None) or error
-    first_line = next(iter(str(reason).strip().splitlines()), "")
-    return f"{type(reason).__name__}: {first_line}"
+    """The driver's error in one line, for the log."""
+    return error.reason if isinstance(error, DatabaseError) else repr(error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,9 +381,7 @@ class BatchWriter:
         try:
             await self._insert(batch)
             return []
-        except Exception as error:
-            if not rejects_rows(error):
-                raise
+        except DataRejected as error:  # the same rows fail on every retry; the rest of the batch succeeds
             if len(batch) == 1:
                 return [(batch[0], error)]
         middle = len(batch) // 2
@@ -438,7 +418,7 @@ class BatchWriter:
     def _failed(self, error: Exception, failures: int) -> None:
         self._last_error = error
         if failures == 1:
-            if refuses_statement(error):
+            if isinstance(error, StatementRefused | SchemaError):
                 logger.error(
                     "action-metrics %s: the database refuses to store metrics (%d waiting): %s; "
                     "its schema is missing, behind, or the role lacks INSERT. Run `action-metrics "
