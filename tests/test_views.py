@@ -54,10 +54,16 @@ def example(name: str, dialect: str) -> str:
     return (specific if specific.exists() else EXAMPLES / f"{name}.sql").read_text()
 
 
-def _book() -> PriceBook:
+def _sonnet_cheaper(now: datetime) -> datetime:
+    """A price change inside a closed hour of a closed day: the views' rows are split there."""
+    return (now - timedelta(days=3)).replace(minute=17, second=5, microsecond=0)
+
+
+def _book(now: datetime) -> PriceBook:
     models = {
         m: [(BEGINNING_OF_TIME, Decimal(str(i)), Decimal(str(o)))] for m, (i, o) in MODEL_COSTS_PER_1M.items()
     }
+    models["sonnet"].append((_sonnet_cheaper(now), Decimal("2.5"), Decimal("12.5")))
     return PriceBook(models, [(BEGINNING_OF_TIME, Decimal("0.006"))])
 
 
@@ -96,18 +102,19 @@ def town(backend) -> Iterator[tuple[str, MetricsStore, list[ActionMetric], datet
     now = datetime.now(UTC)
     metrics = _metrics(now)
     with MetricsStore(url) as store:
+        store.set_model_price("sonnet", "2.5", "12.5", effective_from=_sonnet_cheaper(now))
         store.emit_many(metrics)
         yield url, store, metrics, now
     backend.drop(url)
 
 
 def test_priced_view_prices_every_action_as_the_reference_does(town) -> None:
-    url, _, metrics, _ = town
+    url, _, metrics, now = town
     rows = {
         str(row["id"]).replace("-", ""): row for row in plain_sql(url, "SELECT * FROM action_metrics_priced")
     }
     assert len(rows) == len(metrics)
-    book = _book()
+    book = _book(now)
     for action in metrics:
         row = rows[action.id.hex]
         want_cost, want_revenue = cost(action, book), revenue(action, book)
@@ -124,16 +131,32 @@ def test_priced_view_prices_every_action_as_the_reference_does(town) -> None:
         assert row["user_id"] == action.user_id
 
 
-def test_daily_view_matches_the_reference_per_day_town_action_and_model(town) -> None:
-    url, _, metrics, _ = town
-    book = _book()
+def _day(moment: datetime) -> str:
+    return moment.date().isoformat()
+
+
+def _hour(moment: datetime) -> str:
+    return moment.replace(minute=0, second=0, microsecond=0).strftime("%Y-%m-%d %H")
+
+
+@pytest.mark.parametrize(
+    ("view", "bucket", "key"),
+    [("action_metrics_daily", "day", _day), ("action_metrics_hourly", "hour", _hour)],
+)
+def test_daily_and_hourly_views_match_the_reference_per_bucket_town_action_and_model(
+    town, view: str, bucket: str, key: Any
+) -> None:
+    url, _, metrics, now = town
+    book = _book(now)
     groups: dict[tuple[str, str, str, str], list[ActionMetric]] = defaultdict(list)
     for m in metrics:
-        groups[(m.timestamp.date().isoformat(), m.town_id, m.action_type, m.model)].append(m)
-    rows = plain_sql(url, "SELECT * FROM action_metrics_daily")
+        groups[(key(m.timestamp), m.town_id, m.action_type, m.model)].append(m)
+    rows = plain_sql(url, f"SELECT * FROM {view}")
     assert len(rows) == len(groups)
     for row in rows:
-        chosen = groups[(str(row["day"]), row["town_id"], row["action_type"], row["model"])]
+        start = row[bucket]
+        moment = start if isinstance(start, datetime) else datetime.fromisoformat(str(start))
+        chosen = groups[(key(moment.replace(tzinfo=UTC)), row["town_id"], row["action_type"], row["model"])]
         latencies = [m.latency_ms for m in chosen]
         costs = [cost(m, book) for m in chosen]
         assert row["count"] == len(chosen)
@@ -184,7 +207,7 @@ def test_gross_margin_for_lod4_this_week(town, backend) -> None:
     assert row["unpriced_count"] == api.unpriced_count
     assert float(row["revenue_usd"]) == pytest.approx(api.total_revenue_usd, abs=1e-9)
     assert float(row["gross_margin"]) == pytest.approx(api.gross_margin, rel=1e-9)
-    book = _book()
+    book = _book(now)
     total_revenue = sum(revenue(m, book) for m in week)
     total_cost = sum((c for m in week if (c := cost(m, book)) is not None), Decimal(0))
     assert api.gross_margin == pytest.approx(float((total_revenue - total_cost) / total_revenue), rel=1e-9)

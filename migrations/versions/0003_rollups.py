@@ -59,6 +59,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint(*(name for name, _ in KEY_COLUMNS), name="pk_action_metrics_rollup"),
         sqlite_with_rowid=False,
     )
+    op.create_index("ix_action_metrics_rollup_grain_start", "action_metrics_rollup", ["grain", "start"])
     op.create_table(
         "action_metrics_latency_histogram",
         *_key(),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -40,9 +41,11 @@ from sqlalchemy import (
 from sqlalchemy.sql.selectable import CTE, NamedFromClause
 
 from action_metrics.dialects import Backend
+from action_metrics.pricing import BEGINNING_OF_TIME
 from action_metrics.query import MetricFilter
 from action_metrics.rollup import SUM_COLUMNS, Level, ReadPlan, any_range, bin_value, range_terms, raw_sums
 from action_metrics.schema import (
+    UTCDateTime,
     action_metrics,
     credit_price_periods,
     latency_histogram,
@@ -144,13 +147,42 @@ _ONE_MILLION = literal_column("1000000.0", Numeric)
 # --- what is read -------------------------------------------------------------------------------
 
 
+_RAW_COLUMNS = ("model", "timestamp", "tokens_in", "tokens_out", "credits_charged", "latency_ms")
+"""What is read of a raw action: the rest of the row is never carried through a sort."""
+
+
 def _raw_rows(metric_filter: MetricFilter, plan: ReadPlan) -> CTE:
     """The raw actions the plan reads: its raw time ranges, or the newest `limit` of the selection."""
     m = action_metrics
+    columns = [m.c[name] for name in _RAW_COLUMNS]
     if metric_filter.limit is not None:
-        return metric_filter.newest_first(select(m), m.c).cte("selection")
-    selection = select(m).where(*metric_filter.conditions(m.c, times=False))
+        return metric_filter.newest_first(select(*columns), m.c).cte("selection")
+    selection = select(*columns).where(*metric_filter.conditions(m.c, times=False))
     return selection.where(any_range(m.c.timestamp, plan.raw_ranges)).cte("selection")
+
+
+def price_segment(moment: ColumnElement[Any], starts: Sequence[datetime]) -> ColumnElement[Any]:
+    """The latest of `starts` (sorted) at or before `moment`, or the beginning of time: a binary
+    search written as nested CASEs. Between two consecutive price starts every price is constant,
+    so raw rows summed per (model, segment) are priced once per sum, not once per row."""
+    if not starts:
+        return literal(BEGINNING_OF_TIME, UTCDateTime())
+    middle = len(starts) // 2
+    return case(
+        (moment < literal(starts[middle], UTCDateTime()), price_segment(moment, starts[:middle])),
+        else_=price_segment_from(moment, starts[middle:]),
+    )
+
+
+def price_segment_from(moment: ColumnElement[Any], starts: Sequence[datetime]) -> ColumnElement[Any]:
+    """`price_segment` when `moment` is known to be at or after `starts[0]`."""
+    if len(starts) == 1:
+        return literal(starts[0], UTCDateTime())
+    middle = len(starts) // 2
+    return case(
+        (moment < literal(starts[middle], UTCDateTime()), price_segment_from(moment, starts[:middle])),
+        else_=price_segment_from(moment, starts[middle:]),
+    )
 
 
 def _level_terms(level: Level, table: Any, metric_filter: MetricFilter) -> list[ColumnElement[bool]]:
@@ -163,12 +195,17 @@ def _level_terms(level: Level, table: Any, metric_filter: MetricFilter) -> list[
     return terms
 
 
-def _parts(metric_filter: MetricFilter, plan: ReadPlan, raw: CTE) -> NamedFromClause:
-    """Rollup rows and raw rows alike: model, start (`at`) and the summed columns."""
+def _parts(
+    metric_filter: MetricFilter, plan: ReadPlan, raw: CTE, price_starts: Sequence[datetime]
+) -> NamedFromClause:
+    """Rollup rows and raw rows alike: model, start (`at`) and the summed columns. Raw rows are
+    summed per model and price segment first."""
     sums = raw_sums(raw)
-    selects: list[Select[Any]] = [
-        select(raw.c.model, raw.c.timestamp.label("at"), *(sums[name].label(name) for name in SUM_COLUMNS))
-    ]
+    segment = price_segment(raw.c.timestamp, price_starts).label("at")
+    raw_parts = select(
+        raw.c.model, segment, *(func.sum(sums[name]).label(name) for name in SUM_COLUMNS)
+    ).group_by(raw.c.model, segment)
+    selects: list[Select[Any]] = [raw_parts]
     r = rollup
     for level, since, until in plan.rollup_ranges:
         selects.append(
@@ -330,9 +367,12 @@ def _figures(sums: NamedFromClause, percentiles: NamedFromClause) -> list[Column
     ]
 
 
-def aggregate_statement(metric_filter: MetricFilter, plan: ReadPlan, backend: Backend) -> CompoundSelect[Any]:
+def aggregate_statement(
+    metric_filter: MetricFilter, plan: ReadPlan, backend: Backend, price_starts: Sequence[datetime]
+) -> CompoundSelect[Any]:
+    """The statement; `price_starts` are every instant a model or credit price begins, sorted."""
     raw = _raw_rows(metric_filter, plan)
-    per_model = _per_model(_parts(metric_filter, plan, raw))
+    per_model = _per_model(_parts(metric_filter, plan, raw, price_starts))
     if plan.uses_rollups:
         latencies = _latencies(metric_filter, plan, raw)
         overall_percentiles = _weighted_percentiles(latencies, [])

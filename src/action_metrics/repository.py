@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, union
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -210,7 +210,9 @@ class MetricsRepository:
             plan = _plan(metric_filter, state, exact=exact)
             if rollup.reads_pruned_rows(plan, state):
                 await self._check_newest_unpruned(connection, metric_filter, state)
-            result = await connection.execute(aggregate_statement(metric_filter, plan, self.backend))
+            starts = await _price_starts(connection)
+            statement = aggregate_statement(metric_filter, plan, self.backend, starts)
+            result = await connection.execute(statement)
             return aggregate_from_rows(result.mappings().all())
 
     async def _check_newest_unpruned(
@@ -333,6 +335,12 @@ class MetricsRepository:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+async def _price_starts(connection: AsyncConnection) -> list[datetime]:
+    """Every instant a model or credit price begins, in order."""
+    starts = union(select(model_prices.c.effective_from), select(credit_prices.c.effective_from))
+    return sorted((await connection.execute(starts)).scalars())
 
 
 def _reaches_before(metric_filter: MetricFilter, cutoff: datetime) -> bool:

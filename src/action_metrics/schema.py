@@ -163,8 +163,12 @@ class RollupRow(Base):
     sum of per-action margins (avg_margin) without the rows."""
     tokens_out_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
 
-    # SQLite keeps the rows in their primary key's order: the rollups are read by key ranges.
-    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - as SQLAlchemy declares it
+    __table_args__ = (
+        # The views read the rows of every town and action from a start on (the newest hours).
+        Index(None, "grain", "start"),
+        # SQLite keeps the rows in their primary key's order: the rollups are read by key ranges.
+        {"sqlite_with_rowid": False},
+    )
 
 
 class LatencyHistogramRow(Base):

@@ -1,10 +1,10 @@
 -- action_metrics_daily: one row per UTC day x town x action type x model, from the rollups.
 --
 -- Closed days come from the daily rollup rows, the closed hours of the days after them from the
--- hourly ones, and the newest, still open hour from the raw rows (action_metrics_priced);
--- action_metrics_rollup_state says where each ends, so every action is counted exactly once.
--- Rollup rows keep tokens and credits, not money, and never span a price change: each is priced
--- here by the prices in force at its start.
+-- hourly ones, and the newest, still open hour from the raw rows; action_metrics_rollup_state says
+-- where each ends, so every action is counted exactly once. Rollup rows keep tokens and credits,
+-- not money, and never span a price change: each is priced here by the prices in force at its
+-- start (a raw row at its timestamp).
 --   cost_usd       = SUM((tokens_in * input_per_1m + tokens_out * output_per_1m) / 1e6) over priced rows
 --   revenue_usd    = SUM(credits_charged * usd_per_credit)
 --   unpriced_count = actions whose model had no price at the time (they add no cost)
@@ -12,72 +12,52 @@
 -- p50/p95_latency_ms are exact (percentile_cont over the group's raw rows) and computed only when a
 -- query selects them; they are NULL for days whose raw rows `action-metrics db prune` removed.
 CREATE VIEW action_metrics_daily AS
-WITH state AS (
-    SELECT hours_closed_until, days_closed_until FROM action_metrics_rollup_state
-),
-parts AS (
+WITH parts AS (
     SELECT
-        CAST(r.start AT TIME ZONE 'UTC' AS date) AS day,
-        r.town_id,
-        r.action_type,
-        r.model,
-        r.count,
-        r.tokens_in,
-        r.tokens_out,
-        r.credits_charged,
-        r.latency_ms_sum,
-        (r.tokens_in * p.input_per_1m + r.tokens_out * p.output_per_1m) / 1000000.0 AS cost_usd,
-        r.credits_charged * c.usd_per_credit AS revenue_usd,
-        CASE WHEN p.model IS NULL THEN r.count ELSE 0 END AS unpriced_count
+        r.start, r.town_id, r.action_type, r.model, r.count, r.tokens_in, r.tokens_out,
+        r.credits_charged, r.latency_ms_sum
     FROM action_metrics_rollup AS r
-    CROSS JOIN state AS s
-    LEFT JOIN model_price_periods AS p
-        ON p.model = r.model
-        AND r.start >= p.effective_from
-        AND (p.effective_until IS NULL OR r.start < p.effective_until)
-    LEFT JOIN credit_price_periods AS c
-        ON r.start >= c.effective_from
-        AND (c.effective_until IS NULL OR r.start < c.effective_until)
-    WHERE r.town_id <> '' AND r.action_type <> ''
-        AND (
-            (r.grain = 'day' AND r.start < s.days_closed_until)
-            OR (r.grain = 'hour' AND r.start < s.hours_closed_until
-                AND (s.days_closed_until IS NULL OR r.start >= s.days_closed_until))
-        )
+    WHERE r.grain = 'day' AND r.town_id <> '' AND r.action_type <> ''
+        AND r.start < (SELECT days_closed_until FROM action_metrics_rollup_state)
     UNION ALL
     SELECT
-        CAST(m."timestamp" AT TIME ZONE 'UTC' AS date),
-        m.town_id,
-        m.action_type,
-        m.model,
-        1,
-        m.tokens_in,
-        m.tokens_out,
-        m.credits_charged,
-        m.latency_ms,
-        m.cost_usd,
-        m.revenue_usd,
-        CASE WHEN m.priced THEN 0 ELSE 1 END
-    FROM action_metrics_priced AS m
-    CROSS JOIN state AS s
-    WHERE s.hours_closed_until IS NULL OR m."timestamp" >= s.hours_closed_until
+        r.start, r.town_id, r.action_type, r.model, r.count, r.tokens_in, r.tokens_out,
+        r.credits_charged, r.latency_ms_sum
+    FROM action_metrics_rollup AS r
+    WHERE r.grain = 'hour' AND r.town_id <> '' AND r.action_type <> ''
+        AND r.start >= COALESCE((SELECT days_closed_until FROM action_metrics_rollup_state), '-infinity')
+        AND r.start < (SELECT hours_closed_until FROM action_metrics_rollup_state)
+    UNION ALL
+    SELECT
+        m."timestamp", m.town_id, m.action_type, m.model, 1, m.tokens_in, m.tokens_out,
+        m.credits_charged, m.latency_ms
+    FROM action_metrics AS m
+    WHERE m."timestamp" >= COALESCE((SELECT hours_closed_until FROM action_metrics_rollup_state), '-infinity')
 ),
 grouped AS (
     SELECT
-        day,
-        town_id,
-        action_type,
-        model,
-        CAST(SUM(count) AS bigint) AS count,
-        CAST(SUM(tokens_in) AS bigint) AS tokens_in,
-        CAST(SUM(tokens_out) AS bigint) AS tokens_out,
-        CAST(SUM(credits_charged) AS bigint) AS credits_charged,
-        COALESCE(SUM(cost_usd), 0) AS cost_usd,
-        COALESCE(SUM(revenue_usd), 0) AS revenue_usd,
-        CAST(SUM(unpriced_count) AS bigint) AS unpriced_count,
-        SUM(latency_ms_sum) / SUM(count) AS avg_latency_ms
-    FROM parts
-    GROUP BY day, town_id, action_type, model
+        CAST(s.start AT TIME ZONE 'UTC' AS date) AS day,
+        s.town_id,
+        s.action_type,
+        s.model,
+        CAST(SUM(s.count) AS bigint) AS count,
+        CAST(SUM(s.tokens_in) AS bigint) AS tokens_in,
+        CAST(SUM(s.tokens_out) AS bigint) AS tokens_out,
+        CAST(SUM(s.credits_charged) AS bigint) AS credits_charged,
+        COALESCE(SUM((s.tokens_in * p.input_per_1m + s.tokens_out * p.output_per_1m) / 1000000.0), 0)
+            AS cost_usd,
+        COALESCE(SUM(s.credits_charged * c.usd_per_credit), 0) AS revenue_usd,
+        CAST(SUM(CASE WHEN p.model IS NULL THEN s.count ELSE 0 END) AS bigint) AS unpriced_count,
+        SUM(s.latency_ms_sum) / SUM(s.count) AS avg_latency_ms
+    FROM parts AS s
+    LEFT JOIN model_price_periods AS p
+        ON p.model = s.model
+        AND s.start >= p.effective_from
+        AND (p.effective_until IS NULL OR s.start < p.effective_until)
+    LEFT JOIN credit_price_periods AS c
+        ON s.start >= c.effective_from
+        AND (c.effective_until IS NULL OR s.start < c.effective_until)
+    GROUP BY 1, 2, 3, 4
 )
 SELECT
     g.*,

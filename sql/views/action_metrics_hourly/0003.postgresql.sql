@@ -1,76 +1,52 @@
 -- action_metrics_hourly: one row per UTC hour x town x action type x model, from the rollups.
 --
--- Closed hours come from the hourly rollup rows, the newest, still open hour from the raw rows
--- (action_metrics_priced); action_metrics_rollup_state says where they meet. Columns and formulas
--- are those of action_metrics_daily, per hour (the column `hour` is the hour's start):
+-- Closed hours come from the hourly rollup rows, the newest, still open hour from the raw rows;
+-- action_metrics_rollup_state says where they meet. Columns and formulas are those of
+-- action_metrics_daily, per hour (the column `hour` is the hour's start):
 --   cost_usd       = SUM((tokens_in * input_per_1m + tokens_out * output_per_1m) / 1e6) over priced rows
 --   revenue_usd    = SUM(credits_charged * usd_per_credit)
 --   unpriced_count = actions whose model had no price at the time (they add no cost)
 -- p50/p95_latency_ms are exact over the group's raw rows, computed only when selected, NULL once
 -- pruned.
 CREATE VIEW action_metrics_hourly AS
-WITH state AS (
-    SELECT hours_closed_until FROM action_metrics_rollup_state
-),
-parts AS (
+WITH parts AS (
     SELECT
-        date_trunc('hour', r.start, 'UTC') AS hour,
-        r.town_id,
-        r.action_type,
-        r.model,
-        r.count,
-        r.tokens_in,
-        r.tokens_out,
-        r.credits_charged,
-        r.latency_ms_sum,
-        (r.tokens_in * p.input_per_1m + r.tokens_out * p.output_per_1m) / 1000000.0 AS cost_usd,
-        r.credits_charged * c.usd_per_credit AS revenue_usd,
-        CASE WHEN p.model IS NULL THEN r.count ELSE 0 END AS unpriced_count
+        r.start, r.town_id, r.action_type, r.model, r.count, r.tokens_in, r.tokens_out,
+        r.credits_charged, r.latency_ms_sum
     FROM action_metrics_rollup AS r
-    CROSS JOIN state AS s
-    LEFT JOIN model_price_periods AS p
-        ON p.model = r.model
-        AND r.start >= p.effective_from
-        AND (p.effective_until IS NULL OR r.start < p.effective_until)
-    LEFT JOIN credit_price_periods AS c
-        ON r.start >= c.effective_from
-        AND (c.effective_until IS NULL OR r.start < c.effective_until)
     WHERE r.grain = 'hour' AND r.town_id <> '' AND r.action_type <> ''
-        AND r.start < s.hours_closed_until
+        AND r.start < (SELECT hours_closed_until FROM action_metrics_rollup_state)
     UNION ALL
     SELECT
-        date_trunc('hour', m."timestamp", 'UTC'),
-        m.town_id,
-        m.action_type,
-        m.model,
-        1,
-        m.tokens_in,
-        m.tokens_out,
-        m.credits_charged,
-        m.latency_ms,
-        m.cost_usd,
-        m.revenue_usd,
-        CASE WHEN m.priced THEN 0 ELSE 1 END
-    FROM action_metrics_priced AS m
-    CROSS JOIN state AS s
-    WHERE s.hours_closed_until IS NULL OR m."timestamp" >= s.hours_closed_until
+        m."timestamp", m.town_id, m.action_type, m.model, 1, m.tokens_in, m.tokens_out,
+        m.credits_charged, m.latency_ms
+    FROM action_metrics AS m
+    WHERE m."timestamp" >= COALESCE((SELECT hours_closed_until FROM action_metrics_rollup_state), '-infinity')
 ),
 grouped AS (
     SELECT
-        hour,
-        town_id,
-        action_type,
-        model,
-        CAST(SUM(count) AS bigint) AS count,
-        CAST(SUM(tokens_in) AS bigint) AS tokens_in,
-        CAST(SUM(tokens_out) AS bigint) AS tokens_out,
-        CAST(SUM(credits_charged) AS bigint) AS credits_charged,
-        COALESCE(SUM(cost_usd), 0) AS cost_usd,
-        COALESCE(SUM(revenue_usd), 0) AS revenue_usd,
-        CAST(SUM(unpriced_count) AS bigint) AS unpriced_count,
-        SUM(latency_ms_sum) / SUM(count) AS avg_latency_ms
-    FROM parts
-    GROUP BY hour, town_id, action_type, model
+        date_trunc('hour', s.start, 'UTC') AS hour,
+        s.town_id,
+        s.action_type,
+        s.model,
+        CAST(SUM(s.count) AS bigint) AS count,
+        CAST(SUM(s.tokens_in) AS bigint) AS tokens_in,
+        CAST(SUM(s.tokens_out) AS bigint) AS tokens_out,
+        CAST(SUM(s.credits_charged) AS bigint) AS credits_charged,
+        COALESCE(SUM((s.tokens_in * p.input_per_1m + s.tokens_out * p.output_per_1m) / 1000000.0), 0)
+            AS cost_usd,
+        COALESCE(SUM(s.credits_charged * c.usd_per_credit), 0) AS revenue_usd,
+        CAST(SUM(CASE WHEN p.model IS NULL THEN s.count ELSE 0 END) AS bigint) AS unpriced_count,
+        SUM(s.latency_ms_sum) / SUM(s.count) AS avg_latency_ms
+    FROM parts AS s
+    LEFT JOIN model_price_periods AS p
+        ON p.model = s.model
+        AND s.start >= p.effective_from
+        AND (p.effective_until IS NULL OR s.start < p.effective_until)
+    LEFT JOIN credit_price_periods AS c
+        ON s.start >= c.effective_from
+        AND (c.effective_until IS NULL OR s.start < c.effective_until)
+    GROUP BY 1, 2, 3, 4
 )
 SELECT
     g.*,
