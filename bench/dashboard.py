@@ -46,7 +46,7 @@ comes from per-group sums; p50/p95/p99 take one sort and the by-model p95 one mo
 
 PostgreSQL runs with the server's settings (jit=on by default, work_mem 4MB): `--postgres-setting
 jit=off` (repeatable, any NAME=VALUE) applies a setting to both sides' sessions. After a load the bench
-runs `VACUUM (ANALYZE) action_metrics`, as autovacuum soon would; it leaves the price tables
+runs `VACUUM (ANALYZE)` on the raw and rollup tables, as autovacuum soon would; it leaves the price tables
 unanalyzed, as autovacuum does with a table of a few rows.
 
 PostgreSQL: $ACTION_METRICS_BENCH_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres)
@@ -991,7 +991,9 @@ async def fill(backend: str, url: str, arguments: argparse.Namespace, console: C
         started = time.perf_counter()
         connection = await asyncpg.connect(url)
         try:
-            await connection.execute("VACUUM (ANALYZE) action_metrics")
+            await connection.execute(
+                "VACUUM (ANALYZE) action_metrics, action_metrics_rollup, action_metrics_latency_histogram"
+            )
         finally:
             await connection.close()
         console.print(f"{backend}: VACUUM ANALYZE in {time.perf_counter() - started:.1f} s")

@@ -39,7 +39,8 @@ from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
 from action_metrics.query import MetricFilter, metric_from_row, metric_rows, metrics_statement
 from action_metrics.rollup import BuildProgress, ReadPlan, RollupState
-from action_metrics.schema import action_metrics, credit_prices, model_prices
+from action_metrics.schema import action_metrics, credit_prices, latency_histogram, model_prices
+from action_metrics.schema import rollup as rollup_table
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -286,7 +287,10 @@ class MetricsRepository:
 
     async def build_rollups(self, progress: Callable[[BuildProgress], None] | None = None) -> RollupState:
         """Close every bucket that can be closed now, a day per transaction (resumable)."""
-        return await rollup.build(self._write_transaction, self.backend, progress=progress)
+        state = await rollup.build(self._write_transaction, self.backend, progress=progress)
+        async with self._write_transaction() as connection:  # the planner sees the new rollups at once
+            await self.backend.refresh_statistics(connection, rollup_table, latency_histogram, action_metrics)
+        return state
 
     async def prune(
         self,
