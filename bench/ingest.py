@@ -16,6 +16,12 @@ return. The store has the library's default buffer and batch size, and the produ
 back-pressure: when the buffer is nearly full it sleeps 1 ms at a time (what a batch producer
 that must not drop does), so `dropped` must be 0; it is printed.
 
+What the metrics look like decides what the rollups cost (see the README): `--shape service` (the
+default) is a busy service, a metric every millisecond, so an hour's bucket holds a million actions
+and the rollups are small beside them; `--shape dashboard` is bench/shape.py's 10M-actions-over-90-
+days product, a metric every 0.78 s, where the hourly rollup of town x action x model is nearly as
+large as the raw rows.
+
 The streaming part runs in a child process per backend: `emit_many` draws M metrics from a
 generator, and the child reports its peak RSS (the whole process: interpreter, libraries, data).
 
@@ -46,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import shape
 from sqlalchemy import func, make_url, select
 
 from action_metrics import (
@@ -424,14 +431,21 @@ async def stream(backend: str, count: int, workdir: Path) -> float:
 
 async def main(arguments: argparse.Namespace) -> int:
     print(
-        f"action-metrics ingest bench: {arguments.metrics:,} metrics, {arguments.runs} runs per backend,"
+        f"action-metrics ingest bench: {arguments.metrics:,} metrics ({arguments.shape} shape),"
+        f" {arguments.runs} runs per backend,"
         f" {os.cpu_count()} CPUs, emit_many batches of {INGEST_BATCH:,}; writer buffer"
         f" {arguments.writer_buffer:,}, batches up to {arguments.writer_batch:,}",
         flush=True,
     )
     writer_settings = WriterSettings(arguments.writer_buffer, arguments.writer_batch)
     started = time.perf_counter()
-    metrics = list(generate(arguments.metrics))
+    if arguments.shape == "dashboard":
+        days = 90 * arguments.metrics / 10_000_000
+        metrics = list(
+            shape.generate(arguments.metrics, days=days, end=datetime.now(UTC) - timedelta(hours=1))
+        )
+    else:
+        metrics = list(generate(arguments.metrics))
     print(f"generated {len(metrics):,} metrics in {time.perf_counter() - started:.1f} s\n", flush=True)
     passed = True
     with tempfile.TemporaryDirectory(prefix="am-bench-") as directory:
@@ -467,6 +481,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--metrics", type=int, default=1_000_000, help="metrics per timed run")
     parser.add_argument("--runs", type=int, default=3, help="paired runs per backend")
+    parser.add_argument(
+        "--shape",
+        choices=["service", "dashboard"],
+        default="service",
+        help="service: a metric every millisecond; dashboard: bench/shape.py's, one every 0.78 s",
+    )
     parser.add_argument("--stream", type=int, default=10_000_000, help="metrics to stream (0: skip)")
     parser.add_argument(
         "--writer-buffer", type=int, default=DEFAULT_BUFFER_SIZE, help="the writer's buffer_size"

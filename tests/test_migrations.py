@@ -28,7 +28,13 @@ from action_metrics.schema import Base, action_metrics, credit_prices, model_pri
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
 
 TABLES = {"action_metrics", "model_prices", "credit_prices", "alembic_version"}
-VIEWS = {"action_metrics_priced", "action_metrics_daily", "action_metrics_hourly"}
+VIEWS = {
+    "action_metrics_priced",
+    "action_metrics_daily",
+    "action_metrics_hourly",
+    "action_metrics_daily_by_model",
+    "action_metrics_daily_by_town",
+}
 
 
 def _on_database(url: str, inspect_with: Any) -> Any:

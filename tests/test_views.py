@@ -140,23 +140,28 @@ def _hour(moment: datetime) -> str:
 
 
 @pytest.mark.parametrize(
-    ("view", "bucket", "key"),
-    [("action_metrics_daily", "day", _day), ("action_metrics_hourly", "hour", _hour)],
+    ("view", "bucket", "key", "dimensions"),
+    [
+        ("action_metrics_daily", "day", _day, ("town_id", "action_type", "model")),
+        ("action_metrics_hourly", "hour", _hour, ("town_id", "action_type", "model")),
+        ("action_metrics_daily_by_town", "day", _day, ("town_id", "model")),
+        ("action_metrics_daily_by_model", "day", _day, ("model",)),
+    ],
 )
-def test_daily_and_hourly_views_match_the_reference_per_bucket_town_action_and_model(
-    town, view: str, bucket: str, key: Any
+def test_bucketed_views_match_the_reference_per_bucket_and_group(
+    town, view: str, bucket: str, key: Any, dimensions: tuple[str, ...]
 ) -> None:
     url, _, metrics, now = town
     book = _book(now)
-    groups: dict[tuple[str, str, str, str], list[ActionMetric]] = defaultdict(list)
+    groups: dict[tuple[str, ...], list[ActionMetric]] = defaultdict(list)
     for m in metrics:
-        groups[(key(m.timestamp), m.town_id, m.action_type, m.model)].append(m)
+        groups[(key(m.timestamp), *(getattr(m, name) for name in dimensions))].append(m)
     rows = plain_sql(url, f"SELECT * FROM {view}")
     assert len(rows) == len(groups)
     for row in rows:
         start = row[bucket]
         moment = start if isinstance(start, datetime) else datetime.fromisoformat(str(start))
-        chosen = groups[(key(moment.replace(tzinfo=UTC)), row["town_id"], row["action_type"], row["model"])]
+        chosen = groups[(key(moment.replace(tzinfo=UTC)), *(row[name] for name in dimensions))]
         latencies = [m.latency_ms for m in chosen]
         costs = [cost(m, book) for m in chosen]
         assert row["count"] == len(chosen)

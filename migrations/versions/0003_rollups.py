@@ -1,6 +1,7 @@
 """Rollups: action_metrics_rollup (sums per hour or day and level), action_metrics_latency_histogram
 (latency bins per bucket) and action_metrics_rollup_state (how far they reach); the views
-action_metrics_daily (re-created to read from them) and action_metrics_hourly.
+action_metrics_daily (re-created to read from them), action_metrics_hourly, and for dashboards that
+sum per day, town or model, action_metrics_daily_by_model and action_metrics_daily_by_town.
 
 The tables start empty, with nothing closed: every question reads raw rows until the rollups are
 built. `action-metrics db upgrade` builds them right after this migration, a day per transaction
@@ -47,6 +48,14 @@ SUM_COLUMNS = (
 )
 
 
+NEW_VIEWS = (
+    "action_metrics_daily",
+    "action_metrics_hourly",
+    "action_metrics_daily_by_model",
+    "action_metrics_daily_by_town",
+)
+
+
 def _key() -> list[sa.Column[object]]:
     return [sa.Column(name, type_, nullable=False) for name, type_ in KEY_COLUMNS]
 
@@ -85,12 +94,12 @@ def upgrade() -> None:
         op.execute("ANALYZE model_prices, credit_prices")
     with grants_kept(["action_metrics_daily"]):
         drop_views(["action_metrics_daily"])
-        create_views([("action_metrics_daily", "0003"), ("action_metrics_hourly", "0003")])
+        create_views([(view, "0003") for view in NEW_VIEWS])
 
 
 def downgrade() -> None:
     with grants_kept(["action_metrics_daily"]):
-        drop_views(["action_metrics_hourly", "action_metrics_daily"])
+        drop_views(reversed(NEW_VIEWS))
         create_views([("action_metrics_daily", "0001")])
     op.drop_table("action_metrics_rollup_state")
     op.drop_table("action_metrics_latency_histogram")

@@ -327,13 +327,15 @@ class SQLiteBackend(Backend):
 
     def rank_latencies(self, rows: NamedFromClause, keys: Sequence[str]) -> NamedFromClause:
         partition = [rows.c[key] for key in keys]
+        order = rows.c.latency_ms
         return (
             Select(
                 rows,
-                (func.row_number().over(partition_by=partition, order_by=rows.c.latency_ms) - 1).label(
-                    "latency_rank"
-                ),
-                func.count().over(partition_by=partition).label("latency_count"),
+                (func.row_number().over(partition_by=partition, order_by=order) - 1).label("latency_rank"),
+                # The same window as the rank's, over the whole partition: one sort for both.
+                func.count()
+                .over(partition_by=partition, order_by=order, rows=(None, None))
+                .label("latency_count"),
             )
         ).subquery("ranked")
 

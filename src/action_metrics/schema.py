@@ -277,3 +277,17 @@ action_metrics_daily = Table(
     Column("day", Date()),
     *_bucket_columns(),
 )
+
+action_metrics_daily_by_model = Table(
+    "action_metrics_daily_by_model",
+    view_metadata,
+    Column("day", Date()),
+    *(column for column in _bucket_columns() if column.name not in ("town_id", "action_type")),
+)
+
+action_metrics_daily_by_town = Table(
+    "action_metrics_daily_by_town",
+    view_metadata,
+    Column("day", Date()),
+    *(column for column in _bucket_columns() if column.name != "action_type"),
+)
