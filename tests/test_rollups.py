@@ -366,9 +366,10 @@ def _reset_rollups(url: str) -> None:
             async with repository.engine.begin() as connection:
                 from sqlalchemy import delete, update
 
-                from action_metrics.schema import latency_histogram, rollup, rollup_state
+                from action_metrics.schema import latency_histogram, rollup, rollup_detail, rollup_state
 
                 await connection.execute(delete(rollup))
+                await connection.execute(delete(rollup_detail))
                 await connection.execute(delete(latency_histogram))
                 await connection.execute(
                     update(rollup_state).values(hours_closed_until=None, days_closed_until=None)

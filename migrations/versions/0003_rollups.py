@@ -1,4 +1,5 @@
-"""Rollups: action_metrics_rollup (sums per hour or day and level), action_metrics_latency_histogram
+"""Rollups: action_metrics_rollup and action_metrics_rollup_detail (sums per hour or day and level; the
+second for the levels of every town, action and model), action_metrics_latency_histogram
 (latency bins per bucket) and action_metrics_rollup_state (how far they reach); the views
 action_metrics_daily (re-created to read from them), action_metrics_hourly, and for dashboards that
 sum per day, town or model, action_metrics_daily_by_model and action_metrics_daily_by_town.
@@ -68,7 +69,16 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint(*(name for name, _ in KEY_COLUMNS), name="pk_action_metrics_rollup"),
         sqlite_with_rowid=False,
     )
-    op.create_index("ix_action_metrics_rollup_grain_start", "action_metrics_rollup", ["grain", "start"])
+    # The levels of every town, action and model, read an hour or a day at a time: time first.
+    op.create_table(
+        "action_metrics_rollup_detail",
+        *_key(),
+        *(sa.Column(name, type_, nullable=False) for name, type_ in SUM_COLUMNS),
+        sa.PrimaryKeyConstraint(
+            "grain", "start", "town_id", "action_type", "model", name="pk_action_metrics_rollup_detail"
+        ),
+        sqlite_with_rowid=False,
+    )
     op.create_table(
         "action_metrics_latency_histogram",
         *_key(),
@@ -103,4 +113,5 @@ def downgrade() -> None:
         create_views([("action_metrics_daily", "0001")])
     op.drop_table("action_metrics_rollup_state")
     op.drop_table("action_metrics_latency_histogram")
+    op.drop_table("action_metrics_rollup_detail")
     op.drop_table("action_metrics_rollup")

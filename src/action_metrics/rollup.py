@@ -65,6 +65,7 @@ from action_metrics.schema import (
     latency_histogram,
     model_prices,
     rollup,
+    rollup_detail,
     rollup_state,
 )
 
@@ -137,6 +138,12 @@ class Level:
     sums_from: Level | None = None
     histogram_from: Level | None = None
 
+    @property
+    def table(self) -> Table:
+        """Where its sums are kept: the levels of every town, action and model in a table of their own,
+        ordered by time first."""
+        return rollup_detail if set(self.keeps) == set(DIMENSIONS) else rollup
+
     def rows(self, table: Any) -> list[ColumnElement[bool]]:
         """WHERE terms selecting this level's rows of the rollup or histogram table."""
         terms: list[ColumnElement[bool]] = [table.c.grain == self.grain]
@@ -200,7 +207,9 @@ def raw_sums(rows: Any) -> dict[str, ColumnElement[Any]]:
 
 SUM_COLUMNS: Final = tuple(raw_sums(action_metrics))
 KEY_COLUMNS: Final = ("grain", "town_id", "action_type", "start", "model")
-assert {column.name for column in rollup.columns} == {*KEY_COLUMNS, *SUM_COLUMNS}
+assert all(
+    {c.name for c in table.columns} == {*KEY_COLUMNS, *SUM_COLUMNS} for table in (rollup, rollup_detail)
+)
 
 
 # --- state ----------------------------------------------------------------------------------------
@@ -333,7 +342,7 @@ def _raw_source(*, histogram: bool) -> Subquery:
 
 
 def _level_source(finer: Level, scope: Scope, *, histogram: bool) -> Subquery:
-    table = latency_histogram if histogram else rollup
+    table = latency_histogram if histogram else finer.table
     measures = ("bin", "count") if histogram else SUM_COLUMNS
     return (
         select(
@@ -393,12 +402,13 @@ def _fill_sums(level: Level, source: Subquery, backend: Backend, *, split: bool,
         k.model,
         *(backend.sum_without_overflow(k[name]).label(name) for name in SUM_COLUMNS),
     ).group_by(k.town_id, k.action_type, k.start, k.model)
-    insert = backend.insert(rollup).from_select([*KEY_COLUMNS, *SUM_COLUMNS], grouped)
+    table = level.table
+    insert = backend.insert(table).from_select([*KEY_COLUMNS, *SUM_COLUMNS], grouped)
     if not merge:
         return insert
     return insert.on_conflict_do_update(
         index_elements=list(KEY_COLUMNS),
-        set_={name: rollup.c[name] + insert.excluded[name] for name in SUM_COLUMNS},
+        set_={name: table.c[name] + insert.excluded[name] for name in SUM_COLUMNS},
     )
 
 
@@ -596,8 +606,9 @@ async def rebuild(
     price that begins inside them. The histograms do not depend on prices and stay."""
     for grain, start in buckets:
         scope = Scope(start, start + GRAIN_LENGTH[grain], model=model)
-        where = [rollup.c.grain == grain, *scope.terms(rollup.c.start, rollup.c.model)]
-        await connection.execute(delete(rollup).where(*where))
+        for table in (rollup, rollup_detail):
+            where = [table.c.grain == grain, *scope.terms(table.c.start, table.c.model)]
+            await connection.execute(delete(table).where(*where))
         await fill(connection, backend, levels_of(grain), scope, closing=False, histograms=False)
 
 

@@ -163,12 +163,32 @@ class RollupRow(Base):
     sum of per-action margins (avg_margin) without the rows."""
     tokens_out_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
 
-    __table_args__ = (
-        # The views read the rows of every town and action from a start on (the newest hours).
-        Index(None, "grain", "start"),
-        # SQLite keeps the rows in their primary key's order: the rollups are read by key ranges.
-        {"sqlite_with_rowid": False},
-    )
+    # SQLite keeps the rows in their primary key's order: the rollups are read by key ranges.
+    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - as SQLAlchemy declares it
+
+
+class RollupDetailRow(Base):
+    """The same sums for the levels that keep town, action and model, which the daily and hourly views
+    read: ordered by time first, since they are written and read an hour or a day at a time (and are
+    nearly as many as the actions when actions are few per group)."""
+
+    __tablename__ = "action_metrics_rollup_detail"
+
+    grain: Mapped[str] = mapped_column(String(8), primary_key=True)
+    start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    town_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    action_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
+    tokens_in: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
+    tokens_out: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
+    credits_charged: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
+    latency_ms_sum: Mapped[float] = mapped_column(Double(), nullable=False)
+    credited_count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
+    tokens_in_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
+    tokens_out_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
+
+    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - as SQLAlchemy declares it
 
 
 class LatencyHistogramRow(Base):
@@ -204,6 +224,7 @@ action_metrics = cast(Table, ActionMetricRow.__table__)
 model_prices = cast(Table, ModelPriceRow.__table__)
 credit_prices = cast(Table, CreditPriceRow.__table__)
 rollup = cast(Table, RollupRow.__table__)
+rollup_detail = cast(Table, RollupDetailRow.__table__)
 latency_histogram = cast(Table, LatencyHistogramRow.__table__)
 rollup_state = cast(Table, RollupStateRow.__table__)
 

@@ -18,15 +18,15 @@ WITH parts AS (
     SELECT
         r.start, r.town_id, r.action_type, r.model, r.count, r.tokens_in, r.tokens_out,
         r.credits_charged, r.latency_ms_sum
-    FROM action_metrics_rollup AS r
-    WHERE r.grain = 'day' AND r.town_id <> '' AND r.action_type <> ''
+    FROM action_metrics_rollup_detail AS r
+    WHERE r.grain = 'day'
         AND r.start < (SELECT days_closed_until FROM action_metrics_rollup_state)
     UNION ALL
     SELECT
         r.start, r.town_id, r.action_type, r.model, r.count, r.tokens_in, r.tokens_out,
         r.credits_charged, r.latency_ms_sum
-    FROM action_metrics_rollup AS r
-    WHERE r.grain = 'hour' AND r.town_id <> '' AND r.action_type <> ''
+    FROM action_metrics_rollup_detail AS r
+    WHERE r.grain = 'hour'
         AND r.start >= COALESCE((SELECT days_closed_until FROM action_metrics_rollup_state), '')
         AND r.start < (SELECT hours_closed_until FROM action_metrics_rollup_state)
     UNION ALL

@@ -23,8 +23,8 @@ WITH parts AS (
     UNION ALL
     SELECT
         r.start, r.town_id, r.model, r.count, r.tokens_in, r.tokens_out, r.credits_charged, r.latency_ms_sum
-    FROM action_metrics_rollup AS r
-    WHERE r.grain = 'hour' AND r.town_id <> '' AND r.action_type <> ''
+    FROM action_metrics_rollup_detail AS r
+    WHERE r.grain = 'hour'
         AND r.start >= COALESCE((SELECT days_closed_until FROM action_metrics_rollup_state), '-infinity')
         AND r.start < (SELECT hours_closed_until FROM action_metrics_rollup_state)
     UNION ALL
