@@ -67,6 +67,37 @@ def test_the_url_comes_from_the_environment(empty_database_url: str) -> None:
     )
 
 
+def test_db_prune_counts_then_removes_old_raw_rows_and_the_report_still_answers(
+    store: MetricsStore,
+) -> None:
+    url = url_of(store)
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    old = [metric(timestamp=today - timedelta(days=days, hours=3), tokens_in=days) for days in (20, 15, 12)]
+    recent = [metric(timestamp=today - timedelta(days=2, hours=5)), metric(timestamp=an_hour_ago())]
+    store.emit_many([*old, *recent])
+    before = json.loads(run_cli("report", "--url", url, "--json").stdout)["metrics"]
+
+    dry = run_cli("db", "prune", "--url", url, "--older-than", "10d", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    cutoff = (datetime.now(UTC) - timedelta(days=10)).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert f"would remove 3 raw rows from before {cutoff.isoformat()}" in dry.stdout
+    assert len(store.query()) == 5
+
+    done = run_cli("db", "prune", "--url", url, "--older-than", "10d")
+    assert done.exit_code == 0, done.output
+    assert f"removed 3 raw rows from before {cutoff.isoformat()}" in done.stdout
+    assert len(store.query(since=cutoff)) == 2
+    after = json.loads(run_cli("report", "--url", url, "--json").stdout)["metrics"]
+    assert {key: after[key] for key in ("count", "tokens_in", "total_cost_usd")} == {
+        key: before[key] for key in ("count", "tokens_in", "total_cost_usd")
+    }  # all time: the rollups keep the pruned days
+
+    # What needs the pruned raw rows says so, in one line naming the cut-off.
+    since = (cutoff - timedelta(days=3, minutes=17)).isoformat()
+    assert_one_line_error(run_cli("report", "--url", url, "--since", since), 1, cutoff.isoformat())
+    assert_one_line_error(run_cli("db", "prune", "--url", url), 2, "exactly one of --older-than and --before")
+
+
 def test_an_unsupported_url_is_refused_with_the_supported_ones() -> None:
     result = run_cli("db", "upgrade", "--url", "mysql://root@localhost/x")
     assert_one_line_error(result, 1, "sqlite:///")

@@ -76,6 +76,16 @@ def main() -> None:
     """Unit economics of LLM-powered products, in SQL."""
 
 
+def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """`--since`: a duration back from now (30m, 24h, 7d, 2w) or an ISO 8601 date or time."""
+    if value is None:
+        return None
+    try:
+        return report.parse_since(value)
+    except InvalidValue as error:
+        raise click.BadParameter(error.problem, ctx, param) from None
+
+
 @main.group()
 def db() -> None:
     """Migrate the database schema with the migrations this package carries."""
@@ -160,25 +170,16 @@ def downgrade(revision: str, url: str | None, sql: bool) -> None:
     _migrate("downgrade", revision, url, sql)
 
 
-def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return report.parse_since(value)
-    except InvalidValue as error:
-        raise click.BadParameter(error.problem, ctx, param) from None
-
-
 @db.command()
 @url_option
 @click.option(
     "--older-than",
     "older_than",
     metavar="AGE",
-    callback=_moment,
+    callback=_since,
     help="Remove raw rows older than this: 90d, 12w, 24h.",
 )
-@click.option("--before", metavar="DATE", callback=_moment, help="Remove raw rows before this date (UTC).")
+@click.option("--before", metavar="DATE", callback=_since, help="Remove raw rows before this date (UTC).")
 @click.option("--dry-run", is_flag=True, help="Print what would be removed, remove nothing.")
 @friendly_errors
 def prune(url: str | None, older_than: datetime | None, before: datetime | None, dry_run: bool) -> None:
@@ -223,16 +224,6 @@ def current(url: str | None) -> None:
 
 
 # --- report and demo ------------------------------------------------------------------------
-
-
-def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
-    """`--since`: a duration back from now (30m, 24h, 7d, 2w) or an ISO 8601 date or time."""
-    if value is None:
-        return None
-    try:
-        return report.parse_since(value)
-    except InvalidValue as error:
-        raise click.BadParameter(error.problem, ctx, param) from None
 
 
 def _checked(check: Callable[[object], str]) -> Callable[[click.Context, click.Parameter, Any], str | None]:

@@ -379,66 +379,52 @@ def _kept(level: Level, source: Subquery) -> list[ColumnElement[str]]:
     ]
 
 
-def _fill_sums(level: Level, source: Subquery, backend: Backend, *, split: bool, merge: bool) -> Any:
-    """INSERT ... SELECT of `source`'s sums into `level`, adding to rows already there if `merge`
-    (buckets being closed have none: a plain INSERT is cheaper)."""
-    start = backend.bucket_start(source.c.at, level.grain)
-    if split:  # a price began inside a bucket: rows start at the latest of bucket and price starts
-        start = backend.greatest(
-            start, price_start(source.c.model, source.c.at), credit_price_start(source.c.at)
-        )
+def _summed_into(
+    table: Table,
+    level: Level,
+    source: Subquery,
+    start: ColumnElement[Any],
+    extra_keys: tuple[str, ...],
+    summed: tuple[str, ...],
+    backend: Backend,
+    merge: bool,
+) -> Any:
+    """INSERT ... SELECT of `source`'s `summed` columns into `level`'s rows of `table`, grouped by
+    the level's keys (and `extra_keys`); adding to rows already there if `merge` (buckets being
+    closed have none: a plain INSERT is cheaper)."""
     keyed = select(
         *(column.label(name) for name, column in zip(DIMENSIONS, _kept(level, source), strict=True)),
         start.label("start"),
         source.c.model,
-        *(source.c[name] for name in SUM_COLUMNS),
+        *(source.c[name] for name in (*extra_keys, *summed)),
     ).subquery("keyed")
     k = keyed.c
+    keys = [k.town_id, k.action_type, k.start, k.model, *(k[name] for name in extra_keys)]
     grouped = select(
-        literal(level.grain, rollup.c.grain.type).label("grain"),
-        k.town_id,
-        k.action_type,
-        k.start,
-        k.model,
-        *(backend.sum_without_overflow(k[name]).label(name) for name in SUM_COLUMNS),
-    ).group_by(k.town_id, k.action_type, k.start, k.model)
-    table = level.table
-    insert = backend.insert(table).from_select([*KEY_COLUMNS, *SUM_COLUMNS], grouped)
+        literal(level.grain, table.c.grain.type).label("grain"),
+        *keys,
+        *(backend.sum_without_overflow(k[name]).label(name) for name in summed),
+    ).group_by(*keys)
+    insert = backend.insert(table).from_select([*KEY_COLUMNS, *extra_keys, *summed], grouped)
     if not merge:
         return insert
     return insert.on_conflict_do_update(
-        index_elements=list(KEY_COLUMNS),
-        set_={name: table.c[name] + insert.excluded[name] for name in SUM_COLUMNS},
+        index_elements=[*KEY_COLUMNS, *extra_keys],
+        set_={name: table.c[name] + insert.excluded[name] for name in summed},
     )
+
+
+def _fill_sums(level: Level, source: Subquery, backend: Backend, *, split: bool, merge: bool) -> Any:
+    start = backend.bucket_start(source.c.at, level.grain)
+    if split:  # a price began inside a bucket: rows start at the latest of bucket and price starts
+        at = source.c.at
+        start = backend.greatest(start, price_start(source.c.model, at), credit_price_start(at))
+    return _summed_into(level.table, level, source, start, (), SUM_COLUMNS, backend, merge)
 
 
 def _fill_histogram(level: Level, source: Subquery, backend: Backend, *, merge: bool) -> Any:
     start = backend.bucket_start(source.c.at, level.grain)
-    keyed = select(
-        *(column.label(name) for name, column in zip(DIMENSIONS, _kept(level, source), strict=True)),
-        start.label("start"),
-        source.c.model,
-        source.c.bin,
-        source.c["count"],
-    ).subquery("keyed")
-    k = keyed.c
-    grouped = select(
-        literal(level.grain, latency_histogram.c.grain.type).label("grain"),
-        k.town_id,
-        k.action_type,
-        k.start,
-        k.model,
-        k.bin,
-        func.sum(k["count"]).label("count"),
-    ).group_by(k.town_id, k.action_type, k.start, k.model, k.bin)
-    columns = [*KEY_COLUMNS, "bin", "count"]
-    insert = backend.insert(latency_histogram).from_select(columns, grouped)
-    if not merge:
-        return insert
-    return insert.on_conflict_do_update(
-        index_elements=[*KEY_COLUMNS, "bin"],
-        set_={"count": latency_histogram.c["count"] + insert.excluded["count"]},
-    )
+    return _summed_into(latency_histogram, level, source, start, ("bin",), ("count",), backend, merge)
 
 
 async def _prices_start_inside(connection: AsyncConnection, grain: Grain, scope: Scope) -> bool:

@@ -135,7 +135,24 @@ class CreditPriceRow(Base):
     __table_args__ = (Index(None, "effective_from", unique=True),)
 
 
-class RollupRow(Base):
+class RollupSums:
+    """What every rollup row sums (see `rollup.raw_sums`): a figure added here, and to the rollup
+    tables by one migration, is kept at every level."""
+
+    count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
+    tokens_in: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
+    tokens_out: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
+    credits_charged: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
+    latency_ms_sum: Mapped[float] = mapped_column(Double(), nullable=False)
+    credited_count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
+    """Actions with credits > 0: those that can have a margin."""
+    tokens_in_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
+    """The sum of tokens_in / credits_charged over credited actions; with the prices it gives the
+    sum of per-action margins (avg_margin) without the rows."""
+    tokens_out_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
+
+
+class RollupRow(RollupSums, Base):
     """Sums of the actions of one time segment, at one grain, for one combination of dimensions.
 
     A level of the rollup is a grain (`hour`, `day`) and the dimensions it keeps; a dimension a
@@ -151,42 +168,24 @@ class RollupRow(Base):
     action_type: Mapped[str] = mapped_column(String(64), primary_key=True)
     start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
     model: Mapped[str] = mapped_column(String(128), primary_key=True)
-    count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
-    tokens_in: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
-    tokens_out: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
-    credits_charged: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
-    latency_ms_sum: Mapped[float] = mapped_column(Double(), nullable=False)
-    credited_count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
-    """Actions with credits > 0: those that can have a margin."""
-    tokens_in_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
-    """The sum of tokens_in / credits_charged over credited actions; with the prices it gives the
-    sum of per-action margins (avg_margin) without the rows."""
-    tokens_out_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
 
     # SQLite keeps the rows in their primary key's order: the rollups are read by key ranges.
     __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - as SQLAlchemy declares it
 
 
-class RollupDetailRow(Base):
+class RollupDetailRow(RollupSums, Base):
     """The same sums for the levels that keep town, action and model, which the daily and hourly views
     read: ordered by time first, since they are written and read an hour or a day at a time (and are
     nearly as many as the actions when actions are few per group)."""
 
     __tablename__ = "action_metrics_rollup_detail"
 
+    # RollupRow's keys in another order: a primary key's order is the order of its columns here.
     grain: Mapped[str] = mapped_column(String(8), primary_key=True)
     start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
     town_id: Mapped[str] = mapped_column(String(256), primary_key=True)
     action_type: Mapped[str] = mapped_column(String(64), primary_key=True)
     model: Mapped[str] = mapped_column(String(128), primary_key=True)
-    count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
-    tokens_in: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
-    tokens_out: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
-    credits_charged: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
-    latency_ms_sum: Mapped[float] = mapped_column(Double(), nullable=False)
-    credited_count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
-    tokens_in_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
-    tokens_out_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
 
     __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - as SQLAlchemy declares it
 
@@ -266,12 +265,13 @@ action_metrics_priced = Table(
 )
 
 
-def _bucket_columns() -> list[Column[Any]]:
-    """The columns of the daily and hourly views after their time bucket."""
-    return [
-        Column("town_id", String()),
-        Column("action_type", String()),
-        Column("model", String()),
+def _bucket_view(name: str, bucket: Column[Any], dimensions: tuple[str, ...]) -> Table:
+    """The shape of a view with one row per time bucket, group (`dimensions` and model) and figure."""
+    return Table(
+        name,
+        view_metadata,
+        bucket,
+        *(Column(dimension, String()) for dimension in (*dimensions, "model")),
         Column("count", BigInteger()),
         Column("tokens_in", BigInteger()),
         Column("tokens_out", BigInteger()),
@@ -282,33 +282,13 @@ def _bucket_columns() -> list[Column[Any]]:
         Column("avg_latency_ms", Double()),
         Column("p50_latency_ms", Double()),
         Column("p95_latency_ms", Double()),
-    ]
+    )
 
 
-action_metrics_hourly = Table(
-    "action_metrics_hourly",
-    view_metadata,
-    Column("hour", UTCDateTime()),
-    *_bucket_columns(),
+_EVERY_GROUP = ("town_id", "action_type")
+action_metrics_hourly = _bucket_view("action_metrics_hourly", Column("hour", UTCDateTime()), _EVERY_GROUP)
+action_metrics_daily = _bucket_view("action_metrics_daily", Column("day", Date()), _EVERY_GROUP)
+action_metrics_daily_by_town = _bucket_view(
+    "action_metrics_daily_by_town", Column("day", Date()), ("town_id",)
 )
-
-action_metrics_daily = Table(
-    "action_metrics_daily",
-    view_metadata,
-    Column("day", Date()),
-    *_bucket_columns(),
-)
-
-action_metrics_daily_by_model = Table(
-    "action_metrics_daily_by_model",
-    view_metadata,
-    Column("day", Date()),
-    *(column for column in _bucket_columns() if column.name not in ("town_id", "action_type")),
-)
-
-action_metrics_daily_by_town = Table(
-    "action_metrics_daily_by_town",
-    view_metadata,
-    Column("day", Date()),
-    *(column for column in _bucket_columns() if column.name != "action_type"),
-)
+action_metrics_daily_by_model = _bucket_view("action_metrics_daily_by_model", Column("day", Date()), ())
