@@ -38,7 +38,7 @@ from sqlalchemy import (
     true,
     union_all,
 )
-from sqlalchemy.sql.selectable import CTE, NamedFromClause
+from sqlalchemy.sql.selectable import NamedFromClause, Subquery
 
 from action_metrics.dialects import Backend
 from action_metrics.pricing import BEGINNING_OF_TIME
@@ -151,14 +151,14 @@ _RAW_COLUMNS = ("model", "timestamp", "tokens_in", "tokens_out", "credits_charge
 """What is read of a raw action: the rest of the row is never carried through a sort."""
 
 
-def _raw_rows(metric_filter: MetricFilter, plan: ReadPlan) -> CTE:
+def _raw_rows(metric_filter: MetricFilter, plan: ReadPlan) -> Subquery:
     """The raw actions the plan reads: its raw time ranges, or the newest `limit` of the selection."""
     m = action_metrics
     columns = [m.c[name] for name in _RAW_COLUMNS]
     if metric_filter.limit is not None:
-        return metric_filter.newest_first(select(*columns), m.c).cte("selection")
+        return metric_filter.newest_first(select(*columns), m.c).subquery("selection")
     selection = select(*columns).where(*metric_filter.conditions(m.c, times=False))
-    return selection.where(any_range(m.c.timestamp, plan.raw_ranges)).cte("selection")
+    return selection.where(any_range(m.c.timestamp, plan.raw_ranges)).subquery("selection")
 
 
 def price_segment(moment: ColumnElement[Any], starts: Sequence[datetime]) -> ColumnElement[Any]:
@@ -196,7 +196,7 @@ def _level_terms(level: Level, table: Any, metric_filter: MetricFilter) -> list[
 
 
 def _parts(
-    metric_filter: MetricFilter, plan: ReadPlan, raw: CTE, price_starts: Sequence[datetime]
+    metric_filter: MetricFilter, plan: ReadPlan, raw: Subquery, price_starts: Sequence[datetime]
 ) -> NamedFromClause:
     """Rollup rows and raw rows alike: model, start (`at`) and the summed columns. Raw rows are
     summed per model and price segment first."""
@@ -216,7 +216,7 @@ def _parts(
     return union_all(*selects).subquery("parts")
 
 
-def _latencies(metric_filter: MetricFilter, plan: ReadPlan, raw: CTE) -> NamedFromClause:
+def _latencies(metric_filter: MetricFilter, plan: ReadPlan, raw: Subquery) -> NamedFromClause:
     """Latency values with their weights: raw rows' own (weight 1, exact) and histogram bins'
     representatives (weight: the bin's count, `approximate`)."""
     selects: list[Select[Any]] = [
@@ -332,9 +332,9 @@ def _weighted_percentiles(latencies: NamedFromClause, keys: Sequence[str]) -> Na
     return (statement.group_by(*(w[key] for key in keys)) if keys else statement).subquery("percentiles")
 
 
-def _exact_percentiles(raw: CTE, keys: Sequence[str], backend: Backend) -> NamedFromClause:
+def _exact_percentiles(raw: Subquery, keys: Sequence[str], backend: Backend) -> NamedFromClause:
     """Percentiles of the raw rows, the backend's fastest exact way (percentile_cont on PostgreSQL)."""
-    ranked = backend.rank_latencies(raw, keys)
+    ranked = backend.rank_latencies(raw, keys, list(PERCENTILES.values()))
     statement = select(
         *(ranked.c[key] for key in keys),
         *(backend.latency_percentile(ranked, fraction).label(name) for name, fraction in PERCENTILES.items()),

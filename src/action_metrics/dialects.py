@@ -30,6 +30,7 @@ from sqlalchemy import (
     func,
     literal,
     make_url,
+    or_,
     select,
     type_coerce,
 )
@@ -120,8 +121,10 @@ class Backend:
     snapshot_options: ClassVar[dict[str, Any]] = {}
     """Connection options under which every statement of a transaction reads the same snapshot."""
 
-    def rank_latencies(self, rows: NamedFromClause, keys: Sequence[str]) -> NamedFromClause:
-        """Prepare `rows` for `latency_percentile()` over groups of `keys`."""
+    def rank_latencies(
+        self, rows: NamedFromClause, keys: Sequence[str], fractions: Sequence[float]
+    ) -> NamedFromClause:
+        """Prepare `rows` for `latency_percentile()` of these `fractions` over groups of `keys`."""
         return rows
 
     def latency_percentile(self, ranked: NamedFromClause, fraction: float) -> ColumnElement[float]:
@@ -325,19 +328,24 @@ class SQLiteBackend(Backend):
         except sqlite3.Error as error:
             raise DBAPIError.instance(_SQLITE_INSERT_OR_SKIP, None, error, sqlite3.Error) from error
 
-    def rank_latencies(self, rows: NamedFromClause, keys: Sequence[str]) -> NamedFromClause:
+    def rank_latencies(
+        self, rows: NamedFromClause, keys: Sequence[str], fractions: Sequence[float]
+    ) -> NamedFromClause:
         partition = [rows.c[key] for key in keys]
         order = rows.c.latency_ms
-        return (
-            Select(
-                rows,
-                (func.row_number().over(partition_by=partition, order_by=order) - 1).label("latency_rank"),
-                # The same window as the rank's, over the whole partition: one sort for both.
-                func.count()
-                .over(partition_by=partition, order_by=order, rows=(None, None))
-                .label("latency_count"),
-            )
-        ).subquery("ranked")
+        ranked = Select(
+            rows,
+            (func.row_number().over(partition_by=partition, order_by=order) - 1).label("latency_rank"),
+            # The same window as the rank's, over the whole partition: one sort for both.
+            func.count()
+            .over(partition_by=partition, order_by=order, rows=(None, None))
+            .label("latency_count"),
+        ).subquery("ranked_all")
+        # Only the rows at the ranks the interpolation reads go on to be grouped.
+        rank = ranked.c.latency_rank
+        lowers = [sql_cast((ranked.c.latency_count - 1) * sql_cast(f, Double), Integer) for f in fractions]
+        wanted = or_(*(rank == lower for lower in lowers), *(rank == lower + 1 for lower in lowers))
+        return Select(ranked).where(wanted).subquery("ranked")
 
     def latency_percentile(self, ranked: NamedFromClause, fraction: float) -> ColumnElement[float]:
         # PostgreSQL's percentile_cont written out: position (n - 1) * f, then interpolate between
