@@ -23,6 +23,7 @@ from action_metrics.dialects import backend_for
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M, CreditPrice, ModelPrice
 from action_metrics.query import MetricFilter, metric_from_row, metric_rows
 from action_metrics.repository import MetricsRepository
+from action_metrics.rollup import CLOSE_DELAY
 from action_metrics.schema import Base, action_metrics, credit_prices, model_prices
 
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
@@ -322,6 +323,22 @@ def test_data_written_at_the_first_revision_survives_upgrade_downgrade_and_upgra
     with MetricsStore(url) as store:  # at head again: the store opens, and reads the same
         assert store.query() == at_head["query"]
         _assert_same(store.aggregate().to_dict(), at_head["aggregate 0 exact=False"], "store")
+
+
+def test_db_upgrade_builds_the_rollups_from_the_rows_already_stored(empty_database_url: str) -> None:
+    url = empty_database_url
+    assert run_cli("db", "upgrade", "0002", "--url", url).exit_code == 0
+    _at_revision(url, _fill_as_a_sql_client)
+    upgraded = run_cli("db", "upgrade", "--url", url)
+    assert upgraded.exit_code == 0, upgraded.output
+    closed = (datetime.now(UTC) - CLOSE_DELAY).replace(minute=0, second=0, microsecond=0).replace(hour=0)
+    assert f"rollups built: whole days up to {closed.isoformat()}" in upgraded.stderr  # up to today
+    with MetricsStore(url) as store:
+        everything = store.aggregate()
+    assert not everything.percentiles_exact  # answered from the rollups
+    assert_matches(everything.to_dict(), expected_aggregate(_data(), _book()))
+    sql = run_cli("db", "upgrade", "--sql", "--url", url)
+    assert "run: action-metrics db upgrade" in sql.stdout  # after the DBA's SQL, the build
 
 
 def test_the_price_period_views_show_each_price_until_the_next(database_url: str) -> None:
