@@ -36,6 +36,7 @@ from sqlalchemy import (
     null,
     select,
     true,
+    type_coerce,
     union_all,
 )
 from sqlalchemy.sql.selectable import NamedFromClause, Subquery
@@ -202,9 +203,12 @@ def _parts(
     summed per model and price segment first."""
     sums = raw_sums(raw)
     segment = price_segment(raw.c.timestamp, price_starts).label("at")
-    raw_parts = select(
-        raw.c.model, segment, *(func.sum(sums[name]).label(name) for name in SUM_COLUMNS)
-    ).group_by(raw.c.model, segment)
+    # Grouped by an expression of the model, not the column: SQLite would otherwise read the whole
+    # table in the order of its model index to spare the sort, instead of the time range's rows.
+    model = type_coerce(raw.c.model + literal("", String), String).label("model")
+    raw_parts = select(model, segment, *(func.sum(sums[name]).label(name) for name in SUM_COLUMNS)).group_by(
+        model, segment
+    )
     selects: list[Select[Any]] = [raw_parts]
     r = rollup
     for level, since, until in plan.rollup_ranges:

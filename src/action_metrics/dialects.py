@@ -331,7 +331,9 @@ class SQLiteBackend(Backend):
     def rank_latencies(
         self, rows: NamedFromClause, keys: Sequence[str], fractions: Sequence[float]
     ) -> NamedFromClause:
-        partition = [rows.c[key] for key in keys]
+        # An expression of each key, not the column: SQLite would otherwise read the whole table in
+        # the order of the key's index (to spare a sort), instead of just the selection's rows.
+        partition = [rows.c[key] + literal("", String) for key in keys]
         order = rows.c.latency_ms
         ranked = Select(
             rows,
