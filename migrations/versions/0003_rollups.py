@@ -84,8 +84,12 @@ def upgrade() -> None:
         *_key(),
         sa.Column("bin", sa.Integer(), nullable=False),
         sa.Column("count", sa.BigInteger(), nullable=False),
+        # On PostgreSQL the key's index also holds the count: a level's bins are read from it alone.
         sa.PrimaryKeyConstraint(
-            *(name for name, _ in KEY_COLUMNS), "bin", name="pk_action_metrics_latency_histogram"
+            *(name for name, _ in KEY_COLUMNS),
+            "bin",
+            name="pk_action_metrics_latency_histogram",
+            postgresql_include=["count"],
         ),
         sqlite_with_rowid=False,
     )
