@@ -13,7 +13,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from action_metrics.dialects import backend_for
-from action_metrics.schema import Base
+from action_metrics.schema import Base, compared
 
 config = context.config
 target_metadata = Base.metadata
@@ -27,6 +27,7 @@ def configure(**options: object) -> None:
     context.configure(
         target_metadata=target_metadata,
         compare_type=True,
+        include_object=compared,
         # SQLite cannot ALTER most things: alembic's batch mode copies the table instead.
         render_as_batch=True,
         **options,

@@ -24,7 +24,7 @@ from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M, Credit
 from action_metrics.query import MetricFilter, metric_from_row, metric_rows
 from action_metrics.repository import MetricsRepository
 from action_metrics.rollup import CLOSE_DELAY
-from action_metrics.schema import Base, action_metrics, credit_prices, model_prices
+from action_metrics.schema import Base, action_metrics, compared, credit_prices, model_prices
 
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
 
@@ -62,7 +62,7 @@ def _schema(connection: Connection) -> tuple[set[str], set[str], str | None]:
 
 
 def _drift(connection: Connection) -> list[Any]:
-    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    context = MigrationContext.configure(connection, opts={"compare_type": True, "include_object": compared})
     return list(compare_metadata(context, Base.metadata))
 
 
