@@ -21,15 +21,23 @@ from action_metrics import ActionMetric
 class PriceBook:
     """Effective-dated prices as the test set them: model -> [(from, input, output)], credits."""
 
-    models: dict[str, list[tuple[datetime, Decimal, Decimal]]]
+    models: dict[str, list[tuple[Any, ...]]]
+    """model -> [(from, input, output)] or [(from, input, output, cache_read, cache_write)]."""
     credits: list[tuple[datetime, Decimal]]
 
-    def model_price(self, model: str, at: datetime) -> tuple[Decimal, Decimal] | None:
+    def model_price(self, model: str, at: datetime) -> tuple[Decimal, Decimal, Decimal, Decimal] | None:
+        """(input, output, cache read, cache write) in force at `at`; a missing cache price is the input's."""
         in_force = [p for p in self.models.get(model, []) if p[0] <= at]
         if not in_force:
             return None
-        _, input_price, output_price = max(in_force, key=lambda p: p[0])
-        return input_price, output_price
+        _, input_price, output_price, *cache = max(in_force, key=lambda p: p[0])
+        cache_read, cache_write = (*cache, None, None)[:2]
+        return (
+            input_price,
+            output_price,
+            input_price if cache_read is None else cache_read,
+            input_price if cache_write is None else cache_write,
+        )
 
     def credit_price(self, at: datetime) -> Decimal:
         return max((p for p in self.credits if p[0] <= at), key=lambda p: p[0])[1]
@@ -59,7 +67,14 @@ def cost(metric: ActionMetric, book: PriceBook) -> Decimal | None:
     price = book.model_price(metric.model, metric.timestamp)
     if price is None:
         return None
-    return (metric.tokens_in * price[0] + metric.tokens_out * price[1]) / Decimal(1_000_000)
+    input_price, output_price, cache_read_price, cache_write_price = price
+    uncached = metric.tokens_in - metric.cache_read_tokens - metric.cache_write_tokens
+    return (
+        uncached * input_price
+        + metric.cache_read_tokens * cache_read_price
+        + metric.cache_write_tokens * cache_write_price
+        + metric.tokens_out * output_price
+    ) / Decimal(1_000_000)
 
 
 def revenue(metric: ActionMetric, book: PriceBook) -> Decimal:
@@ -95,6 +110,9 @@ def expected_aggregate(metrics: list[ActionMetric], book: PriceBook) -> dict[str
         "tokens_out": sum(m.tokens_out for m in metrics),
         "total_tokens": sum(m.total_tokens for m in metrics),
         "total_credits": sum(m.credits_charged for m in metrics),
+        "cache_read_tokens": sum(m.cache_read_tokens for m in metrics),
+        "cache_write_tokens": sum(m.cache_write_tokens for m in metrics),
+        "reasoning_tokens": sum(m.reasoning_tokens for m in metrics),
         "avg_latency_ms": statistics.fmean(latencies) if latencies else None,
         "p50_latency_ms": percentile(latencies, 0.50),
         "p95_latency_ms": percentile(latencies, 0.95),

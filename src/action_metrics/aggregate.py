@@ -55,6 +55,7 @@ from action_metrics.schema import (
 )
 
 PERCENTILES = {"p50_latency_ms": 0.50, "p95_latency_ms": 0.95, "p99_latency_ms": 0.99}
+TOKEN_KINDS = ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,10 @@ class Aggregate:
     tokens_in: int
     tokens_out: int
     total_credits: int
+    cache_read_tokens: int
+    """Parts of tokens_in read from, and written to, the prompt cache; part of tokens_out spent reasoning."""
+    cache_write_tokens: int
+    reasoning_tokens: int
     avg_latency_ms: float | None
     p50_latency_ms: float | None
     p95_latency_ms: float | None
@@ -112,6 +117,9 @@ class Aggregate:
             "tokens_out": self.tokens_out,
             "total_tokens": self.total_tokens,
             "total_credits": self.total_credits,
+            "cache_read_tokens": self.cache_read_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
             "avg_latency_ms": self.avg_latency_ms,
             "p50_latency_ms": self.p50_latency_ms,
             "p95_latency_ms": self.p95_latency_ms,
@@ -148,7 +156,15 @@ _ONE_MILLION = literal_column("1000000.0", Numeric)
 # --- what is read -------------------------------------------------------------------------------
 
 
-_RAW_COLUMNS = ("model", "timestamp", "tokens_in", "tokens_out", "credits_charged", "latency_ms")
+_RAW_COLUMNS = (
+    "model",
+    "timestamp",
+    "tokens_in",
+    "tokens_out",
+    "credits_charged",
+    "latency_ms",
+    *TOKEN_KINDS,
+)
 """What is read of a raw action: the rest of the row is never carried through a sort."""
 
 
@@ -263,7 +279,14 @@ def _per_model(parts: NamedFromClause) -> NamedFromClause:
     ).outerjoin(
         c, and_(at >= c.c.effective_from, (c.c.effective_until.is_(None)) | (at < c.c.effective_until))
     )
-    prices = (p.c.input_per_1m, p.c.output_per_1m, c.c.usd_per_credit)
+    # A missing cache price is the input price.
+    prices = (
+        p.c.input_per_1m.label("input_per_1m"),
+        p.c.output_per_1m.label("output_per_1m"),
+        func.coalesce(p.c.cache_read_per_1m, p.c.input_per_1m).label("cache_read_per_1m"),
+        func.coalesce(p.c.cache_write_per_1m, p.c.input_per_1m).label("cache_write_per_1m"),
+        c.c.usd_per_credit.label("usd_per_credit"),
+    )
     per_price = (
         select(parts.c.model, *prices, *(func.sum(parts.c[name]).label(name) for name in SUM_COLUMNS))
         .select_from(priced)
@@ -273,11 +296,21 @@ def _per_model(parts: NamedFromClause) -> NamedFromClause:
     g = per_price.c
     priced_group = g.input_per_1m.is_not(None)
     with_margin = and_(priced_group, g.usd_per_credit > 0)
+
+    def priced_tokens(suffix: str) -> ColumnElement[Any]:
+        """The contract's cost in USD x 1e6: uncached input, cache reads and writes, output, each
+        at its price (cache reads and writes are parts of tokens_in)."""
+        read, write = g[f"cache_read_tokens{suffix}"], g[f"cache_write_tokens{suffix}"]
+        return (
+            (g[f"tokens_in{suffix}"] - read - write) * g.input_per_1m
+            + read * g.cache_read_per_1m
+            + write * g.cache_write_per_1m
+            + g[f"tokens_out{suffix}"] * g.output_per_1m
+        )
+
     # margin = 1 - cost / revenue per action, so over a group with one price the margins add up to
-    # credited - (input * sum(tokens_in / credits) + output * sum(tokens_out / credits)) / (1e6 * usd).
-    cost_per_revenue = (
-        g.input_per_1m * g.tokens_in_per_credit + g.output_per_1m * g.tokens_out_per_credit
-    ) / (_ONE_MILLION * g.usd_per_credit)
+    # credited - (the cost formula over the sums of each token count / credits) / (1e6 * usd).
+    cost_per_revenue = priced_tokens("_per_credit") / (_ONE_MILLION * g.usd_per_credit)
     return (
         select(
             g.model,
@@ -287,9 +320,10 @@ def _per_model(parts: NamedFromClause) -> NamedFromClause:
             func.sum(g.credits_charged).label("total_credits"),
             func.sum(g.latency_ms_sum).label("latency_ms_sum"),
             func.sum(case((priced_group, 0), else_=g["count"])).label("unpriced_count"),
-            func.coalesce(
-                func.sum((g.tokens_in * g.input_per_1m + g.tokens_out * g.output_per_1m) / _ONE_MILLION), 0
-            ).label("cost"),
+            func.sum(g.cache_read_tokens).label("cache_read_tokens"),
+            func.sum(g.cache_write_tokens).label("cache_write_tokens"),
+            func.sum(g.reasoning_tokens).label("reasoning_tokens"),
+            func.coalesce(func.sum(priced_tokens("") / _ONE_MILLION), 0).label("cost"),
             func.coalesce(func.sum(g.credits_charged * g.usd_per_credit), 0).label("revenue"),
             func.sum(
                 case((with_margin, cast(g.credited_count, Double) - cast(cost_per_revenue, Double)))
@@ -359,6 +393,7 @@ def _figures(sums: NamedFromClause, percentiles: NamedFromClause) -> list[Column
         _as_int(sums.c.tokens_in).label("tokens_in"),
         _as_int(sums.c.tokens_out).label("tokens_out"),
         _as_int(sums.c.total_credits).label("total_credits"),
+        *(_as_int(sums.c[kind]).label(kind) for kind in TOKEN_KINDS),
         (sums.c.latency_ms_sum / func.nullif(cast(sums.c["count"], Double), 0)).label("avg_latency_ms"),
         *(percentiles.c[name] for name in PERCENTILES),
         _as_float(func.coalesce(cost, 0)).label("total_cost_usd"),
@@ -384,7 +419,15 @@ def aggregate_statement(
     else:
         overall_percentiles = _exact_percentiles(raw, [], backend)
         model_percentiles = _exact_percentiles(raw, ["model"], backend)
-    summed = ("count", "tokens_in", "tokens_out", "total_credits", "latency_ms_sum", "unpriced_count")
+    summed = (
+        "count",
+        "tokens_in",
+        "tokens_out",
+        "total_credits",
+        "latency_ms_sum",
+        "unpriced_count",
+        *TOKEN_KINDS,
+    )
     overall = select(
         *(func.sum(per_model.c[name]).label(name) for name in summed),
         *(
@@ -424,6 +467,9 @@ def aggregate_from_rows(rows: Sequence[Mapping[str, Any]]) -> Aggregate:
         tokens_in=_integer(overall["tokens_in"]),
         tokens_out=_integer(overall["tokens_out"]),
         total_credits=_integer(overall["total_credits"]),
+        cache_read_tokens=_integer(overall["cache_read_tokens"]),
+        cache_write_tokens=_integer(overall["cache_write_tokens"]),
+        reasoning_tokens=_integer(overall["reasoning_tokens"]),
         avg_latency_ms=overall["avg_latency_ms"],
         p50_latency_ms=overall["p50_latency_ms"],
         p95_latency_ms=overall["p95_latency_ms"],

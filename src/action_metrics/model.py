@@ -23,6 +23,7 @@ from action_metrics.validation import (
     check_latency,
     check_metadata,
     check_model,
+    check_token_kinds,
     shown,
 )
 
@@ -146,6 +147,12 @@ class ActionMetric:
     timestamp: datetime  # the defaults of these three are given by __init__, below
     metadata: dict[str, Any]
     id: uuid.UUID
+    cache_read_tokens: int
+    """Input tokens read from the provider's prompt cache: part of `tokens_in` (inclusive totals)."""
+    cache_write_tokens: int
+    """Input tokens written to the prompt cache: also part of `tokens_in`."""
+    reasoning_tokens: int
+    """Output tokens spent reasoning: part of `tokens_out`."""
     metadata_json: str = field(init=False, repr=False, compare=False)
 
     def __init__(
@@ -162,6 +169,10 @@ class ActionMetric:
         timestamp: datetime = _DEFAULT,
         metadata: dict[str, Any] = _DEFAULT,
         id: uuid.UUID = _DEFAULT,
+        *,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
     ) -> None:
         # Written by hand because instrumented calls build one per call: each value is checked once
         # and stored once. A value of the exact expected type that is obviously valid (ids and names
@@ -187,6 +198,14 @@ class ActionMetric:
             latency_ms = check_latency(latency_ms)
         if type(credits_charged) is not int or not 0 <= credits_charged <= MAX_INT64:
             credits_charged = check_count("credits_charged", credits_charged)
+        kinds = (cache_read_tokens, cache_write_tokens, reasoning_tokens)
+        if (
+            kinds != (0, 0, 0)
+            or not type(cache_read_tokens) is type(cache_write_tokens) is type(reasoning_tokens) is int
+        ):
+            cache_read_tokens, cache_write_tokens, reasoning_tokens = check_token_kinds(
+                tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, reasoning_tokens
+            )
         if timestamp is _DEFAULT:
             timestamp = datetime.now(UTC)
         elif type(timestamp) is not datetime or timestamp.tzinfo is not UTC:
@@ -215,6 +234,9 @@ class ActionMetric:
         set_(self, "timestamp", timestamp)
         set_(self, "metadata", metadata)
         set_(self, "id", id)
+        set_(self, "cache_read_tokens", cache_read_tokens)
+        set_(self, "cache_write_tokens", cache_write_tokens)
+        set_(self, "reasoning_tokens", reasoning_tokens)
         set_(self, "metadata_json", metadata_json)
 
     @property
@@ -254,6 +276,9 @@ class ActionMetric:
             "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out,
             "total_tokens": self.total_tokens,
+            "cache_read_tokens": self.cache_read_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
             "model": self.model,
             "latency_ms": self.latency_ms,
             "credits_charged": self.credits_charged,
@@ -279,6 +304,14 @@ class ActionMetric:
             "action.credits": self.credits_charged,
             "action.revenue_usd": self.revenue_usd,
         }
+        # The GenAI conventions' token kinds, inclusive in the totals above, as ours are.
+        for name, value in (
+            ("gen_ai.usage.cache_read.input_tokens", self.cache_read_tokens),
+            ("gen_ai.usage.cache_write.input_tokens", self.cache_write_tokens),
+            ("gen_ai.usage.reasoning.output_tokens", self.reasoning_tokens),
+        ):
+            if value:
+                attributes[name] = value
         if self.citizen_id is not None:
             attributes["action.citizen_id"] = self.citizen_id
         cost = self.estimated_cost_usd

@@ -105,12 +105,15 @@ def _effective_from(value: datetime | None) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """USD per 1M input and output tokens of `model`, in force from `effective_from` on."""
+    """USD per 1M input, output and cached input tokens of `model`, in force from `effective_from` on."""
 
     model: str
     input_per_1m: Decimal
     output_per_1m: Decimal
     effective_from: datetime
+    cache_read_per_1m: Decimal | None = None
+    """USD per 1M input tokens read from the prompt cache; None: the input price."""
+    cache_write_per_1m: Decimal | None = None
 
     @classmethod
     def of(
@@ -119,12 +122,21 @@ class ModelPrice:
         input_per_1m: float | int | str | Decimal,
         output_per_1m: float | int | str | Decimal,
         effective_from: datetime | None = None,
+        *,
+        cache_read_per_1m: float | int | str | Decimal | None = None,
+        cache_write_per_1m: float | int | str | Decimal | None = None,
     ) -> ModelPrice:
         return cls(
             model=check_model(model, InvalidPrice),
             input_per_1m=_checked_price("input_per_1m", input_per_1m),
             output_per_1m=_checked_price("output_per_1m", output_per_1m),
             effective_from=_effective_from(effective_from),
+            cache_read_per_1m=None
+            if cache_read_per_1m is None
+            else _checked_price("cache_read_per_1m", cache_read_per_1m),
+            cache_write_per_1m=None
+            if cache_write_per_1m is None
+            else _checked_price("cache_write_per_1m", cache_write_per_1m),
         )
 
 

@@ -100,6 +100,9 @@ def metric_from_row(row: Row[Any]) -> ActionMetric:
         timestamp=row.timestamp,
         metadata=row._mapping["metadata"],
         id=row.id,
+        cache_read_tokens=row.cache_read_tokens,
+        cache_write_tokens=row.cache_write_tokens,
+        reasoning_tokens=row.reasoning_tokens,
     )
 
 
@@ -119,6 +122,9 @@ def metric_rows(metrics: Sequence[ActionMetric]) -> list[dict[str, Any]]:
             "latency_ms": metric.latency_ms,
             "credits_charged": metric.credits_charged,
             "metadata": metric.metadata,
+            "cache_read_tokens": metric.cache_read_tokens,
+            "cache_write_tokens": metric.cache_write_tokens,
+            "reasoning_tokens": metric.reasoning_tokens,
         }
         for metric in metrics
     ]

@@ -238,18 +238,15 @@ class MetricsRepository:
     async def set_model_price(self, price: ModelPrice) -> None:
         """Insert, or replace the price of the same model from the same instant. A new price that
         begins inside a closed bucket splits it: the bucket's rows are summed again from raw rows."""
+        prices = ("input_per_1m", "output_per_1m", "cache_read_per_1m", "cache_write_per_1m")
         statement = self.backend.insert(model_prices).values(
             model=price.model,
             effective_from=price.effective_from,
-            input_per_1m=price.input_per_1m,
-            output_per_1m=price.output_per_1m,
+            **{name: getattr(price, name) for name in prices},
         )
         statement = statement.on_conflict_do_update(
             index_elements=["model", "effective_from"],
-            set_={
-                "input_per_1m": statement.excluded.input_per_1m,
-                "output_per_1m": statement.excluded.output_per_1m,
-            },
+            set_={name: statement.excluded[name] for name in prices},
         )
         existing = select(model_prices.c.id).where(
             model_prices.c.model == price.model, model_prices.c.effective_from == price.effective_from

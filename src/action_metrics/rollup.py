@@ -192,7 +192,7 @@ def raw_sums(rows: Any) -> dict[str, ColumnElement[Any]]:
         f"{tokens}_per_credit": case(
             (credited, cast(c[tokens], Double) / c.credits_charged), else_=literal(0.0, Double)
         )
-        for tokens in ("tokens_in", "tokens_out")
+        for tokens in PRICED_TOKENS
     }
     return {
         "count": literal(1, BigInteger),
@@ -200,9 +200,16 @@ def raw_sums(rows: Any) -> dict[str, ColumnElement[Any]]:
         "tokens_out": c.tokens_out,
         "credits_charged": c.credits_charged,
         "latency_ms_sum": c.latency_ms,
+        "cache_read_tokens": c.cache_read_tokens,
+        "cache_write_tokens": c.cache_write_tokens,
+        "reasoning_tokens": c.reasoning_tokens,
         "credited_count": case((credited, 1), else_=0),
         **per_credit,
     }
+
+
+PRICED_TOKENS: Final = ("tokens_in", "tokens_out", "cache_read_tokens", "cache_write_tokens")
+"""The token counts a price applies to (reasoning tokens are priced as the output they are part of)."""
 
 
 SUM_COLUMNS: Final = tuple(raw_sums(action_metrics))

@@ -98,6 +98,10 @@ class ActionMetricRow(Base):
     latency_ms: Mapped[float] = mapped_column(Double(), nullable=False)
     credits_charged: Mapped[int] = mapped_column(BigInteger(), nullable=False)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON_DOCUMENT, nullable=False)
+    # The GenAI conventions' token kinds, parts of tokens_in and tokens_out (0.2).
+    cache_read_tokens: Mapped[int] = mapped_column(BigInteger(), nullable=False, server_default="0")
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger(), nullable=False, server_default="0")
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger(), nullable=False, server_default="0")
 
     __table_args__ = (
         # Every filter of query()/aggregate() is an equality plus a time range, newest first.
@@ -120,6 +124,9 @@ class ModelPriceRow(Base):
     effective_from: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     input_per_1m: Mapped[Decimal] = mapped_column(PRICE, nullable=False)
     output_per_1m: Mapped[Decimal] = mapped_column(PRICE, nullable=False)
+    cache_read_per_1m: Mapped[Decimal | None] = mapped_column(PRICE, nullable=True)
+    """USD per 1M input tokens read from the prompt cache; NULL: the input price."""
+    cache_write_per_1m: Mapped[Decimal | None] = mapped_column(PRICE, nullable=True)
 
     __table_args__ = (Index(None, "model", "effective_from", unique=True),)
 
@@ -145,12 +152,17 @@ class RollupSums:
     tokens_out: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
     credits_charged: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False)
     latency_ms_sum: Mapped[float] = mapped_column(Double(), nullable=False)
+    cache_read_tokens: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False, server_default="0")
+    cache_write_tokens: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False, server_default="0")
+    reasoning_tokens: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False, server_default="0")
     credited_count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
     """Actions with credits > 0: those that can have a margin."""
     tokens_in_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
     """The sum of tokens_in / credits_charged over credited actions; with the prices it gives the
     sum of per-action margins (avg_margin) without the rows."""
     tokens_out_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
+    cache_read_tokens_per_credit: Mapped[float] = mapped_column(Double(), nullable=False, server_default="0")
+    cache_write_tokens_per_credit: Mapped[float] = mapped_column(Double(), nullable=False, server_default="0")
 
 
 class RollupRow(RollupSums, Base):
@@ -268,6 +280,8 @@ model_price_periods = Table(
     Column("effective_until", UTCDateTime()),
     Column("input_per_1m", PRICE),
     Column("output_per_1m", PRICE),
+    Column("cache_read_per_1m", PRICE),
+    Column("cache_write_per_1m", PRICE),
 )
 
 credit_price_periods = Table(
@@ -288,6 +302,8 @@ action_metrics_priced = Table(
     Column("priced", Boolean()),
     Column("input_per_1m", PRICE),
     Column("output_per_1m", PRICE),
+    Column("cache_read_per_1m", PRICE),
+    Column("cache_write_per_1m", PRICE),
     Column("usd_per_credit", PRICE),
 )
 
@@ -303,6 +319,9 @@ def _bucket_view(name: str, bucket: Column[Any], dimensions: tuple[str, ...]) ->
         Column("tokens_in", BigInteger()),
         Column("tokens_out", BigInteger()),
         Column("credits_charged", BigInteger()),
+        Column("cache_read_tokens", BigInteger()),
+        Column("cache_write_tokens", BigInteger()),
+        Column("reasoning_tokens", BigInteger()),
         Column("cost_usd", MONEY),
         Column("revenue_usd", MONEY),
         Column("unpriced_count", BigInteger()),

@@ -245,9 +245,20 @@ class AsyncMetricsStore:
         input_per_1m: Amount,
         output_per_1m: Amount,
         effective_from: datetime | None = None,
+        *,
+        cache_read_per_1m: Amount | None = None,
+        cache_write_per_1m: Amount | None = None,
     ) -> None:
-        """Price `model` from `effective_from` (default now) until its next price."""
-        price = ModelPrice.of(model, input_per_1m, output_per_1m, effective_from)
+        """Price `model` from `effective_from` (default now) until its next price. A cache price left
+        out means the input price for those tokens."""
+        price = ModelPrice.of(
+            model,
+            input_per_1m,
+            output_per_1m,
+            effective_from,
+            cache_read_per_1m=cache_read_per_1m,
+            cache_write_per_1m=cache_write_per_1m,
+        )
         await (await self._open()).set_model_price(price)
 
     async def set_credit_price(self, usd_per_credit: Amount, effective_from: datetime | None = None) -> None:
@@ -450,8 +461,20 @@ class MetricsStore:
         input_per_1m: Amount,
         output_per_1m: Amount,
         effective_from: datetime | None = None,
+        *,
+        cache_read_per_1m: Amount | None = None,
+        cache_write_per_1m: Amount | None = None,
     ) -> None:
-        self._call(self._store.set_model_price(model, input_per_1m, output_per_1m, effective_from))
+        self._call(
+            self._store.set_model_price(
+                model,
+                input_per_1m,
+                output_per_1m,
+                effective_from,
+                cache_read_per_1m=cache_read_per_1m,
+                cache_write_per_1m=cache_write_per_1m,
+            )
+        )
 
     def set_credit_price(self, usd_per_credit: Amount, effective_from: datetime | None = None) -> None:
         self._call(self._store.set_credit_price(usd_per_credit, effective_from))

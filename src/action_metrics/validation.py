@@ -81,6 +81,29 @@ def check_count(field_name: str, value: object) -> int:
     return int(value)
 
 
+def check_token_kinds(
+    tokens_in: int, tokens_out: int, cache_read: object, cache_write: object, reasoning: object
+) -> tuple[int, int, int]:
+    """The token kinds of the OpenTelemetry GenAI conventions, which are parts of the totals: cache reads
+    and writes of `tokens_in`, reasoning of `tokens_out`."""
+    cache_read = check_count("cache_read_tokens", cache_read)
+    cache_write = check_count("cache_write_tokens", cache_write)
+    reasoning = check_count("reasoning_tokens", reasoning)
+    if cache_read + cache_write > tokens_in:
+        field = "cache_read_tokens" if cache_read > tokens_in else "cache_write_tokens"
+        raise InvalidMetric(
+            field,
+            f"cache reads ({cache_read}) and writes ({cache_write}) are part of tokens_in ({tokens_in}) "
+            "and cannot exceed it (totals are inclusive, as in the OpenTelemetry GenAI conventions)",
+        )
+    if reasoning > tokens_out:
+        raise InvalidMetric(
+            "reasoning_tokens",
+            f"reasoning tokens ({reasoning}) are part of tokens_out ({tokens_out}) and cannot exceed it",
+        )
+    return cache_read, cache_write, reasoning
+
+
 def check_latency(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidMetric("latency_ms", f"expected a number, got {type(value).__name__}")
