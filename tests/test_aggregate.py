@@ -38,8 +38,12 @@ def _book() -> PriceBook:
         model: [(BEGINNING_OF_TIME, Decimal(str(i)), Decimal(str(o)))]
         for model, (i, o) in MODEL_COSTS_PER_1M.items()
     }
-    models["sonnet"].append((SONNET_CHEAPER, Decimal("2.5"), Decimal("12.5")))
-    models["openai/gpt-4o-mini"] = [(MINI_PRICED, Decimal("0.15"), Decimal("0.6"))]
+    # The cheaper sonnet prices its prompt cache (reads at a tenth, writes at 1.25x the input price);
+    # gpt-4o-mini prices cache reads only (writes at the input price).
+    models["sonnet"].append(
+        (SONNET_CHEAPER, Decimal("2.5"), Decimal("12.5"), Decimal("0.25"), Decimal("3.125"))
+    )
+    models["openai/gpt-4o-mini"] = [(MINI_PRICED, Decimal("0.15"), Decimal("0.6"), Decimal("0.075"), None)]
     credits = [(BEGINNING_OF_TIME, Decimal("0.006")), (CREDITS_CHEAPER, Decimal("0.0045"))]
     return PriceBook(models, credits)
 
@@ -50,14 +54,20 @@ def _metrics() -> list[ActionMetric]:
     metrics = []
     for _ in range(COUNT):
         action_type = rng.choice(action_types)
+        tokens_in = rng.choice([0, rng.randint(1, 5000), rng.randint(10_000, 2_000_000)])
+        tokens_out = rng.randint(0, 4000)
+        cache_read = rng.choice([0, rng.randint(0, tokens_in)])  # prompt caching on some calls
         metrics.append(
             ActionMetric(
                 action_type=action_type,
                 user_id=rng.choice(USERS),
                 town_id=rng.choice(TOWNS),
                 citizen_id=rng.choice([None, *(f"citizen-{i}" for i in range(8))]),
-                tokens_in=rng.choice([0, rng.randint(1, 5000), rng.randint(10_000, 2_000_000)]),
-                tokens_out=rng.randint(0, 4000),
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+                cache_read_tokens=cache_read,
+                cache_write_tokens=rng.choice([0, 0, tokens_in - cache_read]),
+                reasoning_tokens=rng.choice([0, rng.randint(0, tokens_out)]),
                 model=rng.choice(MODELS),
                 # Ties, sub-millisecond template calls and a long tail.
                 latency_ms=rng.choice([0.25, 1, 120, rng.uniform(0, 5), rng.lognormvariate(5, 1)]),
@@ -87,8 +97,10 @@ def dataset(backend) -> Iterator[Dataset]:
     url = backend.migrated()
     metrics = _metrics()
     with MetricsStore(url) as store:
-        store.set_model_price("sonnet", "2.5", "12.5", effective_from=SONNET_CHEAPER)
-        store.set_model_price("openai/gpt-4o-mini", 0.15, 0.6, effective_from=MINI_PRICED)
+        store.set_model_price(
+            "sonnet", "2.5", "12.5", SONNET_CHEAPER, cache_read_per_1m="0.25", cache_write_per_1m="3.125"
+        )
+        store.set_model_price("openai/gpt-4o-mini", 0.15, 0.6, MINI_PRICED, cache_read_per_1m=0.075)
         store.set_credit_price(Decimal("0.0045"), effective_from=CREDITS_CHEAPER)
         for start in range(0, len(metrics), 500):
             store.emit_many(metrics[start : start + 500])

@@ -41,6 +41,13 @@ def varied_metrics(count: int, start: datetime = NOW, *, extremes: bool = True) 
         {"latency_ms": 0.0},
         {"latency_ms": 0.000123},
         {"latency_ms": MAX_LATENCY_MS},
+        {
+            "tokens_in": 900,
+            "cache_read_tokens": 600,
+            "cache_write_tokens": 300,
+            "tokens_out": 7,
+            "reasoning_tokens": 7,
+        },
         {"user_id": 'o\'brien "quoted" \\ % _ ; --', "citizen_id": None},
         {"town_id": "町-ü-😀", "metadata": {"text": "é 😀 \u2028", "list": [1, 2.5, None, True, "x"]}},
         {"metadata": {"nested": {"deeper": {"value": -0.0, "big": 12345678901234567890}}}},

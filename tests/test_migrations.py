@@ -253,10 +253,7 @@ async def _views(repository: MetricsRepository, views: list[tuple[str, str]]) ->
     snapshot: dict[str, Any] = {}
     async with repository.engine.connect() as connection:
         snapshot["revision"] = await migrate.revision_of(connection)
-        snapshot["rows"] = [
-            metric_from_row(row)
-            for row in await connection.execute(_every_action())
-        ]
+        snapshot["rows"] = [metric_from_row(row) for row in await connection.execute(_every_action())]
         for view, order in views:
             rows = await connection.execute(text(f"SELECT * FROM {view} ORDER BY {order}"))
             snapshot[view] = [dict(row) for row in rows.mappings()]

@@ -81,6 +81,10 @@ LOD4_ON_SONNET: dict[str, Any] = {
         ("metadata", {"big": "x" * (64 * 1024)}),
         ("metadata", {"set": {1, 2}}),
         ("id", "not-a-uuid"),
+        ("cache_read_tokens", -1),
+        ("cache_read_tokens", 1.0),
+        ("cache_write_tokens", True),
+        ("reasoning_tokens", 2**63),
     ],
 )
 def test_bad_input_is_refused_naming_the_field(field: str, value: Any) -> None:
@@ -172,6 +176,37 @@ def test_to_dict_is_json_safe_and_round_trips_the_fields() -> None:
     assert data["total_tokens"] == 800
     for key, value in {**METRIC_FIELDS, **LOD4_ON_SONNET}.items():
         assert data[key] == value
+
+
+@pytest.mark.parametrize(
+    ("kinds", "field"),
+    [
+        ({"cache_read_tokens": 501}, "cache_read_tokens"),
+        ({"cache_write_tokens": 501}, "cache_write_tokens"),
+        ({"cache_read_tokens": 300, "cache_write_tokens": 201}, "cache_write_tokens"),
+        ({"reasoning_tokens": 301}, "reasoning_tokens"),
+    ],
+)
+def test_token_kinds_are_parts_of_the_totals(kinds: dict[str, int], field: str) -> None:
+    # Inclusive totals, as in the OpenTelemetry GenAI conventions: 500 in, 300 out.
+    with pytest.raises(InvalidMetric, match=f"^{field}:.*tokens_") as raised:
+        metric(**LOD4_ON_SONNET, **kinds)
+    assert raised.value.field == field
+    whole = metric(**LOD4_ON_SONNET, cache_read_tokens=300, cache_write_tokens=200, reasoning_tokens=300)
+    assert (whole.cache_read_tokens, whole.cache_write_tokens, whole.reasoning_tokens) == (300, 200, 300)
+    assert metric(**LOD4_ON_SONNET).cache_read_tokens == 0  # none by default
+
+
+def test_token_kinds_go_out_as_the_genai_usage_attributes() -> None:
+    action = metric(**LOD4_ON_SONNET, cache_read_tokens=120, cache_write_tokens=30, reasoning_tokens=64)
+    attributes = action.to_otel_span()
+    assert attributes["gen_ai.usage.cache_read.input_tokens"] == 120
+    assert attributes["gen_ai.usage.cache_write.input_tokens"] == 30
+    assert attributes["gen_ai.usage.reasoning.output_tokens"] == 64
+    assert attributes["gen_ai.usage.input_tokens"] == 500  # inclusive
+    data = json.loads(json.dumps(action.to_dict()))
+    assert (data["cache_read_tokens"], data["cache_write_tokens"], data["reasoning_tokens"]) == (120, 30, 64)
+    assert "gen_ai.usage.cache_read.input_tokens" not in metric(**LOD4_ON_SONNET).to_otel_span()
 
 
 def test_otel_attributes_follow_the_genai_conventions() -> None:

@@ -227,6 +227,26 @@ def test_a_genai_span_becomes_a_stored_metric(store: MetricsStore, app) -> None:
     assert processor.recorded == 1
 
 
+@pytest.mark.parametrize("cache_write_name", ["cache_write", "cache_creation"])
+def test_a_genai_spans_token_kinds_are_stored(store: MetricsStore, app, cache_write_name: str) -> None:
+    provider, processor, _ = app
+    with provider.get_tracer("genai").start_as_current_span("chat claude") as span:
+        span.set_attributes(
+            {
+                "gen_ai.request.model": "claude-sonnet-4-5",
+                "gen_ai.usage.input_tokens": 2_000,  # inclusive, as the conventions define them
+                "gen_ai.usage.output_tokens": 300,
+                "gen_ai.usage.cache_read.input_tokens": 1_500,
+                f"gen_ai.usage.{cache_write_name}.input_tokens": 400,
+                "gen_ai.usage.reasoning.output_tokens": 120,
+            }
+        )
+    processor.force_flush()
+    [metric] = store.query()
+    assert (metric.cache_read_tokens, metric.cache_write_tokens, metric.reasoning_tokens) == (1_500, 400, 120)
+    assert (metric.tokens_in, metric.tokens_out) == (2_000, 300)
+
+
 def test_spans_without_genai_attributes_are_ignored(store: MetricsStore, app) -> None:
     provider, processor, _ = app
     tracer = provider.get_tracer("web")

@@ -40,7 +40,7 @@ MODELS = ["haiku", "sonnet", "opus", "template", "mystery"]
 
 
 def _book(
-    extra_models: dict[str, list[tuple[datetime, str, str]]] | None = None,
+    extra_models: dict[str, list[tuple[Any, ...]]] | None = None,
     extra_credits: list[tuple[datetime, str]] | None = None,
 ) -> PriceBook:
     models = {
@@ -48,7 +48,7 @@ def _book(
         for model, (i, o) in MODEL_COSTS_PER_1M.items()
     }
     for model, prices in (extra_models or {}).items():
-        models.setdefault(model, []).extend((at, Decimal(i), Decimal(o)) for at, i, o in prices)
+        models.setdefault(model, []).extend((at, *(Decimal(price) for price in rest)) for at, *rest in prices)
     credits = [(BEGINNING_OF_TIME, Decimal("0.006"))]
     credits += [(at, Decimal(usd)) for at, usd in extra_credits or []]
     return PriceBook(models, credits)
@@ -68,6 +68,11 @@ def _metric(rng: random.Random, at: datetime, **fields: Any) -> ActionMetric:
         "timestamp": at,
     }
     values.update(fields)
+    tokens_in, tokens_out = values["tokens_in"], values["tokens_out"]
+    cache_read = rng.choice([0, rng.randint(0, tokens_in)])
+    values.setdefault("cache_read_tokens", cache_read)
+    values.setdefault("cache_write_tokens", rng.choice([0, tokens_in - cache_read]))
+    values.setdefault("reasoning_tokens", rng.choice([0, rng.randint(0, tokens_out)]))
     return ActionMetric(**values)
 
 
@@ -147,11 +152,11 @@ def test_a_price_set_afterwards_inside_closed_buckets_reprices_them(database_url
     ]
     with MetricsStore(database_url) as store:
         store.emit_many(metrics)
-        store.set_model_price("sonnet", "2.5", "12.5", effective_from=sonnet_cheaper)
+        store.set_model_price("sonnet", "2.5", "12.5", sonnet_cheaper, cache_read_per_1m="0.25")
         store.set_credit_price("0.0075", effective_from=credits_dearer)
         store.set_model_price("mystery", "1", "2", effective_from=mystery_priced)
         book = _book(
-            {"sonnet": [(sonnet_cheaper, "2.5", "12.5")], "mystery": [(mystery_priced, "1", "2")]},
+            {"sonnet": [(sonnet_cheaper, "2.5", "12.5", "0.25")], "mystery": [(mystery_priced, "1", "2")]},
             [(credits_dearer, "0.0075")],
         )
         for window in WINDOWS:

@@ -63,7 +63,7 @@ def _book(now: datetime) -> PriceBook:
     models = {
         m: [(BEGINNING_OF_TIME, Decimal(str(i)), Decimal(str(o)))] for m, (i, o) in MODEL_COSTS_PER_1M.items()
     }
-    models["sonnet"].append((_sonnet_cheaper(now), Decimal("2.5"), Decimal("12.5")))
+    models["sonnet"].append((_sonnet_cheaper(now), Decimal("2.5"), Decimal("12.5"), Decimal("0.25"), None))
     return PriceBook(models, [(BEGINNING_OF_TIME, Decimal("0.006"))])
 
 
@@ -85,8 +85,11 @@ def _metrics(now: datetime) -> list[ActionMetric]:
                 user_id=f"user-{i % 7}",
                 town_id=rng.choice(["town-a", "town-b"]),
                 citizen_id=None,
-                tokens_in=rng.randint(0, 3000),
-                tokens_out=rng.randint(0, 1500),
+                tokens_in=(tokens_in := rng.randint(0, 3000)),
+                tokens_out=(tokens_out := rng.randint(0, 1500)),
+                cache_read_tokens=(cache_read := rng.choice([0, rng.randint(0, tokens_in)])),
+                cache_write_tokens=rng.choice([0, tokens_in - cache_read]),
+                reasoning_tokens=rng.choice([0, rng.randint(0, tokens_out)]),
                 model=rng.choice(["haiku", "sonnet", "opus", "template", "unpriced-x"]),
                 latency_ms=rng.choice([0.5, 100.0, rng.uniform(1, 900)]),
                 credits_charged=rng.choice([0, 10, 100, 400]),
@@ -102,7 +105,7 @@ def town(backend) -> Iterator[tuple[str, MetricsStore, list[ActionMetric], datet
     now = datetime.now(UTC)
     metrics = _metrics(now)
     with MetricsStore(url) as store:
-        store.set_model_price("sonnet", "2.5", "12.5", effective_from=_sonnet_cheaper(now))
+        store.set_model_price("sonnet", "2.5", "12.5", _sonnet_cheaper(now), cache_read_per_1m="0.25")
         store.emit_many(metrics)
         yield url, store, metrics, now
     backend.drop(url)
@@ -168,6 +171,8 @@ def test_bucketed_views_match_the_reference_per_bucket_and_group(
         assert row["tokens_in"] == sum(m.tokens_in for m in chosen)
         assert row["tokens_out"] == sum(m.tokens_out for m in chosen)
         assert row["credits_charged"] == sum(m.credits_charged for m in chosen)
+        for kind in ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens"):
+            assert row[kind] == sum(getattr(m, kind) for m in chosen)
         assert row["unpriced_count"] == sum(c is None for c in costs)
         assert abs(Decimal(str(row["cost_usd"])) - sum((c for c in costs if c), Decimal(0))) < Decimal("1e-9")
         assert abs(Decimal(str(row["revenue_usd"])) - sum(revenue(m, book) for m in chosen)) < Decimal("1e-9")

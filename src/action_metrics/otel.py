@@ -120,6 +120,15 @@ def _exporter_from_environment() -> SpanExporter | None:
 _INPUT_TOKENS: Final = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
 _OUTPUT_TOKENS: Final = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")
 _MODELS: Final = ("gen_ai.response.model", "gen_ai.request.model")
+_CACHE_READ_TOKENS: Final = ("gen_ai.usage.cache_read.input_tokens",)
+_CACHE_WRITE_TOKENS: Final = (
+    "gen_ai.usage.cache_write.input_tokens",
+    "gen_ai.usage.cache_creation.input_tokens",
+)
+_REASONING_TOKENS: Final = ("gen_ai.usage.reasoning.output_tokens",)
+"""The GenAI conventions' token kinds, parts of the input and output totals (the older
+`cache_creation` name too). Instrumentations that report a provider's exclusive counts instead
+(Anthropic's input_tokens leave the cached ones out) are not reconciled here yet."""
 _GEN_AI_KEYS: Final = frozenset((*_INPUT_TOKENS, *_OUTPUT_TOKENS, *_MODELS))
 _OWN_SPAN: Final = "action.id"
 """Set on the spans `@instrument_action` makes: the decorator has stored those metrics already."""
@@ -208,6 +217,9 @@ class ActionMetricsSpanProcessor(SpanProcessor):
             citizen_id=_text(attributes.get(self.citizen_id_attribute)),
             tokens_in=_first(attributes, _INPUT_TOKENS, 0),
             tokens_out=_first(attributes, _OUTPUT_TOKENS, 0),
+            cache_read_tokens=_first(attributes, _CACHE_READ_TOKENS, 0),
+            cache_write_tokens=_first(attributes, _CACHE_WRITE_TOKENS, 0),
+            reasoning_tokens=_first(attributes, _REASONING_TOKENS, 0),
             model=_first(attributes, _MODELS, UNKNOWN_MODEL),
             latency_ms=(end - start) / 1e6,
             credits_charged=credits,  # type: ignore[arg-type] # checked by ActionMetric
