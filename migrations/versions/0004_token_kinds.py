@@ -45,7 +45,9 @@ def upgrade() -> None:
     with grants_kept(VIEWS):
         drop_views(reversed(VIEWS))
         for kind in TOKEN_KINDS:
-            op.add_column("action_metrics", sa.Column(kind, sa.BigInteger(), nullable=False, server_default="0"))
+            op.add_column(
+                "action_metrics", sa.Column(kind, sa.BigInteger(), nullable=False, server_default="0")
+            )
         for table in ROLLUPS:
             for kind in TOKEN_KINDS:
                 op.add_column(table, sa.Column(kind, TOKEN_SUM, nullable=False, server_default="0"))
