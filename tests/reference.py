@@ -86,7 +86,9 @@ def percentile(values: list[float], fraction: float) -> float | None:
 
 
 def expected_aggregate(metrics: list[ActionMetric], book: PriceBook) -> dict[str, Any]:
+    """The aggregate's figures; latency percentiles describe the successful actions only."""
     latencies = [m.latency_ms for m in metrics]
+    succeeded = [m.latency_ms for m in metrics if m.error is None]
     costs = [cost(m, book) for m in metrics]
     revenues = [revenue(m, book) for m in metrics]
     total_cost = sum((c for c in costs if c is not None), Decimal(0))
@@ -100,7 +102,7 @@ def expected_aggregate(metrics: list[ActionMetric], book: PriceBook) -> dict[str
             "count": len(chosen),
             "total_tokens": sum(m.total_tokens for m, _ in chosen),
             "avg_latency_ms": statistics.fmean(model_latencies),
-            "p95_latency_ms": percentile(model_latencies, 0.95),
+            "p95_latency_ms": percentile([m.latency_ms for m, _ in chosen if m.error is None], 0.95),
             "total_cost_usd": sum((c for _, c in chosen if c is not None), Decimal(0)),
             "unpriced_count": sum(1 for _, c in chosen if c is None),
         }
@@ -114,15 +116,16 @@ def expected_aggregate(metrics: list[ActionMetric], book: PriceBook) -> dict[str
         "cache_write_tokens": sum(m.cache_write_tokens for m in metrics),
         "reasoning_tokens": sum(m.reasoning_tokens for m in metrics),
         "avg_latency_ms": statistics.fmean(latencies) if latencies else None,
-        "p50_latency_ms": percentile(latencies, 0.50),
-        "p95_latency_ms": percentile(latencies, 0.95),
-        "p99_latency_ms": percentile(latencies, 0.99),
+        "p50_latency_ms": percentile(succeeded, 0.50),
+        "p95_latency_ms": percentile(succeeded, 0.95),
+        "p99_latency_ms": percentile(succeeded, 0.99),
         "total_cost_usd": total_cost,
         "total_revenue_usd": total_revenue,
         "total_profit_usd": total_revenue - total_cost,
         "avg_margin": sum(margins, Decimal(0)) / len(margins) if margins else None,
         "gross_margin": (total_revenue - total_cost) / total_revenue if total_revenue else None,
         "unpriced_count": sum(1 for c in costs if c is None),
+        "error_count": sum(1 for m in metrics if m.error is not None),
         "by_model": by_model,
     }
 

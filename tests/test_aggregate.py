@@ -68,6 +68,7 @@ def _metrics() -> list[ActionMetric]:
                 cache_read_tokens=cache_read,
                 cache_write_tokens=rng.choice([0, 0, tokens_in - cache_read]),
                 reasoning_tokens=rng.choice([0, rng.randint(0, tokens_out)]),
+                error=rng.choice([None] * 9 + ["TimeoutError"]),  # 1 in 10 failed
                 model=rng.choice(MODELS),
                 # Ties, sub-millisecond template calls and a long tail.
                 latency_ms=rng.choice([0.25, 1, 120, rng.uniform(0, 5), rng.lognormvariate(5, 1)]),

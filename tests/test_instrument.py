@@ -107,7 +107,7 @@ def test_a_failing_call_charges_nothing_and_reraises_the_same_exception(store: M
     assert caught.value is raised
     [metric] = store.query()
     assert metric.credits_charged == 0
-    assert metric.metadata == {"error": "LookupError"}
+    assert (metric.error, metric.metadata) == ("LookupError", {"error": "LookupError"})
     assert (metric.tokens_in, metric.tokens_out) == (0, 0)
     [span] = spans.get_finished_spans()
     assert span.status.status_code is StatusCode.ERROR
@@ -125,7 +125,11 @@ async def test_a_failing_async_call_is_recorded_the_same_way(database_url: str, 
         with pytest.raises(TimeoutError, match="model did not answer"):
             await force("u", "t")
         [metric] = await store.query()
-    assert (metric.credits_charged, metric.metadata) == (0, {"error": "TimeoutError"})
+    assert (metric.credits_charged, metric.error, metric.metadata) == (
+        0,
+        "TimeoutError",
+        {"error": "TimeoutError"},
+    )
     assert spans.get_finished_spans()[0].status.status_code is StatusCode.ERROR
 
 

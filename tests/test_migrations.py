@@ -6,6 +6,8 @@ The `db` commands run in this process (see test_cli.py for their errors and one 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import math
 import random
 from datetime import UTC, datetime, timedelta
@@ -16,7 +18,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import run_cli
-from sqlalchemy import Connection, insert, inspect, literal, select, text
+from sqlalchemy import Connection, insert, inspect, literal, null, select, text
 
 from action_metrics import ActionMetric, MetricsStore, SchemaOutOfDate, migrate
 from action_metrics.dialects import backend_for
@@ -185,10 +187,18 @@ def _data() -> list[ActionMetric]:
             latency_ms=rng.lognormvariate(5, 1),
             credits_charged=rng.choice([0, 10, 100, 400]),
             timestamp=START + timedelta(seconds=rng.uniform(0, 30 * 86400)),
-            metadata={"n": rng.randrange(1000), "tag": rng.choice(["a", "b", None])},
+            # 0.1 recorded a failure in the metadata; 0004 moves it to `error`.
+            metadata={"n": rng.randrange(1000), "tag": rng.choice(["a", "b", None])}
+            | rng.choice([{}, {}, {}, {"error": "TimeoutError"}]),
         )
         for _ in range(DATA_ROWS - len(at_boundaries))
     ]
+
+
+def _as_at_head(metric: ActionMetric) -> ActionMetric:
+    """The metric as head reads it: the metadata's `error` is the metric's `error`."""
+    error = metric.metadata.get("error")
+    return metric if error is None else dataclasses.replace(metric, error=error)
 
 
 def _at_revision(url: str, action: Any) -> Any:
@@ -219,8 +229,8 @@ UPGRADE_TO_HEAD = migrate.upgrade_to("head")
 
 async def _fill_as_a_sql_client(repository: MetricsRepository) -> None:
     async with repository.engine.begin() as connection:
-        # 0001's columns: the token kinds came with 0004 (and are 0 here).
-        rows = [{k: v for k, v in row.items() if k not in TOKEN_KINDS} for row in metric_rows(_data())]
+        # 0001's columns: the token kinds and `error` came with 0004 (errors were in the metadata).
+        rows = [{k: v for k, v in row.items() if k not in NEW_IN_0004} for row in metric_rows(_data())]
         await connection.execute(insert(action_metrics), rows)
         for price in PRICE_CHANGES:
             await connection.execute(
@@ -240,20 +250,30 @@ async def _fill_as_a_sql_client(repository: MetricsRepository) -> None:
 
 
 TOKEN_KINDS = ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+NEW_IN_0004 = (*TOKEN_KINDS, "error")
 
 
-def _every_action() -> Any:
-    """Every stored action, at any revision: the token kinds (0004) read as 0 where the columns are not."""
-    columns = [column for column in action_metrics.c if column.name not in TOKEN_KINDS]
-    kinds = [literal(0).label(kind) for kind in TOKEN_KINDS]
-    return select(*columns, *kinds).order_by(action_metrics.c.id)
+def _every_action(at_head: bool) -> Any:
+    """Every stored action. Before 0004 its token kinds read as 0 and its error as none (it is in
+    the metadata, where `_as_at_head` finds it)."""
+    if at_head:
+        return select(action_metrics).order_by(action_metrics.c.id)
+    columns = [column for column in action_metrics.c if column.name not in NEW_IN_0004]
+    added = [*(literal(0).label(kind) for kind in TOKEN_KINDS), null().label("error")]
+    return select(*columns, *added).order_by(action_metrics.c.id)
 
 
-async def _views(repository: MetricsRepository, views: list[tuple[str, str]]) -> dict[str, Any]:
+async def _views(
+    repository: MetricsRepository, views: list[tuple[str, str]], *, at_head: bool
+) -> dict[str, Any]:
+    """The rows, as head reads them whatever the revision, and `views` row by row."""
     snapshot: dict[str, Any] = {}
     async with repository.engine.connect() as connection:
         snapshot["revision"] = await migrate.revision_of(connection)
-        snapshot["rows"] = [metric_from_row(row) for row in await connection.execute(_every_action())]
+        rows = await connection.execute(_every_action(at_head))
+        snapshot["rows"] = [metric_from_row(row) for row in rows]
+        if not at_head:
+            snapshot["rows"] = [_as_at_head(metric) for metric in snapshot["rows"]]
         for view, order in views:
             rows = await connection.execute(text(f"SELECT * FROM {view} ORDER BY {order}"))
             snapshot[view] = [dict(row) for row in rows.mappings()]
@@ -267,13 +287,13 @@ HOURLY = ("action_metrics_hourly", "hour, town_id, action_type, model")
 
 async def _raw_snapshot(repository: MetricsRepository) -> dict[str, Any]:
     """What a dashboard reads at any revision: the rows and the views of 0001."""
-    return await _views(repository, [PRICED, DAILY])
+    return await _views(repository, [PRICED, DAILY], at_head=False)
 
 
 async def _head_snapshot(repository: MetricsRepository) -> dict[str, Any]:
     """Everything a user or a dashboard can read at head: query(), aggregates (from the rollups
     and exact), and every view row by row."""
-    snapshot = await _views(repository, [PRICED, DAILY, HOURLY])
+    snapshot = await _views(repository, [PRICED, DAILY, HOURLY], at_head=True)
     snapshot["query"] = await repository.select(MetricFilter())
     for number, filters in enumerate(FILTERS):
         for exact in (False, True):
@@ -291,14 +311,27 @@ NEW_COLUMNS_ARE = {  # what the columns added since 0001 hold for actions stored
 }
 
 
+def _without(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [{column: value for column, value in row.items() if column not in columns} for row in rows]
+
+
+def _error_in(metadata: str | dict[str, Any]) -> Any:
+    """The error 0004 moved out of an action's metadata (JSON text on SQLite)."""
+    return (json.loads(metadata) if isinstance(metadata, str) else metadata).get("error")
+
+
 def _as_at(older: dict[str, Any], newer: dict[str, Any], view: str) -> list[dict[str, Any]]:
     """`newer`'s rows of `view` with only `older`'s columns, after checking what the others hold."""
     kept = set(older[view][0]) if older[view] else set()
     rows = []
     for row in newer[view]:
-        for column in set(row) - kept:
-            assert row[column] == NEW_COLUMNS_ARE[column], (view, column, row[column])
+        for column in set(row) - kept - {"error_count"}:
+            expected = _error_in(row["metadata"]) if column == "error" else NEW_COLUMNS_ARE[column]
+            assert row[column] == expected, (view, column, row[column])
         rows.append({column: value for column, value in row.items() if column in kept})
+    if newer[view] and "error_count" in set(newer[view][0]) - kept:  # every failed action, once
+        errors = sum(metric.error is not None for metric in newer["rows"])
+        assert sum(row["error_count"] for row in newer[view]) == errors > 0, view
     return rows
 
 
@@ -335,9 +368,13 @@ def test_data_written_at_the_first_revision_survives_upgrade_downgrade_and_upgra
     assert at_head["revision"] == head
     _assert_same(first["rows"], at_head["rows"], "rows")
     _assert_same(first["action_metrics_priced"], _as_at(first, at_head, "action_metrics_priced"), "priced")
-    # The daily view now answers from the rollups: the same numbers as 0001's over raw rows.
-    _assert_same(first["action_metrics_daily"], _as_at(first, at_head, "action_metrics_daily"), "daily")
-    book, data = _book(), _data()
+    # The daily view now answers from the rollups: the same numbers as 0001's over raw rows, but
+    # for the percentiles, which describe successful actions since 0004 (test_views checks them).
+    percentiles = ("p50_latency_ms", "p95_latency_ms")
+    daily = _as_at(first, at_head, "action_metrics_daily")
+    _assert_same(_without(first["action_metrics_daily"], percentiles), _without(daily, percentiles), "daily")
+    book, data = _book(), [_as_at_head(metric) for metric in _data()]
+    assert any(metric.error for metric in data)
     for number, filters in enumerate(FILTERS):
         expected = expected_aggregate(select_like_the_store(data, filters), book)
         for exact in (False, True):
@@ -365,7 +402,8 @@ def test_db_upgrade_builds_the_rollups_from_the_rows_already_stored(empty_databa
     with MetricsStore(url) as store:
         everything = store.aggregate()
     assert not everything.percentiles_exact  # answered from the rollups
-    assert_matches(everything.to_dict(), expected_aggregate(_data(), _book()))
+    assert everything.error_count > 0  # moved out of the metadata by 0004
+    assert_matches(everything.to_dict(), expected_aggregate([_as_at_head(m) for m in _data()], _book()))
     sql = run_cli("db", "upgrade", "--sql", "--url", url)
     assert "run: action-metrics db upgrade" in sql.stdout  # after the DBA's SQL, the build
 

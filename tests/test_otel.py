@@ -267,7 +267,11 @@ def test_a_failed_genai_call_charges_nothing(store: MetricsStore, app) -> None:
         span.set_status(Status(StatusCode.ERROR, "429"))
     processor.force_flush()
     [metric] = store.query()
-    assert (metric.credits_charged, metric.metadata["error"]) == (0, "RateLimitError")
+    assert (metric.credits_charged, metric.error, metric.metadata["error"]) == (
+        0,
+        "RateLimitError",
+        "RateLimitError",
+    )
     assert (metric.user_id, metric.town_id, metric.tokens_in) == ("anonymous", "unknown", 0)
 
 

@@ -73,6 +73,7 @@ def _metric(rng: random.Random, at: datetime, **fields: Any) -> ActionMetric:
     values.setdefault("cache_read_tokens", cache_read)
     values.setdefault("cache_write_tokens", rng.choice([0, tokens_in - cache_read]))
     values.setdefault("reasoning_tokens", rng.choice([0, rng.randint(0, tokens_out)]))
+    values.setdefault("error", rng.choice([None] * 7 + ["TimeoutError"]))
     return ActionMetric(**values)
 
 
@@ -331,7 +332,7 @@ def test_merged_percentiles_are_within_one_percent_over_decades_of_latency(datab
             store.emit_many(metrics[start : start + 300])
         for days in (1, 2, 3):
             since = START + timedelta(days=days, hours=days)
-            chosen = [m.latency_ms for m in metrics if m.timestamp >= since]
+            chosen = [m.latency_ms for m in metrics if m.timestamp >= since and m.error is None]
             got = store.aggregate(since=since)
             assert not got.percentiles_exact
             for fraction, value in [
@@ -346,7 +347,7 @@ def test_merged_percentiles_are_within_one_percent_over_decades_of_latency(datab
         exact = store.aggregate(exact=True)
         assert exact.percentiles_exact
         assert exact.p99_latency_ms == pytest.approx(
-            float(np.percentile([m.latency_ms for m in metrics], 99))
+            float(np.percentile([m.latency_ms for m in metrics if m.error is None], 99))
         )
 
 

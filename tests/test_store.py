@@ -253,10 +253,10 @@ def test_charges_are_audited_in_sql(store: MetricsStore) -> None:
     store.emit_many(
         [
             metric(**force, credits_charged=50),
-            metric(**force, credits_charged=50, metadata={"error": "Timeout"}),  # failed, yet charged
-            metric(**force, credits_charged=0, metadata={"error": "ConsentRefused"}),  # failed: exempt
-            metric(**force, credits_charged=0, metadata={"error": None}),  # the key is what counts
-            metric(**force, credits_charged=0, metadata={"errors": 1}),  # not failed: undercharged
+            metric(**force, credits_charged=50, error="Timeout"),  # failed, yet charged
+            metric(**force, credits_charged=0, error="ConsentRefused"),  # failed: exempt
+            metric(**force, credits_charged=0, error="ToolError"),  # failed: exempt
+            metric(**force, credits_charged=0, metadata={"error": "x"}),  # not failed: undercharged
             metric(**force, credits_charged=10),
             metric(**force, credits_charged=60, metadata={"nested": {"error": "x"}}),
             metric(**force, credits_charged=50, town_id="town-2"),

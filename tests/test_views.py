@@ -90,6 +90,7 @@ def _metrics(now: datetime) -> list[ActionMetric]:
                 cache_read_tokens=(cache_read := rng.choice([0, rng.randint(0, tokens_in)])),
                 cache_write_tokens=rng.choice([0, tokens_in - cache_read]),
                 reasoning_tokens=rng.choice([0, rng.randint(0, tokens_out)]),
+                error=rng.choice([None, None, None, "RateLimitError"]),
                 model=rng.choice(["haiku", "sonnet", "opus", "template", "unpriced-x"]),
                 latency_ms=rng.choice([0.5, 100.0, rng.uniform(1, 900)]),
                 credits_charged=rng.choice([0, 10, 100, 400]),
@@ -166,8 +167,10 @@ def test_bucketed_views_match_the_reference_per_bucket_and_group(
         moment = start if isinstance(start, datetime) else datetime.fromisoformat(str(start))
         chosen = groups[(key(moment.replace(tzinfo=UTC)), *(row[name] for name in dimensions))]
         latencies = [m.latency_ms for m in chosen]
+        succeeded = [m.latency_ms for m in chosen if m.error is None]
         costs = [cost(m, book) for m in chosen]
         assert row["count"] == len(chosen)
+        assert row["error_count"] == len(chosen) - len(succeeded)
         assert row["tokens_in"] == sum(m.tokens_in for m in chosen)
         assert row["tokens_out"] == sum(m.tokens_out for m in chosen)
         assert row["credits_charged"] == sum(m.credits_charged for m in chosen)
@@ -177,8 +180,9 @@ def test_bucketed_views_match_the_reference_per_bucket_and_group(
         assert abs(Decimal(str(row["cost_usd"])) - sum((c for c in costs if c), Decimal(0))) < Decimal("1e-9")
         assert abs(Decimal(str(row["revenue_usd"])) - sum(revenue(m, book) for m in chosen)) < Decimal("1e-9")
         assert row["avg_latency_ms"] == pytest.approx(statistics.fmean(latencies), rel=1e-12)
-        assert row["p50_latency_ms"] == pytest.approx(percentile(latencies, 0.5), rel=1e-12)
-        assert row["p95_latency_ms"] == pytest.approx(percentile(latencies, 0.95), rel=1e-12)
+        for column, fraction in (("p50_latency_ms", 0.5), ("p95_latency_ms", 0.95)):
+            want = percentile(succeeded, fraction)  # of the successful actions; none: NULL
+            assert row[column] == (None if want is None else pytest.approx(want, rel=1e-12))
 
 
 def test_average_lod3_latency_today(backend, database_url: str) -> None:

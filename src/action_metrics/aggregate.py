@@ -56,6 +56,8 @@ from action_metrics.schema import (
 
 PERCENTILES = {"p50_latency_ms": 0.50, "p95_latency_ms": 0.95, "p99_latency_ms": 0.99}
 TOKEN_KINDS = ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+COUNTED = (*TOKEN_KINDS, "error_count")
+"""Sums of the rollups passed through to `Aggregate` as they are."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,8 @@ class Aggregate:
     avg_margin: float | None
     gross_margin: float | None
     unpriced_count: int
+    error_count: int
+    """Actions that failed. The latency percentiles describe the successful ones."""
     percentiles_exact: bool
     """False when the percentiles were merged from latency histograms (within 1% of exact)."""
     by_model: Mapping[str, ModelAggregate] = field(default_factory=dict)
@@ -130,6 +134,7 @@ class Aggregate:
             "avg_margin": self.avg_margin,
             "gross_margin": self.gross_margin,
             "unpriced_count": self.unpriced_count,
+            "error_count": self.error_count,
             "percentiles_exact": self.percentiles_exact,
             "by_model": {model: stats.to_dict() for model, stats in self.by_model.items()},
         }
@@ -164,6 +169,7 @@ _RAW_COLUMNS = (
     "credits_charged",
     "latency_ms",
     *TOKEN_KINDS,
+    "error",
 )
 """What is read of a raw action: the rest of the row is never carried through a sort."""
 
@@ -245,7 +251,7 @@ def _latencies(metric_filter: MetricFilter, plan: ReadPlan, raw: Subquery) -> Na
             raw.c.latency_ms.label("value"),
             literal(1, BigInteger).label("n"),
             literal(0, Integer).label("approximate"),
-        )
+        ).where(raw.c.error.is_(None))  # latency percentiles describe successful actions
     ]
     h = latency_histogram
     for level, since, until in plan.rollup_ranges:
@@ -320,9 +326,7 @@ def _per_model(parts: NamedFromClause) -> NamedFromClause:
             func.sum(g.credits_charged).label("total_credits"),
             func.sum(g.latency_ms_sum).label("latency_ms_sum"),
             func.sum(case((priced_group, 0), else_=g["count"])).label("unpriced_count"),
-            func.sum(g.cache_read_tokens).label("cache_read_tokens"),
-            func.sum(g.cache_write_tokens).label("cache_write_tokens"),
-            func.sum(g.reasoning_tokens).label("reasoning_tokens"),
+            *(func.sum(g[name]).label(name) for name in COUNTED),
             func.coalesce(func.sum(priced_tokens("") / _ONE_MILLION), 0).label("cost"),
             func.coalesce(func.sum(g.credits_charged * g.usd_per_credit), 0).label("revenue"),
             func.sum(
@@ -393,7 +397,7 @@ def _figures(sums: NamedFromClause, percentiles: NamedFromClause) -> list[Column
         _as_int(sums.c.tokens_in).label("tokens_in"),
         _as_int(sums.c.tokens_out).label("tokens_out"),
         _as_int(sums.c.total_credits).label("total_credits"),
-        *(_as_int(sums.c[kind]).label(kind) for kind in TOKEN_KINDS),
+        *(_as_int(sums.c[name]).label(name) for name in COUNTED),
         (sums.c.latency_ms_sum / func.nullif(cast(sums.c["count"], Double), 0)).label("avg_latency_ms"),
         *(percentiles.c[name] for name in PERCENTILES),
         _as_float(func.coalesce(cost, 0)).label("total_cost_usd"),
@@ -417,8 +421,9 @@ def aggregate_statement(
         overall_percentiles = _weighted_percentiles(latencies, [])
         model_percentiles = _weighted_percentiles(latencies, ["model"])
     else:
-        overall_percentiles = _exact_percentiles(raw, [], backend)
-        model_percentiles = _exact_percentiles(raw, ["model"], backend)
+        succeeded = select(raw).where(raw.c.error.is_(None)).subquery("succeeded")
+        overall_percentiles = _exact_percentiles(succeeded, [], backend)
+        model_percentiles = _exact_percentiles(succeeded, ["model"], backend)
     summed = (
         "count",
         "tokens_in",
@@ -426,7 +431,7 @@ def aggregate_statement(
         "total_credits",
         "latency_ms_sum",
         "unpriced_count",
-        *TOKEN_KINDS,
+        *COUNTED,
     )
     overall = select(
         *(func.sum(per_model.c[name]).label(name) for name in summed),
@@ -480,6 +485,7 @@ def aggregate_from_rows(rows: Sequence[Mapping[str, Any]]) -> Aggregate:
         avg_margin=overall["avg_margin"],
         gross_margin=overall["gross_margin"],
         unpriced_count=_integer(overall["unpriced_count"]),
+        error_count=_integer(overall["error_count"]),
         percentiles_exact=not overall["approximate"],
         by_model=ordered,
     )

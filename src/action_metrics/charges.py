@@ -1,22 +1,18 @@
 """Were actions charged what they cost? Counted in SQL, so an audit never reads the actions themselves.
 
-An action that failed (its metadata has an `error` key) and was charged nothing is correct, not a
-breach; every other action is charged exactly, under or over the credits expected.
+An action that failed (its `error` is set) and was charged nothing is correct, not a breach; every
+other action is charged exactly, under or over the credits expected.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, func, not_, select
 
-from action_metrics.dialects import Backend
 from action_metrics.query import MetricFilter
 from action_metrics.schema import action_metrics
-
-FAILED_ACTION_KEY: Final = "error"
-"""Metadata key of an action that failed (the error type), as `@instrument_action` records it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +35,7 @@ class ChargeAudit:
         return self.charged - self.under - self.over
 
 
-def audit_statement(metric_filter: MetricFilter, credits: int, backend: Backend) -> Select[Any]:
+def audit_statement(metric_filter: MetricFilter, credits: int) -> Select[Any]:
     """One row: `count`, `failed`, `under` and `over` among the metrics `metric_filter` selects."""
     table = action_metrics
     if metric_filter.limit is None:
@@ -47,7 +43,7 @@ def audit_statement(metric_filter: MetricFilter, credits: int, backend: Backend)
     else:  # the newest `limit` metrics
         rows = metric_filter.newest_first(select(table), table.c).subquery()
     charged = rows.c.credits_charged
-    failed = and_(backend.has_json_key(rows.c.metadata, FAILED_ACTION_KEY), charged == 0)
+    failed = and_(rows.c.error.is_not(None), charged == 0)
     counts: dict[str, ColumnElement[Any]] = {
         "count": func.count(),
         "failed": func.count().filter(failed),

@@ -7,7 +7,7 @@
   phase and participants in metadata. The dialogue an operation triggers is its own `dialogue`
   metric, so its tokens are costed once.
 - branch (150), inhabit (100 per 10 minutes) and force (the 50-credit ethics premium; a refused
-  force is charged nothing and says why in `metadata["error"]`).
+  force is charged nothing and says why in its `error`).
 
 `simulate()` is a pure function of its arguments: the same seed and end time give the same metrics,
 ids included, so a re-run into the same database stores nothing twice.
@@ -109,6 +109,7 @@ class _Town:
         call: _Call,
         credits: int,
         metadata: dict[str, Any],
+        error: str | None = None,
     ) -> ActionMetric:
         return ActionMetric(
             action_type=action,
@@ -122,6 +123,7 @@ class _Town:
             credits_charged=credits,
             timestamp=moment,
             metadata=metadata,
+            error=error,
             id=uuid7_at(moment, self.random.getrandbits(74)),  # seeded: time-ordered and repeatable
         )
 
@@ -228,10 +230,9 @@ class _Town:
         """A user forces a citizen's hand: an LLM call and the ethics premium, unless refused."""
         call = self.generation()
         metadata: dict[str, Any] = {"forced_action": self.random.choice(FORCED_ACTIONS)}
-        credits = ACTION_CREDITS[ActionType.FORCE]
+        credits, error = ACTION_CREDITS[ActionType.FORCE], None
         if self.random.random() < 0.08:
-            metadata["error"] = REFUSAL
-            credits = 0
+            credits, error = 0, REFUSAL
         return [
             self.metric(
                 ActionType.FORCE,
@@ -241,6 +242,7 @@ class _Town:
                 call=call,
                 credits=credits,
                 metadata=metadata,
+                error=error,
             )
         ]
 

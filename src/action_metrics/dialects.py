@@ -2,8 +2,8 @@
 
 The rest of the package builds dialect-free SQLAlchemy Core and asks a `Backend` for the few pieces
 that differ: the async driver, connect-time settings, whether a new database is migrated on first
-use, `INSERT ... ON CONFLICT`, percentiles, a JSON key test, the start of a timestamp's hour or
-day, GREATEST, a read snapshot, and the bulk insert of metrics through the driver's fastest path.
+use, `INSERT ... ON CONFLICT`, percentiles, the start of a timestamp's hour or day, GREATEST, a read
+snapshot, and the bulk insert of metrics through the driver's fastest path.
 """
 
 from __future__ import annotations
@@ -131,10 +131,6 @@ class Backend:
         """The `fraction` percentile of `latency_ms` within each group, interpolated linearly."""
         raise NotImplementedError
 
-    def has_json_key(self, document: ColumnElement[Any], key: str) -> ColumnElement[bool]:
-        """Whether the JSON object `document` has the top-level `key` (whatever its value, even null)."""
-        raise NotImplementedError
-
     bulk_insert_minimum: ClassVar[int]
     """The smallest batch for which `bulk_insert_metrics` beats a plain `INSERT ... ON CONFLICT`."""
 
@@ -221,10 +217,6 @@ class PostgresBackend(Backend):
     async def refresh_statistics(self, connection: AsyncConnection, *tables: Table) -> None:
         # A role that does not own the table gets a warning, not an error.
         await connection.exec_driver_sql(f"ANALYZE {', '.join(table.name for table in tables)}")
-
-    def has_json_key(self, document: ColumnElement[Any], key: str) -> ColumnElement[bool]:
-        has_key: ColumnElement[bool] = type_coerce(document, postgresql.JSONB()).has_key(key)  # jsonb's `?`
-        return has_key
 
     # Measured: below ~200 rows, creating the staging table costs more than COPY saves.
     bulk_insert_minimum = 200
@@ -359,11 +351,6 @@ class SQLiteBackend(Backend):
         low_value = func.max(case((rank == lower, latency)))
         high_value = func.coalesce(func.max(case((rank == lower + 1, latency))), low_value)
         return low_value + func.max(position - lower) * (high_value - low_value)
-
-    def has_json_key(self, document: ColumnElement[Any], key: str) -> ColumnElement[bool]:
-        # json_type() is NULL for a missing key and 'null' for a key whose value is null.
-        assert '"' not in key, "a quoted JSON path holds a plain key"
-        return func.json_type(document, f'$."{key}"').is_not(None)
 
 
 _SQLITE_BUCKET_TEXT: Final = {"hour": (13, ":00:00.000000"), "day": (10, " 00:00:00.000000")}

@@ -195,7 +195,9 @@ class _Action:
                 elapsed_ns / 1e6,
                 self.credits_charged if error is None else 0,
                 started_at,
+                # The metadata key is what 0.1 recorded; `error` is where 0.2 reads it.
                 {"error": type(error).__name__} if error is not None else {},
+                error=None if error is None else type(error).__name__,
             )
         except InvalidValue as invalid:
             logger.warning("action-metrics: %s recorded no metric: %s", self.qualname, invalid)

@@ -19,6 +19,7 @@ from action_metrics.validation import (
     as_utc,
     check_action_type,
     check_count,
+    check_error,
     check_id,
     check_latency,
     check_metadata,
@@ -153,6 +154,8 @@ class ActionMetric:
     """Input tokens written to the prompt cache: also part of `tokens_in`."""
     reasoning_tokens: int
     """Output tokens spent reasoning: part of `tokens_out`."""
+    error: str | None
+    """None for a success, else what failed (the error's type name)."""
     metadata_json: str = field(init=False, repr=False, compare=False)
 
     def __init__(
@@ -173,6 +176,7 @@ class ActionMetric:
         cache_read_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
+        error: str | None = None,
     ) -> None:
         # Written by hand because instrumented calls build one per call: each value is checked once
         # and stored once. A value of the exact expected type that is obviously valid (ids and names
@@ -206,6 +210,8 @@ class ActionMetric:
             cache_read_tokens, cache_write_tokens, reasoning_tokens = check_token_kinds(
                 tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, reasoning_tokens
             )
+        if error is not None:
+            error = check_error(error)
         if timestamp is _DEFAULT:
             timestamp = datetime.now(UTC)
         elif type(timestamp) is not datetime or timestamp.tzinfo is not UTC:
@@ -237,6 +243,7 @@ class ActionMetric:
         set_(self, "cache_read_tokens", cache_read_tokens)
         set_(self, "cache_write_tokens", cache_write_tokens)
         set_(self, "reasoning_tokens", reasoning_tokens)
+        set_(self, "error", error)
         set_(self, "metadata_json", metadata_json)
 
     @property
@@ -279,6 +286,7 @@ class ActionMetric:
             "cache_read_tokens": self.cache_read_tokens,
             "cache_write_tokens": self.cache_write_tokens,
             "reasoning_tokens": self.reasoning_tokens,
+            "error": self.error,
             "model": self.model,
             "latency_ms": self.latency_ms,
             "credits_charged": self.credits_charged,
@@ -312,6 +320,8 @@ class ActionMetric:
         ):
             if value:
                 attributes[name] = value
+        if self.error is not None:
+            attributes["error.type"] = self.error
         if self.citizen_id is not None:
             attributes["action.citizen_id"] = self.citizen_id
         cost = self.estimated_cost_usd

@@ -208,8 +208,10 @@ class ActionMetricsSpanProcessor(SpanProcessor):
             value = _text(attributes.get(key))
             if value:
                 metadata[key] = value
+        error = None
         if failed:
-            metadata["error"] = _text(attributes.get("error.type")) or span.status.description or "error"
+            error = (_text(attributes.get("error.type")) or span.status.description or "error")[:256]
+            metadata["error"] = error
         return ActionMetric(
             action_type=action_type,
             user_id=_text(attributes.get(self.user_id_attribute)) or self.default_user_id,
@@ -220,6 +222,7 @@ class ActionMetricsSpanProcessor(SpanProcessor):
             cache_read_tokens=_first(attributes, _CACHE_READ_TOKENS, 0),
             cache_write_tokens=_first(attributes, _CACHE_WRITE_TOKENS, 0),
             reasoning_tokens=_first(attributes, _REASONING_TOKENS, 0),
+            error=error,
             model=_first(attributes, _MODELS, UNKNOWN_MODEL),
             latency_ms=(end - start) / 1e6,
             credits_charged=credits,  # type: ignore[arg-type] # checked by ActionMetric

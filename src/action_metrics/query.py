@@ -103,6 +103,7 @@ def metric_from_row(row: Row[Any]) -> ActionMetric:
         cache_read_tokens=row.cache_read_tokens,
         cache_write_tokens=row.cache_write_tokens,
         reasoning_tokens=row.reasoning_tokens,
+        error=row.error,
     )
 
 
@@ -125,6 +126,7 @@ def metric_rows(metrics: Sequence[ActionMetric]) -> list[dict[str, Any]]:
             "cache_read_tokens": metric.cache_read_tokens,
             "cache_write_tokens": metric.cache_write_tokens,
             "reasoning_tokens": metric.reasoning_tokens,
+            "error": metric.error,
         }
         for metric in metrics
     ]

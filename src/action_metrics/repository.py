@@ -232,7 +232,7 @@ class MetricsRepository:
 
     async def audit_charges(self, metric_filter: MetricFilter, credits: int) -> ChargeAudit:
         async with self._read_connection() as connection:
-            result = await connection.execute(audit_statement(metric_filter, credits, self.backend))
+            result = await connection.execute(audit_statement(metric_filter, credits))
             return ChargeAudit(**result.mappings().one())
 
     async def set_model_price(self, price: ModelPrice) -> None:

@@ -203,6 +203,7 @@ def raw_sums(rows: Any) -> dict[str, ColumnElement[Any]]:
         "cache_read_tokens": c.cache_read_tokens,
         "cache_write_tokens": c.cache_write_tokens,
         "reasoning_tokens": c.reasoning_tokens,
+        "error_count": case((c.error.is_not(None), 1), else_=0),
         "credited_count": case((credited, 1), else_=0),
         **per_credit,
     }
@@ -333,7 +334,8 @@ async def _copy_raw_rows(connection: AsyncConnection, scope: Scope) -> None:
         m.c.model,
         m.c.timestamp,
         *(sums[name] for name in SUM_COLUMNS),
-        latency_bin(m.c.latency_ms),
+        # The histograms describe successful actions: a failed one has no bin.
+        case((m.c.error.is_(None), latency_bin(m.c.latency_ms))),
     ).where(*where)
     await connection.execute(CreateTable(_scratch))
     await connection.execute(insert(_scratch).from_select([column.name for column in _scratch_columns], rows))
@@ -343,9 +345,10 @@ def _raw_source(*, histogram: bool) -> Subquery:
     s = _scratch
     measures = ("bin",) if histogram else SUM_COLUMNS
     counted = (literal(1, BigInteger).label("count"),) if histogram else ()
-    return select(
+    rows = select(
         s.c.town_id, s.c.action_type, s.c.model, s.c.at, *(s.c[name] for name in measures), *counted
-    ).subquery("source")
+    )
+    return (rows.where(s.c.bin.is_not(None)) if histogram else rows).subquery("source")
 
 
 def _level_source(finer: Level, scope: Scope, *, histogram: bool) -> Subquery:

@@ -102,6 +102,8 @@ class ActionMetricRow(Base):
     cache_read_tokens: Mapped[int] = mapped_column(BigInteger(), nullable=False, server_default="0")
     cache_write_tokens: Mapped[int] = mapped_column(BigInteger(), nullable=False, server_default="0")
     reasoning_tokens: Mapped[int] = mapped_column(BigInteger(), nullable=False, server_default="0")
+    error: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    """None for a success, else what failed (the error's type name)."""
 
     __table_args__ = (
         # Every filter of query()/aggregate() is an equality plus a time range, newest first.
@@ -155,6 +157,8 @@ class RollupSums:
     cache_read_tokens: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False, server_default="0")
     cache_write_tokens: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False, server_default="0")
     reasoning_tokens: Mapped[int] = mapped_column(TOKEN_SUM, nullable=False, server_default="0")
+    error_count: Mapped[int] = mapped_column(BigInteger(), nullable=False, server_default="0")
+    """Actions that failed; the latency histograms count successful actions only."""
     credited_count: Mapped[int] = mapped_column(BigInteger(), nullable=False)
     """Actions with credits > 0: those that can have a margin."""
     tokens_in_per_credit: Mapped[float] = mapped_column(Double(), nullable=False)
@@ -322,6 +326,7 @@ def _bucket_view(name: str, bucket: Column[Any], dimensions: tuple[str, ...]) ->
         Column("cache_read_tokens", BigInteger()),
         Column("cache_write_tokens", BigInteger()),
         Column("reasoning_tokens", BigInteger()),
+        Column("error_count", BigInteger()),
         Column("cost_usd", MONEY),
         Column("revenue_usd", MONEY),
         Column("unpriced_count", BigInteger()),

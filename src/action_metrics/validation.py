@@ -73,6 +73,18 @@ def check_id(field_name: str, value: object) -> str:
     return str(value)
 
 
+MAX_ERROR_LENGTH: Final = 256
+
+
+def check_error(value: object) -> str:
+    """What failed: the error's type name (`TimeoutError`, `openai.RateLimitError`)."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ERROR_LENGTH:
+        raise InvalidMetric("error", f"expected None or 1-{MAX_ERROR_LENGTH} characters, got {shown(value)}")
+    if not storable_text(value):
+        raise InvalidMetric("error", "must be valid Unicode without NUL characters")
+    return str(value)
+
+
 def check_count(field_name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidMetric(field_name, f"expected an integer, got {type(value).__name__}")

@@ -14,20 +14,21 @@
 --   revenue_usd    = SUM(credits_charged * usd_per_credit)
 --   unpriced_count = actions whose model had no price at the time (they add no cost)
 --   avg_latency_ms = total latency / count
--- p50/p95_latency_ms are exact (percentile_cont over the group's raw rows) and computed only when a
+--   error_count    = actions that failed
+-- p50/p95_latency_ms describe the successful actions; they are exact (percentile_cont over the group's raw rows) and computed only when a
 -- query selects them; they are NULL for days whose raw rows `action-metrics db prune` removed.
 CREATE VIEW action_metrics_daily_by_model AS
 WITH parts AS (
     SELECT
         r.start, r.model, r.count, r.tokens_in, r.tokens_out, r.credits_charged, r.latency_ms_sum,
-        r.cache_read_tokens, r.cache_write_tokens, r.reasoning_tokens
+        r.cache_read_tokens, r.cache_write_tokens, r.reasoning_tokens, r.error_count
     FROM action_metrics_rollup AS r
     WHERE r.grain = 'day' AND r.town_id = '' AND r.action_type = ''
         AND r.start < (SELECT days_closed_until FROM action_metrics_rollup_state)
     UNION ALL
     SELECT
         r.start, r.model, r.count, r.tokens_in, r.tokens_out, r.credits_charged, r.latency_ms_sum,
-        r.cache_read_tokens, r.cache_write_tokens, r.reasoning_tokens
+        r.cache_read_tokens, r.cache_write_tokens, r.reasoning_tokens, r.error_count
     FROM action_metrics_rollup AS r
     WHERE r.grain = 'hour' AND r.town_id = '' AND r.action_type = ''
         AND r.start >= COALESCE((SELECT days_closed_until FROM action_metrics_rollup_state), '-infinity')
@@ -35,7 +36,8 @@ WITH parts AS (
     UNION ALL
     SELECT
         m."timestamp", m.model, 1, m.tokens_in, m.tokens_out, m.credits_charged, m.latency_ms,
-        m.cache_read_tokens, m.cache_write_tokens, m.reasoning_tokens
+        m.cache_read_tokens, m.cache_write_tokens, m.reasoning_tokens,
+        CASE WHEN m.error IS NULL THEN 0 ELSE 1 END
     FROM action_metrics AS m
     WHERE m."timestamp" >= COALESCE((SELECT hours_closed_until FROM action_metrics_rollup_state), '-infinity')
 ),
@@ -50,6 +52,7 @@ grouped AS (
         CAST(SUM(s.cache_read_tokens) AS bigint) AS cache_read_tokens,
         CAST(SUM(s.cache_write_tokens) AS bigint) AS cache_write_tokens,
         CAST(SUM(s.reasoning_tokens) AS bigint) AS reasoning_tokens,
+        CAST(SUM(s.error_count) AS bigint) AS error_count,
         COALESCE(SUM(
             ((s.tokens_in - s.cache_read_tokens - s.cache_write_tokens) * p.input_per_1m
             + s.cache_read_tokens * COALESCE(p.cache_read_per_1m, p.input_per_1m)
@@ -75,14 +78,14 @@ SELECT
     (
         SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY m.latency_ms)
         FROM action_metrics AS m
-        WHERE m.model = g.model
+        WHERE m.model = g.model AND m.error IS NULL
             AND m."timestamp" >= CAST(g.day AS timestamp) AT TIME ZONE 'UTC'
             AND m."timestamp" < CAST(g.day + 1 AS timestamp) AT TIME ZONE 'UTC'
     ) AS p50_latency_ms,
     (
         SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY m.latency_ms)
         FROM action_metrics AS m
-        WHERE m.model = g.model
+        WHERE m.model = g.model AND m.error IS NULL
             AND m."timestamp" >= CAST(g.day AS timestamp) AT TIME ZONE 'UTC'
             AND m."timestamp" < CAST(g.day + 1 AS timestamp) AT TIME ZONE 'UTC'
     ) AS p95_latency_ms

@@ -15,21 +15,22 @@
 --   unpriced_count = actions whose model had no price at the time (they add no cost)
 --   avg_latency_ms = total latency / count
 -- Timestamps are UTC text ('YYYY-MM-DD HH:MM:SS.ffffff'), so the day is a prefix of it.
--- p50/p95_latency_ms are exact (percentile_cont written with window functions over the
+--   error_count    = actions that failed
+-- p50/p95_latency_ms describe the successful actions; they are exact (percentile_cont written with window functions over the
 -- group's raw rows) and computed only when a
 -- query selects them; they are NULL for days whose raw rows `action-metrics db prune` removed.
 CREATE VIEW action_metrics_daily_by_town AS
 WITH parts AS (
     SELECT
         r.start, r.town_id, r.model, r.count, r.tokens_in, r.tokens_out, r.credits_charged, r.latency_ms_sum,
-        r.cache_read_tokens, r.cache_write_tokens, r.reasoning_tokens
+        r.cache_read_tokens, r.cache_write_tokens, r.reasoning_tokens, r.error_count
     FROM action_metrics_rollup AS r
     WHERE r.grain = 'day' AND r.town_id <> '' AND r.action_type = ''
         AND r.start < (SELECT days_closed_until FROM action_metrics_rollup_state)
     UNION ALL
     SELECT
         r.start, r.town_id, r.model, r.count, r.tokens_in, r.tokens_out, r.credits_charged, r.latency_ms_sum,
-        r.cache_read_tokens, r.cache_write_tokens, r.reasoning_tokens
+        r.cache_read_tokens, r.cache_write_tokens, r.reasoning_tokens, r.error_count
     FROM action_metrics_rollup_detail AS r
     WHERE r.grain = 'hour'
         AND r.start >= COALESCE((SELECT days_closed_until FROM action_metrics_rollup_state), '')
@@ -37,7 +38,8 @@ WITH parts AS (
     UNION ALL
     SELECT
         m."timestamp", m.town_id, m.model, 1, m.tokens_in, m.tokens_out, m.credits_charged, m.latency_ms,
-        m.cache_read_tokens, m.cache_write_tokens, m.reasoning_tokens
+        m.cache_read_tokens, m.cache_write_tokens, m.reasoning_tokens,
+        CASE WHEN m.error IS NULL THEN 0 ELSE 1 END
     FROM action_metrics AS m
     WHERE m."timestamp" >= COALESCE((SELECT hours_closed_until FROM action_metrics_rollup_state), '')
 ),
@@ -53,6 +55,7 @@ grouped AS (
         SUM(s.cache_read_tokens) AS cache_read_tokens,
         SUM(s.cache_write_tokens) AS cache_write_tokens,
         SUM(s.reasoning_tokens) AS reasoning_tokens,
+        SUM(s.error_count) AS error_count,
         COALESCE(SUM(
             ((s.tokens_in - s.cache_read_tokens - s.cache_write_tokens) * p.input_per_1m
             + s.cache_read_tokens * COALESCE(p.cache_read_per_1m, p.input_per_1m)
@@ -89,7 +92,7 @@ SELECT
                     (COUNT(*) OVER () - 1) * 0.5 AS position,
                     CAST((COUNT(*) OVER () - 1) * 0.5 AS INTEGER) AS low_rank
                 FROM action_metrics AS m
-                WHERE m.town_id = g.town_id AND m.model = g.model
+                WHERE m.town_id = g.town_id AND m.model = g.model AND m.error IS NULL
                     AND m."timestamp" >= g.day AND m."timestamp" < date(g.day, '+1 day')
             )
         )
@@ -108,7 +111,7 @@ SELECT
                     (COUNT(*) OVER () - 1) * 0.95 AS position,
                     CAST((COUNT(*) OVER () - 1) * 0.95 AS INTEGER) AS low_rank
                 FROM action_metrics AS m
-                WHERE m.town_id = g.town_id AND m.model = g.model
+                WHERE m.town_id = g.town_id AND m.model = g.model AND m.error IS NULL
                     AND m."timestamp" >= g.day AND m."timestamp" < date(g.day, '+1 day')
             )
         )

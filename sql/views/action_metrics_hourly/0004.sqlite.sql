@@ -10,14 +10,15 @@
 --   revenue_usd    = SUM(credits_charged * usd_per_credit)
 --   unpriced_count = actions whose model had no price at the time (they add no cost)
 -- Timestamps are UTC text ('YYYY-MM-DD HH:MM:SS.ffffff'), so the day and hour are prefixes of it.
--- p50/p95_latency_ms are exact over the group's raw rows, computed only when selected, NULL once
+--   error_count    = actions that failed
+-- p50/p95_latency_ms describe the successful actions; they are exact over the group's raw rows, computed only when selected, NULL once
 -- pruned.
 CREATE VIEW action_metrics_hourly AS
 WITH parts AS (
     SELECT
         r.start, r.town_id, r.action_type, r.model, r.count, r.tokens_in, r.tokens_out,
         r.credits_charged, r.latency_ms_sum,
-        r.cache_read_tokens, r.cache_write_tokens, r.reasoning_tokens
+        r.cache_read_tokens, r.cache_write_tokens, r.reasoning_tokens, r.error_count
     FROM action_metrics_rollup_detail AS r
     WHERE r.grain = 'hour'
         AND r.start < (SELECT hours_closed_until FROM action_metrics_rollup_state)
@@ -25,7 +26,8 @@ WITH parts AS (
     SELECT
         m."timestamp", m.town_id, m.action_type, m.model, 1, m.tokens_in, m.tokens_out,
         m.credits_charged, m.latency_ms,
-        m.cache_read_tokens, m.cache_write_tokens, m.reasoning_tokens
+        m.cache_read_tokens, m.cache_write_tokens, m.reasoning_tokens,
+        CASE WHEN m.error IS NULL THEN 0 ELSE 1 END
     FROM action_metrics AS m
     WHERE m."timestamp" >= COALESCE((SELECT hours_closed_until FROM action_metrics_rollup_state), '')
 ),
@@ -42,6 +44,7 @@ grouped AS (
         SUM(s.cache_read_tokens) AS cache_read_tokens,
         SUM(s.cache_write_tokens) AS cache_write_tokens,
         SUM(s.reasoning_tokens) AS reasoning_tokens,
+        SUM(s.error_count) AS error_count,
         COALESCE(SUM(
             ((s.tokens_in - s.cache_read_tokens - s.cache_write_tokens) * p.input_per_1m
             + s.cache_read_tokens * COALESCE(p.cache_read_per_1m, p.input_per_1m)
@@ -78,7 +81,7 @@ SELECT
                     (COUNT(*) OVER () - 1) * 0.5 AS position,
                     CAST((COUNT(*) OVER () - 1) * 0.5 AS INTEGER) AS low_rank
                 FROM action_metrics AS m
-                WHERE m.town_id = g.town_id AND m.action_type = g.action_type AND m.model = g.model
+                WHERE m.town_id = g.town_id AND m.action_type = g.action_type AND m.model = g.model AND m.error IS NULL
                     AND m."timestamp" >= g.hour AND m."timestamp" < strftime('%Y-%m-%d %H:%M:%f', g.hour, '+1 hour')
             )
         )
@@ -97,7 +100,7 @@ SELECT
                     (COUNT(*) OVER () - 1) * 0.95 AS position,
                     CAST((COUNT(*) OVER () - 1) * 0.95 AS INTEGER) AS low_rank
                 FROM action_metrics AS m
-                WHERE m.town_id = g.town_id AND m.action_type = g.action_type AND m.model = g.model
+                WHERE m.town_id = g.town_id AND m.action_type = g.action_type AND m.model = g.model AND m.error IS NULL
                     AND m."timestamp" >= g.hour AND m."timestamp" < strftime('%Y-%m-%d %H:%M:%f', g.hour, '+1 hour')
             )
         )

@@ -31,6 +31,7 @@ WITH priced_actions AS (
         m.cache_read_tokens,
         m.cache_write_tokens,
         m.reasoning_tokens,
+        m.error,
         ((m.tokens_in - m.cache_read_tokens - m.cache_write_tokens) * p.input_per_1m
         + m.cache_read_tokens * COALESCE(p.cache_read_per_1m, p.input_per_1m)
         + m.cache_write_tokens * COALESCE(p.cache_write_per_1m, p.input_per_1m)
@@ -67,6 +68,7 @@ SELECT
     cache_read_tokens,
     cache_write_tokens,
     reasoning_tokens,
+    error,
     cost_usd,
     revenue_usd,
     CASE
