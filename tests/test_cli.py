@@ -235,10 +235,18 @@ def test_report_json_is_the_aggregate_of_the_same_filters(store: MetricsStore) -
 
 
 def test_report_table_shows_totals_and_models(store: MetricsStore) -> None:
-    store.emit_many([metric(model=ModelName.TEMPLATE), metric(tokens_in=300, tokens_out=90)])
+    store.emit_many(
+        [
+            metric(model=ModelName.TEMPLATE),
+            metric(tokens_in=300, tokens_out=90),
+            metric(latency_ms=30_000.0, error="TimeoutError"),
+        ]
+    )
     result = run_cli("report", "--url", url_of(store))
     assert result.exit_code == 0, result.output
-    assert re.search(r"actions\s*│\s*2\b", result.stdout)
+    assert re.search(r"actions\s*│\s*3\b", result.stdout)
+    assert re.search(r"failed actions\s*│\s*1\b", result.stdout)
+    assert "30,000" not in result.stdout.split("latency p50")[1].splitlines()[0]  # successes only
     assert "By model" in result.stdout
     assert "haiku" in result.stdout
     assert "template" in result.stdout

@@ -272,12 +272,13 @@ def render_aggregate(aggregate: Aggregate, title: str) -> RenderableType:
     totals.add_column("value", justify="right")
     rows = [
         ("actions", f"{aggregate.count:,}"),
+        ("failed actions", f"{aggregate.error_count:,}"),
         ("tokens in / out", f"{aggregate.tokens_in:,} / {aggregate.tokens_out:,}"),
         ("credits charged", f"{aggregate.total_credits:,}"),
         ("latency avg", _ms(aggregate.avg_latency_ms)),
         (
-            # From the rollups' histograms the percentiles are within 1% of the exact ones.
-            "latency p50 / p95 / p99" + ("" if aggregate.percentiles_exact else " (within 1%)"),
+            # Over successful actions; from the rollups' histograms within 1% of the exact ones.
+            "latency p50 / p95 / p99 (succeeded" + ("" if aggregate.percentiles_exact else ", within 1%") + ")",
             " / ".join(
                 _ms(v) for v in (aggregate.p50_latency_ms, aggregate.p95_latency_ms, aggregate.p99_latency_ms)
             ),
