@@ -150,7 +150,7 @@ async def check_force_premium(
 ) -> CheckResult:
     """Ethics: every force action is charged its premium, no less and no more.
 
-    A force action that failed (metadata `error`) and was charged nothing is correct, not a breach.
+    A force action that failed (its `error` is set) and was charged nothing is correct, not a breach.
     """
     name = f"force actions charged the {FORCE_PREMIUM_CREDITS}-credit premium"
     audit = await store.audit_charges(

@@ -269,7 +269,7 @@ class AsyncMetricsStore:
     async def audit_charges(self, credits: int, **filters: Unpack[Filters]) -> ChargeAudit:
         """How the matching actions were charged against `credits` each, counted in SQL.
 
-        An action that failed (metadata `error`) and was charged nothing counts as `failed`, not under.
+        An action that failed (its `error` is set) and was charged nothing counts as `failed`, not under.
         """
         metric_filter = MetricFilter(**filters)
         await self.writer.settle()
