@@ -278,7 +278,7 @@ def render_aggregate(aggregate: Aggregate, title: str) -> RenderableType:
         ("latency avg", _ms(aggregate.avg_latency_ms)),
         (
             # Over successful actions; from the rollups' histograms within 1% of the exact ones.
-            "latency p50 / p95 / p99 (succeeded" + ("" if aggregate.percentiles_exact else ", within 1%") + ")",
+            f"latency p50 / p95 / p99 (succeeded{'' if aggregate.percentiles_exact else ', within 1%'})",
             " / ".join(
                 _ms(v) for v in (aggregate.p50_latency_ms, aggregate.p95_latency_ms, aggregate.p99_latency_ms)
             ),
