@@ -47,6 +47,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -106,20 +107,26 @@ def generate(count: int, seed: int = 5) -> Iterator[ActionMetric]:
 
 def sqlite_rows(metrics: Sequence[ActionMetric]) -> list[tuple[Any, ...]]:
     """What SQLAlchemy's types bind on SQLite: hex UUID, 'YYYY-MM-DD HH:MM:SS.ffffff' UTC, JSON text."""
-    return [
-        (
-            metric.id.hex,
-            metric.timestamp.strftime("%Y-%m-%d %H:%M:%S.%f"),
-            *(getattr(metric, name) for name in COLUMNS[2:-1]),
-            metric.metadata_json,
-        )
-        for metric in metrics
-    ]
+    as_bound = {
+        "id": lambda metric: metric.id.hex,
+        "timestamp": lambda metric: metric.timestamp.strftime("%Y-%m-%d %H:%M:%S.%f"),
+    }
+    return _rows(metrics, as_bound)
 
 
 def postgres_rows(metrics: Sequence[ActionMetric]) -> list[tuple[Any, ...]]:
     """asyncpg's binary COPY takes UUIDs, aware datetimes and jsonb text as they are."""
-    return [(*(getattr(metric, name) for name in COLUMNS[:-1]), metric.metadata_json) for metric in metrics]
+    return _rows(metrics, {})
+
+
+def _rows(
+    metrics: Sequence[ActionMetric], as_bound: dict[str, Callable[[ActionMetric], Any]]
+) -> list[tuple[Any, ...]]:
+    """Each metric as a tuple in COLUMNS' order: the metadata as its JSON text, `as_bound` as given."""
+    readers = [
+        as_bound.get(name) or attrgetter("metadata_json" if name == "metadata" else name) for name in COLUMNS
+    ]
+    return [tuple(read(metric) for read in readers) for metric in metrics]
 
 
 # --- databases ---------------------------------------------------------------------------------

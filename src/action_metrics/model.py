@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from action_metrics.validation import (
     check_metadata,
     check_model,
     check_token_kinds,
+    json_text,
     shown,
 )
 
@@ -245,6 +247,23 @@ class ActionMetric:
         set_(self, "reasoning_tokens", reasoning_tokens)
         set_(self, "error", error)
         set_(self, "metadata_json", metadata_json)
+
+    @classmethod
+    def stored(cls, **fields: Any) -> ActionMetric:
+        """A metric as the database holds it, not checked again: its rules (migration 0005) already
+        refused whatever a reader cannot read, whoever wrote the row. Content rules the database does
+        not keep (a printable model name, the metadata's depth) were checked when this library wrote it;
+        a row written around the library is read as it is rather than made to fail every `query()`."""
+        metric = cls.__new__(cls)
+        for name, value in fields.items():
+            _set_field(metric, name, value)
+        metadata = fields["metadata"]
+        try:
+            metadata_json = json_text(metadata)
+        except ValueError:  # a number JSON allows and Python reads as infinity
+            metadata_json = json.dumps(metadata, separators=(",", ":"))
+        _set_field(metric, "metadata_json", metadata_json)
+        return metric
 
     @property
     def total_tokens(self) -> int:

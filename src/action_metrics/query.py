@@ -87,7 +87,7 @@ def metrics_statement(metric_filter: MetricFilter) -> Select[Any]:
 
 
 def metric_from_row(row: Row[Any]) -> ActionMetric:
-    return ActionMetric(
+    return ActionMetric.stored(
         action_type=row.action_type,
         user_id=row.user_id,
         town_id=row.town_id,
