@@ -325,7 +325,7 @@ class SQLiteBackend(Backend):
     ) -> NamedFromClause:
         # An expression of each key, not the column: SQLite would otherwise read the whole table in
         # the order of the key's index (to spare a sort), instead of just the selection's rows.
-        partition = [rows.c[key] + literal("", String) for key in keys]
+        partition = [type_coerce(rows.c[key], String) + literal("", String) for key in keys]
         order = rows.c.latency_ms
         ranked = Select(
             rows,
