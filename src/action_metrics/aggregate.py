@@ -13,7 +13,7 @@ they are read from one snapshot and always agree with each other.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -186,14 +186,15 @@ _RAW_COLUMNS = (
 @dataclass(frozen=True)
 class Grouping:
     """What a breakdown groups by besides the model: dimensions of the actions and, optionally, time
-    buckets given by their UTC starts (sorted; a row falls in the latest start at or before it)."""
+    buckets."""
 
     dimensions: tuple[str, ...] = ()
-    bucket_starts: tuple[datetime, ...] | None = None
+    bucket_of: Callable[[ColumnElement[Any]], ColumnElement[int]] | None = None
+    """The index of the time bucket holding a moment, if bucketed."""
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return (*self.dimensions, *(("bucket",) if self.bucket_starts is not None else ()))
+        return (*self.dimensions, *(("bucket",) if self.bucket_of is not None else ()))
 
     def columns(self, rows: Any, moment: ColumnElement[Any], *, raw: bool) -> list[ColumnElement[Any]]:
         """The keys of `rows` (raw actions, or rollup rows starting at `moment`)."""
@@ -202,8 +203,8 @@ class Grouping:
             # On raw rows an expression, not the column: as for the model in `parts`.
             column = type_coerce(rows.c[name] + literal("", String), String) if raw else rows.c[name]
             columns.append(column.label(name))
-        if self.bucket_starts is not None:
-            columns.append(bucket_of(moment, self.bucket_starts).label("bucket"))
+        if self.bucket_of is not None:
+            columns.append(self.bucket_of(moment).label("bucket"))
         return columns
 
 
@@ -232,21 +233,6 @@ def latest_start(moment: ColumnElement[Any], starts: Sequence[datetime]) -> Colu
         (moment < literal(starts[middle], UTCDateTime()), latest_start(moment, starts[:middle])),
         else_=_latest_start_from(moment, starts[middle:]),
     )
-
-
-def bucket_of(moment: ColumnElement[Any], starts: Sequence[datetime]) -> ColumnElement[int]:
-    """The index of the latest of `starts` (sorted) at or before `moment`, which is at or after
-    `starts[0]`: the same binary search, with the bounds written into the statement (an hourly
-    breakdown has thousands: as bound parameters they would pass the drivers' limits)."""
-
-    def search(low: int, high: int) -> ColumnElement[int]:
-        if high - low == 1:
-            return literal(low, Integer, literal_execute=True)
-        middle = (low + high) // 2
-        bound = literal(starts[middle], UTCDateTime(), literal_execute=True)
-        return case((moment < bound, search(low, middle)), else_=search(middle, high))
-
-    return search(0, len(starts))
 
 
 def _latest_start_from(moment: ColumnElement[Any], starts: Sequence[datetime]) -> ColumnElement[Any]:

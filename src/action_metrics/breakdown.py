@@ -15,13 +15,14 @@ and interpolates exactly.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from itertools import pairwise
 from typing import Any, Final, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import ColumnElement, Select, and_, func, select, true
+from sqlalchemy import BigInteger, ColumnElement, Select, and_, case, func, literal, select, true
 from sqlalchemy.sql.selectable import Subquery
 
 from action_metrics.aggregate import (
@@ -41,6 +42,7 @@ from action_metrics.dialects import Backend
 from action_metrics.errors import InvalidFilter
 from action_metrics.query import MetricFilter
 from action_metrics.rollup import Level, Range, ReadPlan
+from action_metrics.schema import UTCDateTime
 from action_metrics.validation import shown
 
 Bucket = Literal["hour", "day", "week", "month"]
@@ -118,6 +120,43 @@ def bucket_starts(bucket: Bucket, zone: ZoneInfo, since: datetime, until: dateti
             )
         starts.append(next_bucket(starts[-1], bucket, zone))
     return starts
+
+
+def bucket_index(
+    starts: Sequence[datetime], backend: Backend
+) -> Callable[[ColumnElement[Any]], ColumnElement[int]]:
+    """How a statement finds the bucket of a moment, given the buckets' starts and the last one's end
+    (UTC): buckets of one length in a row (a run: the days between two changes of the clocks, every
+    hour of most zones) by arithmetic on the moment's epoch seconds, the run by a binary search over
+    the runs' starts written as nested CASEs. Every bound is written into the statement, which has
+    few of them whatever the number of buckets."""
+    runs: list[tuple[int, datetime, int]] = []  # first bucket index, start, length in seconds
+    for index, (start, end) in enumerate(pairwise(starts)):
+        length = int((end - start).total_seconds())
+        if not runs or runs[-1][2] != length:
+            runs.append((index, start, length))
+
+    def inline(value: Any, type_: Any) -> ColumnElement[Any]:
+        return literal(value, type_, literal_execute=True)
+
+    def within(run: tuple[int, datetime, int], seconds: ColumnElement[int]) -> ColumnElement[int]:
+        first, start, length = run
+        shift = first * length - int(start.timestamp())  # starts are whole minutes
+        return (seconds + inline(shift, BigInteger)) // inline(length, BigInteger)
+
+    def of(moment: ColumnElement[Any]) -> ColumnElement[int]:
+        seconds = backend.epoch_seconds(moment)
+
+        def search(low: int, high: int) -> ColumnElement[int]:
+            if high - low == 1:
+                return within(runs[low], seconds)
+            middle = (low + high) // 2
+            bound = inline(runs[middle][1], UTCDateTime())
+            return case((moment < bound, search(low, middle)), else_=search(middle, high))
+
+        return search(0, len(runs))
+
+    return of
 
 
 # --- the request and its rows --------------------------------------------------------------------------
@@ -223,8 +262,9 @@ def breakdown_statement(
     backend: Backend,
     price_starts: Sequence[datetime],
 ) -> Select[Any]:
-    """Every group's figures, sorted and cut to `top`. `starts` are the buckets' UTC starts."""
-    grouping = Grouping(request.grouped, None if starts is None else tuple(starts))
+    """Every group's figures, sorted and cut to `top`. `starts` are the buckets' UTC starts, then the
+    last one's end."""
+    grouping = Grouping(request.grouped, None if starts is None else bucket_index(starts, backend))
     raw = raw_rows(metric_filter, plan, grouping)
     per_model = sums_per_model(summed_parts(metric_filter, plan, raw, price_starts, grouping), grouping.keys)
     keys = (*grouping.keys, *(("model",) if "model" in request.by else ()))
@@ -236,7 +276,7 @@ def breakdown_statement(
     grouped = [per_model.c[key] for key in keys]
     sums = select(*grouped, *(func.sum(per_model.c[name]).label(name) for name in PER_MODEL_SUMS))
     summed = (sums.group_by(*grouped) if keys else sums).subquery("sums")
-    same_group = and_(true(), *(percentiles.c[key] == summed.c[key] for key in keys))
+    same_group = and_(true(), *(_joinable(percentiles.c[key]) == _joinable(summed.c[key]) for key in keys))
     joined = summed.outerjoin(percentiles, same_group)
     rows = (
         select(*(summed.c[key] for key in keys), *figure_columns(summed, percentiles))
@@ -246,6 +286,12 @@ def breakdown_statement(
     )
     statement: Select[Any] = select(rows).order_by(_sort_key(rows, request), *(rows.c[key] for key in keys))
     return statement if request.top is None else statement.limit(request.top)
+
+
+def _joinable(key: ColumnElement[Any]) -> ColumnElement[Any]:
+    """A key that equals itself when missing (a metric without a citizen): '' is never an id, and an
+    equality of expressions still hash-joins where IS NOT DISTINCT FROM would not."""
+    return func.coalesce(key, "") if key.name == "citizen_id" else key
 
 
 def _succeeded(raw: Subquery) -> Subquery:

@@ -242,7 +242,6 @@ class MetricsRepository:
                 windows = [(max(a, since), min(b, until)) for a, b in pairwise(starts)]
                 plans = [_plan(metric_filter, state, exact=exact, grouped=grouped, window=w) for w in windows]
                 plan = combined_plan(plans)
-                starts.pop()  # the end of the last bucket
             if rollup.reads_pruned_rows(plan, state):
                 assert state.raw_kept_from is not None
                 raise RawRowsPruned(state.raw_kept_from, "breakdown()")
