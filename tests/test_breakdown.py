@@ -6,6 +6,9 @@ are not whole hours.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import random
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -14,6 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from conftest import run_cli
 
 from action_metrics import ActionMetric, InvalidFilter, MetricsStore
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
@@ -249,3 +253,64 @@ def test_bad_arguments_name_the_argument(database_url: str, arguments: dict[str,
             store.breakdown(**arguments)
         assert raised.value.field == named
         assert named in str(raised.value)
+
+
+def test_report_by_user_per_berlin_day_as_csv_json_and_a_table(
+    filled: tuple[MetricsStore, list[ActionMetric]], database_url: str
+) -> None:
+    _, metrics = filled
+    expected = _expected(metrics, ("user_id",), "day", "Europe/Berlin")
+    arguments = ("report", "--url", database_url, "--by", "user", "--bucket", "day", "--tz", "Europe/Berlin")
+    sort = ("--sort", "total_profit_usd", "--top", "10")
+    written = run_cli(*arguments, *sort, "--csv")
+    assert written.exit_code == 0, written.output
+    lines = list(csv.DictReader(io.StringIO(written.output)))
+    assert len(lines) == 10
+    for line in lines:
+        want = expected[(line["user_id"], line["bucket_start"])]
+        assert int(line["count"]) == want["count"]
+        assert Decimal(line["total_profit_usd"]) == pytest.approx(
+            want["total_profit_usd"], abs=Decimal("1e-9")
+        )
+    profits = [float(line["total_profit_usd"]) for line in lines]
+    assert profits == sorted(profits, reverse=True)
+    as_json = run_cli(*arguments, *sort, "--json")
+    assert [row["bucket_start"] for row in json.loads(as_json.output)] == [
+        line["bucket_start"] for line in lines
+    ]
+    table = run_cli(*arguments, *sort)
+    assert table.exit_code == 0
+    assert "user_id" in table.output
+    zoned = run_cli(
+        "report", "--url", database_url, "--bucket", "day", "--json", ACTION_METRICS_TZ="Asia/Kolkata"
+    )
+    assert json.loads(zoned.output)[0]["bucket_start"].endswith("+05:30")
+
+
+def test_report_check_fails_naming_the_towns_and_days_over_the_limits(
+    filled: tuple[MetricsStore, list[ActionMetric]], database_url: str
+) -> None:
+    _, metrics = filled
+    per_town = _expected(metrics, ("town_id",), None, "UTC")
+    margins = sorted(float(figures["gross_margin"]) for figures in per_town.values())
+    floor = (margins[0] + margins[1]) / 2  # exactly one town below it
+    worst = next(key[0] for key, figures in per_town.items() if float(figures["gross_margin"]) < floor)
+    base = ("report", "--url", database_url, "--check", "--by", "town")
+    result = run_cli(*base, "--min-gross-margin", str(floor))
+    assert result.exit_code == 3, result.output
+    assert f"min gross margin ({floor:g}): {worst} at" in result.output
+    assert sum("check failed" in line for line in result.output.splitlines()) == 1
+    days = _expected(metrics, ("town_id",), "day", "Europe/Berlin")
+    ceiling = float(max(figures["total_cost_usd"] for figures in days.values())) - 0.000001
+    over = run_cli(*base, "--tz", "Europe/Berlin", "--max-cost-usd-per-day", str(ceiling))
+    assert over.exit_code == 3
+    assert sum("max cost usd per day" in line for line in over.output.splitlines()) == 1
+    fine = run_cli(*base, "--min-gross-margin", "-100", "--max-cost-usd-per-day", "1e9")
+    assert fine.exit_code == 0, fine.output
+
+
+def test_report_refuses_an_unknown_zone_naming_it(database_url: str) -> None:
+    result = run_cli("report", "--url", database_url, "--bucket", "day", "--tz", "Mars/Olympus")
+    assert result.exit_code != 0
+    assert "tz" in result.output
+    assert "Mars/Olympus" in result.output
