@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -381,3 +382,36 @@ async def test_tables_dropped_under_a_running_server_are_503(town: str) -> None:
             await engine.dispose()
         answer = await client.get("/v1/town/town-a/metrics", headers=bearer(TOWN_A_TOKEN))
     assert answer.status_code == 503
+
+
+# --- breakdown ------------------------------------------------------------------------------
+
+
+async def test_breakdown_per_model_and_berlin_hour_within_the_tokens_towns(town: str) -> None:
+    async with serving(town) as client:
+        path = "/v1/town/town-a/breakdown"
+        query = {"by": "model", "bucket": "hour", "tz": "Europe/Berlin", "since_hours": 24, "sort": "count"}
+        own = await client.get(path, params=query, headers=bearer(TOWN_A_TOKEN))
+        other = await client.get("/v1/town/town-b/breakdown", params=query, headers=bearer(TOWN_A_TOKEN))
+        zone = await client.get(path, params={**query, "tz": "Europe/Gotham"}, headers=bearer(TOWN_A_TOKEN))
+        dimension = await client.get(path, params={**query, "by": "town"}, headers=bearer(TOWN_A_TOKEN))
+        top = await client.get(path, params={"by": "model", "top": 1}, headers=bearer(TOWN_A_TOKEN))
+    assert own.status_code == 200, own.text
+    rows = own.json()["rows"]
+    berlin = ZoneInfo("Europe/Berlin")
+    for row in rows:
+        start = datetime.fromisoformat(row["bucket_start"])
+        assert start.utcoffset() == start.astimezone(berlin).utcoffset()
+        since = start.astimezone(UTC)
+        expected = await aggregate(
+            town, town_id="town-a", model=row["model"], since=since, until=since + timedelta(hours=1)
+        )
+        assert row["count"] == expected["count"]
+    assert sum(row["count"] for row in rows) == 3  # the three of the last 24 hours
+    assert other.status_code == 403
+    assert zone.status_code == 422
+    assert "tz" in zone.text
+    assert dimension.status_code == 422
+    assert "by" in zone.text or "by" in dimension.text
+    assert top.json()["rows"][0]["model"] == "sonnet"  # the dearest
+    assert len(top.json()["rows"]) == 1

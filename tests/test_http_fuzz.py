@@ -40,6 +40,7 @@ TOKENS = ApiTokens.parse(f"{TOWN_A_TOKEN}:town-a ; {ANY_TOWN_TOKEN}:*")
 TOWNS = ("town-a", "town-b")
 ACTIONS = (ActionType.LOD3.value, ActionType.LOD4.value, ActionType.DIALOGUE.value)
 METRICS_PATH = "/v1/town/{town_id}/metrics"
+BREAKDOWN_PATH = "/v1/town/{town_id}/breakdown"
 
 EXAMPLES = 100
 """Hypothesis examples per operation, per generation mode, per kind of credentials."""
@@ -132,7 +133,7 @@ def fuzz(schema: schemathesis.BaseSchema, credentials: st.SearchStrategy[Headers
     """Every operation of the schema, in both modes, `EXAMPLES` examples each."""
     tally = Tally()
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {operation.path for operation in operations} == {"/healthz", METRICS_PATH}
+    assert {operation.path for operation in operations} == {"/healthz", METRICS_PATH, BREAKDOWN_PATH}
     for operation in operations:
         # An operation without parameters (healthz) has no invalid request to generate.
         has_parameters = bool(operation.definition.raw.get("parameters"))
@@ -188,6 +189,7 @@ def test_fuzz_with_a_valid_token(api_schema: schemathesis.BaseSchema) -> None:
     # Every response passed the checks; these say the fuzzer reached every kind of answer.
     assert tally.of("/healthz") == {200}
     assert tally.of(METRICS_PATH) == {200, 403, 422}
+    assert tally.of(BREAKDOWN_PATH) <= {200, 403, 422}
     assert tally.answers_with_data > 0
     assert tally.requests >= 2 * EXAMPLES
 
@@ -208,5 +210,6 @@ def test_fuzz_without_a_valid_token(api_schema: schemathesis.BaseSchema) -> None
     assert tally.of("/healthz") == {200}
     # No data and no 403 without a valid token: bad parameters are 422, everything else 401.
     assert tally.of(METRICS_PATH) == {401, 422}
+    assert tally.of(BREAKDOWN_PATH) <= {401, 422}
     assert tally.answers_with_data == 0
     assert tally.requests >= 2 * EXAMPLES

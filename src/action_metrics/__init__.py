@@ -41,6 +41,7 @@ from action_metrics.pricing import (
 
 if TYPE_CHECKING:
     from action_metrics.aggregate import Aggregate, ModelAggregate
+    from action_metrics.breakdown import BreakdownRow
     from action_metrics.charges import ChargeAudit
     from action_metrics.instrument import (
         configure,
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 _IMPORTED_ON_FIRST_USE: Final = {
     "Aggregate": "action_metrics.aggregate",
     "ModelAggregate": "action_metrics.aggregate",
+    "BreakdownRow": "action_metrics.breakdown",
     "ChargeAudit": "action_metrics.charges",
     "AsyncMetricsStore": "action_metrics.store",
     "MetricsStore": "action_metrics.store",
@@ -91,6 +93,7 @@ __all__ = [
     "ActionType",
     "Aggregate",
     "AsyncMetricsStore",
+    "BreakdownRow",
     "ChargeAudit",
     "DataRejected",
     "DatabaseError",

@@ -13,10 +13,10 @@ they are read from one snapshot and always agree with each other.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import (
     BigInteger,
@@ -44,7 +44,16 @@ from sqlalchemy.sql.selectable import NamedFromClause, Subquery
 from action_metrics.dialects import Backend
 from action_metrics.pricing import BEGINNING_OF_TIME
 from action_metrics.query import MetricFilter
-from action_metrics.rollup import SUM_COLUMNS, Level, ReadPlan, any_range, bin_value, range_terms, raw_sums
+from action_metrics.rollup import (
+    SUM_COLUMNS,
+    Level,
+    ReadPlan,
+    any_range,
+    bin_value,
+    latency_bin,
+    range_terms,
+    raw_sums,
+)
 from action_metrics.schema import (
     UTCDateTime,
     action_metrics,
@@ -174,37 +183,66 @@ _RAW_COLUMNS = (
 """What is read of a raw action: the rest of the row is never carried through a sort."""
 
 
-def _raw_rows(metric_filter: MetricFilter, plan: ReadPlan) -> Subquery:
+@dataclass(frozen=True)
+class Grouping:
+    """What a breakdown groups by besides the model: dimensions of the actions and, optionally, time
+    buckets."""
+
+    dimensions: tuple[str, ...] = ()
+    bucket_of: Callable[[ColumnElement[Any]], ColumnElement[int]] | None = None
+    """The index of the time bucket holding a moment, if bucketed."""
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (*self.dimensions, *(("bucket",) if self.bucket_of is not None else ()))
+
+    def columns(self, rows: Any, moment: ColumnElement[Any], *, raw: bool) -> list[ColumnElement[Any]]:
+        """The keys of `rows` (raw actions, or rollup rows starting at `moment`)."""
+        columns: list[ColumnElement[Any]] = []
+        for name in self.dimensions:
+            # On raw rows an expression, not the column: as for the model in `parts`.
+            column = type_coerce(rows.c[name] + literal("", String), String) if raw else rows.c[name]
+            columns.append(column.label(name))
+        if self.bucket_of is not None:
+            columns.append(self.bucket_of(moment).label("bucket"))
+        return columns
+
+
+UNGROUPED: Final = Grouping()
+
+
+def raw_rows(metric_filter: MetricFilter, plan: ReadPlan, grouping: Grouping = UNGROUPED) -> Subquery:
     """The raw actions the plan reads: its raw time ranges, or the newest `limit` of the selection."""
     m = action_metrics
-    columns = [m.c[name] for name in _RAW_COLUMNS]
+    columns = [m.c[name] for name in _RAW_COLUMNS] + grouping.columns(m, m.c.timestamp, raw=True)
     if metric_filter.limit is not None:
         return metric_filter.newest_first(select(*columns), m.c).subquery("selection")
     selection = select(*columns).where(*metric_filter.conditions(m.c, times=False))
     return selection.where(any_range(m.c.timestamp, plan.raw_ranges)).subquery("selection")
 
 
-def price_segment(moment: ColumnElement[Any], starts: Sequence[datetime]) -> ColumnElement[Any]:
+def latest_start(moment: ColumnElement[Any], starts: Sequence[datetime]) -> ColumnElement[Any]:
     """The latest of `starts` (sorted) at or before `moment`, or the beginning of time: a binary
     search written as nested CASEs. Between two consecutive price starts every price is constant,
-    so raw rows summed per (model, segment) are priced once per sum, not once per row."""
+    so raw rows summed per (model, segment) are priced once per sum, not once per row; the same
+    search puts a row in its time bucket."""
     if not starts:
         return literal(BEGINNING_OF_TIME, UTCDateTime())
     middle = len(starts) // 2
     return case(
-        (moment < literal(starts[middle], UTCDateTime()), price_segment(moment, starts[:middle])),
-        else_=price_segment_from(moment, starts[middle:]),
+        (moment < literal(starts[middle], UTCDateTime()), latest_start(moment, starts[:middle])),
+        else_=_latest_start_from(moment, starts[middle:]),
     )
 
 
-def price_segment_from(moment: ColumnElement[Any], starts: Sequence[datetime]) -> ColumnElement[Any]:
-    """`price_segment` when `moment` is known to be at or after `starts[0]`."""
+def _latest_start_from(moment: ColumnElement[Any], starts: Sequence[datetime]) -> ColumnElement[Any]:
+    """`latest_start` when `moment` is known to be at or after `starts[0]`."""
     if len(starts) == 1:
         return literal(starts[0], UTCDateTime())
     middle = len(starts) // 2
     return case(
-        (moment < literal(starts[middle], UTCDateTime()), price_segment_from(moment, starts[:middle])),
-        else_=price_segment_from(moment, starts[middle:]),
+        (moment < literal(starts[middle], UTCDateTime()), _latest_start_from(moment, starts[:middle])),
+        else_=_latest_start_from(moment, starts[middle:]),
     )
 
 
@@ -218,51 +256,91 @@ def _level_terms(level: Level, table: Any, metric_filter: MetricFilter) -> list[
     return terms
 
 
-def _parts(
-    metric_filter: MetricFilter, plan: ReadPlan, raw: Subquery, price_starts: Sequence[datetime]
+def summed_parts(
+    metric_filter: MetricFilter,
+    plan: ReadPlan,
+    raw: Subquery,
+    price_starts: Sequence[datetime],
+    grouping: Grouping = UNGROUPED,
 ) -> NamedFromClause:
-    """Rollup rows and raw rows alike: model, start (`at`) and the summed columns. Raw rows are
-    summed per model and price segment first."""
+    """Rollup rows and raw rows alike: model, start (`at`), the grouping's keys and the summed
+    columns. Raw rows are summed per model, price segment and keys first."""
     sums = raw_sums(raw)
-    segment = price_segment(raw.c.timestamp, price_starts).label("at")
+    keys = [raw.c[key] for key in grouping.keys]
+    segment = latest_start(raw.c.timestamp, price_starts).label("at")
     # Grouped by an expression of the model, not the column: SQLite would otherwise read the whole
     # table in the order of its model index to spare the sort, instead of the time range's rows.
     model = type_coerce(raw.c.model + literal("", String), String).label("model")
-    raw_parts = select(model, segment, *(func.sum(sums[name]).label(name) for name in SUM_COLUMNS)).group_by(
-        model, segment
-    )
+    raw_parts = select(
+        model, segment, *keys, *(func.sum(sums[name]).label(name) for name in SUM_COLUMNS)
+    ).group_by(model, segment, *keys)
     selects: list[Select[Any]] = [raw_parts]
     r = rollup
     for level, since, until in plan.rollup_ranges:
         selects.append(
-            select(r.c.model, r.c.start.label("at"), *(r.c[name] for name in SUM_COLUMNS)).where(
-                *_level_terms(level, r, metric_filter), *range_terms(r.c.start, since, until)
-            )
+            select(
+                r.c.model,
+                r.c.start.label("at"),
+                *grouping.columns(r, r.c.start, raw=False),
+                *(r.c[name] for name in SUM_COLUMNS),
+            ).where(*_level_terms(level, r, metric_filter), *range_terms(r.c.start, since, until))
         )
     return union_all(*selects).subquery("parts")
 
 
-def _latencies(metric_filter: MetricFilter, plan: ReadPlan, raw: Subquery) -> NamedFromClause:
-    """Latency values with their weights: raw rows' own (weight 1, exact) and histogram bins'
-    representatives (weight: the bin's count, `approximate`)."""
-    selects: list[Select[Any]] = [
-        select(
+def latency_values(
+    metric_filter: MetricFilter,
+    plan: ReadPlan,
+    raw: Subquery,
+    grouping: Grouping = UNGROUPED,
+    *,
+    bin_raw: bool = False,
+) -> NamedFromClause:
+    """Latency values with their weights: raw rows' own (weight 1, exact), or with `bin_raw` their
+    histogram bins (a GROUP BY instead of a sort of every row), and histogram bins' representatives
+    (weight: the bin's count, `approximate`)."""
+    succeeded = raw.c.error.is_(None)  # latency percentiles describe successful actions
+    keys = [raw.c[key] for key in grouping.keys]
+    if bin_raw:
+        binned = (
+            select(raw.c.model, *keys, latency_bin(raw.c.latency_ms).label("bin"))
+            .where(succeeded)
+            .subquery("binned")
+        )
+        binned_keys = [binned.c[key] for key in grouping.keys]
+        raw_values = select(
+            binned.c.model,
+            *binned_keys,
+            bin_value(binned.c.bin).label("value"),
+            func.count().label("n"),
+            literal(1, Integer).label("approximate"),
+        ).group_by(binned.c.model, *binned_keys, binned.c.bin)
+    else:
+        raw_values = select(
             raw.c.model,
+            *keys,
             raw.c.latency_ms.label("value"),
             literal(1, BigInteger).label("n"),
             literal(0, Integer).label("approximate"),
-        ).where(raw.c.error.is_(None))  # latency percentiles describe successful actions
-    ]
+        ).where(succeeded)
+    selects: list[Select[Any]] = [raw_values]
     h = latency_histogram
     for level, since, until in plan.rollup_ranges:
+        bin_keys = grouping.columns(h, h.c.start, raw=False)
         bins = (
-            select(h.c.model, h.c.bin, func.sum(h.c["count"]).label("n"))
+            select(h.c.model, *bin_keys, h.c.bin, func.sum(h.c["count"]).label("n"))
             .where(*_level_terms(level, h, metric_filter), *range_terms(h.c.start, since, until))
-            .group_by(h.c.model, h.c.bin)
+            .group_by(h.c.model, *bin_keys, h.c.bin)
             .subquery("bins")
         )
         selects.append(
-            select(bins.c.model, bin_value(bins.c.bin), bins.c.n, literal(1, Integer).label("approximate"))
+            select(
+                bins.c.model,
+                *(bins.c[key] for key in grouping.keys),
+                bin_value(bins.c.bin),
+                bins.c.n,
+                literal(1, Integer).label("approximate"),
+            )
         )
     return union_all(*selects).cte("latencies")
 
@@ -270,9 +348,9 @@ def _latencies(metric_filter: MetricFilter, plan: ReadPlan, raw: Subquery) -> Na
 # --- money and counts ---------------------------------------------------------------------------
 
 
-def _per_model(parts: NamedFromClause) -> NamedFromClause:
-    """Counts, sums and money per model. Parts are grouped by the prices in force at their start
-    and each group's sums are multiplied by its prices once."""
+def sums_per_model(parts: NamedFromClause, keys: Sequence[str] = ()) -> NamedFromClause:
+    """Counts, sums and money per model (and keys). Parts are grouped by the prices in force at their
+    start and each group's sums are multiplied by its prices once."""
     p, c = model_price_periods, credit_price_periods
     at = parts.c.at
     priced = parts.outerjoin(
@@ -294,9 +372,14 @@ def _per_model(parts: NamedFromClause) -> NamedFromClause:
         c.c.usd_per_credit.label("usd_per_credit"),
     )
     per_price = (
-        select(parts.c.model, *prices, *(func.sum(parts.c[name]).label(name) for name in SUM_COLUMNS))
+        select(
+            parts.c.model,
+            *(parts.c[key] for key in keys),
+            *prices,
+            *(func.sum(parts.c[name]).label(name) for name in SUM_COLUMNS),
+        )
         .select_from(priced)
-        .group_by(parts.c.model, *prices)
+        .group_by(parts.c.model, *(parts.c[key] for key in keys), *prices)
         .subquery("per_price")
     )
     g = per_price.c
@@ -320,6 +403,7 @@ def _per_model(parts: NamedFromClause) -> NamedFromClause:
     return (
         select(
             g.model,
+            *(g[key] for key in keys),
             func.sum(g["count"]).label("count"),
             func.sum(g.tokens_in).label("tokens_in"),
             func.sum(g.tokens_out).label("tokens_out"),
@@ -334,15 +418,31 @@ def _per_model(parts: NamedFromClause) -> NamedFromClause:
             ).label("margin_sum"),
             func.sum(case((with_margin, g.credited_count))).label("margin_count"),
         )
-        .group_by(g.model)
+        .group_by(g.model, *(g[key] for key in keys))
         .cte("per_model")
     )
+
+
+PER_MODEL_SUMS: Final = (
+    "count",
+    "tokens_in",
+    "tokens_out",
+    "total_credits",
+    "latency_ms_sum",
+    "unpriced_count",
+    *COUNTED,
+    "cost",
+    "revenue",
+    "margin_sum",
+    "margin_count",
+)
+"""The columns of `per_model` that add up over models (and over any grouping)."""
 
 
 # --- percentiles --------------------------------------------------------------------------------
 
 
-def _weighted_percentiles(latencies: NamedFromClause, keys: Sequence[str]) -> NamedFromClause:
+def weighted_percentiles(latencies: NamedFromClause, keys: Sequence[str]) -> NamedFromClause:
     """Percentiles of weighted values, interpolated as percentile_cont: the value of rank
     floor((N - 1) * f), plus the fraction of the way to the next rank's value. An entry of weight n
     holds the ranks [upto - n, upto) in value order."""
@@ -374,7 +474,7 @@ def _weighted_percentiles(latencies: NamedFromClause, keys: Sequence[str]) -> Na
     return (statement.group_by(*(w[key] for key in keys)) if keys else statement).subquery("percentiles")
 
 
-def _exact_percentiles(raw: Subquery, keys: Sequence[str], backend: Backend) -> NamedFromClause:
+def exact_percentiles(raw: Subquery, keys: Sequence[str], backend: Backend) -> NamedFromClause:
     """Percentiles of the raw rows, the backend's fastest exact way (percentile_cont on PostgreSQL)."""
     ranked = backend.rank_latencies(raw, keys, list(PERCENTILES.values()))
     statement = select(
@@ -390,7 +490,7 @@ def _exact_percentiles(raw: Subquery, keys: Sequence[str], backend: Backend) -> 
 # --- the statement --------------------------------------------------------------------------------
 
 
-def _figures(sums: NamedFromClause, percentiles: NamedFromClause) -> list[ColumnElement[Any]]:
+def figure_columns(sums: NamedFromClause, percentiles: NamedFromClause) -> list[ColumnElement[Any]]:
     cost, revenue = sums.c.cost, sums.c.revenue
     return [
         _as_int(sums.c["count"]).label("count"),
@@ -414,37 +514,25 @@ def aggregate_statement(
     metric_filter: MetricFilter, plan: ReadPlan, backend: Backend, price_starts: Sequence[datetime]
 ) -> CompoundSelect[Any]:
     """The statement; `price_starts` are every instant a model or credit price begins, sorted."""
-    raw = _raw_rows(metric_filter, plan)
-    per_model = _per_model(_parts(metric_filter, plan, raw, price_starts))
+    raw = raw_rows(metric_filter, plan)
+    per_model = sums_per_model(summed_parts(metric_filter, plan, raw, price_starts))
     if plan.uses_rollups:
-        latencies = _latencies(metric_filter, plan, raw)
-        overall_percentiles = _weighted_percentiles(latencies, [])
-        model_percentiles = _weighted_percentiles(latencies, ["model"])
+        latencies = latency_values(metric_filter, plan, raw)
+        overall_percentiles = weighted_percentiles(latencies, [])
+        model_percentiles = weighted_percentiles(latencies, ["model"])
     else:
         succeeded = select(raw).where(raw.c.error.is_(None)).subquery("succeeded")
-        overall_percentiles = _exact_percentiles(succeeded, [], backend)
-        model_percentiles = _exact_percentiles(succeeded, ["model"], backend)
-    summed = (
-        "count",
-        "tokens_in",
-        "tokens_out",
-        "total_credits",
-        "latency_ms_sum",
-        "unpriced_count",
-        *COUNTED,
+        overall_percentiles = exact_percentiles(succeeded, [], backend)
+        model_percentiles = exact_percentiles(succeeded, ["model"], backend)
+    overall = select(*(func.sum(per_model.c[name]).label(name) for name in PER_MODEL_SUMS)).subquery(
+        "overall"
     )
-    overall = select(
-        *(func.sum(per_model.c[name]).label(name) for name in summed),
-        *(
-            func.sum(per_model.c[name]).label(name)
-            for name in ("cost", "revenue", "margin_sum", "margin_count")
-        ),
-    ).subquery("overall")
+    overall_figures = figure_columns(overall, overall_percentiles)
     return union_all(
-        select(cast(null(), String).label("model"), *_figures(overall, overall_percentiles)).select_from(
+        select(cast(null(), String).label("model"), *overall_figures).select_from(
             overall.join(overall_percentiles, true())
         ),
-        select(per_model.c.model, *_figures(per_model, model_percentiles)).select_from(
+        select(per_model.c.model, *figure_columns(per_model, model_percentiles)).select_from(
             per_model.outerjoin(model_percentiles, model_percentiles.c.model == per_model.c.model)
         ),
     )

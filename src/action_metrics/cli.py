@@ -18,6 +18,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from action_metrics import demo as town
 from action_metrics import migrate, report
 from action_metrics.aggregate import Aggregate
+from action_metrics.breakdown import BUCKETS, TZ_VARIABLE, BreakdownRow
+from action_metrics.breakdown_report import (
+    DIMENSION_OPTIONS,
+    Offender,
+    limit_offenders,
+    render_table,
+    write_csv,
+    write_json,
+)
 from action_metrics.dialects import URL_VARIABLE, Backend, backend_for, display_url
 from action_metrics.errors import ActionMetricsError, InvalidValue
 from action_metrics.repository import MetricsRepository, PruneResult
@@ -290,6 +299,36 @@ def _exit_if_failed(checks: tuple[report.CheckResult, ...]) -> None:
     f"{report.CHECKS_FAILED_EXIT_CODE} when one fails.",
 )
 @budget_option
+@click.option(
+    "--by",
+    "by",
+    multiple=True,
+    type=click.Choice(list(DIMENSION_OPTIONS)),
+    help="Break down by this dimension (repeatable).",
+)
+@click.option("--bucket", type=click.Choice(list(BUCKETS)), help="Break down by time bucket, in --tz.")
+@click.option(
+    "--tz",
+    metavar="ZONE",
+    envvar=TZ_VARIABLE,
+    help="IANA time zone of the buckets and days (env ACTION_METRICS_TZ; default UTC).",
+)
+@click.option(
+    "--sort", default="total_cost_usd", show_default=True, help="Sort the breakdown by this figure."
+)
+@click.option("--ascending", is_flag=True, help="Sort the breakdown smallest first.")
+@click.option("--top", type=click.IntRange(min=1), help="Keep the breakdown's first N rows.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print the breakdown as CSV.")
+@click.option(
+    "--min-gross-margin",
+    type=float,
+    help="With --check: fail when the gross margin (per town with --by town) is below this.",
+)
+@click.option(
+    "--max-cost-usd-per-day",
+    type=click.FloatRange(min=0),
+    help="With --check: fail when a day's cost (per town with --by town, days in --tz) is above this.",
+)
 @friendly_errors
 def report_command(
     url: str | None,
@@ -300,9 +339,40 @@ def report_command(
     as_json: bool,
     check: bool,
     lod3_p95_budget_ms: float,
+    by: tuple[str, ...],
+    bucket: str | None,
+    tz: str | None,
+    sort: str,
+    ascending: bool,
+    top: int | None,
+    as_csv: bool,
+    min_gross_margin: float | None,
+    max_cost_usd_per_day: float | None,
 ) -> None:
-    """Totals and a by-model breakdown of recorded actions (a table, or --json)."""
+    """Totals and a by-model breakdown of recorded actions (a table, or --json), or with --by and
+    --bucket a breakdown (a table, --json or --csv)."""
     selection = report.Selection(town_id=town_id, action_type=action_type, model=model, since=since)
+    filters: dict[str, Any] = {"town_id": town_id, "action_type": action_type, "model": model, "since": since}
+    if by or bucket or as_csv:
+        dimensions = tuple(DIMENSION_OPTIONS[word] for word in by)
+
+        async def read_breakdown() -> list[BreakdownRow]:
+            async with AsyncMetricsStore(url) as store:
+                return await store.breakdown(
+                    dimensions, bucket=bucket, tz=tz, sort=sort, descending=not ascending, top=top, **filters
+                )
+
+        rows = run_async(read_breakdown())
+        if as_csv:
+            write_csv(rows, sys.stdout)
+        elif as_json:
+            write_json(rows, sys.stdout)
+        else:
+            title = f"Breakdown by {', '.join([*by, *([bucket] if bucket else [])])}: {selection.describe()}"
+            _stdout().print(render_table(rows, title))
+        if check and _over_limits(url, by, tz, min_gross_margin, max_cost_usd_per_day, filters):
+            raise click.exceptions.Exit(report.CHECKS_FAILED_EXIT_CODE)
+        return
 
     async def gather() -> tuple[Aggregate, tuple[report.CheckResult, ...] | None]:
         async with AsyncMetricsStore(url) as store:
@@ -324,8 +394,40 @@ def report_command(
         if checks is not None:
             console.print()
             console.print(report.render_checks(checks))
+    over = check and _over_limits(url, by, tz, min_gross_margin, max_cost_usd_per_day, filters)
     if checks is not None:
         _exit_if_failed(checks)
+    if over:
+        raise click.exceptions.Exit(report.CHECKS_FAILED_EXIT_CODE)
+
+
+def _over_limits(
+    url: str | None,
+    by: tuple[str, ...],
+    tz: str | None,
+    min_gross_margin: float | None,
+    max_cost_usd_per_day: float | None,
+    filters: dict[str, Any],
+) -> bool:
+    """Print each group over a limit of `report --check`; whether there was one."""
+    if min_gross_margin is None and max_cost_usd_per_day is None:
+        return False
+
+    async def find() -> list[Offender]:
+        async with AsyncMetricsStore(url) as store:
+            return await limit_offenders(
+                store,
+                per_town="town" in by,
+                tz=tz,
+                min_gross_margin=min_gross_margin,
+                max_cost_usd_per_day=max_cost_usd_per_day,
+                **filters,
+            )
+
+    offenders = run_async(find())
+    for offender in offenders:
+        click.echo(f"check failed: {offender.describe()}", err=True)
+    return bool(offenders)
 
 
 @main.command(name="demo")

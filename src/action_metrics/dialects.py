@@ -2,8 +2,8 @@
 
 The rest of the package builds dialect-free SQLAlchemy Core and asks a `Backend` for the few pieces
 that differ: the async driver, connect-time settings, whether a new database is migrated on first
-use, `INSERT ... ON CONFLICT`, percentiles, the start of a timestamp's hour or day, GREATEST, a read
-snapshot, and the bulk insert of metrics through the driver's fastest path.
+use, `INSERT ... ON CONFLICT`, percentiles, the start of a timestamp's hour or day, its seconds since
+the epoch, GREATEST, a read snapshot, and the bulk insert of metrics through the driver's fastest path.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Final
 
 from sqlalchemy import (
     URL,
+    BigInteger,
     Column,
     ColumnElement,
     Double,
@@ -108,6 +109,10 @@ class Backend:
 
     def greatest(self, first: ColumnElement[Any], *others: ColumnElement[Any]) -> ColumnElement[Any]:
         """The largest of the values, ignoring NULLs among `others` (`first` is never NULL)."""
+        raise NotImplementedError
+
+    def epoch_seconds(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """The whole seconds from 1970-01-01 UTC to `timestamp`, as an integer."""
         raise NotImplementedError
 
     def sum_without_overflow(self, expression: ColumnElement[Any]) -> ColumnElement[Any]:
@@ -212,6 +217,9 @@ class PostgresBackend(Backend):
     def greatest(self, first: ColumnElement[Any], *others: ColumnElement[Any]) -> ColumnElement[Any]:
         return type_coerce(func.greatest(first, *others), first.type)
 
+    def epoch_seconds(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        return sql_cast(func.floor(func.extract("epoch", timestamp)), BigInteger)
+
     snapshot_options: ClassVar[dict[str, Any]] = {"isolation_level": "REPEATABLE READ"}
 
     async def refresh_statistics(self, connection: AsyncConnection, *tables: Table) -> None:
@@ -308,6 +316,10 @@ class SQLiteBackend(Backend):
         # SQLite's multi-argument max() is NULL when any argument is.
         return type_coerce(func.max(first, *(func.coalesce(other, first) for other in others)), first.type)
 
+    def epoch_seconds(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        # strftime('%s') reads the stored UTC text exactly; julianday() would be a float.
+        return sql_cast(func.strftime("%s", timestamp), Integer)
+
     bulk_insert_minimum = 1
 
     async def bulk_insert_metrics(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> None:
@@ -325,7 +337,7 @@ class SQLiteBackend(Backend):
     ) -> NamedFromClause:
         # An expression of each key, not the column: SQLite would otherwise read the whole table in
         # the order of the key's index (to spare a sort), instead of just the selection's rows.
-        partition = [rows.c[key] + literal("", String) for key in keys]
+        partition = [type_coerce(rows.c[key], String) + literal("", String) for key in keys]
         order = rows.c.latency_ms
         ranked = Select(
             rows,

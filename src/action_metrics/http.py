@@ -18,15 +18,23 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import GenericAlias
-from typing import Annotated, Any, Final, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Final, Literal, get_args, get_origin, get_type_hints
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, create_model
 from sqlalchemy import URL
 
 from action_metrics.aggregate import Aggregate
-from action_metrics.errors import DatabaseError, DatabaseUnavailable, SchemaError, TokenConfigError
+from action_metrics.breakdown import BUCKETS, DIMENSIONS, SORT_KEYS
+from action_metrics.errors import (
+    DatabaseError,
+    DatabaseUnavailable,
+    InvalidFilter,
+    SchemaError,
+    TokenConfigError,
+)
 from action_metrics.store import AsyncMetricsStore
 from action_metrics.validation import ACTION_TYPE_PATTERN, MAX_ID_LENGTH
 
@@ -318,4 +326,66 @@ def create_app(
             "metrics": aggregate.to_dict(),
         }
 
+    @app.get(
+        "/v1/town/{town_id}/breakdown",
+        response_model=TownBreakdown,
+        tags=["metrics"],
+        dependencies=[Depends(authorize)],
+        responses={
+            401: {"model": Problem, "description": "Missing or unknown bearer token"},
+            403: {"model": Problem, "description": "The token may not read this town"},
+            503: {"model": Problem, "description": "The database is unreachable or its schema is behind"},
+        },
+    )
+    async def town_breakdown(
+        town_id: TownId,
+        store: Annotated[AsyncMetricsStore, Depends(_store)],
+        by: Annotated[list[Dimension], Query(description="Group by these (repeatable).")] = [],  # noqa: B006
+        bucket: Annotated[BucketName | None, Query(description="And by this time bucket, in tz.")] = None,
+        tz: Annotated[
+            str | None,
+            Query(
+                pattern=ZONE_PATTERN,
+                description="IANA zone of the buckets (default $ACTION_METRICS_TZ, UTC).",
+            ),
+        ] = None,
+        since_hours: Annotated[
+            float, Query(gt=0, le=MAX_SINCE_HOURS, description="The window: actions of the last N hours.")
+        ] = DEFAULT_SINCE_HOURS,
+        sort: Annotated[SortKey, Query(description="The figure rows are sorted by, largest first.")] = (
+            "total_cost_usd"
+        ),
+        top: Annotated[int | None, Query(ge=1, le=MAX_TOP, description="Keep the first N rows.")] = None,
+    ) -> dict[str, Any]:
+        """The town's numbers per user, citizen, action type or model and per hour, day, week or month
+        in a time zone, over the last `since_hours` hours."""
+        since = datetime.now(UTC) - timedelta(hours=since_hours)
+        try:
+            rows = await store.breakdown(
+                by, bucket=bucket, tz=tz, sort=sort, top=top, town_id=town_id, since=since
+            )
+        except InvalidFilter as error:
+            raise RequestValidationError(
+                [{"type": "value_error", "loc": ("query", error.field), "msg": str(error), "input": None}]
+            ) from None
+        except DatabaseError as error:
+            raise _unavailable(error) from error
+        return {"town_id": town_id, "rows": [row.to_dict() for row in rows]}
+
     return app
+
+
+Dimension = Literal["user_id", "town_id", "citizen_id", "action_type", "model"]
+BucketName = Literal["hour", "day", "week", "month"]
+SortKey = Literal[SORT_KEYS]  # type: ignore[valid-type]
+ZONE_PATTERN: Final = r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+){0,2}$"
+MAX_TOP: Final = 100_000
+assert set(get_args(Dimension)) == set(DIMENSIONS)
+assert set(get_args(BucketName)) == set(BUCKETS)
+
+
+class TownBreakdown(BaseModel):
+    """A town's breakdown: one object per group, holding its keys, `bucket_start` and figures."""
+
+    town_id: str
+    rows: list[dict[str, Any]]

@@ -6,6 +6,7 @@ shows exactly what a library user would compute, and renders it with Rich or as 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from action_metrics.aggregate import Aggregate
+from action_metrics.breakdown import TZ_VARIABLE, bucket_floor, reader_zone
 from action_metrics.errors import InvalidFilter
 from action_metrics.pricing import ACTION_CREDITS, ActionType
 from action_metrics.store import AsyncMetricsStore
@@ -193,9 +195,12 @@ def any_failed(checks: Sequence[CheckResult]) -> bool:
 
 
 def start_of_today(now: datetime | None = None) -> datetime:
-    """Local midnight: "today" as the person reading the dashboard means it."""
-    local = (now or datetime.now(UTC)).astimezone()
-    return local.replace(hour=0, minute=0, second=0, microsecond=0)
+    """Local midnight: "today" as the person reading the dashboard means it (in `$ACTION_METRICS_TZ`
+    when set, else the system's zone)."""
+    now = now or datetime.now(UTC)
+    if os.environ.get(TZ_VARIABLE):
+        return bucket_floor(now, "day", reader_zone())
+    return now.astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 @dataclass(frozen=True, slots=True)

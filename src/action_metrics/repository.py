@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select, union
@@ -23,6 +24,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from action_metrics import migrate, rollup
 from action_metrics.aggregate import Aggregate, aggregate_from_rows, aggregate_statement
+from action_metrics.breakdown import (
+    BreakdownRequest,
+    BreakdownRow,
+    breakdown_statement,
+    bucket_starts,
+    combined_plan,
+    rows_from,
+)
 from action_metrics.charges import ChargeAudit, audit_statement
 from action_metrics.dialects import WRITE, Backend, display_url
 from action_metrics.errors import (
@@ -216,6 +225,31 @@ class MetricsRepository:
             result = await connection.execute(statement)
             return aggregate_from_rows(result.mappings().all())
 
+    async def breakdown(self, metric_filter: MetricFilter, request: BreakdownRequest) -> list[BreakdownRow]:
+        """Each bucket is planned as `aggregate()` plans a window; the plans are read as one."""
+        async with self._snapshot() as connection:
+            state = await rollup.read_state(connection)
+            exact, grouped = request.exact, request.grouped
+            starts: list[datetime] | None = None
+            if request.bucket is None:
+                plan = _plan(metric_filter, state, exact=exact, grouped=grouped)
+            else:
+                since, until = await _window(connection, metric_filter)
+                if since >= until:
+                    return []
+                local = bucket_starts(request.bucket, request.zone, since, until)
+                starts = [start.astimezone(UTC) for start in local]
+                windows = [(max(a, since), min(b, until)) for a, b in pairwise(starts)]
+                plans = [_plan(metric_filter, state, exact=exact, grouped=grouped, window=w) for w in windows]
+                plan = combined_plan(plans)
+            if rollup.reads_pruned_rows(plan, state):
+                assert state.raw_kept_from is not None
+                raise RawRowsPruned(state.raw_kept_from, "breakdown()")
+            price_starts = await _price_starts(connection)
+            statement = breakdown_statement(metric_filter, request, plan, starts, self.backend, price_starts)
+            result = await connection.execute(statement)
+            return rows_from(result.mappings().all(), request, starts)
+
     async def _check_newest_unpruned(
         self, connection: AsyncConnection, metric_filter: MetricFilter, state: RollupState
     ) -> None:
@@ -348,12 +382,41 @@ def _reaches_before(metric_filter: MetricFilter, cutoff: datetime) -> bool:
     return metric_filter.since is None or metric_filter.since < cutoff
 
 
-def _plan(metric_filter: MetricFilter, state: RollupState, *, exact: bool) -> ReadPlan:
+def _plan(
+    metric_filter: MetricFilter,
+    state: RollupState,
+    *,
+    exact: bool,
+    grouped: Sequence[str] = (),
+    window: rollup.Range | None = None,
+) -> ReadPlan:
     """Rollups where they can answer; raw rows for `exact`, for users and citizens (no rollup keeps
-    them), and for the newest `limit`."""
-    since, until = metric_filter.since, metric_filter.until
+    them), and for the newest `limit`. `grouped`: dimensions grouped by (which the rollups read must
+    keep); `window`: the time range, if not the filter's."""
+    since, until = (metric_filter.since, metric_filter.until) if window is None else window
     unkept = (metric_filter.limit, metric_filter.user_id, metric_filter.citizen_id)
-    if exact or any(value is not None for value in unkept) or not metric_filter.storable:
+    if (
+        exact
+        or any(value is not None for value in unkept)
+        or not metric_filter.storable
+        or not set(grouped) <= set(rollup.DIMENSIONS)
+    ):
         return rollup.raw_only(since, until)
-    kept = [name for name in rollup.DIMENSIONS if getattr(metric_filter, name) is not None]
+    kept = [name for name in rollup.DIMENSIONS if getattr(metric_filter, name) is not None or name in grouped]
     return rollup.plan_reads(state, kept, since, until)
+
+
+async def _window(connection: AsyncConnection, metric_filter: MetricFilter) -> tuple[datetime, datetime]:
+    """The filter's time range, its open ends closed at the first and last action stored (raw or
+    rolled up); empty (since >= until) when nothing is."""
+    m, r = action_metrics, rollup_table
+    raw = (await connection.execute(select(func.min(m.c.timestamp), func.max(m.c.timestamp)))).one()
+    rolled = (await connection.execute(select(func.min(r.c.start), func.max(r.c.start)))).one()
+    firsts = [moment for moment in (raw[0], rolled[0]) if moment is not None]
+    lasts = [raw[1] + timedelta(microseconds=1)] if raw[1] is not None else []
+    lasts += [rolled[1] + timedelta(days=1)] if rolled[1] is not None else []
+    if not firsts:
+        return datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC)
+    since = metric_filter.since if metric_filter.since is not None else min(firsts)
+    until = metric_filter.until if metric_filter.until is not None else max(lasts)
+    return since, until

@@ -26,6 +26,7 @@ from typing import Any, Self, TypedDict, TypeVar, Unpack
 from sqlalchemy import URL
 
 from action_metrics.aggregate import Aggregate
+from action_metrics.breakdown import BreakdownRequest, BreakdownRow
 from action_metrics.charges import ChargeAudit
 from action_metrics.dialects import backend_for, display_url
 from action_metrics.errors import InvalidFilter, StoreClosed
@@ -48,8 +49,8 @@ T = TypeVar("T")
 Amount = float | int | str | Decimal
 
 
-class Filters(TypedDict, total=False):
-    """The filters of `query()` and `aggregate()`; see `MetricFilter`."""
+class SelectionFilters(TypedDict, total=False):
+    """The filters of `breakdown()`; see `MetricFilter`."""
 
     user_id: str | None
     town_id: str | None
@@ -58,6 +59,11 @@ class Filters(TypedDict, total=False):
     model: str | None
     since: datetime | None
     until: datetime | None
+
+
+class Filters(SelectionFilters, total=False):
+    """The filters of `query()` and `aggregate()`; see `MetricFilter`."""
+
     limit: int | None
 
 
@@ -228,6 +234,28 @@ class AsyncMetricsStore:
         metric_filter = MetricFilter(**filters)
         await self.writer.settle()
         return await (await self._open()).aggregate(metric_filter, exact=bool(exact))
+
+    async def breakdown(
+        self,
+        by: Sequence[str] | str = (),
+        *,
+        bucket: str | None = None,
+        tz: str | None = None,
+        sort: str = "total_cost_usd",
+        descending: bool = True,
+        top: int | None = None,
+        exact: bool = False,
+        **filters: Unpack[SelectionFilters],
+    ) -> list[BreakdownRow]:
+        """The numbers of `aggregate()` per group of `by` (user_id, town_id, citizen_id, action_type,
+        model) and per `bucket` (hour, day, week from Monday, month) in the IANA zone `tz` (default
+        `$ACTION_METRICS_TZ`, else UTC), sorted by `sort`, the first `top` kept."""
+        request = BreakdownRequest.of(
+            by, bucket=bucket, tz=tz, sort=sort, descending=descending, top=top, exact=exact
+        )
+        metric_filter = MetricFilter(**filters)
+        await self.writer.settle()
+        return await (await self._open()).breakdown(metric_filter, request)
 
     async def prune(
         self, before: datetime, *, dry_run: bool = False, progress: Callable[[int], None] | None = None
@@ -446,6 +474,24 @@ class MetricsStore:
 
     def aggregate(self, *, exact: bool = False, **filters: Unpack[Filters]) -> Aggregate:
         return self._call(self._store.aggregate(exact=exact, **filters))
+
+    def breakdown(
+        self,
+        by: Sequence[str] | str = (),
+        *,
+        bucket: str | None = None,
+        tz: str | None = None,
+        sort: str = "total_cost_usd",
+        descending: bool = True,
+        top: int | None = None,
+        exact: bool = False,
+        **filters: Unpack[SelectionFilters],
+    ) -> list[BreakdownRow]:
+        return self._call(
+            self._store.breakdown(
+                by, bucket=bucket, tz=tz, sort=sort, descending=descending, top=top, exact=exact, **filters
+            )
+        )
 
     def audit_charges(self, credits: int, **filters: Unpack[Filters]) -> ChargeAudit:
         return self._call(self._store.audit_charges(credits, **filters))

@@ -1,0 +1,316 @@
+"""Breakdowns: "margin per town per day, Berlin time", "top users by loss", each group's figures
+checked against a reference built with `zoneinfo` over the raw rows (tests/reference.py: Decimal
+money, NumPy percentiles), on both backends, across daylight-saving days and in zones whose offsets
+are not whole hours.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from conftest import run_cli
+
+from action_metrics import ActionMetric, InvalidFilter, MetricsStore
+from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
+
+from reference import PriceBook, assert_matches, expected_aggregate
+
+TOWNS = ["town-a", "town-b", "town-c"]
+ACTIONS = ["lod3", "lod4", "dialogue"]
+MODELS = ["haiku", "sonnet", "opus", "mystery"]  # mystery has no price
+SPRING = datetime(2024, 3, 29, tzinfo=UTC)
+"""Berlin's 23-hour day (31 March 2024) is inside the first four days from here."""
+AUTUMN = datetime(2024, 10, 25, tzinfo=UTC)
+"""Berlin's 25-hour day (27 October 2024) is inside the four days from here."""
+ZONES = ["Europe/Berlin", "Asia/Kolkata", "Asia/Kathmandu", "America/St_Johns", "UTC"]
+
+
+def _book() -> PriceBook:
+    models = {
+        model: [(BEGINNING_OF_TIME, Decimal(str(i)), Decimal(str(o)))]
+        for model, (i, o) in MODEL_COSTS_PER_1M.items()
+    }
+    return PriceBook(models, [(BEGINNING_OF_TIME, Decimal("0.006"))])
+
+
+def _metrics(seed: int = 13, per_window: int = 700) -> list[ActionMetric]:
+    """Actions spread over four days around each change of Berlin's clocks, at any minute."""
+    rng = random.Random(seed)
+    metrics = []
+    for start in (SPRING, AUTUMN):
+        for _ in range(per_window):
+            at = start + timedelta(seconds=rng.randrange(4 * 86_400))
+            metrics.append(
+                ActionMetric(
+                    action_type=rng.choice(ACTIONS),
+                    user_id=f"user-{rng.randrange(6)}",
+                    town_id=rng.choice(TOWNS),
+                    citizen_id=rng.choice([None, "citizen-1", "citizen-2"]),
+                    tokens_in=rng.randrange(0, 40_000),
+                    tokens_out=rng.randrange(0, 4_000),
+                    model=rng.choice(MODELS),
+                    latency_ms=rng.choice([0.3, rng.lognormvariate(5, 1.5), rng.uniform(1, 5)]),
+                    credits_charged=rng.choice([0, 10, 100, 400]),
+                    timestamp=at,
+                    error=rng.choice([None] * 7 + ["TimeoutError"]),
+                )
+            )
+    return sorted(metrics, key=lambda metric: metric.timestamp)
+
+
+def _local_start(moment: datetime, bucket: str, zone: ZoneInfo) -> datetime:
+    """The reference's bucket: the local wall clock truncated, as a spreadsheet would."""
+    local = moment.astimezone(zone)
+    if bucket == "hour":
+        return datetime(local.year, local.month, local.day, local.hour, tzinfo=zone, fold=local.fold)
+    start = datetime(local.year, local.month, local.day, tzinfo=zone)
+    if bucket == "week":
+        start = datetime.combine(start.date() - timedelta(days=start.weekday()), start.time(), tzinfo=zone)
+    if bucket == "month":
+        start = datetime(local.year, local.month, 1, tzinfo=zone)
+    return start
+
+
+def _expected(
+    metrics: list[ActionMetric], by: tuple[str, ...], bucket: str | None, zone: str
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Group key (the `by` values, then the bucket's local start) -> the reference figures."""
+    groups: dict[tuple[Any, ...], list[ActionMetric]] = defaultdict(list)
+    for metric in metrics:
+        key = tuple(getattr(metric, name) for name in by)
+        if bucket is not None:
+            key += (_local_start(metric.timestamp, bucket, ZoneInfo(zone)).isoformat(),)
+        groups[key].append(metric)
+    expected = {}
+    for key, chosen in groups.items():
+        figures = expected_aggregate(chosen, _book())
+        del figures["by_model"]
+        expected[key] = figures
+    return expected
+
+
+def _key(row: dict[str, Any], by: tuple[str, ...], bucket: str | None) -> tuple[Any, ...]:
+    return tuple(row[name] for name in by) + ((row["bucket_start"],) if bucket is not None else ())
+
+
+def _assert_breakdown(
+    store: MetricsStore,
+    metrics: list[ActionMetric],
+    by: tuple[str, ...],
+    bucket: str | None,
+    zone: str,
+    **kw: Any,
+) -> list[dict[str, Any]]:
+    rows = [row.to_dict() for row in store.breakdown(by, bucket=bucket, tz=zone, **kw)]
+    expected = _expected(metrics, by, bucket, zone)
+    assert sorted(map(repr, (_key(row, by, bucket) for row in rows))) == sorted(map(repr, expected))
+    for row in rows:
+        assert_matches(
+            row, expected[_key(row, by, bucket)], f"{by} {bucket} {zone} {_key(row, by, bucket)}: "
+        )
+    return rows
+
+
+@pytest.fixture
+def filled(database_url: str) -> tuple[MetricsStore, list[ActionMetric]]:
+    """A store holding `_metrics()`, its rollups closed up to the last action."""
+    metrics = _metrics()
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        store.flush()
+        yield store, metrics
+
+
+def test_margin_per_day_in_each_zone_matches_the_reference(
+    filled: tuple[MetricsStore, list[ActionMetric]],
+) -> None:
+    store, metrics = filled
+    for zone in ZONES:
+        rows = _assert_breakdown(store, metrics, (), "day", zone)
+        assert not rows[0]["percentiles_exact"]  # histograms, merged from rollups and binned raw rows
+    _assert_breakdown(store, metrics, ("town_id",), "day", "Asia/Kathmandu")
+
+
+def test_berlin_days_across_the_clock_changes_hold_what_aggregate_holds_between_local_midnights(
+    filled: tuple[MetricsStore, list[ActionMetric]],
+) -> None:
+    store, _ = filled
+    berlin = ZoneInfo("Europe/Berlin")
+    rows = store.breakdown(bucket="day", tz="Europe/Berlin", sort="count")
+    by_day = {row.bucket_start.date(): row for row in rows if row.bucket_start is not None}
+    short, long = by_day[datetime(2024, 3, 31).date()], by_day[datetime(2024, 10, 27).date()]
+    assert short.to_dict()["bucket_start"] == "2024-03-31T00:00:00+01:00"
+    assert long.to_dict()["bucket_start"] == "2024-10-27T00:00:00+02:00"
+    for row, hours in ((short, 23), (long, 25)):
+        since = datetime.combine(row.bucket_start.date(), datetime.min.time(), tzinfo=berlin)
+        until = datetime.combine(since.date() + timedelta(days=1), datetime.min.time(), tzinfo=berlin)
+        assert (until.astimezone(UTC) - since.astimezone(UTC)) == timedelta(hours=hours)
+        whole = store.aggregate(since=since, until=until).to_dict()
+        got = row.to_dict()
+        for key in ("count", "tokens_in", "tokens_out", "total_credits", "unpriced_count", "error_count"):
+            assert got[key] == whole[key], key
+        for key in ("total_cost_usd", "total_revenue_usd", "total_profit_usd", "gross_margin", "avg_margin"):
+            assert got[key] == pytest.approx(whole[key], rel=1e-9), key
+        for key in ("p50_latency_ms", "p95_latency_ms", "p99_latency_ms"):
+            assert got[key] == pytest.approx(whole[key], rel=0.02), key  # each within 1% of exact
+
+
+@pytest.mark.parametrize(
+    ("by", "bucket", "zone"),
+    [
+        (("model",), "hour", "Asia/Kathmandu"),
+        (("action_type", "model"), "week", "America/St_Johns"),
+        (("town_id",), "month", "Asia/Kolkata"),
+        (("citizen_id",), "day", "Europe/Berlin"),
+    ],
+)
+def test_other_buckets_and_dimensions_match_the_reference(
+    filled: tuple[MetricsStore, list[ActionMetric]], by: tuple[str, ...], bucket: str, zone: str
+) -> None:
+    store, metrics = filled
+    _assert_breakdown(store, metrics, by, bucket, zone)
+
+
+def test_cost_and_margin_per_user_exactly_or_from_histograms(
+    filled: tuple[MetricsStore, list[ActionMetric]],
+) -> None:
+    store, metrics = filled
+    exact = _assert_breakdown(store, metrics, ("user_id",), None, "UTC", exact=True)
+    assert all(row["percentiles_exact"] for row in exact)
+    _assert_breakdown(store, metrics, ("user_id",), None, "UTC")
+    since = AUTUMN + timedelta(hours=30, minutes=7)
+    chosen = [metric for metric in metrics if metric.timestamp >= since and metric.town_id == "town-b"]
+    _assert_breakdown(store, chosen, ("user_id",), "day", "Europe/Berlin", since=since, town_id="town-b")
+
+
+def test_top_users_by_loss_and_sorting_either_way(filled: tuple[MetricsStore, list[ActionMetric]]) -> None:
+    store, metrics = filled
+    expected = _expected(metrics, ("user_id",), None, "UTC")
+    losers = sorted(expected, key=lambda key: expected[key]["total_profit_usd"])[:3]
+    rows = store.breakdown("user_id", sort="total_profit_usd", descending=False, top=3)
+    assert [(row.keys["user_id"],) for row in rows] == losers
+    by_tokens = store.breakdown("user_id", sort="total_tokens")
+    assert [row.figures.total_tokens for row in by_tokens] == sorted(
+        (figures["total_tokens"] for figures in expected.values()), reverse=True
+    )
+
+
+def test_groups_without_a_value_sort_last_either_way(database_url: str) -> None:
+    with MetricsStore(database_url) as store:
+        at = datetime(2024, 5, 1, 12, tzinfo=UTC)
+        store.emit_many(
+            [
+                ActionMetric("lod3", "free", "t", "c", 10, 10, "haiku", 5.0, 0, timestamp=at),
+                ActionMetric("lod3", "paid", "t", "c", 10, 10, "haiku", 5.0, 10, timestamp=at),
+                ActionMetric("lod3", "dear", "t", "c", 10_000_000, 10, "opus", 5.0, 1, timestamp=at),
+            ]
+        )
+        for descending in (True, False):
+            rows = store.breakdown("user_id", sort="gross_margin", descending=descending)
+            assert [row.keys["user_id"] for row in rows][-1] == "free"
+        assert store.breakdown("user_id", sort="gross_margin", top=1)[0].keys == {"user_id": "paid"}
+        assert store.breakdown("model", bucket="day", since=at + timedelta(days=1)) == []
+
+
+def test_the_reader_zone_comes_from_the_environment(
+    filled: tuple[MetricsStore, list[ActionMetric]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, metrics = filled
+    monkeypatch.setenv("ACTION_METRICS_TZ", "Asia/Kathmandu")
+    rows = store.breakdown(bucket="day")
+    assert rows[0].to_dict()["bucket_start"].endswith("+05:45")
+    assert sum(row.figures.count for row in rows) == len(metrics)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"by": ["town"]}, "by"),
+        ({"by": ["town_id", "town_id"]}, "by"),
+        ({"tz": "Europe/Gotham"}, "tz"),
+        ({"tz": "../etc/passwd"}, "tz"),
+        ({"bucket": "fortnight"}, "bucket"),
+        ({"sort": "profit"}, "sort"),
+        ({"sort": "percentiles_exact"}, "sort"),
+        ({"top": 0}, "top"),
+        ({"top": True}, "top"),
+        ({"bucket": "hour", "since": datetime(2000, 1, 1, tzinfo=UTC)}, "bucket"),
+    ],
+)
+def test_bad_arguments_name_the_argument(database_url: str, arguments: dict[str, Any], named: str) -> None:
+    with MetricsStore(database_url) as store:
+        store.emit(ActionMetric("lod3", "u", "t", "c", 1, 1, "haiku", 1.0, 1))
+        with pytest.raises(InvalidFilter) as raised:
+            store.breakdown(**arguments)
+        assert raised.value.field == named
+        assert named in str(raised.value)
+
+
+def test_report_by_user_per_berlin_day_as_csv_json_and_a_table(
+    filled: tuple[MetricsStore, list[ActionMetric]], database_url: str
+) -> None:
+    _, metrics = filled
+    expected = _expected(metrics, ("user_id",), "day", "Europe/Berlin")
+    arguments = ("report", "--url", database_url, "--by", "user", "--bucket", "day", "--tz", "Europe/Berlin")
+    sort = ("--sort", "total_profit_usd", "--top", "10")
+    written = run_cli(*arguments, *sort, "--csv")
+    assert written.exit_code == 0, written.output
+    lines = list(csv.DictReader(io.StringIO(written.output)))
+    assert len(lines) == 10
+    for line in lines:
+        want = expected[(line["user_id"], line["bucket_start"])]
+        assert int(line["count"]) == want["count"]
+        assert Decimal(line["total_profit_usd"]) == pytest.approx(
+            want["total_profit_usd"], abs=Decimal("1e-9")
+        )
+    profits = [float(line["total_profit_usd"]) for line in lines]
+    assert profits == sorted(profits, reverse=True)
+    as_json = run_cli(*arguments, *sort, "--json")
+    assert [row["bucket_start"] for row in json.loads(as_json.output)] == [
+        line["bucket_start"] for line in lines
+    ]
+    table = run_cli(*arguments, *sort)
+    assert table.exit_code == 0
+    assert "user_id" in table.output
+    zoned = run_cli(
+        "report", "--url", database_url, "--bucket", "day", "--json", ACTION_METRICS_TZ="Asia/Kolkata"
+    )
+    assert json.loads(zoned.output)[0]["bucket_start"].endswith("+05:30")
+
+
+def test_report_check_fails_naming_the_towns_and_days_over_the_limits(
+    filled: tuple[MetricsStore, list[ActionMetric]], database_url: str
+) -> None:
+    _, metrics = filled
+    per_town = _expected(metrics, ("town_id",), None, "UTC")
+    margins = sorted(float(figures["gross_margin"]) for figures in per_town.values())
+    floor = (margins[0] + margins[1]) / 2  # exactly one town below it
+    worst = next(key[0] for key, figures in per_town.items() if float(figures["gross_margin"]) < floor)
+    base = ("report", "--url", database_url, "--check", "--by", "town")
+    result = run_cli(*base, "--min-gross-margin", str(floor))
+    assert result.exit_code == 3, result.output
+    assert f"min gross margin ({floor:g}): {worst} at" in result.output
+    assert sum("check failed" in line for line in result.output.splitlines()) == 1
+    days = _expected(metrics, ("town_id",), "day", "Europe/Berlin")
+    ceiling = float(max(figures["total_cost_usd"] for figures in days.values())) - 0.000001
+    over = run_cli(*base, "--tz", "Europe/Berlin", "--max-cost-usd-per-day", str(ceiling))
+    assert over.exit_code == 3
+    assert sum("max cost usd per day" in line for line in over.output.splitlines()) == 1
+    fine = run_cli(*base, "--min-gross-margin", "-100", "--max-cost-usd-per-day", "1e9")
+    assert fine.exit_code == 0, fine.output
+
+
+def test_report_refuses_an_unknown_zone_naming_it(database_url: str) -> None:
+    result = run_cli("report", "--url", database_url, "--bucket", "day", "--tz", "Mars/Olympus")
+    assert result.exit_code != 0
+    assert "tz" in result.output
+    assert "Mars/Olympus" in result.output
