@@ -1,0 +1,196 @@
+"""Attribution: who an action or LLM call was for, carried by `action_context()` across sync and async code.
+
+A block inside `with action_context(user_id="u1", credits_charged=10):` gives its fields to every metric
+made inside it that does not name its own: `emit_action_metric()`, `@instrument_action` and the GenAI
+spans `ActionMetricsSpanProcessor` records. The credits of a block are charged once, to the first
+metric recorded inside it that takes credits, so several LLM calls in one block never multiply revenue.
+Contexts nest: an inner block's fields win, the others come from the outer one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, fields, replace
+from types import TracebackType
+from typing import Final
+
+from action_metrics.errors import InvalidValue
+from action_metrics.validation import check_action_type, check_count, check_id
+
+ATTRIBUTE_NAMES: Final = {
+    "action_type": "action.type",
+    "user_id": "action.user_id",
+    "town_id": "action.town_id",
+    "citizen_id": "action.citizen_id",
+    "credits_charged": "action.credits",
+}
+"""Where spans (their attributes, and OpenTelemetry baggage) carry each field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """The fields an action inherits; None means "not said here"."""
+
+    action_type: str | None = None
+    user_id: str | None = None
+    town_id: str | None = None
+    citizen_id: str | None = None
+    credits_charged: int | None = None
+    action_id: str | None = None
+    """The id of the decorated action a call was made in (kept in the call's metadata)."""
+
+    def over(self, fallback: Attribution) -> Attribution:
+        """These fields where said, else `fallback`'s."""
+        return Attribution(
+            *(  # type: ignore[arg-type] # field by field, so each keeps its type
+                mine if mine is not None else theirs
+                for mine, theirs in zip(_values(self), _values(fallback), strict=True)
+            )
+        )
+
+    @property
+    def empty(self) -> bool:
+        return all(value is None for value in _values(self))
+
+
+def _values(attribution: Attribution) -> tuple[str | int | None, ...]:
+    return tuple(getattr(attribution, field.name) for field in fields(attribution))
+
+
+class CreditClaim:
+    """Credits to charge once: the first `take()` gets them, later ones get None."""
+
+    def __init__(self, credits: int) -> None:
+        self.credits = credits
+        self._taken = False
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            if self._taken:
+                return None
+            self._taken = True
+            return self.credits
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    attribution: Attribution
+    """Everything in force here, the outer blocks' fields included; credits are in `claim`."""
+    claim: CreditClaim | None
+
+
+_current: ContextVar[_Entry | None] = ContextVar("action_metrics_context", default=None)
+
+
+def current_attribution() -> Attribution:
+    """The fields in force here (credits left out: take them with `claim_credits()`)."""
+    entry = _current.get()
+    return Attribution() if entry is None else entry.attribution
+
+
+def current_claim() -> CreditClaim | None:
+    """The credits of the innermost block that names credits, for whoever records first."""
+    entry = _current.get()
+    return None if entry is None else entry.claim
+
+
+def claim_credits() -> int | None:
+    """Take the credits of the innermost block that names them; None if none or already taken."""
+    claim = current_claim()
+    return None if claim is None else claim.take()
+
+
+class action_context:  # lowercase: named by the public contract, used like contextlib's
+    """`with action_context(user_id=..., credits_charged=...):` (or `async with`): the fields that the
+    metrics and GenAI spans made inside inherit. Values are checked here: bad ones raise
+    `InvalidMetric` naming the field."""
+
+    def __init__(
+        self,
+        *,
+        action_type: str | None = None,
+        user_id: str | None = None,
+        town_id: str | None = None,
+        citizen_id: str | None = None,
+        credits_charged: int | None = None,
+        action_id: str | None = None,
+    ) -> None:
+        self.attribution = Attribution(
+            action_type=None if action_type is None else check_action_type(action_type),
+            user_id=None if user_id is None else check_id("user_id", user_id),
+            town_id=None if town_id is None else check_id("town_id", town_id),
+            citizen_id=None if citizen_id is None else check_id("citizen_id", citizen_id),
+            action_id=action_id,
+        )
+        self.credits = None if credits_charged is None else check_count("credits_charged", credits_charged)
+        self._tokens: list[Token[_Entry | None]] = []
+
+    def __enter__(self) -> Attribution:
+        outer = _current.get()
+        if outer is None:
+            merged, claim = self.attribution, None
+        else:
+            merged, claim = self.attribution.over(outer.attribution), outer.claim
+        if self.credits is not None:
+            claim = CreditClaim(self.credits)
+        self._tokens.append(_current.set(_Entry(merged, claim)))
+        return merged if self.credits is None else replace(merged, credits_charged=self.credits)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        _current.reset(self._tokens.pop())
+
+    async def __aenter__(self) -> Attribution:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.__exit__(kind, error, traceback)
+
+
+def parse_attribution(
+    values: Mapping[str, object], names: Mapping[str, str] = ATTRIBUTE_NAMES
+) -> tuple[Attribution, tuple[str, ...]]:
+    """The attribution that span attributes or baggage carry, where everything may arrive as text.
+
+    `"10"` credits is 10; an integer id is its text. A value that cannot be read is left out and
+    described in the second item (naming its key), so the caller can count and log it and still
+    record the call.
+    """
+    parsed: dict[str, str | int] = {}
+    problems: list[str] = []
+    for field_name, key in names.items():
+        value = values.get(key)
+        if value is None:
+            continue
+        try:
+            parsed[field_name] = _parse(field_name, value)
+        except InvalidValue as error:
+            problems.append(f"{key}: {error}")
+    return Attribution(**parsed), tuple(problems)  # type: ignore[arg-type]
+
+
+def _parse(field_name: str, value: object) -> str | int:
+    if isinstance(value, int) and not isinstance(value, bool) and field_name != "credits_charged":
+        value = str(value)
+    if field_name == "credits_charged":
+        if isinstance(value, str):
+            text = value.strip()
+            if not (text.isascii() and text.isdigit()):
+                raise InvalidValue(field_name, f"expected a whole number of credits, got {value!r}")
+            value = int(text)
+        return check_count(field_name, value)
+    if field_name == "action_type":
+        return check_action_type(value)
+    return check_id(field_name, value)
