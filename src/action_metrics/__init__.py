@@ -42,6 +42,7 @@ from action_metrics.pricing import (
 if TYPE_CHECKING:
     from action_metrics.aggregate import Aggregate, ModelAggregate
     from action_metrics.charges import ChargeAudit
+    from action_metrics.context import action_context
     from action_metrics.instrument import (
         configure,
         default_store,
@@ -56,6 +57,7 @@ _IMPORTED_ON_FIRST_USE: Final = {
     "Aggregate": "action_metrics.aggregate",
     "ModelAggregate": "action_metrics.aggregate",
     "ChargeAudit": "action_metrics.charges",
+    "action_context": "action_metrics.context",
     "AsyncMetricsStore": "action_metrics.store",
     "MetricsStore": "action_metrics.store",
     "configure": "action_metrics.instrument",
@@ -111,6 +113,7 @@ __all__ = [
     "StoreClosed",
     "TokenConfigError",
     "UnsupportedDatabase",
+    "action_context",
     "configure",
     "default_store",
     "emit_action_metric",

@@ -103,6 +103,23 @@ def claim_credits() -> int | None:
     return None if claim is None else claim.take()
 
 
+def enter(attribution: Attribution, credits: int | None) -> Token[_Entry | None]:
+    """Put `attribution` (over the outer block's) and its own `credits`, if any, in force; `leave()`
+    with the token undoes it. For `action_context` and `@instrument_action` (checked values only)."""
+    outer = _current.get()
+    if outer is None:
+        merged, claim = attribution, None
+    else:
+        merged, claim = attribution.over(outer.attribution), outer.claim
+    if credits is not None:
+        claim = CreditClaim(credits)
+    return _current.set(_Entry(merged, claim))
+
+
+def leave(token: Token[_Entry | None]) -> None:
+    _current.reset(token)
+
+
 class action_context:  # lowercase: named by the public contract, used like contextlib's
     """`with action_context(user_id=..., credits_charged=...):` (or `async with`): the fields that the
     metrics and GenAI spans made inside inherit. Values are checked here: bad ones raise
@@ -129,14 +146,9 @@ class action_context:  # lowercase: named by the public contract, used like cont
         self._tokens: list[Token[_Entry | None]] = []
 
     def __enter__(self) -> Attribution:
-        outer = _current.get()
-        if outer is None:
-            merged, claim = self.attribution, None
-        else:
-            merged, claim = self.attribution.over(outer.attribution), outer.claim
-        if self.credits is not None:
-            claim = CreditClaim(self.credits)
-        self._tokens.append(_current.set(_Entry(merged, claim)))
+        token = enter(self.attribution, self.credits)
+        self._tokens.append(token)
+        merged = current_attribution()
         return merged if self.credits is None else replace(merged, credits_charged=self.credits)
 
     def __exit__(
@@ -145,7 +157,7 @@ class action_context:  # lowercase: named by the public contract, used like cont
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        _current.reset(self._tokens.pop())
+        leave(self._tokens.pop())
 
     async def __aenter__(self) -> Attribution:
         return self.__enter__()

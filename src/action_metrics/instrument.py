@@ -22,8 +22,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from action_metrics.context import Attribution, CreditClaim, current_attribution, current_claim, enter, leave
 from action_metrics.errors import InvalidValue
-from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric
+from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric, uuid7
 from action_metrics.pricing import ACTION_CREDITS
 from action_metrics.store import AsyncMetricsStore, MetricsStore
 from action_metrics.validation import check_action_type, check_count, check_model
@@ -80,8 +81,25 @@ def default_store() -> Store:
         return _default_store
 
 
+_INHERITED_FIELDS: Final = ("action_type", "user_id", "town_id", "citizen_id")
+
+
 def emit_action_metric(**fields: Any) -> ActionMetric:
-    """Build an `ActionMetric` from its fields, emit it to the default store, and return it."""
+    """Build an `ActionMetric` from its fields, emit it to the default store, and return it.
+
+    Fields not given come from the `action_context` in force (its credits only if no metric made
+    inside it has taken them yet).
+    """
+    inherited = current_attribution()
+    for name in _INHERITED_FIELDS:
+        value = getattr(inherited, name)
+        if value is not None and name not in fields:
+            fields[name] = value
+    if "credits_charged" not in fields:
+        claim = current_claim()
+        credits = None if claim is None else claim.take()
+        if credits is not None:
+            fields["credits_charged"] = credits
     metric = ActionMetric(**fields)
     store = default_store()
     if isinstance(store, MetricsStore):
@@ -142,6 +160,18 @@ def _as_id(value: Any, missing: Any) -> Any:
     return value  # anything else is refused by ActionMetric, naming the field
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One call of a decorated function, from its start: its ids and the context it put in force."""
+
+    metric_id: uuid.UUID
+    user_id: Any
+    town_id: Any
+    citizen_id: Any
+    outer_claim: CreditClaim | None
+    context_token: Any
+
+
 class _Action:
     """What one decorated function records: fixed at decoration, so a call only reads its values."""
 
@@ -151,11 +181,13 @@ class _Action:
         action_type: str,
         model: str | None,
         credits_charged: int,
+        credits_given: bool,
         store: Store | None,
     ) -> None:
         self.action_type = action_type
         self.model = model
         self.credits_charged = credits_charged
+        self.credits_given = credits_given
         self.store = store
         self.qualname = getattr(function, "__qualname__", repr(function))
         signature = inspect.signature(function)
@@ -164,19 +196,41 @@ class _Action:
         self.citizen_id = _Argument.find(signature, "citizen_id")
         self.span_name = action_type
 
+    def begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> _Call:
+        """Put the call's attribution in force for its body: the LLM calls made inside inherit its
+        ids and action type, and no credits (this action is charged once, by its own metric)."""
+        outer, outer_claim = current_attribution(), current_claim()
+        user_id = _as_id(self.user_id.value(args, kwargs) if self.user_id else None, outer.user_id)
+        town_id = _as_id(self.town_id.value(args, kwargs) if self.town_id else None, outer.town_id)
+        citizen_id = _as_id(
+            self.citizen_id.value(args, kwargs) if self.citizen_id else None, outer.citizen_id
+        )
+        metric_id = uuid7()
+        inside = Attribution(
+            action_type=self.action_type,
+            user_id=user_id if type(user_id) is str else None,
+            town_id=town_id if type(town_id) is str else None,
+            citizen_id=citizen_id if type(citizen_id) is str else None,
+            action_id=str(metric_id),
+        )
+        return _Call(metric_id, user_id, town_id, citizen_id, outer_claim, enter(inside, 0))
+
     def metric(
         self,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
+        call: _Call,
         result: Any,
         error: BaseException | None,
         started_at: datetime,
         elapsed_ns: int,
     ) -> ActionMetric | None:
         """The metric of one call; None (logged) when the call's values make no valid metric."""
-        user_id = self.user_id.value(args, kwargs) if self.user_id else None
-        town_id = self.town_id.value(args, kwargs) if self.town_id else None
-        citizen_id = self.citizen_id.value(args, kwargs) if self.citizen_id else None
+        leave(call.context_token)
+        credits = 0
+        if error is None:
+            credits = self.credits_charged
+            if not self.credits_given and call.outer_claim is not None:
+                claimed = call.outer_claim.take()
+                credits = credits if claimed is None else claimed
         tokens_in = tokens_out = 0
         model = self.model
         if error is None and isinstance(result, Mapping):
@@ -186,17 +240,18 @@ class _Action:
         try:
             return ActionMetric(
                 self.action_type,
-                _as_id(user_id, ANONYMOUS_USER),
-                _as_id(town_id, UNKNOWN_TOWN),
-                _as_id(citizen_id, None),
+                ANONYMOUS_USER if call.user_id is None else call.user_id,
+                UNKNOWN_TOWN if call.town_id is None else call.town_id,
+                call.citizen_id,
                 tokens_in,
                 tokens_out,
                 model or UNKNOWN_MODEL,
                 elapsed_ns / 1e6,
-                self.credits_charged if error is None else 0,
+                credits,
                 started_at,
                 # The metadata key is what 0.1 recorded; `error` is where 0.2 reads it.
                 {"error": type(error).__name__} if error is not None else {},
+                call.metric_id,
                 error=None if error is None else type(error).__name__,
             )
         except InvalidValue as invalid:
@@ -244,7 +299,7 @@ def instrument_action(
         raise TypeError(f"store: expected a MetricsStore or AsyncMetricsStore, got {type(store).__name__}")
 
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
-        action = _Action(function, checked_type, checked_model, credits, store)
+        action = _Action(function, checked_type, checked_model, credits, credits_charged is not None, store)
         if inspect.iscoroutinefunction(function):
             return cast(Callable[P, R], _async_wrapper(action, function))
         return _sync_wrapper(action, function)
@@ -264,6 +319,7 @@ def _sync_wrapper(action: _Action, function: Callable[P, R]) -> Callable[P, R]:
             context_token = otel_context.attach(trace.set_span_in_context(span))  # type: ignore[arg-type]
         else:
             span = context_token = None  # no tracer provider: nothing to record
+        call = action.begin(args, kwargs)
         started_at = now(UTC)
         start = clock()
         try:
@@ -271,12 +327,12 @@ def _sync_wrapper(action: _Action, function: Callable[P, R]) -> Callable[P, R]:
         except BaseException as error:
             elapsed = clock() - start
             try:
-                _finish_sync(action, args, kwargs, None, error, started_at, elapsed, span, context_token)
+                _finish_sync(action, call, None, error, started_at, elapsed, span, context_token)
             except Exception:  # the caller gets its own exception, unchanged
                 logger.exception("action-metrics: recording the failed call of %s failed", action.qualname)
             raise
         elapsed = clock() - start
-        _finish_sync(action, args, kwargs, result, None, started_at, elapsed, span, context_token)
+        _finish_sync(action, call, result, None, started_at, elapsed, span, context_token)
         return result
 
     return wrapper
@@ -284,8 +340,7 @@ def _sync_wrapper(action: _Action, function: Callable[P, R]) -> Callable[P, R]:
 
 def _conclude(
     action: _Action,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
+    call: _Call,
     result: Any,
     error: BaseException | None,
     started_at: datetime,
@@ -294,7 +349,7 @@ def _conclude(
     context_token: object,
 ) -> tuple[ActionMetric, Store] | None:
     """End the call's span; the metric to emit and the store to emit it to (None: nothing valid)."""
-    metric = action.metric(args, kwargs, result, error, started_at, elapsed)
+    metric = action.metric(call, result, error, started_at, elapsed)
     if span is not None:
         _record_span(span, metric, error)
         otel_context.detach(context_token)  # type: ignore[arg-type]
@@ -325,6 +380,7 @@ def _async_wrapper(action: _Action, function: Callable[P, Awaitable[R]]) -> Call
             context_token = otel_context.attach(trace.set_span_in_context(span))  # type: ignore[arg-type]
         else:
             span = context_token = None  # no tracer provider: nothing to record
+        call = action.begin(args, kwargs)
         started_at = now(UTC)
         start = clock()
         try:
@@ -332,14 +388,12 @@ def _async_wrapper(action: _Action, function: Callable[P, Awaitable[R]]) -> Call
         except BaseException as error:
             elapsed = clock() - start
             try:
-                await _finish_async(
-                    action, args, kwargs, None, error, started_at, elapsed, span, context_token
-                )
+                await _finish_async(action, call, None, error, started_at, elapsed, span, context_token)
             except Exception:  # the caller gets its own exception, unchanged
                 logger.exception("action-metrics: recording the failed call of %s failed", action.qualname)
             raise
         elapsed = clock() - start
-        await _finish_async(action, args, kwargs, result, None, started_at, elapsed, span, context_token)
+        await _finish_async(action, call, result, None, started_at, elapsed, span, context_token)
         return result
 
     return wrapper
