@@ -9,8 +9,9 @@ one call is often reported by several spans:
   derived from it (`metric_id_for_response`), so every report of that call, in any process, has the
   same id and the store keeps one.
 - Spans without one (a failed call has none) are the same call when one encloses the other in time,
-  for the same request model in the same trace, and they are siblings or parent and child: the first
-  to finish is kept.
+  for the same request model, and they are siblings or parent and child in one trace, or both roots
+  (two instrumentations that each start a trace): the first to finish is kept. Two such calls made
+  concurrently, one enclosed by the other, would be counted once: the price of never counting twice.
 """
 
 from __future__ import annotations
@@ -215,6 +216,7 @@ _PER_TRACE_AND_MODEL: Final = 64
 
 @dataclass(frozen=True, slots=True)
 class _Reported:
+    trace_id: int
     start_ns: int
     end_ns: int
     span_id: int
@@ -231,14 +233,16 @@ class CallDeduplicator:
 
     def __init__(self) -> None:
         self._ids: OrderedDict[uuid.UUID, None] = OrderedDict()
-        self._spans: OrderedDict[tuple[int, str], list[_Reported]] = OrderedDict()
+        self._spans: OrderedDict[str, list[_Reported]] = OrderedDict()
         self._lock = threading.Lock()
 
     def first_report(self, data: SpanData, call: GenAICall) -> bool:
         """True for the first span of a call (remembered from now on), False for a repeat."""
         has_response_id = isinstance(data.attributes.get(RESPONSE_ID), str)
-        this = _Reported(data.start_ns, data.end_ns, data.span_id, data.parent_span_id, has_response_id)
-        key = (data.trace_id, call.request_model)
+        this = _Reported(
+            data.trace_id, data.start_ns, data.end_ns, data.span_id, data.parent_span_id, has_response_id
+        )
+        key = call.request_model
         with self._lock:
             if has_response_id and call.metric.id in self._ids:
                 return False
@@ -261,11 +265,14 @@ class CallDeduplicator:
 def _same_call(this: _Reported, other: _Reported) -> bool:
     if this.has_response_id and other.has_response_id:
         return False  # both named their response, and differently (same ids were caught before)
-    related = (
-        this.parent_span_id == other.parent_span_id
-        or this.parent_span_id == other.span_id
-        or other.parent_span_id == this.span_id
-    )
+    if this.parent_span_id is None and other.parent_span_id is None:
+        related = True  # two root spans: each instrumentation started its own trace
+    else:
+        related = this.trace_id == other.trace_id and (
+            this.parent_span_id == other.parent_span_id
+            or this.parent_span_id == other.span_id
+            or other.parent_span_id == this.span_id
+        )
     encloses = (this.start_ns <= other.start_ns and other.end_ns <= this.end_ns) or (
         other.start_ns <= this.start_ns and this.end_ns <= other.end_ns
     )

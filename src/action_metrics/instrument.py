@@ -97,9 +97,8 @@ def emit_action_metric(**fields: Any) -> ActionMetric:
             fields[name] = value
     if "credits_charged" not in fields:
         claim = current_claim()
-        credits = None if claim is None else claim.take()
-        if credits is not None:
-            fields["credits_charged"] = credits
+        if claim is not None:
+            fields["credits_charged"] = claim.take() or 0  # 0 once a metric inside took them
     metric = ActionMetric(**fields)
     store = default_store()
     if isinstance(store, MetricsStore):
