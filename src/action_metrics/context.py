@@ -9,12 +9,12 @@ Contexts nest: an inner block's fields win, the others come from the outer one.
 
 from __future__ import annotations
 
-import threading
+import uuid
 from collections.abc import Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, fields, replace
 from types import TracebackType
-from typing import Final
+from typing import Any, Final, cast
 
 from action_metrics.errors import InvalidValue
 from action_metrics.validation import check_action_type, check_count, check_id
@@ -62,33 +62,102 @@ def _values(attribution: Attribution) -> tuple[str | int | None, ...]:
 class CreditClaim:
     """Credits to charge once: the first `take()` gets them, later ones get None."""
 
+    __slots__ = ("_left", "credits")
+
     def __init__(self, credits: int) -> None:
         self.credits = credits
-        self._taken = False
-        self._lock = threading.Lock()
+        self._left = [credits]  # one item: `pop()` is atomic, so one taker across threads gets it
 
     def take(self) -> int | None:
-        with self._lock:
-            if self._taken:
-                return None
-            self._taken = True
-            return self.credits
+        try:
+            return self._left.pop()
+        except IndexError:
+            return None
 
 
-@dataclass(frozen=True, slots=True)
+NO_ATTRIBUTION: Final = Attribution()
+"""Nothing said (frozen, so shared)."""
+
+
 class _Entry:
-    attribution: Attribution
-    """Everything in force here, the outer blocks' fields included; credits are in `claim`."""
-    claim: CreditClaim | None
+    """What one block puts in force: everything in force there, the outer blocks' fields included
+    (credits are in `claim`)."""
+
+    __slots__ = ("_attribution", "claim")
+
+    def __init__(self, attribution: Attribution | None, claim: CreditClaim | None) -> None:
+        self._attribution = attribution
+        self.claim = claim
+
+    @property
+    def attribution(self) -> Attribution:
+        return cast(Attribution, self._attribution)
+
+
+class ActionEntry(_Entry):
+    """What one call of a decorated action puts in force, made cheaply on every call: its ids as the
+    call gave them and its id as a UUID; the `Attribution` is built (once) only if something reads
+    it, an instrumented LLM call or a metric emitted inside. Its claim of 0 credits keeps the calls
+    inside from taking an outer block's credits (the action is charged once, by its own metric)."""
+
+    __slots__ = ("action_id", "action_type", "citizen_id", "outer", "token", "town_id", "user_id")
+
+    def __init__(
+        self,
+        action_type: str,
+        user_id: Any,
+        town_id: Any,
+        citizen_id: Any,
+        action_id: uuid.UUID,
+        outer: _Entry | None,
+    ) -> None:
+        self._attribution = None
+        self.claim = CreditClaim(0)
+        self.action_type = action_type
+        self.user_id = user_id  # ids may be anything here: only text ones are inherited
+        self.town_id = town_id
+        self.citizen_id = citizen_id
+        self.action_id = action_id
+        self.outer = outer
+        self.token: Token[_Entry | None] | None = None
+
+    @property
+    def attribution(self) -> Attribution:
+        made = self._attribution
+        if made is None:  # two threads may both build it: the same value
+            made = Attribution(
+                self.action_type,
+                self.user_id if type(self.user_id) is str else None,
+                self.town_id if type(self.town_id) is str else None,
+                self.citizen_id if type(self.citizen_id) is str else None,
+                None,
+                str(self.action_id),
+            )
+            if self.outer is not None:
+                made = made.over(self.outer.attribution)
+            self._attribution = made
+        return made
+
+    def enter(self) -> None:
+        """Put this call's entry in force (it must be `leave()`d in the same context)."""
+        self.token = _current.set(self)
+
+    def leave(self) -> None:
+        _current.reset(self.token)  # type: ignore[arg-type]
 
 
 _current: ContextVar[_Entry | None] = ContextVar("action_metrics_context", default=None)
 
 
+def current_entry() -> _Entry | None:
+    """The innermost block in force here, if any."""
+    return _current.get()
+
+
 def current_attribution() -> Attribution:
     """The fields in force here (credits left out: take them with `claim_credits()`)."""
     entry = _current.get()
-    return Attribution() if entry is None else entry.attribution
+    return NO_ATTRIBUTION if entry is None else entry.attribution
 
 
 def current_claim() -> CreditClaim | None:
@@ -105,7 +174,8 @@ def claim_credits() -> int | None:
 
 def enter(attribution: Attribution, credits: int | None) -> Token[_Entry | None]:
     """Put `attribution` (over the outer block's) and its own `credits`, if any, in force; `leave()`
-    with the token undoes it. For `action_context` and `@instrument_action` (checked values only)."""
+    with the token undoes it. For `action_context` (checked values only; `@instrument_action` puts
+    an `ActionEntry` in force instead)."""
     outer = _current.get()
     if outer is None:
         merged, claim = attribution, None

@@ -22,7 +22,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from action_metrics.context import Attribution, CreditClaim, current_attribution, current_claim, enter, leave
+from action_metrics.context import (
+    NO_ATTRIBUTION,
+    ActionEntry,
+    current_attribution,
+    current_claim,
+    current_entry,
+)
 from action_metrics.errors import InvalidValue
 from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric, uuid7
 from action_metrics.pricing import ACTION_CREDITS
@@ -159,18 +165,6 @@ def _as_id(value: Any, missing: Any) -> Any:
     return value  # anything else is refused by ActionMetric, naming the field
 
 
-@dataclass(frozen=True, slots=True)
-class _Call:
-    """One call of a decorated function, from its start: its ids and the context it put in force."""
-
-    metric_id: uuid.UUID
-    user_id: Any
-    town_id: Any
-    citizen_id: Any
-    outer_claim: CreditClaim | None
-    context_token: Any
-
-
 class _Action:
     """What one decorated function records: fixed at decoration, so a call only reads its values."""
 
@@ -195,40 +189,40 @@ class _Action:
         self.citizen_id = _Argument.find(signature, "citizen_id")
         self.span_name = action_type
 
-    def begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> _Call:
+    def begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ActionEntry:
         """Put the call's attribution in force for its body: the LLM calls made inside inherit its
-        ids and action type, and no credits (this action is charged once, by its own metric)."""
-        outer, outer_claim = current_attribution(), current_claim()
-        user_id = _as_id(self.user_id.value(args, kwargs) if self.user_id else None, outer.user_id)
-        town_id = _as_id(self.town_id.value(args, kwargs) if self.town_id else None, outer.town_id)
+        ids and action type, and no credits (this action is charged once, by its own metric).
+
+        Run on every call, so kept cheap: a small entry holding the ids as given and the metric's
+        id as a UUID; the `Attribution` that LLM calls and metrics inside read is built from it only
+        when one reads it (`ActionEntry.attribution`)."""
+        outer = current_entry()
+        inherited = NO_ATTRIBUTION if outer is None else outer.attribution
+        user_id = _as_id(self.user_id.value(args, kwargs) if self.user_id else None, inherited.user_id)
+        town_id = _as_id(self.town_id.value(args, kwargs) if self.town_id else None, inherited.town_id)
         citizen_id = _as_id(
-            self.citizen_id.value(args, kwargs) if self.citizen_id else None, outer.citizen_id
+            self.citizen_id.value(args, kwargs) if self.citizen_id else None, inherited.citizen_id
         )
-        metric_id = uuid7()
-        inside = Attribution(
-            action_type=self.action_type,
-            user_id=user_id if type(user_id) is str else None,
-            town_id=town_id if type(town_id) is str else None,
-            citizen_id=citizen_id if type(citizen_id) is str else None,
-            action_id=str(metric_id),
-        )
-        return _Call(metric_id, user_id, town_id, citizen_id, outer_claim, enter(inside, 0))
+        call = ActionEntry(self.action_type, user_id, town_id, citizen_id, uuid7(), outer)
+        call.enter()
+        return call
 
     def metric(
         self,
-        call: _Call,
+        call: ActionEntry,
         result: Any,
         error: BaseException | None,
         started_at: datetime,
         elapsed_ns: int,
     ) -> ActionMetric | None:
         """The metric of one call; None (logged) when the call's values make no valid metric."""
-        leave(call.context_token)
+        call.leave()
         credits = 0
         if error is None:
             credits = self.credits_charged
-            if not self.credits_given and call.outer_claim is not None:
-                claimed = call.outer_claim.take()
+            outer_claim = None if call.outer is None else call.outer.claim
+            if not self.credits_given and outer_claim is not None:
+                claimed = outer_claim.take()
                 credits = credits if claimed is None else claimed
         tokens_in = tokens_out = 0
         model = self.model
@@ -250,7 +244,7 @@ class _Action:
                 started_at,
                 # The metadata key is what 0.1 recorded; `error` is where 0.2 reads it.
                 {"error": type(error).__name__} if error is not None else {},
-                call.metric_id,
+                call.action_id,
                 error=None if error is None else type(error).__name__,
             )
         except InvalidValue as invalid:
@@ -339,7 +333,7 @@ def _sync_wrapper(action: _Action, function: Callable[P, R]) -> Callable[P, R]:
 
 def _conclude(
     action: _Action,
-    call: _Call,
+    call: ActionEntry,
     result: Any,
     error: BaseException | None,
     started_at: datetime,
