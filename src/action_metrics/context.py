@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, fields, replace
 from types import TracebackType
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from action_metrics.errors import InvalidValue
 from action_metrics.validation import check_action_type, check_count, check_id
@@ -80,27 +80,36 @@ NO_ATTRIBUTION: Final = Attribution()
 
 
 class _Entry:
-    """What one block puts in force: everything in force there, the outer blocks' fields included
-    (credits are in `claim`)."""
+    """What an `action_context` block puts in force: everything in force there, the outer blocks'
+    fields included (credits are in `claim`)."""
 
-    __slots__ = ("_attribution", "claim")
+    __slots__ = ("attribution", "claim")
 
-    def __init__(self, attribution: Attribution | None, claim: CreditClaim | None) -> None:
-        self._attribution = attribution
+    def __init__(self, attribution: Attribution, claim: CreditClaim | None) -> None:
+        self.attribution = attribution
         self.claim = claim
 
-    @property
-    def attribution(self) -> Attribution:
-        return cast(Attribution, self._attribution)
 
+class ActionEntry(CreditClaim):
+    """What one call of a decorated action puts in force, and made on every call, so kept cheap.
 
-class ActionEntry(_Entry):
-    """What one call of a decorated action puts in force, made cheaply on every call: its ids as the
-    call gave them and its id as a UUID; the `Attribution` is built (once) only if something reads
-    it, an instrumented LLM call or a metric emitted inside. Its claim of 0 credits keeps the calls
-    inside from taking an outer block's credits (the action is charged once, by its own metric)."""
+    It holds the call's ids as given and the metric's id as a UUID; the `Attribution` (with the id
+    as text) is built, once, only if something reads it: an instrumented LLM call or a metric
+    emitted inside. It is its own claim, of 0 credits, so the calls inside never take an outer
+    block's credits (the action is charged once, by its own metric). Making one puts it in force;
+    `leave()` (in the same context) ends that.
+    """
 
-    __slots__ = ("action_id", "action_type", "citizen_id", "outer", "token", "town_id", "user_id")
+    __slots__ = (
+        "_attribution",
+        "action_id",
+        "action_type",
+        "citizen_id",
+        "outer",
+        "token",
+        "town_id",
+        "user_id",
+    )
 
     def __init__(
         self,
@@ -109,17 +118,24 @@ class ActionEntry(_Entry):
         town_id: Any,
         citizen_id: Any,
         action_id: uuid.UUID,
-        outer: _Entry | None,
+        outer: Entry | None,
     ) -> None:
-        self._attribution = None
-        self.claim = CreditClaim(0)
+        self.credits = 0  # CreditClaim's fields, set here: one call less per action
+        self._left = [0]
+        self._attribution: Attribution | None = None
         self.action_type = action_type
-        self.user_id = user_id  # ids may be anything here: only text ones are inherited
+        self.user_id = (
+            user_id  # ids may be anything here (a bad one makes no metric): text ones are inherited
+        )
         self.town_id = town_id
         self.citizen_id = citizen_id
         self.action_id = action_id
         self.outer = outer
-        self.token: Token[_Entry | None] | None = None
+        self.token = _current.set(self)
+
+    @property
+    def claim(self) -> CreditClaim:
+        return self
 
     @property
     def attribution(self) -> Attribution:
@@ -138,20 +154,17 @@ class ActionEntry(_Entry):
             self._attribution = made
         return made
 
-    def enter(self) -> None:
-        """Put this call's entry in force (it must be `leave()`d in the same context)."""
-        self.token = _current.set(self)
-
     def leave(self) -> None:
-        _current.reset(self.token)  # type: ignore[arg-type]
+        _current.reset(self.token)
 
 
-_current: ContextVar[_Entry | None] = ContextVar("action_metrics_context", default=None)
+Entry = _Entry | ActionEntry
+
+_current: ContextVar[Entry | None] = ContextVar("action_metrics_context", default=None)
 
 
-def current_entry() -> _Entry | None:
-    """The innermost block in force here, if any."""
-    return _current.get()
+current_entry: Final = _current.get
+"""The innermost block in force here, if any (the context variable's own getter: no call of ours)."""
 
 
 def current_attribution() -> Attribution:
@@ -172,7 +185,7 @@ def claim_credits() -> int | None:
     return None if claim is None else claim.take()
 
 
-def enter(attribution: Attribution, credits: int | None) -> Token[_Entry | None]:
+def enter(attribution: Attribution, credits: int | None) -> Token[Entry | None]:
     """Put `attribution` (over the outer block's) and its own `credits`, if any, in force; `leave()`
     with the token undoes it. For `action_context` (checked values only; `@instrument_action` puts
     an `ActionEntry` in force instead)."""
@@ -186,7 +199,7 @@ def enter(attribution: Attribution, credits: int | None) -> Token[_Entry | None]
     return _current.set(_Entry(merged, claim))
 
 
-def leave(token: Token[_Entry | None]) -> None:
+def leave(token: Token[Entry | None]) -> None:
     _current.reset(token)
 
 
@@ -213,7 +226,7 @@ class action_context:  # lowercase: named by the public contract, used like cont
             action_id=action_id,
         )
         self.credits = None if credits_charged is None else check_count("credits_charged", credits_charged)
-        self._tokens: list[Token[_Entry | None]] = []
+        self._tokens: list[Token[Entry | None]] = []
 
     def __enter__(self) -> Attribution:
         token = enter(self.attribution, self.credits)

@@ -203,9 +203,7 @@ class _Action:
         citizen_id = _as_id(
             self.citizen_id.value(args, kwargs) if self.citizen_id else None, inherited.citizen_id
         )
-        call = ActionEntry(self.action_type, user_id, town_id, citizen_id, uuid7(), outer)
-        call.enter()
-        return call
+        return ActionEntry(self.action_type, user_id, town_id, citizen_id, uuid7(), outer)
 
     def metric(
         self,
