@@ -9,6 +9,7 @@ Contexts nest: an inner block's fields win, the others come from the outer one.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Mapping
 from contextvars import ContextVar, Token
@@ -62,17 +63,22 @@ def _values(attribution: Attribution) -> tuple[str | int | None, ...]:
 class CreditClaim:
     """Credits to charge once: the first `take()` gets them, later ones get None."""
 
-    __slots__ = ("_left", "credits")
+    __slots__ = ("_taken", "credits")
 
     def __init__(self, credits: int) -> None:
         self.credits = credits
-        self._left = [credits]  # one item: `pop()` is atomic, so one taker across threads gets it
+        self._taken = False
 
     def take(self) -> int | None:
-        try:
-            return self._left.pop()
-        except IndexError:
-            return None
+        with _claim_lock:
+            if self._taken:
+                return None
+            self._taken = True
+            return self.credits
+
+
+_claim_lock: Final = threading.Lock()
+"""One for all claims: a claim is made per block and per decorated call, taken far less often."""
 
 
 NO_ATTRIBUTION: Final = Attribution()
@@ -121,7 +127,7 @@ class ActionEntry(CreditClaim):
         outer: Entry | None,
     ) -> None:
         self.credits = 0  # CreditClaim's fields, set here: one call less per action
-        self._left = [0]
+        self._taken = False
         self._attribution: Attribution | None = None
         self.action_type = action_type
         self.user_id = (
