@@ -103,7 +103,7 @@ class ActionEntry(CreditClaim):
     as text) is built, once, only if something reads it: an instrumented LLM call or a metric
     emitted inside. It is its own claim, of 0 credits, so the calls inside never take an outer
     block's credits (the action is charged once, by its own metric). Making one puts it in force;
-    `leave()` (in the same context) ends that.
+    `leave(entry.token)` (in the same context) ends that.
     """
 
     __slots__ = (
@@ -160,9 +160,6 @@ class ActionEntry(CreditClaim):
             self._attribution = made
         return made
 
-    def leave(self) -> None:
-        _current.reset(self.token)
-
 
 Entry = _Entry | ActionEntry
 
@@ -205,8 +202,8 @@ def enter(attribution: Attribution, credits: int | None) -> Token[Entry | None]:
     return _current.set(_Entry(merged, claim))
 
 
-def leave(token: Token[Entry | None]) -> None:
-    _current.reset(token)
+leave: Final = _current.reset
+"""Undo an `enter()` or an `ActionEntry` with its token (the context variable's own reset)."""
 
 
 class action_context:  # lowercase: named by the public contract, used like contextlib's

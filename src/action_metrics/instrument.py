@@ -28,6 +28,7 @@ from action_metrics.context import (
     current_attribution,
     current_claim,
     current_entry,
+    leave,
 )
 from action_metrics.errors import InvalidValue
 from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric, uuid7
@@ -146,12 +147,15 @@ class _Argument:
             return cls(name, None, True, _MISSING)
         return None
 
-    def value(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    def id(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], missing: Any) -> Any:
+        """The call's value of this id argument, as `_as_id` gives it."""
         if self.position is not None and self.position < len(args):
-            return args[self.position]
-        if self.by_keyword:
-            return kwargs.get(self.name, self.default)
-        return self.default
+            value = args[self.position]
+        elif self.by_keyword:
+            value = kwargs.get(self.name, self.default)
+        else:
+            value = self.default
+        return value if type(value) is str else _as_id(value, missing)
 
 
 def _as_id(value: Any, missing: Any) -> Any:
@@ -198,10 +202,12 @@ class _Action:
         when one reads it (`ActionEntry.attribution`)."""
         outer = current_entry()
         inherited = NO_ATTRIBUTION if outer is None else outer.attribution
-        user_id = _as_id(self.user_id.value(args, kwargs) if self.user_id else None, inherited.user_id)
-        town_id = _as_id(self.town_id.value(args, kwargs) if self.town_id else None, inherited.town_id)
-        citizen_id = _as_id(
-            self.citizen_id.value(args, kwargs) if self.citizen_id else None, inherited.citizen_id
+        user_id = self.user_id.id(args, kwargs, inherited.user_id) if self.user_id else inherited.user_id
+        town_id = self.town_id.id(args, kwargs, inherited.town_id) if self.town_id else inherited.town_id
+        citizen_id = (
+            self.citizen_id.id(args, kwargs, inherited.citizen_id)
+            if self.citizen_id
+            else inherited.citizen_id
         )
         return ActionEntry(self.action_type, user_id, town_id, citizen_id, uuid7(), outer)
 
@@ -214,7 +220,7 @@ class _Action:
         elapsed_ns: int,
     ) -> ActionMetric | None:
         """The metric of one call; None (logged) when the call's values make no valid metric."""
-        call.leave()
+        leave(call.token)
         credits = 0
         if error is None:
             credits = self.credits_charged
