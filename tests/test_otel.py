@@ -301,3 +301,51 @@ def test_spans_of_our_own_decorator_are_not_stored_twice(store: MetricsStore, ap
         span.set_attributes(decorated.to_otel_span())
     processor.force_flush()
     assert store.query() == []
+
+
+# --- the mapping, on plain span data (what an OTLP receiver has) -----------------------------
+
+
+def test_the_mapping_reads_plain_span_data_and_names_a_call_by_its_response_id() -> None:
+    from action_metrics.genai import CallDeduplicator, SpanData, call_from_span_data, metric_id_for_response
+
+    attributes = {
+        "gen_ai.provider.name": "anthropic",
+        "gen_ai.request.model": "claude-haiku-4-5",
+        "gen_ai.response.id": "msg_01",
+        # Anthropic's exclusive input count, as an instrumentation may pass it on: 30 + 50 + 20 read in.
+        "gen_ai.usage.input_tokens": 30,
+        "gen_ai.usage.cache_read.input_tokens": 50,
+        "gen_ai.usage.cache_creation.input_tokens": 20,
+        "gen_ai.usage.output_tokens": 9,
+        "action.credits": "7",
+        "action.user_id": 42,
+    }
+    native = SpanData("anthropic.messages.create", attributes, 1_000_000, 3_000_000, failed=False, trace_id=1)
+    openllmetry = SpanData("anthropic.chat", attributes, 500_000, 3_500_000, failed=False, trace_id=2)
+    first, second = call_from_span_data(native), call_from_span_data(openllmetry)
+    assert first is not None
+    assert second is not None
+    assert first.metric.id == second.metric.id == metric_id_for_response("msg_01")
+    assert (first.metric.tokens_in, first.metric.cache_write_tokens, first.metric.latency_ms) == (
+        100,
+        20,
+        2.0,
+    )
+    assert (first.metric.credits_charged, first.metric.user_id) == (7, "42")
+    deduplicator = CallDeduplicator()
+    assert deduplicator.first_report(native, first)
+    assert not deduplicator.first_report(openllmetry, second)
+
+
+def test_a_bad_attribution_value_is_reported_by_name_and_the_call_kept() -> None:
+    from action_metrics.genai import SpanData, call_from_span_data
+
+    attributes = {"gen_ai.request.model": "haiku", "action.credits": "ten"}
+    call = call_from_span_data(SpanData("chat", attributes, 0, 1_000, failed=False))
+    assert call is not None
+    assert call.metric.credits_charged == 0
+    assert call.usage_missing
+    assert call.metric.metadata["usage_missing"] is True
+    assert len(call.problems) == 1
+    assert call.problems[0].startswith("action.credits")

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from action_metrics.aggregate import Aggregate, ModelAggregate
     from action_metrics.breakdown import BreakdownRow
     from action_metrics.charges import ChargeAudit
+    from action_metrics.context import action_context
     from action_metrics.instrument import (
         configure,
         default_store,
@@ -58,6 +59,7 @@ _IMPORTED_ON_FIRST_USE: Final = {
     "ModelAggregate": "action_metrics.aggregate",
     "BreakdownRow": "action_metrics.breakdown",
     "ChargeAudit": "action_metrics.charges",
+    "action_context": "action_metrics.context",
     "AsyncMetricsStore": "action_metrics.store",
     "MetricsStore": "action_metrics.store",
     "configure": "action_metrics.instrument",
@@ -114,6 +116,7 @@ __all__ = [
     "StoreClosed",
     "TokenConfigError",
     "UnsupportedDatabase",
+    "action_context",
     "configure",
     "default_store",
     "emit_action_metric",

@@ -22,8 +22,16 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from action_metrics.context import (
+    NO_ATTRIBUTION,
+    ActionEntry,
+    current_attribution,
+    current_claim,
+    current_entry,
+    leave,
+)
 from action_metrics.errors import InvalidValue
-from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric
+from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric, uuid7
 from action_metrics.pricing import ACTION_CREDITS
 from action_metrics.store import AsyncMetricsStore, MetricsStore
 from action_metrics.validation import check_action_type, check_count, check_model
@@ -80,8 +88,24 @@ def default_store() -> Store:
         return _default_store
 
 
+_INHERITED_FIELDS: Final = ("action_type", "user_id", "town_id", "citizen_id")
+
+
 def emit_action_metric(**fields: Any) -> ActionMetric:
-    """Build an `ActionMetric` from its fields, emit it to the default store, and return it."""
+    """Build an `ActionMetric` from its fields, emit it to the default store, and return it.
+
+    Fields not given come from the `action_context` in force (its credits only if no metric made
+    inside it has taken them yet).
+    """
+    inherited = current_attribution()
+    for name in _INHERITED_FIELDS:
+        value = getattr(inherited, name)
+        if value is not None and name not in fields:
+            fields[name] = value
+    if "credits_charged" not in fields:
+        claim = current_claim()
+        if claim is not None:
+            fields["credits_charged"] = claim.take() or 0  # 0 once a metric inside took them
     metric = ActionMetric(**fields)
     store = default_store()
     if isinstance(store, MetricsStore):
@@ -123,12 +147,15 @@ class _Argument:
             return cls(name, None, True, _MISSING)
         return None
 
-    def value(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    def id(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], missing: Any) -> Any:
+        """The call's value of this id argument, as `_as_id` gives it."""
         if self.position is not None and self.position < len(args):
-            return args[self.position]
-        if self.by_keyword:
-            return kwargs.get(self.name, self.default)
-        return self.default
+            value = args[self.position]
+        elif self.by_keyword:
+            value = kwargs.get(self.name, self.default)
+        else:
+            value = self.default
+        return value if type(value) is str else _as_id(value, missing)
 
 
 def _as_id(value: Any, missing: Any) -> Any:
@@ -151,11 +178,13 @@ class _Action:
         action_type: str,
         model: str | None,
         credits_charged: int,
+        credits_given: bool,
         store: Store | None,
     ) -> None:
         self.action_type = action_type
         self.model = model
         self.credits_charged = credits_charged
+        self.credits_given = credits_given
         self.store = store
         self.qualname = getattr(function, "__qualname__", repr(function))
         signature = inspect.signature(function)
@@ -164,19 +193,41 @@ class _Action:
         self.citizen_id = _Argument.find(signature, "citizen_id")
         self.span_name = action_type
 
+    def begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ActionEntry:
+        """Put the call's attribution in force for its body: the LLM calls made inside inherit its
+        ids and action type, and no credits (this action is charged once, by its own metric).
+
+        Run on every call, so kept cheap: a small entry holding the ids as given and the metric's
+        id as a UUID; the `Attribution` that LLM calls and metrics inside read is built from it only
+        when one reads it (`ActionEntry.attribution`)."""
+        outer = current_entry()
+        inherited = NO_ATTRIBUTION if outer is None else outer.attribution
+        user_id = self.user_id.id(args, kwargs, inherited.user_id) if self.user_id else inherited.user_id
+        town_id = self.town_id.id(args, kwargs, inherited.town_id) if self.town_id else inherited.town_id
+        citizen_id = (
+            self.citizen_id.id(args, kwargs, inherited.citizen_id)
+            if self.citizen_id
+            else inherited.citizen_id
+        )
+        return ActionEntry(self.action_type, user_id, town_id, citizen_id, uuid7(), outer)
+
     def metric(
         self,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
+        call: ActionEntry,
         result: Any,
         error: BaseException | None,
         started_at: datetime,
         elapsed_ns: int,
     ) -> ActionMetric | None:
         """The metric of one call; None (logged) when the call's values make no valid metric."""
-        user_id = self.user_id.value(args, kwargs) if self.user_id else None
-        town_id = self.town_id.value(args, kwargs) if self.town_id else None
-        citizen_id = self.citizen_id.value(args, kwargs) if self.citizen_id else None
+        leave(call.token)
+        credits = 0
+        if error is None:
+            credits = self.credits_charged
+            outer_claim = None if call.outer is None else call.outer.claim
+            if not self.credits_given and outer_claim is not None:
+                claimed = outer_claim.take()
+                credits = credits if claimed is None else claimed
         tokens_in = tokens_out = 0
         model = self.model
         if error is None and isinstance(result, Mapping):
@@ -186,17 +237,18 @@ class _Action:
         try:
             return ActionMetric(
                 self.action_type,
-                _as_id(user_id, ANONYMOUS_USER),
-                _as_id(town_id, UNKNOWN_TOWN),
-                _as_id(citizen_id, None),
+                ANONYMOUS_USER if call.user_id is None else call.user_id,
+                UNKNOWN_TOWN if call.town_id is None else call.town_id,
+                call.citizen_id,
                 tokens_in,
                 tokens_out,
                 model or UNKNOWN_MODEL,
                 elapsed_ns / 1e6,
-                self.credits_charged if error is None else 0,
+                credits,
                 started_at,
                 # The metadata key is what 0.1 recorded; `error` is where 0.2 reads it.
                 {"error": type(error).__name__} if error is not None else {},
+                call.action_id,
                 error=None if error is None else type(error).__name__,
             )
         except InvalidValue as invalid:
@@ -244,7 +296,7 @@ def instrument_action(
         raise TypeError(f"store: expected a MetricsStore or AsyncMetricsStore, got {type(store).__name__}")
 
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
-        action = _Action(function, checked_type, checked_model, credits, store)
+        action = _Action(function, checked_type, checked_model, credits, credits_charged is not None, store)
         if inspect.iscoroutinefunction(function):
             return cast(Callable[P, R], _async_wrapper(action, function))
         return _sync_wrapper(action, function)
@@ -264,6 +316,7 @@ def _sync_wrapper(action: _Action, function: Callable[P, R]) -> Callable[P, R]:
             context_token = otel_context.attach(trace.set_span_in_context(span))  # type: ignore[arg-type]
         else:
             span = context_token = None  # no tracer provider: nothing to record
+        call = action.begin(args, kwargs)
         started_at = now(UTC)
         start = clock()
         try:
@@ -271,12 +324,12 @@ def _sync_wrapper(action: _Action, function: Callable[P, R]) -> Callable[P, R]:
         except BaseException as error:
             elapsed = clock() - start
             try:
-                _finish_sync(action, args, kwargs, None, error, started_at, elapsed, span, context_token)
+                _finish_sync(action, call, None, error, started_at, elapsed, span, context_token)
             except Exception:  # the caller gets its own exception, unchanged
                 logger.exception("action-metrics: recording the failed call of %s failed", action.qualname)
             raise
         elapsed = clock() - start
-        _finish_sync(action, args, kwargs, result, None, started_at, elapsed, span, context_token)
+        _finish_sync(action, call, result, None, started_at, elapsed, span, context_token)
         return result
 
     return wrapper
@@ -284,8 +337,7 @@ def _sync_wrapper(action: _Action, function: Callable[P, R]) -> Callable[P, R]:
 
 def _conclude(
     action: _Action,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
+    call: ActionEntry,
     result: Any,
     error: BaseException | None,
     started_at: datetime,
@@ -294,7 +346,7 @@ def _conclude(
     context_token: object,
 ) -> tuple[ActionMetric, Store] | None:
     """End the call's span; the metric to emit and the store to emit it to (None: nothing valid)."""
-    metric = action.metric(args, kwargs, result, error, started_at, elapsed)
+    metric = action.metric(call, result, error, started_at, elapsed)
     if span is not None:
         _record_span(span, metric, error)
         otel_context.detach(context_token)  # type: ignore[arg-type]
@@ -325,6 +377,7 @@ def _async_wrapper(action: _Action, function: Callable[P, Awaitable[R]]) -> Call
             context_token = otel_context.attach(trace.set_span_in_context(span))  # type: ignore[arg-type]
         else:
             span = context_token = None  # no tracer provider: nothing to record
+        call = action.begin(args, kwargs)
         started_at = now(UTC)
         start = clock()
         try:
@@ -332,14 +385,12 @@ def _async_wrapper(action: _Action, function: Callable[P, Awaitable[R]]) -> Call
         except BaseException as error:
             elapsed = clock() - start
             try:
-                await _finish_async(
-                    action, args, kwargs, None, error, started_at, elapsed, span, context_token
-                )
+                await _finish_async(action, call, None, error, started_at, elapsed, span, context_token)
             except Exception:  # the caller gets its own exception, unchanged
                 logger.exception("action-metrics: recording the failed call of %s failed", action.qualname)
             raise
         elapsed = clock() - start
-        await _finish_async(action, args, kwargs, result, None, started_at, elapsed, span, context_token)
+        await _finish_async(action, call, result, None, started_at, elapsed, span, context_token)
         return result
 
     return wrapper

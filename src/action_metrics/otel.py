@@ -15,10 +15,12 @@ import asyncio
 import logging
 import os
 import threading
-from datetime import UTC, datetime
+from collections import OrderedDict
+from dataclasses import replace
 from typing import Any, Final
 
-from opentelemetry import trace
+from opentelemetry import baggage, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -28,11 +30,17 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.trace import StatusCode
-from opentelemetry.util.types import AttributeValue
 
+from action_metrics.context import (
+    Attribution,
+    CreditClaim,
+    current_attribution,
+    current_claim,
+    parse_attribution,
+)
 from action_metrics.errors import FlushTimeout, InvalidValue
-from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric
-from action_metrics.pricing import ACTION_CREDITS
+from action_metrics.genai import CallDeduplicator, SpanData, SpanMapping, call_from_span_data
+from action_metrics.model import ANONYMOUS_USER, UNKNOWN_TOWN, ActionMetric
 from action_metrics.store import AsyncMetricsStore, MetricsStore
 
 logger: Final = logging.getLogger(__name__)
@@ -117,33 +125,33 @@ def _exporter_from_environment() -> SpanExporter | None:
 
 # --- in --------------------------------------------------------------------------------------
 
-_INPUT_TOKENS: Final = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
-_OUTPUT_TOKENS: Final = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")
-_MODELS: Final = ("gen_ai.response.model", "gen_ai.request.model")
-_CACHE_READ_TOKENS: Final = ("gen_ai.usage.cache_read.input_tokens",)
-_CACHE_WRITE_TOKENS: Final = (
-    "gen_ai.usage.cache_write.input_tokens",
-    "gen_ai.usage.cache_creation.input_tokens",
-)
-_REASONING_TOKENS: Final = ("gen_ai.usage.reasoning.output_tokens",)
-"""The GenAI conventions' token kinds, parts of the input and output totals (the older
-`cache_creation` name too). Instrumentations that report a provider's exclusive counts instead
-(Anthropic's input_tokens leave the cached ones out) are not reconciled here yet."""
-_GEN_AI_KEYS: Final = frozenset((*_INPUT_TOKENS, *_OUTPUT_TOKENS, *_MODELS))
-_OWN_SPAN: Final = "action.id"
-"""Set on the spans `@instrument_action` makes: the decorator has stored those metrics already."""
+_MAX_OPEN_SPANS: Final = 65_536
+
+
+class _SpanCredits:
+    """Credits a span's call may take once: an `action_context` block's, or those an ancestor span
+    or the baggage names (claimed once per that span, or per trace for baggage)."""
+
+    def __init__(self, claim: CreditClaim | None, key: tuple[int, int | str] | None, credits: int) -> None:
+        self.claim, self.key, self.credits = claim, key, credits
 
 
 class ActionMetricsSpanProcessor(SpanProcessor):
-    """Turns every finished GenAI span into an `ActionMetric` in `store`.
+    """Turns every finished GenAI span into an `ActionMetric` in `store`: one per LLM call.
 
-    Add it to the application's tracer provider (`provider.add_span_processor(...)`). Model and
-    tokens come from the `gen_ai.*` attributes (the response model first; the older
-    `prompt_tokens`/`completion_tokens` names are read too), latency from the span's start and end,
-    the timestamp from its start; ids, credits and the action type from the attributes named here.
-    Spans without GenAI attributes, and the spans of `@instrument_action`, are ignored. A span whose
-    attributes make no valid metric is counted in `rejected` and logged; nothing is ever raised into
-    the application. Metrics are buffered (`emit_nowait`): ending a span never waits on the database.
+    Add it to the application's tracer provider (`provider.add_span_processor(...)`). The mapping is
+    `genai.call_from_span_data` (model and token kinds from the `gen_ai.*` attributes, latency from
+    the span's start and end); the ids, action type and credits come from the span's `action.*`
+    attributes, else from the `action_context` in force when it started, else its parent span's
+    `action.*` attributes, else the OpenTelemetry baggage of the same names (text such as `"10"` is
+    read as 10; a value that cannot be read is counted in `bad_attribution` and logged, and the call
+    still recorded). Inherited credits are charged once, to the first call that takes them.
+    Several spans of one call (a client's own span and an instrumentation's) make one metric
+    (`genai.CallDeduplicator`; counted in `duplicates`). A call that reported no usage is stored with
+    `metadata["usage_missing"]`, counted in `usage_missing` and logged. Spans without GenAI
+    attributes, and those of `@instrument_action`, are ignored; a span that makes no valid metric is
+    counted in `rejected` and logged; nothing is ever raised into the application. Metrics are
+    buffered (`emit_nowait`): ending a span never waits on the database.
     """
 
     def __init__(
@@ -160,75 +168,145 @@ class ActionMetricsSpanProcessor(SpanProcessor):
         default_town_id: str = UNKNOWN_TOWN,
     ) -> None:
         self.store = store
-        self.user_id_attribute = user_id_attribute
-        self.town_id_attribute = town_id_attribute
-        self.citizen_id_attribute = citizen_id_attribute
-        self.credits_attribute = credits_attribute
-        self.action_type_attribute = action_type_attribute
-        self.default_action_type = default_action_type
-        self.default_user_id = default_user_id
-        self.default_town_id = default_town_id
+        self.mapping = SpanMapping(
+            names={
+                "action_type": action_type_attribute,
+                "user_id": user_id_attribute,
+                "town_id": town_id_attribute,
+                "citizen_id": citizen_id_attribute,
+                "credits_charged": credits_attribute,
+            },
+            default_action_type=default_action_type,
+            default_user_id=default_user_id,
+            default_town_id=default_town_id,
+        )
         self.recorded = 0
-        """Spans turned into metrics."""
+        """Calls turned into metrics."""
         self.rejected = 0
         """GenAI spans whose attributes made no valid metric."""
+        self.duplicates = 0
+        """GenAI spans that reported a call another span had reported: not stored again."""
+        self.usage_missing = 0
+        """Calls recorded without usage data (0 tokens, flagged in their metadata)."""
+        self.bad_attribution = 0
+        """Attribution values (from attributes or baggage) that could not be read; the call was kept."""
         self._count_lock = threading.Lock()
+        self._deduplicator = CallDeduplicator()
+        self._open: dict[int, tuple[Attribution, _SpanCredits | None]] = {}
+        self._claimed: OrderedDict[tuple[int, int | str], None] = OrderedDict()
 
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        return None
+    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+        try:
+            self._remember_inherited(span, parent_context)
+        except Exception:  # an OpenTelemetry hook must never raise into the application
+            logger.exception("action-metrics: reading the attribution of span %r failed", span.name)
+
+    def _remember_inherited(self, span: Any, parent_context: Context | None) -> None:
+        """What a GenAI span inherits, read when it starts (a stream may end in another context)."""
+        attributes = span.attributes or {}
+        if not any(key.startswith("gen_ai.") for key in attributes):
+            return
+        names = self.mapping.names
+        context_entry = current_attribution()
+        parent = trace.get_current_span(parent_context)
+        parent_context_ids = parent.get_span_context()
+        parent_attributes = getattr(parent, "attributes", None) or {}
+        from_parent, parent_problems = parse_attribution(parent_attributes, names)
+        inherited_by_parent, parent_credits = self._open.get(
+            parent_context_ids.span_id, (Attribution(), None)
+        )
+        from_baggage, baggage_problems = parse_attribution(baggage.get_all(parent_context), names)
+        self._report_problems(span.name, (*parent_problems, *baggage_problems))
+        inherited = context_entry.over(from_parent).over(inherited_by_parent).over(from_baggage)
+        trace_id = span.get_span_context().trace_id
+        claim = current_claim()
+        credits: _SpanCredits | None
+        if claim is not None:
+            credits = _SpanCredits(claim, None, 0)
+        elif from_parent.credits_charged is not None:
+            credits = _SpanCredits(None, (trace_id, parent_context_ids.span_id), from_parent.credits_charged)
+        elif parent_credits is not None:
+            credits = parent_credits  # a GenAI span inside another: the same call, the same credits
+        elif from_baggage.credits_charged is not None:
+            credits = _SpanCredits(None, (trace_id, "baggage"), from_baggage.credits_charged)
+        else:
+            credits = None
+        if len(self._open) >= _MAX_OPEN_SPANS:  # spans that never ended: forget the oldest
+            self._open.pop(next(iter(self._open)))
+        self._open[span.get_span_context().span_id] = (replace(inherited, credits_charged=None), credits)
 
     def on_end(self, span: ReadableSpan) -> None:
         try:
-            metric = self.metric_from_span(span)
-            if metric is not None:
-                self.store.emit_nowait(metric)
-                with self._count_lock:
-                    self.recorded += 1
+            self._record(span)
         except InvalidValue as error:
             self._reject(span, error)
         except Exception:  # an OpenTelemetry hook must never raise into the application
             self._reject(span, None)
 
+    def _record(self, span: ReadableSpan) -> None:
+        span_id = span.context.span_id if span.context else 0
+        inherited, credits = self._open.pop(span_id, (Attribution(), None))
+        data = span_data(span, inherited)
+        if data is None:
+            return
+        call = call_from_span_data(data, self.mapping)
+        if call is None:
+            return
+        if not self._deduplicator.first_report(data, call):
+            with self._count_lock:
+                self.duplicates += 1
+            return
+        if credits is not None and not data.failed and call.metric.credits_charged == 0:
+            taken = self._take(credits)
+            if taken:
+                call = call_from_span_data(
+                    replace(data, inherited=replace(inherited, credits_charged=taken)), self.mapping
+                )
+                assert call is not None  # the same span, with credits
+        self._report_problems(span.name, call.problems)
+        if call.usage_missing:
+            logger.warning(
+                "action-metrics: the %s call of span %r reported no token usage; recorded with 0 tokens "
+                "and metadata usage_missing (for an OpenAI stream, pass stream_options="
+                '{"include_usage": True})',
+                call.metric.model,
+                span.name,
+            )
+        self.store.emit_nowait(call.metric)
+        with self._count_lock:
+            self.recorded += 1
+            if call.usage_missing:
+                self.usage_missing += 1
+
+    def _take(self, credits: _SpanCredits) -> int | None:
+        if credits.claim is not None:
+            return credits.claim.take()
+        with self._count_lock:
+            if credits.key in self._claimed:
+                return None
+            self._claimed[credits.key] = None  # type: ignore[index]
+            if len(self._claimed) > _MAX_OPEN_SPANS:
+                self._claimed.popitem(last=False)
+        return credits.credits
+
+    def _report_problems(self, span_name: str, problems: tuple[str, ...]) -> None:
+        if not problems:
+            return
+        with self._count_lock:
+            self.bad_attribution += len(problems)
+        for problem in problems:
+            logger.warning(
+                "action-metrics: span %r: unreadable attribution %s; call recorded without it",
+                span_name,
+                problem,
+            )
+
     def metric_from_span(self, span: ReadableSpan) -> ActionMetric | None:
-        """The metric a finished span stands for; None for a span that is not a GenAI call."""
-        attributes = span.attributes or {}
-        if _OWN_SPAN in attributes or _GEN_AI_KEYS.isdisjoint(attributes):
-            return None
-        start, end = span.start_time, span.end_time
-        if start is None or end is None:
-            return None
-        action_type = _text(attributes.get(self.action_type_attribute)) or self.default_action_type
-        failed = span.status.status_code is StatusCode.ERROR
-        credits = 0 if failed else attributes.get(self.credits_attribute, ACTION_CREDITS.get(action_type, 0))
-        metadata: dict[str, Any] = {"trace_id": f"{span.context.trace_id:032x}"} if span.context else {}
-        if span.context:
-            metadata["span_id"] = f"{span.context.span_id:016x}"
-        metadata["span_name"] = span.name
-        for key in ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system"):
-            value = _text(attributes.get(key))
-            if value:
-                metadata[key] = value
-        error = None
-        if failed:
-            error = (_text(attributes.get("error.type")) or span.status.description or "error")[:256]
-            metadata["error"] = error
-        return ActionMetric(
-            action_type=action_type,
-            user_id=_text(attributes.get(self.user_id_attribute)) or self.default_user_id,
-            town_id=_text(attributes.get(self.town_id_attribute)) or self.default_town_id,
-            citizen_id=_text(attributes.get(self.citizen_id_attribute)),
-            tokens_in=_first(attributes, _INPUT_TOKENS, 0),
-            tokens_out=_first(attributes, _OUTPUT_TOKENS, 0),
-            cache_read_tokens=_first(attributes, _CACHE_READ_TOKENS, 0),
-            cache_write_tokens=_first(attributes, _CACHE_WRITE_TOKENS, 0),
-            reasoning_tokens=_first(attributes, _REASONING_TOKENS, 0),
-            error=error,
-            model=_first(attributes, _MODELS, UNKNOWN_MODEL),
-            latency_ms=(end - start) / 1e6,
-            credits_charged=credits,  # type: ignore[arg-type] # checked by ActionMetric
-            timestamp=datetime.fromtimestamp(start / 1e9, UTC),
-            metadata=metadata,
-        )
+        """The metric a finished span stands for (no attribution inherited, no de-duplication); None
+        for a span that is not a GenAI call."""
+        data = span_data(span, Attribution())
+        call = None if data is None else call_from_span_data(data, self.mapping)
+        return None if call is None else call.metric
 
     def _reject(self, span: ReadableSpan, error: InvalidValue | None) -> None:
         with self._count_lock:
@@ -258,6 +336,27 @@ class ActionMetricsSpanProcessor(SpanProcessor):
             return False
 
 
+def span_data(span: ReadableSpan, inherited: Attribution) -> SpanData | None:
+    """The plain data of a finished SDK span, for `genai.call_from_span_data`."""
+    start, end = span.start_time, span.end_time
+    if start is None or end is None:
+        return None
+    context = span.context
+    return SpanData(
+        name=span.name,
+        attributes=span.attributes or {},
+        start_ns=start,
+        end_ns=end,
+        failed=span.status.status_code is StatusCode.ERROR,
+        status_description=span.status.description,
+        trace_id=context.trace_id if context else 0,
+        span_id=context.span_id if context else 0,
+        parent_span_id=span.parent.span_id if span.parent else None,
+        resource_attributes=span.resource.attributes if span.resource else {},
+        inherited=inherited,
+    )
+
+
 def _flush_async_store(store: AsyncMetricsStore, timeout: float) -> bool:
     """Flush an async store from a blocking hook, when that can be done without deadlocking."""
     loop = store.writer.loop
@@ -271,19 +370,3 @@ def _flush_async_store(store: AsyncMetricsStore, timeout: float) -> bool:
         return not store.writer.pending  # cannot block the loop that has to do the writing
     asyncio.run_coroutine_threadsafe(store.flush(timeout), loop).result()
     return True
-
-
-def _text(value: AttributeValue | None) -> Any:
-    """A string attribute as is, an integer one (a numeric id) as text; anything else unchanged, so
-    that the metric's own checks reject it with the field's name."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return value
-
-
-def _first(attributes: Any, keys: tuple[str, ...], default: Any) -> Any:
-    for key in keys:
-        value = attributes.get(key)
-        if value is not None:
-            return value
-    return default

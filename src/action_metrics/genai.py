@@ -1,0 +1,279 @@
+"""GenAI spans to metrics: one mapping over plain span data, for the span processor and any OTLP receiver.
+
+`call_from_span_data(SpanData)` reads the OpenTelemetry GenAI attributes of one finished span (any
+instrumentation's: the official ones, OpenLLMetry, the clients' own spans) and makes the metric of
+the LLM call it reports. `CallDeduplicator` tells the first report of a call from the others, because
+one call is often reported by several spans:
+
+- A span with a provider response id (`gen_ai.response.id`: `chatcmpl-...`, `msg_...`) gets a metric id
+  derived from it (`metric_id_for_response`), so every report of that call, in any process, has the
+  same id and the store keeps one.
+- Spans without one (a failed call has none) are the same call when one encloses the other in time,
+  for the same request model, and they are siblings or parent and child in one trace, or both roots
+  (two instrumentations that each start a trace): the first to finish is kept. Two such calls made
+  concurrently, one enclosed by the other, would be counted once: the price of never counting twice.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from opentelemetry.util.types import AttributeValue
+
+from action_metrics.context import ATTRIBUTE_NAMES, Attribution, parse_attribution
+from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric
+from action_metrics.pricing import ACTION_CREDITS
+
+INPUT_TOKENS: Final = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
+OUTPUT_TOKENS: Final = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")
+MODELS: Final = ("gen_ai.response.model", "gen_ai.request.model")
+CACHE_READ_TOKENS: Final = ("gen_ai.usage.cache_read.input_tokens",)
+CACHE_WRITE_TOKENS: Final = (
+    "gen_ai.usage.cache_write.input_tokens",
+    "gen_ai.usage.cache_creation.input_tokens",
+)
+REASONING_TOKENS: Final = ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens")
+"""The GenAI conventions' token kinds, parts of the input and output totals (also the older
+`cache_creation` and OpenLLMetry's `reasoning_tokens` names)."""
+GEN_AI_KEYS: Final = frozenset((*INPUT_TOKENS, *OUTPUT_TOKENS, *MODELS))
+RESPONSE_ID: Final = "gen_ai.response.id"
+OWN_SPAN: Final = "action.id"
+"""Set on the spans `@instrument_action` makes: the decorator has stored those metrics already."""
+_PROVIDERS: Final = ("gen_ai.provider.name", "gen_ai.system")
+_METADATA_KEYS: Final = ("gen_ai.operation.name", *_PROVIDERS, RESPONSE_ID)
+_RESPONSE_NAMESPACE: Final = uuid.UUID("6f1c1a52-3d0e-5b8f-9a51-2f0b7c1e4d93")
+_CLASS_REPR: Final = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>")
+
+
+@dataclass(frozen=True, slots=True)
+class SpanData:
+    """What the mapping reads of a finished span: the same from an SDK span or an OTLP message."""
+
+    name: str
+    attributes: Mapping[str, AttributeValue]
+    start_ns: int
+    end_ns: int
+    failed: bool
+    """Its status code is ERROR."""
+    status_description: str | None = None
+    trace_id: int = 0
+    span_id: int = 0
+    parent_span_id: int | None = None
+    resource_attributes: Mapping[str, AttributeValue] = field(default_factory=dict)
+    inherited: Attribution = field(default_factory=Attribution)
+    """What the span inherits where its own `action.*` attributes are silent: from `action_context`,
+    baggage or an ancestor span, resolved by the caller (the credits already claimed once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpanMapping:
+    """Which attributes give the ids, credits and action type, and what stands in when none does."""
+
+    names: Mapping[str, str] = field(default_factory=lambda: dict(ATTRIBUTE_NAMES))
+    default_action_type: str = "llm"
+    default_user_id: str = ANONYMOUS_USER
+    default_town_id: str = UNKNOWN_TOWN
+
+
+@dataclass(frozen=True, slots=True)
+class GenAICall:
+    """The metric of one span's LLM call, and what the caller should count or log about it."""
+
+    metric: ActionMetric
+    usage_missing: bool
+    """Neither input nor output tokens were reported (say an OpenAI stream without `include_usage`):
+    stored with 0 tokens and `metadata["usage_missing"] = True`, never as a silent zero."""
+    problems: tuple[str, ...]
+    """Attribution values that could not be read (each naming its attribute); the call is kept."""
+    request_model: str
+
+
+def is_genai_span(attributes: Mapping[str, AttributeValue]) -> bool:
+    """A span that reports an LLM call (and not one `@instrument_action` made)."""
+    return OWN_SPAN not in attributes and not GEN_AI_KEYS.isdisjoint(attributes)
+
+
+def metric_id_for_response(response_id: str) -> uuid.UUID:
+    """The metric id of the call a provider answered with `response_id`: the same in every process."""
+    return uuid.uuid5(_RESPONSE_NAMESPACE, response_id)
+
+
+def call_from_span_data(data: SpanData, mapping: SpanMapping = SpanMapping()) -> GenAICall | None:
+    """The call a finished span reports; None for a span that reports none.
+
+    Raises `InvalidValue` (naming the field) when the span's usage makes no valid metric.
+    """
+    attributes = data.attributes
+    if not is_genai_span(attributes):
+        return None
+    own, problems = parse_attribution(attributes, mapping.names)
+    attribution = own.over(data.inherited)
+    action_type = attribution.action_type or mapping.default_action_type
+    if data.failed:
+        credits = 0
+    elif own.credits_charged is not None:
+        credits = own.credits_charged
+    elif data.inherited.credits_charged is not None:
+        credits = data.inherited.credits_charged
+    elif own.action_type is not None:  # the span itself says which action it is: that action's price
+        credits = ACTION_CREDITS.get(own.action_type, 0)
+    else:
+        credits = 0  # an inherited action is charged by whoever owns it, never once per call
+    metadata: dict[str, Any] = {"trace_id": f"{data.trace_id:032x}", "span_id": f"{data.span_id:016x}"}
+    metadata["span_name"] = data.name
+    for key in _METADATA_KEYS:
+        value = attributes.get(key)
+        if isinstance(value, str) and value:
+            metadata[key] = value
+    if attribution.action_id is not None:
+        metadata["action_id"] = attribution.action_id
+    error = None
+    if data.failed:
+        error = _error_name(attributes.get("error.type"), data.status_description)
+        metadata["error"] = error
+    tokens_in = _first(attributes, INPUT_TOKENS, None)
+    tokens_out = _first(attributes, OUTPUT_TOKENS, None)
+    usage_missing = tokens_in is None and tokens_out is None and not data.failed
+    if usage_missing:
+        metadata["usage_missing"] = True
+    tokens_in, tokens_out = tokens_in or 0, tokens_out or 0
+    cache_read = _first(attributes, CACHE_READ_TOKENS, 0)
+    cache_write = _first(attributes, CACHE_WRITE_TOKENS, 0)
+    if (
+        _is_anthropic(attributes)
+        and _is_count(tokens_in, cache_read, cache_write)
+        and cache_read + cache_write > tokens_in
+    ):
+        # Anthropic's own input_tokens leave the cached ones out; an instrumentation passing that
+        # count on cannot report fewer input tokens than it read and wrote to the cache.
+        tokens_in += cache_read + cache_write
+    response_id = attributes.get(RESPONSE_ID)
+    extra: dict[str, Any] = {}
+    if isinstance(response_id, str) and response_id:
+        extra["id"] = metric_id_for_response(response_id)
+    request_model = attributes.get("gen_ai.request.model")
+    metric = ActionMetric(
+        action_type=action_type,
+        user_id=attribution.user_id or mapping.default_user_id,
+        town_id=attribution.town_id or mapping.default_town_id,
+        citizen_id=attribution.citizen_id,
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=_first(attributes, REASONING_TOKENS, 0),
+        error=error,
+        model=_first(attributes, MODELS, UNKNOWN_MODEL),
+        latency_ms=(data.end_ns - data.start_ns) / 1e6,
+        credits_charged=credits,
+        timestamp=datetime.fromtimestamp(data.start_ns / 1e9, UTC),
+        metadata=metadata,
+        **extra,
+    )
+    return GenAICall(
+        metric,
+        usage_missing,
+        problems,
+        request_model if isinstance(request_model, str) else metric.model,
+    )
+
+
+def _first(attributes: Mapping[str, AttributeValue], keys: tuple[str, ...], default: Any) -> Any:
+    for key in keys:
+        value = attributes.get(key)
+        if value is not None:
+            return value
+    return default
+
+
+def _is_anthropic(attributes: Mapping[str, AttributeValue]) -> bool:
+    return any(attributes.get(key) == "anthropic" for key in _PROVIDERS)
+
+
+def _is_count(*values: object) -> bool:
+    return all(isinstance(value, int) and not isinstance(value, bool) for value in values)
+
+
+def _error_name(error_type: AttributeValue | None, description: str | None) -> str:
+    """The error's type name; "<class 'openai.InternalServerError'>" (as some report it) read as its name."""
+    text = error_type if isinstance(error_type, str) and error_type else description or "error"
+    match = _CLASS_REPR.fullmatch(text)
+    return (match.group(1) if match else text)[:256]
+
+
+# --- one call, one metric --------------------------------------------------------------------
+
+_REMEMBERED: Final = 16_384
+_PER_TRACE_AND_MODEL: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Reported:
+    trace_id: int
+    start_ns: int
+    end_ns: int
+    span_id: int
+    parent_span_id: int | None
+    has_response_id: bool
+
+
+class CallDeduplicator:
+    """Remembers the calls recently recorded, so that a second span of the same call is not.
+
+    Memory is bounded (the last 16k calls); across processes, the response-derived metric id makes
+    the store's idempotent insert do the same.
+    """
+
+    def __init__(self) -> None:
+        self._ids: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._spans: OrderedDict[str, list[_Reported]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first_report(self, data: SpanData, call: GenAICall) -> bool:
+        """True for the first span of a call (remembered from now on), False for a repeat."""
+        has_response_id = isinstance(data.attributes.get(RESPONSE_ID), str)
+        this = _Reported(
+            data.trace_id, data.start_ns, data.end_ns, data.span_id, data.parent_span_id, has_response_id
+        )
+        key = call.request_model
+        with self._lock:
+            if has_response_id and call.metric.id in self._ids:
+                return False
+            reported = self._spans.get(key, [])
+            if any(_same_call(this, other) for other in reported):
+                return False
+            if has_response_id:
+                self._ids[call.metric.id] = None
+                if len(self._ids) > _REMEMBERED:
+                    self._ids.popitem(last=False)
+            reported.append(this)
+            del reported[:-_PER_TRACE_AND_MODEL]
+            self._spans[key] = reported
+            self._spans.move_to_end(key)
+            if len(self._spans) > _REMEMBERED:
+                self._spans.popitem(last=False)
+        return True
+
+
+def _same_call(this: _Reported, other: _Reported) -> bool:
+    if this.has_response_id and other.has_response_id:
+        return False  # both named their response, and differently (same ids were caught before)
+    if this.parent_span_id is None and other.parent_span_id is None:
+        related = True  # two root spans: each instrumentation started its own trace
+    else:
+        related = this.trace_id == other.trace_id and (
+            this.parent_span_id == other.parent_span_id
+            or this.parent_span_id == other.span_id
+            or other.parent_span_id == this.span_id
+        )
+    encloses = (this.start_ns <= other.start_ns and other.end_ns <= this.end_ns) or (
+        other.start_ns <= this.start_ns and this.end_ns <= other.end_ns
+    )
+    return related and encloses
