@@ -149,6 +149,26 @@ def test_calls_without_ids_or_model_are_anonymous_and_unpriced(store: MetricsSto
     assert store.aggregate().unpriced_count == 1
 
 
+def test_nested_decorated_actions_each_charge_their_own_credits(store: MetricsStore) -> None:
+    @instrument_action("lod3", store=store)
+    def lod3(town_id: str) -> None:
+        return None
+
+    @instrument_action("lod4", store=store)
+    def lod4(town_id: str) -> None:
+        lod3(town_id)
+        lod3(town_id)
+
+    lod4("town-1")
+    credits = sorted((metric.action_type, metric.credits_charged) for metric in store.query())
+    lod3_credits = ACTION_CREDITS["lod3"]
+    assert credits == [
+        ("lod3", lod3_credits),
+        ("lod3", lod3_credits),
+        ("lod4", ACTION_CREDITS["lod4"]),
+    ]
+
+
 def test_ids_from_defaults_kwargs_and_numeric_values(store: MetricsStore) -> None:
     @instrument_action("trade", store=store)
     def trade(amount: int, town_id: str = "harbour", **context: object) -> dict[str, int]:

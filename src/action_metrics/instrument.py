@@ -225,7 +225,9 @@ class _Action:
         if error is None:
             credits = self.credits_charged
             outer_claim = None if call.outer is None else call.outer.claim
-            if not self.credits_given and outer_claim is not None:
+            # Only an action_context's credits pass to a decorated action inside it; an enclosing
+            # decorated action (a 0-credit claim, for its LLM calls) leaves this one its own price.
+            if not (self.credits_given or outer_claim is None or isinstance(outer_claim, ActionEntry)):
                 claimed = outer_claim.take()
                 credits = credits if claimed is None else claimed
         tokens_in = tokens_out = 0
