@@ -1,0 +1,145 @@
+"""OTLP bodies as the OpenTelemetry SDK's own exporters encode them read back as the spans they were."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import pytest
+from google.protobuf import json_format
+from opentelemetry.exporter.otlp.json.common.trace_encoder import encode_spans as encode_json
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as encode_protobuf
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Status, StatusCode
+
+from action_metrics.otlp import (
+    JSON,
+    PROTOBUF,
+    STATUS_ERROR,
+    OtlpDecodeError,
+    OtlpSpan,
+    ancestors,
+    decode_request,
+    encode_response,
+)
+
+
+def _protobuf(spans: list[ReadableSpan]) -> bytes:
+    return encode_protobuf(spans).SerializeToString()
+
+
+def _json(spans: list[ReadableSpan]) -> bytes:
+    return encode_json(spans).to_json().encode()
+
+
+ENCODINGS: dict[str, tuple[str, Callable[[list[ReadableSpan]], bytes]]] = {
+    "protobuf": (PROTOBUF, _protobuf),
+    "json": (JSON, _json),
+}
+
+
+@pytest.fixture
+def finished_spans() -> Iterator[list[ReadableSpan]]:
+    """A chat span with every kind of attribute inside an action span, one of them failed."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "town-api", "deployment": 3}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("town.llm")
+    action = {"action.type": "lod4", "action.credits": 10}
+    with (
+        tracer.start_as_current_span("lod4", attributes=action),
+        tracer.start_as_current_span("chat claude-sonnet-4-5") as chat,
+    ):
+        chat.set_attributes(
+            {
+                "gen_ai.request.model": "claude-sonnet-4-5",
+                "gen_ai.usage.input_tokens": 1200,
+                "gen_ai.usage.output_tokens": 80,
+                "gen_ai.response.finish_reasons": ("stop",),
+                "action.cached": True,
+                "server.latency_s": 1.25,
+            }
+        )
+        chat.add_event("exception", {"exception.type": "RateLimitError"})
+        chat.set_status(Status(StatusCode.ERROR, "rate limited"))
+    yield list(exporter.get_finished_spans())
+    provider.shutdown()
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_a_request_reads_back_as_the_spans_sent(finished_spans: list[ReadableSpan], encoding: str) -> None:
+    content_type, encode = ENCODINGS[encoding]
+    decoded = decode_request(encode(finished_spans), f"{content_type}; charset=utf-8")
+
+    assert len(decoded) == len(finished_spans)
+    by_name = {span.name: span for span in decoded}
+    for sent in finished_spans:
+        got = by_name[sent.name]
+        assert got.trace_id == f"{sent.context.trace_id:032x}"
+        assert got.span_id == f"{sent.context.span_id:016x}"
+        assert got.parent_span_id == (f"{sent.parent.span_id:016x}" if sent.parent else None)
+        assert (got.start_ns, got.end_ns) == (sent.start_time, sent.end_time)
+        assert dict(got.attributes) == dict(sent.attributes or {})
+        assert got.resource["service.name"] == "town-api"
+        assert got.resource["deployment"] == 3
+        assert got.scope == "town.llm"
+    chat = by_name["chat claude-sonnet-4-5"]
+    assert (chat.status_code, chat.status_message) == (STATUS_ERROR, "rate limited")
+    assert chat.event_attributes == ({"exception.type": "RateLimitError"},)
+    assert [parent.name for parent in ancestors(chat, {span.identity: span for span in decoded})] == ["lod4"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "fragment"),
+    [
+        (b"\xff\xff\xff", PROTOBUF, "not a protobuf"),
+        (b"{not json", JSON, "not an OTLP JSON"),
+        (b"[]", JSON, "not a JSON object"),
+        (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}', JSON, "traceId 'zz'"),
+        (b'{"resourceSpans": "many"}', JSON, "not an OTLP JSON"),
+    ],
+)
+def test_a_body_that_does_not_decode_says_why(body: bytes, content_type: str, fragment: str) -> None:
+    with pytest.raises(OtlpDecodeError, match=fragment):
+        decode_request(body, content_type)
+
+
+def test_only_the_two_otlp_encodings_are_read() -> None:
+    with pytest.raises(
+        ValueError, match=r"text/plain is not one of application/x-protobuf, application/json"
+    ):
+        decode_request(b"", "text/plain")
+
+
+def test_unknown_json_fields_are_ignored_as_the_specification_asks() -> None:
+    body = {"resourceSpans": [{"future": 1, "scopeSpans": [{"spans": [{"name": "s", "newField": {}}]}]}]}
+    (span,) = decode_request(json.dumps(body).encode(), JSON)
+    assert span.name == "s"
+    assert span.parent_span_id is None
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_the_answer_is_otlps_partial_success_in_the_requests_encoding(encoding: str) -> None:
+    content_type, _ = ENCODINGS[encoding]
+    response = ExportTraceServiceResponse()
+    body = encode_response(content_type, rejected=2, message="spans[3]: tokens_in: must be >= 0")
+    if content_type == PROTOBUF:
+        response.ParseFromString(body)
+    else:
+        json_format.Parse(body, response)
+    assert response.partial_success.rejected_spans == 2
+    assert response.partial_success.error_message == "spans[3]: tokens_in: must be >= 0"
+    assert not ExportTraceServiceResponse.FromString(encode_response(PROTOBUF)).HasField("partial_success")
+
+
+def test_a_cycle_of_parents_ends_the_walk() -> None:
+    def span(span_id: str, parent: str) -> OtlpSpan:
+        return OtlpSpan("t", span_id, parent, span_id, 0, 0, {}, 0, "", {}, "")
+
+    first, second = span("a", "b"), span("b", "a")
+    batch = {first.identity: first, second.identity: second}
+    assert [parent.span_id for parent in ancestors(first, batch)] == ["b"]
