@@ -7,7 +7,8 @@ one call is often reported by several spans:
 
 - A span with a provider response id (`gen_ai.response.id`: `chatcmpl-...`, `msg_...`) gets a metric id
   derived from it (`metric_id_for_response`), so every report of that call, in any process, has the
-  same id and the store keeps one.
+  same id and the store keeps one. A span without one gets an id derived from its own identity
+  (`metric_id_for_span`): the same span sent twice is still one metric.
 - Spans without one (a failed call has none) are the same call when one encloses the other in time,
   for the same request model, and they are siblings or parent and child in one trace, or both roots
   (two instrumentations that each start a trace): the first to finish is kept. Two such calls made
@@ -105,6 +106,12 @@ def metric_id_for_response(response_id: str) -> uuid.UUID:
     return uuid.uuid5(_RESPONSE_NAMESPACE, response_id)
 
 
+def metric_id_for_span(trace_id: int, span_id: int) -> uuid.UUID:
+    """The metric id of a call whose span names no response (a failed call): the span's identity,
+    so a batch of spans sent again (an OTLP exporter's retry) stores nothing twice."""
+    return uuid.uuid5(_RESPONSE_NAMESPACE, f"span:{trace_id:032x}{span_id:016x}")
+
+
 def call_from_span_data(data: SpanData, mapping: SpanMapping = SpanMapping()) -> GenAICall | None:
     """The call a finished span reports; None for a span that reports none.
 
@@ -158,6 +165,8 @@ def call_from_span_data(data: SpanData, mapping: SpanMapping = SpanMapping()) ->
     extra: dict[str, Any] = {}
     if isinstance(response_id, str) and response_id:
         extra["id"] = metric_id_for_response(response_id)
+    elif data.trace_id:
+        extra["id"] = metric_id_for_span(data.trace_id, data.span_id)
     request_model = attributes.get("gen_ai.request.model")
     metric = ActionMetric(
         action_type=action_type,

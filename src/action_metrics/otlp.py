@@ -1,4 +1,5 @@
-"""OTLP/HTTP traces in: an `ExportTraceServiceRequest` body, protobuf or JSON, as plain spans.
+"""OTLP/HTTP traces in: an `ExportTraceServiceRequest` body, protobuf or JSON, as plain spans, and
+their GenAI spans as metrics by the span processor's own mapping.
 
 The OpenTelemetry protocol's own messages (`opentelemetry-proto`) decode both encodings, so a span
 from any SDK's exporter or a Collector's `otlphttp` exporter reads the same. OTLP's JSON differs
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from google.protobuf import json_format
@@ -21,6 +24,18 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from action_metrics.context import NO_ATTRIBUTION, Attribution, parse_attribution
+from action_metrics.errors import InvalidValue
+from action_metrics.genai import (
+    OWN_SPAN,
+    CallDeduplicator,
+    SpanData,
+    SpanMapping,
+    call_from_span_data,
+    is_genai_span,
+)
+from action_metrics.model import ActionMetric
 
 PROTOBUF: Final = "application/x-protobuf"
 JSON: Final = "application/json"
@@ -193,13 +208,131 @@ def _items(parent: Any, key: str) -> list[Any]:
 def _rewrite_ids(message: Any) -> None:
     if not isinstance(message, dict):
         return
-    for field in _ID_FIELDS:
-        value = message.get(field)
+    for name in _ID_FIELDS:
+        value = message.get(name)
         if isinstance(value, str) and value:
             try:
-                message[field] = base64.b64encode(bytes.fromhex(value)).decode()
+                message[name] = base64.b64encode(bytes.fromhex(value)).decode()
             except ValueError:
-                raise OtlpDecodeError(f"{field} {value[:40]!r} is not hex") from None
+                raise OtlpDecodeError(f"{name} {value[:40]!r} is not hex") from None
+
+
+# --- spans to metrics ---------------------------------------------------------------------------
+
+_REMEMBERED_CLAIMS: Final = 65_536
+
+
+@dataclass(slots=True)
+class SpanBatch:
+    """What one request's spans come to: metrics to store (with each span's index in the request),
+    spans rejected (index, why), and what was left out."""
+
+    accepted: list[tuple[int, ActionMetric]] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    ignored: int = 0
+    """Spans that report no LLM call (and those of `@instrument_action`, stored by the decorator)."""
+    duplicates: int = 0
+    """Spans of a call another span of this request reported."""
+    usage_missing: int = 0
+    problems: list[str] = field(default_factory=list)
+    """Attribution values that could not be read (the call was kept without them)."""
+    claims: set[tuple[int, int]] = field(default_factory=set)
+    """The ancestor spans whose credits this batch charged: remembered once it is committed."""
+
+
+class SpanReceiver:
+    """GenAI spans of OTLP requests as metrics, as `ActionMetricsSpanProcessor` makes them in process.
+
+    The mapping is the same function (`genai.call_from_span_data`); what a span inherits (ids,
+    action type) comes from its ancestors in the same request, nearest first, as the processor
+    takes it from the parent span it knows. An ancestor's credits are charged once, to the first
+    call under it that has none of its own (never an ancestor made by `@instrument_action`, whose
+    own metric carries them); across requests the receiver remembers which it charged. Several
+    spans of one call in a request make one metric (`CallDeduplicator`); across requests the ids do
+    it: a call's metric id comes from its provider response id, else from its span's identity, so
+    a request sent again (a retry after a timeout) stores nothing twice.
+    """
+
+    def __init__(self, mapping: SpanMapping | None = None) -> None:
+        self.mapping = SpanMapping() if mapping is None else mapping
+        self._claimed: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, spans: Sequence[OtlpSpan]) -> SpanBatch:
+        """The metrics of a request's spans; nothing is remembered until `committed()`."""
+        batch = SpanBatch()
+        by_identity = {span.identity: span for span in spans}
+        deduplicator = CallDeduplicator()
+        for index, span in enumerate(spans):
+            if not is_genai_span(span.attributes):
+                batch.ignored += 1
+                continue
+            inherited, credits = self._inherited(span, by_identity, batch)
+            data = _span_data(span, inherited)
+            try:
+                call = call_from_span_data(data, self.mapping)
+                if call is None:
+                    batch.ignored += 1
+                    continue
+                if not deduplicator.first_report(data, call):
+                    batch.duplicates += 1
+                    continue
+                if credits is not None and not data.failed and call.metric.credits_charged == 0:
+                    key, amount = credits
+                    if key not in batch.claims and not self._charged(key):
+                        batch.claims.add(key)
+                        charged = replace(data, inherited=replace(inherited, credits_charged=amount))
+                        call = call_from_span_data(charged, self.mapping) or call
+            except InvalidValue as error:
+                batch.rejected.append((index, f"{error.field}: {error.problem}"))
+                continue
+            batch.problems.extend(f"span {span.name!r}: {problem}" for problem in call.problems)
+            batch.usage_missing += call.usage_missing
+            batch.accepted.append((index, call.metric))
+        return batch
+
+    def committed(self, batch: SpanBatch) -> None:
+        """The batch's metrics are stored: its ancestors' credits are charged from now on."""
+        with self._lock:
+            for key in batch.claims:
+                self._claimed[key] = None
+            while len(self._claimed) > _REMEMBERED_CLAIMS:
+                self._claimed.popitem(last=False)
+
+    def _charged(self, key: tuple[int, int]) -> bool:
+        with self._lock:
+            return key in self._claimed
+
+    def _inherited(
+        self, span: OtlpSpan, by_identity: Mapping[tuple[str, str], OtlpSpan], batch: SpanBatch
+    ) -> tuple[Attribution, tuple[tuple[int, int], int] | None]:
+        inherited: Attribution = NO_ATTRIBUTION
+        credits: tuple[tuple[int, int], int] | None = None
+        for ancestor in ancestors(span, by_identity):
+            own, problems = parse_attribution(ancestor.attributes, self.mapping.names)
+            batch.problems.extend(f"span {ancestor.name!r}: {problem}" for problem in problems)
+            if own.empty:
+                continue
+            inherited = inherited.over(own)
+            if credits is None and own.credits_charged is not None and OWN_SPAN not in ancestor.attributes:
+                credits = (int(ancestor.trace_id, 16), int(ancestor.span_id, 16)), own.credits_charged
+        return replace(inherited, credits_charged=None), credits
+
+
+def _span_data(span: OtlpSpan, inherited: Attribution) -> SpanData:
+    return SpanData(
+        name=span.name,
+        attributes=span.attributes,
+        start_ns=span.start_ns,
+        end_ns=span.end_ns,
+        failed=span.status_code == STATUS_ERROR,
+        status_description=span.status_message or None,
+        trace_id=int(span.trace_id or "0", 16),
+        span_id=int(span.span_id or "0", 16),
+        parent_span_id=int(span.parent_span_id, 16) if span.parent_span_id else None,
+        resource_attributes=span.resource,
+        inherited=inherited,
+    )
 
 
 __all__ = [
@@ -209,6 +342,8 @@ __all__ = [
     "STATUS_ERROR",
     "OtlpDecodeError",
     "OtlpSpan",
+    "SpanBatch",
+    "SpanReceiver",
     "ancestors",
     "decode_request",
     "encode_response",
