@@ -160,11 +160,27 @@ class MetricsRepository:
         Batches big enough go through the driver's bulk path (COPY, executemany), which stores the
         same values as the plain INSERT at the driver's speed.
         """
+        await self._insert(metrics, count_new=False)
+
+    async def insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
+        """`insert`, and how many of the batch's ids were new: a writer over the wire is told what
+        was stored and what was a duplicate. Exact under concurrent writers: the ids are looked up
+        inside the batch's transaction, after the rollup-state lock every writer takes."""
+        return await self._insert(metrics, count_new=True)
+
+    async def _insert(self, metrics: Sequence[ActionMetric], *, count_new: bool) -> int:
         if not metrics:
-            return
+            return 0
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
-            late = await self._new_late_metrics(connection, state, metrics)
+            if count_new:
+                ids = {metric.id for metric in metrics}
+                already = await rollup.stored_ids(connection, list(ids))
+                late = _late_metrics(state, metrics, already)
+                new = len(ids) - len(already)
+            else:
+                late = await self._new_late_metrics(connection, state, metrics)
+                new = 0
             if len(metrics) >= self.backend.bulk_insert_minimum:
                 await self.backend.bulk_insert_metrics(connection, metrics)
             else:
@@ -177,18 +193,13 @@ class MetricsRepository:
                 reach = newest - rollup.CLOSE_DELAY
                 closed = await rollup.close(connection, self.backend, state, reach, batch_since=oldest)
                 await rollup.write_state(connection, state, closed)
+        return new
 
     async def _new_late_metrics(
         self, connection: AsyncConnection, state: RollupState, metrics: Sequence[ActionMetric]
     ) -> dict[Any, datetime]:
         """The metrics of the batch for closed buckets that are not stored yet: id -> timestamp."""
-        closed = state.hours_closed_until
-        if closed is None:
-            return {}
-        late: dict[Any, datetime] = {}
-        for metric in metrics:
-            if metric.timestamp < closed:
-                late.setdefault(metric.id, metric.timestamp)
+        late = _late_metrics(state, metrics, set())
         for stored in await rollup.stored_ids(connection, list(late)) if late else ():
             del late[stored]
         return late
@@ -336,6 +347,20 @@ class MetricsRepository:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _late_metrics(
+    state: RollupState, metrics: Sequence[ActionMetric], stored: set[Any]
+) -> dict[Any, datetime]:
+    """The metrics of the batch for closed buckets whose ids are not in `stored`: id -> timestamp."""
+    closed = state.hours_closed_until
+    if closed is None:
+        return {}
+    late: dict[Any, datetime] = {}
+    for metric in metrics:
+        if metric.timestamp < closed and metric.id not in stored:
+            late.setdefault(metric.id, metric.timestamp)
+    return late
 
 
 async def _price_starts(connection: AsyncConnection) -> list[datetime]:
