@@ -188,15 +188,9 @@ def _access(request: Request) -> Access:
     return access
 
 
-async def _reader(request: Request, credentials: Credentials) -> TokenGrant:
-    return _access(request).grant(credentials, Scope.READ)
-
-
 async def _writer(request: Request, credentials: Credentials) -> TokenGrant:
     return _access(request).grant(credentials, Scope.WRITE)
 
 
-ReadGrant = Annotated[TokenGrant, Depends(_reader)]
-"""A route's parameter: the grant of a token that may read (the app's `state.access` decides)."""
 WriteGrant = Annotated[TokenGrant, Depends(_writer)]
-"""A route's parameter: the grant of a token that may write."""
+"""A route's parameter: the grant of a token that may write (the app's `state.access` decides)."""

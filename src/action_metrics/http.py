@@ -26,7 +26,8 @@ from action_metrics.access import (
     TOKENS_VARIABLE,
     Access,
     ApiTokens,
-    ReadGrant,
+    Credentials,
+    Scope,
 )
 from action_metrics.aggregate import Aggregate
 from action_metrics.errors import DatabaseError, DatabaseUnavailable, TokenConfigError
@@ -149,7 +150,9 @@ def create_app(
     app.state.intake = Intake(IntakeLimits() if limits is None else limits)
     app.include_router(wire.router)
 
-    async def authorize(town_id: TownId, grant: ReadGrant) -> None:
+    async def authorize(town_id: TownId, credentials: Credentials) -> None:
+        # The token is checked once the parameters are valid: a bad parameter is 422 for anyone.
+        grant = app.state.access.grant(credentials, Scope.READ)
         if not grant.allows(town_id):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "this token may not read this town")
 

@@ -128,6 +128,8 @@ _DICT_FIELDS: Final = frozenset(
     )
 )
 _DERIVED_FIELDS: Final = frozenset(("total_tokens", "estimated_cost_usd", "revenue_usd", "gross_margin"))
+_KNOWN_DICT_FIELDS: Final = _DICT_FIELDS | _DERIVED_FIELDS
+_REQUIRED_SET: Final = frozenset(_REQUIRED_DICT_FIELDS)
 
 
 def _parse_timestamp(value: object) -> datetime:
@@ -141,6 +143,8 @@ def _parse_timestamp(value: object) -> datetime:
         raise InvalidMetric("timestamp", f"expected ISO 8601 such as {example}, got {shown(value)}") from None
     if moment.utcoffset() is None:
         raise InvalidMetric("timestamp", f"needs a UTC offset or Z, got {shown(value)}")
+    if moment.tzinfo is UTC:
+        return moment
     return as_utc("timestamp", moment)
 
 
@@ -318,14 +322,15 @@ class ActionMetric:
         """
         if not isinstance(data, Mapping):
             raise InvalidMetric("metric", f"expected a JSON object, got {type(data).__name__}")
-        for name in data:
-            if name not in _DICT_FIELDS and name not in _DERIVED_FIELDS:
-                known = ", ".join(sorted(_DICT_FIELDS))
-                raise InvalidMetric(str(name)[:64], f"unknown field; a metric has {known}")
-        for name in _REQUIRED_DICT_FIELDS:
-            if name not in data:
-                raise InvalidMetric(name, "missing")
-        fields = {name: data[name] for name in _DICT_FIELDS if name in data}
+        names = data.keys()
+        if unknown := names - _KNOWN_DICT_FIELDS:
+            known = ", ".join(sorted(_DICT_FIELDS))
+            name = min(map(str, unknown))
+            raise InvalidMetric(name[:64], f"unknown field; a metric has {known}")
+        if missing := _REQUIRED_SET - names:
+            raise InvalidMetric(min(missing), "missing")
+        fields = {name: data[name] for name in names & _DICT_FIELDS}
+        fields.setdefault("citizen_id", None)
         if "timestamp" in fields:
             fields["timestamp"] = _parse_timestamp(fields["timestamp"])
         return cls(**fields)

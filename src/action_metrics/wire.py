@@ -9,11 +9,12 @@ only when it cannot be read: 400 (not JSON, broken gzip), 413 (too large, too ma
 
 from __future__ import annotations
 
-import json
+import uuid
 from datetime import datetime
 from enum import Enum
 from typing import Any, Final
 
+import orjson
 from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,7 +38,7 @@ class SentMetric(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(description="A UUID; the same id sent again is stored once.")
+    id: uuid.UUID = Field(description="The same id sent again is stored once.")
     action_type: str = Field(pattern=f"^{ACTION_TYPE_PATTERN}$")
     user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     town_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
@@ -86,17 +87,13 @@ def _body_kind(content_type: str | None) -> _BodyKind:
     )
 
 
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def _json(text: bytes) -> Any:
-    """Strict JSON: NaN and Infinity are not JSON, and a body nested too deep for the parser is
-    refused rather than crashing it."""
+    """Strict JSON (orjson: several times the standard library's speed): NaN, Infinity, a lone
+    surrogate, invalid UTF-8 and nesting past 1024 levels are refused, never a crash."""
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError) as error:
-        raise _NotJson(str(error) or type(error).__name__) from None
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        raise _NotJson(str(error)) from None
 
 
 class _NotJson(Exception):
