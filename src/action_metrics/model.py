@@ -320,7 +320,7 @@ class ActionMetric:
         revenue and margin at the default prices) are accepted and ignored: the store prices each
         metric itself. Any other key is an `InvalidMetric` naming it, so a misspelt field is not lost.
         """
-        if not isinstance(data, Mapping):
+        if type(data) is not dict and not isinstance(data, Mapping):
             raise InvalidMetric("metric", f"expected a JSON object, got {type(data).__name__}")
         names = data.keys()
         if unknown := names - _KNOWN_DICT_FIELDS:

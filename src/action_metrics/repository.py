@@ -164,8 +164,8 @@ class MetricsRepository:
 
     async def insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
         """`insert`, and how many of the batch's ids were new: a writer over the wire is told what
-        was stored and what was a duplicate. Exact under concurrent writers: the ids are looked up
-        inside the batch's transaction, after the rollup-state lock every writer takes."""
+        was stored and what was a duplicate. The count is the insert's own (rows the database took,
+        conflicts skipped), in the batch's transaction, so concurrent writers cannot blur it."""
         return await self._insert(metrics, count_new=True)
 
     async def _insert(self, metrics: Sequence[ActionMetric], *, count_new: bool) -> int:
@@ -173,17 +173,14 @@ class MetricsRepository:
             return 0
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
-            if count_new:
-                ids = {metric.id for metric in metrics}
-                already = await rollup.stored_ids(connection, list(ids))
-                late = _late_metrics(state, metrics, already)
-                new = len(ids) - len(already)
-            else:
-                late = await self._new_late_metrics(connection, state, metrics)
-                new = 0
+            late = await self._new_late_metrics(connection, state, metrics)
+            new = 0
             if len(metrics) >= self.backend.bulk_insert_minimum:
-                await self.backend.bulk_insert_metrics(connection, metrics)
+                new = await self.backend.bulk_insert_metrics(connection, metrics)
             else:
+                if count_new:  # an executemany's row count is not reliable on every driver
+                    new = len({metric.id for metric in metrics})
+                    new -= len(await rollup.stored_ids(connection, [metric.id for metric in metrics]))
                 await connection.execute(self._insert_metrics, metric_rows(metrics))
             if late:
                 await rollup.add_late(connection, self.backend, state, list(late), min(late.values()))
@@ -199,7 +196,13 @@ class MetricsRepository:
         self, connection: AsyncConnection, state: RollupState, metrics: Sequence[ActionMetric]
     ) -> dict[Any, datetime]:
         """The metrics of the batch for closed buckets that are not stored yet: id -> timestamp."""
-        late = _late_metrics(state, metrics, set())
+        closed = state.hours_closed_until
+        if closed is None:
+            return {}
+        late: dict[Any, datetime] = {}
+        for metric in metrics:
+            if metric.timestamp < closed:
+                late.setdefault(metric.id, metric.timestamp)
         for stored in await rollup.stored_ids(connection, list(late)) if late else ():
             del late[stored]
         return late
@@ -347,20 +350,6 @@ class MetricsRepository:
 
     async def close(self) -> None:
         await self.engine.dispose()
-
-
-def _late_metrics(
-    state: RollupState, metrics: Sequence[ActionMetric], stored: set[Any]
-) -> dict[Any, datetime]:
-    """The metrics of the batch for closed buckets whose ids are not in `stored`: id -> timestamp."""
-    closed = state.hours_closed_until
-    if closed is None:
-        return {}
-    late: dict[Any, datetime] = {}
-    for metric in metrics:
-        if metric.timestamp < closed and metric.id not in stored:
-            late.setdefault(metric.id, metric.timestamp)
-    return late
 
 
 async def _price_starts(connection: AsyncConnection) -> list[datetime]:
