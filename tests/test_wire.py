@@ -63,6 +63,7 @@ class Server:
         environment.update(ACTION_METRICS_API_TOKENS=TOKENS, ACTION_METRICS_API_TOKEN=LEGACY)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "action_metrics", "serve", "--url", self.url, "--port", "0"],
+            stdout=subprocess.DEVNULL,  # uvicorn's access log
             stderr=subprocess.PIPE,
             text=True,
             env=environment,
