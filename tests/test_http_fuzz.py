@@ -51,6 +51,7 @@ def ndjson(context: Any, value: Any) -> bytes:
     items = value if isinstance(value, list) else [value]
     return b"\n".join(json.dumps(item).encode() for item in items)
 
+
 EXAMPLES = 100
 """Hypothesis examples per operation, per generation mode, per kind of credentials."""
 MODES = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
