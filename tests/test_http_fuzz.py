@@ -207,7 +207,6 @@ def test_fuzz_with_a_valid_token(api_schema: schemathesis.BaseSchema) -> None:
     assert tally.of("/healthz") == {200}
     assert tally.of(METRICS_PATH) == {200, 403, 422}
     assert tally.answers_with_data > 0
-    print(tally.of(ACTIONS_PATH), tally.writes_stored, tally.items_rejected)
     assert 200 in tally.of(ACTIONS_PATH)
     assert tally.writes_stored > 0
     assert tally.items_rejected > 0
@@ -230,7 +229,6 @@ def test_fuzz_without_a_valid_token(api_schema: schemathesis.BaseSchema) -> None
     assert tally.of("/healthz") == {200}
     # No data and no 403 without a valid token: bad parameters are 422, everything else 401.
     assert tally.of(METRICS_PATH) == {401, 422}
-    print(tally.of(ACTIONS_PATH))
     assert tally.of(ACTIONS_PATH) <= {401, 415}
     assert tally.answers_with_data == 0
     assert tally.requests >= 2 * EXAMPLES

@@ -554,3 +554,5 @@ def test_the_async_store_counts_new_ids(database_url: str) -> None:
             return await store.emit_batch(metrics[:3]), await store.emit_batch(metrics)
 
     assert asyncio.run(run()) == (3, 2)
+    with MetricsStore(database_url) as store:  # the blocking face, the same method
+        assert store.emit_batch([*metrics, metric()]) == 1

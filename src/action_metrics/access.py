@@ -4,8 +4,8 @@ or writes.
 Tokens come from `ACTION_METRICS_API_TOKEN` (one token, every town) and `ACTION_METRICS_API_TOKENS`
 (`[SCOPES:]TOKEN:TOWN[,TOWN...]` entries). A token reads unless its entry starts with a scope list
 naming `write`: a dashboard token configured before tokens could write must not start writing after
-an upgrade. `SCOPES` is `read`, `write` or `read,write`; no token is 16 characters short, so a scope
-list is never mistaken for a token.
+an upgrade. `SCOPES` is `read`, `write` or `read,write`; a token has at least 16 characters, so a
+scope list is never mistaken for one.
 """
 
 from __future__ import annotations

@@ -444,6 +444,9 @@ class MetricsStore:
         for batch in metric_batches(metrics):  # drawn here: the caller's iterable stays on its thread
             self._call(self._store.emit_many(batch))
 
+    def emit_batch(self, metrics: Sequence[ActionMetric]) -> int:
+        return self._call(self._store.emit_batch(list(metrics)))
+
     def flush(self, timeout: float | None = None) -> None:
         if self._loop.loop.is_closed():
             return  # close() wrote everything, or counted it in `dropped`
