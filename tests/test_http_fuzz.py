@@ -11,6 +11,7 @@ content type, headers and body.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,11 +37,21 @@ from action_metrics.http import ApiTokens, create_app
 
 TOWN_A_TOKEN = "town-a-token-0123456789abcdef"
 ANY_TOWN_TOKEN = "any-town-token-0123456789abcdef"
-TOKENS = ApiTokens.parse(f"{TOWN_A_TOKEN}:town-a ; {ANY_TOWN_TOKEN}:*")
+# Both tokens read and write, so that every operation gets past authorisation.
+TOKENS = ApiTokens.parse(f"read,write:{TOWN_A_TOKEN}:town-a ; read,write:{ANY_TOWN_TOKEN}:*")
 TOWNS = ("town-a", "town-b")
 ACTIONS = (ActionType.LOD3.value, ActionType.LOD4.value, ActionType.DIALOGUE.value)
 METRICS_PATH = "/v1/town/{town_id}/metrics"
 BREAKDOWN_PATH = "/v1/town/{town_id}/breakdown"
+ACTIONS_PATH = "/v1/actions"
+
+
+@schemathesis.serializer("application/x-ndjson")
+def ndjson(context: Any, value: Any) -> bytes:
+    """An array body as NDJSON, one item per line; anything else as one JSON line."""
+    items = value if isinstance(value, list) else [value]
+    return b"\n".join(json.dumps(item).encode() for item in items)
+
 
 EXAMPLES = 100
 """Hypothesis examples per operation, per generation mode, per kind of credentials."""
@@ -120,6 +131,8 @@ class Tally:
 
     statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
     answers_with_data: int = 0
+    writes_stored: int = 0
+    items_rejected: int = 0
 
     @property
     def requests(self) -> int:
@@ -133,10 +146,12 @@ def fuzz(schema: schemathesis.BaseSchema, credentials: st.SearchStrategy[Headers
     """Every operation of the schema, in both modes, `EXAMPLES` examples each."""
     tally = Tally()
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {operation.path for operation in operations} == {"/healthz", METRICS_PATH, BREAKDOWN_PATH}
+    paths = {"/healthz", METRICS_PATH, BREAKDOWN_PATH, ACTIONS_PATH}
+    assert {operation.path for operation in operations} == paths
     for operation in operations:
-        # An operation without parameters (healthz) has no invalid request to generate.
-        has_parameters = bool(operation.definition.raw.get("parameters"))
+        # An operation without parameters or body (healthz) has no invalid request to generate.
+        raw = operation.definition.raw
+        has_parameters = bool(raw.get("parameters") or raw.get("requestBody"))
         for mode in MODES if has_parameters else (GenerationMode.POSITIVE,):
             run = _fuzz_operation(operation, mode, credentials, tally)
             run()
@@ -169,6 +184,10 @@ def _fuzz_operation(
             tally.answers_with_data += answer["metrics"]["count"] > 0
             if headers == bearer(TOWN_A_TOKEN):
                 assert answer["town_id"] == "town-a"
+        if operation.path == ACTIONS_PATH and response.status_code == 200:
+            answer = response.json()
+            tally.writes_stored += answer["stored"]
+            tally.items_rejected += len(answer["rejected"])
         if response.status_code == 403:
             assert headers == bearer(TOWN_A_TOKEN)
             assert case.path_parameters is not None
@@ -191,6 +210,9 @@ def test_fuzz_with_a_valid_token(api_schema: schemathesis.BaseSchema) -> None:
     assert tally.of(METRICS_PATH) == {200, 403, 422}
     assert tally.of(BREAKDOWN_PATH) <= {200, 403, 422}
     assert tally.answers_with_data > 0
+    assert 200 in tally.of(ACTIONS_PATH)
+    assert tally.writes_stored > 0
+    assert tally.items_rejected > 0
     assert tally.requests >= 2 * EXAMPLES
 
 
@@ -211,5 +233,6 @@ def test_fuzz_without_a_valid_token(api_schema: schemathesis.BaseSchema) -> None
     # No data and no 403 without a valid token: bad parameters are 422, everything else 401.
     assert tally.of(METRICS_PATH) == {401, 422}
     assert tally.of(BREAKDOWN_PATH) <= {401, 422}
+    assert tally.of(ACTIONS_PATH) <= {401, 415}
     assert tally.answers_with_data == 0
     assert tally.requests >= 2 * EXAMPLES

@@ -507,9 +507,10 @@ async def _preflight(url: str | None) -> None:
 def serve(url: str | None, host: str, port: int, insecure: bool) -> None:
     """Serve the metrics endpoint over HTTP (needs a bearer token).
 
-    GET /v1/town/{town_id}/metrics?action_type=&since_hours= and GET /healthz. Clients send
-    Authorization: Bearer <token>. $ACTION_METRICS_API_TOKEN is a token for every town;
-    $ACTION_METRICS_API_TOKENS lists tokens limited to towns: 'TOKEN:TOWN,TOWN;TOKEN:*'.
+    GET /v1/town/{town_id}/metrics?action_type=&since_hours=, POST /v1/actions (writers) and
+    GET /healthz. Clients send Authorization: Bearer <token>. $ACTION_METRICS_API_TOKEN reads every
+    town; $ACTION_METRICS_API_TOKENS lists tokens limited to towns: 'TOKEN:TOWN,TOWN;TOKEN:*', and
+    writers marked 'write:TOKEN:TOWNS' (or 'read,write:TOKEN:TOWNS').
     """
     try:
         import uvicorn

@@ -139,9 +139,10 @@ class Backend:
     bulk_insert_minimum: ClassVar[int]
     """The smallest batch for which `bulk_insert_metrics` beats a plain `INSERT ... ON CONFLICT`."""
 
-    async def bulk_insert_metrics(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> None:
+    async def bulk_insert_metrics(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> int:
         """Insert into action_metrics through the driver, skipping stored ids, within the connection's
-        open transaction. Stores exactly what the plain SQLAlchemy insert stores."""
+        open transaction; the number of rows inserted. Stores exactly what the plain SQLAlchemy
+        insert stores."""
         raise NotImplementedError
 
 
@@ -229,7 +230,7 @@ class PostgresBackend(Backend):
     # Measured: below ~200 rows, creating the staging table costs more than COPY saves.
     bulk_insert_minimum = 200
 
-    async def bulk_insert_metrics(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> None:
+    async def bulk_insert_metrics(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> int:
         # COPY cannot skip conflicts: copy into a temporary table dropped at commit, then move the
         # rows with INSERT ... SELECT ... ON CONFLICT DO NOTHING, all in the caller's transaction.
         import asyncpg  # imported here: only a PostgreSQL store needs the driver
@@ -243,7 +244,8 @@ class PostgresBackend(Backend):
             )
         except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             raise DBAPIError.instance(f"COPY {_staging.name}", None, error, Exception) from error
-        await connection.execute(_MOVE_STAGED)
+        moved = await connection.execute(_MOVE_STAGED)
+        return int(moved.rowcount)
 
 
 # asyncpg binary COPY encodes a UUID, an aware datetime, and jsonb from its text, as they are.
@@ -322,15 +324,19 @@ class SQLiteBackend(Backend):
 
     bulk_insert_minimum = 1
 
-    async def bulk_insert_metrics(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> None:
+    async def bulk_insert_metrics(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> int:
         driver = await _driver_connection(connection)
         assert driver.in_transaction, "the batch's BEGIN IMMEDIATE runs when SQLAlchemy begins"
         try:
             # aiosqlite runs executemany on its own thread, which also draws the rows from the
             # generator: the event loop is not held up by the conversion.
-            await driver.executemany(_SQLITE_INSERT_OR_SKIP, map(_sqlite_row, metrics))
+            cursor = await driver.executemany(_SQLITE_INSERT_OR_SKIP, map(_sqlite_row, metrics))
         except sqlite3.Error as error:
             raise DBAPIError.instance(_SQLITE_INSERT_OR_SKIP, None, error, sqlite3.Error) from error
+        # sqlite3 sums the changes of every row: a skipped conflict changes nothing.
+        inserted = cursor.rowcount
+        await cursor.close()
+        return int(inserted)
 
     def rank_latencies(
         self, rows: NamedFromClause, keys: Sequence[str], fractions: Sequence[float]

@@ -3,140 +3,46 @@
 `GET /v1/town/{town_id}/metrics?action_type=&since_hours=` answers with the seed's JSON; it needs
 `Authorization: Bearer <token>`. A token may read every town or a listed few (`ApiTokens`).
 `GET /healthz` needs no token. Bad parameters get 422, a database that cannot answer 503, never a 500.
+`POST /v1/actions` (writers, see `wire`) and the tokens' scopes (see `access`) are included here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-import os
-import re
-import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import GenericAlias
 from typing import Annotated, Any, Final, Literal, get_args, get_origin, get_type_hints
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, create_model
 from sqlalchemy import URL
 
+from action_metrics import wire
+from action_metrics.access import (
+    TOKEN_VARIABLE,
+    TOKENS_VARIABLE,
+    Access,
+    ApiTokens,
+    Credentials,
+    Scope,
+)
 from action_metrics.aggregate import Aggregate
 from action_metrics.breakdown import BUCKETS, DIMENSIONS, SORT_KEYS
-from action_metrics.errors import (
-    DatabaseError,
-    DatabaseUnavailable,
-    InvalidFilter,
-    SchemaError,
-    TokenConfigError,
-)
+from action_metrics.errors import DatabaseError, DatabaseUnavailable, InvalidFilter, TokenConfigError
+from action_metrics.intake import Intake, IntakeLimits
+from action_metrics.intake import unavailable as _unavailable
 from action_metrics.store import AsyncMetricsStore
 from action_metrics.validation import ACTION_TYPE_PATTERN, MAX_ID_LENGTH
 
 logger = logging.getLogger(__name__)
 
-TOKEN_VARIABLE: Final = "ACTION_METRICS_API_TOKEN"
-TOKENS_VARIABLE: Final = "ACTION_METRICS_API_TOKENS"
-MIN_TOKEN_LENGTH: Final = 16
 MAX_SINCE_HOURS: Final = 24 * 366 * 10
 """Ten years: a window reaching further back is a typo, not a question."""
 DEFAULT_SINCE_HOURS: Final = 24.0
-ALL_TOWNS: Final = "*"
-RETRY_AFTER_SECONDS: Final = "5"
-
-_B64TOKEN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-"""RFC 6750's token68: what can travel in `Authorization: Bearer`."""
-
-
-# --- tokens -----------------------------------------------------------------------------------
-
-
-def _digest(token: str) -> bytes:
-    # Compare fixed-length digests, so neither a token's length nor its characters leak.
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-
-
-@dataclass(frozen=True, slots=True)
-class TokenGrant:
-    """One bearer token and the towns it may read (None: every town)."""
-
-    digest: bytes
-    towns: frozenset[str] | None
-
-    def allows(self, town_id: str) -> bool:
-        return self.towns is None or town_id in self.towns
-
-
-@dataclass(frozen=True, slots=True)
-class ApiTokens:
-    """The bearer tokens the endpoint accepts; only their SHA-256 digests are kept."""
-
-    grants: tuple[TokenGrant, ...]
-
-    @staticmethod
-    def _grant(token: str, towns: frozenset[str] | None) -> TokenGrant:
-        if len(token) < MIN_TOKEN_LENGTH or not _B64TOKEN.fullmatch(token):
-            raise TokenConfigError(
-                f"an API token must be at least {MIN_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / "
-                "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
-            )
-        return TokenGrant(_digest(token), towns)
-
-    @classmethod
-    def single(cls, token: str) -> ApiTokens:
-        """One token that reads every town."""
-        return cls((cls._grant(token, None),))
-
-    @classmethod
-    def parse(cls, spec: str) -> ApiTokens:
-        """`TOKEN:TOWN[,TOWN...]` entries separated by `;` or newlines; `TOKEN:*` reads every town."""
-        grants: list[TokenGrant] = []
-        for entry in re.split(r"[;\n]", spec):
-            entry = entry.strip()
-            if not entry:
-                continue
-            token, colon, towns_text = entry.partition(":")
-            towns = [town.strip() for town in towns_text.split(",") if town.strip()]
-            if not colon or not towns:
-                raise TokenConfigError(
-                    f"{TOKENS_VARIABLE}: expected TOKEN:TOWN[,TOWN...] or TOKEN:* in each ';'-separated "
-                    f"entry, got an entry without towns"
-                )
-            towns_allowed = None if ALL_TOWNS in towns else frozenset(towns)
-            grants.append(cls._grant(token.strip(), towns_allowed))
-        digests = [grant.digest for grant in grants]
-        if len(set(digests)) != len(digests):
-            raise TokenConfigError(f"{TOKENS_VARIABLE}: the same token is listed twice")
-        return cls(tuple(grants))
-
-    @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> ApiTokens:
-        """`ACTION_METRICS_API_TOKEN` (every town) and `ACTION_METRICS_API_TOKENS` (per-town), together."""
-        environ = os.environ if environ is None else environ
-        grants: list[TokenGrant] = []
-        token = environ.get(TOKEN_VARIABLE, "").strip()
-        if token:
-            grants.extend(cls.single(token).grants)
-        grants.extend(cls.parse(environ.get(TOKENS_VARIABLE, "")).grants)
-        return cls(tuple(grants))
-
-    def grant_for(self, presented: str) -> TokenGrant | None:
-        """The grant of a presented token, compared in constant time against every configured one."""
-        digest = _digest(presented)
-        found: TokenGrant | None = None
-        for grant in self.grants:
-            if secrets.compare_digest(digest, grant.digest):
-                found = grant
-        return found
-
-    def __bool__(self) -> bool:
-        return bool(self.grants)
-
 
 # --- response shapes ------------------------------------------------------------------------
 
@@ -194,34 +100,6 @@ class Problem(BaseModel):
 
 # --- the app ----------------------------------------------------------------------------------
 
-_bearer = HTTPBearer(auto_error=False, description="A token from ACTION_METRICS_API_TOKEN(S).")
-
-
-def _unauthorized(detail: str, error: str | None = None) -> HTTPException:
-    challenge = "Bearer" if error is None else f'Bearer error="{error}"'
-    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": challenge})
-
-
-def _unavailable(error: DatabaseError) -> HTTPException:
-    """503 for a database that cannot answer; the log says why, the client only when to retry."""
-    if isinstance(error, DatabaseUnavailable):
-        logger.warning("metrics endpoint: database unavailable: %s", error)
-        return HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "the metrics database is unavailable",
-            headers={"Retry-After": RETRY_AFTER_SECONDS},
-        )
-    if isinstance(error, SchemaError):
-        logger.error("metrics endpoint: %s", error)
-        return HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "the database schema is not the one this server needs; run action-metrics db upgrade",
-        )
-    # The database refused the query (a table dropped under a running server, say): the operator
-    # must act, the client can only wait. Logged with its traceback.
-    logger.error("metrics endpoint: the database refused the query: %s", error, exc_info=error)
-    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the metrics database cannot answer this query")
-
 
 def _store(request: Request) -> AsyncMetricsStore:
     store: AsyncMetricsStore = request.app.state.store
@@ -236,6 +114,7 @@ def create_app(
     *,
     tokens: ApiTokens | None = None,
     insecure: bool = False,
+    limits: IntakeLimits | None = None,
 ) -> FastAPI:
     """The endpoint over the store at `store_url` (default `$ACTION_METRICS_URL`).
 
@@ -269,18 +148,13 @@ def create_app(
         version="1",
         lifespan=lifespan,
     )
+    app.state.access = Access(tokens, insecure)
+    app.state.intake = Intake(IntakeLimits() if limits is None else limits)
+    app.include_router(wire.router)
 
-    async def authorize(
-        town_id: TownId,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> None:
-        if insecure:
-            return
-        if credentials is None:
-            raise _unauthorized("send Authorization: Bearer <token>")
-        grant = tokens.grant_for(credentials.credentials)
-        if grant is None:
-            raise _unauthorized("the bearer token is not valid", "invalid_token")
+    async def authorize(town_id: TownId, credentials: Credentials) -> None:
+        # The token is checked once the parameters are valid: a bad parameter is 422 for anyone.
+        grant = app.state.access.grant(credentials, Scope.READ)
         if not grant.allows(town_id):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "this token may not read this town")
 

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -102,6 +103,50 @@ def _uuid7_int(stamp: int, random_bits: int) -> int:
 
 
 # --- the metric ------------------------------------------------------------------------------
+
+_REQUIRED_DICT_FIELDS: Final = (
+    "id",
+    "action_type",
+    "user_id",
+    "town_id",
+    "tokens_in",
+    "tokens_out",
+    "model",
+    "latency_ms",
+    "credits_charged",
+)
+_DICT_FIELDS: Final = frozenset(
+    (
+        *_REQUIRED_DICT_FIELDS,
+        "citizen_id",
+        "timestamp",
+        "metadata",
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "reasoning_tokens",
+        "error",
+    )
+)
+_DERIVED_FIELDS: Final = frozenset(("total_tokens", "estimated_cost_usd", "revenue_usd", "gross_margin"))
+_KNOWN_DICT_FIELDS: Final = _DICT_FIELDS | _DERIVED_FIELDS
+_REQUIRED_SET: Final = frozenset(_REQUIRED_DICT_FIELDS)
+
+
+def _parse_timestamp(value: object) -> datetime:
+    """ISO 8601 with an offset: a wire has no local time to read a naive one in."""
+    if not isinstance(value, str):
+        raise InvalidMetric("timestamp", f"expected an ISO 8601 string, got {type(value).__name__}")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        example = "2026-01-31T12:00:00Z"
+        raise InvalidMetric("timestamp", f"expected ISO 8601 such as {example}, got {shown(value)}") from None
+    if moment.utcoffset() is None:
+        raise InvalidMetric("timestamp", f"needs a UTC offset or Z, got {shown(value)}")
+    if moment.tzinfo is UTC:
+        return moment
+    return as_utc("timestamp", moment)
+
 
 ANONYMOUS_USER: Final = "anonymous"
 """The `user_id` of a metric whose call or span names no user."""
@@ -264,6 +309,31 @@ class ActionMetric:
             metadata_json = json.dumps(metadata, separators=(",", ":"))
         _set_field(metric, "metadata_json", metadata_json)
         return metric
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ActionMetric:
+        """The metric of a `to_dict()` (a writer in any language sends that form over the wire).
+
+        Every field goes through the constructor's checks; `id` is required, so a writer that sends
+        the same metric again (a retry after a timeout) stores it once. `timestamp` is ISO 8601 with
+        a UTC offset (default now). The figures `to_dict()` derives (`total_tokens`, the cost,
+        revenue and margin at the default prices) are accepted and ignored: the store prices each
+        metric itself. Any other key is an `InvalidMetric` naming it, so a misspelt field is not lost.
+        """
+        if type(data) is not dict and not isinstance(data, Mapping):
+            raise InvalidMetric("metric", f"expected a JSON object, got {type(data).__name__}")
+        names = data.keys()
+        if unknown := names - _KNOWN_DICT_FIELDS:
+            known = ", ".join(sorted(_DICT_FIELDS))
+            name = min(map(str, unknown))
+            raise InvalidMetric(name[:64], f"unknown field; a metric has {known}")
+        if missing := _REQUIRED_SET - names:
+            raise InvalidMetric(min(missing), "missing")
+        fields = {name: data[name] for name in names & _DICT_FIELDS}
+        fields.setdefault("citizen_id", None)
+        if "timestamp" in fields:
+            fields["timestamp"] = _parse_timestamp(fields["timestamp"])
+        return cls(**fields)
 
     @property
     def total_tokens(self) -> int:

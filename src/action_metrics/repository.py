@@ -169,14 +169,27 @@ class MetricsRepository:
         Batches big enough go through the driver's bulk path (COPY, executemany), which stores the
         same values as the plain INSERT at the driver's speed.
         """
+        await self._insert(metrics, count_new=False)
+
+    async def insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
+        """`insert`, and how many of the batch's ids were new: a writer over the wire is told what
+        was stored and what was a duplicate. The count is the insert's own (rows the database took,
+        conflicts skipped), in the batch's transaction, so concurrent writers cannot blur it."""
+        return await self._insert(metrics, count_new=True)
+
+    async def _insert(self, metrics: Sequence[ActionMetric], *, count_new: bool) -> int:
         if not metrics:
-            return
+            return 0
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
             late = await self._new_late_metrics(connection, state, metrics)
+            new = 0
             if len(metrics) >= self.backend.bulk_insert_minimum:
-                await self.backend.bulk_insert_metrics(connection, metrics)
+                new = await self.backend.bulk_insert_metrics(connection, metrics)
             else:
+                if count_new:  # an executemany's row count is not reliable on every driver
+                    new = len({metric.id for metric in metrics})
+                    new -= len(await rollup.stored_ids(connection, [metric.id for metric in metrics]))
                 await connection.execute(self._insert_metrics, metric_rows(metrics))
             if late:
                 await rollup.add_late(connection, self.backend, state, list(late), min(late.values()))
@@ -186,6 +199,7 @@ class MetricsRepository:
                 reach = newest - rollup.CLOSE_DELAY
                 closed = await rollup.close(connection, self.backend, state, reach, batch_since=oldest)
                 await rollup.write_state(connection, state, closed)
+        return new
 
     async def _new_late_metrics(
         self, connection: AsyncConnection, state: RollupState, metrics: Sequence[ActionMetric]

@@ -8,7 +8,6 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from functools import partial
 from typing import Any, Final
 
 from action_metrics.errors import InvalidMetric, InvalidValue
@@ -164,7 +163,8 @@ def _check_json(value: object, path: str, depth: int) -> None:
         raise InvalidMetric("metadata", f"{path} is a {type(value).__name__}, not JSON")
 
 
-_compact_json = partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
+_compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+"""One encoder, made once: `json.dumps` with options builds a new one per call."""
 
 
 def json_text(value: object) -> str:

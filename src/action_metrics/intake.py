@@ -1,0 +1,209 @@
+"""What every write over HTTP shares (`POST /v1/actions`, and OTLP's `/v1/traces`): bounded bodies,
+gzip, back-pressure, and the idempotent write whose answer counts what was stored.
+
+A 200 means committed: the request's metrics are written in one transaction before the answer, so
+a client that timed out retries the same metrics and their ids make the retry harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Final
+
+from fastapi import HTTPException, Request, status
+from pydantic import BaseModel
+
+from action_metrics.errors import DatabaseError, DatabaseUnavailable, DataRejected, SchemaError
+from action_metrics.model import ActionMetric
+from action_metrics.store import AsyncMetricsStore
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS: Final = "5"
+MiB: Final = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeLimits:
+    """How much one write request may carry, and how many may be in flight at once.
+
+    `max_body_bytes` bounds the body as sent, `max_decoded_bytes` after gzip (checked while
+    inflating, so a gzip bomb is refused after at most that much output); `max_items` the metrics
+    in one request, so that one request is one transaction of bounded size.
+    """
+
+    max_body_bytes: int = 8 * MiB
+    max_decoded_bytes: int = 32 * MiB
+    max_items: int = 10_000
+    max_in_flight: int = 8
+
+
+@dataclass(slots=True)
+class Intake:
+    """An app's limits and its count of write requests in flight (`state.intake`)."""
+
+    limits: IntakeLimits = field(default_factory=IntakeLimits)
+    in_flight: int = 0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Room for one more write request, or 503 at once: a client retries later rather than
+        piling bodies up in this process's memory."""
+        if self.in_flight >= self.limits.max_in_flight:
+            raise busy("the server is taking as many writes as it can")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
+def intake_of(request: Request) -> Intake:
+    intake: Intake = request.app.state.intake
+    return intake
+
+
+def busy(detail: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE, detail, headers={"Retry-After": RETRY_AFTER_SECONDS}
+    )
+
+
+def unavailable(error: DatabaseError) -> HTTPException:
+    """503 for a database that cannot answer; the log says why, the client only when to retry."""
+    if isinstance(error, DatabaseUnavailable):
+        logger.warning("metrics endpoint: database unavailable: %s", error)
+        return busy("the metrics database is unavailable")
+    if isinstance(error, SchemaError):
+        logger.error("metrics endpoint: %s", error)
+        return HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the database schema is not the one this server needs; run action-metrics db upgrade",
+        )
+    # The database refused the statement (a table dropped under a running server, say): the operator
+    # must act, the client can only wait. Logged with its traceback.
+    logger.error("metrics endpoint: the database refused the statement: %s", error, exc_info=error)
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the metrics database cannot answer this query")
+
+
+# --- bodies -----------------------------------------------------------------------------------
+
+
+def _too_large(what: str, limit: int) -> HTTPException:
+    return HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{what} is over {limit} bytes")
+
+
+async def read_body(request: Request, limits: IntakeLimits) -> bytes:
+    """The request's body, inflated if gzip; 413 as soon as either size passes its limit, 415 for an
+    encoding other than gzip, 400 for a broken gzip stream."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "x-gzip"):
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"Content-Encoding {encoding!r}: send gzip or nothing"
+        )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise _too_large("the body", limits.max_body_bytes)
+    inflater = _Inflater(limits.max_decoded_bytes) if encoding != "identity" else None
+    parts: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limits.max_body_bytes:
+            raise _too_large("the body", limits.max_body_bytes)
+        parts.append(chunk if inflater is None else inflater.feed(chunk))
+    if inflater is not None:
+        inflater.finish()
+    return b"".join(parts)
+
+
+class _Inflater:
+    """gzip inflated a chunk at a time, never more than `limit` bytes in all (members may follow
+    one another, as RFC 1952 allows)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.produced = 0
+        self.member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+
+    def feed(self, data: bytes) -> bytes:
+        output: list[bytes] = []
+        while data:
+            try:
+                inflated = self.member.decompress(data, self.limit - self.produced + 1)
+            except zlib.error as error:
+                raise HTTPException(
+                    status.HTTP_400_BAD_REQUEST, f"the gzip body is broken: {error}"
+                ) from None
+            self.produced += len(inflated)
+            if self.produced > self.limit:
+                raise _too_large("the body inflated", self.limit)
+            output.append(inflated)
+            if self.member.eof:
+                data = self.member.unused_data
+                if data:
+                    self.member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            else:
+                data = self.member.unconsumed_tail
+        return b"".join(output)
+
+    def finish(self) -> None:
+        if not self.member.eof:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "the gzip body ends before its end")
+
+
+# --- the idempotent write -----------------------------------------------------------------------
+
+
+class Rejected(BaseModel):
+    """One item not stored: its position in the request, the field at fault (None: the whole item)."""
+
+    index: int
+    field: str | None
+    error: str
+
+
+class IntakeAnswer(BaseModel):
+    """What became of a request's items: each is stored, a duplicate of one stored before, or rejected."""
+
+    stored: int
+    duplicate: int
+    rejected: list[Rejected]
+
+
+async def write(
+    store: AsyncMetricsStore, accepted: Sequence[tuple[int, ActionMetric]], rejected: list[Rejected]
+) -> IntakeAnswer:
+    """Commit the accepted metrics (index in the request, metric) in one transaction and count them.
+
+    An id sent twice in one request is stored once and counted once as a duplicate. Should the
+    database refuse the batch's data (a constraint the checks here do not know), each metric is
+    written on its own and only the refused ones are rejected.
+    """
+    unique: dict[object, tuple[int, ActionMetric]] = {}
+    for index, metric in accepted:
+        unique.setdefault(metric.id, (index, metric))
+    repeated = len(accepted) - len(unique)
+    metrics = [metric for _, metric in unique.values()]
+    refused = 0
+    try:
+        try:
+            stored = await store.emit_batch(metrics)
+        except DataRejected:
+            stored = 0
+            for index, metric in unique.values():
+                try:
+                    stored += await store.emit_batch([metric])
+                except DataRejected as error:
+                    refused += 1
+                    problem = f"the database refused it: {error.reason}"
+                    rejected.append(Rejected(index=index, field=None, error=problem))
+    except DatabaseError as error:
+        raise unavailable(error) from error
+    rejected.sort(key=lambda item: item.index)
+    duplicate = len(unique) - stored - refused + repeated
+    return IntakeAnswer(stored=stored, duplicate=duplicate, rejected=rejected)

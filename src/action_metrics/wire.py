@@ -1,0 +1,184 @@
+"""`POST /v1/actions`: metrics in `to_dict()` form from writers in any language, as a JSON array or
+NDJSON, gzip or not.
+
+Each item is checked as `ActionMetric.from_dict` checks it and against the token's towns; a bad
+item is rejected with its index and field, the others are stored. The body as a whole is refused
+only when it cannot be read: 400 (not JSON, broken gzip), 413 (too large, too many items), 415
+(another media type or encoding).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import Enum
+from typing import Any, Final
+
+import orjson
+from fastapi import APIRouter, HTTPException, Request, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from action_metrics.access import TokenGrant, WriteGrant
+from action_metrics.errors import InvalidMetric
+from action_metrics.intake import IntakeAnswer, Rejected, intake_of, read_body, write
+from action_metrics.model import ActionMetric
+from action_metrics.store import AsyncMetricsStore
+from action_metrics.validation import ACTION_TYPE_PATTERN, MAX_ID_LENGTH, MAX_INT64, MAX_MODEL_LENGTH
+
+JSON_ARRAY: Final = "application/json"
+NDJSON: Final = "application/x-ndjson"
+
+
+class SentMetric(BaseModel):
+    """One metric as `ActionMetric.to_dict()` writes it (the figures it derives may be left out).
+
+    Documentation only: items are checked by `ActionMetric.from_dict`, so one bad item is rejected
+    alone instead of failing the request.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: uuid.UUID = Field(description="The same id sent again is stored once.")
+    action_type: str = Field(pattern=f"^{ACTION_TYPE_PATTERN}$")
+    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    town_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    citizen_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+    tokens_in: int = Field(ge=0, le=MAX_INT64)
+    tokens_out: int = Field(ge=0, le=MAX_INT64)
+    cache_read_tokens: int = Field(default=0, ge=0, le=MAX_INT64)
+    cache_write_tokens: int = Field(default=0, ge=0, le=MAX_INT64)
+    reasoning_tokens: int = Field(default=0, ge=0, le=MAX_INT64)
+    error: str | None = None
+    model: str = Field(min_length=1, max_length=MAX_MODEL_LENGTH)
+    latency_ms: float = Field(ge=0)
+    credits_charged: int = Field(ge=0, le=MAX_INT64)
+    timestamp: datetime | None = Field(default=None, description="ISO 8601 with an offset; default now.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    total_tokens: int | None = None
+    estimated_cost_usd: float | None = None
+    revenue_usd: float | None = None
+    gross_margin: float | None = None
+
+
+def _request_body() -> dict[str, Any]:
+    item = SentMetric.model_json_schema()
+    return {
+        "required": True,
+        "content": {
+            JSON_ARRAY: {"schema": {"type": "array", "items": item}},
+            NDJSON: {"schema": {"type": "array", "items": item}},
+        },
+    }
+
+
+class _BodyKind(Enum):
+    ARRAY = JSON_ARRAY
+    LINES = NDJSON
+
+
+def _body_kind(content_type: str | None) -> _BodyKind:
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    for kind in _BodyKind:
+        if media_type == kind.value:
+            return kind
+    raise HTTPException(
+        status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+        f"Content-Type {media_type or 'missing'}: send {JSON_ARRAY} (an array) or {NDJSON} (one per line)",
+    )
+
+
+def _json(text: bytes) -> Any:
+    """Strict JSON (orjson: several times the standard library's speed): NaN, Infinity, a lone
+    surrogate, invalid UTF-8 and nesting past 1024 levels are refused, never a crash."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        raise _NotJson(str(error)) from None
+
+
+class _NotJson(Exception):
+    pass
+
+
+def _items(kind: _BodyKind, body: bytes, max_items: int) -> list[Any]:
+    """The request's items: decoded documents, or `_NotJson` for an NDJSON line that is not one."""
+    if kind is _BodyKind.LINES:
+        lines = [line for line in body.split(b"\n") if line.strip()]
+        _check_count(len(lines), max_items)
+        documents: list[Any] = []
+        for line in lines:
+            try:
+                documents.append(_json(line))
+            except _NotJson as error:
+                documents.append(error)
+        return documents
+    try:
+        document = _json(body)
+    except _NotJson as error:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"the body is not JSON: {error}") from None
+    if not isinstance(document, list):
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            f"the body is a JSON {type(document).__name__}: send an array of metrics (or NDJSON)",
+        )
+    _check_count(len(document), max_items)
+    return document
+
+
+def _check_count(count: int, max_items: int) -> None:
+    if count > max_items:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE, f"{count} metrics in one request; send at most {max_items}"
+        )
+
+
+def _metrics(
+    documents: list[Any], grant: TokenGrant
+) -> tuple[list[tuple[int, ActionMetric]], list[Rejected]]:
+    accepted: list[tuple[int, ActionMetric]] = []
+    rejected: list[Rejected] = []
+    for index, document in enumerate(documents):
+        if isinstance(document, _NotJson):
+            rejected.append(Rejected(index=index, field=None, error=f"not JSON: {document}"))
+            continue
+        try:
+            metric = ActionMetric.from_dict(document)
+        except InvalidMetric as error:
+            rejected.append(Rejected(index=index, field=error.field, error=error.problem))
+            continue
+        if not grant.allows(metric.town_id):
+            rejected.append(
+                Rejected(index=index, field="town_id", error="this token may not write this town")
+            )
+            continue
+        accepted.append((index, metric))
+    return accepted, rejected
+
+
+router = APIRouter(tags=["ingest"])
+
+
+@router.post(
+    "/v1/actions",
+    response_model=IntakeAnswer,
+    openapi_extra={"requestBody": _request_body()},
+    responses={
+        400: {"description": "The body is not JSON, or not an array, or its gzip is broken"},
+        401: {"description": "Missing or unknown bearer token"},
+        403: {"description": "The token may not write"},
+        413: {"description": "The body, inflated or not, or its number of metrics is over the limit"},
+        415: {"description": "Neither application/json nor application/x-ndjson, or not gzip"},
+        503: {"description": "The database cannot take writes now, or too many are in flight: retry"},
+    },
+)
+async def post_actions(request: Request, grant: WriteGrant) -> IntakeAnswer:
+    """Store metrics sent in `to_dict()` form. A 200 means the stored ones are committed; the same
+    ids sent again (a retry) count as duplicates and change nothing."""
+    intake = intake_of(request)
+    kind = _body_kind(request.headers.get("content-type"))
+    async with intake.slot():
+        body = await read_body(request, intake.limits)
+        documents = _items(kind, body, intake.limits.max_items)
+        accepted, rejected = _metrics(documents, grant)
+        store: AsyncMetricsStore = request.app.state.store
+        return await write(store, accepted, rejected)

@@ -1,0 +1,558 @@
+"""Metrics over the wire: `POST /v1/actions` on a real `action-metrics serve`, on both backends.
+
+Clients are the ones a writer in another language uses: `curl`, Node's built-in `fetch`, and httpx.
+What the store holds afterwards (`query()`) is compared with what was sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import metric
+
+from action_metrics import ActionMetric, AsyncMetricsStore, InvalidMetric, MetricsStore, TokenConfigError
+from action_metrics.access import READ_ONLY, ApiTokens, Scope
+from action_metrics.http import create_app
+from action_metrics.intake import IntakeLimits
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+WRITER = "writer-token-0123456789abcdef"
+TOWN_A_WRITER = "town-a-writer-0123456789abcdef"
+READER = "reader-token-0123456789abcdef"
+LEGACY = "legacy-dashboard-token-0123456789"
+TOKENS = f"write:{WRITER}:* ; write:{TOWN_A_WRITER}:town-a ; {READER}:*"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """`action-metrics serve` in a child process, on a port of its own choosing."""
+
+    url: str
+    process: subprocess.Popen[str] | None = None
+    address: str = ""
+
+    def start(self) -> None:
+        environment = {
+            key: value for key, value in os.environ.items() if not key.startswith("ACTION_METRICS_")
+        }
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+        environment.update(ACTION_METRICS_API_TOKENS=TOKENS, ACTION_METRICS_API_TOKEN=LEGACY)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "action_metrics", "serve", "--url", self.url, "--port", "0"],
+            stdout=subprocess.DEVNULL,  # uvicorn's access log
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+        )
+        assert self.process.stderr is not None
+        for line in self.process.stderr:  # uvicorn names its port once it listens (or the process ends)
+            found = re.search(r"Uvicorn running on (http://\S+)", line)
+            if found:
+                self.address = found[1]
+                break
+        assert self.address, "the server did not start"
+        # Keep reading its log, or a full pipe would block the server.
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+
+
+@contextmanager
+def serving(url: str) -> Iterator[Server]:
+    server = Server(url)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def server(database_url: str) -> Iterator[Server]:
+    with serving(database_url) as running:
+        yield running
+
+
+def stored(url: str) -> dict[str, dict[str, Any]]:
+    """Every metric in the database, by id, in `to_dict()` form."""
+    with MetricsStore(url) as store:
+        metrics = store.query()
+    by_id = {str(metric.id): metric.to_dict() for metric in metrics}
+    assert len(by_id) == len(metrics), "an id is stored twice"
+    return by_id
+
+
+def sent_metrics(count: int, **fields: Any) -> list[dict[str, Any]]:
+    now = datetime.now(UTC)
+    return [
+        metric(
+            timestamp=now - timedelta(seconds=index),
+            tokens_in=100 + index,
+            cache_read_tokens=index % 50,
+            latency_ms=10.5 + index / 8,
+            metadata={"request": index, "tags": ["wire", str(index)]},
+            **fields,
+        ).to_dict()
+        for index in range(count)
+    ]
+
+
+def post(server: Server, body: bytes, token: str = WRITER, **headers: str) -> httpx.Response:
+    headers = {"Content-Type": "application/json", **bearer(token), **headers}
+    return httpx.post(f"{server.address}/v1/actions", content=body, headers=headers, timeout=120)
+
+
+# --- clients in other languages ---------------------------------------------------------------------
+
+
+def test_curl_posts_an_array_and_gzip_ndjson_and_the_store_holds_what_was_sent(
+    server: Server, tmp_path: Path
+) -> None:
+    array, lines = sent_metrics(300, town_id="town-a"), sent_metrics(200, user_id="user-2")
+    (tmp_path / "array.json").write_text(json.dumps(array))
+    (tmp_path / "lines.ndjson.gz").write_bytes(gzip.compress("\n".join(map(json.dumps, lines)).encode()))
+
+    def curl(path: str, content_type: str, *headers: str) -> dict[str, Any]:
+        result = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--fail-with-body",
+                "-H",
+                f"Authorization: Bearer {WRITER}",
+                "-H",
+                f"Content-Type: {content_type}",
+                *headers,
+                "--data-binary",
+                f"@{tmp_path / path}",
+                f"{server.address}/v1/actions",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        answer: dict[str, Any] = json.loads(result.stdout)
+        return answer
+
+    assert curl("array.json", "application/json") == {"stored": 300, "duplicate": 0, "rejected": []}
+    assert curl("lines.ndjson.gz", "application/x-ndjson", "-H", "Content-Encoding: gzip") == {
+        "stored": 200,
+        "duplicate": 0,
+        "rejected": [],
+    }
+    assert stored(server.url) == {item["id"]: item for item in array + lines}
+
+
+NODE_WRITER = r"""
+const zlib = require("zlib");
+const count = Number(process.env.COUNT);
+const now = Date.now();
+const sent = [];
+for (let i = 0; i < count; i++) {
+  sent.push({
+    id: crypto.randomUUID(), action_type: "dialogue", user_id: `node-user-${i % 7}`, town_id: "town-a",
+    citizen_id: i % 3 ? `citizen-${i}` : null, tokens_in: 1000 + i, tokens_out: 200 + i,
+    reasoning_tokens: i % 20, model: "claude-sonnet-4-5@20250929", latency_ms: 250.25 + i,
+    credits_charged: 5, timestamp: new Date(now - i * 1000).toISOString(), metadata: {lang: "node", i},
+  });
+}
+const ndjson = process.env.FORMAT === "ndjson";
+const text = ndjson ? sent.map((m) => JSON.stringify(m)).join("\n") : JSON.stringify(sent);
+(async () => {
+  const response = await fetch(process.env.ADDRESS + "/v1/actions", {
+    method: "POST",
+    headers: {
+      "Authorization": "Bearer " + process.env.TOKEN,
+      "Content-Type": ndjson ? "application/x-ndjson" : "application/json",
+      "Content-Encoding": "gzip",
+    },
+    body: zlib.gzipSync(text),
+  });
+  console.log(JSON.stringify({status: response.status, answer: await response.json(), sent}));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+@pytest.mark.parametrize("body_format", ["array", "ndjson"])
+def test_node_fetch_posts_metrics_and_the_store_holds_what_was_sent(server: Server, body_format: str) -> None:
+    result = subprocess.run(
+        ["node", "-e", NODE_WRITER],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={
+            **os.environ,
+            "ADDRESS": server.address,
+            "TOKEN": TOWN_A_WRITER,
+            "COUNT": "250",
+            "FORMAT": body_format,
+        },
+    )
+    report = json.loads(result.stdout)
+    assert report["status"] == 200
+    assert report["answer"] == {"stored": 250, "duplicate": 0, "rejected": []}
+    holds = stored(server.url)
+    assert set(holds) == {item["id"] for item in report["sent"]}
+    for item in report["sent"]:
+        kept = holds[item["id"]]
+        expected = ActionMetric.from_dict(item).to_dict()
+        assert kept == expected
+        assert datetime.fromisoformat(kept["timestamp"]) == datetime.fromisoformat(item["timestamp"])
+
+
+# --- what each item gets ---------------------------------------------------------------------------
+
+
+def test_bad_items_are_rejected_with_their_index_and_field_and_the_rest_stored(server: Server) -> None:
+    good = sent_metrics(4)
+    items: list[Any] = [
+        good[0],
+        {**good[1], "tokens_in": -5},
+        good[1],
+        {**good[2], "action_type": "Chat!"},
+        {key: value for key, value in good[2].items() if key != "id"},
+        {**good[2], "timestamp": "2026-01-01T12:00:00"},
+        {**good[2], "metadata": "not json"},
+        {**good[2], "tokens_out": 1.5},
+        {**good[2], "id": "x"},
+        {**good[2], "reasoning_tokens": 10_000},
+        {**good[2], "tokns_in": 3},
+        "a string",
+        good[2],
+        good[3],
+    ]
+    answer = post(server, json.dumps(items).encode())
+    assert answer.status_code == 200
+    result = answer.json()
+    assert result["stored"] == 4
+    assert result["duplicate"] == 0
+    assert [(item["index"], item["field"]) for item in result["rejected"]] == [
+        (1, "tokens_in"),
+        (3, "action_type"),
+        (4, "id"),
+        (5, "timestamp"),
+        (6, "metadata"),
+        (7, "tokens_out"),
+        (8, "id"),
+        (9, "reasoning_tokens"),
+        (10, "tokns_in"),
+        (11, "metric"),
+    ]
+    assert all(item["error"] for item in result["rejected"])
+    assert stored(server.url) == {item["id"]: item for item in good}
+
+
+def test_duplicates_are_counted_and_stored_once(server: Server) -> None:
+    first, second = sent_metrics(10), sent_metrics(5)
+    assert post(server, json.dumps(first).encode()).json() == {"stored": 10, "duplicate": 0, "rejected": []}
+    again = first[:6] + second + second[:2]  # six sent before, two twice within the request
+    assert post(server, json.dumps(again).encode()).json() == {"stored": 5, "duplicate": 8, "rejected": []}
+    assert stored(server.url) == {item["id"]: item for item in first + second}
+
+
+def test_ndjson_lines_that_are_not_json_are_rejected_alone(server: Server) -> None:
+    good = sent_metrics(3)
+    body = "\n".join([json.dumps(good[0]), "{not json", "", json.dumps(good[1]), "NaN", json.dumps(good[2])])
+    answer = post(server, body.encode() + b"\n", **{"Content-Type": "application/x-ndjson; charset=utf-8"})
+    result = answer.json()
+    assert (result["stored"], result["duplicate"]) == (3, 0)
+    assert [(item["index"], item["field"]) for item in result["rejected"]] == [(1, None), (3, None)]
+    assert set(stored(server.url)) == {item["id"] for item in good}
+
+
+# --- tokens ---------------------------------------------------------------------------------------
+
+
+def test_a_town_limited_token_writes_only_its_towns(server: Server) -> None:
+    mine, theirs = sent_metrics(3, town_id="town-a"), sent_metrics(2, town_id="town-b")
+    answer = post(
+        server, json.dumps([mine[0], theirs[0], mine[1], theirs[1], mine[2]]).encode(), TOWN_A_WRITER
+    )
+    result = answer.json()
+    assert (result["stored"], result["duplicate"]) == (3, 0)
+    assert [(item["index"], item["field"]) for item in result["rejected"]] == [(1, "town_id"), (3, "town_id")]
+    assert set(stored(server.url)) == {item["id"] for item in mine}
+
+
+def test_read_only_tokens_cannot_write_and_write_only_tokens_cannot_read(server: Server) -> None:
+    body = json.dumps(sent_metrics(2)).encode()
+    # A token configured before tokens could write (ACTION_METRICS_API_TOKEN, or an entry without
+    # a scope) still only reads.
+    for token in (READER, LEGACY):
+        denied = post(server, body, token)
+        assert denied.status_code == 403
+        assert denied.json() == {"detail": "this token may not write"}
+        assert httpx.get(f"{server.address}/v1/town/town-a/metrics", headers=bearer(token)).status_code == 200
+    assert post(server, body, "not-a-token-of-this-server-0123").status_code == 401
+    assert httpx.post(f"{server.address}/v1/actions", content=body).status_code == 401
+    assert httpx.get(f"{server.address}/v1/town/town-a/metrics", headers=bearer(WRITER)).status_code == 403
+    assert stored(server.url) == {}
+
+
+def test_token_scopes_parse_backward_compatibly() -> None:
+    tokens = ApiTokens.parse(
+        f"{READER}:a,b; write:{WRITER}:*; read,write:{TOWN_A_WRITER}:town-a; {LEGACY}:x:y"
+    )
+    reader, writer, both, colon_town = tokens.grants
+    assert reader.scopes == READ_ONLY
+    assert reader.towns == {"a", "b"}
+    assert writer.scopes == {Scope.WRITE}
+    assert writer.towns is None
+    assert both.scopes == {Scope.READ, Scope.WRITE}
+    assert both.towns == {"town-a"}
+    assert colon_town.scopes == READ_ONLY
+    assert colon_town.towns == {"x:y"}
+    assert ApiTokens.single(LEGACY).grants[0].scopes == READ_ONLY
+    with pytest.raises(TokenConfigError, match="TOKEN:TOWN"):
+        ApiTokens.parse(f"write:{WRITER}")
+
+
+# --- limits -----------------------------------------------------------------------------------------
+
+
+def test_a_gzip_bomb_is_refused_before_it_is_inflated(server: Server) -> None:
+    bomb = gzip.compress(b"[" + b" " * (256 * 1024 * 1024), compresslevel=1)  # 256 MiB in ~1 MB
+    assert len(bomb) < IntakeLimits().max_body_bytes
+    answer = post(server, bomb, **{"Content-Encoding": "gzip"})
+    assert answer.status_code == 413
+    assert "inflated" in answer.json()["detail"]
+
+
+def test_an_oversize_body_and_too_many_items_are_413(server: Server) -> None:
+    limits = IntakeLimits()
+    oversize = post(server, b"[" + b" " * limits.max_body_bytes + b"]")
+    assert oversize.status_code == 413
+    many = post(server, b"[" + b",".join([b"{}"] * (limits.max_items + 1)) + b"]")
+    assert many.status_code == 413
+    assert str(limits.max_items) in many.json()["detail"]
+    assert stored(server.url) == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status"),
+    [
+        (b"{not json", {}, 400),
+        (b'{"id": 1}', {}, 400),
+        (b"[" * 100_000, {}, 400),
+        (b"[]", {"Content-Type": "text/plain"}, 415),
+        (b"[]", {"Content-Encoding": "br"}, 415),
+        (b"\x1f\x8b not gzip", {"Content-Encoding": "gzip"}, 400),
+        (gzip.compress(b"[]")[:-4], {"Content-Encoding": "gzip"}, 400),
+        (b"[" + b"9" * 5000 + b"]", {}, 400),
+    ],
+    ids=["broken", "object", "deep", "text", "brotli", "not-gzip", "truncated-gzip", "huge-int"],
+)
+def test_unreadable_bodies_are_4xx(server: Server, body: bytes, headers: dict[str, str], status: int) -> None:
+    answer = post(server, body, **headers)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["detail"]
+
+
+# --- back-pressure --------------------------------------------------------------------------------
+
+
+def app_client(url: str, **options: Any) -> Any:
+    app = create_app(url, tokens=ApiTokens.parse(TOKENS), **options)
+    return app, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metrics.test")
+
+
+@pytest.mark.anyio
+async def test_writes_beyond_the_in_flight_bound_get_503_with_retry_after(database_url: str) -> None:
+    app, client = app_client(database_url, limits=IntakeLimits(max_in_flight=1))
+    body = json.dumps(sent_metrics(3)).encode()
+    headers = {"Content-Type": "application/json", **bearer(WRITER)}
+    async with app.router.lifespan_context(app), client:
+        async with app.state.intake.slot():  # another write holds the only slot
+            busy = await client.post("/v1/actions", content=body, headers=headers)
+        taken = await client.post("/v1/actions", content=body, headers=headers)
+    assert busy.status_code == 503
+    assert busy.headers["Retry-After"]
+    assert taken.json()["stored"] == 3
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_database_is_503_with_retry_after(backend: Any, tmp_path: Path) -> None:
+    url = {
+        "sqlite": f"sqlite:///{tmp_path / 'missing-directory' / 'metrics.db'}",
+        "postgresql": "postgresql://postgres@127.0.0.1:1/nowhere",
+    }[backend.name]
+    app, client = app_client(url)
+    async with app.router.lifespan_context(app), client:
+        answer = await client.post(
+            "/v1/actions",
+            content=json.dumps(sent_metrics(2)).encode(),
+            headers={"Content-Type": "application/json", **bearer(WRITER)},
+        )
+    assert answer.status_code == 503
+    assert answer.headers["Retry-After"]
+
+
+# --- what a 200 means ---------------------------------------------------------------------------
+
+
+def batches_of(items: list[dict[str, Any]], size: int) -> list[bytes]:
+    return [json.dumps(items[start : start + size]).encode() for start in range(0, len(items), size)]
+
+
+def test_a_retry_after_the_server_was_killed_mid_request_stores_everything_once(database_url: str) -> None:
+    items = sent_metrics(12_000)
+    batches = batches_of(items, 2_000)
+    answered: dict[int, dict[str, Any]] = {}
+    server = Server(database_url)
+
+    # 1. Killed while the first body is half uploaded.
+    server.start()
+    half_sent, killed = threading.Event(), threading.Event()
+
+    def halves() -> Iterator[bytes]:
+        middle = len(batches[0]) // 2
+        yield batches[0][:middle]
+        half_sent.set()
+        killed.wait(timeout=120)
+        yield batches[0][middle:]
+
+    def upload_in_halves() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # the server is gone: the client must retry
+            httpx.post(
+                f"{server.address}/v1/actions",
+                content=halves(),
+                headers={"Content-Type": "application/json", **bearer(WRITER)},
+                timeout=120,
+            )
+
+    uploader = threading.Thread(target=upload_in_halves)
+    uploader.start()
+    assert half_sent.wait(timeout=120)
+    server.kill()
+    killed.set()
+    uploader.join(timeout=120)
+
+    # 2. Killed at whatever point the third request of a stream of them has reached.
+    server.start()
+    two_answered = threading.Event()
+
+    def send_all() -> None:
+        with httpx.Client(timeout=120) as client:
+            for number, body in enumerate(batches[1:], start=1):
+                try:
+                    answer = client.post(
+                        f"{server.address}/v1/actions",
+                        content=body,
+                        headers={"Content-Type": "application/json", **bearer(WRITER)},
+                    )
+                except httpx.HTTPError:
+                    return
+                answered[number] = answer.json()
+                if len(answered) == 2:
+                    two_answered.set()
+
+    sender = threading.Thread(target=send_all)
+    sender.start()
+    assert two_answered.wait(timeout=120)
+    server.kill()
+    sender.join(timeout=120)
+    assert answered[1] == answered[2] == {"stored": 2_000, "duplicate": 0, "rejected": []}
+
+    # 3. The client retries every batch: whatever was committed before counts as a duplicate.
+    before = set(stored(database_url))
+    assert {item["id"] for body in batches[1:3] for item in json.loads(body)} <= before
+    server.start()
+    try:
+        retried = [post(server, body).json() for body in batches]
+    finally:
+        server.stop()
+    for body, answer in zip(batches, retried, strict=True):
+        sent = {item["id"] for item in json.loads(body)}
+        assert answer["rejected"] == []
+        assert answer["duplicate"] == len(sent & before)
+        assert answer["stored"] == len(sent - before)
+    assert stored(database_url) == {item["id"]: item for item in items}
+
+
+# --- from_dict ------------------------------------------------------------------------------------
+
+
+def test_from_dict_reads_what_to_dict_writes() -> None:
+    original = metric(
+        metadata={"nested": {"list": [1, 2.5, None, "x"]}},
+        error="TimeoutError",
+        cache_read_tokens=10,
+        cache_write_tokens=5,
+        reasoning_tokens=7,
+        citizen_id=None,
+        id=uuid.uuid4(),
+    )
+    assert ActionMetric.from_dict(original.to_dict()) == original
+    assert ActionMetric.from_dict(json.loads(json.dumps(original.to_dict()))) == original
+    optional = {"citizen_id", "metadata", "error", "cache_read_tokens", "cache_write_tokens"}
+    optional.add("reasoning_tokens")
+    least = {name: value for name, value in metric().to_dict().items() if name not in optional}
+    assert ActionMetric.from_dict(least).citizen_id is None
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"latency_ms": "fast"}, "latency_ms"),
+        ({"timestamp": 1_700_000_000}, "timestamp"),
+        ({"timestamp": "yesterday"}, "timestamp"),
+        ({"user_id": ""}, "user_id"),
+        ({"town_id": None}, "town_id"),
+        ({"model": None}, "model"),
+        ({"credits_charged": True}, "credits_charged"),
+        ({"cache_write_tokens": 10**6}, "cache_write_tokens"),
+        ({"unknown": 1}, "unknown"),
+    ],
+)
+def test_from_dict_names_the_field_at_fault(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidMetric) as raised:
+        ActionMetric.from_dict({**metric().to_dict(), **change})
+    assert raised.value.field == field
+
+
+def test_the_async_store_counts_new_ids(database_url: str) -> None:
+    import asyncio
+
+    metrics = [metric() for _ in range(5)]
+
+    async def run() -> tuple[int, int]:
+        async with AsyncMetricsStore(database_url) as store:
+            return await store.emit_batch(metrics[:3]), await store.emit_batch(metrics)
+
+    assert asyncio.run(run()) == (3, 2)
+    with MetricsStore(database_url) as store:  # the blocking face, the same method
+        assert store.emit_batch([*metrics, metric()]) == 1
