@@ -364,7 +364,7 @@ class MetricsRepository:
         held_back: dict[str, datetime] = {}
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
-            manual_from: dict[str, datetime] = dict((await connection.execute(first_manual_price)).tuples())
+            manual_from = {model: start for model, start in await connection.execute(first_manual_price)}
             for model in models:
                 manual = manual_from.get(model)
                 kept = tuple(p for p in histories[model] if manual is None or p.effective_from < manual)
