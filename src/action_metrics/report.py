@@ -359,7 +359,7 @@ def render_prices(prices: Sequence[ModelPrice]) -> RenderableType:
         "cache read",
         "cache write",
         "source",
-        "tiered",
+        "tiered above",
     ):
         table.add_column(
             column, justify="right" if column in ("input", "output", "cache read", "cache write") else "left"
@@ -370,7 +370,7 @@ def render_prices(prices: Sequence[ModelPrice]) -> RenderableType:
             if price.effective_from == BEGINNING_OF_TIME
             else price.effective_from.isoformat()
         )
-        tiered = "-" if price.tiered_above_tokens is None else f"above {price.tiered_above_tokens:,}: flagged"
+        tiered = "-" if price.tiered_above_tokens is None else f"{price.tiered_above_tokens:,}"
         table.add_row(
             price.model,
             start,
@@ -382,8 +382,8 @@ def render_prices(prices: Sequence[ModelPrice]) -> RenderableType:
             tiered,
         )
     footnote = Text(
-        "A missing cache price is the input price. tiered: the catalogue charges more per call above"
-        " that many input tokens; the base tier is stored, so such calls are understated (flagged,"
+        "A missing cache price is the input price. Tiered above: the catalogue charges more per call"
+        " above that many input tokens; the base tier is stored, so such calls are understated (flagged,"
         " not applied)."
     )
     return Group(table, footnote)
