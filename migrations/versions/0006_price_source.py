@@ -29,9 +29,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column(
-        "model_prices", sa.Column("source", sa.String(16), nullable=False, server_default="manual")
-    )
+    op.add_column("model_prices", sa.Column("source", sa.String(16), nullable=False, server_default="manual"))
     op.add_column("model_prices", sa.Column("tiered_above_tokens", sa.BigInteger(), nullable=True))
 
 

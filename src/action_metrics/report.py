@@ -362,7 +362,9 @@ def render_prices(prices: Sequence[ModelPrice]) -> RenderableType:
         "tiered above",
     ):
         table.add_column(
-            column, justify="right" if column in ("input", "output", "cache read", "cache write") else "left"
+            column,
+            justify="right" if column in ("input", "output", "cache read", "cache write") else "left",
+            no_wrap=column == "model",  # a price list must show whole names
         )
     for price in prices:
         start = (
