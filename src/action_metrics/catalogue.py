@@ -88,6 +88,13 @@ class PriceSync:
 
     lookup: Lookup
     held_back: dict[str, datetime]
+    priced_by_hand: frozenset[str]
+    """Models seen that have a manual price (the seed's among them)."""
+
+    @property
+    def unpriced(self) -> tuple[str, ...]:
+        """Models seen that neither the catalogue nor a manual price prices."""
+        return tuple(model for model in self.lookup.unknown if model not in self.priced_by_hand)
 
 
 class NotSyncable(Exception):

@@ -405,10 +405,10 @@ def render_sync(result: PriceSync) -> RenderableType:
     lines = []
     for model, why in result.lookup.not_synced:
         lines.append(f"{model}: not loaded, {why}")
-    if result.lookup.unknown:
+    if result.unpriced:
         lines.append(
-            f"not in the catalogue (unpriced unless set by hand: `action-metrics prices set`): "
-            f"{', '.join(result.lookup.unknown)}"
+            "not in the catalogue, so unpriced until set by hand (`action-metrics prices set`): "
+            f"{', '.join(result.unpriced)}"
         )
     return Group(table, Text("\n".join(lines))) if lines else table
 

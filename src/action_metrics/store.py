@@ -279,7 +279,10 @@ class AsyncMetricsStore:
         written = await repository.replace_catalogue_prices(
             {found.model: found.prices for found in lookup.found}
         )
-        return catalogue.PriceSync(lookup=lookup, held_back=written.held_back)
+        by_hand = frozenset(
+            price.model for price in await repository.model_prices() if price.source == "manual"
+        )
+        return catalogue.PriceSync(lookup=lookup, held_back=written.held_back, priced_by_hand=by_hand)
 
     async def set_credit_price(self, usd_per_credit: Amount, effective_from: datetime | None = None) -> None:
         """Set the revenue of one credit from `effective_from` (default now) until the next price."""
