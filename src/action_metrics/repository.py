@@ -332,9 +332,15 @@ class MetricsRepository:
             await rollup.rebuild(connection, self.backend, split, model)
 
     async def seen_models(self) -> list[str]:
-        """Every model an action was recorded for, in raw rows or (once pruned) only in the rollups."""
-        seen = union(select(action_metrics.c.model), select(rollup_table.c.model))
-        async with self._read_connection() as connection:
+        """Every model an action was recorded for. Closed buckets' models are in the rollups (also
+        once their raw rows are pruned), so only the raw rows of open hours are read: the cost does
+        not grow with the actions stored."""
+        async with self._snapshot() as connection:
+            state = await rollup.read_state(connection)
+            open_rows = select(action_metrics.c.model)
+            if state.hours_closed_until is not None:
+                open_rows = open_rows.where(action_metrics.c.timestamp >= state.hours_closed_until)
+            seen = union(select(rollup_table.c.model), open_rows)
             return sorted((await connection.execute(seen)).scalars())
 
     async def model_prices(self) -> list[ModelPrice]:
