@@ -388,9 +388,6 @@ def demo_command(
     _exit_if_failed(checks)
 
 
-# --- serve ----------------------------------------------------------------------------------
-
-
 # --- prices ---------------------------------------------------------------------------------
 
 
@@ -491,6 +488,9 @@ def set_price(
     click.echo(
         f"{model}: {input_per_1m} / {output_per_1m} USD per 1M input / output tokens from {start} (manual)"
     )
+
+
+# --- serve ----------------------------------------------------------------------------------
 
 
 async def _preflight(url: str | None) -> None:
