@@ -156,6 +156,13 @@ def test_a_price_set_by_hand_wins_over_the_catalogue(database_url: str) -> None:
         prices = [
             (p.effective_from, p.input_per_1m, p.source) for p in store.model_prices() if p.model == "o3"
         ]
+
+        # Priced by hand for all time: the catalogue adds nothing.
+        store.emit_many([metric(model="gpt-4o", tokens_in=1_000_000, tokens_out=0, timestamp=july)])
+        store.set_model_price("gpt-4o", "7", "7", BEGINNING_OF_TIME)
+        assert store.sync_prices().held_back["gpt-4o"] == BEGINNING_OF_TIME
+        assert [p.source for p in store.model_prices() if p.model == "gpt-4o"] == ["manual"]
+        assert store.aggregate(model="gpt-4o").total_cost_usd == pytest.approx(7)
     assert prices == [
         (BEGINNING_OF_TIME, Decimal(10), "catalogue"),
         (datetime(2025, 3, 1, tzinfo=UTC), Decimal("0.5"), "manual"),
