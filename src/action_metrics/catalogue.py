@@ -30,8 +30,6 @@ from genai_prices import data_snapshot, types
 from action_metrics.errors import InvalidPrice
 from action_metrics.pricing import BEGINNING_OF_TIME, ModelPrice
 
-CATALOGUE: Final = "genai-prices"
-
 _FLAT_PRICES: Final = {
     "input_per_1m": "input_mtok",
     "output_per_1m": "output_mtok",
@@ -97,8 +95,9 @@ class PriceSync:
         return tuple(model for model in self.lookup.unknown if model not in self.priced_by_hand)
 
 
-class NotSyncable(Exception):
-    """The catalogue prices this model in a way a flat per-token price cannot hold."""
+class _NotSyncable(Exception):
+    """The catalogue prices this model in a way a flat per-token price cannot hold. Never leaves
+    this module: `look_up` reports it in `Lookup.not_synced`."""
 
 
 def look_up(models: Iterable[str]) -> Lookup:
@@ -114,7 +113,7 @@ def look_up(models: Iterable[str]) -> Lookup:
         provider, info = resolved
         try:
             found.append(_history(model, provider, info))
-        except NotSyncable as error:
+        except _NotSyncable as error:
             not_synced.append((model, str(error)))
     return Lookup(found=tuple(found), unknown=tuple(unknown), not_synced=tuple(not_synced))
 
@@ -140,7 +139,7 @@ def _history(model: str, provider: types.Provider, info: types.ModelInfo) -> Cat
     for conditional_price in conditional:
         constraint = conditional_price.constraint
         if isinstance(constraint, types.TimeOfDateConstraint):
-            raise NotSyncable(
+            raise _NotSyncable(
                 "its price depends on the time of day; set one with `action-metrics prices set`"
             )
         if isinstance(constraint, types.StartDateConstraint):
@@ -176,7 +175,7 @@ def _flat(model: str, catalogue_price: types.ModelPrice, start: datetime) -> Mod
         amounts[ours] = value
     input_price, output_price = amounts["input_per_1m"], amounts["output_per_1m"]
     if input_price is None or output_price is None:
-        raise NotSyncable("it is not priced per input and output token")
+        raise _NotSyncable("it is not priced per input and output token")
     try:
         price = ModelPrice.of(
             model,
@@ -187,7 +186,7 @@ def _flat(model: str, catalogue_price: types.ModelPrice, start: datetime) -> Mod
             cache_write_per_1m=amounts["cache_write_per_1m"],
         )
     except InvalidPrice as error:
-        raise NotSyncable(f"its catalogue price does not fit a stored price: {error}") from None
+        raise _NotSyncable(f"its catalogue price does not fit a stored price: {error}") from None
     return ModelPrice(
         model=price.model,
         input_per_1m=price.input_per_1m,
