@@ -9,7 +9,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from functools import wraps
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import click
 from rich.console import Console
@@ -28,11 +28,15 @@ from action_metrics.breakdown_report import (
     write_json,
 )
 from action_metrics.dialects import URL_VARIABLE, Backend, backend_for, display_url
-from action_metrics.errors import ActionMetricsError, InvalidValue
+from action_metrics.errors import ActionMetricsError, InvalidPrice, InvalidValue
+from action_metrics.pricing import ModelPrice
 from action_metrics.repository import MetricsRepository, PruneResult
 from action_metrics.rollup import BuildProgress, RollupState
 from action_metrics.store import AsyncMetricsStore
 from action_metrics.validation import check_action_type, check_model
+
+if TYPE_CHECKING:
+    from action_metrics.catalogue import PriceSync
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -374,7 +378,7 @@ def report_command(
             raise click.exceptions.Exit(report.CHECKS_FAILED_EXIT_CODE)
         return
 
-    async def gather() -> tuple[Aggregate, tuple[report.CheckResult, ...] | None]:
+    async def gather() -> tuple[Aggregate, tuple[report.CheckResult, ...] | None, list[ModelPrice]]:
         async with AsyncMetricsStore(url) as store:
             aggregate = await selection.aggregate(store)
             checks = None
@@ -382,15 +386,18 @@ def report_command(
                 checks = await report.run_checks(
                     store, town_id=town_id, since=since, lod3_p95_budget_ms=lod3_p95_budget_ms
                 )
-            return aggregate, checks
+            prices = [] if as_json else await store.model_prices()
+            return aggregate, checks, prices
 
     with _stderr().status("Reading the metrics..."):
-        aggregate, checks = run_async(gather())
+        aggregate, checks, prices = run_async(gather())
     if as_json:
         click.echo(json.dumps(report.report_json(selection, aggregate, checks), indent=2))
     else:
         console = _stdout()
         console.print(report.render_aggregate(aggregate, f"Actions: {selection.describe()}"))
+        if (hints := report.price_hints(aggregate, prices)) is not None:
+            console.print(hints)
         if checks is not None:
             console.print()
             console.print(report.render_checks(checks))
@@ -481,6 +488,108 @@ def demo_command(
     console.print()
     console.print(report.render_checks(checks))
     _exit_if_failed(checks)
+
+
+# --- prices ---------------------------------------------------------------------------------
+
+
+@main.group()
+def prices() -> None:
+    """Model prices: load the catalogue (offline, with its history), list them, set one by hand."""
+
+
+@prices.command(name="sync")
+@url_option
+@friendly_errors
+def sync_prices(url: str | None) -> None:
+    """Load the catalogue's prices, with their history, of every model the store has seen.
+
+    The catalogue is genai-prices, whose data ships inside the package: no network is needed. A
+    price set by hand wins: a model's catalogue prices stop at its first manual one.
+    """
+
+    async def run() -> PriceSync:
+        async with AsyncMetricsStore(url) as store:
+            return await store.sync_prices()
+
+    with _stderr().status("Loading the catalogue..."):
+        result = run_async(run())
+    _stdout().print(report.render_sync(result))
+
+
+@prices.command(name="list")
+@url_option
+@friendly_errors
+def list_prices(url: str | None) -> None:
+    """Every model price stored: from when, USD per 1M tokens, and who set it."""
+
+    async def run() -> list[ModelPrice]:
+        async with AsyncMetricsStore(url) as store:
+            return await store.model_prices()
+
+    _stdout().print(report.render_prices(run_async(run())))
+
+
+_PRICE_OPTIONS = {
+    "input_per_1m": "--input",
+    "output_per_1m": "--output",
+    "cache_read_per_1m": "--cache-read",
+    "cache_write_per_1m": "--cache-write",
+    "effective_from": "--from",
+}
+
+
+@prices.command(name="set")
+@click.argument("model", callback=_checked(check_model))
+@click.option("--input", "input_per_1m", metavar="USD", required=True, help="USD per 1M input tokens.")
+@click.option("--output", "output_per_1m", metavar="USD", required=True, help="USD per 1M output tokens.")
+@click.option(
+    "--cache-read", metavar="USD", help="USD per 1M input tokens read from the cache (default: --input)."
+)
+@click.option(
+    "--cache-write", metavar="USD", help="USD per 1M input tokens written to the cache (default: --input)."
+)
+@click.option(
+    "--from",
+    "effective_from",
+    metavar="WHEN",
+    callback=_since,
+    help="In force from then (an ISO date/time, or 30d back); default now.",
+)
+@url_option
+@friendly_errors
+def set_price(
+    model: str,
+    input_per_1m: str,
+    output_per_1m: str,
+    cache_read: str | None,
+    cache_write: str | None,
+    effective_from: datetime | None,
+    url: str | None,
+) -> None:
+    """Price MODEL by hand from --from until its next price; it wins over the catalogue."""
+
+    async def run() -> None:
+        async with AsyncMetricsStore(url) as store:
+            await store.set_model_price(
+                model,
+                input_per_1m,
+                output_per_1m,
+                effective_from,
+                cache_read_per_1m=cache_read,
+                cache_write_per_1m=cache_write,
+            )
+
+    try:
+        run_async(run())
+    except InvalidPrice as error:
+        raise click.BadParameter(
+            error.problem, param_hint=_PRICE_OPTIONS.get(error.field, error.field)
+        ) from None
+    start = "now" if effective_from is None else effective_from.isoformat()
+    click.echo(
+        f"{model}: {input_per_1m} / {output_per_1m} USD per 1M input / output tokens from {start} (manual)"
+    )
 
 
 # --- serve ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Final
+from typing import Final, Literal
 
 from action_metrics.errors import InvalidPrice
 from action_metrics.validation import as_utc, check_model
@@ -103,6 +103,10 @@ def _effective_from(value: datetime | None) -> datetime:
     return datetime.now(UTC) if value is None else as_utc("effective_from", value, InvalidPrice)
 
 
+PriceSource = Literal["manual", "catalogue"]
+"""Who set a model price: by hand (`set_model_price`, `prices set`, the seed) or `prices sync`."""
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
     """USD per 1M input, output and cached input tokens of `model`, in force from `effective_from` on."""
@@ -114,6 +118,10 @@ class ModelPrice:
     cache_read_per_1m: Decimal | None = None
     """USD per 1M input tokens read from the prompt cache; None: the input price."""
     cache_write_per_1m: Decimal | None = None
+    source: PriceSource = "manual"
+    """A manual price wins over the catalogue's (`action-metrics prices sync` never overrides it)."""
+    tiered_above_tokens: int | None = None
+    """The catalogue charges more for calls above this many input tokens; these are its base prices."""
 
     @classmethod
     def of(

@@ -11,8 +11,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from enum import StrEnum
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -21,9 +22,12 @@ from rich.text import Text
 from action_metrics.aggregate import Aggregate
 from action_metrics.breakdown import TZ_VARIABLE, bucket_floor, reader_zone
 from action_metrics.errors import InvalidFilter
-from action_metrics.pricing import ACTION_CREDITS, ActionType
+from action_metrics.pricing import ACTION_CREDITS, BEGINNING_OF_TIME, ActionType, ModelPrice
 from action_metrics.store import AsyncMetricsStore
 from action_metrics.validation import as_utc
+
+if TYPE_CHECKING:
+    from action_metrics.catalogue import PriceSync
 
 DEFAULT_LOD3_P95_BUDGET_MS: Final = 300.0
 """LOD3 is a template manifest (no LLM call): its p95 must stay interactive."""
@@ -315,6 +319,103 @@ def render_aggregate(aggregate: Aggregate, title: str) -> RenderableType:
             cost,
         )
     return Group(totals, Text(""), models)
+
+
+SYNC_COMMAND: Final = "action-metrics prices sync"
+
+
+def price_hints(aggregate: Aggregate, prices: Sequence[ModelPrice]) -> RenderableType | None:
+    """What to do about the selection's cost: unpriced models (the command that prices them) and
+    models whose catalogue price rises with the request size (calls above it are understated)."""
+    lines: list[str] = []
+    unpriced = [model for model, stats in aggregate.by_model.items() if stats.unpriced_count]
+    if aggregate.unpriced_count:
+        lines.append(
+            f"{aggregate.unpriced_count:,} actions of unpriced models ({', '.join(unpriced)}) count no cost: "
+            f"run `{SYNC_COMMAND}` to load catalogue prices, or `action-metrics prices set MODEL "
+            "--input X --output Y --from DATE` for a model the catalogue does not know."
+        )
+    tiers: dict[str, int] = {}
+    for price in prices:
+        if price.tiered_above_tokens is not None and price.model in aggregate.by_model:
+            tiers[price.model] = min(
+                tiers.get(price.model, price.tiered_above_tokens), price.tiered_above_tokens
+            )
+    for model, threshold in tiers.items():
+        lines.append(
+            f"{model}: its catalogue price rises above {threshold:,} input tokens per call; such calls "
+            "are priced at the base tier here, so their cost is understated (`action-metrics prices list`)."
+        )
+    return Text("\n".join(lines), style="yellow") if lines else None
+
+
+def _per_1m(value: Decimal | None) -> str:
+    return "-" if value is None else f"{value.normalize():f}"
+
+
+def render_prices(prices: Sequence[ModelPrice]) -> RenderableType:
+    """`prices list`: every stored model price, each in force until the model's next."""
+    table = Table(title="Model prices (USD per 1M tokens)", title_justify="left")
+    for column in (
+        "model",
+        "effective_from",
+        "input",
+        "output",
+        "cache read",
+        "cache write",
+        "source",
+        "tiered above",
+    ):
+        table.add_column(
+            column,
+            justify="right" if column in ("input", "output", "cache read", "cache write") else "left",
+            no_wrap=column == "model",  # a price list must show whole names
+        )
+    for price in prices:
+        start = (
+            "beginning of time"
+            if price.effective_from == BEGINNING_OF_TIME
+            else price.effective_from.isoformat()
+        )
+        tiered = "-" if price.tiered_above_tokens is None else f"{price.tiered_above_tokens:,}"
+        table.add_row(
+            price.model,
+            start,
+            _per_1m(price.input_per_1m),
+            _per_1m(price.output_per_1m),
+            _per_1m(price.cache_read_per_1m),
+            _per_1m(price.cache_write_per_1m),
+            price.source,
+            tiered,
+        )
+    footnote = Text(
+        "A missing cache price is the input price. Tiered above: the catalogue charges more per call"
+        " above that many input tokens; the base tier is stored, so such calls are understated (flagged,"
+        " not applied)."
+    )
+    return Group(table, footnote)
+
+
+def render_sync(result: PriceSync) -> RenderableType:
+    """`prices sync`: what each model seen got from the catalogue, and what it did not."""
+    table = Table(title="Catalogue prices loaded (genai-prices)", title_justify="left")
+    for column in ("model", "catalogue model", "prices", "notes"):
+        table.add_column(column)
+    for found in result.lookup.found:
+        notes = list(found.notes)
+        if found.model in result.held_back:
+            held = result.held_back[found.model].isoformat()
+            notes.insert(0, f"a manual price from {held} wins: catalogue prices from then on not loaded")
+        table.add_row(found.model, found.catalogue_id, f"{len(found.prices)}", "\n".join(notes))
+    lines = []
+    for model, why in result.lookup.not_synced:
+        lines.append(f"{model}: not loaded, {why}")
+    if result.unpriced:
+        lines.append(
+            "not in the catalogue, so unpriced until set by hand (`action-metrics prices set`): "
+            f"{', '.join(result.unpriced)}"
+        )
+    return Group(table, Text("\n".join(lines))) if lines else table
 
 
 _VERDICT_STYLE: Final = {

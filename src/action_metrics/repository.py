@@ -11,7 +11,7 @@ see `errors`): everything above it catches those alone.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -58,6 +58,25 @@ if TYPE_CHECKING:
 
 PRUNE_BATCH = 50_000
 """Raw rows deleted per transaction by `prune`: short transactions, so writers are never held up long."""
+
+
+_MODEL_PRICE_FIELDS = (
+    "input_per_1m",
+    "output_per_1m",
+    "cache_read_per_1m",
+    "cache_write_per_1m",
+    "source",
+    "tiered_above_tokens",
+)
+
+
+@dataclass(frozen=True)
+class CatalogueWrite:
+    """What `replace_catalogue_prices` stored: each model's catalogue prices now in force, and the
+    models whose later catalogue prices a manual price held back (with that price's start)."""
+
+    written: dict[str, tuple[ModelPrice, ...]]
+    held_back: dict[str, datetime]
 
 
 @dataclass(frozen=True)
@@ -283,23 +302,45 @@ class MetricsRepository:
             result = await connection.execute(audit_statement(metric_filter, credits))
             return ChargeAudit(**result.mappings().one())
 
-    async def set_model_price(self, price: ModelPrice) -> None:
-        """Insert, or replace the price of the same model from the same instant. A new price that
-        begins inside a closed bucket splits it: the bucket's rows are summed again from raw rows."""
-        prices = ("input_per_1m", "output_per_1m", "cache_read_per_1m", "cache_write_per_1m")
+    def _model_price_upsert(self, price: ModelPrice) -> Any:
         statement = self.backend.insert(model_prices).values(
             model=price.model,
             effective_from=price.effective_from,
-            **{name: getattr(price, name) for name in prices},
+            **{name: getattr(price, name) for name in _MODEL_PRICE_FIELDS},
         )
-        statement = statement.on_conflict_do_update(
+        return statement.on_conflict_do_update(
             index_elements=["model", "effective_from"],
-            set_={name: statement.excluded[name] for name in prices},
+            set_={name: statement.excluded[name] for name in _MODEL_PRICE_FIELDS},
         )
+
+    async def set_model_price(self, price: ModelPrice) -> None:
+        """Insert, or replace the price of the same model from the same instant. A new price that
+        begins inside a closed bucket splits it: the bucket's rows are summed again from raw rows.
+        A manual price also removes the catalogue's prices of the model from its start on: it wins."""
         existing = select(model_prices.c.id).where(
             model_prices.c.model == price.model, model_prices.c.effective_from == price.effective_from
         )
-        await self._set_price(statement, existing, price.effective_from, model=price.model)
+        async with self._write_transaction() as connection:
+            state = await rollup.read_state(connection, for_update=True)
+            if price.source == "manual":
+                # Removing a price start needs no rebuild: rollup rows are split at it, and each
+                # part is priced by whatever price is in force at its start.
+                await connection.execute(
+                    delete(model_prices).where(
+                        model_prices.c.model == price.model,
+                        model_prices.c.source == "catalogue",
+                        model_prices.c.effective_from >= price.effective_from,
+                    )
+                )
+            await self._apply_price(
+                connection,
+                state,
+                self._model_price_upsert(price),
+                existing,
+                price.effective_from,
+                price.model,
+            )
+            await self.backend.refresh_statistics(connection, model_prices, credit_prices)
 
     async def set_credit_price(self, price: CreditPrice) -> None:
         statement = self.backend.insert(credit_prices).values(
@@ -310,25 +351,95 @@ class MetricsRepository:
             set_={"usd_per_credit": statement.excluded.usd_per_credit},
         )
         existing = select(credit_prices.c.id).where(credit_prices.c.effective_from == price.effective_from)
-        await self._set_price(statement, existing, price.effective_from, model=None)
-
-    async def _set_price(self, upsert: Any, existing: Any, start: datetime, *, model: str | None) -> None:
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
-            is_new = (await connection.execute(existing)).first() is None
-            split = rollup.closed_buckets_split_by(state, start) if is_new else []
-            cutoff = state.raw_kept_from
-            if cutoff is not None and any(bucket < cutoff for _, bucket in split):
-                raise InvalidPrice(
-                    "effective_from",
-                    f"{start.isoformat()} falls inside a UTC day whose raw rows were pruned (before "
-                    f"{cutoff.isoformat()}), so the day cannot be split there: start the price at the "
-                    "day's midnight or at the cut-off",
-                )
-            await connection.execute(upsert)
-            if split:
-                await rollup.rebuild(connection, self.backend, split, model)
+            await self._apply_price(connection, state, statement, existing, price.effective_from, None)
             await self.backend.refresh_statistics(connection, model_prices, credit_prices)
+
+    async def _apply_price(
+        self,
+        connection: AsyncConnection,
+        state: RollupState,
+        upsert: Any,
+        existing: Any,
+        start: datetime,
+        model: str | None,
+    ) -> None:
+        is_new = (await connection.execute(existing)).first() is None
+        split = rollup.closed_buckets_split_by(state, start) if is_new else []
+        cutoff = state.raw_kept_from
+        if cutoff is not None and any(bucket < cutoff for _, bucket in split):
+            raise InvalidPrice(
+                "effective_from",
+                f"{start.isoformat()} falls inside a UTC day whose raw rows were pruned (before "
+                f"{cutoff.isoformat()}), so the day cannot be split there: start the price at the "
+                "day's midnight or at the cut-off",
+            )
+        await connection.execute(upsert)
+        if split:
+            await rollup.rebuild(connection, self.backend, split, model)
+
+    async def seen_models(self) -> list[str]:
+        """Every model an action was recorded for. Closed buckets' models are in the rollups (also
+        once their raw rows are pruned), so only the raw rows of open hours are read: the cost does
+        not grow with the actions stored."""
+        async with self._snapshot() as connection:
+            state = await rollup.read_state(connection)
+            open_rows = select(action_metrics.c.model)
+            if state.hours_closed_until is not None:
+                open_rows = open_rows.where(action_metrics.c.timestamp >= state.hours_closed_until)
+            seen = union(select(rollup_table.c.model), open_rows)
+            return sorted((await connection.execute(seen)).scalars())
+
+    async def model_prices(self) -> list[ModelPrice]:
+        """Every model price stored, by model and start."""
+        statement = select(model_prices).order_by(model_prices.c.model, model_prices.c.effective_from)
+        async with self._read_connection() as connection:
+            rows = (await connection.execute(statement)).mappings().all()
+        return [
+            ModelPrice(
+                model=row["model"],
+                effective_from=row["effective_from"],
+                **{name: row[name] for name in _MODEL_PRICE_FIELDS},
+            )
+            for row in rows
+        ]
+
+    async def replace_catalogue_prices(self, histories: Mapping[str, Sequence[ModelPrice]]) -> CatalogueWrite:
+        """Make each model's catalogue prices its `histories` entry, in one transaction, but never at
+        or after the model's first manual price: those rows are held back (and removed if stored)."""
+        models = sorted(histories)
+        first_manual_price = (
+            select(model_prices.c.model, func.min(model_prices.c.effective_from))
+            .where(model_prices.c.model.in_(models), model_prices.c.source == "manual")
+            .group_by(model_prices.c.model)
+        )
+        written: dict[str, tuple[ModelPrice, ...]] = {}
+        held_back: dict[str, datetime] = {}
+        async with self._write_transaction() as connection:
+            state = await rollup.read_state(connection, for_update=True)
+            manual_from = {model: start for model, start in await connection.execute(first_manual_price)}
+            for model in models:
+                manual = manual_from.get(model)
+                kept = tuple(p for p in histories[model] if manual is None or p.effective_from < manual)
+                if manual is not None and len(kept) < len(histories[model]):
+                    held_back[model] = manual
+                await connection.execute(
+                    delete(model_prices).where(
+                        model_prices.c.model == model,
+                        model_prices.c.source == "catalogue",
+                        model_prices.c.effective_from.not_in([price.effective_from for price in kept]),
+                    )
+                )
+                for price in kept:
+                    existing = select(model_prices.c.id).where(
+                        model_prices.c.model == model, model_prices.c.effective_from == price.effective_from
+                    )
+                    upsert = self._model_price_upsert(price)
+                    await self._apply_price(connection, state, upsert, existing, price.effective_from, model)
+                written[model] = kept
+            await self.backend.refresh_statistics(connection, model_prices, credit_prices)
+        return CatalogueWrite(written=written, held_back=held_back)
 
     async def build_rollups(self, progress: Callable[[BuildProgress], None] | None = None) -> RollupState:
         """Close every bucket that can be closed now, a day per transaction (resumable)."""

@@ -129,6 +129,10 @@ class ModelPriceRow(Base):
     cache_read_per_1m: Mapped[Decimal | None] = mapped_column(PRICE, nullable=True)
     """USD per 1M input tokens read from the prompt cache; NULL: the input price."""
     cache_write_per_1m: Mapped[Decimal | None] = mapped_column(PRICE, nullable=True)
+    source: Mapped[str] = mapped_column(String(16), nullable=False, server_default="manual")
+    """'manual' (set by hand or seeded) or 'catalogue' (`prices sync`): a manual price wins."""
+    tiered_above_tokens: Mapped[int | None] = mapped_column(BigInteger(), nullable=True)
+    """The catalogue charges more for calls above this many input tokens; NULL: not tiered."""
 
     __table_args__ = (Index(None, "model", "effective_from", unique=True),)
 

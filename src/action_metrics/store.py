@@ -21,7 +21,7 @@ from datetime import datetime
 from decimal import Decimal
 from functools import partial
 from types import TracebackType
-from typing import Any, Self, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Self, TypedDict, TypeVar, Unpack
 
 from sqlalchemy import URL
 
@@ -44,6 +44,9 @@ from action_metrics.writer import (
     BatchWriter,
     WriterSettings,
 )
+
+if TYPE_CHECKING:
+    from action_metrics.catalogue import PriceSync
 
 T = TypeVar("T")
 Amount = float | int | str | Decimal
@@ -297,6 +300,26 @@ class AsyncMetricsStore:
         )
         await (await self._open()).set_model_price(price)
 
+    async def model_prices(self) -> list[ModelPrice]:
+        """Every model price stored, by model and start, with its source (manual or catalogue)."""
+        return await (await self._open()).model_prices()
+
+    async def sync_prices(self) -> PriceSync:
+        """Load the catalogue's prices (genai-prices, offline), with their history, of every model
+        the store has seen, in one transaction. A manual price wins: see `catalogue`."""
+        from action_metrics import catalogue  # genai-prices' data takes ~0.3 s to load
+
+        await self.writer.settle()
+        repository = await self._open()
+        lookup = await asyncio.to_thread(catalogue.look_up, await repository.seen_models())
+        written = await repository.replace_catalogue_prices(
+            {found.model: found.prices for found in lookup.found}
+        )
+        by_hand = frozenset(
+            price.model for price in await repository.model_prices() if price.source == "manual"
+        )
+        return catalogue.PriceSync(lookup=lookup, held_back=written.held_back, priced_by_hand=by_hand)
+
     async def set_credit_price(self, usd_per_credit: Amount, effective_from: datetime | None = None) -> None:
         """Set the revenue of one credit from `effective_from` (default now) until the next price."""
         price = CreditPrice.of(usd_per_credit, effective_from)
@@ -532,6 +555,12 @@ class MetricsStore:
                 cache_write_per_1m=cache_write_per_1m,
             )
         )
+
+    def model_prices(self) -> list[ModelPrice]:
+        return self._call(self._store.model_prices())
+
+    def sync_prices(self) -> PriceSync:
+        return self._call(self._store.sync_prices())
 
     def set_credit_price(self, usd_per_credit: Amount, effective_from: datetime | None = None) -> None:
         self._call(self._store.set_credit_price(usd_per_credit, effective_from))
