@@ -44,6 +44,13 @@ ACTIONS = (ActionType.LOD3.value, ActionType.LOD4.value, ActionType.DIALOGUE.val
 METRICS_PATH = "/v1/town/{town_id}/metrics"
 BREAKDOWN_PATH = "/v1/town/{town_id}/breakdown"
 ACTIONS_PATH = "/v1/actions"
+TRACES_PATH = "/v1/traces"
+
+
+@schemathesis.serializer("application/x-protobuf")
+def protobuf(context: Any, value: Any) -> bytes:
+    """Generated binary bodies as they are: random bytes for the OTLP protobuf decoder."""
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 @schemathesis.serializer("application/x-ndjson")
@@ -146,7 +153,7 @@ def fuzz(schema: schemathesis.BaseSchema, credentials: st.SearchStrategy[Headers
     """Every operation of the schema, in both modes, `EXAMPLES` examples each."""
     tally = Tally()
     operations = [result.ok() for result in schema.get_all_operations()]
-    paths = {"/healthz", METRICS_PATH, BREAKDOWN_PATH, ACTIONS_PATH}
+    paths = {"/healthz", METRICS_PATH, BREAKDOWN_PATH, ACTIONS_PATH, TRACES_PATH}
     assert {operation.path for operation in operations} == paths
     for operation in operations:
         # An operation without parameters or body (healthz) has no invalid request to generate.
@@ -211,6 +218,8 @@ def test_fuzz_with_a_valid_token(api_schema: schemathesis.BaseSchema) -> None:
     assert tally.of(BREAKDOWN_PATH) <= {200, 403, 422}
     assert tally.answers_with_data > 0
     assert 200 in tally.of(ACTIONS_PATH)
+    assert tally.of(TRACES_PATH) <= {200, 400, 415}
+    assert 400 in tally.of(TRACES_PATH)
     assert tally.writes_stored > 0
     assert tally.items_rejected > 0
     assert tally.requests >= 2 * EXAMPLES
@@ -234,5 +243,6 @@ def test_fuzz_without_a_valid_token(api_schema: schemathesis.BaseSchema) -> None
     assert tally.of(METRICS_PATH) == {401, 422}
     assert tally.of(BREAKDOWN_PATH) <= {401, 422}
     assert tally.of(ACTIONS_PATH) <= {401, 415}
+    assert tally.of(TRACES_PATH) <= {401, 415}
     assert tally.answers_with_data == 0
     assert tally.requests >= 2 * EXAMPLES

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from google.protobuf import json_format
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.json.common.trace_encoder import encode_spans as encode_json
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as encode_protobuf
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
@@ -16,12 +21,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
+from action_metrics import ActionMetric
 from action_metrics.otlp import (
     JSON,
     PROTOBUF,
     STATUS_ERROR,
     OtlpDecodeError,
     OtlpSpan,
+    SpanReceiver,
     ancestors,
     decode_request,
     encode_response,
@@ -143,3 +150,73 @@ def test_a_cycle_of_parents_ends_the_walk() -> None:
     first, second = span("a", "b"), span("b", "a")
     batch = {first.identity: first, second.identity: second}
     assert [parent.span_id for parent in ancestors(first, batch)] == ["b"]
+
+
+# --- fuzzing: whatever arrives, the decoder and the receiver answer or refuse, never crash -------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+ATTRIBUTE_VALUES = (
+    st.text(max_size=12)
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.lists(st.integers(min_value=-5, max_value=5), max_size=3).map(tuple)
+)
+GENAI_KEYS = (
+    "gen_ai.request.model",
+    "gen_ai.response.model",
+    "gen_ai.response.id",
+    "gen_ai.system",
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+    "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.cache_write.input_tokens",
+    "gen_ai.usage.reasoning.output_tokens",
+    "error.type",
+    "action.type",
+    "action.user_id",
+    "action.town_id",
+    "action.citizen_id",
+    "action.credits",
+    "action.id",
+)
+NANOSECONDS = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=300))
+def test_random_protobuf_bodies_decode_or_are_refused(body: bytes) -> None:
+    with contextlib.suppress(OtlpDecodeError):
+        SpanReceiver().read(decode_request(body, PROTOBUF))
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=JSON_VALUES)
+def test_random_json_bodies_decode_or_are_refused(document: Any) -> None:
+    with contextlib.suppress(OtlpDecodeError):
+        SpanReceiver().read(decode_request(json.dumps(document).encode(), JSON))
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    attributes=st.dictionaries(st.sampled_from(GENAI_KEYS), ATTRIBUTE_VALUES, min_size=1),
+    parent_attributes=st.dictionaries(st.sampled_from(GENAI_KEYS), ATTRIBUTE_VALUES),
+    start=NANOSECONDS,
+    end=NANOSECONDS,
+    status=st.integers(min_value=0, max_value=2),
+)
+def test_any_span_makes_a_metric_or_a_rejection_naming_the_field(
+    attributes: dict[str, Any], parent_attributes: dict[str, Any], start: int, end: int, status: int
+) -> None:
+    parent = OtlpSpan("ab" * 16, "01" * 8, None, "action", start, end, parent_attributes, 0, "", {}, "")
+    span = OtlpSpan("ab" * 16, "02" * 8, "01" * 8, "chat", start, end, attributes, status, "", {}, "")
+    batch = SpanReceiver().read([span, parent])
+    assert len(batch.accepted) + len(batch.rejected) + batch.ignored + batch.duplicates == 2
+    for _, why in batch.rejected:
+        assert why.split(":")[0] in {field.name for field in dataclasses.fields(ActionMetric)} | {"timestamp"}

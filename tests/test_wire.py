@@ -10,15 +10,10 @@ import contextlib
 import gzip
 import json
 import os
-import re
-import signal
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,77 +21,12 @@ from typing import Any
 import httpx
 import pytest
 from conftest import metric
+from serving import LEGACY, READER, TOKENS, TOWN_A_WRITER, WRITER, Server, bearer, serving
 
 from action_metrics import ActionMetric, AsyncMetricsStore, InvalidMetric, MetricsStore, TokenConfigError
 from action_metrics.access import READ_ONLY, ApiTokens, Scope
 from action_metrics.http import create_app
 from action_metrics.intake import IntakeLimits
-
-SRC = Path(__file__).resolve().parent.parent / "src"
-WRITER = "writer-token-0123456789abcdef"
-TOWN_A_WRITER = "town-a-writer-0123456789abcdef"
-READER = "reader-token-0123456789abcdef"
-LEGACY = "legacy-dashboard-token-0123456789"
-TOKENS = f"write:{WRITER}:* ; write:{TOWN_A_WRITER}:town-a ; {READER}:*"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-# --- the server ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    """`action-metrics serve` in a child process, on a port of its own choosing."""
-
-    url: str
-    process: subprocess.Popen[str] | None = None
-    address: str = ""
-
-    def start(self) -> None:
-        environment = {
-            key: value for key, value in os.environ.items() if not key.startswith("ACTION_METRICS_")
-        }
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
-        environment.update(ACTION_METRICS_API_TOKENS=TOKENS, ACTION_METRICS_API_TOKEN=LEGACY)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "action_metrics", "serve", "--url", self.url, "--port", "0"],
-            stdout=subprocess.DEVNULL,  # uvicorn's access log
-            stderr=subprocess.PIPE,
-            text=True,
-            env=environment,
-        )
-        assert self.process.stderr is not None
-        for line in self.process.stderr:  # uvicorn names its port once it listens (or the process ends)
-            found = re.search(r"Uvicorn running on (http://\S+)", line)
-            if found:
-                self.address = found[1]
-                break
-        assert self.address, "the server did not start"
-        # Keep reading its log, or a full pipe would block the server.
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=60)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=60)
-
-
-@contextmanager
-def serving(url: str) -> Iterator[Server]:
-    server = Server(url)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""`POST /v1/actions`: metrics in `to_dict()` form from writers in any language, as a JSON array or
-NDJSON, gzip or not.
+"""Writes over HTTP. `POST /v1/actions`: metrics in `to_dict()` form from writers in any language, as
+a JSON array or NDJSON, gzip or not. `POST /v1/traces`: OTLP/HTTP, whose GenAI spans become metrics
+as `ActionMetricsSpanProcessor` makes them in process (see `otlp`).
 
 Each item is checked as `ActionMetric.from_dict` checks it and against the token's towns; a bad
 item is rejected with its index and field, the others are stored. The body as a whole is refused
@@ -9,21 +10,33 @@ only when it cannot be read: 400 (not JSON, broken gzip), 413 (too large, too ma
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime
 from enum import Enum
 from typing import Any, Final
 
 import orjson
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from action_metrics.access import TokenGrant, WriteGrant
 from action_metrics.errors import InvalidMetric
 from action_metrics.intake import IntakeAnswer, Rejected, intake_of, read_body, write
 from action_metrics.model import ActionMetric
+from action_metrics.otlp import (
+    MEDIA_TYPES,
+    PROTOBUF,
+    OtlpDecodeError,
+    SpanReceiver,
+    decode_request,
+    encode_response,
+    media_type,
+)
 from action_metrics.store import AsyncMetricsStore
 from action_metrics.validation import ACTION_TYPE_PATTERN, MAX_ID_LENGTH, MAX_INT64, MAX_MODEL_LENGTH
+
+logger = logging.getLogger(__name__)
 
 JSON_ARRAY: Final = "application/json"
 NDJSON: Final = "application/x-ndjson"
@@ -182,3 +195,91 @@ async def post_actions(request: Request, grant: WriteGrant) -> IntakeAnswer:
         accepted, rejected = _metrics(documents, grant)
         store: AsyncMetricsStore = request.app.state.store
         return await write(store, accepted, rejected)
+
+
+_MESSAGES_IN_ANSWER: Final = 20
+"""Rejected spans described in a partial-success answer's message (all are counted)."""
+
+
+def _otlp_request_body() -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {
+            PROTOBUF: {"schema": {"type": "string", "format": "binary"}},
+            JSON_ARRAY: {"schema": {"type": "object", "description": "An OTLP ExportTraceServiceRequest"}},
+        },
+    }
+
+
+def span_receiver(request: Request) -> SpanReceiver:
+    """The app's one receiver: it remembers which ancestors' credits it charged."""
+    state = request.app.state
+    receiver: SpanReceiver | None = getattr(state, "span_receiver", None)
+    if receiver is None:
+        receiver = state.span_receiver = SpanReceiver()
+    return receiver
+
+
+@router.post(
+    "/v1/traces",
+    response_class=Response,
+    openapi_extra={"requestBody": _otlp_request_body()},
+    responses={
+        200: {
+            "description": "OTLP's ExportTraceServiceResponse, in the request's encoding: "
+            "`partialSuccess` counts and describes the spans rejected; the others are committed",
+            "content": {PROTOBUF: {}, JSON_ARRAY: {}},
+        },
+        400: {"description": "The body is not an OTLP ExportTraceServiceRequest, or its gzip is broken"},
+        401: {"description": "Missing or unknown bearer token"},
+        403: {"description": "The token may not write"},
+        413: {"description": "The body, inflated or not, or its number of spans is over the limit"},
+        415: {"description": "Neither application/x-protobuf nor application/json, or not gzip"},
+        503: {"description": "The database cannot take writes now, or too many are in flight: retry"},
+    },
+)
+async def post_traces(request: Request, grant: WriteGrant) -> Response:
+    """OTLP/HTTP traces (protobuf or JSON, gzip or not), as any OpenTelemetry SDK's exporter or a
+    Collector's `otlphttp` exporter sends them. Each GenAI span becomes the metric of its LLM call;
+    other spans are ignored. A 200 means the metrics are committed; a span that makes no valid
+    metric, or is for a town the token may not write, is counted in the answer's partial success."""
+    intake = intake_of(request)
+    content_type = request.headers.get("content-type")
+    kind = media_type(content_type)
+    if kind not in MEDIA_TYPES:
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type {kind or 'missing'}: send {' or '.join(MEDIA_TYPES)} (OTLP/HTTP)",
+        )
+    async with intake.slot():
+        body = await read_body(request, intake.limits)
+        try:
+            spans = decode_request(body, content_type)
+        except OtlpDecodeError as error:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, str(error)) from None
+        _check_count(len(spans), intake.limits.max_items)
+        receiver = span_receiver(request)
+        batch = receiver.read(spans)
+        rejected = [Rejected(index=index, field=None, error=why) for index, why in batch.rejected]
+        accepted: list[tuple[int, ActionMetric]] = []
+        for index, metric in batch.accepted:
+            if grant.allows(metric.town_id):
+                accepted.append((index, metric))
+            else:
+                rejected.append(
+                    Rejected(index=index, field="town_id", error="this token may not write this town")
+                )
+        store: AsyncMetricsStore = request.app.state.store
+        answer = await write(store, accepted, rejected)
+        receiver.committed(batch)
+    for problem in batch.problems:
+        logger.warning("POST /v1/traces: unreadable attribution %s; call recorded without it", problem)
+    if batch.usage_missing:
+        logger.warning(
+            "POST /v1/traces: %d calls reported no token usage (stored with 0 tokens)", batch.usage_missing
+        )
+    described = "; ".join(
+        f"spans[{item.index}]: {item.field + ': ' if item.field else ''}{item.error}"
+        for item in answer.rejected[:_MESSAGES_IN_ANSWER]
+    )
+    return Response(encode_response(content_type, len(answer.rejected), described), media_type=kind)

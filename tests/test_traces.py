@@ -1,0 +1,261 @@
+"""OTLP/HTTP traces into a real `action-metrics serve`, on both backends.
+
+Real LLM clients (anthropic with its own GenAI spans, openai) and real instrumentations (OpenLLMetry's
+anthropic, OpenTelemetry's official openai-v2) call a fake provider on 127.0.0.1; the SDK's own OTLP
+exporters (protobuf and JSON, gzip or not) send their spans to `POST /v1/traces`. The server must store
+exactly what `ActionMetricsSpanProcessor` stores in process from the same spans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+from fake_provider import FakeProvider, directive
+from opentelemetry.exporter.otlp.json.http.trace_exporter import OTLPSpanExporter as JsonExporter
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as ProtobufExporter
+from opentelemetry.instrumentation.anthropic import AnthropicInstrumentor
+from opentelemetry.instrumentation.openai_v2 import OpenAIInstrumentor
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from serving import READER, TOWN_A_WRITER, WRITER, Server, bearer, serving
+
+from action_metrics import ActionMetricsSpanProcessor, MetricsStore
+from action_metrics.genai import metric_id_for_response
+
+SONNET, GPT = "claude-sonnet-4-5-20250929", "gpt-4o-mini"
+PRICES = {SONNET: (Decimal(3), Decimal(15)), GPT: (Decimal("0.15"), Decimal("0.60"))}
+LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[FakeProvider]:
+    fake = FakeProvider()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def server(database_url: str) -> Iterator[Server]:
+    with MetricsStore(database_url) as store:
+        for model, (input_price, output_price) in PRICES.items():
+            store.set_model_price(model, input_price, output_price, LONG_AGO)
+    with serving(database_url) as running:
+        yield running
+
+
+def _protobuf(server: Server, token: str = WRITER) -> SpanExporter:
+    return ProtobufExporter(endpoint=f"{server.address}/v1/traces", headers=bearer(token))
+
+
+def _protobuf_gzip(server: Server, token: str = WRITER) -> SpanExporter:
+    endpoint = f"{server.address}/v1/traces"
+    return ProtobufExporter(endpoint=endpoint, headers=bearer(token), compression=Compression.Gzip)
+
+
+def _json(server: Server, token: str = WRITER) -> SpanExporter:
+    return JsonExporter(endpoint=f"{server.address}/v1/traces", headers=bearer(token))
+
+
+EXPORTERS: dict[str, Callable[[Server], SpanExporter]] = {
+    "protobuf": _protobuf,
+    "protobuf+gzip": _protobuf_gzip,
+    "json": _json,
+}
+
+
+def comparable(metric_dict: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in metric_dict.items() if key != "estimated_cost_usd"}
+
+
+def stored(url: str) -> dict[str, dict[str, Any]]:
+    with MetricsStore(url) as store:
+        return {str(metric.id): comparable(metric.to_dict()) for metric in store.query()}
+
+
+def make_calls(provider: FakeProvider, tracer_provider: TracerProvider) -> None:
+    """A lod4 action (ids and credits as the text an SDK in another language sends) making four calls:
+    two to Claude (the client's own span and OpenLLMetry's for each), a failed one, one to GPT."""
+    claude = anthropic.Anthropic(
+        base_url=provider.url,
+        api_key="test",
+        max_retries=0,
+        open_telemetry={"tracer_provider": tracer_provider},
+    )
+    gpt = openai.OpenAI(base_url=f"{provider.url}/v1", api_key="test", max_retries=0)
+    tracer = tracer_provider.get_tracer("town.api")
+    action = {
+        "action.type": "lod4",
+        "action.user_id": "user-7",
+        "action.town_id": "town-a",
+        "action.credits": "100",
+    }
+    with tracer.start_as_current_span("lod4 query", attributes=action):
+        for usage in ({"input": 1200, "output": 300, "cache_read": 1000}, {"input": 90, "output": 20}):
+            claude.messages.create(
+                model=SONNET, max_tokens=64, messages=[{"role": "user", "content": directive(**usage)}]
+            )
+        with pytest.raises(anthropic.InternalServerError):
+            claude.messages.create(
+                model=SONNET, max_tokens=64, messages=[{"role": "user", "content": directive(fail=500)}]
+            )
+        gpt.chat.completions.create(
+            model=GPT, messages=[{"role": "user", "content": directive(input=500, output=60)}]
+        )
+
+
+@pytest.fixture
+def instrumented() -> Iterator[TracerProvider]:
+    tracer_provider = TracerProvider()
+    anthropic_instrumentor, openai_instrumentor = AnthropicInstrumentor(), OpenAIInstrumentor()
+    anthropic_instrumentor.instrument(tracer_provider=tracer_provider)
+    openai_instrumentor.instrument(tracer_provider=tracer_provider)
+    yield tracer_provider
+    openai_instrumentor.uninstrument()
+    anthropic_instrumentor.uninstrument()
+    tracer_provider.shutdown()
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_the_server_stores_what_the_span_processor_stores_in_process(
+    server: Server,
+    database_url: str,
+    provider: FakeProvider,
+    instrumented: TracerProvider,
+    tmp_path: Path,
+    exporter: str,
+) -> None:
+    local_url = f"sqlite:///{tmp_path / 'in-process.db'}"
+    with MetricsStore(local_url) as local:
+        instrumented.add_span_processor(ActionMetricsSpanProcessor(local))
+        finished = InMemorySpanExporter()
+        instrumented.add_span_processor(SimpleSpanProcessor(finished))
+        # As services export: in batches, so a trace that ends within the batch delay travels together
+        # (the server takes what a call inherits from its ancestors in the same request).
+        instrumented.add_span_processor(BatchSpanProcessor(EXPORTERS[exporter](server)))
+        make_calls(provider, instrumented)
+        instrumented.force_flush()
+        local.flush()
+    over_the_wire, in_process = stored(database_url), stored(local_url)
+
+    assert over_the_wire == in_process
+    assert len(over_the_wire) == 4, "two Claude calls, a failed one, one GPT call: one metric each"
+    metrics = list(over_the_wire.values())
+    assert {(m["user_id"], m["town_id"], m["action_type"]) for m in metrics} == {("user-7", "town-a", "lod4")}
+    assert sum(m["credits_charged"] for m in metrics) == 100, "the action's credits, charged once"
+    assert [m["credits_charged"] for m in metrics if m["error"] is not None] == [0], "one failed call"
+    response_ids = {m["metadata"].get("gen_ai.response.id") for m in metrics} - {None}
+    assert {str(metric_id_for_response(response_id)) for response_id in response_ids} <= set(over_the_wire)
+
+    # The exporter's retry (or the same spans from another exporter) stores nothing twice.
+    spans = list(finished.get_finished_spans())
+    assert EXPORTERS[exporter](server).export(spans) is SpanExportResult.SUCCESS
+    assert stored(database_url) == over_the_wire
+
+
+def post_spans(server: Server, spans: list[ReadableSpan], token: str = WRITER) -> ExportTraceServiceResponse:
+    answer = httpx.post(
+        f"{server.address}/v1/traces",
+        content=encode_spans(spans).SerializeToString(),
+        headers={**bearer(token), "Content-Type": "application/x-protobuf"},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/x-protobuf"
+    return ExportTraceServiceResponse.FromString(answer.content)
+
+
+def genai_spans(*calls: dict[str, Any]) -> list[ReadableSpan]:
+    """Finished spans of a hand-made GenAI instrumentation, one per call, each with these attributes."""
+    finished = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(finished))
+    tracer = tracer_provider.get_tracer("hand.made")
+    with tracer.start_as_current_span("http request"):  # not a GenAI span: ignored
+        for index, attributes in enumerate(calls):
+            with tracer.start_as_current_span(f"chat {index}", attributes=attributes):
+                pass
+    tracer_provider.shutdown()
+    return list(finished.get_finished_spans())
+
+
+def call(town_id: str = "town-a", **attributes: Any) -> dict[str, Any]:
+    return {
+        "gen_ai.request.model": GPT,
+        "gen_ai.usage.input_tokens": 10,
+        "gen_ai.usage.output_tokens": 5,
+        "action.town_id": town_id,
+        **attributes,
+    }
+
+
+def test_a_bad_span_is_a_partial_success_and_the_others_are_stored(server: Server, database_url: str) -> None:
+    spans = genai_spans(
+        call(**{"gen_ai.response.id": "chatcmpl-good"}),
+        call(**{"gen_ai.usage.input_tokens": -5}),
+        call(**{"gen_ai.usage.cache_read.input_tokens": 50}),
+        call(**{"gen_ai.response.id": "chatcmpl-also-good"}),
+    )
+    answer = post_spans(server, spans)
+
+    assert answer.partial_success.rejected_spans == 2
+    message = answer.partial_success.error_message
+    assert "spans[1]: tokens_in" in message
+    assert "spans[2]: cache_read_tokens" in message
+    assert set(stored(database_url)) == {
+        str(metric_id_for_response("chatcmpl-good")),
+        str(metric_id_for_response("chatcmpl-also-good")),
+    }
+
+
+def test_a_town_limited_token_writes_only_its_towns(server: Server, database_url: str) -> None:
+    spans = genai_spans(call("town-a"), call("town-b"), call("town-a"))
+    answer = post_spans(server, spans, TOWN_A_WRITER)
+
+    assert answer.partial_success.rejected_spans == 1
+    assert "spans[1]: town_id: this token may not write this town" in answer.partial_success.error_message
+    assert sorted(metric["town_id"] for metric in stored(database_url).values()) == ["town-a", "town-a"]
+
+
+def test_a_read_only_token_may_not_send_traces(server: Server, database_url: str) -> None:
+    answer = httpx.post(
+        f"{server.address}/v1/traces",
+        content=encode_spans(genai_spans(call())).SerializeToString(),
+        headers={**bearer(READER), "Content-Type": "application/x-protobuf"},
+    )
+    assert answer.status_code == 403
+    assert stored(database_url) == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b"\x0a\xff\xff", "application/x-protobuf", 400),
+        (b"{not json", "application/json", 400),
+        (b"{}", "text/plain", 415),
+        (b"{}", "application/json", 200),  # an empty request is a success with nothing in it
+    ],
+)
+def test_a_body_that_is_not_otlp_is_refused_whole(
+    server: Server, body: bytes, content_type: str, status: int
+) -> None:
+    answer = httpx.post(
+        f"{server.address}/v1/traces", content=body, headers={**bearer(WRITER), "Content-Type": content_type}
+    )
+    assert answer.status_code == status, answer.text
