@@ -503,11 +503,13 @@ async def _preflight(url: str | None) -> None:
     is_flag=True,
     help="Serve every town to anyone, without a bearer token (local development only).",
 )
+@budget_option
 @friendly_errors
-def serve(url: str | None, host: str, port: int, insecure: bool) -> None:
-    """Serve the metrics endpoint over HTTP (needs a bearer token).
+def serve(url: str | None, host: str, port: int, insecure: bool, lod3_p95_budget_ms: float) -> None:
+    """Serve the metrics endpoint and the dashboard page over HTTP (needs a bearer token).
 
-    GET /v1/town/{town_id}/metrics?action_type=&since_hours= and GET /healthz. Clients send
+    GET / (the dashboard page), GET /v1/towns, GET /v1/town/{town_id}/metrics?action_type=&since_hours=,
+    .../breakdown, .../checks and GET /healthz. Clients (and the page) send
     Authorization: Bearer <token>. $ACTION_METRICS_API_TOKEN is a token for every town;
     $ACTION_METRICS_API_TOKENS lists tokens limited to towns: 'TOKEN:TOWN,TOWN;TOKEN:*'.
     """
@@ -519,7 +521,7 @@ def serve(url: str | None, host: str, port: int, insecure: bool) -> None:
         raise click.ClickException(
             f"serve needs the server extra ({error.name} is missing): pip install 'action-metrics[server]'"
         ) from None
-    app = http.create_app(url, insecure=insecure)
+    app = http.create_app(url, insecure=insecure, lod3_p95_budget_ms=lod3_p95_budget_ms)
     run_async(_preflight(url))
     if insecure:
         click.echo(f"warning: --insecure: anyone who can reach {host}:{port} reads every town", err=True)
