@@ -50,6 +50,8 @@ FILE_CONTENT_SECURITY_POLICY: Final = (
 """The written file's policy: everything is inline in it, and it may reach nothing."""
 
 TOP_USERS: Final = 10
+DEFAULT_FILE_HOURS: Final = 24 * 7
+"""The window of `report --html` without `--since`: the page's default."""
 
 
 def bucket_for(since_hours: float) -> str:
