@@ -137,11 +137,13 @@
       return;
     }
     const data = [sorted.map(seconds), ...series.map((s) => sorted.map(s.value))];
+    const end = Date.parse(view.generated_at) / 1000;
     const options = {
       width: Math.max(element.clientWidth, 240),
       height: 220,
       tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), view.tz),
-      scales: { x: { time: true } },
+      // The whole window, so a lone bucket sits where it happened.
+      scales: { x: { time: true, range: () => [end - view.since_hours * 3600, end] } },
       series: [
         {},
         ...series.map((s) => ({
@@ -150,7 +152,7 @@
           value: (_, v) => (v === null || v === undefined ? "-" : format(v)),
         })),
       ],
-      axes: [{}, { size: 60, values: (_, ticks) => ticks.map(axisFormat) }],
+      axes: [{}, { size: 72, values: (_, ticks) => ticks.map(axisFormat) }],
     };
     new uPlot(options, data, element);
   }
