@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed  ## simulate a town into sqlite:///action_metrics.db and print the dashboard
 	$(BIN)/action-metrics demo
+	@echo
+	@echo "See it as a page: $(BIN)/action-metrics serve --insecure, then open http://127.0.0.1:8000/"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check $(CHECKED)

@@ -175,6 +175,16 @@ def test_simulation_is_a_function_of_its_plan() -> None:
     assert all(end - timedelta(days=3) <= m.timestamp < end for m in first)
 
 
+def test_the_demo_town_reaches_the_present() -> None:
+    """Half a minute after midnight UTC, "today" already has LOD3 queries."""
+    end = datetime(2026, 1, 16, 0, 0, 30, tzinfo=UTC)
+    town = simulate(TownPlan(seed=5, size=200, days=3, end=end))
+    assert len(town) == 200
+    today = [m for m in town if m.action_type == ActionType.LOD3 and m.timestamp >= end.replace(second=0)]
+    assert today
+    assert all(m.timestamp < end for m in town)
+
+
 def test_demo_into_a_database_behind_the_schema_is_one_line(empty_database_url: str) -> None:
     if make_url(empty_database_url).get_backend_name() == "sqlite":
         # Someone else's tables, no action-metrics schema: never migrated implicitly.

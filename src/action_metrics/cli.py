@@ -7,7 +7,7 @@ import json
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import wraps
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from action_metrics import demo as town
-from action_metrics import migrate, report
+from action_metrics import migrate, page, report
 from action_metrics.aggregate import Aggregate
-from action_metrics.breakdown import BUCKETS, TZ_VARIABLE, BreakdownRow
+from action_metrics.breakdown import BUCKETS, TZ_VARIABLE, BreakdownRow, reader_zone
 from action_metrics.breakdown_report import (
     DIMENSION_OPTIONS,
     Offender,
@@ -324,6 +324,14 @@ def _exit_if_failed(checks: tuple[report.CheckResult, ...]) -> None:
 @click.option("--top", type=click.IntRange(min=1), help="Keep the breakdown's first N rows.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the breakdown as CSV.")
 @click.option(
+    "--html",
+    "html_path",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write the dashboard page of --town (else all towns) since --since (default 7d), in --tz, "
+    "as one self-contained HTML file.",
+)
+@click.option(
     "--min-gross-margin",
     type=float,
     help="With --check: fail when the gross margin (per town with --by town) is below this.",
@@ -350,11 +358,15 @@ def report_command(
     ascending: bool,
     top: int | None,
     as_csv: bool,
+    html_path: str | None,
     min_gross_margin: float | None,
     max_cost_usd_per_day: float | None,
 ) -> None:
     """Totals and a by-model breakdown of recorded actions (a table, or --json), or with --by and
-    --bucket a breakdown (a table, --json or --csv)."""
+    --bucket a breakdown (a table, --json or --csv), or with --html the dashboard page as a file."""
+    if html_path is not None:
+        _write_html(url, html_path, town_id, since, tz, lod3_p95_budget_ms)
+        return
     selection = report.Selection(town_id=town_id, action_type=action_type, model=model, since=since)
     filters: dict[str, Any] = {"town_id": town_id, "action_type": action_type, "model": model, "since": since}
     if by or bucket or as_csv:
@@ -406,6 +418,37 @@ def report_command(
         _exit_if_failed(checks)
     if over:
         raise click.exceptions.Exit(report.CHECKS_FAILED_EXIT_CODE)
+
+
+def _write_html(
+    url: str | None,
+    path: str,
+    town_id: str | None,
+    since: datetime | None,
+    tz: str | None,
+    lod3_p95_budget_ms: float,
+) -> None:
+    now = datetime.now(UTC)
+    since_hours = (now - since).total_seconds() / 3600 if since is not None else page.DEFAULT_FILE_HOURS
+
+    async def read() -> dict[str, Any]:
+        async with AsyncMetricsStore(url) as store:
+            return await page.read_view(
+                store,
+                town_id=town_id,
+                since_hours=since_hours,
+                tz=reader_zone(tz).key,
+                lod3_p95_budget_ms=lod3_p95_budget_ms,
+                now=now,
+            )
+
+    with _stderr().status("Reading the metrics..."):
+        view = run_async(read())
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(page.report_html(view))
+    click.echo(
+        f"wrote {path}: the dashboard of {town_id or 'all towns'} over {since_hours:g} hours", err=True
+    )
 
 
 def _over_limits(
@@ -612,12 +655,14 @@ async def _preflight(url: str | None) -> None:
     is_flag=True,
     help="Serve every town to anyone, without a bearer token (local development only).",
 )
+@budget_option
 @friendly_errors
-def serve(url: str | None, host: str, port: int, insecure: bool) -> None:
-    """Serve the metrics endpoint over HTTP (needs a bearer token).
+def serve(url: str | None, host: str, port: int, insecure: bool, lod3_p95_budget_ms: float) -> None:
+    """Serve the metrics endpoint and the dashboard page over HTTP (needs a bearer token).
 
-    GET /v1/town/{town_id}/metrics?action_type=&since_hours=, POST /v1/actions (writers) and
-    GET /healthz. Clients send Authorization: Bearer <token>. $ACTION_METRICS_API_TOKEN reads every
+    GET / (the dashboard page), GET /v1/towns, GET /v1/town/{town_id}/metrics?action_type=&since_hours=,
+    .../breakdown, .../checks, POST /v1/actions and POST /v1/traces (writers) and GET /healthz.
+    Clients (and the page) send Authorization: Bearer <token>. $ACTION_METRICS_API_TOKEN reads every
     town; $ACTION_METRICS_API_TOKENS lists tokens limited to towns: 'TOKEN:TOWN,TOWN;TOKEN:*', and
     writers marked 'write:TOKEN:TOWNS' (or 'read,write:TOKEN:TOWNS').
     """
@@ -629,7 +674,7 @@ def serve(url: str | None, host: str, port: int, insecure: bool) -> None:
         raise click.ClickException(
             f"serve needs the server extra ({error.name} is missing): pip install 'action-metrics[server]'"
         ) from None
-    app = http.create_app(url, insecure=insecure)
+    app = http.create_app(url, insecure=insecure, lod3_p95_budget_ms=lod3_p95_budget_ms)
     run_async(_preflight(url))
     if insecure:
         click.echo(f"warning: --insecure: anyone who can reach {host}:{port} reads every town", err=True)

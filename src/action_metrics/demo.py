@@ -246,6 +246,15 @@ class _Town:
             )
         ]
 
+    def present(self) -> list[ActionMetric]:
+        """LOD3 queries in the last seconds before the end: the town reaches the present, so "today"
+        has LOD3 queries at any hour (just after midnight too)."""
+        moments = sorted(
+            self.plan.end - timedelta(seconds=self.random.uniform(0.5, PRESENT_SECONDS))
+            for _ in range(PRESENT_QUERIES)
+        )
+        return [metric for moment in moments for metric in self.lod_query(moment, 3)]
+
     def events(self) -> Sequence[tuple[float, Callable[[datetime], list[ActionMetric]]]]:
         return (
             (0.20, lambda moment: self.lod_query(moment, 3)),
@@ -273,10 +282,17 @@ class _Town:
             yield from happen(moment)
 
 
+PRESENT_QUERIES: Final = 3
+PRESENT_SECONDS: Final = 10.0
+
+
 def simulate(plan: TownPlan) -> list[ActionMetric]:
-    """`plan.size` metrics of a town's life between `plan.start` and `plan.end`, oldest first."""
-    history = _Town(plan).history()
-    metrics = [next(history) for _ in range(plan.size)]
+    """`plan.size` metrics of a town's life between `plan.start` and `plan.end`, oldest first; the
+    last few are LOD3 queries of the last seconds."""
+    town = _Town(plan)
+    present = town.present()[: plan.size]
+    history = town.history()
+    metrics = [next(history) for _ in range(plan.size - len(present))] + present
     metrics.sort(key=lambda metric: (metric.timestamp, metric.id))
     return metrics
 

@@ -29,12 +29,15 @@ from action_metrics.access import (
     ApiTokens,
     Credentials,
     Scope,
+    TokenGrant,
 )
 from action_metrics.aggregate import Aggregate
 from action_metrics.breakdown import BUCKETS, DIMENSIONS, SORT_KEYS
 from action_metrics.errors import DatabaseError, DatabaseUnavailable, InvalidFilter, TokenConfigError
 from action_metrics.intake import Intake, IntakeLimits
 from action_metrics.intake import unavailable as _unavailable
+from action_metrics.page import add_page
+from action_metrics.report import DEFAULT_LOD3_P95_BUDGET_MS, any_failed, run_checks
 from action_metrics.store import AsyncMetricsStore
 from action_metrics.validation import ACTION_TYPE_PATTERN, MAX_ID_LENGTH
 
@@ -90,6 +93,29 @@ class TownMetrics(BaseModel):
     metrics: Metrics  # type: ignore[valid-type]
 
 
+class Towns(BaseModel):
+    """The towns a token may read, sorted."""
+
+    towns: list[str]
+
+
+class Check(BaseModel):
+    """One SLO or ethics check: `pass`, `fail` or `no data`, and the figures behind the verdict."""
+
+    name: str
+    kind: str
+    status: Literal["pass", "fail", "no data"]
+    detail: str
+
+
+class TownChecks(BaseModel):
+    """`report --check` over one town: each check, and whether none failed."""
+
+    town_id: str
+    checks: list[Check]
+    passed: bool
+
+
 class Health(BaseModel):
     status: str
 
@@ -115,11 +141,13 @@ def create_app(
     tokens: ApiTokens | None = None,
     insecure: bool = False,
     limits: IntakeLimits | None = None,
+    lod3_p95_budget_ms: float = DEFAULT_LOD3_P95_BUDGET_MS,
 ) -> FastAPI:
     """The endpoint over the store at `store_url` (default `$ACTION_METRICS_URL`).
 
     `tokens` default to the environment's. Without any token the app refuses to exist unless
-    `insecure`, which serves every town to anyone and is meant for a laptop.
+    `insecure`, which serves every town to anyone and is meant for a laptop. `lod3_p95_budget_ms` is
+    the SLO that `/v1/town/{town_id}/checks` holds LOD3 queries to.
     """
     tokens = ApiTokens.from_environment() if tokens is None else tokens
     if not tokens and not insecure:
@@ -152,9 +180,14 @@ def create_app(
     app.state.intake = Intake(IntakeLimits() if limits is None else limits)
     app.include_router(wire.router)
 
+    async def authenticate(credentials: Credentials) -> TokenGrant:
+        """The grant of a token that may read (with `insecure`, anyone's: every town)."""
+        grant: TokenGrant = app.state.access.grant(credentials, Scope.READ)
+        return grant
+
     async def authorize(town_id: TownId, credentials: Credentials) -> None:
         # The token is checked once the parameters are valid: a bad parameter is 422 for anyone.
-        grant = app.state.access.grant(credentials, Scope.READ)
+        grant = await authenticate(credentials)
         if not grant.allows(town_id):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "this token may not read this town")
 
@@ -162,6 +195,25 @@ def create_app(
     async def healthz() -> Health:
         """Liveness: the process answers. Needs no token and touches no database."""
         return Health(status="ok")
+
+    @app.get(
+        "/v1/towns",
+        response_model=Towns,
+        tags=["metrics"],
+        responses={401: {"model": Problem, "description": "Missing or unknown bearer token"}},
+    )
+    async def towns(
+        store: Annotated[AsyncMetricsStore, Depends(_store)],
+        grant: TokenGrant = Depends(authenticate),  # noqa: B008
+    ) -> Towns:
+        """The towns this token may read: its listed towns, or every town with recorded actions."""
+        if grant.towns is not None:
+            return Towns(towns=sorted(grant.towns))
+        try:
+            rows = await store.breakdown(["town_id"], sort="count")
+        except DatabaseError as error:
+            raise _unavailable(error) from error
+        return Towns(towns=sorted(str(row.keys["town_id"]) for row in rows))
 
     @app.get(
         "/v1/town/{town_id}/metrics",
@@ -226,9 +278,10 @@ def create_app(
         since_hours: Annotated[
             float, Query(gt=0, le=MAX_SINCE_HOURS, description="The window: actions of the last N hours.")
         ] = DEFAULT_SINCE_HOURS,
-        sort: Annotated[SortKey, Query(description="The figure rows are sorted by, largest first.")] = (
-            "total_cost_usd"
-        ),
+        sort: Annotated[SortKey, Query(description="The figure rows are sorted by.")] = "total_cost_usd",
+        order: Annotated[
+            Literal["desc", "asc"], Query(description="desc: largest first; asc: smallest first.")
+        ] = "desc",
         top: Annotated[int | None, Query(ge=1, le=MAX_TOP, description="Keep the first N rows.")] = None,
     ) -> dict[str, Any]:
         """The town's numbers per user, citizen, action type or model and per hour, day, week or month
@@ -236,7 +289,14 @@ def create_app(
         since = datetime.now(UTC) - timedelta(hours=since_hours)
         try:
             rows = await store.breakdown(
-                by, bucket=bucket, tz=tz, sort=sort, top=top, town_id=town_id, since=since
+                by,
+                bucket=bucket,
+                tz=tz,
+                sort=sort,
+                descending=order == "desc",
+                top=top,
+                town_id=town_id,
+                since=since,
             )
         except InvalidFilter as error:
             raise RequestValidationError(
@@ -246,6 +306,39 @@ def create_app(
             raise _unavailable(error) from error
         return {"town_id": town_id, "rows": [row.to_dict() for row in rows]}
 
+    @app.get(
+        "/v1/town/{town_id}/checks",
+        response_model=TownChecks,
+        tags=["metrics"],
+        dependencies=[Depends(authorize)],
+        responses={
+            401: {"model": Problem, "description": "Missing or unknown bearer token"},
+            403: {"model": Problem, "description": "The token may not read this town"},
+            503: {"model": Problem, "description": "The database is unreachable or its schema is behind"},
+        },
+    )
+    async def town_checks(
+        town_id: TownId,
+        store: Annotated[AsyncMetricsStore, Depends(_store)],
+        since_hours: Annotated[
+            float, Query(gt=0, le=MAX_SINCE_HOURS, description="The window: actions of the last N hours.")
+        ] = DEFAULT_SINCE_HOURS,
+    ) -> TownChecks:
+        """The SLO and ethics checks of `report --check` over the town's last `since_hours` hours."""
+        since = datetime.now(UTC) - timedelta(hours=since_hours)
+        try:
+            checks = await run_checks(
+                store, town_id=town_id, since=since, lod3_p95_budget_ms=lod3_p95_budget_ms
+            )
+        except DatabaseError as error:
+            raise _unavailable(error) from error
+        return TownChecks(
+            town_id=town_id,
+            checks=[Check(**check.to_dict()) for check in checks],
+            passed=not any_failed(checks),
+        )
+
+    add_page(app)
     return app
 
 

@@ -1,0 +1,360 @@
+/* action-metrics dashboard page.
+ *
+ * Every figure comes from the JSON endpoints (/v1/towns, /v1/town/{town}/metrics, .../breakdown,
+ * .../checks), read with the token this tab's session storage keeps and sent only in an Authorization
+ * header: never in a URL, a cookie or the page. `report --html` embeds the same answers in an
+ * <script type="application/json" id="am-data"> element; the page then draws them without a network.
+ * Charts: uPlot (static/uPlot.iife.min.js, MIT).
+ */
+"use strict";
+
+(() => {
+  const TOKEN_KEY = "action-metrics.token";
+  const TZ_KEY = "action-metrics.tz";
+  const TOWN_KEY = "action-metrics.town";
+  const MAX_HOURS = 24 * 366 * 10;
+  const COLORS = { cost: "#d9480f", revenue: "#2b8a3e", profit: "#1c7ed6", p50: "#1c7ed6", p95: "#e8590c", p99: "#c92a2a", margin: "#5f3dc4" };
+
+  const $ = (id) => document.getElementById(id);
+  let view = null;
+
+  class Unauthorized extends Error {}
+
+  // --- reading the endpoints -----------------------------------------------------------------
+
+  function bucketFor(hours) {
+    return hours <= 24 * 7 ? "hour" : "day";
+  }
+
+  function authorization() {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    return token ? { Authorization: `Bearer ${token}` } : {};
+  }
+
+  async function getJSON(path, params = []) {
+    const url = new URL(path, document.baseURI);
+    for (const [name, value] of params) url.searchParams.append(name, value);
+    const response = await fetch(url, {
+      headers: authorization(), cache: "no-store", credentials: "omit", referrerPolicy: "no-referrer",
+    });
+    if (response.status === 401) throw new Unauthorized("the token was refused");
+    if (!response.ok) {
+      let detail = response.statusText;
+      try {
+        const body = await response.json();
+        detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+      } catch (_) { /* not JSON: keep the status text */ }
+      throw new Error(`${url.pathname}: ${response.status} ${detail}`);
+    }
+    return response.json();
+  }
+
+  /** The answers one view of the page needs, in the shape `report --html` embeds. */
+  async function loadView(town, hours, tz) {
+    const base = `v1/town/${encodeURIComponent(town)}/`;
+    const since = ["since_hours", String(hours)];
+    const bucket = bucketFor(hours);
+    const [metrics, buckets, latency, topCost, topLoss, checks] = await Promise.all([
+      getJSON(base + "metrics", [since]),
+      getJSON(base + "breakdown", [["bucket", bucket], ["tz", tz], since]),
+      getJSON(base + "breakdown", [["by", "action_type"], ["bucket", bucket], ["tz", tz], since]),
+      getJSON(base + "breakdown", [["by", "user_id"], ["sort", "total_cost_usd"], ["top", "10"], since]),
+      getJSON(base + "breakdown", [["by", "user_id"], ["sort", "total_profit_usd"], ["order", "asc"], ["top", "10"], since]),
+      getJSON(base + "checks", [since]),
+    ]);
+    return {
+      town_id: town, since_hours: hours, tz, bucket, generated_at: new Date().toISOString(),
+      metrics, buckets: buckets.rows, latency: latency.rows, top_cost: topCost.rows, top_loss: topLoss.rows,
+      checks,
+    };
+  }
+
+  // --- formatting ------------------------------------------------------------------------------
+
+  function number(value, digits = 0) {
+    return value.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+  }
+  function usd(value) {
+    const digits = Math.abs(value) < 1 ? 6 : 2;
+    return `${value < 0 ? "-" : ""}$${number(Math.abs(value), digits)}`;
+  }
+  function percent(value) {
+    return value === null ? "-" : `${(value * 100).toFixed(1)}%`;
+  }
+  const compact = new Intl.NumberFormat("en-US", { notation: "compact", maximumSignificantDigits: 3 });
+  function usdAxis(value) {
+    return `${value < 0 ? "-" : ""}$${compact.format(Math.abs(value))}`;
+  }
+  function ms(value) {
+    return value === null ? "-" : `${number(value, 1)} ms`;
+  }
+  function hoursLabel(hours) {
+    const named = { 24: "24 h", 168: "7 d", 720: "30 d", 2160: "90 d" };
+    return named[hours] || (hours < 48 ? `${number(hours, 1)} h` : `${number(hours / 24, 1)} d`);
+  }
+
+  function show(id, value, text, alarm = false) {
+    const element = $(id);
+    element.textContent = text;
+    element.dataset.value = value === null ? "" : String(value);
+    element.classList.toggle("negative", typeof value === "number" && value < 0);
+    const tile = element.closest(".kpi");
+    if (tile) tile.classList.toggle("alarm", alarm);
+  }
+
+  function cell(text, className) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    if (className) td.className = className;
+    return td;
+  }
+  function barCell(value, largest, className) {
+    const td = document.createElement("td");
+    td.className = "bar-cell";
+    const bar = document.createElement("div");
+    bar.className = className;
+    bar.style.width = `${largest > 0 ? Math.max((100 * value) / largest, 1) : 0}%`;  // CSSOM: allowed by the CSP
+    td.append(bar);
+    return td;
+  }
+
+  // --- charts ----------------------------------------------------------------------------------
+
+  function seconds(row) {
+    return Date.parse(row.bucket_start) / 1000;
+  }
+
+  function drawChart(id, rows, series, format, axisFormat = format) {
+    const element = $(id);
+    element.replaceChildren();
+    const sorted = [...rows].sort((a, b) => seconds(a) - seconds(b));
+    element.dataset.points = String(sorted.length);
+    if (!sorted.length) {
+      const empty = document.createElement("p");
+      empty.className = "subtitle";
+      empty.textContent = "no actions in this range";
+      element.append(empty);
+      return;
+    }
+    const data = [sorted.map(seconds), ...series.map((s) => sorted.map(s.value))];
+    const end = Date.parse(view.generated_at) / 1000;
+    const options = {
+      width: Math.max(element.clientWidth, 240),
+      height: 220,
+      tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), view.tz),
+      // The whole window, so a lone bucket sits where it happened.
+      scales: { x: { time: true, range: () => [end - view.since_hours * 3600, end] } },
+      series: [
+        {},
+        ...series.map((s) => ({
+          label: s.label, stroke: s.color, width: 2, spanGaps: false,
+          points: { show: sorted.length < 50 },
+          value: (_, v) => (v === null || v === undefined ? "-" : format(v)),
+        })),
+      ],
+      axes: [{}, { size: 72, values: (_, ticks) => ticks.map(axisFormat) }],
+    };
+    new uPlot(options, data, element);
+  }
+
+  function drawLatency() {
+    const action = $("latency-action").value;
+    const rows = action === "" ? view.buckets : view.latency.filter((row) => row.action_type === action);
+    drawChart("chart-latency", rows, [
+      { label: "p50", color: COLORS.p50, value: (row) => row.p50_latency_ms },
+      { label: "p95", color: COLORS.p95, value: (row) => row.p95_latency_ms },
+      { label: "p99", color: COLORS.p99, value: (row) => row.p99_latency_ms },
+    ], (v) => `${number(v, v < 10 ? 1 : 0)}`);
+  }
+
+  // --- the page --------------------------------------------------------------------------------
+
+  function render() {
+    const m = view.metrics.metrics;
+    $("subtitle").textContent =
+      `${view.town_id ?? "all towns"} · last ${hoursLabel(view.since_hours)} · per ${view.bucket} in ${view.tz}` +
+      ` · read ${new Date(view.generated_at).toLocaleString("en-GB", { timeZone: view.tz })}`;
+    for (const element of document.querySelectorAll(".bucket-name")) element.textContent = view.bucket;
+
+    show("kpi-count", m.count, number(m.count));
+    show("kpi-cost", m.total_cost_usd, usd(m.total_cost_usd));
+    show("kpi-revenue", m.total_revenue_usd, usd(m.total_revenue_usd));
+    show("kpi-profit", m.total_profit_usd, usd(m.total_profit_usd), m.total_profit_usd < 0);
+    show("kpi-margin", m.gross_margin, percent(m.gross_margin), m.gross_margin !== null && m.gross_margin < 0);
+    show("kpi-p95", m.p95_latency_ms, ms(m.p95_latency_ms));
+    show("kpi-unpriced", m.unpriced_count, number(m.unpriced_count), m.unpriced_count > 0);
+    show("kpi-errors", m.error_count, number(m.error_count), m.error_count > 0);
+    $("unpriced-alert").hidden = m.unpriced_count === 0;
+    $("unpriced-alert-count").textContent = number(m.unpriced_count);
+
+    const checks = $("checks");
+    checks.replaceChildren();
+    for (const check of view.checks.checks) {
+      const tr = document.createElement("tr");
+      tr.dataset.status = check.status;
+      tr.append(
+        cell(check.status.toUpperCase(), `verdict ${check.status.replace(" ", "-")}`),
+        cell(check.kind), cell(check.name), cell(check.detail),
+      );
+      checks.append(tr);
+    }
+
+    drawChart("chart-money", view.buckets, [
+      { label: "cost", color: COLORS.cost, value: (row) => row.total_cost_usd },
+      { label: "revenue", color: COLORS.revenue, value: (row) => row.total_revenue_usd },
+      { label: "profit", color: COLORS.profit, value: (row) => row.total_profit_usd },
+    ], usd, usdAxis);
+    drawChart("chart-margin", view.buckets, [
+      { label: "gross margin", color: COLORS.margin, value: (row) => row.gross_margin },
+    ], percent);
+
+    const select = $("latency-action");
+    const chosen = select.value;
+    const actions = [...new Set(view.latency.map((row) => row.action_type))].sort();
+    select.replaceChildren(new Option("all actions", ""), ...actions.map((a) => new Option(a, a)));
+    select.value = actions.includes(chosen) ? chosen : "";
+    drawLatency();
+
+    const models = Object.entries(m.by_model).sort((a, b) => b[1].total_cost_usd - a[1].total_cost_usd);
+    const costliest = Math.max(0, ...models.map(([, s]) => s.total_cost_usd));
+    $("models").replaceChildren(...models.map(([model, s]) => {
+      const tr = document.createElement("tr");
+      tr.dataset.model = model;
+      tr.append(cell(model), cell(number(s.count), "number"), cell(usd(s.total_cost_usd), "number"),
+        cell(ms(s.p95_latency_ms), "number"),
+        cell(s.unpriced_count ? number(s.unpriced_count) : "", s.unpriced_count ? "number negative" : "number"),
+        barCell(s.total_cost_usd, costliest, "bar"));
+      return tr;
+    }));
+
+    const topCost = Math.max(0, ...view.top_cost.map((row) => row.total_cost_usd));
+    $("top-cost").replaceChildren(...view.top_cost.map((row) => {
+      const tr = document.createElement("tr");
+      tr.dataset.user = row.user_id;
+      tr.append(cell(row.user_id), cell(number(row.count), "number"), cell(usd(row.total_cost_usd), "number"),
+        cell(usd(row.total_revenue_usd), "number"), barCell(row.total_cost_usd, topCost, "bar"));
+      return tr;
+    }));
+
+    const losers = view.top_loss.filter((row) => row.total_profit_usd < 0);
+    const topLoss = Math.max(0, ...losers.map((row) => -row.total_profit_usd));
+    const lossRows = losers.map((row) => {
+      const tr = document.createElement("tr");
+      tr.dataset.user = row.user_id;
+      tr.append(cell(row.user_id), cell(number(row.count), "number"),
+        cell(usd(-row.total_profit_usd), "number negative"), cell(usd(row.total_revenue_usd), "number"),
+        barCell(-row.total_profit_usd, topLoss, "bar loss"));
+      return tr;
+    });
+    if (!lossRows.length) {
+      const tr = document.createElement("tr");
+      const td = cell("no user costs more than they pay");
+      td.colSpan = 5;
+      tr.append(td);
+      lossRows.push(tr);
+    }
+    $("top-loss").replaceChildren(...lossRows);
+  }
+
+  function showError(error) {
+    $("error").hidden = false;
+    $("error").textContent = String(error.message || error);
+    document.body.dataset.state = "error";
+  }
+
+  function chosenHours() {
+    const range = $("range").value;
+    if (range !== "custom") return Number(range);
+    const since = Date.parse($("custom-since").value);
+    if (Number.isNaN(since)) throw new Error("choose the start of the custom range");
+    const hours = (Date.now() - since) / 3_600_000;
+    if (!(hours > 0)) throw new Error("the custom range must start in the past");
+    return Math.min(Math.round(hours * 1000) / 1000, MAX_HOURS);
+  }
+
+  async function refresh() {
+    document.body.dataset.state = "loading";
+    $("error").hidden = true;
+    try {
+      const tz = $("tz").value.trim() || "UTC";
+      sessionStorage.setItem(TZ_KEY, tz);
+      sessionStorage.setItem(TOWN_KEY, $("town").value);
+      const started = performance.now();
+      view = await loadView($("town").value, chosenHours(), tz);
+      const elapsed = performance.now() - started;
+      render();
+      $("footer").textContent = `Data read from 6 JSON requests in ${number(elapsed)} ms.`;
+      document.body.dataset.state = "ready";
+    } catch (error) {
+      if (error instanceof Unauthorized) return signIn("The token was refused: sign in again.");
+      showError(error);
+    }
+  }
+
+  function signIn(message) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    $("dashboard").hidden = true;
+    $("controls").hidden = true;
+    $("sign-in").hidden = false;
+    $("sign-in-error").hidden = !message;
+    $("sign-in-error").textContent = message || "";
+    document.body.dataset.state = "signed-out";
+    $("token").focus();
+  }
+
+  async function connect() {
+    let towns;
+    try {
+      ({ towns } = await getJSON("v1/towns"));
+    } catch (error) {
+      if (error instanceof Unauthorized) {
+        return signIn(sessionStorage.getItem(TOKEN_KEY) ? "The token was refused." : "");
+      }
+      $("dashboard").hidden = false;
+      return showError(error);
+    }
+    $("sign-in").hidden = true;
+    $("controls").hidden = false;
+    $("dashboard").hidden = false;
+    $("sign-out").hidden = !sessionStorage.getItem(TOKEN_KEY);
+    const remembered = sessionStorage.getItem(TOWN_KEY);
+    $("town").replaceChildren(...towns.map((town) => new Option(town, town)));
+    if (!towns.length) return showError(new Error("this token may read no town with recorded actions yet"));
+    $("town").value = towns.includes(remembered) ? remembered : towns[0];
+    await refresh();
+  }
+
+  function start() {
+    const embedded = $("am-data");
+    if (embedded) {
+      view = JSON.parse(embedded.textContent);
+      $("controls").hidden = true;
+      $("dashboard").hidden = false;
+      render();
+      $("footer").textContent = "Written by action-metrics report --html.";
+      document.body.dataset.state = "ready";
+      $("latency-action").addEventListener("change", drawLatency);
+      return;
+    }
+    $("tz").value = sessionStorage.getItem(TZ_KEY) || Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+    $("sign-in-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const token = $("token").value.trim();
+      $("token").value = "";
+      if (token) sessionStorage.setItem(TOKEN_KEY, token);
+      connect();
+    });
+    $("sign-out").addEventListener("click", () => signIn(""));
+    $("controls").addEventListener("submit", (event) => { event.preventDefault(); refresh(); });
+    for (const id of ["town", "range"]) $(id).addEventListener("change", () => {
+      $("custom-since-label").hidden = $("range").value !== "custom";
+      if ($("range").value !== "custom") refresh();
+    });
+    $("tz").addEventListener("change", refresh);
+    $("custom-since").addEventListener("change", refresh);
+    $("latency-action").addEventListener("change", drawLatency);
+    connect();
+  }
+
+  start();
+})();
