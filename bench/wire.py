@@ -1,7 +1,9 @@
-"""Metrics per second through `POST /v1/actions` against `emit_many`, same metrics, same run.
+"""Metrics per second through `POST /v1/actions` and `POST /v1/traces` against `emit_many`, same
+metrics, same run.
 
     PYTHONPATH=src python bench/wire.py                        # 100k metrics, 3 runs per backend
     PYTHONPATH=src python bench/wire.py --metrics 20000 --runs 1 --backend sqlite
+    PYTHONPATH=src python bench/wire.py --path traces          # OTLP/HTTP protobuf, a GenAI span each
 
 For each backend and run, two fresh migrated databases take the same metrics (bench/ingest.py's
 `generate`): one through `AsyncMetricsStore.emit_many` in this process, given the `ActionMetric`s;
@@ -10,7 +12,9 @@ posting JSON arrays of `--batch` metrics (the bodies are serialised before the c
 they would be in the writer's own process; the server parses, validates, checks the token's towns,
 counts duplicates and commits each request). The clock runs from the first request to the last
 answer; every answer must say all its metrics were stored, and the database is counted afterwards.
-The ratio is the wire's metrics/s over emit_many's; the aim is at least 0.5.
+The ratio is the wire's metrics/s over emit_many's; the aim is at least 0.5. With `--path traces`
+each metric travels as the GenAI span an instrumentation would send (model, token counts, response
+id, `action.*` ids and credits), `--batch` spans per OTLP protobuf request.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ from pathlib import Path
 
 import httpx
 from ingest import Databases, generate, settle, stored_count
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from action_metrics import ActionMetric, AsyncMetricsStore
 
@@ -79,19 +89,74 @@ class Serve:
         self.process.wait(timeout=60)
 
 
-def wire_path(url: str, bodies: Sequence[tuple[int, bytes]], clients: int) -> float:
+def _attribute(key: str, value: str | int) -> KeyValue:
+    any_value = AnyValue(int_value=value) if isinstance(value, int) else AnyValue(string_value=value)
+    return KeyValue(key=key, value=any_value)
+
+
+def genai_span(metric: ActionMetric) -> Span:
+    """The span an instrumentation sends for this metric's call, with the action's ids on it."""
+    start = int(metric.timestamp.timestamp() * 1e6) * 1_000
+    attributes: dict[str, str | int] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": metric.model,
+        "gen_ai.response.id": f"resp-{metric.id.hex}",
+        "gen_ai.usage.input_tokens": metric.tokens_in,
+        "gen_ai.usage.output_tokens": metric.tokens_out,
+        "action.type": metric.action_type,
+        "action.user_id": metric.user_id,
+        "action.town_id": metric.town_id,
+        "action.credits": metric.credits_charged,
+    }
+    if metric.citizen_id is not None:
+        attributes["action.citizen_id"] = metric.citizen_id
+    return Span(
+        trace_id=metric.id.bytes,
+        span_id=metric.id.bytes[8:],
+        name=f"chat {metric.model}",
+        kind=Span.SPAN_KIND_CLIENT,
+        start_time_unix_nano=start,
+        end_time_unix_nano=start + int(metric.latency_ms * 1e6),
+        attributes=[_attribute(key, value) for key, value in attributes.items()],
+    )
+
+
+def otlp_body(metrics: Sequence[ActionMetric]) -> bytes:
+    spans = [genai_span(metric) for metric in metrics]
+    request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])])
+    return request.SerializeToString()
+
+
+def _stored_actions(answer: httpx.Response, count: int) -> None:
+    result = answer.json()
+    if result["stored"] != count:
+        raise RuntimeError(f"a request stored {result['stored']} of {count}: {result}")
+
+
+def _stored_spans(answer: httpx.Response, count: int) -> None:
+    result = ExportTraceServiceResponse.FromString(answer.content)
+    if result.partial_success.rejected_spans:
+        raise RuntimeError(f"a request had spans rejected: {result.partial_success}")
+
+
+PATHS = {
+    "actions": ("/v1/actions", "application/json", _stored_actions),
+    "traces": ("/v1/traces", "application/x-protobuf", _stored_spans),
+}
+
+
+def wire_path(url: str, bodies: Sequence[tuple[int, bytes]], clients: int, path: str = "actions") -> float:
+    route, content_type, check = PATHS[path]
     server = Serve(url)
     try:
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+        headers = {"Content-Type": content_type, "Authorization": f"Bearer {TOKEN}"}
         with httpx.Client(base_url=server.address, headers=headers, timeout=300) as client:
 
             def send(body: tuple[int, bytes]) -> None:
                 count, content = body
-                answer = client.post("/v1/actions", content=content)
+                answer = client.post(route, content=content)
                 answer.raise_for_status()
-                result = answer.json()
-                if result["stored"] != count:
-                    raise RuntimeError(f"a request stored {result['stored']} of {count}: {result}")
+                check(answer, count)
 
             client.get("/healthz").raise_for_status()  # the connection is open before the clock starts
             started = time.perf_counter()
@@ -103,12 +168,13 @@ def wire_path(url: str, bodies: Sequence[tuple[int, bytes]], clients: int) -> fl
 
 
 async def compare(backend: str, metrics: list[ActionMetric], arguments: argparse.Namespace) -> list[float]:
-    bodies = [
-        (len(chunk), json.dumps([metric.to_dict() for metric in chunk]).encode())
-        for chunk in (
-            metrics[start : start + arguments.batch] for start in range(0, len(metrics), arguments.batch)
-        )
-    ]
+    chunks = [metrics[start : start + arguments.batch] for start in range(0, len(metrics), arguments.batch)]
+    if arguments.path == "traces":
+        bodies = [(len(chunk), otlp_body(chunk)) for chunk in chunks]
+    else:
+        bodies = [
+            (len(chunk), json.dumps([metric.to_dict() for metric in chunk]).encode()) for chunk in chunks
+        ]
     ratios: list[float] = []
     with tempfile.TemporaryDirectory(prefix="am-bench-wire-") as workdir:
         databases = Databases(backend, Path(workdir))
@@ -118,14 +184,14 @@ async def compare(backend: str, metrics: list[ActionMetric], arguments: argparse
                 await settle(backend)
                 reference = await emit_many_path(reference_url, metrics)
                 await settle(backend)
-                wire = await asyncio.to_thread(wire_path, wire_url, bodies, arguments.clients)
+                wire = await asyncio.to_thread(wire_path, wire_url, bodies, arguments.clients, arguments.path)
                 for url in (reference_url, wire_url):
                     if await stored_count(url) != len(metrics):
                         raise RuntimeError(f"{url} holds {await stored_count(url)} of {len(metrics)} metrics")
                 reference_rate, wire_rate = len(metrics) / reference, len(metrics) / wire
                 ratios.append(wire_rate / reference_rate)
                 print(
-                    f"{backend:10} run {run}: emit_many {reference_rate:9,.0f}/s   /v1/actions "
+                    f"{backend:10} run {run}: emit_many {reference_rate:9,.0f}/s   /v1/{arguments.path} "
                     f"{wire_rate:9,.0f}/s   ratio {ratios[-1]:.2f}",
                     flush=True,
                 )
@@ -139,7 +205,8 @@ async def compare(backend: str, metrics: list[ActionMetric], arguments: argparse
 async def main(arguments: argparse.Namespace) -> int:
     metrics = list(generate(arguments.metrics))
     print(
-        f"{arguments.metrics:,} metrics, batches of {arguments.batch}, {arguments.clients} client(s), "
+        f"{arguments.metrics:,} metrics to /v1/{arguments.path}, batches of {arguments.batch}, "
+        f"{arguments.clients} client(s), "
         f"{arguments.runs} run(s) per backend",
         flush=True,
     )
@@ -161,6 +228,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--metrics", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1_000, help="metrics per request")
     parser.add_argument("--clients", type=int, default=1, help="concurrent requests")
+    parser.add_argument("--path", choices=sorted(PATHS), default="actions", help="the endpoint posted to")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
         "--backend", action="append", choices=["sqlite", "postgresql"], help="default: both, in turn"

@@ -56,8 +56,11 @@ class Attribution:
         return all(value is None for value in _values(self))
 
 
+_FIELD_NAMES: Final = tuple(field.name for field in fields(Attribution))
+
+
 def _values(attribution: Attribution) -> tuple[str | int | None, ...]:
-    return tuple(getattr(attribution, field.name) for field in fields(attribution))
+    return tuple(getattr(attribution, name) for name in _FIELD_NAMES)
 
 
 class CreditClaim:

@@ -256,7 +256,9 @@ class CallDeduplicator:
             if has_response_id and call.metric.id in self._ids:
                 return False
             reported = self._spans.get(key, [])
-            if any(_same_call(this, other) for other in reported):
+            # Two spans that both name their response are the same call only by id (checked above).
+            candidates = (other for other in reported if not (has_response_id and other.has_response_id))
+            if any(_same_call(this, other) for other in candidates):
                 return False
             if has_response_id:
                 self._ids[call.metric.id] = None
