@@ -45,6 +45,8 @@ METRICS_PATH = "/v1/town/{town_id}/metrics"
 BREAKDOWN_PATH = "/v1/town/{town_id}/breakdown"
 ACTIONS_PATH = "/v1/actions"
 TRACES_PATH = "/v1/traces"
+TOWNS_PATH = "/v1/towns"
+CHECKS_PATH = "/v1/town/{town_id}/checks"
 
 
 @schemathesis.serializer("application/x-protobuf")
@@ -153,7 +155,7 @@ def fuzz(schema: schemathesis.BaseSchema, credentials: st.SearchStrategy[Headers
     """Every operation of the schema, in both modes, `EXAMPLES` examples each."""
     tally = Tally()
     operations = [result.ok() for result in schema.get_all_operations()]
-    paths = {"/healthz", METRICS_PATH, BREAKDOWN_PATH, ACTIONS_PATH, TRACES_PATH}
+    paths = {"/healthz", METRICS_PATH, BREAKDOWN_PATH, ACTIONS_PATH, TRACES_PATH, TOWNS_PATH, CHECKS_PATH}
     assert {operation.path for operation in operations} == paths
     for operation in operations:
         # An operation without parameters or body (healthz) has no invalid request to generate.
@@ -216,6 +218,8 @@ def test_fuzz_with_a_valid_token(api_schema: schemathesis.BaseSchema) -> None:
     assert tally.of("/healthz") == {200}
     assert tally.of(METRICS_PATH) == {200, 403, 422}
     assert tally.of(BREAKDOWN_PATH) <= {200, 403, 422}
+    assert tally.of(CHECKS_PATH) <= {200, 403, 422}
+    assert tally.of(TOWNS_PATH) == {200}
     assert tally.answers_with_data > 0
     assert 200 in tally.of(ACTIONS_PATH)
     assert tally.of(TRACES_PATH) <= {200, 400, 415}
@@ -242,6 +246,8 @@ def test_fuzz_without_a_valid_token(api_schema: schemathesis.BaseSchema) -> None
     # No data and no 403 without a valid token: bad parameters are 422, everything else 401.
     assert tally.of(METRICS_PATH) == {401, 422}
     assert tally.of(BREAKDOWN_PATH) <= {401, 422}
+    assert tally.of(CHECKS_PATH) <= {401, 422}
+    assert tally.of(TOWNS_PATH) == {401}
     assert tally.of(ACTIONS_PATH) <= {401, 415}
     assert tally.of(TRACES_PATH) <= {401, 415}
     assert tally.answers_with_data == 0
