@@ -21,7 +21,8 @@ from conftest import run_cli
 from sqlalchemy import make_url
 from test_views import example, plain_sql
 
-from action_metrics import ActionMetric, InvalidFilter, MetricsStore
+from action_metrics import ActionMetric, AsyncMetricsStore, InvalidFilter, MetricsStore
+from action_metrics.cli import run_async
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 
 from reference import PriceBook, assert_matches, expected_aggregate
@@ -339,3 +340,19 @@ def test_the_sql_example_of_margin_per_town_per_berlin_day_agrees_with_breakdown
             assert float(line[name]) == pytest.approx(float(want[figure]), abs=1e-9), (key, name)
             assert getattr(row.figures, figure) == pytest.approx(float(want[figure]), abs=1e-9)
     assert {day for _, day in got} >= {"2024-03-31", "2024-10-27"}  # the 23- and 25-hour days
+
+
+def test_a_long_breakdown_streams_the_rows_breakdown_returns(
+    filled: tuple[MetricsStore, list[ActionMetric]], database_url: str
+) -> None:
+    """Every hour of both windows per model, in Kathmandu: the rows one at a time, in the same order."""
+    store, _ = filled
+    asked: dict[str, Any] = {"by": ("model",), "bucket": "hour", "tz": "Asia/Kathmandu", "sort": "count"}
+
+    async def streamed() -> list[dict[str, Any]]:
+        async with AsyncMetricsStore(database_url) as reader:
+            return [row.to_dict() async for row in reader.stream_breakdown(**asked)]
+
+    rows = run_async(streamed())
+    assert len(rows) > 500
+    assert rows == [row.to_dict() for row in store.breakdown(**asked)]

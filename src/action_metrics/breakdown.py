@@ -308,12 +308,9 @@ def _sort_key(rows: Subquery, request: BreakdownRequest) -> ColumnElement[Any]:
     return (column.desc() if request.descending else column.asc()).nulls_last()
 
 
-def rows_from(
-    results: Sequence[Mapping[str, Any]], request: BreakdownRequest, starts: Sequence[datetime] | None
-) -> list[BreakdownRow]:
-    rows: list[BreakdownRow] = []
-    for result in results:
-        figures = aggregate_from_rows([{**result, "model": None}])
-        bucket = None if starts is None else starts[result["bucket"]].astimezone(request.zone)
-        rows.append(BreakdownRow({name: result[name] for name in request.by}, bucket, figures))
-    return rows
+def row_from(
+    result: Mapping[str, Any], request: BreakdownRequest, starts: Sequence[datetime] | None
+) -> BreakdownRow:
+    figures = aggregate_from_rows([{**result, "model": None}])
+    bucket = None if starts is None else starts[result["bucket"]].astimezone(request.zone)
+    return BreakdownRow({name: result[name] for name in request.by}, bucket, figures)
