@@ -16,7 +16,12 @@ credit 45 days ago; `--no-price-changes` keeps the seed's prices), so effective 
 Selections: everything, one action type (lod3), one town (town-7), one model (sonnet), each over all
 time, the last 24 hours, this week (from Monday 00:00 UTC), today (from 00:00 UTC) and an unaligned
 window (13:37:11 ten days before the newest action until 04:12:09 two days later); one user and one
-citizen over all time; and the daily view summed per day, per town and per model.
+citizen over all time; and the daily view summed per day, per town and per model. Breakdowns: by town x
+day in Europe/Berlin and in Asia/Kathmandu over 90 days, by model x hour (Berlin) over the last 7 days,
+by user over all time; their hand SQL sums cost, revenue and count per group from action_metrics and the
+price tables (the daily view's statement with the group as its key; the local bucket by `AT TIME ZONE`
+on PostgreSQL, by the zone's offsets between its changes, found with zoneinfo, on SQLite), and the check
+compares those per group (the API also computes each group's percentiles, which the hand SQL does not).
 
 Per backend and selection, the median of `--repeat` runs (sides rotated each run) in ms of:
 - api: `store.aggregate(**filters)`; exact: the same with `exact=True` (n/a while that keyword does
@@ -72,6 +77,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
+from zoneinfo import ZoneInfo
 
 import asyncpg
 from rich.console import Console
@@ -99,12 +105,23 @@ Filters = dict[str, Any]
 
 
 @dataclass(frozen=True)
+class Grouped:
+    """A breakdown's grouping: `breakdown(by, bucket=bucket, tz=tz, **filters)`."""
+
+    by: tuple[str, ...]
+    bucket: str | None = None
+    tz: str = "UTC"
+
+
+@dataclass(frozen=True)
 class Selection:
-    """One dashboard question: `aggregate(**filters)`, or (`daily_key`) the daily view summed by a key."""
+    """One dashboard question: `aggregate(**filters)`, or (`daily_key`) the daily view summed by a key,
+    or (`grouped`) a breakdown."""
 
     name: str
     filters: Filters = field(default_factory=dict)
     daily_key: str | None = None
+    grouped: Grouped | None = None
 
 
 def selections(now: datetime) -> list[Selection]:
@@ -138,6 +155,23 @@ def selections(now: datetime) -> list[Selection]:
     chosen.append(Selection("user-7, all time", {"user_id": "user-7"}))
     chosen.append(Selection("citizen-7, all time", {"citizen_id": "citizen-7"}))
     chosen.extend(Selection(f"daily view per {key}", daily_key=key) for key in ("day", "town_id", "model"))
+    ninety_days = {"since": now - timedelta(days=90)}
+    chosen += [
+        Selection(
+            "by town x Berlin day, 90d", ninety_days, grouped=Grouped(("town_id",), "day", "Europe/Berlin")
+        ),
+        Selection(
+            "by town x Kathmandu day, 90d",
+            ninety_days,
+            grouped=Grouped(("town_id",), "day", "Asia/Kathmandu"),
+        ),
+        Selection(
+            "by model x Berlin hour, 7d",
+            {"since": now - timedelta(days=7)},
+            grouped=Grouped(("model",), "hour", "Europe/Berlin"),
+        ),
+        Selection("by user, all time", grouped=Grouped(("user_id",))),
+    ]
     return chosen
 
 
@@ -381,6 +415,43 @@ def sqlite_daily_sql(key: str) -> str:
     )
 
 
+def sqlite_breakdown_sql(grouped: Grouped, since: datetime | None, until: datetime) -> str:
+    """Money and counts per group: the daily statement with the group as its key. SQLite knows no
+    zones: the local time is the UTC time shifted by the zone's offset in force, a CASE over the
+    offsets' changes between `since` and `until` (found with zoneinfo)."""
+    parts = [f"s.{name}" for name in grouped.by]
+    if grouped.bucket is not None:
+        shape = {"day": "%Y-%m-%d", "hour": "%Y-%m-%d %H"}[grouped.bucket]
+        parts.append(f"strftime('{shape}', s.\"timestamp\", {sqlite_offset(grouped.tz, since, until)})")
+    key = " || ' ' || ".join(parts)
+    return SQLITE_DAILY.format(key_column=f", {key} AS key", key_group=", key", conditions="")
+
+
+def offset_changes(tz: str, since: datetime, until: datetime) -> list[tuple[datetime, int]]:
+    """(from, seconds east of UTC) for each offset of `tz` in force between `since` and `until`."""
+    zone = ZoneInfo(tz)
+    moment = since.replace(minute=0, second=0, microsecond=0)
+    changes: list[tuple[datetime, int]] = []
+    while moment < until:
+        offset = moment.astimezone(zone).utcoffset()
+        assert offset is not None
+        if not changes or changes[-1][1] != int(offset.total_seconds()):
+            changes.append((moment, int(offset.total_seconds())))
+        moment += timedelta(minutes=15)
+    return changes
+
+
+def sqlite_offset(tz: str, since: datetime | None, until: datetime) -> str:
+    """A modifier of SQLite's date functions: the zone's offset at each timestamp (a CASE over its
+    changes). Only bench-computed numbers and times are formatted in."""
+    changes = offset_changes(tz, since or until - timedelta(days=400), until)
+    modifier = f"'{changes[0][1]:+d} seconds'"
+    for start, seconds in changes[1:]:
+        shifted = f"'{seconds:+d} seconds'"
+        modifier = f"CASE WHEN s.\"timestamp\" < '{sqlite_time(start)}' THEN {modifier} ELSE {shifted} END"
+    return modifier
+
+
 def sqlite_time(moment: datetime) -> str:
     """How SQLAlchemy stores a timestamp on SQLite: UTC text with six decimals."""
     return moment.astimezone(UTC).strftime(SQLITE_TEXT_TIME)
@@ -482,7 +553,7 @@ POSTGRES_DAILY: Final = (
 groups AS (
     SELECT {key} AS key, model, width_bucket("timestamp", (SELECT starts FROM bounds)) AS bucket,
            count(*) AS n, sum(tokens_in) AS ti, sum(tokens_out) AS tout, sum(credits_charged) AS credits
-    FROM action_metrics
+    FROM action_metrics {where}
     GROUP BY 1, 2, 3
 )
 SELECT g.key, coalesce(sum((g.ti * m.i + g.tout * m.o) / 1000000.0), 0), coalesce(sum(g.credits * c.c), 0),
@@ -517,7 +588,16 @@ def postgres_aggregate_sql(filters: Filters) -> tuple[str, list[Any]]:
 
 
 def postgres_daily_sql(key: str) -> str:
-    return POSTGRES_DAILY.format(key=POSTGRES_DAILY_KEYS[key])
+    return POSTGRES_DAILY.format(key=POSTGRES_DAILY_KEYS[key], where="")
+
+
+def postgres_breakdown_sql(grouped: Grouped) -> str:
+    """Money and counts per group, the local bucket by `AT TIME ZONE $2`; `$1` is since."""
+    parts = [name for name in grouped.by]
+    if grouped.bucket is not None:
+        shape = {"day": "YYYY-MM-DD", "hour": "YYYY-MM-DD HH24"}[grouped.bucket]
+        parts.append(f"""to_char("timestamp" AT TIME ZONE $2::text, '{shape}')""")
+    return POSTGRES_DAILY.format(key=" || ' ' || ".join(parts), where='WHERE "timestamp" >= $1')
 
 
 DAILY_VIEW_SQL: Final = (
@@ -597,6 +677,12 @@ class HandSQL:
     async def daily(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
         raise NotImplementedError
 
+    async def breakdown(
+        self, grouped: Grouped, since: datetime | None, until: datetime
+    ) -> dict[str, tuple[Decimal, Decimal, int]]:
+        """Cost, revenue and count per group key: the `by` values and the local bucket, space-separated."""
+        raise NotImplementedError
+
     async def newest(self) -> datetime | None:
         raise NotImplementedError
 
@@ -625,6 +711,13 @@ class SQLiteHandSQL(HandSQL):
     async def daily(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
         parameters = {"since": "", "until": "~"}
         return daily_from_rows(self.connection.execute(sqlite_daily_sql(key), parameters).fetchall())
+
+    async def breakdown(
+        self, grouped: Grouped, since: datetime | None, until: datetime
+    ) -> dict[str, tuple[Decimal, Decimal, int]]:
+        parameters = {"since": sqlite_time(since) if since else "", "until": "~"}
+        sql = sqlite_breakdown_sql(grouped, since, until)
+        return daily_from_rows(self.connection.execute(sql, parameters).fetchall())
 
     async def newest(self) -> datetime | None:
         (stamp,) = self.connection.execute('SELECT max("timestamp") FROM action_metrics').fetchone()
@@ -658,6 +751,14 @@ class PostgresHandSQL(HandSQL):
 
     async def daily(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
         return daily_from_rows(await self.connection.fetch(postgres_daily_sql(key)))
+
+    async def breakdown(
+        self, grouped: Grouped, since: datetime | None, until: datetime
+    ) -> dict[str, tuple[Decimal, Decimal, int]]:
+        since = since or datetime.min.replace(tzinfo=UTC)
+        zone = () if grouped.bucket is None else (grouped.tz,)
+        rows = await self.connection.fetch(postgres_breakdown_sql(grouped), since, *zone)
+        return daily_from_rows(rows)
 
     async def newest(self) -> datetime | None:
         stamp: datetime | None = await self.connection.fetchval('SELECT max("timestamp") FROM action_metrics')
@@ -739,6 +840,18 @@ def daily_differences(
     return found
 
 
+def breakdown_key(row: Any, grouped: Grouped) -> str:
+    """A breakdown row's key as the hand SQL writes it: the `by` values, then the local bucket."""
+    parts = [row.keys[name] for name in grouped.by]
+    if row.bucket_start is not None:
+        parts.append(row.bucket_start.strftime({"day": "%Y-%m-%d", "hour": "%Y-%m-%d %H"}[grouped.bucket]))
+    return " ".join(parts)
+
+
+def money_and_count(figures: Any) -> tuple[Decimal, Decimal, int]:
+    return Decimal(str(figures.total_cost_usd)), Decimal(str(figures.total_revenue_usd)), figures.count
+
+
 def relative_error(actual: float, expected: float) -> float:
     return abs(actual - expected) / abs(expected) if expected else abs(actual - expected)
 
@@ -768,6 +881,8 @@ class Outcome:
     hand_ms: float
     percentile_error: float | None
     mismatches: list[str]
+    groups: int | None = None
+    """A breakdown's rows."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -775,6 +890,7 @@ class Outcome:
             "selection": self.selection.name,
             "filters": {key: str(value) for key, value in self.selection.filters.items()},
             "daily_key": self.selection.daily_key,
+            "groups": self.groups,
             "actions": self.rows,
             "api_ms": round(self.api_ms, 3),
             "exact_ms": None if self.exact_ms is None else round(self.exact_ms, 3),
@@ -816,6 +932,8 @@ class Bench:
     async def run(self, selection: Selection) -> Outcome:
         if selection.daily_key is not None:
             return await self.run_daily(selection, selection.daily_key)
+        if selection.grouped is not None:
+            return await self.run_breakdown(selection, selection.grouped)
         filters = selection.filters
         sides: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
             ("api", lambda: self.store.aggregate(**filters)),
@@ -859,6 +977,31 @@ class Bench:
             hand_ms=statistics.median(times["hand"]),
             percentile_error=None,
             mismatches=daily_differences(results["view"], results["hand"]),
+        )
+
+    async def run_breakdown(self, selection: Selection, grouped: Grouped) -> Outcome:
+        since = selection.filters.get("since")
+        until = await self.hand.newest() or datetime.now(UTC)
+
+        async def api() -> dict[str, tuple[Decimal, Decimal, int]]:
+            rows = await self.store.breakdown(grouped.by, bucket=grouped.bucket, tz=grouped.tz, since=since)
+            return {breakdown_key(row, grouped): money_and_count(row.figures) for row in rows}
+
+        sides: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("api", api),
+            ("hand", lambda: self.hand.breakdown(grouped, since, until)),
+        ]
+        times, results = await self.rotate(sides)
+        return Outcome(
+            backend=self.hand.name,
+            selection=selection,
+            rows=sum(count for _, _, count in results["hand"].values()),
+            api_ms=statistics.median(times["api"]),
+            exact_ms=None,
+            hand_ms=statistics.median(times["hand"]),
+            percentile_error=None,
+            mismatches=daily_differences(results["api"], results["hand"]),
+            groups=len(results["api"]),
         )
 
     async def rotate(
@@ -1038,10 +1181,10 @@ def report_table(backend: str, title: str, outcomes: Sequence[Outcome]) -> Table
             outcome.selection.name,
             f"{outcome.rows:,}",
             milliseconds(outcome.api_ms),
-            "-" if outcome.selection.daily_key else milliseconds(outcome.exact_ms),
+            "-" if outcome.exact_ms is None else milliseconds(outcome.exact_ms),
             milliseconds(outcome.hand_ms),
             ratio(outcome.api_ms, outcome.hand_ms),
-            "-" if outcome.selection.daily_key else ratio(outcome.exact_ms, outcome.hand_ms),
+            "-" if outcome.exact_ms is None else ratio(outcome.exact_ms, outcome.hand_ms),
             "-" if error is None else f"{error:.1e}",
             "[red bold]MISMATCH" if outcome.mismatches else "[green]ok",
         )
@@ -1095,7 +1238,7 @@ async def measure(backend: str, url: str, arguments: argparse.Namespace, console
                 console.print(progress_line(outcome), highlight=False)
                 for line in outcome.mismatches:
                     console.print(f"[red bold]MISMATCH {backend} {selection.name}: {line}", highlight=False)
-                if arguments.explain and selection.daily_key is None:
+                if arguments.explain and selection.daily_key is None and selection.grouped is None:
                     console.print(await hand.explain(selection.filters), highlight=False, markup=False)
         total = await stored_actions(hand)
         title = f"{backend}: {total:,} actions, median of {arguments.repeat} runs"

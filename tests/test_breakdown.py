@@ -18,8 +18,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import run_cli
+from sqlalchemy import make_url
+from test_views import example, plain_sql
 
-from action_metrics import ActionMetric, InvalidFilter, MetricsStore
+from action_metrics import ActionMetric, AsyncMetricsStore, InvalidFilter, MetricsStore
+from action_metrics.cli import run_async
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 
 from reference import PriceBook, assert_matches, expected_aggregate
@@ -314,3 +317,43 @@ def test_report_refuses_an_unknown_zone_naming_it(database_url: str) -> None:
     assert result.exit_code != 0
     assert "tz" in result.output
     assert "Mars/Olympus" in result.output
+
+
+def test_the_sql_example_of_margin_per_town_per_berlin_day_agrees_with_breakdown(
+    filled: tuple[MetricsStore, list[ActionMetric]], database_url: str
+) -> None:
+    """sql/examples/margin_per_town_per_local_day, run as psql or the sqlite3 shell would, across
+    both clock changes: the same days, counts and money as `breakdown()` and the Decimal reference."""
+    store, metrics = filled
+    dialect = make_url(database_url).get_backend_name()
+    rows = plain_sql(database_url, example("margin_per_town_per_local_day", dialect))
+    got = {(row["town_id"], str(row["local_day"])): row for row in rows}
+    expected = _expected(metrics, ("town_id",), "day", "Europe/Berlin")
+    assert sorted(got) == sorted((town, start[:10]) for town, start in expected)
+    for row in store.breakdown("town_id", bucket="day", tz="Europe/Berlin"):
+        assert row.bucket_start is not None
+        key = (row.keys["town_id"], row.bucket_start.date().isoformat())
+        line, want = got[key], expected[(key[0], row.bucket_start.isoformat())]
+        assert line["count"] == row.figures.count == want["count"]
+        assert line["unpriced_count"] == want["unpriced_count"]
+        for name, figure in (("cost_usd", "total_cost_usd"), ("revenue_usd", "total_revenue_usd")):
+            assert float(line[name]) == pytest.approx(float(want[figure]), abs=1e-9), (key, name)
+            assert getattr(row.figures, figure) == pytest.approx(float(want[figure]), abs=1e-9)
+    assert {day for _, day in got} >= {"2024-03-31", "2024-10-27"}  # the 23- and 25-hour days
+
+
+def test_a_long_breakdown_streams_the_rows_breakdown_returns(
+    filled: tuple[MetricsStore, list[ActionMetric]], database_url: str
+) -> None:
+    """Every hour of the autumn window per model, in Kathmandu: the rows one at a time, in order."""
+    store, _ = filled
+    asked: dict[str, Any] = {"by": ("model",), "bucket": "hour", "tz": "Asia/Kathmandu", "sort": "count"}
+    asked.update(since=AUTUMN, until=AUTUMN + timedelta(days=4))
+
+    async def streamed() -> list[dict[str, Any]]:
+        async with AsyncMetricsStore(database_url) as reader:
+            return [row.to_dict() async for row in reader.stream_breakdown(**asked)]
+
+    rows = run_async(streamed())
+    assert len(rows) > 250
+    assert rows == [row.to_dict() for row in store.breakdown(**asked)]

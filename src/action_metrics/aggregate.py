@@ -51,7 +51,6 @@ from action_metrics.rollup import (
     any_range,
     bin_value,
     latency_bin,
-    range_terms,
     raw_sums,
 )
 from action_metrics.schema import (
@@ -276,14 +275,14 @@ def summed_parts(
     ).group_by(model, segment, *keys)
     selects: list[Select[Any]] = [raw_parts]
     r = rollup
-    for level, since, until in plan.rollup_ranges:
+    for level, ranges in plan.ranges_per_level().items():
         selects.append(
             select(
                 r.c.model,
                 r.c.start.label("at"),
                 *grouping.columns(r, r.c.start, raw=False),
                 *(r.c[name] for name in SUM_COLUMNS),
-            ).where(*_level_terms(level, r, metric_filter), *range_terms(r.c.start, since, until))
+            ).where(*_level_terms(level, r, metric_filter), any_range(r.c.start, ranges))
         )
     return union_all(*selects).subquery("parts")
 
@@ -325,11 +324,11 @@ def latency_values(
         ).where(succeeded)
     selects: list[Select[Any]] = [raw_values]
     h = latency_histogram
-    for level, since, until in plan.rollup_ranges:
+    for level, ranges in plan.ranges_per_level().items():
         bin_keys = grouping.columns(h, h.c.start, raw=False)
         bins = (
             select(h.c.model, *bin_keys, h.c.bin, func.sum(h.c["count"]).label("n"))
-            .where(*_level_terms(level, h, metric_filter), *range_terms(h.c.start, since, until))
+            .where(*_level_terms(level, h, metric_filter), any_range(h.c.start, ranges))
             .group_by(h.c.model, *bin_keys, h.c.bin)
             .subquery("bins")
         )
@@ -453,8 +452,12 @@ def weighted_percentiles(latencies: NamedFromClause, keys: Sequence[str]) -> Nam
         v.value,
         v.n,
         v.approximate,
-        func.sum(v.n).over(partition_by=partition, order_by=v.value, rows=(None, 0)).label("upto"),
-        func.sum(v.n).over(partition_by=partition).label("total"),
+        # Bigints: PostgreSQL's SUM of bigints is NUMERIC, whose arithmetic in every comparison below
+        # costs more than the rest of the statement.
+        cast(func.sum(v.n).over(partition_by=partition, order_by=v.value, rows=(None, 0)), BigInteger).label(
+            "upto"
+        ),
+        cast(func.sum(v.n).over(partition_by=partition), BigInteger).label("total"),
     ).subquery("weighted")
     w = ranked.c
     first = w.upto - w.n

@@ -268,11 +268,12 @@ def breakdown_statement(
     raw = raw_rows(metric_filter, plan, grouping)
     per_model = sums_per_model(summed_parts(metric_filter, plan, raw, price_starts, grouping), grouping.keys)
     keys = (*grouping.keys, *(("model",) if "model" in request.by else ()))
-    percentiles = (
+    per_group = (
         exact_percentiles(_succeeded(raw), keys, backend)
         if request.exact
         else weighted_percentiles(latency_values(metric_filter, plan, raw, grouping, bin_raw=True), keys)
     )
+    percentiles = backend.computed_once(select(per_group), "group_percentiles")
     grouped = [per_model.c[key] for key in keys]
     sums = select(*grouped, *(func.sum(per_model.c[name]).label(name) for name in PER_MODEL_SUMS))
     summed = (sums.group_by(*grouped) if keys else sums).subquery("sums")
@@ -307,12 +308,9 @@ def _sort_key(rows: Subquery, request: BreakdownRequest) -> ColumnElement[Any]:
     return (column.desc() if request.descending else column.asc()).nulls_last()
 
 
-def rows_from(
-    results: Sequence[Mapping[str, Any]], request: BreakdownRequest, starts: Sequence[datetime] | None
-) -> list[BreakdownRow]:
-    rows: list[BreakdownRow] = []
-    for result in results:
-        figures = aggregate_from_rows([{**result, "model": None}])
-        bucket = None if starts is None else starts[result["bucket"]].astimezone(request.zone)
-        rows.append(BreakdownRow({name: result[name] for name in request.by}, bucket, figures))
-    return rows
+def row_from(
+    result: Mapping[str, Any], request: BreakdownRequest, starts: Sequence[datetime] | None
+) -> BreakdownRow:
+    figures = aggregate_from_rows([{**result, "model": None}])
+    bucket = None if starts is None else starts[result["bucket"]].astimezone(request.zone)
+    return BreakdownRow({name: result[name] for name in request.by}, bucket, figures)

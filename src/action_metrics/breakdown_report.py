@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Final
 
@@ -61,11 +61,11 @@ def _cell(key: str, value: Any) -> str:
     return f"{value:,}"
 
 
-def write_csv(rows: Iterable[BreakdownRow], out: IO[str]) -> None:
+async def write_csv(rows: AsyncIterable[BreakdownRow], out: IO[str]) -> None:
     """One header row, then a row per group as it comes: numbers unformatted, times ISO 8601 with
     their offsets, so a spreadsheet opens it as is."""
     writer: Any = None
-    for row in rows:
+    async for row in rows:
         values = row.to_dict()
         if writer is None:
             writer = csv.DictWriter(out, fieldnames=list(values), lineterminator="\n")
@@ -73,12 +73,14 @@ def write_csv(rows: Iterable[BreakdownRow], out: IO[str]) -> None:
         writer.writerow({key: "" if value is None else value for key, value in values.items()})
 
 
-def write_json(rows: Iterable[BreakdownRow], out: IO[str]) -> None:
+async def write_json(rows: AsyncIterable[BreakdownRow], out: IO[str]) -> None:
     """A JSON array written row by row."""
     out.write("[")
-    for index, row in enumerate(rows):
-        out.write(",\n  " if index else "\n  ")
+    first = True
+    async for row in rows:
+        out.write("\n  " if first else ",\n  ")
         out.write(json.dumps(row.to_dict()))
+        first = False
     out.write("\n]\n")
 
 

@@ -372,18 +372,22 @@ def report_command(
     if by or bucket or as_csv:
         dimensions = tuple(DIMENSION_OPTIONS[word] for word in by)
 
-        async def read_breakdown() -> list[BreakdownRow]:
+        async def print_breakdown() -> list[BreakdownRow]:
+            """CSV and JSON are written as the rows arrive; a table needs them all (returned)."""
             async with AsyncMetricsStore(url) as store:
-                return await store.breakdown(
+                rows = store.stream_breakdown(
                     dimensions, bucket=bucket, tz=tz, sort=sort, descending=not ascending, top=top, **filters
                 )
+                if as_csv:
+                    await write_csv(rows, sys.stdout)
+                elif as_json:
+                    await write_json(rows, sys.stdout)
+                else:
+                    return [row async for row in rows]
+                return []
 
-        rows = run_async(read_breakdown())
-        if as_csv:
-            write_csv(rows, sys.stdout)
-        elif as_json:
-            write_json(rows, sys.stdout)
-        else:
+        rows = run_async(print_breakdown())
+        if not (as_csv or as_json):
             title = f"Breakdown by {', '.join([*by, *([bucket] if bucket else [])])}: {selection.describe()}"
             _stdout().print(render_table(rows, title))
         if check and _over_limits(url, by, tz, min_gross_margin, max_cost_usd_per_day, filters):

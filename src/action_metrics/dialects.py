@@ -3,7 +3,8 @@
 The rest of the package builds dialect-free SQLAlchemy Core and asks a `Backend` for the few pieces
 that differ: the async driver, connect-time settings, whether a new database is migrated on first
 use, `INSERT ... ON CONFLICT`, percentiles, the start of a timestamp's hour or day, its seconds since
-the epoch, GREATEST, a read snapshot, and the bulk insert of metrics through the driver's fastest path.
+the epoch, GREATEST, a subquery computed once, a read snapshot, and the bulk insert of metrics through
+the driver's fastest path.
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ class Backend:
         """Let the planner know a small table changed (the price tables are far below autovacuum's
         thresholds, and their estimates decide the join plans)."""
 
+    def computed_once(self, rows: Select[Any], name: str) -> NamedFromClause:
+        """`rows` as a source that a join reads without running it again for every row it meets."""
+        return rows.subquery(name)
+
     snapshot_options: ClassVar[dict[str, Any]] = {}
     """Connection options under which every statement of a transaction reads the same snapshot."""
 
@@ -220,6 +225,11 @@ class PostgresBackend(Backend):
 
     def epoch_seconds(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
         return sql_cast(func.floor(func.extract("epoch", timestamp)), BigInteger)
+
+    def computed_once(self, rows: Select[Any], name: str) -> NamedFromClause:
+        # A group's estimate is one row until ANALYZE has seen the rollups: the planner would then
+        # rerun a grouped subquery once per row of the other side of a nested loop.
+        return rows.cte(name).prefix_with("MATERIALIZED")
 
     snapshot_options: ClassVar[dict[str, Any]] = {"isolation_level": "REPEATABLE READ"}
 

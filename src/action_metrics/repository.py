@@ -30,7 +30,7 @@ from action_metrics.breakdown import (
     breakdown_statement,
     bucket_starts,
     combined_plan,
-    rows_from,
+    row_from,
 )
 from action_metrics.charges import ChargeAudit, audit_statement
 from action_metrics.dialects import WRITE, Backend, display_url
@@ -259,7 +259,13 @@ class MetricsRepository:
             return aggregate_from_rows(result.mappings().all())
 
     async def breakdown(self, metric_filter: MetricFilter, request: BreakdownRequest) -> list[BreakdownRow]:
-        """Each bucket is planned as `aggregate()` plans a window; the plans are read as one."""
+        return [row async for row in self.stream_breakdown(metric_filter, request)]
+
+    async def stream_breakdown(
+        self, metric_filter: MetricFilter, request: BreakdownRequest
+    ) -> AsyncIterator[BreakdownRow]:
+        """Each bucket is planned as `aggregate()` plans a window; the plans are read as one statement,
+        whose rows come through a server-side cursor as they are read."""
         async with self._snapshot() as connection:
             state = await rollup.read_state(connection)
             exact, grouped = request.exact, request.grouped
@@ -269,7 +275,7 @@ class MetricsRepository:
             else:
                 since, until = await _window(connection, metric_filter)
                 if since >= until:
-                    return []
+                    return
                 local = bucket_starts(request.bucket, request.zone, since, until)
                 starts = [start.astimezone(UTC) for start in local]
                 windows = [(max(a, since), min(b, until)) for a, b in pairwise(starts)]
@@ -280,8 +286,9 @@ class MetricsRepository:
                 raise RawRowsPruned(state.raw_kept_from, "breakdown()")
             price_starts = await _price_starts(connection)
             statement = breakdown_statement(metric_filter, request, plan, starts, self.backend, price_starts)
-            result = await connection.execute(statement)
-            return rows_from(result.mappings().all(), request, starts)
+            result = await connection.stream(statement)
+            async for mapping in result.mappings():
+                yield row_from(mapping, request, starts)
 
     async def _check_newest_unpruned(
         self, connection: AsyncConnection, metric_filter: MetricFilter, state: RollupState

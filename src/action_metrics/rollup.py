@@ -625,6 +625,14 @@ class ReadPlan:
     def uses_rollups(self) -> bool:
         return bool(self.rollup_ranges)
 
+    def ranges_per_level(self) -> dict[Level, list[Range]]:
+        """Each level read, with its ranges: a statement reads a level once, whatever the number of
+        its ranges (a breakdown's buckets each add some)."""
+        per_level: dict[Level, list[Range]] = {}
+        for level, since, until in self.rollup_ranges:
+            per_level.setdefault(level, []).append((since, until))
+        return per_level
+
 
 def _subtract(window: Range, covered: Sequence[tuple[datetime | None, datetime]]) -> list[Range]:
     """`window` minus the covered ranges (which lie inside it, in order, without overlap)."""

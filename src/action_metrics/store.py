@@ -16,7 +16,7 @@ import atexit
 import concurrent.futures.thread  # noqa: F401 - see _call_at_exit
 import threading
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from functools import partial
@@ -267,6 +267,29 @@ class AsyncMetricsStore:
         metric_filter = MetricFilter(**filters)
         await self.writer.settle()
         return await (await self._open()).breakdown(metric_filter, request)
+
+    async def stream_breakdown(
+        self,
+        by: Sequence[str] | str = (),
+        *,
+        bucket: str | None = None,
+        tz: str | None = None,
+        sort: str = "total_cost_usd",
+        descending: bool = True,
+        top: int | None = None,
+        exact: bool = False,
+        **filters: Unpack[SelectionFilters],
+    ) -> AsyncIterator[BreakdownRow]:
+        """`breakdown()`'s rows one at a time, as the database sends them, for breakdowns too long to
+        hold in memory (an hourly one over months, per user). The read stays open until the last row
+        or `aclose()`: stop early inside `contextlib.aclosing(...)`."""
+        request = BreakdownRequest.of(
+            by, bucket=bucket, tz=tz, sort=sort, descending=descending, top=top, exact=exact
+        )
+        metric_filter = MetricFilter(**filters)
+        await self.writer.settle()
+        async for row in (await self._open()).stream_breakdown(metric_filter, request):
+            yield row
 
     async def prune(
         self, before: datetime, *, dry_run: bool = False, progress: Callable[[int], None] | None = None
