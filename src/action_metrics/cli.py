@@ -15,8 +15,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from action_metrics import clickhouse, migrate, page, report
 from action_metrics import demo as town
-from action_metrics import migrate, page, report
 from action_metrics.aggregate import Aggregate
 from action_metrics.breakdown import BUCKETS, TZ_VARIABLE, BreakdownRow, reader_zone
 from action_metrics.breakdown_report import (
@@ -135,6 +135,9 @@ def _migrate(direction: Literal["upgrade", "downgrade"], revision: str, url: str
 @friendly_errors
 def upgrade(revision: str, url: str | None, sql: bool) -> None:
     """Upgrade the schema to REVISION (default: head)."""
+    if clickhouse.is_clickhouse_url(url):
+        _upgrade_clickhouse(revision, url or "", sql)
+        return
     _migrate("upgrade", revision, url, sql)
     if revision in ("head", migrate.head_revision()):
         if sql:
@@ -144,6 +147,18 @@ def upgrade(revision: str, url: str | None, sql: bool) -> None:
             )
         else:
             _build_rollups(backend_for(url))
+
+
+def _upgrade_clickhouse(revision: str, url: str, sql: bool) -> None:
+    """ClickHouse keeps its own numbered DDL (`sql/clickhouse/`), not alembic's revisions."""
+    target = clickhouse.ClickHouseURL.parse(url)
+    if revision != "head":
+        raise click.UsageError("ClickHouse schemas upgrade to head only (for now): omit REVISION")
+    if sql:
+        click.echo(clickhouse.upgrade_sql(target), nl=False)
+        return
+    version = clickhouse.upgrade(target)
+    click.echo(f"{target.shown()} is at ClickHouse schema version {version}", err=True)
 
 
 def _progress(console: Console) -> Progress:
@@ -229,6 +244,9 @@ def prune(url: str | None, older_than: datetime | None, before: datetime | None,
 @friendly_errors
 def current(url: str | None) -> None:
     """Print the database's schema revision and whether it is the newest this package knows."""
+    if clickhouse.is_clickhouse_url(url):
+        click.echo(clickhouse.describe_version(clickhouse.ClickHouseURL.parse(url or "")))
+        return
     backend = backend_for(url)
     revision = run_async(_on_database(backend, MetricsRepository.schema_revision))
     head = migrate.head_revision()

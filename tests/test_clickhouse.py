@@ -1,0 +1,239 @@
+"""ClickHouse (preview), in process through chdb: the known-answer aggregates of test_aggregate.py
+against the same independent reference, with every batch sent twice; queries; effective-dated
+prices; the versioned schema and `db upgrade|current --sql` for it.
+
+chdb runs one engine directory per process, so the session shares one directory and each test
+gets a database of its own in it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import metric, run_cli
+from test_aggregate import (
+    CREDITS_CHEAPER,
+    MINI_PRICED,
+    PAIRS,
+    SINGLE,
+    SONNET_CHEAPER,
+    START,
+    WIDER,
+    _book,
+    _metrics,
+)
+
+from action_metrics import ActionMetric
+from action_metrics.clickhouse import ClickHouseMetricsStore, ClickHouseURL, head_version
+from action_metrics.errors import InvalidMetric, SchemaTooNew
+from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
+
+from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
+
+pytest.importorskip("chdb", reason="the optional extra .[clickhouse] is not installed")
+
+
+@pytest.fixture(scope="session")
+def engine_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("chdb")
+
+
+def _new_database_url(directory: Path) -> str:
+    return f"chdb://{directory}?database=am_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def clickhouse_url(engine_directory: Path) -> str:
+    """A database of its own, not yet created: the store creates and upgrades it on first use."""
+    return _new_database_url(engine_directory)
+
+
+@dataclass
+class Dataset:
+    store: ClickHouseMetricsStore
+    metrics: list[ActionMetric]
+    book: PriceBook
+
+    def select(self, **filters: Any) -> list[ActionMetric]:
+        return select_like_the_store(self.metrics, filters)
+
+
+@pytest.fixture(scope="module")
+def dataset(engine_directory: Path) -> Iterator[Dataset]:
+    """test_aggregate.py's metrics and price book. Every batch is sent twice, and overlapping
+    batches re-send half of two others: a retry must count once in every figure."""
+    metrics = _metrics()
+    with ClickHouseMetricsStore(_new_database_url(engine_directory)) as store:
+        store.set_model_price(
+            "sonnet", "2.5", "12.5", SONNET_CHEAPER, cache_read_per_1m="0.25", cache_write_per_1m="3.125"
+        )
+        store.set_model_price("openai/gpt-4o-mini", 0.15, 0.6, MINI_PRICED, cache_read_per_1m=0.075)
+        store.set_credit_price(Decimal("0.0045"), effective_from=CREDITS_CHEAPER)
+        for start in range(0, len(metrics), 500):
+            store.emit_many(metrics[start : start + 500])
+            store.emit_many(metrics[start : start + 500])
+        for start in range(250, len(metrics), 1000):
+            store.emit_many(metrics[start : start + 500])
+        yield Dataset(store, metrics, _book())
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["default", "exact"])
+@pytest.mark.parametrize("filters", [{}, *SINGLE, *PAIRS, *WIDER], ids=lambda f: ",".join(f) or "everything")
+def test_aggregate_matches_the_reference(dataset: Dataset, filters: dict[str, Any], exact: bool) -> None:
+    expected = expected_aggregate(dataset.select(**filters), dataset.book)
+    aggregate = dataset.store.aggregate(exact=exact, **filters).to_dict()
+    assert aggregate["percentiles_exact"]
+    assert_matches(aggregate, expected)
+
+
+@pytest.mark.parametrize("filters", [{}, *SINGLE, *WIDER], ids=lambda f: ",".join(f) or "everything")
+def test_query_returns_exactly_the_selection_newest_first(dataset: Dataset, filters: dict[str, Any]) -> None:
+    assert dataset.store.query(**filters) == dataset.select(**filters)
+
+
+def test_re_sent_batches_are_stored_once_after_the_merges_too(clickhouse_url: str) -> None:
+    """FINAL answers before the merges; after them the table itself holds one row per action, so
+    the sorting key really is what makes two rows copies of one action."""
+    metrics = [metric(timestamp=START + timedelta(minutes=i), latency_ms=float(i)) for i in range(200)]
+    with ClickHouseMetricsStore(clickhouse_url) as store:
+        for _ in range(3):
+            store.emit_many(metrics)
+        for one in metrics[:10]:
+            store.emit(one)
+        assert store.aggregate().count == 200
+        client = ClickHouseURL.parse(clickhouse_url).connect()
+        try:
+            client.command("OPTIMIZE TABLE action_metrics FINAL")
+            assert client.query("SELECT count() FROM action_metrics").result_rows[0][0] == 200
+        finally:
+            client.close()
+        assert_matches(store.aggregate().to_dict(), expected_aggregate(metrics, _book()))
+        assert store.query() == select_like_the_store(metrics, {})
+
+
+def test_a_price_set_again_at_the_same_start_replaces_it(clickhouse_url: str) -> None:
+    at = START + timedelta(days=1)
+    with ClickHouseMetricsStore(clickhouse_url) as store:
+        store.emit(metric(model="new-model", tokens_in=1_000_000, tokens_out=0, timestamp=at))
+        assert store.aggregate().unpriced_count == 1
+        store.set_model_price("new-model", 2, 4, effective_from=at)
+        store.set_model_price("new-model", 3, 4, effective_from=at)
+        priced = store.aggregate()
+    assert (priced.unpriced_count, priced.total_cost_usd) == (0, 3.0)
+
+
+def test_a_price_change_applies_from_its_effective_time(dataset: Dataset) -> None:
+    exact = dataset.store.aggregate(
+        model="sonnet", since=SONNET_CHEAPER, until=SONNET_CHEAPER + timedelta(microseconds=1)
+    )
+    assert exact.count == 1
+    assert exact.total_cost_usd == pytest.approx((1000 * 2.5 + 1000 * 12.5) / 1e6, abs=1e-12)
+    at_change = dataset.store.aggregate(
+        action_type="lod5", since=CREDITS_CHEAPER, until=CREDITS_CHEAPER + timedelta(microseconds=1)
+    )
+    assert at_change.total_revenue_usd == pytest.approx(400 * 0.0045, abs=1e-12)
+
+
+def test_money_sums_stay_exact_when_one_huge_action_meets_many_tiny_ones(clickhouse_url: str) -> None:
+    huge = ActionMetric("lod5", "whale", "town-a", None, 4_000_000_000_000, 0, "haiku", 1.0, 10**9, START)
+    tiny = [
+        ActionMetric(
+            "lod3", "minnow", "town-a", None, 1, 0, "haiku", 1.0, 1, START + timedelta(seconds=i + 1)
+        )
+        for i in range(20_000)
+    ]
+    with ClickHouseMetricsStore(clickhouse_url) as store:
+        store.set_credit_price("0.000000007", effective_from=START + timedelta(seconds=10_000))
+        store.emit_many([huge, *tiny])
+        aggregate = store.aggregate()
+    book = PriceBook(
+        {"haiku": [(BEGINNING_OF_TIME, Decimal("0.25"), Decimal("1.25"))]},
+        [(BEGINNING_OF_TIME, Decimal("0.006")), (START + timedelta(seconds=10_000), Decimal("0.000000007"))],
+    )
+    expected = expected_aggregate([huge, *tiny], book)
+    assert expected["total_cost_usd"] == Decimal("1000000.005")
+    assert_matches(aggregate.to_dict(), expected)
+
+
+def test_the_seeded_prices_are_the_packages_defaults(clickhouse_url: str) -> None:
+    moment = datetime(1900, 1, 1, tzinfo=UTC)
+    metrics = [
+        metric(model=model, tokens_in=1_000_000, tokens_out=2_000_000, timestamp=moment)
+        for model in MODEL_COSTS_PER_1M
+    ]
+    with ClickHouseMetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics)
+        by_model = store.aggregate().by_model
+        revenue = store.aggregate().total_revenue_usd
+    for model, (input_price, output_price) in MODEL_COSTS_PER_1M.items():
+        assert by_model[model].total_cost_usd == pytest.approx(input_price + 2 * output_price, abs=1e-12)
+        assert by_model[model].unpriced_count == 0
+    assert revenue == pytest.approx(len(metrics) * 10 * 0.006, abs=1e-12)
+
+
+def test_a_timestamp_clickhouse_cannot_store_is_refused_naming_the_field(clickhouse_url: str) -> None:
+    with ClickHouseMetricsStore(clickhouse_url) as store:
+        with pytest.raises(InvalidMetric, match="timestamp"):
+            store.emit(metric(timestamp=datetime(1899, 12, 31, tzinfo=UTC)))
+        assert store.query() == []
+
+
+def test_db_upgrade_creates_the_schema_and_current_reports_it(clickhouse_url: str) -> None:
+    assert run_cli("db", "current", "--url", clickhouse_url).stdout == "- (no schema)\n"
+    upgraded = run_cli("db", "upgrade", "--url", clickhouse_url)
+    assert upgraded.exit_code == 0, upgraded.output
+    assert f"version {head_version()}" in upgraded.stderr
+    assert run_cli("db", "current", "--url", clickhouse_url).stdout == f"{head_version()} (head)\n"
+    again = run_cli("db", "upgrade", "--url", clickhouse_url)
+    assert again.exit_code == 0, again.output
+    with ClickHouseMetricsStore(clickhouse_url) as store:
+        store.emit(metric())
+        assert store.aggregate().count == 1
+
+
+def test_db_upgrade_sql_prints_the_ddl_and_changes_nothing(clickhouse_url: str) -> None:
+    printed = run_cli("db", "upgrade", "--sql", "--url", clickhouse_url)
+    assert printed.exit_code == 0, printed.output
+    sql = printed.stdout
+    database = ClickHouseURL.parse(clickhouse_url).database
+    assert f"CREATE DATABASE IF NOT EXISTS `{database}`;" in sql
+    assert "ENGINE = ReplacingMergeTree\nPARTITION BY toYYYYMM(timestamp)" in sql
+    assert "ORDER BY (town_id, action_type, toStartOfHour(timestamp), id);" in sql
+    assert "input_per_1m Decimal(20, 9)" in sql
+    assert f"INSERT INTO action_metrics_schema_version (version, name) VALUES ({head_version()}" in sql
+    assert run_cli("db", "current", "--url", clickhouse_url).stdout == "- (no schema)\n"
+
+
+def test_the_printed_sql_builds_the_same_schema_as_upgrade(engine_directory: Path) -> None:
+    """What a DBA runs from `--sql` gives a database the store accepts, with the seeded prices."""
+    url = _new_database_url(engine_directory)
+    sql = run_cli("db", "upgrade", "--sql", "--url", url).stdout
+    client = ClickHouseURL.parse(url).connect(with_database=False)
+    try:
+        for statement in sql.split(";\n"):
+            lines = [line for line in statement.splitlines() if not line.startswith("--")]
+            if "\n".join(lines).strip():
+                client.command("\n".join(lines))
+    finally:
+        client.close()
+    with ClickHouseMetricsStore(url) as store:
+        store.emit(metric(tokens_in=1_000_000, tokens_out=0))
+        assert store.aggregate().total_cost_usd == pytest.approx(0.25, abs=1e-12)
+
+
+def test_a_database_upgraded_by_a_newer_package_is_refused(clickhouse_url: str) -> None:
+    ClickHouseMetricsStore(clickhouse_url).close()
+    client = ClickHouseURL.parse(clickhouse_url).connect()
+    try:
+        client.command("INSERT INTO action_metrics_schema_version (version, name) VALUES (999, 'future')")
+    finally:
+        client.close()
+    with pytest.raises(SchemaTooNew, match="upgrade action-metrics"):
+        ClickHouseMetricsStore(clickhouse_url)
