@@ -132,6 +132,13 @@ def _store(request: Request) -> AsyncMetricsStore:
     return store
 
 
+TOWN_READ_ANSWERS: Final[dict[int | str, dict[str, Any]]] = {
+    401: {"model": Problem, "description": "Missing or unknown bearer token"},
+    403: {"model": Problem, "description": "The token may not read this town"},
+    503: {"model": Problem, "description": "The database is unreachable or its schema is behind"},
+}
+"""The errors every read of one town may answer with."""
+
 TownId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH, description="The town's id.")]
 
 
@@ -220,11 +227,7 @@ def create_app(
         response_model=TownMetrics,
         tags=["metrics"],
         dependencies=[Depends(authorize)],
-        responses={
-            401: {"model": Problem, "description": "Missing or unknown bearer token"},
-            403: {"model": Problem, "description": "The token may not read this town"},
-            503: {"model": Problem, "description": "The database is unreachable or its schema is behind"},
-        },
+        responses=TOWN_READ_ANSWERS,
     )
     async def town_metrics(
         town_id: TownId,
@@ -257,11 +260,7 @@ def create_app(
         response_model=TownBreakdown,
         tags=["metrics"],
         dependencies=[Depends(authorize)],
-        responses={
-            401: {"model": Problem, "description": "Missing or unknown bearer token"},
-            403: {"model": Problem, "description": "The token may not read this town"},
-            503: {"model": Problem, "description": "The database is unreachable or its schema is behind"},
-        },
+        responses=TOWN_READ_ANSWERS,
     )
     async def town_breakdown(
         town_id: TownId,
@@ -311,11 +310,7 @@ def create_app(
         response_model=TownChecks,
         tags=["metrics"],
         dependencies=[Depends(authorize)],
-        responses={
-            401: {"model": Problem, "description": "Missing or unknown bearer token"},
-            403: {"model": Problem, "description": "The token may not read this town"},
-            503: {"model": Problem, "description": "The database is unreachable or its schema is behind"},
-        },
+        responses=TOWN_READ_ANSWERS,
     )
     async def town_checks(
         town_id: TownId,
