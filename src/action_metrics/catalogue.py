@@ -20,7 +20,7 @@ as its nearest flat form and said, never silently wrong:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time
 from decimal import Decimal
 from typing import Final
@@ -187,16 +187,7 @@ def _flat(model: str, catalogue_price: types.ModelPrice, start: datetime) -> Mod
         )
     except InvalidPrice as error:
         raise _NotSyncable(f"its catalogue price does not fit a stored price: {error}") from None
-    return ModelPrice(
-        model=price.model,
-        input_per_1m=price.input_per_1m,
-        output_per_1m=price.output_per_1m,
-        effective_from=price.effective_from,
-        cache_read_per_1m=price.cache_read_per_1m,
-        cache_write_per_1m=price.cache_write_per_1m,
-        source="catalogue",
-        tiered_above_tokens=min(thresholds, default=None),
-    )
+    return replace(price, source="catalogue", tiered_above_tokens=min(thresholds, default=None))
 
 
 def _notes(catalogue_price: types.ModelPrice) -> set[str]:
