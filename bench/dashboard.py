@@ -422,7 +422,9 @@ def sqlite_breakdown_sql(grouped: Grouped, since: datetime | None, until: dateti
     parts = [f"s.{name}" for name in grouped.by]
     if grouped.bucket is not None:
         shape = {"day": "%Y-%m-%d", "hour": "%Y-%m-%d %H"}[grouped.bucket]
-        parts.append(f"strftime('{shape}', s.\"timestamp\", {sqlite_offset(grouped.tz, since, until)})")
+        # Whole seconds first: SQLite's date functions round sub-millisecond digits (a bucket late).
+        offset = sqlite_offset(grouped.tz, since, until)
+        parts.append(f"strftime('{shape}', substr(s.\"timestamp\", 1, 19), {offset})")
     key = " || ' ' || ".join(parts)
     return SQLITE_DAILY.format(key_column=f", {key} AS key", key_group=", key", conditions="")
 

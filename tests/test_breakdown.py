@@ -224,6 +224,20 @@ def test_groups_without_a_value_sort_last_either_way(database_url: str) -> None:
         assert store.breakdown("model", bucket="day", since=at + timedelta(days=1)) == []
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_an_action_a_fraction_of_a_millisecond_before_a_boundary_stays_in_its_bucket(
+    database_url: str, exact: bool
+) -> None:
+    # 23:59:59.999814 in Kolkata: SQLite's date functions would round it into the next day.
+    last_moment = datetime(2024, 5, 1, 18, 29, 59, 999_814, tzinfo=UTC)
+    with MetricsStore(database_url) as store:
+        store.emit(ActionMetric("lod3", "u", "t", "c", 10, 10, "haiku", 5.0, 10, timestamp=last_moment))
+        rows = store.breakdown(bucket="hour", tz="Asia/Kolkata", exact=exact)
+    assert [(row.to_dict()["bucket_start"], row.to_dict()["count"]) for row in rows] == [
+        ("2024-05-01T23:00:00+05:30", 1)
+    ]
+
+
 def test_the_reader_zone_comes_from_the_environment(
     filled: tuple[MetricsStore, list[ActionMetric]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

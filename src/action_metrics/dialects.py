@@ -329,8 +329,9 @@ class SQLiteBackend(Backend):
         return type_coerce(func.max(first, *(func.coalesce(other, first) for other in others)), first.type)
 
     def epoch_seconds(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
-        # strftime('%s') reads the stored UTC text exactly; julianday() would be a float.
-        return sql_cast(func.strftime("%s", timestamp), Integer)
+        # SQLite's date functions keep milliseconds and round the rest: 18:59:59.9998 would read as
+        # 19:00:00, a bucket late. The stored text cut at its whole seconds is the floor.
+        return sql_cast(func.strftime("%s", func.substr(timestamp, 1, 19)), Integer)
 
     bulk_insert_minimum = 1
 
