@@ -18,10 +18,11 @@ time, the last 24 hours, this week (from Monday 00:00 UTC), today (from 00:00 UT
 window (13:37:11 ten days before the newest action until 04:12:09 two days later); one user and one
 citizen over all time; and the daily view summed per day, per town and per model. Breakdowns: by town x
 day in Europe/Berlin and in Asia/Kathmandu over 90 days, by model x hour (Berlin) over the last 7 days,
-by user over all time; their hand SQL sums cost, revenue and count per group from action_metrics and the
-price tables (the daily view's statement with the group as its key; the local bucket by `AT TIME ZONE`
-on PostgreSQL, by the zone's offsets between its changes, found with zoneinfo, on SQLite), and the check
-compares those per group (the API also computes each group's percentiles, which the hand SQL does not).
+by user over all time, the top 10 users by loss over 90 days (the hand side cut the same way); their
+hand SQL sums cost, revenue and count per group from action_metrics and the price tables (the daily
+view's statement with the group as its key; the local bucket by `AT TIME ZONE` on PostgreSQL, by the
+zone's offsets between its changes, found with zoneinfo, on SQLite), and the check compares those per
+group (the API also computes each group's percentiles, which the hand SQL does not).
 
 Per backend and selection, the median of `--repeat` runs (sides rotated each run) in ms of:
 - api: `store.aggregate(**filters)`; exact: the same with `exact=True` (n/a while that keyword does
@@ -111,6 +112,22 @@ class Grouped:
     by: tuple[str, ...]
     bucket: str | None = None
     tz: str = "UTC"
+    sort: str = "total_cost_usd"
+    """total_cost_usd or total_profit_usd: what the hand side's groups are cut by, given `top`."""
+    descending: bool = True
+    top: int | None = None
+
+    def cut(self, groups: dict[str, tuple[Decimal, Decimal, int]]) -> dict[str, tuple[Decimal, Decimal, int]]:
+        """The hand SQL's groups cut to `top` as `breakdown()` sorts them (ties by key)."""
+        if self.top is None:
+            return groups
+
+        def value(item: tuple[str, tuple[Decimal, Decimal, int]]) -> Decimal:
+            cost, revenue, _ = item[1]
+            figure = cost if self.sort == "total_cost_usd" else revenue - cost
+            return -figure if self.descending else figure
+
+        return dict(sorted(groups.items(), key=lambda item: (value(item), item[0]))[: self.top])
 
 
 @dataclass(frozen=True)
@@ -171,6 +188,11 @@ def selections(now: datetime) -> list[Selection]:
             grouped=Grouped(("model",), "hour", "Europe/Berlin"),
         ),
         Selection("by user, all time", grouped=Grouped(("user_id",))),
+        Selection(
+            "top 10 users by loss, 90d",
+            ninety_days,
+            grouped=Grouped(("user_id",), sort="total_profit_usd", descending=False, top=10),
+        ),
     ]
     return chosen
 
@@ -985,13 +1007,24 @@ class Bench:
         since = selection.filters.get("since")
         until = await self.hand.newest() or datetime.now(UTC)
 
+        async def hand_cut() -> dict[str, tuple[Decimal, Decimal, int]]:
+            return grouped.cut(await self.hand.breakdown(grouped, since, until))
+
         async def api() -> dict[str, tuple[Decimal, Decimal, int]]:
-            rows = await self.store.breakdown(grouped.by, bucket=grouped.bucket, tz=grouped.tz, since=since)
+            rows = await self.store.breakdown(
+                grouped.by,
+                bucket=grouped.bucket,
+                tz=grouped.tz,
+                sort=grouped.sort,
+                descending=grouped.descending,
+                top=grouped.top,
+                since=since,
+            )
             return {breakdown_key(row, grouped): money_and_count(row.figures) for row in rows}
 
         sides: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
             ("api", api),
-            ("hand", lambda: self.hand.breakdown(grouped, since, until)),
+            ("hand", hand_cut),
         ]
         times, results = await self.rotate(sides)
         return Outcome(

@@ -207,6 +207,40 @@ def test_top_users_by_loss_and_sorting_either_way(filled: tuple[MetricsStore, li
     )
 
 
+@pytest.mark.parametrize(
+    ("by", "bucket", "exact"),
+    [
+        (("user_id",), None, False),
+        (("citizen_id", "model"), "day", True),
+        (("town_id",), "hour", False),
+        ((), "day", False),
+        (("action_type", "citizen_id"), "week", False),
+    ],
+)
+def test_the_top_groups_carry_the_figures_they_have_in_the_whole_breakdown(
+    filled: tuple[MetricsStore, list[ActionMetric]], by: tuple[str, ...], bucket: str | None, exact: bool
+) -> None:
+    """`top` by a sum picks the groups first and computes the percentiles of those alone: the rows are
+    the whole breakdown's first rows, percentiles included (a citizen-less group among them)."""
+    store, metrics = filled
+    expected = _expected(metrics, by, bucket, "Europe/Berlin")
+    for sort, descending in (("total_cost_usd", True), ("count", False), ("p95_latency_ms", True)):
+        asked = {
+            "bucket": bucket,
+            "tz": "Europe/Berlin",
+            "sort": sort,
+            "descending": descending,
+            "exact": exact,
+        }
+        whole = [row.to_dict() for row in store.breakdown(by, **asked)]
+        top = [row.to_dict() for row in store.breakdown(by, top=5, **asked)]
+        assert top == whole[:5]
+        for row in top:
+            assert_matches(
+                row, expected[_key(row, by, bucket)], f"{by} {bucket} {sort} {_key(row, by, bucket)}: "
+            )
+
+
 def test_groups_without_a_value_sort_last_either_way(database_url: str) -> None:
     with MetricsStore(database_url) as store:
         at = datetime(2024, 5, 1, 12, tzinfo=UTC)

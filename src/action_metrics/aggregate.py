@@ -34,6 +34,7 @@ from sqlalchemy import (
     literal,
     literal_column,
     null,
+    or_,
     select,
     true,
     type_coerce,
@@ -210,13 +211,41 @@ class Grouping:
 UNGROUPED: Final = Grouping()
 
 
-def raw_rows(metric_filter: MetricFilter, plan: ReadPlan, grouping: Grouping = UNGROUPED) -> Subquery:
-    """The raw actions the plan reads: its raw time ranges, or the newest `limit` of the selection."""
+Restriction = Mapping[str, Sequence[Any]]
+"""Values columns are restricted to, besides the filter's (None among them: the column is NULL)."""
+
+
+def restricted(
+    rows: Any, only: Restriction | None, names: Sequence[str] | None = None
+) -> list[ColumnElement[bool]]:
+    """WHERE terms keeping the rows whose columns (of `names`, else all restricted) take the values of
+    `only`."""
+    terms: list[ColumnElement[bool]] = []
+    for name, values in (only or {}).items():
+        if names is not None and name not in names:
+            continue
+        present = [value for value in values if value is not None]
+        term = rows.c[name].in_(present)
+        terms.append(or_(term, rows.c[name].is_(None)) if len(present) < len(values) else term)
+    return terms
+
+
+def raw_rows(
+    metric_filter: MetricFilter,
+    plan: ReadPlan,
+    grouping: Grouping = UNGROUPED,
+    *,
+    only: Restriction | None = None,
+) -> Subquery:
+    """The raw actions the plan reads: its raw time ranges, or the newest `limit` of the selection
+    (restricted to `only`'s values)."""
     m = action_metrics
     columns = [m.c[name] for name in _RAW_COLUMNS] + grouping.columns(m, m.c.timestamp, raw=True)
     if metric_filter.limit is not None:
-        return metric_filter.newest_first(select(*columns), m.c).subquery("selection")
-    selection = select(*columns).where(*metric_filter.conditions(m.c, times=False))
+        return metric_filter.newest_first(select(*columns).where(*restricted(m, only)), m.c).subquery(
+            "selection"
+        )
+    selection = select(*columns).where(*metric_filter.conditions(m.c, times=False), *restricted(m, only))
     return selection.where(any_range(m.c.timestamp, plan.raw_ranges)).subquery("selection")
 
 
@@ -294,10 +323,11 @@ def latency_values(
     grouping: Grouping = UNGROUPED,
     *,
     bin_raw: bool = False,
+    only: Restriction | None = None,
 ) -> NamedFromClause:
     """Latency values with their weights: raw rows' own (weight 1, exact), or with `bin_raw` their
     histogram bins (a GROUP BY instead of a sort of every row), and histogram bins' representatives
-    (weight: the bin's count, `approximate`)."""
+    (weight: the bin's count, `approximate`). Histogram rows are restricted to `only` as `raw` is."""
     succeeded = raw.c.error.is_(None)  # latency percentiles describe successful actions
     keys = [raw.c[key] for key in grouping.keys]
     if bin_raw:
@@ -328,7 +358,11 @@ def latency_values(
         bin_keys = grouping.columns(h, h.c.start, raw=False)
         bins = (
             select(h.c.model, *bin_keys, h.c.bin, func.sum(h.c["count"]).label("n"))
-            .where(*_level_terms(level, h, metric_filter), any_range(h.c.start, ranges))
+            .where(
+                *_level_terms(level, h, metric_filter),
+                *restricted(h, only, (*level.keeps, "model")),
+                any_range(h.c.start, ranges),
+            )
             .group_by(h.c.model, *bin_keys, h.c.bin)
             .subquery("bins")
         )

@@ -22,13 +22,29 @@ from itertools import pairwise
 from typing import Any, Final, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import BigInteger, ColumnElement, Select, and_, case, func, literal, select, true
-from sqlalchemy.sql.selectable import Subquery
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Double,
+    Integer,
+    Select,
+    and_,
+    case,
+    cast,
+    func,
+    literal,
+    null,
+    select,
+    true,
+)
+from sqlalchemy.sql.selectable import NamedFromClause, Subquery
 
 from action_metrics.aggregate import (
     PER_MODEL_SUMS,
+    PERCENTILES,
     Aggregate,
     Grouping,
+    Restriction,
     aggregate_from_rows,
     exact_percentiles,
     figure_columns,
@@ -254,6 +270,13 @@ def _joined(ranges: list[Any]) -> list[Any]:
     return joined
 
 
+def ranks_by_sums(request: BreakdownRequest) -> bool:
+    """Whether the top groups can be chosen before any percentile is computed: `top` is asked and the
+    sort key is not a percentile. The groups' percentiles are then computed for those groups alone
+    (`percentiles_statement`), which spares merging the latencies of every group that is cut."""
+    return request.top is not None and request.sort not in PERCENTILES
+
+
 def breakdown_statement(
     metric_filter: MetricFilter,
     request: BreakdownRequest,
@@ -261,32 +284,86 @@ def breakdown_statement(
     starts: Sequence[datetime] | None,
     backend: Backend,
     price_starts: Sequence[datetime],
+    *,
+    percentiles: bool = True,
 ) -> Select[Any]:
     """Every group's figures, sorted and cut to `top`. `starts` are the buckets' UTC starts, then the
-    last one's end."""
-    grouping = Grouping(request.grouped, None if starts is None else bucket_index(starts, backend))
+    last one's end. Without `percentiles` the rows carry NULL percentiles (see `ranks_by_sums`)."""
+    grouping = _grouping(request, starts, backend)
     raw = raw_rows(metric_filter, plan, grouping)
     per_model = sums_per_model(summed_parts(metric_filter, plan, raw, price_starts, grouping), grouping.keys)
-    keys = (*grouping.keys, *(("model",) if "model" in request.by else ()))
-    per_group = (
-        exact_percentiles(_succeeded(raw), keys, backend)
-        if request.exact
-        else weighted_percentiles(latency_values(metric_filter, plan, raw, grouping, bin_raw=True), keys)
-    )
-    percentiles = backend.computed_once(select(per_group), "group_percentiles")
+    keys = group_keys(request)
     grouped = [per_model.c[key] for key in keys]
     sums = select(*grouped, *(func.sum(per_model.c[name]).label(name) for name in PER_MODEL_SUMS))
     summed = (sums.group_by(*grouped) if keys else sums).subquery("sums")
-    same_group = and_(true(), *(_joinable(percentiles.c[key]) == _joinable(summed.c[key]) for key in keys))
-    joined = summed.outerjoin(percentiles, same_group)
+    if percentiles:
+        per_group = backend.computed_once(
+            select(_percentiles(metric_filter, request, plan, raw, grouping, backend)), "group_percentiles"
+        )
+        same_group = and_(true(), *(_joinable(per_group.c[key]) == _joinable(summed.c[key]) for key in keys))
+        joined = summed.outerjoin(per_group, same_group)
+    else:
+        per_group = select(
+            *(cast(null(), Double).label(name) for name in PERCENTILES),
+            literal(0, Integer).label("approximate"),
+        ).subquery("no_percentiles")
+        joined = summed.join(per_group, true())
     rows = (
-        select(*(summed.c[key] for key in keys), *figure_columns(summed, percentiles))
+        select(*(summed.c[key] for key in keys), *figure_columns(summed, per_group))
         .select_from(joined)
         .where(summed.c["count"] > 0)
         .subquery("rows")
     )
     statement: Select[Any] = select(rows).order_by(_sort_key(rows, request), *(rows.c[key] for key in keys))
     return statement if request.top is None else statement.limit(request.top)
+
+
+def percentiles_statement(
+    metric_filter: MetricFilter,
+    request: BreakdownRequest,
+    plan: ReadPlan,
+    starts: Sequence[datetime] | None,
+    backend: Backend,
+    only: Restriction,
+) -> Select[Any]:
+    """The percentiles of the groups whose dimensions take the values in `only` (a first pass's
+    groups: dimension -> the values they hold; other groups those values also select are returned
+    too, and ignored): the group's keys, p50/p95/p99 and `approximate`."""
+    grouping = _grouping(request, starts, backend)
+    raw = raw_rows(metric_filter, plan, grouping, only=only)
+    return select(_percentiles(metric_filter, request, plan, raw, grouping, backend, only=only))
+
+
+def _grouping(request: BreakdownRequest, starts: Sequence[datetime] | None, backend: Backend) -> Grouping:
+    return Grouping(request.grouped, None if starts is None else bucket_index(starts, backend))
+
+
+def group_keys(request: BreakdownRequest) -> tuple[str, ...]:
+    """What a row's group is keyed by in the statements: the dimensions but the model, the bucket's
+    index, then the model."""
+    bucket = ("bucket",) if request.bucket is not None else ()
+    return (*request.grouped, *bucket, *(("model",) if "model" in request.by else ()))
+
+
+def _percentiles(
+    metric_filter: MetricFilter,
+    request: BreakdownRequest,
+    plan: ReadPlan,
+    raw: Subquery,
+    grouping: Grouping,
+    backend: Backend,
+    *,
+    only: Restriction | None = None,
+) -> NamedFromClause:
+    keys = group_keys(request)
+    if request.exact:
+        return exact_percentiles(_succeeded(raw), keys, backend)
+    latencies = latency_values(metric_filter, plan, raw, grouping, bin_raw=True, only=only)
+    return weighted_percentiles(latencies, keys)
+
+
+def group_key(row: Mapping[str, Any], request: BreakdownRequest) -> tuple[Any, ...]:
+    return tuple(row[key] for key in group_keys(request))
 
 
 def _joinable(key: ColumnElement[Any]) -> ColumnElement[Any]:

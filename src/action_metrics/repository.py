@@ -30,6 +30,9 @@ from action_metrics.breakdown import (
     breakdown_statement,
     bucket_starts,
     combined_plan,
+    group_key,
+    percentiles_statement,
+    ranks_by_sums,
     row_from,
 )
 from action_metrics.charges import ChargeAudit, audit_statement
@@ -270,6 +273,7 @@ class MetricsRepository:
             state = await rollup.read_state(connection)
             exact, grouped = request.exact, request.grouped
             starts: list[datetime] | None = None
+            plans: list[ReadPlan] | None = None
             if request.bucket is None:
                 plan = _plan(metric_filter, state, exact=exact, grouped=grouped)
             else:
@@ -285,10 +289,30 @@ class MetricsRepository:
                 assert state.raw_kept_from is not None
                 raise RawRowsPruned(state.raw_kept_from, "breakdown()")
             price_starts = await _price_starts(connection)
-            statement = breakdown_statement(metric_filter, request, plan, starts, self.backend, price_starts)
-            result = await connection.stream(statement)
-            async for mapping in result.mappings():
-                yield row_from(mapping, request, starts)
+            if not ranks_by_sums(request):
+                statement = breakdown_statement(
+                    metric_filter, request, plan, starts, self.backend, price_starts
+                )
+                result = await connection.stream(statement)
+                async for mapping in result.mappings():
+                    yield row_from(mapping, request, starts)
+                return
+            # The top groups by a sum first, then the percentiles of those groups alone, reading
+            # only their buckets' ranges.
+            statement = breakdown_statement(
+                metric_filter, request, plan, starts, self.backend, price_starts, percentiles=False
+            )
+            kept = (await connection.execute(statement)).mappings().all()
+            if not kept:
+                return
+            only = {name: sorted({row[name] for row in kept}, key=str) for name in request.by}
+            if plans is not None:
+                plan = combined_plan([plans[index] for index in sorted({row["bucket"] for row in kept})])
+            statement = percentiles_statement(metric_filter, request, plan, starts, self.backend, only)
+            found = {group_key(row, request): row for row in (await connection.execute(statement)).mappings()}
+            for row in kept:
+                percentiles = found.get(group_key(row, request))
+                yield row_from({**row, **(percentiles or {})}, request, starts)
 
     async def _check_newest_unpruned(
         self, connection: AsyncConnection, metric_filter: MetricFilter, state: RollupState
