@@ -87,6 +87,12 @@ def _expected(
     metrics: list[ActionMetric], by: tuple[str, ...], bucket: str | None, zone: str
 ) -> dict[tuple[Any, ...], dict[str, Any]]:
     """Group key (the `by` values, then the bucket's local start) -> the reference figures."""
+    return _expected_with(metrics, by, bucket, zone, _book())
+
+
+def _expected_with(
+    metrics: list[ActionMetric], by: tuple[str, ...], bucket: str | None, zone: str, book: PriceBook
+) -> dict[tuple[Any, ...], dict[str, Any]]:
     groups: dict[tuple[Any, ...], list[ActionMetric]] = defaultdict(list)
     for metric in metrics:
         key = tuple(getattr(metric, name) for name in by)
@@ -95,7 +101,7 @@ def _expected(
         groups[key].append(metric)
     expected = {}
     for key, chosen in groups.items():
-        figures = expected_aggregate(chosen, _book())
+        figures = expected_aggregate(chosen, book)
         del figures["by_model"]
         expected[key] = figures
     return expected
@@ -165,6 +171,52 @@ def test_berlin_days_across_the_clock_changes_hold_what_aggregate_holds_between_
             assert got[key] == pytest.approx(whole[key], rel=1e-9), key
         for key in ("p50_latency_ms", "p95_latency_ms", "p99_latency_ms"):
             assert got[key] == pytest.approx(whole[key], rel=0.02), key  # each within 1% of exact
+
+
+def test_local_days_read_from_utc_day_rollups_follow_prices_and_late_metrics(database_url: str) -> None:
+    """A local day is read as whole UTC days of the rollups, with the hours each puts in the wrong
+    local day added to their own and taken back from the other. Prices that begin inside those hours
+    (and inside a closed day), and a late metric there, must still give the reference's figures."""
+    metrics = _metrics(seed=29, per_window=500)
+    sonnet_cheaper = SPRING + timedelta(days=1, hours=22, minutes=41)  # inside Berlin's misplaced hour
+    credits_dearer = AUTUMN + timedelta(days=2, hours=1, minutes=5)  # inside St John's misplaced hours
+    book = _book()
+    book.models["sonnet"].append((sonnet_cheaper, Decimal("2.5"), Decimal("12.5")))
+    book.credits.append((credits_dearer, Decimal("0.0075")))
+    late = ActionMetric(
+        action_type="lod4",
+        user_id="user-late",
+        town_id="town-a",
+        citizen_id=None,
+        model="sonnet",
+        tokens_in=1_234,
+        tokens_out=567,
+        latency_ms=8_000.0,
+        credits_charged=400,
+        timestamp=SPRING + timedelta(days=2, hours=22, minutes=30),
+    )
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        store.flush()
+        store.set_model_price("sonnet", "2.5", "12.5", effective_from=sonnet_cheaper)
+        store.set_credit_price("0.0075", effective_from=credits_dearer)
+        store.emit(late)
+        store.flush()
+        everything = [*metrics, late]
+        for by, bucket, zone in (
+            (("town_id",), "day", "Europe/Berlin"),
+            ((), "day", "America/St_Johns"),
+            (("action_type",), "day", "Asia/Kathmandu"),
+            ((), "week", "America/New_York"),
+            (("model",), "month", "Asia/Tokyo"),
+        ):
+            rows = [row.to_dict() for row in store.breakdown(by, bucket=bucket, tz=zone)]
+            expected = {
+                key: figures for key, figures in _expected_with(everything, by, bucket, zone, book).items()
+            }
+            assert sorted(map(repr, (_key(row, by, bucket) for row in rows))) == sorted(map(repr, expected))
+            for row in rows:
+                assert_matches(row, expected[_key(row, by, bucket)], f"{by} {bucket} {zone}: ")
 
 
 @pytest.mark.parametrize(
