@@ -324,7 +324,6 @@ def latency_values(
     *,
     bin_raw: bool = False,
     only: Restriction | None = None,
-    name: str = "latencies",
 ) -> NamedFromClause:
     """Latency values with their weights: raw rows' own (weight 1, exact), or with `bin_raw` their
     histogram bins (a GROUP BY instead of a sort of every row), and histogram bins' representatives
@@ -376,7 +375,7 @@ def latency_values(
                 literal(1, Integer).label("approximate"),
             )
         )
-    return union_all(*selects).cte(name)
+    return union_all(*selects).cte("latencies")
 
 
 # --- money and counts ---------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from sqlalchemy import (
     null,
     select,
     true,
-    union_all,
 )
 from sqlalchemy.sql.selectable import NamedFromClause, Subquery
 
@@ -58,7 +57,7 @@ from action_metrics.aggregate import (
 from action_metrics.dialects import Backend
 from action_metrics.errors import InvalidFilter
 from action_metrics.query import MetricFilter
-from action_metrics.rollup import SUM_COLUMNS, Level, Range, ReadPlan, floor_to
+from action_metrics.rollup import Level, Range, ReadPlan
 from action_metrics.schema import UTCDateTime
 from action_metrics.validation import shown
 
@@ -278,95 +277,28 @@ def ranks_by_sums(request: BreakdownRequest) -> bool:
     return request.top is not None and request.sort not in PERCENTILES
 
 
-@dataclass(frozen=True)
-class Source:
-    """Part of what a breakdown reads: a plan, the bucket starts (UTC, then the last one's end) whose
-    index each row is counted in (None: not bucketed), and whether its rows are added or taken back."""
-
-    plan: ReadPlan
-    starts: Sequence[datetime] | None
-    sign: Literal[1, -1] = 1
-
-
-def nearest_midnight(moment: datetime) -> datetime:
-    """The UTC midnight nearest `moment` (the earlier one when halfway)."""
-    floor = floor_to(moment, "day")
-    return floor if moment - floor <= timedelta(hours=12) else floor + timedelta(days=1)
-
-
-def day_rollup_sources(
-    request: BreakdownRequest,
-    starts: Sequence[datetime],
-    windows: Sequence[tuple[datetime, datetime]],
-    overall: ReadPlan,
-    plan_window: Callable[[Range], ReadPlan],
-) -> list[Source] | None:
-    """Local days, weeks or months read from whole UTC days of the daily rollups, when their bounds
-    are not UTC midnights (Berlin's days begin at 22:00 or 23:00 UTC; Kathmandu's at 18:15).
-
-    Each closed UTC day is counted in the local bucket its nearest-midnight rounding falls in; what
-    that misplaces (Berlin: the hour before each UTC midnight, counted in the day before its own) is
-    read again from the hourly rollups or raw rows, added to its own bucket and taken back from the
-    rounded one: counts, sums and histogram bins all subtract exactly. Instead of every hour or raw
-    row of each bucket, a bucket costs a day's rollup rows and at most twelve hours on either side.
-    None when the plain plan (`overall`, and the buckets' own `windows`) is as good or exact."""
-    if request.bucket not in ("day", "week", "month") or request.exact:
-        return None
-    days = [(level, since, until) for level, since, until in overall.rollup_ranges if level.grain == "day"]
-    if len(days) != 1 or days[0][1] is None:
-        return None
-    level, first, last = days[0]
-    assert first is not None
-    rounded = [nearest_midnight(start) for start in starts]
-    if rounded == list(starts) or any(a >= b for a, b in pairwise(rounded)):
-        return None
-    outside = [
-        (since, until)
-        for window in windows
-        for since, until in ((window[0], min(window[1], first)), (max(window[0], last), window[1]))
-        if since < until
-    ]
-    misplaced = [
-        (max(min(start, near), first), min(max(start, near), last))
-        for start, near in zip(starts[1:-1], rounded[1:-1], strict=True)
-    ]
-    misplaced = [(since, until) for since, until in misplaced if since < until]
-    added = combined_plan([plan_window(window) for window in sorted([*outside, *misplaced])])
-    taken_back = combined_plan([plan_window(window) for window in misplaced])
-    return [
-        Source(ReadPlan(rollup_ranges=((level, first, last),)), rounded),
-        Source(added, starts),
-        Source(taken_back, rounded, -1),
-    ]
-
-
 def breakdown_statement(
     metric_filter: MetricFilter,
     request: BreakdownRequest,
-    sources: Sequence[Source],
+    plan: ReadPlan,
+    starts: Sequence[datetime] | None,
     backend: Backend,
     price_starts: Sequence[datetime],
     *,
     percentiles: bool = True,
 ) -> Select[Any]:
-    """Every group's figures, sorted and cut to `top`. Without `percentiles` the rows carry NULL
-    percentiles (see `ranks_by_sums`)."""
+    """Every group's figures, sorted and cut to `top`. `starts` are the buckets' UTC starts, then the
+    last one's end. Without `percentiles` the rows carry NULL percentiles (see `ranks_by_sums`)."""
+    grouping = _grouping(request, starts, backend)
+    raw = raw_rows(metric_filter, plan, grouping)
+    per_model = sums_per_model(summed_parts(metric_filter, plan, raw, price_starts, grouping), grouping.keys)
     keys = group_keys(request)
-    parts: list[Select[Any]] = []
-    for source in sources:
-        grouping = _grouping(request, source.starts, backend)
-        raw = raw_rows(metric_filter, source.plan, grouping)
-        summed_source = summed_parts(metric_filter, source.plan, raw, price_starts, grouping)
-        parts.append(_signed(summed_source, SUM_COLUMNS, source.sign))
-    per_model = sums_per_model(
-        union_all(*parts).subquery("signed_parts"), (*request.grouped, *_bucket(request))
-    )
     grouped = [per_model.c[key] for key in keys]
     sums = select(*grouped, *(func.sum(per_model.c[name]).label(name) for name in PER_MODEL_SUMS))
     summed = (sums.group_by(*grouped) if keys else sums).subquery("sums")
     if percentiles:
         per_group = backend.computed_once(
-            select(_percentiles(metric_filter, request, sources, backend)), "group_percentiles"
+            select(_percentiles(metric_filter, request, plan, raw, grouping, backend)), "group_percentiles"
         )
         same_group = and_(true(), *(_joinable(per_group.c[key]) == _joinable(summed.c[key]) for key in keys))
         joined = summed.outerjoin(per_group, same_group)
@@ -389,80 +321,45 @@ def breakdown_statement(
 def percentiles_statement(
     metric_filter: MetricFilter,
     request: BreakdownRequest,
-    sources: Sequence[Source],
+    plan: ReadPlan,
+    starts: Sequence[datetime] | None,
     backend: Backend,
     only: Restriction,
 ) -> Select[Any]:
     """The percentiles of the groups whose dimensions take the values in `only` (a first pass's
     groups: dimension -> the values they hold; other groups those values also select are returned
     too, and ignored): the group's keys, p50/p95/p99 and `approximate`."""
-    return select(_percentiles(metric_filter, request, sources, backend, only=only))
-
-
-def _signed(rows: NamedFromClause, measures: Sequence[str], sign: int) -> Select[Any]:
-    """`rows` with their `measures` negated when taken back."""
-    if sign == 1:
-        return select(rows)
-    return select(*((-column).label(column.name) if column.name in measures else column for column in rows.c))
+    grouping = _grouping(request, starts, backend)
+    raw = raw_rows(metric_filter, plan, grouping, only=only)
+    return select(_percentiles(metric_filter, request, plan, raw, grouping, backend, only=only))
 
 
 def _grouping(request: BreakdownRequest, starts: Sequence[datetime] | None, backend: Backend) -> Grouping:
     return Grouping(request.grouped, None if starts is None else bucket_index(starts, backend))
 
 
-def _bucket(request: BreakdownRequest) -> tuple[str, ...]:
-    return ("bucket",) if request.bucket is not None else ()
-
-
 def group_keys(request: BreakdownRequest) -> tuple[str, ...]:
     """What a row's group is keyed by in the statements: the dimensions but the model, the bucket's
     index, then the model."""
-    return (*request.grouped, *_bucket(request), *(("model",) if "model" in request.by else ()))
+    bucket = ("bucket",) if request.bucket is not None else ()
+    return (*request.grouped, *bucket, *(("model",) if "model" in request.by else ()))
 
 
 def _percentiles(
     metric_filter: MetricFilter,
     request: BreakdownRequest,
-    sources: Sequence[Source],
+    plan: ReadPlan,
+    raw: Subquery,
+    grouping: Grouping,
     backend: Backend,
     *,
     only: Restriction | None = None,
 ) -> NamedFromClause:
     keys = group_keys(request)
     if request.exact:
-        (source,) = sources  # exact figures read raw rows, one source
-        raw = raw_rows(metric_filter, source.plan, _grouping(request, source.starts, backend), only=only)
         return exact_percentiles(_succeeded(raw), keys, backend)
-    if len(sources) == 1:
-        (source,) = sources
-        grouping = _grouping(request, source.starts, backend)
-        raw = raw_rows(metric_filter, source.plan, grouping, only=only)
-        found = latency_values(metric_filter, source.plan, raw, grouping, bin_raw=True, only=only)
-        return weighted_percentiles(found, keys)
-    values: list[Select[Any]] = []
-    for number, source in enumerate(sources):
-        grouping = _grouping(request, source.starts, backend)
-        raw = raw_rows(metric_filter, source.plan, grouping, only=only)
-        found = latency_values(
-            metric_filter, source.plan, raw, grouping, bin_raw=True, only=only, name=f"latencies_{number}"
-        )
-        values.append(_signed(found, ("n",), source.sign))
-    # The bins taken back cancel bins added: net them before ranking (a bin with a count of 0 is gone).
-    signed = union_all(*values).subquery("signed_latencies")
-    netted_keys = [signed.c[key] for key in ("model", *request.grouped, *_bucket(request))]
-    net = func.sum(signed.c.n)
-    netted = (
-        select(
-            *netted_keys,
-            signed.c.value,
-            cast(net, BigInteger).label("n"),
-            func.max(signed.c.approximate).label("approximate"),
-        )
-        .group_by(*netted_keys, signed.c.value)
-        .having(net > 0)
-        .cte("latencies")
-    )
-    return weighted_percentiles(netted, keys)
+    latencies = latency_values(metric_filter, plan, raw, grouping, bin_raw=True, only=only)
+    return weighted_percentiles(latencies, keys)
 
 
 def group_key(row: Mapping[str, Any], request: BreakdownRequest) -> tuple[Any, ...]:

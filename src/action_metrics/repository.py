@@ -27,11 +27,9 @@ from action_metrics.aggregate import Aggregate, aggregate_from_rows, aggregate_s
 from action_metrics.breakdown import (
     BreakdownRequest,
     BreakdownRow,
-    Source,
     breakdown_statement,
     bucket_starts,
     combined_plan,
-    day_rollup_sources,
     group_key,
     percentiles_statement,
     ranks_by_sums,
@@ -269,16 +267,15 @@ class MetricsRepository:
     async def stream_breakdown(
         self, metric_filter: MetricFilter, request: BreakdownRequest
     ) -> AsyncIterator[BreakdownRow]:
-        """Each bucket is planned as `aggregate()` plans a window (or local days from whole UTC days:
-        `day_rollup_sources`); the plans are read as one statement, whose rows come through a
-        server-side cursor as they are read."""
+        """Each bucket is planned as `aggregate()` plans a window; the plans are read as one statement,
+        whose rows come through a server-side cursor as they are read."""
         async with self._snapshot() as connection:
             state = await rollup.read_state(connection)
             exact, grouped = request.exact, request.grouped
             starts: list[datetime] | None = None
             plans: list[ReadPlan] | None = None
             if request.bucket is None:
-                sources = [Source(_plan(metric_filter, state, exact=exact, grouped=grouped), None)]
+                plan = _plan(metric_filter, state, exact=exact, grouped=grouped)
             else:
                 since, until = await _window(connection, metric_filter)
                 if since >= until:
@@ -286,22 +283,16 @@ class MetricsRepository:
                 local = bucket_starts(request.bucket, request.zone, since, until)
                 starts = [start.astimezone(UTC) for start in local]
                 windows = [(max(a, since), min(b, until)) for a, b in pairwise(starts)]
-
-                def plan_window(window: rollup.Range) -> ReadPlan:
-                    return _plan(metric_filter, state, exact=exact, grouped=grouped, window=window)
-
-                plans = [plan_window(window) for window in windows]
-                overall = plan_window((since, until))
-                shifted = day_rollup_sources(request, starts, windows, overall, plan_window)
-                sources = shifted or [Source(combined_plan(plans), starts)]
-                if shifted:
-                    plans = None
-            if any(rollup.reads_pruned_rows(source.plan, state) for source in sources):
+                plans = [_plan(metric_filter, state, exact=exact, grouped=grouped, window=w) for w in windows]
+                plan = combined_plan(plans)
+            if rollup.reads_pruned_rows(plan, state):
                 assert state.raw_kept_from is not None
                 raise RawRowsPruned(state.raw_kept_from, "breakdown()")
             price_starts = await _price_starts(connection)
             if not ranks_by_sums(request):
-                statement = breakdown_statement(metric_filter, request, sources, self.backend, price_starts)
+                statement = breakdown_statement(
+                    metric_filter, request, plan, starts, self.backend, price_starts
+                )
                 result = await connection.stream(statement)
                 async for mapping in result.mappings():
                     yield row_from(mapping, request, starts)
@@ -309,16 +300,15 @@ class MetricsRepository:
             # The top groups by a sum first, then the percentiles of those groups alone, reading
             # only their buckets' ranges.
             statement = breakdown_statement(
-                metric_filter, request, sources, self.backend, price_starts, percentiles=False
+                metric_filter, request, plan, starts, self.backend, price_starts, percentiles=False
             )
             kept = (await connection.execute(statement)).mappings().all()
             if not kept:
                 return
             only = {name: sorted({row[name] for row in kept}, key=str) for name in request.by}
             if plans is not None:
-                chosen = combined_plan([plans[index] for index in sorted({row["bucket"] for row in kept})])
-                sources = [Source(chosen, sources[0].starts)]
-            statement = percentiles_statement(metric_filter, request, sources, self.backend, only)
+                plan = combined_plan([plans[index] for index in sorted({row["bucket"] for row in kept})])
+            statement = percentiles_statement(metric_filter, request, plan, starts, self.backend, only)
             found = {group_key(row, request): row for row in (await connection.execute(statement)).mappings()}
             for row in kept:
                 percentiles = found.get(group_key(row, request))
