@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from action_metrics import ACTION_CREDITS, ActionMetric, ActionType, MetricsStore
+from action_metrics import aggregate as aggregate_module
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
@@ -141,6 +142,24 @@ def test_aggregate_matches_the_reference(dataset: Dataset, filters: dict[str, An
     if exact:
         assert aggregate["percentiles_exact"]
     assert_matches(aggregate, expected)
+
+
+@pytest.mark.parametrize("apart", [0, 1, 16], ids=["one-search", "too-many-periods", "periods-apart"])
+def test_raw_rows_are_priced_alike_per_period_apart_or_by_one_search(
+    dataset: Dataset, apart: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raw rows are summed per price period, by one GROUP BY per period when few periods are met, or
+    by one GROUP BY over a search for each row's period: the same figures either way."""
+    monkeypatch.setattr(aggregate_module, "MAX_PRICE_PERIODS_APART", apart)
+    for filters in ({}, {"model": "sonnet"}, {"since": START + timedelta(days=4, hours=3)}, FILTER_VALUES):
+        expected = expected_aggregate(dataset.select(**filters), dataset.book)
+        assert_matches(dataset.store.aggregate(exact=True, **filters).to_dict(), expected, f"{filters}: ")
+        rows = dataset.store.breakdown(
+            "user_id", exact=True, **{k: v for k, v in filters.items() if k != "limit"}
+        )
+        assert sum(row.figures.count for row in rows) == len(
+            dataset.select(**{k: v for k, v in filters.items() if k != "limit"})
+        )
 
 
 @pytest.mark.parametrize("filters", [{}, *SINGLE, *WIDER], ids=lambda f: ",".join(f) or "everything")

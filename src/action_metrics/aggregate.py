@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import pairwise
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -48,10 +49,12 @@ from action_metrics.query import MetricFilter
 from action_metrics.rollup import (
     SUM_COLUMNS,
     Level,
+    Range,
     ReadPlan,
     any_range,
     bin_value,
     latency_bin,
+    range_terms,
     raw_sums,
 )
 from action_metrics.schema import (
@@ -249,6 +252,35 @@ def raw_rows(
     return selection.where(any_range(m.c.timestamp, plan.raw_ranges)).subquery("selection")
 
 
+MAX_PRICE_PERIODS_APART: Final = 16
+"""Up to this many price periods met by the raw rows read, each is summed by a statement of its own;
+beyond, one statement finds each row's period by a search written as nested CASEs."""
+
+
+def price_periods(
+    price_starts: Sequence[datetime], ranges: Sequence[Range]
+) -> list[tuple[datetime, datetime | None, datetime | None]]:
+    """The periods between price starts that meet `ranges`: (the period's start, or the beginning of
+    time before the first; its bounds, None where open)."""
+    if not ranges:
+        return []
+    lows = [since for since, _ in ranges]
+    highs = [until for _, until in ranges]
+    low = None if any(since is None for since in lows) else min(since for since in lows if since is not None)
+    high = (
+        None if any(until is None for until in highs) else max(until for until in highs if until is not None)
+    )
+    bounds: list[datetime | None] = [None, *price_starts, None]
+    periods = []
+    for start, end in pairwise(bounds):
+        if (high is not None and start is not None and start >= high) or (
+            low is not None and end is not None and end <= low
+        ):
+            continue
+        periods.append((BEGINNING_OF_TIME if start is None else start, start, end))
+    return periods
+
+
 def latest_start(moment: ColumnElement[Any], starts: Sequence[datetime]) -> ColumnElement[Any]:
     """The latest of `starts` (sorted) at or before `moment`, or the beginning of time: a binary
     search written as nested CASEs. Between two consecutive price starts every price is constant,
@@ -295,14 +327,25 @@ def summed_parts(
     columns. Raw rows are summed per model, price segment and keys first."""
     sums = raw_sums(raw)
     keys = [raw.c[key] for key in grouping.keys]
-    segment = latest_start(raw.c.timestamp, price_starts).label("at")
     # Grouped by an expression of the model, not the column: SQLite would otherwise read the whole
     # table in the order of its model index to spare the sort, instead of the time range's rows.
     model = type_coerce(raw.c.model + literal("", String), String).label("model")
-    raw_parts = select(
-        model, segment, *keys, *(func.sum(sums[name]).label(name) for name in SUM_COLUMNS)
-    ).group_by(model, segment, *keys)
-    selects: list[Select[Any]] = [raw_parts]
+    summed = [func.sum(sums[name]).label(name) for name in SUM_COLUMNS]
+    periods = price_periods(price_starts, plan.raw_ranges)
+    selects: list[Select[Any]]
+    if metric_filter.limit is None and 0 < len(periods) <= MAX_PRICE_PERIODS_APART:
+        # One GROUP BY per price period over its own time range: the period is a constant, not an
+        # expression of each row, so the database estimates the groups from the columns' statistics
+        # (a hash aggregate on PostgreSQL) and reads each period's range through the time index.
+        selects = [
+            select(model, literal(start, UTCDateTime()).label("at"), *keys, *summed)
+            .where(*range_terms(raw.c.timestamp, since, until))
+            .group_by(model, *keys)
+            for start, since, until in periods
+        ]
+    else:
+        segment = latest_start(raw.c.timestamp, price_starts).label("at")
+        selects = [select(model, segment, *keys, *summed).group_by(model, segment, *keys)]
     r = rollup
     for level, ranges in plan.ranges_per_level().items():
         selects.append(
