@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from action_metrics.errors import InvalidValue
-from action_metrics.validation import MAX_ID_LENGTH, check_action_type, check_count, check_id
+from action_metrics.validation import MAX_ID_LENGTH, MAX_INT64, check_action_type, check_count, check_id
 
 ATTRIBUTE_NAMES: Final = {
     "action_type": "action.type",
@@ -302,6 +302,8 @@ def _plain_id(text: str) -> bool:
 
 
 def _parse(field_name: str, value: object) -> str | int:
+    if type(value) is int and field_name == "credits_charged" and 0 <= value <= MAX_INT64:
+        return value
     if isinstance(value, int) and not isinstance(value, bool) and field_name != "credits_charged":
         value = str(value)
     if field_name == "credits_charged":

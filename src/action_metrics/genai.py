@@ -167,9 +167,9 @@ def call_from_span_data(data: SpanData, mapping: SpanMapping = SpanMapping()) ->
     cache_read = _first(attributes, CACHE_READ_TOKENS, 0)
     cache_write = _first(attributes, CACHE_WRITE_TOKENS, 0)
     if (
-        _is_anthropic(attributes)
-        and _is_count(tokens_in, cache_read, cache_write)
+        _is_count(tokens_in, cache_read, cache_write)
         and cache_read + cache_write > tokens_in
+        and _is_anthropic(attributes)
     ):
         # Anthropic's own input_tokens leave the cached ones out; an instrumentation passing that
         # count on cannot report fewer input tokens than it read and wrote to the cache.

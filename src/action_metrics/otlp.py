@@ -52,7 +52,7 @@ class OtlpDecodeError(ValueError):
     """The body is not an ExportTraceServiceRequest in the encoding its Content-Type names."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OtlpSpan:
     """One span as an exporter sent it: ids in hex, times in nanoseconds since the epoch."""
 

@@ -192,15 +192,11 @@ def _positional_json(value: object) -> str:
     return _compact_json(value)
 
 
-def _plain_text(value: object) -> bool:
-    return type(value) is str and value.isascii() and "\x00" not in value
-
-
 def _flat_and_plain(metadata: dict[Any, Any]) -> bool:
     """Text keys to ASCII text without NUL, bools, None or ints: what `_check_json` would accept at
     once (the metadata a span or an HTTP writer sends, mostly), told in one pass."""
     for key, item in metadata.items():
-        if not _plain_text(key):
+        if type(key) is not str or not (key.isascii() and "\x00" not in key):
             return False
         if type(item) is str:
             if not (item.isascii() and "\x00" not in item):
