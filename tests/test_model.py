@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from conftest import METRIC_FIELDS, metric
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from action_metrics import (
     ACTION_CREDITS,
@@ -247,3 +249,24 @@ def test_metrics_are_values() -> None:
         action.tokens_in = 5  # type: ignore[misc]
     assert action == ActionMetric(**METRIC_FIELDS, timestamp=action.timestamp, id=action.id)
     assert action != metric(timestamp=action.timestamp)  # another id: another action
+
+
+FLAT_TEXT = st.text(st.characters(codec=None), max_size=12) | st.sampled_from(["a\x00", "\udfff", "é", ""])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    metadata=st.dictionaries(
+        FLAT_TEXT, FLAT_TEXT | st.booleans() | st.none() | st.integers(-(2**70), 2**70), max_size=6
+    )
+)
+def test_flat_metadata_is_kept_unless_it_holds_nul_or_a_lone_surrogate(metadata: dict[str, Any]) -> None:
+    texts = [*metadata, *(value for value in metadata.values() if isinstance(value, str))]
+    storable = all("\x00" not in text and not any(0xD800 <= ord(c) <= 0xDFFF for c in text) for text in texts)
+    if not storable:
+        with pytest.raises(InvalidMetric, match=r"^metadata: "):
+            metric(metadata=metadata)
+        return
+    made = metric(metadata=metadata)
+    assert made.metadata == metadata
+    assert made.metadata_json == json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import logging
@@ -9,12 +10,15 @@ import subprocess
 import sys
 import textwrap
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -349,3 +353,42 @@ def test_a_bad_attribution_value_is_reported_by_name_and_the_call_kept() -> None
     assert call.metric.metadata["usage_missing"] is True
     assert len(call.problems) == 1
     assert call.problems[0].startswith("action.credits")
+
+
+RESPONSE_NAMESPACE = uuid.UUID("6f1c1a52-3d0e-5b8f-9a51-2f0b7c1e4d93")
+"""Pinned: a metric id stored by an earlier version must be the id a retry of its call gets now."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    response_id=st.text(max_size=80),
+    trace_id=st.integers(0, 2**128 - 1),
+    span_id=st.integers(0, 2**64 - 1),
+)
+def test_a_calls_metric_id_is_the_uuid5_of_its_response_or_its_span(
+    response_id: str, trace_id: int, span_id: int
+) -> None:
+    from action_metrics.genai import metric_id_for_response, metric_id_for_span
+
+    by_response = uuid.uuid5(RESPONSE_NAMESPACE, response_id)
+    assert metric_id_for_response(response_id) == by_response
+    assert str(metric_id_for_response(response_id)) == str(by_response)
+    assert metric_id_for_response(response_id).version == 5
+    by_span = uuid.uuid5(RESPONSE_NAMESPACE, f"span:{trace_id:032x}{span_id:016x}")
+    assert metric_id_for_span(trace_id, span_id) == by_span
+
+
+def test_inheriting_fills_each_field_left_unsaid_and_keeps_each_said() -> None:
+    from action_metrics.context import Attribution
+
+    names = [field.name for field in dataclasses.fields(Attribution)]
+    full = Attribution(**{name: 1 if name == "credits_charged" else f"outer-{name}" for name in names})
+    for name in names:
+        own = Attribution(**{name: 2 if name == "credits_charged" else f"own-{name}"})
+        merged = own.over(full)
+        assert not own.empty
+        assert getattr(merged, name) == getattr(own, name)
+        assert all(getattr(merged, other) == getattr(full, other) for other in names if other != name)
+        assert own.over(Attribution()) == own
+        assert Attribution().over(own) == own
+    assert Attribution().empty

@@ -220,3 +220,16 @@ def test_any_span_makes_a_metric_or_a_rejection_naming_the_field(
     assert len(batch.accepted) + len(batch.rejected) + batch.ignored + batch.duplicates == 2
     for _, why in batch.rejected:
         assert why.split(":")[0] in {field.name for field in dataclasses.fields(ActionMetric)} | {"timestamp"}
+
+
+def test_an_ancestor_without_a_trace_id_still_charges_its_credits_once() -> None:
+    """A broken exporter's spans with an empty trace id: the action's credits go to its first call."""
+    action = OtlpSpan("", "01" * 8, None, "lod4", 0, 9, {"action.credits": 10}, 0, "", {}, "")
+    usage = {"gen_ai.request.model": "haiku", "gen_ai.usage.input_tokens": 5, "gen_ai.usage.output_tokens": 2}
+    first = OtlpSpan("", "02" * 8, "01" * 8, "chat", 1, 4, usage, 0, "", {}, "")
+    second = OtlpSpan("", "03" * 8, "01" * 8, "chat", 5, 8, usage, 0, "", {}, "")
+    receiver = SpanReceiver()
+    batch = receiver.read([action, first, second])
+    assert [(index, metric.credits_charged) for index, metric in batch.accepted] == [(1, 10), (2, 0)]
+    receiver.committed(batch)
+    assert [metric.credits_charged for _, metric in receiver.read([action, second]).accepted] == [0]

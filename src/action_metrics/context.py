@@ -13,12 +13,12 @@ import threading
 import uuid
 from collections.abc import Mapping
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Final
 
 from action_metrics.errors import InvalidValue
-from action_metrics.validation import check_action_type, check_count, check_id
+from action_metrics.validation import MAX_ID_LENGTH, MAX_INT64, check_action_type, check_count, check_id
 
 ATTRIBUTE_NAMES: Final = {
     "action_type": "action.type",
@@ -43,24 +43,30 @@ class Attribution:
     """The id of the decorated action a call was made in (kept in the call's metadata)."""
 
     def over(self, fallback: Attribution) -> Attribution:
-        """These fields where said, else `fallback`'s."""
+        """These fields where said, else `fallback`'s (run per span received: field by field)."""
+        if fallback.empty:
+            return self
+        if self.empty:
+            return fallback
         return Attribution(
-            *(  # type: ignore[arg-type] # field by field, so each keeps its type
-                mine if mine is not None else theirs
-                for mine, theirs in zip(_values(self), _values(fallback), strict=True)
-            )
+            self.action_type if self.action_type is not None else fallback.action_type,
+            self.user_id if self.user_id is not None else fallback.user_id,
+            self.town_id if self.town_id is not None else fallback.town_id,
+            self.citizen_id if self.citizen_id is not None else fallback.citizen_id,
+            self.credits_charged if self.credits_charged is not None else fallback.credits_charged,
+            self.action_id if self.action_id is not None else fallback.action_id,
         )
 
     @property
     def empty(self) -> bool:
-        return all(value is None for value in _values(self))
-
-
-_FIELD_NAMES: Final = tuple(field.name for field in fields(Attribution))
-
-
-def _values(attribution: Attribution) -> tuple[str | int | None, ...]:
-    return tuple(getattr(attribution, name) for name in _FIELD_NAMES)
+        return (
+            self.action_type is None
+            and self.user_id is None
+            and self.town_id is None
+            and self.citizen_id is None
+            and self.credits_charged is None
+            and self.action_id is None
+        )
 
 
 class CreditClaim:
@@ -275,14 +281,29 @@ def parse_attribution(
         value = values.get(key)
         if value is None:
             continue
+        if type(value) is str and field_name in _ID_FIELDS and _plain_id(value):
+            parsed[field_name] = value  # the common case, valid as it is (full check: `_parse`)
+            continue
         try:
             parsed[field_name] = _parse(field_name, value)
         except InvalidValue as error:
             problems.append(f"{key}: {error}")
+    if not parsed:
+        return NO_ATTRIBUTION, tuple(problems)
     return Attribution(**parsed), tuple(problems)  # type: ignore[arg-type]
 
 
+_ID_FIELDS: Final = frozenset(("user_id", "town_id", "citizen_id"))
+
+
+def _plain_id(text: str) -> bool:
+    """1-256 ASCII characters without NUL: an id `check_id` accepts as it is."""
+    return 0 < len(text) <= MAX_ID_LENGTH and text.isascii() and "\x00" not in text
+
+
 def _parse(field_name: str, value: object) -> str | int:
+    if type(value) is int and field_name == "credits_charged" and 0 <= value <= MAX_INT64:
+        return value
     if isinstance(value, int) and not isinstance(value, bool) and field_name != "credits_charged":
         value = str(value)
     if field_name == "credits_charged":

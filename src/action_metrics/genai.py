@@ -17,6 +17,7 @@ one call is often reported by several spans:
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import uuid
@@ -29,7 +30,7 @@ from typing import Any, Final
 from opentelemetry.util.types import AttributeValue
 
 from action_metrics.context import ATTRIBUTE_NAMES, Attribution, parse_attribution
-from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric
+from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric, uuid_from_int
 from action_metrics.pricing import ACTION_CREDITS
 
 INPUT_TOKENS: Final = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
@@ -103,13 +104,25 @@ def is_genai_span(attributes: Mapping[str, AttributeValue]) -> bool:
 
 def metric_id_for_response(response_id: str) -> uuid.UUID:
     """The metric id of the call a provider answered with `response_id`: the same in every process."""
-    return uuid.uuid5(_RESPONSE_NAMESPACE, response_id)
+    return _uuid5(response_id)
 
 
 def metric_id_for_span(trace_id: int, span_id: int) -> uuid.UUID:
     """The metric id of a call whose span names no response (a failed call): the span's identity,
     so a batch of spans sent again (an OTLP exporter's retry) stores nothing twice."""
-    return uuid.uuid5(_RESPONSE_NAMESPACE, f"span:{trace_id:032x}{span_id:016x}")
+    return _uuid5(f"span:{trace_id:032x}{span_id:016x}")
+
+
+_NAMESPACE_BYTES: Final = _RESPONSE_NAMESPACE.bytes
+_UUID5_KEPT: Final = ~(0xC000 << 48 | 0xF000 << 64) & (1 << 128) - 1
+_UUID5_SET: Final = 0x8000 << 48 | 5 << 76
+
+
+def _uuid5(name: str) -> uuid.UUID:
+    """`uuid.uuid5(_RESPONSE_NAMESPACE, name)`, made as `uuid.UUID(bytes=..., version=5)` makes it
+    but without checking again what is valid by construction: one per span received."""
+    digest = hashlib.sha1(_NAMESPACE_BYTES + name.encode("utf-8")).digest()
+    return uuid_from_int(int.from_bytes(digest[:16]) & _UUID5_KEPT | _UUID5_SET)
 
 
 def call_from_span_data(data: SpanData, mapping: SpanMapping = SpanMapping()) -> GenAICall | None:
@@ -154,9 +167,9 @@ def call_from_span_data(data: SpanData, mapping: SpanMapping = SpanMapping()) ->
     cache_read = _first(attributes, CACHE_READ_TOKENS, 0)
     cache_write = _first(attributes, CACHE_WRITE_TOKENS, 0)
     if (
-        _is_anthropic(attributes)
-        and _is_count(tokens_in, cache_read, cache_write)
+        _is_count(tokens_in, cache_read, cache_write)
         and cache_read + cache_write > tokens_in
+        and _is_anthropic(attributes)
     ):
         # Anthropic's own input_tokens leave the cached ones out; an instrumentation passing that
         # count on cannot report fewer input tokens than it read and wrote to the cache.
@@ -233,6 +246,15 @@ class _Reported:
     has_response_id: bool
 
 
+@dataclass(slots=True)
+class _ModelReports:
+    """The calls of one request model recently recorded, most recent last."""
+
+    reports: list[_Reported] = field(default_factory=list)
+    unnamed: int = 0
+    """How many of them name no response: the only ones a call that names one is compared with."""
+
+
 class CallDeduplicator:
     """Remembers the calls recently recorded, so that a second span of the same call is not.
 
@@ -242,7 +264,7 @@ class CallDeduplicator:
 
     def __init__(self) -> None:
         self._ids: OrderedDict[uuid.UUID, None] = OrderedDict()
-        self._spans: OrderedDict[str, list[_Reported]] = OrderedDict()
+        self._spans: OrderedDict[str, _ModelReports] = OrderedDict()
         self._lock = threading.Lock()
 
     def first_report(self, data: SpanData, call: GenAICall) -> bool:
@@ -255,18 +277,27 @@ class CallDeduplicator:
         with self._lock:
             if has_response_id and call.metric.id in self._ids:
                 return False
-            reported = self._spans.get(key, [])
+            remembered = self._spans.get(key)
+            if remembered is None:
+                remembered = _ModelReports()
             # Two spans that both name their response are the same call only by id (checked above).
-            candidates = (other for other in reported if not (has_response_id and other.has_response_id))
-            if any(_same_call(this, other) for other in candidates):
+            if not has_response_id:
+                if any(_same_call(this, other) for other in remembered.reports):
+                    return False
+            elif remembered.unnamed and any(
+                _same_call(this, other) for other in remembered.reports if not other.has_response_id
+            ):
                 return False
             if has_response_id:
                 self._ids[call.metric.id] = None
                 if len(self._ids) > _REMEMBERED:
                     self._ids.popitem(last=False)
-            reported.append(this)
-            del reported[:-_PER_TRACE_AND_MODEL]
-            self._spans[key] = reported
+            else:
+                remembered.unnamed += 1
+            remembered.reports.append(this)
+            if len(remembered.reports) > _PER_TRACE_AND_MODEL:
+                remembered.unnamed -= not remembered.reports.pop(0).has_response_id
+            self._spans[key] = remembered
             self._spans.move_to_end(key)
             if len(self._spans) > _REMEMBERED:
                 self._spans.popitem(last=False)

@@ -84,8 +84,14 @@ def uuid7() -> uuid.UUID:
         if not words:
             words.extend(memoryview(os.urandom(_RANDOM_POOL_BYTES)).cast("Q"))
         random_bits = words.pop() & _RANDOM_62_BITS
+    return uuid_from_int(_uuid7_int(stamp, random_bits))
+
+
+def uuid_from_int(value: int) -> uuid.UUID:
+    """`uuid.UUID(int=value)` for a value made valid by construction (128 bits, its version and
+    variant set), without checking it again."""
     made: uuid.UUID = _new_uuid(uuid.UUID)
-    _set_uuid_int(made, _uuid7_int(stamp, random_bits))
+    _set_uuid_int(made, value)
     _set_uuid_safety(made, _UNKNOWN_SAFETY)
     return made
 

@@ -52,7 +52,7 @@ class OtlpDecodeError(ValueError):
     """The body is not an ExportTraceServiceRequest in the encoding its Content-Type names."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OtlpSpan:
     """One span as an exporter sent it: ids in hex, times in nanoseconds since the epoch."""
 
@@ -136,52 +136,57 @@ def _spans(request: ExportTraceServiceRequest) -> Iterator[OtlpSpan]:
         for scope_spans in resource_spans.scope_spans:
             scope = scope_spans.scope.name
             for span in scope_spans.spans:
+                status, events = span.status, span.events
                 yield OtlpSpan(
-                    trace_id=span.trace_id.hex(),
-                    span_id=span.span_id.hex(),
-                    parent_span_id=span.parent_span_id.hex() or None,
-                    name=span.name,
-                    start_ns=span.start_time_unix_nano,
-                    end_ns=span.end_time_unix_nano,
-                    attributes=_attributes(span.attributes),
-                    status_code=span.status.code,
-                    status_message=span.status.message,
-                    resource=resource,
-                    scope=scope,
-                    event_attributes=tuple(_attributes(event.attributes) for event in span.events),
+                    span.trace_id.hex(),
+                    span.span_id.hex(),
+                    span.parent_span_id.hex() or None,
+                    span.name,
+                    span.start_time_unix_nano,
+                    span.end_time_unix_nano,
+                    _attributes(span.attributes),
+                    status.code,
+                    status.message,
+                    resource,
+                    scope,
+                    tuple(_attributes(event.attributes) for event in events) if events else (),
                 )
+
+
+_SCALARS: Final = frozenset(("string_value", "bool_value", "int_value", "double_value"))
 
 
 def _attributes(pairs: Sequence[KeyValue]) -> dict[str, AttributeValue]:
     """Attributes as OpenTelemetry's SDK holds them: scalars and homogeneous arrays of scalars.
 
     Values the SDK's attributes cannot hold (maps, bytes, empty values) are left out, as the SDK
-    leaves them out of a span.
+    leaves them out of a span. Every span's attributes pass here: scalars are read inline.
     """
     attributes: dict[str, AttributeValue] = {}
     for pair in pairs:
-        value = _value(pair.value)
-        if value is not None:
-            attributes[pair.key] = value
+        value = pair.value
+        kind = value.WhichOneof("value")
+        if kind in _SCALARS:
+            attributes[pair.key] = getattr(value, kind)
+        elif kind == "array_value" and (array := _array(value.array_value.values)) is not None:
+            attributes[pair.key] = array
     return attributes
 
 
 def _value(value: AnyValue) -> AttributeValue | None:
-    match value.WhichOneof("value"):
-        case "string_value":
-            return value.string_value
-        case "bool_value":
-            return value.bool_value
-        case "int_value":
-            return value.int_value
-        case "double_value":
-            return value.double_value
-        case "array_value":
-            items = [_value(item) for item in value.array_value.values]
-            scalars = tuple(item for item in items if item is not None and not isinstance(item, tuple))
-            return scalars if len(scalars) == len(items) else None
-        case _:
-            return None
+    kind = value.WhichOneof("value")
+    if kind in _SCALARS:
+        scalar: Scalar = getattr(value, kind)
+        return scalar
+    if kind == "array_value":
+        return _array(value.array_value.values)
+    return None
+
+
+def _array(values: Sequence[AnyValue]) -> tuple[Scalar, ...] | None:
+    items = [_value(item) for item in values]
+    scalars = tuple(item for item in items if item is not None and not isinstance(item, tuple))
+    return scalars if len(scalars) == len(items) else None
 
 
 _ID_FIELDS: Final = ("traceId", "spanId", "parentSpanId")
@@ -261,16 +266,21 @@ class SpanReceiver:
     def read(self, spans: Sequence[OtlpSpan]) -> SpanBatch:
         """The metrics of a request's spans; nothing is remembered until `committed()`."""
         batch = SpanBatch()
-        by_identity = {span.identity: span for span in spans}
+        by_identity = {(span.trace_id, span.span_id): span for span in spans}
+        ancestry = _Ancestry(by_identity, self.mapping.names, batch.problems)
         deduplicator = CallDeduplicator()
+        mapping = self.mapping
         for index, span in enumerate(spans):
             if not is_genai_span(span.attributes):
                 batch.ignored += 1
                 continue
-            inherited, credits = self._inherited(span, by_identity, batch)
+            if span.parent_span_id:
+                inherited, credits = ancestry.inherited(span)
+            else:
+                inherited, credits = NO_ATTRIBUTION, None
             data = _span_data(span, inherited)
             try:
-                call = call_from_span_data(data, self.mapping)
+                call = call_from_span_data(data, mapping)
                 if call is None:
                     batch.ignored += 1
                     continue
@@ -282,11 +292,12 @@ class SpanReceiver:
                     if key not in batch.claims and not self._charged(key):
                         batch.claims.add(key)
                         charged = replace(data, inherited=replace(inherited, credits_charged=amount))
-                        call = call_from_span_data(charged, self.mapping) or call
+                        call = call_from_span_data(charged, mapping) or call
             except InvalidValue as error:
                 batch.rejected.append((index, f"{error.field}: {error.problem}"))
                 continue
-            batch.problems.extend(f"span {span.name!r}: {problem}" for problem in call.problems)
+            if call.problems:
+                batch.problems.extend(f"span {span.name!r}: {problem}" for problem in call.problems)
             batch.usage_missing += call.usage_missing
             batch.accepted.append((index, call.metric))
         return batch
@@ -303,35 +314,63 @@ class SpanReceiver:
         with self._lock:
             return key in self._claimed
 
-    def _inherited(
-        self, span: OtlpSpan, by_identity: Mapping[tuple[str, str], OtlpSpan], batch: SpanBatch
-    ) -> tuple[Attribution, tuple[tuple[int, int], int] | None]:
+
+class _Ancestry:
+    """What the spans of one request inherit from their ancestors in it; each ancestor's attributes
+    are read once however many calls it has under it (its problems are reported per call)."""
+
+    def __init__(
+        self, by_identity: Mapping[tuple[str, str], OtlpSpan], names: Mapping[str, str], problems: list[str]
+    ) -> None:
+        self.by_identity = by_identity
+        self.names = names
+        self.problems = problems
+        self._read: dict[tuple[str, str], tuple[Attribution, tuple[str, ...]]] = {}
+
+    def inherited(self, span: OtlpSpan) -> tuple[Attribution, tuple[tuple[int, int], int] | None]:
+        """The attribution `span` inherits (credits left out), and the credits of its nearest ancestor
+        that names some and is not `@instrument_action`'s: (that ancestor's identity, credits)."""
         inherited: Attribution = NO_ATTRIBUTION
         credits: tuple[tuple[int, int], int] | None = None
-        for ancestor in ancestors(span, by_identity):
-            own, problems = parse_attribution(ancestor.attributes, self.mapping.names)
-            batch.problems.extend(f"span {ancestor.name!r}: {problem}" for problem in problems)
+        for ancestor in ancestors(span, self.by_identity):
+            own, problems = self._attribution(ancestor)
+            if problems:
+                self.problems.extend(f"span {ancestor.name!r}: {problem}" for problem in problems)
             if own.empty:
                 continue
             inherited = inherited.over(own)
             if credits is None and own.credits_charged is not None and OWN_SPAN not in ancestor.attributes:
-                credits = (int(ancestor.trace_id, 16), int(ancestor.span_id, 16)), own.credits_charged
-        return replace(inherited, credits_charged=None), credits
+                credits = (_int_id(ancestor.trace_id), _int_id(ancestor.span_id)), own.credits_charged
+        if inherited.credits_charged is not None:
+            inherited = replace(inherited, credits_charged=None)
+        return inherited, credits
+
+    def _attribution(self, span: OtlpSpan) -> tuple[Attribution, tuple[str, ...]]:
+        identity = span.trace_id, span.span_id
+        read = self._read.get(identity)
+        if read is None:
+            read = self._read[identity] = parse_attribution(span.attributes, self.names)
+        return read
+
+
+def _int_id(hex_id: str) -> int:
+    """A hex trace or span id as an int; an empty one (a broken exporter's) as 0."""
+    return int(hex_id or "0", 16)
 
 
 def _span_data(span: OtlpSpan, inherited: Attribution) -> SpanData:
     return SpanData(
-        name=span.name,
-        attributes=span.attributes,
-        start_ns=span.start_ns,
-        end_ns=span.end_ns,
-        failed=span.status_code == STATUS_ERROR,
-        status_description=span.status_message or None,
-        trace_id=int(span.trace_id or "0", 16),
-        span_id=int(span.span_id or "0", 16),
-        parent_span_id=int(span.parent_span_id, 16) if span.parent_span_id else None,
-        resource_attributes=span.resource,
-        inherited=inherited,
+        span.name,
+        span.attributes,
+        span.start_ns,
+        span.end_ns,
+        span.status_code == STATUS_ERROR,
+        span.status_message or None,
+        _int_id(span.trace_id),
+        _int_id(span.span_id),
+        _int_id(span.parent_span_id) if span.parent_span_id else None,
+        span.resource,
+        inherited,
     )
 
 
