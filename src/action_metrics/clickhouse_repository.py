@@ -617,7 +617,9 @@ class ClickHouseRepository:
                 total = _Figures.of(figures)
             else:
                 by_model[model] = _Figures.of(figures).for_model()
-        return total.aggregate(by_model)
+        # Busiest first, then by name, as the other backends list them.
+        ordered = dict(sorted(by_model.items(), key=lambda item: (-item[1].count, item[0])))
+        return total.aggregate(ordered)
 
     def _breakdown_query(
         self, metric_filter: MetricFilter, request: BreakdownRequest
