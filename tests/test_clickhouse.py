@@ -8,6 +8,8 @@ chdb runs one engine directory per process, so the session shares one directory 
 
 from __future__ import annotations
 
+import asyncio
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,14 +32,25 @@ from test_aggregate import (
     _metrics,
 )
 
-from action_metrics import ActionMetric, MetricsStore
+from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
+from action_metrics.breakdown import SORT_KEYS
+from action_metrics.cli import run_async
 from action_metrics.clickhouse import ClickHouseURL, head_version
-from action_metrics.errors import DataRejected, SchemaTooNew
+from action_metrics.errors import DataRejected, RawRowsPruned, SchemaTooNew
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
 
 pytest.importorskip("chdb", reason="the optional extra .[clickhouse] is not installed")
+
+
+def _seed_book() -> PriceBook:
+    """The prices a new database has: the seed's, from the beginning of time."""
+    models = {
+        model: [(BEGINNING_OF_TIME, Decimal(str(i)), Decimal(str(o)))]
+        for model, (i, o) in MODEL_COSTS_PER_1M.items()
+    }
+    return PriceBook(models, [(BEGINNING_OF_TIME, Decimal("0.006"))])
 
 
 @pytest.fixture(scope="session")
@@ -246,3 +259,99 @@ def test_a_database_upgraded_by_a_newer_package_is_refused(clickhouse_url: str) 
     with pytest.raises(SchemaTooNew, match="upgrade action-metrics"):
         store.open()
     store.close()
+
+
+def test_prune_drops_old_months_and_rows_and_what_needs_them_says_so(clickhouse_url: str) -> None:
+    """Without rollups a pruned period cannot be answered: every read reaching before the cut-off
+    is refused naming it, and reads after it answer as before. Two whole months go as partitions,
+    the days of the third before the cut-off by a DELETE."""
+    metrics = [metric(timestamp=START + timedelta(hours=7 * i), tokens_in=i) for i in range(300)]  # ~87 days
+    cutoff = datetime(2027, 1, 9, tzinfo=UTC)
+    older = [one for one in metrics if one.timestamp < cutoff]
+    kept = [one for one in metrics if one.timestamp >= cutoff]
+    assert {one.timestamp.month for one in older} == {11, 12, 1}
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics)
+        dry = store.prune(cutoff + timedelta(hours=7), dry_run=True)  # rounded down to the UTC day
+        assert (dry.cutoff, dry.rows, dry.dry_run) == (cutoff, len(older), True)
+        assert len(store.query()) == len(metrics)
+        seen: list[int] = []
+        done = store.prune(cutoff + timedelta(hours=7), progress=seen.append)
+        assert (done.cutoff, done.rows, seen) == (cutoff, len(older), [len(older)])
+        assert store.query(since=cutoff) == select_like_the_store(kept, {})
+        assert store.query(limit=5) == select_like_the_store(kept, {"limit": 5})  # the newest: all kept
+        assert_matches(store.aggregate(since=cutoff).to_dict(), expected_aggregate(kept, _seed_book()))
+        for call in (
+            lambda: store.aggregate(),
+            lambda: store.aggregate(since=cutoff - timedelta(days=1)),
+            lambda: store.aggregate(limit=len(kept) + 1),
+            lambda: store.query(),
+            lambda: store.breakdown("town_id", bucket="day"),
+        ):
+            with pytest.raises(RawRowsPruned, match=re.escape(f"before {cutoff.isoformat()}")) as raised:
+                call()
+            assert "keeps no rollups" in str(raised.value)
+        client = ClickHouseURL.parse(clickhouse_url).connect()
+        try:
+            stored = client.query("SELECT count() FROM action_metrics").result_rows[0][0]
+        finally:
+            client.close()
+    assert stored == len(kept)
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_a_breakdown_sorts_by_every_key_groups_without_a_value_last(
+    clickhouse_url: str, descending: bool
+) -> None:
+    """Each sortable key's SQL orders the rows as the figures the rows carry (None last either way)."""
+    at = START + timedelta(hours=3)
+    metrics = [
+        ActionMetric("lod3", "free", "t", None, 10, 10, "haiku", 5.0, 0, timestamp=at),
+        ActionMetric("lod3", "paid", "t", None, 10, 10, "haiku", 7.0, 10, timestamp=at),
+        ActionMetric("lod5", "dear", "t", None, 10_000_000, 10, "opus", 2.0, 1, timestamp=at),
+        ActionMetric("lod4", "unpriced", "t", None, 500, 900, "mystery", 9.0, 400, timestamp=at),
+        ActionMetric("lod4", "failing", "t", None, 50, 0, "sonnet", 1.0, 0, timestamp=at, error="Timeout"),
+        metric(
+            user_id="cached", cache_read_tokens=60, cache_write_tokens=20, reasoning_tokens=5, timestamp=at
+        ),
+    ]
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics)
+        for key in SORT_KEYS:
+            rows = [row.to_dict() for row in store.breakdown("user_id", sort=key, descending=descending)]
+            values = [row[key] for row in rows]
+            present = [value for value in values if value is not None]
+            assert values == present + [None] * (len(values) - len(present)), key
+            assert present == sorted(present, reverse=descending), key
+            assert {row["user_id"] for row in rows} == {one.user_id for one in metrics}
+
+
+def test_an_async_store_answers_concurrent_calls_while_its_writer_writes(clickhouse_url: str) -> None:
+    """The worker threads: reads, a stream and buffered writes at once on one store, none lost."""
+    metrics = [metric(timestamp=START + timedelta(minutes=i), user_id=f"user-{i % 7}") for i in range(400)]
+
+    async def run() -> tuple[list[Any], int, list[dict[str, Any]], list[dict[str, Any]]]:
+        async with AsyncMetricsStore(clickhouse_url) as store:
+            await store.emit_many(metrics[:200])
+            for one in metrics[200:]:
+                await store.emit(one)
+            answers = await asyncio.gather(
+                *(store.aggregate(user_id=f"user-{i}") for i in range(7)),
+                store.query(limit=3),
+                store.breakdown("user_id", sort="count"),
+            )
+            streamed = [row.to_dict() async for row in store.stream_breakdown("user_id", sort="count")]
+            await store.flush()
+            return (
+                answers,
+                (await store.aggregate()).count,
+                streamed,
+                [row.to_dict() for row in await store.breakdown("user_id", sort="count")],
+            )
+
+    answers, count, streamed, listed = run_async(run())
+    assert count == len(metrics)
+    assert all(answer.count > 0 for answer in answers[:7])
+    assert len(answers[7]) == 3
+    assert streamed == listed
+    assert sum(row["count"] for row in listed) == len(metrics)

@@ -576,7 +576,7 @@ class ClickHouseRepository:
         if cutoff is None or (metric_filter.since is not None and metric_filter.since >= cutoff):
             return
         if metric_filter.limit is None:
-            raise RawRowsPruned(cutoff, question)
+            raise RawRowsPruned(cutoff, question, rollups=False)
         statement, parameters = _selection(metric_filter, "timestamp")
         count, oldest = client.query(
             f"SELECT count(), toUnixTimestamp64Micro(min(timestamp)) FROM ({statement})",
@@ -584,7 +584,7 @@ class ClickHouseRepository:
             settings=_READ_SETTINGS,
         ).result_rows[0]
         if count < metric_filter.limit or _moment(oldest) < cutoff:
-            raise RawRowsPruned(cutoff, question)
+            raise RawRowsPruned(cutoff, question, rollups=False)
 
     async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]:
         return await self._run(self._select, metric_filter)
