@@ -171,43 +171,44 @@ def current_version(client: Client) -> int | None:
 
 def upgrade(url: ClickHouseURL) -> int:
     """Create the database if needed and apply the versions it lacks; the version reached."""
-    server = url.connect(with_database=False)
+    client = url.connect(with_database=False)
     try:
-        server.command(
-            "CREATE DATABASE IF NOT EXISTS {database:Identifier}", parameters={"database": url.database}
-        )
-    finally:
-        server.close()
-    client = url.connect()
-    try:
-        client.command(_VERSION_TABLE_DDL)
-        applied = current_version(client) or 0
-        for version in schema_versions():
-            if version.number > applied:
-                for statement in version.statements():
-                    client.command(statement)
-                client.command(_version_row(version))
-        return head_version()
+        return upgrade_on(client, url)
     finally:
         client.close()
+
+
+def upgrade_on(client: Client, url: ClickHouseURL) -> int:
+    """`upgrade` through a client of the server, left on the database."""
+    client.command(
+        "CREATE DATABASE IF NOT EXISTS {database:Identifier}", parameters={"database": url.database}
+    )
+    client.database = url.database
+    client.command(_VERSION_TABLE_DDL)
+    applied = current_version(client) or 0
+    for version in schema_versions():
+        if version.number > applied:
+            for statement in version.statements():
+                client.command(statement)
+            client.command(_version_row(version))
+    return head_version()
 
 
 def version_of(url: ClickHouseURL) -> int | None:
     """`db current`: the version applied to the database (None: no schema, or no database)."""
-    server = url.connect(with_database=False)
+    client = url.connect(with_database=False)
     try:
-        exists = server.command(
-            "EXISTS DATABASE {database:Identifier}", parameters={"database": url.database}
-        )
-    finally:
-        server.close()
-    if not exists:
-        return None
-    client = url.connect()
-    try:
-        return current_version(client)
+        return version_on(client, url)
     finally:
         client.close()
+
+
+def version_on(client: Client, url: ClickHouseURL) -> int | None:
+    """`version_of` through a client of the server, left on the database if it exists."""
+    if not client.command("EXISTS DATABASE {database:Identifier}", parameters={"database": url.database}):
+        return None
+    client.database = url.database
+    return current_version(client)
 
 
 def describe_version(url: ClickHouseURL) -> str:
@@ -217,9 +218,9 @@ def describe_version(url: ClickHouseURL) -> str:
     return f"{version or '-'} ({state})"
 
 
-def check_version(client: Client, url: ClickHouseURL) -> None:
-    """Insist that the database is at this package's head version; the error names the fix."""
-    version, head = current_version(client), head_version()
+def check_version(version: int | None, url: ClickHouseURL) -> None:
+    """Insist that the database's `version` is this package's head; the error names the fix."""
+    head = head_version()
     command = f"action-metrics db upgrade --url {url.shown()}"
     if version is None:
         raise SchemaNotCreated(f"{url.shown()} has no action-metrics schema: run {command}")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from action_metrics.aggregate import Aggregate, ModelAggregate
 from action_metrics.breakdown import BreakdownRequest, BreakdownRow, bucket_starts
 from action_metrics.charges import ChargeAudit
-from action_metrics.clickhouse import EARLIEST, LATEST, ClickHouseURL, check_version, upgrade, version_of
+from action_metrics.clickhouse import EARLIEST, LATEST, ClickHouseURL, check_version, upgrade_on, version_on
 from action_metrics.errors import (
     ActionMetricsError,
     DatabaseError,
@@ -511,11 +511,12 @@ class ClickHouseRepository:
         await self._run(self._connect)
 
     def _connect(self) -> None:
-        if self.url.in_process and version_of(self.url) is None:
-            upgrade(self.url)
-        client = self.url.connect()
+        client = self.url.connect(with_database=False)  # one client: each costs a handshake
         try:
-            check_version(client, self.url)
+            version = version_on(client, self.url)
+            if version is None and self.url.in_process:
+                version = upgrade_on(client, self.url)
+            check_version(version, self.url)
         except BaseException:
             client.close()
             raise
