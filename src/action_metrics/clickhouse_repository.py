@@ -159,19 +159,24 @@ _FIGURES: Final = """
     sum(toUInt128(cache_read_tokens)) AS f_cache_read,
     sum(toUInt128(cache_write_tokens)) AS f_cache_write,
     sum(toUInt128(reasoning_tokens)) AS f_reasoning,
-    avg(latency_ms) AS f_avg_latency,
+    sum(toDecimal256(latency_ms, 30)) AS f_latency_sum,
     countIf(succeeded) AS f_succeeded,
     quantilesExactInclusiveIf(0.5, 0.95, 0.99)(latency_ms, succeeded) AS f_percentiles,
     ifNull(sum(cost_e6), toDecimal256(0, 9)) AS f_cost_e6,
     countIf(cost_e6 IS NULL) AS f_unpriced,
     ifNull(sum(revenue), toDecimal256(0, 9)) AS f_revenue,
-    sumKahanIf(
-        toFloat64(revenue * 1000000 - cost_e6) / toFloat64(revenue * 1000000),
+    sumIf(
+        -- Divided by 1 where there is no revenue (every row is converted; those are not summed).
+        toDecimal256(
+            toFloat64(revenue * 1000000 - cost_e6) / toFloat64(if(revenue > 0, revenue * 1000000, 1)), 30
+        ),
         revenue > 0 AND cost_e6 IS NOT NULL
     ) AS f_margin_sum,
     countIf(revenue > 0 AND cost_e6 IS NOT NULL) AS f_margin_count,
     countIf(NOT succeeded) AS f_errors"""
 _FIGURE_COUNT: Final = 16
+"""Latencies and margins are summed as Decimal (each float converted exactly enough, 30 places), so
+the figures do not depend on the order in which threads add rows up: `top` gives the same rows."""
 
 _AGGREGATE: Final = (
     _PRICED + "\nSELECT model," + _FIGURES + "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())"
@@ -186,7 +191,7 @@ _SORT_KEYS: Final = {
     "cache_read_tokens": "f_cache_read",
     "cache_write_tokens": "f_cache_write",
     "reasoning_tokens": "f_reasoning",
-    "avg_latency_ms": "f_avg_latency",
+    "avg_latency_ms": "f_latency_sum / greatest(f_count, 1)",
     "p50_latency_ms": "if(f_succeeded > 0, f_percentiles[1], NULL)",
     "p95_latency_ms": "if(f_succeeded > 0, f_percentiles[2], NULL)",
     "p99_latency_ms": "if(f_succeeded > 0, f_percentiles[3], NULL)",
@@ -220,13 +225,13 @@ class _Figures:
     cost: Decimal
     unpriced: int
     revenue: Decimal
-    margin_sum: float
+    margin_sum: Decimal
     margin_count: int
     errors: int
 
     @classmethod
     def of(cls, row: Sequence[Any]) -> _Figures:
-        (count, tokens_in, tokens_out, credits, read, write, reasoning, avg_latency, succeeded,
+        (count, tokens_in, tokens_out, credits, read, write, reasoning, latency_sum, succeeded,
          percentiles, cost_e6, unpriced, revenue, margin_sum, margin_count, errors) = row  # fmt: skip
         return cls(
             count=int(count),
@@ -236,13 +241,13 @@ class _Figures:
             cache_read_tokens=int(read),
             cache_write_tokens=int(write),
             reasoning_tokens=int(reasoning),
-            avg_latency_ms=float(avg_latency) if count else None,
+            avg_latency_ms=float(Decimal(latency_sum) / count) if count else None,
             succeeded=int(succeeded),
             percentiles=percentiles,
             cost=Decimal(cost_e6) / _ONE_MILLION,
             unpriced=int(unpriced),
             revenue=Decimal(revenue),
-            margin_sum=float(margin_sum or 0),
+            margin_sum=Decimal(margin_sum or 0),
             margin_count=int(margin_count),
             errors=int(errors),
         )
@@ -276,7 +281,7 @@ class _Figures:
             total_cost_usd=float(self.cost),
             total_revenue_usd=float(self.revenue),
             total_profit_usd=float(self.revenue - self.cost),
-            avg_margin=self.margin_sum / self.margin_count if self.margin_count else None,
+            avg_margin=float(self.margin_sum / self.margin_count) if self.margin_count else None,
             gross_margin=float((self.revenue - self.cost) / self.revenue) if self.revenue else None,
             unpriced_count=self.unpriced,
             error_count=self.errors,
@@ -285,7 +290,7 @@ class _Figures:
         )
 
 
-_EMPTY: Final = _Figures(0, 0, 0, 0, 0, 0, 0, None, 0, (), Decimal(0), 0, Decimal(0), 0.0, 0, 0)
+_EMPTY: Final = _Figures(0, 0, 0, 0, 0, 0, 0, None, 0, (), Decimal(0), 0, Decimal(0), Decimal(0), 0, 0)
 
 
 # --- breakdowns -----------------------------------------------------------------------------------------
