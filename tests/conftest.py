@@ -1,9 +1,15 @@
-"""One fixture, `backend`, parametrises every database test over SQLite and PostgreSQL.
+"""One fixture, `backend`, parametrises every database test over SQLite and PostgreSQL, and the
+modules marked `clickhouse` over ClickHouse too.
 
 PostgreSQL tests need a server (default postgresql://postgres@127.0.0.1:5432/test, or
 $ACTION_METRICS_TEST_POSTGRES_URL). Each test gets a throwaway database cloned from a migrated
 template, dropped afterwards; the server is never assumed empty. Without a server the PostgreSQL
 half is skipped with the reason, unless ACTION_METRICS_REQUIRE_POSTGRES=1 (as in CI) makes it fail.
+
+ClickHouse runs in process through chdb (the `.[clickhouse]` extra), one engine directory per test
+process (chdb opens one per process), a database of its own per test. Within a marked module, a
+test marked `not_on_clickhouse(reason)` is skipped there with its reason. Without chdb the
+ClickHouse third is skipped, unless ACTION_METRICS_REQUIRE_CLICKHOUSE=1 (as in CI).
 
 Also the two things every test file builds: a metric (`metric`) and a command line (`run_cli`).
 """
@@ -23,7 +29,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import make_url
 
-from action_metrics import ActionMetric, migrate
+from action_metrics import ActionMetric, clickhouse, migrate
 from action_metrics.cli import main
 from action_metrics.dialects import backend_for
 
@@ -31,7 +37,31 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "ACTION_METRICS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REQUIRE_POSTGRES = os.environ.get("ACTION_METRICS_REQUIRE_POSTGRES") == "1"
+REQUIRE_CLICKHOUSE = os.environ.get("ACTION_METRICS_REQUIRE_CLICKHOUSE") == "1"
 BACKENDS = ["sqlite", "postgresql"]
+"""Every database test's backends; a module marked `clickhouse` adds "clickhouse"."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "clickhouse: the module's database tests run on ClickHouse (chdb) too")
+    config.addinivalue_line(
+        "markers", "not_on_clickhouse(reason): in a `clickhouse` module, skipped on ClickHouse for `reason`"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        names = [*BACKENDS, *(["clickhouse"] if metafunc.definition.get_closest_marker("clickhouse") else [])]
+        metafunc.parametrize("backend", names, indirect=True, scope="session")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = item.get_closest_marker("not_on_clickhouse")
+        callspec = getattr(item, "callspec", None)
+        if marker is not None and callspec is not None and callspec.params.get("backend") == "clickhouse":
+            item.add_marker(pytest.mark.skip(reason=f"not on ClickHouse: {marker.args[0]}"))
+
 
 METRIC_FIELDS: dict[str, Any] = {
     "action_type": "lod3",
@@ -129,7 +159,11 @@ def postgres_available() -> None:
 class Databases:
     """Makes throwaway databases of one backend: empty, or migrated to head."""
 
+    has_rollups: bool
+    """Whether aggregates and breakdowns may answer from rollups (percentiles from histograms)."""
+
     def __init__(self, name: str, workdir: Path) -> None:
+        self.has_rollups = name != "clickhouse"
         self.name = name
         self.workdir = workdir
         self._created: list[str] = []
@@ -139,6 +173,8 @@ class Databases:
         token = uuid.uuid4().hex[:12]
         if self.name == "sqlite":
             return f"sqlite:///{self.workdir / f'{token}.db'}"
+        if self.name == "clickhouse":  # created by the store on first use, as a SQLite file is
+            return f"chdb://{self.workdir}?database=am_test_{token}"
         database = f"am_test_{token}"
         postgres_admin(f'CREATE DATABASE "{database}"')
         self._created.append(database)
@@ -146,6 +182,10 @@ class Databases:
 
     def migrated(self) -> str:
         """A database at head, cloned from a template migrated once per session."""
+        if self.name == "clickhouse":
+            url = self.empty()
+            clickhouse.upgrade(clickhouse.ClickHouseURL.parse(url))
+            return url
         if self._template is None:
             self._template = self.empty()
             migrate_to_head(self._template)
@@ -161,6 +201,16 @@ class Databases:
         return postgres_url(database)
 
     def drop(self, url: str) -> None:
+        if self.name == "clickhouse":
+            client = clickhouse.ClickHouseURL.parse(url).connect(with_database=False)
+            try:
+                database = clickhouse.ClickHouseURL.parse(url).database
+                client.command(
+                    "DROP DATABASE IF EXISTS {database:Identifier}", parameters={"database": database}
+                )
+            finally:
+                client.close()
+            return
         database = make_url(url).database or ""
         if self.name == "postgresql" and database in self._created:
             postgres_admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
@@ -172,12 +222,29 @@ class Databases:
             self._created.clear()
 
 
-@pytest.fixture(scope="session", params=BACKENDS)
+@pytest.fixture(scope="session")
+def chdb_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chdb engine directory of this test process: chdb opens one directory per process."""
+    try:
+        import chdb  # noqa: F401
+    except ModuleNotFoundError as error:
+        message = f"chdb is not installed (the optional extra .[clickhouse]): {error}"
+        if REQUIRE_CLICKHOUSE:
+            pytest.fail(f"{message} (ACTION_METRICS_REQUIRE_CLICKHOUSE=1)")
+        pytest.skip(message)
+    return tmp_path_factory.mktemp("chdb")
+
+
+@pytest.fixture(scope="session")
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
-    """The backend under test: SQLite or PostgreSQL."""
+    """The backend under test: SQLite, PostgreSQL or (in `clickhouse` modules) ClickHouse."""
     if request.param == "postgresql":
         request.getfixturevalue("postgres_available")
-    databases = Databases(request.param, tmp_path_factory.mktemp(request.param))
+    if request.param == "clickhouse":
+        workdir = request.getfixturevalue("chdb_directory")
+    else:
+        workdir = tmp_path_factory.mktemp(request.param)
+    databases = Databases(request.param, workdir)
     yield databases
     databases.drop_all()
 

@@ -23,6 +23,8 @@ from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
 
+pytestmark = pytest.mark.clickhouse  # SQLite, PostgreSQL and ClickHouse
+
 START = datetime(2026, 11, 1, tzinfo=UTC)
 DAYS = 10
 SONNET_CHEAPER = START + timedelta(days=5)

@@ -1,13 +1,15 @@
-"""ClickHouse (preview), in process through chdb: the known-answer aggregates of test_aggregate.py
-against the same independent reference, with every batch sent twice; queries; effective-dated
-prices; the versioned schema and `db upgrade|current --sql` for it.
+"""ClickHouse (preview), in process through chdb, what the three-way `backend` fixture does not
+ask: the known-answer aggregates of test_aggregate.py with every batch sent twice; the versioned
+schema and `db upgrade|current --sql` for it; what only ClickHouse refuses.
 
-chdb runs one engine directory per process, so the session shares one directory and each test
-gets a database of its own in it.
+chdb runs one engine directory per process, so the session shares one directory (conftest's
+`chdb_directory`, also the `backend` fixture's) and each test gets a database of its own in it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,9 +32,11 @@ from test_aggregate import (
     _metrics,
 )
 
-from action_metrics import ActionMetric
-from action_metrics.clickhouse import ClickHouseMetricsStore, ClickHouseURL, head_version
-from action_metrics.errors import InvalidMetric, SchemaTooNew
+from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
+from action_metrics.breakdown import SORT_KEYS
+from action_metrics.cli import run_async
+from action_metrics.clickhouse import ClickHouseURL, head_version
+from action_metrics.errors import DataRejected, RawRowsPruned, SchemaTooNew
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
@@ -40,9 +44,18 @@ from reference import PriceBook, assert_matches, expected_aggregate, select_like
 pytest.importorskip("chdb", reason="the optional extra .[clickhouse] is not installed")
 
 
+def _seed_book() -> PriceBook:
+    """The prices a new database has: the seed's, from the beginning of time."""
+    models = {
+        model: [(BEGINNING_OF_TIME, Decimal(str(i)), Decimal(str(o)))]
+        for model, (i, o) in MODEL_COSTS_PER_1M.items()
+    }
+    return PriceBook(models, [(BEGINNING_OF_TIME, Decimal("0.006"))])
+
+
 @pytest.fixture(scope="session")
-def engine_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("chdb")
+def engine_directory(chdb_directory: Path) -> Path:
+    return chdb_directory
 
 
 def _new_database_url(directory: Path) -> str:
@@ -57,7 +70,7 @@ def clickhouse_url(engine_directory: Path) -> str:
 
 @dataclass
 class Dataset:
-    store: ClickHouseMetricsStore
+    store: MetricsStore
     metrics: list[ActionMetric]
     book: PriceBook
 
@@ -70,7 +83,7 @@ def dataset(engine_directory: Path) -> Iterator[Dataset]:
     """test_aggregate.py's metrics and price book. Every batch is sent twice, and overlapping
     batches re-send half of two others: a retry must count once in every figure."""
     metrics = _metrics()
-    with ClickHouseMetricsStore(_new_database_url(engine_directory)) as store:
+    with MetricsStore(_new_database_url(engine_directory)) as store:
         store.set_model_price(
             "sonnet", "2.5", "12.5", SONNET_CHEAPER, cache_read_per_1m="0.25", cache_write_per_1m="3.125"
         )
@@ -102,7 +115,7 @@ def test_re_sent_batches_are_stored_once_after_the_merges_too(clickhouse_url: st
     """FINAL answers before the merges; after them the table itself holds one row per action, so
     the sorting key really is what makes two rows copies of one action."""
     metrics = [metric(timestamp=START + timedelta(minutes=i), latency_ms=float(i)) for i in range(200)]
-    with ClickHouseMetricsStore(clickhouse_url) as store:
+    with MetricsStore(clickhouse_url) as store:
         for _ in range(3):
             store.emit_many(metrics)
         for one in metrics[:10]:
@@ -120,7 +133,7 @@ def test_re_sent_batches_are_stored_once_after_the_merges_too(clickhouse_url: st
 
 def test_a_price_set_again_at_the_same_start_replaces_it(clickhouse_url: str) -> None:
     at = START + timedelta(days=1)
-    with ClickHouseMetricsStore(clickhouse_url) as store:
+    with MetricsStore(clickhouse_url) as store:
         store.emit(metric(model="new-model", tokens_in=1_000_000, tokens_out=0, timestamp=at))
         assert store.aggregate().unpriced_count == 1
         store.set_model_price("new-model", 2, 4, effective_from=at)
@@ -149,7 +162,7 @@ def test_money_sums_stay_exact_when_one_huge_action_meets_many_tiny_ones(clickho
         )
         for i in range(20_000)
     ]
-    with ClickHouseMetricsStore(clickhouse_url) as store:
+    with MetricsStore(clickhouse_url) as store:
         store.set_credit_price("0.000000007", effective_from=START + timedelta(seconds=10_000))
         store.emit_many([huge, *tiny])
         aggregate = store.aggregate()
@@ -168,7 +181,7 @@ def test_the_seeded_prices_are_the_packages_defaults(clickhouse_url: str) -> Non
         metric(model=model, tokens_in=1_000_000, tokens_out=2_000_000, timestamp=moment)
         for model in MODEL_COSTS_PER_1M
     ]
-    with ClickHouseMetricsStore(clickhouse_url) as store:
+    with MetricsStore(clickhouse_url) as store:
         store.emit_many(metrics)
         by_model = store.aggregate().by_model
         revenue = store.aggregate().total_revenue_usd
@@ -179,10 +192,17 @@ def test_the_seeded_prices_are_the_packages_defaults(clickhouse_url: str) -> Non
 
 
 def test_a_timestamp_clickhouse_cannot_store_is_refused_naming_the_field(clickhouse_url: str) -> None:
-    with ClickHouseMetricsStore(clickhouse_url) as store:
-        with pytest.raises(InvalidMetric, match="timestamp"):
-            store.emit(metric(timestamp=datetime(1899, 12, 31, tzinfo=UTC)))
-        assert store.query() == []
+    too_early = metric(timestamp=datetime(1899, 12, 31, tzinfo=UTC))
+    with MetricsStore(clickhouse_url) as store:
+        with pytest.raises(DataRejected, match="timestamp"):
+            store.emit_many([metric(), too_early])
+        assert store.query() == []  # a batch is refused whole
+        # Emitted through the writer: that metric is dropped and counted, its batch written.
+        kept = [metric(), metric()]
+        for one in (kept[0], too_early, kept[1]):
+            store.emit(one)
+        store.flush()
+        assert (store.rejected, store.query()) == (1, select_like_the_store(kept, {}))
 
 
 def test_db_upgrade_creates_the_schema_and_current_reports_it(clickhouse_url: str) -> None:
@@ -193,7 +213,7 @@ def test_db_upgrade_creates_the_schema_and_current_reports_it(clickhouse_url: st
     assert run_cli("db", "current", "--url", clickhouse_url).stdout == f"{head_version()} (head)\n"
     again = run_cli("db", "upgrade", "--url", clickhouse_url)
     assert again.exit_code == 0, again.output
-    with ClickHouseMetricsStore(clickhouse_url) as store:
+    with MetricsStore(clickhouse_url) as store:
         store.emit(metric())
         assert store.aggregate().count == 1
 
@@ -223,17 +243,115 @@ def test_the_printed_sql_builds_the_same_schema_as_upgrade(engine_directory: Pat
                 client.command("\n".join(lines))
     finally:
         client.close()
-    with ClickHouseMetricsStore(url) as store:
+    with MetricsStore(url) as store:
         store.emit(metric(tokens_in=1_000_000, tokens_out=0))
         assert store.aggregate().total_cost_usd == pytest.approx(0.25, abs=1e-12)
 
 
 def test_a_database_upgraded_by_a_newer_package_is_refused(clickhouse_url: str) -> None:
-    ClickHouseMetricsStore(clickhouse_url).close()
+    MetricsStore(clickhouse_url).open().close()  # creates the database
     client = ClickHouseURL.parse(clickhouse_url).connect()
     try:
         client.command("INSERT INTO action_metrics_schema_version (version, name) VALUES (999, 'future')")
     finally:
         client.close()
+    store = MetricsStore(clickhouse_url)
     with pytest.raises(SchemaTooNew, match="upgrade action-metrics"):
-        ClickHouseMetricsStore(clickhouse_url)
+        store.open()
+    store.close()
+
+
+def test_prune_drops_old_months_and_rows_and_what_needs_them_says_so(clickhouse_url: str) -> None:
+    """Without rollups a pruned period cannot be answered: every read reaching before the cut-off
+    is refused naming it, and reads after it answer as before. Two whole months go as partitions,
+    the days of the third before the cut-off by a DELETE."""
+    metrics = [metric(timestamp=START + timedelta(hours=7 * i), tokens_in=i) for i in range(300)]  # ~87 days
+    cutoff = datetime(2027, 1, 9, tzinfo=UTC)
+    older = [one for one in metrics if one.timestamp < cutoff]
+    kept = [one for one in metrics if one.timestamp >= cutoff]
+    assert {one.timestamp.month for one in older} == {11, 12, 1}
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics)
+        dry = store.prune(cutoff + timedelta(hours=7), dry_run=True)  # rounded down to the UTC day
+        assert (dry.cutoff, dry.rows, dry.dry_run) == (cutoff, len(older), True)
+        assert len(store.query()) == len(metrics)
+        seen: list[int] = []
+        done = store.prune(cutoff + timedelta(hours=7), progress=seen.append)
+        assert (done.cutoff, done.rows, seen) == (cutoff, len(older), [len(older)])
+        assert store.query(since=cutoff) == select_like_the_store(kept, {})
+        assert store.query(limit=5) == select_like_the_store(kept, {"limit": 5})  # the newest: all kept
+        assert_matches(store.aggregate(since=cutoff).to_dict(), expected_aggregate(kept, _seed_book()))
+        for call in (
+            lambda: store.aggregate(),
+            lambda: store.aggregate(since=cutoff - timedelta(days=1)),
+            lambda: store.aggregate(limit=len(kept) + 1),
+            lambda: store.query(),
+            lambda: store.breakdown("town_id", bucket="day"),
+        ):
+            with pytest.raises(RawRowsPruned, match=re.escape(f"before {cutoff.isoformat()}")) as raised:
+                call()
+            assert "keeps no rollups" in str(raised.value)
+        client = ClickHouseURL.parse(clickhouse_url).connect()
+        try:
+            stored = client.query("SELECT count() FROM action_metrics").result_rows[0][0]
+        finally:
+            client.close()
+    assert stored == len(kept)
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_a_breakdown_sorts_by_every_key_groups_without_a_value_last(
+    clickhouse_url: str, descending: bool
+) -> None:
+    """Each sortable key's SQL orders the rows as the figures the rows carry (None last either way)."""
+    at = START + timedelta(hours=3)
+    metrics = [
+        ActionMetric("lod3", "free", "t", None, 10, 10, "haiku", 5.0, 0, timestamp=at),
+        ActionMetric("lod3", "paid", "t", None, 10, 10, "haiku", 7.0, 10, timestamp=at),
+        ActionMetric("lod5", "dear", "t", None, 10_000_000, 10, "opus", 2.0, 1, timestamp=at),
+        ActionMetric("lod4", "unpriced", "t", None, 500, 900, "mystery", 9.0, 400, timestamp=at),
+        ActionMetric("lod4", "failing", "t", None, 50, 0, "sonnet", 1.0, 0, timestamp=at, error="Timeout"),
+        metric(
+            user_id="cached", cache_read_tokens=60, cache_write_tokens=20, reasoning_tokens=5, timestamp=at
+        ),
+    ]
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics)
+        for key in SORT_KEYS:
+            rows = [row.to_dict() for row in store.breakdown("user_id", sort=key, descending=descending)]
+            values = [row[key] for row in rows]
+            present = [value for value in values if value is not None]
+            assert values == present + [None] * (len(values) - len(present)), key
+            assert present == sorted(present, reverse=descending), key
+            assert {row["user_id"] for row in rows} == {one.user_id for one in metrics}
+
+
+def test_an_async_store_answers_concurrent_calls_while_its_writer_writes(clickhouse_url: str) -> None:
+    """The worker threads: reads, a stream and buffered writes at once on one store, none lost."""
+    metrics = [metric(timestamp=START + timedelta(minutes=i), user_id=f"user-{i % 7}") for i in range(400)]
+
+    async def run() -> tuple[list[Any], int, list[dict[str, Any]], list[dict[str, Any]]]:
+        async with AsyncMetricsStore(clickhouse_url) as store:
+            await store.emit_many(metrics[:200])
+            for one in metrics[200:]:
+                await store.emit(one)
+            answers = await asyncio.gather(
+                *(store.aggregate(user_id=f"user-{i}") for i in range(7)),
+                store.query(limit=3),
+                store.breakdown("user_id", sort="count"),
+            )
+            streamed = [row.to_dict() async for row in store.stream_breakdown("user_id", sort="count")]
+            await store.flush()
+            return (
+                answers,
+                (await store.aggregate()).count,
+                streamed,
+                [row.to_dict() for row in await store.breakdown("user_id", sort="count")],
+            )
+
+    answers, count, streamed, listed = run_async(run())
+    assert count == len(metrics)
+    assert all(answer.count > 0 for answer in answers[:7])
+    assert len(answers[7]) == 3
+    assert streamed == listed
+    assert sum(row["count"] for row in listed) == len(metrics)

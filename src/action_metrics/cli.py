@@ -27,7 +27,7 @@ from action_metrics.breakdown_report import (
     write_csv,
     write_json,
 )
-from action_metrics.dialects import URL_VARIABLE, Backend, backend_for, display_url
+from action_metrics.dialects import URL_VARIABLE, Backend, backend_for, display_url, resolve_url
 from action_metrics.errors import ActionMetricsError, InvalidPrice, InvalidValue
 from action_metrics.pricing import ModelPrice
 from action_metrics.repository import MetricsRepository, PruneResult
@@ -546,7 +546,7 @@ def demo_command(
     console = _stdout()
     console.print(
         f"Recorded {len(metrics):,} actions of {town_id} over {days:g} days (seed {seed}) "
-        f"into {display_url(backend_for(url).given_url)}"
+        f"into {display_url(resolve_url(url))}"
     )
     console.print()
     console.print(report.render_dashboard(dashboard))

@@ -1,51 +1,30 @@
-"""ClickHouse, the third backend (preview): `ClickHouseMetricsStore` and its versioned schema.
+"""ClickHouse, the third backend (preview): where its database is, and its versioned schema.
 
-A ClickHouse server is reached over HTTP (`clickhouse://user:password@host:8123/db`) and the same
-engine runs in process through chdb (`chdb:///path/to/dir?database=name`), both through
-`clickhouse-connect` (the optional extra `.[clickhouse]`). ClickHouse is not a SQLAlchemy dialect
-here: this module speaks ClickHouse SQL itself, with every user value sent as a bound parameter.
+A ClickHouse server is reached over HTTP (`clickhouse://user:password@host:8123/db`, or
+`clickhouses://` for HTTPS) and the same engine runs in process through chdb
+(`chdb:///path/to/dir?database=name`), both through `clickhouse-connect` (the optional extra
+`.[clickhouse]`). `MetricsStore(url)` and `AsyncMetricsStore(url)` open these URLs; their reads and
+writes are `clickhouse_repository`'s. ClickHouse is not a SQLAlchemy dialect here: the package
+speaks ClickHouse SQL itself, with every user value sent as a bound parameter.
 
 The schema lives in `sql/clickhouse/<NNNN>_<name>.sql`; the version applied is recorded in
-`action_metrics_schema_version`. Reads say FINAL, so a re-sent action counts once before the
-merges have removed its copies. The figures follow the contract's definitions: money in Decimal
-(the sums of token x price are exact; the division by 1e6 is done once, in Python `decimal`),
-prices in force at each action's timestamp by ASOF JOIN, percentiles by `quantilesExactInclusive`
-(NumPy's 'linear') over the successful actions.
+`action_metrics_schema_version`.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import threading
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self, Unpack
+from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qs, urlsplit
 
-from action_metrics.aggregate import Aggregate, ModelAggregate
-from action_metrics.errors import (
-    InvalidMetric,
-    SchemaNotCreated,
-    SchemaOutOfDate,
-    SchemaTooNew,
-    StoreClosed,
-    UnsupportedDatabase,
-)
+from action_metrics.errors import SchemaNotCreated, SchemaOutOfDate, SchemaTooNew, UnsupportedDatabase
 from action_metrics.migrate import sql_dir
-from action_metrics.model import ActionMetric
-from action_metrics.pricing import CreditPrice, ModelPrice
-from action_metrics.query import EQUALITY_FILTERS, MetricFilter
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
-
-    from action_metrics.store import Amount, Filters
 
 SCHEMES: Final = ("chdb", "clickhouse", "clickhouses")
 VERSION_TABLE: Final = "action_metrics_schema_version"
@@ -55,7 +34,6 @@ LATEST: Final = datetime(2300, 1, 1, tzinfo=UTC)
 """DateTime64's end (exclusive): a metric stamped outside [EARLIEST, LATEST) cannot be stored."""
 
 _VERSION_FILE: Final = re.compile(r"^(\d{4})_(\w+)\.sql$")
-_MICROSECOND: Final = timedelta(microseconds=1)
 
 
 def is_clickhouse_url(url: str | None) -> bool:
@@ -110,7 +88,10 @@ class ClickHouseURL:
                 dsn=f"chdb://{parts.path}", database=self.database if with_database else None
             )
         dsn = parts._replace(scheme="https" if parts.scheme == "clickhouses" else "http", path="").geturl()
-        return clickhouse_connect.get_client(dsn=dsn, database=self.database if with_database else None)
+        # No session: a store's calls run in worker threads and may overlap, which one session refuses.
+        return clickhouse_connect.get_client(
+            dsn=dsn, database=self.database if with_database else None, autogenerate_session_id=False
+        )
 
 
 # --- the versioned schema ---------------------------------------------------------------------------
@@ -190,43 +171,44 @@ def current_version(client: Client) -> int | None:
 
 def upgrade(url: ClickHouseURL) -> int:
     """Create the database if needed and apply the versions it lacks; the version reached."""
-    server = url.connect(with_database=False)
+    client = url.connect(with_database=False)
     try:
-        server.command(
-            "CREATE DATABASE IF NOT EXISTS {database:Identifier}", parameters={"database": url.database}
-        )
-    finally:
-        server.close()
-    client = url.connect()
-    try:
-        client.command(_VERSION_TABLE_DDL)
-        applied = current_version(client) or 0
-        for version in schema_versions():
-            if version.number > applied:
-                for statement in version.statements():
-                    client.command(statement)
-                client.command(_version_row(version))
-        return head_version()
+        return upgrade_on(client, url)
     finally:
         client.close()
+
+
+def upgrade_on(client: Client, url: ClickHouseURL) -> int:
+    """`upgrade` through a client of the server, left on the database."""
+    client.command(
+        "CREATE DATABASE IF NOT EXISTS {database:Identifier}", parameters={"database": url.database}
+    )
+    client.database = url.database
+    client.command(_VERSION_TABLE_DDL)
+    applied = current_version(client) or 0
+    for version in schema_versions():
+        if version.number > applied:
+            for statement in version.statements():
+                client.command(statement)
+            client.command(_version_row(version))
+    return head_version()
 
 
 def version_of(url: ClickHouseURL) -> int | None:
     """`db current`: the version applied to the database (None: no schema, or no database)."""
-    server = url.connect(with_database=False)
+    client = url.connect(with_database=False)
     try:
-        exists = server.command(
-            "EXISTS DATABASE {database:Identifier}", parameters={"database": url.database}
-        )
-    finally:
-        server.close()
-    if not exists:
-        return None
-    client = url.connect()
-    try:
-        return current_version(client)
+        return version_on(client, url)
     finally:
         client.close()
+
+
+def version_on(client: Client, url: ClickHouseURL) -> int | None:
+    """`version_of` through a client of the server, left on the database if it exists."""
+    if not client.command("EXISTS DATABASE {database:Identifier}", parameters={"database": url.database}):
+        return None
+    client.database = url.database
+    return current_version(client)
 
 
 def describe_version(url: ClickHouseURL) -> str:
@@ -236,394 +218,15 @@ def describe_version(url: ClickHouseURL) -> str:
     return f"{version or '-'} ({state})"
 
 
-# --- reading and writing ------------------------------------------------------------------------------
-
-_COLUMNS: Final = (
-    "id",
-    "timestamp",
-    "action_type",
-    "user_id",
-    "town_id",
-    "citizen_id",
-    "model",
-    "tokens_in",
-    "tokens_out",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "latency_ms",
-    "credits_charged",
-    "error",
-    "metadata",
-)
-_READ_SETTINGS: Final = {"do_not_merge_across_partitions_select_final": 1}
-"""FINAL per partition is enough: copies of one action share its timestamp, hence its month."""
-
-
-def _row(metric: ActionMetric) -> list[Any]:
-    if not EARLIEST <= metric.timestamp < LATEST:
-        raise InvalidMetric(
-            "timestamp", f"ClickHouse stores 1900-01-01 to 2299-12-31 UTC, got {metric.timestamp}"
+def check_version(version: int | None, url: ClickHouseURL) -> None:
+    """Insist that the database's `version` is this package's head; the error names the fix."""
+    head = head_version()
+    command = f"action-metrics db upgrade --url {url.shown()}"
+    if version is None:
+        raise SchemaNotCreated(f"{url.shown()} has no action-metrics schema: run {command}")
+    if version < head:
+        raise SchemaOutOfDate(f"{url.shown()} is at version {version}, not {head}: run {command}")
+    if version > head:
+        raise SchemaTooNew(
+            f"{url.shown()} is at version {version}, newer than this package's {head}: upgrade action-metrics"
         )
-    return [
-        metric.id,
-        metric.timestamp,
-        metric.action_type,
-        metric.user_id,
-        metric.town_id,
-        metric.citizen_id,
-        metric.model,
-        metric.tokens_in,
-        metric.tokens_out,
-        metric.cache_read_tokens,
-        metric.cache_write_tokens,
-        metric.reasoning_tokens,
-        metric.latency_ms,
-        metric.credits_charged,
-        metric.error,
-        metric.metadata_json,
-    ]
-
-
-def _micros(moment: datetime) -> int:
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // _MICROSECOND
-
-
-def _moment(micros: int) -> datetime:
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
-
-
-def _selection(metric_filter: MetricFilter, columns: str) -> tuple[str, dict[str, Any]]:
-    """The actions a filter selects, newest first when it has a limit; SQL and its parameters."""
-    terms: list[str] = []
-    parameters: dict[str, Any] = {}
-    for name in EQUALITY_FILTERS:
-        value = getattr(metric_filter, name)
-        if value is not None:
-            terms.append(f"{name} = {{{name}:String}}")
-            parameters[name] = value
-    if not metric_filter.storable:
-        terms.append("0")
-    if metric_filter.since is not None:
-        terms.append("timestamp >= fromUnixTimestamp64Micro({since:Int64}, 'UTC')")
-        parameters["since"] = _micros(max(metric_filter.since, EARLIEST))
-    if metric_filter.until is not None:
-        terms.append("timestamp < fromUnixTimestamp64Micro({until:Int64}, 'UTC')")
-        parameters["until"] = _micros(min(metric_filter.until, LATEST))
-    if metric_filter.since is not None and metric_filter.since >= LATEST:
-        terms.append("0")
-    if metric_filter.until is not None and metric_filter.until <= EARLIEST:
-        terms.append("0")
-    where = f" WHERE {' AND '.join(terms)}" if terms else ""
-    statement = f"SELECT {columns} FROM action_metrics FINAL{where}"
-    if metric_filter.limit is not None:
-        # toString: ClickHouse orders UUIDs by their halves swapped; their text orders as Python does.
-        statement += " ORDER BY timestamp DESC, toString(id) DESC LIMIT {limit:UInt64}"
-        parameters["limit"] = metric_filter.limit
-    return statement, parameters
-
-
-_PRICED_COLUMNS: Final = (
-    "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, reasoning_tokens, "
-    "credits_charged, latency_ms, error, toUInt8(1) AS one"
-)
-
-_AGGREGATE: Final = """
-WITH priced AS (
-    SELECT
-        s.model AS model,
-        s.tokens_in AS tokens_in,
-        s.tokens_out AS tokens_out,
-        s.cache_read_tokens AS cache_read_tokens,
-        s.cache_write_tokens AS cache_write_tokens,
-        s.reasoning_tokens AS reasoning_tokens,
-        s.credits_charged AS credits_charged,
-        s.latency_ms AS latency_ms,
-        s.error IS NULL AS succeeded,
-        -- USD x 1e6, exact: the division by 1e6 is done once, on the sum.
-        toDecimal256(s.tokens_in - s.cache_read_tokens - s.cache_write_tokens, 0) * p.input_per_1m
-            + toDecimal256(s.cache_read_tokens, 0) * coalesce(p.cache_read_per_1m, p.input_per_1m)
-            + toDecimal256(s.cache_write_tokens, 0) * coalesce(p.cache_write_per_1m, p.input_per_1m)
-            + toDecimal256(s.tokens_out, 0) * p.output_per_1m AS cost_e6,
-        toDecimal256(s.credits_charged, 0) * coalesce(c.usd_per_credit, toDecimal128(0, 9)) AS revenue
-    FROM ({selection}) AS s
-    ASOF LEFT JOIN (SELECT * FROM model_prices FINAL) AS p
-        ON s.model = p.model AND s.timestamp >= p.effective_from
-    ASOF LEFT JOIN (SELECT toUInt8(1) AS one, effective_from, usd_per_credit FROM credit_prices FINAL) AS c
-        ON s.one = c.one AND s.timestamp >= c.effective_from
-)
-SELECT
-    model,
-    count() AS count,
-    sum(toUInt128(tokens_in)),
-    sum(toUInt128(tokens_out)),
-    sum(toUInt128(credits_charged)),
-    sum(toUInt128(cache_read_tokens)),
-    sum(toUInt128(cache_write_tokens)),
-    sum(toUInt128(reasoning_tokens)),
-    avg(latency_ms),
-    countIf(succeeded),
-    quantilesExactInclusiveIf(0.5, 0.95, 0.99)(latency_ms, succeeded),
-    sum(cost_e6),
-    countIf(cost_e6 IS NULL),
-    sum(revenue),
-    sumKahanIf(
-        toFloat64(revenue * 1000000 - cost_e6) / toFloat64(revenue * 1000000),
-        revenue > 0 AND cost_e6 IS NOT NULL
-    ),
-    countIf(revenue > 0 AND cost_e6 IS NOT NULL),
-    countIf(NOT succeeded)
-FROM priced
-GROUP BY GROUPING SETS ((model), ())
-"""
-_AGGREGATE_SETTINGS: Final = {**_READ_SETTINGS, "join_use_nulls": 1, "group_by_use_nulls": 1}
-_ONE_MILLION: Final = Decimal(1_000_000)
-
-
-@dataclass(frozen=True, slots=True)
-class _Figures:
-    """One row of `_AGGREGATE`: a model's figures, or the selection's (model None)."""
-
-    model: str | None
-    count: int
-    tokens_in: int
-    tokens_out: int
-    credits: int
-    cache_read_tokens: int
-    cache_write_tokens: int
-    reasoning_tokens: int
-    avg_latency_ms: float | None
-    succeeded: int
-    percentiles: Sequence[float]
-    cost: Decimal
-    unpriced: int
-    revenue: Decimal
-    margin_sum: float
-    margin_count: int
-    errors: int
-
-    @classmethod
-    def of(cls, row: Sequence[Any]) -> _Figures:
-        (model, count, tokens_in, tokens_out, credits, read, write, reasoning, avg_latency, succeeded,
-         percentiles, cost_e6, unpriced, revenue, margin_sum, margin_count, errors) = row  # fmt: skip
-        return cls(
-            model=model,
-            count=int(count),
-            tokens_in=int(tokens_in),
-            tokens_out=int(tokens_out),
-            credits=int(credits),
-            cache_read_tokens=int(read),
-            cache_write_tokens=int(write),
-            reasoning_tokens=int(reasoning),
-            avg_latency_ms=float(avg_latency) if count else None,
-            succeeded=int(succeeded),
-            percentiles=percentiles,
-            cost=Decimal(cost_e6 or 0) / _ONE_MILLION,
-            unpriced=int(unpriced),
-            revenue=Decimal(revenue or 0),
-            margin_sum=float(margin_sum or 0),
-            margin_count=int(margin_count),
-            errors=int(errors),
-        )
-
-    def percentile(self, index: int) -> float | None:
-        return float(self.percentiles[index]) if self.succeeded else None
-
-    def for_model(self) -> ModelAggregate:
-        return ModelAggregate(
-            count=self.count,
-            total_tokens=self.tokens_in + self.tokens_out,
-            avg_latency_ms=self.avg_latency_ms,
-            p95_latency_ms=self.percentile(1),
-            total_cost_usd=float(self.cost),
-            unpriced_count=self.unpriced,
-        )
-
-    def aggregate(self, by_model: Mapping[str, ModelAggregate]) -> Aggregate:
-        return Aggregate(
-            count=self.count,
-            tokens_in=self.tokens_in,
-            tokens_out=self.tokens_out,
-            total_credits=self.credits,
-            cache_read_tokens=self.cache_read_tokens,
-            cache_write_tokens=self.cache_write_tokens,
-            reasoning_tokens=self.reasoning_tokens,
-            avg_latency_ms=self.avg_latency_ms,
-            p50_latency_ms=self.percentile(0),
-            p95_latency_ms=self.percentile(1),
-            p99_latency_ms=self.percentile(2),
-            total_cost_usd=float(self.cost),
-            total_revenue_usd=float(self.revenue),
-            total_profit_usd=float(self.revenue - self.cost),
-            avg_margin=self.margin_sum / self.margin_count if self.margin_count else None,
-            gross_margin=float((self.revenue - self.cost) / self.revenue) if self.revenue else None,
-            unpriced_count=self.unpriced,
-            error_count=self.errors,
-            percentiles_exact=True,
-            by_model=by_model,
-        )
-
-
-_EMPTY: Final = _Figures(None, 0, 0, 0, 0, 0, 0, 0, None, 0, (), Decimal(0), 0, Decimal(0), 0.0, 0, 0)
-
-
-def _metric(row: Sequence[Any]) -> ActionMetric:
-    fields = dict(zip(_COLUMNS, row, strict=True))
-    fields["timestamp"] = _moment(fields["timestamp"])
-    fields["metadata"] = json.loads(fields["metadata"])
-    fields["latency_ms"] = float(fields["latency_ms"])
-    if not isinstance(fields["id"], uuid.UUID):
-        fields["id"] = uuid.UUID(str(fields["id"]))
-    return ActionMetric.stored(**fields)
-
-
-def _price_start(effective_from: datetime) -> datetime:
-    """No action is stamped before EARLIEST, so a price from earlier is in force from EARLIEST."""
-    return max(effective_from, EARLIEST)
-
-
-class ClickHouseMetricsStore:
-    """The blocking store's API on ClickHouse: emit, emit_many, query, aggregate and the prices.
-
-    Writes are synchronous (`emit` inserts before it returns; there is no background writer yet), so
-    `flush()` has nothing to wait for. A chdb directory is created and upgraded on first use, as a
-    SQLite file is; a server's schema is only ever changed by `action-metrics db upgrade`.
-    """
-
-    def __init__(self, url: str) -> None:
-        self.url = ClickHouseURL.parse(url)
-        self._lock = threading.Lock()
-        """One statement at a time: a clickhouse-connect client is not shared between threads."""
-        if self.url.in_process and version_of(self.url) is None:
-            upgrade(self.url)
-        self._client: Client | None = self.url.connect()
-        try:
-            self._check_version()
-        except BaseException:
-            self.close()
-            raise
-
-    def _check_version(self) -> None:
-        version, head = current_version(self._open()), head_version()
-        command = f"action-metrics db upgrade --url {self.url.shown()}"
-        if version is None:
-            raise SchemaNotCreated(f"{self.url.shown()} has no action-metrics schema: run {command}")
-        if version < head:
-            raise SchemaOutOfDate(f"{self.url.shown()} is at version {version}, not {head}: run {command}")
-        if version > head:
-            raise SchemaTooNew(
-                f"{self.url.shown()} is at version {version}, newer than this package's {head}: "
-                "upgrade action-metrics"
-            )
-
-    def __repr__(self) -> str:
-        return f"ClickHouseMetricsStore({self.url.shown()!r})"
-
-    def _open(self) -> Client:
-        if self._client is None:
-            raise StoreClosed(f"{self!r} is closed: open a new store to use the database again")
-        return self._client
-
-    def emit(self, metric: ActionMetric) -> None:
-        self.emit_many([metric])
-
-    def emit_many(self, metrics: Iterable[ActionMetric]) -> None:
-        """Insert the metrics in one block; an id already stored is kept once (see the module)."""
-        rows = []
-        for metric in metrics:
-            if not isinstance(metric, ActionMetric):
-                raise TypeError(f"expected an ActionMetric, got {type(metric).__name__}")
-            rows.append(_row(metric))
-        if rows:
-            with self._lock:
-                self._open().insert("action_metrics", rows, column_names=list(_COLUMNS))
-
-    def flush(self, timeout: float | None = None) -> None:
-        """Nothing is buffered: every emit has been inserted when it returns."""
-        self._open()
-
-    def query(self, **filters: Unpack[Filters]) -> list[ActionMetric]:
-        """The matching metrics, newest first (`since` inclusive, `until` exclusive, the newest `limit`)."""
-        metric_filter = MetricFilter(**filters)
-        columns = ", ".join("toUnixTimestamp64Micro(timestamp)" if c == "timestamp" else c for c in _COLUMNS)
-        statement, parameters = _selection(metric_filter, columns)
-        if metric_filter.limit is None:
-            statement += " ORDER BY timestamp DESC, toString(id) DESC"
-        with self._lock:
-            rows = self._open().query(statement, parameters=parameters, settings=_READ_SETTINGS).result_rows
-        return [_metric(row) for row in rows]
-
-    def aggregate(self, *, exact: bool = False, **filters: Unpack[Filters]) -> Aggregate:
-        """The dashboard figures of the selection, from raw rows: the percentiles are exact either way."""
-        selection, parameters = _selection(MetricFilter(**filters), _PRICED_COLUMNS)
-        with self._lock:
-            result = self._open().query(
-                _AGGREGATE.format(selection=selection), parameters=parameters, settings=_AGGREGATE_SETTINGS
-            )
-        figures = [_Figures.of(row) for row in result.result_rows]
-        total = next((f for f in figures if f.model is None), _EMPTY)
-        by_model = {f.model: f.for_model() for f in figures if f.model is not None}
-        return total.aggregate(by_model)
-
-    def set_model_price(
-        self,
-        model: str,
-        input_per_1m: Amount,
-        output_per_1m: Amount,
-        effective_from: datetime | None = None,
-        *,
-        cache_read_per_1m: Amount | None = None,
-        cache_write_per_1m: Amount | None = None,
-    ) -> None:
-        """Price `model` from `effective_from` (default now) until its next price; again at the same
-        start replaces it. A cache price left out means the input price for those tokens."""
-        price = ModelPrice.of(
-            model,
-            input_per_1m,
-            output_per_1m,
-            effective_from,
-            cache_read_per_1m=cache_read_per_1m,
-            cache_write_per_1m=cache_write_per_1m,
-        )
-        row = [
-            price.model,
-            _price_start(price.effective_from),
-            price.input_per_1m,
-            price.output_per_1m,
-            price.cache_read_per_1m,
-            price.cache_write_per_1m,
-        ]
-        columns = [
-            "model",
-            "effective_from",
-            "input_per_1m",
-            "output_per_1m",
-            "cache_read_per_1m",
-            "cache_write_per_1m",
-        ]
-        with self._lock:
-            self._open().insert("model_prices", [row], column_names=columns)
-
-    def set_credit_price(self, usd_per_credit: Amount, effective_from: datetime | None = None) -> None:
-        """Set the revenue of one credit from `effective_from` (default now) until the next price."""
-        price = CreditPrice.of(usd_per_credit, effective_from)
-        row = [_price_start(price.effective_from), price.usd_per_credit]
-        with self._lock:
-            self._open().insert("credit_prices", [row], column_names=["effective_from", "usd_per_credit"])
-
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

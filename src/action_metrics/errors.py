@@ -102,10 +102,15 @@ class RawRowsPruned(ActionMetricsError, LookupError):
     `citizen_id` or `limit`, over whole UTC days before the cut-off. `cutoff` is that instant.
     """
 
-    def __init__(self, cutoff: datetime, question: str) -> None:
+    def __init__(self, cutoff: datetime, question: str, *, rollups: bool = True) -> None:
         self.cutoff = cutoff
+        elsewhere = (
+            ", or for whole UTC days without exact=True, user_id, citizen_id or limit"
+            " (the rollups keep those)"
+            if rollups
+            else " (this database keeps no rollups of them)"
+        )
         super().__init__(
             f"{question} needs raw rows from before {cutoff.isoformat()}, which `action-metrics db prune` "
-            f"removed; ask from {cutoff.isoformat()} on, or for whole UTC days without exact=True, "
-            "user_id, citizen_id or limit (the rollups keep those)"
+            f"removed; ask from {cutoff.isoformat()} on{elsewhere}"
         )

@@ -16,25 +16,27 @@ import atexit
 import concurrent.futures.thread  # noqa: F401 - see _call_at_exit
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypedDict, TypeVar, Unpack
 
 from sqlalchemy import URL
 
 from action_metrics.aggregate import Aggregate
 from action_metrics.breakdown import BreakdownRequest, BreakdownRow
 from action_metrics.charges import ChargeAudit
-from action_metrics.dialects import backend_for, display_url
+from action_metrics.clickhouse import SCHEMES as CLICKHOUSE_SCHEMES
+from action_metrics.clickhouse import ClickHouseURL
+from action_metrics.dialects import backend_for, display_url, resolve_url
 from action_metrics.errors import InvalidFilter, StoreClosed
 from action_metrics.ingest import metric_batches
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
 from action_metrics.query import MetricFilter
-from action_metrics.repository import MetricsRepository, PruneResult
+from action_metrics.repository import CatalogueWrite, MetricsRepository, PruneResult
 from action_metrics.validation import as_utc
 from action_metrics.writer import (
     DEFAULT_BATCH_SIZE,
@@ -70,6 +72,47 @@ class Filters(SelectionFilters, total=False):
     limit: int | None
 
 
+class Repository(Protocol):
+    """What a store asks of its database: `repository.MetricsRepository` on SQLite and PostgreSQL,
+    `clickhouse_repository.ClickHouseRepository` on ClickHouse."""
+
+    async def ensure_schema(self) -> None: ...
+    async def close(self) -> None: ...
+    async def insert(self, metrics: Sequence[ActionMetric]) -> None: ...
+    async def insert_counting(self, metrics: Sequence[ActionMetric]) -> int: ...
+    async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]: ...
+    async def aggregate(self, metric_filter: MetricFilter, *, exact: bool = False) -> Aggregate: ...
+    async def breakdown(
+        self, metric_filter: MetricFilter, request: BreakdownRequest
+    ) -> list[BreakdownRow]: ...
+    def stream_breakdown(
+        self, metric_filter: MetricFilter, request: BreakdownRequest
+    ) -> AsyncIterator[BreakdownRow]: ...
+    async def audit_charges(self, metric_filter: MetricFilter, credits: int) -> ChargeAudit: ...
+    async def prune(
+        self, before: datetime, *, dry_run: bool = False, progress: Callable[[int], None] | None = None
+    ) -> PruneResult: ...
+    async def set_model_price(self, price: ModelPrice) -> None: ...
+    async def set_credit_price(self, price: CreditPrice) -> None: ...
+    async def model_prices(self) -> list[ModelPrice]: ...
+    async def seen_models(self) -> list[str]: ...
+    async def replace_catalogue_prices(
+        self, histories: Mapping[str, Sequence[ModelPrice]]
+    ) -> CatalogueWrite: ...
+
+
+def repository_for(url: URL) -> Callable[[], Repository]:
+    """How a store makes its repository: ClickHouse's for clickhouse://, clickhouses:// and chdb://
+    URLs (imported then: its driver is the optional extra), SQLAlchemy's for every other URL."""
+    if url.get_backend_name() in CLICKHOUSE_SCHEMES:
+        from action_metrics.clickhouse_repository import ClickHouseRepository
+
+        target = ClickHouseURL.parse(url.render_as_string(hide_password=False))
+        return lambda: ClickHouseRepository(target)
+    backend = backend_for(url)
+    return lambda: MetricsRepository(backend.create_engine(), backend)
+
+
 def _call_at_exit(hook: Callable[[], None]) -> None:
     """Run `hook` when the interpreter exits, while thread pools still accept work.
 
@@ -100,7 +143,7 @@ def _check_metric(metric: object) -> None:
 
 
 class AsyncMetricsStore:
-    """Action metrics in SQLite or PostgreSQL. Connects, and checks the schema, on first use.
+    """Action metrics in SQLite, PostgreSQL or ClickHouse. Connects, and checks the schema, on first use.
 
     `emit()` buffers; the buffer is written at least every `flush_interval` seconds, on `flush()`,
     on `close()` and at interpreter exit. `durable=True` makes `emit()` wait for the commit.
@@ -118,8 +161,8 @@ class AsyncMetricsStore:
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
-        self.backend = backend_for(url)
-        self.url = self.backend.given_url
+        self.url = resolve_url(url)
+        self._new_repository = repository_for(self.url)
         self.durable = bool(durable)
         settings = WriterSettings(
             buffer_size=buffer_size,
@@ -128,7 +171,7 @@ class AsyncMetricsStore:
             close_timeout=close_timeout,
         )
         self.writer = BatchWriter(self._insert, settings, name=display_url(self.url))
-        self._repository: MetricsRepository | None = None
+        self._repository: Repository | None = None
         self._opening = asyncio.Lock()
         self._exit_hook_registered = False
         self._closed = False
@@ -141,14 +184,14 @@ class AsyncMetricsStore:
         await self._open()
         return self
 
-    async def _open(self) -> MetricsRepository:
+    async def _open(self) -> Repository:
         if self._repository is not None:
             return self._repository
         if self._closed:
             raise _closed_error(self)
         async with self._opening:
             if self._repository is None:
-                repository = MetricsRepository(self.backend.create_engine(), self.backend)
+                repository = self._new_repository()
                 try:
                     await repository.ensure_schema()
                 except BaseException:

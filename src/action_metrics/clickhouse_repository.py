@@ -1,0 +1,845 @@
+"""ClickHouse's repository: what the stores ask of a database, answered by ClickHouse with the same
+numbers `repository.MetricsRepository` gives on SQLite and PostgreSQL.
+
+clickhouse-connect's client is synchronous (its own async client needs aiohttp and refuses chdb), so
+every call runs in a worker thread (`asyncio.to_thread`): the event loop never waits on ClickHouse.
+The HTTP client has no session, so the writer's inserts and the readers' queries may overlap; chdb
+serialises the calls on its handle itself. A streamed breakdown reads on a client of its own, since
+a handle with an open stream answers nothing else.
+
+The figures: money in Decimal (sums of tokens x price are exact, divided by 1e6 once, in Python),
+prices in force at each action's timestamp by ASOF JOIN, percentiles by `quantilesExactInclusive`
+(NumPy's 'linear') over the successful actions, so `percentiles_exact` is True whatever `exact`
+says: there are no rollups here. ClickHouse has no transactions: a statement is atomic, a price
+sync of several statements is not, and `insert_counting` counts ids stored before its insert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from action_metrics.aggregate import Aggregate, ModelAggregate
+from action_metrics.breakdown import BreakdownRequest, BreakdownRow, bucket_starts
+from action_metrics.charges import ChargeAudit
+from action_metrics.clickhouse import EARLIEST, LATEST, ClickHouseURL, check_version, upgrade_on, version_on
+from action_metrics.errors import (
+    ActionMetricsError,
+    DatabaseError,
+    DatabaseUnavailable,
+    DataRejected,
+    RawRowsPruned,
+    StatementRefused,
+    StoreClosed,
+)
+from action_metrics.model import ActionMetric
+from action_metrics.pricing import BEGINNING_OF_TIME, CreditPrice, ModelPrice
+from action_metrics.query import EQUALITY_FILTERS, MetricFilter
+from action_metrics.repository import CatalogueWrite, PruneResult
+from action_metrics.rollup import floor_to
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+T = TypeVar("T")
+
+_MICROSECOND: Final = timedelta(microseconds=1)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MILLION: Final = Decimal(1_000_000)
+
+_COLUMNS: Final = (
+    "id",
+    "timestamp",
+    "action_type",
+    "user_id",
+    "town_id",
+    "citizen_id",
+    "model",
+    "tokens_in",
+    "tokens_out",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "latency_ms",
+    "credits_charged",
+    "error",
+    "metadata",
+)
+_READ_SETTINGS: Final = {"do_not_merge_across_partitions_select_final": 1}
+"""FINAL per partition is enough: copies of one action share its timestamp, hence its month."""
+_FIGURE_SETTINGS: Final = {**_READ_SETTINGS, "join_use_nulls": 1, "group_by_use_nulls": 1}
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _moment(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+# --- which actions ------------------------------------------------------------------------------------
+
+
+def _selection(metric_filter: MetricFilter, columns: str) -> tuple[str, dict[str, Any]]:
+    """The actions a filter selects (the newest `limit` when it has one): SQL and its parameters."""
+    terms: list[str] = []
+    parameters: dict[str, Any] = {}
+    for name in EQUALITY_FILTERS:
+        value = getattr(metric_filter, name)
+        if value is not None:
+            terms.append(f"{name} = {{{name}:String}}")
+            parameters[name] = value
+    if not metric_filter.storable:
+        terms.append("0")
+    if metric_filter.since is not None:
+        terms.append("timestamp >= fromUnixTimestamp64Micro({since:Int64}, 'UTC')")
+        parameters["since"] = _micros(max(metric_filter.since, EARLIEST))
+        if metric_filter.since >= LATEST:
+            terms.append("0")
+    if metric_filter.until is not None:
+        terms.append("timestamp < fromUnixTimestamp64Micro({until:Int64}, 'UTC')")
+        parameters["until"] = _micros(min(metric_filter.until, LATEST))
+        if metric_filter.until <= EARLIEST:
+            terms.append("0")
+    where = f" WHERE {' AND '.join(terms)}" if terms else ""
+    statement = f"SELECT {columns} FROM action_metrics FINAL{where}"
+    if metric_filter.limit is not None:
+        # toString: ClickHouse orders UUIDs by their halves swapped; their text orders as Python does.
+        statement += " ORDER BY timestamp DESC, toString(id) DESC LIMIT {limit:UInt64}"
+        parameters["limit"] = metric_filter.limit
+    return statement, parameters
+
+
+# --- the figures --------------------------------------------------------------------------------------
+
+_PRICED: Final = """
+WITH priced AS (
+    SELECT
+        {keys}
+        s.model AS model,
+        s.tokens_in AS tokens_in,
+        s.tokens_out AS tokens_out,
+        s.cache_read_tokens AS cache_read_tokens,
+        s.cache_write_tokens AS cache_write_tokens,
+        s.reasoning_tokens AS reasoning_tokens,
+        s.credits_charged AS credits_charged,
+        s.latency_ms AS latency_ms,
+        s.error IS NULL AS succeeded,
+        -- USD x 1e6, exact: the division by 1e6 is done once, on the sum.
+        toDecimal256(s.tokens_in - s.cache_read_tokens - s.cache_write_tokens, 0) * p.input_per_1m
+            + toDecimal256(s.cache_read_tokens, 0) * coalesce(p.cache_read_per_1m, p.input_per_1m)
+            + toDecimal256(s.cache_write_tokens, 0) * coalesce(p.cache_write_per_1m, p.input_per_1m)
+            + toDecimal256(s.tokens_out, 0) * p.output_per_1m AS cost_e6,
+        toDecimal256(s.credits_charged, 0) * coalesce(c.usd_per_credit, toDecimal128(0, 9)) AS revenue
+    FROM ({selection}) AS s
+    ASOF LEFT JOIN (SELECT * FROM model_prices FINAL) AS p
+        ON s.model = p.model AND s.timestamp >= p.effective_from
+    ASOF LEFT JOIN (SELECT toUInt8(1) AS one, effective_from, usd_per_credit FROM credit_prices FINAL) AS c
+        ON s.one = c.one AND s.timestamp >= c.effective_from
+)"""
+_PRICED_COLUMNS: Final = (
+    "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, reasoning_tokens, "
+    "credits_charged, latency_ms, error, toUInt8(1) AS one"
+)
+_FIGURES: Final = """
+    count() AS f_count,
+    sum(toUInt128(tokens_in)) AS f_tokens_in,
+    sum(toUInt128(tokens_out)) AS f_tokens_out,
+    sum(toUInt128(credits_charged)) AS f_credits,
+    sum(toUInt128(cache_read_tokens)) AS f_cache_read,
+    sum(toUInt128(cache_write_tokens)) AS f_cache_write,
+    sum(toUInt128(reasoning_tokens)) AS f_reasoning,
+    sum(toDecimal256(latency_ms, 30)) AS f_latency_sum,
+    countIf(succeeded) AS f_succeeded,
+    quantilesExactInclusiveIf(0.5, 0.95, 0.99)(latency_ms, succeeded) AS f_percentiles,
+    ifNull(sum(cost_e6), toDecimal256(0, 9)) AS f_cost_e6,
+    countIf(cost_e6 IS NULL) AS f_unpriced,
+    ifNull(sum(revenue), toDecimal256(0, 9)) AS f_revenue,
+    sumIf(
+        -- Divided by 1 where there is no revenue (every row is converted; those are not summed).
+        toDecimal256(
+            toFloat64(revenue * 1000000 - cost_e6) / toFloat64(if(revenue > 0, revenue * 1000000, 1)), 30
+        ),
+        revenue > 0 AND cost_e6 IS NOT NULL
+    ) AS f_margin_sum,
+    countIf(revenue > 0 AND cost_e6 IS NOT NULL) AS f_margin_count,
+    countIf(NOT succeeded) AS f_errors"""
+_FIGURE_COUNT: Final = 16
+"""Latencies and margins are summed as Decimal (each float converted exactly enough, 30 places), so
+the figures do not depend on the order in which threads add rows up: `top` gives the same rows."""
+
+_AGGREGATE: Final = (
+    _PRICED + "\nSELECT model," + _FIGURES + "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())"
+)
+
+_SORT_KEYS: Final = {
+    "count": "f_count",
+    "tokens_in": "f_tokens_in",
+    "tokens_out": "f_tokens_out",
+    "total_tokens": "f_tokens_in + f_tokens_out",
+    "total_credits": "f_credits",
+    "cache_read_tokens": "f_cache_read",
+    "cache_write_tokens": "f_cache_write",
+    "reasoning_tokens": "f_reasoning",
+    "avg_latency_ms": "f_latency_sum / greatest(f_count, 1)",
+    "p50_latency_ms": "if(f_succeeded > 0, f_percentiles[1], NULL)",
+    "p95_latency_ms": "if(f_succeeded > 0, f_percentiles[2], NULL)",
+    "p99_latency_ms": "if(f_succeeded > 0, f_percentiles[3], NULL)",
+    "total_cost_usd": "f_cost_e6",
+    "total_revenue_usd": "f_revenue",
+    "total_profit_usd": "f_revenue * 1000000 - f_cost_e6",
+    "avg_margin": "if(f_margin_count > 0, f_margin_sum / f_margin_count, NULL)",
+    "gross_margin": (
+        "if(f_revenue > 0, toFloat64(f_revenue * 1000000 - f_cost_e6) / toFloat64(f_revenue * 1000000), NULL)"
+    ),
+    "unpriced_count": "f_unpriced",
+    "error_count": "f_errors",
+}
+"""Each numeric key of a breakdown row (`breakdown.SORT_KEYS`) as SQL over the figures."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Figures:
+    """The figures of a selection, a model or a group, as `_FIGURES` reads them."""
+
+    count: int
+    tokens_in: int
+    tokens_out: int
+    credits: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    avg_latency_ms: float | None
+    succeeded: int
+    percentiles: Sequence[float]
+    cost: Decimal
+    unpriced: int
+    revenue: Decimal
+    margin_sum: Decimal
+    margin_count: int
+    errors: int
+
+    @classmethod
+    def of(cls, row: Sequence[Any]) -> _Figures:
+        (count, tokens_in, tokens_out, credits, read, write, reasoning, latency_sum, succeeded,
+         percentiles, cost_e6, unpriced, revenue, margin_sum, margin_count, errors) = row  # fmt: skip
+        return cls(
+            count=int(count),
+            tokens_in=int(tokens_in),
+            tokens_out=int(tokens_out),
+            credits=int(credits),
+            cache_read_tokens=int(read),
+            cache_write_tokens=int(write),
+            reasoning_tokens=int(reasoning),
+            avg_latency_ms=float(Decimal(latency_sum) / count) if count else None,
+            succeeded=int(succeeded),
+            percentiles=percentiles,
+            cost=Decimal(cost_e6) / _ONE_MILLION,
+            unpriced=int(unpriced),
+            revenue=Decimal(revenue),
+            margin_sum=Decimal(margin_sum or 0),
+            margin_count=int(margin_count),
+            errors=int(errors),
+        )
+
+    def percentile(self, index: int) -> float | None:
+        return float(self.percentiles[index]) if self.succeeded else None
+
+    def for_model(self) -> ModelAggregate:
+        return ModelAggregate(
+            count=self.count,
+            total_tokens=self.tokens_in + self.tokens_out,
+            avg_latency_ms=self.avg_latency_ms,
+            p95_latency_ms=self.percentile(1),
+            total_cost_usd=float(self.cost),
+            unpriced_count=self.unpriced,
+        )
+
+    def aggregate(self, by_model: Mapping[str, ModelAggregate]) -> Aggregate:
+        return Aggregate(
+            count=self.count,
+            tokens_in=self.tokens_in,
+            tokens_out=self.tokens_out,
+            total_credits=self.credits,
+            cache_read_tokens=self.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens,
+            reasoning_tokens=self.reasoning_tokens,
+            avg_latency_ms=self.avg_latency_ms,
+            p50_latency_ms=self.percentile(0),
+            p95_latency_ms=self.percentile(1),
+            p99_latency_ms=self.percentile(2),
+            total_cost_usd=float(self.cost),
+            total_revenue_usd=float(self.revenue),
+            total_profit_usd=float(self.revenue - self.cost),
+            avg_margin=float(self.margin_sum / self.margin_count) if self.margin_count else None,
+            gross_margin=float((self.revenue - self.cost) / self.revenue) if self.revenue else None,
+            unpriced_count=self.unpriced,
+            error_count=self.errors,
+            percentiles_exact=True,
+            by_model=by_model,
+        )
+
+
+_EMPTY: Final = _Figures(0, 0, 0, 0, 0, 0, 0, None, 0, (), Decimal(0), 0, Decimal(0), Decimal(0), 0, 0)
+
+
+# --- breakdowns -----------------------------------------------------------------------------------------
+
+
+def _bucket_index(starts: Sequence[datetime]) -> str:
+    """SQL giving the index of the bucket that holds `s.timestamp`, from the buckets' UTC starts and the
+    last one's end: runs of buckets of one length (the days between two changes of the clocks) by
+    arithmetic on the microseconds, the run by a multiIf over the runs' starts. Every number is
+    computed here from the starts, none comes from a user."""
+    runs: list[tuple[int, int, int]] = []  # first bucket index, start, length (microseconds)
+    for index, (start, end) in enumerate(pairwise(starts)):
+        length = _micros(end) - _micros(start)
+        if not runs or runs[-1][2] != length:
+            runs.append((index, _micros(start), length))
+    moment = "toUnixTimestamp64Micro(s.timestamp)"
+
+    def within(run: tuple[int, int, int]) -> str:
+        first, start, length = run
+        return f"intDiv({moment} - {start}, {length}) + {first}"
+
+    if len(runs) == 1:
+        return within(runs[0])
+    branches = [f"{moment} < {runs[i + 1][1]}, {within(run)}" for i, run in enumerate(runs[:-1])]
+    return f"multiIf({', '.join(branches)}, {within(runs[-1])})"
+
+
+@dataclass(frozen=True, slots=True)
+class _BreakdownQuery:
+    statement: str
+    parameters: dict[str, Any]
+    starts: list[datetime] | None
+    """The buckets' UTC starts, then the last one's end (None when not bucketed)."""
+
+
+def _breakdown_query(
+    metric_filter: MetricFilter, request: BreakdownRequest, starts: list[datetime] | None
+) -> _BreakdownQuery:
+    dimensions = request.by
+    columns = ", ".join((*(d for d in dimensions if d != "model"), _PRICED_COLUMNS))
+    selection, parameters = _selection(metric_filter, columns)
+    keys = [*(f"s.{d} AS {d}," for d in dimensions if d != "model")]
+    if starts is not None:
+        keys.append(f"{_bucket_index(starts)} AS bucket,")
+    grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
+    group_by = f"\nGROUP BY {', '.join(grouped)}" if grouped else ""
+    order = "DESC" if request.descending else "ASC"
+    leading = "".join(f"{g}, " for g in grouped)
+    statement = (
+        _PRICED.format(keys="\n        ".join(keys), selection=selection)
+        + f"\nSELECT * FROM (\nSELECT {leading}{_FIGURES}\nFROM priced{group_by}\n)"
+        + f"\nWHERE f_count > 0\nORDER BY {_SORT_KEYS[request.sort]} {order} NULLS LAST"
+        + "".join(f", {g} ASC" for g in grouped)
+    )
+    if request.top is not None:
+        statement += "\nLIMIT {top:UInt64}"
+        parameters["top"] = request.top
+    return _BreakdownQuery(statement, parameters, starts)
+
+
+def _breakdown_row(
+    row: Sequence[Any], request: BreakdownRequest, starts: list[datetime] | None
+) -> BreakdownRow:
+    keys = dict(zip(request.by, row, strict=False))
+    offset = len(request.by)
+    bucket = None
+    if starts is not None:
+        bucket = starts[int(row[offset])].astimezone(request.zone)
+        offset += 1
+    figures = _Figures.of(row[offset : offset + _FIGURE_COUNT])
+    return BreakdownRow(keys, bucket, figures.aggregate({}))
+
+
+def _open_stream(client: Client, query: _BreakdownQuery) -> Any:
+    """The query's blocks of rows, one per `next()`, until closed with `__exit__`."""
+    stream: Any = client.query_row_block_stream(
+        query.statement, parameters=query.parameters, settings=_FIGURE_SETTINGS
+    )
+    return stream.__enter__()
+
+
+# --- rows in and out ---------------------------------------------------------------------------------------
+
+
+def _row(metric: ActionMetric) -> list[Any]:
+    if not isinstance(metric, ActionMetric):
+        raise TypeError(f"expected an ActionMetric, got {type(metric).__name__}")
+    if not EARLIEST <= metric.timestamp < LATEST:
+        reason = f"timestamp: ClickHouse stores 1900-01-01 to 2299-12-31 UTC, got {metric.timestamp}"
+        raise DataRejected(f"metric {metric.id} refused: {reason}", reason)
+    return [
+        metric.id,
+        metric.timestamp,
+        metric.action_type,
+        metric.user_id,
+        metric.town_id,
+        metric.citizen_id,
+        metric.model,
+        metric.tokens_in,
+        metric.tokens_out,
+        metric.cache_read_tokens,
+        metric.cache_write_tokens,
+        metric.reasoning_tokens,
+        metric.latency_ms,
+        metric.credits_charged,
+        metric.error,
+        metric.metadata_json,
+    ]
+
+
+def _metric(row: Sequence[Any]) -> ActionMetric:
+    fields = dict(zip(_COLUMNS, row, strict=True))
+    fields["timestamp"] = _moment(fields["timestamp"])
+    fields["metadata"] = json.loads(fields["metadata"])
+    fields["latency_ms"] = float(fields["latency_ms"])
+    if not isinstance(fields["id"], uuid.UUID):
+        fields["id"] = uuid.UUID(str(fields["id"]))
+    return ActionMetric.stored(**fields)
+
+
+def _price_start(effective_from: datetime) -> datetime:
+    """No action is stamped before EARLIEST, so a price from earlier is in force from EARLIEST."""
+    return max(effective_from, EARLIEST)
+
+
+def _shown_start(effective_from: datetime) -> datetime:
+    """EARLIEST read back: the beginning of time, as the other backends keep it."""
+    return BEGINNING_OF_TIME if effective_from <= EARLIEST else effective_from
+
+
+_MODEL_PRICE_COLUMNS: Final = (
+    "model",
+    "effective_from",
+    "input_per_1m",
+    "output_per_1m",
+    "cache_read_per_1m",
+    "cache_write_per_1m",
+    "source",
+    "tiered_above_tokens",
+)
+
+
+def _model_price_row(price: ModelPrice) -> list[Any]:
+    return [
+        price.model,
+        _price_start(price.effective_from),
+        price.input_per_1m,
+        price.output_per_1m,
+        price.cache_read_per_1m,
+        price.cache_write_per_1m,
+        price.source,
+        price.tiered_above_tokens,
+    ]
+
+
+def _amount(value: Decimal | None) -> Decimal | None:
+    """A Decimal(20, 9) without the trailing zeros of its scale: 0.15, not 0.150000000."""
+    if value is None:
+        return None
+    return value.quantize(Decimal(1)) if value == value.to_integral() else value.normalize()
+
+
+_PARTITION: Final = re.compile(r"^(\d{4})(\d{2})$")
+
+
+# --- the repository -------------------------------------------------------------------------------------
+
+
+def translate(error: BaseException, where: str) -> DatabaseError | None:
+    """Our exception for a failure of ClickHouse at `where`; None for anything else (a bug)."""
+    if isinstance(error, ActionMetricsError):
+        return None
+    from clickhouse_connect.driver import exceptions
+
+    reason = f"{type(error).__name__}: {next(iter(str(error).strip().splitlines()), '')}"
+    if isinstance(error, exceptions.OperationalError | exceptions.InterfaceError | OSError):
+        return DatabaseUnavailable(f"cannot use {where}: {reason}", reason)
+    if isinstance(error, exceptions.DataError):
+        return DataRejected(f"{where} rejected the data: {reason}", reason)
+    if isinstance(error, exceptions.Error):
+        return StatementRefused(
+            f"{where} refused the statement: {reason}; is its schema at head (action-metrics db upgrade) "
+            "and may this user use it?",
+            reason,
+        )
+    return None
+
+
+class ClickHouseRepository:
+    """Reads and writes action metrics and prices on one ClickHouse database (see the module)."""
+
+    def __init__(self, url: ClickHouseURL) -> None:
+        self.url = url
+        self._where = url.shown()
+        self._client: Client | None = None
+        self._closed = False
+
+    @contextmanager
+    def _database_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as error:
+            translated = translate(error, self._where)
+            if translated is None:
+                raise
+            raise translated from error
+
+    async def _run(self, function: Callable[..., T], *arguments: Any) -> T:
+        """`function(*arguments)` in a worker thread, its ClickHouse errors made ours."""
+        with self._database_errors():
+            return await asyncio.to_thread(function, *arguments)
+
+    def _open(self) -> Client:
+        if self._client is None:
+            raise StoreClosed(f"{self._where} is closed: open a new store to use the database again")
+        return self._client
+
+    # -- schema and connection --
+
+    async def ensure_schema(self) -> None:
+        """Create and upgrade a chdb directory on first use, as a new SQLite file is; a server's
+        schema must be at head already (`action-metrics db upgrade`)."""
+        await self._run(self._connect)
+
+    def _connect(self) -> None:
+        client = self.url.connect(with_database=False)  # one client: each costs a handshake
+        try:
+            version = version_on(client, self.url)
+            if version is None and self.url.in_process:
+                version = upgrade_on(client, self.url)
+            check_version(version, self.url)
+        except BaseException:
+            client.close()
+            raise
+        self._client = client
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await self._run(client.close)
+
+    # -- writes --
+
+    async def insert(self, metrics: Sequence[ActionMetric]) -> None:
+        """Store a batch in one insert; a re-sent action (same id, timestamp, town and type) is one row
+        to every read (ReplacingMergeTree, read with FINAL)."""
+        await self._run(self._insert, list(metrics))
+
+    def _insert(self, metrics: Sequence[ActionMetric]) -> None:
+        rows = [_row(metric) for metric in metrics]
+        if rows:
+            self._open().insert("action_metrics", rows, column_names=list(_COLUMNS))
+
+    async def insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
+        """`insert`, and how many of the batch's ids were not stored before it (read just before the
+        insert: a concurrent writer of the same ids may be counted twice)."""
+        return await self._run(self._insert_counting, list(metrics))
+
+    def _insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
+        if not metrics:
+            return 0
+        rows = [_row(metric) for metric in metrics]  # refused before anything is read
+        ids = {metric.id for metric in metrics}
+        stored = self._open().query(
+            "SELECT DISTINCT id FROM action_metrics WHERE id IN {ids:Array(UUID)} "
+            "AND timestamp >= fromUnixTimestamp64Micro({since:Int64}, 'UTC') "
+            "AND timestamp <= fromUnixTimestamp64Micro({until:Int64}, 'UTC')",
+            parameters={
+                "ids": sorted(ids, key=str),
+                "since": _micros(min(metric.timestamp for metric in metrics)),
+                "until": _micros(max(metric.timestamp for metric in metrics)),
+            },
+        )
+        self._open().insert("action_metrics", rows, column_names=list(_COLUMNS))
+        return len(ids) - len(stored.result_rows)
+
+    # -- reads --
+
+    def _raw_kept_from(self, client: Client) -> datetime | None:
+        """The cut-off of the last `prune` (None: never pruned)."""
+        count, micros = client.query(
+            "SELECT count(), toUnixTimestamp64Micro(max(kept_from)) FROM raw_kept_from"
+        ).result_rows[0]
+        return _moment(micros) if count else None
+
+    def _check_not_pruned(self, client: Client, metric_filter: MetricFilter, question: str) -> None:
+        """Raise unless the selection holds no pruned period, or is the newest `limit` and all kept."""
+        cutoff = self._raw_kept_from(client)
+        if cutoff is None or (metric_filter.since is not None and metric_filter.since >= cutoff):
+            return
+        if metric_filter.limit is None:
+            raise RawRowsPruned(cutoff, question, rollups=False)
+        statement, parameters = _selection(metric_filter, "timestamp")
+        count, oldest = client.query(
+            f"SELECT count(), toUnixTimestamp64Micro(min(timestamp)) FROM ({statement})",
+            parameters=parameters,
+            settings=_READ_SETTINGS,
+        ).result_rows[0]
+        if count < metric_filter.limit or _moment(oldest) < cutoff:
+            raise RawRowsPruned(cutoff, question, rollups=False)
+
+    async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]:
+        return await self._run(self._select, metric_filter)
+
+    def _select(self, metric_filter: MetricFilter) -> list[ActionMetric]:
+        client = self._open()
+        columns = ", ".join("toUnixTimestamp64Micro(timestamp)" if c == "timestamp" else c for c in _COLUMNS)
+        statement, parameters = _selection(metric_filter, columns)
+        if metric_filter.limit is None:
+            statement += " ORDER BY timestamp DESC, toString(id) DESC"
+        rows = client.query(statement, parameters=parameters, settings=_READ_SETTINGS).result_rows
+        metrics = [_metric(row) for row in rows]
+        self._check_not_pruned(client, metric_filter, "query()")
+        return metrics
+
+    async def aggregate(self, metric_filter: MetricFilter, *, exact: bool = False) -> Aggregate:
+        """The same figures either way: the percentiles are exact (there are no histograms here)."""
+        return await self._run(self._aggregate, metric_filter)
+
+    def _aggregate(self, metric_filter: MetricFilter) -> Aggregate:
+        client = self._open()
+        question = "aggregate()" if metric_filter.limit is None else "aggregate(limit=...)"
+        self._check_not_pruned(client, metric_filter, question)
+        selection, parameters = _selection(metric_filter, _PRICED_COLUMNS)
+        statement = _AGGREGATE.format(keys="", selection=selection)
+        rows = client.query(statement, parameters=parameters, settings=_FIGURE_SETTINGS).result_rows
+        total, by_model = _EMPTY, {}
+        for model, *figures in rows:
+            if model is None:
+                total = _Figures.of(figures)
+            else:
+                by_model[model] = _Figures.of(figures).for_model()
+        # Busiest first, then by name, as the other backends list them.
+        ordered = dict(sorted(by_model.items(), key=lambda item: (-item[1].count, item[0])))
+        return total.aggregate(ordered)
+
+    def _breakdown_query(
+        self, metric_filter: MetricFilter, request: BreakdownRequest
+    ) -> _BreakdownQuery | None:
+        """The statement of a breakdown (None when it has no rows: an empty window)."""
+        client = self._open()
+        self._check_not_pruned(client, metric_filter, "breakdown()")
+        if request.bucket is None:
+            return _breakdown_query(metric_filter, request, None)
+        count, first, last = client.query(
+            "SELECT count(), toUnixTimestamp64Micro(min(timestamp)), toUnixTimestamp64Micro(max(timestamp)) "
+            "FROM action_metrics"
+        ).result_rows[0]
+        if not count:
+            return None
+        since = metric_filter.since if metric_filter.since is not None else _moment(first)
+        until = metric_filter.until if metric_filter.until is not None else _moment(last) + _MICROSECOND
+        since, until = max(since, EARLIEST), min(until, LATEST)
+        if since >= until:
+            return None
+        local = bucket_starts(request.bucket, request.zone, since, until)
+        return _breakdown_query(metric_filter, request, [start.astimezone(UTC) for start in local])
+
+    async def breakdown(self, metric_filter: MetricFilter, request: BreakdownRequest) -> list[BreakdownRow]:
+        return await self._run(self._breakdown, metric_filter, request)
+
+    def _breakdown(self, metric_filter: MetricFilter, request: BreakdownRequest) -> list[BreakdownRow]:
+        query = self._breakdown_query(metric_filter, request)
+        if query is None:
+            return []
+        result = self._open().query(query.statement, parameters=query.parameters, settings=_FIGURE_SETTINGS)
+        return [_breakdown_row(row, request, query.starts) for row in result.result_rows]
+
+    async def stream_breakdown(
+        self, metric_filter: MetricFilter, request: BreakdownRequest
+    ) -> AsyncIterator[BreakdownRow]:
+        """`breakdown()`'s rows block by block as ClickHouse sends them, on a client of its own."""
+        query = await self._run(self._breakdown_query, metric_filter, request)
+        if query is None:
+            return
+        client = await self._run(self.url.connect)
+        try:
+            stream = await self._run(_open_stream, client, query)
+            try:
+                while (block := await self._run(next, stream, None)) is not None:
+                    for row in block:
+                        yield _breakdown_row(row, request, query.starts)
+            finally:
+                await self._run(stream.__exit__, None, None, None)
+        finally:
+            await self._run(client.close)
+
+    async def audit_charges(self, metric_filter: MetricFilter, credits: int) -> ChargeAudit:
+        return await self._run(self._audit_charges, metric_filter, credits)
+
+    def _audit_charges(self, metric_filter: MetricFilter, credits: int) -> ChargeAudit:
+        selection, parameters = _selection(
+            metric_filter, "credits_charged, error IS NOT NULL AND credits_charged = 0 AS failed"
+        )
+        count, failed, under, over = (
+            self._open()
+            .query(
+                "SELECT count(), countIf(failed), countIf(NOT failed AND credits_charged < {credits:Int64}), "
+                f"countIf(NOT failed AND credits_charged > {{credits:Int64}}) FROM ({selection})",
+                parameters={**parameters, "credits": credits},
+                settings=_READ_SETTINGS,
+            )
+            .result_rows[0]
+        )
+        return ChargeAudit(count=int(count), failed=int(failed), under=int(under), over=int(over))
+
+    # -- prices --
+
+    async def set_model_price(self, price: ModelPrice) -> None:
+        """Insert, or replace the price of the same model from the same instant (the latest set
+        wins). A manual price also removes the catalogue's prices of the model from its start on."""
+        await self._run(self._set_model_price, price)
+
+    def _set_model_price(self, price: ModelPrice) -> None:
+        client = self._open()
+        if price.source == "manual":
+            client.command(
+                "DELETE FROM model_prices WHERE model = {model:String} AND source = 'catalogue' "
+                "AND effective_from >= fromUnixTimestamp64Micro({start:Int64}, 'UTC')",
+                parameters={"model": price.model, "start": _micros(_price_start(price.effective_from))},
+            )
+        client.insert("model_prices", [_model_price_row(price)], column_names=list(_MODEL_PRICE_COLUMNS))
+
+    async def set_credit_price(self, price: CreditPrice) -> None:
+        await self._run(self._set_credit_price, price)
+
+    def _set_credit_price(self, price: CreditPrice) -> None:
+        row = [_price_start(price.effective_from), price.usd_per_credit]
+        self._open().insert("credit_prices", [row], column_names=["effective_from", "usd_per_credit"])
+
+    async def model_prices(self) -> list[ModelPrice]:
+        """Every model price stored, by model and start."""
+        return await self._run(self._model_prices)
+
+    def _model_prices(self) -> list[ModelPrice]:
+        columns = ", ".join(
+            "toUnixTimestamp64Micro(effective_from)" if c == "effective_from" else c
+            for c in _MODEL_PRICE_COLUMNS
+        )
+        rows = (
+            self._open()
+            .query(f"SELECT {columns} FROM model_prices FINAL ORDER BY model, effective_from")
+            .result_rows
+        )
+        return [
+            ModelPrice(
+                model=model,
+                effective_from=_shown_start(_moment(start)),
+                input_per_1m=_amount(input_price) or Decimal(0),
+                output_per_1m=_amount(output_price) or Decimal(0),
+                cache_read_per_1m=_amount(cache_read),
+                cache_write_per_1m=_amount(cache_write),
+                source=source,
+                tiered_above_tokens=None if tier is None else int(tier),
+            )
+            for model, start, input_price, output_price, cache_read, cache_write, source, tier in rows
+        ]
+
+    async def seen_models(self) -> list[str]:
+        """Every model an action was recorded for."""
+        return await self._run(self._seen_models)
+
+    def _seen_models(self) -> list[str]:
+        rows = self._open().query("SELECT DISTINCT model FROM action_metrics ORDER BY model").result_rows
+        return [model for (model,) in rows]
+
+    async def replace_catalogue_prices(self, histories: Mapping[str, Sequence[ModelPrice]]) -> CatalogueWrite:
+        """Make each model's catalogue prices its `histories` entry, but never at or after the model's
+        first manual price: those are held back (and removed if stored). Statement by statement: a
+        sync interrupted half-way is finished by running it again."""
+        return await self._run(self._replace_catalogue_prices, histories)
+
+    def _replace_catalogue_prices(self, histories: Mapping[str, Sequence[ModelPrice]]) -> CatalogueWrite:
+        client = self._open()
+        models = sorted(histories)
+        manual_from = {
+            model: _moment(start)
+            for model, start in client.query(
+                "SELECT model, toUnixTimestamp64Micro(min(effective_from)) FROM model_prices FINAL "
+                "WHERE model IN {models:Array(String)} AND source = 'manual' GROUP BY model",
+                parameters={"models": models},
+            ).result_rows
+        }
+        written: dict[str, tuple[ModelPrice, ...]] = {}
+        held_back: dict[str, datetime] = {}
+        rows: list[list[Any]] = []
+        for model in models:
+            manual = manual_from.get(model)
+            kept = tuple(
+                p for p in histories[model] if manual is None or _price_start(p.effective_from) < manual
+            )
+            if manual is not None and len(kept) < len(histories[model]):
+                held_back[model] = _shown_start(manual)
+            client.command(
+                "DELETE FROM model_prices WHERE model = {model:String} AND source = 'catalogue' "
+                "AND toUnixTimestamp64Micro(effective_from) NOT IN {kept:Array(Int64)}",
+                parameters={"model": model, "kept": [_micros(_price_start(p.effective_from)) for p in kept]},
+            )
+            rows.extend(_model_price_row(price) for price in kept)
+            written[model] = kept
+        if rows:
+            client.insert("model_prices", rows, column_names=list(_MODEL_PRICE_COLUMNS))
+        return CatalogueWrite(written=written, held_back=held_back)
+
+    # -- pruning --
+
+    async def prune(
+        self,
+        before: datetime,
+        *,
+        dry_run: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> PruneResult:
+        """Delete raw rows older than the UTC midnight at or before `before`. There are no rollups
+        here: the cut-off is recorded first, and from then on every read that reaches before it
+        raises `RawRowsPruned`. Whole months go as partitions, the rest by a lightweight DELETE."""
+        result = await self._run(self._prune, floor_to(before, "day"), bool(dry_run))
+        if progress is not None and not dry_run:
+            progress(result.rows)
+        return result
+
+    def _prune(self, cutoff: datetime, dry_run: bool) -> PruneResult:
+        client = self._open()
+        parameters = {"cutoff": _micros(max(cutoff, EARLIEST))}
+        older = "timestamp < fromUnixTimestamp64Micro({cutoff:Int64}, 'UTC')"
+        rows = int(
+            client.query(
+                f"SELECT count() FROM action_metrics FINAL WHERE {older}",
+                parameters=parameters,
+                settings=_READ_SETTINGS,
+            ).result_rows[0][0]
+        )
+        if dry_run:
+            return PruneResult(cutoff, rows, dry_run=True)
+        kept_from = self._raw_kept_from(client)
+        if kept_from is None or kept_from < cutoff:
+            client.insert("raw_kept_from", [[max(cutoff, EARLIEST)]], column_names=["kept_from"])
+        partitions = client.query(
+            "SELECT DISTINCT partition_id FROM system.parts "
+            "WHERE database = currentDatabase() AND table = 'action_metrics' AND active"
+        ).result_rows
+        for (partition,) in partitions:
+            month = _PARTITION.match(partition)
+            if month is None:
+                continue
+            year, number = int(month[1]), int(month[2])
+            month_end = datetime(year + number // 12, number % 12 + 1, 1, tzinfo=UTC)
+            if month_end <= cutoff:
+                # partition_id is ClickHouse's own (six digits, checked above), never a user's.
+                client.command(f"ALTER TABLE action_metrics DROP PARTITION ID '{partition}'")
+        client.command(f"DELETE FROM action_metrics WHERE {older}", parameters=parameters)
+        return PruneResult(cutoff, rows, dry_run=False)
