@@ -504,7 +504,17 @@ async def test_bad_windows_are_422_naming_the_parameter(town: str, query: str, p
 
 # --- town ids that need percent-encoding ------------------------------------------------------
 
-ODD_TOWNS = ("a", "a/b", "a/b/metrics", "a/checks", "north ward 50% ?#&=+ é🏠", "a/../b", "/", "%2F")
+ODD_TOWNS = (
+    "a",
+    "a/b",
+    "a/b/metrics",
+    "a/checks",
+    "north ward 50% ?#&=+ é🏠",
+    "a/../b",
+    "/",
+    "%2F",
+    "a\nb/c",
+)
 """Ids whose path segment must be percent-encoded, and ids made of another route's segments."""
 
 

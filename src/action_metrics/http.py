@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, statu
 from fastapi.exceptions import RequestValidationError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, create_model
 from sqlalchemy import URL
+from starlette.convertors import Convertor, register_url_convertor
 
 from action_metrics import wire
 from action_metrics.access import (
@@ -148,9 +149,25 @@ TownId = Annotated[
         description="The town's id, percent-encoded: it may hold `/` (%2F), spaces, `%`, `?`, `#`.",
     ),
 ]
-"""Routed as `{town_id:path}`: a town id may hold a `/`, which arrives decoded. Each route ends in its
+"""Routed as `{town_id:town}`: a town id may hold a `/`, which arrives decoded. Each route ends in its
 own fixed segment (`/metrics`, `/breakdown`, `/checks`), so `/v1/town/a/b/metrics` is town `a/b`'s
 metrics and nothing else."""
+
+
+class TownIdConvertor(Convertor[str]):
+    """Any characters, `/` and line breaks included: Starlette's `path` stops at a line break, and a
+    town id may hold one."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("town", TownIdConvertor())
 
 
 def _invalid_query(error: InvalidFilter) -> RequestValidationError:
@@ -269,7 +286,7 @@ def create_app(
         return Towns(towns=sorted(str(row.keys["town_id"]) for row in rows))
 
     @app.get(
-        "/v1/town/{town_id:path}/metrics",
+        "/v1/town/{town_id:town}/metrics",
         response_model=TownMetrics,
         tags=["metrics"],
         dependencies=[Depends(authorize)],
@@ -299,7 +316,7 @@ def create_app(
         }
 
     @app.get(
-        "/v1/town/{town_id:path}/breakdown",
+        "/v1/town/{town_id:town}/breakdown",
         response_model=TownBreakdown,
         tags=["metrics"],
         dependencies=[Depends(authorize)],
@@ -345,7 +362,7 @@ def create_app(
         return {"town_id": town_id, "rows": [row.to_dict() for row in rows]}
 
     @app.get(
-        "/v1/town/{town_id:path}/checks",
+        "/v1/town/{town_id:town}/checks",
         response_model=TownChecks,
         tags=["metrics"],
         dependencies=[Depends(authorize)],

@@ -168,7 +168,7 @@
     td.className = "bar-cell";
     const bar = document.createElement("div");
     bar.className = className;
-    bar.style.width = `${largest > 0 ? Math.max((100 * value) / largest, 1) : 0}%`;  // CSSOM: allowed by the CSP
+    bar.style.width = `${largest > 0 && value > 0 ? Math.max((100 * value) / largest, 1) : 0}%`;  // CSSOM: allowed by the CSP
     td.append(bar);
     return td;
   }
@@ -419,6 +419,9 @@
       return;
     }
     $("tz").value = sessionStorage.getItem(TZ_KEY) || Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+    if (Intl.supportedValuesOf) {  // the zones this browser knows, offered as the reader types
+      $("zones").replaceChildren(...Intl.supportedValuesOf("timeZone").map((zone) => new Option(zone)));
+    }
     $("sign-in-form").addEventListener("submit", (event) => {
       event.preventDefault();
       const token = $("token").value.trim();
