@@ -490,6 +490,8 @@ async def test_a_window_between_two_moments_is_the_stores(town: str) -> None:
         ("since=0001-01-01T00:00:00%2B14:00", "since"),  # before the first UTC moment
         ("until=9999-12-31T23:59:59-14:00", "until"),  # after the last
         ("until=0001-01-01T01:00:00Z", "until"),  # 24 hours before it do not exist
+        ("since=0400-01-01T00:00:00Z&until=2026-01-01T00:00:00Z", "since"),  # centuries: a typo
+        ("since=2000-01-01T00:00:00Z", "since"),  # more than ten years to now
     ],
 )
 async def test_bad_windows_are_422_naming_the_parameter(town: str, query: str, parameter: str) -> None:

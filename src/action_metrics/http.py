@@ -42,12 +42,11 @@ from action_metrics.page import add_page
 from action_metrics.report import DEFAULT_LOD3_P95_BUDGET_MS, any_failed, run_checks
 from action_metrics.store import AsyncMetricsStore
 from action_metrics.validation import ACTION_TYPE_PATTERN, MAX_ID_LENGTH
-from action_metrics.window import TimeWindow
+from action_metrics.window import MAX_HOURS, TimeWindow
 
 logger = logging.getLogger(__name__)
 
-MAX_SINCE_HOURS: Final = 24 * 366 * 10
-"""Ten years: a window reaching further back is a typo, not a question."""
+MAX_SINCE_HOURS: Final = MAX_HOURS
 
 # --- response shapes ------------------------------------------------------------------------
 

@@ -15,6 +15,9 @@ from action_metrics.errors import InvalidFilter
 from action_metrics.validation import as_utc
 
 DEFAULT_HOURS: Final = 24.0
+MAX_HOURS: Final = 24 * 366 * 10
+"""Ten years: a window reaching further back is a typo, not a question; and a longer one in weeks or
+months makes a breakdown's statement grow with its buckets (centuries of months take minutes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +41,8 @@ class TimeWindow:
     ) -> TimeWindow:
         """The window the parameters name; `InvalidFilter` names the parameter at fault.
 
-        `since` and `since_hours` exclude each other; without either, the 24 hours before the end.
+        `since` and `since_hours` exclude each other; without either, the 24 hours before the end. At
+        most `MAX_HOURS` long.
         """
         if since is not None and since_hours is not None:
             raise InvalidFilter("since_hours", "give since or since_hours, not both")
@@ -56,7 +60,13 @@ class TimeWindow:
             if until is None:
                 raise InvalidFilter("since", f"{start.isoformat()} is not in the past: give an until")
             raise InvalidFilter("until", f"{end.isoformat()} is not after since ({start.isoformat()})")
-        return cls(start, None if until is None else end, (end - start).total_seconds() / 3600)
+        hours = (end - start).total_seconds() / 3600
+        if hours > MAX_HOURS:
+            raise InvalidFilter(
+                "since" if since is not None else "since_hours",
+                f"the window spans {hours / 24:,.0f} days, more than ten years: narrow since/until",
+            )
+        return cls(start, None if until is None else end, hours)
 
     @property
     def shown_hours(self) -> int | float:
