@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -17,6 +18,7 @@ from conftest import metric
 from action_metrics import ActionType, AsyncMetricsStore, ModelName, TokenConfigError, migrate
 from action_metrics.dialects import backend_for
 from action_metrics.http import ApiTokens, create_app, response_model
+from action_metrics.report import run_checks
 
 pytestmark = pytest.mark.anyio
 
@@ -295,6 +297,8 @@ async def test_the_openapi_schema_describes_the_endpoint(town: str) -> None:
         "town_id",
         "action_type",
         "since_hours",
+        "since",
+        "until",
     }
     assert {"200", "401", "403", "422", "503"} <= set(operation["responses"])
     assert operation["security"]
@@ -415,3 +419,138 @@ async def test_breakdown_per_model_and_berlin_hour_within_the_tokens_towns(town:
     assert "by" in zone.text or "by" in dimension.text
     assert top.json()["rows"][0]["model"] == "sonnet"  # the dearest
     assert len(top.json()["rows"]) == 1
+
+
+# --- a window between two moments -------------------------------------------------------------
+
+
+def moment(at: datetime, zone: str) -> str:
+    """`at` as the page sends it: ISO 8601 with the offset of `zone`."""
+    return at.astimezone(ZoneInfo(zone)).isoformat()
+
+
+async def test_a_window_between_two_moments_is_the_stores(town: str) -> None:
+    since, until = hours_ago(36), hours_ago(2.5)
+    window = {"since": moment(since, "America/New_York"), "until": moment(until, "Asia/Kolkata")}
+    by_model = {"by": "model", "bucket": "hour", "tz": "Europe/Berlin", "sort": "count"}
+    async with serving(town) as client:
+
+        async def ask(path: str, **query: Any) -> dict[str, Any]:
+            answer = await client.get(f"/v1/town/town-a/{path}", params=query, headers=bearer(TOWN_A_TOKEN))
+            assert answer.status_code == 200, answer.text
+            body: dict[str, Any] = answer.json()
+            return body
+
+        metrics = await ask("metrics", **window)
+        lod3 = await ask("metrics", action_type="lod3", **window)
+        rows = (await ask("breakdown", **by_model, **window))["rows"]
+        checks = await ask("checks", **window)
+        # `until` with `since_hours`: the hours before it.
+        before = await ask("metrics", until=window["until"], since_hours=12)
+    filters = {"town_id": "town-a", "since": since, "until": until}
+    async with AsyncMetricsStore(town) as store:
+        expected = (await store.aggregate(**filters)).to_dict()
+        expected_lod3 = (await store.aggregate(action_type="lod3", **filters)).to_dict()
+        expected_rows = [
+            row.to_dict()
+            for row in await store.breakdown(
+                ["model"], bucket="hour", tz="Europe/Berlin", sort="count", **filters
+            )
+        ]
+        expected_checks = await run_checks(store, **filters)
+        expected_before = await store.aggregate(
+            town_id="town-a", since=until - timedelta(hours=12), until=until
+        )
+    assert metrics["metrics"] == expected
+    assert metrics["time_window_hours"] == pytest.approx(33.5)
+    assert lod3["metrics"] == expected_lod3
+    assert rows == expected_rows
+    assert checks["checks"] == [check.to_dict() for check in expected_checks]
+    assert before["metrics"] == expected_before.to_dict()
+    assert before["time_window_hours"] == 12
+    # Independently: the LOD4 of 3 hours ago and the LOD3 of 30; not the two of the last 2.5 hours.
+    assert metrics["metrics"]["count"] == 2
+    assert metrics["metrics"]["total_credits"] == 110
+    assert lod3["metrics"]["count"] == 1
+    assert sum(row["count"] for row in rows) == 2
+    assert before["metrics"]["count"] == 1
+
+
+@pytest.mark.parametrize(
+    ("query", "parameter"),
+    [
+        ("since=2025-06-01T00:00:00", "since"),  # no offset: whose midnight?
+        ("since=yesterday", "since"),
+        ("since=", "since"),
+        ("until=2025-06-01", "until"),
+        ("since=2025-06-01T00:00:00Z&since_hours=24", "since_hours"),
+        ("since=2025-06-02T00:00:00Z&until=2025-06-01T00:00:00Z", "until"),
+        ("since=2025-06-01T00:00:00Z&until=2025-06-01T00:00:00Z", "until"),
+        ("since=2999-01-01T00:00:00Z", "since"),  # in the future, without an end
+        ("since=0001-01-01T00:00:00%2B14:00", "since"),  # before the first UTC moment
+        ("until=9999-12-31T23:59:59-14:00", "until"),  # after the last
+        ("until=0001-01-01T01:00:00Z", "until"),  # 24 hours before it do not exist
+        ("since=0400-01-01T00:00:00Z&until=2026-01-01T00:00:00Z", "since"),  # centuries: a typo
+        ("since=2000-01-01T00:00:00Z", "since"),  # more than ten years to now
+    ],
+)
+async def test_bad_windows_are_422_naming_the_parameter(town: str, query: str, parameter: str) -> None:
+    async with serving(town) as client:
+        for path in ("metrics", "breakdown", "checks"):
+            answer = await client.get(f"/v1/town/town-a/{path}?{query}", headers=bearer(TOWN_A_TOKEN))
+            assert answer.status_code == 422, (path, answer.text)
+            problems = answer.json()["detail"]
+            assert [problem["loc"] for problem in problems] == [["query", parameter]], path
+            assert problems[0]["msg"]
+
+
+# --- town ids that need percent-encoding ------------------------------------------------------
+
+ODD_TOWNS = (
+    "a",
+    "a/b",
+    "a/b/metrics",
+    "a/checks",
+    "north ward 50% ?#&=+ é🏠",
+    "a/../b",
+    "/",
+    "%2F",
+    "a\nb/c",
+)
+"""Ids whose path segment must be percent-encoded, and ids made of another route's segments."""
+
+
+async def test_town_ids_that_need_percent_encoding_read_their_own_town(database_url: str) -> None:
+    recent = hours_ago(1)
+    async with AsyncMetricsStore(database_url) as store:
+        # Town number n has n + 1 actions, so an answer says which town it counted.
+        await store.emit_many(
+            metric(town_id=town_id, timestamp=recent, user_id=f"user-{n}")
+            for n, town_id in enumerate(ODD_TOWNS)
+            for _ in range(n + 1)
+        )
+    tokens = ApiTokens.parse(f"{TOWN_A_TOKEN}:a ; {ANY_TOWN_TOKEN}:*")
+    async with serving(database_url, tokens=tokens) as client:
+        for n, town_id in enumerate(ODD_TOWNS):
+            segment = quote(town_id, safe="")
+            metrics = await client.get(f"/v1/town/{segment}/metrics", headers=bearer(ANY_TOWN_TOKEN))
+            breakdown = await client.get(
+                f"/v1/town/{segment}/breakdown", params={"by": "user_id"}, headers=bearer(ANY_TOWN_TOKEN)
+            )
+            checks = await client.get(f"/v1/town/{segment}/checks", headers=bearer(ANY_TOWN_TOKEN))
+            for answer in (metrics, breakdown, checks):
+                assert answer.status_code == 200, (town_id, answer.text)
+                assert answer.json()["town_id"] == town_id
+            assert metrics.json()["metrics"]["count"] == n + 1, town_id
+            assert [row["user_id"] for row in breakdown.json()["rows"]] == [f"user-{n}"], town_id
+            # A token for town "a" reads "a" only, however the path is spelled.
+            denied = await client.get(f"/v1/town/{segment}/metrics", headers=bearer(TOWN_A_TOKEN))
+            assert denied.status_code == (200 if town_id == "a" else 403), town_id
+        # A slash need not be encoded: the route's last segment says which read it is.
+        plain = await client.get("/v1/town/a/b/metrics/breakdown", headers=bearer(ANY_TOWN_TOKEN))
+        assert plain.json()["town_id"] == "a/b/metrics"
+        assert len(plain.json()["rows"]) == 1
+        towns = await client.get("/v1/towns", headers=bearer(ANY_TOWN_TOKEN))
+        assert towns.json()["towns"] == sorted(ODD_TOWNS)
+        empty = await client.get("/v1/town//metrics", headers=bearer(ANY_TOWN_TOKEN))
+        assert empty.status_code == 422

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -343,6 +345,8 @@ def the_page_shows_the_apis_numbers(
     assert float(shown(visit, "#kpi-cost")[1]) == day["total_cost_usd"]
     assert float(shown(visit, "#kpi-unpriced")[1]) == day["unpriced_count"] == 1
 
+    the_custom_range_shows_the_apis_numbers(server, visit)
+
     # The token is in no URL, not in the page, not in the server's log; it did travel as a header.
     api = [request for request in visit.requests if "/v1/" in request.url]
     assert api
@@ -352,6 +356,68 @@ def the_page_shows_the_apis_numbers(
     assert TOKEN not in "".join(server.log)
     # Nothing the CSP refused, no script error.
     assert not [line for line in visit.console if "Content Security Policy" in line or "page error" in line]
+
+
+def the_custom_range_shows_the_apis_numbers(server: Server, visit: Visit) -> None:
+    """From 30 to 6 hours ago, typed as wall-clock times in New York while the browser lives in Berlin:
+    the page reads them in the zone it shows, and its figures are the endpoints' for that window."""
+    page = visit.page
+    page.fill("#tz", "America/New_York")
+    page.dispatch_event("#tz", "change")
+    wait_ready(visit)
+    page.select_option("#range", "custom")
+    wait_ready(visit)
+    assert page.locator("#custom-since").is_visible()
+    assert page.input_value("#custom-since")
+    assert page.input_value("#custom-until")
+
+    new_york = ZoneInfo("America/New_York")
+    since, until = (
+        hours_ago(hours).astimezone(new_york).replace(second=0, microsecond=0) for hours in (30, 6)
+    )
+    page.fill("#custom-since", since.strftime("%Y-%m-%dT%H:%M"))
+    page.fill("#custom-until", until.strftime("%Y-%m-%dT%H:%M"))
+    wait_ready(visit)
+
+    # The page asked for that window, as UTC moments.
+    asked = parse_qs(urlsplit([r.url for r in visit.requests if "/metrics?" in r.url][-1]).query)
+    assert datetime.fromisoformat(asked["since"][0]) == since
+    assert datetime.fromisoformat(asked["until"][0]) == until
+    assert "since_hours" not in asked
+    window = {"since": since.isoformat(), "until": until.isoformat()}
+    metrics = server.get("/v1/town/town-1/metrics", **window)["metrics"]
+    # Independently: LOD3 at 8, 11, ... 29 hours ago, dialogue at 7-9, unpriced at 9, force at 11 and 12.
+    assert metrics["count"] == 14
+    for selector, key in [
+        ("#kpi-count", "count"),
+        ("#kpi-cost", "total_cost_usd"),
+        ("#kpi-revenue", "total_revenue_usd"),
+        ("#kpi-profit", "total_profit_usd"),
+        ("#kpi-margin", "gross_margin"),
+        ("#kpi-p95", "p95_latency_ms"),
+        ("#kpi-unpriced", "unpriced_count"),
+        ("#kpi-errors", "error_count"),
+    ]:
+        assert float(shown(visit, selector)[1]) == metrics[key], selector
+    hours = "/v1/town/town-1/breakdown"
+    buckets = server.get(hours, bucket="hour", tz="America/New_York", **window)["rows"]
+    assert page.get_attribute("#chart-money", "data-points") == str(len(buckets))
+    by_cost = server.get(hours, by="user_id", sort="total_cost_usd", top=10, **window)["rows"]
+    users = "rows => rows.map(r => r.dataset.user)"
+    assert page.eval_on_selector_all("#top-cost tr", users) == [row["user_id"] for row in by_cost]
+    checks = server.get("/v1/town/town-1/checks", **window)["checks"]
+    assert page.eval_on_selector_all("#checks tr", "rows => rows.map(r => r.dataset.status)") == [
+        c["status"] for c in checks
+    ]
+    # The subtitle names the window in the zone it was typed in.
+    subtitle = page.inner_text("#subtitle")
+    assert f"{since.strftime('%H:%M')} to " in subtitle
+    assert "America/New_York" in subtitle
+
+    # An end before the start is refused on the page, before any request.
+    page.fill("#custom-until", (since - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M"))
+    page.wait_for_selector("body[data-state=error]")
+    assert "must end after it starts" in page.inner_text("#error")
 
 
 def test_the_page_and_its_files_carry_the_security_headers(serve: Any) -> None:
@@ -439,4 +505,57 @@ def test_report_html_is_one_file_with_the_same_numbers(town: str, chromium: Any,
         assert page.get_attribute("#chart-money", "data-points") == str(len(data["buckets"]))
         assert page.locator("#chart-money canvas").count() == 1
         page.screenshot(path=str(tmp_path / "report.png"))
+        assert not [line for line in seen.console if "page error" in line]
+
+
+# --- town ids that need percent-encoding ---------------------------------------------------------
+
+ODD_TOWN = "north/ward 50% ?#é🏠"
+ODD_TOKEN = "odd-town-token-0123456789abcdef"
+
+
+def test_a_town_id_that_needs_percent_encoding_is_read_by_the_page(
+    serve: Any, chromium: Any, town: str, tmp_path: Path
+) -> None:
+    """A town whose id holds `/`, a space, `%`, `?`, `#` and non-ASCII characters, beside a town named
+    after its first segment: the page encodes the id, the server routes it, and the figures are its own."""
+    with MetricsStore(town, durable=True) as store:
+        store.emit_many(
+            [
+                *(metric(town_id=ODD_TOWN, timestamp=hours_ago(1 + n), user_id=f"odd-{n}") for n in range(3)),
+                *(
+                    metric(town_id="north", timestamp=hours_ago(1 + n), user_id="northerner")
+                    for n in range(5)
+                ),
+            ]
+        )
+    server = serve(ACTION_METRICS_API_TOKENS=f"{TOKENS};{ODD_TOKEN}:{ODD_TOWN},town-1")
+    with chromium() as browser:
+        seen = visit(browser)
+        page = seen.page
+        sign_in(seen, server.address, ODD_TOKEN)
+        wait_ready(seen)
+        assert server.get("/v1/towns", token=ODD_TOKEN)["towns"] == [ODD_TOWN, "town-1"]
+        assert page.eval_on_selector_all("#town option", "o => o.map(x => x.value)") == [ODD_TOWN, "town-1"]
+        assert page.input_value("#town") == ODD_TOWN
+
+        path = f"/v1/town/{quote(ODD_TOWN, safe='')}"
+        metrics = server.get(f"{path}/metrics", token=ODD_TOKEN, since_hours=168)
+        assert metrics["town_id"] == ODD_TOWN
+        assert metrics["metrics"]["count"] == 3
+        assert float(shown(seen, "#kpi-count")[1]) == 3
+        assert float(shown(seen, "#kpi-cost")[1]) == metrics["metrics"]["total_cost_usd"]
+        by_cost = server.get(f"{path}/breakdown", token=ODD_TOKEN, by="user_id", top=10, since_hours=168)
+        users = "rows => rows.map(r => r.dataset.user)"
+        assert page.eval_on_selector_all("#top-cost tr", users) == [row["user_id"] for row in by_cost["rows"]]
+        assert ODD_TOWN in page.inner_text("#subtitle")
+        assert page.locator("#error").is_hidden()
+        asked = [urlsplit(r.url).path for r in seen.requests if "/v1/town/" in r.url]
+        assert asked
+        assert all(p.startswith(f"{path}/") for p in asked)
+        page.screenshot(path=str(tmp_path / "odd-town.png"))
+
+        page.select_option("#town", "town-1")
+        wait_ready(seen)
+        assert float(shown(seen, "#kpi-count")[1]) == 24
         assert not [line for line in seen.console if "page error" in line]

@@ -682,8 +682,9 @@ async def _preflight(url: str | None) -> None:
 def serve(url: str | None, host: str, port: int, insecure: bool, lod3_p95_budget_ms: float) -> None:
     """Serve the metrics endpoint and the dashboard page over HTTP (needs a bearer token).
 
-    GET / (the dashboard page), GET /v1/towns, GET /v1/town/{town_id}/metrics?action_type=&since_hours=,
-    .../breakdown, .../checks, POST /v1/actions and POST /v1/traces (writers) and GET /healthz.
+    GET / (the dashboard page), GET /v1/towns, GET /v1/town/{town_id}/metrics?action_type=&since_hours=
+    (or since=&until=, ISO 8601 with an offset), .../breakdown, .../checks, POST /v1/actions and
+    POST /v1/traces (writers) and GET /healthz.
     Clients (and the page) send Authorization: Bearer <token>. $ACTION_METRICS_API_TOKEN reads every
     town; $ACTION_METRICS_API_TOKENS lists tokens limited to towns: 'TOKEN:TOWN,TOWN;TOKEN:*', and
     writers marked 'write:TOKEN:TOWNS' (or 'read,write:TOKEN:TOWNS').

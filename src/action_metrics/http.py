@@ -1,6 +1,7 @@
 """The seed's metrics endpoint on FastAPI, async over `AsyncMetricsStore` (the `server` extra).
 
-`GET /v1/town/{town_id}/metrics?action_type=&since_hours=` answers with the seed's JSON; it needs
+`GET /v1/town/{town_id}/metrics?action_type=&since_hours=` answers with the seed's JSON (or over
+`since=&until=`, ISO 8601 moments, instead of the last `since_hours`); it needs
 `Authorization: Bearer <token>`. A token may read every town or a listed few (`ApiTokens`).
 `GET /healthz` needs no token. Bad parameters get 422, a database that cannot answer 503, never a 500.
 `POST /v1/actions` (writers, see `wire`) and the tokens' scopes (see `access`) are included here.
@@ -12,14 +13,15 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import GenericAlias
 from typing import Annotated, Any, Final, Literal, get_args, get_origin, get_type_hints
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import AwareDatetime, BaseModel, ConfigDict, create_model
 from sqlalchemy import URL
+from starlette.convertors import Convertor, register_url_convertor
 
 from action_metrics import wire
 from action_metrics.access import (
@@ -40,12 +42,11 @@ from action_metrics.page import add_page
 from action_metrics.report import DEFAULT_LOD3_P95_BUDGET_MS, any_failed, run_checks
 from action_metrics.store import AsyncMetricsStore
 from action_metrics.validation import ACTION_TYPE_PATTERN, MAX_ID_LENGTH
+from action_metrics.window import MAX_HOURS, TimeWindow
 
 logger = logging.getLogger(__name__)
 
-MAX_SINCE_HOURS: Final = 24 * 366 * 10
-"""Ten years: a window reaching further back is a typo, not a question."""
-DEFAULT_SINCE_HOURS: Final = 24.0
+MAX_SINCE_HOURS: Final = MAX_HOURS
 
 # --- response shapes ------------------------------------------------------------------------
 
@@ -139,7 +140,68 @@ TOWN_READ_ANSWERS: Final[dict[int | str, dict[str, Any]]] = {
 }
 """The errors every read of one town may answer with."""
 
-TownId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH, description="The town's id.")]
+TownId = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_ID_LENGTH,
+        description="The town's id, percent-encoded: it may hold `/` (%2F), spaces, `%`, `?`, `#`.",
+    ),
+]
+"""Routed as `{town_id:town}`: a town id may hold a `/`, which arrives decoded. Each route ends in its
+own fixed segment (`/metrics`, `/breakdown`, `/checks`), so `/v1/town/a/b/metrics` is town `a/b`'s
+metrics and nothing else."""
+
+
+class TownIdConvertor(Convertor[str]):
+    """Any characters, `/` and line breaks included: Starlette's `path` stops at a line break, and a
+    town id may hold one."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("town", TownIdConvertor())
+
+
+def _invalid_query(error: InvalidFilter) -> RequestValidationError:
+    """422 naming the query parameter at fault, as FastAPI's own validation answers."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("query", error.field), "msg": str(error), "input": None}]
+    )
+
+
+async def time_window(
+    since_hours: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=MAX_SINCE_HOURS,
+            description="The window: the N hours before `until` (default now); 24 without `since`.",
+        ),
+    ] = None,
+    since: Annotated[
+        AwareDatetime | None,
+        Query(
+            description="The window's start (inclusive), ISO 8601 with an offset, e.g. "
+            "2025-06-01T00:00:00+02:00; instead of `since_hours`.",
+        ),
+    ] = None,
+    until: Annotated[
+        AwareDatetime | None,
+        Query(description="The window's end (exclusive), ISO 8601 with an offset; default: none (now)."),
+    ] = None,
+) -> TimeWindow:
+    """The window of a town's read: `since_hours`, or `since` and `until`; 422 naming the parameter."""
+    try:
+        return TimeWindow.resolve(now=datetime.now(UTC), since_hours=since_hours, since=since, until=until)
+    except InvalidFilter as error:
+        raise _invalid_query(error) from None
 
 
 def create_app(
@@ -223,7 +285,7 @@ def create_app(
         return Towns(towns=sorted(str(row.keys["town_id"]) for row in rows))
 
     @app.get(
-        "/v1/town/{town_id}/metrics",
+        "/v1/town/{town_id:town}/metrics",
         response_model=TownMetrics,
         tags=["metrics"],
         dependencies=[Depends(authorize)],
@@ -232,31 +294,28 @@ def create_app(
     async def town_metrics(
         town_id: TownId,
         store: Annotated[AsyncMetricsStore, Depends(_store)],
+        window: Annotated[TimeWindow, Depends(time_window)],
         action_type: Annotated[
             str | None,
             Query(pattern=f"^{ACTION_TYPE_PATTERN}$", description="Only this action type, e.g. lod3."),
         ] = None,
-        since_hours: Annotated[
-            float, Query(gt=0, le=MAX_SINCE_HOURS, description="The window: actions of the last N hours.")
-        ] = DEFAULT_SINCE_HOURS,
     ) -> dict[str, Any]:
-        """The dashboard numbers of one town over the last `since_hours` hours."""
-        since = datetime.now(UTC) - timedelta(hours=since_hours)
+        """The dashboard numbers of one town over the window (the last 24 hours by default)."""
         try:
-            aggregate = await store.aggregate(town_id=town_id, action_type=action_type, since=since)
+            aggregate = await store.aggregate(
+                town_id=town_id, action_type=action_type, since=window.since, until=window.until
+            )
         except DatabaseError as error:
             raise _unavailable(error) from error
-        hours = float(since_hours)
-        window: int | float = int(hours) if hours.is_integer() else hours
         return {
             "town_id": town_id,
             "action_type": action_type,
-            "time_window_hours": window,
+            "time_window_hours": window.shown_hours,
             "metrics": aggregate.to_dict(),
         }
 
     @app.get(
-        "/v1/town/{town_id}/breakdown",
+        "/v1/town/{town_id:town}/breakdown",
         response_model=TownBreakdown,
         tags=["metrics"],
         dependencies=[Depends(authorize)],
@@ -265,6 +324,7 @@ def create_app(
     async def town_breakdown(
         town_id: TownId,
         store: Annotated[AsyncMetricsStore, Depends(_store)],
+        window: Annotated[TimeWindow, Depends(time_window)],
         by: Annotated[list[Dimension], Query(description="Group by these (repeatable).")] = [],  # noqa: B006
         bucket: Annotated[BucketName | None, Query(description="And by this time bucket, in tz.")] = None,
         tz: Annotated[
@@ -274,9 +334,6 @@ def create_app(
                 description="IANA zone of the buckets (default $ACTION_METRICS_TZ, UTC).",
             ),
         ] = None,
-        since_hours: Annotated[
-            float, Query(gt=0, le=MAX_SINCE_HOURS, description="The window: actions of the last N hours.")
-        ] = DEFAULT_SINCE_HOURS,
         sort: Annotated[SortKey, Query(description="The figure rows are sorted by.")] = "total_cost_usd",
         order: Annotated[
             Literal["desc", "asc"], Query(description="desc: largest first; asc: smallest first.")
@@ -284,8 +341,7 @@ def create_app(
         top: Annotated[int | None, Query(ge=1, le=MAX_TOP, description="Keep the first N rows.")] = None,
     ) -> dict[str, Any]:
         """The town's numbers per user, citizen, action type or model and per hour, day, week or month
-        in a time zone, over the last `since_hours` hours."""
-        since = datetime.now(UTC) - timedelta(hours=since_hours)
+        in a time zone, over the window (the last 24 hours by default)."""
         try:
             rows = await store.breakdown(
                 by,
@@ -295,18 +351,17 @@ def create_app(
                 descending=order == "desc",
                 top=top,
                 town_id=town_id,
-                since=since,
+                since=window.since,
+                until=window.until,
             )
         except InvalidFilter as error:
-            raise RequestValidationError(
-                [{"type": "value_error", "loc": ("query", error.field), "msg": str(error), "input": None}]
-            ) from None
+            raise _invalid_query(error) from None
         except DatabaseError as error:
             raise _unavailable(error) from error
         return {"town_id": town_id, "rows": [row.to_dict() for row in rows]}
 
     @app.get(
-        "/v1/town/{town_id}/checks",
+        "/v1/town/{town_id:town}/checks",
         response_model=TownChecks,
         tags=["metrics"],
         dependencies=[Depends(authorize)],
@@ -315,15 +370,16 @@ def create_app(
     async def town_checks(
         town_id: TownId,
         store: Annotated[AsyncMetricsStore, Depends(_store)],
-        since_hours: Annotated[
-            float, Query(gt=0, le=MAX_SINCE_HOURS, description="The window: actions of the last N hours.")
-        ] = DEFAULT_SINCE_HOURS,
+        window: Annotated[TimeWindow, Depends(time_window)],
     ) -> TownChecks:
-        """The SLO and ethics checks of `report --check` over the town's last `since_hours` hours."""
-        since = datetime.now(UTC) - timedelta(hours=since_hours)
+        """The SLO and ethics checks of `report --check` over the town's window (default 24 hours)."""
         try:
             checks = await run_checks(
-                store, town_id=town_id, since=since, lod3_p95_budget_ms=lod3_p95_budget_ms
+                store,
+                town_id=town_id,
+                since=window.since,
+                until=window.until,
+                lod3_p95_budget_ms=lod3_p95_budget_ms,
             )
         except DatabaseError as error:
             raise _unavailable(error) from error

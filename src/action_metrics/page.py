@@ -114,6 +114,8 @@ async def read_view(
     return {
         "town_id": town_id,
         "since_hours": hours,
+        "since": since.isoformat(),
+        "until": None,
         "tz": tz,
         "bucket": bucket,
         "generated_at": now.isoformat(),

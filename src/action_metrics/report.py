@@ -138,11 +138,16 @@ class CheckResult:
 
 
 async def check_lod3_latency(
-    store: AsyncMetricsStore, *, town_id: str | None, since: datetime | None, budget_ms: float
+    store: AsyncMetricsStore,
+    *,
+    town_id: str | None,
+    since: datetime | None,
+    budget_ms: float,
+    until: datetime | None = None,
 ) -> CheckResult:
     """SLO: the p95 latency of LOD3 queries stays within `budget_ms`."""
     name = f"LOD3 p95 latency within {budget_ms:g} ms"
-    lod3 = await store.aggregate(town_id=town_id, since=since, action_type=ActionType.LOD3)
+    lod3 = await store.aggregate(town_id=town_id, since=since, until=until, action_type=ActionType.LOD3)
     if lod3.p95_latency_ms is None:
         return CheckResult(name, "slo", CheckStatus.NO_DATA, "no LOD3 queries in the selection")
     verdict = CheckStatus.PASS if lod3.p95_latency_ms <= budget_ms else CheckStatus.FAIL
@@ -152,7 +157,7 @@ async def check_lod3_latency(
 
 
 async def check_force_premium(
-    store: AsyncMetricsStore, *, town_id: str | None, since: datetime | None
+    store: AsyncMetricsStore, *, town_id: str | None, since: datetime | None, until: datetime | None = None
 ) -> CheckResult:
     """Ethics: every force action is charged its premium, no less and no more.
 
@@ -160,7 +165,7 @@ async def check_force_premium(
     """
     name = f"force actions charged the {FORCE_PREMIUM_CREDITS}-credit premium"
     audit = await store.audit_charges(
-        FORCE_PREMIUM_CREDITS, town_id=town_id, since=since, action_type=ActionType.FORCE
+        FORCE_PREMIUM_CREDITS, town_id=town_id, since=since, until=until, action_type=ActionType.FORCE
     )
     if not audit.count:
         return CheckResult(name, "ethics", CheckStatus.NO_DATA, "no force actions in the selection")
@@ -182,12 +187,16 @@ async def run_checks(
     *,
     town_id: str | None = None,
     since: datetime | None = None,
+    until: datetime | None = None,
     lod3_p95_budget_ms: float = DEFAULT_LOD3_P95_BUDGET_MS,
 ) -> tuple[CheckResult, ...]:
-    """The seed's SLO and ethics checks over one town (or all) since a moment (or ever)."""
+    """The seed's SLO and ethics checks over one town (or all) from a moment (or ever) to another
+    (or now)."""
     return (
-        await check_lod3_latency(store, town_id=town_id, since=since, budget_ms=lod3_p95_budget_ms),
-        await check_force_premium(store, town_id=town_id, since=since),
+        await check_lod3_latency(
+            store, town_id=town_id, since=since, until=until, budget_ms=lod3_p95_budget_ms
+        ),
+        await check_force_premium(store, town_id=town_id, since=since, until=until),
     )
 
 

@@ -12,11 +12,12 @@
   const TOKEN_KEY = "action-metrics.token";
   const TZ_KEY = "action-metrics.tz";
   const TOWN_KEY = "action-metrics.town";
-  const MAX_HOURS = 24 * 366 * 10;
   const COLORS = { cost: "#d9480f", revenue: "#2b8a3e", profit: "#1c7ed6", p50: "#1c7ed6", p95: "#e8590c", p99: "#c92a2a", margin: "#5f3dc4" };
 
   const $ = (id) => document.getElementById(id);
   let view = null;
+  let refreshes = 0;  // the latest refresh draws; an earlier one answering late is dropped
+  let lastPreset = 168;  // the preset a custom range starts from
 
   class Unauthorized extends Error {}
 
@@ -41,32 +42,86 @@
     if (!response.ok) {
       let detail = response.statusText;
       try {
-        const body = await response.json();
-        detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+        detail = problem((await response.json()).detail);
       } catch (_) { /* not JSON: keep the status text */ }
       throw new Error(`${url.pathname}: ${response.status} ${detail}`);
     }
     return response.json();
   }
 
+  /** A 422's list of problems as a sentence, each naming its parameter. */
+  function problem(detail) {
+    if (!Array.isArray(detail)) return typeof detail === "string" ? detail : JSON.stringify(detail);
+    return detail.map((item) => {
+      const name = Array.isArray(item.loc) ? item.loc[item.loc.length - 1] : "";
+      return name && !String(item.msg).startsWith(`${name}:`) ? `${name}: ${item.msg}` : item.msg;
+    }).join("; ");
+  }
+
   /** The answers one view of the page needs, in the shape `report --html` embeds. */
-  async function loadView(town, hours, tz) {
+  async function loadView(town, window, tz) {
+    if (town === "." || town === "..") {
+      // A URL's path cannot hold them, encoded or not: browsers resolve them as "here" and "up".
+      throw new Error(`the town "${town}" cannot be read through a URL: its id is a path's "${town}"`);
+    }
     const base = `v1/town/${encodeURIComponent(town)}/`;
-    const since = ["since_hours", String(hours)];
-    const bucket = bucketFor(hours);
+    const since = window.params;
+    const bucket = bucketFor(window.hours);
     const [metrics, buckets, latency, topCost, topLoss, checks] = await Promise.all([
-      getJSON(base + "metrics", [since]),
-      getJSON(base + "breakdown", [["bucket", bucket], ["tz", tz], since]),
-      getJSON(base + "breakdown", [["by", "action_type"], ["bucket", bucket], ["tz", tz], since]),
-      getJSON(base + "breakdown", [["by", "user_id"], ["sort", "total_cost_usd"], ["top", "10"], since]),
-      getJSON(base + "breakdown", [["by", "user_id"], ["sort", "total_profit_usd"], ["order", "asc"], ["top", "10"], since]),
-      getJSON(base + "checks", [since]),
+      getJSON(base + "metrics", since),
+      getJSON(base + "breakdown", [["bucket", bucket], ["tz", tz], ...since]),
+      getJSON(base + "breakdown", [["by", "action_type"], ["bucket", bucket], ["tz", tz], ...since]),
+      getJSON(base + "breakdown", [["by", "user_id"], ["sort", "total_cost_usd"], ["top", "10"], ...since]),
+      getJSON(base + "breakdown", [["by", "user_id"], ["sort", "total_profit_usd"], ["order", "asc"], ["top", "10"], ...since]),
+      getJSON(base + "checks", since),
     ]);
     return {
-      town_id: town, since_hours: hours, tz, bucket, generated_at: new Date().toISOString(),
+      town_id: town, since_hours: window.hours, since: window.since, until: window.until, tz, bucket,
+      generated_at: new Date().toISOString(),
       metrics, buckets: buckets.rows, latency: latency.rows, top_cost: topCost.rows, top_loss: topLoss.rows,
       checks,
     };
+  }
+
+  // --- time zones: the custom range's inputs are wall-clock times in the chosen zone ------------
+
+  const wallClocks = new Map();
+  function wallClockFormat(tz) {
+    if (!wallClocks.has(tz)) {
+      try {
+        wallClocks.set(tz, new Intl.DateTimeFormat("en-US", {
+          timeZone: tz, hourCycle: "h23", year: "numeric", month: "2-digit", day: "2-digit",
+          hour: "2-digit", minute: "2-digit", second: "2-digit",
+        }));
+      } catch (_) {
+        throw new Error(`unknown time zone "${tz}": use an IANA name such as Europe/Berlin`);
+      }
+    }
+    return wallClocks.get(tz);
+  }
+
+  /** The wall clock of `tz` at an instant (ms), as the milliseconds of that same reading in UTC. */
+  function wallClock(instant, tz) {
+    const parts = {};
+    for (const { type, value } of wallClockFormat(tz).formatToParts(new Date(instant))) parts[type] = Number(value);
+    return Date.UTC(parts.year, parts.month - 1, parts.day, parts.hour, parts.minute, parts.second);
+  }
+
+  /** The instant (ms) a datetime-local value ("2025-06-01T09:30") names in `tz`; NaN if none. */
+  function zonedInstant(local, tz) {
+    const found = /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2}))?/.exec(local);
+    if (!found) return NaN;
+    const [year, month, day, hour, minute, second] = found.slice(1).map((part) => Number(part || 0));
+    const wall = Date.UTC(year, month - 1, day, hour, minute, second);
+    // The zone's offset at a first guess, then at the instant that guess gives: right on both sides
+    // of a change of the clocks (a time the change skipped lands just after it).
+    const guess = wall - (wallClock(wall, tz) - wall);
+    return wall - (wallClock(guess, tz) - Math.floor(guess / 1000) * 1000);
+  }
+
+  /** An instant as a datetime-local value in `tz`, to the minute. */
+  function localInput(instant, tz) {
+    return new Date(wallClock(instant, tz)).toISOString().slice(0, 16);
   }
 
   // --- formatting ------------------------------------------------------------------------------
@@ -113,7 +168,7 @@
     td.className = "bar-cell";
     const bar = document.createElement("div");
     bar.className = className;
-    bar.style.width = `${largest > 0 ? Math.max((100 * value) / largest, 1) : 0}%`;  // CSSOM: allowed by the CSP
+    bar.style.width = `${largest > 0 && value > 0 ? Math.max((100 * value) / largest, 1) : 0}%`;  // CSSOM: allowed by the CSP
     td.append(bar);
     return td;
   }
@@ -137,13 +192,14 @@
       return;
     }
     const data = [sorted.map(seconds), ...series.map((s) => sorted.map(s.value))];
-    const end = Date.parse(view.generated_at) / 1000;
+    const end = Date.parse(view.until || view.generated_at) / 1000;
+    const start = view.since ? Date.parse(view.since) / 1000 : end - view.since_hours * 3600;
     const options = {
       width: Math.max(element.clientWidth, 240),
       height: 220,
       tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), view.tz),
       // The whole window, so a lone bucket sits where it happened.
-      scales: { x: { time: true, range: () => [end - view.since_hours * 3600, end] } },
+      scales: { x: { time: true, range: () => [start, end] } },
       series: [
         {},
         ...series.map((s) => ({
@@ -169,10 +225,16 @@
 
   // --- the page --------------------------------------------------------------------------------
 
+  function windowLabel() {
+    if (!view.until) return `last ${hoursLabel(view.since_hours)}`;
+    const moment = (iso) => new Date(iso).toLocaleString("en-GB", { timeZone: view.tz, dateStyle: "medium", timeStyle: "short" });
+    return `${moment(view.since)} to ${moment(view.until)}`;
+  }
+
   function render() {
     const m = view.metrics.metrics;
     $("subtitle").textContent =
-      `${view.town_id ?? "all towns"} · last ${hoursLabel(view.since_hours)} · per ${view.bucket} in ${view.tz}` +
+      `${view.town_id ?? "all towns"} · ${windowLabel()} · per ${view.bucket} in ${view.tz}` +
       ` · read ${new Date(view.generated_at).toLocaleString("en-GB", { timeZone: view.tz })}`;
     for (const element of document.querySelectorAll(".bucket-name")) element.textContent = view.bucket;
 
@@ -262,17 +324,34 @@
     document.body.dataset.state = "error";
   }
 
-  function chosenHours() {
+  /** The window the controls name: a preset's last N hours, or the custom range read in `tz`. */
+  function chosenWindow(tz) {
     const range = $("range").value;
-    if (range !== "custom") return Number(range);
-    const since = Date.parse($("custom-since").value);
-    if (Number.isNaN(since)) throw new Error("choose the start of the custom range");
-    const hours = (Date.now() - since) / 3_600_000;
-    if (!(hours > 0)) throw new Error("the custom range must start in the past");
-    return Math.min(Math.round(hours * 1000) / 1000, MAX_HOURS);
+    if (range !== "custom") {
+      return { hours: Number(range), since: null, until: null, params: [["since_hours", range]] };
+    }
+    const since = zonedInstant($("custom-since").value, tz);
+    const until = zonedInstant($("custom-until").value, tz);
+    if (!Number.isFinite(since)) throw new Error("choose the start of the custom range");
+    if (!Number.isFinite(until)) throw new Error("choose the end of the custom range");
+    if (!(since < until)) throw new Error("the custom range must end after it starts");
+    const [from, to] = [new Date(since).toISOString(), new Date(until).toISOString()];
+    return { hours: (until - since) / 3_600_000, since: from, until: to, params: [["since", from], ["until", to]] };
+  }
+
+  /** Switching to a custom range starts it as the preset it replaces: the last N hours to now. */
+  function startCustomRange() {
+    if ($("custom-since").value && $("custom-until").value) return;
+    try {
+      const tz = $("tz").value.trim() || "UTC";
+      const now = Date.now();
+      $("custom-since").value = localInput(now - lastPreset * 3_600_000, tz);
+      $("custom-until").value = localInput(now, tz);
+    } catch (_) { /* an unknown zone: refresh() says so */ }
   }
 
   async function refresh() {
+    const mine = ++refreshes;
     document.body.dataset.state = "loading";
     $("error").hidden = true;
     try {
@@ -280,12 +359,15 @@
       sessionStorage.setItem(TZ_KEY, tz);
       sessionStorage.setItem(TOWN_KEY, $("town").value);
       const started = performance.now();
-      view = await loadView($("town").value, chosenHours(), tz);
+      const loaded = await loadView($("town").value, chosenWindow(tz), tz);
+      if (mine !== refreshes) return;
+      view = loaded;
       const elapsed = performance.now() - started;
       render();
       $("footer").textContent = `Data read from 6 JSON requests in ${number(elapsed)} ms.`;
       document.body.dataset.state = "ready";
     } catch (error) {
+      if (mine !== refreshes) return;
       if (error instanceof Unauthorized) return signIn("The token was refused: sign in again.");
       showError(error);
     }
@@ -337,6 +419,9 @@
       return;
     }
     $("tz").value = sessionStorage.getItem(TZ_KEY) || Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+    if (Intl.supportedValuesOf) {  // the zones this browser knows, offered as the reader types
+      $("zones").replaceChildren(...Intl.supportedValuesOf("timeZone").map((zone) => new Option(zone)));
+    }
     $("sign-in-form").addEventListener("submit", (event) => {
       event.preventDefault();
       const token = $("token").value.trim();
@@ -346,12 +431,14 @@
     });
     $("sign-out").addEventListener("click", () => signIn(""));
     $("controls").addEventListener("submit", (event) => { event.preventDefault(); refresh(); });
-    for (const id of ["town", "range"]) $(id).addEventListener("change", () => {
-      $("custom-since-label").hidden = $("range").value !== "custom";
-      if ($("range").value !== "custom") refresh();
+    $("range").addEventListener("change", () => {
+      const custom = $("range").value === "custom";
+      $("custom-range").hidden = !custom;
+      if (custom) startCustomRange();
+      else lastPreset = Number($("range").value);
+      refresh();
     });
-    $("tz").addEventListener("change", refresh);
-    $("custom-since").addEventListener("change", refresh);
+    for (const id of ["town", "tz", "custom-since", "custom-until"]) $(id).addEventListener("change", refresh);
     $("latency-action").addEventListener("change", drawLatency);
     connect();
   }
