@@ -8,6 +8,7 @@ exactly what `ActionMetricsSpanProcessor` stores in process from the same spans.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -259,3 +260,82 @@ def test_a_body_that_is_not_otlp_is_refused_whole(
         f"{server.address}/v1/traces", content=body, headers={**bearer(WRITER), "Content-Type": content_type}
     )
     assert answer.status_code == status, answer.text
+
+
+def traces_of_actions(count: int, calls: int) -> list[list[ReadableSpan]]:
+    """`count` traces as a service's tracer makes them: an action span naming its credits, around
+    `calls` GenAI calls with response ids; each trace's spans together, as a batch exporter sends them."""
+    finished = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(finished))
+    tracer = tracer_provider.get_tracer("town.api")
+    for number in range(count):
+        action = {"action.type": "lod4", "action.user_id": f"user-{number}", "action.credits": 100}
+        with tracer.start_as_current_span("lod4 query", attributes=action):
+            for index in range(calls):
+                with tracer.start_as_current_span(
+                    f"chat {index}", attributes=call(**{"gen_ai.response.id": f"chatcmpl-{number}-{index}"})
+                ):
+                    pass
+    tracer_provider.shutdown()
+    traces: dict[int, list[ReadableSpan]] = {}
+    for span in finished.get_finished_spans():
+        assert span.context is not None
+        traces.setdefault(span.context.trace_id, []).append(span)
+    return list(traces.values())
+
+
+def test_a_retry_after_the_server_was_killed_mid_stream_stores_every_call_and_charge_once(
+    database_url: str,
+) -> None:
+    """200 means committed, and a span's metric id comes from its response id: whatever a killed
+    server had committed, the client's retry of every request stores each call once and charges each
+    action's credits once, to the same call."""
+    traces = traces_of_actions(60, 3)
+    bodies = [
+        encode_spans([span for trace in traces[start : start + 10] for span in trace]).SerializeToString()
+        for start in range(0, len(traces), 10)
+    ]
+    headers = {**bearer(WRITER), "Content-Type": "application/x-protobuf"}
+    server = Server(database_url)
+    server.start()
+    answered: list[ExportTraceServiceResponse] = []
+    two_answered = threading.Event()
+
+    def send_all() -> None:
+        with httpx.Client(timeout=120) as client:
+            for body in bodies:
+                try:
+                    answer = client.post(f"{server.address}/v1/traces", content=body, headers=headers)
+                except httpx.HTTPError:
+                    return
+                answered.append(ExportTraceServiceResponse.FromString(answer.content))
+                if len(answered) == 2:
+                    two_answered.set()
+
+    sender = threading.Thread(target=send_all)
+    sender.start()
+    assert two_answered.wait(timeout=120)
+    server.kill()
+    sender.join(timeout=120)
+    before = stored(database_url)
+    assert len(before) >= 2 * 10 * 3  # the two answered requests were committed
+
+    server.start()
+    try:
+        for body in bodies:
+            answer = httpx.post(f"{server.address}/v1/traces", content=body, headers=headers, timeout=120)
+            assert answer.status_code == 200, answer.text
+            assert ExportTraceServiceResponse.FromString(answer.content).partial_success.rejected_spans == 0
+    finally:
+        server.stop()
+
+    after = stored(database_url)
+    expected_ids = {str(metric_id_for_response(f"chatcmpl-{n}-{i}")) for n in range(60) for i in range(3)}
+    assert set(after) == expected_ids
+    assert all(after[key] == metric for key, metric in before.items())  # nothing stored was rewritten
+    charged: dict[str, list[int]] = {}
+    for metric in after.values():
+        charged.setdefault(metric["user_id"], []).append(metric["credits_charged"])
+    assert sorted(charged) == sorted(f"user-{n}" for n in range(60))
+    assert all(sorted(credits) == [0, 0, 100] for credits in charged.values())
