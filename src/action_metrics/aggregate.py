@@ -38,12 +38,13 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    tuple_,
     type_coerce,
     union_all,
 )
 from sqlalchemy.sql.selectable import NamedFromClause, Subquery
 
-from action_metrics.dialects import Backend
+from action_metrics.dialects import Backend, interpolated_percentile
 from action_metrics.pricing import BEGINNING_OF_TIME
 from action_metrics.query import MetricFilter
 from action_metrics.rollup import (
@@ -567,6 +568,61 @@ def exact_percentiles(raw: Subquery, keys: Sequence[str], backend: Backend) -> N
     )
 
 
+def _ranked_in_one_pass(
+    succeeded: Subquery, per_model: NamedFromClause
+) -> tuple[NamedFromClause, NamedFromClause]:
+    """Exact percentiles overall and per model from one read of the rows: each row ranked among all
+    and within its model (a window sort each), only the rows at the ranks the interpolation reads
+    kept, once, and grouped both ways. How many latencies each model has comes from the sums
+    (actions less errors), so no window counts them."""
+    counts = select(per_model.c.model, (per_model.c["count"] - per_model.c.error_count).label("n")).subquery(
+        "latency_counts"
+    )
+    total = select(func.sum(counts.c.n)).scalar_subquery()
+    # An expression of the model, not the column: SQLite would otherwise read the whole table in the
+    # order of the model index (to spare a sort) instead of just the selection's rows.
+    model = type_coerce(succeeded.c.model + literal("", String), String)
+    latency = succeeded.c.latency_ms
+    ranked = select(
+        model.label("model"),
+        latency.label("latency_ms"),
+        (func.row_number().over(order_by=latency) - 1).label("overall_rank"),
+        (func.row_number().over(partition_by=model, order_by=latency) - 1).label("model_rank"),
+    ).subquery("ranked_both")
+    r = ranked.c
+
+    def lowers(n: ColumnElement[Any]) -> list[ColumnElement[int]]:
+        lows = [cast((n - 1) * literal(fraction, Double), Integer) for fraction in PERCENTILES.values()]
+        return [*lows, *(low + 1 for low in lows)]
+
+    model_ranks = union_all(*(select(counts.c.model, rank) for rank in lowers(counts.c.n)))
+    picked = (
+        select(ranked)
+        .where(or_(r.overall_rank.in_(lowers(total)), tuple_(r.model, r.model_rank).in_(model_ranks)))
+        .cte("picked")
+        .prefix_with("MATERIALIZED")
+    )
+    p = picked.c
+
+    def figures(rank: ColumnElement[Any], n: ColumnElement[Any]) -> list[ColumnElement[Any]]:
+        return [
+            *(
+                interpolated_percentile(rank, n, p.latency_ms, fraction).label(name)
+                for name, fraction in PERCENTILES.items()
+            ),
+            literal(0, Integer).label("approximate"),
+        ]
+
+    overall = select(*figures(p.overall_rank, total)).subquery("percentiles")
+    per_model_percentiles = (
+        select(p.model, *figures(p.model_rank, counts.c.n))
+        .select_from(picked.join(counts, counts.c.model == p.model))
+        .group_by(p.model)
+        .subquery("model_percentiles")
+    )
+    return overall, per_model_percentiles
+
+
 # --- the statement --------------------------------------------------------------------------------
 
 
@@ -602,8 +658,11 @@ def aggregate_statement(
         model_percentiles = weighted_percentiles(latencies, ["model"])
     else:
         succeeded = select(raw).where(raw.c.error.is_(None)).subquery("succeeded")
-        overall_percentiles = exact_percentiles(succeeded, [], backend)
-        model_percentiles = exact_percentiles(succeeded, ["model"], backend)
+        if backend.ranks_in_one_pass:
+            overall_percentiles, model_percentiles = _ranked_in_one_pass(succeeded, per_model)
+        else:
+            overall_percentiles = exact_percentiles(succeeded, [], backend)
+            model_percentiles = exact_percentiles(succeeded, ["model"], backend)
     overall = select(*(func.sum(per_model.c[name]).label(name) for name in PER_MODEL_SUMS)).subquery(
         "overall"
     )

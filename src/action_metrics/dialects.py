@@ -141,6 +141,10 @@ class Backend:
         """The `fraction` percentile of `latency_ms` within each group, interpolated linearly."""
         raise NotImplementedError
 
+    ranks_in_one_pass: ClassVar[bool] = False
+    """Whether exact percentiles overall and per model are best ranked in one pass over the rows
+    (two window sorts, the rows at the wanted ranks kept once) rather than one statement each."""
+
     bulk_insert_minimum: ClassVar[int]
     """The smallest batch for which `bulk_insert_metrics` beats a plain `INSERT ... ON CONFLICT`."""
 
@@ -371,15 +375,25 @@ class SQLiteBackend(Backend):
         return Select(ranked).where(wanted).subquery("ranked")
 
     def latency_percentile(self, ranked: NamedFromClause, fraction: float) -> ColumnElement[float]:
-        # PostgreSQL's percentile_cont written out: position (n - 1) * f, then interpolate between
-        # the values ranked floor(position) and floor(position) + 1 (0-based). n is the same on
-        # every row of a group, so the per-row position is the group's.
-        rank, latency = ranked.c.latency_rank, ranked.c.latency_ms
-        position = (ranked.c.latency_count - 1) * sql_cast(fraction, Double)
-        lower = sql_cast(position, Integer)  # truncation is floor: position >= 0
-        low_value = func.max(case((rank == lower, latency)))
-        high_value = func.coalesce(func.max(case((rank == lower + 1, latency))), low_value)
-        return low_value + func.max(position - lower) * (high_value - low_value)
+        return interpolated_percentile(
+            ranked.c.latency_rank, ranked.c.latency_count, ranked.c.latency_ms, fraction
+        )
+
+    ranks_in_one_pass = True
+
+
+def interpolated_percentile(
+    rank: ColumnElement[int], count: ColumnElement[int], latency: ColumnElement[float], fraction: float
+) -> ColumnElement[float]:
+    """PostgreSQL's percentile_cont written out, as an aggregate over rows carrying their 0-based
+    `rank` among the group's `count` latencies: position (n - 1) * f, then interpolate between the
+    values ranked floor(position) and floor(position) + 1. n is the same on every row of a group, so
+    the per-row position is the group's."""
+    position = (count - 1) * sql_cast(fraction, Double)
+    lower = sql_cast(position, Integer)  # truncation is floor: position >= 0
+    low_value = func.max(case((rank == lower, latency)))
+    high_value = func.coalesce(func.max(case((rank == lower + 1, latency))), low_value)
+    return low_value + func.max(position - lower) * (high_value - low_value)
 
 
 _SQLITE_BUCKET_TEXT: Final = {"hour": (13, ":00:00.000000"), "day": (10, " 00:00:00.000000")}
