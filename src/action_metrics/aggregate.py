@@ -31,6 +31,7 @@ from sqlalchemy import (
     and_,
     case,
     cast,
+    false,
     func,
     literal,
     literal_column,
@@ -317,6 +318,16 @@ def _level_terms(level: Level, table: Any, metric_filter: MetricFilter) -> list[
     return terms
 
 
+def _level_rows(
+    level: Level, table: Any, metric_filter: MetricFilter, ranges: Sequence[Range]
+) -> ColumnElement[bool]:
+    """This level's rows of `table` in any of `ranges` that the filter selects: the level's terms
+    repeated in each range's, so that each range is a search of the primary key (grain, town,
+    action, start) of its own (SQLite does not carry terms outside an OR into its branches)."""
+    terms = _level_terms(level, table, metric_filter)
+    return or_(false(), *(and_(*terms, *range_terms(table.c.start, since, until)) for since, until in ranges))
+
+
 def summed_parts(
     metric_filter: MetricFilter,
     plan: ReadPlan,
@@ -355,7 +366,7 @@ def summed_parts(
                 r.c.start.label("at"),
                 *grouping.columns(r, r.c.start, raw=False),
                 *(r.c[name] for name in SUM_COLUMNS),
-            ).where(*_level_terms(level, r, metric_filter), any_range(r.c.start, ranges))
+            ).where(_level_rows(level, r, metric_filter, ranges))
         )
     return union_all(*selects).subquery("parts")
 
@@ -403,9 +414,8 @@ def latency_values(
         bins = (
             select(h.c.model, *bin_keys, h.c.bin, func.sum(h.c["count"]).label("n"))
             .where(
-                *_level_terms(level, h, metric_filter),
+                _level_rows(level, h, metric_filter, ranges),
                 *restricted(h, only, (*level.keeps, "model")),
-                any_range(h.c.start, ranges),
             )
             .group_by(h.c.model, *bin_keys, h.c.bin)
             .subquery("bins")
