@@ -4,6 +4,7 @@
     PYTHONPATH=src python bench/dashboard.py --actions 200000 --backends sqlite
     PYTHONPATH=src python bench/dashboard.py --actions 10000000 \\
         --sqlite-path /tmp/am-10m.db --postgres-db am_bench_10m     # the documented 10M run, kept
+    PYTHONPATH=src python bench/dashboard.py --backends clickhouse --clickhouse-path /tmp/am-ch-1m
 
 N actions of `shape.generate`'s shape (11 action types, 50 towns, 1,000 users, 5,000 citizens, the 5
 seeded models with lognormal latencies, evenly over the last 90 days) go into a fresh database
@@ -49,6 +50,16 @@ comes from per-group sums; p50/p95/p99 take one sort and the by-model p95 one mo
   index, in the price tables' index order, so there is no GROUP BY sort; with a user, town, citizen or
   action type: that filter's index finds the actions once, six columns of them are kept and priced by
   a join. Percentiles: ROW_NUMBER, reading back only the rows at the interpolation points.
+
+- ClickHouse (`--backends clickhouse`, in process through chdb; `--clickhouse-path DIR` keeps the
+  directory, database `--clickhouse-database`): every price change is one sorted array, each action's
+  period is how many changes it is at or after, so one GROUP BY model, credits and period sums the raw
+  rows and only those groups meet their prices (ASOF JOIN of a few rows); FINAL, so a re-sent action
+  counts once; `quantilesExactInclusive` overall and by model in one GROUPING SETS; local buckets by
+  `toStartOfDay/Hour(toTimeZone(timestamp, tz))`. It runs on a clickhouse-connect client of its own on
+  the same directory: chdb opens one directory per process, and a second client of that directory
+  shares the engine the store has open. ClickHouse has no daily view: those rows show api n/a (and
+  the hand SQL's time over the raw rows alone), and are not checked.
 
 PostgreSQL runs with the server's settings (jit=on by default, work_mem 4MB): `--postgres-setting
 jit=off` (repeatable, any NAME=VALUE) applies a setting to both sides' sessions. After a load the bench

@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python bench/ingest.py                 # 1M metrics, 3 runs per backend, 10M streamed
     PYTHONPATH=src python bench/ingest.py --metrics 100000 --stream 0
+    PYTHONPATH=src python bench/ingest.py --backend clickhouse --stream 0   # in process (chdb)
 
 For each backend and run, two fresh databases migrated to head (same table, same indexes) take the
 same metrics: one through the raw driver, given rows already in its own format (untimed) and
@@ -9,6 +10,9 @@ writing them in one transaction (sqlite3 `executemany` of a plain INSERT; asyncp
 straight into action_metrics), the other through `AsyncMetricsStore.emit_many`, given the
 `ActionMetric` objects and doing all its work: conversion, batches of 20,000 each in its own
 transaction, and skipping stored ids. The ratio is emit_many's rows/s over the raw driver's.
+On ClickHouse (in process through chdb: one directory for the run, a database per side) the raw side
+is the engine's own bulk insert through clickhouse-connect, `client.insert` of the rows' columns in
+one call; emit_many inserts batches of 20,000 into the same ReplacingMergeTree.
 
 A third side times the background writer: a producer thread calls `MetricsStore.emit()` for the
 same metrics as fast as it can, then `flush()`; the clock runs from the first emit to flush's
