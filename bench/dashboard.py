@@ -4,6 +4,7 @@
     PYTHONPATH=src python bench/dashboard.py --actions 200000 --backends sqlite
     PYTHONPATH=src python bench/dashboard.py --actions 10000000 \\
         --sqlite-path /tmp/am-10m.db --postgres-db am_bench_10m     # the documented 10M run, kept
+    PYTHONPATH=src python bench/dashboard.py --backends clickhouse --clickhouse-path /tmp/am-ch-1m
 
 N actions of `shape.generate`'s shape (11 action types, 50 towns, 1,000 users, 5,000 citizens, the 5
 seeded models with lognormal latencies, evenly over the last 90 days) go into a fresh database
@@ -50,6 +51,16 @@ comes from per-group sums; p50/p95/p99 take one sort and the by-model p95 one mo
   action type: that filter's index finds the actions once, six columns of them are kept and priced by
   a join. Percentiles: ROW_NUMBER, reading back only the rows at the interpolation points.
 
+- ClickHouse (`--backends clickhouse`, in process through chdb; `--clickhouse-path DIR` keeps the
+  directory, database `--clickhouse-database`): every price change is one sorted array, each action's
+  period is how many changes it is at or after, so one GROUP BY model, credits and period sums the raw
+  rows and only those groups meet their prices (ASOF JOIN of a few rows); FINAL, so a re-sent action
+  counts once; `quantilesExactInclusive` overall and by model in one GROUPING SETS; local buckets by
+  `toStartOfDay/Hour(toTimeZone(timestamp, tz))`. It runs on a clickhouse-connect client of its own on
+  the same directory: chdb opens one directory per process, and a second client of that directory
+  shares the engine the store has open. ClickHouse has no daily view: those rows show api n/a (and
+  the hand SQL's time over the raw rows alone), and are not checked.
+
 PostgreSQL runs with the server's settings (jit=on by default, work_mem 4MB): `--postgres-setting
 jit=off` (repeatable, any NAME=VALUE) applies a setting to both sides' sessions. After a load the bench
 runs `VACUUM (ANALYZE)` on the raw and rollup tables, as autovacuum soon would; it leaves the price tables
@@ -78,6 +89,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -98,6 +110,9 @@ RELATIVE_TOLERANCE: Final = 1e-9
 APPROXIMATE_PERCENTILE_TOLERANCE: Final = 0.01
 PERCENTILE_KEYS: Final = ("p50_latency_ms", "p95_latency_ms", "p99_latency_ms")
 SQLITE_TEXT_TIME: Final = "%Y-%m-%d %H:%M:%S.%f"
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+CLICKHOUSE_EARLIEST: Final = datetime(1900, 1, 1, tzinfo=UTC)
+"""DateTime64's first instant: no action is stored before it."""
 
 Filters = dict[str, Any]
 
@@ -624,6 +639,147 @@ def postgres_breakdown_sql(grouped: Grouped) -> str:
     return POSTGRES_DAILY.format(key=" || ' ' || ".join(parts), where='WHERE "timestamp" >= $1')
 
 
+# --- the hand-written SQL: ClickHouse ------------------------------------------------------------
+#
+# Prices per price period, not per action: every instant a price changes (model or credit) is one
+# sorted array, computed once; each action's period is how many of them it is at or after, so one
+# GROUP BY model, credits and period sums the raw rows, and only those few groups meet the prices in
+# force at their period's start (ASOF JOIN of a handful of rows; period 0, before any price, has none:
+# unpriced). Tokens are summed as integers and multiplied by their Decimal price once per group, so
+# the money is exact; cost is divided by 1e6 once, at 18 places. The mean margin comes from the groups
+# too: actions of one credit charge and one price period share revenue, so their margins add up to
+# n - cost / revenue. Percentiles: quantilesExactInclusive (NumPy's 'linear') over the successful
+# actions, overall and by model in one GROUP BY GROUPING SETS. FINAL: a re-sent action counts once.
+# The whole selection's row has model '' (GROUPING SETS' default): no model is empty (check_model).
+
+CLICKHOUSE_PERIODS: Final = """
+WITH
+    (SELECT arraySort(groupUniqArray(effective_from)) FROM (
+        SELECT effective_from FROM model_prices FINAL
+        UNION ALL SELECT effective_from FROM credit_prices FINAL)) AS bounds,
+groups AS (
+    SELECT {keys}model, credits_charged AS credits, arrayCount(b -> b <= timestamp, bounds) AS period,
+           count() AS n, sum(tokens_in) AS ti, sum(tokens_out) AS tout,
+           sum(cache_read_tokens) AS cr, sum(cache_write_tokens) AS cw, sum(latency_ms) AS lat
+    FROM action_metrics FINAL {where}
+    GROUP BY {key_group}model, credits, period
+),
+priced AS (
+    SELECT {priced_keys}g.model AS model, g.credits AS credits, g.n AS n, g.ti AS ti, g.tout AS tout,
+           g.lat AS lat,
+           if(g.period = 0, NULL,
+              toDecimal256(g.ti - g.cr - g.cw, 0) * p.input_per_1m
+              + toDecimal256(g.cr, 0) * coalesce(p.cache_read_per_1m, p.input_per_1m)
+              + toDecimal256(g.cw, 0) * coalesce(p.cache_write_per_1m, p.input_per_1m)
+              + toDecimal256(g.tout, 0) * p.output_per_1m) AS cost_e6,
+           if(g.period = 0, NULL, c.usd_per_credit) AS c,
+           toDecimal256(g.credits, 0) * ifNull(c, toDecimal128(0, 9)) AS unit_revenue,
+           unit_revenue * g.n AS revenue
+    FROM (SELECT *, bounds[greatest(period, 1)] AS starts, toUInt8(1) AS one FROM groups) AS g
+    ASOF LEFT JOIN (SELECT * FROM model_prices FINAL) AS p
+        ON g.model = p.model AND g.starts >= p.effective_from
+    ASOF LEFT JOIN (SELECT toUInt8(1) AS one, effective_from, usd_per_credit FROM credit_prices FINAL) AS c
+        ON g.one = c.one AND g.starts >= c.effective_from
+)"""
+
+CLICKHOUSE_AGGREGATE: Final = (
+    CLICKHOUSE_PERIODS
+    + """,
+totals AS (
+    SELECT model, sum(n) AS t_n, sum(ti) AS t_ti, sum(tout) AS t_tout, sum(credits * n) AS t_credits,
+           sum(lat) / sum(n) AS t_latency, sumIf(n, cost_e6 IS NULL) AS t_unpriced,
+           sumIf(n - toFloat64(cost_e6) / toFloat64(unit_revenue * 1000000),
+                 unit_revenue > 0 AND cost_e6 IS NOT NULL)
+               / sumIf(n, unit_revenue > 0 AND cost_e6 IS NOT NULL) AS t_margin,
+           ifNull(sum(cost_e6), 0) AS t_cost_e6, ifNull(sum(revenue), 0) AS t_revenue
+    FROM priced
+    GROUP BY GROUPING SETS ((model), ())
+),
+percentiles AS (
+    SELECT model, countIf(error IS NULL) AS succeeded,
+           quantilesExactInclusiveIf(0.5, 0.95, 0.99)(latency_ms, error IS NULL) AS p
+    FROM action_metrics FINAL {where}
+    GROUP BY GROUPING SETS ((model), ())
+)
+SELECT nullIf(t.model, ''), t.t_n, t.t_ti, t.t_tout, t.t_credits, t.t_latency,
+       if(q.succeeded > 0, q.p[1], NULL), if(q.succeeded > 0, q.p[2], NULL),
+       if(q.succeeded > 0, q.p[3], NULL),
+       toDecimal256(t.t_cost_e6, 18) / 1000000, t.t_revenue, t.t_margin,
+       if(t.t_revenue > 0,
+          toFloat64(t.t_revenue * 1000000 - t.t_cost_e6) / toFloat64(t.t_revenue * 1000000), NULL),
+       t.t_unpriced
+FROM totals AS t LEFT JOIN percentiles AS q ON q.model = t.model
+"""
+)
+
+CLICKHOUSE_GROUPED: Final = (
+    CLICKHOUSE_PERIODS
+    + """
+SELECT {key} AS key, toDecimal256(ifNull(sum(cost_e6), 0), 18) / 1000000, ifNull(sum(revenue), 0), sum(n)
+FROM priced
+GROUP BY key
+"""
+)
+
+CLICKHOUSE_DAILY_KEYS: Final = {"day": "toDate(timestamp, 'UTC')", "town_id": "town_id", "model": "model"}
+CLICKHOUSE_SETTINGS: Final = {
+    "join_use_nulls": 1,
+    # Copies of one action share its timestamp, hence its month: FINAL within each partition suffices.
+    "do_not_merge_across_partitions_select_final": 1,
+}
+
+
+def clickhouse_where(filters: Filters) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause and its parameters; only names of columns are formatted in, values are bound."""
+    conditions: list[str] = []
+    parameters: dict[str, Any] = {}
+    for name in EQUALITY_FILTERS:
+        if filters.get(name) is not None:
+            conditions.append(f"{name} = {{{name}:String}}")
+            parameters[name] = filters[name]
+    for name, operator in (("since", ">="), ("until", "<")):
+        if filters.get(name) is not None:
+            conditions.append(f"timestamp {operator} fromUnixTimestamp64Micro({{{name}:Int64}}, 'UTC')")
+            parameters[name] = micros(filters[name])
+    return (f"WHERE {' AND '.join(conditions)}" if conditions else ""), parameters
+
+
+def micros(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def clickhouse_aggregate_sql(filters: Filters) -> tuple[str, dict[str, Any]]:
+    where, parameters = clickhouse_where(filters)
+    return CLICKHOUSE_AGGREGATE.format(keys="", key_group="", priced_keys="", where=where), parameters
+
+
+def clickhouse_grouped_sql(keys: Sequence[tuple[str, str]], where: str) -> str:
+    """Cost, revenue and count per key: each (SQL over a row, its text from `{}`) joined by spaces."""
+    columns = "".join(f"{key} AS k{index}, " for index, (key, _) in enumerate(keys))
+    group = "".join(f"k{index}, " for index in range(len(keys)))
+    priced = "".join(f"g.k{index} AS k{index}, " for index in range(len(keys)))
+    texts = [text.format(f"k{index}") for index, (_, text) in enumerate(keys)]
+    separator = ", ' ', "
+    key = texts[0] if len(texts) == 1 else f"concat({separator.join(texts)})"
+    return CLICKHOUSE_GROUPED.format(keys=columns, key_group=group, priced_keys=priced, where=where, key=key)
+
+
+def clickhouse_daily_sql(key: str) -> str:
+    return clickhouse_grouped_sql([(CLICKHOUSE_DAILY_KEYS[key], "toString({})")], "")
+
+
+def clickhouse_breakdown_sql(grouped: Grouped) -> str:
+    """The local bucket by toStartOfDay/Hour(toTimeZone(timestamp, tz)) (any offset: Kathmandu's
+    +05:45, Berlin's changes); `since` and `tz` are bound."""
+    keys = [(name, "{}") for name in grouped.by]
+    if grouped.bucket is not None:
+        start = {"day": "toStartOfDay", "hour": "toStartOfHour"}[grouped.bucket]
+        shape = {"day": "%Y-%m-%d", "hour": "%Y-%m-%d %H"}[grouped.bucket]
+        keys.append((f"{start}(toTimeZone(timestamp, {{tz:String}}))", f"formatDateTime({{}}, '{shape}')"))
+    where = "WHERE timestamp >= fromUnixTimestamp64Micro({since:Int64}, 'UTC')"
+    return clickhouse_grouped_sql(keys, where)
+
+
 DAILY_VIEW_SQL: Final = (
     "SELECT {key}, SUM(cost_usd), SUM(revenue_usd), SUM(count) FROM action_metrics_daily GROUP BY {key}"
 )
@@ -797,6 +953,53 @@ class PostgresHandSQL(HandSQL):
         await self.connection.close()
 
 
+class ClickHouseHandSQL(HandSQL):
+    """Its own clickhouse-connect client on the store's chdb directory: chdb opens one directory per
+    process, and a second client of the same directory shares that engine (the store's is untouched)."""
+
+    name = "clickhouse"
+
+    def __init__(self, url: str) -> None:
+        import clickhouse_connect
+
+        parts = urlsplit(url)
+        database = parse_qs(parts.query).get("database", ["default"])[0]
+        self.client = clickhouse_connect.get_client(dsn=f"chdb://{parts.path}", database=database)
+
+    def rows(self, sql: str, parameters: Mapping[str, Any] | None = None) -> Sequence[Sequence[Any]]:
+        result = self.client.query(sql, parameters=dict(parameters or {}), settings=CLICKHOUSE_SETTINGS)
+        rows: Sequence[Sequence[Any]] = result.result_rows
+        return rows
+
+    async def aggregate(self, filters: Filters) -> dict[str, Any]:
+        return aggregate_from_rows(self.rows(*clickhouse_aggregate_sql(filters)))
+
+    async def daily_view(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
+        raise NotImplementedError("ClickHouse has no daily view")
+
+    async def daily(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
+        return daily_from_rows(self.rows(clickhouse_daily_sql(key)))
+
+    async def breakdown(
+        self, grouped: Grouped, since: datetime | None, until: datetime
+    ) -> dict[str, tuple[Decimal, Decimal, int]]:
+        parameters = {"since": micros(since or CLICKHOUSE_EARLIEST), "tz": grouped.tz}
+        return daily_from_rows(self.rows(clickhouse_breakdown_sql(grouped), parameters))
+
+    async def newest(self) -> datetime | None:
+        count, newest = self.rows(
+            "SELECT count(), toUnixTimestamp64Micro(max(timestamp)) FROM action_metrics"
+        )[0]
+        return EPOCH + timedelta(microseconds=newest) if count else None
+
+    async def explain(self, filters: Filters) -> str:
+        sql, parameters = clickhouse_aggregate_sql(filters)
+        return "\n".join(str(row[0]) for row in self.rows(f"EXPLAIN PIPELINE {sql}", parameters))
+
+    async def close(self) -> None:
+        self.client.close()
+
+
 # --- checking that the two sides agree -----------------------------------------------------------
 
 
@@ -900,13 +1103,18 @@ class Outcome:
     backend: str
     selection: Selection
     rows: int
-    api_ms: float
+    api_ms: float | None
+    """None: the API has no answer here (ClickHouse has no daily view)."""
     exact_ms: float | None
     hand_ms: float
     percentile_error: float | None
     mismatches: list[str]
     groups: int | None = None
     """A breakdown's rows."""
+
+    @property
+    def check(self) -> str:
+        return "n/a" if self.api_ms is None else "mismatch" if self.mismatches else "ok"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -919,10 +1127,10 @@ class Outcome:
             "api_ms": round(self.api_ms, 3),
             "exact_ms": None if self.exact_ms is None else round(self.exact_ms, 3),
             "hand_ms": round(self.hand_ms, 3),
-            "api_over_hand": round(self.api_ms / self.hand_ms, 3),
+            "api_over_hand": None if self.api_ms is None else round(self.api_ms / self.hand_ms, 3),
             "exact_over_hand": None if self.exact_ms is None else round(self.exact_ms / self.hand_ms, 3),
             "percentile_error": self.percentile_error,
-            "check": "mismatch" if self.mismatches else "ok",
+            "check": self.check,
             "mismatches": self.mismatches,
         }
 
@@ -987,6 +1195,8 @@ class Bench:
         )
 
     async def run_daily(self, selection: Selection, key: str) -> Outcome:
+        if isinstance(self.hand, ClickHouseHandSQL):
+            return await self.run_without_view(selection, key)
         sides: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
             ("view", lambda: self.hand.daily_view(key)),
             ("hand", lambda: self.hand.daily(key)),
@@ -1001,6 +1211,20 @@ class Bench:
             hand_ms=statistics.median(times["hand"]),
             percentile_error=None,
             mismatches=daily_differences(results["view"], results["hand"]),
+        )
+
+    async def run_without_view(self, selection: Selection, key: str) -> Outcome:
+        """The hand SQL's sums alone: there is no view to compare them with (n/a, not zero)."""
+        times, results = await self.rotate([("hand", lambda: self.hand.daily(key))])
+        return Outcome(
+            backend=self.hand.name,
+            selection=selection,
+            rows=sum(count for _, _, count in results["hand"].values()),
+            api_ms=None,
+            exact_ms=None,
+            hand_ms=statistics.median(times["hand"]),
+            percentile_error=None,
+            mismatches=[],
         )
 
     async def run_breakdown(self, selection: Selection, grouped: Grouped) -> Outcome:
@@ -1088,6 +1312,8 @@ async def migrate_to_head(url: str) -> None:
 
 
 async def stored_actions(hand: HandSQL) -> int:
+    if isinstance(hand, ClickHouseHandSQL):
+        return int(hand.rows("SELECT count() FROM action_metrics FINAL")[0][0])
     if isinstance(hand, SQLiteHandSQL):
         count: int = hand.connection.execute("SELECT count(*) FROM action_metrics").fetchone()[0]
         return count
@@ -1120,6 +1346,8 @@ async def load(url: str, arguments: argparse.Namespace, console: Console) -> Non
 async def open_hand(backend: str, url: str, settings: Mapping[str, str] | None = None) -> HandSQL:
     if backend == "sqlite":
         return SQLiteHandSQL(make_url(url).database or "")
+    if backend == "clickhouse":
+        return ClickHouseHandSQL(url)
     return await PostgresHandSQL.connect(url, settings or {})
 
 
@@ -1137,6 +1365,9 @@ async def database(backend: str, arguments: argparse.Namespace, workdir: Path) -
     if backend == "sqlite":
         path = Path(arguments.sqlite_path) if arguments.sqlite_path else workdir / "dashboard.db"
         return f"sqlite:///{path}", False
+    if backend == "clickhouse":
+        directory = Path(arguments.clickhouse_path) if arguments.clickhouse_path else workdir / "chdb"
+        return f"chdb://{directory.resolve()}?database={arguments.clickhouse_database}", False
     name = arguments.postgres_db or f"am_bench_dashboard_{uuid.uuid4().hex[:8]}"
     if await postgres_database_exists(name):
         return postgres_url(name), False
@@ -1147,7 +1378,11 @@ async def database(backend: str, arguments: argparse.Namespace, workdir: Path) -
 async def fill(backend: str, url: str, arguments: argparse.Namespace, console: Console) -> None:
     """Migrate to head, then load unless the database already holds actions (a kept one)."""
     started = time.perf_counter()
-    await migrate_to_head(url)
+    if backend == "clickhouse":
+        async with AsyncMetricsStore(url):  # a chdb directory's schema is created on first use
+            pass
+    else:
+        await migrate_to_head(url)
     console.print(f"{backend}: migrated to head in {time.perf_counter() - started:.1f} s")
     hand = await open_hand(backend, url)
     try:
@@ -1184,6 +1419,9 @@ def display(url: str) -> str:
 async def server_facts(hand: HandSQL) -> str:
     if isinstance(hand, SQLiteHandSQL):
         return f"SQLite {sqlite3.sqlite_version}"
+    if isinstance(hand, ClickHouseHandSQL):
+        (version,) = hand.rows("SELECT version()")[0]
+        return f"ClickHouse {version} in process (chdb)"
     assert isinstance(hand, PostgresHandSQL)
     version = await hand.connection.fetchval("SHOW server_version")
     settings = [
@@ -1221,7 +1459,7 @@ def report_table(backend: str, title: str, outcomes: Sequence[Outcome]) -> Table
             ratio(outcome.api_ms, outcome.hand_ms),
             "-" if outcome.exact_ms is None else ratio(outcome.exact_ms, outcome.hand_ms),
             "-" if error is None else f"{error:.1e}",
-            "[red bold]MISMATCH" if outcome.mismatches else "[green]ok",
+            {"mismatch": "[red bold]MISMATCH", "ok": "[green]ok", "n/a": "n/a"}[outcome.check],
         )
     return table
 
@@ -1313,11 +1551,17 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "--backends",
         type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
         default=["sqlite", "postgresql"],
-        help="comma-separated: sqlite,postgresql (default both)",
+        help="comma-separated: sqlite,postgresql,clickhouse (default sqlite,postgresql)",
     )
     parser.add_argument("--sqlite-path", help="SQLite file to keep; reused if it already holds actions")
     parser.add_argument(
         "--postgres-db", help="PostgreSQL database to keep; reused if it already holds actions"
+    )
+    parser.add_argument(
+        "--clickhouse-path", help="chdb directory to keep; reused if its database already holds actions"
+    )
+    parser.add_argument(
+        "--clickhouse-database", default="am_bench_dashboard", help="the database in that directory"
     )
     parser.add_argument(
         "--no-price-changes", dest="price_changes", action="store_false", help="keep the seed's prices"
@@ -1341,10 +1585,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "--explain", action="store_true", help="print the hand SQL's plan after each selection (diagnosis)"
     )
     arguments = parser.parse_args(argv)
-    unknown = set(arguments.backends) - {"sqlite", "postgresql"}
+    unknown = set(arguments.backends) - {"sqlite", "postgresql", "clickhouse"}
     if unknown or not arguments.backends:
         parser.error(
-            f"--backends takes sqlite and/or postgresql, not {', '.join(sorted(unknown)) or 'nothing'}"
+            f"--backends takes sqlite, postgresql, clickhouse, not {', '.join(sorted(unknown)) or 'nothing'}"
         )
     settings = [setting.partition("=") for setting in arguments.postgres_settings]
     if any(not name or not equals or not value for name, equals, value in settings):

@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python bench/ingest.py                 # 1M metrics, 3 runs per backend, 10M streamed
     PYTHONPATH=src python bench/ingest.py --metrics 100000 --stream 0
+    PYTHONPATH=src python bench/ingest.py --backend clickhouse --stream 0   # in process (chdb)
 
 For each backend and run, two fresh databases migrated to head (same table, same indexes) take the
 same metrics: one through the raw driver, given rows already in its own format (untimed) and
@@ -9,6 +10,9 @@ writing them in one transaction (sqlite3 `executemany` of a plain INSERT; asyncp
 straight into action_metrics), the other through `AsyncMetricsStore.emit_many`, given the
 `ActionMetric` objects and doing all its work: conversion, batches of 20,000 each in its own
 transaction, and skipping stored ids. The ratio is emit_many's rows/s over the raw driver's.
+On ClickHouse (in process through chdb: one directory for the run, a database per side) the raw side
+is the engine's own bulk insert through clickhouse-connect, `client.insert` of the rows' columns in
+one call; emit_many inserts batches of 20,000 into the same ReplacingMergeTree.
 
 A third side times the background writer: a producer thread calls `MetricsStore.emit()` for the
 same metrics as fast as it can, then `flush()`; the clock runs from the first emit to flush's
@@ -65,6 +69,7 @@ from action_metrics import (
     ModelName,
     migrate,
 )
+from action_metrics.clickhouse import ClickHouseURL, is_clickhouse_url, upgrade
 from action_metrics.dialects import WRITE, backend_for
 from action_metrics.ingest import INGEST_BATCH, metric_batches
 from action_metrics.query import metric_rows
@@ -119,6 +124,11 @@ def postgres_rows(metrics: Sequence[ActionMetric]) -> list[tuple[Any, ...]]:
     return _rows(metrics, {})
 
 
+def clickhouse_columns(metrics: Sequence[ActionMetric]) -> list[list[Any]]:
+    """clickhouse-connect's column-oriented insert takes UUIDs, aware datetimes and the JSON text."""
+    return [list(column) for column in zip(*_rows(metrics, {}), strict=True)]
+
+
 def _rows(
     metrics: Sequence[ActionMetric], as_bound: dict[str, Callable[[ActionMetric], Any]]
 ) -> list[tuple[Any, ...]]:
@@ -160,6 +170,12 @@ class Databases:
 
     async def fresh(self) -> str:
         token = uuid.uuid4().hex[:12]
+        if self.backend == "clickhouse":
+            # One chdb directory for the whole run (chdb opens one per process), a database per side.
+            url = f"chdb://{self.workdir.resolve()}/chdb?database=am_bench_{token}"
+            await asyncio.to_thread(upgrade, ClickHouseURL.parse(url))
+            self.created.append(url)
+            return url
         if self.backend == "sqlite":
             if self.template is None:
                 self.template = f"sqlite:///{self.workdir / 'template.db'}"
@@ -180,6 +196,10 @@ class Databases:
         return make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
 
     async def drop(self, url: str) -> None:
+        if self.backend == "clickhouse":
+            await asyncio.to_thread(clickhouse_command, url, "DROP DATABASE IF EXISTS {database:Identifier}")
+            self.created.remove(url)
+            return
         database = make_url(url).database or ""
         if self.backend == "sqlite":
             remove_sqlite_files(database)
@@ -188,6 +208,9 @@ class Databases:
             self.created.remove(database)
 
     async def drop_all(self) -> None:
+        if self.backend == "clickhouse":
+            for url in list(self.created):
+                await self.drop(url)
         if self.backend == "postgresql" and self.created:
             await postgres_admin(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in self.created))
             self.created.clear()
@@ -204,7 +227,20 @@ async def settle(backend: str) -> None:
         await postgres_admin("CHECKPOINT")
 
 
+def clickhouse_command(url: str, statement: str) -> Any:
+    """One statement on the chdb directory of `url`, `{database:Identifier}` bound to its database."""
+    target = ClickHouseURL.parse(url)
+    client = target.connect(with_database=False)
+    try:
+        return client.command(statement, parameters={"database": target.database})
+    finally:
+        client.close()
+
+
 async def stored_count(url: str) -> int:
+    if is_clickhouse_url(url):
+        statement = "SELECT count() FROM {database:Identifier}.action_metrics FINAL"
+        return int(await asyncio.to_thread(clickhouse_command, url, statement))
     engine = backend_for(url).create_engine()
     try:
         async with engine.connect() as connection:
@@ -243,6 +279,16 @@ async def raw_postgres(url: str, rows: Sequence[tuple[Any, ...]]) -> float:
         return time.perf_counter() - started
     finally:
         await connection.close()
+
+
+async def raw_clickhouse(url: str, columns: Sequence[list[Any]]) -> float:
+    client = ClickHouseURL.parse(url).connect()
+    try:
+        started = time.perf_counter()
+        client.insert("action_metrics", columns, column_names=COLUMNS, column_oriented=True)
+        return time.perf_counter() - started
+    finally:
+        client.close()
 
 
 async def project_path(url: str, metrics: Sequence[ActionMetric]) -> float:
@@ -351,8 +397,13 @@ async def compare(
     raw_path, make_rows = {
         "sqlite": (raw_sqlite, sqlite_rows),
         "postgresql": (raw_postgres, postgres_rows),
+        "clickhouse": (raw_clickhouse, clickhouse_columns),
     }[backend]
-    raw_name = {"sqlite": "raw sqlite3 executemany", "postgresql": "raw asyncpg COPY"}[backend]
+    raw_name = {
+        "sqlite": "raw sqlite3 executemany",
+        "postgresql": "raw asyncpg COPY",
+        "clickhouse": "raw client.insert columns",
+    }[backend]
     rows = make_rows(metrics)
     gc.freeze()  # the 1M objects held for the comparison are not what a streaming producer holds
     databases = Databases(backend, workdir / backend)
@@ -380,7 +431,7 @@ async def compare(
                 f" dropped {dropped[-1]}",
                 flush=True,
             )
-        if plain:
+        if plain and backend != "clickhouse":  # no SQLAlchemy dialect for ClickHouse here
             rate = await timed(databases, plain_sqlalchemy, metrics, len(metrics))
             print(f"{backend:<10} for reference, the plain SQLAlchemy Core insert: {rate:>9,.0f} rows/s")
     finally:
@@ -397,7 +448,8 @@ async def stream_child(url: str, count: int) -> None:
         started = time.perf_counter()
         await store.emit_many(generate(count, seed=7))
         seconds = time.perf_counter() - started
-    print(f"{peak_rss_mb():.1f} {count / seconds:.0f}")
+    # Counted here: a chdb directory can be opened by one process only, this one.
+    print(f"{peak_rss_mb():.1f} {count / seconds:.0f} {await stored_count(url)}")
 
 
 def peak_rss_mb() -> float:
@@ -414,7 +466,11 @@ def peak_rss_mb() -> float:
 async def stream(backend: str, count: int, workdir: Path) -> float:
     databases = Databases(backend, workdir / f"{backend}-stream")
     databases.workdir.mkdir()
-    url = await databases.fresh()
+    if backend == "clickhouse":
+        # The child's own chdb directory (this process has another open), created by its store.
+        url = f"chdb://{databases.workdir.resolve()}/chdb?database=am_bench_stream"
+    else:
+        url = await databases.fresh()
     try:
         child = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--stream-child", url, str(count), stdout=subprocess.PIPE
@@ -422,17 +478,18 @@ async def stream(backend: str, count: int, workdir: Path) -> float:
         output, _ = await child.communicate()
         if child.returncode != 0:
             raise SystemExit(f"{backend}: the streaming child failed ({child.returncode})")
-        peak_mb, rate = (float(value) for value in output.split())
-        stored = await stored_count(url)
+        peak, rate, counted = output.split()
+        peak_mb, rate_per_s, stored = float(peak), float(rate), int(counted)
         verdict = "PASS" if peak_mb < RSS_LIMIT_MB and stored == count else "FAIL"
         print(
-            f"{backend:<10} streamed {stored:,} metrics at {rate:,.0f} rows/s (generation included):"
+            f"{backend:<10} streamed {stored:,} metrics at {rate_per_s:,.0f} rows/s (generation included):"
             f" peak RSS {peak_mb:.0f} MB, target < {RSS_LIMIT_MB} MB: {verdict}",
             flush=True,
         )
         return peak_mb if stored == count else float("inf")
     finally:
-        await databases.drop(url)
+        if backend != "clickhouse":
+            await databases.drop(url)
         await databases.drop_all()
 
 
@@ -501,7 +558,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--writer-batch", type=int, default=DEFAULT_BATCH_SIZE, help="the writer's batch_size"
     )
-    parser.add_argument("--backend", action="append", choices=["sqlite", "postgresql"], help="default: both")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=["sqlite", "postgresql", "clickhouse"],
+        help="default: sqlite and postgresql (clickhouse: in process, chdb)",
+    )
     parser.add_argument(
         "--no-plain", dest="plain", action="store_false", help="skip the plain SQLAlchemy reference"
     )
