@@ -127,17 +127,28 @@ def _migrate(direction: Literal["upgrade", "downgrade"], revision: str, url: str
     click.echo(f"{display_url(backend.given_url)} is at revision {revision}", err=True)
 
 
+cluster_option = click.option(
+    "--cluster",
+    metavar="NAME",
+    help="ClickHouse with --sql: print the DDL ON CLUSTER NAME (replicated tables, the actions "
+    "sharded behind a Distributed table).",
+)
+
+
 # upgrade and downgrade repeat their options on purpose: click reads them from each command.
 @db.command()
 @click.argument("revision", default="head")
 @url_option
 @sql_option
+@cluster_option
 @friendly_errors
-def upgrade(revision: str, url: str | None, sql: bool) -> None:
+def upgrade(revision: str, url: str | None, sql: bool, cluster: str | None) -> None:
     """Upgrade the schema to REVISION (default: head)."""
     if clickhouse.is_clickhouse_url(url):
-        _upgrade_clickhouse(revision, url or "", sql)
+        _upgrade_clickhouse(revision, url or "", sql, cluster)
         return
+    if cluster is not None:
+        raise click.UsageError("--cluster is for ClickHouse URLs (clickhouse://, chdb://) only")
     _migrate("upgrade", revision, url, sql)
     if revision in ("head", migrate.head_revision()):
         if sql:
@@ -149,16 +160,22 @@ def upgrade(revision: str, url: str | None, sql: bool) -> None:
             _build_rollups(backend_for(url))
 
 
-def _upgrade_clickhouse(revision: str, url: str, sql: bool) -> None:
+def _upgrade_clickhouse(revision: str, url: str, sql: bool, cluster: str | None) -> None:
     """ClickHouse keeps its own numbered DDL (`sql/clickhouse/`), not alembic's revisions."""
     target = clickhouse.ClickHouseURL.parse(url)
-    if revision != "head":
-        raise click.UsageError("ClickHouse schemas upgrade to head only (for now): omit REVISION")
-    if sql:
-        click.echo(clickhouse.upgrade_sql(target), nl=False)
+    version = clickhouse.parse_version(revision)
+    if cluster is not None:
+        if not sql:
+            raise click.UsageError("--cluster prints the DDL only: add --sql and run it as an operator")
+        from action_metrics.clickhouse_cluster import cluster_statements
+
+        click.echo(clickhouse.printed(cluster_statements(target, cluster, version)), nl=False)
         return
-    version = clickhouse.upgrade(target)
-    click.echo(f"{target.shown()} is at ClickHouse schema version {version}", err=True)
+    if sql:
+        click.echo(clickhouse.upgrade_sql(target, target=version), nl=False)
+        return
+    reached = clickhouse.upgrade(target, version)
+    click.echo(f"{target.shown()} is at ClickHouse schema version {reached}", err=True)
 
 
 def _progress(console: Console) -> Progress:
@@ -195,6 +212,15 @@ def _build_rollups(backend: Backend) -> None:
 @friendly_errors
 def downgrade(revision: str, url: str | None, sql: bool) -> None:
     """Downgrade the schema to REVISION ('base' removes every action-metrics table)."""
+    if clickhouse.is_clickhouse_url(url):
+        target = clickhouse.ClickHouseURL.parse(url or "")
+        version = clickhouse.parse_version(revision)
+        if sql:
+            click.echo(clickhouse.downgrade_sql(target, version), nl=False)
+            return
+        reached = clickhouse.downgrade(target, version)
+        click.echo(f"{target.shown()} is at ClickHouse schema version {reached or 'base'}", err=True)
+        return
     _migrate("downgrade", revision, url, sql)
 
 
