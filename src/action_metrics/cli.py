@@ -33,6 +33,14 @@ from action_metrics.pricing import ModelPrice
 from action_metrics.repository import MetricsRepository, PruneResult
 from action_metrics.rollup import BuildProgress, RollupState
 from action_metrics.store import AsyncMetricsStore
+from action_metrics.transfer import (
+    DEFAULT_COPY_BATCH,
+    CopyProgress,
+    CopyResult,
+    Totals,
+    compare_totals,
+    copy_store,
+)
 from action_metrics.validation import check_action_type, check_model
 
 if TYPE_CHECKING:
@@ -263,6 +271,96 @@ def prune(url: str | None, older_than: datetime | None, before: datetime | None,
         click.echo(f"would remove {result.rows:,} raw rows from before {when}; the rollups keep their sums")
     else:
         click.echo(f"removed {result.rows:,} raw rows from before {when}; the rollups keep their sums")
+
+
+@db.command(name="copy")
+@click.option("--from", "source", required=True, metavar="URL", help="The store to copy (it is only read).")
+@click.option("--to", "destination", required=True, metavar="URL", help="The store to copy into.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_COPY_BATCH,
+    show_default=True,
+    help="Actions per read and per insert.",
+)
+@click.option(
+    "--skip-pruned-period",
+    is_flag=True,
+    help="Copy a pruned source anyway: its actions from the prune cut-off on, giving up every figure "
+    "before it (only the source's rollups hold them; the copy refuses questions about that period).",
+)
+@friendly_errors
+def copy_command(source: str, destination: str, batch_size: int, skip_pruned_period: bool) -> None:
+    """Copy a store (its prices, then its raw actions) into another database, e.g. SQLite or
+    PostgreSQL into ClickHouse, then compare both stores' totals.
+
+    Interrupted, run it again: into ClickHouse it resumes after the last batch it recorded, into
+    SQLite or PostgreSQL it starts over and skips the actions already there. Nothing counts twice.
+    Stop the source's writers first: an action written to it during the copy, older than the
+    last one copied, is left behind.
+    """
+    err = _stderr()
+    with _progress(err) as progress:
+        task = progress.add_task("Copying actions", total=None)
+
+        def report_progress(done: CopyProgress) -> None:
+            progress.update(task, completed=done.sent, total=done.total)
+
+        result = run_async(
+            copy_store(
+                source,
+                destination,
+                batch_size=batch_size,
+                skip_pruned_period=skip_pruned_period,
+                progress=report_progress,
+            )
+        )
+    _report_copy(result)
+    with err.status("Comparing the totals..."):
+        totals = run_async(compare_totals(source, destination, result.pruned_before))
+    _report_totals(totals, result)
+
+
+def _report_copy(result: CopyResult) -> None:
+    resumed = (
+        f", resuming after {result.resumed_after.timestamp.isoformat()}"
+        if result.resumed_after is not None
+        else ""
+    )
+    click.echo(
+        f"copied {result.sent:,} actions ({result.copied:,} in all{resumed}), {result.model_prices} model "
+        f"prices and {result.credit_prices} credit prices from {result.source} to {result.destination}",
+        err=True,
+    )
+    if result.pruned_before is not None:
+        click.echo(
+            f"skipped the pruned period: {result.destination} refuses questions about actions before "
+            f"{result.pruned_before.isoformat()}",
+            err=True,
+        )
+    for price in result.destination_only_prices:
+        click.echo(
+            f"warning: {result.destination} also has a {price.source} price of {price.model} from "
+            f"{price.effective_from.isoformat()} that {result.source} lacks; it prices copied actions too",
+            err=True,
+        )
+
+
+def _report_totals(totals: Totals, result: CopyResult) -> None:
+    for name, aggregate in ((result.source, totals.source), (result.destination, totals.destination)):
+        click.echo(
+            f"{name}: {aggregate.count:,} actions, {aggregate.total_cost_usd:.9f} USD cost, "
+            f"{aggregate.total_revenue_usd:.9f} USD revenue",
+            err=True,
+        )
+    if totals.agree:
+        click.echo("the totals agree", err=True)
+    else:
+        click.echo(
+            "warning: the totals differ: the destination held other actions or prices before the copy, "
+            "or the source was written to during it",
+            err=True,
+        )
 
 
 @db.command()
