@@ -208,7 +208,7 @@ def test_a_pruned_source_is_refused_unless_its_pruned_period_is_given_up(
         )
         assert copied.exit_code == 0, copied.output
         assert "the totals agree" in copied.stderr
-        assert f"refuses questions about actions before {cutoff.isoformat()}" in copied.stderr
+        assert f"holds no actions from before {cutoff.isoformat()}" in copied.stderr
         kept = [metric for metric in metrics if metric.timestamp >= cutoff]
         with MetricsStore(destination) as copy:
             assert_matches(copy.aggregate(since=cutoff).to_dict(), expected_aggregate(kept, _book()))

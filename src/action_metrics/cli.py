@@ -334,8 +334,8 @@ def _report_copy(result: CopyResult) -> None:
     )
     if result.pruned_before is not None:
         click.echo(
-            f"skipped the pruned period: {result.destination} refuses questions about actions before "
-            f"{result.pruned_before.isoformat()}",
+            f"skipped the pruned period: {result.destination} holds no actions from before "
+            f"{result.pruned_before.isoformat()}; what needs them raises RawRowsPruned",
             err=True,
         )
     for price in result.destination_only_prices:

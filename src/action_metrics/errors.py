@@ -126,6 +126,6 @@ class SourcePruned(ActionMetricsError):
         super().__init__(
             f"{source} was pruned: its actions before {cutoff.isoformat()} survive only as rollup totals, "
             "which db copy cannot bring. Pass --skip-pruned-period to copy the actions from "
-            f"{cutoff.isoformat()} on and give up every figure before it (the copy refuses to answer "
-            "for that period rather than answer zero)"
+            f"{cutoff.isoformat()} on and give up every figure before it (the copy records the cut-off: "
+            "what needs those actions raises RawRowsPruned rather than answering zero)"
         )
