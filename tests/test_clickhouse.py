@@ -355,3 +355,136 @@ def test_an_async_store_answers_concurrent_calls_while_its_writer_writes(clickho
     assert len(answers[7]) == 3
     assert streamed == listed
     assert sum(row["count"] for row in listed) == len(metrics)
+
+
+def _statements(sql: str) -> list[str]:
+    """The statements of `--sql`'s output, without its comment lines."""
+    found = []
+    for statement in sql.split(";\n"):
+        text = "\n".join(line for line in statement.splitlines() if not line.startswith("--")).strip()
+        if text:
+            found.append(text)
+    return found
+
+
+def _tables(url: str) -> list[str]:
+    client = ClickHouseURL.parse(url).connect()
+    try:
+        rows = client.query("SELECT name FROM system.tables WHERE database = currentDatabase() ORDER BY name")
+        return [name for (name,) in rows.result_rows]
+    finally:
+        client.close()
+
+
+def test_db_downgrade_to_a_version_and_to_base_then_upgrade_again(clickhouse_url: str) -> None:
+    assert run_cli("db", "upgrade", "--url", clickhouse_url).exit_code == 0
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many([metric(), metric()])
+        store.set_model_price("haiku", 1, 2)
+    assert "copy_checkpoints" in _tables(clickhouse_url)
+
+    down = run_cli("db", "downgrade", "2", "--url", clickhouse_url)
+    assert down.exit_code == 0, down.output
+    assert run_cli("db", "current", "--url", clickhouse_url).stdout == f"2 (behind head {head_version()})\n"
+    assert "copy_checkpoints" not in _tables(clickhouse_url)
+    assert "raw_kept_from" in _tables(clickhouse_url)
+
+    base = run_cli("db", "downgrade", "base", "--url", clickhouse_url)
+    assert base.exit_code == 0, base.output
+    assert run_cli("db", "current", "--url", clickhouse_url).stdout == "- (no schema)\n"
+    assert _tables(clickhouse_url) == []
+    assert run_cli("db", "downgrade", "base", "--url", clickhouse_url).exit_code == 0  # nothing left to do
+
+    assert run_cli("db", "upgrade", "--url", clickhouse_url).exit_code == 0
+    written = metric(tokens_in=1_000_000, tokens_out=0)
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many([written])
+        assert store.query() == [written]  # the actions from before the downgrade are gone
+        assert store.aggregate().total_cost_usd == pytest.approx(0.25, abs=1e-12)  # the seed's price again
+
+
+def test_db_downgrade_sql_prints_the_down_files_and_changes_nothing(engine_directory: Path) -> None:
+    url = _new_database_url(engine_directory)
+    assert run_cli("db", "upgrade", "--url", url).exit_code == 0
+    printed = run_cli("db", "downgrade", "base", "--sql", "--url", url)
+    assert printed.exit_code == 0, printed.output
+    assert "-- down from version 1: initial\nDROP TABLE IF EXISTS credit_prices;" in printed.stdout
+    assert "DROP TABLE IF EXISTS action_metrics_schema_version;" in printed.stdout
+    assert run_cli("db", "current", "--url", url).stdout == f"{head_version()} (head)\n"
+    to_one = run_cli("db", "downgrade", "1", "--sql", "--url", url).stdout
+    assert "DELETE FROM action_metrics_schema_version WHERE version > 1;" in to_one
+    assert "DROP TABLE IF EXISTS action_metrics;" not in to_one
+    # What a DBA runs from it takes the database to version 1.
+    client = ClickHouseURL.parse(url).connect(with_database=False)
+    try:
+        for statement in _statements(to_one):
+            client.command(statement)
+    finally:
+        client.close()
+    assert run_cli("db", "current", "--url", url).stdout == f"1 (behind head {head_version()})\n"
+    assert sorted(_tables(url)) == [
+        "action_metrics",
+        "action_metrics_schema_version",
+        "credit_prices",
+        "model_prices",
+    ]
+
+
+def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schema(
+    engine_directory: Path,
+) -> None:
+    """No cluster and no ZooKeeper here: every printed statement must parse (EXPLAIN AST), and with
+    ON CLUSTER and the replication arguments taken out, the local tables must build the same
+    columns as a single node's `db upgrade`."""
+    url = _new_database_url(engine_directory)
+    printed = run_cli("db", "upgrade", "--sql", "--cluster", "prod", "--url", url)
+    assert printed.exit_code == 0, printed.output
+    sql = printed.stdout
+    database = ClickHouseURL.parse(url).database
+    assert (
+        "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/action_metrics_local', "
+        "'{replica}')" in sql
+    )
+    assert (
+        "CREATE TABLE IF NOT EXISTS action_metrics ON CLUSTER `prod` AS action_metrics_local\n"
+        f"ENGINE = Distributed(`prod`, `{database}`, action_metrics_local, cityHash64(id));" in sql
+    )
+    assert (
+        "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/all/{database}/model_prices', "
+        "'{shard}-{replica}', set_at)" in sql
+    )
+    statements = _statements(sql)
+    creates = [s for s in statements if s.startswith(("CREATE", "ALTER"))]
+    assert creates
+    assert all(" ON CLUSTER `prod`" in s for s in creates)
+    client = ClickHouseURL.parse(url).connect(with_database=False)
+    try:
+        for statement in statements:
+            if not statement.startswith("USE "):
+                client.command(f"EXPLAIN AST {statement}")  # raises on a syntax error
+        for statement in statements:
+            if "ENGINE = Distributed" in statement:
+                continue  # needs the cluster in remote_servers
+            local = statement.replace(" ON CLUSTER `prod`", "")
+            local = re.sub(
+                r"ENGINE = Replicated(\w*MergeTree)\('[^']*', '[^']*'(?:, )?", r"ENGINE = \1(", local
+            )
+            client.command(local.replace("MergeTree()", "MergeTree"))
+        single = _new_database_url(engine_directory)
+        run_cli("db", "upgrade", "--url", single)
+        columns = (
+            "SELECT table, name, type, default_expression FROM system.columns "
+            "WHERE database = {database:String} ORDER BY table, position"
+        )
+
+        def described(database: str) -> list[tuple[Any, ...]]:
+            rows = client.query(columns, parameters={"database": database}).result_rows
+            return [(table.replace("action_metrics_local", "action_metrics"), *rest) for table, *rest in rows]
+
+        assert described(database) == described(ClickHouseURL.parse(single).database)
+    finally:
+        client.close()
+    assert run_cli("db", "upgrade", "--cluster", "prod", "--url", url).exit_code == 2  # --sql only
+    bad = run_cli("db", "upgrade", "--sql", "--cluster", "prod; DROP", "--url", url)
+    assert bad.exit_code == 1
+    assert "cluster name" in bad.stderr

@@ -33,6 +33,14 @@ from action_metrics.pricing import ModelPrice
 from action_metrics.repository import MetricsRepository, PruneResult
 from action_metrics.rollup import BuildProgress, RollupState
 from action_metrics.store import AsyncMetricsStore
+from action_metrics.transfer import (
+    DEFAULT_COPY_BATCH,
+    CopyProgress,
+    CopyResult,
+    Totals,
+    compare_totals,
+    copy_store,
+)
 from action_metrics.validation import check_action_type, check_model
 
 if TYPE_CHECKING:
@@ -127,17 +135,28 @@ def _migrate(direction: Literal["upgrade", "downgrade"], revision: str, url: str
     click.echo(f"{display_url(backend.given_url)} is at revision {revision}", err=True)
 
 
+cluster_option = click.option(
+    "--cluster",
+    metavar="NAME",
+    help="ClickHouse with --sql: print the DDL ON CLUSTER NAME (replicated tables, the actions "
+    "sharded behind a Distributed table).",
+)
+
+
 # upgrade and downgrade repeat their options on purpose: click reads them from each command.
 @db.command()
 @click.argument("revision", default="head")
 @url_option
 @sql_option
+@cluster_option
 @friendly_errors
-def upgrade(revision: str, url: str | None, sql: bool) -> None:
+def upgrade(revision: str, url: str | None, sql: bool, cluster: str | None) -> None:
     """Upgrade the schema to REVISION (default: head)."""
     if clickhouse.is_clickhouse_url(url):
-        _upgrade_clickhouse(revision, url or "", sql)
+        _upgrade_clickhouse(revision, url or "", sql, cluster)
         return
+    if cluster is not None:
+        raise click.UsageError("--cluster is for ClickHouse URLs (clickhouse://, chdb://) only")
     _migrate("upgrade", revision, url, sql)
     if revision in ("head", migrate.head_revision()):
         if sql:
@@ -149,16 +168,22 @@ def upgrade(revision: str, url: str | None, sql: bool) -> None:
             _build_rollups(backend_for(url))
 
 
-def _upgrade_clickhouse(revision: str, url: str, sql: bool) -> None:
+def _upgrade_clickhouse(revision: str, url: str, sql: bool, cluster: str | None) -> None:
     """ClickHouse keeps its own numbered DDL (`sql/clickhouse/`), not alembic's revisions."""
     target = clickhouse.ClickHouseURL.parse(url)
-    if revision != "head":
-        raise click.UsageError("ClickHouse schemas upgrade to head only (for now): omit REVISION")
-    if sql:
-        click.echo(clickhouse.upgrade_sql(target), nl=False)
+    version = clickhouse.parse_version(revision)
+    if cluster is not None:
+        if not sql:
+            raise click.UsageError("--cluster prints the DDL only: add --sql and run it as an operator")
+        from action_metrics.clickhouse_cluster import cluster_statements
+
+        click.echo(clickhouse.printed(cluster_statements(target, cluster, version)), nl=False)
         return
-    version = clickhouse.upgrade(target)
-    click.echo(f"{target.shown()} is at ClickHouse schema version {version}", err=True)
+    if sql:
+        click.echo(clickhouse.upgrade_sql(target, target=version), nl=False)
+        return
+    reached = clickhouse.upgrade(target, version)
+    click.echo(f"{target.shown()} is at ClickHouse schema version {reached}", err=True)
 
 
 def _progress(console: Console) -> Progress:
@@ -195,6 +220,15 @@ def _build_rollups(backend: Backend) -> None:
 @friendly_errors
 def downgrade(revision: str, url: str | None, sql: bool) -> None:
     """Downgrade the schema to REVISION ('base' removes every action-metrics table)."""
+    if clickhouse.is_clickhouse_url(url):
+        target = clickhouse.ClickHouseURL.parse(url or "")
+        version = clickhouse.parse_version(revision)
+        if sql:
+            click.echo(clickhouse.downgrade_sql(target, version), nl=False)
+            return
+        reached = clickhouse.downgrade(target, version)
+        click.echo(f"{target.shown()} is at ClickHouse schema version {reached or 'base'}", err=True)
+        return
     _migrate("downgrade", revision, url, sql)
 
 
@@ -237,6 +271,96 @@ def prune(url: str | None, older_than: datetime | None, before: datetime | None,
         click.echo(f"would remove {result.rows:,} raw rows from before {when}; the rollups keep their sums")
     else:
         click.echo(f"removed {result.rows:,} raw rows from before {when}; the rollups keep their sums")
+
+
+@db.command(name="copy")
+@click.option("--from", "source", required=True, metavar="URL", help="The store to copy (it is only read).")
+@click.option("--to", "destination", required=True, metavar="URL", help="The store to copy into.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_COPY_BATCH,
+    show_default=True,
+    help="Actions per read and per insert.",
+)
+@click.option(
+    "--skip-pruned-period",
+    is_flag=True,
+    help="Copy a pruned source anyway: its actions from the prune cut-off on, giving up every figure "
+    "before it (only the source's rollups hold them; the copy refuses questions about that period).",
+)
+@friendly_errors
+def copy_command(source: str, destination: str, batch_size: int, skip_pruned_period: bool) -> None:
+    """Copy a store (its prices, then its raw actions) into another database, e.g. SQLite or
+    PostgreSQL into ClickHouse, then compare both stores' totals.
+
+    Interrupted, run it again: into ClickHouse it resumes after the last batch it recorded, into
+    SQLite or PostgreSQL it starts over and skips the actions already there. Nothing counts twice.
+    Stop the source's writers first: an action written to it during the copy, older than the
+    last one copied, is left behind.
+    """
+    err = _stderr()
+    with _progress(err) as progress:
+        task = progress.add_task("Copying actions", total=None)
+
+        def report_progress(done: CopyProgress) -> None:
+            progress.update(task, completed=done.sent, total=done.total)
+
+        result = run_async(
+            copy_store(
+                source,
+                destination,
+                batch_size=batch_size,
+                skip_pruned_period=skip_pruned_period,
+                progress=report_progress,
+            )
+        )
+    _report_copy(result)
+    with err.status("Comparing the totals..."):
+        totals = run_async(compare_totals(source, destination, result.pruned_before))
+    _report_totals(totals, result)
+
+
+def _report_copy(result: CopyResult) -> None:
+    resumed = (
+        f", resuming after {result.resumed_after.timestamp.isoformat()}"
+        if result.resumed_after is not None
+        else ""
+    )
+    click.echo(
+        f"copied {result.sent:,} actions ({result.copied:,} in all{resumed}), {result.model_prices} model "
+        f"prices and {result.credit_prices} credit prices from {result.source} to {result.destination}",
+        err=True,
+    )
+    if result.pruned_before is not None:
+        click.echo(
+            f"skipped the pruned period: {result.destination} holds no actions from before "
+            f"{result.pruned_before.isoformat()}; what needs them raises RawRowsPruned",
+            err=True,
+        )
+    for price in result.destination_only_prices:
+        click.echo(
+            f"warning: {result.destination} also has a {price.source} price of {price.model} from "
+            f"{price.effective_from.isoformat()} that {result.source} lacks; it prices copied actions too",
+            err=True,
+        )
+
+
+def _report_totals(totals: Totals, result: CopyResult) -> None:
+    for name, aggregate in ((result.source, totals.source), (result.destination, totals.destination)):
+        click.echo(
+            f"{name}: {aggregate.count:,} actions, {aggregate.total_cost_usd:.9f} USD cost, "
+            f"{aggregate.total_revenue_usd:.9f} USD revenue",
+            err=True,
+        )
+    if totals.agree:
+        click.echo("the totals agree", err=True)
+    else:
+        click.echo(
+            "warning: the totals differ: the destination held other actions or prices before the copy, "
+            "or the source was written to during it",
+            err=True,
+        )
 
 
 @db.command()

@@ -7,8 +7,10 @@ A ClickHouse server is reached over HTTP (`clickhouse://user:password@host:8123/
 writes are `clickhouse_repository`'s. ClickHouse is not a SQLAlchemy dialect here: the package
 speaks ClickHouse SQL itself, with every user value sent as a bound parameter.
 
-The schema lives in `sql/clickhouse/<NNNN>_<name>.sql`; the version applied is recorded in
-`action_metrics_schema_version`.
+The schema lives in `sql/clickhouse/<NNNN>_<name>.sql`, each version's way back in
+`<NNNN>_<name>.down.sql`; the version applied is recorded in `action_metrics_schema_version`.
+Every statement is idempotent (DDL is not transactional here): an interrupted upgrade or
+downgrade is finished by running it again.
 """
 
 from __future__ import annotations
@@ -105,14 +107,26 @@ class SchemaVersion:
     name: str
     path: Path
 
+    @property
+    def down_path(self) -> Path:
+        return self.path.with_name(f"{self.path.stem}.down.sql")
+
     def statements(self) -> list[str]:
         """The file's statements: `--` comment lines dropped, split at each `;` that ends a line."""
-        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if not _comment(line)]
-        return [
-            statement.strip()
-            for statement in re.split(r";\s*$", "\n".join(lines), flags=re.M)
-            if statement.strip()
-        ]
+        return _statements(self.path)
+
+    def down_statements(self) -> list[str]:
+        """The statements that take the schema back from `number` to the version before it."""
+        return _statements(self.down_path)
+
+
+def _statements(path: Path) -> list[str]:
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not _comment(line)]
+    return [
+        statement.strip()
+        for statement in re.split(r";\s*$", "\n".join(lines), flags=re.M)
+        if statement.strip()
+    ]
 
 
 def _comment(line: str) -> bool:
@@ -132,6 +146,20 @@ def head_version() -> int:
     return schema_versions()[-1].number
 
 
+def parse_version(revision: str) -> int:
+    """A version as `db upgrade`/`db downgrade` take it: `head`, `base` (no schema) or a number."""
+    if revision == "head":
+        return head_version()
+    if revision == "base":
+        return 0
+    if revision.isdecimal() and 0 <= int(revision) <= head_version():
+        return int(revision)
+    raise UnsupportedDatabase(
+        f"ClickHouse schema versions are head, base or 1 to {head_version()} (sql/clickhouse/), "
+        f"got {revision!r}"
+    )
+
+
 _VERSION_TABLE_DDL: Final = f"""CREATE TABLE IF NOT EXISTS {VERSION_TABLE}
 (
     version UInt32,
@@ -147,18 +175,48 @@ def _version_row(version: SchemaVersion) -> str:
     return f"INSERT INTO {VERSION_TABLE} (version, name) VALUES ({version.number}, '{version.name}')"
 
 
-def upgrade_sql(url: ClickHouseURL, after: int = 0) -> str:
-    """What `db upgrade --sql` prints: every statement from version `after` to the head, for a DBA."""
+def _forget_rows(number: int) -> str:
+    # `number` is a version of this package's own files, never a user's.
+    return f"DELETE FROM {VERSION_TABLE} WHERE version > {number}"
+
+
+def upgrade_statements(url: ClickHouseURL, target: int | None = None, after: int = 0) -> list[str]:
+    """Every statement from version `after` to `target` (default head), `--` lines marking versions."""
     statements = [
         f"CREATE DATABASE IF NOT EXISTS `{url.database}`",
         f"USE `{url.database}`",
         _VERSION_TABLE_DDL,
     ]
     for version in schema_versions():
-        if version.number > after:
+        if after < version.number <= (head_version() if target is None else target):
             statements.extend([f"-- version {version.number}: {version.name}", *version.statements()])
             statements.append(_version_row(version))
+    return statements
+
+
+def printed(statements: list[str]) -> str:
+    """Statements as `--sql` prints them: each ended by `;` and a blank line, comments as they are."""
     return "".join(s + "\n" if s.startswith("--") else s + ";\n\n" for s in statements)
+
+
+def upgrade_sql(url: ClickHouseURL, after: int = 0, target: int | None = None) -> str:
+    """What `db upgrade --sql` prints: every statement from version `after` to `target`, for a DBA."""
+    return printed(upgrade_statements(url, target, after))
+
+
+def downgrade_sql(url: ClickHouseURL, target: int) -> str:
+    """What `db downgrade --sql` prints: from the head down to `target`, each version's down file
+    and the forgetting of its row (idempotent, so it also fits a database below the head)."""
+    statements = [f"USE `{url.database}`"]
+    for version in reversed(schema_versions()):
+        if version.number > target:
+            statements.extend(
+                [f"-- down from version {version.number}: {version.name}", *version.down_statements()]
+            )
+            statements.append(_forget_rows(version.number - 1))
+    if target == 0:
+        statements.append(f"DROP TABLE IF EXISTS {VERSION_TABLE}")
+    return printed(statements)
 
 
 def current_version(client: Client) -> int | None:
@@ -169,17 +227,19 @@ def current_version(client: Client) -> int | None:
     return int(number) or None
 
 
-def upgrade(url: ClickHouseURL) -> int:
-    """Create the database if needed and apply the versions it lacks; the version reached."""
+def upgrade(url: ClickHouseURL, target: int | None = None) -> int:
+    """Create the database if needed and apply the versions it lacks up to `target` (default
+    head); the version reached."""
     client = url.connect(with_database=False)
     try:
-        return upgrade_on(client, url)
+        return upgrade_on(client, url, target)
     finally:
         client.close()
 
 
-def upgrade_on(client: Client, url: ClickHouseURL) -> int:
+def upgrade_on(client: Client, url: ClickHouseURL, target: int | None = None) -> int:
     """`upgrade` through a client of the server, left on the database."""
+    target = head_version() if target is None else target
     client.command(
         "CREATE DATABASE IF NOT EXISTS {database:Identifier}", parameters={"database": url.database}
     )
@@ -187,11 +247,33 @@ def upgrade_on(client: Client, url: ClickHouseURL) -> int:
     client.command(_VERSION_TABLE_DDL)
     applied = current_version(client) or 0
     for version in schema_versions():
-        if version.number > applied:
+        if applied < version.number <= target:
             for statement in version.statements():
                 client.command(statement)
             client.command(_version_row(version))
-    return head_version()
+    return max(applied, target)
+
+
+def downgrade(url: ClickHouseURL, target: int) -> int | None:
+    """Run the down files of the versions above `target`, newest first; the version reached
+    (None: no schema, `base`). A version is forgotten only after its down file has run, so an
+    interrupted downgrade is finished by running it again."""
+    client = url.connect(with_database=False)
+    try:
+        applied = version_on(client, url)
+        if applied is None:
+            return None
+        for version in reversed(schema_versions()):
+            if target < version.number <= applied:
+                for statement in version.down_statements():
+                    client.command(statement)
+                client.command(_forget_rows(version.number - 1))
+        if target == 0:
+            client.command(f"DROP TABLE IF EXISTS {VERSION_TABLE}")
+            return None
+        return min(applied, target)
+    finally:
+        client.close()
 
 
 def version_of(url: ClickHouseURL) -> int | None:

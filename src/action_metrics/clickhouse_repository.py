@@ -43,7 +43,7 @@ from action_metrics.errors import (
 )
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import BEGINNING_OF_TIME, CreditPrice, ModelPrice
-from action_metrics.query import EQUALITY_FILTERS, MetricFilter
+from action_metrics.query import EQUALITY_FILTERS, CopyCheckpoint, CopyPosition, MetricFilter
 from action_metrics.repository import CatalogueWrite, PruneResult
 from action_metrics.rollup import floor_to
 
@@ -409,6 +409,17 @@ def _metric(row: Sequence[Any]) -> ActionMetric:
     if not isinstance(fields["id"], uuid.UUID):
         fields["id"] = uuid.UUID(str(fields["id"]))
     return ActionMetric.stored(**fields)
+
+
+def _after(position: CopyPosition | None) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause of the actions after `position` in copy order, and its parameters."""
+    if position is None:
+        return "", {}
+    return (
+        " WHERE (timestamp, toString(id))"
+        " > (fromUnixTimestamp64Micro({after:Int64}, 'UTC'), {after_id:String})",
+        {"after": _micros(position.timestamp), "after_id": str(position.id)},
+    )
 
 
 def _price_start(effective_from: datetime) -> datetime:
@@ -794,6 +805,106 @@ class ClickHouseRepository:
         if rows:
             client.insert("model_prices", rows, column_names=list(_MODEL_PRICE_COLUMNS))
         return CatalogueWrite(written=written, held_back=held_back)
+
+    # -- what `db copy` reads and writes --
+
+    async def read_after(self, position: CopyPosition | None, limit: int) -> list[ActionMetric]:
+        """The next `limit` raw actions after `position`, by timestamp then id (as text)."""
+        return await self._run(self._read_after, position, limit)
+
+    def _read_after(self, position: CopyPosition | None, limit: int) -> list[ActionMetric]:
+        columns = ", ".join("toUnixTimestamp64Micro(timestamp)" if c == "timestamp" else c for c in _COLUMNS)
+        where, parameters = _after(position)
+        rows = (
+            self._open()
+            .query(
+                f"SELECT {columns} FROM action_metrics FINAL{where} "
+                "ORDER BY timestamp, toString(id) LIMIT {limit:UInt64}",
+                parameters={**parameters, "limit": limit},
+                settings=_READ_SETTINGS,
+            )
+            .result_rows
+        )
+        return [_metric(row) for row in rows]
+
+    async def count_after(self, position: CopyPosition | None) -> int:
+        return await self._run(self._count_after, position)
+
+    def _count_after(self, position: CopyPosition | None) -> int:
+        where, parameters = _after(position)
+        statement = f"SELECT count() FROM action_metrics FINAL{where}"
+        return int(
+            self._open().query(statement, parameters=parameters, settings=_READ_SETTINGS).result_rows[0][0]
+        )
+
+    async def credit_prices(self) -> list[CreditPrice]:
+        """Every credit price stored, oldest first."""
+        return await self._run(self._credit_prices)
+
+    def _credit_prices(self) -> list[CreditPrice]:
+        rows = (
+            self._open()
+            .query(
+                "SELECT toUnixTimestamp64Micro(effective_from), usd_per_credit FROM credit_prices FINAL "
+                "ORDER BY effective_from"
+            )
+            .result_rows
+        )
+        return [
+            CreditPrice(
+                usd_per_credit=_amount(price) or Decimal(0), effective_from=_shown_start(_moment(start))
+            )
+            for start, price in rows
+        ]
+
+    async def raw_kept_from(self) -> datetime | None:
+        """The cut-off of the last `prune` (None: never pruned)."""
+        return await self._run(lambda: self._raw_kept_from(self._open()))
+
+    async def record_raw_kept_from(self, cutoff: datetime) -> None:
+        """Mark the actions before `cutoff` as gone: every read that reaches before it raises."""
+        await self._run(self._record_raw_kept_from, cutoff)
+
+    def _record_raw_kept_from(self, cutoff: datetime) -> None:
+        client = self._open()
+        kept_from = self._raw_kept_from(client)
+        if kept_from is None or kept_from < cutoff:
+            client.insert("raw_kept_from", [[max(cutoff, EARLIEST)]], column_names=["kept_from"])
+
+    async def copy_checkpoint(self, source: str) -> CopyCheckpoint | None:
+        """Where the last `db copy` from `source` into this database got to (None: never run)."""
+        return await self._run(self._copy_checkpoint, source)
+
+    def _copy_checkpoint(self, source: str) -> CopyCheckpoint | None:
+        rows = (
+            self._open()
+            .query(
+                "SELECT toUnixTimestamp64Micro(last_timestamp), last_id, copied FROM copy_checkpoints FINAL "
+                "WHERE source = {source:String}",
+                parameters={"source": source},
+            )
+            .result_rows
+        )
+        if not rows:
+            return None
+        micros, last_id, copied = rows[0]
+        return CopyCheckpoint(source, CopyPosition(_moment(micros), uuid.UUID(last_id)), int(copied))
+
+    async def save_copy_checkpoint(self, checkpoint: CopyCheckpoint) -> None:
+        """Record how far a copy got (written after the batch's insert: a crash between the two
+        re-sends the batch, which counts once)."""
+        await self._run(self._save_copy_checkpoint, checkpoint)
+
+    def _save_copy_checkpoint(self, checkpoint: CopyCheckpoint) -> None:
+        row = [
+            checkpoint.source,
+            checkpoint.position.timestamp,
+            str(checkpoint.position.id),
+            checkpoint.copied,
+        ]
+        self._open().insert(
+            "copy_checkpoints", [row], column_names=["source", "last_timestamp", "last_id", "copied"]
+        )
 
     # -- pruning --
 

@@ -114,3 +114,18 @@ class RawRowsPruned(ActionMetricsError, LookupError):
             f"{question} needs raw rows from before {cutoff.isoformat()}, which `action-metrics db prune` "
             f"removed; ask from {cutoff.isoformat()} on{elsewhere}"
         )
+
+
+class SourcePruned(ActionMetricsError):
+    """`db copy` refuses a source whose raw rows before `cutoff` were pruned: only its rollups keep
+    that period, and no rollup is copied. `copy_store(..., skip_pruned_period=True)` (the command's
+    `--skip-pruned-period`) copies the rows kept and gives the period up."""
+
+    def __init__(self, source: str, cutoff: datetime) -> None:
+        self.cutoff = cutoff
+        super().__init__(
+            f"{source} was pruned: its actions before {cutoff.isoformat()} survive only as rollup totals, "
+            "which db copy cannot bring. Pass --skip-pruned-period to copy the actions from "
+            f"{cutoff.isoformat()} on and give up every figure before it (the copy records the cut-off: "
+            "what needs those actions raises RawRowsPruned rather than answering zero)"
+        )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import ColumnCollection, ColumnElement, Row, Select, false, select
+from sqlalchemy import ColumnCollection, ColumnElement, Row, Select, and_, false, or_, select
 
 from action_metrics.errors import InvalidFilter
 from action_metrics.model import ActionMetric
@@ -129,4 +130,46 @@ def metric_rows(metrics: Sequence[ActionMetric]) -> list[dict[str, Any]]:
             "error": metric.error,
         }
         for metric in metrics
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class CopyPosition:
+    """An action's place in the order `db copy` reads a store in: by timestamp, then id (each
+    database orders ids its own way; a position is only compared by the database it came from)."""
+
+    timestamp: datetime
+    id: uuid.UUID
+
+    @classmethod
+    def of(cls, metric: ActionMetric) -> CopyPosition:
+        return cls(metric.timestamp, metric.id)
+
+
+@dataclass(frozen=True, slots=True)
+class CopyCheckpoint:
+    """How far `db copy` from `source` (its URL without the password) has got: the last action
+    sent and how many were sent in all."""
+
+    source: str
+    position: CopyPosition
+    copied: int
+
+
+def after_statement(position: CopyPosition | None, limit: int) -> Select[Any]:
+    """The first `limit` actions after `position` (from the first when None), in copy order."""
+    columns = action_metrics.c
+    statement = select(action_metrics).order_by(columns.timestamp, columns.id).limit(limit)
+    return statement.where(*after_terms(position))
+
+
+def after_terms(position: CopyPosition | None) -> list[ColumnElement[bool]]:
+    if position is None:
+        return []
+    columns = action_metrics.c
+    return [
+        or_(
+            columns.timestamp > position.timestamp,
+            and_(columns.timestamp == position.timestamp, columns.id > position.id),
+        )
     ]

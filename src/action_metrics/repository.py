@@ -49,7 +49,15 @@ from action_metrics.errors import (
 )
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
-from action_metrics.query import MetricFilter, metric_from_row, metric_rows, metrics_statement
+from action_metrics.query import (
+    CopyPosition,
+    MetricFilter,
+    after_statement,
+    after_terms,
+    metric_from_row,
+    metric_rows,
+    metrics_statement,
+)
 from action_metrics.rollup import BuildProgress, ReadPlan, RollupState
 from action_metrics.schema import action_metrics, credit_prices, latency_histogram, model_prices
 from action_metrics.schema import rollup as rollup_table
@@ -523,6 +531,42 @@ class MetricsRepository:
                 progress(removed)
             if deleted < PRUNE_BATCH:
                 return PruneResult(cutoff, removed, dry_run=False)
+
+    # -- what `db copy` reads and writes --
+
+    async def read_after(self, position: CopyPosition | None, limit: int) -> list[ActionMetric]:
+        """The next `limit` raw actions after `position`, by timestamp then id."""
+        async with self._read_connection() as connection:
+            return [
+                metric_from_row(row) for row in await connection.execute(after_statement(position, limit))
+            ]
+
+    async def count_after(self, position: CopyPosition | None) -> int:
+        statement = select(func.count()).select_from(action_metrics).where(*after_terms(position))
+        async with self._read_connection() as connection:
+            return int((await connection.execute(statement)).scalar_one())
+
+    async def credit_prices(self) -> list[CreditPrice]:
+        """Every credit price stored, oldest first."""
+        statement = select(credit_prices.c.effective_from, credit_prices.c.usd_per_credit).order_by(
+            credit_prices.c.effective_from
+        )
+        async with self._read_connection() as connection:
+            rows = (await connection.execute(statement)).all()
+        return [CreditPrice(usd_per_credit=price, effective_from=start) for start, price in rows]
+
+    async def raw_kept_from(self) -> datetime | None:
+        """The cut-off of the last `prune` (None: never pruned)."""
+        async with self._snapshot() as connection:
+            return (await rollup.read_state(connection)).raw_kept_from
+
+    async def record_raw_kept_from(self, cutoff: datetime) -> None:
+        """Mark the raw rows before `cutoff` as gone (a copy of a pruned store had none to bring):
+        what needs them raises `RawRowsPruned`; the rollups answer for what they hold there."""
+        async with self._write_transaction() as connection:
+            state = await rollup.read_state(connection, for_update=True)
+            if state.raw_kept_from is None or state.raw_kept_from < cutoff:
+                await rollup.write_state(connection, state, replace(state, raw_kept_from=cutoff))
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -35,7 +35,7 @@ from action_metrics.errors import InvalidFilter, StoreClosed
 from action_metrics.ingest import metric_batches
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
-from action_metrics.query import MetricFilter
+from action_metrics.query import CopyPosition, MetricFilter
 from action_metrics.repository import CatalogueWrite, MetricsRepository, PruneResult
 from action_metrics.validation import as_utc
 from action_metrics.writer import (
@@ -99,6 +99,11 @@ class Repository(Protocol):
     async def replace_catalogue_prices(
         self, histories: Mapping[str, Sequence[ModelPrice]]
     ) -> CatalogueWrite: ...
+    async def read_after(self, position: CopyPosition | None, limit: int) -> list[ActionMetric]: ...
+    async def count_after(self, position: CopyPosition | None) -> int: ...
+    async def credit_prices(self) -> list[CreditPrice]: ...
+    async def raw_kept_from(self) -> datetime | None: ...
+    async def record_raw_kept_from(self, cutoff: datetime) -> None: ...
 
 
 def repository_for(url: URL) -> Callable[[], Repository]:

@@ -1,0 +1,93 @@
+"""`db upgrade --sql --cluster NAME`: the ClickHouse DDL for a cluster of several nodes, printed for
+an operator (never run by the package: nothing here is tested against a real cluster).
+
+The same versions as `sql/clickhouse/`, rewritten statement by statement:
+- every CREATE and ALTER gains `ON CLUSTER NAME`;
+- the actions live in `action_metrics_local`, a ReplicatedReplacingMergeTree per shard (ZooKeeper
+  path `/clickhouse/tables/{shard}/{database}/action_metrics_local`, replica `{replica}`), and
+  `action_metrics` becomes a Distributed table over it, sharded by `cityHash64(id)`, so every copy
+  of a re-sent action lands on one shard, where FINAL collapses it;
+- the small tables (prices, schema versions, prune cut-offs, copy checkpoints) are replicated to
+  every node (one ZooKeeper path for the whole cluster, replica `{shard}-{replica}`), so the ASOF
+  JOINs of a read find the whole price history wherever they run; an INSERT into one reaches all.
+A statement of a new version that this printer cannot place on a cluster raises, so the test of
+the printed SQL fails rather than printing something half right.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from action_metrics.clickhouse import ClickHouseURL, upgrade_statements
+from action_metrics.errors import UnsupportedDatabase
+
+SHARDED: Final = "action_metrics"
+"""The one table split across shards; the others are replicated whole to every node."""
+LOCAL: Final = f"{SHARDED}_local"
+SHARDING_KEY: Final = "cityHash64(id)"
+
+_CLUSTER_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_CREATE_TABLE: Final = re.compile(r"^CREATE TABLE IF NOT EXISTS (\w+)\n")
+_ALTER_TABLE: Final = re.compile(r"^ALTER TABLE (\w+) ")
+_ENGINE: Final = re.compile(r"^ENGINE = (ReplacingMergeTree|MergeTree)(?:\((\w+)\))?$", re.M)
+
+
+def check_cluster_name(name: str) -> str:
+    if not _CLUSTER_NAME.match(name):
+        raise UnsupportedDatabase(
+            f"a cluster name is letters, digits, '_', '.' and '-' (as in remote_servers), got {name!r}"
+        )
+    return name
+
+
+def _replicated(statement: str, table: str) -> str:
+    """The statement's MergeTree engine made its Replicated twin, with the ZooKeeper path and replica."""
+    match = _ENGINE.search(statement)
+    if match is None:
+        raise UnsupportedDatabase(
+            f"cannot place this statement on a cluster (no MergeTree engine): {statement}"
+        )
+    engine, version_column = match[1], match[2]
+    if table == LOCAL:
+        path, replica = f"/clickhouse/tables/{{shard}}/{{database}}/{table}", "{replica}"
+    else:
+        path, replica = f"/clickhouse/tables/all/{{database}}/{table}", "{shard}-{replica}"
+    arguments = [f"'{path}'", f"'{replica}'", *([version_column] if version_column else [])]
+    return (
+        statement[: match.start()]
+        + f"ENGINE = Replicated{engine}({', '.join(arguments)})"
+        + statement[match.end() :]
+    )
+
+
+def cluster_statements(url: ClickHouseURL, cluster: str, target: int | None = None) -> list[str]:
+    """`upgrade_statements` for a cluster (see the module)."""
+    on = f"ON CLUSTER `{check_cluster_name(cluster)}`"
+    distributed = (
+        f"CREATE TABLE IF NOT EXISTS {SHARDED} {on} AS {LOCAL}\n"
+        f"ENGINE = Distributed(`{cluster}`, `{url.database}`, {LOCAL}, {SHARDING_KEY})"
+    )
+    rewritten: list[str] = []
+    for statement in upgrade_statements(url, target):
+        if statement.startswith(("--", "USE ", "INSERT INTO ")):
+            if statement.startswith(f"INSERT INTO {SHARDED} "):
+                raise UnsupportedDatabase(f"cannot place this statement on a cluster: {statement}")
+            rewritten.append(statement)
+        elif statement.startswith("CREATE DATABASE IF NOT EXISTS "):
+            rewritten.append(f"{statement} {on}")
+        elif create := _CREATE_TABLE.match(statement):
+            table = LOCAL if create[1] == SHARDED else create[1]
+            created = f"CREATE TABLE IF NOT EXISTS {table} {on}\n" + statement[create.end() :]
+            rewritten.append(_replicated(created, table))
+            if table == LOCAL:
+                rewritten.append(distributed)
+        elif alter := _ALTER_TABLE.match(statement):
+            rest = statement[alter.end() :]
+            if alter[1] == SHARDED:  # the Distributed table mirrors the local table's columns
+                rewritten.extend([f"ALTER TABLE {LOCAL} {on} {rest}", f"ALTER TABLE {SHARDED} {on} {rest}"])
+            else:
+                rewritten.append(f"ALTER TABLE {alter[1]} {on} {rest}")
+        else:
+            raise UnsupportedDatabase(f"cannot place this statement on a cluster: {statement}")
+    return rewritten

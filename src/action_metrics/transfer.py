@@ -1,0 +1,221 @@
+"""`action-metrics db copy`: move a store to another database (SQLite, PostgreSQL or ClickHouse, in
+any direction), its prices first and then its raw actions in batches, resumably.
+
+The actions are read in (timestamp, id) order, a batch at a time, each batch one insert. A
+destination that keeps checkpoints (ClickHouse: `copy_checkpoints`, schema version 3) records the
+last action sent after each batch, and a copy run again starts after it; a crash between the
+insert and the checkpoint re-sends that batch, which counts once (ReplacingMergeTree, read with
+FINAL). Into SQLite or PostgreSQL a copy run again starts from the first action and every action
+already there is skipped by its id (`ON CONFLICT DO NOTHING`): nothing counts twice, but the source
+is read again. A finished copy run again brings what was written to the source since, as long as
+it is newer than the last action copied: stop the source's writers before the copy (or point them
+at the destination) so that no late action is left behind.
+
+Only raw actions and prices are copied, never rollups: a source pruned by `db prune` (its actions
+before the cut-off survive only as rollup totals) is refused unless `skip_pruned_period`; then the
+destination records the cut-off, and what needs actions from before it raises `RawRowsPruned`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Final, Protocol, runtime_checkable
+
+from action_metrics.aggregate import Aggregate
+from action_metrics.dialects import display_url, resolve_url
+from action_metrics.errors import SourcePruned, UnsupportedDatabase
+from action_metrics.pricing import ModelPrice
+from action_metrics.query import CopyCheckpoint, CopyPosition, MetricFilter
+from action_metrics.store import Repository, repository_for
+
+DEFAULT_COPY_BATCH: Final = 10_000
+"""Actions per read and per insert: one ClickHouse part (or one SQL transaction) per batch."""
+
+
+@runtime_checkable
+class Checkpoints(Protocol):
+    """A destination that remembers how far a copy into it got (ClickHouse's repository)."""
+
+    async def copy_checkpoint(self, source: str) -> CopyCheckpoint | None: ...
+    async def save_copy_checkpoint(self, checkpoint: CopyCheckpoint) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CopyProgress:
+    """Actions sent by this run so far, of `total` found after the resume point when it began."""
+
+    sent: int
+    total: int
+    batches: int
+
+
+@dataclass(frozen=True, slots=True)
+class CopyResult:
+    """What a copy did. `resumed_after`: the checkpoint it started after (None: from the first
+    action); `sent`: actions sent by this run; `copied`: by every run into a checkpointing
+    destination, else this run's; `pruned_before`: the source's prune cut-off, when skipped."""
+
+    source: str
+    destination: str
+    sent: int
+    copied: int
+    resumed_after: CopyPosition | None
+    model_prices: int
+    credit_prices: int
+    destination_only_prices: tuple[ModelPrice, ...]
+    """Model prices the destination had and the source has not: they price the copied actions too."""
+    pruned_before: datetime | None
+
+
+def _source_url(url: str) -> str:
+    """The source's URL, refused if it is a SQLite file that does not exist (a store would create it)."""
+    resolved = resolve_url(url)
+    if resolved.get_backend_name() == "sqlite":
+        path = resolved.database
+        if not path or path == ":memory:" or not Path(path).is_file():
+            raise UnsupportedDatabase(f"the source {display_url(resolved)} is not a SQLite file that exists")
+    return url
+
+
+def _price_key(price: ModelPrice) -> tuple[str, datetime]:
+    return price.model, price.effective_from
+
+
+async def _open(url: str) -> Repository:
+    repository = repository_for(resolve_url(url))()
+    try:
+        await repository.ensure_schema()
+    except BaseException:
+        await repository.close()
+        raise
+    return repository
+
+
+async def copy_store(
+    source_url: str,
+    destination_url: str,
+    *,
+    batch_size: int = DEFAULT_COPY_BATCH,
+    skip_pruned_period: bool = False,
+    progress: Callable[[CopyProgress], None] | None = None,
+) -> CopyResult:
+    """Copy the prices, then the raw actions, of the store at `source_url` into `destination_url`
+    (see the module). `progress` is called once before the first batch and after each one."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    source_name = display_url(resolve_url(_source_url(source_url)))
+    destination_name = display_url(resolve_url(destination_url))
+    if source_name == destination_name:
+        raise UnsupportedDatabase(f"the source and the destination are the same database: {source_name}")
+    source = await _open(source_url)
+    try:
+        destination = await _open(destination_url)
+        try:
+            return await _copy(
+                source,
+                destination,
+                source_name,
+                destination_name,
+                batch_size,
+                skip_pruned_period=skip_pruned_period,
+                progress=progress,
+            )
+        finally:
+            await destination.close()
+    finally:
+        await source.close()
+
+
+async def _copy(
+    source: Repository,
+    destination: Repository,
+    source_name: str,
+    destination_name: str,
+    batch_size: int,
+    *,
+    skip_pruned_period: bool,
+    progress: Callable[[CopyProgress], None] | None,
+) -> CopyResult:
+    cutoff = await source.raw_kept_from()
+    if cutoff is not None and not skip_pruned_period:
+        raise SourcePruned(source_name, cutoff)
+    # Manual prices first: writing one removes the catalogue's prices of its model from its start
+    # on, which the source's catalogue prices never reach (they all begin before it).
+    model_prices = sorted(await source.model_prices(), key=lambda price: price.source != "manual")
+    for price in model_prices:
+        await destination.set_model_price(price)
+    credit_prices = await source.credit_prices()
+    for credit_price in credit_prices:
+        await destination.set_credit_price(credit_price)
+    copied_keys = {_price_key(price) for price in model_prices}
+    destination_only = tuple(p for p in await destination.model_prices() if _price_key(p) not in copied_keys)
+    if cutoff is not None:
+        await destination.record_raw_kept_from(cutoff)
+
+    checkpoints = destination if isinstance(destination, Checkpoints) else None
+    checkpoint = await checkpoints.copy_checkpoint(source_name) if checkpoints is not None else None
+    resumed_after = position = checkpoint.position if checkpoint is not None else None
+    copied_before = checkpoint.copied if checkpoint is not None else 0
+    total = await source.count_after(position)
+    sent = batches = 0
+    if progress is not None:
+        progress(CopyProgress(sent, total, batches))
+    while batch := await source.read_after(position, batch_size):
+        await destination.insert(batch)
+        position = CopyPosition.of(batch[-1])
+        sent += len(batch)
+        batches += 1
+        if checkpoints is not None:
+            await checkpoints.save_copy_checkpoint(
+                CopyCheckpoint(source_name, position, copied_before + sent)
+            )
+        if progress is not None:
+            progress(CopyProgress(sent, max(total, sent), batches))
+        if len(batch) < batch_size:
+            break
+    return CopyResult(
+        source=source_name,
+        destination=destination_name,
+        sent=sent,
+        copied=copied_before + sent,
+        resumed_after=resumed_after,
+        model_prices=len(model_prices),
+        credit_prices=len(credit_prices),
+        destination_only_prices=destination_only,
+        pruned_before=cutoff,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """`aggregate()` of the source and of the destination after a copy (from the prune cut-off on,
+    if the source was pruned), for the command to show side by side."""
+
+    source: Aggregate
+    destination: Aggregate
+
+    @property
+    def agree(self) -> bool:
+        """Counts, tokens and credits equal; cost and revenue within 1e-9 USD."""
+        a, b = self.source, self.destination
+        return (
+            (a.count, a.tokens_in, a.tokens_out, a.total_credits, a.unpriced_count)
+            == (b.count, b.tokens_in, b.tokens_out, b.total_credits, b.unpriced_count)
+            and abs(a.total_cost_usd - b.total_cost_usd) <= 1e-9
+            and abs(a.total_revenue_usd - b.total_revenue_usd) <= 1e-9
+        )
+
+
+async def compare_totals(source_url: str, destination_url: str, since: datetime | None = None) -> Totals:
+    """Both stores' totals since `since` (all time when None)."""
+    totals = []
+    for url in (source_url, destination_url):
+        repository = await _open(url)
+        try:
+            totals.append(await repository.aggregate(MetricFilter(since=since)))
+        finally:
+            await repository.close()
+    return Totals(*totals)

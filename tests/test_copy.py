@@ -1,0 +1,218 @@
+"""`action-metrics db copy`: a store moved from SQLite or PostgreSQL (the `backend` fixture) into
+ClickHouse (chdb, in process) answers as the source did, also when the copy was interrupted and run
+again; and back from ClickHouse into SQLite or PostgreSQL.
+
+The data is tests/test_aggregate.py's: 3,000 actions over ten days, sonnet cheaper (with cache
+prices) from day 5, a model priced from day 3, the credit price dropping on day 7, a model never
+priced. The money is checked against the independent reference (Python `decimal`) as well as
+against the source.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Databases, assert_one_line_error, run_cli
+from test_aggregate import CREDITS_CHEAPER, MINI_PRICED, SONNET_CHEAPER, START, _book, _metrics
+
+from action_metrics import ActionMetric, MetricsStore
+from action_metrics.cli import run_async
+from action_metrics.clickhouse import ClickHouseURL
+from action_metrics.clickhouse_repository import ClickHouseRepository
+from action_metrics.dialects import display_url, resolve_url
+from action_metrics.errors import RawRowsPruned, SourcePruned
+from action_metrics.query import CopyCheckpoint, CopyPosition
+from action_metrics.store import repository_for
+from action_metrics.transfer import CopyProgress, CopyResult, copy_store
+
+from reference import assert_matches, expected_aggregate
+
+pytest.importorskip("chdb", reason="the optional extra .[clickhouse] is not installed")
+
+MONEY = ("total_cost_usd", "total_revenue_usd", "total_profit_usd")
+COUNTS = ("count", "tokens_in", "tokens_out", "total_credits", "unpriced_count", "error_count")
+
+
+@dataclass(frozen=True)
+class Source:
+    url: str
+    metrics: list[ActionMetric]
+
+
+def _fill(url: str, metrics: list[ActionMetric]) -> None:
+    with MetricsStore(url) as store:
+        store.set_model_price(
+            "sonnet", "2.5", "12.5", SONNET_CHEAPER, cache_read_per_1m="0.25", cache_write_per_1m="3.125"
+        )
+        store.set_model_price("openai/gpt-4o-mini", 0.15, 0.6, MINI_PRICED, cache_read_per_1m=0.075)
+        store.set_credit_price(Decimal("0.0045"), effective_from=CREDITS_CHEAPER)
+        store.emit_many(metrics)
+
+
+@pytest.fixture(scope="module")
+def source(backend: Databases) -> Iterator[Source]:
+    """A SQLite or PostgreSQL store holding test_aggregate's actions and prices (only read)."""
+    url = backend.migrated()
+    metrics = _metrics()
+    _fill(url, metrics)
+    yield Source(url, metrics)
+    backend.drop(url)
+
+
+@pytest.fixture
+def destination(chdb_directory: Path) -> str:
+    """A ClickHouse database of its own, created by the copy."""
+    return f"chdb://{chdb_directory}?database=am_copy_{uuid.uuid4().hex[:12]}"
+
+
+def _figures(row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The `keys` of an aggregate as `assert_matches` expects them: money as Decimal."""
+    return {key: Decimal(repr(row[key])) if key in MONEY else row[key] for key in keys}
+
+
+def assert_same_answers(source_url: str, destination_url: str, metrics: list[ActionMetric]) -> None:
+    """aggregate(exact=True), per model and in a window, and a breakdown by model and day: equal
+    counts, money within 1e-9 USD; the whole against the reference as well."""
+    with MetricsStore(source_url) as source, MetricsStore(destination_url) as copy:
+        for filters in (
+            {},
+            {"since": START + timedelta(days=4, hours=3), "until": START + timedelta(days=8)},
+        ):
+            want = source.aggregate(exact=True, **filters).to_dict()
+            got = copy.aggregate(exact=True, **filters).to_dict()
+            assert_matches(got, _figures(want, (*COUNTS, *MONEY, "p95_latency_ms")))
+        assert_matches(copy.aggregate().to_dict(), expected_aggregate(metrics, _book()))
+        assert [
+            (p.model, p.effective_from, p.input_per_1m, p.cache_read_per_1m, p.source)
+            for p in copy.model_prices()
+        ] == [
+            (p.model, p.effective_from, p.input_per_1m, p.cache_read_per_1m, p.source)
+            for p in source.model_prices()
+        ]
+        rows = {
+            (row.keys["model"], row.bucket_start): row.to_dict()
+            for row in source.breakdown(("model",), bucket="day", tz="Europe/Berlin")
+        }
+        copied = copy.breakdown(("model",), bucket="day", tz="Europe/Berlin")
+        assert len(copied) == len(rows)
+        for row in copied:
+            want = rows[(row.keys["model"], row.bucket_start)]
+            assert_matches(row.to_dict(), _figures(want, (*COUNTS, *MONEY)), where=f"{row.keys} ")
+
+
+def test_a_store_copied_to_clickhouse_answers_as_the_source(source: Source, destination: str) -> None:
+    seen: list[CopyProgress] = []
+    result = run_async(copy_store(source.url, destination, batch_size=1000, progress=seen.append))
+    assert (result.sent, result.copied, result.resumed_after) == (
+        len(source.metrics),
+        len(source.metrics),
+        None,
+    )
+    count = len(source.metrics)  # 3,002: the generated 3,000 and two on the prices' boundaries
+    assert [(p.sent, p.total) for p in seen] == [(sent, count) for sent in (0, 1000, 2000, 3000, count)]
+    assert (result.model_prices, result.credit_prices, result.destination_only_prices) == (7, 2, ())
+    assert_same_answers(source.url, destination, source.metrics)
+
+
+class Crash(Exception):
+    """Stands for the process dying after a batch."""
+
+
+def _stop_after(batches: int) -> Any:
+    def progress(done: CopyProgress) -> None:
+        if done.batches == batches:
+            raise Crash
+
+    return progress
+
+
+def test_an_interrupted_copy_resumes_after_its_checkpoint_and_counts_nothing_twice(
+    source: Source, destination: str
+) -> None:
+    with pytest.raises(Crash):
+        run_async(copy_store(source.url, destination, batch_size=250, progress=_stop_after(5)))
+    with MetricsStore(destination) as copy:
+        assert copy.aggregate().count == 1250
+    # The checkpoints of batches 3 to 5 lost, as if the process had died after their inserts.
+    source_name = display_url(resolve_url(source.url))
+    first_two = run_async(_first(source.url, 500))
+    run_async(_save(destination, CopyCheckpoint(source_name, CopyPosition.of(first_two[-1]), 500)))
+
+    result: CopyResult = run_async(copy_store(source.url, destination, batch_size=250))
+    assert result.resumed_after == CopyPosition.of(first_two[-1])
+    assert (result.sent, result.copied) == (len(source.metrics) - 500, len(source.metrics))
+    assert_same_answers(source.url, destination, source.metrics)
+
+    again = run_async(copy_store(source.url, destination, batch_size=250))  # finished: nothing new
+    assert (again.sent, again.copied) == (0, len(source.metrics))
+
+
+async def _first(url: str, count: int) -> list[ActionMetric]:
+    repository = repository_for(resolve_url(url))()
+    try:
+        return await repository.read_after(None, count)
+    finally:
+        await repository.close()
+
+
+async def _save(url: str, checkpoint: CopyCheckpoint) -> None:
+    repository = ClickHouseRepository(ClickHouseURL.parse(url))
+    await repository.ensure_schema()
+    try:
+        await repository.save_copy_checkpoint(checkpoint)
+    finally:
+        await repository.close()
+
+
+def test_a_copy_back_from_clickhouse_interrupted_starts_over_and_counts_nothing_twice(
+    backend: Databases, source: Source, destination: str
+) -> None:
+    """Into SQLite or PostgreSQL there is no checkpoint: run again, the copy starts from the first
+    action and the ones already there are skipped by id."""
+    run_async(copy_store(source.url, destination))
+    back = backend.migrated()
+    try:
+        with pytest.raises(Crash):
+            run_async(copy_store(destination, back, batch_size=400, progress=_stop_after(2)))
+        result = run_async(copy_store(destination, back, batch_size=400))
+        assert (result.sent, result.resumed_after) == (len(source.metrics), None)
+        assert_same_answers(source.url, back, source.metrics)
+    finally:
+        backend.drop(back)
+
+
+def test_a_pruned_source_is_refused_unless_its_pruned_period_is_given_up(
+    backend: Databases, destination: str
+) -> None:
+    url = backend.migrated()
+    metrics = _metrics()[:600]
+    try:
+        _fill(url, metrics)
+        cutoff = START + timedelta(days=4)
+        with MetricsStore(url) as store:
+            store.prune(cutoff)
+        refused = run_cli("db", "copy", "--from", url, "--to", destination)
+        assert_one_line_error(refused, 1, "--skip-pruned-period")
+        with pytest.raises(SourcePruned):
+            run_async(copy_store(url, destination))
+
+        copied = run_cli(
+            "db", "copy", "--from", url, "--to", destination, "--skip-pruned-period", "--batch-size", "100"
+        )
+        assert copied.exit_code == 0, copied.output
+        assert "the totals agree" in copied.stderr
+        assert f"holds no actions from before {cutoff.isoformat()}" in copied.stderr
+        kept = [metric for metric in metrics if metric.timestamp >= cutoff]
+        with MetricsStore(destination) as copy:
+            assert_matches(copy.aggregate(since=cutoff).to_dict(), expected_aggregate(kept, _book()))
+            with pytest.raises(RawRowsPruned):
+                copy.aggregate()
+    finally:
+        backend.drop(url)
