@@ -261,25 +261,20 @@ beyond, one statement finds each row's period by a search written as nested CASE
 
 def price_periods(
     price_starts: Sequence[datetime], ranges: Sequence[Range]
-) -> list[tuple[datetime, datetime | None, datetime | None]]:
-    """The periods between price starts that meet `ranges`: (the period's start, or the beginning of
-    time before the first; its bounds, None where open)."""
-    if not ranges:
-        return []
-    lows = [since for since, _ in ranges]
-    highs = [until for _, until in ranges]
-    low = None if any(since is None for since in lows) else min(since for since in lows if since is not None)
-    high = (
-        None if any(until is None for until in highs) else max(until for until in highs if until is not None)
-    )
+) -> list[tuple[datetime, list[Range]]]:
+    """The periods between price starts that meet `ranges`: each period's start (the beginning of
+    time before the first) and the parts of `ranges` inside it."""
     bounds: list[datetime | None] = [None, *price_starts, None]
     periods = []
     for start, end in pairwise(bounds):
-        if (high is not None and start is not None and start >= high) or (
-            low is not None and end is not None and end <= low
-        ):
-            continue
-        periods.append((BEGINNING_OF_TIME if start is None else start, start, end))
+        inside = []
+        for since, until in ranges:
+            low = since if start is None else (start if since is None else max(since, start))
+            high = until if end is None else (end if until is None else min(until, end))
+            if low is None or high is None or low < high:
+                inside.append((low, high))
+        if inside:
+            periods.append((BEGINNING_OF_TIME if start is None else start, inside))
     return periods
 
 
@@ -328,6 +323,21 @@ def _level_rows(
     return or_(false(), *(and_(*terms, *range_terms(table.c.start, since, until)) for since, until in ranges))
 
 
+def _raw_sums(raw: Subquery, at: ColumnElement[Any] | datetime, grouping: Grouping) -> Select[Any]:
+    """Raw rows summed per model, price period and the grouping's keys: `at`, the start of the prices
+    they are charged, is each row's (an expression) or the same for all (a moment)."""
+    sums = raw_sums(raw)
+    keys = [raw.c[key] for key in grouping.keys]
+    # Grouped by an expression of the model, not the column: SQLite would otherwise read the whole
+    # table in the order of its model index to spare the sort, instead of the time range's rows.
+    model = type_coerce(raw.c.model + literal("", String), String).label("model")
+    summed = [func.sum(sums[name]).label(name) for name in SUM_COLUMNS]
+    if isinstance(at, datetime):
+        return select(model, literal(at, UTCDateTime()).label("at"), *keys, *summed).group_by(model, *keys)
+    period = at.label("at")
+    return select(model, period, *keys, *summed).group_by(model, period, *keys)
+
+
 def summed_parts(
     metric_filter: MetricFilter,
     plan: ReadPlan,
@@ -337,27 +347,18 @@ def summed_parts(
 ) -> NamedFromClause:
     """Rollup rows and raw rows alike: model, start (`at`), the grouping's keys and the summed
     columns. Raw rows are summed per model, price segment and keys first."""
-    sums = raw_sums(raw)
-    keys = [raw.c[key] for key in grouping.keys]
-    # Grouped by an expression of the model, not the column: SQLite would otherwise read the whole
-    # table in the order of its model index to spare the sort, instead of the time range's rows.
-    model = type_coerce(raw.c.model + literal("", String), String).label("model")
-    summed = [func.sum(sums[name]).label(name) for name in SUM_COLUMNS]
     periods = price_periods(price_starts, plan.raw_ranges)
     selects: list[Select[Any]]
     if metric_filter.limit is None and 0 < len(periods) <= MAX_PRICE_PERIODS_APART:
-        # One GROUP BY per price period over its own time range: the period is a constant, not an
-        # expression of each row, so the database estimates the groups from the columns' statistics
-        # (a hash aggregate on PostgreSQL) and reads each period's range through the time index.
+        # One GROUP BY per price period, over the raw rows of its own part of the time ranges: the
+        # period is a constant, not an expression of each row, so the database estimates the groups
+        # from the columns' statistics (a hash aggregate on PostgreSQL).
         selects = [
-            select(model, literal(start, UTCDateTime()).label("at"), *keys, *summed)
-            .where(*range_terms(raw.c.timestamp, since, until))
-            .group_by(model, *keys)
-            for start, since, until in periods
+            _raw_sums(raw_rows(metric_filter, ReadPlan(raw_ranges=tuple(inside)), grouping), start, grouping)
+            for start, inside in periods
         ]
     else:
-        segment = latest_start(raw.c.timestamp, price_starts).label("at")
-        selects = [select(model, segment, *keys, *summed).group_by(model, segment, *keys)]
+        selects = [_raw_sums(raw, latest_start(raw.c.timestamp, price_starts), grouping)]
     r = rollup
     for level, ranges in plan.ranges_per_level().items():
         selects.append(
