@@ -17,13 +17,14 @@ credit 45 days ago; `--no-price-changes` keeps the seed's prices), so effective 
 Selections: everything, one action type (lod3), one town (town-7), one model (sonnet), each over all
 time, the last 24 hours, this week (from Monday 00:00 UTC), today (from 00:00 UTC) and an unaligned
 window (13:37:11 ten days before the newest action until 04:12:09 two days later); one user and one
-citizen over all time; and the daily view summed per day, per town and per model. Breakdowns: by town x
-day in Europe/Berlin and in Asia/Kathmandu over 90 days, by model x hour (Berlin) over the last 7 days,
-by user over all time, the top 10 users by loss over 90 days (the hand side cut the same way); their
-hand SQL sums cost, revenue and count per group from action_metrics and the price tables (the daily
-view's statement with the group as its key; the local bucket by `AT TIME ZONE` on PostgreSQL, by the
-zone's offsets between its changes, found with zoneinfo, on SQLite), and the check compares those per
-group (the API also computes each group's percentiles, which the hand SQL does not).
+citizen over all time; and the daily view summed per day, per town and per model. Breakdowns: per day
+(the page's first chart) and by town x day in Europe/Berlin and in Asia/Kathmandu over 90 days, by model
+x hour (Berlin) over the last 7 days, by user over all time, the top 10 users by loss over 90 days (the
+hand side cut the same way); their hand SQL sums cost, revenue and count per group from action_metrics
+and the price tables (the daily view's statement with the group as its key; the local bucket by `AT TIME
+ZONE` on PostgreSQL, by the zone's offsets between its changes, found with zoneinfo, on SQLite), and the
+check compares those per group (the API also computes each group's percentiles, which the hand SQL does
+not).
 
 Per backend and selection, the median of `--repeat` runs (sides rotated each run) in ms of:
 - api: `store.aggregate(**filters)`; exact: the same with `exact=True` (n/a while that keyword does
@@ -189,6 +190,8 @@ def selections(now: datetime) -> list[Selection]:
     chosen.extend(Selection(f"daily view per {key}", daily_key=key) for key in ("day", "town_id", "model"))
     ninety_days = {"since": now - timedelta(days=90)}
     chosen += [
+        Selection("per Berlin day, 90d", ninety_days, grouped=Grouped((), "day", "Europe/Berlin")),
+        Selection("per Kathmandu day, 90d", ninety_days, grouped=Grouped((), "day", "Asia/Kathmandu")),
         Selection(
             "by town x Berlin day, 90d", ninety_days, grouped=Grouped(("town_id",), "day", "Europe/Berlin")
         ),
