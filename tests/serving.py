@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 WRITER = "writer-token-0123456789abcdef"
@@ -78,3 +80,32 @@ def serving(url: str) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+def kill_mid_stream(
+    server: Server, path: str, bodies: Sequence[bytes], headers: Mapping[str, str], *, answers: int = 2
+) -> list[httpx.Response]:
+    """POST `bodies` to `path` one after another, as a client streaming batches does, and SIGKILL the
+    server once `answers` of them are answered: the next request is cut wherever it had got to. The
+    answers received."""
+    answered: list[httpx.Response] = []
+    enough = threading.Event()
+
+    def send_all() -> None:
+        with httpx.Client(timeout=120) as client:
+            for body in bodies:
+                try:
+                    answered.append(
+                        client.post(f"{server.address}{path}", content=body, headers=dict(headers))
+                    )
+                except httpx.HTTPError:
+                    return
+                if len(answered) == answers:
+                    enough.set()
+
+    sender = threading.Thread(target=send_all)
+    sender.start()
+    assert enough.wait(timeout=120), "the server did not answer the first requests"
+    server.kill()
+    sender.join(timeout=120)
+    return answered

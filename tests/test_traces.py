@@ -8,7 +8,6 @@ exactly what `ActionMetricsSpanProcessor` stores in process from the same spans.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -35,7 +34,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from serving import READER, TOWN_A_WRITER, WRITER, Server, bearer, serving
+from serving import READER, TOWN_A_WRITER, WRITER, Server, bearer, kill_mid_stream, serving
 
 from action_metrics import ActionMetricsSpanProcessor, MetricsStore
 from action_metrics.genai import metric_id_for_response
@@ -299,25 +298,11 @@ def test_a_retry_after_the_server_was_killed_mid_stream_stores_every_call_and_ch
     headers = {**bearer(WRITER), "Content-Type": "application/x-protobuf"}
     server = Server(database_url)
     server.start()
-    answered: list[ExportTraceServiceResponse] = []
-    two_answered = threading.Event()
-
-    def send_all() -> None:
-        with httpx.Client(timeout=120) as client:
-            for body in bodies:
-                try:
-                    answer = client.post(f"{server.address}/v1/traces", content=body, headers=headers)
-                except httpx.HTTPError:
-                    return
-                answered.append(ExportTraceServiceResponse.FromString(answer.content))
-                if len(answered) == 2:
-                    two_answered.set()
-
-    sender = threading.Thread(target=send_all)
-    sender.start()
-    assert two_answered.wait(timeout=120)
-    server.kill()
-    sender.join(timeout=120)
+    answered = kill_mid_stream(server, "/v1/traces", bodies, headers)
+    assert all(
+        ExportTraceServiceResponse.FromString(answer.content).partial_success.rejected_spans == 0
+        for answer in answered
+    )
     before = stored(database_url)
     assert len(before) >= 2 * 10 * 3  # the two answered requests were committed
 

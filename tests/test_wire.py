@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import metric
-from serving import LEGACY, READER, TOKENS, TOWN_A_WRITER, WRITER, Server, bearer, serving
+from serving import LEGACY, READER, TOKENS, TOWN_A_WRITER, WRITER, Server, bearer, kill_mid_stream, serving
 
 from action_metrics import ActionMetric, AsyncMetricsStore, InvalidMetric, MetricsStore, TokenConfigError
 from action_metrics.access import READ_ONLY, ApiTokens, Scope
@@ -361,7 +361,6 @@ def batches_of(items: list[dict[str, Any]], size: int) -> list[bytes]:
 def test_a_retry_after_the_server_was_killed_mid_request_stores_everything_once(database_url: str) -> None:
     items = sent_metrics(12_000)
     batches = batches_of(items, 2_000)
-    answered: dict[int, dict[str, Any]] = {}
     server = Server(database_url)
 
     # 1. Killed while the first body is half uploaded.
@@ -393,29 +392,10 @@ def test_a_retry_after_the_server_was_killed_mid_request_stores_everything_once(
 
     # 2. Killed at whatever point the third request of a stream of them has reached.
     server.start()
-    two_answered = threading.Event()
-
-    def send_all() -> None:
-        with httpx.Client(timeout=120) as client:
-            for number, body in enumerate(batches[1:], start=1):
-                try:
-                    answer = client.post(
-                        f"{server.address}/v1/actions",
-                        content=body,
-                        headers={"Content-Type": "application/json", **bearer(WRITER)},
-                    )
-                except httpx.HTTPError:
-                    return
-                answered[number] = answer.json()
-                if len(answered) == 2:
-                    two_answered.set()
-
-    sender = threading.Thread(target=send_all)
-    sender.start()
-    assert two_answered.wait(timeout=120)
-    server.kill()
-    sender.join(timeout=120)
-    assert answered[1] == answered[2] == {"stored": 2_000, "duplicate": 0, "rejected": []}
+    headers = {"Content-Type": "application/json", **bearer(WRITER)}
+    answered = kill_mid_stream(server, "/v1/actions", batches[1:], headers)
+    expected = {"stored": 2_000, "duplicate": 0, "rejected": []}
+    assert [answer.json() for answer in answered[:2]] == [expected, expected]
 
     # 3. The client retries every batch: whatever was committed before counts as a duplicate.
     before = set(stored(database_url))

@@ -20,8 +20,8 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -40,6 +40,7 @@ from action_metrics.errors import (
     RawRowsPruned,
     StatementRefused,
     StoreClosed,
+    translated,
 )
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import BEGINNING_OF_TIME, CreditPrice, ModelPrice
@@ -499,15 +500,9 @@ class ClickHouseRepository:
         self._client: Client | None = None
         self._closed = False
 
-    @contextmanager
-    def _database_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except Exception as error:
-            translated = translate(error, self._where)
-            if translated is None:
-                raise
-            raise translated from error
+    def _database_errors(self) -> AbstractContextManager[None]:
+        """Re-raise a database failure inside the block as the `DatabaseError` `translate` makes."""
+        return translated(translate, self._where)
 
     async def _run(self, function: Callable[..., T], *arguments: Any) -> T:
         """`function(*arguments)` in a worker thread, its ClickHouse errors made ours."""

@@ -7,6 +7,8 @@ connection; the driver's exception stays attached as `__cause__`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 
@@ -129,3 +131,16 @@ class SourcePruned(ActionMetricsError):
             f"{cutoff.isoformat()} on and give up every figure before it (the copy records the cut-off: "
             "what needs those actions raises RawRowsPruned rather than answering zero)"
         )
+
+
+@contextmanager
+def translated(translate: Callable[[BaseException, str], DatabaseError | None], where: str) -> Iterator[None]:
+    """Re-raise a failure inside the block as the `DatabaseError` that `translate` makes of it for the
+    database at `where` (a failure it does not know goes on as it is)."""
+    try:
+        yield
+    except Exception as error:
+        made = translate(error, where)
+        if made is None:
+            raise
+        raise made from error

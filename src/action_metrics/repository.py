@@ -11,8 +11,8 @@ see `errors`): everything above it catches those alone.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
@@ -46,6 +46,7 @@ from action_metrics.errors import (
     InvalidPrice,
     RawRowsPruned,
     StatementRefused,
+    translated,
 )
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
@@ -144,16 +145,9 @@ class MetricsRepository:
         self._insert_metrics = backend.insert(action_metrics).on_conflict_do_nothing(index_elements=["id"])
         self._where = display_url(backend.given_url)
 
-    @contextmanager
-    def _database_errors(self) -> Iterator[None]:
+    def _database_errors(self) -> AbstractContextManager[None]:
         """Re-raise a database failure inside the block as the `DatabaseError` `translate` makes."""
-        try:
-            yield
-        except Exception as error:
-            translated = translate(error, self._where)
-            if translated is None:
-                raise
-            raise translated from error
+        return translated(translate, self._where)
 
     @asynccontextmanager
     async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
