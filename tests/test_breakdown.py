@@ -422,12 +422,12 @@ def test_report_refuses_an_unknown_zone_naming_it(database_url: str) -> None:
     assert "Mars/Olympus" in result.output
 
 
-@pytest.mark.not_on_clickhouse("sql/examples has no ClickHouse version of this query yet")
 def test_the_sql_example_of_margin_per_town_per_berlin_day_agrees_with_breakdown(
     filled: tuple[MetricsStore, list[ActionMetric]], database_url: str
 ) -> None:
-    """sql/examples/margin_per_town_per_local_day, run as psql or the sqlite3 shell would, across
-    both clock changes: the same days, counts and money as `breakdown()` and the Decimal reference."""
+    """sql/examples/margin_per_town_per_local_day, run as psql, the sqlite3 shell or a ClickHouse client
+    would, across both clock changes: the same days, counts and money as `breakdown()` and the Decimal
+    reference."""
     store, metrics = filled
     dialect = make_url(database_url).get_backend_name()
     rows = plain_sql(database_url, example("margin_per_town_per_local_day", dialect))

@@ -21,6 +21,8 @@ from conftest import metric
 from sqlalchemy import make_url
 
 from action_metrics import ActionMetric, MetricsStore
+from action_metrics.clickhouse import SCHEMES as CLICKHOUSE_SCHEMES
+from action_metrics.clickhouse import ClickHouseURL
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 
 from reference import PriceBook, cost, percentile, revenue
@@ -31,6 +33,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "sql" / "examples"
 def plain_sql(url: str, sql: str) -> list[dict[str, Any]]:
     """Run SQL through the bare driver, as psql, the sqlite3 shell or Grafana would."""
     parsed = make_url(url)
+    if parsed.get_backend_name() in CLICKHOUSE_SCHEMES:
+        client = ClickHouseURL.parse(url).connect()
+        try:
+            result = client.query(sql)
+            return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
+        finally:
+            client.close()
     if parsed.get_backend_name() == "sqlite":
         connection = sqlite3.connect(parsed.database or "")
         connection.row_factory = sqlite3.Row
@@ -50,6 +59,7 @@ def plain_sql(url: str, sql: str) -> list[dict[str, Any]]:
 
 
 def example(name: str, dialect: str) -> str:
+    dialect = "clickhouse" if dialect in CLICKHOUSE_SCHEMES else dialect
     specific = EXAMPLES / f"{name}.{dialect}.sql"
     return (specific if specific.exists() else EXAMPLES / f"{name}.sql").read_text()
 
