@@ -349,12 +349,17 @@ def test_the_reader_zone_comes_from_the_environment(
         ({"sort": "percentiles_exact"}, "sort"),
         ({"top": 0}, "top"),
         ({"top": True}, "top"),
-        ({"bucket": "hour", "since": datetime(2000, 1, 1, tzinfo=UTC)}, "bucket"),
+        ({"bucket": "hour"}, "bucket"),  # 26 years of stored hours: more buckets than a statement takes
     ],
 )
 def test_bad_arguments_name_the_argument(database_url: str, arguments: dict[str, Any], named: str) -> None:
     with MetricsStore(database_url) as store:
         store.emit(ActionMetric("lod3", "u", "t", "c", 1, 1, "haiku", 1.0, 1))
+        store.emit(
+            ActionMetric(
+                "lod3", "u", "t", "c", 1, 1, "haiku", 1.0, 1, timestamp=datetime(2000, 1, 1, tzinfo=UTC)
+            )
+        )
         with pytest.raises(InvalidFilter) as raised:
             store.breakdown(**arguments)
         assert raised.value.field == named
@@ -444,6 +449,21 @@ def test_the_sql_example_of_margin_per_town_per_berlin_day_agrees_with_breakdown
             assert float(line[name]) == pytest.approx(float(want[figure]), abs=1e-9), (key, name)
             assert getattr(row.figures, figure) == pytest.approx(float(want[figure]), abs=1e-9)
     assert {day for _, day in got} >= {"2024-03-31", "2024-10-27"}  # the 23- and 25-hour days
+
+
+def test_a_window_reaching_centuries_out_has_only_the_buckets_of_what_is_stored(
+    filled: tuple[MetricsStore, list[ActionMetric]],
+) -> None:
+    """Months from the year 1 to the year 9000 would be ~108,000 buckets (more than a statement
+    takes); the rows are those of the stored months, as without the window."""
+    store, _ = filled
+    far = {"since": datetime(1, 1, 1, tzinfo=UTC), "until": datetime(9000, 1, 1, tzinfo=UTC)}
+    wide = store.breakdown("town_id", bucket="month", tz="Europe/Berlin", **far)
+    assert [row.to_dict() for row in wide] == [
+        row.to_dict() for row in store.breakdown("town_id", bucket="month", tz="Europe/Berlin")
+    ]
+    assert wide
+    assert store.breakdown(bucket="day", since=datetime(8000, 1, 1, tzinfo=UTC)) == []
 
 
 def test_a_long_breakdown_streams_the_rows_breakdown_returns(

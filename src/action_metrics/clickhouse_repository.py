@@ -647,9 +647,10 @@ class ClickHouseRepository:
         ).result_rows[0]
         if not count:
             return None
-        since = metric_filter.since if metric_filter.since is not None else _moment(first)
-        until = metric_filter.until if metric_filter.until is not None else _moment(last) + _MICROSECOND
-        since, until = max(since, EARLIEST), min(until, LATEST)
+        # The buckets span only what is stored: a window reaching centuries out asks for no more.
+        first_stored, after_last = _moment(first), _moment(last) + _MICROSECOND
+        since = first_stored if metric_filter.since is None else max(metric_filter.since, first_stored)
+        until = after_last if metric_filter.until is None else min(metric_filter.until, after_last)
         if since >= until:
             return None
         local = bucket_starts(request.bucket, request.zone, since, until)

@@ -601,8 +601,9 @@ def _plan(
 
 
 async def _window(connection: AsyncConnection, metric_filter: MetricFilter) -> tuple[datetime, datetime]:
-    """The filter's time range, its open ends closed at the first and last action stored (raw or
-    rolled up); empty (since >= until) when nothing is."""
+    """The filter's time range within the first and last action stored (raw or rolled up): a window
+    reaching centuries out has only the buckets of what is stored. Empty (since >= until) when
+    nothing is stored in it."""
     m, r = action_metrics, rollup_table
     raw = (await connection.execute(select(func.min(m.c.timestamp), func.max(m.c.timestamp)))).one()
     rolled = (await connection.execute(select(func.min(r.c.start), func.max(r.c.start)))).one()
@@ -611,6 +612,6 @@ async def _window(connection: AsyncConnection, metric_filter: MetricFilter) -> t
     lasts += [rolled[1] + timedelta(days=1)] if rolled[1] is not None else []
     if not firsts:
         return datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC)
-    since = metric_filter.since if metric_filter.since is not None else min(firsts)
-    until = metric_filter.until if metric_filter.until is not None else max(lasts)
+    since = min(firsts) if metric_filter.since is None else max(metric_filter.since, min(firsts))
+    until = max(lasts) if metric_filter.until is None else min(metric_filter.until, max(lasts))
     return since, until
