@@ -40,12 +40,11 @@ from sqlalchemy import (
     select,
     true,
     tuple_,
-    type_coerce,
     union_all,
 )
 from sqlalchemy.sql.selectable import NamedFromClause, Subquery
 
-from action_metrics.dialects import Backend, interpolated_percentile
+from action_metrics.dialects import Backend, interpolated_percentile, not_indexed
 from action_metrics.pricing import BEGINNING_OF_TIME
 from action_metrics.query import MetricFilter
 from action_metrics.rollup import (
@@ -205,8 +204,7 @@ class Grouping:
         """The keys of `rows` (raw actions, or rollup rows starting at `moment`)."""
         columns: list[ColumnElement[Any]] = []
         for name in self.dimensions:
-            # On raw rows an expression, not the column: as for the model in `parts`.
-            column = type_coerce(rows.c[name] + literal("", String), String) if raw else rows.c[name]
+            column = not_indexed(rows.c[name]) if raw else rows.c[name]
             columns.append(column.label(name))
         if self.bucket_of is not None:
             columns.append(self.bucket_of(moment).label("bucket"))
@@ -328,9 +326,7 @@ def _raw_sums(raw: Subquery, at: ColumnElement[Any] | datetime, grouping: Groupi
     they are charged, is each row's (an expression) or the same for all (a moment)."""
     sums = raw_sums(raw)
     keys = [raw.c[key] for key in grouping.keys]
-    # Grouped by an expression of the model, not the column: SQLite would otherwise read the whole
-    # table in the order of its model index to spare the sort, instead of the time range's rows.
-    model = type_coerce(raw.c.model + literal("", String), String).label("model")
+    model = not_indexed(raw.c.model).label("model")
     summed = [func.sum(sums[name]).label(name) for name in SUM_COLUMNS]
     if isinstance(at, datetime):
         return select(model, literal(at, UTCDateTime()).label("at"), *keys, *summed).group_by(model, *keys)
@@ -590,9 +586,7 @@ def _ranked_in_one_pass(
         "latency_counts"
     )
     total = select(func.sum(counts.c.n)).scalar_subquery()
-    # An expression of the model, not the column: SQLite would otherwise read the whole table in the
-    # order of the model index (to spare a sort) instead of just the selection's rows.
-    model = type_coerce(succeeded.c.model + literal("", String), String)
+    model = not_indexed(succeeded.c.model)
     latency = succeeded.c.latency_ms
     ranked = select(
         model.label("model"),

@@ -356,9 +356,7 @@ class SQLiteBackend(Backend):
     def rank_latencies(
         self, rows: NamedFromClause, keys: Sequence[str], fractions: Sequence[float]
     ) -> NamedFromClause:
-        # An expression of each key, not the column: SQLite would otherwise read the whole table in
-        # the order of the key's index (to spare a sort), instead of just the selection's rows.
-        partition = [type_coerce(rows.c[key], String) + literal("", String) for key in keys]
+        partition = [not_indexed(rows.c[key]) for key in keys]
         order = rows.c.latency_ms
         ranked = Select(
             rows,
@@ -380,6 +378,13 @@ class SQLiteBackend(Backend):
         )
 
     ranks_in_one_pass = True
+
+
+def not_indexed(column: ColumnElement[Any]) -> ColumnElement[str]:
+    """The text of `column` as an expression, not the column, to group or partition raw rows by:
+    SQLite would otherwise read the whole table in the order of the column's index (to spare a
+    sort) instead of just the selection's rows through the time index."""
+    return type_coerce(type_coerce(column, String) + literal("", String), String)
 
 
 def interpolated_percentile(
