@@ -236,6 +236,39 @@ def test_report_json_is_the_aggregate_of_the_same_filters(store: MetricsStore) -
     assert document["metrics"]["avg_latency_ms"] == pytest.approx(120.0)
     assert "checks" not in document
 
+    # --until ends the window: from 7 days to 1 day ago holds only the LOD3 of 2 days ago.
+    ended = run_cli(
+        "report",
+        "--url",
+        url,
+        "--town",
+        "town-1",
+        "--action",
+        "lod3",
+        "--since",
+        "7d",
+        "--until",
+        "1d",
+        "--json",
+    )
+    assert ended.exit_code == 0, ended.output
+    window = json.loads(ended.stdout)
+    until = datetime.fromisoformat(window["filters"]["until"])
+    assert abs(until - (now - timedelta(days=1))) < timedelta(minutes=5)
+    assert window["metrics"]["count"] == 1
+    assert window["metrics"]["avg_latency_ms"] == pytest.approx(140.0)
+    since = datetime.fromisoformat(window["filters"]["since"])
+    assert (
+        window["metrics"]
+        == store.aggregate(town_id="town-1", action_type="lod3", since=since, until=until).to_dict()
+    )
+    per_town = run_cli("report", "--url", url, "--by", "town", "--until", "1d", "--json")
+    assert per_town.exit_code == 0, per_town.output
+    # Before 1 day ago: the LOD3s of 2 and 9 days ago, both town-1's.
+    assert {row["town_id"]: row["count"] for row in json.loads(per_town.stdout)} == {"town-1": 2}
+    backwards = run_cli("report", "--url", url, "--since", "1d", "--until", "7d")
+    assert_one_line_error(backwards, 2, "Invalid value for '--until': must be after --since")
+
     everything = json.loads(run_cli("report", "--url", url, "--json").stdout)
     assert everything["metrics"] == store.aggregate().to_dict()
     assert everything["metrics"]["count"] == 6
@@ -312,6 +345,8 @@ def test_report_check_fails_on_an_undercharged_force(store: MetricsStore) -> Non
         ("--since", "yesterday"),
         ("--since", "-3d"),
         ("--since", "999999999w"),
+        ("--until", "0h"),
+        ("--until", "soon"),
         ("--action", "LOD3"),
         ("--action", ""),
     ],

@@ -414,6 +414,24 @@ def the_custom_range_shows_the_apis_numbers(server: Server, visit: Visit) -> Non
     assert f"{since.strftime('%H:%M')} to " in subtitle
     assert "America/New_York" in subtitle
 
+    # The view is in the page's address (the token is not): a reload shows the same window.
+    shown_in_address = parse_qs(urlsplit(page.url).query)
+    assert shown_in_address["range"] == ["custom"]
+    assert shown_in_address["tz"] == ["America/New_York"]
+    assert shown_in_address["town"] == ["town-1"]
+    assert datetime.fromisoformat(shown_in_address["since"][0]) == since
+    assert TOKEN not in page.url
+    page.reload()
+    wait_ready(visit)
+    assert page.input_value("#range") == "custom"
+    assert page.locator("#custom-since").is_visible()
+    assert page.input_value("#custom-since") == since.strftime("%Y-%m-%dT%H:%M")
+    assert page.input_value("#custom-until") == until.strftime("%Y-%m-%dT%H:%M")
+    assert page.input_value("#tz") == "America/New_York"
+    assert float(shown(visit, "#kpi-count")[1]) == metrics["count"]
+    asked = parse_qs(urlsplit([r.url for r in visit.requests if "/metrics?" in r.url][-1]).query)
+    assert datetime.fromisoformat(asked["until"][0]) == until
+
     # An end before the start is refused on the page, before any request.
     page.fill("#custom-until", (since - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M"))
     page.wait_for_selector("body[data-state=error]")
@@ -477,6 +495,12 @@ def a_wrong_token_asks_again_and_insecure_needs_none(
 # --- the page as a file ----------------------------------------------------------------------
 
 
+def embedded_view(html: str) -> Any:
+    found = re.search(r'<script type="application/json" id="am-data">(.*?)</script>', html)
+    assert found is not None
+    return json.loads(found[1])
+
+
 def test_report_html_is_one_file_with_the_same_numbers(town: str, chromium: Any, tmp_path: Path) -> None:
     path = tmp_path / "report.html"
     result = run_cli(
@@ -486,11 +510,39 @@ def test_report_html_is_one_file_with_the_same_numbers(town: str, chromium: Any,
     html = path.read_text(encoding="utf-8")
     assert 'src="' not in html
     assert 'href="static' not in html
-    data = json.loads(re.search(r'<script type="application/json" id="am-data">(.*?)</script>', html)[1])  # type: ignore[index]
+    data = embedded_view(html)
     with MetricsStore(town) as store:
         expected = store.aggregate(town_id="town-1", since=hours_ago(168)).to_dict()
     assert data["metrics"]["metrics"]["count"] == expected["count"] == 24
     assert data["metrics"]["metrics"]["total_cost_usd"] == pytest.approx(expected["total_cost_usd"], abs=1e-9)
+
+    # --until ends the file's window: from 30 to 6 hours ago, drawn as that range.
+    ended = tmp_path / "ended.html"
+    result = run_cli(
+        "report",
+        "--url",
+        town,
+        "--town",
+        "town-1",
+        "--since",
+        "30h",
+        "--until",
+        "6h",
+        "--html",
+        str(ended),
+    )
+    assert result.exit_code == 0, result.output
+    ended_data = embedded_view(ended.read_text(encoding="utf-8"))
+    since, until = datetime.fromisoformat(ended_data["since"]), datetime.fromisoformat(ended_data["until"])
+    assert abs(until - hours_ago(6)) < timedelta(minutes=5)
+    assert abs(until - since - timedelta(hours=24)) < timedelta(seconds=1)
+    # Independently: LOD3 at 8, 11, ... 29 hours ago, dialogue at 7-9, unpriced at 9, force at 11 and 12.
+    assert ended_data["metrics"]["metrics"]["count"] == 14
+    with MetricsStore(town) as store:
+        assert (
+            ended_data["metrics"]["metrics"]
+            == store.aggregate(town_id="town-1", since=since, until=until).to_dict()
+        )
 
     with chromium() as browser:
         seen = visit(browser, offline=True)
@@ -506,6 +558,11 @@ def test_report_html_is_one_file_with_the_same_numbers(town: str, chromium: Any,
         assert page.locator("#chart-money canvas").count() == 1
         page.screenshot(path=str(tmp_path / "report.png"))
         assert not [line for line in seen.console if "page error" in line]
+
+        page.goto(ended.as_uri())
+        page.wait_for_selector("body[data-state=ready]")
+        assert page.get_attribute("#kpi-count", "data-value") == "14"
+        assert " to " in page.inner_text("#subtitle")
 
 
 # --- town ids that need percent-encoding ---------------------------------------------------------

@@ -98,11 +98,12 @@ def main() -> None:
 
 
 def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
-    """`--since`: a duration back from now (30m, 24h, 7d, 2w) or an ISO 8601 date or time."""
+    """`--since` (or `--until`, `--before`): a duration back from now (30m, 24h, 7d, 2w) or an ISO
+    8601 date or time."""
     if value is None:
         return None
     try:
-        return report.parse_since(value)
+        return report.parse_since(value, field="until" if param.name == "until" else "since")
     except InvalidValue as error:
         raise click.BadParameter(error.problem, ctx, param) from None
 
@@ -437,6 +438,12 @@ def _exit_if_failed(checks: tuple[report.CheckResult, ...]) -> None:
     callback=_since,
     help="Only actions since then: 30m, 24h, 7d, 2w, or an ISO date/time such as 2025-12-01.",
 )
+@click.option(
+    "--until",
+    metavar="WHEN",
+    callback=_since,
+    help="Only actions before then (default: up to now): 30m, 24h, 7d, 2w ago, or an ISO date/time.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the filters and Aggregate.to_dict().")
 @click.option(
     "--check",
@@ -470,8 +477,8 @@ def _exit_if_failed(checks: tuple[report.CheckResult, ...]) -> None:
     "html_path",
     metavar="FILE",
     type=click.Path(dir_okay=False, writable=True),
-    help="Write the dashboard page of --town (else all towns) since --since (default 7d), in --tz, "
-    "as one self-contained HTML file.",
+    help="Write the dashboard page of --town (else all towns) from --since (default 7d before --until) "
+    "until --until (default now), in --tz, as one self-contained HTML file.",
 )
 @click.option(
     "--min-gross-margin",
@@ -490,6 +497,7 @@ def report_command(
     action_type: str | None,
     model: str | None,
     since: datetime | None,
+    until: datetime | None,
     as_json: bool,
     check: bool,
     lod3_p95_budget_ms: float,
@@ -506,11 +514,19 @@ def report_command(
 ) -> None:
     """Totals and a by-model breakdown of recorded actions (a table, or --json), or with --by and
     --bucket a breakdown (a table, --json or --csv), or with --html the dashboard page as a file."""
+    if since is not None and until is not None and until <= since:
+        raise click.BadParameter("must be after --since", param_hint="'--until'")
     if html_path is not None:
-        _write_html(url, html_path, town_id, since, tz, lod3_p95_budget_ms)
+        _write_html(url, html_path, town_id, since, until, tz, lod3_p95_budget_ms)
         return
-    selection = report.Selection(town_id=town_id, action_type=action_type, model=model, since=since)
-    filters: dict[str, Any] = {"town_id": town_id, "action_type": action_type, "model": model, "since": since}
+    filters: dict[str, Any] = {
+        "town_id": town_id,
+        "action_type": action_type,
+        "model": model,
+        "since": since,
+        "until": until,
+    }
+    selection = report.Selection(**filters)
     if by or bucket or as_csv:
         dimensions = tuple(DIMENSION_OPTIONS[word] for word in by)
 
@@ -542,7 +558,7 @@ def report_command(
             checks = None
             if check:
                 checks = await report.run_checks(
-                    store, town_id=town_id, since=since, lod3_p95_budget_ms=lod3_p95_budget_ms
+                    store, town_id=town_id, since=since, until=until, lod3_p95_budget_ms=lod3_p95_budget_ms
                 )
             prices = [] if as_json else await store.model_prices()
             return aggregate, checks, prices
@@ -571,11 +587,13 @@ def _write_html(
     path: str,
     town_id: str | None,
     since: datetime | None,
+    until: datetime | None,
     tz: str | None,
     lod3_p95_budget_ms: float,
 ) -> None:
     now = datetime.now(UTC)
-    since_hours = (now - since).total_seconds() / 3600 if since is not None else page.DEFAULT_FILE_HOURS
+    end = now if until is None else until
+    since_hours = (end - since).total_seconds() / 3600 if since is not None else page.DEFAULT_FILE_HOURS
 
     async def read() -> dict[str, Any]:
         async with AsyncMetricsStore(url) as store:
@@ -583,6 +601,7 @@ def _write_html(
                 store,
                 town_id=town_id,
                 since_hours=since_hours,
+                until=until,
                 tz=reader_zone(tz).key,
                 lod3_p95_budget_ms=lod3_p95_budget_ms,
                 now=now,
@@ -592,9 +611,9 @@ def _write_html(
         view = run_async(read())
     with open(path, "w", encoding="utf-8") as file:
         file.write(page.report_html(view))
-    click.echo(
-        f"wrote {path}: the dashboard of {town_id or 'all towns'} over {since_hours:g} hours", err=True
-    )
+    ending = "" if until is None else f" until {until.isoformat()}"
+    told = f"wrote {path}: the dashboard of {town_id or 'all towns'} over {since_hours:g} hours{ending}"
+    click.echo(told, err=True)
 
 
 def _over_limits(

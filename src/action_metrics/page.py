@@ -92,30 +92,31 @@ async def read_view(
     town_id: str | None,
     since_hours: float,
     tz: str,
+    until: datetime | None = None,
     lod3_p95_budget_ms: float = DEFAULT_LOD3_P95_BUDGET_MS,
     now: datetime | None = None,
 ) -> dict[str, Any]:
-    """What the page reads from the endpoints for one town (or all) and window, in their JSON shapes."""
+    """What the page reads from the endpoints for one town (or all) and window (the `since_hours`
+    before `until`, or before now), in their JSON shapes."""
     now = datetime.now(UTC) if now is None else now
-    since = now - timedelta(hours=since_hours)
+    since = (now if until is None else until) - timedelta(hours=since_hours)
     bucket = bucket_for(since_hours)
-    aggregate = await store.aggregate(town_id=town_id, since=since)
-    buckets = await store.breakdown((), bucket=bucket, tz=tz, town_id=town_id, since=since)
-    latency = await store.breakdown(("action_type",), bucket=bucket, tz=tz, town_id=town_id, since=since)
+    window: dict[str, Any] = {"town_id": town_id, "since": since, "until": until}
+    aggregate = await store.aggregate(**window)
+    buckets = await store.breakdown((), bucket=bucket, tz=tz, **window)
+    latency = await store.breakdown(("action_type",), bucket=bucket, tz=tz, **window)
     users = ("user_id",)
-    top_cost = await store.breakdown(
-        users, sort="total_cost_usd", top=TOP_USERS, town_id=town_id, since=since
-    )
+    top_cost = await store.breakdown(users, sort="total_cost_usd", top=TOP_USERS, **window)
     top_loss = await store.breakdown(
-        users, sort="total_profit_usd", descending=False, top=TOP_USERS, town_id=town_id, since=since
+        users, sort="total_profit_usd", descending=False, top=TOP_USERS, **window
     )
-    checks = await run_checks(store, town_id=town_id, since=since, lod3_p95_budget_ms=lod3_p95_budget_ms)
+    checks = await run_checks(store, lod3_p95_budget_ms=lod3_p95_budget_ms, **window)
     hours: int | float = int(since_hours) if float(since_hours).is_integer() else since_hours
     return {
         "town_id": town_id,
         "since_hours": hours,
         "since": since.isoformat(),
-        "until": None,
+        "until": None if until is None else until.isoformat(),
         "tz": tz,
         "bucket": bucket,
         "generated_at": now.isoformat(),

@@ -45,10 +45,11 @@ _UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w":
 # --- which metrics ----------------------------------------------------------------------------
 
 
-def parse_since(text: str, now: datetime | None = None) -> datetime:
+def parse_since(text: str, now: datetime | None = None, *, field: str = "since") -> datetime:
     """`30m`, `24h`, `7d`, `2w` (a duration back from now) or an ISO 8601 date or time (naive = local).
 
-    Raises `InvalidFilter` with a message meant for the person who typed it.
+    Raises `InvalidFilter` naming `field` (`since`, or `until` for the end of a window), with a message
+    meant for the person who typed it.
     """
     now = datetime.now(UTC) if now is None else now
     text = text.strip()
@@ -56,23 +57,24 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     if duration:
         amount, unit = int(duration[1]), duration[2]
         if amount == 0:
-            raise InvalidFilter("since", f"{text!r} is an empty window; use a positive duration such as 24h")
+            problem = "is an empty window" if field == "since" else "is now: leave it out to read up to now"
+            raise InvalidFilter(field, f"{text!r} {problem}; use a positive duration such as 24h")
         try:
             window = timedelta(**{_UNITS[unit]: amount})
         except OverflowError:
             window = MAX_LOOKBACK + timedelta(days=1)
         if window > MAX_LOOKBACK:
-            raise InvalidFilter("since", f"{text!r} reaches back more than {MAX_LOOKBACK.days} days")
+            raise InvalidFilter(field, f"{text!r} reaches back more than {MAX_LOOKBACK.days} days")
         return now - window
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise InvalidFilter(
-            "since",
+            field,
             f"expected a duration such as 30m, 24h, 7d or 2w, or an ISO date such as 2025-12-01, "
             f"got {text!r}",
         ) from None
-    return as_utc("since", moment, InvalidFilter)
+    return as_utc(field, moment, InvalidFilter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +88,15 @@ class Selection:
     action_type: str | None = None
     model: str | None = None
     since: datetime | None = None
+    until: datetime | None = None
 
     async def aggregate(self, store: AsyncMetricsStore) -> Aggregate:
         return await store.aggregate(
-            town_id=self.town_id, action_type=self.action_type, model=self.model, since=self.since
+            town_id=self.town_id,
+            action_type=self.action_type,
+            model=self.model,
+            since=self.since,
+            until=self.until,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,6 +105,7 @@ class Selection:
             "action_type": self.action_type,
             "model": self.model,
             "since": None if self.since is None else self.since.isoformat(),
+            "until": None if self.until is None else self.until.isoformat(),
         }
 
     def describe(self) -> str:
@@ -105,9 +113,15 @@ class Selection:
             f"town {self.town_id}" if self.town_id is not None else "all towns",
             f"action {self.action_type}" if self.action_type is not None else "all actions",
             f"model {self.model}" if self.model is not None else "all models",
-            f"since {_moment(self.since)}" if self.since is not None else "all time",
+            self._window(),
         ]
         return ", ".join(parts)
+
+    def _window(self) -> str:
+        if self.until is None:
+            return f"since {_moment(self.since)}" if self.since is not None else "all time"
+        start = f"from {_moment(self.since)} " if self.since is not None else ""
+        return f"{start}until {_moment(self.until)}"
 
 
 # --- checks -----------------------------------------------------------------------------------

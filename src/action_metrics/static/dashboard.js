@@ -2,7 +2,9 @@
  *
  * Every figure comes from the JSON endpoints (/v1/towns, /v1/town/{town}/metrics, .../breakdown,
  * .../checks), read with the token this tab's session storage keeps and sent only in an Authorization
- * header: never in a URL, a cookie or the page. `report --html` embeds the same answers in an
+ * header: never in a URL, a cookie or the page. What is shown (town, range, zone) is kept in the page's
+ * own address (`?town=&range=&tz=`, `&since=&until=` for a custom range), so a reload or a bookmark
+ * shows the same view; the token never goes there. `report --html` embeds the same answers in an
  * <script type="application/json" id="am-data"> element; the page then draws them without a network.
  * Charts: uPlot (static/uPlot.iife.min.js, MIT).
  */
@@ -18,6 +20,7 @@
   let view = null;
   let refreshes = 0;  // the latest refresh draws; an earlier one answering late is dropped
   let lastPreset = 168;  // the preset a custom range starts from
+  let askedTown = null;  // the town the page's address names, chosen when the towns are listed
 
   class Unauthorized extends Error {}
 
@@ -350,6 +353,38 @@
     } catch (_) { /* an unknown zone: refresh() says so */ }
   }
 
+  /** The view in the page's address, replacing it (no history entry per change): a reload shows it again. */
+  function rememberView(town, chosen, tz) {
+    const shown = new URLSearchParams([["town", town], ["range", $("range").value], ["tz", tz]]);
+    if (chosen.until) {
+      shown.set("since", chosen.since);
+      shown.set("until", chosen.until);
+    }
+    history.replaceState(null, "", `${location.pathname}?${shown}`);
+  }
+
+  /** The view the address names, if any: its zone and range into the controls; its town is chosen
+   * once the towns are listed. Anything it names that the page does not offer is ignored. */
+  function restoreView() {
+    const asked = new URLSearchParams(location.search);
+    if (asked.get("tz")) $("tz").value = asked.get("tz");
+    const range = asked.get("range");
+    if (![...$("range").options].some((option) => option.value === range)) return asked.get("town");
+    $("range").value = range;
+    if (range === "custom") {
+      $("custom-range").hidden = false;
+      const tz = $("tz").value.trim() || "UTC";
+      const [since, until] = [Date.parse(asked.get("since")), Date.parse(asked.get("until"))];
+      try {
+        if (Number.isFinite(since)) $("custom-since").value = localInput(since, tz);
+        if (Number.isFinite(until)) $("custom-until").value = localInput(until, tz);
+      } catch (_) { /* an unknown zone: refresh() says so */ }
+    } else {
+      lastPreset = Number(range);
+    }
+    return asked.get("town");
+  }
+
   async function refresh() {
     const mine = ++refreshes;
     document.body.dataset.state = "loading";
@@ -358,8 +393,10 @@
       const tz = $("tz").value.trim() || "UTC";
       sessionStorage.setItem(TZ_KEY, tz);
       sessionStorage.setItem(TOWN_KEY, $("town").value);
+      const chosen = chosenWindow(tz);
+      rememberView($("town").value, chosen, tz);
       const started = performance.now();
-      const loaded = await loadView($("town").value, chosenWindow(tz), tz);
+      const loaded = await loadView($("town").value, chosen, tz);
       if (mine !== refreshes) return;
       view = loaded;
       const elapsed = performance.now() - started;
@@ -399,7 +436,8 @@
     $("controls").hidden = false;
     $("dashboard").hidden = false;
     $("sign-out").hidden = !sessionStorage.getItem(TOKEN_KEY);
-    const remembered = sessionStorage.getItem(TOWN_KEY);
+    const remembered = askedTown ?? sessionStorage.getItem(TOWN_KEY);
+    askedTown = null;
     $("town").replaceChildren(...towns.map((town) => new Option(town, town)));
     if (!towns.length) return showError(new Error("this token may read no town with recorded actions yet"));
     $("town").value = towns.includes(remembered) ? remembered : towns[0];
@@ -419,6 +457,7 @@
       return;
     }
     $("tz").value = sessionStorage.getItem(TZ_KEY) || Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+    askedTown = restoreView();
     if (Intl.supportedValuesOf) {  // the zones this browser knows, offered as the reader types
       $("zones").replaceChildren(...Intl.supportedValuesOf("timeZone").map((zone) => new Option(zone)));
     }
