@@ -233,6 +233,19 @@ def restricted(
     return terms
 
 
+SELECTIVE_FILTERS: Final = ("user_id", "citizen_id")
+"""Filters that pick a few thousand actions through their index, whatever the window."""
+
+
+def reads_once(metric_filter: MetricFilter) -> bool:
+    """Whether raw rows are summed in one pass rather than one per price period, and (in
+    `aggregate_statement`) read once into a materialized selection that the sums and percentiles
+    read: for a filter that picks few rows through an index, one index search is cheaper than one per
+    price period and per percentile pass (on a large selection the copy costs more than it saves)."""
+    selective = any(getattr(metric_filter, name) is not None for name in SELECTIVE_FILTERS)
+    return selective and metric_filter.limit is None
+
+
 def raw_rows(
     metric_filter: MetricFilter,
     plan: ReadPlan,
@@ -321,7 +334,7 @@ def _level_rows(
     return or_(false(), *(and_(*terms, *range_terms(table.c.start, since, until)) for since, until in ranges))
 
 
-def _raw_sums(raw: Subquery, at: ColumnElement[Any] | datetime, grouping: Grouping) -> Select[Any]:
+def _raw_sums(raw: NamedFromClause, at: ColumnElement[Any] | datetime, grouping: Grouping) -> Select[Any]:
     """Raw rows summed per model, price period and the grouping's keys: `at`, the start of the prices
     they are charged, is each row's (an expression) or the same for all (a moment)."""
     sums = raw_sums(raw)
@@ -337,7 +350,7 @@ def _raw_sums(raw: Subquery, at: ColumnElement[Any] | datetime, grouping: Groupi
 def summed_parts(
     metric_filter: MetricFilter,
     plan: ReadPlan,
-    raw: Subquery,
+    raw: NamedFromClause,
     price_starts: Sequence[datetime],
     grouping: Grouping = UNGROUPED,
 ) -> NamedFromClause:
@@ -345,7 +358,11 @@ def summed_parts(
     columns. Raw rows are summed per model, price segment and keys first."""
     periods = price_periods(price_starts, plan.raw_ranges)
     selects: list[Select[Any]]
-    if metric_filter.limit is None and 0 < len(periods) <= MAX_PRICE_PERIODS_APART:
+    if (
+        metric_filter.limit is None
+        and not reads_once(metric_filter)
+        and 0 < len(periods) <= MAX_PRICE_PERIODS_APART
+    ):
         # One GROUP BY per price period, over the raw rows of its own part of the time ranges: the
         # period is a constant, not an expression of each row, so the database estimates the groups
         # from the columns' statistics (a hash aggregate on PostgreSQL).
@@ -371,7 +388,7 @@ def summed_parts(
 def latency_values(
     metric_filter: MetricFilter,
     plan: ReadPlan,
-    raw: Subquery,
+    raw: NamedFromClause,
     grouping: Grouping = UNGROUPED,
     *,
     bin_raw: bool = False,
@@ -655,14 +672,17 @@ def aggregate_statement(
     metric_filter: MetricFilter, plan: ReadPlan, backend: Backend, price_starts: Sequence[datetime]
 ) -> CompoundSelect[Any]:
     """The statement; `price_starts` are every instant a model or credit price begins, sorted."""
-    raw = raw_rows(metric_filter, plan)
+    selection = raw_rows(metric_filter, plan)
+    raw: NamedFromClause = selection
+    if reads_once(metric_filter):
+        raw = selection.element.cte("selection").prefix_with("MATERIALIZED")
     per_model = sums_per_model(summed_parts(metric_filter, plan, raw, price_starts))
     if plan.uses_rollups:
         latencies = latency_values(metric_filter, plan, raw)
         overall_percentiles = weighted_percentiles(latencies, [])
         model_percentiles = weighted_percentiles(latencies, ["model"])
     else:
-        succeeded = select(raw).where(raw.c.error.is_(None)).subquery("succeeded")
+        succeeded = select(*raw.c).where(raw.c.error.is_(None)).subquery("succeeded")
         if backend.ranks_in_one_pass:
             overall_percentiles, model_percentiles = _ranked_in_one_pass(succeeded, per_model)
         else:
