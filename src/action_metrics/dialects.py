@@ -154,6 +154,13 @@ class Backend:
         insert stores."""
         raise NotImplementedError
 
+    async def bulk_insert_groups(
+        self, connection: AsyncConnection, groups: Sequence[Sequence[ActionMetric]]
+    ) -> list[int]:
+        """`bulk_insert_metrics` of several groups whose ids are disjoint, in the connection's open
+        transaction; the rows inserted from each group."""
+        return [await self.bulk_insert_metrics(connection, group) for group in groups]
+
 
 # --- bulk insert of metrics ------------------------------------------------------------------
 
@@ -247,6 +254,12 @@ class PostgresBackend(Backend):
     async def bulk_insert_metrics(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> int:
         # COPY cannot skip conflicts: copy into a temporary table dropped at commit, then move the
         # rows with INSERT ... SELECT ... ON CONFLICT DO NOTHING, all in the caller's transaction.
+        await self._copy_to_staging(connection, metrics)
+        moved = await connection.execute(_MOVE_STAGED)
+        return int(moved.rowcount)
+
+    async def _copy_to_staging(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> None:
+        """The staging table, created (once per transaction: it is dropped at commit) and filled."""
         import asyncpg  # imported here: only a PostgreSQL store needs the driver
 
         await connection.execute(_CREATE_STAGING)  # through SQLAlchemy: this also opens the transaction
@@ -258,8 +271,20 @@ class PostgresBackend(Backend):
             )
         except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             raise DBAPIError.instance(f"COPY {_staging.name}", None, error, Exception) from error
-        moved = await connection.execute(_MOVE_STAGED)
-        return int(moved.rowcount)
+
+    async def bulk_insert_groups(
+        self, connection: AsyncConnection, groups: Sequence[Sequence[ActionMetric]]
+    ) -> list[int]:
+        if len(groups) == 1:
+            return [await self.bulk_insert_metrics(connection, groups[0])]
+        # One staging table (it can be created once per transaction), one COPY and one move; the
+        # ids the move inserted tell the groups apart.
+        group_of = {metric.id: index for index, group in enumerate(groups) for metric in group}
+        inserted = [0] * len(groups)
+        await self._copy_to_staging(connection, [metric for group in groups for metric in group])
+        for stored_id in (await connection.execute(_MOVE_STAGED.returning(action_metrics.c.id))).scalars():
+            inserted[group_of[stored_id]] += 1
+        return inserted
 
 
 # asyncpg binary COPY encodes a UUID, an aware datetime, and jsonb from its text, as they are.
