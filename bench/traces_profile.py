@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import sys
 import tempfile
@@ -33,9 +34,7 @@ from action_metrics import AsyncMetricsStore
 from action_metrics.intake import Intake, write
 from action_metrics.otlp import PROTOBUF, SpanReceiver, decode_request
 
-
-import os
-REID = bool(os.environ.get('REID'))
+REID = bool(os.environ.get("REID"))
 
 
 class StatementLog:
@@ -71,7 +70,7 @@ async def profile(backend: str, arguments: argparse.Namespace) -> None:
             async with AsyncMetricsStore(url) as store:
                 await store.open()
                 log = StatementLog()
-                log.attach((await store._open()).engine.sync_engine)  # noqa: SLF001 - a bench's peek
+                log.attach((await store._open()).engine.sync_engine)
                 receiver = SpanReceiver()
                 intake = Intake()
                 decode = mapping = writing = 0.0
@@ -83,10 +82,6 @@ async def profile(backend: str, arguments: argparse.Namespace) -> None:
                     decode += time.process_time() - cpu
                     cpu = time.process_time()
                     batch = receiver.read(spans)
-                    if REID:
-                        from dataclasses import replace as _r
-                        from action_metrics.model import uuid7_at
-                        batch.accepted = [(i, _r(m, id=uuid7_at(m.timestamp, m.id.int & ((1<<74)-1)))) for i, m in batch.accepted]
                     mapping += time.process_time() - cpu
                     cpu, wall = time.process_time(), time.perf_counter()
                     if profiler is not None:

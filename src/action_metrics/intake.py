@@ -121,7 +121,7 @@ class GroupCommit:
                 except DatabaseError as alone:
                     _answer(waiting, error=alone)
             return
-        except Exception as error:  # noqa: BLE001 - handed to every request of the group, not swallowed
+        except Exception as error:
             for waiting in group:
                 _answer(waiting, error=error)
             return
