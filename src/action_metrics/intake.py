@@ -88,10 +88,9 @@ class GroupCommit:
             group = self._next_group()
             try:
                 await self._commit(group)
-            except BaseException as error:  # a cancelled writer (shutdown) must not leave any waiting
+            except BaseException:  # the writer cancelled (a shutdown): no request may be left waiting
                 for waiting in [*group, *self._waiting]:
-                    if not waiting.answer.done():
-                        waiting.answer.set_exception(error)
+                    waiting.answer.cancel()
                 self._waiting.clear()
                 raise
 
