@@ -6,6 +6,7 @@ What the store holds afterwards (`query()`) is compared with what was sent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import json
@@ -22,11 +23,13 @@ import httpx
 import pytest
 from conftest import metric
 from serving import LEGACY, READER, TOKENS, TOWN_A_WRITER, WRITER, Server, bearer, kill_mid_stream, serving
+from sqlalchemy import event
 
 from action_metrics import ActionMetric, AsyncMetricsStore, InvalidMetric, MetricsStore, TokenConfigError
 from action_metrics.access import READ_ONLY, ApiTokens, Scope
+from action_metrics.errors import DataRejected
 from action_metrics.http import create_app
-from action_metrics.intake import IntakeLimits
+from action_metrics.intake import GroupCommit, IntakeLimits
 
 
 @pytest.fixture
@@ -452,6 +455,73 @@ def test_from_dict_names_the_field_at_fault(change: dict[str, Any], field: str) 
     with pytest.raises(InvalidMetric) as raised:
         ActionMetric.from_dict({**metric().to_dict(), **change})
     assert raised.value.field == field
+
+
+def test_batches_written_together_count_each_id_for_the_first_batch_that_has_it(database_url: str) -> None:
+    stored_before, first_new, second_new = [metric() for _ in range(2)], metric(), metric()
+    with MetricsStore(database_url) as store:
+        store.emit_batch(stored_before)
+        counts = store.emit_batches(
+            [
+                [stored_before[0], first_new, first_new],  # a stored id, a new one sent twice
+                [first_new, second_new, stored_before[1]],  # the first batch's new id, one new, one stored
+                [],
+            ]
+        )
+        held = store.query()
+    assert counts == [1, 1, 0]
+    assert sorted(str(m.id) for m in held) == sorted(
+        str(m.id) for m in [*stored_before, first_new, second_new]
+    )
+
+
+def _count_commits(app: Any) -> list[int]:
+    """A list that grows by one at each commit of the app's store (its engine's own event)."""
+    commits: list[int] = []
+    engine = app.state.store._repository.engine.sync_engine
+    event.listen(engine, "commit", lambda _connection: commits.append(1))
+    return commits
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_share_commits_and_each_counts_its_own_items(database_url: str) -> None:
+    app, client = app_client(database_url)
+    items = sent_metrics(40)
+    bodies = [items[:10], items[5:20], items[15:30], items[:40]]  # each overlaps the one before
+    headers = {"Content-Type": "application/json", **bearer(WRITER)}
+    async with app.router.lifespan_context(app), client:
+        await app.state.store.open()
+        commits = _count_commits(app)
+        answers = await asyncio.gather(
+            *(
+                client.post("/v1/actions", content=json.dumps(body).encode(), headers=headers)
+                for body in bodies
+            )
+        )
+    counts = [answer.json() for answer in answers]
+    assert all(answer.status_code == 200 for answer in answers), counts
+    assert [count["stored"] + count["duplicate"] for count in counts] == [len(body) for body in bodies]
+    assert sum(count["stored"] for count in counts) == 40  # each id stored by exactly one request
+    assert len(commits) < len(bodies)  # written together
+    assert set(stored(database_url)) == {item["id"] for item in items}
+
+
+@pytest.mark.anyio
+async def test_a_refused_request_in_a_shared_commit_costs_the_others_nothing(database_url: str) -> None:
+    from test_ingest import corrupted
+
+    first, refused, last = [metric() for _ in range(3)], [corrupted(metric())], [metric() for _ in range(2)]
+    commits = GroupCommit()
+    async with AsyncMetricsStore(database_url) as store:
+        await store.open()
+        answers = await asyncio.gather(
+            *(commits.write(store, batch) for batch in (first, refused, last)), return_exceptions=True
+        )
+        held = {m.id for m in await store.query()}
+    assert answers[0] == 3
+    assert answers[2] == 2
+    assert isinstance(answers[1], DataRejected)
+    assert held == {m.id for m in [*first, *last]}
 
 
 def test_the_async_store_counts_new_ids(database_url: str) -> None:

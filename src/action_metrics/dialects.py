@@ -154,6 +154,13 @@ class Backend:
         insert stores."""
         raise NotImplementedError
 
+    async def bulk_insert_groups(
+        self, connection: AsyncConnection, groups: Sequence[Sequence[ActionMetric]]
+    ) -> list[int]:
+        """`bulk_insert_metrics` of several groups whose ids are disjoint, in the connection's open
+        transaction; the rows inserted from each group."""
+        return [await self.bulk_insert_metrics(connection, group) for group in groups]
+
 
 # --- bulk insert of metrics ------------------------------------------------------------------
 
@@ -245,8 +252,14 @@ class PostgresBackend(Backend):
     bulk_insert_minimum = 200
 
     async def bulk_insert_metrics(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> int:
-        # COPY cannot skip conflicts: copy into a temporary table dropped at commit, then move the
+        # COPY cannot skip conflicts: copy into a temporary table emptied at commit, then move the
         # rows with INSERT ... SELECT ... ON CONFLICT DO NOTHING, all in the caller's transaction.
+        await self._copy_to_staging(connection, metrics)
+        moved = await connection.execute(_MOVE_STAGED)
+        return int(moved.rowcount)
+
+    async def _copy_to_staging(self, connection: AsyncConnection, metrics: Sequence[ActionMetric]) -> None:
+        """The staging table, created if this connection has none yet (it is emptied at commit), filled."""
         import asyncpg  # imported here: only a PostgreSQL store needs the driver
 
         await connection.execute(_CREATE_STAGING)  # through SQLAlchemy: this also opens the transaction
@@ -258,8 +271,20 @@ class PostgresBackend(Backend):
             )
         except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             raise DBAPIError.instance(f"COPY {_staging.name}", None, error, Exception) from error
-        moved = await connection.execute(_MOVE_STAGED)
-        return int(moved.rowcount)
+
+    async def bulk_insert_groups(
+        self, connection: AsyncConnection, groups: Sequence[Sequence[ActionMetric]]
+    ) -> list[int]:
+        if len(groups) == 1:
+            return [await self.bulk_insert_metrics(connection, groups[0])]
+        # One COPY into the staging table and one move for all the groups; the
+        # ids the move inserted tell the groups apart.
+        group_of = {metric.id: index for index, group in enumerate(groups) for metric in group}
+        inserted = [0] * len(groups)
+        await self._copy_to_staging(connection, [metric for group in groups for metric in group])
+        for stored_id in (await connection.execute(_MOVE_STAGED.returning(action_metrics.c.id))).scalars():
+            inserted[group_of[stored_id]] += 1
+        return inserted
 
 
 # asyncpg binary COPY encodes a UUID, an aware datetime, and jsonb from its text, as they are.
@@ -268,9 +293,11 @@ _staging = Table(
     MetaData(),
     *(Column(column.name, column.type) for column in action_metrics.columns),
     prefixes=["TEMPORARY"],
-    postgresql_on_commit="DROP",
+    postgresql_on_commit="DELETE ROWS",
 )
-_CREATE_STAGING: Final = CreateTable(_staging)
+# Made once per connection and emptied at each commit: creating and dropping it in every batch's
+# transaction cost PostgreSQL 1-4 ms a batch (catalog rows written and removed each time).
+_CREATE_STAGING: Final = CreateTable(_staging, if_not_exists=True)
 _MOVE_STAGED: Final = (
     postgresql.insert(action_metrics)
     .from_select(list(METRIC_COLUMNS), select(*_staging.columns))

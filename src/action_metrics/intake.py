@@ -2,11 +2,14 @@
 gzip, back-pressure, and the idempotent write whose answer counts what was stored.
 
 A 200 means committed: the request's metrics are written in one transaction before the answer, so
-a client that timed out retries the same metrics and their ids make the retry harmless.
+a client that timed out retries the same metrics and their ids make the retry harmless. Requests
+that arrive while another's transaction commits share the next one (`GroupCommit`): one commit and
+one rollup upkeep for all of them, each answered once that transaction has committed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import zlib
 from collections.abc import AsyncIterator, Sequence
@@ -42,12 +45,107 @@ class IntakeLimits:
     max_in_flight: int = 8
 
 
+GROUP_COMMIT_METRICS: Final = 20_000
+"""The most metrics `GroupCommit` puts in one transaction (as many as one of `emit_many`'s); a
+single request larger than that still goes alone, whole."""
+
+
+@dataclass(slots=True)
+class _Waiting:
+    store: AsyncMetricsStore
+    metrics: Sequence[ActionMetric]
+    answer: asyncio.Future[int]
+
+
+class GroupCommit:
+    """The write requests of one app, committed by one writer task: those that arrive while a
+    transaction is committing wait and share the next transaction.
+
+    A request is answered only once the transaction holding its metrics has committed, so a 200
+    still means committed; counts are each request's own (an id sent by two requests of one
+    transaction is stored for the first, a duplicate for the second). One writer also means that
+    SQLite's write lock is never waited for by requests of this process.
+    """
+
+    def __init__(self, max_metrics: int = GROUP_COMMIT_METRICS) -> None:
+        self.max_metrics = max_metrics
+        self._waiting: list[_Waiting] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def write(self, store: AsyncMetricsStore, metrics: Sequence[ActionMetric]) -> int:
+        """Commit `metrics` (with whatever else is waiting); how many of their ids were new."""
+        if not metrics:
+            return 0
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[int] = loop.create_future()
+        self._waiting.append(_Waiting(store, metrics, answer))
+        if self._writer is None or self._writer.done() or self._writer.get_loop() is not loop:
+            self._writer = loop.create_task(self._write_waiting())
+        return await answer
+
+    async def _write_waiting(self) -> None:
+        while self._waiting:
+            group = self._next_group()
+            try:
+                await self._commit(group)
+            except BaseException:  # the writer cancelled (a shutdown): no request may be left waiting
+                for waiting in [*group, *self._waiting]:
+                    waiting.answer.cancel()
+                self._waiting.clear()
+                raise
+
+    def _next_group(self) -> list[_Waiting]:
+        """The oldest waiting requests for one store, up to `max_metrics` (at least one request)."""
+        first = self._waiting[0]
+        group, size = [first], len(first.metrics)
+        for waiting in self._waiting[1:]:
+            if waiting.store is not first.store or size + len(waiting.metrics) > self.max_metrics:
+                break
+            group.append(waiting)
+            size += len(waiting.metrics)
+        del self._waiting[: len(group)]
+        return group
+
+    async def _commit(self, group: list[_Waiting]) -> None:
+        try:
+            counts = await group[0].store.emit_batches([waiting.metrics for waiting in group])
+        except DataRejected as error:
+            if len(group) == 1:
+                _answer(group[0], error=error)
+                return
+            # One request's data is refused: each goes alone, so only its own request learns it.
+            for waiting in group:
+                try:
+                    _answer(waiting, await waiting.store.emit_batch(waiting.metrics))
+                except DatabaseError as alone:
+                    _answer(waiting, error=alone)
+            return
+        except Exception as error:
+            for waiting in group:
+                _answer(waiting, error=error)
+            return
+        for waiting, count in zip(group, counts, strict=True):
+            _answer(waiting, count)
+
+
+def _answer(waiting: _Waiting, count: int = 0, *, error: BaseException | None = None) -> None:
+    """Settle a request's wait, unless it was given up (its client went away: what it sent is
+    committed or not all the same, and a retry is harmless)."""
+    if waiting.answer.done():
+        return
+    if error is not None:
+        waiting.answer.set_exception(error)
+    else:
+        waiting.answer.set_result(count)
+
+
 @dataclass(slots=True)
 class Intake:
-    """An app's limits and its count of write requests in flight (`state.intake`)."""
+    """An app's limits, its count of write requests in flight and its writer (`state.intake`)."""
 
     limits: IntakeLimits = field(default_factory=IntakeLimits)
     in_flight: int = 0
+    commits: GroupCommit = field(default_factory=GroupCommit)
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -176,9 +274,13 @@ class IntakeAnswer(BaseModel):
 
 
 async def write(
-    store: AsyncMetricsStore, accepted: Sequence[tuple[int, ActionMetric]], rejected: list[Rejected]
+    intake: Intake,
+    store: AsyncMetricsStore,
+    accepted: Sequence[tuple[int, ActionMetric]],
+    rejected: list[Rejected],
 ) -> IntakeAnswer:
-    """Commit the accepted metrics (index in the request, metric) in one transaction and count them.
+    """Commit the accepted metrics (index in the request, metric) in one transaction, shared with
+    concurrent requests (`GroupCommit`), and count them.
 
     An id sent twice in one request is stored once and counted once as a duplicate. Should the
     database refuse the batch's data (a constraint the checks here do not know), each metric is
@@ -192,7 +294,7 @@ async def write(
     refused = 0
     try:
         try:
-            stored = await store.emit_batch(metrics)
+            stored = await intake.commits.write(store, metrics)
         except DataRejected:
             stored = 0
             for index, metric in unique.values():

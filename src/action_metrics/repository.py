@@ -193,27 +193,34 @@ class MetricsRepository:
         Batches big enough go through the driver's bulk path (COPY, executemany), which stores the
         same values as the plain INSERT at the driver's speed.
         """
-        await self._insert(metrics, count_new=False)
+        await self._insert([metrics], count_new=False)
 
     async def insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
         """`insert`, and how many of the batch's ids were new: a writer over the wire is told what
         was stored and what was a duplicate. The count is the insert's own (rows the database took,
         conflicts skipped), in the batch's transaction, so concurrent writers cannot blur it."""
-        return await self._insert(metrics, count_new=True)
+        return (await self.insert_counting_groups([metrics]))[0]
 
-    async def _insert(self, metrics: Sequence[ActionMetric], *, count_new: bool) -> int:
+    async def insert_counting_groups(self, groups: Sequence[Sequence[ActionMetric]]) -> list[int]:
+        """Several batches in one transaction (one commit, one rollup upkeep), counted per batch as
+        `insert_counting` counts one: an id in two batches is new, if at all, in the first."""
+        return await self._insert(groups, count_new=True)
+
+    async def _insert(self, groups: Sequence[Sequence[ActionMetric]], *, count_new: bool) -> list[int]:
+        groups = _without_earlier_ids(groups) if len(groups) > 1 else groups
+        metrics = [metric for group in groups for metric in group]
         if not metrics:
-            return 0
+            return [0] * len(groups)
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
             late = await self._new_late_metrics(connection, state, metrics)
-            new = 0
-            if len(metrics) >= self.backend.bulk_insert_minimum:
-                new = await self.backend.bulk_insert_metrics(connection, metrics)
+            new = [0] * len(groups)
+            if len(groups) > 1 or len(metrics) >= self.backend.bulk_insert_minimum:
+                new = await self.backend.bulk_insert_groups(connection, groups)
             else:
                 if count_new:  # an executemany's row count is not reliable on every driver
-                    new = len({metric.id for metric in metrics})
-                    new -= len(await rollup.stored_ids(connection, [metric.id for metric in metrics]))
+                    new = [len({metric.id for metric in metrics})]
+                    new[0] -= len(await rollup.stored_ids(connection, [metric.id for metric in metrics]))
                 await connection.execute(self._insert_metrics, metric_rows(metrics))
             if late:
                 await rollup.add_late(connection, self.backend, state, list(late), min(late.values()))
@@ -564,6 +571,17 @@ class MetricsRepository:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _without_earlier_ids(groups: Sequence[Sequence[ActionMetric]]) -> list[list[ActionMetric]]:
+    """Each group without the ids an earlier group holds (an id stays in the first that has it)."""
+    seen: set[Any] = set()
+    kept: list[list[ActionMetric]] = []
+    for group in groups:
+        earlier = set(seen)
+        kept.append([metric for metric in group if metric.id not in earlier])
+        seen.update(metric.id for metric in group)
+    return kept
 
 
 async def _price_starts(connection: AsyncConnection) -> list[datetime]:

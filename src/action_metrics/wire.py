@@ -194,7 +194,7 @@ async def post_actions(request: Request, grant: WriteGrant) -> IntakeAnswer:
         documents = _items(kind, body, intake.limits.max_items)
         accepted, rejected = _metrics(documents, grant)
         store: AsyncMetricsStore = request.app.state.store
-        return await write(store, accepted, rejected)
+        return await write(intake, store, accepted, rejected)
 
 
 _MESSAGES_IN_ANSWER: Final = 20
@@ -270,7 +270,7 @@ async def post_traces(request: Request, grant: WriteGrant) -> Response:
                     Rejected(index=index, field="town_id", error="this token may not write this town")
                 )
         store: AsyncMetricsStore = request.app.state.store
-        answer = await write(store, accepted, rejected)
+        answer = await write(intake, store, accepted, rejected)
         receiver.committed(batch)
     for problem in batch.problems:
         logger.warning("POST /v1/traces: unreadable attribution %s; call recorded without it", problem)
