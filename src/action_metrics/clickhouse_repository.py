@@ -123,64 +123,87 @@ def _selection(metric_filter: MetricFilter, columns: str) -> tuple[str, dict[str
 
 # --- the figures --------------------------------------------------------------------------------------
 
-_PRICED: Final = """
-WITH priced AS (
+_PERIODS: Final = """
+WITH
+    (SELECT arraySort(groupUniqArray(effective_from)) FROM (
+        SELECT effective_from FROM model_prices FINAL
+        UNION ALL SELECT effective_from FROM credit_prices FINAL)) AS bounds,
+periods AS (
     SELECT
         {keys}
         s.model AS model,
-        s.tokens_in AS tokens_in,
-        s.tokens_out AS tokens_out,
-        s.cache_read_tokens AS cache_read_tokens,
-        s.cache_write_tokens AS cache_write_tokens,
-        s.reasoning_tokens AS reasoning_tokens,
-        s.credits_charged AS credits_charged,
-        s.latency_ms AS latency_ms,
-        s.error IS NULL AS succeeded,
-        -- USD x 1e6, exact: the division by 1e6 is done once, on the sum.
-        toDecimal256(s.tokens_in - s.cache_read_tokens - s.cache_write_tokens, 0) * p.input_per_1m
-            + toDecimal256(s.cache_read_tokens, 0) * coalesce(p.cache_read_per_1m, p.input_per_1m)
-            + toDecimal256(s.cache_write_tokens, 0) * coalesce(p.cache_write_per_1m, p.input_per_1m)
-            + toDecimal256(s.tokens_out, 0) * p.output_per_1m AS cost_e6,
-        toDecimal256(s.credits_charged, 0) * coalesce(c.usd_per_credit, toDecimal128(0, 9)) AS revenue
+        s.credits_charged AS credits,
+        -- Every instant a price changes, sorted: an action's price period is how many it is at or after.
+        arrayCount(b -> b <= s.timestamp, bounds) AS period,
+        count() AS g_count,
+        sum(toUInt128(s.tokens_in)) AS g_tokens_in,
+        sum(toUInt128(s.tokens_out)) AS g_tokens_out,
+        sum(toUInt128(s.cache_read_tokens)) AS g_cache_read,
+        sum(toUInt128(s.cache_write_tokens)) AS g_cache_write,
+        sum(toUInt128(s.reasoning_tokens)) AS g_reasoning,
+        sum(toDecimal256(s.latency_ms, 30)) AS g_latency_sum,
+        countIf(s.error IS NULL) AS g_succeeded,
+        quantilesExactInclusiveIfState(0.5, 0.95, 0.99)(s.latency_ms, s.error IS NULL) AS g_latencies
     FROM ({selection}) AS s
+    GROUP BY {group}model, credits, period
+),
+priced AS (
+    SELECT
+        {carried}
+        g.model AS model, g.credits AS credits, g.g_count AS g_count, g.g_tokens_in AS g_tokens_in,
+        g.g_tokens_out AS g_tokens_out, g.g_cache_read AS g_cache_read, g.g_cache_write AS g_cache_write,
+        g.g_reasoning AS g_reasoning, g.g_latency_sum AS g_latency_sum, g.g_succeeded AS g_succeeded,
+        g.g_latencies AS g_latencies,
+        -- USD x 1e6, exact: the division by 1e6 is done once, on the sum. Period 0 is before any
+        -- price: unpriced, no revenue.
+        if(g.period = 0, NULL,
+            toDecimal256(g.g_tokens_in - g.g_cache_read - g.g_cache_write, 0) * p.input_per_1m
+            + toDecimal256(g.g_cache_read, 0) * coalesce(p.cache_read_per_1m, p.input_per_1m)
+            + toDecimal256(g.g_cache_write, 0) * coalesce(p.cache_write_per_1m, p.input_per_1m)
+            + toDecimal256(g.g_tokens_out, 0) * p.output_per_1m) AS cost_e6,
+        toDecimal256(g.credits, 0)
+            * if(g.period = 0, toDecimal128(0, 9), coalesce(c.usd_per_credit, toDecimal128(0, 9)))
+            AS unit_revenue
+    FROM (SELECT *, bounds[greatest(period, 1)] AS starts, toUInt8(1) AS one FROM periods) AS g
     ASOF LEFT JOIN (SELECT * FROM model_prices FINAL) AS p
-        ON s.model = p.model AND s.timestamp >= p.effective_from
+        ON g.model = p.model AND g.starts >= p.effective_from
     ASOF LEFT JOIN (SELECT toUInt8(1) AS one, effective_from, usd_per_credit FROM credit_prices FINAL) AS c
-        ON s.one = c.one AND s.timestamp >= c.effective_from
+        ON g.one = c.one AND g.starts >= c.effective_from
 )"""
+"""The raw rows summed per (group, model, credit charge, price period), as integers, and only those few
+sums priced: a price is looked up per period, not per action (the ASOF JOINs meet a few rows)."""
 _PRICED_COLUMNS: Final = (
     "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, reasoning_tokens, "
-    "credits_charged, latency_ms, error, toUInt8(1) AS one"
+    "credits_charged, latency_ms, error"
 )
 _FIGURES: Final = """
-    count() AS f_count,
-    sum(toUInt128(tokens_in)) AS f_tokens_in,
-    sum(toUInt128(tokens_out)) AS f_tokens_out,
-    sum(toUInt128(credits_charged)) AS f_credits,
-    sum(toUInt128(cache_read_tokens)) AS f_cache_read,
-    sum(toUInt128(cache_write_tokens)) AS f_cache_write,
-    sum(toUInt128(reasoning_tokens)) AS f_reasoning,
-    sum(toDecimal256(latency_ms, 30)) AS f_latency_sum,
-    countIf(succeeded) AS f_succeeded,
-    quantilesExactInclusiveIf(0.5, 0.95, 0.99)(latency_ms, succeeded) AS f_percentiles,
+    sum(g_count) AS f_count,
+    sum(g_tokens_in) AS f_tokens_in,
+    sum(g_tokens_out) AS f_tokens_out,
+    sum(toUInt128(credits) * g_count) AS f_credits,
+    sum(g_cache_read) AS f_cache_read,
+    sum(g_cache_write) AS f_cache_write,
+    sum(g_reasoning) AS f_reasoning,
+    sum(g_latency_sum) AS f_latency_sum,
+    sum(g_succeeded) AS f_succeeded,
+    quantilesExactInclusiveIfMerge(0.5, 0.95, 0.99)(g_latencies) AS f_percentiles,
     ifNull(sum(cost_e6), toDecimal256(0, 9)) AS f_cost_e6,
-    countIf(cost_e6 IS NULL) AS f_unpriced,
-    ifNull(sum(revenue), toDecimal256(0, 9)) AS f_revenue,
+    sumIf(g_count, cost_e6 IS NULL) AS f_unpriced,
+    sum(unit_revenue * g_count) AS f_revenue,
+    -- The actions of one period and credit charge share their revenue: their margins add up to
+    -- n - cost / revenue (20 places, so that no sum overflows Decimal256).
     sumIf(
-        -- Divided by 1 where there is no revenue (every row is converted; those are not summed).
-        toDecimal256(
-            toFloat64(revenue * 1000000 - cost_e6) / toFloat64(if(revenue > 0, revenue * 1000000, 1)), 30
-        ),
-        revenue > 0 AND cost_e6 IS NOT NULL
+        g_count - toDecimal256(ifNull(cost_e6, 0), 20) / if(unit_revenue > 0, unit_revenue * 1000000, 1),
+        unit_revenue > 0 AND cost_e6 IS NOT NULL
     ) AS f_margin_sum,
-    countIf(revenue > 0 AND cost_e6 IS NOT NULL) AS f_margin_count,
-    countIf(NOT succeeded) AS f_errors"""
+    sumIf(g_count, unit_revenue > 0 AND cost_e6 IS NOT NULL) AS f_margin_count,
+    sum(g_count - g_succeeded) AS f_errors"""
 _FIGURE_COUNT: Final = 16
-"""Latencies and margins are summed as Decimal (each float converted exactly enough, 30 places), so
-the figures do not depend on the order in which threads add rows up: `top` gives the same rows."""
+"""Latencies and margins are summed as Decimal, so the figures do not depend on the order in which
+threads add rows up: `top` gives the same rows."""
 
 _AGGREGATE: Final = (
-    _PRICED + "\nSELECT model," + _FIGURES + "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())"
+    _PERIODS + "\nSELECT model," + _FIGURES + "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())"
 )
 
 _SORT_KEYS: Final = {
@@ -337,11 +360,17 @@ def _breakdown_query(
     if starts is not None:
         keys.append(f"{_bucket_index(starts)} AS bucket,")
     grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
+    inner = "".join(f"{g}, " for g in grouped if g != "model")
     group_by = f"\nGROUP BY {', '.join(grouped)}" if grouped else ""
     order = "DESC" if request.descending else "ASC"
     leading = "".join(f"{g}, " for g in grouped)
     statement = (
-        _PRICED.format(keys="\n        ".join(keys), selection=selection)
+        _PERIODS.format(
+            keys="\n        ".join(keys),
+            selection=selection,
+            group=inner,
+            carried="".join(f"g.{g} AS {g}, " for g in grouped if g != "model"),
+        )
         + f"\nSELECT * FROM (\nSELECT {leading}{_FIGURES}\nFROM priced{group_by}\n)"
         + f"\nWHERE f_count > 0\nORDER BY {_SORT_KEYS[request.sort]} {order} NULLS LAST"
         + "".join(f", {g} ASC" for g in grouped)
@@ -621,7 +650,7 @@ class ClickHouseRepository:
         question = "aggregate()" if metric_filter.limit is None else "aggregate(limit=...)"
         self._check_not_pruned(client, metric_filter, question)
         selection, parameters = _selection(metric_filter, _PRICED_COLUMNS)
-        statement = _AGGREGATE.format(keys="", selection=selection)
+        statement = _AGGREGATE.format(keys="", selection=selection, group="", carried="")
         rows = client.query(statement, parameters=parameters, settings=_FIGURE_SETTINGS).result_rows
         total, by_model = _EMPTY, {}
         for model, *figures in rows:
