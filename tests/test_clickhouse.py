@@ -102,7 +102,9 @@ def dataset(engine_directory: Path) -> Iterator[Dataset]:
 def test_aggregate_matches_the_reference(dataset: Dataset, filters: dict[str, Any], exact: bool) -> None:
     expected = expected_aggregate(dataset.select(**filters), dataset.book)
     aggregate = dataset.store.aggregate(exact=exact, **filters).to_dict()
-    assert aggregate["percentiles_exact"]
+    # The rollups answer unless the question is exact or keeps what they do not (a user, a citizen, a limit).
+    raw_only = exact or any(name in filters for name in ("user_id", "citizen_id", "limit"))
+    assert aggregate["percentiles_exact"] is raw_only
     assert_matches(aggregate, expected)
 
 
@@ -261,10 +263,10 @@ def test_a_database_upgraded_by_a_newer_package_is_refused(clickhouse_url: str) 
     store.close()
 
 
-def test_prune_drops_old_months_and_rows_and_what_needs_them_says_so(clickhouse_url: str) -> None:
-    """Without rollups a pruned period cannot be answered: every read reaching before the cut-off
-    is refused naming it, and reads after it answer as before. Two whole months go as partitions,
-    the days of the third before the cut-off by a DELETE."""
+def test_prune_drops_old_months_and_rows_and_the_rollups_still_answer_for_them(clickhouse_url: str) -> None:
+    """Two whole months go as partitions, the days of the third before the cut-off by a DELETE; the
+    rollups keep them: aggregates and breakdowns over whole hours still answer, and a read that
+    needs the raw rows before the cut-off is refused naming it."""
     metrics = [metric(timestamp=START + timedelta(hours=7 * i), tokens_in=i) for i in range(300)]  # ~87 days
     cutoff = datetime(2027, 1, 9, tzinfo=UTC)
     older = [one for one in metrics if one.timestamp < cutoff]
@@ -272,6 +274,7 @@ def test_prune_drops_old_months_and_rows_and_what_needs_them_says_so(clickhouse_
     assert {one.timestamp.month for one in older} == {11, 12, 1}
     with MetricsStore(clickhouse_url) as store:
         store.emit_many(metrics)
+        before = [row.to_dict() for row in store.breakdown("town_id", bucket="day", sort="count")]
         dry = store.prune(cutoff + timedelta(hours=7), dry_run=True)  # rounded down to the UTC day
         assert (dry.cutoff, dry.rows, dry.dry_run) == (cutoff, len(older), True)
         assert len(store.query()) == len(metrics)
@@ -281,16 +284,24 @@ def test_prune_drops_old_months_and_rows_and_what_needs_them_says_so(clickhouse_
         assert store.query(since=cutoff) == select_like_the_store(kept, {})
         assert store.query(limit=5) == select_like_the_store(kept, {"limit": 5})  # the newest: all kept
         assert_matches(store.aggregate(since=cutoff).to_dict(), expected_aggregate(kept, _seed_book()))
+        assert_matches(store.aggregate().to_dict(), expected_aggregate(metrics, _seed_book()))
+        a_day_earlier = cutoff - timedelta(days=1)
+        assert_matches(
+            store.aggregate(since=a_day_earlier).to_dict(),
+            expected_aggregate([one for one in metrics if one.timestamp >= a_day_earlier], _seed_book()),
+        )
+        assert [row.to_dict() for row in store.breakdown("town_id", bucket="day", sort="count")] == before
         for call in (
-            lambda: store.aggregate(),
-            lambda: store.aggregate(since=cutoff - timedelta(days=1)),
+            lambda: store.aggregate(exact=True),
+            lambda: store.aggregate(since=cutoff - timedelta(minutes=90)),  # a partial hour
+            lambda: store.aggregate(user_id="u1"),
             lambda: store.aggregate(limit=len(kept) + 1),
             lambda: store.query(),
-            lambda: store.breakdown("town_id", bucket="day"),
+            lambda: store.breakdown("user_id"),
         ):
             with pytest.raises(RawRowsPruned, match=re.escape(f"before {cutoff.isoformat()}")) as raised:
                 call()
-            assert "keeps no rollups" in str(raised.value)
+            assert "the rollups keep those" in str(raised.value)
         client = ClickHouseURL.parse(clickhouse_url).connect()
         try:
             stored = client.query("SELECT count() FROM action_metrics").result_rows[0][0]
@@ -453,6 +464,13 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
         "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/all/{database}/model_prices', "
         "'{shard}-{replica}', set_at)" in sql
     )
+    assert "ALTER TABLE action_metrics_local ON CLUSTER `prod` ADD INDEX IF NOT EXISTS id_index" in sql
+    assert "ALTER TABLE action_metrics ON CLUSTER `prod` ADD INDEX" not in sql  # not on a Distributed table
+    assert (
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS action_metrics_rollup_hourly_view ON CLUSTER `prod` "
+        "TO action_metrics_rollup_hourly_local AS" in sql
+    )
+    assert "FROM action_metrics_local\nGROUP BY start, model, credits;" in sql
     statements = _statements(sql)
     creates = [s for s in statements if s.startswith(("CREATE", "ALTER"))]
     assert creates
@@ -463,8 +481,10 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
             if not statement.startswith("USE "):
                 client.command(f"EXPLAIN AST {statement}")  # raises on a syntax error
         for statement in statements:
-            if "ENGINE = Distributed" in statement:
-                continue  # needs the cluster in remote_servers
+            if "ENGINE = Distributed" in statement or statement.startswith(
+                "INSERT INTO action_metrics_rollup"
+            ):
+                continue  # needs the cluster in remote_servers (the fill reads the Distributed tables)
             local = statement.replace(" ON CLUSTER `prod`", "")
             local = re.sub(
                 r"ENGINE = Replicated(\w*MergeTree)\('[^']*', '[^']*'(?:, )?", r"ENGINE = \1(", local
@@ -479,7 +499,8 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
 
         def described(database: str) -> list[tuple[Any, ...]]:
             rows = client.query(columns, parameters={"database": database}).result_rows
-            return [(table.replace("action_metrics_local", "action_metrics"), *rest) for table, *rest in rows]
+            named = [(table.removesuffix("_local"), *rest) for table, *rest in rows]
+            return sorted(named, key=lambda row: row[0])  # stable: each table's columns stay in order
 
         assert described(database) == described(ClickHouseURL.parse(single).database)
     finally:

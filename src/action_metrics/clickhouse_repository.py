@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -31,7 +32,15 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from action_metrics.aggregate import Aggregate, ModelAggregate
 from action_metrics.breakdown import BreakdownRequest, BreakdownRow, bucket_starts
 from action_metrics.charges import ChargeAudit
-from action_metrics.clickhouse import EARLIEST, LATEST, ClickHouseURL, check_version, upgrade_on, version_on
+from action_metrics.clickhouse import (
+    EARLIEST,
+    LATEST,
+    ROLLUPS,
+    ClickHouseURL,
+    check_version,
+    upgrade_on,
+    version_on,
+)
 from action_metrics.errors import (
     ActionMetricsError,
     DatabaseError,
@@ -46,7 +55,7 @@ from action_metrics.model import ActionMetric
 from action_metrics.pricing import BEGINNING_OF_TIME, CreditPrice, ModelPrice
 from action_metrics.query import EQUALITY_FILTERS, CopyCheckpoint, CopyPosition, MetricFilter
 from action_metrics.repository import CatalogueWrite, PruneResult
-from action_metrics.rollup import floor_to
+from action_metrics.rollup import LN_GAMMA, REPRESENTATIVE_FACTOR, ZERO_BIN, ceil_to, floor_to
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -91,8 +100,11 @@ def _moment(micros: int) -> datetime:
 # --- which actions ------------------------------------------------------------------------------------
 
 
-def _selection(metric_filter: MetricFilter, columns: str) -> tuple[str, dict[str, Any]]:
-    """The actions a filter selects (the newest `limit` when it has one): SQL and its parameters."""
+def _selection(
+    metric_filter: MetricFilter, columns: str, ranges: Sequence[Range] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The actions a filter selects (the newest `limit` when it has one): SQL and its parameters.
+    With `ranges`, only those within them (the filter's window already cut into them)."""
     terms: list[str] = []
     parameters: dict[str, Any] = {}
     for name in EQUALITY_FILTERS:
@@ -102,12 +114,14 @@ def _selection(metric_filter: MetricFilter, columns: str) -> tuple[str, dict[str
             parameters[name] = value
     if not metric_filter.storable:
         terms.append("0")
-    if metric_filter.since is not None:
+    if ranges is not None:
+        terms.append(_ranges_sql("timestamp", ranges))
+    elif metric_filter.since is not None:
         terms.append("timestamp >= fromUnixTimestamp64Micro({since:Int64}, 'UTC')")
         parameters["since"] = _micros(max(metric_filter.since, EARLIEST))
         if metric_filter.since >= LATEST:
             terms.append("0")
-    if metric_filter.until is not None:
+    if ranges is None and metric_filter.until is not None:
         terms.append("timestamp < fromUnixTimestamp64Micro({until:Int64}, 'UTC')")
         parameters["until"] = _micros(min(metric_filter.until, LATEST))
         if metric_filter.until <= EARLIEST:
@@ -123,12 +137,84 @@ def _selection(metric_filter: MetricFilter, columns: str) -> tuple[str, dict[str
 
 # --- the figures --------------------------------------------------------------------------------------
 
-_PERIODS: Final = """
-WITH
-    (SELECT arraySort(groupUniqArray(effective_from)) FROM (
-        SELECT effective_from FROM model_prices FINAL
-        UNION ALL SELECT effective_from FROM credit_prices FINAL)) AS bounds,
-periods AS (
+Range = tuple[datetime | None, datetime | None]
+"""A time range [start, end) in UTC; None: unbounded on that side."""
+
+_HOUR: Final = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sources:
+    """Where a question's figures come from. Exact: the raw rows the filter selects, percentiles by
+    `quantilesExactInclusive`. Otherwise the whole UTC hours of `hours` from `rollup`, the rest of the
+    window (`raw`: its partial hours, and the hours holding a price change) from raw rows, percentiles
+    from their merged latency histograms."""
+
+    exact: bool
+    rollup: str = ""
+    raw: tuple[Range, ...] = ()
+    hours: tuple[Range, ...] = ()
+
+
+_EXACT: Final = _Sources(exact=True)
+
+
+def _merged(ranges: Sequence[Range]) -> tuple[Range, ...]:
+    """The non-empty ranges, oldest first, those that touch made one."""
+    kept: list[Range] = []
+    for start, end in ranges:
+        if start is not None and end is not None and start >= end:
+            continue
+        if kept and kept[-1][1] is not None and kept[-1][1] == start:
+            kept[-1] = (kept[-1][0], end)
+        else:
+            kept.append((start, end))
+    return tuple(kept)
+
+
+def plan(
+    since: datetime | None, until: datetime | None, cuts: Sequence[datetime]
+) -> tuple[tuple[Range, ...], tuple[Range, ...]]:
+    """Split [since, until) at `cuts` (the buckets' starts, the price changes); each piece's whole UTC
+    hours come from a rollup, its partial hours at either end from raw rows. Returns (raw, hours)."""
+    inside = sorted({c for c in cuts if (since is None or c > since) and (until is None or c < until)})
+    raw: list[Range] = []
+    hours: list[Range] = []
+    for start, end in pairwise([since, *inside, until]):
+        first = None if start is None else ceil_to(start, "hour")
+        last = None if end is None else floor_to(end, "hour")
+        if first is not None and last is not None and first >= last:
+            raw.append((start, end))
+            continue
+        if start is not None:
+            raw.append((start, first))
+        hours.append((first, last))
+        if end is not None:
+            raw.append((last, end))
+    return _merged(raw), _merged(hours)
+
+
+def _ranges_sql(column: str, ranges: Sequence[Range]) -> str:
+    """`column` within any of `ranges` (microseconds computed here, never a user's text)."""
+    if not ranges:
+        return "0"
+    alternatives = []
+    for start, end in ranges:
+        terms = []
+        if start is not None:
+            terms.append(f"{column} >= fromUnixTimestamp64Micro({_micros(start)}, 'UTC')")
+        if end is not None:
+            terms.append(f"{column} < fromUnixTimestamp64Micro({_micros(end)}, 'UTC')")
+        alternatives.append(f"({' AND '.join(terms) or '1'})")
+    return f"({' OR '.join(alternatives)})"
+
+
+_LATENCY_BIN: Final = (
+    f"if(s.latency_ms > 0, toInt32(ceil(log(s.latency_ms) / {LN_GAMMA!r})), toInt32({ZERO_BIN}))"
+)
+"""`rollup.bin_of` in SQL, as sql/clickhouse/0004_rollups.sql computes it for the rollups."""
+
+_RAW_SOURCE: Final = """
     SELECT
         {keys}
         s.model AS model,
@@ -143,9 +229,32 @@ periods AS (
         sum(toUInt128(s.reasoning_tokens)) AS g_reasoning,
         sum(toDecimal256(s.latency_ms, 30)) AS g_latency_sum,
         countIf(s.error IS NULL) AS g_succeeded,
-        quantilesExactInclusiveIfState(0.5, 0.95, 0.99)(s.latency_ms, s.error IS NULL) AS g_latencies
+        {latencies} AS g_latencies
     FROM ({selection}) AS s
-    GROUP BY {group}model, credits, period
+    GROUP BY {group}model, credits, period"""
+_ROLLUP_SOURCE: Final = """
+    SELECT
+        {keys}
+        r.model AS model,
+        r.credits AS credits,
+        -- A rollup hour never holds a price change (those hours are read raw): its start's period is its own.
+        arrayCount(b -> b <= r.start, bounds) AS period,
+        sum(r.count) AS g_count,
+        sum(r.tokens_in) AS g_tokens_in,
+        sum(r.tokens_out) AS g_tokens_out,
+        sum(r.cache_read_tokens) AS g_cache_read,
+        sum(r.cache_write_tokens) AS g_cache_write,
+        sum(r.reasoning_tokens) AS g_reasoning,
+        sum(r.latency_ms_sum) AS g_latency_sum,
+        sum(r.succeeded) AS g_succeeded,
+        sumMap(r.latency_bins) AS g_latencies
+    FROM {rollup} AS r
+    WHERE {where}
+    GROUP BY {group}model, credits, period"""
+_PERIODS: Final = """
+WITH
+    arrayMap(m -> fromUnixTimestamp64Micro(m, 'UTC'), {{bounds:Array(Int64)}}) AS bounds,
+periods AS ({sources}
 ),
 priced AS (
     SELECT
@@ -170,8 +279,9 @@ priced AS (
     ASOF LEFT JOIN (SELECT toUInt8(1) AS one, effective_from, usd_per_credit FROM credit_prices FINAL) AS c
         ON g.one = c.one AND g.starts >= c.effective_from
 )"""
-"""The raw rows summed per (group, model, credit charge, price period), as integers, and only those few
-sums priced: a price is looked up per period, not per action (the ASOF JOINs meet a few rows)."""
+"""Raw rows and rollup rows summed per (group, model, credit charge, price period), as integers, and
+only those few sums priced: a price is looked up per period, not per action (the ASOF JOINs meet a
+few rows). `bounds` is every instant a price changes, read just before (`_price_changes`)."""
 _PRICED_COLUMNS: Final = (
     "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, reasoning_tokens, "
     "credits_charged, latency_ms, error"
@@ -186,7 +296,7 @@ _FIGURES: Final = """
     sum(g_reasoning) AS f_reasoning,
     sum(g_latency_sum) AS f_latency_sum,
     sum(g_succeeded) AS f_succeeded,
-    quantilesExactInclusiveIfMerge(0.5, 0.95, 0.99)(g_latencies) AS f_percentiles,
+    {merge}(g_latencies) AS f_latencies,
     ifNull(sum(cost_e6), toDecimal256(0, 9)) AS f_cost_e6,
     sumIf(g_count, cost_e6 IS NULL) AS f_unpriced,
     sum(unit_revenue * g_count) AS f_revenue,
@@ -201,10 +311,112 @@ _FIGURES: Final = """
 _FIGURE_COUNT: Final = 16
 """Latencies and margins are summed as Decimal, so the figures do not depend on the order in which
 threads add rows up: `top` gives the same rows."""
+_EXACT_MERGE: Final = "quantilesExactInclusiveIfMerge(0.5, 0.95, 0.99)"
 
-_AGGREGATE: Final = (
-    _PERIODS + "\nSELECT model," + _FIGURES + "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())"
+
+def _bin_value(bin_number: str) -> str:
+    """`rollup.bin_value_of` in SQL."""
+    scaled = f"exp({bin_number} * {LN_GAMMA!r} + {math.log(REPRESENTATIVE_FACTOR)!r})"
+    return f"if({bin_number} = {ZERO_BIN}, 0., {scaled})"
+
+
+def _histogram_percentiles() -> str:
+    """p50, p95 and p99 of the merged histogram `f_latencies` (sorted bins, counts): NumPy's 'linear'
+    interpolation between the representatives of the ranks it needs."""
+
+    def ranked(rank: str) -> str:
+        return _bin_value(f"f_latencies.1[arrayFirstIndex(c -> c > {rank}, arrayCumSum(f_latencies.2))]")
+
+    parts = []
+    for fraction in (0.5, 0.95, 0.99):
+        position = f"(toFloat64(f_succeeded) - 1) * {fraction}"
+        low = f"floor({position})"
+        high = f"least({low} + 1, toFloat64(f_succeeded) - 1)"
+        parts.append(f"{ranked(low)} + ({position} - {low}) * ({ranked(high)} - {ranked(low)})")
+    return f"[{', '.join(parts)}]"
+
+
+_OUTER: Final = (
+    "f_count, f_tokens_in, f_tokens_out, f_credits, f_cache_read, f_cache_write, f_reasoning, "
+    "f_latency_sum, f_succeeded, {percentiles} AS f_percentiles, f_cost_e6, f_unpriced, f_revenue, "
+    "f_margin_sum, f_margin_count, f_errors"
 )
+
+
+def _outer(sources: _Sources) -> str:
+    return _OUTER.format(percentiles="f_latencies" if sources.exact else _histogram_percentiles())
+
+
+def _priced(
+    metric_filter: MetricFilter,
+    sources: _Sources,
+    dimensions: Sequence[str],
+    starts: Sequence[datetime] | None,
+    bounds: Sequence[int],
+) -> tuple[str, dict[str, Any]]:
+    """The WITH clause that ends in `priced` (see `_PERIODS`), grouped by `dimensions` (not the model)
+    and the bucket when `starts` is given, and its parameters."""
+    grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
+    group = "".join(f"{g}, " for g in grouped)
+
+    def keys(alias: str, moment: str) -> str:
+        made = [f"{alias}.{d} AS {d}," for d in dimensions]
+        if starts is not None:
+            made.append(f"{_bucket_index(starts, moment)} AS bucket,")
+        return "\n        ".join(made)
+
+    columns = ", ".join((*dimensions, _PRICED_COLUMNS))
+    if sources.exact:
+        selection, parameters = _selection(metric_filter, columns)
+        latencies = f"{_EXACT_MERGE.replace('Merge', 'State')}(s.latency_ms, s.error IS NULL)"
+    else:
+        selection, parameters = _selection(metric_filter, columns, sources.raw)
+        latencies = f"sumMap([{_LATENCY_BIN}], [toUInt64(s.error IS NULL)])"
+    parts = []
+    if sources.exact or sources.raw:
+        parts.append(
+            _RAW_SOURCE.format(
+                keys=keys("s", "s.timestamp"), latencies=latencies, selection=selection, group=group
+            )
+        )
+    if not sources.exact and sources.hours:
+        where = [_ranges_sql("r.start", sources.hours)]
+        for name in ("town_id", "action_type", "model"):
+            if getattr(metric_filter, name) is not None:
+                where.append(f"r.{name} = {{{name}:String}}")
+        if not metric_filter.storable:
+            where.append("0")
+        parts.append(
+            _ROLLUP_SOURCE.format(
+                keys=keys("r", "r.start"), rollup=sources.rollup, where=" AND ".join(where), group=group
+            )
+        )
+    if not parts:  # an empty window: one source that selects nothing
+        parts.append(
+            _RAW_SOURCE.format(
+                keys=keys("s", "s.timestamp"),
+                latencies=latencies,
+                selection=selection + " LIMIT 0",
+                group=group,
+            )
+        )
+    statement = _PERIODS.format(
+        sources="\n    UNION ALL".join(parts), carried="".join(f"g.{g} AS {g}, " for g in grouped)
+    )
+    return statement, {**parameters, "bounds": list(bounds)}
+
+
+def _aggregate_statement(
+    metric_filter: MetricFilter, sources: _Sources, bounds: Sequence[int]
+) -> tuple[str, dict[str, Any]]:
+    priced, parameters = _priced(metric_filter, sources, (), None, bounds)
+    merge = _EXACT_MERGE if sources.exact else "sumMap"
+    statement = (
+        f"{priced}\nSELECT model, {_outer(sources)} FROM (\nSELECT model,{_FIGURES.format(merge=merge)}"
+        "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())\n)"
+    )
+    return statement, parameters
+
 
 _SORT_KEYS: Final = {
     "count": "f_count",
@@ -289,7 +501,7 @@ class _Figures:
             unpriced_count=self.unpriced,
         )
 
-    def aggregate(self, by_model: Mapping[str, ModelAggregate]) -> Aggregate:
+    def aggregate(self, by_model: Mapping[str, ModelAggregate], *, exact: bool) -> Aggregate:
         return Aggregate(
             count=self.count,
             tokens_in=self.tokens_in,
@@ -309,7 +521,7 @@ class _Figures:
             gross_margin=float((self.revenue - self.cost) / self.revenue) if self.revenue else None,
             unpriced_count=self.unpriced,
             error_count=self.errors,
-            percentiles_exact=True,
+            percentiles_exact=exact,
             by_model=by_model,
         )
 
@@ -320,8 +532,8 @@ _EMPTY: Final = _Figures(0, 0, 0, 0, 0, 0, 0, None, 0, (), Decimal(0), 0, Decima
 # --- breakdowns -----------------------------------------------------------------------------------------
 
 
-def _bucket_index(starts: Sequence[datetime]) -> str:
-    """SQL giving the index of the bucket that holds `s.timestamp`, from the buckets' UTC starts and the
+def _bucket_index(starts: Sequence[datetime], column: str) -> str:
+    """SQL giving the index of the bucket that holds `column`, from the buckets' UTC starts and the
     last one's end: runs of buckets of one length (the days between two changes of the clocks) by
     arithmetic on the microseconds, the run by a multiIf over the runs' starts. Every number is
     computed here from the starts, none comes from a user."""
@@ -330,7 +542,7 @@ def _bucket_index(starts: Sequence[datetime]) -> str:
         length = _micros(end) - _micros(start)
         if not runs or runs[-1][2] != length:
             runs.append((index, _micros(start), length))
-    moment = "toUnixTimestamp64Micro(s.timestamp)"
+    moment = f"toUnixTimestamp64Micro({column})"
 
     def within(run: tuple[int, int, int]) -> str:
         first, start, length = run
@@ -348,41 +560,38 @@ class _BreakdownQuery:
     parameters: dict[str, Any]
     starts: list[datetime] | None
     """The buckets' UTC starts, then the last one's end (None when not bucketed)."""
+    exact: bool
 
 
 def _breakdown_query(
-    metric_filter: MetricFilter, request: BreakdownRequest, starts: list[datetime] | None
+    metric_filter: MetricFilter,
+    request: BreakdownRequest,
+    starts: list[datetime] | None,
+    sources: _Sources,
+    bounds: Sequence[int],
 ) -> _BreakdownQuery:
-    dimensions = request.by
-    columns = ", ".join((*(d for d in dimensions if d != "model"), _PRICED_COLUMNS))
-    selection, parameters = _selection(metric_filter, columns)
-    keys = [*(f"s.{d} AS {d}," for d in dimensions if d != "model")]
-    if starts is not None:
-        keys.append(f"{_bucket_index(starts)} AS bucket,")
-    grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
-    inner = "".join(f"{g}, " for g in grouped if g != "model")
+    dimensions = [d for d in request.by if d != "model"]
+    priced, parameters = _priced(metric_filter, sources, dimensions, starts, bounds)
+    grouped = [*request.by, *(["bucket"] if starts is not None else [])]
     group_by = f"\nGROUP BY {', '.join(grouped)}" if grouped else ""
     order = "DESC" if request.descending else "ASC"
     leading = "".join(f"{g}, " for g in grouped)
+    merge = _EXACT_MERGE if sources.exact else "sumMap"
     statement = (
-        _PERIODS.format(
-            keys="\n        ".join(keys),
-            selection=selection,
-            group=inner,
-            carried="".join(f"g.{g} AS {g}, " for g in grouped if g != "model"),
-        )
-        + f"\nSELECT * FROM (\nSELECT {leading}{_FIGURES}\nFROM priced{group_by}\n)"
+        priced
+        + f"\nSELECT {leading}{_outer(sources)} FROM (\nSELECT {leading}{_FIGURES.format(merge=merge)}"
+        + f"\nFROM priced{group_by}\n)"
         + f"\nWHERE f_count > 0\nORDER BY {_SORT_KEYS[request.sort]} {order} NULLS LAST"
         + "".join(f", {g} ASC" for g in grouped)
     )
     if request.top is not None:
         statement += "\nLIMIT {top:UInt64}"
         parameters["top"] = request.top
-    return _BreakdownQuery(statement, parameters, starts)
+    return _BreakdownQuery(statement, parameters, starts, sources.exact)
 
 
 def _breakdown_row(
-    row: Sequence[Any], request: BreakdownRequest, starts: list[datetime] | None
+    row: Sequence[Any], request: BreakdownRequest, starts: list[datetime] | None, exact: bool
 ) -> BreakdownRow:
     keys = dict(zip(request.by, row, strict=False))
     offset = len(request.by)
@@ -391,7 +600,7 @@ def _breakdown_row(
         bucket = starts[int(row[offset])].astimezone(request.zone)
         offset += 1
     figures = _Figures.of(row[offset : offset + _FIGURE_COUNT])
-    return BreakdownRow(keys, bucket, figures.aggregate({}))
+    return BreakdownRow(keys, bucket, figures.aggregate({}, exact=exact))
 
 
 def _open_stream(client: Client, query: _BreakdownQuery) -> Any:
@@ -570,37 +779,38 @@ class ClickHouseRepository:
     # -- writes --
 
     async def insert(self, metrics: Sequence[ActionMetric]) -> None:
-        """Store a batch in one insert; a re-sent action (same id, timestamp, town and type) is one row
-        to every read (ReplacingMergeTree, read with FINAL)."""
-        await self._run(self._insert, list(metrics))
-
-    def _insert(self, metrics: Sequence[ActionMetric]) -> None:
-        rows = [_row(metric) for metric in metrics]
-        if rows:
-            self._open().insert("action_metrics", rows, column_names=list(_COLUMNS))
+        """Store a batch in one insert, first id wins (see `_insert_counting`)."""
+        await self._run(self._insert_counting, list(metrics))
 
     async def insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
-        """`insert`, and how many of the batch's ids were not stored before it (read just before the
-        insert: a concurrent writer of the same ids may be counted twice)."""
+        """`insert`, and how many of the batch's ids were not stored before it."""
         return await self._run(self._insert_counting, list(metrics))
 
     def _insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
+        """Insert the batch's actions whose id is not stored yet (the first of each id in the batch):
+        the rollups' views see every insert, so a re-sent id must not reach the table. The ids are
+        read just before the insert (the bloom filter on id finds them): two writers sending the same
+        new id at once both insert it, and the rollups count it twice (the raw rows, read with FINAL,
+        once)."""
         if not metrics:
             return 0
         rows = [_row(metric) for metric in metrics]  # refused before anything is read
-        ids = {metric.id for metric in metrics}
-        stored = self._open().query(
-            "SELECT DISTINCT id FROM action_metrics WHERE id IN {ids:Array(UUID)} "
-            "AND timestamp >= fromUnixTimestamp64Micro({since:Int64}, 'UTC') "
-            "AND timestamp <= fromUnixTimestamp64Micro({until:Int64}, 'UTC')",
-            parameters={
-                "ids": sorted(ids, key=str),
-                "since": _micros(min(metric.timestamp for metric in metrics)),
-                "until": _micros(max(metric.timestamp for metric in metrics)),
-            },
-        )
-        self._open().insert("action_metrics", rows, column_names=list(_COLUMNS))
-        return len(ids) - len(stored.result_rows)
+        client = self._open()
+        stored = {
+            uuid.UUID(str(found))
+            for (found,) in client.query(
+                "SELECT DISTINCT id FROM action_metrics WHERE id IN {ids:Array(UUID)}",
+                parameters={"ids": sorted({metric.id for metric in metrics}, key=str)},
+            ).result_rows
+        }
+        new: list[list[Any]] = []
+        for metric, row in zip(metrics, rows, strict=True):
+            if metric.id not in stored:
+                stored.add(metric.id)
+                new.append(row)
+        if new:
+            client.insert("action_metrics", new, column_names=list(_COLUMNS))
+        return len(new)
 
     # -- reads --
 
@@ -617,7 +827,7 @@ class ClickHouseRepository:
         if cutoff is None or (metric_filter.since is not None and metric_filter.since >= cutoff):
             return
         if metric_filter.limit is None:
-            raise RawRowsPruned(cutoff, question, rollups=False)
+            raise RawRowsPruned(cutoff, question)
         statement, parameters = _selection(metric_filter, "timestamp")
         count, oldest = client.query(
             f"SELECT count(), toUnixTimestamp64Micro(min(timestamp)) FROM ({statement})",
@@ -625,7 +835,52 @@ class ClickHouseRepository:
             settings=_READ_SETTINGS,
         ).result_rows[0]
         if count < metric_filter.limit or _moment(oldest) < cutoff:
-            raise RawRowsPruned(cutoff, question, rollups=False)
+            raise RawRowsPruned(cutoff, question)
+
+    def _price_changes(self, client: Client) -> list[int]:
+        """Every instant a model or credit price starts, sorted, in microseconds."""
+        rows = client.query(
+            "SELECT DISTINCT toUnixTimestamp64Micro(effective_from) AS start FROM ("
+            "SELECT effective_from FROM model_prices FINAL "
+            "UNION ALL SELECT effective_from FROM credit_prices FINAL) ORDER BY start"
+        ).result_rows
+        return [int(start) for (start,) in rows]
+
+    def _sources(
+        self,
+        client: Client,
+        metric_filter: MetricFilter,
+        *,
+        exact: bool,
+        by: Sequence[str],
+        bounds: Sequence[int],
+        starts: Sequence[datetime] | None,
+        question: str,
+    ) -> _Sources:
+        """Where the figures come from: the rollups and the raw rows around them, unless the question
+        needs exact percentiles or something no rollup keeps (a user, a citizen, the newest `limit`)."""
+        needed = {
+            *(d for d in by if d != "model"),
+            *(
+                name
+                for name in ("user_id", "citizen_id", "town_id", "action_type")
+                if getattr(metric_filter, name)
+            ),
+        }
+        rollup = next((table for table, keeps in ROLLUPS.items() if needed <= set(keeps)), None)
+        if exact or rollup is None or metric_filter.limit is not None:
+            self._check_not_pruned(client, metric_filter, question)
+            return _EXACT
+        since = None if metric_filter.since is None else min(max(metric_filter.since, EARLIEST), LATEST)
+        until = None if metric_filter.until is None else max(min(metric_filter.until, LATEST), EARLIEST)
+        changes = [_moment(micros) for micros in bounds]
+        raw, hours = plan(since, until, [*(starts or ()), *(c for c in changes if c != floor_to(c, "hour"))])
+        if since is not None and until is not None and since >= until:
+            raw, hours = (), ()
+        cutoff = self._raw_kept_from(client)
+        if cutoff is not None and any(start is None or start < cutoff for start, _ in raw):
+            raise RawRowsPruned(cutoff, question)
+        return _Sources(exact=False, rollup=rollup, raw=raw, hours=hours)
 
     async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]:
         return await self._run(self._select, metric_filter)
@@ -642,15 +897,18 @@ class ClickHouseRepository:
         return metrics
 
     async def aggregate(self, metric_filter: MetricFilter, *, exact: bool = False) -> Aggregate:
-        """The same figures either way: the percentiles are exact (there are no histograms here)."""
-        return await self._run(self._aggregate, metric_filter)
+        """From the rollups (percentiles from their histograms) unless `exact` or the filter needs
+        raw rows."""
+        return await self._run(self._aggregate, metric_filter, exact)
 
-    def _aggregate(self, metric_filter: MetricFilter) -> Aggregate:
+    def _aggregate(self, metric_filter: MetricFilter, exact: bool) -> Aggregate:
         client = self._open()
         question = "aggregate()" if metric_filter.limit is None else "aggregate(limit=...)"
-        self._check_not_pruned(client, metric_filter, question)
-        selection, parameters = _selection(metric_filter, _PRICED_COLUMNS)
-        statement = _AGGREGATE.format(keys="", selection=selection, group="", carried="")
+        bounds = self._price_changes(client)
+        sources = self._sources(
+            client, metric_filter, exact=exact, by=(), bounds=bounds, starts=None, question=question
+        )
+        statement, parameters = _aggregate_statement(metric_filter, sources, bounds)
         rows = client.query(statement, parameters=parameters, settings=_FIGURE_SETTINGS).result_rows
         total, by_model = _EMPTY, {}
         for model, *figures in rows:
@@ -660,30 +918,41 @@ class ClickHouseRepository:
                 by_model[model] = _Figures.of(figures).for_model()
         # Busiest first, then by name, as the other backends list them.
         ordered = dict(sorted(by_model.items(), key=lambda item: (-item[1].count, item[0])))
-        return total.aggregate(ordered)
+        return total.aggregate(ordered, exact=sources.exact)
 
     def _breakdown_query(
         self, metric_filter: MetricFilter, request: BreakdownRequest
     ) -> _BreakdownQuery | None:
         """The statement of a breakdown (None when it has no rows: an empty window)."""
         client = self._open()
-        self._check_not_pruned(client, metric_filter, "breakdown()")
-        if request.bucket is None:
-            return _breakdown_query(metric_filter, request, None)
-        count, first, last = client.query(
-            "SELECT count(), toUnixTimestamp64Micro(min(timestamp)), toUnixTimestamp64Micro(max(timestamp)) "
-            "FROM action_metrics"
-        ).result_rows[0]
-        if not count:
-            return None
-        # The buckets span only what is stored: a window reaching centuries out asks for no more.
-        first_stored, after_last = _moment(first), _moment(last) + _MICROSECOND
-        since = first_stored if metric_filter.since is None else max(metric_filter.since, first_stored)
-        until = after_last if metric_filter.until is None else min(metric_filter.until, after_last)
-        if since >= until:
-            return None
-        local = bucket_starts(request.bucket, request.zone, since, until)
-        return _breakdown_query(metric_filter, request, [start.astimezone(UTC) for start in local])
+        bounds = self._price_changes(client)
+        starts = None
+        if request.bucket is not None:
+            # The buckets span only what is stored (the rollups keep what `prune` removed): a window
+            # reaching centuries out asks for no more.
+            count, first, last = client.query(
+                "SELECT count(), toUnixTimestamp64Micro(min(start)), toUnixTimestamp64Micro(max(start)) "
+                "FROM action_metrics_rollup_hourly"
+            ).result_rows[0]
+            if not count:
+                return None
+            first_stored, after_last = _moment(first), _moment(last) + _HOUR
+            since = first_stored if metric_filter.since is None else max(metric_filter.since, first_stored)
+            until = after_last if metric_filter.until is None else min(metric_filter.until, after_last)
+            if since >= until:
+                return None
+            local = bucket_starts(request.bucket, request.zone, since, until)
+            starts = [start.astimezone(UTC) for start in local]
+        sources = self._sources(
+            client,
+            metric_filter,
+            exact=request.exact,
+            by=request.by,
+            bounds=bounds,
+            starts=starts,
+            question="breakdown()",
+        )
+        return _breakdown_query(metric_filter, request, starts, sources, bounds)
 
     async def breakdown(self, metric_filter: MetricFilter, request: BreakdownRequest) -> list[BreakdownRow]:
         return await self._run(self._breakdown, metric_filter, request)
@@ -693,7 +962,7 @@ class ClickHouseRepository:
         if query is None:
             return []
         result = self._open().query(query.statement, parameters=query.parameters, settings=_FIGURE_SETTINGS)
-        return [_breakdown_row(row, request, query.starts) for row in result.result_rows]
+        return [_breakdown_row(row, request, query.starts, query.exact) for row in result.result_rows]
 
     async def stream_breakdown(
         self, metric_filter: MetricFilter, request: BreakdownRequest
@@ -708,7 +977,7 @@ class ClickHouseRepository:
             try:
                 while (block := await self._run(next, stream, None)) is not None:
                     for row in block:
-                        yield _breakdown_row(row, request, query.starts)
+                        yield _breakdown_row(row, request, query.starts, query.exact)
             finally:
                 await self._run(stream.__exit__, None, None, None)
         finally:
@@ -786,11 +1055,15 @@ class ClickHouseRepository:
         ]
 
     async def seen_models(self) -> list[str]:
-        """Every model an action was recorded for."""
+        """Every model an action was recorded for (the rollups keep those of pruned periods)."""
         return await self._run(self._seen_models)
 
     def _seen_models(self) -> list[str]:
-        rows = self._open().query("SELECT DISTINCT model FROM action_metrics ORDER BY model").result_rows
+        rows = (
+            self._open()
+            .query("SELECT DISTINCT model FROM action_metrics_rollup_hourly ORDER BY model")
+            .result_rows
+        )
         return [model for (model,) in rows]
 
     async def replace_catalogue_prices(self, histories: Mapping[str, Sequence[ModelPrice]]) -> CatalogueWrite:
