@@ -35,9 +35,10 @@ from test_aggregate import (
 from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
 from action_metrics.breakdown import SORT_KEYS
 from action_metrics.cli import run_async
-from action_metrics.clickhouse import ClickHouseURL, head_version
+from action_metrics.clickhouse import ClickHouseURL, head_version, schema_versions
 from action_metrics.errors import DataRejected, RawRowsPruned, SchemaTooNew
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
+from action_metrics.rollup import bin_of
 
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
 
@@ -509,3 +510,56 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
     bad = run_cli("db", "upgrade", "--sql", "--cluster", "prod; DROP", "--url", url)
     assert bad.exit_code == 1
     assert "cluster name" in bad.stderr
+
+
+def test_upgrade_from_version_3_fills_the_rollups_from_the_raw_rows_once(clickhouse_url: str) -> None:
+    """The raw rows of a version-3 database (re-sent copies not merged yet: FINAL's job) go into the
+    rollups once, even when the upgrade is run again after being cut off before it recorded the
+    version; after it, a re-sent batch is not counted again (first id wins)."""
+    metrics = [
+        metric(timestamp=START + timedelta(minutes=37 * i), latency_ms=0.5 + i % 50, tokens_in=i)
+        for i in range(400)
+    ]
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics)
+    assert run_cli("db", "downgrade", "3", "--url", clickhouse_url).exit_code == 0
+    client = ClickHouseURL.parse(clickhouse_url).connect()
+    try:
+        client.command("INSERT INTO action_metrics SELECT * FROM action_metrics")  # copies of every action
+        assert client.query("SELECT count() FROM action_metrics").result_rows[0][0] == 800
+        version = next(v for v in schema_versions() if v.number == 4)
+        for statement in version.statements():  # an upgrade cut off before it recorded version 4
+            client.command(statement)
+        assert run_cli("db", "upgrade", "--url", clickhouse_url).exit_code == 0  # runs them all again
+        filled = client.query("SELECT sum(count) FROM action_metrics_rollup_hourly_detail").result_rows[0][0]
+        assert filled == len(metrics)
+    finally:
+        client.close()
+    expected = expected_aggregate(metrics, _seed_book())
+    with MetricsStore(clickhouse_url) as store:
+        got = store.aggregate()
+        assert not got.percentiles_exact  # the rollups answered
+        assert_matches(got.to_dict(), expected)
+        store.emit_many(metrics[:100])
+        store.emit_many(metrics[50:150])
+        assert_matches(store.aggregate().to_dict(), expected)
+        assert_matches(store.aggregate(town_id=metrics[0].town_id).to_dict(), expected)
+
+
+def test_the_rollups_bin_latencies_as_rollup_bin_of_does(clickhouse_url: str) -> None:
+    """The SQL of sql/clickhouse/0004 puts each latency in `rollup.bin_of`'s bin (a failed action's
+    latency counts for nothing: percentiles are over successes)."""
+    latencies = [0.0, 0.0004, 0.3, 1.0, 1.5, 7.25, 99.9, 1234.5, 86_400_000.0]
+    metrics = [metric(timestamp=START + timedelta(hours=i), latency_ms=x) for i, x in enumerate(latencies)]
+    failed = metric(timestamp=START, latency_ms=5.0, error="Timeout", credits_charged=0)
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many([*metrics, failed])
+    client = ClickHouseURL.parse(clickhouse_url).connect()
+    try:
+        rows = client.query(
+            "SELECT sumMap(latency_bins) FROM action_metrics_rollup_hourly GROUP BY start ORDER BY start"
+        ).result_rows
+    finally:
+        client.close()
+    binned = [dict(zip(bins, counts, strict=True)) for ((bins, counts),) in rows]
+    assert [{b: c for b, c in one.items() if c} for one in binned] == [{bin_of(x): 1} for x in latencies]
