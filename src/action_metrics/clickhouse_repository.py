@@ -836,11 +836,13 @@ class ClickHouseRepository:
         return await self._run(self._insert_counting, list(metrics))
 
     def _insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
-        """Insert the batch's actions whose id is not stored yet (the first of each id in the batch):
-        the rollups' views see every insert, so a re-sent id must not reach the table. The ids are
-        read just before the insert (the bloom filter on id finds them): two writers sending the same
-        new id at once both insert it, and the rollups count it twice (the raw rows, read with FINAL,
-        once)."""
+        """Insert the batch's actions whose id is not stored yet within the batch's time span (the
+        first of each id in the batch): the rollups' views see every insert, so a re-sent action must
+        not reach the table. The ids are read just before the insert, in the partitions of the
+        batch's span (the bloom filter on id skips most granules): two writers sending the same new
+        id at once both insert it, and the rollups count it twice (the raw rows, read with FINAL,
+        once); an id re-sent with another timestamp outside the batch's span is a second action, as
+        the raw table always kept it."""
         if not metrics:
             return 0
         rows = [_row(metric) for metric in metrics]  # refused before anything is read
@@ -848,8 +850,14 @@ class ClickHouseRepository:
         stored = {
             uuid.UUID(str(found))
             for (found,) in client.query(
-                "SELECT DISTINCT id FROM action_metrics WHERE id IN {ids:Array(UUID)}",
-                parameters={"ids": sorted({metric.id for metric in metrics}, key=str)},
+                "SELECT DISTINCT id FROM action_metrics WHERE id IN {ids:Array(UUID)} "
+                "AND timestamp >= fromUnixTimestamp64Micro({since:Int64}, 'UTC') "
+                "AND timestamp <= fromUnixTimestamp64Micro({until:Int64}, 'UTC')",
+                parameters={
+                    "ids": sorted({metric.id for metric in metrics}, key=str),
+                    "since": _micros(min(metric.timestamp for metric in metrics)),
+                    "until": _micros(max(metric.timestamp for metric in metrics)),
+                },
             ).result_rows
         }
         new: list[list[Any]] = []
