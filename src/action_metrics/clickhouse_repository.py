@@ -8,10 +8,14 @@ serialises the calls on its handle itself. A streamed breakdown reads on a clien
 a handle with an open stream answers nothing else.
 
 The figures: money in Decimal (sums of tokens x price are exact, divided by 1e6 once, in Python),
-prices in force at each action's timestamp by ASOF JOIN, percentiles by `quantilesExactInclusive`
-(NumPy's 'linear') over the successful actions, so `percentiles_exact` is True whatever `exact`
-says: there are no rollups here. ClickHouse has no transactions: a statement is atomic, a price
-sync of several statements is not, and `insert_counting` counts ids stored before its insert.
+tokens and credits summed as integers per price period and each period priced once (ASOF JOIN of
+a few groups). Without `exact`, whole UTC hours come from the rollups that materialized views keep
+(sql/clickhouse/0004_rollups.sql) and the rest of the window from raw rows (`plan`), percentiles
+from their merged latency histograms; with it, or for what no rollup keeps, raw rows only and
+`quantilesExactInclusive` (NumPy's 'linear') over the successful actions. Inserts are first id
+wins, so that the views count an action once. ClickHouse has no transactions: a statement is
+atomic, a price sync of several statements is not, and the ids an insert skips are read just
+before it.
 """
 
 from __future__ import annotations
@@ -1270,8 +1274,8 @@ class ClickHouseRepository:
         dry_run: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> PruneResult:
-        """Delete raw rows older than the UTC midnight at or before `before`. There are no rollups
-        here: the cut-off is recorded first, and from then on every read that reaches before it
+        """Delete raw rows older than the UTC midnight at or before `before`; the rollups keep them.
+        The cut-off is recorded first, and from then on every read that needs raw rows before it
         raises `RawRowsPruned`. Whole months go as partitions, the rest by a lightweight DELETE."""
         result = await self._run(self._prune, floor_to(before, "day"), bool(dry_run))
         if progress is not None and not dry_run:
