@@ -35,9 +35,10 @@ from test_aggregate import (
 from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
 from action_metrics.breakdown import SORT_KEYS
 from action_metrics.cli import run_async
-from action_metrics.clickhouse import ClickHouseURL, head_version
+from action_metrics.clickhouse import ClickHouseURL, head_version, schema_versions
 from action_metrics.errors import DataRejected, RawRowsPruned, SchemaTooNew
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
+from action_metrics.rollup import bin_of
 
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
 
@@ -102,7 +103,9 @@ def dataset(engine_directory: Path) -> Iterator[Dataset]:
 def test_aggregate_matches_the_reference(dataset: Dataset, filters: dict[str, Any], exact: bool) -> None:
     expected = expected_aggregate(dataset.select(**filters), dataset.book)
     aggregate = dataset.store.aggregate(exact=exact, **filters).to_dict()
-    assert aggregate["percentiles_exact"]
+    # The rollups answer unless the question is exact or keeps what they do not (a user, a citizen, a limit).
+    raw_only = exact or any(name in filters for name in ("user_id", "citizen_id", "limit"))
+    assert aggregate["percentiles_exact"] is raw_only
     assert_matches(aggregate, expected)
 
 
@@ -261,10 +264,10 @@ def test_a_database_upgraded_by_a_newer_package_is_refused(clickhouse_url: str) 
     store.close()
 
 
-def test_prune_drops_old_months_and_rows_and_what_needs_them_says_so(clickhouse_url: str) -> None:
-    """Without rollups a pruned period cannot be answered: every read reaching before the cut-off
-    is refused naming it, and reads after it answer as before. Two whole months go as partitions,
-    the days of the third before the cut-off by a DELETE."""
+def test_prune_drops_old_months_and_rows_and_the_rollups_still_answer_for_them(clickhouse_url: str) -> None:
+    """Two whole months go as partitions, the days of the third before the cut-off by a DELETE; the
+    rollups keep them: aggregates and breakdowns over whole hours still answer, and a read that
+    needs the raw rows before the cut-off is refused naming it."""
     metrics = [metric(timestamp=START + timedelta(hours=7 * i), tokens_in=i) for i in range(300)]  # ~87 days
     cutoff = datetime(2027, 1, 9, tzinfo=UTC)
     older = [one for one in metrics if one.timestamp < cutoff]
@@ -272,6 +275,7 @@ def test_prune_drops_old_months_and_rows_and_what_needs_them_says_so(clickhouse_
     assert {one.timestamp.month for one in older} == {11, 12, 1}
     with MetricsStore(clickhouse_url) as store:
         store.emit_many(metrics)
+        before = [row.to_dict() for row in store.breakdown("town_id", bucket="day", sort="count")]
         dry = store.prune(cutoff + timedelta(hours=7), dry_run=True)  # rounded down to the UTC day
         assert (dry.cutoff, dry.rows, dry.dry_run) == (cutoff, len(older), True)
         assert len(store.query()) == len(metrics)
@@ -281,16 +285,24 @@ def test_prune_drops_old_months_and_rows_and_what_needs_them_says_so(clickhouse_
         assert store.query(since=cutoff) == select_like_the_store(kept, {})
         assert store.query(limit=5) == select_like_the_store(kept, {"limit": 5})  # the newest: all kept
         assert_matches(store.aggregate(since=cutoff).to_dict(), expected_aggregate(kept, _seed_book()))
+        assert_matches(store.aggregate().to_dict(), expected_aggregate(metrics, _seed_book()))
+        a_day_earlier = cutoff - timedelta(days=1)
+        assert_matches(
+            store.aggregate(since=a_day_earlier).to_dict(),
+            expected_aggregate([one for one in metrics if one.timestamp >= a_day_earlier], _seed_book()),
+        )
+        assert [row.to_dict() for row in store.breakdown("town_id", bucket="day", sort="count")] == before
         for call in (
-            lambda: store.aggregate(),
-            lambda: store.aggregate(since=cutoff - timedelta(days=1)),
+            lambda: store.aggregate(exact=True),
+            lambda: store.aggregate(since=cutoff - timedelta(minutes=90)),  # a partial hour
+            lambda: store.aggregate(user_id="u1"),
             lambda: store.aggregate(limit=len(kept) + 1),
             lambda: store.query(),
-            lambda: store.breakdown("town_id", bucket="day"),
+            lambda: store.breakdown("user_id"),
         ):
             with pytest.raises(RawRowsPruned, match=re.escape(f"before {cutoff.isoformat()}")) as raised:
                 call()
-            assert "keeps no rollups" in str(raised.value)
+            assert "the rollups keep those" in str(raised.value)
         client = ClickHouseURL.parse(clickhouse_url).connect()
         try:
             stored = client.query("SELECT count() FROM action_metrics").result_rows[0][0]
@@ -453,6 +465,13 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
         "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/all/{database}/model_prices', "
         "'{shard}-{replica}', set_at)" in sql
     )
+    assert "ALTER TABLE action_metrics_local ON CLUSTER `prod` ADD INDEX IF NOT EXISTS id_index" in sql
+    assert "ALTER TABLE action_metrics ON CLUSTER `prod` ADD INDEX" not in sql  # not on a Distributed table
+    assert (
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS action_metrics_rollup_hourly_view ON CLUSTER `prod` "
+        "TO action_metrics_rollup_hourly_local AS" in sql
+    )
+    assert "FROM action_metrics_local\nGROUP BY start, model, credits;" in sql
     statements = _statements(sql)
     creates = [s for s in statements if s.startswith(("CREATE", "ALTER"))]
     assert creates
@@ -463,8 +482,10 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
             if not statement.startswith("USE "):
                 client.command(f"EXPLAIN AST {statement}")  # raises on a syntax error
         for statement in statements:
-            if "ENGINE = Distributed" in statement:
-                continue  # needs the cluster in remote_servers
+            if "ENGINE = Distributed" in statement or statement.startswith(
+                "INSERT INTO action_metrics_rollup"
+            ):
+                continue  # needs the cluster in remote_servers (the fill reads the Distributed tables)
             local = statement.replace(" ON CLUSTER `prod`", "")
             local = re.sub(
                 r"ENGINE = Replicated(\w*MergeTree)\('[^']*', '[^']*'(?:, )?", r"ENGINE = \1(", local
@@ -479,7 +500,8 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
 
         def described(database: str) -> list[tuple[Any, ...]]:
             rows = client.query(columns, parameters={"database": database}).result_rows
-            return [(table.replace("action_metrics_local", "action_metrics"), *rest) for table, *rest in rows]
+            named = [(table.removesuffix("_local"), *rest) for table, *rest in rows]
+            return sorted(named, key=lambda row: row[0])  # stable: each table's columns stay in order
 
         assert described(database) == described(ClickHouseURL.parse(single).database)
     finally:
@@ -488,3 +510,56 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
     bad = run_cli("db", "upgrade", "--sql", "--cluster", "prod; DROP", "--url", url)
     assert bad.exit_code == 1
     assert "cluster name" in bad.stderr
+
+
+def test_upgrade_from_version_3_fills_the_rollups_from_the_raw_rows_once(clickhouse_url: str) -> None:
+    """The raw rows of a version-3 database (re-sent copies not merged yet: FINAL's job) go into the
+    rollups once, even when the upgrade is run again after being cut off before it recorded the
+    version; after it, a re-sent batch is not counted again (first id wins)."""
+    metrics = [
+        metric(timestamp=START + timedelta(minutes=37 * i), latency_ms=0.5 + i % 50, tokens_in=i)
+        for i in range(400)
+    ]
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics)
+    assert run_cli("db", "downgrade", "3", "--url", clickhouse_url).exit_code == 0
+    client = ClickHouseURL.parse(clickhouse_url).connect()
+    try:
+        client.command("INSERT INTO action_metrics SELECT * FROM action_metrics")  # copies of every action
+        assert client.query("SELECT count() FROM action_metrics").result_rows[0][0] == 800
+        version = next(v for v in schema_versions() if v.number == 4)
+        for statement in version.statements():  # an upgrade cut off before it recorded version 4
+            client.command(statement)
+        assert run_cli("db", "upgrade", "--url", clickhouse_url).exit_code == 0  # runs them all again
+        filled = client.query("SELECT sum(count) FROM action_metrics_rollup_hourly_detail").result_rows[0][0]
+        assert filled == len(metrics)
+    finally:
+        client.close()
+    expected = expected_aggregate(metrics, _seed_book())
+    with MetricsStore(clickhouse_url) as store:
+        got = store.aggregate()
+        assert not got.percentiles_exact  # the rollups answered
+        assert_matches(got.to_dict(), expected)
+        store.emit_many(metrics[:100])
+        store.emit_many(metrics[50:150])
+        assert_matches(store.aggregate().to_dict(), expected)
+        assert_matches(store.aggregate(town_id=metrics[0].town_id).to_dict(), expected)
+
+
+def test_the_rollups_bin_latencies_as_rollup_bin_of_does(clickhouse_url: str) -> None:
+    """The SQL of sql/clickhouse/0004 puts each latency in `rollup.bin_of`'s bin (a failed action's
+    latency counts for nothing: percentiles are over successes)."""
+    latencies = [0.0, 0.0004, 0.3, 1.0, 1.5, 7.25, 99.9, 1234.5, 86_400_000.0]
+    metrics = [metric(timestamp=START + timedelta(hours=i), latency_ms=x) for i, x in enumerate(latencies)]
+    failed = metric(timestamp=START, latency_ms=5.0, error="Timeout", credits_charged=0)
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many([*metrics, failed])
+    client = ClickHouseURL.parse(clickhouse_url).connect()
+    try:
+        rows = client.query(
+            "SELECT sumMap(latency_bins) FROM action_metrics_rollup_hourly GROUP BY start ORDER BY start"
+        ).result_rows
+    finally:
+        client.close()
+    binned = [dict(zip(bins, counts, strict=True)) for ((bins, counts),) in rows]
+    assert [{b: c for b, c in one.items() if c} for one in binned] == [{bin_of(x): 1} for x in latencies]

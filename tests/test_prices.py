@@ -222,9 +222,6 @@ def test_an_unknown_model_stays_unpriced_and_the_report_names_the_command(databa
     assert "(our-own-model)" in run_cli("report", "--url", database_url).stdout
 
 
-@pytest.mark.not_on_clickhouse(
-    "no rollups on ClickHouse: a pruned period's models and aggregates are gone (RawRowsPruned)"
-)
 def test_models_known_only_from_the_rollups_are_synced(database_url: str) -> None:
     old = metric(model="o3", tokens_in=1_000_000, tokens_out=0, timestamp=datetime(2025, 7, 1, tzinfo=UTC))
     with MetricsStore(database_url) as store:

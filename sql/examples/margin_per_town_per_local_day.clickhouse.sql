@@ -1,6 +1,6 @@
 -- "Margin per town per local day, Berlin time", on ClickHouse (clickhouse-client, Grafana's ClickHouse
--- data source, or clickhouse-connect). ClickHouse keeps no rollups or views here: this reads the
--- actions, each priced by the prices in force at its timestamp (ASOF JOIN), and puts it on the day it
+-- data source, or clickhouse-connect). There are no views on ClickHouse, and its rollups are per UTC
+-- hour (which Kathmandu's days cut): this reads the actions, each priced by the prices in force at its timestamp (ASOF JOIN), and puts it on the day it
 -- falls on in Europe/Berlin, so the 23- and 25-hour days of the clock changes, and zones whose offset
 -- is not whole hours (put 'Asia/Kathmandu' in both places), come out right.
 -- FINAL: an action sent twice counts once. Money: Decimal, the division by 1e6 once per group.

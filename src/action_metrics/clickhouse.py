@@ -35,6 +35,14 @@ EARLIEST: Final = datetime(1900, 1, 1, tzinfo=UTC)
 LATEST: Final = datetime(2300, 1, 1, tzinfo=UTC)
 """DateTime64's end (exclusive): a metric stamped outside [EARLIEST, LATEST) cannot be stored."""
 
+ROLLUPS: Final = {
+    "action_metrics_rollup_hourly": (),
+    "action_metrics_rollup_hourly_detail": ("town_id", "action_type"),
+}
+"""The rollup tables (sql/clickhouse/0004_rollups.sql), fewest rows first, and the dimensions each
+keeps besides the model and the credit charge: a question is read from the first that keeps all its
+filters' and groups' dimensions."""
+
 _VERSION_FILE: Final = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
 

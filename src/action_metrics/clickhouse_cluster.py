@@ -6,7 +6,12 @@ The same versions as `sql/clickhouse/`, rewritten statement by statement:
 - the actions live in `action_metrics_local`, a ReplicatedReplacingMergeTree per shard (ZooKeeper
   path `/clickhouse/tables/{shard}/{database}/action_metrics_local`, replica `{replica}`), and
   `action_metrics` becomes a Distributed table over it, sharded by `cityHash64(id)`, so every copy
-  of a re-sent action lands on one shard, where FINAL collapses it;
+  of a re-sent action lands on one shard, where FINAL collapses it; its skip indexes are the local
+  table's only;
+- the rollups are sharded the same way (`<rollup>_local` and a Distributed table over them, any
+  shard will do: their rows are summed when read), each shard's materialized views reading its
+  `action_metrics_local` into its `<rollup>_local`; the fill of an upgrade reads and writes the
+  Distributed tables, so it runs once, from any node;
 - the small tables (prices, schema versions, prune cut-offs, copy checkpoints) are replicated to
   every node (one ZooKeeper path for the whole cluster, replica `{shard}-{replica}`), so the ASOF
   JOINs of a read find the whole price history wherever they run; an INSERT into one reaches all.
@@ -19,18 +24,25 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from action_metrics.clickhouse import ClickHouseURL, upgrade_statements
+from action_metrics.clickhouse import ROLLUPS, ClickHouseURL, upgrade_statements
 from action_metrics.errors import UnsupportedDatabase
 
 SHARDED: Final = "action_metrics"
-"""The one table split across shards; the others are replicated whole to every node."""
+"""The actions' table, split across shards by id."""
 LOCAL: Final = f"{SHARDED}_local"
 SHARDING_KEY: Final = "cityHash64(id)"
+SHARDING_KEYS: Final = {SHARDED: SHARDING_KEY, **dict.fromkeys(ROLLUPS, "rand()")}
+"""Every table split across shards, and how; the others are replicated whole to every node."""
 
 _CLUSTER_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _CREATE_TABLE: Final = re.compile(r"^CREATE TABLE IF NOT EXISTS (\w+)\n")
 _ALTER_TABLE: Final = re.compile(r"^ALTER TABLE (\w+) ")
-_ENGINE: Final = re.compile(r"^ENGINE = (ReplacingMergeTree|MergeTree)(?:\((\w+)\))?$", re.M)
+_INDEX: Final = re.compile(r"^(ADD|DROP|MATERIALIZE) INDEX ")
+_TRUNCATE: Final = re.compile(r"^TRUNCATE TABLE IF EXISTS (\w+)$")
+_VIEW: Final = re.compile(r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+) TO (\w+) AS\n")
+_ENGINE: Final = re.compile(
+    r"^ENGINE = (ReplacingMergeTree|AggregatingMergeTree|MergeTree)(?:\((\w+)\))?$", re.M
+)
 
 
 def check_cluster_name(name: str) -> str:
@@ -49,7 +61,7 @@ def _replicated(statement: str, table: str) -> str:
             f"cannot place this statement on a cluster (no MergeTree engine): {statement}"
         )
     engine, version_column = match[1], match[2]
-    if table == LOCAL:
+    if table.endswith("_local"):
         path, replica = f"/clickhouse/tables/{{shard}}/{{database}}/{table}", "{replica}"
     else:
         path, replica = f"/clickhouse/tables/all/{{database}}/{table}", "{shard}-{replica}"
@@ -64,10 +76,13 @@ def _replicated(statement: str, table: str) -> str:
 def cluster_statements(url: ClickHouseURL, cluster: str, target: int | None = None) -> list[str]:
     """`upgrade_statements` for a cluster (see the module)."""
     on = f"ON CLUSTER `{check_cluster_name(cluster)}`"
-    distributed = (
-        f"CREATE TABLE IF NOT EXISTS {SHARDED} {on} AS {LOCAL}\n"
-        f"ENGINE = Distributed(`{cluster}`, `{url.database}`, {LOCAL}, {SHARDING_KEY})"
-    )
+
+    def distributed(table: str) -> str:
+        return (
+            f"CREATE TABLE IF NOT EXISTS {table} {on} AS {table}_local\n"
+            f"ENGINE = Distributed(`{cluster}`, `{url.database}`, {table}_local, {SHARDING_KEYS[table]})"
+        )
+
     rewritten: list[str] = []
     for statement in upgrade_statements(url, target):
         if statement.startswith(("--", "USE ", "INSERT INTO ")):
@@ -77,17 +92,27 @@ def cluster_statements(url: ClickHouseURL, cluster: str, target: int | None = No
         elif statement.startswith("CREATE DATABASE IF NOT EXISTS "):
             rewritten.append(f"{statement} {on}")
         elif create := _CREATE_TABLE.match(statement):
-            table = LOCAL if create[1] == SHARDED else create[1]
+            table = f"{create[1]}_local" if create[1] in SHARDING_KEYS else create[1]
             created = f"CREATE TABLE IF NOT EXISTS {table} {on}\n" + statement[create.end() :]
             rewritten.append(_replicated(created, table))
-            if table == LOCAL:
-                rewritten.append(distributed)
+            if create[1] in SHARDING_KEYS:
+                rewritten.append(distributed(create[1]))
         elif alter := _ALTER_TABLE.match(statement):
             rest = statement[alter.end() :]
-            if alter[1] == SHARDED:  # the Distributed table mirrors the local table's columns
-                rewritten.extend([f"ALTER TABLE {LOCAL} {on} {rest}", f"ALTER TABLE {SHARDED} {on} {rest}"])
+            if alter[1] in SHARDING_KEYS:
+                rewritten.append(f"ALTER TABLE {alter[1]}_local {on} {rest}")
+                if not _INDEX.match(rest):  # the Distributed table mirrors the local table's columns
+                    rewritten.append(f"ALTER TABLE {alter[1]} {on} {rest}")
             else:
                 rewritten.append(f"ALTER TABLE {alter[1]} {on} {rest}")
+        elif truncate := _TRUNCATE.match(statement):
+            table = f"{truncate[1]}_local" if truncate[1] in SHARDING_KEYS else truncate[1]
+            rewritten.append(f"TRUNCATE TABLE IF EXISTS {table} {on}")
+        elif (view := _VIEW.match(statement)) and view[2] in SHARDING_KEYS:
+            select = re.sub(rf"\bFROM {SHARDED}\b", f"FROM {LOCAL}", statement[view.end() :])
+            rewritten.append(
+                f"CREATE MATERIALIZED VIEW IF NOT EXISTS {view[1]} {on} TO {view[2]}_local AS\n{select}"
+            )
         else:
             raise UnsupportedDatabase(f"cannot place this statement on a cluster: {statement}")
     return rewritten

@@ -8,16 +8,21 @@ serialises the calls on its handle itself. A streamed breakdown reads on a clien
 a handle with an open stream answers nothing else.
 
 The figures: money in Decimal (sums of tokens x price are exact, divided by 1e6 once, in Python),
-prices in force at each action's timestamp by ASOF JOIN, percentiles by `quantilesExactInclusive`
-(NumPy's 'linear') over the successful actions, so `percentiles_exact` is True whatever `exact`
-says: there are no rollups here. ClickHouse has no transactions: a statement is atomic, a price
-sync of several statements is not, and `insert_counting` counts ids stored before its insert.
+tokens and credits summed as integers per price period and each period priced once (ASOF JOIN of
+a few groups). Without `exact`, whole UTC hours come from the rollups that materialized views keep
+(sql/clickhouse/0004_rollups.sql) and the rest of the window from raw rows (`plan`), percentiles
+from their merged latency histograms; with it, or for what no rollup keeps, raw rows only and
+`quantilesExactInclusive` (NumPy's 'linear') over the successful actions. Inserts are first id
+wins, so that the views count an action once. ClickHouse has no transactions: a statement is
+atomic, a price sync of several statements is not, and the ids an insert skips are read just
+before it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -31,7 +36,15 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from action_metrics.aggregate import Aggregate, ModelAggregate
 from action_metrics.breakdown import BreakdownRequest, BreakdownRow, bucket_starts
 from action_metrics.charges import ChargeAudit
-from action_metrics.clickhouse import EARLIEST, LATEST, ClickHouseURL, check_version, upgrade_on, version_on
+from action_metrics.clickhouse import (
+    EARLIEST,
+    LATEST,
+    ROLLUPS,
+    ClickHouseURL,
+    check_version,
+    upgrade_on,
+    version_on,
+)
 from action_metrics.errors import (
     ActionMetricsError,
     DatabaseError,
@@ -46,7 +59,7 @@ from action_metrics.model import ActionMetric
 from action_metrics.pricing import BEGINNING_OF_TIME, CreditPrice, ModelPrice
 from action_metrics.query import EQUALITY_FILTERS, CopyCheckpoint, CopyPosition, MetricFilter
 from action_metrics.repository import CatalogueWrite, PruneResult
-from action_metrics.rollup import floor_to
+from action_metrics.rollup import LN_GAMMA, REPRESENTATIVE_FACTOR, ZERO_BIN, ceil_to, floor_to
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -91,8 +104,11 @@ def _moment(micros: int) -> datetime:
 # --- which actions ------------------------------------------------------------------------------------
 
 
-def _selection(metric_filter: MetricFilter, columns: str) -> tuple[str, dict[str, Any]]:
-    """The actions a filter selects (the newest `limit` when it has one): SQL and its parameters."""
+def _selection(
+    metric_filter: MetricFilter, columns: str, ranges: Sequence[Range] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The actions a filter selects (the newest `limit` when it has one): SQL and its parameters.
+    With `ranges`, only those within them (the filter's window already cut into them)."""
     terms: list[str] = []
     parameters: dict[str, Any] = {}
     for name in EQUALITY_FILTERS:
@@ -102,12 +118,14 @@ def _selection(metric_filter: MetricFilter, columns: str) -> tuple[str, dict[str
             parameters[name] = value
     if not metric_filter.storable:
         terms.append("0")
-    if metric_filter.since is not None:
+    if ranges is not None:
+        terms.append(_ranges_sql("timestamp", ranges))
+    elif metric_filter.since is not None:
         terms.append("timestamp >= fromUnixTimestamp64Micro({since:Int64}, 'UTC')")
         parameters["since"] = _micros(max(metric_filter.since, EARLIEST))
         if metric_filter.since >= LATEST:
             terms.append("0")
-    if metric_filter.until is not None:
+    if ranges is None and metric_filter.until is not None:
         terms.append("timestamp < fromUnixTimestamp64Micro({until:Int64}, 'UTC')")
         parameters["until"] = _micros(min(metric_filter.until, LATEST))
         if metric_filter.until <= EARLIEST:
@@ -123,65 +141,322 @@ def _selection(metric_filter: MetricFilter, columns: str) -> tuple[str, dict[str
 
 # --- the figures --------------------------------------------------------------------------------------
 
-_PRICED: Final = """
-WITH priced AS (
+Range = tuple[datetime | None, datetime | None]
+"""A time range [start, end) in UTC; None: unbounded on that side."""
+
+_HOUR: Final = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sources:
+    """Where a question's figures come from. Exact: the raw rows the filter selects, percentiles by
+    `quantilesExactInclusive`. Otherwise the whole UTC hours of `hours` from `rollup`, the rest of the
+    window (`raw`: its partial hours, and the hours holding a price change) from raw rows, percentiles
+    from their merged latency histograms."""
+
+    exact: bool
+    rollup: str = ""
+    raw: tuple[Range, ...] = ()
+    hours: tuple[Range, ...] = ()
+
+
+_EXACT: Final = _Sources(exact=True)
+
+
+def _merged(ranges: Sequence[Range]) -> tuple[Range, ...]:
+    """The non-empty ranges, oldest first, those that touch made one."""
+    kept: list[Range] = []
+    for start, end in ranges:
+        if start is not None and end is not None and start >= end:
+            continue
+        if kept and kept[-1][1] is not None and kept[-1][1] == start:
+            kept[-1] = (kept[-1][0], end)
+        else:
+            kept.append((start, end))
+    return tuple(kept)
+
+
+def plan(
+    since: datetime | None, until: datetime | None, cuts: Sequence[datetime]
+) -> tuple[tuple[Range, ...], tuple[Range, ...]]:
+    """Split [since, until) at `cuts` (the buckets' starts, the price changes); each piece's whole UTC
+    hours come from a rollup, its partial hours at either end from raw rows. Returns (raw, hours)."""
+    inside = sorted({c for c in cuts if (since is None or c > since) and (until is None or c < until)})
+    raw: list[Range] = []
+    hours: list[Range] = []
+    for start, end in pairwise([since, *inside, until]):
+        first = None if start is None else ceil_to(start, "hour")
+        last = None if end is None else floor_to(end, "hour")
+        if first is not None and last is not None and first >= last:
+            raw.append((start, end))
+            continue
+        if start is not None:
+            raw.append((start, first))
+        hours.append((first, last))
+        if end is not None:
+            raw.append((last, end))
+    return _merged(raw), _merged(hours)
+
+
+def _ranges_sql(column: str, ranges: Sequence[Range]) -> str:
+    """`column` within any of `ranges` (microseconds computed here, never a user's text)."""
+    if not ranges:
+        return "0"
+    alternatives = []
+    for start, end in ranges:
+        terms = []
+        if start is not None:
+            terms.append(f"{column} >= fromUnixTimestamp64Micro({_micros(start)}, 'UTC')")
+        if end is not None:
+            terms.append(f"{column} < fromUnixTimestamp64Micro({_micros(end)}, 'UTC')")
+        alternatives.append(f"({' AND '.join(terms) or '1'})")
+    return f"({' OR '.join(alternatives)})"
+
+
+_LATENCY_BIN: Final = (
+    f"if(s.latency_ms > 0, toInt32(ceil(log(s.latency_ms) / {LN_GAMMA!r})), toInt32({ZERO_BIN}))"
+)
+"""`rollup.bin_of` in SQL, as sql/clickhouse/0004_rollups.sql computes it for the rollups."""
+
+_RAW_SOURCE: Final = """
     SELECT
         {keys}
         s.model AS model,
-        s.tokens_in AS tokens_in,
-        s.tokens_out AS tokens_out,
-        s.cache_read_tokens AS cache_read_tokens,
-        s.cache_write_tokens AS cache_write_tokens,
-        s.reasoning_tokens AS reasoning_tokens,
-        s.credits_charged AS credits_charged,
-        s.latency_ms AS latency_ms,
-        s.error IS NULL AS succeeded,
-        -- USD x 1e6, exact: the division by 1e6 is done once, on the sum.
-        toDecimal256(s.tokens_in - s.cache_read_tokens - s.cache_write_tokens, 0) * p.input_per_1m
-            + toDecimal256(s.cache_read_tokens, 0) * coalesce(p.cache_read_per_1m, p.input_per_1m)
-            + toDecimal256(s.cache_write_tokens, 0) * coalesce(p.cache_write_per_1m, p.input_per_1m)
-            + toDecimal256(s.tokens_out, 0) * p.output_per_1m AS cost_e6,
-        toDecimal256(s.credits_charged, 0) * coalesce(c.usd_per_credit, toDecimal128(0, 9)) AS revenue
+        s.credits_charged AS credits,
+        -- Every instant a price changes, sorted: an action's price period is how many it is at or after.
+        arrayCount(b -> b <= s.timestamp, bounds) AS period,
+        count() AS g_count,
+        sum(toUInt128(s.tokens_in)) AS g_tokens_in,
+        sum(toUInt128(s.tokens_out)) AS g_tokens_out,
+        sum(toUInt128(s.cache_read_tokens)) AS g_cache_read,
+        sum(toUInt128(s.cache_write_tokens)) AS g_cache_write,
+        sum(toUInt128(s.reasoning_tokens)) AS g_reasoning,
+        sum(toDecimal256(s.latency_ms, 30)) AS g_latency_sum,
+        countIf(s.error IS NULL) AS g_succeeded,
+        {latencies} AS g_latencies
     FROM ({selection}) AS s
+    GROUP BY {group}model, credits, period"""
+_ROLLUP_SOURCE: Final = """
+    SELECT
+        {keys}
+        r.model AS model,
+        r.credits AS credits,
+        -- A rollup hour never holds a price change (those hours are read raw): its start's period is its own.
+        arrayCount(b -> b <= r.start, bounds) AS period,
+        sum(r.count) AS g_count,
+        sum(r.tokens_in) AS g_tokens_in,
+        sum(r.tokens_out) AS g_tokens_out,
+        sum(r.cache_read_tokens) AS g_cache_read,
+        sum(r.cache_write_tokens) AS g_cache_write,
+        sum(r.reasoning_tokens) AS g_reasoning,
+        sum(r.latency_ms_sum) AS g_latency_sum,
+        sum(r.succeeded) AS g_succeeded,
+        toUInt8(0) AS g_latencies
+    FROM {rollup} AS r
+    WHERE {where}
+    GROUP BY {group}model, credits, period"""
+_PERIODS: Final = """
+WITH
+    arrayMap(m -> fromUnixTimestamp64Micro(m, 'UTC'), {{bounds:Array(Int64)}}) AS bounds,
+periods AS ({sources}
+),
+priced AS (
+    SELECT
+        {carried}
+        g.model AS model, g.credits AS credits, g.g_count AS g_count, g.g_tokens_in AS g_tokens_in,
+        g.g_tokens_out AS g_tokens_out, g.g_cache_read AS g_cache_read, g.g_cache_write AS g_cache_write,
+        g.g_reasoning AS g_reasoning, g.g_latency_sum AS g_latency_sum, g.g_succeeded AS g_succeeded,
+        g.g_latencies AS g_latencies,
+        -- USD x 1e6, exact: the division by 1e6 is done once, on the sum. Period 0 is before any
+        -- price: unpriced, no revenue.
+        if(g.period = 0, NULL,
+            toDecimal256(g.g_tokens_in - g.g_cache_read - g.g_cache_write, 0) * p.input_per_1m
+            + toDecimal256(g.g_cache_read, 0) * coalesce(p.cache_read_per_1m, p.input_per_1m)
+            + toDecimal256(g.g_cache_write, 0) * coalesce(p.cache_write_per_1m, p.input_per_1m)
+            + toDecimal256(g.g_tokens_out, 0) * p.output_per_1m) AS cost_e6,
+        toDecimal256(g.credits, 0)
+            * if(g.period = 0, toDecimal128(0, 9), coalesce(c.usd_per_credit, toDecimal128(0, 9)))
+            AS unit_revenue
+    FROM (SELECT *, bounds[greatest(period, 1)] AS starts, toUInt8(1) AS one FROM periods) AS g
     ASOF LEFT JOIN (SELECT * FROM model_prices FINAL) AS p
-        ON s.model = p.model AND s.timestamp >= p.effective_from
+        ON g.model = p.model AND g.starts >= p.effective_from
     ASOF LEFT JOIN (SELECT toUInt8(1) AS one, effective_from, usd_per_credit FROM credit_prices FINAL) AS c
-        ON s.one = c.one AND s.timestamp >= c.effective_from
+        ON g.one = c.one AND g.starts >= c.effective_from
 )"""
+"""Raw rows and rollup rows summed per (group, model, credit charge, price period), as integers, and
+only those few sums priced: a price is looked up per period, not per action (the ASOF JOINs meet a
+few rows). `bounds` is every instant a price changes, read just before (`_price_changes`)."""
 _PRICED_COLUMNS: Final = (
     "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, reasoning_tokens, "
-    "credits_charged, latency_ms, error, toUInt8(1) AS one"
+    "credits_charged, latency_ms, error"
 )
 _FIGURES: Final = """
-    count() AS f_count,
-    sum(toUInt128(tokens_in)) AS f_tokens_in,
-    sum(toUInt128(tokens_out)) AS f_tokens_out,
-    sum(toUInt128(credits_charged)) AS f_credits,
-    sum(toUInt128(cache_read_tokens)) AS f_cache_read,
-    sum(toUInt128(cache_write_tokens)) AS f_cache_write,
-    sum(toUInt128(reasoning_tokens)) AS f_reasoning,
-    sum(toDecimal256(latency_ms, 30)) AS f_latency_sum,
-    countIf(succeeded) AS f_succeeded,
-    quantilesExactInclusiveIf(0.5, 0.95, 0.99)(latency_ms, succeeded) AS f_percentiles,
-    ifNull(sum(cost_e6), toDecimal256(0, 9)) AS f_cost_e6,
-    countIf(cost_e6 IS NULL) AS f_unpriced,
-    ifNull(sum(revenue), toDecimal256(0, 9)) AS f_revenue,
+    sum(g_count) AS f_count,
+    sum(g_tokens_in) AS f_tokens_in,
+    sum(g_tokens_out) AS f_tokens_out,
+    sum(toUInt128(credits) * g_count) AS f_credits,
+    sum(g_cache_read) AS f_cache_read,
+    sum(g_cache_write) AS f_cache_write,
+    sum(g_reasoning) AS f_reasoning,
+    sum(g_latency_sum) AS f_latency_sum,
+    sum(g_succeeded) AS f_succeeded,
+    {latencies}    ifNull(sum(cost_e6), toDecimal256(0, 9)) AS f_cost_e6,
+    sumIf(g_count, cost_e6 IS NULL) AS f_unpriced,
+    sum(unit_revenue * g_count) AS f_revenue,
+    -- The actions of one period and credit charge share their revenue: their margins add up to
+    -- n - cost / revenue (20 places, so that no sum overflows Decimal256).
     sumIf(
-        -- Divided by 1 where there is no revenue (every row is converted; those are not summed).
-        toDecimal256(
-            toFloat64(revenue * 1000000 - cost_e6) / toFloat64(if(revenue > 0, revenue * 1000000, 1)), 30
-        ),
-        revenue > 0 AND cost_e6 IS NOT NULL
+        g_count - toDecimal256(ifNull(cost_e6, 0), 20) / if(unit_revenue > 0, unit_revenue * 1000000, 1),
+        unit_revenue > 0 AND cost_e6 IS NOT NULL
     ) AS f_margin_sum,
-    countIf(revenue > 0 AND cost_e6 IS NOT NULL) AS f_margin_count,
-    countIf(NOT succeeded) AS f_errors"""
+    sumIf(g_count, unit_revenue > 0 AND cost_e6 IS NOT NULL) AS f_margin_count,
+    sum(g_count - g_succeeded) AS f_errors"""
 _FIGURE_COUNT: Final = 16
-"""Latencies and margins are summed as Decimal (each float converted exactly enough, 30 places), so
-the figures do not depend on the order in which threads add rows up: `top` gives the same rows."""
+"""Latencies and margins are summed as Decimal, so the figures do not depend on the order in which
+threads add rows up: `top` gives the same rows."""
+_EXACT_MERGE: Final = "quantilesExactInclusiveIfMerge(0.5, 0.95, 0.99)"
+_HISTOGRAM: Final = """
+hist AS ({parts}
+)"""
+"""The latency histogram of each group and model: (bin, count) rows of the raw rows binned and of the
+rollups' bins unnested (an ARRAY JOIN and a GROUP BY: faster than merging maps with sumMap)."""
+_RAW_BINS: Final = """
+    SELECT {keys}s.model AS model, {bin} AS b, countIf(s.error IS NULL) AS n
+    FROM ({selection}) AS s
+    GROUP BY {group}model, b"""
+_ROLLUP_BINS: Final = """
+    SELECT {keys}r.model AS model, b, sum(n) AS n
+    FROM {rollup} AS r ARRAY JOIN r.latency_bins.1 AS b, r.latency_bins.2 AS n
+    WHERE {where}
+    GROUP BY {group}model, b"""
+_SORTED_BINS: Final = "(arrayMap(x -> x.1, h), arrayMap(x -> x.2, h))"
+"""The histogram `h` (an array of (bin, count) sorted by bin) as `_histogram_percentiles` reads it."""
 
-_AGGREGATE: Final = (
-    _PRICED + "\nSELECT model," + _FIGURES + "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())"
+
+def _bin_value(bin_number: str) -> str:
+    """`rollup.bin_value_of` in SQL."""
+    scaled = f"exp({bin_number} * {LN_GAMMA!r} + {math.log(REPRESENTATIVE_FACTOR)!r})"
+    return f"if({bin_number} = {ZERO_BIN}, 0., {scaled})"
+
+
+def _histogram_percentiles() -> str:
+    """p50, p95 and p99 of the merged histogram `f_latencies` (sorted bins, counts): NumPy's 'linear'
+    interpolation between the representatives of the ranks it needs."""
+
+    def ranked(rank: str) -> str:
+        return _bin_value(f"f_latencies.1[arrayFirstIndex(c -> c > {rank}, arrayCumSum(f_latencies.2))]")
+
+    parts = []
+    for fraction in (0.5, 0.95, 0.99):
+        position = f"(toFloat64(f_succeeded) - 1) * {fraction}"
+        low = f"floor({position})"
+        high = f"least({low} + 1, toFloat64(f_succeeded) - 1)"
+        parts.append(f"{ranked(low)} + ({position} - {low}) * ({ranked(high)} - {ranked(low)})")
+    return f"[{', '.join(parts)}]"
+
+
+_OUTER: Final = (
+    "f_count, f_tokens_in, f_tokens_out, f_credits, f_cache_read, f_cache_write, f_reasoning, "
+    "f_latency_sum, f_succeeded, {percentiles} AS f_percentiles, f_cost_e6, f_unpriced, f_revenue, "
+    "f_margin_sum, f_margin_count, f_errors"
 )
+
+
+def _outer(sources: _Sources) -> str:
+    return _OUTER.format(percentiles="f_latencies" if sources.exact else _histogram_percentiles())
+
+
+def _priced(
+    metric_filter: MetricFilter,
+    sources: _Sources,
+    dimensions: Sequence[str],
+    starts: Sequence[datetime] | None,
+    bounds: Sequence[int],
+) -> tuple[str, dict[str, Any]]:
+    """The WITH clause that ends in `priced` (see `_PERIODS`), grouped by `dimensions` (not the model)
+    and the bucket when `starts` is given, and its parameters."""
+    grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
+    group = "".join(f"{g}, " for g in grouped)
+
+    def keys(alias: str, moment: str, *, inline: bool = False) -> str:
+        made = [f"{alias}.{d} AS {d}," for d in dimensions]
+        if starts is not None:
+            made.append(f"{_bucket_index(starts, moment)} AS bucket,")
+        return "".join(f"{m} " for m in made) if inline else "\n        ".join(made)
+
+    columns = ", ".join((*dimensions, _PRICED_COLUMNS))
+    if sources.exact:
+        selection, parameters = _selection(metric_filter, columns)
+        latencies = f"{_EXACT_MERGE.replace('Merge', 'State')}(s.latency_ms, s.error IS NULL)"
+    else:
+        selection, parameters = _selection(metric_filter, columns, sources.raw)
+        latencies = "toUInt8(0)"  # the histograms are summed apart (`_HISTOGRAM`)
+    parts = []
+    bins = []
+    if sources.exact or sources.raw:
+        parts.append(
+            _RAW_SOURCE.format(
+                keys=keys("s", "s.timestamp"), latencies=latencies, selection=selection, group=group
+            )
+        )
+        bins.append(
+            _RAW_BINS.format(
+                keys=keys("s", "s.timestamp", inline=True), bin=_LATENCY_BIN, selection=selection, group=group
+            )
+        )
+    if not sources.exact and sources.hours:
+        where = [_ranges_sql("r.start", sources.hours)]
+        for name in ("town_id", "action_type", "model"):
+            if getattr(metric_filter, name) is not None:
+                where.append(f"r.{name} = {{{name}:String}}")
+        if not metric_filter.storable:
+            where.append("0")
+        arguments = {"rollup": sources.rollup, "where": " AND ".join(where), "group": group}
+        parts.append(_ROLLUP_SOURCE.format(keys=keys("r", "r.start"), **arguments))
+        bins.append(_ROLLUP_BINS.format(keys=keys("r", "r.start", inline=True), **arguments))
+    if not parts:  # an empty window: one source that selects nothing
+        nothing = selection + " LIMIT 0"
+        parts.append(
+            _RAW_SOURCE.format(
+                keys=keys("s", "s.timestamp"), latencies=latencies, selection=nothing, group=group
+            )
+        )
+        bins.append(
+            _RAW_BINS.format(
+                keys=keys("s", "s.timestamp", inline=True), bin=_LATENCY_BIN, selection=nothing, group=group
+            )
+        )
+    statement = _PERIODS.format(
+        sources="\n    UNION ALL".join(parts), carried="".join(f"g.{g} AS {g}, " for g in grouped)
+    )
+    if not sources.exact:
+        statement += "," + _HISTOGRAM.format(parts="\n    UNION ALL".join(bins))
+    return statement, {**parameters, "bounds": list(bounds)}
+
+
+def _aggregate_statement(
+    metric_filter: MetricFilter, sources: _Sources, bounds: Sequence[int]
+) -> tuple[str, dict[str, Any]]:
+    priced, parameters = _priced(metric_filter, sources, (), None, bounds)
+    if sources.exact:
+        figures = _FIGURES.format(latencies=f"{_EXACT_MERGE}(g_latencies) AS f_latencies,\n")
+        statement = (
+            f"{priced}\nSELECT model, {_outer(sources)} FROM (\nSELECT model,{figures}"
+            "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())\n)"
+        )
+        return statement, parameters
+    # The whole selection's row has model NULL (GROUPING SETS); '' stands for it in the join (no
+    # model is empty).
+    statement = (
+        f"{priced}\nSELECT f.model, {_outer(sources)} FROM (\nSELECT model,{_FIGURES.format(latencies='')}"
+        "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())\n) AS f\nLEFT JOIN (\n"
+        f"SELECT model_key, {_SORTED_BINS} AS f_latencies FROM (\n"
+        "SELECT ifNull(model, '') AS model_key, arraySort(groupArray((b, n))) AS h FROM (\n"
+        "SELECT model, b, sum(n) AS n FROM hist GROUP BY GROUPING SETS ((model, b), (b))\n"
+        ") GROUP BY model_key)\n) AS q ON ifNull(f.model, '') = q.model_key"
+    )
+    return statement, parameters
+
 
 _SORT_KEYS: Final = {
     "count": "f_count",
@@ -266,7 +541,7 @@ class _Figures:
             unpriced_count=self.unpriced,
         )
 
-    def aggregate(self, by_model: Mapping[str, ModelAggregate]) -> Aggregate:
+    def aggregate(self, by_model: Mapping[str, ModelAggregate], *, exact: bool) -> Aggregate:
         return Aggregate(
             count=self.count,
             tokens_in=self.tokens_in,
@@ -286,7 +561,7 @@ class _Figures:
             gross_margin=float((self.revenue - self.cost) / self.revenue) if self.revenue else None,
             unpriced_count=self.unpriced,
             error_count=self.errors,
-            percentiles_exact=True,
+            percentiles_exact=exact,
             by_model=by_model,
         )
 
@@ -297,8 +572,8 @@ _EMPTY: Final = _Figures(0, 0, 0, 0, 0, 0, 0, None, 0, (), Decimal(0), 0, Decima
 # --- breakdowns -----------------------------------------------------------------------------------------
 
 
-def _bucket_index(starts: Sequence[datetime]) -> str:
-    """SQL giving the index of the bucket that holds `s.timestamp`, from the buckets' UTC starts and the
+def _bucket_index(starts: Sequence[datetime], column: str) -> str:
+    """SQL giving the index of the bucket that holds `column`, from the buckets' UTC starts and the
     last one's end: runs of buckets of one length (the days between two changes of the clocks) by
     arithmetic on the microseconds, the run by a multiIf over the runs' starts. Every number is
     computed here from the starts, none comes from a user."""
@@ -307,7 +582,7 @@ def _bucket_index(starts: Sequence[datetime]) -> str:
         length = _micros(end) - _micros(start)
         if not runs or runs[-1][2] != length:
             runs.append((index, _micros(start), length))
-    moment = "toUnixTimestamp64Micro(s.timestamp)"
+    moment = f"toUnixTimestamp64Micro({column})"
 
     def within(run: tuple[int, int, int]) -> str:
         first, start, length = run
@@ -325,35 +600,51 @@ class _BreakdownQuery:
     parameters: dict[str, Any]
     starts: list[datetime] | None
     """The buckets' UTC starts, then the last one's end (None when not bucketed)."""
+    exact: bool
 
 
 def _breakdown_query(
-    metric_filter: MetricFilter, request: BreakdownRequest, starts: list[datetime] | None
+    metric_filter: MetricFilter,
+    request: BreakdownRequest,
+    starts: list[datetime] | None,
+    sources: _Sources,
+    bounds: Sequence[int],
 ) -> _BreakdownQuery:
-    dimensions = request.by
-    columns = ", ".join((*(d for d in dimensions if d != "model"), _PRICED_COLUMNS))
-    selection, parameters = _selection(metric_filter, columns)
-    keys = [*(f"s.{d} AS {d}," for d in dimensions if d != "model")]
-    if starts is not None:
-        keys.append(f"{_bucket_index(starts)} AS bucket,")
-    grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
+    dimensions = [d for d in request.by if d != "model"]
+    priced, parameters = _priced(metric_filter, sources, dimensions, starts, bounds)
+    grouped = [*request.by, *(["bucket"] if starts is not None else [])]
     group_by = f"\nGROUP BY {', '.join(grouped)}" if grouped else ""
     order = "DESC" if request.descending else "ASC"
     leading = "".join(f"{g}, " for g in grouped)
+    if sources.exact:
+        figures = _FIGURES.format(latencies=f"{_EXACT_MERGE}(g_latencies) AS f_latencies,\n")
+        source = f"(\nSELECT {leading}{figures}\nFROM priced{group_by}\n)"
+    else:
+        figures = _FIGURES.format(latencies="")
+        histograms = (
+            f"SELECT {leading}{_SORTED_BINS} AS f_latencies FROM (\n"
+            f"SELECT {leading}arraySort(groupArray((b, n))) AS h FROM (\n"
+            f"SELECT {leading}b, sum(n) AS n FROM hist GROUP BY {leading}b\n){group_by})"
+        )
+        join = f"USING ({', '.join(grouped)})" if grouped else ""
+        source = (
+            f"(\nSELECT {leading}{figures}\nFROM priced{group_by}\n) AS f\n"
+            f"{'LEFT' if grouped else 'CROSS'} JOIN (\n{histograms}\n) AS q {join}"
+        )
     statement = (
-        _PRICED.format(keys="\n        ".join(keys), selection=selection)
-        + f"\nSELECT * FROM (\nSELECT {leading}{_FIGURES}\nFROM priced{group_by}\n)"
+        priced
+        + f"\nSELECT {leading}{_outer(sources)} FROM {source}"
         + f"\nWHERE f_count > 0\nORDER BY {_SORT_KEYS[request.sort]} {order} NULLS LAST"
         + "".join(f", {g} ASC" for g in grouped)
     )
     if request.top is not None:
         statement += "\nLIMIT {top:UInt64}"
         parameters["top"] = request.top
-    return _BreakdownQuery(statement, parameters, starts)
+    return _BreakdownQuery(statement, parameters, starts, sources.exact)
 
 
 def _breakdown_row(
-    row: Sequence[Any], request: BreakdownRequest, starts: list[datetime] | None
+    row: Sequence[Any], request: BreakdownRequest, starts: list[datetime] | None, exact: bool
 ) -> BreakdownRow:
     keys = dict(zip(request.by, row, strict=False))
     offset = len(request.by)
@@ -362,7 +653,7 @@ def _breakdown_row(
         bucket = starts[int(row[offset])].astimezone(request.zone)
         offset += 1
     figures = _Figures.of(row[offset : offset + _FIGURE_COUNT])
-    return BreakdownRow(keys, bucket, figures.aggregate({}))
+    return BreakdownRow(keys, bucket, figures.aggregate({}, exact=exact))
 
 
 def _open_stream(client: Client, query: _BreakdownQuery) -> Any:
@@ -541,37 +832,46 @@ class ClickHouseRepository:
     # -- writes --
 
     async def insert(self, metrics: Sequence[ActionMetric]) -> None:
-        """Store a batch in one insert; a re-sent action (same id, timestamp, town and type) is one row
-        to every read (ReplacingMergeTree, read with FINAL)."""
-        await self._run(self._insert, list(metrics))
-
-    def _insert(self, metrics: Sequence[ActionMetric]) -> None:
-        rows = [_row(metric) for metric in metrics]
-        if rows:
-            self._open().insert("action_metrics", rows, column_names=list(_COLUMNS))
+        """Store a batch in one insert, first id wins (see `_insert_counting`)."""
+        await self._run(self._insert_counting, list(metrics))
 
     async def insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
-        """`insert`, and how many of the batch's ids were not stored before it (read just before the
-        insert: a concurrent writer of the same ids may be counted twice)."""
+        """`insert`, and how many of the batch's ids were not stored before it."""
         return await self._run(self._insert_counting, list(metrics))
 
     def _insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
+        """Insert the batch's actions whose id is not stored yet within the batch's time span (the
+        first of each id in the batch): the rollups' views see every insert, so a re-sent action must
+        not reach the table. The ids are read just before the insert, in the partitions of the
+        batch's span (the bloom filter on id skips most granules): two writers sending the same new
+        id at once both insert it, and the rollups count it twice (the raw rows, read with FINAL,
+        once); an id re-sent with another timestamp outside the batch's span is a second action, as
+        the raw table always kept it."""
         if not metrics:
             return 0
         rows = [_row(metric) for metric in metrics]  # refused before anything is read
-        ids = {metric.id for metric in metrics}
-        stored = self._open().query(
-            "SELECT DISTINCT id FROM action_metrics WHERE id IN {ids:Array(UUID)} "
-            "AND timestamp >= fromUnixTimestamp64Micro({since:Int64}, 'UTC') "
-            "AND timestamp <= fromUnixTimestamp64Micro({until:Int64}, 'UTC')",
-            parameters={
-                "ids": sorted(ids, key=str),
-                "since": _micros(min(metric.timestamp for metric in metrics)),
-                "until": _micros(max(metric.timestamp for metric in metrics)),
-            },
-        )
-        self._open().insert("action_metrics", rows, column_names=list(_COLUMNS))
-        return len(ids) - len(stored.result_rows)
+        client = self._open()
+        stored = {
+            uuid.UUID(str(found))
+            for (found,) in client.query(
+                "SELECT DISTINCT id FROM action_metrics WHERE id IN {ids:Array(UUID)} "
+                "AND timestamp >= fromUnixTimestamp64Micro({since:Int64}, 'UTC') "
+                "AND timestamp <= fromUnixTimestamp64Micro({until:Int64}, 'UTC')",
+                parameters={
+                    "ids": sorted({metric.id for metric in metrics}, key=str),
+                    "since": _micros(min(metric.timestamp for metric in metrics)),
+                    "until": _micros(max(metric.timestamp for metric in metrics)),
+                },
+            ).result_rows
+        }
+        new: list[list[Any]] = []
+        for metric, row in zip(metrics, rows, strict=True):
+            if metric.id not in stored:
+                stored.add(metric.id)
+                new.append(row)
+        if new:
+            client.insert("action_metrics", new, column_names=list(_COLUMNS))
+        return len(new)
 
     # -- reads --
 
@@ -588,7 +888,7 @@ class ClickHouseRepository:
         if cutoff is None or (metric_filter.since is not None and metric_filter.since >= cutoff):
             return
         if metric_filter.limit is None:
-            raise RawRowsPruned(cutoff, question, rollups=False)
+            raise RawRowsPruned(cutoff, question)
         statement, parameters = _selection(metric_filter, "timestamp")
         count, oldest = client.query(
             f"SELECT count(), toUnixTimestamp64Micro(min(timestamp)) FROM ({statement})",
@@ -596,7 +896,52 @@ class ClickHouseRepository:
             settings=_READ_SETTINGS,
         ).result_rows[0]
         if count < metric_filter.limit or _moment(oldest) < cutoff:
-            raise RawRowsPruned(cutoff, question, rollups=False)
+            raise RawRowsPruned(cutoff, question)
+
+    def _price_changes(self, client: Client) -> list[int]:
+        """Every instant a model or credit price starts, sorted, in microseconds."""
+        rows = client.query(
+            "SELECT DISTINCT toUnixTimestamp64Micro(effective_from) AS start FROM ("
+            "SELECT effective_from FROM model_prices FINAL "
+            "UNION ALL SELECT effective_from FROM credit_prices FINAL) ORDER BY start"
+        ).result_rows
+        return [int(start) for (start,) in rows]
+
+    def _sources(
+        self,
+        client: Client,
+        metric_filter: MetricFilter,
+        *,
+        exact: bool,
+        by: Sequence[str],
+        bounds: Sequence[int],
+        starts: Sequence[datetime] | None,
+        question: str,
+    ) -> _Sources:
+        """Where the figures come from: the rollups and the raw rows around them, unless the question
+        needs exact percentiles or something no rollup keeps (a user, a citizen, the newest `limit`)."""
+        needed = {
+            *(d for d in by if d != "model"),
+            *(
+                name
+                for name in ("user_id", "citizen_id", "town_id", "action_type")
+                if getattr(metric_filter, name)
+            ),
+        }
+        rollup = next((table for table, keeps in ROLLUPS.items() if needed <= set(keeps)), None)
+        if exact or rollup is None or metric_filter.limit is not None:
+            self._check_not_pruned(client, metric_filter, question)
+            return _EXACT
+        since = None if metric_filter.since is None else min(max(metric_filter.since, EARLIEST), LATEST)
+        until = None if metric_filter.until is None else max(min(metric_filter.until, LATEST), EARLIEST)
+        changes = [_moment(micros) for micros in bounds]
+        raw, hours = plan(since, until, [*(starts or ()), *(c for c in changes if c != floor_to(c, "hour"))])
+        if since is not None and until is not None and since >= until:
+            raw, hours = (), ()
+        cutoff = self._raw_kept_from(client)
+        if cutoff is not None and any(start is None or start < cutoff for start, _ in raw):
+            raise RawRowsPruned(cutoff, question)
+        return _Sources(exact=False, rollup=rollup, raw=raw, hours=hours)
 
     async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]:
         return await self._run(self._select, metric_filter)
@@ -613,15 +958,18 @@ class ClickHouseRepository:
         return metrics
 
     async def aggregate(self, metric_filter: MetricFilter, *, exact: bool = False) -> Aggregate:
-        """The same figures either way: the percentiles are exact (there are no histograms here)."""
-        return await self._run(self._aggregate, metric_filter)
+        """From the rollups (percentiles from their histograms) unless `exact` or the filter needs
+        raw rows."""
+        return await self._run(self._aggregate, metric_filter, exact)
 
-    def _aggregate(self, metric_filter: MetricFilter) -> Aggregate:
+    def _aggregate(self, metric_filter: MetricFilter, exact: bool) -> Aggregate:
         client = self._open()
         question = "aggregate()" if metric_filter.limit is None else "aggregate(limit=...)"
-        self._check_not_pruned(client, metric_filter, question)
-        selection, parameters = _selection(metric_filter, _PRICED_COLUMNS)
-        statement = _AGGREGATE.format(keys="", selection=selection)
+        bounds = self._price_changes(client)
+        sources = self._sources(
+            client, metric_filter, exact=exact, by=(), bounds=bounds, starts=None, question=question
+        )
+        statement, parameters = _aggregate_statement(metric_filter, sources, bounds)
         rows = client.query(statement, parameters=parameters, settings=_FIGURE_SETTINGS).result_rows
         total, by_model = _EMPTY, {}
         for model, *figures in rows:
@@ -631,30 +979,41 @@ class ClickHouseRepository:
                 by_model[model] = _Figures.of(figures).for_model()
         # Busiest first, then by name, as the other backends list them.
         ordered = dict(sorted(by_model.items(), key=lambda item: (-item[1].count, item[0])))
-        return total.aggregate(ordered)
+        return total.aggregate(ordered, exact=sources.exact)
 
     def _breakdown_query(
         self, metric_filter: MetricFilter, request: BreakdownRequest
     ) -> _BreakdownQuery | None:
         """The statement of a breakdown (None when it has no rows: an empty window)."""
         client = self._open()
-        self._check_not_pruned(client, metric_filter, "breakdown()")
-        if request.bucket is None:
-            return _breakdown_query(metric_filter, request, None)
-        count, first, last = client.query(
-            "SELECT count(), toUnixTimestamp64Micro(min(timestamp)), toUnixTimestamp64Micro(max(timestamp)) "
-            "FROM action_metrics"
-        ).result_rows[0]
-        if not count:
-            return None
-        # The buckets span only what is stored: a window reaching centuries out asks for no more.
-        first_stored, after_last = _moment(first), _moment(last) + _MICROSECOND
-        since = first_stored if metric_filter.since is None else max(metric_filter.since, first_stored)
-        until = after_last if metric_filter.until is None else min(metric_filter.until, after_last)
-        if since >= until:
-            return None
-        local = bucket_starts(request.bucket, request.zone, since, until)
-        return _breakdown_query(metric_filter, request, [start.astimezone(UTC) for start in local])
+        bounds = self._price_changes(client)
+        starts = None
+        if request.bucket is not None:
+            # The buckets span only what is stored (the rollups keep what `prune` removed): a window
+            # reaching centuries out asks for no more.
+            count, first, last = client.query(
+                "SELECT count(), toUnixTimestamp64Micro(min(start)), toUnixTimestamp64Micro(max(start)) "
+                "FROM action_metrics_rollup_hourly"
+            ).result_rows[0]
+            if not count:
+                return None
+            first_stored, after_last = _moment(first), _moment(last) + _HOUR
+            since = first_stored if metric_filter.since is None else max(metric_filter.since, first_stored)
+            until = after_last if metric_filter.until is None else min(metric_filter.until, after_last)
+            if since >= until:
+                return None
+            local = bucket_starts(request.bucket, request.zone, since, until)
+            starts = [start.astimezone(UTC) for start in local]
+        sources = self._sources(
+            client,
+            metric_filter,
+            exact=request.exact,
+            by=request.by,
+            bounds=bounds,
+            starts=starts,
+            question="breakdown()",
+        )
+        return _breakdown_query(metric_filter, request, starts, sources, bounds)
 
     async def breakdown(self, metric_filter: MetricFilter, request: BreakdownRequest) -> list[BreakdownRow]:
         return await self._run(self._breakdown, metric_filter, request)
@@ -664,7 +1023,7 @@ class ClickHouseRepository:
         if query is None:
             return []
         result = self._open().query(query.statement, parameters=query.parameters, settings=_FIGURE_SETTINGS)
-        return [_breakdown_row(row, request, query.starts) for row in result.result_rows]
+        return [_breakdown_row(row, request, query.starts, query.exact) for row in result.result_rows]
 
     async def stream_breakdown(
         self, metric_filter: MetricFilter, request: BreakdownRequest
@@ -679,7 +1038,7 @@ class ClickHouseRepository:
             try:
                 while (block := await self._run(next, stream, None)) is not None:
                     for row in block:
-                        yield _breakdown_row(row, request, query.starts)
+                        yield _breakdown_row(row, request, query.starts, query.exact)
             finally:
                 await self._run(stream.__exit__, None, None, None)
         finally:
@@ -757,11 +1116,15 @@ class ClickHouseRepository:
         ]
 
     async def seen_models(self) -> list[str]:
-        """Every model an action was recorded for."""
+        """Every model an action was recorded for (the rollups keep those of pruned periods)."""
         return await self._run(self._seen_models)
 
     def _seen_models(self) -> list[str]:
-        rows = self._open().query("SELECT DISTINCT model FROM action_metrics ORDER BY model").result_rows
+        rows = (
+            self._open()
+            .query("SELECT DISTINCT model FROM action_metrics_rollup_hourly ORDER BY model")
+            .result_rows
+        )
         return [model for (model,) in rows]
 
     async def replace_catalogue_prices(self, histories: Mapping[str, Sequence[ModelPrice]]) -> CatalogueWrite:
@@ -911,8 +1274,8 @@ class ClickHouseRepository:
         dry_run: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> PruneResult:
-        """Delete raw rows older than the UTC midnight at or before `before`. There are no rollups
-        here: the cut-off is recorded first, and from then on every read that reaches before it
+        """Delete raw rows older than the UTC midnight at or before `before`; the rollups keep them.
+        The cut-off is recorded first, and from then on every read that needs raw rows before it
         raises `RawRowsPruned`. Whole months go as partitions, the rest by a lightweight DELETE."""
         result = await self._run(self._prune, floor_to(before, "day"), bool(dry_run))
         if progress is not None and not dry_run:
