@@ -851,16 +851,27 @@ class ClickHouseRepository:
             return 0
         rows = [_row(metric) for metric in metrics]  # refused before anything is read
         client = self._open()
+        # Each term is on a column of the sorting key (town, action type, hour, id), so the primary
+        # index finds the few granules that can hold the batch's keys; a range of timestamps alone
+        # would read the id column of every granule of the span.
+        towns, actions, hours = set(), set(), set()
+        for metric in metrics:
+            towns.add(metric.town_id)
+            actions.add(metric.action_type)
+            hours.add(metric.timestamp.replace(minute=0, second=0, microsecond=0))
         stored = {
             uuid.UUID(str(found))
             for (found,) in client.query(
-                "SELECT DISTINCT id FROM action_metrics WHERE id IN {ids:Array(UUID)} "
-                "AND timestamp >= fromUnixTimestamp64Micro({since:Int64}, 'UTC') "
-                "AND timestamp <= fromUnixTimestamp64Micro({until:Int64}, 'UTC')",
+                "SELECT DISTINCT id FROM action_metrics WHERE town_id IN {towns:Array(String)} "
+                "AND action_type IN {actions:Array(String)} "
+                "AND toStartOfHour(timestamp) IN "
+                "arrayMap(x -> toStartOfHour(fromUnixTimestamp64Micro(x, 'UTC')), {hours:Array(Int64)}) "
+                "AND id IN {ids:Array(UUID)}",
                 parameters={
-                    "ids": sorted({metric.id for metric in metrics}, key=str),
-                    "since": _micros(min(metric.timestamp for metric in metrics)),
-                    "until": _micros(max(metric.timestamp for metric in metrics)),
+                    "towns": list(towns),
+                    "actions": list(actions),
+                    "hours": [_micros(hour) for hour in hours],
+                    "ids": [metric.id for metric in metrics],
                 },
             ).result_rows
         }
@@ -870,7 +881,8 @@ class ClickHouseRepository:
                 stored.add(metric.id)
                 new.append(row)
         if new:
-            client.insert("action_metrics", new, column_names=list(_COLUMNS))
+            columns = [list(column) for column in zip(*new, strict=True)]
+            client.insert("action_metrics", columns, column_names=list(_COLUMNS), column_oriented=True)
         return len(new)
 
     # -- reads --
