@@ -60,7 +60,13 @@ from action_metrics.query import (
     metrics_statement,
 )
 from action_metrics.rollup import BuildProgress, ReadPlan, RollupState
-from action_metrics.schema import action_metrics, credit_prices, latency_histogram, model_prices
+from action_metrics.schema import (
+    action_metrics,
+    credit_prices,
+    latency_histogram,
+    latency_sketch,
+    model_prices,
+)
 from action_metrics.schema import rollup as rollup_table
 
 if TYPE_CHECKING:
@@ -485,7 +491,9 @@ class MetricsRepository:
         """Close every bucket that can be closed now, a day per transaction (resumable)."""
         state = await rollup.build(self._write_transaction, self.backend, progress=progress)
         async with self._write_transaction() as connection:  # the planner sees the new rollups at once
-            await self.backend.refresh_statistics(connection, rollup_table, latency_histogram, action_metrics)
+            await self.backend.refresh_statistics(
+                connection, rollup_table, latency_histogram, latency_sketch, action_metrics
+            )
         return state
 
     async def prune(

@@ -21,10 +21,31 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from action_metrics.rollup import LN_GAMMA, REPRESENTATIVE_FACTOR, ZERO_BIN
-
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
+
+RELATIVE_ACCURACY: Final = 0.009
+"""Every latency is within 0.9% of its bin's representative: 1% with room for rounding at bin edges."""
+GAMMA: Final = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
+LN_GAMMA: Final = math.log(GAMMA)
+REPRESENTATIVE_FACTOR: Final = 2 / (GAMMA + 1)
+"""Bin i holds (GAMMA**(i-1), GAMMA**i]; its representative 2 * GAMMA**i / (GAMMA + 1) is within
+RELATIVE_ACCURACY of both ends."""
+ZERO_BIN: Final = -(2**31)
+"""The bin of a latency of 0 (whose logarithm is undefined); its representative is 0."""
+
+
+def bin_of(latency_ms: float) -> int:
+    """The bin of a latency (`rollup.latency_bin` in SQL)."""
+    return ZERO_BIN if latency_ms <= 0 else math.ceil(math.log(latency_ms) / LN_GAMMA)
+
+
+def bin_value_of(bin_number: int) -> float:
+    """The latency a bin stands for (`rollup.bin_value` in SQL)."""
+    return (
+        0.0 if bin_number == ZERO_BIN else math.exp(bin_number * LN_GAMMA + math.log(REPRESENTATIVE_FACTOR))
+    )
+
 
 NARROW: Final = 1
 WIDE: Final = 2
