@@ -435,14 +435,17 @@ def _fill_histogram(level: Level, source: Subquery, backend: Backend, *, merge: 
 
 
 async def _prices_start_inside(connection: AsyncConnection, grain: Grain, scope: Scope) -> bool:
-    """Whether a model or credit price begins strictly inside a `grain` bucket of the scope's range."""
+    """Whether a model or credit price begins strictly inside a `grain` bucket of the scope's range:
+    from the start of the bucket holding `since` (a late metric at 23:50 goes into the day's row that
+    a price starting at 07:13 split, not the one from midnight)."""
+    since = None if scope.since is None else floor_to(scope.since, grain)
     model_starts = select(model_prices.c.effective_from.label("at")).where(
-        *range_terms(model_prices.c.effective_from, scope.since, scope.until)
+        *range_terms(model_prices.c.effective_from, since, scope.until)
     )
     if scope.model is not None:
         model_starts = model_starts.where(model_prices.c.model == scope.model)
     credit_starts = select(credit_prices.c.effective_from.label("at")).where(
-        *range_terms(credit_prices.c.effective_from, scope.since, scope.until)
+        *range_terms(credit_prices.c.effective_from, since, scope.until)
     )
     moments = (await connection.execute(union_all(model_starts, credit_starts))).scalars().all()
     return any(moment != floor_to(moment, grain) for moment in moments)

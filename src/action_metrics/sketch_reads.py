@@ -1,0 +1,433 @@
+"""`breakdown()` from the sketch levels: a town's (or every town's) local days, weeks, months or hours,
+and each model's hours, with sums from the rollups and percentiles merged from latency sketches in
+NumPy, the open buckets' raw rows joined as `breakdown` joins them.
+
+A bucket is covered by pieces, each a closed UTC day or hour (its rollup rows and sketch) or a raw
+time range, with a sign: a local day is either the closed days and hours inside it plus raw rows for
+the rest, or, when fewer rows, the UTC day holding its middle less the edge hours that day has too
+much plus those it lacks (Berlin: 1 day and 2-4 hours instead of 23-25 hours; Kathmandu: the partial
+hours at 18:15 are raw rows). Sums subtract exactly (integers; money is priced per row's prices,
+which never span a price change); sketches subtract their counts (`sketch.merged_percentiles`).
+
+Everything else (users, citizens, action types, exact percentiles, a sort by a percentile) is read by
+`breakdown` as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import numpy as np
+from sqlalchemy import BigInteger, ColumnElement, Select, case, func, literal, select, union_all
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.selectable import NamedFromClause
+
+from action_metrics.aggregate import (
+    PERCENTILES,
+    Grouping,
+    raw_rows,
+    summed_parts,
+    sums_per_model,
+)
+from action_metrics.breakdown import (
+    BreakdownRequest,
+    BreakdownRow,
+    bucket_index,
+    group_key,
+    group_rows,
+    row_from,
+)
+from action_metrics.dialects import Backend, not_indexed
+from action_metrics.latency_sketches import MODEL_HOURLY, TOWN_DAILY, TOWN_HOURLY, SketchLevel, stored_sketch
+from action_metrics.query import MetricFilter
+from action_metrics.rollup import (
+    DAILY,
+    DAILY_BY_TOWN,
+    GRAIN_LENGTH,
+    HOURLY,
+    HOURLY_BY_TOWN,
+    SUM_COLUMNS,
+    Grain,
+    Level,
+    Range,
+    ReadPlan,
+    RollupState,
+    any_range,
+    ceil_to,
+    floor_to,
+    latency_bin,
+)
+from action_metrics.schema import action_metrics, latency_sketch, rollup
+from action_metrics.sketch import Counted, merged_percentiles, sketch_counts
+
+RAW_HOUR_COST: Final = 20
+"""How many rollup rows and sketches an hour of raw rows is worth, when choosing a bucket's cover."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of a bucket's cover: a closed UTC day or hour (`grain`) or raw rows (None) in
+    [since, until), added (+1) or subtracted (-1)."""
+
+    sign: int
+    grain: Grain | None
+    since: datetime
+    until: datetime
+    bucket: int
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the sketch levels answer: sketches per `key` (town or model) at each grain read, and the
+    rollup levels whose sums go with them."""
+
+    key: str
+    sketches: dict[Grain, SketchLevel]
+    sums: dict[Grain, Level]
+    subtract: bool
+
+
+def shape_of(metric_filter: MetricFilter, request: BreakdownRequest, state: RollupState) -> Shape | None:
+    """The sketch levels that answer this breakdown, if any."""
+    if request.exact or request.bucket is None or request.sort in PERCENTILES:
+        return None
+    unread = (metric_filter.limit, metric_filter.user_id, metric_filter.citizen_id, metric_filter.action_type)
+    if any(value is not None for value in unread) or not metric_filter.storable:
+        return None
+    by = set(request.by)
+    if by <= {"town_id"} and metric_filter.model is None and not (request.bucket == "hour" and not by):
+        per_town = "town_id" in by or metric_filter.town_id is not None
+        sums: dict[Grain, Level] = (
+            {"day": DAILY_BY_TOWN, "hour": HOURLY_BY_TOWN} if per_town else {"day": DAILY, "hour": HOURLY}
+        )
+        return Shape("town_id", {"day": TOWN_DAILY, "hour": TOWN_HOURLY}, sums, subtract=True)
+    if by <= {"model"} and request.bucket == "hour" and metric_filter.town_id is None:
+        return Shape("model", {"hour": MODEL_HOURLY}, {"hour": HOURLY}, subtract=False)
+    return None
+
+
+def readable(shape: Shape, state: RollupState, since: datetime, starts: Sequence[datetime]) -> bool:
+    """Whether the sketches the covers may read exist: from a day before the window on (the cover of
+    a local day may take the UTC day before it), and, for model hours, buckets of whole UTC hours."""
+    if state.sketches_from is not None and floor_to(since, "day") - GRAIN_LENGTH["day"] < state.sketches_from:
+        return False
+    return shape.key != "model" or all(start == floor_to(start, "hour") for start in starts)
+
+
+# --- covers --------------------------------------------------------------------------------------
+
+
+def _steps(since: datetime, until: datetime, grain: Grain) -> list[datetime]:
+    length = GRAIN_LENGTH[grain]
+    return [since + index * length for index in range((until - since) // length)]
+
+
+def positive_cover(
+    since: datetime, until: datetime, sign: int, bucket: int, state: RollupState, grains: Sequence[Grain]
+) -> list[Piece]:
+    """Whole closed days, then whole closed hours, then raw rows for the rest."""
+    pieces: list[Piece] = []
+    spans = [(since, until)]
+    days_closed = state.days_closed_until
+    if "day" in grains and days_closed is not None:
+        first, last = ceil_to(since, "day"), min(floor_to(until, "day"), days_closed)
+        if first < last:
+            pieces += [
+                Piece(sign, "day", day, day + GRAIN_LENGTH["day"], bucket)
+                for day in _steps(first, last, "day")
+            ]
+            spans = [(since, first), (last, until)]
+    hours_closed = state.hours_closed_until
+    for low, high in spans:
+        if low >= high:
+            continue
+        if hours_closed is not None:
+            first, last = ceil_to(low, "hour"), min(floor_to(high, "hour"), hours_closed)
+            if first < last:
+                hours = _steps(first, last, "hour")
+                pieces += [Piece(sign, "hour", hour, hour + GRAIN_LENGTH["hour"], bucket) for hour in hours]
+                pieces += [Piece(sign, None, a, b, bucket) for a, b in ((low, first), (last, high)) if a < b]
+                continue
+        pieces.append(Piece(sign, None, low, high, bucket))
+    return pieces
+
+
+def subtracted_cover(since: datetime, until: datetime, bucket: int, state: RollupState) -> list[Piece] | None:
+    """The closed UTC day holding the window's middle hour, less what it has outside the window,
+    plus what the window has outside it; None when there is no such day."""
+    day_length = GRAIN_LENGTH["day"]
+    days_closed = state.days_closed_until
+    if days_closed is None:
+        return None
+    for day in (floor_to(since, "day"), floor_to(since, "day") + day_length):
+        middle = day + day_length / 2
+        if since <= middle < until and day + day_length <= days_closed:
+            break
+    else:
+        return None
+    end = day + day_length
+    if since <= day and end <= until:
+        return None  # inside the window: the positive cover takes it
+    pieces = [Piece(1, "day", day, end, bucket)]
+    hourly: list[Grain] = ["hour"]
+    if since > day:
+        pieces += positive_cover(day, since, -1, bucket, state, hourly)
+    if until < end:
+        pieces += positive_cover(until, end, -1, bucket, state, hourly)
+    if since < day:
+        pieces += positive_cover(since, day, 1, bucket, state, hourly)
+    if until > end:
+        pieces += positive_cover(end, until, 1, bucket, state, hourly)
+    return pieces
+
+
+def _cost(pieces: Sequence[Piece]) -> float:
+    hours = timedelta(hours=1)
+    return sum(RAW_HOUR_COST * ((p.until - p.since) / hours) if p.grain is None else 1 for p in pieces)
+
+
+def cover(shape: Shape, windows: Sequence[tuple[datetime, datetime]], state: RollupState) -> list[Piece]:
+    """Every bucket's pieces, bucket `index` covering `windows[index]`."""
+    grains = list(shape.sketches)
+    pieces: list[Piece] = []
+    for index, (since, until) in enumerate(windows):
+        if since >= until:
+            continue
+        chosen = positive_cover(since, until, 1, index, state, grains)
+        if shape.subtract:
+            other = subtracted_cover(since, until, index, state)
+            if other is not None and _cost(other) < _cost(chosen):
+                chosen = other
+        pieces += chosen
+    return pieces
+
+
+def raw_ranges(pieces: Sequence[Piece]) -> list[Range]:
+    return [(piece.since, piece.until) for piece in pieces if piece.grain is None]
+
+
+# --- the statements --------------------------------------------------------------------------------
+
+
+def _bucket_of_piece(moment: ColumnElement[Any], pieces: Sequence[Piece]) -> ColumnElement[int]:
+    """The bucket of the piece (of `pieces`, sorted, none overlapping) holding `moment`: a binary
+    search over their starts written as nested CASEs."""
+    if len(pieces) == 1:
+        return literal(pieces[0].bucket, BigInteger, literal_execute=True)
+    middle = len(pieces) // 2
+    bound = literal(pieces[middle].since, action_metrics.c.timestamp.type)
+    return case(
+        (moment < bound, _bucket_of_piece(moment, pieces[:middle])),
+        else_=_bucket_of_piece(moment, pieces[middle:]),
+    )
+
+
+def _raw_bucket_of(
+    sign: int, members: Sequence[Piece], starts: Sequence[datetime], backend: Backend
+) -> Callable[[ColumnElement[Any]], ColumnElement[int]]:
+    """How raw rows find their bucket: added ones lie in it, subtracted ones in the UTC day it took."""
+    if sign > 0:
+        return bucket_index(starts, backend)
+
+    def of(moment: ColumnElement[Any]) -> ColumnElement[int]:
+        return _bucket_of_piece(moment, members)
+
+    return of
+
+
+def _groups_of_pieces(pieces: Sequence[Piece]) -> dict[tuple[Grain | None, int], list[Piece]]:
+    """The pieces per grain and sign, sorted by start: within one, none overlap."""
+    grouped: dict[tuple[Grain | None, int], list[Piece]] = {}
+    for piece in pieces:
+        grouped.setdefault((piece.grain, piece.sign), []).append(piece)
+    return {group: sorted(members, key=lambda piece: piece.since) for group, members in grouped.items()}
+
+
+def _joined_ranges(pieces: Sequence[Piece]) -> list[Range]:
+    ranges: list[Range] = []
+    for piece in pieces:
+        if ranges and ranges[-1][1] == piece.since:
+            ranges[-1] = (ranges[-1][0], piece.until)
+        else:
+            ranges.append((piece.since, piece.until))
+    return ranges
+
+
+def _signed(parts: NamedFromClause, keys: Sequence[str], sign: int) -> Select[Any]:
+    return select(
+        parts.c.model,
+        parts.c.at,
+        *(parts.c[key] for key in keys),
+        *((parts.c[name] if sign > 0 else -parts.c[name]).label(name) for name in SUM_COLUMNS),
+    )
+
+
+def sums_statement(
+    metric_filter: MetricFilter,
+    request: BreakdownRequest,
+    shape: Shape,
+    pieces: Sequence[Piece],
+    starts: Sequence[datetime],
+    backend: Backend,
+    price_starts: Sequence[datetime],
+) -> Select[Any]:
+    """Every group's figures but its percentiles (NULL here), sorted and cut as `breakdown` does."""
+    dimensions = request.grouped
+    keys = (*dimensions, "bucket")
+    selects: list[Select[Any]] = []
+    r = rollup
+    for (grain, sign), members in _groups_of_pieces(pieces).items():
+        if grain is None:
+            bucket_of = (
+                bucket_index(starts, backend) if sign > 0 else (lambda m, p=members: _bucket_of_piece(m, p))
+            )
+            grouping = Grouping(dimensions, bucket_of)
+            plan_raw = raw_rows(metric_filter, _raw_plan(members), grouping)
+            parts = summed_parts(metric_filter, _raw_plan(members), plan_raw, price_starts, grouping)
+            selects.append(_signed(parts, keys, sign))
+            continue
+        level = shape.sums[grain]
+        terms = [*level.rows(r)]
+        for name in ("town_id", "model"):
+            value = getattr(metric_filter, name)
+            if value is not None:
+                terms.append(r.c[name] == value)
+        rows = (
+            select(
+                r.c.model,
+                r.c.start.label("at"),
+                *(r.c[name].label(name) for name in dimensions),
+                _bucket_of_piece(r.c.start, members).label("bucket"),
+                *(r.c[name] for name in SUM_COLUMNS),
+            )
+            .where(*terms, any_range(r.c.start, _joined_ranges(members)))
+            .subquery("level_rows")
+        )
+        selects.append(_signed(rows, keys, sign))
+    parts = union_all(*selects).subquery("signed_parts")
+    return group_rows(sums_per_model(parts, keys), request, approximate=1)
+
+
+def _raw_plan(pieces: Sequence[Piece]) -> ReadPlan:
+    return ReadPlan(raw_ranges=tuple(_joined_ranges(pieces)))
+
+
+def _raw_bins(
+    metric_filter: MetricFilter,
+    key: str | None,
+    members: Sequence[Piece],
+    bucket_of: Any,
+) -> Select[Any]:
+    m = action_metrics
+    columns = [not_indexed(m.c[key]).label("key")] if key is not None else []
+    binned = (
+        select(
+            *columns,
+            bucket_of(m.c.timestamp).label("bucket"),
+            latency_bin(m.c.latency_ms).label("bin"),
+        )
+        .where(
+            *metric_filter.conditions(m.c, times=False),
+            m.c.error.is_(None),
+            any_range(m.c.timestamp, _joined_ranges(members)),
+        )
+        .subquery("binned")
+    )
+    b = binned.c
+    grouped = [*([b.key] if key is not None else []), b.bucket, b.bin]
+    return select(*grouped, func.count()).group_by(*grouped)
+
+
+async def percentiles_of_groups(
+    connection: AsyncConnection,
+    metric_filter: MetricFilter,
+    request: BreakdownRequest,
+    shape: Shape,
+    pieces: Sequence[Piece],
+    starts: Sequence[datetime],
+    backend: Backend,
+) -> dict[tuple[Any, ...], dict[str, float | None]]:
+    """Each group's p50/p95/p99, by `breakdown.group_key`: its pieces' sketches and raw rows' bins,
+    signed, merged."""
+    keyed = shape.key in request.by
+    numbers: dict[tuple[Any, ...], int] = {}
+
+    def number(key: Any, bucket: int) -> int:
+        group: tuple[Any, ...] = (bucket,)
+        if keyed:
+            group = (key, bucket) if shape.key == "town_id" else (bucket, key)
+        return numbers.setdefault(group, len(numbers))
+
+    counted: list[Counted] = []
+    s = latency_sketch
+    for (grain, sign), members in _groups_of_pieces(pieces).items():
+        if grain is None:
+            bucket_of = (
+                bucket_index(starts, backend) if sign > 0 else (lambda m, p=members: _bucket_of_piece(m, p))
+            )
+            statement = _raw_bins(metric_filter, shape.key if keyed else None, members, bucket_of)
+            rows = (await connection.execute(statement)).all()
+            if rows:
+                groups = [number(row[0] if keyed else None, row[-3]) for row in rows]
+                counted.append(
+                    Counted(
+                        np.asarray(groups, np.int64),
+                        np.asarray([row[-2] for row in rows], np.int64),
+                        np.asarray([row[-1] for row in rows], np.int64) * sign,
+                    )
+                )
+            continue
+        level = shape.sketches[grain]
+        value = getattr(metric_filter, shape.key)
+        buckets_at: dict[datetime, list[int]] = {}
+        for piece in members:
+            buckets_at.setdefault(piece.since, []).append(piece.bucket)
+        statement = select(s.c.start, s.c.key, s.c.n, s.c.latency_sum, s.c.zero_count, s.c.bins).where(
+            s.c.level == level.name,
+            any_range(s.c.start, _joined_ranges(members)),
+            *([] if value is None else [s.c.key == value]),
+        )
+        group_of, signs, sketches = [], [], []
+        for row in await connection.execute(statement):
+            for bucket in buckets_at.get(row.start, ()):
+                group_of.append(number(row.key, bucket))
+                signs.append(sign)
+                sketches.append(stored_sketch(row))
+        if sketches:
+            counted.append(sketch_counts(group_of, signs, sketches))
+    merged = merged_percentiles(len(numbers), counted)
+    return {group: merged.of(index) for group, index in numbers.items()}
+
+
+async def breakdown_rows(
+    connection: AsyncConnection,
+    metric_filter: MetricFilter,
+    request: BreakdownRequest,
+    shape: Shape,
+    pieces: Sequence[Piece],
+    starts: Sequence[datetime],
+    backend: Backend,
+    price_starts: Sequence[datetime],
+) -> list[BreakdownRow]:
+    """The breakdown's rows, read by the pieces of `cover`."""
+    if not pieces:
+        return []
+    statement = sums_statement(metric_filter, request, shape, pieces, starts, backend, price_starts)
+    rows = (await connection.execute(statement)).mappings().all()
+    if not rows:
+        return []
+    percentiles = await percentiles_of_groups(
+        connection, metric_filter, request, shape, pieces, starts, backend
+    )
+    empty = dict.fromkeys(PERCENTILES)
+    return [
+        row_from({**row, **percentiles.get(group_key(row, request), empty)}, request, starts) for row in rows
+    ]
+
+
+def pruned_pieces(pieces: Sequence[Piece], state: RollupState) -> bool:
+    cutoff = state.raw_kept_from
+    return cutoff is not None and any(piece.since < cutoff for piece in pieces if piece.grain is None)
