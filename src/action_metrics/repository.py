@@ -306,7 +306,15 @@ class MetricsRepository:
                         raise RawRowsPruned(state.raw_kept_from, "breakdown()")
                     price_starts = await _price_starts(connection)
                     rows = await sketch_reads.breakdown_rows(
-                        connection, metric_filter, request, shape, pieces, starts, self.backend, price_starts
+                        connection,
+                        metric_filter,
+                        request,
+                        shape,
+                        pieces,
+                        state,
+                        starts,
+                        self.backend,
+                        price_starts,
                     )
                     for row in rows:
                         yield row

@@ -58,7 +58,7 @@ PAIRS: Final = {
 FRACTIONS: Final = {"p50_latency_ms": 0.50, "p95_latency_ms": 0.95, "p99_latency_ms": 0.99}
 _LN_REPRESENTATIVE: Final = math.log(REPRESENTATIVE_FACTOR)
 MAX_DENSE_CELLS: Final = 40_000_000
-"""Above this many (group, bin) cells the bins are renumbered to the ones present first."""
+"""Bins further apart than this are numbered by a sort (np.unique) rather than a table of them."""
 
 
 class SketchError(ValueError):
@@ -211,12 +211,16 @@ def merged_percentiles(group_count: int, parts: Sequence[Counted]) -> Percentile
     low = int(nonzero.min()) - 1 if nonzero.size else 0
     high = int(nonzero.max()) if nonzero.size else 0
     places = np.where(bins == ZERO_BIN, low, bins)
-    if group_count * (high - low + 1) <= MAX_DENSE_CELLS:
-        place_bins = np.arange(low, high + 1, dtype=np.int64)
-        place = places - low
+    # Only the bins present get a place (a latency far out would otherwise widen every group's row).
+    if high - low + 1 <= MAX_DENSE_CELLS:
+        present = np.zeros(high - low + 1, dtype=bool)
+        present[places - low] = True
+        place_of = np.cumsum(present) - 1
+        place_bins = np.flatnonzero(present) + low
+        place = place_of[places - low]
     else:
         place_bins, place = np.unique(places, return_inverse=True)
-    place_bins = np.where(place_bins == low, ZERO_BIN, place_bins) if (bins == ZERO_BIN).any() else place_bins
+    place_bins = np.where(place_bins == low, ZERO_BIN, place_bins)
     width = place_bins.size
     flat = np.bincount(groups * width + place, weights=counts, minlength=group_count * width)
     histogram = np.rint(flat).astype(np.int64)
