@@ -5,8 +5,8 @@ NumPy, the open buckets' raw rows joined as `breakdown` joins them.
 A bucket is covered by pieces, each a closed UTC day or hour (its rollup rows and sketch) or a raw
 time range, with a sign: a local day is either the closed days and hours inside it plus raw rows for
 the rest, or, when fewer rows, the UTC day holding its middle less the edge hours that day has too
-much plus those it lacks (Berlin: 1 day and 2-4 hours instead of 23-25 hours; Kathmandu: the partial
-hours at 18:15 are raw rows). Sums subtract exactly (integers; money is priced per row's prices,
+much plus those it lacks (Berlin: 1 day and 2-4 hours instead of 23-25 hours; Kathmandu: also the
+hours at 18:00 less their raw rows before 18:15). Sums subtract exactly (integers; money is priced per row's prices,
 which never span a price change); sketches subtract their counts (`sketch.merged_percentiles`).
 
 Everything else (users, citizens, action types, exact percentiles, a sort by a percentile) is read by
@@ -151,10 +151,28 @@ def positive_cover(
             if first < last:
                 hours = _steps(first, last, "hour")
                 pieces += [Piece(sign, "hour", hour, hour + GRAIN_LENGTH["hour"], bucket) for hour in hours]
-                pieces += [Piece(sign, None, a, b, bucket) for a, b in ((low, first), (last, high)) if a < b]
+                for a, b in ((low, first), (last, high)):
+                    pieces += _raw_part(a, b, sign, bucket, hours_closed)
                 continue
-        pieces.append(Piece(sign, None, low, high, bucket))
+        pieces += _raw_part(low, high, sign, bucket, hours_closed)
     return pieces
+
+
+def _raw_part(
+    since: datetime, until: datetime, sign: int, bucket: int, hours_closed: datetime | None
+) -> list[Piece]:
+    """Raw rows for [since, until); or, when that is more than half of one closed hour (Kathmandu's
+    18:15-19:00), the hour less the raw rows of the rest of it: fewer raw rows. The rest lies on the
+    other side of the window's bound, so raw rows added always lie in their bucket, and raw rows
+    taken back never in the bucket they are taken from."""
+    if since >= until:
+        return []
+    hour = floor_to(since, "hour")
+    end = hour + GRAIN_LENGTH["hour"]
+    if hours_closed is None or until > end or end > hours_closed or until - since <= GRAIN_LENGTH["hour"] / 2:
+        return [Piece(sign, None, since, until, bucket)]
+    rest = [(a, b) for a, b in ((hour, since), (until, end)) if a < b]
+    return [Piece(sign, "hour", hour, end, bucket), *(Piece(-sign, None, a, b, bucket) for a, b in rest)]
 
 
 def subtracted_cover(since: datetime, until: datetime, bucket: int, state: RollupState) -> list[Piece] | None:
