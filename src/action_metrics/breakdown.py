@@ -175,6 +175,31 @@ def bucket_index(
     return of
 
 
+def bucket_index_of_seconds(starts: Sequence[datetime]) -> Callable[[ColumnElement[int]], ColumnElement[int]]:
+    """`bucket_index` for a moment given as whole epoch seconds (an expression of them: a row's
+    start moved to the middle of its hour or day, `sketch_reads`)."""
+    runs: list[tuple[int, int, int]] = []  # first bucket index, start (epoch seconds), length
+    for index, (start, end) in enumerate(pairwise(starts)):
+        length = int((end - start).total_seconds())
+        if not runs or runs[-1][2] != length:
+            runs.append((index, int(start.timestamp()), length))
+
+    def inline(value: int) -> ColumnElement[int]:
+        return literal(value, BigInteger, literal_execute=True)
+
+    def of(seconds: ColumnElement[int]) -> ColumnElement[int]:
+        def search(low: int, high: int) -> ColumnElement[int]:
+            if high - low == 1:
+                first, start, length = runs[low]
+                return (seconds + inline(first * length - start)) // inline(length)
+            middle = (low + high) // 2
+            return case((seconds < inline(runs[middle][1]), search(low, middle)), else_=search(middle, high))
+
+        return search(0, len(runs))
+
+    return of
+
+
 # --- the request and its rows --------------------------------------------------------------------------
 
 

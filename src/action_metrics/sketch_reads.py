@@ -6,8 +6,9 @@ A bucket is covered by pieces, each a closed UTC day or hour (its rollup rows an
 time range, with a sign: a local day is either the closed days and hours inside it plus raw rows for
 the rest, or, when fewer rows, the UTC day holding its middle less the edge hours that day has too
 much plus those it lacks (Berlin: 1 day and 2-4 hours instead of 23-25 hours; Kathmandu: also the
-hours at 18:00 less their raw rows before 18:15). Sums subtract exactly (integers; money is priced per row's prices,
-which never span a price change); sketches subtract their counts (`sketch.merged_percentiles`).
+hours at 18:00 less their raw rows before 18:15). Sums subtract exactly (integers; money is priced
+per row's prices, which never span a price change); sketches subtract their counts
+(`sketch.merged_percentiles`).
 
 Everything else (users, citizens, action types, exact percentiles, a sort by a percentile) is read by
 `breakdown` as before.
@@ -37,6 +38,7 @@ from action_metrics.breakdown import (
     BreakdownRequest,
     BreakdownRow,
     bucket_index,
+    bucket_index_of_seconds,
     group_key,
     group_rows,
     row_from,
@@ -258,6 +260,20 @@ def _raw_bucket_of(
     return of
 
 
+def _bucket_of_row(
+    start: ColumnElement[Any], grain: Grain, sign: int, starts: Sequence[datetime], backend: Backend
+) -> ColumnElement[int]:
+    """The bucket of a rollup row of a piece, by arithmetic rather than a search of the pieces: a day
+    piece, and an hour subtracted from one, are the bucket holding that day's middle; an hour added
+    lies in its bucket by more than half (`_raw_part`), so its middle does too."""
+    if grain == "hour" and sign > 0:
+        floor, shift = "hour", 30 * 60
+    else:
+        floor, shift = "day", 12 * 3600
+    seconds = backend.epoch_seconds(backend.bucket_start(start, floor))
+    return bucket_index_of_seconds(starts)(seconds + literal(shift, BigInteger, literal_execute=True))
+
+
 def _groups_of_pieces(pieces: Sequence[Piece]) -> dict[tuple[Grain | None, int], list[Piece]]:
     """The pieces per grain and sign, sorted by start: within one, none overlap."""
     grouped: dict[tuple[Grain | None, int], list[Piece]] = {}
@@ -321,7 +337,7 @@ def sums_statement(
             terms.append(any_range(r.c.start, _joined_ranges(members)))
         # Rows summed per model, group and price period first: the prices are joined to those sums.
         period = latest_start(r.c.start, price_starts).label("at")
-        bucket = _bucket_of_piece(r.c.start, members).label("bucket")
+        bucket = _bucket_of_row(r.c.start, grain, sign, starts, backend).label("bucket")
         grouped = [r.c.model, period, *(r.c[name] for name in dimensions), bucket]
         rows = (
             select(*grouped, *(func.sum(r.c[name]).label(name) for name in SUM_COLUMNS))
