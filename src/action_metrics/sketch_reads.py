@@ -44,7 +44,7 @@ from action_metrics.breakdown import (
     row_from,
 )
 from action_metrics.dialects import Backend, not_indexed
-from action_metrics.latency_sketches import MODEL_HOURLY, TOWN_DAILY, TOWN_HOURLY, SketchLevel, stored_sketch
+from action_metrics.latency_sketches import MODEL_HOURLY, TOWN_DAILY, TOWN_HOURLY, SketchLevel
 from action_metrics.query import MetricFilter
 from action_metrics.rollup import (
     DAILY,
@@ -65,7 +65,7 @@ from action_metrics.rollup import (
     range_terms,
 )
 from action_metrics.schema import action_metrics, latency_sketch, rollup, rollup_detail
-from action_metrics.sketch import Counted, merged_percentiles, sketch_counts
+from action_metrics.sketch import Counted, blob_counts, merged_percentiles
 
 RAW_HOUR_COST: Final = 20
 """How many rollup rows and sketches an hour of raw rows is worth, when choosing a bucket's cover."""
@@ -459,19 +459,21 @@ async def percentiles_of_groups(
             if grain == "hour"
             else any_range(s.c.start, _joined_ranges(members))
         )
-        statement = select(s.c.start, s.c.key, s.c.n, s.c.latency_sum, s.c.zero_count, s.c.bins).where(
+        statement = select(s.c.start, s.c.key, s.c.zero_count, s.c.bins).where(
             s.c.level == level.name,
             when,
             *([] if value is None else [s.c.key == value]),
         )
-        group_of, signs, sketches = [], [], []
+        group_of: list[int] = []
+        blobs: list[bytes] = []
+        zero_counts: list[int] = []
         for row in await connection.execute(statement):
-            for bucket in buckets_at.get(row.start, ()):
-                group_of.append(number(row.key, bucket))
-                signs.append(sign)
-                sketches.append(stored_sketch(row))
-        if sketches:
-            counted.append(sketch_counts(group_of, signs, sketches))
+            for bucket in buckets_at.get(row[0], ()):
+                group_of.append(number(row[1], bucket))
+                zero_counts.append(row[2])
+                blobs.append(row[3])
+        if blobs:
+            counted.append(blob_counts(group_of, [sign] * len(blobs), blobs, zero_counts))
     merged = merged_percentiles(len(numbers), counted)
     return {group: merged.of(index) for group, index in numbers.items()}
 
