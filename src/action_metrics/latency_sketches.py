@@ -29,11 +29,13 @@ class SketchLevel:
     name: str
     grain: Literal["hour", "day"]
     key: str
+    finer: SketchLevel | None = None
+    """The level a closing bucket's sketches are merged from (None: the raw rows)."""
 
 
 TOWN_HOURLY: Final = SketchLevel("town/hour", "hour", "town_id")
 """The edge hours of a town's local day (added to or subtracted from a UTC day's)."""
-TOWN_DAILY: Final = SketchLevel("town/day", "day", "town_id")
+TOWN_DAILY: Final = SketchLevel("town/day", "day", "town_id", finer=TOWN_HOURLY)
 MODEL_HOURLY: Final = SketchLevel("model/hour", "hour", "model")
 SKETCH_LEVELS: Final = (TOWN_HOURLY, MODEL_HOURLY, TOWN_DAILY)
 
@@ -107,6 +109,25 @@ async def add(
     await connection.execute(
         upsert, [_row(level, start, key, sketch) for (start, key), sketch in sketches.items()]
     )
+
+
+async def add_from_finer(
+    connection: AsyncConnection, level: SketchLevel, since: datetime, until: datetime
+) -> None:
+    """Write the new sketches of `level`'s buckets in [since, until) as the merge of the finer level's
+    (a day's town sketches from its 24 hours': closed before it, and kept up to date alike)."""
+    assert level.finer is not None
+    s = latency_sketch
+    finer = select(s.c.start, s.c.key, s.c.n, s.c.latency_sum, s.c.zero_count, s.c.bins).where(
+        s.c.level == level.finer.name, s.c.start >= since, s.c.start < until
+    )
+    grouped: dict[tuple[datetime, str], list[Sketch]] = {}
+    for row in await connection.execute(finer):
+        start = row.start.replace(hour=0, minute=0, second=0, microsecond=0)
+        grouped.setdefault((start, row.key), []).append(stored_sketch(row))
+    if grouped:
+        rows = [_row(level, start, key, Sketch.merged(parts)) for (start, key), parts in grouped.items()]
+        await connection.execute(insert(s), rows)
 
 
 def levels_of(grains: Sequence[str]) -> tuple[SketchLevel, ...]:

@@ -486,7 +486,14 @@ async def fill(
             await connection.execute(statement)
     if histograms:
         for sketch_level in latency_sketches.levels_of(sorted(grains)):
-            await _write_sketches(connection, backend, sketch_level, scope, new=closing)
+            if copied:  # the raw rows are binned in the scratch table already
+                binned = await connection.execute(_scratch_bins(sketch_level, backend))
+                rows = [tuple(row) for row in binned]
+                await latency_sketches.add(connection, backend, sketch_level, rows, new=closing)
+            elif closing and sketch_level.finer is not None and scope.since is not None and scope.until:
+                await latency_sketches.add_from_finer(connection, sketch_level, scope.since, scope.until)
+            else:
+                await _write_sketches(connection, backend, sketch_level, scope, new=closing)
     if copied:
         await connection.execute(DropTable(_scratch))
 
@@ -501,6 +508,23 @@ async def _write_sketches(
 ) -> None:
     binned = await connection.execute(_sketch_bins(level, scope, backend))
     await latency_sketches.add(connection, backend, level, [tuple(row) for row in binned], new=new)
+
+
+def _scratch_bins(level: latency_sketches.SketchLevel, backend: Backend) -> Select[Any]:
+    """`_sketch_bins` of the raw rows copied to the scratch table (their bins computed once)."""
+    s = _scratch
+    binned = (
+        select(
+            s.c[level.key].label("key"),
+            backend.bucket_start(s.c.at, level.grain).label("start"),
+            s.c.bin,
+            s.c.latency_ms_sum.label("latency_ms"),
+        )
+        .where(s.c.bin.is_not(None))
+        .subquery("binned")
+    )
+    b = binned.c
+    return select(b.key, b.start, b.bin, func.count(), func.sum(b.latency_ms)).group_by(b.key, b.start, b.bin)
 
 
 def _sketch_bins(level: latency_sketches.SketchLevel, scope: Scope, backend: Backend) -> Select[Any]:

@@ -95,6 +95,17 @@ class Sketch:
         np.add.at(summed, inverse, c[~zero])
         return cls(int(c.sum()), float(latency_sum), int(c[zero].sum()), encode(unique, summed))
 
+    @classmethod
+    def merged(cls, sketches: Sequence[Sketch]) -> Sketch:
+        """The sketch of the union of these sketches' latencies."""
+        decoded = [sketch.bins() for sketch in sketches]
+        zeros = sum(sketch.zero_count for sketch in sketches)
+        return cls.of_bins(
+            np.concatenate([bins for bins, _ in decoded] + [np.array([ZERO_BIN], np.int64)]),
+            np.concatenate([counts for _, counts in decoded] + [np.array([zeros], np.int64)]),
+            sum(sketch.latency_sum for sketch in sketches),
+        )
+
     def bins(self) -> tuple[Ints, Ints]:
         return decode(self.blob)
 
