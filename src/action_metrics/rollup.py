@@ -59,7 +59,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import CreateTable, DropTable
 from sqlalchemy.sql.selectable import Subquery
 
-from action_metrics import latency_sketches
+from action_metrics import latency_sketches, sketch
 from action_metrics.dialects import Backend
 from action_metrics.schema import (
     action_metrics,
@@ -69,15 +69,6 @@ from action_metrics.schema import (
     rollup,
     rollup_detail,
     rollup_state,
-)
-from action_metrics.sketch import (  # noqa: F401 - the bins are the rollups' too: imported from here
-    GAMMA,
-    LN_GAMMA,
-    RELATIVE_ACCURACY,
-    REPRESENTATIVE_FACTOR,
-    ZERO_BIN,
-    bin_of,
-    bin_value_of,
 )
 
 Grain = Literal["hour", "day"]
@@ -97,6 +88,16 @@ instead of one batch all of it."""
 STATE_ID: Final = 1
 
 # --- the latency histogram's bins --------------------------------------------------------------
+
+
+# The bins are `sketch`'s (this module bins raw rows in SQL the same way), known here by the same names.
+RELATIVE_ACCURACY: Final = sketch.RELATIVE_ACCURACY
+GAMMA: Final = sketch.GAMMA
+LN_GAMMA: Final = sketch.LN_GAMMA
+REPRESENTATIVE_FACTOR: Final = sketch.REPRESENTATIVE_FACTOR
+ZERO_BIN: Final = sketch.ZERO_BIN
+bin_of: Final = sketch.bin_of
+bin_value_of: Final = sketch.bin_value_of
 
 
 def latency_bin(latency_ms: ColumnElement[float]) -> ColumnElement[int]:
