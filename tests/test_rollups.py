@@ -517,3 +517,25 @@ def test_db_upgrade_writes_the_sketches_of_buckets_closed_before_them(database_u
         book = _book({"opus": [(inside, "10", "50")]})
         for window in WINDOWS:
             _assert_everything(store, metrics + late, book, **window)
+
+
+def test_a_late_metric_after_a_price_began_inside_its_closed_day_is_charged_that_price(
+    database_url: str,
+) -> None:
+    """The day's rows are split where the price began; a late metric later that day goes into the
+    split row, not the one from midnight (it did, and was charged the old price)."""
+    rng = random.Random(9)
+    day = START + timedelta(days=2)
+    metrics = _spread(rng, 600, START, NOW - timedelta(minutes=20))
+    dearer = day + timedelta(hours=7, minutes=13)
+    late = _metric(rng, day + timedelta(hours=23, minutes=50), model="opus", error=None)
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        store.set_model_price("opus", "20", "80", effective_from=dearer)
+        store.emit(late)
+        store.flush()
+        book = _book({"opus": [(dearer, "20", "80")]})
+        everything = [*metrics, late]
+        for window in ({"since": day, "until": day + timedelta(days=1)}, {"model": "opus"}, {}):
+            _assert_everything(store, everything, book, **window)
+        _assert_sketches_match_the_raw_rows(store, everything)
