@@ -52,6 +52,9 @@ comes from per-group sums; p50/p95/p99 take one sort and the by-model p95 one mo
   action type: that filter's index finds the actions once, six columns of them are kept and priced by
   a join. Percentiles: ROW_NUMBER, reading back only the rows at the interpolation points.
 
+`--without-sketches` reads every breakdown the way it was read before the sketch levels (rollup
+histograms merged in SQL, raw rows for a local day's edge hours): the same database, for a comparison.
+
 - ClickHouse (`--backends clickhouse`, in process through chdb; `--clickhouse-path DIR` keeps the
   directory, database `--clickhouse-database`): every price change is one sorted array, each action's
   period is how many changes it is at or after, so one GROUP BY model, credits and period sums the raw
@@ -1526,6 +1529,10 @@ async def measure(backend: str, url: str, arguments: argparse.Namespace, console
 
 async def main(arguments: argparse.Namespace) -> int:
     stream = sys.stderr if arguments.json else sys.stdout
+    if arguments.without_sketches:  # breakdown() as before the sketch levels, on the same database
+        from action_metrics import sketch_reads
+
+        sketch_reads.shape_of = lambda *_: None  # type: ignore[assignment]
     console = Console(stderr=arguments.json, highlight=False, width=None if stream.isatty() else 150)
     console.print(
         f"action-metrics dashboard bench: {arguments.actions:,} actions over {arguments.days:g} days,"
@@ -1583,6 +1590,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         default=[],
         metavar="NAME=VALUE",
         help="a PostgreSQL setting for both sides' sessions, e.g. jit=off or work_mem=64MB (repeatable)",
+    )
+    parser.add_argument(
+        "--without-sketches",
+        action="store_true",
+        help="breakdown() without the sketch levels (as before them), to compare on the same database",
     )
     parser.add_argument(
         "--explain", action="store_true", help="print the hand SQL's plan after each selection (diagnosis)"

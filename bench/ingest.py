@@ -494,6 +494,11 @@ async def stream(backend: str, count: int, workdir: Path) -> float:
 
 
 async def main(arguments: argparse.Namespace) -> int:
+    if arguments.without_sketches:  # the write path as before the sketch levels, for a comparison
+        from action_metrics import latency_sketches, rollup
+
+        latency_sketches.levels_of = lambda grains: ()  # type: ignore[assignment]
+        rollup.LEVELS = tuple(level for level in rollup.LEVELS if level is not rollup.HOURLY_BY_TOWN)  # type: ignore[misc]
     print(
         f"action-metrics ingest bench: {arguments.metrics:,} metrics ({arguments.shape} shape),"
         f" {arguments.runs} runs per backend,"
@@ -563,6 +568,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         action="append",
         choices=["sqlite", "postgresql", "clickhouse"],
         help="default: sqlite and postgresql (clickhouse: in process, chdb)",
+    )
+    parser.add_argument(
+        "--without-sketches",
+        action="store_true",
+        help="write no sketches and no hourly sums per town (the write path before them)",
     )
     parser.add_argument(
         "--no-plain", dest="plain", action="store_false", help="skip the plain SQLAlchemy reference"

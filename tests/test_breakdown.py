@@ -481,3 +481,79 @@ def test_a_long_breakdown_streams_the_rows_breakdown_returns(
     rows = run_async(streamed())
     assert len(rows) > 250
     assert rows == [row.to_dict() for row in store.breakdown(**asked)]
+
+
+@pytest.mark.parametrize(
+    ("by", "bucket", "zone", "filters"),
+    [
+        (("town_id",), "day", "Europe/Berlin", {}),  # 23- and 25-hour days
+        (("town_id",), "day", "Asia/Kathmandu", {}),  # the edge quarter hours from raw rows
+        ((), "day", "Asia/Kathmandu", {"town_id": "town-b"}),  # the page's days of one town
+        ((), "day", "America/St_Johns", {"since": SPRING + timedelta(hours=7, minutes=3)}),
+        (("town_id",), "week", "America/New_York", {}),
+        (("model",), "hour", "Europe/Berlin", {}),
+        ((), "hour", "UTC", {"model": "opus"}),
+    ],
+)
+def test_the_sketch_levels_answer_town_days_and_model_hours_as_the_reference(
+    database_url: str,
+    backend: Databases,
+    monkeypatch: pytest.MonkeyPatch,
+    by: tuple[str, ...],
+    bucket: str,
+    zone: str,
+    filters: dict[str, Any],
+) -> None:
+    """Local days of towns (any zone) and hours of models are read from the sketch levels (the UTC
+    day holding a local day's middle, its edge hours added and subtracted), with a late metric in an
+    edge hour and a price that begins inside a closed day among them."""
+    from action_metrics import sketch_reads
+
+    answered: list[int] = []
+    read = sketch_reads.breakdown_rows
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        rows = await read(*args, **kwargs)
+        answered.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(sketch_reads, "breakdown_rows", counted)
+    metrics = _metrics(seed=31, per_window=600)
+    opus_dearer = SPRING + timedelta(days=1, hours=7, minutes=13)  # inside a closed UTC day
+    book = _book()
+    book.models["opus"].append((opus_dearer, Decimal("20"), Decimal("80")))
+    late = ActionMetric(
+        action_type="lod3",
+        user_id="user-late",
+        town_id="town-b",
+        citizen_id=None,
+        model="opus",
+        tokens_in=4_321,
+        tokens_out=765,
+        latency_ms=12_345.0,
+        credits_charged=100,
+        timestamp=SPRING + timedelta(days=1, hours=23, minutes=50),  # Berlin's and Kathmandu's edge hours
+    )
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        store.flush()
+        store.set_model_price("opus", "20", "80", effective_from=opus_dearer)
+        store.emit(late)
+        store.flush()
+        everything = [*metrics, late]
+        chosen = [
+            metric
+            for metric in everything
+            if all(
+                metric.timestamp >= value if name == "since" else getattr(metric, name) == value
+                for name, value in filters.items()
+            )
+        ]
+        rows = [row.to_dict() for row in store.breakdown(by, bucket=bucket, tz=zone, **filters)]
+        expected = _expected_with(chosen, by, bucket, zone, book)
+        assert sorted(map(repr, (_key(row, by, bucket) for row in rows))) == sorted(map(repr, expected))
+        for row in rows:
+            assert_matches(row, expected[_key(row, by, bucket)], f"{by} {bucket} {zone}: ")
+        if backend.name != "clickhouse":  # ClickHouse reads its own rollups (clickhouse_repository)
+            assert answered == [len(rows)]
+            assert not rows[0]["percentiles_exact"]

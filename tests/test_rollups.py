@@ -29,6 +29,7 @@ from action_metrics.rollup import (
     floor_to,
     read_state,
 )
+from action_metrics.sketch import Sketch
 
 from reference import PriceBook, assert_matches, expected_aggregate, percentile, select_like_the_store
 
@@ -137,6 +138,7 @@ def test_late_and_resent_metrics_are_counted_once_in_the_closed_buckets(database
         for window in WINDOWS:
             _assert_everything(store, everything, _book(), **window)
         assert not store.aggregate().percentiles_exact  # the rollups answered
+        _assert_sketches_match_the_raw_rows(store, everything)
 
 
 def test_a_price_set_afterwards_inside_closed_buckets_reprices_them(database_url: str) -> None:
@@ -170,6 +172,7 @@ def test_a_price_set_afterwards_inside_closed_buckets_reprices_them(database_url
         )
         _assert_everything(store, metrics, book)
         _assert_everything(store, metrics, book, model="sonnet", since=START + timedelta(days=2))
+        _assert_sketches_match_the_raw_rows(store, metrics)
 
 
 def test_an_interrupted_build_resumes_and_every_answer_is_right_on_the_way(database_url: str) -> None:
@@ -200,6 +203,7 @@ def test_an_interrupted_build_resumes_and_every_answer_is_right_on_the_way(datab
         assert _state(store).days_closed_until == floor_to(floor_to(now, "hour"), "day")
         for window in WINDOWS:
             _assert_everything(store, metrics, _book(), **window)
+        _assert_sketches_match_the_raw_rows(store, metrics)
 
 
 def test_prune_keeps_the_rollups_and_says_what_needs_the_pruned_rows(database_url: str) -> None:
@@ -214,6 +218,7 @@ def test_prune_keeps_the_rollups_and_says_what_needs_the_pruned_rows(database_ur
         assert len(store.query()) == len(metrics)
         done = store.prune(cutoff + timedelta(hours=7))
         assert (done.cutoff, done.rows) == (cutoff, older)
+        _assert_sketches_match_the_raw_rows(store, metrics)  # the pruned days' too
         kept = [metric for metric in metrics if metric.timestamp >= cutoff]
         assert store.query(since=cutoff) == select_like_the_store(kept, {})
         assert store.query(limit=5) == select_like_the_store(kept, {"limit": 5})  # newest: all kept
@@ -363,6 +368,87 @@ def _state(store: MetricsStore) -> RollupState:
     return store._call(read())
 
 
+def _sketches_from_raw(
+    metrics: list[ActionMetric], state: RollupState
+) -> dict[tuple[str, datetime, str], Any]:
+    """Every sketch the closed buckets should hold, built here from the metrics themselves:
+    (level, start, key) -> (n, zero count, {bin: count}, latency sum)."""
+    expected: dict[tuple[str, datetime, str], Any] = {}
+    for name, grain, key in (
+        ("town/hour", "hour", "town_id"),
+        ("model/hour", "hour", "model"),
+        ("town/day", "day", "town_id"),
+    ):
+        closed = state.hours_closed_until if grain == "hour" else state.days_closed_until
+        for metric in metrics:
+            if metric.error is not None or closed is None or metric.timestamp >= closed:
+                continue
+            if state.sketches_from is not None and metric.timestamp < state.sketches_from:
+                continue
+            bucket = (name, floor_to(metric.timestamp, grain), getattr(metric, key))
+            n, zeros, bins, total = expected.get(bucket, (0, 0, {}, 0.0))
+            latency = float(metric.latency_ms)
+            if latency > 0:
+                bins[bin_of(latency)] = bins.get(bin_of(latency), 0) + 1
+            expected[bucket] = (n + 1, zeros + (latency == 0), bins, total + latency)
+    return expected
+
+
+def _assert_sketches_match_the_raw_rows(store: MetricsStore, metrics: list[ActionMetric]) -> None:
+    """Every stored sketch equals the one built from the metrics, and every closed hour's sums per
+    town and model (the level read with them) equal the metrics' sums."""
+    from sqlalchemy import select
+
+    from action_metrics.schema import latency_sketch, rollup
+
+    async def read() -> tuple[list[Any], list[Any]]:
+        repository = await store._store._open()
+        async with repository.engine.connect() as connection:
+            sketches = (await connection.execute(select(latency_sketch))).all()
+            r = rollup.c
+            sums = (
+                await connection.execute(
+                    select(r.town_id, r.start, r.model, r["count"], r.tokens_in, r.credits_charged).where(
+                        r.grain == "hour", r.town_id != "", r.action_type == ""
+                    )
+                )
+            ).all()
+            return sketches, sums
+
+    state = _state(store)
+    stored, sums = store._call(read())
+    expected = _sketches_from_raw(metrics, state)
+    got = {}
+    for row in stored:
+        sketch = Sketch(row.n, row.latency_sum, row.zero_count, row.bins)
+        bins, counts = sketch.bins()
+        got[(row.level, row.start, row.key)] = (
+            sketch.n,
+            sketch.zero_count,
+            dict(zip(bins.tolist(), counts.tolist(), strict=True)),
+            sketch.latency_sum,
+        )
+    assert got.keys() == expected.keys()
+    for bucket, (n, zeros, bins, total) in expected.items():
+        assert got[bucket][:3] == (n, zeros, bins), bucket
+        assert got[bucket][3] == pytest.approx(total, rel=1e-9), bucket
+    per_hour: dict[tuple[str, datetime, str], list[int]] = {}
+    for town, start, model, count, tokens_in, credits in sums:
+        totals = per_hour.setdefault((town, floor_to(start, "hour"), model), [0, 0, 0])
+        for index, value in enumerate((count, tokens_in, credits)):
+            totals[index] += int(value)
+    closed = state.hours_closed_until
+    want: dict[tuple[str, datetime, str], list[int]] = {}
+    for metric in metrics:
+        if closed is not None and metric.timestamp < closed:
+            totals = want.setdefault(
+                (metric.town_id, floor_to(metric.timestamp, "hour"), metric.model), [0, 0, 0]
+            )
+            for index, value in enumerate((1, metric.tokens_in, metric.credits_charged)):
+                totals[index] += value
+    assert per_hour == want
+
+
 def _reset_rollups(url: str) -> None:
     """Empty the rollups, as a database just migrated to 0003 with rows already stored has them."""
     with MetricsStore(url) as store:
@@ -372,9 +458,16 @@ def _reset_rollups(url: str) -> None:
             async with repository.engine.begin() as connection:
                 from sqlalchemy import delete, update
 
-                from action_metrics.schema import latency_histogram, rollup, rollup_detail, rollup_state
+                from action_metrics.schema import (
+                    latency_histogram,
+                    latency_sketch,
+                    rollup,
+                    rollup_detail,
+                    rollup_state,
+                )
 
                 await connection.execute(delete(rollup))
+                await connection.execute(delete(latency_sketch))
                 await connection.execute(delete(rollup_detail))
                 await connection.execute(delete(latency_histogram))
                 await connection.execute(
@@ -394,3 +487,55 @@ async def _insert_without_rollups(store: MetricsStore, metrics: list[ActionMetri
     repository = await store._store._open()
     async with repository.engine.begin() as connection:
         await connection.execute(insert(action_metrics), metric_rows(metrics))
+
+
+def test_db_upgrade_writes_the_sketches_of_buckets_closed_before_them(database_url: str) -> None:
+    """A database whose rollups were built before migration 0008 (late metrics and a price change
+    among its rows): `db upgrade` sums the hours per town and writes every closed bucket's sketch."""
+    from conftest import run_cli
+
+    from action_metrics import migrate
+
+    rng = random.Random(8)
+    metrics = _spread(rng, 1200, START, NOW - timedelta(minutes=20))
+    late = _spread(rng, 200, START, NOW - timedelta(hours=5))
+    inside = START + timedelta(days=2, hours=3, minutes=7)
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        store.emit_many([*late, *metrics[:30]])
+        store.set_model_price("opus", "10", "50", effective_from=inside)
+    before = migrate.head_revision()
+    previous = "0006"
+    assert run_cli("db", "downgrade", previous, "--url", database_url).exit_code == 0
+    upgraded = run_cli("db", "upgrade", "--url", database_url)
+    assert upgraded.exit_code == 0, upgraded.output
+    with MetricsStore(database_url) as store:
+        assert migrate.head_revision() == before
+        state = _state(store)
+        assert state.sketches_from is None  # written back to the first raw row
+        _assert_sketches_match_the_raw_rows(store, metrics + late)
+        book = _book({"opus": [(inside, "10", "50")]})
+        for window in WINDOWS:
+            _assert_everything(store, metrics + late, book, **window)
+
+
+def test_a_late_metric_after_a_price_began_inside_its_closed_day_is_charged_that_price(
+    database_url: str,
+) -> None:
+    """The day's rows are split where the price began; a late metric later that day goes into the
+    split row, not the one from midnight (it did, and was charged the old price)."""
+    rng = random.Random(9)
+    day = START + timedelta(days=2)
+    metrics = _spread(rng, 600, START, NOW - timedelta(minutes=20))
+    dearer = day + timedelta(hours=7, minutes=13)
+    late = _metric(rng, day + timedelta(hours=23, minutes=50), model="opus", error=None)
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        store.set_model_price("opus", "20", "80", effective_from=dearer)
+        store.emit(late)
+        store.flush()
+        book = _book({"opus": [(dearer, "20", "80")]})
+        everything = [*metrics, late]
+        for window in ({"since": day, "until": day + timedelta(days=1)}, {"model": "opus"}, {}):
+            _assert_everything(store, everything, book, **window)
+        _assert_sketches_match_the_raw_rows(store, everything)

@@ -175,6 +175,31 @@ def bucket_index(
     return of
 
 
+def bucket_index_of_seconds(starts: Sequence[datetime]) -> Callable[[ColumnElement[int]], ColumnElement[int]]:
+    """`bucket_index` for a moment given as whole epoch seconds (an expression of them: a row's
+    start moved to the middle of its hour or day, `sketch_reads`)."""
+    runs: list[tuple[int, int, int]] = []  # first bucket index, start (epoch seconds), length
+    for index, (start, end) in enumerate(pairwise(starts)):
+        length = int((end - start).total_seconds())
+        if not runs or runs[-1][2] != length:
+            runs.append((index, int(start.timestamp()), length))
+
+    def inline(value: int) -> ColumnElement[int]:
+        return literal(value, BigInteger, literal_execute=True)
+
+    def of(seconds: ColumnElement[int]) -> ColumnElement[int]:
+        def search(low: int, high: int) -> ColumnElement[int]:
+            if high - low == 1:
+                first, start, length = runs[low]
+                return (seconds + inline(first * length - start)) // inline(length)
+            middle = (low + high) // 2
+            return case((seconds < inline(runs[middle][1]), search(low, middle)), else_=search(middle, high))
+
+        return search(0, len(runs))
+
+    return of
+
+
 # --- the request and its rows --------------------------------------------------------------------------
 
 
@@ -292,22 +317,38 @@ def breakdown_statement(
     grouping = _grouping(request, starts, backend)
     raw = raw_rows(metric_filter, plan, grouping)
     per_model = sums_per_model(summed_parts(metric_filter, plan, raw, price_starts, grouping), grouping.keys)
+    if not percentiles:
+        return group_rows(per_model, request)
     keys = group_keys(request)
+    summed = _summed_groups(per_model, keys)
+    per_group = backend.computed_once(
+        select(_percentiles(metric_filter, request, plan, raw, grouping, backend)), "group_percentiles"
+    )
+    same_group = and_(true(), *(_joinable(per_group.c[key]) == _joinable(summed.c[key]) for key in keys))
+    return _sorted_rows(summed.outerjoin(per_group, same_group), summed, per_group, request)
+
+
+def _summed_groups(per_model: NamedFromClause, keys: Sequence[str]) -> Subquery:
     grouped = [per_model.c[key] for key in keys]
     sums = select(*grouped, *(func.sum(per_model.c[name]).label(name) for name in PER_MODEL_SUMS))
-    summed = (sums.group_by(*grouped) if keys else sums).subquery("sums")
-    if percentiles:
-        per_group = backend.computed_once(
-            select(_percentiles(metric_filter, request, plan, raw, grouping, backend)), "group_percentiles"
-        )
-        same_group = and_(true(), *(_joinable(per_group.c[key]) == _joinable(summed.c[key]) for key in keys))
-        joined = summed.outerjoin(per_group, same_group)
-    else:
-        per_group = select(
-            *(cast(null(), Double).label(name) for name in PERCENTILES),
-            literal(0, Integer).label("approximate"),
-        ).subquery("no_percentiles")
-        joined = summed.join(per_group, true())
+    return (sums.group_by(*grouped) if keys else sums).subquery("sums")
+
+
+def group_rows(per_model: NamedFromClause, request: BreakdownRequest, *, approximate: int = 0) -> Select[Any]:
+    """Every group's figures from its per-model sums, sorted and cut to `top`, with NULL percentiles
+    (filled in afterwards: `ranks_by_sums`, `sketch_reads`); `approximate` says how they will be."""
+    summed = _summed_groups(per_model, group_keys(request))
+    per_group = select(
+        *(cast(null(), Double).label(name) for name in PERCENTILES),
+        literal(approximate, Integer).label("approximate"),
+    ).subquery("no_percentiles")
+    return _sorted_rows(summed.join(per_group, true()), summed, per_group, request)
+
+
+def _sorted_rows(
+    joined: Any, summed: Subquery, per_group: NamedFromClause, request: BreakdownRequest
+) -> Select[Any]:
+    keys = group_keys(request)
     rows = (
         select(*(summed.c[key] for key in keys), *figure_columns(summed, per_group))
         .select_from(joined)

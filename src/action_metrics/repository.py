@@ -22,7 +22,7 @@ from sqlalchemy import delete, func, select, union
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from action_metrics import migrate, rollup
+from action_metrics import migrate, rollup, sketch_reads
 from action_metrics.aggregate import Aggregate, aggregate_from_rows, aggregate_statement
 from action_metrics.breakdown import (
     BreakdownRequest,
@@ -60,7 +60,13 @@ from action_metrics.query import (
     metrics_statement,
 )
 from action_metrics.rollup import BuildProgress, ReadPlan, RollupState
-from action_metrics.schema import action_metrics, credit_prices, latency_histogram, model_prices
+from action_metrics.schema import (
+    action_metrics,
+    credit_prices,
+    latency_histogram,
+    latency_sketch,
+    model_prices,
+)
 from action_metrics.schema import rollup as rollup_table
 
 if TYPE_CHECKING:
@@ -292,6 +298,27 @@ class MetricsRepository:
                 local = bucket_starts(request.bucket, request.zone, since, until)
                 starts = [start.astimezone(UTC) for start in local]
                 windows = [(max(a, since), min(b, until)) for a, b in pairwise(starts)]
+                shape = sketch_reads.shape_of(metric_filter, request, state)
+                if shape is not None and sketch_reads.readable(shape, state, since, starts):
+                    pieces = sketch_reads.cover(shape, windows, state)
+                    if sketch_reads.pruned_pieces(pieces, state):
+                        assert state.raw_kept_from is not None
+                        raise RawRowsPruned(state.raw_kept_from, "breakdown()")
+                    price_starts = await _price_starts(connection)
+                    rows = await sketch_reads.breakdown_rows(
+                        connection,
+                        metric_filter,
+                        request,
+                        shape,
+                        pieces,
+                        state,
+                        starts,
+                        self.backend,
+                        price_starts,
+                    )
+                    for row in rows:
+                        yield row
+                    return
                 plans = [_plan(metric_filter, state, exact=exact, grouped=grouped, window=w) for w in windows]
                 plan = combined_plan(plans)
             if rollup.reads_pruned_rows(plan, state):
@@ -485,7 +512,9 @@ class MetricsRepository:
         """Close every bucket that can be closed now, a day per transaction (resumable)."""
         state = await rollup.build(self._write_transaction, self.backend, progress=progress)
         async with self._write_transaction() as connection:  # the planner sees the new rollups at once
-            await self.backend.refresh_statistics(connection, rollup_table, latency_histogram, action_metrics)
+            await self.backend.refresh_statistics(
+                connection, rollup_table, latency_histogram, latency_sketch, action_metrics
+            )
         return state
 
     async def prune(

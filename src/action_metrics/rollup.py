@@ -38,6 +38,7 @@ from sqlalchemy import (
     Double,
     Integer,
     MetaData,
+    Select,
     Table,
     and_,
     case,
@@ -58,6 +59,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import CreateTable, DropTable
 from sqlalchemy.sql.selectable import Subquery
 
+from action_metrics import latency_sketches, sketch
 from action_metrics.dialects import Backend
 from action_metrics.schema import (
     action_metrics,
@@ -87,15 +89,15 @@ STATE_ID: Final = 1
 
 # --- the latency histogram's bins --------------------------------------------------------------
 
-RELATIVE_ACCURACY: Final = 0.009
-"""Every latency is within 0.9% of its bin's representative: 1% with room for rounding at bin edges."""
-GAMMA: Final = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
-LN_GAMMA: Final = math.log(GAMMA)
-REPRESENTATIVE_FACTOR: Final = 2 / (GAMMA + 1)
-"""Bin i holds (GAMMA**(i-1), GAMMA**i]; its representative 2 * GAMMA**i / (GAMMA + 1) is within
-RELATIVE_ACCURACY of both ends."""
-ZERO_BIN: Final = -(2**31)
-"""The bin of a latency of 0 (whose logarithm is undefined); its representative is 0."""
+
+# The bins are `sketch`'s (this module bins raw rows in SQL the same way), known here by the same names.
+RELATIVE_ACCURACY: Final = sketch.RELATIVE_ACCURACY
+GAMMA: Final = sketch.GAMMA
+LN_GAMMA: Final = sketch.LN_GAMMA
+REPRESENTATIVE_FACTOR: Final = sketch.REPRESENTATIVE_FACTOR
+ZERO_BIN: Final = sketch.ZERO_BIN
+bin_of: Final = sketch.bin_of
+bin_value_of: Final = sketch.bin_value_of
 
 
 def latency_bin(latency_ms: ColumnElement[float]) -> ColumnElement[int]:
@@ -110,18 +112,6 @@ def bin_value(bin_column: ColumnElement[int]) -> ColumnElement[float]:
         + literal(math.log(REPRESENTATIVE_FACTOR), Double)
     )
     return type_coerce(case((bin_column == ZERO_BIN, literal(0.0, Double)), else_=scaled), Double)
-
-
-def bin_of(latency_ms: float) -> int:
-    """`latency_bin` in Python, for tests and tools."""
-    return ZERO_BIN if latency_ms <= 0 else math.ceil(math.log(latency_ms) / LN_GAMMA)
-
-
-def bin_value_of(bin_number: int) -> float:
-    """`bin_value` in Python."""
-    return (
-        0.0 if bin_number == ZERO_BIN else math.exp(bin_number * LN_GAMMA + math.log(REPRESENTATIVE_FACTOR))
-    )
 
 
 # --- levels --------------------------------------------------------------------------------------
@@ -157,13 +147,16 @@ HOURLY: Final = Level("hour", (), histogram=True)
 """Per model and hour: every question without a town or action filter over part of a day."""
 HOURLY_DETAIL: Final = Level("hour", DIMENSIONS, histogram=False)
 """Per town, action, model and hour: the `action_metrics_hourly` view."""
+HOURLY_BY_TOWN: Final = Level("hour", ("town_id",), histogram=False, sums_from=HOURLY_DETAIL)
+"""Per town, model and hour: the edge hours of a town's local day, added to or subtracted from a UTC
+day's sums (`sketch_reads`); its percentiles are the town/hour sketches."""
 DAILY: Final = Level("day", (), histogram=True, sums_from=HOURLY, histogram_from=HOURLY)
 DAILY_DETAIL: Final = Level("day", DIMENSIONS, histogram=False, sums_from=HOURLY_DETAIL)
 """Per town, action, model and day: the `action_metrics_daily` view."""
 DAILY_BY_TOWN: Final = Level("day", ("town_id",), histogram=True, sums_from=DAILY_DETAIL)
 DAILY_BY_ACTION: Final = Level("day", ("action_type",), histogram=True, sums_from=DAILY_DETAIL)
 
-LEVELS: Final = (HOURLY, HOURLY_DETAIL, DAILY, DAILY_DETAIL, DAILY_BY_TOWN, DAILY_BY_ACTION)
+LEVELS: Final = (HOURLY, HOURLY_DETAIL, HOURLY_BY_TOWN, DAILY, DAILY_DETAIL, DAILY_BY_TOWN, DAILY_BY_ACTION)
 """Every level, each after the levels it is summed from. A town or action filter over part of a day
 reads raw rows through their indexes (a town's day is ~1/50 of the actions): hourly levels per town
 or action would be nearly as large as the raw table at 50 towns x 11 actions x 5 models."""
@@ -230,6 +223,7 @@ class RollupState:
     hours_closed_until: datetime | None = None
     days_closed_until: datetime | None = None
     raw_kept_from: datetime | None = None
+    sketches_from: datetime | None = None
 
     def closed_until(self, grain: Grain) -> datetime | None:
         return self.hours_closed_until if grain == "hour" else self.days_closed_until
@@ -239,7 +233,10 @@ async def read_state(connection: AsyncConnection, *, for_update: bool = False) -
     """The state row; `for_update` also makes concurrent writers wait their turn (PostgreSQL; a
     SQLite writer already holds the database's write lock)."""
     statement = select(
-        rollup_state.c.hours_closed_until, rollup_state.c.days_closed_until, rollup_state.c.raw_kept_from
+        rollup_state.c.hours_closed_until,
+        rollup_state.c.days_closed_until,
+        rollup_state.c.raw_kept_from,
+        rollup_state.c.sketches_from,
     ).where(rollup_state.c.id == STATE_ID)
     if for_update:
         statement = statement.with_for_update()
@@ -255,6 +252,7 @@ async def _write_state(connection: AsyncConnection, state: RollupState) -> None:
             hours_closed_until=state.hours_closed_until,
             days_closed_until=state.days_closed_until,
             raw_kept_from=state.raw_kept_from,
+            sketches_from=state.sketches_from,
         )
     )
 
@@ -438,14 +436,17 @@ def _fill_histogram(level: Level, source: Subquery, backend: Backend, *, merge: 
 
 
 async def _prices_start_inside(connection: AsyncConnection, grain: Grain, scope: Scope) -> bool:
-    """Whether a model or credit price begins strictly inside a `grain` bucket of the scope's range."""
+    """Whether a model or credit price begins strictly inside a `grain` bucket of the scope's range:
+    from the start of the bucket holding `since` (a late metric at 23:50 goes into the day's row that
+    a price starting at 07:13 split, not the one from midnight)."""
+    since = None if scope.since is None else floor_to(scope.since, grain)
     model_starts = select(model_prices.c.effective_from.label("at")).where(
-        *range_terms(model_prices.c.effective_from, scope.since, scope.until)
+        *range_terms(model_prices.c.effective_from, since, scope.until)
     )
     if scope.model is not None:
         model_starts = model_starts.where(model_prices.c.model == scope.model)
     credit_starts = select(credit_prices.c.effective_from.label("at")).where(
-        *range_terms(credit_prices.c.effective_from, scope.since, scope.until)
+        *range_terms(credit_prices.c.effective_from, since, scope.until)
     )
     moments = (await connection.execute(union_all(model_starts, credit_starts))).scalars().all()
     return any(moment != floor_to(moment, grain) for moment in moments)
@@ -484,8 +485,67 @@ async def fill(
                 else _fill_sums(level, source, backend, split=split[level.grain], merge=not closing)
             )
             await connection.execute(statement)
+    if histograms:
+        for sketch_level in latency_sketches.levels_of(sorted(grains)):
+            if copied:  # the raw rows are binned in the scratch table already
+                binned = await connection.execute(_scratch_bins(sketch_level, backend))
+                rows = [tuple(row) for row in binned]
+                await latency_sketches.add(connection, backend, sketch_level, rows, new=closing)
+            elif closing and sketch_level.finer is not None and scope.since is not None and scope.until:
+                await latency_sketches.add_from_finer(connection, sketch_level, scope.since, scope.until)
+            else:
+                await _write_sketches(connection, backend, sketch_level, scope, new=closing)
     if copied:
         await connection.execute(DropTable(_scratch))
+
+
+async def _write_sketches(
+    connection: AsyncConnection,
+    backend: Backend,
+    level: latency_sketches.SketchLevel,
+    scope: Scope,
+    *,
+    new: bool,
+) -> None:
+    binned = await connection.execute(_sketch_bins(level, scope, backend))
+    await latency_sketches.add(connection, backend, level, [tuple(row) for row in binned], new=new)
+
+
+def _scratch_bins(level: latency_sketches.SketchLevel, backend: Backend) -> Select[Any]:
+    """`_sketch_bins` of the raw rows copied to the scratch table (their bins computed once)."""
+    s = _scratch
+    binned = (
+        select(
+            s.c[level.key].label("key"),
+            backend.bucket_start(s.c.at, level.grain).label("start"),
+            s.c.bin,
+            s.c.latency_ms_sum.label("latency_ms"),
+        )
+        .where(s.c.bin.is_not(None))
+        .subquery("binned")
+    )
+    b = binned.c
+    return select(b.key, b.start, b.bin, func.count(), func.sum(b.latency_ms)).group_by(b.key, b.start, b.bin)
+
+
+def _sketch_bins(level: latency_sketches.SketchLevel, scope: Scope, backend: Backend) -> Select[Any]:
+    """The scope's successful actions' latencies binned per key of the sketch level and bucket."""
+    m = action_metrics
+    where = [*scope.terms(m.c.timestamp, m.c.model), m.c.error.is_(None)]
+    if scope.ids is not None:
+        where.append(m.c.id.in_(scope.ids))
+    binned = (
+        select(
+            m.c[level.key].label("key"),
+            backend.bucket_start(m.c.timestamp, level.grain).label("start"),
+            latency_bin(m.c.latency_ms).label("bin"),
+            m.c.latency_ms,
+        )
+        .where(*where)
+        .subquery("binned")
+    )
+    b = binned.c
+    return select(b.key, b.start, b.bin, func.count(), func.sum(b.latency_ms)).group_by(b.key, b.start, b.bin)
 
 
 # --- the write path ----------------------------------------------------------------------------------
@@ -751,4 +811,31 @@ async def build(
             done = max(0, (after.days_closed_until - first_day) // GRAIN_LENGTH["day"])
             progress(BuildProgress(min(done, total), total))
         if after == before:
-            return after
+            return await _backfill_sketches(transaction, backend)
+
+
+async def _backfill_sketches(transaction: WriteTransaction, backend: Backend) -> RollupState:
+    """Write the sketches of the closed buckets from before `sketches_from` (a database migrated to
+    0008 with rollups already built), the newest day first, a day per transaction: interrupted, it
+    resumes; done, `sketches_from` is the prune cut-off (None: never pruned)."""
+    while True:
+        async with transaction() as connection:
+            state = await read_state(connection, for_update=True)
+            until = state.sketches_from
+            if until is None:
+                return state
+            since = floor_to(until, "day") if until != floor_to(until, "day") else until - GRAIN_LENGTH["day"]
+            earlier = await _next_timestamp(connection, None)
+            if earlier is None or earlier >= until:
+                after = replace(state, sketches_from=state.raw_kept_from)
+                await write_state(connection, state, after)
+                return after
+            for level in latency_sketches.levels_of(["hour", "day"]):
+                closed = state.closed_until(level.grain)
+                end = until if closed is None else min(until, closed)
+                if level.grain == "day" and since + GRAIN_LENGTH["day"] > end:
+                    continue  # the day is not closed yet: its close writes its sketches
+                if end <= since:
+                    continue
+                await _write_sketches(connection, backend, level, Scope(since, end), new=True)
+            await write_state(connection, state, replace(state, sketches_from=since))

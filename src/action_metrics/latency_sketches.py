@@ -1,0 +1,134 @@
+"""The sketch levels: which buckets keep a latency sketch (`sketch.Sketch`), and how a batch of
+binned latencies is added to them in the write's own transaction, as the rollups are.
+
+A closing bucket's sketches are new rows; a late metric's are read, added to and written back, one
+read-modify-write per sketch per batch (the rows locked with FOR UPDATE on PostgreSQL; a SQLite writer
+already holds the database's write lock). Prices do not touch them; a prune keeps them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import groupby
+from typing import Any, Final, Literal
+
+from sqlalchemy import insert, select, tuple_
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from action_metrics.dialects import Backend
+from action_metrics.schema import latency_sketch
+from action_metrics.sketch import Sketch
+
+
+@dataclass(frozen=True)
+class SketchLevel:
+    """A grain and the column of the actions a sketch is kept per."""
+
+    name: str
+    grain: Literal["hour", "day"]
+    key: str
+    finer: SketchLevel | None = None
+    """The level a closing bucket's sketches are merged from (None: the raw rows)."""
+
+
+TOWN_HOURLY: Final = SketchLevel("town/hour", "hour", "town_id")
+"""The edge hours of a town's local day (added to or subtracted from a UTC day's)."""
+TOWN_DAILY: Final = SketchLevel("town/day", "day", "town_id", finer=TOWN_HOURLY)
+MODEL_HOURLY: Final = SketchLevel("model/hour", "hour", "model")
+SKETCH_LEVELS: Final = (TOWN_HOURLY, MODEL_HOURLY, TOWN_DAILY)
+
+
+BinnedRow = tuple[str, datetime, int, int, float]
+"""A level's key, a bucket start, a bin, how many latencies fell in it, and their sum."""
+
+
+def bucket_sketches(rows: Iterable[BinnedRow]) -> dict[tuple[datetime, str], Sketch]:
+    """One sketch per (start, key) of binned rows."""
+    ordered = sorted(rows, key=lambda row: (row[1], row[0]))
+    sketches: dict[tuple[datetime, str], Sketch] = {}
+    for (start, key), group in groupby(ordered, key=lambda row: (row[1], row[0])):
+        members = list(group)
+        sketches[(start, key)] = Sketch.of_bins(
+            [row[2] for row in members], [row[3] for row in members], sum(row[4] for row in members)
+        )
+    return sketches
+
+
+def _row(level: SketchLevel, start: datetime, key: str, sketch: Sketch) -> dict[str, Any]:
+    return {
+        "level": level.name,
+        "start": start,
+        "key": key,
+        "n": sketch.n,
+        "latency_sum": sketch.latency_sum,
+        "zero_count": sketch.zero_count,
+        "bins": sketch.blob,
+    }
+
+
+def stored_sketch(row: Any) -> Sketch:
+    return Sketch(int(row.n), float(row.latency_sum), int(row.zero_count), bytes(row.bins))
+
+
+async def add(
+    connection: AsyncConnection,
+    backend: Backend,
+    level: SketchLevel,
+    rows: Iterable[BinnedRow],
+    *,
+    new: bool,
+) -> None:
+    """Add binned latencies to the level's sketches: as new rows when `new` (a closing bucket has
+    none), else to the rows already there."""
+    sketches = bucket_sketches(rows)
+    if not sketches:
+        return
+    s = latency_sketch
+    if new:
+        await connection.execute(
+            insert(s), [_row(level, start, key, sketch) for (start, key), sketch in sketches.items()]
+        )
+        return
+    wanted = list(sketches)
+    for chunk in (wanted[i : i + 1_000] for i in range(0, len(wanted), 1_000)):
+        existing = (
+            select(s.c.start, s.c.key, s.c.n, s.c.latency_sum, s.c.zero_count, s.c.bins)
+            .where(s.c.level == level.name, tuple_(s.c.start, s.c.key).in_(chunk))
+            .with_for_update()
+        )
+        for row in await connection.execute(existing):
+            bucket = (row.start, row.key)
+            sketches[bucket] = stored_sketch(row).added(sketches[bucket])
+    upsert = backend.insert(s)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=[s.c.level, s.c.start, s.c.key],
+        set_={name: upsert.excluded[name] for name in ("n", "latency_sum", "zero_count", "bins")},
+    )
+    await connection.execute(
+        upsert, [_row(level, start, key, sketch) for (start, key), sketch in sketches.items()]
+    )
+
+
+async def add_from_finer(
+    connection: AsyncConnection, level: SketchLevel, since: datetime, until: datetime
+) -> None:
+    """Write the new sketches of `level`'s buckets in [since, until) as the merge of the finer level's
+    (a day's town sketches from its 24 hours': closed before it, and kept up to date alike)."""
+    assert level.finer is not None
+    s = latency_sketch
+    finer = select(s.c.start, s.c.key, s.c.n, s.c.latency_sum, s.c.zero_count, s.c.bins).where(
+        s.c.level == level.finer.name, s.c.start >= since, s.c.start < until
+    )
+    grouped: dict[tuple[datetime, str], list[Sketch]] = {}
+    for row in await connection.execute(finer):
+        start = row.start.replace(hour=0, minute=0, second=0, microsecond=0)
+        grouped.setdefault((start, row.key), []).append(stored_sketch(row))
+    if grouped:
+        rows = [_row(level, start, key, Sketch.merged(parts)) for (start, key), parts in grouped.items()]
+        await connection.execute(insert(s), rows)
+
+
+def levels_of(grains: Sequence[str]) -> tuple[SketchLevel, ...]:
+    return tuple(level for level in SKETCH_LEVELS if level.grain in grains)

@@ -1,0 +1,517 @@
+"""`breakdown()` from the sketch levels: a town's (or every town's) local days, weeks, months or hours,
+and each model's hours, with sums from the rollups and percentiles merged from latency sketches in
+NumPy, the open buckets' raw rows joined as `breakdown` joins them.
+
+A bucket is covered by pieces, each a closed UTC day or hour (its rollup rows and sketch) or a raw
+time range, with a sign: a local day is either the closed days and hours inside it plus raw rows for
+the rest, or, when fewer rows, the UTC day holding its middle less the edge hours that day has too
+much plus those it lacks (Berlin: 1 day and 2-4 hours instead of 23-25 hours; Kathmandu: also the
+hours at 18:00 less their raw rows before 18:15). Sums subtract exactly (integers; money is priced
+per row's prices, which never span a price change); sketches subtract their counts
+(`sketch.merged_percentiles`).
+
+Everything else (users, citizens, action types, exact percentiles, a sort by a percentile) is read by
+`breakdown` as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import numpy as np
+from sqlalchemy import BigInteger, ColumnElement, Select, case, func, literal, select, union, union_all
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.selectable import NamedFromClause
+
+from action_metrics.aggregate import (
+    PERCENTILES,
+    Grouping,
+    latest_start,
+    raw_rows,
+    summed_parts,
+    sums_per_model,
+)
+from action_metrics.breakdown import (
+    BreakdownRequest,
+    BreakdownRow,
+    bucket_index,
+    bucket_index_of_seconds,
+    group_key,
+    group_rows,
+    row_from,
+)
+from action_metrics.dialects import Backend, not_indexed
+from action_metrics.latency_sketches import MODEL_HOURLY, TOWN_DAILY, TOWN_HOURLY, SketchLevel
+from action_metrics.query import MetricFilter
+from action_metrics.rollup import (
+    DAILY,
+    DAILY_BY_TOWN,
+    GRAIN_LENGTH,
+    HOURLY,
+    HOURLY_BY_TOWN,
+    SUM_COLUMNS,
+    Grain,
+    Level,
+    Range,
+    ReadPlan,
+    RollupState,
+    any_range,
+    ceil_to,
+    floor_to,
+    latency_bin,
+    range_terms,
+)
+from action_metrics.schema import action_metrics, latency_sketch, rollup, rollup_detail
+from action_metrics.sketch import Counted, blob_counts, merged_percentiles
+
+RAW_HOUR_COST: Final = 20
+"""How many rollup rows and sketches an hour of raw rows is worth, when choosing a bucket's cover."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of a bucket's cover: a closed UTC day or hour (`grain`) or raw rows (None) in
+    [since, until), added (+1) or subtracted (-1)."""
+
+    sign: int
+    grain: Grain | None
+    since: datetime
+    until: datetime
+    bucket: int
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the sketch levels answer: sketches per `key` (town or model) at each grain read, and the
+    rollup levels whose sums go with them."""
+
+    key: str
+    sketches: dict[Grain, SketchLevel]
+    sums: dict[Grain, Level]
+    subtract: bool
+
+
+def shape_of(metric_filter: MetricFilter, request: BreakdownRequest, state: RollupState) -> Shape | None:
+    """The sketch levels that answer this breakdown, if any."""
+    if request.exact or request.bucket is None or request.sort in PERCENTILES:
+        return None
+    unread = (metric_filter.limit, metric_filter.user_id, metric_filter.citizen_id, metric_filter.action_type)
+    if any(value is not None for value in unread) or not metric_filter.storable:
+        return None
+    by = set(request.by)
+    if by <= {"town_id"} and metric_filter.model is None and not (request.bucket == "hour" and not by):
+        per_town = "town_id" in by or metric_filter.town_id is not None
+        sums: dict[Grain, Level] = (
+            {"day": DAILY_BY_TOWN, "hour": HOURLY_BY_TOWN} if per_town else {"day": DAILY, "hour": HOURLY}
+        )
+        return Shape("town_id", {"day": TOWN_DAILY, "hour": TOWN_HOURLY}, sums, subtract=True)
+    if by <= {"model"} and request.bucket == "hour" and metric_filter.town_id is None:
+        return Shape("model", {"hour": MODEL_HOURLY}, {"hour": HOURLY}, subtract=False)
+    return None
+
+
+def readable(shape: Shape, state: RollupState, since: datetime, starts: Sequence[datetime]) -> bool:
+    """Whether the sketches the covers may read exist: from a day before the window on (the cover of
+    a local day may take the UTC day before it), and, for model hours, buckets of whole UTC hours."""
+    if state.sketches_from is not None and floor_to(since, "day") - GRAIN_LENGTH["day"] < state.sketches_from:
+        return False
+    return shape.key != "model" or all(start == floor_to(start, "hour") for start in starts)
+
+
+# --- covers --------------------------------------------------------------------------------------
+
+
+def _steps(since: datetime, until: datetime, grain: Grain) -> list[datetime]:
+    length = GRAIN_LENGTH[grain]
+    return [since + index * length for index in range((until - since) // length)]
+
+
+def positive_cover(
+    since: datetime, until: datetime, sign: int, bucket: int, state: RollupState, grains: Sequence[Grain]
+) -> list[Piece]:
+    """Whole closed days, then whole closed hours, then raw rows for the rest."""
+    pieces: list[Piece] = []
+    spans = [(since, until)]
+    days_closed = state.days_closed_until
+    if "day" in grains and days_closed is not None:
+        first, last = ceil_to(since, "day"), min(floor_to(until, "day"), days_closed)
+        if first < last:
+            pieces += [
+                Piece(sign, "day", day, day + GRAIN_LENGTH["day"], bucket)
+                for day in _steps(first, last, "day")
+            ]
+            spans = [(since, first), (last, until)]
+    hours_closed = state.hours_closed_until
+    for low, high in spans:
+        if low >= high:
+            continue
+        if hours_closed is not None:
+            first, last = ceil_to(low, "hour"), min(floor_to(high, "hour"), hours_closed)
+            if first < last:
+                hours = _steps(first, last, "hour")
+                pieces += [Piece(sign, "hour", hour, hour + GRAIN_LENGTH["hour"], bucket) for hour in hours]
+                for a, b in ((low, first), (last, high)):
+                    pieces += _raw_part(a, b, sign, bucket, hours_closed)
+                continue
+        pieces += _raw_part(low, high, sign, bucket, hours_closed)
+    return pieces
+
+
+def _raw_part(
+    since: datetime, until: datetime, sign: int, bucket: int, hours_closed: datetime | None
+) -> list[Piece]:
+    """Raw rows for [since, until); or, when that is more than half of one closed hour (Kathmandu's
+    18:15-19:00), the hour less the raw rows of the rest of it: fewer raw rows. The rest lies on the
+    other side of the window's bound, so raw rows added always lie in their bucket, and raw rows
+    taken back never in the bucket they are taken from."""
+    if since >= until:
+        return []
+    hour = floor_to(since, "hour")
+    end = hour + GRAIN_LENGTH["hour"]
+    if hours_closed is None or until > end or end > hours_closed or until - since <= GRAIN_LENGTH["hour"] / 2:
+        return [Piece(sign, None, since, until, bucket)]
+    rest = [(a, b) for a, b in ((hour, since), (until, end)) if a < b]
+    return [Piece(sign, "hour", hour, end, bucket), *(Piece(-sign, None, a, b, bucket) for a, b in rest)]
+
+
+def subtracted_cover(since: datetime, until: datetime, bucket: int, state: RollupState) -> list[Piece] | None:
+    """The closed UTC day holding the window's middle hour, less what it has outside the window,
+    plus what the window has outside it; None when there is no such day."""
+    day_length = GRAIN_LENGTH["day"]
+    days_closed = state.days_closed_until
+    if days_closed is None:
+        return None
+    for day in (floor_to(since, "day"), floor_to(since, "day") + day_length):
+        middle = day + day_length / 2
+        if since <= middle < until and day + day_length <= days_closed:
+            break
+    else:
+        return None
+    end = day + day_length
+    if since <= day and end <= until:
+        return None  # inside the window: the positive cover takes it
+    pieces = [Piece(1, "day", day, end, bucket)]
+    hourly: list[Grain] = ["hour"]
+    if since > day:
+        pieces += positive_cover(day, since, -1, bucket, state, hourly)
+    if until < end:
+        pieces += positive_cover(until, end, -1, bucket, state, hourly)
+    if since < day:
+        pieces += positive_cover(since, day, 1, bucket, state, hourly)
+    if until > end:
+        pieces += positive_cover(end, until, 1, bucket, state, hourly)
+    return pieces
+
+
+def _cost(pieces: Sequence[Piece]) -> float:
+    hours = timedelta(hours=1)
+    return sum(RAW_HOUR_COST * ((p.until - p.since) / hours) if p.grain is None else 1 for p in pieces)
+
+
+def cover(shape: Shape, windows: Sequence[tuple[datetime, datetime]], state: RollupState) -> list[Piece]:
+    """Every bucket's pieces, bucket `index` covering `windows[index]`."""
+    grains = list(shape.sketches)
+    pieces: list[Piece] = []
+    for index, (since, until) in enumerate(windows):
+        if since >= until:
+            continue
+        chosen = positive_cover(since, until, 1, index, state, grains)
+        if shape.subtract:
+            other = subtracted_cover(since, until, index, state)
+            if other is not None and _cost(other) < _cost(chosen):
+                chosen = other
+        pieces += chosen
+    return pieces
+
+
+def raw_ranges(pieces: Sequence[Piece]) -> list[Range]:
+    return [(piece.since, piece.until) for piece in pieces if piece.grain is None]
+
+
+# --- the statements --------------------------------------------------------------------------------
+
+
+def _bucket_of_piece(moment: ColumnElement[Any], pieces: Sequence[Piece]) -> ColumnElement[int]:
+    """The bucket of the piece (of `pieces`, sorted, none overlapping) holding `moment`: a binary
+    search over their starts written as nested CASEs."""
+    if len(pieces) == 1:
+        return literal(pieces[0].bucket, BigInteger, literal_execute=True)
+    middle = len(pieces) // 2
+    bound = literal(pieces[middle].since, action_metrics.c.timestamp.type)
+    return case(
+        (moment < bound, _bucket_of_piece(moment, pieces[:middle])),
+        else_=_bucket_of_piece(moment, pieces[middle:]),
+    )
+
+
+def _raw_bucket_of(
+    sign: int, members: Sequence[Piece], starts: Sequence[datetime], backend: Backend
+) -> Callable[[ColumnElement[Any]], ColumnElement[int]]:
+    """How raw rows find their bucket: added ones lie in it, subtracted ones in the UTC day it took."""
+    if sign > 0:
+        return bucket_index(starts, backend)
+
+    def of(moment: ColumnElement[Any]) -> ColumnElement[int]:
+        return _bucket_of_piece(moment, members)
+
+    return of
+
+
+def _bucket_of_row(
+    start: ColumnElement[Any], grain: Grain, sign: int, starts: Sequence[datetime], backend: Backend
+) -> ColumnElement[int]:
+    """The bucket of a rollup row of a piece, by arithmetic rather than a search of the pieces: a day
+    piece, and an hour subtracted from one, are the bucket holding that day's middle; an hour added
+    lies in its bucket by more than half (`_raw_part`), so its middle does too."""
+    if grain == "hour" and sign > 0:
+        floor, shift = "hour", 30 * 60
+    else:
+        floor, shift = "day", 12 * 3600
+    seconds = backend.epoch_seconds(backend.bucket_start(start, floor))
+    return bucket_index_of_seconds(starts)(seconds + literal(shift, BigInteger, literal_execute=True))
+
+
+def _groups_of_pieces(pieces: Sequence[Piece]) -> dict[tuple[Grain | None, int], list[Piece]]:
+    """The pieces per grain and sign, sorted by start: within one, none overlap."""
+    grouped: dict[tuple[Grain | None, int], list[Piece]] = {}
+    for piece in pieces:
+        grouped.setdefault((piece.grain, piece.sign), []).append(piece)
+    return {group: sorted(members, key=lambda piece: piece.since) for group, members in grouped.items()}
+
+
+def _joined_ranges(pieces: Sequence[Piece]) -> list[Range]:
+    ranges: list[Range] = []
+    for piece in pieces:
+        if ranges and ranges[-1][1] == piece.since:
+            ranges[-1] = (ranges[-1][0], piece.until)
+        else:
+            ranges.append((piece.since, piece.until))
+    return ranges
+
+
+def _signed(parts: NamedFromClause, keys: Sequence[str], sign: int) -> Select[Any]:
+    return select(
+        parts.c.model,
+        parts.c.at,
+        *(parts.c[key] for key in keys),
+        *((parts.c[name] if sign > 0 else -parts.c[name]).label(name) for name in SUM_COLUMNS),
+    )
+
+
+def sums_statement(
+    metric_filter: MetricFilter,
+    request: BreakdownRequest,
+    shape: Shape,
+    pieces: Sequence[Piece],
+    starts: Sequence[datetime],
+    backend: Backend,
+    price_starts: Sequence[datetime],
+    towns: Sequence[str] | None,
+) -> Select[Any]:
+    """Every group's figures but its percentiles (NULL here), sorted and cut as `breakdown` does.
+    `towns`: every town a per-town level's hour rows may hold (see `hour_rows`), if it keeps towns."""
+    dimensions = request.grouped
+    keys = (*dimensions, "bucket")
+    selects: list[Select[Any]] = []
+    r = rollup
+    for (grain, sign), members in _groups_of_pieces(pieces).items():
+        if grain is None:
+            bucket_of = _raw_bucket_of(sign, members, starts, backend)
+            grouping = Grouping(dimensions, bucket_of)
+            plan_raw = raw_rows(metric_filter, _raw_plan(members), grouping)
+            parts = summed_parts(metric_filter, _raw_plan(members), plan_raw, price_starts, grouping)
+            selects.append(_signed(parts, keys, sign))
+            continue
+        level = shape.sums[grain]
+        terms = [*level.rows(r)]
+        for name in ("town_id", "model"):
+            value = getattr(metric_filter, name)
+            if value is not None:
+                terms.append(r.c[name] == value)
+        if grain == "hour":
+            terms += hour_rows(r, members, price_starts, towns if "town_id" in level.keeps else None)
+        else:
+            terms.append(any_range(r.c.start, _joined_ranges(members)))
+        # Rows summed per model, group and price period first: the prices are joined to those sums.
+        period = latest_start(r.c.start, price_starts).label("at")
+        bucket = _bucket_of_row(r.c.start, grain, sign, starts, backend).label("bucket")
+        grouped = [r.c.model, period, *(r.c[name] for name in dimensions), bucket]
+        rows = (
+            select(*grouped, *(func.sum(r.c[name]).label(name) for name in SUM_COLUMNS))
+            .where(*terms)
+            .group_by(*grouped)
+            .subquery("level_rows")
+        )
+        selects.append(_signed(rows, keys, sign))
+    parts = union_all(*selects).subquery("signed_parts")
+    return group_rows(sums_per_model(parts, keys), request, approximate=1)
+
+
+def hour_rows(
+    table: Any, pieces: Sequence[Piece], price_starts: Sequence[datetime], towns: Sequence[str] | None
+) -> list[ColumnElement[bool]]:
+    """WHERE terms for the rows of these hours: their starts as a list (each a search of the key, where
+    a list of ranges made SQLite scan the level: 2.3 s instead of ms at 1M actions), with the price
+    starts inside them (where rows are split), and for a level keyed by town first, the towns."""
+    hours = {piece.since for piece in pieces}
+    moments = sorted(hours | {start for start in price_starts if floor_to(start, "hour") in hours})
+    terms = [table.c.start.in_(moments)]
+    if towns is not None:
+        terms.append(table.c.town_id.in_(towns))
+    return terms
+
+
+async def towns_of(connection: AsyncConnection, pieces: Sequence[Piece], state: RollupState) -> list[str]:
+    """Every town with actions in the hours of `pieces`: those of the closed days holding them (one
+    range of the daily rows per town), and of the hourly rows per town, action and model after them."""
+    hours = [piece.since for piece in pieces if piece.grain == "hour"]
+    if not hours:
+        return []
+    r, d = rollup, rollup_detail
+    first, last = floor_to(min(hours), "day"), max(hours) + GRAIN_LENGTH["hour"]
+    days_closed = state.days_closed_until or first
+    daily = select(r.c.town_id).where(
+        *DAILY_BY_TOWN.rows(r), *range_terms(r.c.start, first, min(last, days_closed))
+    )
+    hourly = select(d.c.town_id).where(
+        d.c.grain == "hour", *range_terms(d.c.start, max(first, days_closed), last)
+    )
+    return sorted(set((await connection.execute(union(daily, hourly))).scalars()))
+
+
+def _raw_plan(pieces: Sequence[Piece]) -> ReadPlan:
+    return ReadPlan(raw_ranges=tuple(_joined_ranges(pieces)))
+
+
+def _raw_bins(
+    metric_filter: MetricFilter,
+    key: str | None,
+    members: Sequence[Piece],
+    bucket_of: Any,
+) -> Select[Any]:
+    m = action_metrics
+    columns = [not_indexed(m.c[key]).label("key")] if key is not None else []
+    binned = (
+        select(
+            *columns,
+            bucket_of(m.c.timestamp).label("bucket"),
+            latency_bin(m.c.latency_ms).label("bin"),
+        )
+        .where(
+            *metric_filter.conditions(m.c, times=False),
+            m.c.error.is_(None),
+            any_range(m.c.timestamp, _joined_ranges(members)),
+        )
+        .subquery("binned")
+    )
+    b = binned.c
+    grouped = [*([b.key] if key is not None else []), b.bucket, b.bin]
+    return select(*grouped, func.count()).group_by(*grouped)
+
+
+async def percentiles_of_groups(
+    connection: AsyncConnection,
+    metric_filter: MetricFilter,
+    request: BreakdownRequest,
+    shape: Shape,
+    pieces: Sequence[Piece],
+    starts: Sequence[datetime],
+    backend: Backend,
+) -> dict[tuple[Any, ...], dict[str, float | None]]:
+    """Each group's p50/p95/p99, by `breakdown.group_key`: its pieces' sketches and raw rows' bins,
+    signed, merged."""
+    keyed = shape.key in request.by
+    numbers: dict[tuple[Any, ...], int] = {}
+
+    def number(key: Any, bucket: int) -> int:
+        group: tuple[Any, ...] = (bucket,)
+        if keyed:
+            group = (key, bucket) if shape.key == "town_id" else (bucket, key)
+        return numbers.setdefault(group, len(numbers))
+
+    counted: list[Counted] = []
+    s = latency_sketch
+    for (grain, sign), members in _groups_of_pieces(pieces).items():
+        if grain is None:
+            bucket_of = _raw_bucket_of(sign, members, starts, backend)
+            statement = _raw_bins(metric_filter, shape.key if keyed else None, members, bucket_of)
+            rows = (await connection.execute(statement)).all()
+            if rows:
+                groups = [number(row[0] if keyed else None, row[-3]) for row in rows]
+                counted.append(
+                    Counted(
+                        np.asarray(groups, np.int64),
+                        np.asarray([row[-2] for row in rows], np.int64),
+                        np.asarray([row[-1] for row in rows], np.int64) * sign,
+                    )
+                )
+            continue
+        level = shape.sketches[grain]
+        value = getattr(metric_filter, shape.key)
+        buckets_at: dict[datetime, list[int]] = {}
+        for piece in members:
+            buckets_at.setdefault(piece.since, []).append(piece.bucket)
+        when = (
+            s.c.start.in_(sorted(buckets_at))
+            if grain == "hour"
+            else any_range(s.c.start, _joined_ranges(members))
+        )
+        statement = select(s.c.start, s.c.key, s.c.zero_count, s.c.bins).where(
+            s.c.level == level.name,
+            when,
+            *([] if value is None else [s.c.key == value]),
+        )
+        group_of: list[int] = []
+        blobs: list[bytes] = []
+        zero_counts: list[int] = []
+        for row in await connection.execute(statement):
+            for bucket in buckets_at.get(row[0], ()):
+                group_of.append(number(row[1], bucket))
+                zero_counts.append(row[2])
+                blobs.append(row[3])
+        if blobs:
+            counted.append(blob_counts(group_of, [sign] * len(blobs), blobs, zero_counts))
+    merged = merged_percentiles(len(numbers), counted)
+    return {group: merged.of(index) for group, index in numbers.items()}
+
+
+async def breakdown_rows(
+    connection: AsyncConnection,
+    metric_filter: MetricFilter,
+    request: BreakdownRequest,
+    shape: Shape,
+    pieces: Sequence[Piece],
+    state: RollupState,
+    starts: Sequence[datetime],
+    backend: Backend,
+    price_starts: Sequence[datetime],
+) -> list[BreakdownRow]:
+    """The breakdown's rows, read by the pieces of `cover`."""
+    if not pieces:
+        return []
+    towns = None
+    if "town_id" in shape.sums.get("hour", HOURLY).keeps:
+        towns = (
+            [metric_filter.town_id]
+            if metric_filter.town_id is not None
+            else await towns_of(connection, pieces, state)
+        )
+    statement = sums_statement(metric_filter, request, shape, pieces, starts, backend, price_starts, towns)
+    rows = (await connection.execute(statement)).mappings().all()
+    if not rows:
+        return []
+    percentiles = await percentiles_of_groups(
+        connection, metric_filter, request, shape, pieces, starts, backend
+    )
+    empty = dict.fromkeys(PERCENTILES)
+    return [
+        row_from({**row, **percentiles.get(group_key(row, request), empty)}, request, starts) for row in rows
+    ]
+
+
+def pruned_pieces(pieces: Sequence[Piece], state: RollupState) -> bool:
+    cutoff = state.raw_kept_from
+    return cutoff is not None and any(piece.since < cutoff for piece in pieces if piece.grain is None)
