@@ -490,7 +490,7 @@ async def _insert_without_rollups(store: MetricsStore, metrics: list[ActionMetri
 
 
 def test_db_upgrade_writes_the_sketches_of_buckets_closed_before_them(database_url: str) -> None:
-    """A database whose rollups were built before migration 0008 (late metrics and a price change
+    """A database whose rollups were built before migration 0007 (late metrics and a price change
     among its rows): `db upgrade` sums the hours per town and writes every closed bucket's sketch."""
     from conftest import run_cli
 

@@ -816,7 +816,7 @@ async def build(
 
 async def _backfill_sketches(transaction: WriteTransaction, backend: Backend) -> RollupState:
     """Write the sketches of the closed buckets from before `sketches_from` (a database migrated to
-    0008 with rollups already built), the newest day first, a day per transaction: interrupted, it
+    0007 with rollups already built), the newest day first, a day per transaction: interrupted, it
     resumes; done, `sketches_from` is the prune cut-off (None: never pruned)."""
     while True:
         async with transaction() as connection:

@@ -278,7 +278,7 @@ class RollupStateRow(Base):
     raw_kept_from: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     sketches_from: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     """The latency sketches of closed buckets exist from here on (None: all of them); `build` moves
-    it back a day at a time, from where migration 0008 found the rollups closed to the raw rows'
+    it back a day at a time, from where migration 0007 found the rollups closed to the raw rows'
     beginning."""
 
 

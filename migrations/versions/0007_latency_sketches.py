@@ -8,8 +8,8 @@ every closed hour has, pruned or not). The sketches of the buckets already close
 back from `sketches_from` (interrupted, it resumes); until then `breakdown()` reads those days the
 way it did before.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-11-27
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
+revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
@@ -41,7 +41,7 @@ SUMS = (
     "cache_read_tokens_per_credit",
     "cache_write_tokens_per_credit",
 )
-"""The rollup's summed columns at 0008."""
+"""The rollup's summed columns at 0007."""
 
 
 def upgrade() -> None:
