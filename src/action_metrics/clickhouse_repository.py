@@ -393,17 +393,21 @@ def _priced(
         latencies = "toUInt8(0)"  # the histograms are summed apart (`_HISTOGRAM`)
     parts = []
     bins = []
-    if sources.exact or sources.raw:
+
+    def add_raw(rows: str) -> None:
         parts.append(
             _RAW_SOURCE.format(
-                keys=keys("s", "s.timestamp"), latencies=latencies, selection=selection, group=group
+                keys=keys("s", "s.timestamp"), latencies=latencies, selection=rows, group=group
             )
         )
         bins.append(
             _RAW_BINS.format(
-                keys=keys("s", "s.timestamp", inline=True), bin=_LATENCY_BIN, selection=selection, group=group
+                keys=keys("s", "s.timestamp", inline=True), bin=_LATENCY_BIN, selection=rows, group=group
             )
         )
+
+    if sources.exact or sources.raw:
+        add_raw(selection)
     if not sources.exact and sources.hours:
         where = [_ranges_sql("r.start", sources.hours)]
         for name in ("town_id", "action_type", "model"):
@@ -415,17 +419,7 @@ def _priced(
         parts.append(_ROLLUP_SOURCE.format(keys=keys("r", "r.start"), **arguments))
         bins.append(_ROLLUP_BINS.format(keys=keys("r", "r.start", inline=True), **arguments))
     if not parts:  # an empty window: one source that selects nothing
-        nothing = selection + " LIMIT 0"
-        parts.append(
-            _RAW_SOURCE.format(
-                keys=keys("s", "s.timestamp"), latencies=latencies, selection=nothing, group=group
-            )
-        )
-        bins.append(
-            _RAW_BINS.format(
-                keys=keys("s", "s.timestamp", inline=True), bin=_LATENCY_BIN, selection=nothing, group=group
-            )
-        )
+        add_raw(selection + " LIMIT 0")
     statement = _PERIODS.format(
         sources="\n    UNION ALL".join(parts), carried="".join(f"g.{g} AS {g}, " for g in grouped)
     )
