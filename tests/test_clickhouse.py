@@ -472,6 +472,14 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
         "TO action_metrics_rollup_hourly_local AS" in sql
     )
     assert "FROM action_metrics_local\nGROUP BY start, model, credits;" in sql
+    assert (
+        "CREATE TABLE IF NOT EXISTS action_metrics_ids ON CLUSTER `prod` AS action_metrics_ids_local\n"
+        f"ENGINE = Distributed(`prod`, `{database}`, action_metrics_ids_local, cityHash64(id));" in sql
+    )
+    assert (
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS action_metrics_ids_view ON CLUSTER `prod` "
+        "TO action_metrics_ids_local AS" in sql
+    )
     statements = _statements(sql)
     creates = [s for s in statements if s.startswith(("CREATE", "ALTER"))]
     assert creates
@@ -483,7 +491,7 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
                 client.command(f"EXPLAIN AST {statement}")  # raises on a syntax error
         for statement in statements:
             if "ENGINE = Distributed" in statement or statement.startswith(
-                "INSERT INTO action_metrics_rollup"
+                ("INSERT INTO action_metrics_rollup", "INSERT INTO action_metrics_ids")
             ):
                 continue  # needs the cluster in remote_servers (the fill reads the Distributed tables)
             local = statement.replace(" ON CLUSTER `prod`", "")
