@@ -12,7 +12,7 @@ import asyncio
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -132,6 +132,37 @@ def test_re_sent_batches_are_stored_once_after_the_merges_too(clickhouse_url: st
             client.close()
         assert_matches(store.aggregate().to_dict(), expected_aggregate(metrics, _book()))
         assert store.query() == select_like_the_store(metrics, {})
+
+
+@pytest.mark.parametrize("ids", ["uuid7", "uuid4"])
+def test_a_re_sent_action_counts_once_raw_and_rolled_up_whatever_its_ids(
+    clickhouse_url: str, ids: str
+) -> None:
+    """First id wins looks a batch of time-ordered ids up as one range, random ids one by one: either
+    way an action re-sent (alone, in a bigger batch, with another timestamp in the same UTC hour)
+    counts once in the raw rows and the rollups alike, and one sent again with another town, as the
+    raw table's key tells two actions apart, counts as a second action in both."""
+    make_id = uuid.uuid4 if ids == "uuid4" else None
+    metrics = [
+        metric(
+            timestamp=START + timedelta(minutes=7 * i, seconds=i % 60),
+            latency_ms=1.0 + i,
+            tokens_in=i,
+            **({"id": make_id()} if make_id else {}),
+        )
+        for i in range(300)
+    ]
+    same_hour = replace(metrics[5], timestamp=metrics[5].timestamp.replace(minute=59))
+    other_town = replace(metrics[6], town_id="town-elsewhere")
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics[:200])
+        store.emit_many(metrics)  # 200 re-sent among 100 new
+        store.emit_many([same_hour, metrics[299]])
+        store.emit(other_town)
+        expected = [*metrics, other_town]
+        assert_matches(store.aggregate().to_dict(), expected_aggregate(expected, _seed_book()))
+        assert_matches(store.aggregate(exact=True).to_dict(), expected_aggregate(expected, _seed_book()))
+        assert store.aggregate().count == store.aggregate(exact=True).count == 301
 
 
 def test_a_price_set_again_at_the_same_start_replaces_it(clickhouse_url: str) -> None:

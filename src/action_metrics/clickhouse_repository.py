@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from itertools import pairwise
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from action_metrics.aggregate import Aggregate, ModelAggregate
@@ -90,8 +91,6 @@ _COLUMNS: Final = (
 )
 _FIELDS: Final = tuple("metadata_json" if column == "metadata" else column for column in _COLUMNS)
 """The `ActionMetric` attribute of each column."""
-_ONE_HOUR: Final = timedelta(hours=1)
-_ONE_DAY: Final = timedelta(days=1)
 _HOUR_MICROS: Final = 3_600_000_000
 _UUID7_TIME_SHIFT: Final = 80
 """A UUIDv7's top 48 bits are the Unix millisecond it was minted."""
@@ -678,28 +677,29 @@ def _open_stream(client: Client, query: _BreakdownQuery) -> Any:
 
 
 def _columns(metrics: Sequence[ActionMetric]) -> list[list[Any]]:
-    """The batch in `_COLUMNS`' order, column by column, as clickhouse-connect inserts it; a metric
-    ClickHouse cannot store refuses the whole batch."""
+    """The batch in `_COLUMNS`' order, column by column as clickhouse-connect inserts it, the
+    timestamps as microseconds since 1970 (which it writes as they are, where it would convert each
+    datetime); a metric ClickHouse cannot store refuses the whole batch."""
     for metric in metrics:
         if not isinstance(metric, ActionMetric):
             raise TypeError(f"expected an ActionMetric, got {type(metric).__name__}")
-    columns = [[getattr(metric, name) for metric in metrics] for name in _FIELDS]
+    columns = [list(map(attrgetter(name), metrics)) for name in _FIELDS]
     timestamps = columns[1]
     if min(timestamps) < EARLIEST or max(timestamps) >= LATEST:
         metric = next(m for m in metrics if not EARLIEST <= m.timestamp < LATEST)
         reason = f"timestamp: ClickHouse stores 1900-01-01 to 2299-12-31 UTC, got {metric.timestamp}"
         raise DataRejected(f"metric {metric.id} refused: {reason}", reason)
+    columns[1] = [(moment - _EPOCH) // _MICROSECOND for moment in timestamps]
     return columns
 
 
-def _hours(timestamps: Sequence[datetime]) -> list[int]:
-    """The UTC hours (as microseconds) the timestamps fall in: from the earliest to the latest when
-    they span a day or less (no per-row work), else each distinct one."""
-    first, last = min(timestamps), max(timestamps)
-    start = floor_to(first, "hour")
-    if last - start <= _ONE_DAY:
-        return [_micros(start) + n * _HOUR_MICROS for n in range((last - start) // _ONE_HOUR + 1)]
-    return sorted({_micros(floor_to(moment, "hour")) for moment in timestamps})
+def _hours(micros: Sequence[int]) -> list[int]:
+    """The UTC hours (as microseconds since 1970) that the moments fall in: every hour from the
+    earliest to the latest when they span a day or less (no work per row), else each one found."""
+    first, last = min(micros) // _HOUR_MICROS, max(micros) // _HOUR_MICROS
+    if last - first <= 24:
+        return [hour * _HOUR_MICROS for hour in range(first, last + 1)]
+    return sorted({moment // _HOUR_MICROS * _HOUR_MICROS for moment in micros})
 
 
 def _metric(row: Sequence[Any]) -> ActionMetric:
@@ -859,28 +859,28 @@ class ClickHouseRepository:
             return 0
         columns = _columns(metrics)  # refused before anything is read
         client = self._open()
-        stored = self._stored_ids(client, columns)
-        if stored or len(set(columns[0])) < len(metrics):
+        numbers = [id_.int for id_ in columns[0]]
+        stored = self._stored_ids(client, columns, numbers)
+        if stored or len(set(numbers)) < len(numbers):
             kept = []
-            for index, id_ in enumerate(columns[0]):
-                if id_ not in stored:
-                    stored.add(id_)
+            for index, number in enumerate(numbers):
+                if number not in stored:
+                    stored.add(number)
                     kept.append(index)
             columns = [[column[index] for index in kept] for column in columns]
         if columns[0]:
             client.insert("action_metrics", columns, column_names=list(_COLUMNS), column_oriented=True)
         return len(columns[0])
 
-    def _stored_ids(self, client: Client, columns: list[list[Any]]) -> set[uuid.UUID]:
-        """The batch's ids stored already with the batch's town, action type and UTC hour for them.
-        Ids minted close together (UUIDv7, the default) are looked up as one range of the ids
-        table's order (sql/clickhouse/0005), which reads a granule or two per part however full the
-        hours are; ids spread wider (random UUIDv4) are sent one by one, and the lookup then reads
-        the id column of everything stored in the batch's hours."""
-        ids, timestamps = columns[0], columns[1]
-        numbers = [id_.int for id_ in ids]
+    def _stored_ids(self, client: Client, columns: list[list[Any]], numbers: list[int]) -> set[int]:
+        """The batch's ids (as numbers) stored already with the town, action type and UTC hour of
+        the batch's action. Ids minted close together (UUIDv7, the default) are looked up as one range
+        of the ids table's order (sql/clickhouse/0005), which reads a granule or two per part however
+        full the hours are; ids spread wider (random UUIDv4) are sent one by one, and the lookup then
+        reads the ids of everything stored in the batch's hours."""
+        ids, micros = columns[0], columns[1]
         low, high = min(numbers), max(numbers)
-        parameters: dict[str, Any] = {"hours": _hours(timestamps)}
+        parameters: dict[str, Any] = {"hours": _hours(micros)}
         if (high >> _UUID7_TIME_SHIFT) - (low >> _UUID7_TIME_SHIFT) <= _RANGE_LOOKUP_SPREAD_MS:
             wanted = "toUInt128(id) BETWEEN {low:UInt128} AND {high:UInt128}"
             parameters.update(low=low, high=high)
@@ -888,7 +888,7 @@ class ClickHouseRepository:
             wanted = "id IN {ids:Array(UUID)}"
             parameters["ids"] = ids
         keys = {
-            (uuid.UUID(str(id_)), town, action, hour)
+            (uuid.UUID(str(id_)).int, town, action, hour)
             for id_, town, action, hour in client.query(
                 "SELECT id, town_id, action_type, toUnixTimestamp(hour) FROM action_metrics_ids "
                 "WHERE hour IN arrayMap(x -> toStartOfHour(fromUnixTimestamp64Micro(x, 'UTC')), "
@@ -897,19 +897,19 @@ class ClickHouseRepository:
             ).result_rows
         }
         found = {key[0] for key in keys}
-        candidates = [index for index, id_ in enumerate(ids) if id_ in found] if found else []
+        candidates = [index for index, number in enumerate(numbers) if number in found] if found else []
         if not candidates:
             return set()
-        # The hour as the raw table's sorting key has it (toStartOfHour stops at 1970 and 2106).
+        # Each candidate's hour as the raw table's sorting key has it (toStartOfHour stops at 1970).
         (their_hours,) = client.query(
             "SELECT arrayMap(x -> toUnixTimestamp(toStartOfHour(fromUnixTimestamp64Micro(x, 'UTC'))), "
             "{micros:Array(Int64)})",
-            parameters={"micros": [_micros(timestamps[index]) for index in candidates]},
+            parameters={"micros": [micros[index] for index in candidates]},
         ).result_rows[0]
         return {
-            ids[index]
+            numbers[index]
             for index, hour in zip(candidates, their_hours, strict=True)
-            if (ids[index], columns[4][index], columns[2][index], hour) in keys
+            if (numbers[index], columns[4][index], columns[2][index], hour) in keys
         }
 
     # -- reads --
