@@ -12,7 +12,7 @@ import asyncio
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -39,6 +39,7 @@ from action_metrics.clickhouse import ClickHouseURL, head_version, schema_versio
 from action_metrics.errors import DataRejected, RawRowsPruned, SchemaTooNew
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 from action_metrics.rollup import bin_of
+from action_metrics.schema import action_metrics
 
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
 
@@ -132,6 +133,37 @@ def test_re_sent_batches_are_stored_once_after_the_merges_too(clickhouse_url: st
             client.close()
         assert_matches(store.aggregate().to_dict(), expected_aggregate(metrics, _book()))
         assert store.query() == select_like_the_store(metrics, {})
+
+
+@pytest.mark.parametrize("ids", ["uuid7", "uuid4"])
+def test_a_re_sent_action_counts_once_raw_and_rolled_up_whatever_its_ids(
+    clickhouse_url: str, ids: str
+) -> None:
+    """First id wins looks a batch of time-ordered ids up as one range, random ids one by one: either
+    way an action re-sent (alone, in a bigger batch, with another timestamp in the same UTC hour)
+    counts once in the raw rows and the rollups alike, and one sent again with another town, as the
+    raw table's key tells two actions apart, counts as a second action in both."""
+    make_id = uuid.uuid4 if ids == "uuid4" else None
+    metrics = [
+        metric(
+            timestamp=START + timedelta(minutes=7 * i, seconds=i % 60),
+            latency_ms=1.0 + i,
+            tokens_in=i,
+            **({"id": make_id()} if make_id else {}),
+        )
+        for i in range(300)
+    ]
+    same_hour = replace(metrics[5], timestamp=metrics[5].timestamp.replace(minute=59))
+    other_town = replace(metrics[6], town_id="town-elsewhere")
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics[:200])
+        store.emit_many(metrics)  # 200 re-sent among 100 new
+        store.emit_many([same_hour, metrics[299]])
+        store.emit(other_town)
+        expected = [*metrics, other_town]
+        assert_matches(store.aggregate().to_dict(), expected_aggregate(expected, _seed_book()))
+        assert_matches(store.aggregate(exact=True).to_dict(), expected_aggregate(expected, _seed_book()))
+        assert store.aggregate().count == store.aggregate(exact=True).count == 301
 
 
 def test_a_price_set_again_at_the_same_start_replaces_it(clickhouse_url: str) -> None:
@@ -472,6 +504,14 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
         "TO action_metrics_rollup_hourly_local AS" in sql
     )
     assert "FROM action_metrics_local\nGROUP BY start, model, credits;" in sql
+    assert (
+        "CREATE TABLE IF NOT EXISTS action_metrics_ids ON CLUSTER `prod` AS action_metrics_ids_local\n"
+        f"ENGINE = Distributed(`prod`, `{database}`, action_metrics_ids_local, cityHash64(id));" in sql
+    )
+    assert (
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS action_metrics_ids_view ON CLUSTER `prod` "
+        "TO action_metrics_ids_local AS" in sql
+    )
     statements = _statements(sql)
     creates = [s for s in statements if s.startswith(("CREATE", "ALTER"))]
     assert creates
@@ -483,7 +523,7 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
                 client.command(f"EXPLAIN AST {statement}")  # raises on a syntax error
         for statement in statements:
             if "ENGINE = Distributed" in statement or statement.startswith(
-                "INSERT INTO action_metrics_rollup"
+                ("INSERT INTO action_metrics_rollup", "INSERT INTO action_metrics_ids")
             ):
                 continue  # needs the cluster in remote_servers (the fill reads the Distributed tables)
             local = statement.replace(" ON CLUSTER `prod`", "")
@@ -544,6 +584,39 @@ def test_upgrade_from_version_3_fills_the_rollups_from_the_raw_rows_once(clickho
         store.emit_many(metrics[50:150])
         assert_matches(store.aggregate().to_dict(), expected)
         assert_matches(store.aggregate(town_id=metrics[0].town_id).to_dict(), expected)
+
+
+def test_upgrade_from_version_4_finds_the_ids_stored_before_it(clickhouse_url: str) -> None:
+    """Version 5's ids table is filled from the raw rows of a version-4 database (also when the
+    upgrade is run again after being cut off), so an action stored before the upgrade and re-sent
+    after it is not counted again, in the raw rows or the rollups."""
+    metrics = [
+        metric(timestamp=START + timedelta(minutes=11 * i), latency_ms=1.5 + i % 40, tokens_in=i)
+        for i in range(300)
+    ]
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics[:100])
+    assert run_cli("db", "downgrade", "4", "--url", clickhouse_url).exit_code == 0
+    client = ClickHouseURL.parse(clickhouse_url).connect()
+    try:
+        assert "action_metrics_ids" not in _tables(clickhouse_url)
+        columns = [column.name for column in action_metrics.columns]
+        rows = [
+            [getattr(m, "metadata_json" if c == "metadata" else c) for c in columns] for m in metrics[100:200]
+        ]
+        client.insert("action_metrics", rows, column_names=columns)  # a version-4 writer's rows
+        version = next(v for v in schema_versions() if v.number == 5)
+        for statement in version.statements()[:3]:  # an upgrade cut off after the view, before the fill
+            client.command(statement)
+        assert run_cli("db", "upgrade", "--url", clickhouse_url).exit_code == 0
+        assert client.query("SELECT uniqExact(id) FROM action_metrics_ids").result_rows[0][0] == 200
+    finally:
+        client.close()
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics)
+        expected = expected_aggregate(metrics, _seed_book())
+        assert_matches(store.aggregate().to_dict(), expected)
+        assert_matches(store.aggregate(exact=True).to_dict(), expected)
 
 
 def test_the_rollups_bin_latencies_as_rollup_bin_of_does(clickhouse_url: str) -> None:

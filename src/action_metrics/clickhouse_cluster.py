@@ -14,7 +14,8 @@ The same versions as `sql/clickhouse/`, rewritten statement by statement:
   Distributed tables, so it runs once, from any node;
 - the small tables (prices, schema versions, prune cut-offs, copy checkpoints) are replicated to
   every node (one ZooKeeper path for the whole cluster, replica `{shard}-{replica}`), so the ASOF
-  JOINs of a read find the whole price history wherever they run; an INSERT into one reaches all.
+  JOINs of a read find the whole price history wherever they run; an INSERT into one reaches all;
+- the ids table of version 5 is sharded by id as the actions are, fed per shard by its view.
 A statement of a new version that this printer cannot place on a cluster raises, so the test of
 the printed SQL fails rather than printing something half right.
 """
@@ -31,7 +32,10 @@ SHARDED: Final = "action_metrics"
 """The actions' table, split across shards by id."""
 LOCAL: Final = f"{SHARDED}_local"
 SHARDING_KEY: Final = "cityHash64(id)"
-SHARDING_KEYS: Final = {SHARDED: SHARDING_KEY, **dict.fromkeys(ROLLUPS, "rand()")}
+IDS: Final = "action_metrics_ids"
+"""The stored ids that first id wins looks up, sharded as the actions are: each shard's view feeds
+its own, and a re-sent id is looked up where its first copy went."""
+SHARDING_KEYS: Final = {SHARDED: SHARDING_KEY, IDS: SHARDING_KEY, **dict.fromkeys(ROLLUPS, "rand()")}
 """Every table split across shards, and how; the others are replicated whole to every node."""
 
 _CLUSTER_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from itertools import pairwise
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from action_metrics.aggregate import Aggregate, ModelAggregate
@@ -88,6 +89,14 @@ _COLUMNS: Final = (
     "error",
     "metadata",
 )
+_FIELDS: Final = tuple("metadata_json" if column == "metadata" else column for column in _COLUMNS)
+"""The `ActionMetric` attribute of each column."""
+_HOUR_MICROS: Final = 3_600_000_000
+_UUID7_TIME_SHIFT: Final = 80
+"""A UUIDv7's top 48 bits are the Unix millisecond it was minted."""
+_RANGE_LOOKUP_SPREAD_MS: Final = 86_400_000
+"""A batch whose ids' top 48 bits lie within a day of each other (UUIDv7 minted within a day) is
+looked up as one range of ids; wider (random UUIDv4), id by id."""
 _READ_SETTINGS: Final = {"do_not_merge_across_partitions_select_final": 1}
 """FINAL per partition is enough: copies of one action share its timestamp, hence its month."""
 _FIGURE_SETTINGS: Final = {**_READ_SETTINGS, "join_use_nulls": 1, "group_by_use_nulls": 1}
@@ -661,30 +670,30 @@ def _open_stream(client: Client, query: _BreakdownQuery) -> Any:
 # --- rows in and out ---------------------------------------------------------------------------------------
 
 
-def _row(metric: ActionMetric) -> list[Any]:
-    if not isinstance(metric, ActionMetric):
-        raise TypeError(f"expected an ActionMetric, got {type(metric).__name__}")
-    if not EARLIEST <= metric.timestamp < LATEST:
+def _columns(metrics: Sequence[ActionMetric]) -> list[list[Any]]:
+    """The batch in `_COLUMNS`' order, column by column as clickhouse-connect inserts it, the
+    timestamps as microseconds since 1970 (which it writes as they are, where it would convert each
+    datetime); a metric ClickHouse cannot store refuses the whole batch."""
+    for metric in metrics:
+        if not isinstance(metric, ActionMetric):
+            raise TypeError(f"expected an ActionMetric, got {type(metric).__name__}")
+    columns = [list(map(attrgetter(name), metrics)) for name in _FIELDS]
+    timestamps = columns[1]
+    if min(timestamps) < EARLIEST or max(timestamps) >= LATEST:
+        metric = next(m for m in metrics if not EARLIEST <= m.timestamp < LATEST)
         reason = f"timestamp: ClickHouse stores 1900-01-01 to 2299-12-31 UTC, got {metric.timestamp}"
         raise DataRejected(f"metric {metric.id} refused: {reason}", reason)
-    return [
-        metric.id,
-        metric.timestamp,
-        metric.action_type,
-        metric.user_id,
-        metric.town_id,
-        metric.citizen_id,
-        metric.model,
-        metric.tokens_in,
-        metric.tokens_out,
-        metric.cache_read_tokens,
-        metric.cache_write_tokens,
-        metric.reasoning_tokens,
-        metric.latency_ms,
-        metric.credits_charged,
-        metric.error,
-        metric.metadata_json,
-    ]
+    columns[1] = [(moment - _EPOCH) // _MICROSECOND for moment in timestamps]
+    return columns
+
+
+def _hours(micros: Sequence[int]) -> list[int]:
+    """The UTC hours (as microseconds since 1970) that the moments fall in: every hour from the
+    earliest to the latest when they span a day or less (no work per row), else each one found."""
+    first, last = min(micros) // _HOUR_MICROS, max(micros) // _HOUR_MICROS
+    if last - first <= 24:
+        return [hour * _HOUR_MICROS for hour in range(first, last + 1)]
+    return sorted({moment // _HOUR_MICROS * _HOUR_MICROS for moment in micros})
 
 
 def _metric(row: Sequence[Any]) -> ActionMetric:
@@ -834,50 +843,68 @@ class ClickHouseRepository:
         return await self._run(self._insert_counting, list(metrics))
 
     def _insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
-        """Insert the batch's actions whose id is not stored yet within the batch's time span (the
-        first of each id in the batch): the rollups' views see every insert, so a re-sent action must
-        not reach the table. The ids are read just before the insert, in the partitions of the
-        batch's span (the bloom filter on id skips most granules): two writers sending the same new
-        id at once both insert it, and the rollups count it twice (the raw rows, read with FINAL,
-        once); an id re-sent with another timestamp outside the batch's span is a second action, as
-        the raw table always kept it."""
+        """Insert the batch's actions whose key (id, town, action type, UTC hour: what the raw
+        table replaces on) is not stored yet, the first of each id in the batch: the rollups' views
+        see every insert, so a re-sent action must not reach the table. The stored keys are read just
+        before the insert (`_stored_ids`): two writers sending the same new id at once both insert
+        it, and the rollups count it twice (the raw rows, read with FINAL, once); an id re-sent with
+        another town, action type or hour is a second action, as the raw table always kept it."""
         if not metrics:
             return 0
-        rows = [_row(metric) for metric in metrics]  # refused before anything is read
+        columns = _columns(metrics)  # refused before anything is read
         client = self._open()
-        # Each term is on a column of the sorting key (town, action type, hour, id), so the primary
-        # index finds the few granules that can hold the batch's keys; a range of timestamps alone
-        # would read the id column of every granule of the span.
-        towns, actions, hours = set(), set(), set()
-        for metric in metrics:
-            towns.add(metric.town_id)
-            actions.add(metric.action_type)
-            hours.add(metric.timestamp.replace(minute=0, second=0, microsecond=0))
-        stored = {
-            uuid.UUID(str(found))
-            for (found,) in client.query(
-                "SELECT DISTINCT id FROM action_metrics WHERE town_id IN {towns:Array(String)} "
-                "AND action_type IN {actions:Array(String)} "
-                "AND toStartOfHour(timestamp) IN "
-                "arrayMap(x -> toStartOfHour(fromUnixTimestamp64Micro(x, 'UTC')), {hours:Array(Int64)}) "
-                "AND id IN {ids:Array(UUID)}",
-                parameters={
-                    "towns": list(towns),
-                    "actions": list(actions),
-                    "hours": [_micros(hour) for hour in hours],
-                    "ids": [metric.id for metric in metrics],
-                },
+        numbers = [id_.int for id_ in columns[0]]
+        stored = self._stored_ids(client, columns, numbers)
+        if stored or len(set(numbers)) < len(numbers):
+            kept = []
+            for index, number in enumerate(numbers):
+                if number not in stored:
+                    stored.add(number)
+                    kept.append(index)
+            columns = [[column[index] for index in kept] for column in columns]
+        if columns[0]:
+            client.insert("action_metrics", columns, column_names=list(_COLUMNS), column_oriented=True)
+        return len(columns[0])
+
+    def _stored_ids(self, client: Client, columns: list[list[Any]], numbers: list[int]) -> set[int]:
+        """The batch's ids (as numbers) stored already with the town, action type and UTC hour of
+        the batch's action. Ids minted close together (UUIDv7, the default) are looked up as one range
+        of the ids table's order (sql/clickhouse/0005), which reads a granule or two per part however
+        full the hours are; ids spread wider (random UUIDv4) are sent one by one, and the lookup then
+        reads the ids of everything stored in the batch's hours."""
+        ids, micros = columns[0], columns[1]
+        low, high = min(numbers), max(numbers)
+        parameters: dict[str, Any] = {"hours": _hours(micros)}
+        if (high >> _UUID7_TIME_SHIFT) - (low >> _UUID7_TIME_SHIFT) <= _RANGE_LOOKUP_SPREAD_MS:
+            wanted = "toUInt128(id) BETWEEN {low:UInt128} AND {high:UInt128}"
+            parameters.update(low=low, high=high)
+        else:
+            wanted = "id IN {ids:Array(UUID)}"
+            parameters["ids"] = ids
+        keys = {
+            (uuid.UUID(str(id_)).int, town, action, hour)
+            for id_, town, action, hour in client.query(
+                "SELECT id, town_id, action_type, toUnixTimestamp(hour) FROM action_metrics_ids "
+                "WHERE hour IN arrayMap(x -> toStartOfHour(fromUnixTimestamp64Micro(x, 'UTC')), "
+                f"{{hours:Array(Int64)}}) AND {wanted}",
+                parameters=parameters,
             ).result_rows
         }
-        new: list[list[Any]] = []
-        for metric, row in zip(metrics, rows, strict=True):
-            if metric.id not in stored:
-                stored.add(metric.id)
-                new.append(row)
-        if new:
-            columns = [list(column) for column in zip(*new, strict=True)]
-            client.insert("action_metrics", columns, column_names=list(_COLUMNS), column_oriented=True)
-        return len(new)
+        found = {key[0] for key in keys}
+        candidates = [index for index, number in enumerate(numbers) if number in found] if found else []
+        if not candidates:
+            return set()
+        # Each candidate's hour as the raw table's sorting key has it (toStartOfHour stops at 1970).
+        (their_hours,) = client.query(
+            "SELECT arrayMap(x -> toUnixTimestamp(toStartOfHour(fromUnixTimestamp64Micro(x, 'UTC'))), "
+            "{micros:Array(Int64)})",
+            parameters={"micros": [micros[index] for index in candidates]},
+        ).result_rows[0]
+        return {
+            numbers[index]
+            for index, hour in zip(candidates, their_hours, strict=True)
+            if (numbers[index], columns[4][index], columns[2][index], hour) in keys
+        }
 
     # -- reads --
 
@@ -1304,18 +1331,25 @@ class ClickHouseRepository:
         kept_from = self._raw_kept_from(client)
         if kept_from is None or kept_from < cutoff:
             client.insert("raw_kept_from", [[max(cutoff, EARLIEST)]], column_names=["kept_from"])
-        partitions = client.query(
-            "SELECT DISTINCT partition_id FROM system.parts "
-            "WHERE database = currentDatabase() AND table = 'action_metrics' AND active"
-        ).result_rows
-        for (partition,) in partitions:
-            month = _PARTITION.match(partition)
-            if month is None:
-                continue
-            year, number = int(month[1]), int(month[2])
-            month_end = datetime(year + number // 12, number % 12 + 1, 1, tzinfo=UTC)
-            if month_end <= cutoff:
-                # partition_id is ClickHouse's own (six digits, checked above), never a user's.
-                client.command(f"ALTER TABLE action_metrics DROP PARTITION ID '{partition}'")
-        client.command(f"DELETE FROM action_metrics WHERE {older}", parameters=parameters)
+        # The ids that first id wins looks up go with their rows (a cut-off is a UTC midnight, so
+        # an hour is either all before it or all after).
+        for table, column in (("action_metrics", "timestamp"), ("action_metrics_ids", "hour")):
+            partitions = client.query(
+                "SELECT DISTINCT partition_id FROM system.parts "
+                "WHERE database = currentDatabase() AND table = {table:String} AND active",
+                parameters={"table": table},
+            ).result_rows
+            for (partition,) in partitions:
+                month = _PARTITION.match(partition)
+                if month is None:
+                    continue
+                year, number = int(month[1]), int(month[2])
+                month_end = datetime(year + number // 12, number % 12 + 1, 1, tzinfo=UTC)
+                if month_end <= cutoff:
+                    # partition_id is ClickHouse's own (six digits, checked above), never a user's.
+                    client.command(f"ALTER TABLE {table} DROP PARTITION ID '{partition}'")
+            client.command(
+                f"DELETE FROM {table} WHERE {column} < fromUnixTimestamp64Micro({{cutoff:Int64}}, 'UTC')",
+                parameters=parameters,
+            )
         return PruneResult(cutoff, rows, dry_run=False)
