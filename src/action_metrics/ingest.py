@@ -11,6 +11,11 @@ from action_metrics.model import ActionMetric
 INGEST_BATCH: Final = 20_000
 """Metrics per transaction when `emit_many` streams: bounds memory (a 10M generator runs in well
 under 300 MB) and how long a batch holds SQLite's write lock, yet amortises each commit."""
+CLICKHOUSE_INGEST_BATCH: Final = 100_000
+"""Metrics per insert when `emit_many` streams into ClickHouse: each insert writes a part into the
+raw table and, through the materialized views, into the rollups and the ids table, a fixed cost
+ClickHouse's documentation says to amortise over large inserts (ten thousands to a hundred
+thousand rows or more)."""
 
 
 def metric_batches(metrics: Iterable[ActionMetric], size: int = INGEST_BATCH) -> Iterator[list[ActionMetric]]:

@@ -32,7 +32,7 @@ from action_metrics.clickhouse import SCHEMES as CLICKHOUSE_SCHEMES
 from action_metrics.clickhouse import ClickHouseURL
 from action_metrics.dialects import backend_for, display_url, resolve_url
 from action_metrics.errors import InvalidFilter, StoreClosed
-from action_metrics.ingest import metric_batches
+from action_metrics.ingest import CLICKHOUSE_INGEST_BATCH, INGEST_BATCH, metric_batches
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
 from action_metrics.query import CopyPosition, MetricFilter
@@ -168,6 +168,10 @@ class AsyncMetricsStore:
     ) -> None:
         self.url = resolve_url(url)
         self._new_repository = repository_for(self.url)
+        self.ingest_batch = (
+            CLICKHOUSE_INGEST_BATCH if self.url.get_backend_name() in CLICKHOUSE_SCHEMES else INGEST_BATCH
+        )
+        """Metrics per atomic batch when `emit_many` streams."""
         self.durable = bool(durable)
         settings = WriterSettings(
             buffer_size=buffer_size,
@@ -255,11 +259,12 @@ class AsyncMetricsStore:
     async def emit_many(self, metrics: Iterable[ActionMetric]) -> None:
         """Store metrics; ids already stored are skipped.
 
-        Streams: every `INGEST_BATCH` (20,000) metrics are one atomic transaction, so a generator of
-        any length runs in bounded memory; a failure keeps the batches committed before it.
+        Streams: every `ingest_batch` metrics (20,000; 100,000 into ClickHouse, one insert each) are
+        one atomic transaction, so a generator of any length runs in bounded memory; a failure keeps
+        the batches committed before it.
         """
         repository = await self._open()
-        for batch in metric_batches(metrics):
+        for batch in metric_batches(metrics, self.ingest_batch):
             await repository.insert(batch)
 
     async def emit_batch(self, metrics: Sequence[ActionMetric]) -> int:
@@ -575,7 +580,8 @@ class MetricsStore:
         self._put(metric)
 
     def emit_many(self, metrics: Iterable[ActionMetric]) -> None:
-        for batch in metric_batches(metrics):  # drawn here: the caller's iterable stays on its thread
+        # Drawn here: the caller's iterable stays on its thread.
+        for batch in metric_batches(metrics, self._store.ingest_batch):
             self._call(self._store.emit_many(batch))
 
     def emit_batch(self, metrics: Sequence[ActionMetric]) -> int:
