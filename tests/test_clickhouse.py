@@ -135,6 +135,39 @@ def test_re_sent_batches_are_stored_once_after_the_merges_too(clickhouse_url: st
         assert store.query() == select_like_the_store(metrics, {})
 
 
+def test_emit_many_streams_into_clickhouse_in_inserts_of_its_own_batch_size(
+    clickhouse_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ClickHouse takes larger batches than the SQL backends (each insert's parts and views cost the
+    same whatever its size); a generator is still drawn a batch at a time, sync and async alike."""
+    from action_metrics import clickhouse_repository
+    from action_metrics import store as store_module
+
+    monkeypatch.setattr(store_module, "CLICKHOUSE_INGEST_BATCH", 7)
+    sizes: list[int] = []
+    insert = clickhouse_repository.ClickHouseRepository.insert
+
+    async def recorded(self: Any, metrics: Any) -> None:
+        sizes.append(len(metrics))
+        await insert(self, metrics)
+
+    monkeypatch.setattr(clickhouse_repository.ClickHouseRepository, "insert", recorded)
+    metrics = [metric(timestamp=START + timedelta(minutes=i)) for i in range(30)]
+    with MetricsStore(clickhouse_url) as store:
+        assert store._store.ingest_batch == 7
+        store.emit_many(iter(metrics[:16]))
+        assert sizes == [7, 7, 2]
+        run_async(_emit_async(clickhouse_url, metrics[16:]))
+        assert sizes == [7, 7, 2, 7, 7]
+        assert store.aggregate().count == 30
+    assert AsyncMetricsStore("sqlite:///unused.db").ingest_batch == 20_000
+
+
+async def _emit_async(url: str, metrics: list[ActionMetric]) -> None:
+    async with AsyncMetricsStore(url) as store:
+        await store.emit_many(iter(metrics))
+
+
 @pytest.mark.parametrize("ids", ["uuid7", "uuid4"])
 def test_a_re_sent_action_counts_once_raw_and_rolled_up_whatever_its_ids(
     clickhouse_url: str, ids: str
