@@ -203,6 +203,10 @@ def test_random_json_bodies_decode_or_are_refused(document: Any) -> None:
         SpanReceiver().read(decode_request(json.dumps(document).encode(), JSON))
 
 
+TRACE_IDS = st.sampled_from(["", "ab" * 16]) | st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)
+SPAN_IDS = st.sampled_from(["", "01" * 8, "02" * 8, "ff" * 8])
+
+
 @settings(max_examples=500, deadline=None)
 @given(
     attributes=st.dictionaries(st.sampled_from(GENAI_KEYS), ATTRIBUTE_VALUES, min_size=1),
@@ -210,12 +214,25 @@ def test_random_json_bodies_decode_or_are_refused(document: Any) -> None:
     start=NANOSECONDS,
     end=NANOSECONDS,
     status=st.integers(min_value=0, max_value=2),
+    trace_ids=st.tuples(TRACE_IDS, TRACE_IDS),
+    span_ids=st.tuples(SPAN_IDS, SPAN_IDS, st.none() | SPAN_IDS, st.none() | SPAN_IDS),
 )
 def test_any_span_makes_a_metric_or_a_rejection_naming_the_field(
-    attributes: dict[str, Any], parent_attributes: dict[str, Any], start: int, end: int, status: int
+    attributes: dict[str, Any],
+    parent_attributes: dict[str, Any],
+    start: int,
+    end: int,
+    status: int,
+    trace_ids: tuple[str, str],
+    span_ids: tuple[str, str, str | None, str | None],
 ) -> None:
-    parent = OtlpSpan("ab" * 16, "01" * 8, None, "action", start, end, parent_attributes, 0, "", {}, "")
-    span = OtlpSpan("ab" * 16, "02" * 8, "01" * 8, "chat", start, end, attributes, status, "", {}, "")
+    """Any attributes, times and status, and any trace and span ids: empty, shared by both spans,
+    a parent that is missing, the span's own id, or each other's (a cycle)."""
+    parent_id, span_id, parents_parent, spans_parent = span_ids
+    parent = OtlpSpan(
+        trace_ids[0], parent_id, parents_parent, "action", start, end, parent_attributes, 0, "", {}, ""
+    )
+    span = OtlpSpan(trace_ids[1], span_id, spans_parent, "chat", start, end, attributes, status, "", {}, "")
     batch = SpanReceiver().read([span, parent])
     assert len(batch.accepted) + len(batch.rejected) + batch.ignored + batch.duplicates == 2
     for _, why in batch.rejected:
