@@ -367,6 +367,7 @@ def test_prune_drops_old_months_and_rows_and_the_rollups_still_answer_for_them(c
         ):
             with pytest.raises(RawRowsPruned, match=re.escape(f"before {cutoff.isoformat()}")) as raised:
                 call()
+            assert "for whole UTC hours without exact=True" in str(raised.value)
             assert "the rollups keep those" in str(raised.value)
         client = ClickHouseURL.parse(clickhouse_url).connect()
         try:

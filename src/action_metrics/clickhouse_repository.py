@@ -97,6 +97,8 @@ _UUID7_TIME_SHIFT: Final = 80
 _RANGE_LOOKUP_SPREAD_MS: Final = 86_400_000
 """A batch whose ids' top 48 bits lie within a day of each other (UUIDv7 minted within a day) is
 looked up as one range of ids; wider (random UUIDv4), id by id."""
+_PRUNED_ANSWERED_FOR: Final = "UTC hours"
+"""What the hourly rollups still answer for over a pruned period (`RawRowsPruned` says so)."""
 _READ_SETTINGS: Final = {"do_not_merge_across_partitions_select_final": 1}
 """FINAL per partition is enough: copies of one action share its timestamp, hence its month."""
 _FIGURE_SETTINGS: Final = {**_READ_SETTINGS, "join_use_nulls": 1, "group_by_use_nulls": 1}
@@ -921,7 +923,7 @@ class ClickHouseRepository:
         if cutoff is None or (metric_filter.since is not None and metric_filter.since >= cutoff):
             return
         if metric_filter.limit is None:
-            raise RawRowsPruned(cutoff, question)
+            raise RawRowsPruned(cutoff, question, whole=_PRUNED_ANSWERED_FOR)
         statement, parameters = _selection(metric_filter, "timestamp")
         count, oldest = client.query(
             f"SELECT count(), toUnixTimestamp64Micro(min(timestamp)) FROM ({statement})",
@@ -929,7 +931,7 @@ class ClickHouseRepository:
             settings=_READ_SETTINGS,
         ).result_rows[0]
         if count < metric_filter.limit or _moment(oldest) < cutoff:
-            raise RawRowsPruned(cutoff, question)
+            raise RawRowsPruned(cutoff, question, whole=_PRUNED_ANSWERED_FOR)
 
     def _price_changes(self, client: Client) -> list[int]:
         """Every instant a model or credit price starts, sorted, in microseconds."""
@@ -973,7 +975,7 @@ class ClickHouseRepository:
             raw, hours = (), ()
         cutoff = self._raw_kept_from(client)
         if cutoff is not None and any(start is None or start < cutoff for start, _ in raw):
-            raise RawRowsPruned(cutoff, question)
+            raise RawRowsPruned(cutoff, question, whole=_PRUNED_ANSWERED_FOR)
         return _Sources(exact=False, rollup=rollup, raw=raw, hours=hours)
 
     async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]:

@@ -101,13 +101,16 @@ class RawRowsPruned(ActionMetricsError, LookupError):
     """The question needs raw rows from before the cut-off of `action-metrics db prune`, which are gone.
 
     Only the rollups reach back there: aggregates without `exact=True`, without `user_id`,
-    `citizen_id` or `limit`, over whole UTC days before the cut-off. `cutoff` is that instant.
+    `citizen_id` or `limit`, over whole UTC days before the cut-off (whole UTC hours on ClickHouse,
+    whose rollups are hourly: `whole`). `cutoff` is that instant.
     """
 
-    def __init__(self, cutoff: datetime, question: str, *, rollups: bool = True) -> None:
+    def __init__(
+        self, cutoff: datetime, question: str, *, rollups: bool = True, whole: str = "UTC days"
+    ) -> None:
         self.cutoff = cutoff
         elsewhere = (
-            ", or for whole UTC days without exact=True, user_id, citizen_id or limit"
+            f", or for whole {whole} without exact=True, user_id, citizen_id or limit"
             " (the rollups keep those)"
             if rollups
             else " (this database keeps no rollups of them)"
