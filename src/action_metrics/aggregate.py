@@ -449,9 +449,9 @@ def latency_values(
 # --- money and counts ---------------------------------------------------------------------------
 
 
-def sums_per_model(parts: NamedFromClause, keys: Sequence[str] = ()) -> NamedFromClause:
-    """Counts, sums and money per model (and keys). Parts are grouped by the prices in force at their
-    start and each group's sums are multiplied by its prices once."""
+def _price_join(parts: NamedFromClause) -> tuple[Any, dict[str, ColumnElement[Any]]]:
+    """`parts` joined to the model and credit prices in force at each part's `at`, and those prices
+    (a missing cache price is the input price)."""
     p, c = model_price_periods, credit_price_periods
     at = parts.c.at
     priced = parts.outerjoin(
@@ -464,63 +464,95 @@ def sums_per_model(parts: NamedFromClause, keys: Sequence[str] = ()) -> NamedFro
     ).outerjoin(
         c, and_(at >= c.c.effective_from, (c.c.effective_until.is_(None)) | (at < c.c.effective_until))
     )
-    # A missing cache price is the input price.
-    prices = (
-        p.c.input_per_1m.label("input_per_1m"),
-        p.c.output_per_1m.label("output_per_1m"),
-        func.coalesce(p.c.cache_read_per_1m, p.c.input_per_1m).label("cache_read_per_1m"),
-        func.coalesce(p.c.cache_write_per_1m, p.c.input_per_1m).label("cache_write_per_1m"),
-        c.c.usd_per_credit.label("usd_per_credit"),
-    )
-    per_price = (
-        select(
-            parts.c.model,
-            *(parts.c[key] for key in keys),
-            *prices,
-            *(func.sum(parts.c[name]).label(name) for name in SUM_COLUMNS),
-        )
-        .select_from(priced)
-        .group_by(parts.c.model, *(parts.c[key] for key in keys), *prices)
-        .subquery("per_price")
-    )
-    g = per_price.c
-    priced_group = g.input_per_1m.is_not(None)
-    with_margin = and_(priced_group, g.usd_per_credit > 0)
+    prices = {
+        "input_per_1m": p.c.input_per_1m,
+        "output_per_1m": p.c.output_per_1m,
+        "cache_read_per_1m": func.coalesce(p.c.cache_read_per_1m, p.c.input_per_1m),
+        "cache_write_per_1m": func.coalesce(p.c.cache_write_per_1m, p.c.input_per_1m),
+        "usd_per_credit": c.c.usd_per_credit,
+    }
+    return priced, prices
+
+
+def _money(
+    g: Callable[[str], ColumnElement[Any]], total: Callable[[ColumnElement[Any]], ColumnElement[Any]]
+) -> list[ColumnElement[Any]]:
+    """`PER_MODEL_SUMS` from sums `g(name)` that each have one price (`g` gives the prices too),
+    each added up by `total` (a SUM over a group, or the value itself for one row)."""
+    priced_group = g("input_per_1m").is_not(None)
+    with_margin = and_(priced_group, g("usd_per_credit") > 0)
 
     def priced_tokens(suffix: str) -> ColumnElement[Any]:
         """The contract's cost in USD x 1e6: uncached input, cache reads and writes, output, each
         at its price (cache reads and writes are parts of tokens_in)."""
-        read, write = g[f"cache_read_tokens{suffix}"], g[f"cache_write_tokens{suffix}"]
+        read, write = g(f"cache_read_tokens{suffix}"), g(f"cache_write_tokens{suffix}")
         return (
-            (g[f"tokens_in{suffix}"] - read - write) * g.input_per_1m
-            + read * g.cache_read_per_1m
-            + write * g.cache_write_per_1m
-            + g[f"tokens_out{suffix}"] * g.output_per_1m
+            (g(f"tokens_in{suffix}") - read - write) * g("input_per_1m")
+            + read * g("cache_read_per_1m")
+            + write * g("cache_write_per_1m")
+            + g(f"tokens_out{suffix}") * g("output_per_1m")
         )
 
     # margin = 1 - cost / revenue per action, so over a group with one price the margins add up to
     # credited - (the cost formula over the sums of each token count / credits) / (1e6 * usd).
-    cost_per_revenue = priced_tokens("_per_credit") / (_ONE_MILLION * g.usd_per_credit)
-    return (
+    cost_per_revenue = priced_tokens("_per_credit") / (_ONE_MILLION * g("usd_per_credit"))
+    return [
+        total(g("count")).label("count"),
+        total(g("tokens_in")).label("tokens_in"),
+        total(g("tokens_out")).label("tokens_out"),
+        total(g("credits_charged")).label("total_credits"),
+        total(g("latency_ms_sum")).label("latency_ms_sum"),
+        total(case((priced_group, 0), else_=g("count"))).label("unpriced_count"),
+        *(total(g(name)).label(name) for name in COUNTED),
+        func.coalesce(total(priced_tokens("") / _ONE_MILLION), 0).label("cost"),
+        func.coalesce(total(g("credits_charged") * g("usd_per_credit")), 0).label("revenue"),
+        total(case((with_margin, cast(g("credited_count"), Double) - cast(cost_per_revenue, Double)))).label(
+            "margin_sum"
+        ),
+        total(case((with_margin, g("credited_count")))).label("margin_count"),
+    ]
+
+
+def sums_per_model(parts: NamedFromClause, keys: Sequence[str] = ()) -> NamedFromClause:
+    """Counts, sums and money per model (and keys). Parts are grouped by the prices in force at their
+    start and each group's sums are multiplied by its prices once."""
+    priced, prices = _price_join(parts)
+    price_columns = [column.label(name) for name, column in prices.items()]
+    per_price = (
         select(
-            g.model,
-            *(g[key] for key in keys),
-            func.sum(g["count"]).label("count"),
-            func.sum(g.tokens_in).label("tokens_in"),
-            func.sum(g.tokens_out).label("tokens_out"),
-            func.sum(g.credits_charged).label("total_credits"),
-            func.sum(g.latency_ms_sum).label("latency_ms_sum"),
-            func.sum(case((priced_group, 0), else_=g["count"])).label("unpriced_count"),
-            *(func.sum(g[name]).label(name) for name in COUNTED),
-            func.coalesce(func.sum(priced_tokens("") / _ONE_MILLION), 0).label("cost"),
-            func.coalesce(func.sum(g.credits_charged * g.usd_per_credit), 0).label("revenue"),
-            func.sum(
-                case((with_margin, cast(g.credited_count, Double) - cast(cost_per_revenue, Double)))
-            ).label("margin_sum"),
-            func.sum(case((with_margin, g.credited_count))).label("margin_count"),
+            parts.c.model,
+            *(parts.c[key] for key in keys),
+            *price_columns,
+            *(func.sum(parts.c[name]).label(name) for name in SUM_COLUMNS),
         )
+        .select_from(priced)
+        .group_by(parts.c.model, *(parts.c[key] for key in keys), *price_columns)
+        .subquery("per_price")
+    )
+    g = per_price.c
+    return (
+        select(g.model, *(g[key] for key in keys), *_money(g.__getitem__, func.sum))
         .group_by(g.model, *(g[key] for key in keys))
         .cte("per_model")
+    )
+
+
+def priced_parts(parts: NamedFromClause, keys: Sequence[str] = ()) -> NamedFromClause:
+    """`sums_per_model`'s columns for each part alone, priced by a join: for parts already summed
+    per model, price period and keys, where grouping them per price first would only sort them
+    again."""
+    priced, prices = _price_join(parts)
+
+    def g(name: str) -> ColumnElement[Any]:
+        return prices[name] if name in prices else parts.c[name]
+
+    def alone(value: ColumnElement[Any]) -> ColumnElement[Any]:
+        return value
+
+    return (
+        select(parts.c.model, *(parts.c[key] for key in keys), *_money(g, alone))
+        .select_from(priced)
+        .subquery("per_part")
     )
 
 

@@ -652,11 +652,20 @@ async def _window(connection: AsyncConnection, metric_filter: MetricFilter) -> t
     reaching centuries out has only the buckets of what is stored. Empty (since >= until) when
     nothing is stored in it."""
     m, r = action_metrics, rollup_table
-    raw = (await connection.execute(select(func.min(m.c.timestamp), func.max(m.c.timestamp)))).one()
-    rolled = (await connection.execute(select(func.min(r.c.start), func.max(r.c.start)))).one()
-    firsts = [moment for moment in (raw[0], rolled[0]) if moment is not None]
-    lasts = [raw[1] + timedelta(microseconds=1)] if raw[1] is not None else []
-    lasts += [rolled[1] + timedelta(days=1)] if rolled[1] is not None else []
+    # Each bound its own subquery, so that each is one step down an index (a min and a max in one
+    # SELECT made SQLite scan both tables: 0.7 s at 1M actions). Every rolled-up action is in the
+    # per-model hourly level, and every day row was built from its hours.
+    hourly = rollup.HOURLY.rows(r)
+    bounds = select(
+        select(func.min(m.c.timestamp)).scalar_subquery(),
+        select(func.max(m.c.timestamp)).scalar_subquery(),
+        select(func.min(r.c.start)).where(*hourly).scalar_subquery(),
+        select(func.max(r.c.start)).where(*hourly).scalar_subquery(),
+    )
+    raw_first, raw_last, rolled_first, rolled_last = (await connection.execute(bounds)).one()
+    firsts = [moment for moment in (raw_first, rolled_first) if moment is not None]
+    lasts = [raw_last + timedelta(microseconds=1)] if raw_last is not None else []
+    lasts += [rolled_last + rollup.GRAIN_LENGTH["hour"]] if rolled_last is not None else []
     if not firsts:
         return datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC)
     since = min(firsts) if metric_filter.since is None else max(metric_filter.since, min(firsts))
