@@ -225,38 +225,48 @@ class Percentiles:
 
 
 def merged_percentiles(group_count: int, parts: Sequence[Counted]) -> Percentiles:
-    """The percentiles of each of `group_count` groups over the signed counts of `parts`."""
-    groups = np.concatenate([part.groups for part in parts]) if parts else np.zeros(0, np.int64)
-    bins = np.concatenate([part.bins for part in parts]) if parts else np.zeros(0, np.int64)
-    counts = np.concatenate([part.counts for part in parts]) if parts else np.zeros(0, np.int64)
-    used = counts != 0
-    groups, bins, counts = groups[used], bins[used], counts[used]
-    if not bins.size:
+    """The percentiles of each of `group_count` groups over the signed counts of `parts`.
+
+    Lean on memory: the pairs are concatenated once and then worked on in place, and the histogram
+    of every group is summed up in place. Thousands of groups of hundreds of bins make arrays of tens
+    of MB, and a fresh page of memory costs more here than the arithmetic on it (at 10M actions a
+    first merge spent 0.3 s of system time in page faults for 0.05 s of work)."""
+    if not any(part.bins.size for part in parts):
         return Percentiles(
             np.zeros(group_count, np.int64), {name: np.full(group_count, np.nan) for name in FRACTIONS}
         )
+    # A pair counting nothing (a sketch without zero latencies says so) adds nothing anywhere.
+    groups = np.concatenate([part.groups for part in parts]).astype(np.int64, copy=False)
+    bins = np.concatenate([part.bins for part in parts]).astype(np.int64, copy=False)
+    counts = np.concatenate([part.counts for part in parts])
     # Zero latencies sort first: one place below the lowest bin.
-    nonzero = bins[bins != ZERO_BIN]
-    low = int(nonzero.min()) - 1 if nonzero.size else 0
-    high = int(nonzero.max()) if nonzero.size else 0
-    places = np.where(bins == ZERO_BIN, low, bins)
+    zero = bins == ZERO_BIN
+    some = not bool(zero.all())
+    high = int(bins.max()) if some else 0
+    low = int(np.min(bins, where=~zero, initial=high)) - 1 if some else 0
+    bins[zero] = low
+    del zero
     # Only the bins present get a place (a latency far out would otherwise widen every group's row).
     if high - low + 1 <= MAX_DENSE_CELLS:
+        bins -= low
         present = np.zeros(high - low + 1, dtype=bool)
-        present[places - low] = True
+        present[bins] = True
         place_of = np.cumsum(present) - 1
         place_bins = np.flatnonzero(present) + low
-        place = place_of[places - low]
+        place = np.take(place_of, bins, out=bins)
     else:
-        place_bins, place = np.unique(places, return_inverse=True)
+        place_bins, place = np.unique(bins, return_inverse=True)
     place_bins = np.where(place_bins == low, ZERO_BIN, place_bins)
     width = place_bins.size
-    flat = np.bincount(groups * width + place, weights=counts, minlength=group_count * width)
-    histogram = flat.astype(np.int64)  # sums of integers below 2**53: exact in float64
+    groups *= width
+    groups += place
+    # Sums of integers below 2**53: exact in float64.
+    histogram = np.bincount(groups, weights=counts, minlength=group_count * width)
+    del groups, bins, place, counts
     if histogram.min() < 0:
         raise SketchError("a merge went below zero: a subtracted sketch was not part of its whole")
-    running = np.cumsum(histogram)
-    totals = histogram.reshape(group_count, width).sum(axis=1)
+    totals = histogram.reshape(group_count, width).sum(axis=1).astype(np.int64)
+    running = np.cumsum(histogram, out=histogram)
     before = np.cumsum(totals) - totals
     values_of_places = representative(place_bins)
     values: dict[str, Floats] = {}

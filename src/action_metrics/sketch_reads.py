@@ -470,47 +470,55 @@ async def percentiles_of_groups(
         return numbers.setdefault(group, len(numbers))
 
     counted: list[Counted] = []
-    s = latency_sketch
     for (grain, sign), members in _groups_of_pieces(pieces).items():
-        if grain is None:
-            bucket_of = _raw_bucket_of(sign, members, starts, backend)
-            statement = _raw_bins(metric_filter, shape.key if keyed else None, members, bucket_of)
-            rows = (await connection.execute(statement)).all()
-            if rows:
-                groups = [number(row[0] if keyed else None, row[-3]) for row in rows]
-                counted.append(
-                    Counted(
-                        np.asarray(groups, np.int64),
-                        np.asarray([row[-2] for row in rows], np.int64),
-                        np.asarray([row[-1] for row in rows], np.int64) * sign,
-                    )
-                )
+        if grain is not None:
             continue
-        level = shape.sketches[grain]
-        value = getattr(metric_filter, shape.key)
-        buckets_at: dict[datetime, list[int]] = {}
-        for piece in members:
-            buckets_at.setdefault(piece.since, []).append(piece.bucket)
+        bucket_of = _raw_bucket_of(sign, members, starts, backend)
+        statement = _raw_bins(metric_filter, shape.key if keyed else None, members, bucket_of)
+        rows = (await connection.execute(statement)).all()
+        if rows:
+            groups = [number(row[0] if keyed else None, row[-3]) for row in rows]
+            counted.append(
+                Counted(
+                    np.asarray(groups, np.int64),
+                    np.asarray([row[-2] for row in rows], np.int64),
+                    np.asarray([row[-1] for row in rows], np.int64) * sign,
+                )
+            )
+    s = latency_sketch
+    value = getattr(metric_filter, shape.key)
+    for grain, level in shape.sketches.items():
+        # Each sketch read once, however many buckets take it (an edge hour is taken from one
+        # local day and added to the next).
+        taken: dict[datetime, list[tuple[int, int]]] = {}
+        for piece in pieces:
+            if piece.grain == grain:
+                taken.setdefault(piece.since, []).append((piece.bucket, piece.sign))
+        if not taken:
+            continue
+        moments = sorted(taken)
         when = (
-            s.c.start.in_(sorted(buckets_at))
+            s.c.start.in_(moments)
             if grain == "hour"
-            else any_range(s.c.start, _joined_ranges(members))
+            else any_range(
+                s.c.start, _joined_ranges([Piece(1, grain, m, m + GRAIN_LENGTH[grain], 0) for m in moments])
+            )
         )
         statement = select(s.c.start, s.c.key, s.c.zero_count, s.c.bins).where(
-            s.c.level == level.name,
-            when,
-            *([] if value is None else [s.c.key == value]),
+            s.c.level == level.name, when, *([] if value is None else [s.c.key == value])
         )
         group_of: list[int] = []
+        signs: list[int] = []
         blobs: list[bytes] = []
         zero_counts: list[int] = []
-        for row in await connection.execute(statement):
-            for bucket in buckets_at.get(row[0], ()):
+        for row in (await connection.execute(statement)).all():
+            for bucket, taken_sign in taken.get(row[0], ()):
                 group_of.append(number(row[1], bucket))
+                signs.append(taken_sign)
                 zero_counts.append(row[2])
                 blobs.append(row[3])
         if blobs:
-            counted.append(blob_counts(group_of, [sign] * len(blobs), blobs, zero_counts))
+            counted.append(blob_counts(group_of, signs, blobs, zero_counts))
     merged = merged_percentiles(len(numbers), counted)
     return {group: merged.of(index) for group, index in numbers.items()}
 
