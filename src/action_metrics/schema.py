@@ -82,6 +82,21 @@ class Base(DeclarativeBase):
     )
 
 
+AGGREGATED_COLUMNS: Final = (
+    "action_type",
+    "model",
+    "tokens_in",
+    "tokens_out",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "credits_charged",
+    "latency_ms",
+    "error",
+)
+"""What `aggregate()`, `breakdown()` and the checks read of a raw action besides its filters."""
+
+
 class ActionMetricRow(Base):
     """One row per action."""
 
@@ -109,11 +124,15 @@ class ActionMetricRow(Base):
     __table_args__ = (
         # Every filter of query()/aggregate() is an equality plus a time range, newest first.
         Index(None, "timestamp"),
-        Index(None, "town_id", "timestamp"),
-        Index(None, "user_id", "timestamp"),
+        # On PostgreSQL these three also carry what the aggregates read of each action: one town's,
+        # user's or citizen's actions are an index-only scan (migration 0008).
+        Index(None, "town_id", "timestamp", postgresql_include=["user_id", *AGGREGATED_COLUMNS]),
+        Index(None, "user_id", "timestamp", postgresql_include=["town_id", *AGGREGATED_COLUMNS]),
         Index(None, "action_type", "timestamp"),
         Index(None, "model", "timestamp"),
-        Index(None, "citizen_id", "timestamp"),
+        Index(
+            None, "citizen_id", "timestamp", postgresql_include=["town_id", "user_id", *AGGREGATED_COLUMNS]
+        ),
     )
 
 
