@@ -6,6 +6,7 @@ are not whole hours.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -18,12 +19,15 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import Databases, run_cli
-from sqlalchemy import make_url
+from conftest import metric as a_metric
+from sqlalchemy import BigInteger, Integer, String, make_url, select
 from test_views import example, plain_sql
 
 from action_metrics import ActionMetric, AsyncMetricsStore, InvalidFilter, MetricsStore
 from action_metrics.cli import run_async
+from action_metrics.dialects import backend_for
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
+from action_metrics.schema import UTCDateTime, action_metrics
 
 from reference import PriceBook, assert_matches, expected_aggregate
 
@@ -557,3 +561,40 @@ def test_the_sketch_levels_answer_town_days_and_model_hours_as_the_reference(
         if backend.name != "clickhouse":  # ClickHouse reads its own rollups (clickhouse_repository)
             assert answered == [len(rows)]
             assert not rows[0]["percentiles_exact"]
+
+
+@pytest.mark.not_on_clickhouse("rows_table is how the SQL backends hand the database breakdown pieces")
+def test_rows_passed_as_one_parameter_join_the_stored_timestamps_exactly(
+    database_url: str,
+) -> None:
+    """`Backend.rows_table` (how `breakdown()` hands the database its pieces): every value comes back
+    as given, and a timestamp (given in any zone) equals the stored one to the microsecond."""
+    stored = datetime(2026, 3, 29, 1, 59, 59, 999_999, tzinfo=UTC)
+    with MetricsStore(database_url) as store:
+        store.emit(a_metric(timestamp=stored))
+    backend = backend_for(database_url)
+    columns = [("name", String()), ("at", UTCDateTime()), ("big", BigInteger()), ("sign", Integer())]
+    berlin = stored.astimezone(ZoneInfo("Europe/Berlin"))
+    rows = [
+        ("café / ünïcode 'quoted'", berlin, 2**40, -1),
+        ("other", stored + timedelta(microseconds=1), -(2**40), 1),
+    ]
+    table = backend.rows_table("given", columns, rows)
+    m = action_metrics
+
+    async def read() -> tuple[list[Any], list[Any]]:
+        engine = backend.create_engine()
+        try:
+            async with engine.connect() as connection:
+                everything = (await connection.execute(select(table).order_by(table.c.sign))).all()
+                joined = select(table.c.name, m.c.town_id).join_from(table, m, m.c.timestamp == table.c.at)
+                return list(everything), list((await connection.execute(joined)).all())
+        finally:
+            await engine.dispose()
+
+    everything, joined = asyncio.run(read())
+    assert [tuple(row) for row in everything] == [
+        ("café / ünïcode 'quoted'", stored, 2**40, -1),
+        ("other", stored + timedelta(microseconds=1), -(2**40), 1),
+    ]
+    assert [tuple(row) for row in joined] == [("café / ünïcode 'quoted'", "town-1")]

@@ -175,3 +175,26 @@ def test_the_merge_equals_the_sql_merge_of_the_same_bins(database_url: str) -> N
                 name,
                 percentile,
             )
+
+
+def test_the_merge_leaves_its_parts_as_they_were_and_ignores_pairs_counting_nothing() -> None:
+    rng = np.random.default_rng(11)
+    latencies = [rng.lognormal(2, 1, 500) for _ in range(3)]
+    sketches = [Sketch.of_latencies(values) for values in latencies]
+    parts = [sketch_counts([0, 1, 1], [1, 1, 1], sketches)]
+    copies = [Counted(part.groups.copy(), part.bins.copy(), part.counts.copy()) for part in parts]
+    # A pair counting nothing, in a bin far below every other: it must neither move a percentile
+    # nor make a group without latencies look as if it had some.
+    nothing = Counted(np.array([2], np.int64), np.array([-20_000], np.int64), np.array([0], np.int64))
+    merged = merged_percentiles(3, [*parts, nothing])
+    alone = merged_percentiles(3, parts)
+    for part, copy in zip(parts, copies, strict=True):
+        assert np.array_equal(part.groups, copy.groups)
+        assert np.array_equal(part.bins, copy.bins)
+        assert np.array_equal(part.counts, copy.counts)
+    for group in range(3):
+        assert merged.of(group) == alone.of(group)
+    assert merged.of(2) == dict.fromkeys(FRACTIONS)
+    both = np.concatenate(latencies[1:])
+    for name, fraction in FRACTIONS.items():
+        assert merged.of(1)[name] == pytest.approx(np.quantile(both, fraction), rel=0.01)
