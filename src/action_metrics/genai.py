@@ -284,7 +284,8 @@ class CallDeduplicator:
     """
 
     def __init__(self) -> None:
-        self._ids: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._ids: OrderedDict[int, None] = OrderedDict()
+        """Metric ids (as ints: a UUID's hash is Python code) of the calls that named their response."""
         self._spans: OrderedDict[str, _ModelReports] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -294,9 +295,9 @@ class CallDeduplicator:
         this = _Reported(
             data.trace_id, data.start_ns, data.end_ns, data.span_id, data.parent_span_id, has_response_id
         )
-        key = call.request_model
+        key, metric_id = call.request_model, call.metric.id.int
         with self._lock:
-            if has_response_id and call.metric.id in self._ids:
+            if has_response_id and metric_id in self._ids:
                 return False
             remembered = self._spans.get(key)
             if remembered is None:
@@ -312,7 +313,7 @@ class CallDeduplicator:
             ):
                 return False
             if has_response_id:
-                self._ids[call.metric.id] = None
+                self._ids[metric_id] = None
                 if len(self._ids) > _REMEMBERED:
                     self._ids.popitem(last=False)
             else:

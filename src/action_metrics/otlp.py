@@ -231,13 +231,23 @@ def _attributes(
 _UNREAD: Final[Any] = object()
 _SHORT_STRING: Final = 0x0A
 """The first byte of an `AnyValue` holding a `string_value` (field 1, length-delimited)."""
+_SMALL_INT: Final = 0x18
+"""The first byte of an `AnyValue` holding an `int_value` (field 3, a varint)."""
 
 
 def _decoded_value(encoded: bytes) -> AttributeValue | None:
-    # A string of under 128 bytes alone in its AnyValue, the commonest value, read without protobuf;
-    # UTF-8 is checked as upb checks it (a UnicodeDecodeError refuses the body, as a DecodeError does).
-    if len(encoded) >= 2 and encoded[0] == _SHORT_STRING and encoded[1] == len(encoded) - 2:
-        return encoded[2:].decode()
+    # The commonest values read without protobuf: a string of under 128 bytes (UTF-8 checked as upb
+    # checks it: a UnicodeDecodeError refuses the body as a DecodeError does) and an int under 2**14,
+    # each alone in its AnyValue. Anything else: protobuf's own AnyValue.
+    size = len(encoded)
+    if size >= 2:
+        first, second = encoded[0], encoded[1]
+        if first == _SHORT_STRING and second == size - 2:
+            return encoded[2:].decode()
+        if first == _SMALL_INT and second < 0x80 and size == 2:
+            return second
+        if first == _SMALL_INT and size == 3 and second >= 0x80 and encoded[2] < 0x80:
+            return second & 0x7F | encoded[2] << 7
     return _value(AnyValue.FromString(encoded))
 
 
@@ -416,7 +426,8 @@ _STATUS_FIELDS: Final = {"message": _text, "code": lambda value: _small(value, S
 _SCOPE_SPANS_FIELDS: Final = {"scope": _READ, "spans": _READ, "schemaUrl": _text}
 _RESOURCE_SPANS_FIELDS: Final = {"resource": _READ, "scopeSpans": _READ, "schemaUrl": _text}
 _REQUEST_FIELDS: Final = {"resourceSpans": _READ}
-_KEY_VALUE_FIELDS: Final = {"key": _text, "value": _READ}
+_KEY_VALUE_FIELDS: Final = frozenset(("key", "value"))
+_EMPTY: Final[dict[str, Any]] = {}
 
 
 class _JsonReader:
@@ -424,9 +435,6 @@ class _JsonReader:
     as text, hex ids, enums as numbers), read straight into spans: `json_format` takes ~100 µs a
     span. Anything else raises `_NotPlain` and the body is read by `decode_json_by_protobuf`, so
     both read every body alike (tests/test_otlp.py checks it)."""
-
-    def __init__(self) -> None:
-        self._decoded: dict[str, Any] = {}
 
     def spans(self, document: object) -> list[OtlpSpan]:
         spans: list[OtlpSpan] = []
@@ -464,11 +472,17 @@ class _JsonReader:
 
     def _attributes(self, pairs: object) -> dict[str, AttributeValue]:
         attributes: dict[str, AttributeValue] = {}
-        for pair in _list(pairs):
-            key = _text(_fields(pair, _KEY_VALUE_FIELDS).get("key", ""))
-            value = self._value(pair.get("value", {}))
-            if value is not None:
-                attributes[key] = value
+        for pair in _list(pairs):  # the commonest object of all: its checks are written out
+            if type(pair) is not dict or not pair.keys() <= _KEY_VALUE_FIELDS:
+                raise _NotPlain
+            key = pair.get("key", "")
+            if type(key) is not str:
+                raise _NotPlain
+            value = pair.get("value", _EMPTY)
+            if type(value) is dict and len(value) == 1 and type(text := value.get("stringValue")) is str:
+                attributes[key] = text
+            elif (read := self._value(value)) is not None:
+                attributes[key] = read
             else:
                 attributes.pop(key, None)  # a later pair of the same key wins, even one left out
         return attributes

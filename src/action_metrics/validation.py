@@ -53,13 +53,23 @@ def storable_text(value: str) -> bool:
     return True
 
 
+_MAX_REMEMBERED_ACTION_TYPES: Final = 4096
+_valid_action_types: set[str] = set()
+"""Action types that passed the check (they are few; a span received names one each)."""
+
+
 def check_action_type(value: object) -> str:
+    if type(value) is str and value in _valid_action_types:
+        return value
     if not isinstance(value, str) or not _ACTION_TYPE.fullmatch(value):
         raise InvalidMetric(
             "action_type",
             f"expected 1-64 characters of a-z, 0-9, '_', '-', '.', got {shown(value)}",
         )
-    return str(value)
+    checked = str(value)
+    if len(_valid_action_types) < _MAX_REMEMBERED_ACTION_TYPES:
+        _valid_action_types.add(checked)
+    return checked
 
 
 def check_model(value: object, error: type[InvalidValue] = InvalidMetric) -> str:
