@@ -146,7 +146,7 @@ def call_from_span_data(data: SpanData, mapping: SpanMapping = _DEFAULT_MAPPING)
     attributes = data.attributes
     if OWN_SPAN in attributes or GEN_AI_KEYS.isdisjoint(attributes):
         return None
-    get = attributes.get  # every span received comes here: each attribute is looked up once
+    get = attributes.get  # every span received comes here, and reads some twenty keys
     own, problems = parse_attribution(attributes, mapping.names)
     inherited = data.inherited
     attribution = own.over(inherited)

@@ -1,9 +1,12 @@
 """OTLP/HTTP traces in: an `ExportTraceServiceRequest` body, protobuf or JSON, as plain spans, and
 their GenAI spans as metrics by the span processor's own mapping.
 
-The OpenTelemetry protocol's own messages (`opentelemetry-proto`) decode both encodings, so a span
-from any SDK's exporter or a Collector's `otlphttp` exporter reads the same. OTLP's JSON differs
-from protobuf's standard JSON mapping in one place: trace and span ids are hex, not base64.
+The OpenTelemetry protocol's own message definitions (`opentelemetry-proto`) decode both encodings,
+so a span from any SDK's exporter or a Collector's `otlphttp` exporter reads the same. Two readings
+keep the per-span Python small: protobuf through a wire-compatible view of those messages whose
+attributes arrive as bytes, and JSON in the form exporters write it read straight from orjson's
+objects (any other form by protobuf's own JSON mapping). OTLP's JSON differs from protobuf's
+standard JSON mapping in one place: trace and span ids are hex, not base64.
 """
 
 from __future__ import annotations
