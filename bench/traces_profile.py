@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import os
 import pstats
 import sys
@@ -65,6 +66,7 @@ async def profile(backend: str, arguments: argparse.Namespace) -> None:
     chunks = [metrics[start : start + arguments.batch] for start in range(0, len(metrics), arguments.batch)]
     encode, content_type = (otlp_json_body, JSON) if arguments.encoding == "json" else (otlp_body, PROTOBUF)
     bodies = [encode(chunk) for chunk in chunks]
+    gc.freeze()  # as `serve` does after startup: the bench's own objects are not the server's garbage
     with tempfile.TemporaryDirectory(prefix="am-bench-traces-") as workdir:
         databases = Databases(backend, Path(workdir))
         try:
