@@ -666,6 +666,7 @@ __all__ = [
     "SpanBatch",
     "SpanReceiver",
     "ancestors",
+    "decode_json_by_protobuf",
     "decode_request",
     "encode_response",
     "media_type",
