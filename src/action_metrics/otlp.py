@@ -29,7 +29,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1 import common_pb2
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
@@ -149,48 +149,37 @@ def ancestors(span: OtlpSpan, spans: Mapping[tuple[int, int], OtlpSpan]) -> Iter
 
 # --- protobuf: a view of the OTLP messages whose attributes upb hands over as bytes ----------------
 
-_ATTRIBUTES_ENTRY: Final = "AttributesEntry"
-
 
 def _request_view() -> type[Message]:
     """`ExportTraceServiceRequest` with every span's, event's and resource's `attributes` read as
-    `map<string, bytes>`: the same bytes on the wire (a map entry is a message of key 1 and value 2,
-    as `KeyValue` is), but upb hands each attribute over as its key and its `AnyValue`'s encoded
-    bytes, where reading `KeyValue` messages makes two Python objects per attribute. Equal values
-    (a model, an action type, a town) have equal bytes, so each is decoded once per request.
-    Everything else is OTLP's own descriptors, copied into a pool of their own."""
+    `repeated bytes`: the same bytes on the wire (a message field is length-delimited, as bytes
+    are), but upb hands each attribute over as its `KeyValue`'s encoded bytes, where reading
+    `KeyValue` messages makes two Python objects per attribute. Equal attributes (a model, an
+    action type, a town) have equal bytes, so each is decoded once per request. Everything else
+    is OTLP's own descriptors, copied into a pool of their own."""
     pool = descriptor_pool.DescriptorPool()
     for module in (common_pb2, resource_pb2, trace_pb2, trace_service_pb2):
         file = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(file)
         for message in file.message_type:
             for owner in (message, *message.nested_type):
-                if any(field.name == "attributes" for field in owner.field):
-                    _attributes_as_bytes(file.package, message, owner)
+                for field_ in owner.field:
+                    if field_.name == "attributes":
+                        field_.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+                        field_.ClearField("type_name")
         pool.Add(file)
     name = trace_service_pb2.ExportTraceServiceRequest.DESCRIPTOR.full_name
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
 
 
-def _attributes_as_bytes(
-    package: str, message: descriptor_pb2.DescriptorProto, owner: descriptor_pb2.DescriptorProto
-) -> None:
-    scalar = descriptor_pb2.FieldDescriptorProto
-    entry = owner.nested_type.add(name=_ATTRIBUTES_ENTRY)
-    entry.options.map_entry = True
-    entry.field.add(name="key", number=1, type=scalar.TYPE_STRING, label=scalar.LABEL_OPTIONAL)
-    entry.field.add(name="value", number=2, type=scalar.TYPE_BYTES, label=scalar.LABEL_OPTIONAL)
-    path = message.name if owner is message else f"{message.name}.{owner.name}"
-    for attributes in owner.field:
-        if attributes.name == "attributes":
-            attributes.type_name = f".{package}.{path}.{_ATTRIBUTES_ENTRY}"
-
-
 _REQUEST_VIEW: Final = _request_view()
 
+_Decoded = dict[bytes, tuple[str, "AttributeValue | None"]]
+"""The attributes a request decoded so far: a `KeyValue`'s bytes -> its key and value."""
 
-def _spans(request: Any, decoded: dict[bytes, AttributeValue | None]) -> Iterator[OtlpSpan]:
-    """The spans of a request view; `decoded` holds the attribute values this request decoded so far."""
+
+def _spans(request: Any, decoded: _Decoded) -> Iterator[OtlpSpan]:
+    """The spans of a request view."""
     for resource_spans in request.resource_spans:
         resource = _attributes(resource_spans.resource.attributes, decoded)
         for scope_spans in resource_spans.scope_spans:
@@ -213,45 +202,51 @@ def _spans(request: Any, decoded: dict[bytes, AttributeValue | None]) -> Iterato
                 )
 
 
-def _attributes(
-    encoded: Mapping[str, bytes], decoded: dict[bytes, AttributeValue | None]
-) -> dict[str, AttributeValue]:
+def _attributes(encoded: Sequence[bytes], decoded: _Decoded) -> dict[str, AttributeValue]:
     """Attributes as OpenTelemetry's SDK holds them: scalars and homogeneous arrays of scalars.
 
     Values the SDK's attributes cannot hold (maps, bytes, empty values) are left out, as the SDK
     leaves them out of a span.
     """
     attributes: dict[str, AttributeValue] = {}
-    for key, value_bytes in encoded.items():
-        value = decoded.get(value_bytes, _UNREAD)
-        if value is _UNREAD:
-            value = decoded[value_bytes] = _decoded_value(value_bytes)
+    for pair in encoded:
+        read = decoded.get(pair)
+        if read is None:
+            read = decoded[pair] = _key_value(pair)
+        key, value = read
         if value is not None:
             attributes[key] = value
     return attributes
 
 
-_UNREAD: Final[Any] = object()
-_SHORT_STRING: Final = 0x0A
-"""The first byte of an `AnyValue` holding a `string_value` (field 1, length-delimited)."""
+_KEY: Final = 0x0A
+"""The first byte of a `KeyValue`'s key, and of an `AnyValue`'s `string_value` (field 1, length-delimited)."""
+_VALUE: Final = 0x12
+"""The first byte of a `KeyValue`'s value (field 2, length-delimited)."""
 _SMALL_INT: Final = 0x18
-"""The first byte of an `AnyValue` holding an `int_value` (field 3, a varint)."""
+"""The first byte of an `AnyValue`'s `int_value` (field 3, a varint)."""
 
 
-def _decoded_value(encoded: bytes) -> AttributeValue | None:
-    # The commonest values read without protobuf: a string of under 128 bytes (UTF-8 checked as upb
-    # checks it: a UnicodeDecodeError refuses the body as a DecodeError does) and an int under 2**14,
-    # each alone in its AnyValue. Anything else: protobuf's own AnyValue.
+def _key_value(encoded: bytes) -> tuple[str, AttributeValue | None]:
+    # The commonest attributes are read without protobuf: a key and a value of under 128 bytes each,
+    # in that order, and in the value a string of under 128 bytes or an int under 2**14. UTF-8 is
+    # checked as upb checks it (a UnicodeDecodeError refuses the body, as a DecodeError does).
+    # Anything else is read by protobuf's own KeyValue.
     size = len(encoded)
-    if size >= 2:
-        first, second = encoded[0], encoded[1]
-        if first == _SHORT_STRING and second == size - 2:
-            return encoded[2:].decode()
-        if first == _SMALL_INT and second < 0x80 and size == 2:
-            return second
-        if first == _SMALL_INT and size == 3 and second >= 0x80 and encoded[2] < 0x80:
-            return second & 0x7F | encoded[2] << 7
-    return _value(AnyValue.FromString(encoded))
+    if size >= 4 and encoded[0] == _KEY and (key_size := encoded[1]) < 0x80:
+        value_at = key_size + 4
+        if value_at <= size and encoded[value_at - 2] == _VALUE and encoded[value_at - 1] == size - value_at:
+            key = encoded[2 : value_at - 2].decode()
+            if value_at + 2 <= size:
+                kind, second = encoded[value_at], encoded[value_at + 1]
+                if kind == _KEY and second == size - value_at - 2:
+                    return key, encoded[value_at + 2 :].decode()
+                if kind == _SMALL_INT and second < 0x80 and size == value_at + 2:
+                    return key, second
+                if kind == _SMALL_INT and size == value_at + 3 and second >= 0x80 and encoded[-1] < 0x80:
+                    return key, second & 0x7F | encoded[-1] << 7
+    pair = KeyValue.FromString(encoded)
+    return pair.key, _value(pair.value)
 
 
 _SCALARS: Final = frozenset(("string_value", "bool_value", "int_value", "double_value"))
@@ -486,8 +481,6 @@ class _JsonReader:
                 attributes[key] = text
             elif (read := self._value(value)) is not None:
                 attributes[key] = read
-            else:
-                attributes.pop(key, None)  # a later pair of the same key wins, even one left out
         return attributes
 
     def _value(self, value: object) -> AttributeValue | None:
