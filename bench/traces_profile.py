@@ -2,8 +2,10 @@
 
     PYTHONPATH=src python bench/traces_profile.py --backend sqlite
     PYTHONPATH=src python bench/traces_profile.py --backend postgresql --spans 20000 --batch 1000
+    PYTHONPATH=src python bench/traces_profile.py --backend sqlite --encoding json
 
-The same OTLP protobuf bodies `bench/wire.py --path traces` sends are decoded (`decode_request`),
+The same OTLP protobuf bodies `bench/wire.py --path traces` sends (or the same requests as OTLP
+JSON, with `--encoding json`) are decoded (`decode_request`),
 mapped (`SpanReceiver.read`) and written (`intake.write`, one transaction per body, as the endpoint
 does) into a fresh migrated database; CPU time of this process per span for each stage (the write's
 includes the driver's thread), and the statements each request runs (counted and timed with
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import os
 import pstats
 import sys
@@ -28,11 +31,11 @@ from typing import Any
 
 from ingest import Databases, generate, settle
 from sqlalchemy import event
-from wire import otlp_body
+from wire import otlp_body, otlp_json_body
 
 from action_metrics import AsyncMetricsStore
 from action_metrics.intake import Intake, write
-from action_metrics.otlp import PROTOBUF, SpanReceiver, decode_request
+from action_metrics.otlp import JSON, PROTOBUF, SpanReceiver, decode_request
 
 REID = bool(os.environ.get("REID"))
 
@@ -61,7 +64,9 @@ class StatementLog:
 async def profile(backend: str, arguments: argparse.Namespace) -> None:
     metrics = list(generate(arguments.spans))
     chunks = [metrics[start : start + arguments.batch] for start in range(0, len(metrics), arguments.batch)]
-    bodies = [otlp_body(chunk) for chunk in chunks]
+    encode, content_type = (otlp_json_body, JSON) if arguments.encoding == "json" else (otlp_body, PROTOBUF)
+    bodies = [encode(chunk) for chunk in chunks]
+    gc.freeze()  # as `serve` does after startup: the bench's own objects are not the server's garbage
     with tempfile.TemporaryDirectory(prefix="am-bench-traces-") as workdir:
         databases = Databases(backend, Path(workdir))
         try:
@@ -78,7 +83,7 @@ async def profile(backend: str, arguments: argparse.Namespace) -> None:
                 profiler = cProfile.Profile() if arguments.cprofile else None
                 for body in bodies:
                     cpu = time.process_time()
-                    spans = decode_request(body, PROTOBUF)
+                    spans = decode_request(body, content_type)
                     decode += time.process_time() - cpu
                     cpu = time.process_time()
                     batch = receiver.read(spans)
@@ -96,9 +101,9 @@ async def profile(backend: str, arguments: argparse.Namespace) -> None:
                         raise RuntimeError(f"stored {answer.stored} of {len(batch.accepted)}")
             count = len(metrics)
             print(
-                f"{backend}: {count:,} spans in requests of {arguments.batch}: CPU per span decode "
-                f"{decode / count * 1e6:.1f} us, map {mapping / count * 1e6:.1f} us, write "
-                f"{writing / count * 1e6:.1f} us (wall {wall_write / count * 1e6:.1f} us)"
+                f"{backend}: {count:,} spans in {arguments.encoding} requests of {arguments.batch}: "
+                f"CPU per span decode {decode / count * 1e6:.1f} us, map {mapping / count * 1e6:.1f} us, "
+                f"write {writing / count * 1e6:.1f} us (wall {wall_write / count * 1e6:.1f} us)"
             )
             requests = len(bodies)
             for kind in sorted(log.count, key=lambda k: -log.seconds[k]):
@@ -118,6 +123,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--spans", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=1_000, help="spans per request")
+    parser.add_argument("--encoding", choices=["protobuf", "json"], default="protobuf")
     parser.add_argument("--cprofile", type=int, default=0, help="print this many functions of the write")
     parser.add_argument(
         "--backend", action="append", choices=["sqlite", "postgresql"], help="default: both, in turn"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from google.protobuf import json_format
 from ingest import Databases, generate, settle, stored_count
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -140,6 +142,18 @@ def otlp_body(metrics: Sequence[ActionMetric]) -> bytes:
     spans = [genai_span(metric) for metric in metrics]
     request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])])
     return request.SerializeToString()
+
+
+def otlp_json_body(metrics: Sequence[ActionMetric]) -> bytes:
+    """The same request as OTLP JSON, as the exporters write it: enums as numbers, ids in hex."""
+    request = ExportTraceServiceRequest.FromString(otlp_body(metrics))
+    document = json_format.MessageToDict(request, use_integers_for_enums=True)
+    for resource_spans in document["resourceSpans"]:
+        for scope_spans in resource_spans["scopeSpans"]:
+            for span in scope_spans["spans"]:
+                for name in ("traceId", "spanId"):
+                    span[name] = base64.b64decode(span[name]).hex()
+    return json.dumps(document).encode()
 
 
 def _stored_actions(answer: httpx.Response, count: int) -> None:

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import orjson
 import pytest
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.json.common.trace_encoder import encode_spans as encode_json
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as encode_protobuf
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import (
+    AnyValue,
+    ArrayValue,
+    InstrumentationScope,
+    KeyValue,
+    KeyValueList,
+)
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource as ResourceMessage
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+from opentelemetry.proto.trace.v1.trace_pb2 import Status as StatusMessage
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -29,7 +46,9 @@ from action_metrics.otlp import (
     OtlpDecodeError,
     OtlpSpan,
     SpanReceiver,
+    _JsonReader,
     ancestors,
+    decode_json_by_protobuf,
     decode_request,
     encode_response,
 )
@@ -86,9 +105,9 @@ def test_a_request_reads_back_as_the_spans_sent(finished_spans: list[ReadableSpa
     by_name = {span.name: span for span in decoded}
     for sent in finished_spans:
         got = by_name[sent.name]
-        assert got.trace_id == f"{sent.context.trace_id:032x}"
-        assert got.span_id == f"{sent.context.span_id:016x}"
-        assert got.parent_span_id == (f"{sent.parent.span_id:016x}" if sent.parent else None)
+        assert got.trace_id == sent.context.trace_id
+        assert got.span_id == sent.context.span_id
+        assert got.parent_span_id == (sent.parent.span_id if sent.parent else None)
         assert (got.start_ns, got.end_ns) == (sent.start_time, sent.end_time)
         assert dict(got.attributes) == dict(sent.attributes or {})
         assert got.resource["service.name"] == "town-api"
@@ -144,12 +163,12 @@ def test_the_answer_is_otlps_partial_success_in_the_requests_encoding(encoding: 
 
 
 def test_a_cycle_of_parents_ends_the_walk() -> None:
-    def span(span_id: str, parent: str) -> OtlpSpan:
-        return OtlpSpan("t", span_id, parent, span_id, 0, 0, {}, 0, "", {}, "")
+    def span(span_id: int, parent: int) -> OtlpSpan:
+        return OtlpSpan(7, span_id, parent, str(span_id), 0, 0, {}, 0, "", {}, "")
 
-    first, second = span("a", "b"), span("b", "a")
+    first, second = span(1, 2), span(2, 1)
     batch = {first.identity: first, second.identity: second}
-    assert [parent.span_id for parent in ancestors(first, batch)] == ["b"]
+    assert [parent.span_id for parent in ancestors(first, batch)] == [2]
 
 
 # --- fuzzing: whatever arrives, the decoder and the receiver answer or refuse, never crash -------------
@@ -203,8 +222,8 @@ def test_random_json_bodies_decode_or_are_refused(document: Any) -> None:
         SpanReceiver().read(decode_request(json.dumps(document).encode(), JSON))
 
 
-TRACE_IDS = st.sampled_from(["", "ab" * 16]) | st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)
-SPAN_IDS = st.sampled_from(["", "01" * 8, "02" * 8, "ff" * 8])
+TRACE_IDS = st.sampled_from([0, 0xAB << 120]) | st.integers(min_value=0, max_value=2**128 - 1)
+SPAN_IDS = st.sampled_from([0, 0x01 << 56, 0x02 << 56, 2**64 - 1])
 
 
 @settings(max_examples=500, deadline=None)
@@ -223,8 +242,8 @@ def test_any_span_makes_a_metric_or_a_rejection_naming_the_field(
     start: int,
     end: int,
     status: int,
-    trace_ids: tuple[str, str],
-    span_ids: tuple[str, str, str | None, str | None],
+    trace_ids: tuple[int, int],
+    span_ids: tuple[int, int, int | None, int | None],
 ) -> None:
     """Any attributes, times and status, and any trace and span ids: empty, shared by both spans,
     a parent that is missing, the span's own id, or each other's (a cycle)."""
@@ -241,12 +260,248 @@ def test_any_span_makes_a_metric_or_a_rejection_naming_the_field(
 
 def test_an_ancestor_without_a_trace_id_still_charges_its_credits_once() -> None:
     """A broken exporter's spans with an empty trace id: the action's credits go to its first call."""
-    action = OtlpSpan("", "01" * 8, None, "lod4", 0, 9, {"action.credits": 10}, 0, "", {}, "")
+    action = OtlpSpan(0, 1, None, "lod4", 0, 9, {"action.credits": 10}, 0, "", {}, "")
     usage = {"gen_ai.request.model": "haiku", "gen_ai.usage.input_tokens": 5, "gen_ai.usage.output_tokens": 2}
-    first = OtlpSpan("", "02" * 8, "01" * 8, "chat", 1, 4, usage, 0, "", {}, "")
-    second = OtlpSpan("", "03" * 8, "01" * 8, "chat", 5, 8, usage, 0, "", {}, "")
+    first = OtlpSpan(0, 2, 1, "chat", 1, 4, usage, 0, "", {}, "")
+    second = OtlpSpan(0, 3, 1, "chat", 5, 8, usage, 0, "", {}, "")
     receiver = SpanReceiver()
     batch = receiver.read([action, first, second])
     assert [(index, metric.credits_charged) for index, metric in batch.accepted] == [(1, 10), (2, 0)]
     receiver.committed(batch)
     assert [metric.credits_charged for _, metric in receiver.read([action, second]).accepted] == [0]
+
+
+# --- the decoders against protobuf's own reading of the same bodies --------------------------------
+
+
+def _comparable(spans: list[OtlpSpan]) -> list[Any]:
+    """Spans as plain values, NaN made equal to itself."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return "NaN"
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, tuple | list):
+            return [plain(item) for item in value]
+        return value
+
+    return [plain(tuple(span)) for span in spans]
+
+
+def _reference_value(value: AnyValue) -> Any:
+    """An AnyValue as the SDK's attributes hold it, read through protobuf's own message classes."""
+    kind = value.WhichOneof("value")
+    if kind in {"string_value", "bool_value", "int_value", "double_value"}:
+        return getattr(value, kind)
+    if kind == "array_value":
+        items = [_reference_value(item) for item in value.array_value.values]
+        scalars = tuple(item for item in items if item is not None and not isinstance(item, tuple))
+        return scalars if len(scalars) == len(items) else None
+    return None
+
+
+def _reference_attributes(pairs: Any) -> dict[str, Any]:
+    attributes: dict[str, Any] = {}
+    for pair in pairs:
+        value = _reference_value(pair.value)
+        if value is not None:
+            attributes[pair.key] = value
+    return attributes
+
+
+def _reference_decode(body: bytes) -> list[OtlpSpan]:
+    """What `decode_request` must read: the request parsed by `ExportTraceServiceRequest` itself."""
+    request = ExportTraceServiceRequest.FromString(body)
+    spans = []
+    for resource_spans in request.resource_spans:
+        resource = _reference_attributes(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                spans.append(
+                    OtlpSpan(
+                        int.from_bytes(span.trace_id),
+                        int.from_bytes(span.span_id),
+                        int.from_bytes(span.parent_span_id) if span.parent_span_id else None,
+                        span.name,
+                        span.start_time_unix_nano,
+                        span.end_time_unix_nano,
+                        _reference_attributes(span.attributes),
+                        span.status.code,
+                        span.status.message,
+                        resource,
+                        scope_spans.scope.name,
+                        tuple(_reference_attributes(event.attributes) for event in span.events),
+                    )
+                )
+    return spans
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    length, header = len(payload), bytearray([number << 3 | 2])
+    while length >= 0x80:
+        header.append(length & 0x7F | 0x80)
+        length >>= 7
+    header.append(length)
+    return bytes(header) + payload
+
+
+SCALAR_VALUES = st.one_of(
+    st.builds(AnyValue, string_value=st.text(max_size=140)),
+    st.builds(AnyValue, bool_value=st.booleans()),
+    st.builds(AnyValue, int_value=st.integers(min_value=-(2**63), max_value=2**63 - 1)),
+    st.builds(AnyValue, double_value=st.floats()),
+    st.builds(AnyValue, bytes_value=st.binary(max_size=4)),
+    st.just(AnyValue()),
+)
+ANY_VALUES = st.recursive(
+    SCALAR_VALUES,
+    lambda children: st.one_of(
+        st.builds(
+            lambda items: AnyValue(array_value=ArrayValue(values=items)), st.lists(children, max_size=3)
+        ),
+        st.builds(
+            lambda items: AnyValue(kvlist_value=KeyValueList(values=items)),
+            st.lists(st.builds(KeyValue, key=st.text(max_size=3), value=children), max_size=2),
+        ),
+    ),
+    max_leaves=6,
+)
+KEYS = st.sampled_from(["gen_ai.request.model", "gen_ai.usage.input_tokens", "action.type", "k"]) | st.text(
+    max_size=5
+)
+KEY_VALUES = st.lists(st.builds(KeyValue, key=KEYS, value=ANY_VALUES), max_size=6)
+RAW_VALUES = (
+    st.binary(max_size=12)  # anything: protobuf and the decoder refuse it alike or read it alike
+    | st.binary(max_size=20).map(lambda text: bytes([0x0A, len(text)]) + text)  # a string, UTF-8 or not
+    | st.binary(min_size=1, max_size=10).map(lambda varint: b"\x18" + varint)  # an int, well ended or not
+)
+
+
+@st.composite
+def otlp_requests(draw: st.DrawFn) -> ExportTraceServiceRequest:
+    ids = st.sampled_from([b"", bytes(8), b"\x01" * 8, b"\x02" * 16]) | st.binary(max_size=17)
+    spans = [
+        Span(
+            trace_id=draw(ids),
+            span_id=draw(ids),
+            parent_span_id=draw(ids),
+            name=draw(st.text(max_size=8)),
+            kind=draw(st.integers(min_value=0, max_value=5)),
+            start_time_unix_nano=draw(st.integers(min_value=0, max_value=2**64 - 1)),
+            end_time_unix_nano=draw(st.integers(min_value=0, max_value=2**64 - 1)),
+            attributes=draw(KEY_VALUES),
+            events=[
+                Span.Event(name="e", attributes=draw(KEY_VALUES)) for _ in range(draw(st.integers(0, 2)))
+            ],
+            status=StatusMessage(
+                code=draw(st.integers(min_value=0, max_value=2)), message=draw(st.text(max_size=4))
+            ),
+        )
+        for _ in range(draw(st.integers(min_value=0, max_value=3)))
+    ]
+    scope = InstrumentationScope(name=draw(st.text(max_size=5)))
+    resource = ResourceMessage(attributes=draw(KEY_VALUES))
+    return ExportTraceServiceRequest(
+        resource_spans=[ResourceSpans(resource=resource, scope_spans=[ScopeSpans(scope=scope, spans=spans)])]
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(request=otlp_requests())
+def test_protobuf_bodies_read_as_the_protocols_own_messages_read_them(
+    request: ExportTraceServiceRequest,
+) -> None:
+    body = request.SerializeToString()
+    assert _comparable(decode_request(body, PROTOBUF)) == _comparable(_reference_decode(body))
+
+
+KEY_VALUE_BYTES = st.one_of(
+    st.tuples(KEYS.map(str.encode) | st.binary(max_size=6), RAW_VALUES).map(
+        lambda pair: _field(1, pair[0]) + _field(2, pair[1])  # a key (UTF-8 or not), a value of any bytes
+    ),
+    st.tuples(KEYS, RAW_VALUES).map(lambda pair: _field(2, pair[1]) + _field(1, pair[0].encode())),
+    st.binary(max_size=16),  # anything at all
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(pairs=st.lists(KEY_VALUE_BYTES, max_size=4), name=st.binary(max_size=6))
+def test_attribute_bytes_of_any_kind_read_as_protobuf_reads_them(pairs: list[bytes], name: bytes) -> None:
+    """Attributes as raw bytes (keys and strings that are not UTF-8, varints cut short, fields out
+    of order, garbage), and a span name that may not be UTF-8 either: read alike, or refused alike."""
+    span = _field(5, name) + b"".join(_field(9, pair) for pair in pairs)
+    body = _field(1, _field(2, _field(2, span)))
+    try:
+        expected = _comparable(_reference_decode(body))
+    except DecodeError:
+        with pytest.raises(OtlpDecodeError):
+            decode_request(body, PROTOBUF)
+        return
+    assert _comparable(decode_request(body, PROTOBUF)) == expected
+
+
+def _otlp_json(request: ExportTraceServiceRequest) -> bytes:
+    """OTLP JSON as the exporters write it: protobuf's JSON mapping, enums as numbers, ids in hex."""
+    document = json_format.MessageToDict(request, use_integers_for_enums=True)
+    for resource_spans in document.get("resourceSpans", []):
+        for scope_spans in resource_spans.get("scopeSpans", []):
+            for span in scope_spans.get("spans", []):
+                for name in ("traceId", "spanId", "parentSpanId"):
+                    if name in span:
+                        span[name] = base64.b64decode(span[name]).hex()
+    return json.dumps(document).encode()
+
+
+@settings(max_examples=400, deadline=None)
+@given(request=otlp_requests())
+def test_json_bodies_read_as_the_same_spans_in_protobuf(request: ExportTraceServiceRequest) -> None:
+    """The same request in both encodings reads as the same spans; the direct JSON reading equals
+    protobuf's own JSON mapping (`decode_json_by_protobuf`)."""
+    body = _otlp_json(request)
+    from_protobuf = _comparable(decode_request(request.SerializeToString(), PROTOBUF))
+    assert _comparable(decode_request(body, JSON)) == from_protobuf
+    assert _comparable(decode_json_by_protobuf(body)) == from_protobuf
+
+
+def test_the_exporters_json_is_read_directly(finished_spans: list[ReadableSpan]) -> None:
+    """The SDK's own JSON exporter's body is in the form read without `json_format`."""
+    body = _json(finished_spans)
+    assert _comparable(_JsonReader().spans(orjson.loads(body))) == _comparable(decode_json_by_protobuf(body))
+
+
+JSON_FIELD_NAMES = st.sampled_from(
+    [
+        "resourceSpans", "scopeSpans", "spans", "resource", "scope", "attributes", "key", "value",
+        "stringValue", "intValue", "boolValue", "doubleValue", "arrayValue", "kvlistValue", "values",
+        "traceId", "spanId", "parentSpanId", "name", "startTimeUnixNano", "endTimeUnixNano", "status",
+        "code", "message", "events", "kind", "flags", "links", "trace_id", "droppedAttributesCount",
+    ]
+)  # fmt: skip
+NEAR_OTLP_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**65), max_value=2**65)
+    | st.floats()
+    | st.sampled_from(
+        ["", "0", "-1", "2", "ab" * 8, "zz", "18446744073709551616", "STATUS_CODE_ERROR", "NaN"]
+    ),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(JSON_FIELD_NAMES, children, max_size=4),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(document=NEAR_OTLP_JSON)
+def test_any_json_body_reads_as_protobufs_json_mapping_reads_it(document: Any) -> None:
+    """Documents near OTLP's form, with values of every JSON type where each field is: the direct
+    reading gives what `json_format` gives, or hands the body to it."""
+    body = json.dumps(document).encode()
+    try:
+        expected = _comparable(decode_json_by_protobuf(body))
+    except OtlpDecodeError:
+        with pytest.raises(OtlpDecodeError):
+            decode_request(body, JSON)
+        return
+    assert _comparable(decode_request(body, JSON)) == expected

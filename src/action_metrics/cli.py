@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sys
 import threading
@@ -844,6 +845,9 @@ def serve(url: str | None, host: str, port: int, insecure: bool, lod3_p95_budget
     run_async(_preflight(url))
     if insecure:
         click.echo(f"warning: --insecure: anyone who can reach {host}:{port} reads every town", err=True)
+    # What startup made (modules, the app) lives as long as the process: frozen out of the garbage
+    # collector's reach, its collections no longer walk it on every request (~10% of a span's CPU).
+    gc.freeze()
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 

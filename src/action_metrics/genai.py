@@ -22,15 +22,23 @@ import re
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from types import MappingProxyType
+from typing import Any, Final, NamedTuple
 
 from opentelemetry.util.types import AttributeValue
 
-from action_metrics.context import ATTRIBUTE_NAMES, Attribution, parse_attribution
-from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric, uuid_from_int
+from action_metrics.context import ATTRIBUTE_NAMES, NO_ATTRIBUTION, Attribution, parse_attribution
+from action_metrics.model import (
+    ANONYMOUS_USER,
+    UNKNOWN_MODEL,
+    UNKNOWN_TOWN,
+    ActionMetric,
+    uuid7,
+    uuid_from_int,
+)
 from action_metrics.pricing import ACTION_CREDITS
 
 INPUT_TOKENS: Final = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
@@ -54,9 +62,12 @@ _RESPONSE_NAMESPACE: Final = uuid.UUID("6f1c1a52-3d0e-5b8f-9a51-2f0b7c1e4d93")
 _CLASS_REPR: Final = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>")
 
 
-@dataclass(frozen=True, slots=True)
-class SpanData:
-    """What the mapping reads of a finished span: the same from an SDK span or an OTLP message."""
+class SpanData(NamedTuple):
+    """What the mapping reads of a finished span: the same from an SDK span or an OTLP message.
+
+    A named tuple, not a frozen dataclass: one is made for every span received, and a frozen
+    dataclass's `__init__` (a `object.__setattr__` per field) costs four times as much.
+    """
 
     name: str
     attributes: Mapping[str, AttributeValue]
@@ -68,8 +79,8 @@ class SpanData:
     trace_id: int = 0
     span_id: int = 0
     parent_span_id: int | None = None
-    resource_attributes: Mapping[str, AttributeValue] = field(default_factory=dict)
-    inherited: Attribution = field(default_factory=Attribution)
+    resource_attributes: Mapping[str, AttributeValue] = MappingProxyType({})
+    inherited: Attribution = NO_ATTRIBUTION
     """What the span inherits where its own `action.*` attributes are silent: from `action_context`,
     baggage or an ancestor span, resolved by the caller (the credits already claimed once)."""
 
@@ -84,8 +95,7 @@ class SpanMapping:
     default_town_id: str = UNKNOWN_TOWN
 
 
-@dataclass(frozen=True, slots=True)
-class GenAICall:
+class GenAICall(NamedTuple):
     """The metric of one span's LLM call, and what the caller should count or log about it."""
 
     metric: ActionMetric
@@ -125,80 +135,92 @@ def _uuid5(name: str) -> uuid.UUID:
     return uuid_from_int(int.from_bytes(digest[:16]) & _UUID5_KEPT | _UUID5_SET)
 
 
-def call_from_span_data(data: SpanData, mapping: SpanMapping = SpanMapping()) -> GenAICall | None:
+_DEFAULT_MAPPING: Final = SpanMapping()
+
+
+def call_from_span_data(data: SpanData, mapping: SpanMapping = _DEFAULT_MAPPING) -> GenAICall | None:
     """The call a finished span reports; None for a span that reports none.
 
     Raises `InvalidValue` (naming the field) when the span's usage makes no valid metric.
     """
     attributes = data.attributes
-    if not is_genai_span(attributes):
+    if OWN_SPAN in attributes or GEN_AI_KEYS.isdisjoint(attributes):
         return None
+    get = attributes.get  # every span received comes here, and reads some twenty keys
     own, problems = parse_attribution(attributes, mapping.names)
-    attribution = own.over(data.inherited)
+    inherited = data.inherited
+    attribution = own.over(inherited)
     action_type = attribution.action_type or mapping.default_action_type
-    if data.failed:
+    failed = data.failed
+    if failed:
         credits = 0
     elif own.credits_charged is not None:
         credits = own.credits_charged
-    elif data.inherited.credits_charged is not None:
-        credits = data.inherited.credits_charged
+    elif inherited.credits_charged is not None:
+        credits = inherited.credits_charged
     elif own.action_type is not None:  # the span itself says which action it is: that action's price
         credits = ACTION_CREDITS.get(own.action_type, 0)
     else:
         credits = 0  # an inherited action is charged by whoever owns it, never once per call
-    metadata: dict[str, Any] = {"trace_id": f"{data.trace_id:032x}", "span_id": f"{data.span_id:016x}"}
-    metadata["span_name"] = data.name
+    metadata: dict[str, Any] = {
+        "trace_id": f"{data.trace_id:032x}",
+        "span_id": f"{data.span_id:016x}",
+        "span_name": data.name,
+    }
     for key in _METADATA_KEYS:
-        value = attributes.get(key)
-        if isinstance(value, str) and value:
+        value = get(key)
+        if value and isinstance(value, str):
             metadata[key] = value
     if attribution.action_id is not None:
         metadata["action_id"] = attribution.action_id
     error = None
-    if data.failed:
-        error = _error_name(attributes.get("error.type"), data.status_description)
+    if failed:
+        error = _error_name(get("error.type"), data.status_description)
         metadata["error"] = error
-    tokens_in = _first(attributes, INPUT_TOKENS, None)
-    tokens_out = _first(attributes, OUTPUT_TOKENS, None)
-    usage_missing = tokens_in is None and tokens_out is None and not data.failed
+    tokens_in = _first(get, INPUT_TOKENS, None)
+    tokens_out = _first(get, OUTPUT_TOKENS, None)
+    usage_missing = tokens_in is None and tokens_out is None and not failed
     if usage_missing:
         metadata["usage_missing"] = True
     tokens_in, tokens_out = tokens_in or 0, tokens_out or 0
-    cache_read = _first(attributes, CACHE_READ_TOKENS, 0)
-    cache_write = _first(attributes, CACHE_WRITE_TOKENS, 0)
+    cache_read = _first(get, CACHE_READ_TOKENS, 0)
+    cache_write = _first(get, CACHE_WRITE_TOKENS, 0)
     if (
-        _is_count(tokens_in, cache_read, cache_write)
+        (cache_read or cache_write)
+        and _is_count(tokens_in, cache_read, cache_write)
         and cache_read + cache_write > tokens_in
         and _is_anthropic(attributes)
     ):
         # Anthropic's own input_tokens leave the cached ones out; an instrumentation passing that
         # count on cannot report fewer input tokens than it read and wrote to the cache.
         tokens_in += cache_read + cache_write
-    response_id = attributes.get(RESPONSE_ID)
-    extra: dict[str, Any] = {}
-    if isinstance(response_id, str) and response_id:
-        extra["id"] = metric_id_for_response(response_id)
+    response_id = get(RESPONSE_ID)
+    if response_id and isinstance(response_id, str):
+        metric_id = metric_id_for_response(response_id)
     elif data.trace_id:
-        extra["id"] = metric_id_for_span(data.trace_id, data.span_id)
-    request_model = attributes.get("gen_ai.request.model")
+        metric_id = metric_id_for_span(data.trace_id, data.span_id)
+    else:
+        metric_id = uuid7()
+    model = _first(get, MODELS, UNKNOWN_MODEL)
     metric = ActionMetric(
-        action_type=action_type,
-        user_id=attribution.user_id or mapping.default_user_id,
-        town_id=attribution.town_id or mapping.default_town_id,
-        citizen_id=attribution.citizen_id,
-        tokens_in=tokens_in,
-        tokens_out=tokens_out,
+        action_type,
+        attribution.user_id or mapping.default_user_id,
+        attribution.town_id or mapping.default_town_id,
+        attribution.citizen_id,
+        tokens_in,
+        tokens_out,
+        model,
+        (data.end_ns - data.start_ns) / 1e6,
+        credits,
+        datetime.fromtimestamp(data.start_ns / 1e9, UTC),
+        metadata,
+        metric_id,
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
-        reasoning_tokens=_first(attributes, REASONING_TOKENS, 0),
+        reasoning_tokens=_first(get, REASONING_TOKENS, 0),
         error=error,
-        model=_first(attributes, MODELS, UNKNOWN_MODEL),
-        latency_ms=(data.end_ns - data.start_ns) / 1e6,
-        credits_charged=credits,
-        timestamp=datetime.fromtimestamp(data.start_ns / 1e9, UTC),
-        metadata=metadata,
-        **extra,
     )
+    request_model = get("gen_ai.request.model")
     return GenAICall(
         metric,
         usage_missing,
@@ -207,9 +229,9 @@ def call_from_span_data(data: SpanData, mapping: SpanMapping = SpanMapping()) ->
     )
 
 
-def _first(attributes: Mapping[str, AttributeValue], keys: tuple[str, ...], default: Any) -> Any:
+def _first(get: Callable[[str], Any], keys: tuple[str, ...], default: Any) -> Any:
     for key in keys:
-        value = attributes.get(key)
+        value = get(key)
         if value is not None:
             return value
     return default
@@ -236,8 +258,7 @@ _REMEMBERED: Final = 16_384
 _PER_TRACE_AND_MODEL: Final = 64
 
 
-@dataclass(frozen=True, slots=True)
-class _Reported:
+class _Reported(NamedTuple):
     trace_id: int
     start_ns: int
     end_ns: int
@@ -263,7 +284,8 @@ class CallDeduplicator:
     """
 
     def __init__(self) -> None:
-        self._ids: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._ids: OrderedDict[int, None] = OrderedDict()
+        """Metric ids (as ints: a UUID's hash is Python code) of the calls that named their response."""
         self._spans: OrderedDict[str, _ModelReports] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -273,13 +295,15 @@ class CallDeduplicator:
         this = _Reported(
             data.trace_id, data.start_ns, data.end_ns, data.span_id, data.parent_span_id, has_response_id
         )
-        key = call.request_model
+        key, metric_id = call.request_model, call.metric.id.int
         with self._lock:
-            if has_response_id and call.metric.id in self._ids:
+            if has_response_id and metric_id in self._ids:
                 return False
             remembered = self._spans.get(key)
             if remembered is None:
-                remembered = _ModelReports()
+                remembered = self._spans[key] = _ModelReports()
+            else:
+                self._spans.move_to_end(key)
             # Two spans that both name their response are the same call only by id (checked above).
             if not has_response_id:
                 if any(_same_call(this, other) for other in remembered.reports):
@@ -289,7 +313,7 @@ class CallDeduplicator:
             ):
                 return False
             if has_response_id:
-                self._ids[call.metric.id] = None
+                self._ids[metric_id] = None
                 if len(self._ids) > _REMEMBERED:
                     self._ids.popitem(last=False)
             else:
@@ -297,8 +321,6 @@ class CallDeduplicator:
             remembered.reports.append(this)
             if len(remembered.reports) > _PER_TRACE_AND_MODEL:
                 remembered.unnamed -= not remembered.reports.pop(0).has_response_id
-            self._spans[key] = remembered
-            self._spans.move_to_end(key)
             if len(self._spans) > _REMEMBERED:
                 self._spans.popitem(last=False)
         return True

@@ -260,7 +260,7 @@ class ActionMetricsSpanProcessor(SpanProcessor):
             taken = self._take(credits)
             if taken:
                 call = call_from_span_data(
-                    replace(data, inherited=replace(inherited, credits_charged=taken)), self.mapping
+                    data._replace(inherited=replace(inherited, credits_charged=taken)), self.mapping
                 )
                 assert call is not None  # the same span, with credits
         self._report_problems(span.name, call.problems)
