@@ -64,7 +64,6 @@ from action_metrics.schema import (
     credit_price_periods,
     latency_histogram,
     model_price_periods,
-    rollup,
 )
 
 PERCENTILES = {"p50_latency_ms": 0.50, "p95_latency_ms": 0.95, "p99_latency_ms": 0.99}
@@ -372,8 +371,8 @@ def summed_parts(
         ]
     else:
         selects = [_raw_sums(raw, latest_start(raw.c.timestamp, price_starts), grouping)]
-    r = rollup
     for level, ranges in plan.ranges_per_level().items():
+        r = level.table  # the levels of every town, action and model have a table of their own
         selects.append(
             select(
                 r.c.model,
