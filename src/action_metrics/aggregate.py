@@ -52,6 +52,7 @@ from action_metrics.dialects import Backend, interpolated_percentile, not_indexe
 from action_metrics.pricing import BEGINNING_OF_TIME
 from action_metrics.query import EQUALITY_FILTERS, MetricFilter
 from action_metrics.rollup import (
+    PRICED_TOKENS,
     SUM_COLUMNS,
     Level,
     Range,
@@ -339,16 +340,32 @@ def _level_rows(
 
 
 def _raw_sums(raw: NamedFromClause, at: ColumnElement[Any] | datetime, grouping: Grouping) -> Select[Any]:
-    """Raw rows summed per model, price period and the grouping's keys: `at`, the start of the prices
-    they are charged, is each row's (an expression) or the same for all (a moment)."""
+    """Raw rows summed per model, price period, credits charged and the grouping's keys: `at`, the
+    start of the prices they are charged, is each row's (an expression) or the same for all (a
+    moment). The sums per credit and the count of credited rows come from each group's sums (its
+    rows all charge the same credits, a few values: one per action type), not from a division and
+    a CASE per row, as the hand SQL does it."""
     sums = raw_sums(raw)
     keys = [raw.c[key] for key in grouping.keys]
     model = not_indexed(raw.c.model).label("model")
-    summed = [func.sum(sums[name]).label(name) for name in SUM_COLUMNS]
+    credits = raw.c.credits_charged
+    credited = credits > 0
+    per_group: dict[str, ColumnElement[Any]] = {
+        "count": func.count(),
+        "credited_count": case((credited, func.count()), else_=0),
+        **{
+            f"{tokens}_per_credit": case(
+                (credited, cast(func.sum(raw.c[tokens]), Double) / credits), else_=literal(0.0, Double)
+            )
+            for tokens in PRICED_TOKENS
+        },
+    }
+    summed = [per_group.get(name, func.sum(sums[name])).label(name) for name in SUM_COLUMNS]
     if isinstance(at, datetime):
-        return select(model, literal(at, UTCDateTime()).label("at"), *keys, *summed).group_by(model, *keys)
+        moment = literal(at, UTCDateTime()).label("at")
+        return select(model, moment, *keys, *summed).group_by(model, *keys, credits)
     period = at.label("at")
-    return select(model, period, *keys, *summed).group_by(model, period, *keys)
+    return select(model, period, *keys, *summed).group_by(model, period, *keys, credits)
 
 
 def summed_parts(
