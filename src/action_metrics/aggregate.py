@@ -821,9 +821,10 @@ class AggregateStatements:
     """`aggregate_statement`s built once per shape and reused with the values bound by name: building
     and compiling the statement (~20k characters of SQL) cost 10-40 ms of Python a call, more than
     the database spends on many selections. A reused statement's cache key is memoized and its
-    compiled form is in SQLAlchemy's compiled cache."""
+    compiled form is in SQLAlchemy's compiled cache. A statement and its column collections take
+    ~1.5 MB: the most recently used `size` shapes are kept (a dashboard asks a dozen or so)."""
 
-    def __init__(self, backend: Backend, size: int = 256) -> None:
+    def __init__(self, backend: Backend, size: int = 32) -> None:
         self.backend = backend
         self.size = size
         self._built: OrderedDict[tuple[Any, ...], CompoundSelect[Any]] = OrderedDict()
