@@ -19,7 +19,10 @@ import pytest
 
 from action_metrics import ACTION_CREDITS, ActionMetric, ActionType, MetricsStore
 from action_metrics import aggregate as aggregate_module
+from action_metrics.dialects import backend_for
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
+from action_metrics.query import MetricFilter
+from action_metrics.rollup import raw_only
 
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
 
@@ -167,6 +170,51 @@ def test_raw_rows_are_priced_alike_per_period_apart_or_by_one_search(
 @pytest.mark.parametrize("filters", [{}, *SINGLE, *WIDER], ids=lambda f: ",".join(f) or "everything")
 def test_query_returns_exactly_the_selection_newest_first(dataset: Dataset, filters: dict[str, Any]) -> None:
     assert dataset.store.query(**filters) == dataset.select(**filters)
+
+
+SAME_SHAPE = [
+    {
+        "town_id": town,
+        "since": START + timedelta(days=day, hours=hour, seconds=17),
+        "until": START + timedelta(days=day + 3, minutes=5),
+    }
+    for town, day, hour in [("town-a", 1, 3), ("town-b", 4, 5), ("town-'quoted'", 6, 23), ("town-a", 0, 0)]
+]
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["rollups", "exact"])
+def test_the_same_question_about_other_values_answers_for_its_own(dataset: Dataset, exact: bool) -> None:
+    """Asked again for another town and window, aggregate() reuses the statement built for the first
+    (the values are bound at execution) and answers for the new values, on either side of a price
+    change."""
+    for filters in SAME_SHAPE:
+        expected = expected_aggregate(dataset.select(**filters), dataset.book)
+        assert_matches(dataset.store.aggregate(exact=exact, **filters).to_dict(), expected, f"{filters}: ")
+
+
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "postgresql://postgres@127.0.0.1/unused"])
+def test_a_statement_is_built_once_per_shape(url: str) -> None:
+    """Filters that differ only in their values (instants in the same order) share one statement;
+    instants in another order, or another filter, make another. (Nothing is executed.)"""
+    statements = aggregate_module.AggregateStatements(backend_for(url))
+    starts = [BEGINNING_OF_TIME, SONNET_CHEAPER]
+
+    def built(**filters: Any) -> tuple[Any, dict[str, Any]]:
+        metric_filter = MetricFilter(**filters)
+        plan = raw_only(metric_filter.since, metric_filter.until)
+        return statements.statement(metric_filter, plan, starts)
+
+    first, first_values = built(town_id="town-a", since=START, until=START + timedelta(days=1))
+    again, again_values = built(
+        town_id="town-b", since=START + timedelta(days=1), until=START + timedelta(days=2)
+    )
+    assert again is first
+    assert first_values != again_values
+    assert "town-b" in again_values.values()
+    assert START + timedelta(days=2) in again_values.values()
+    across_the_change, _ = built(town_id="town-a", since=START, until=SONNET_CHEAPER + timedelta(days=1))
+    assert across_the_change is not first
+    assert built(model="sonnet", since=START, until=START + timedelta(days=1))[0] is not first
 
 
 def test_an_empty_selection_has_zero_sums_and_no_averages(dataset: Dataset) -> None:

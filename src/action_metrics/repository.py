@@ -23,7 +23,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from action_metrics import migrate, rollup, sketch_reads
-from action_metrics.aggregate import Aggregate, aggregate_from_rows, aggregate_statement
+from action_metrics.aggregate import Aggregate, AggregateStatements, aggregate_from_rows
 from action_metrics.breakdown import (
     BreakdownRequest,
     BreakdownRow,
@@ -150,6 +150,7 @@ class MetricsRepository:
         self.backend = backend
         self._insert_metrics = backend.insert(action_metrics).on_conflict_do_nothing(index_elements=["id"])
         self._where = display_url(backend.given_url)
+        self._aggregate_statements = AggregateStatements(backend)
 
     def _database_errors(self) -> AbstractContextManager[None]:
         """Re-raise a database failure inside the block as the `DatabaseError` `translate` makes."""
@@ -272,8 +273,8 @@ class MetricsRepository:
             if rollup.reads_pruned_rows(plan, state):
                 await self._check_newest_unpruned(connection, metric_filter, state)
             starts = await _price_starts(connection)
-            statement = aggregate_statement(metric_filter, plan, self.backend, starts)
-            result = await connection.execute(statement)
+            statement, parameters = self._aggregate_statements.statement(metric_filter, plan, starts)
+            result = await connection.execute(statement, parameters)
             return aggregate_from_rows(result.mappings().all())
 
     async def breakdown(self, metric_filter: MetricFilter, request: BreakdownRequest) -> list[BreakdownRow]:
