@@ -141,6 +141,13 @@ class Backend:
         equal to stored ones. Values are JSON numbers or text; datetimes must be aware."""
         raise NotImplementedError
 
+    def int_list(self, values: ColumnElement[Any]) -> ColumnElement[Any]:
+        """An aggregate: a group's integers as one value, which `ints_of` reads back in order."""
+        raise NotImplementedError
+
+    def ints_of(self, value: Any) -> list[int]:
+        raise NotImplementedError
+
     def _json_rows(self, rows: Sequence[Sequence[Any]]) -> str:
         return json.dumps([[self._json_value(value) for value in row] for row in rows], separators=(",", ":"))
 
@@ -260,6 +267,12 @@ class PostgresBackend(Backend):
         # A group's estimate is one row until ANALYZE has seen the rollups: the planner would then
         # rerun a grouped subquery once per row of the other side of a nested loop.
         return rows.cte(name).prefix_with("MATERIALIZED")
+
+    def int_list(self, values: ColumnElement[Any]) -> ColumnElement[Any]:
+        return func.array_agg(values, type_=postgresql.ARRAY(BigInteger()))
+
+    def ints_of(self, value: Any) -> list[int]:
+        return list(value)
 
     def rows_table(
         self, name: str, columns: Sequence[tuple[str, TypeEngine[Any]]], rows: Sequence[Sequence[Any]]
@@ -398,6 +411,13 @@ class SQLiteBackend(Backend):
         # SQLite's date functions keep milliseconds and round the rest: 18:59:59.9998 would read as
         # 19:00:00, a bucket late. The stored text cut at its whole seconds is the floor.
         return sql_cast(func.strftime("%s", func.substr(timestamp, 1, 19)), Integer)
+
+    def int_list(self, values: ColumnElement[Any]) -> ColumnElement[Any]:
+        return func.json_group_array(values, type_=String())
+
+    def ints_of(self, value: Any) -> list[int]:
+        ints: list[int] = json.loads(value)
+        return ints
 
     def rows_table(
         self, name: str, columns: Sequence[tuple[str, TypeEngine[Any]]], rows: Sequence[Sequence[Any]]

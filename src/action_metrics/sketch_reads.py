@@ -20,6 +20,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import chain
 from typing import Any, Final
 
 import numpy as np
@@ -446,7 +447,19 @@ def _raw_bins(
     )
     b = binned.c
     grouped = [*([b.key] if key is not None else []), b.bucket, b.bin]
-    return select(*grouped, func.count()).group_by(*grouped)
+    return select(*grouped, func.count().label("n")).group_by(*grouped)
+
+
+def _bins_per_group(binned: Select[Any], keyed: bool, backend: Backend) -> Select[Any]:
+    """`_raw_bins`' rows, one per group and bucket with its bins and counts as two lists: a group's
+    bins in one row rather than a row each (Kathmandu's raw quarter hours at 10M actions: ~100k rows
+    fetched each way, most of the merge's time)."""
+    rows = binned.subquery("bins")
+    b = rows.c
+    keys = [*([b.key] if keyed else []), b.bucket]
+    return select(
+        *keys, backend.int_list(b.bin).label("bins"), backend.int_list(b.n).label("counts")
+    ).group_by(*keys)
 
 
 async def percentiles_of_groups(
@@ -474,15 +487,24 @@ async def percentiles_of_groups(
         if grain is not None:
             continue
         bucket_of = _raw_bucket_of(sign, members, starts, backend)
-        statement = _raw_bins(metric_filter, shape.key if keyed else None, members, bucket_of)
-        rows = (await connection.execute(statement)).all()
+        binned = _raw_bins(metric_filter, shape.key if keyed else None, members, bucket_of)
+        rows = (await connection.execute(_bins_per_group(binned, keyed, backend))).all()
         if rows:
-            groups = [number(row[0] if keyed else None, row[-3]) for row in rows]
+            bins = [backend.ints_of(row[-2]) for row in rows]
+            lengths = np.fromiter(map(len, bins), np.int64, len(bins))
+            groups = np.fromiter(
+                (number(row[0] if keyed else None, row[-3]) for row in rows), np.int64, len(rows)
+            )
             counted.append(
                 Counted(
-                    np.asarray(groups, np.int64),
-                    np.asarray([row[-2] for row in rows], np.int64),
-                    np.asarray([row[-1] for row in rows], np.int64) * sign,
+                    np.repeat(groups, lengths),
+                    np.fromiter(chain.from_iterable(bins), np.int64, int(lengths.sum())),
+                    np.fromiter(
+                        chain.from_iterable(backend.ints_of(row[-1]) for row in rows),
+                        np.int64,
+                        int(lengths.sum()),
+                    )
+                    * sign,
                 )
             )
     s = latency_sketch
