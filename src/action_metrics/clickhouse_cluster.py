@@ -16,6 +16,8 @@ The same versions as `sql/clickhouse/`, rewritten statement by statement:
   every node (one ZooKeeper path for the whole cluster, replica `{shard}-{replica}`), so the ASOF
   JOINs of a read find the whole price history wherever they run; an INSERT into one reaches all;
 - the ids table of version 5 is sharded by id as the actions are, fed per shard by its view.
+- version 6's daily rollups and timeline are sharded as the rollups are (rand()), each shard's views
+  feeding its `_local` tables; their projections and settings are the local tables' only.
 A statement of a new version that this printer cannot place on a cluster raises, so the test of
 the printed SQL fails rather than printing something half right.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from action_metrics.clickhouse import ROLLUPS, ClickHouseURL, upgrade_statements
+from action_metrics.clickhouse import DAILY_ROLLUPS, ROLLUPS, TIMELINE, ClickHouseURL, upgrade_statements
 from action_metrics.errors import UnsupportedDatabase
 
 SHARDED: Final = "action_metrics"
@@ -35,13 +37,19 @@ SHARDING_KEY: Final = "cityHash64(id)"
 IDS: Final = "action_metrics_ids"
 """The stored ids that first id wins looks up, sharded as the actions are: each shard's view feeds
 its own, and a re-sent id is looked up where its first copy went."""
-SHARDING_KEYS: Final = {SHARDED: SHARDING_KEY, IDS: SHARDING_KEY, **dict.fromkeys(ROLLUPS, "rand()")}
+SHARDING_KEYS: Final = {
+    SHARDED: SHARDING_KEY,
+    IDS: SHARDING_KEY,
+    **dict.fromkeys([*ROLLUPS, *DAILY_ROLLUPS.values(), TIMELINE], "rand()"),
+}
 """Every table split across shards, and how; the others are replicated whole to every node."""
 
 _CLUSTER_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _CREATE_TABLE: Final = re.compile(r"^CREATE TABLE IF NOT EXISTS (\w+)\n")
 _ALTER_TABLE: Final = re.compile(r"^ALTER TABLE (\w+) ")
-_INDEX: Final = re.compile(r"^(ADD|DROP|MATERIALIZE) INDEX ")
+_LOCAL_ONLY: Final = re.compile(r"^((ADD|DROP|MATERIALIZE) (INDEX|PROJECTION)|(MODIFY|RESET) SETTING) ")
+"""What an ALTER changes of the local tables only (a Distributed table has no indexes, projections
+or MergeTree settings)."""
 _TRUNCATE: Final = re.compile(r"^TRUNCATE TABLE IF EXISTS (\w+)$")
 _VIEW: Final = re.compile(r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+) TO (\w+) AS\n")
 _ENGINE: Final = re.compile(
@@ -105,7 +113,7 @@ def cluster_statements(url: ClickHouseURL, cluster: str, target: int | None = No
             rest = statement[alter.end() :]
             if alter[1] in SHARDING_KEYS:
                 rewritten.append(f"ALTER TABLE {alter[1]}_local {on} {rest}")
-                if not _INDEX.match(rest):  # the Distributed table mirrors the local table's columns
+                if not _LOCAL_ONLY.match(rest):  # the Distributed table mirrors the local table's columns
                     rewritten.append(f"ALTER TABLE {alter[1]} {on} {rest}")
             else:
                 rewritten.append(f"ALTER TABLE {alter[1]} {on} {rest}")

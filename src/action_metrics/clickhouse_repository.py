@@ -38,9 +38,11 @@ from action_metrics.aggregate import Aggregate, ModelAggregate
 from action_metrics.breakdown import BreakdownRequest, BreakdownRow, bucket_starts
 from action_metrics.charges import ChargeAudit
 from action_metrics.clickhouse import (
+    DAILY_ROLLUPS,
     EARLIEST,
     LATEST,
     ROLLUPS,
+    TIMELINE,
     ClickHouseURL,
     check_version,
     upgrade_on,
@@ -104,6 +106,11 @@ _READ_SETTINGS: Final = {"do_not_merge_across_partitions_select_final": 1}
 _FIGURE_SETTINGS: Final = {**_READ_SETTINGS, "join_use_nulls": 1, "group_by_use_nulls": 1}
 
 
+_RAW: Final = "action_metrics FINAL"
+"""The raw rows, a re-sent action once."""
+_TIMELINE: Final = TIMELINE
+
+
 def _micros(moment: datetime) -> int:
     return (moment - _EPOCH) // _MICROSECOND
 
@@ -116,10 +123,13 @@ def _moment(micros: int) -> datetime:
 
 
 def _selection(
-    metric_filter: MetricFilter, columns: str, ranges: Sequence[Range] | None = None
+    metric_filter: MetricFilter,
+    columns: str,
+    ranges: Sequence[Range] | None = None,
+    table: str = _RAW,
 ) -> tuple[str, dict[str, Any]]:
-    """The actions a filter selects (the newest `limit` when it has one): SQL and its parameters.
-    With `ranges`, only those within them (the filter's window already cut into them)."""
+    """The actions a filter selects (the newest `limit` when it has one) from `table`: SQL and its
+    parameters. With `ranges`, only those within them (the filter's window already cut into them)."""
     terms: list[str] = []
     parameters: dict[str, Any] = {}
     for name in EQUALITY_FILTERS:
@@ -142,7 +152,7 @@ def _selection(
         if metric_filter.until <= EARLIEST:
             terms.append("0")
     where = f" WHERE {' AND '.join(terms)}" if terms else ""
-    statement = f"SELECT {columns} FROM action_metrics FINAL{where}"
+    statement = f"SELECT {columns} FROM {table}{where}"
     if metric_filter.limit is not None:
         # toString: ClickHouse orders UUIDs by their halves swapped; their text orders as Python does.
         statement += " ORDER BY timestamp DESC, toString(id) DESC LIMIT {limit:UInt64}"
@@ -160,18 +170,28 @@ _HOUR: Final = timedelta(hours=1)
 
 @dataclass(frozen=True, slots=True)
 class _Sources:
-    """Where a question's figures come from. Exact: the raw rows the filter selects, percentiles by
-    `quantilesExactInclusive`. Otherwise the whole UTC hours of `hours` from `rollup`, the rest of the
-    window (`raw`: its partial hours, and the hours holding a price change) from raw rows, percentiles
-    from their merged latency histograms."""
+    """Where a question's figures come from. Exact: the rows of `table` the filter selects,
+    percentiles by `quantilesExactInclusive`. Otherwise the whole UTC days of `days` from
+    `daily_rollup`, the whole UTC hours of `hours` from `rollup`, the rest of the window (`raw`: its
+    partial hours, and the hours holding a price change) from `table`, percentiles from their merged
+    latency histograms."""
 
     exact: bool
+    table: str = _RAW
     rollup: str = ""
+    daily_rollup: str = ""
     raw: tuple[Range, ...] = ()
     hours: tuple[Range, ...] = ()
+    days: tuple[Range, ...] = ()
+
+    def rolled_up(self) -> list[tuple[str, tuple[Range, ...]]]:
+        """Each rollup read and the ranges of its `start` it reads."""
+        levels = [(self.daily_rollup, self.days), (self.rollup, self.hours)]
+        return [(table, ranges) for table, ranges in levels if ranges]
 
 
 _EXACT: Final = _Sources(exact=True)
+_TIMELINE_EXACT: Final = _Sources(exact=True, table=_TIMELINE)
 
 
 def _merged(ranges: Sequence[Range]) -> tuple[Range, ...]:
@@ -187,14 +207,23 @@ def _merged(ranges: Sequence[Range]) -> tuple[Range, ...]:
     return tuple(kept)
 
 
-def plan(
-    since: datetime | None, until: datetime | None, cuts: Sequence[datetime]
-) -> tuple[tuple[Range, ...], tuple[Range, ...]]:
-    """Split [since, until) at `cuts` (the buckets' starts, the price changes); each piece's whole UTC
-    hours come from a rollup, its partial hours at either end from raw rows. Returns (raw, hours)."""
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A window cut into what each source reads: raw rows, whole UTC hours, whole UTC days."""
+
+    raw: tuple[Range, ...] = ()
+    hours: tuple[Range, ...] = ()
+    days: tuple[Range, ...] = ()
+
+
+def plan(since: datetime | None, until: datetime | None, cuts: Sequence[datetime]) -> Plan:
+    """Split [since, until) at `cuts` (the buckets' starts, the price changes): each piece's whole
+    UTC days come from a daily rollup, its whole UTC hours around them from an hourly one, and its
+    partial hours at either end from raw rows."""
     inside = sorted({c for c in cuts if (since is None or c > since) and (until is None or c < until)})
     raw: list[Range] = []
     hours: list[Range] = []
+    days: list[Range] = []
     for start, end in pairwise([since, *inside, until]):
         first = None if start is None else ceil_to(start, "hour")
         last = None if end is None else floor_to(end, "hour")
@@ -203,10 +232,19 @@ def plan(
             continue
         if start is not None:
             raw.append((start, first))
-        hours.append((first, last))
+        first_day = None if first is None else ceil_to(first, "day")
+        last_day = None if last is None else floor_to(last, "day")
+        if first_day is not None and last_day is not None and first_day >= last_day:
+            hours.append((first, last))
+        else:
+            if first is not None:
+                hours.append((first, first_day))
+            days.append((first_day, last_day))
+            if last is not None:
+                hours.append((last_day, last))
         if end is not None:
             raw.append((last, end))
-    return _merged(raw), _merged(hours)
+    return Plan(_merged(raw), _merged(hours), _merged(days))
 
 
 def _ranges_sql(column: str, ranges: Sequence[Range]) -> str:
@@ -243,7 +281,7 @@ _RAW_SOURCE: Final = """
         sum(toUInt128(s.cache_write_tokens)) AS g_cache_write,
         sum(toUInt128(s.reasoning_tokens)) AS g_reasoning,
         sum(toDecimal256(s.latency_ms, 30)) AS g_latency_sum,
-        countIf(s.error IS NULL) AS g_succeeded,
+        countIf(s.succeeded) AS g_succeeded,
         {latencies} AS g_latencies
     FROM ({selection}) AS s
     GROUP BY {group}model, credits, period"""
@@ -297,10 +335,12 @@ priced AS (
 """Raw rows and rollup rows summed per (group, model, credit charge, price period), as integers, and
 only those few sums priced: a price is looked up per period, not per action (the ASOF JOINs meet a
 few rows). `bounds` is every instant a price changes, read just before (`_price_changes`)."""
-_PRICED_COLUMNS: Final = (
-    "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, reasoning_tokens, "
-    "credits_charged, latency_ms, error"
-)
+_PRICED_COLUMNS: Final = {
+    _RAW: "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, "
+    "reasoning_tokens, credits_charged, latency_ms, error IS NULL AS succeeded",
+    _TIMELINE: "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, "
+    "reasoning_tokens, credits_charged, latency_ms, succeeded",
+}
 _FIGURES: Final = """
     sum(g_count) AS f_count,
     sum(g_tokens_in) AS f_tokens_in,
@@ -332,7 +372,7 @@ hist AS ({parts}
 """The latency histogram of each group and model: (bin, count) rows of the raw rows binned and of the
 rollups' bins unnested (an ARRAY JOIN and a GROUP BY: faster than merging maps with sumMap)."""
 _RAW_BINS: Final = """
-    SELECT {keys}s.model AS model, {bin} AS b, countIf(s.error IS NULL) AS n
+    SELECT {keys}s.model AS model, {bin} AS b, countIf(s.succeeded) AS n
     FROM ({selection}) AS s
     GROUP BY {group}model, b"""
 _ROLLUP_BINS: Final = """
@@ -395,12 +435,12 @@ def _priced(
             made.append(f"{_bucket_index(starts, moment)} AS bucket,")
         return "".join(f"{m} " for m in made) if inline else "\n        ".join(made)
 
-    columns = ", ".join((*dimensions, _PRICED_COLUMNS))
+    columns = ", ".join((*dimensions, _PRICED_COLUMNS[sources.table]))
     if sources.exact:
-        selection, parameters = _selection(metric_filter, columns)
-        latencies = f"{_EXACT_MERGE.replace('Merge', 'State')}(s.latency_ms, s.error IS NULL)"
+        selection, parameters = _selection(metric_filter, columns, table=sources.table)
+        latencies = f"{_EXACT_MERGE.replace('Merge', 'State')}(s.latency_ms, s.succeeded)"
     else:
-        selection, parameters = _selection(metric_filter, columns, sources.raw)
+        selection, parameters = _selection(metric_filter, columns, sources.raw, sources.table)
         latencies = "toUInt8(0)"  # the histograms are summed apart (`_HISTOGRAM`)
     parts = []
     bins = []
@@ -419,14 +459,14 @@ def _priced(
 
     if sources.exact or sources.raw:
         add_raw(selection)
-    if not sources.exact and sources.hours:
-        where = [_ranges_sql("r.start", sources.hours)]
+    for rollup, ranges in () if sources.exact else sources.rolled_up():
+        where = [_ranges_sql("r.start", ranges)]
         for name in ("town_id", "action_type", "model"):
             if getattr(metric_filter, name) is not None:
                 where.append(f"r.{name} = {{{name}:String}}")
         if not metric_filter.storable:
             where.append("0")
-        arguments = {"rollup": sources.rollup, "where": " AND ".join(where), "group": group}
+        arguments = {"rollup": rollup, "where": " AND ".join(where), "group": group}
         parts.append(_ROLLUP_SOURCE.format(keys=keys("r", "r.start"), **arguments))
         bins.append(_ROLLUP_BINS.format(keys=keys("r", "r.start", inline=True), **arguments))
     if not parts:  # an empty window: one source that selects nothing
@@ -966,17 +1006,27 @@ class ClickHouseRepository:
         rollup = next((table for table, keeps in ROLLUPS.items() if needed <= set(keeps)), None)
         if exact or rollup is None or metric_filter.limit is not None:
             self._check_not_pruned(client, metric_filter, question)
-            return _EXACT
+            # The newest `limit` are ordered by id, which only the raw rows keep.
+            return _EXACT if exact or metric_filter.limit is not None else _TIMELINE_EXACT
         since = None if metric_filter.since is None else min(max(metric_filter.since, EARLIEST), LATEST)
         until = None if metric_filter.until is None else max(min(metric_filter.until, LATEST), EARLIEST)
-        changes = [_moment(micros) for micros in bounds]
-        raw, hours = plan(since, until, [*(starts or ()), *(c for c in changes if c != floor_to(c, "hour"))])
+        # Every price change cuts the window: no rollup row then spans one (a row is priced by the
+        # price in force at its start).
+        cut = plan(since, until, [*(starts or ()), *(_moment(micros) for micros in bounds)])
         if since is not None and until is not None and since >= until:
-            raw, hours = (), ()
+            cut = Plan()
         cutoff = self._raw_kept_from(client)
-        if cutoff is not None and any(start is None or start < cutoff for start, _ in raw):
+        if cutoff is not None and any(start is None or start < cutoff for start, _ in cut.raw):
             raise RawRowsPruned(cutoff, question, whole=_PRUNED_ANSWERED_FOR)
-        return _Sources(exact=False, rollup=rollup, raw=raw, hours=hours)
+        return _Sources(
+            exact=False,
+            table=_TIMELINE,
+            rollup=rollup,
+            daily_rollup=DAILY_ROLLUPS[rollup],
+            raw=cut.raw,
+            hours=cut.hours,
+            days=cut.days,
+        )
 
     async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]:
         return await self._run(self._select, metric_filter)
@@ -1335,7 +1385,8 @@ class ClickHouseRepository:
             client.insert("raw_kept_from", [[max(cutoff, EARLIEST)]], column_names=["kept_from"])
         # The ids that first id wins looks up go with their rows (a cut-off is a UTC midnight, so
         # an hour is either all before it or all after).
-        for table, column in (("action_metrics", "timestamp"), ("action_metrics_ids", "hour")):
+        tables = (("action_metrics", "timestamp"), ("action_metrics_ids", "hour"), (_TIMELINE, "timestamp"))
+        for table, column in tables:
             partitions = client.query(
                 "SELECT DISTINCT partition_id FROM system.parts "
                 "WHERE database = currentDatabase() AND table = {table:String} AND active",
