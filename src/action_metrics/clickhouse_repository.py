@@ -34,6 +34,8 @@ from itertools import pairwise
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+import numpy as np
+
 from action_metrics.aggregate import Aggregate, ModelAggregate
 from action_metrics.breakdown import BreakdownRequest, BreakdownRow, bucket_starts
 from action_metrics.charges import ChargeAudit
@@ -63,6 +65,7 @@ from action_metrics.pricing import BEGINNING_OF_TIME, CreditPrice, ModelPrice
 from action_metrics.query import EQUALITY_FILTERS, CopyCheckpoint, CopyPosition, MetricFilter
 from action_metrics.repository import CatalogueWrite, PruneResult
 from action_metrics.rollup import LN_GAMMA, REPRESENTATIVE_FACTOR, ZERO_BIN, ceil_to, floor_to
+from action_metrics.sketch import FRACTIONS, Counted, merged_percentiles
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -414,7 +417,30 @@ _OUTER: Final = (
 
 
 def _outer(sources: _Sources) -> str:
-    return _OUTER.format(percentiles="f_latencies" if sources.exact else _histogram_percentiles())
+    """The figures a statement returns: with the rollups, the merged histogram (sorted bins, counts)
+    in place of the percentiles, which `_histograms_read` computes (in SQL they cost more to plan
+    than the rest of a small question)."""
+    return _OUTER.format(percentiles="f_latencies")
+
+
+_PERCENTILES_AT: Final = 9
+"""Where the percentiles are among a row's figures."""
+
+
+def _histograms_read(rows: Sequence[Sequence[Any]], offset: int) -> list[list[Any]]:
+    """The rows with the histogram at `offset + _PERCENTILES_AT` replaced by its p50, p95 and p99:
+    NumPy's 'linear' interpolation between the bins' representatives, every row in one merge."""
+    at = offset + _PERCENTILES_AT
+    histograms = [row[at] or ((), ()) for row in rows]
+    lengths = [len(bins) for bins, _ in histograms]
+    counted = Counted(
+        np.repeat(np.arange(len(rows), dtype=np.int64), lengths),
+        np.fromiter((b for bins, _ in histograms for b in bins), np.int64, sum(lengths)),
+        np.fromiter((c for _, counts in histograms for c in counts), np.int64, sum(lengths)),
+    )
+    merged = merged_percentiles(len(rows), [counted]).values
+    p50, p95, p99 = (merged[name].tolist() for name in FRACTIONS)
+    return [[*row[:at], [p50[i], p95[i], p99[i]], *row[at + 1 :]] for i, row in enumerate(rows)]
 
 
 def _priced(
@@ -513,9 +539,9 @@ _SORT_KEYS: Final = {
     "cache_write_tokens": "f_cache_write",
     "reasoning_tokens": "f_reasoning",
     "avg_latency_ms": "f_latency_sum / greatest(f_count, 1)",
-    "p50_latency_ms": "if(f_succeeded > 0, f_percentiles[1], NULL)",
-    "p95_latency_ms": "if(f_succeeded > 0, f_percentiles[2], NULL)",
-    "p99_latency_ms": "if(f_succeeded > 0, f_percentiles[3], NULL)",
+    "p50_latency_ms": "if(f_succeeded > 0, {percentiles}[1], NULL)",
+    "p95_latency_ms": "if(f_succeeded > 0, {percentiles}[2], NULL)",
+    "p99_latency_ms": "if(f_succeeded > 0, {percentiles}[3], NULL)",
     "total_cost_usd": "f_cost_e6",
     "total_revenue_usd": "f_revenue",
     "total_profit_usd": "f_revenue * 1000000 - f_cost_e6",
@@ -639,6 +665,11 @@ def _bucket_index(starts: Sequence[datetime], column: str) -> str:
     return f"multiIf({', '.join(branches)}, {within(runs[-1])})"
 
 
+def _sort_key(sort: str, *, exact: bool) -> str:
+    """`_SORT_KEYS[sort]`, a histogram's percentiles computed in SQL when they sort the rows."""
+    return _SORT_KEYS[sort].format(percentiles="f_latencies" if exact else _histogram_percentiles())
+
+
 @dataclass(frozen=True, slots=True)
 class _BreakdownQuery:
     statement: str
@@ -646,6 +677,8 @@ class _BreakdownQuery:
     starts: list[datetime] | None
     """The buckets' UTC starts, then the last one's end (None when not bucketed)."""
     exact: bool
+    keys: int
+    """How many columns come before the figures (the groups' keys)."""
 
 
 def _breakdown_query(
@@ -679,13 +712,13 @@ def _breakdown_query(
     statement = (
         priced
         + f"\nSELECT {leading}{_outer(sources)} FROM {source}"
-        + f"\nWHERE f_count > 0\nORDER BY {_SORT_KEYS[request.sort]} {order} NULLS LAST"
+        + f"\nWHERE f_count > 0\nORDER BY {_sort_key(request.sort, exact=sources.exact)} {order} NULLS LAST"
         + "".join(f", {g} ASC" for g in grouped)
     )
     if request.top is not None:
         statement += "\nLIMIT {top:UInt64}"
         parameters["top"] = request.top
-    return _BreakdownQuery(statement, parameters, starts, sources.exact)
+    return _BreakdownQuery(statement, parameters, starts, sources.exact, len(grouped))
 
 
 def _breakdown_row(
@@ -1056,6 +1089,8 @@ class ClickHouseRepository:
         )
         statement, parameters = _aggregate_statement(metric_filter, sources, bounds)
         rows = client.query(statement, parameters=parameters, settings=_FIGURE_SETTINGS).result_rows
+        if not sources.exact:
+            rows = _histograms_read(rows, 1)
         total, by_model = _EMPTY, {}
         for model, *figures in rows:
             if model is None:
@@ -1108,7 +1143,8 @@ class ClickHouseRepository:
         if query is None:
             return []
         result = self._open().query(query.statement, parameters=query.parameters, settings=_FIGURE_SETTINGS)
-        return [_breakdown_row(row, request, query.starts, query.exact) for row in result.result_rows]
+        rows = result.result_rows if query.exact else _histograms_read(result.result_rows, query.keys)
+        return [_breakdown_row(row, request, query.starts, query.exact) for row in rows]
 
     async def stream_breakdown(
         self, metric_filter: MetricFilter, request: BreakdownRequest
@@ -1122,7 +1158,7 @@ class ClickHouseRepository:
             stream = await self._run(_open_stream, client, query)
             try:
                 while (block := await self._run(next, stream, None)) is not None:
-                    for row in block:
+                    for row in block if query.exact else _histograms_read(block, query.keys):
                         yield _breakdown_row(row, request, query.starts, query.exact)
             finally:
                 await self._run(stream.__exit__, None, None, None)
