@@ -1,6 +1,5 @@
 -- action-metrics on ClickHouse, schema version 6: what makes the dashboard's questions cheap at
--- millions of actions: the actions again, narrow and ordered by time; rollups per UTC day; the hourly
--- detail rollup ordered by time too.
+-- millions of actions: the actions again, narrow and ordered by time, and rollups per UTC day.
 --
 -- Without `exact=True` a question reads the whole UTC days of its window from a daily rollup, the
 -- whole UTC hours around them from an hourly one, and the rest (the partial hours at its edges, the
@@ -20,9 +19,6 @@
 -- day (a day holding a price change is read by the hour around it). At 10M actions over 90 days
 -- the hourly detail rollup holds about half as many rows as there are actions; per day, ~250,000.
 -- They are filled from the hourly rollups, which keep what `db prune` removed.
---
--- The hourly detail rollup gains a projection ordered by time, so an hour of one action type (or
--- of every town) no longer reads the whole table (it is ordered by town first).
 --
 -- Upgrading from version 5 creates each view, then fills its table (emptied first: running it again
 -- after an interruption is safe). Stop the writers while upgrading: an action written between a
@@ -199,9 +195,3 @@ SELECT
     sumMap(latency_bins) AS latency_bins
 FROM action_metrics_rollup_hourly_detail
 GROUP BY day, town_id, action_type, model, credits;
-
-ALTER TABLE action_metrics_rollup_hourly_detail MODIFY SETTING deduplicate_merge_projection_mode = 'rebuild';
-
-ALTER TABLE action_metrics_rollup_hourly_detail ADD PROJECTION IF NOT EXISTS by_time (SELECT * ORDER BY start);
-
-ALTER TABLE action_metrics_rollup_hourly_detail MATERIALIZE PROJECTION by_time;

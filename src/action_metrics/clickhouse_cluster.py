@@ -17,7 +17,7 @@ The same versions as `sql/clickhouse/`, rewritten statement by statement:
   JOINs of a read find the whole price history wherever they run; an INSERT into one reaches all;
 - the ids table of version 5 is sharded by id as the actions are, fed per shard by its view.
 - version 6's daily rollups and timeline are sharded as the rollups are (rand()), each shard's views
-  feeding its `_local` tables; their projections and settings are the local tables' only.
+  feeding its `_local` tables (the timeline's projections are part of each shard's table).
 A statement of a new version that this printer cannot place on a cluster raises, so the test of
 the printed SQL fails rather than printing something half right.
 """
@@ -47,9 +47,7 @@ SHARDING_KEYS: Final = {
 _CLUSTER_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _CREATE_TABLE: Final = re.compile(r"^CREATE TABLE IF NOT EXISTS (\w+)\n")
 _ALTER_TABLE: Final = re.compile(r"^ALTER TABLE (\w+) ")
-_LOCAL_ONLY: Final = re.compile(r"^((ADD|DROP|MATERIALIZE) (INDEX|PROJECTION)|(MODIFY|RESET) SETTING) ")
-"""What an ALTER changes of the local tables only (a Distributed table has no indexes, projections
-or MergeTree settings)."""
+_INDEX: Final = re.compile(r"^(ADD|DROP|MATERIALIZE) INDEX ")
 _TRUNCATE: Final = re.compile(r"^TRUNCATE TABLE IF EXISTS (\w+)$")
 _VIEW: Final = re.compile(r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+) TO (\w+) AS\n")
 _ENGINE: Final = re.compile(
@@ -113,7 +111,7 @@ def cluster_statements(url: ClickHouseURL, cluster: str, target: int | None = No
             rest = statement[alter.end() :]
             if alter[1] in SHARDING_KEYS:
                 rewritten.append(f"ALTER TABLE {alter[1]}_local {on} {rest}")
-                if not _LOCAL_ONLY.match(rest):  # the Distributed table mirrors the local table's columns
+                if not _INDEX.match(rest):  # the Distributed table mirrors the local table's columns
                     rewritten.append(f"ALTER TABLE {alter[1]} {on} {rest}")
             else:
                 rewritten.append(f"ALTER TABLE {alter[1]} {on} {rest}")
