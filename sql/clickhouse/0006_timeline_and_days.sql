@@ -62,7 +62,10 @@ SELECT
     timestamp, action_type, user_id, town_id, citizen_id, model, tokens_in, tokens_out,
     cache_read_tokens, cache_write_tokens, reasoning_tokens, latency_ms, credits_charged,
     error IS NULL AS succeeded
-FROM action_metrics FINAL;
+FROM action_metrics FINAL
+-- In time order, so that the parts the fill writes do not each span all of time (an hour read then
+-- touches one part, not every one); the sort spills to disk past half the memory.
+ORDER BY timestamp;
 
 CREATE TABLE IF NOT EXISTS action_metrics_rollup_daily
 (
