@@ -9,10 +9,12 @@ a handle with an open stream answers nothing else.
 
 The figures: money in Decimal (sums of tokens x price are exact, divided by 1e6 once, in Python),
 tokens and credits summed as integers per price period and each period priced once (ASOF JOIN of
-a few groups). Without `exact`, whole UTC hours come from the rollups that materialized views keep
-(sql/clickhouse/0004_rollups.sql) and the rest of the window from raw rows (`plan`), percentiles
-from their merged latency histograms; with it, or for what no rollup keeps, raw rows only and
-`quantilesExactInclusive` (NumPy's 'linear') over the successful actions. Inserts are first id
+a few groups). Without `exact`, whole UTC days and hours come from the rollups that materialized
+views keep (sql/clickhouse/0004_rollups.sql, 0006) and the rest of the window from the timeline, the
+narrow copy of the actions ordered by time (`plan`), percentiles from their merged latency
+histograms (in NumPy); a user's or a citizen's questions read the timeline alone, through its
+projections. With `exact`, or for the newest `limit`, the raw rows (FINAL) only. Exact percentiles
+are `quantilesExactInclusive` (NumPy's 'linear') over the successful actions. Inserts are first id
 wins, so that the views count an action once. ClickHouse has no transactions: a statement is
 atomic, a price sync of several statements is not, and the ids an insert skips are read just
 before it.
@@ -111,7 +113,6 @@ _FIGURE_SETTINGS: Final = {**_READ_SETTINGS, "join_use_nulls": 1, "group_by_use_
 
 _RAW: Final = "action_metrics FINAL"
 """The raw rows, a re-sent action once."""
-_TIMELINE: Final = TIMELINE
 
 
 def _micros(moment: datetime) -> int:
@@ -194,7 +195,7 @@ class _Sources:
 
 
 _EXACT: Final = _Sources(exact=True)
-_TIMELINE_EXACT: Final = _Sources(exact=True, table=_TIMELINE)
+_TIMELINE_EXACT: Final = _Sources(exact=True, table=TIMELINE)
 
 
 def _merged(ranges: Sequence[Range]) -> tuple[Range, ...]:
@@ -293,7 +294,7 @@ _ROLLUP_SOURCE: Final = """
         {keys}
         r.model AS model,
         r.credits AS credits,
-        -- A rollup hour never holds a price change (those hours are read raw): its start's period is its own.
+        -- No rollup row spans a price change (each change cuts the window): its start's period is its own.
         arrayCount(b -> b <= r.start, bounds) AS period,
         sum(r.count) AS g_count,
         sum(r.tokens_in) AS g_tokens_in,
@@ -341,7 +342,7 @@ few rows). `bounds` is every instant a price changes, read just before (`_price_
 _PRICED_COLUMNS: Final = {
     _RAW: "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, "
     "reasoning_tokens, credits_charged, latency_ms, error IS NULL AS succeeded",
-    _TIMELINE: "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, "
+    TIMELINE: "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, "
     "reasoning_tokens, credits_charged, latency_ms, succeeded",
 }
 _FIGURES: Final = """
@@ -411,16 +412,12 @@ def _histogram_percentiles() -> str:
 
 _OUTER: Final = (
     "f_count, f_tokens_in, f_tokens_out, f_credits, f_cache_read, f_cache_write, f_reasoning, "
-    "f_latency_sum, f_succeeded, {percentiles} AS f_percentiles, f_cost_e6, f_unpriced, f_revenue, "
+    "f_latency_sum, f_succeeded, f_latencies AS f_percentiles, f_cost_e6, f_unpriced, f_revenue, "
     "f_margin_sum, f_margin_count, f_errors"
 )
-
-
-def _outer(sources: _Sources) -> str:
-    """The figures a statement returns: with the rollups, the merged histogram (sorted bins, counts)
-    in place of the percentiles, which `_histograms_read` computes (in SQL they cost more to plan
-    than the rest of a small question)."""
-    return _OUTER.format(percentiles="f_latencies")
+"""The figures a statement returns. With the rollups, the merged histogram (sorted bins, counts)
+stands in place of the percentiles, which `_histograms_read` computes: in SQL they cost more to plan
+than the rest of a small question."""
 
 
 _PERCENTILES_AT: Final = 9
@@ -512,14 +509,14 @@ def _aggregate_statement(
     if sources.exact:
         figures = _FIGURES.format(latencies=f"{_EXACT_MERGE}(g_latencies) AS f_latencies,\n")
         statement = (
-            f"{priced}\nSELECT model, {_outer(sources)} FROM (\nSELECT model,{figures}"
+            f"{priced}\nSELECT model, {_OUTER} FROM (\nSELECT model,{figures}"
             "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())\n)"
         )
         return statement, parameters
     # The whole selection's row has model NULL (GROUPING SETS); '' stands for it in the join (no
     # model is empty).
     statement = (
-        f"{priced}\nSELECT f.model, {_outer(sources)} FROM (\nSELECT model,{_FIGURES.format(latencies='')}"
+        f"{priced}\nSELECT f.model, {_OUTER} FROM (\nSELECT model,{_FIGURES.format(latencies='')}"
         "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())\n) AS f\nLEFT JOIN (\n"
         f"SELECT model_key, {_SORTED_BINS} AS f_latencies FROM (\n"
         "SELECT ifNull(model, '') AS model_key, arraySort(groupArray((b, n))) AS h FROM (\n"
@@ -711,7 +708,7 @@ def _breakdown_query(
         )
     statement = (
         priced
-        + f"\nSELECT {leading}{_outer(sources)} FROM {source}"
+        + f"\nSELECT {leading}{_OUTER} FROM {source}"
         + f"\nWHERE f_count > 0\nORDER BY {_sort_key(request.sort, exact=sources.exact)} {order} NULLS LAST"
         + "".join(f", {g} ASC" for g in grouped)
     )
@@ -1053,7 +1050,7 @@ class ClickHouseRepository:
             raise RawRowsPruned(cutoff, question, whole=_PRUNED_ANSWERED_FOR)
         return _Sources(
             exact=False,
-            table=_TIMELINE,
+            table=TIMELINE,
             rollup=rollup,
             daily_rollup=DAILY_ROLLUPS[rollup],
             raw=cut.raw,
@@ -1421,7 +1418,7 @@ class ClickHouseRepository:
             client.insert("raw_kept_from", [[max(cutoff, EARLIEST)]], column_names=["kept_from"])
         # The ids that first id wins looks up go with their rows (a cut-off is a UTC midnight, so
         # an hour is either all before it or all after).
-        tables = (("action_metrics", "timestamp"), ("action_metrics_ids", "hour"), (_TIMELINE, "timestamp"))
+        tables = (("action_metrics", "timestamp"), ("action_metrics_ids", "hour"), (TIMELINE, "timestamp"))
         for table, column in tables:
             partitions = client.query(
                 "SELECT DISTINCT partition_id FROM system.parts "
