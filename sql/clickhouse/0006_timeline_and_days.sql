@@ -151,7 +151,10 @@ CREATE TABLE IF NOT EXISTS action_metrics_rollup_daily_detail
 )
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(start)
-ORDER BY (town_id, action_type, start, model, credits);
+-- Action type first (11 of them), so that one action type's rows lie together and a town's in one
+-- run per action type; small granules, as each row carries a histogram of a day's latencies.
+ORDER BY (action_type, town_id, start, model, credits)
+SETTINGS index_granularity = 1024;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS action_metrics_rollup_daily_detail_view TO action_metrics_rollup_daily_detail AS
 SELECT
