@@ -557,7 +557,11 @@ def test_the_cluster_ddl_parses_and_its_local_tables_match_the_single_node_schem
                 client.command(f"EXPLAIN AST {statement}")  # raises on a syntax error
         for statement in statements:
             if "ENGINE = Distributed" in statement or statement.startswith(
-                ("INSERT INTO action_metrics_rollup", "INSERT INTO action_metrics_ids")
+                (
+                    "INSERT INTO action_metrics_rollup",
+                    "INSERT INTO action_metrics_ids",
+                    "INSERT INTO action_metrics_timeline",
+                )
             ):
                 continue  # needs the cluster in remote_servers (the fill reads the Distributed tables)
             local = statement.replace(" ON CLUSTER `prod`", "")
@@ -670,3 +674,78 @@ def test_the_rollups_bin_latencies_as_rollup_bin_of_does(clickhouse_url: str) ->
         client.close()
     binned = [dict(zip(bins, counts, strict=True)) for ((bins, counts),) in rows]
     assert [{b: c for b, c in one.items() if c} for one in binned] == [{bin_of(x): 1} for x in latencies]
+
+
+def test_upgrade_from_version_5_builds_the_timeline_and_the_days_from_what_is_stored(
+    clickhouse_url: str,
+) -> None:
+    """Version 6's daily rollups are filled from the hourly ones (which keep a pruned period), its
+    timeline from the raw rows (FINAL), also when the upgrade is run again after being cut off; the
+    figures read through them then agree with the reference, and `db downgrade 5` takes them away."""
+    users = ["user-a", "user-b", "user-c"]
+    metrics = [
+        metric(
+            timestamp=START + timedelta(minutes=23 * i),
+            latency_ms=0.5 + i % 70,
+            tokens_in=i,
+            user_id=users[i % 3],
+            citizen_id=None if i % 4 == 0 else f"citizen-{i % 5}",
+            town_id=f"town-{i % 2}",
+            error="Timeout" if i % 31 == 0 else None,
+        )
+        for i in range(600)  # over 9.5 days
+    ]
+    cutoff = START.replace(hour=0) + timedelta(days=2)
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics[:300])
+        store.prune(cutoff)
+    assert run_cli("db", "downgrade", "5", "--url", clickhouse_url).exit_code == 0
+    assert not {"action_metrics_timeline", "action_metrics_rollup_daily"} & set(_tables(clickhouse_url))
+    client = ClickHouseURL.parse(clickhouse_url).connect()
+    try:
+        assert "PROJECTION" not in client.command("SHOW CREATE TABLE action_metrics_rollup_hourly_detail")
+        columns = [column.name for column in action_metrics.columns]
+        rows = [
+            [getattr(m, "metadata_json" if c == "metadata" else c) for c in columns] for m in metrics[300:400]
+        ]
+        client.insert("action_metrics", rows, column_names=columns)  # a version-5 writer's rows
+        version = next(v for v in schema_versions() if v.number == 6)
+        for statement in version.statements()[:4]:  # cut off after the timeline's fill
+            client.command(statement)
+        assert run_cli("db", "upgrade", "--url", clickhouse_url).exit_code == 0
+        for hourly, daily in (("hourly", "daily"), ("hourly_detail", "daily_detail")):
+            sums = "SELECT sum(count), sum(tokens_in), sum(succeeded), sumMap(latency_bins) FROM {}"
+            hourly_sums = client.query(sums.format(f"action_metrics_rollup_{hourly}")).result_rows
+            assert client.query(sums.format(f"action_metrics_rollup_{daily}")).result_rows == hourly_sums
+            assert hourly_sums[0][0] == 400  # the pruned period's too
+        kept = [m for m in metrics[:400] if m.timestamp >= cutoff]
+        assert client.query("SELECT count() FROM action_metrics_timeline").result_rows[0][0] == len(kept)
+        # A user's rows are read through the projection ordered by user.
+        plan = client.command(
+            "EXPLAIN projections = 1 "
+            "SELECT sum(tokens_in) FROM action_metrics_timeline WHERE user_id = 'user-a'"
+        )
+        assert "by_user" in str(plan)
+    finally:
+        client.close()
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many([m for m in metrics if m.timestamp >= cutoff])  # those stored re-sent: once
+        book = _seed_book()
+        assert_matches(store.aggregate().to_dict(), expected_aggregate(metrics, book))
+        since, until = cutoff + timedelta(hours=5, minutes=7), START + timedelta(days=8, minutes=3)
+        window = [m for m in metrics if since <= m.timestamp < until]
+        got = store.aggregate(since=since, until=until)
+        assert not got.percentiles_exact  # days, hours and the partial hours at its edges
+        assert_matches(got.to_dict(), expected_aggregate(window, book))
+        for filters in ({"user_id": "user-b"}, {"citizen_id": "citizen-3"}, {"town_id": "town-1"}):
+            chosen = [m for m in window if all(getattr(m, k) == v for k, v in filters.items())]
+            got = store.aggregate(since=since, until=until, **filters)
+            assert_matches(got.to_dict(), expected_aggregate(chosen, book), where=f"{filters}: ")
+    assert run_cli("db", "downgrade", "5", "--url", clickhouse_url).exit_code == 0
+    assert not {"action_metrics_timeline", "action_metrics_rollup_daily"} & set(_tables(clickhouse_url))
+    assert run_cli("db", "upgrade", "--url", clickhouse_url).exit_code == 0
+    with MetricsStore(clickhouse_url) as store:
+        assert_matches(
+            store.aggregate(since=since).to_dict(),
+            expected_aggregate([m for m in metrics if m.timestamp >= since], _seed_book()),
+        )

@@ -39,9 +39,17 @@ ROLLUPS: Final = {
     "action_metrics_rollup_hourly": (),
     "action_metrics_rollup_hourly_detail": ("town_id", "action_type"),
 }
-"""The rollup tables (sql/clickhouse/0004_rollups.sql), fewest rows first, and the dimensions each
-keeps besides the model and the credit charge: a question is read from the first that keeps all its
-filters' and groups' dimensions."""
+"""The hourly rollup tables (sql/clickhouse/0004_rollups.sql), fewest rows first, and the dimensions
+each keeps besides the model and the credit charge: a question is read from the first that keeps all
+its filters' and groups' dimensions."""
+DAILY_ROLLUPS: Final = {
+    "action_metrics_rollup_hourly": "action_metrics_rollup_daily",
+    "action_metrics_rollup_hourly_detail": "action_metrics_rollup_daily_detail",
+}
+"""Each hourly rollup's sums per UTC day (sql/clickhouse/0006_timeline_and_days.sql)."""
+TIMELINE: Final = "action_metrics_timeline"
+"""The actions, narrow, ordered by time, by user and by citizen (sql/clickhouse/0006): what the
+rollups leave to raw rows is read there, counted as the rollups count it."""
 
 _VERSION_FILE: Final = re.compile(r"^(\d{4})_(\w+)\.sql$")
 

@@ -16,6 +16,8 @@ The same versions as `sql/clickhouse/`, rewritten statement by statement:
   every node (one ZooKeeper path for the whole cluster, replica `{shard}-{replica}`), so the ASOF
   JOINs of a read find the whole price history wherever they run; an INSERT into one reaches all;
 - the ids table of version 5 is sharded by id as the actions are, fed per shard by its view.
+- version 6's daily rollups and timeline are sharded as the rollups are (rand()), each shard's views
+  feeding its `_local` tables (the timeline's projections are part of each shard's table).
 A statement of a new version that this printer cannot place on a cluster raises, so the test of
 the printed SQL fails rather than printing something half right.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from action_metrics.clickhouse import ROLLUPS, ClickHouseURL, upgrade_statements
+from action_metrics.clickhouse import DAILY_ROLLUPS, ROLLUPS, TIMELINE, ClickHouseURL, upgrade_statements
 from action_metrics.errors import UnsupportedDatabase
 
 SHARDED: Final = "action_metrics"
@@ -35,7 +37,11 @@ SHARDING_KEY: Final = "cityHash64(id)"
 IDS: Final = "action_metrics_ids"
 """The stored ids that first id wins looks up, sharded as the actions are: each shard's view feeds
 its own, and a re-sent id is looked up where its first copy went."""
-SHARDING_KEYS: Final = {SHARDED: SHARDING_KEY, IDS: SHARDING_KEY, **dict.fromkeys(ROLLUPS, "rand()")}
+SHARDING_KEYS: Final = {
+    SHARDED: SHARDING_KEY,
+    IDS: SHARDING_KEY,
+    **dict.fromkeys([*ROLLUPS, *DAILY_ROLLUPS.values(), TIMELINE], "rand()"),
+}
 """Every table split across shards, and how; the others are replicated whole to every node."""
 
 _CLUSTER_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")

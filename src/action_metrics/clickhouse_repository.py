@@ -9,10 +9,12 @@ a handle with an open stream answers nothing else.
 
 The figures: money in Decimal (sums of tokens x price are exact, divided by 1e6 once, in Python),
 tokens and credits summed as integers per price period and each period priced once (ASOF JOIN of
-a few groups). Without `exact`, whole UTC hours come from the rollups that materialized views keep
-(sql/clickhouse/0004_rollups.sql) and the rest of the window from raw rows (`plan`), percentiles
-from their merged latency histograms; with it, or for what no rollup keeps, raw rows only and
-`quantilesExactInclusive` (NumPy's 'linear') over the successful actions. Inserts are first id
+a few groups). Without `exact`, whole UTC days and hours come from the rollups that materialized
+views keep (sql/clickhouse/0004_rollups.sql, 0006) and the rest of the window from the timeline, the
+narrow copy of the actions ordered by time (`plan`), percentiles from their merged latency
+histograms (in NumPy); a user's or a citizen's questions read the timeline alone, through its
+projections. With `exact`, or for the newest `limit`, the raw rows (FINAL) only. Exact percentiles
+are `quantilesExactInclusive` (NumPy's 'linear') over the successful actions. Inserts are first id
 wins, so that the views count an action once. ClickHouse has no transactions: a statement is
 atomic, a price sync of several statements is not, and the ids an insert skips are read just
 before it.
@@ -34,13 +36,17 @@ from itertools import pairwise
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+import numpy as np
+
 from action_metrics.aggregate import Aggregate, ModelAggregate
 from action_metrics.breakdown import BreakdownRequest, BreakdownRow, bucket_starts
 from action_metrics.charges import ChargeAudit
 from action_metrics.clickhouse import (
+    DAILY_ROLLUPS,
     EARLIEST,
     LATEST,
     ROLLUPS,
+    TIMELINE,
     ClickHouseURL,
     check_version,
     upgrade_on,
@@ -61,6 +67,7 @@ from action_metrics.pricing import BEGINNING_OF_TIME, CreditPrice, ModelPrice
 from action_metrics.query import EQUALITY_FILTERS, CopyCheckpoint, CopyPosition, MetricFilter
 from action_metrics.repository import CatalogueWrite, PruneResult
 from action_metrics.rollup import LN_GAMMA, REPRESENTATIVE_FACTOR, ZERO_BIN, ceil_to, floor_to
+from action_metrics.sketch import FRACTIONS, Counted, merged_percentiles
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -104,6 +111,10 @@ _READ_SETTINGS: Final = {"do_not_merge_across_partitions_select_final": 1}
 _FIGURE_SETTINGS: Final = {**_READ_SETTINGS, "join_use_nulls": 1, "group_by_use_nulls": 1}
 
 
+_RAW: Final = "action_metrics FINAL"
+"""The raw rows, a re-sent action once."""
+
+
 def _micros(moment: datetime) -> int:
     return (moment - _EPOCH) // _MICROSECOND
 
@@ -116,10 +127,13 @@ def _moment(micros: int) -> datetime:
 
 
 def _selection(
-    metric_filter: MetricFilter, columns: str, ranges: Sequence[Range] | None = None
+    metric_filter: MetricFilter,
+    columns: str,
+    ranges: Sequence[Range] | None = None,
+    table: str = _RAW,
 ) -> tuple[str, dict[str, Any]]:
-    """The actions a filter selects (the newest `limit` when it has one): SQL and its parameters.
-    With `ranges`, only those within them (the filter's window already cut into them)."""
+    """The actions a filter selects (the newest `limit` when it has one) from `table`: SQL and its
+    parameters. With `ranges`, only those within them (the filter's window already cut into them)."""
     terms: list[str] = []
     parameters: dict[str, Any] = {}
     for name in EQUALITY_FILTERS:
@@ -142,7 +156,7 @@ def _selection(
         if metric_filter.until <= EARLIEST:
             terms.append("0")
     where = f" WHERE {' AND '.join(terms)}" if terms else ""
-    statement = f"SELECT {columns} FROM action_metrics FINAL{where}"
+    statement = f"SELECT {columns} FROM {table}{where}"
     if metric_filter.limit is not None:
         # toString: ClickHouse orders UUIDs by their halves swapped; their text orders as Python does.
         statement += " ORDER BY timestamp DESC, toString(id) DESC LIMIT {limit:UInt64}"
@@ -160,18 +174,28 @@ _HOUR: Final = timedelta(hours=1)
 
 @dataclass(frozen=True, slots=True)
 class _Sources:
-    """Where a question's figures come from. Exact: the raw rows the filter selects, percentiles by
-    `quantilesExactInclusive`. Otherwise the whole UTC hours of `hours` from `rollup`, the rest of the
-    window (`raw`: its partial hours, and the hours holding a price change) from raw rows, percentiles
-    from their merged latency histograms."""
+    """Where a question's figures come from. Exact: the rows of `table` the filter selects,
+    percentiles by `quantilesExactInclusive`. Otherwise the whole UTC days of `days` from
+    `daily_rollup`, the whole UTC hours of `hours` from `rollup`, the rest of the window (`raw`: its
+    partial hours, and the hours holding a price change) from `table`, percentiles from their merged
+    latency histograms."""
 
     exact: bool
+    table: str = _RAW
     rollup: str = ""
+    daily_rollup: str = ""
     raw: tuple[Range, ...] = ()
     hours: tuple[Range, ...] = ()
+    days: tuple[Range, ...] = ()
+
+    def rolled_up(self) -> list[tuple[str, tuple[Range, ...]]]:
+        """Each rollup read and the ranges of its `start` it reads."""
+        levels = [(self.daily_rollup, self.days), (self.rollup, self.hours)]
+        return [(table, ranges) for table, ranges in levels if ranges]
 
 
 _EXACT: Final = _Sources(exact=True)
+_TIMELINE_EXACT: Final = _Sources(exact=True, table=TIMELINE)
 
 
 def _merged(ranges: Sequence[Range]) -> tuple[Range, ...]:
@@ -187,14 +211,23 @@ def _merged(ranges: Sequence[Range]) -> tuple[Range, ...]:
     return tuple(kept)
 
 
-def plan(
-    since: datetime | None, until: datetime | None, cuts: Sequence[datetime]
-) -> tuple[tuple[Range, ...], tuple[Range, ...]]:
-    """Split [since, until) at `cuts` (the buckets' starts, the price changes); each piece's whole UTC
-    hours come from a rollup, its partial hours at either end from raw rows. Returns (raw, hours)."""
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A window cut into what each source reads: raw rows, whole UTC hours, whole UTC days."""
+
+    raw: tuple[Range, ...] = ()
+    hours: tuple[Range, ...] = ()
+    days: tuple[Range, ...] = ()
+
+
+def plan(since: datetime | None, until: datetime | None, cuts: Sequence[datetime]) -> Plan:
+    """Split [since, until) at `cuts` (the buckets' starts, the price changes): each piece's whole
+    UTC days come from a daily rollup, its whole UTC hours around them from an hourly one, and its
+    partial hours at either end from raw rows."""
     inside = sorted({c for c in cuts if (since is None or c > since) and (until is None or c < until)})
     raw: list[Range] = []
     hours: list[Range] = []
+    days: list[Range] = []
     for start, end in pairwise([since, *inside, until]):
         first = None if start is None else ceil_to(start, "hour")
         last = None if end is None else floor_to(end, "hour")
@@ -203,10 +236,19 @@ def plan(
             continue
         if start is not None:
             raw.append((start, first))
-        hours.append((first, last))
+        first_day = None if first is None else ceil_to(first, "day")
+        last_day = None if last is None else floor_to(last, "day")
+        if first_day is not None and last_day is not None and first_day >= last_day:
+            hours.append((first, last))
+        else:
+            if first is not None:
+                hours.append((first, first_day))
+            days.append((first_day, last_day))
+            if last is not None:
+                hours.append((last_day, last))
         if end is not None:
             raw.append((last, end))
-    return _merged(raw), _merged(hours)
+    return Plan(_merged(raw), _merged(hours), _merged(days))
 
 
 def _ranges_sql(column: str, ranges: Sequence[Range]) -> str:
@@ -243,7 +285,7 @@ _RAW_SOURCE: Final = """
         sum(toUInt128(s.cache_write_tokens)) AS g_cache_write,
         sum(toUInt128(s.reasoning_tokens)) AS g_reasoning,
         sum(toDecimal256(s.latency_ms, 30)) AS g_latency_sum,
-        countIf(s.error IS NULL) AS g_succeeded,
+        countIf(s.succeeded) AS g_succeeded,
         {latencies} AS g_latencies
     FROM ({selection}) AS s
     GROUP BY {group}model, credits, period"""
@@ -252,7 +294,7 @@ _ROLLUP_SOURCE: Final = """
         {keys}
         r.model AS model,
         r.credits AS credits,
-        -- A rollup hour never holds a price change (those hours are read raw): its start's period is its own.
+        -- No rollup row spans a price change (each change cuts the window): its start's period is its own.
         arrayCount(b -> b <= r.start, bounds) AS period,
         sum(r.count) AS g_count,
         sum(r.tokens_in) AS g_tokens_in,
@@ -297,10 +339,12 @@ priced AS (
 """Raw rows and rollup rows summed per (group, model, credit charge, price period), as integers, and
 only those few sums priced: a price is looked up per period, not per action (the ASOF JOINs meet a
 few rows). `bounds` is every instant a price changes, read just before (`_price_changes`)."""
-_PRICED_COLUMNS: Final = (
-    "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, reasoning_tokens, "
-    "credits_charged, latency_ms, error"
-)
+_PRICED_COLUMNS: Final = {
+    _RAW: "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, "
+    "reasoning_tokens, credits_charged, latency_ms, error IS NULL AS succeeded",
+    TIMELINE: "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, "
+    "reasoning_tokens, credits_charged, latency_ms, succeeded",
+}
 _FIGURES: Final = """
     sum(g_count) AS f_count,
     sum(g_tokens_in) AS f_tokens_in,
@@ -332,7 +376,7 @@ hist AS ({parts}
 """The latency histogram of each group and model: (bin, count) rows of the raw rows binned and of the
 rollups' bins unnested (an ARRAY JOIN and a GROUP BY: faster than merging maps with sumMap)."""
 _RAW_BINS: Final = """
-    SELECT {keys}s.model AS model, {bin} AS b, countIf(s.error IS NULL) AS n
+    SELECT {keys}s.model AS model, {bin} AS b, countIf(s.succeeded) AS n
     FROM ({selection}) AS s
     GROUP BY {group}model, b"""
 _ROLLUP_BINS: Final = """
@@ -368,13 +412,32 @@ def _histogram_percentiles() -> str:
 
 _OUTER: Final = (
     "f_count, f_tokens_in, f_tokens_out, f_credits, f_cache_read, f_cache_write, f_reasoning, "
-    "f_latency_sum, f_succeeded, {percentiles} AS f_percentiles, f_cost_e6, f_unpriced, f_revenue, "
+    "f_latency_sum, f_succeeded, f_latencies AS f_percentiles, f_cost_e6, f_unpriced, f_revenue, "
     "f_margin_sum, f_margin_count, f_errors"
 )
+"""The figures a statement returns. With the rollups, the merged histogram (sorted bins, counts)
+stands in place of the percentiles, which `_histograms_read` computes: in SQL they cost more to plan
+than the rest of a small question."""
 
 
-def _outer(sources: _Sources) -> str:
-    return _OUTER.format(percentiles="f_latencies" if sources.exact else _histogram_percentiles())
+_PERCENTILES_AT: Final = 9
+"""Where the percentiles are among a row's figures."""
+
+
+def _histograms_read(rows: Sequence[Sequence[Any]], offset: int) -> list[list[Any]]:
+    """The rows with the histogram at `offset + _PERCENTILES_AT` replaced by its p50, p95 and p99:
+    NumPy's 'linear' interpolation between the bins' representatives, every row in one merge."""
+    at = offset + _PERCENTILES_AT
+    histograms = [row[at] or ((), ()) for row in rows]
+    lengths = [len(bins) for bins, _ in histograms]
+    counted = Counted(
+        np.repeat(np.arange(len(rows), dtype=np.int64), lengths),
+        np.fromiter((b for bins, _ in histograms for b in bins), np.int64, sum(lengths)),
+        np.fromiter((c for _, counts in histograms for c in counts), np.int64, sum(lengths)),
+    )
+    merged = merged_percentiles(len(rows), [counted]).values
+    p50, p95, p99 = (merged[name].tolist() for name in FRACTIONS)
+    return [[*row[:at], [p50[i], p95[i], p99[i]], *row[at + 1 :]] for i, row in enumerate(rows)]
 
 
 def _priced(
@@ -395,12 +458,12 @@ def _priced(
             made.append(f"{_bucket_index(starts, moment)} AS bucket,")
         return "".join(f"{m} " for m in made) if inline else "\n        ".join(made)
 
-    columns = ", ".join((*dimensions, _PRICED_COLUMNS))
+    columns = ", ".join((*dimensions, _PRICED_COLUMNS[sources.table]))
     if sources.exact:
-        selection, parameters = _selection(metric_filter, columns)
-        latencies = f"{_EXACT_MERGE.replace('Merge', 'State')}(s.latency_ms, s.error IS NULL)"
+        selection, parameters = _selection(metric_filter, columns, table=sources.table)
+        latencies = f"{_EXACT_MERGE.replace('Merge', 'State')}(s.latency_ms, s.succeeded)"
     else:
-        selection, parameters = _selection(metric_filter, columns, sources.raw)
+        selection, parameters = _selection(metric_filter, columns, sources.raw, sources.table)
         latencies = "toUInt8(0)"  # the histograms are summed apart (`_HISTOGRAM`)
     parts = []
     bins = []
@@ -419,14 +482,14 @@ def _priced(
 
     if sources.exact or sources.raw:
         add_raw(selection)
-    if not sources.exact and sources.hours:
-        where = [_ranges_sql("r.start", sources.hours)]
+    for rollup, ranges in () if sources.exact else sources.rolled_up():
+        where = [_ranges_sql("r.start", ranges)]
         for name in ("town_id", "action_type", "model"):
             if getattr(metric_filter, name) is not None:
                 where.append(f"r.{name} = {{{name}:String}}")
         if not metric_filter.storable:
             where.append("0")
-        arguments = {"rollup": sources.rollup, "where": " AND ".join(where), "group": group}
+        arguments = {"rollup": rollup, "where": " AND ".join(where), "group": group}
         parts.append(_ROLLUP_SOURCE.format(keys=keys("r", "r.start"), **arguments))
         bins.append(_ROLLUP_BINS.format(keys=keys("r", "r.start", inline=True), **arguments))
     if not parts:  # an empty window: one source that selects nothing
@@ -446,14 +509,14 @@ def _aggregate_statement(
     if sources.exact:
         figures = _FIGURES.format(latencies=f"{_EXACT_MERGE}(g_latencies) AS f_latencies,\n")
         statement = (
-            f"{priced}\nSELECT model, {_outer(sources)} FROM (\nSELECT model,{figures}"
+            f"{priced}\nSELECT model, {_OUTER} FROM (\nSELECT model,{figures}"
             "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())\n)"
         )
         return statement, parameters
     # The whole selection's row has model NULL (GROUPING SETS); '' stands for it in the join (no
     # model is empty).
     statement = (
-        f"{priced}\nSELECT f.model, {_outer(sources)} FROM (\nSELECT model,{_FIGURES.format(latencies='')}"
+        f"{priced}\nSELECT f.model, {_OUTER} FROM (\nSELECT model,{_FIGURES.format(latencies='')}"
         "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())\n) AS f\nLEFT JOIN (\n"
         f"SELECT model_key, {_SORTED_BINS} AS f_latencies FROM (\n"
         "SELECT ifNull(model, '') AS model_key, arraySort(groupArray((b, n))) AS h FROM (\n"
@@ -473,9 +536,9 @@ _SORT_KEYS: Final = {
     "cache_write_tokens": "f_cache_write",
     "reasoning_tokens": "f_reasoning",
     "avg_latency_ms": "f_latency_sum / greatest(f_count, 1)",
-    "p50_latency_ms": "if(f_succeeded > 0, f_percentiles[1], NULL)",
-    "p95_latency_ms": "if(f_succeeded > 0, f_percentiles[2], NULL)",
-    "p99_latency_ms": "if(f_succeeded > 0, f_percentiles[3], NULL)",
+    "p50_latency_ms": "if(f_succeeded > 0, {percentiles}[1], NULL)",
+    "p95_latency_ms": "if(f_succeeded > 0, {percentiles}[2], NULL)",
+    "p99_latency_ms": "if(f_succeeded > 0, {percentiles}[3], NULL)",
     "total_cost_usd": "f_cost_e6",
     "total_revenue_usd": "f_revenue",
     "total_profit_usd": "f_revenue * 1000000 - f_cost_e6",
@@ -599,6 +662,11 @@ def _bucket_index(starts: Sequence[datetime], column: str) -> str:
     return f"multiIf({', '.join(branches)}, {within(runs[-1])})"
 
 
+def _sort_key(sort: str, *, exact: bool) -> str:
+    """`_SORT_KEYS[sort]`, a histogram's percentiles computed in SQL when they sort the rows."""
+    return _SORT_KEYS[sort].format(percentiles="f_latencies" if exact else _histogram_percentiles())
+
+
 @dataclass(frozen=True, slots=True)
 class _BreakdownQuery:
     statement: str
@@ -606,6 +674,8 @@ class _BreakdownQuery:
     starts: list[datetime] | None
     """The buckets' UTC starts, then the last one's end (None when not bucketed)."""
     exact: bool
+    keys: int
+    """How many columns come before the figures (the groups' keys)."""
 
 
 def _breakdown_query(
@@ -638,14 +708,14 @@ def _breakdown_query(
         )
     statement = (
         priced
-        + f"\nSELECT {leading}{_outer(sources)} FROM {source}"
-        + f"\nWHERE f_count > 0\nORDER BY {_SORT_KEYS[request.sort]} {order} NULLS LAST"
+        + f"\nSELECT {leading}{_OUTER} FROM {source}"
+        + f"\nWHERE f_count > 0\nORDER BY {_sort_key(request.sort, exact=sources.exact)} {order} NULLS LAST"
         + "".join(f", {g} ASC" for g in grouped)
     )
     if request.top is not None:
         statement += "\nLIMIT {top:UInt64}"
         parameters["top"] = request.top
-    return _BreakdownQuery(statement, parameters, starts, sources.exact)
+    return _BreakdownQuery(statement, parameters, starts, sources.exact, len(grouped))
 
 
 def _breakdown_row(
@@ -966,17 +1036,27 @@ class ClickHouseRepository:
         rollup = next((table for table, keeps in ROLLUPS.items() if needed <= set(keeps)), None)
         if exact or rollup is None or metric_filter.limit is not None:
             self._check_not_pruned(client, metric_filter, question)
-            return _EXACT
+            # The newest `limit` are ordered by id, which only the raw rows keep.
+            return _EXACT if exact or metric_filter.limit is not None else _TIMELINE_EXACT
         since = None if metric_filter.since is None else min(max(metric_filter.since, EARLIEST), LATEST)
         until = None if metric_filter.until is None else max(min(metric_filter.until, LATEST), EARLIEST)
-        changes = [_moment(micros) for micros in bounds]
-        raw, hours = plan(since, until, [*(starts or ()), *(c for c in changes if c != floor_to(c, "hour"))])
+        # Every price change cuts the window: no rollup row then spans one (a row is priced by the
+        # price in force at its start).
+        cut = plan(since, until, [*(starts or ()), *(_moment(micros) for micros in bounds)])
         if since is not None and until is not None and since >= until:
-            raw, hours = (), ()
+            cut = Plan()
         cutoff = self._raw_kept_from(client)
-        if cutoff is not None and any(start is None or start < cutoff for start, _ in raw):
+        if cutoff is not None and any(start is None or start < cutoff for start, _ in cut.raw):
             raise RawRowsPruned(cutoff, question, whole=_PRUNED_ANSWERED_FOR)
-        return _Sources(exact=False, rollup=rollup, raw=raw, hours=hours)
+        return _Sources(
+            exact=False,
+            table=TIMELINE,
+            rollup=rollup,
+            daily_rollup=DAILY_ROLLUPS[rollup],
+            raw=cut.raw,
+            hours=cut.hours,
+            days=cut.days,
+        )
 
     async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]:
         return await self._run(self._select, metric_filter)
@@ -1006,6 +1086,8 @@ class ClickHouseRepository:
         )
         statement, parameters = _aggregate_statement(metric_filter, sources, bounds)
         rows = client.query(statement, parameters=parameters, settings=_FIGURE_SETTINGS).result_rows
+        if not sources.exact:
+            rows = _histograms_read(rows, 1)
         total, by_model = _EMPTY, {}
         for model, *figures in rows:
             if model is None:
@@ -1058,7 +1140,8 @@ class ClickHouseRepository:
         if query is None:
             return []
         result = self._open().query(query.statement, parameters=query.parameters, settings=_FIGURE_SETTINGS)
-        return [_breakdown_row(row, request, query.starts, query.exact) for row in result.result_rows]
+        rows = result.result_rows if query.exact else _histograms_read(result.result_rows, query.keys)
+        return [_breakdown_row(row, request, query.starts, query.exact) for row in rows]
 
     async def stream_breakdown(
         self, metric_filter: MetricFilter, request: BreakdownRequest
@@ -1072,7 +1155,7 @@ class ClickHouseRepository:
             stream = await self._run(_open_stream, client, query)
             try:
                 while (block := await self._run(next, stream, None)) is not None:
-                    for row in block:
+                    for row in block if query.exact else _histograms_read(block, query.keys):
                         yield _breakdown_row(row, request, query.starts, query.exact)
             finally:
                 await self._run(stream.__exit__, None, None, None)
@@ -1335,7 +1418,8 @@ class ClickHouseRepository:
             client.insert("raw_kept_from", [[max(cutoff, EARLIEST)]], column_names=["kept_from"])
         # The ids that first id wins looks up go with their rows (a cut-off is a UTC midnight, so
         # an hour is either all before it or all after).
-        for table, column in (("action_metrics", "timestamp"), ("action_metrics_ids", "hour")):
+        tables = (("action_metrics", "timestamp"), ("action_metrics_ids", "hour"), (TIMELINE, "timestamp"))
+        for table, column in tables:
             partitions = client.query(
                 "SELECT DISTINCT partition_id FROM system.parts "
                 "WHERE database = currentDatabase() AND table = {table:String} AND active",
