@@ -578,6 +578,7 @@ def test_rows_passed_as_one_parameter_join_the_stored_timestamps_exactly(
     rows = [
         ("café / ünïcode 'quoted'", berlin, 2**40, -1),
         ("other", stored + timedelta(microseconds=1), -(2**40), 1),
+        ("the beginning", BEGINNING_OF_TIME, 0, 0),  # a year of one digit, as the first price period's
     ]
     table = backend.rows_table("given", columns, rows)
     m = action_metrics
@@ -595,6 +596,7 @@ def test_rows_passed_as_one_parameter_join_the_stored_timestamps_exactly(
     everything, joined = asyncio.run(read())
     assert [tuple(row) for row in everything] == [
         ("café / ünïcode 'quoted'", stored, 2**40, -1),
+        ("the beginning", BEGINNING_OF_TIME, 0, 0),
         ("other", stored + timedelta(microseconds=1), -(2**40), 1),
     ]
     assert [tuple(row) for row in joined] == [("café / ünïcode 'quoted'", "town-1")]

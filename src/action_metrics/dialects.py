@@ -434,7 +434,8 @@ class SQLiteBackend(Backend):
     def _json_value(self, value: Any) -> Any:
         # The text SQLAlchemy stores a DateTime as on SQLite (UTC, see UTCDateTime).
         if isinstance(value, datetime):
-            return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+            utc = value.astimezone(UTC)  # the year padded to four digits, as SQLAlchemy writes it
+            return f"{utc.year:04d}-{utc:%m-%d %H:%M:%S}.{utc.microsecond:06d}"
         return value
 
     bulk_insert_minimum = 1
