@@ -136,11 +136,14 @@ class Level:
 
     def rows(self, table: Any) -> list[ColumnElement[bool]]:
         """WHERE terms selecting this level's rows of the rollup or histogram table."""
-        terms: list[ColumnElement[bool]] = [table.c.grain == self.grain]
-        for dimension in DIMENSIONS:
-            column = table.c[dimension]
-            terms.append(column != "" if dimension in self.keeps else column == "")
-        return terms
+        return [table.c.grain == self.grain, *self.dimension_terms(table)]
+
+    def dimension_terms(self, table: Any) -> list[ColumnElement[bool]]:
+        """`rows` but the grain's: the dimensions it keeps are set, the others ''."""
+        return [
+            table.c[dimension] != "" if dimension in self.keeps else table.c[dimension] == ""
+            for dimension in DIMENSIONS
+        ]
 
 
 HOURLY: Final = Level("hour", (), histogram=True)

@@ -64,7 +64,6 @@ from action_metrics.query import MetricFilter
 from action_metrics.rollup import (
     DAILY,
     DAILY_BY_TOWN,
-    DIMENSIONS,
     GRAIN_LENGTH,
     HOURLY,
     HOURLY_BY_TOWN,
@@ -285,12 +284,17 @@ def _groups_of_pieces(pieces: Sequence[Piece]) -> dict[tuple[Grain | None, int],
 
 
 def _joined_ranges(pieces: Sequence[Piece]) -> list[Range]:
+    return _joined([(piece.since, piece.until) for piece in pieces])
+
+
+def _joined(spans: Sequence[Range]) -> list[Range]:
+    """Sorted time ranges, those that touch made one."""
     ranges: list[Range] = []
-    for piece in pieces:
-        if ranges and ranges[-1][1] == piece.since:
-            ranges[-1] = (ranges[-1][0], piece.until)
+    for since, until in spans:
+        if ranges and ranges[-1][1] == since:
+            ranges[-1] = (ranges[-1][0], until)
         else:
-            ranges.append((piece.since, piece.until))
+            ranges.append((since, until))
     return ranges
 
 
@@ -376,13 +380,10 @@ def _rolled_sums(
     r = rollup
     cover = backend.rows_table("cover", COVER_COLUMNS, cover_rows(pieces, price_starts))
     c = cover.c
-    levels = {shape.sums[grain] for grain in {piece.grain for piece in pieces} if grain is not None}
-    # The levels read keep the same dimensions: their terms but the grain's.
-    keeps = {level.keeps for level in levels}
-    assert len(keeps) == 1, keeps
-    (kept,) = keeps
-    terms: list[ColumnElement[bool]] = [r.c.grain.in_(sorted(level.grain for level in levels))]
-    terms += [r.c[name] != "" if name in kept else r.c[name] == "" for name in DIMENSIONS]
+    levels = [shape.sums[grain] for grain in sorted({piece.grain for piece in pieces if piece.grain})]
+    # The levels read keep the same dimensions: one grain term, then their dimensions' terms.
+    assert len({level.keeps for level in levels}) == 1, levels
+    terms = [r.c.grain.in_([level.grain for level in levels]), *levels[0].dimension_terms(r)]
     for name in ("town_id", "model"):
         value = getattr(metric_filter, name)
         if value is not None:
@@ -522,9 +523,7 @@ async def percentiles_of_groups(
         when = (
             s.c.start.in_(moments)
             if grain == "hour"
-            else any_range(
-                s.c.start, _joined_ranges([Piece(1, grain, m, m + GRAIN_LENGTH[grain], 0) for m in moments])
-            )
+            else any_range(s.c.start, _joined([(m, m + GRAIN_LENGTH[grain]) for m in moments]))
         )
         statement = select(s.c.start, s.c.key, s.c.zero_count, s.c.bins).where(
             s.c.level == level.name, when, *([] if value is None else [s.c.key == value])
