@@ -433,13 +433,21 @@ def test_attribute_bytes_of_any_kind_read_as_protobuf_reads_them(pairs: list[byt
     of order, garbage), and a span name that may not be UTF-8 either: read alike, or refused alike."""
     span = _field(5, name) + b"".join(_field(9, pair) for pair in pairs)
     body = _field(1, _field(2, _field(2, span)))
+    _assert_read_alike(body, PROTOBUF, _reference_decode, DecodeError)
+
+
+def _assert_read_alike(
+    body: bytes, encoding: str, reference: Callable[[bytes], Any], refused: type[Exception]
+) -> None:
+    """`decode_request` reads `body` as `reference` reads it, or refuses it where `reference` raises
+    `refused`."""
     try:
-        expected = _comparable(_reference_decode(body))
-    except DecodeError:
+        expected = _comparable(reference(body))
+    except refused:
         with pytest.raises(OtlpDecodeError):
-            decode_request(body, PROTOBUF)
+            decode_request(body, encoding)
         return
-    assert _comparable(decode_request(body, PROTOBUF)) == expected
+    assert _comparable(decode_request(body, encoding)) == expected
 
 
 def _otlp_json(request: ExportTraceServiceRequest) -> bytes:
@@ -498,10 +506,4 @@ def test_any_json_body_reads_as_protobufs_json_mapping_reads_it(document: Any) -
     """Documents near OTLP's form, with values of every JSON type where each field is: the direct
     reading gives what `json_format` gives, or hands the body to it."""
     body = json.dumps(document).encode()
-    try:
-        expected = _comparable(decode_json_by_protobuf(body))
-    except OtlpDecodeError:
-        with pytest.raises(OtlpDecodeError):
-            decode_request(body, JSON)
-        return
-    assert _comparable(decode_request(body, JSON)) == expected
+    _assert_read_alike(body, JSON, decode_json_by_protobuf, OtlpDecodeError)
