@@ -67,8 +67,8 @@ histograms merged in SQL, raw rows for a local day's edge hours): the same datab
 
 PostgreSQL runs with the server's settings (jit=on by default, work_mem 4MB): `--postgres-setting
 jit=off` (repeatable, any NAME=VALUE) applies a setting to both sides' sessions. After a load the bench
-runs `VACUUM (ANALYZE)` on the raw and rollup tables, as autovacuum soon would; it leaves the price tables
-unanalyzed, as autovacuum does with a table of a few rows.
+runs `VACUUM (ANALYZE)` on the raw, rollup and sketch tables, as autovacuum soon would; it leaves the
+price tables unanalyzed, as autovacuum does with a table of a few rows.
 
 PostgreSQL: $ACTION_METRICS_BENCH_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres)
 must allow CREATE DATABASE; the bench drops only the databases it created (never a `--postgres-db`).
@@ -1411,7 +1411,8 @@ async def fill(backend: str, url: str, arguments: argparse.Namespace, console: C
         connection = await asyncpg.connect(url)
         try:
             await connection.execute(
-                "VACUUM (ANALYZE) action_metrics, action_metrics_rollup, action_metrics_latency_histogram"
+                "VACUUM (ANALYZE) action_metrics, action_metrics_rollup, action_metrics_rollup_detail,"
+                " action_metrics_latency_histogram, action_metrics_latency_sketch"
             )
         finally:
             await connection.close()
