@@ -436,7 +436,8 @@ class MetricsRepository:
         is_new = (await connection.execute(existing)).first() is None
         split = rollup.closed_buckets_split_by(state, start) if is_new else []
         cutoff = state.raw_kept_from
-        if cutoff is not None and any(bucket < cutoff for _, bucket in split):
+        # A month is summed again from its days, which the rollups keep: only hours and days need raw rows.
+        if cutoff is not None and any(bucket < cutoff for grain, bucket in split if grain != "month"):
             raise InvalidPrice(
                 "effective_from",
                 f"{start.isoformat()} falls inside a UTC day whose raw rows were pruned (before "
