@@ -22,7 +22,7 @@ from sqlalchemy import delete, func, select, union
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from action_metrics import migrate, rollup, sketch_reads
+from action_metrics import migrate, rollup, sketch_reads, user_reads
 from action_metrics.aggregate import Aggregate, AggregateStatements, aggregate_from_rows
 from action_metrics.breakdown import (
     BreakdownRequest,
@@ -290,6 +290,29 @@ class MetricsRepository:
             exact, grouped = request.exact, request.grouped
             starts: list[datetime] | None = None
             plans: list[ReadPlan] | None = None
+            if user_reads.answers(metric_filter, request):
+                since, until = await _window(connection, metric_filter)
+                if since >= until:
+                    return
+                if metric_filter.since is None:  # nothing is stored before: whole months from the first
+                    since = rollup.floor_to(since, "month")
+                pieces = user_reads.cover(since, until, state)
+                if not sketch_reads.pruned_pieces(pieces, state):  # else raised below
+                    price_starts = await _price_starts(connection)
+                    rows = await sketch_reads.breakdown_rows(
+                        connection,
+                        metric_filter,
+                        request,
+                        user_reads.SHAPE,
+                        pieces,
+                        state,
+                        [since, until],
+                        self.backend,
+                        price_starts,
+                    )
+                    for row in rows:
+                        yield row
+                    return
             if request.bucket is None:
                 plan = _plan(metric_filter, state, exact=exact, grouped=grouped)
             else:

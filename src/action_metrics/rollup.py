@@ -739,9 +739,14 @@ async def rebuild(
         await fill(connection, backend, levels_of(grain), scope, closing=grain == "month", histograms=False)
 
 
-async def _clear(connection: AsyncConnection, grain: Grain, scope: Scope) -> None:
-    """Delete the sums of `grain`'s levels in the scope."""
-    for table in (rollup, rollup_detail, rollup_user):
+async def _clear(
+    connection: AsyncConnection,
+    grain: Grain,
+    scope: Scope,
+    tables: Sequence[Table] = (rollup, rollup_detail, rollup_user),
+) -> None:
+    """Delete the sums of `grain`'s levels in the scope (of these tables)."""
+    for table in tables:
         where = [table.c.grain == grain, *scope.terms(table.c.start, table.c.model)]
         await connection.execute(delete(table).where(*where))
 
@@ -969,7 +974,7 @@ async def _rewrite_users(
     if closed is None or end > closed:
         return
     scope = Scope(start, end)
-    await _clear(connection, grain, scope)
+    await _clear(connection, grain, scope, [rollup_user])
     s = latency_sketch
     users = [level for level in latency_sketches.levels_of([grain]) if level.key == "user_id"]
     names = [level.name for level in users]
