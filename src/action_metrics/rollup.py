@@ -264,9 +264,7 @@ class RollupState:
     users_from: datetime | None = None
 
     def closed_until(self, grain: Grain) -> datetime | None:
-        """Months close with their last day."""
-        if grain == "month":
-            return None if self.days_closed_until is None else floor_to(self.days_closed_until, "month")
+        """A month's rows hold its closed days: months are closed as far as days are."""
         return self.hours_closed_until if grain == "hour" else self.days_closed_until
 
 
@@ -560,7 +558,9 @@ async def fill(
                 rows = [tuple(row) for row in binned]
                 await latency_sketches.add(connection, backend, sketch_level, rows, new=closing)
             elif closing and sketch_level.finer is not None and scope.since is not None and scope.until:
-                await latency_sketches.add_from_finer(connection, sketch_level, scope.since, scope.until)
+                await latency_sketches.add_from_finer(
+                    connection, backend, sketch_level, scope.since, scope.until
+                )
             else:
                 await _write_sketches(connection, backend, sketch_level, scope, new=closing)
     if copied:
@@ -646,11 +646,25 @@ async def close(
     days = await _close_grain(
         connection, backend, "day", state.days_closed_until, floor_to(hours, "day"), batch_since, max_days
     )
-    after = replace(state, hours_closed_until=hours, days_closed_until=days)
-    months_closed, months = state.closed_until("month"), after.closed_until("month")
-    if months is not None and (months_closed is None or months_closed < months):
-        await fill(connection, backend, levels_of("month"), Scope(months_closed, months), closing=True)
-    return after
+    if state.days_closed_until is None or state.days_closed_until < days:
+        await _add_days_to_months(connection, backend, Scope(state.days_closed_until, days))
+    return replace(state, hours_closed_until=hours, days_closed_until=days)
+
+
+async def _add_days_to_months(connection: AsyncConnection, backend: Backend, scope: Scope) -> None:
+    """Add the days just closed to the month levels' rows and sketches (a month's rows hold its
+    closed days, so the current month is one row per user and model, not a row per day)."""
+    split = await _prices_start_inside(connection, "month", scope)
+    for level in levels_of("month"):
+        assert level.sums_from is not None
+        source = _level_source(level.sums_from, scope, histogram=False)
+        await connection.execute(_fill_sums(level, source, backend, split=split, merge=True))
+    for sketch_level in latency_sketches.levels_of(["month"]):
+        since = scope.since or datetime.min.replace(tzinfo=UTC)
+        assert scope.until is not None
+        await latency_sketches.add_from_finer(
+            connection, backend, sketch_level, since, scope.until, new=False
+        )
 
 
 async def _close_grain(
@@ -967,11 +981,11 @@ async def _backfill_users(
 async def _rewrite_users(
     connection: AsyncConnection, backend: Backend, state: RollupState, grain: Grain, start: datetime
 ) -> None:
-    """The user level of `grain`'s bucket at `start`, sums and sketch, written anew if it is closed
-    (a day from its raw rows, a month from its days)."""
+    """The user level of `grain`'s bucket at `start`, sums and sketch, written anew: a closed day from
+    its raw rows, a month with closed days from them."""
     end = next_start(start, grain)
     closed = state.closed_until(grain)
-    if closed is None or end > closed:
+    if closed is None or (end > closed if grain == "day" else start >= closed):
         return
     scope = Scope(start, end)
     await _clear(connection, grain, scope, [rollup_user])

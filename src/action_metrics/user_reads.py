@@ -1,13 +1,13 @@
-"""`breakdown()` by user from the user levels: a window is covered by the closed UTC months of the
-per-user rollup inside it, then its closed days, then raw rows for the rest (the open day, the partial
+"""`breakdown()` by user from the user levels: a window is covered by the UTC months of the per-user
+rollup inside it (each holds its closed days, so the current month is one row per user and model up
+to the last closed day), then its closed days, then raw rows for the rest (the open day, the partial
 days at its edges, and days before the user levels were built), read as `sketch_reads` reads a
 cover: sums exact and priced per price period, percentiles merged from the user/month and user/day
 sketches with the raw rows' bins.
 
-1,000 users over 90 days are ~15k month rows (5 models) and the days of the current month, not 450k
-day rows or 10M actions. Breakdowns by user with another dimension, a bucket, a filter the level does
-not keep (town, citizen, action type, model), exact percentiles or a sort by a percentile are read
-by `breakdown` as before.
+1,000 users over 90 days are ~20k month rows (5 models, 4 months), not 450k day rows or 10M actions.
+Breakdowns by user with another dimension, a bucket, a filter the level does not keep (town, citizen,
+action type, model), exact percentiles or a sort by a percentile are read by `breakdown` as before.
 """
 
 from __future__ import annotations
@@ -53,18 +53,24 @@ def answers(metric_filter: MetricFilter, request: BreakdownRequest) -> bool:
 
 
 def cover(since: datetime, until: datetime, state: RollupState) -> list[Piece]:
-    """[since, until) as whole closed months, then whole closed days, of the user levels from
-    `users_from` on; raw rows for the rest. One bucket (index 0)."""
+    """[since, until) as months of the user levels from `users_from` on (each holding its closed
+    days: the current month's up to the last closed day), then whole closed days; raw rows for the
+    rest. One bucket (index 0)."""
     days_closed = state.days_closed_until
     if days_closed is None:
         return [Piece(1, None, since, until, 0)]
     built = since if state.users_from is None else max(since, state.users_from)
     pieces: list[Piece] = []
     spans = [(since, until)]
-    first, last = ceil_to(built, "month"), min(floor_to(until, "month"), floor_to(days_closed, "month"))
-    if first < last:
-        pieces += _steps(first, last, "month")
-        spans = [(since, first), (last, until)]
+    first = month = ceil_to(built, "month")
+    while month < days_closed:
+        end = min(next_start(month, "month"), days_closed)
+        if end > until:
+            break
+        pieces.append(Piece(1, "month", month, end, 0))
+        month = end
+    if pieces:
+        spans = [(since, first), (month, until)]
     for low, high in spans:
         if low >= high:
             continue
