@@ -66,6 +66,7 @@ from action_metrics.schema import (
     latency_histogram,
     latency_sketch,
     model_prices,
+    rollup_user,
 )
 from action_metrics.schema import rollup as rollup_table
 
@@ -538,7 +539,7 @@ class MetricsRepository:
         state = await rollup.build(self._write_transaction, self.backend, progress=progress)
         async with self._write_transaction() as connection:  # the planner sees the new rollups at once
             await self.backend.refresh_statistics(
-                connection, rollup_table, latency_histogram, latency_sketch, action_metrics
+                connection, rollup_table, rollup_user, latency_histogram, latency_sketch, action_metrics
             )
         return state
 

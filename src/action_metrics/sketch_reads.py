@@ -395,8 +395,13 @@ def _rolled_sums(
         # rows of each piece's start in one step instead of scanning the level.
         terms.append(r.c.town_id.in_(towns))
     grouped = [r.c.model, c.at, *(r.c[name] for name in dimensions), c.bucket]
+    # Added pieces alone (a positive cover: by user) are summed without a product per row and sum.
+    signed = any(piece.sign < 0 for piece in pieces)
     return (
-        select(*grouped, *(func.sum(c.sign * r.c[name]).label(name) for name in SUM_COLUMNS))
+        select(
+            *grouped,
+            *(func.sum(c.sign * r.c[name] if signed else r.c[name]).label(name) for name in SUM_COLUMNS),
+        )
         .select_from(r.join(cover, and_(r.c.grain == c.grain, r.c.start == c.start)))
         .where(*terms)
         .group_by(*grouped)
