@@ -14,7 +14,7 @@ import random
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -26,6 +26,7 @@ from test_views import example, plain_sql
 from action_metrics import ActionMetric, AsyncMetricsStore, InvalidFilter, MetricsStore
 from action_metrics.cli import run_async
 from action_metrics.dialects import backend_for
+from action_metrics.errors import RawRowsPruned
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 from action_metrics.schema import UTCDateTime, action_metrics
 
@@ -600,3 +601,191 @@ def test_rows_passed_as_one_parameter_join_the_stored_timestamps_exactly(
         ("other", stored + timedelta(microseconds=1), -(2**40), 1),
     ]
     assert [tuple(row) for row in joined] == [("café / ünïcode 'quoted'", "town-1")]
+
+
+# --- by user, from the user levels: months and days closed, raw rows for the rest ---------------------
+
+WINTER = datetime(2024, 1, 18, tzinfo=UTC)
+"""Seventy-five days from here cross the ends of January, February (the 29th) and March."""
+WINTER_DAYS = 75
+
+
+def _winter_metrics(seed: int, count: int) -> list[ActionMetric]:
+    rng = random.Random(seed)
+    metrics = [
+        a_metric(
+            action_type=rng.choice(ACTIONS),
+            user_id=rng.choice([f"user-{n}" for n in range(5)] + ["u" * 256]),  # the longest id kept
+            town_id=rng.choice(TOWNS),
+            model=rng.choice(MODELS),
+            tokens_in=rng.randrange(0, 40_000),
+            tokens_out=rng.randrange(0, 4_000),
+            latency_ms=rng.choice([0.0, rng.lognormvariate(5, 1.5), rng.uniform(1, 5)]),
+            credits_charged=rng.choice([0, 10, 100, 400]),
+            timestamp=WINTER + timedelta(seconds=rng.uniform(0, WINTER_DAYS * 86_400)),
+            error=rng.choice([None] * 7 + ["TimeoutError"]),
+        )
+        for _ in range(count)
+    ]
+    return sorted(metrics, key=lambda metric: metric.timestamp)
+
+
+def _emitted_day_by_day(store: MetricsStore, metrics: list[ActionMetric]) -> None:
+    """In batches about a day long, so that every day and month closes as it would in production (a
+    batch closes at most two days of a backlog)."""
+    for start in range(0, len(metrics), 20):
+        store.emit_many(metrics[start : start + 20])
+        store.flush()
+
+
+def _user_rows(url: str) -> dict[str, int]:
+    """How many buckets (row starts) each grain of the user levels holds (they answer only if they
+    exist)."""
+
+    async def read() -> dict[str, int]:
+        engine = backend_for(url).create_engine()
+        try:
+            async with engine.connect() as connection:
+                from sqlalchemy import func
+
+                from action_metrics.schema import rollup_user
+
+                rows = await connection.execute(
+                    select(rollup_user.c.grain, func.count(rollup_user.c.start.distinct())).group_by(
+                        rollup_user.c.grain
+                    )
+                )
+                return {grain: count for grain, count in rows}
+        finally:
+            await engine.dispose()
+
+    return run_async(read())
+
+
+def _assert_by_user(
+    store: MetricsStore, metrics: list[ActionMetric], book: PriceBook, **kw: Any
+) -> list[dict[str, Any]]:
+    """`breakdown(("user_id",), **kw)` against the reference over the metrics its filters select."""
+    filters = {name: kw.pop(name) for name in ("since", "until", "user_id") if name in kw}
+    chosen = [
+        metric
+        for metric in metrics
+        if metric.timestamp >= filters.get("since", BEGINNING_OF_TIME)
+        and ("until" not in filters or metric.timestamp < filters["until"])
+        and filters.get("user_id", metric.user_id) == metric.user_id
+    ]
+    rows = [row.to_dict() for row in store.breakdown(("user_id",), **filters, **kw)]
+    expected = _expected_with(chosen, ("user_id",), None, "UTC", book)
+    if kw.get("top") is None:
+        assert sorted(row["user_id"] for row in rows) == sorted(key[0] for key in expected)
+    sort = kw.get("sort", "total_cost_usd")
+    values = [row[sort] for row in rows]
+    assert values == sorted(values, reverse=kw.get("descending", True)), sort
+    for row in rows:
+        assert not row["percentiles_exact"]
+        assert_matches(row, expected[(row["user_id"],)], f"{filters} {kw} {row['user_id'][:10]}: ")
+    return rows
+
+
+USER_WINDOWS: Final = [
+    {},
+    {"since": datetime(2024, 2, 1, tzinfo=UTC)},
+    {"since": datetime(2024, 1, 29, 13, 37, 11, tzinfo=UTC)},
+    {"since": datetime(2024, 1, 31, 23, 59, tzinfo=UTC), "until": datetime(2024, 3, 1, 0, 0, 1, tzinfo=UTC)},
+    {"since": datetime(2024, 2, 10, 5, tzinfo=UTC), "until": datetime(2024, 2, 10, 9, tzinfo=UTC)},
+    {"until": datetime(2024, 3, 17, 12, 30, tzinfo=UTC)},
+    {"since": datetime(2024, 3, 30, 22, 10, tzinfo=UTC), "sort": "count", "descending": False},
+    {"user_id": "user-3", "since": datetime(2024, 2, 3, tzinfo=UTC)},
+    {"sort": "total_profit_usd", "descending": False, "top": 3},
+    {"since": datetime(2024, 1, 20, 4, 4, tzinfo=UTC), "sort": "avg_margin", "top": 2},
+]
+"""Windows over whole months, days and parts of days, and sorts and cuts of the groups."""
+
+
+@pytest.mark.not_on_clickhouse("the user levels are the SQL backends' rollup")
+def test_by_user_from_months_days_and_raw_rows_follows_prices_late_and_resent_metrics(
+    database_url: str,
+) -> None:
+    """Cost and margin per user over random windows, read from the user levels' closed months and
+    days and raw rows for the rest, after prices that begin inside a closed day of a closed month,
+    late metrics into closed days and months, and re-sent ids, match the reference."""
+    metrics = _winter_metrics(seed=41, count=1_500)
+    rng = random.Random(42)
+    sonnet_cheaper = datetime(2024, 2, 10, 7, 13, tzinfo=UTC)  # inside a closed day and month
+    credits_dearer = datetime(2024, 3, 3, 5, 0, 7, tzinfo=UTC)
+    book = _book()
+    book.models["sonnet"].append((sonnet_cheaper, Decimal("2.5"), Decimal("12.5")))
+    book.credits.append((credits_dearer, Decimal("0.0075")))
+    late = [
+        a_metric(
+            user_id=f"user-{rng.randrange(3)}",
+            model=rng.choice(["sonnet", "haiku"]),
+            tokens_in=rng.randrange(1, 9_000),
+            tokens_out=rng.randrange(1, 900),
+            latency_ms=rng.uniform(1, 9_000),
+            credits_charged=rng.choice([0, 100]),
+            timestamp=moment,
+        )
+        for moment in (
+            datetime(2024, 2, 10, 23, 50, tzinfo=UTC),  # after the price, in its split day
+            datetime(2024, 1, 31, 23, 59, 59, tzinfo=UTC),
+            datetime(2024, 3, 3, 5, 0, 7, tzinfo=UTC),  # at the credit price's first instant
+            datetime(2024, 3, 30, 1, 2, tzinfo=UTC),
+        )
+    ]
+    with MetricsStore(database_url) as store:
+        _emitted_day_by_day(store, metrics)
+        store.set_model_price("sonnet", "2.5", "12.5", effective_from=sonnet_cheaper)
+        store.set_credit_price("0.0075", effective_from=credits_dearer)
+        store.emit_many([*late, *metrics[:40], *metrics[700:720]])  # re-sent ids are stored once
+        store.flush()
+        everything = [*metrics, *late]
+        grains = _user_rows(database_url)
+        assert grains["month"] >= 3 + 2  # January to March, February and March split by the prices
+        assert grains["day"] >= WINTER_DAYS - 1
+        for window in USER_WINDOWS:
+            _assert_by_user(store, everything, book, **window)
+
+
+@pytest.mark.not_on_clickhouse("the user levels are the SQL backends' rollup")
+def test_by_user_after_a_prune_answers_from_the_user_levels_kept(database_url: str) -> None:
+    """Pruned raw rows stay counted: by user over all time, and from a month pruned whole."""
+    metrics = _winter_metrics(seed=43, count=900)
+    with MetricsStore(database_url) as store:
+        _emitted_day_by_day(store, metrics)
+        removed = store.prune(before=datetime(2024, 3, 1, 15, tzinfo=UTC))
+        assert removed.rows == sum(metric.timestamp < datetime(2024, 3, 1, tzinfo=UTC) for metric in metrics)
+        _assert_by_user(store, metrics, _book())
+        _assert_by_user(store, metrics, _book(), since=datetime(2024, 2, 1, tzinfo=UTC), top=4)
+        with pytest.raises(RawRowsPruned):  # a part of a pruned day is not kept by any level
+            store.breakdown(("user_id",), since=datetime(2024, 2, 1, 12, tzinfo=UTC))
+
+
+@pytest.mark.not_on_clickhouse("migration 0009 is alembic's")
+def test_by_user_after_migration_0009_reads_raw_rows_until_db_upgrade_builds_the_user_levels(
+    database_url: str,
+) -> None:
+    """A database from before 0009: until `db upgrade` fills the user levels (a late metric arriving
+    in between among them) by user reads as before; afterwards from the levels, the same figures."""
+    from action_metrics import migrate
+
+    metrics = _winter_metrics(seed=47, count=900)
+    late = a_metric(user_id="user-late", model="opus", timestamp=datetime(2024, 2, 20, 3, tzinfo=UTC))
+    with MetricsStore(database_url) as store:
+        _emitted_day_by_day(store, metrics)
+    assert run_cli("db", "downgrade", "0008", "--url", database_url).exit_code == 0
+    engine = backend_for(database_url).create_engine()
+    run_async(migrate.run_migrations(engine, migrate.upgrade_to("head")))
+    run_async(engine.dispose())
+    assert _user_rows(database_url) == {}
+    with MetricsStore(database_url) as store:
+        store.emit(late)
+        store.flush()
+        for window in USER_WINDOWS[:4]:
+            _assert_by_user(store, [*metrics, late], _book(), **window)
+    upgraded = run_cli("db", "upgrade", "--url", database_url)
+    assert upgraded.exit_code == 0, upgraded.output
+    assert set(_user_rows(database_url)) == {"day", "month"}
+    with MetricsStore(database_url) as store:
+        for window in USER_WINDOWS:
+            _assert_by_user(store, [*metrics, late], _book(), **window)

@@ -26,6 +26,7 @@ from action_metrics.rollup import (
     RollupState,
     bin_of,
     bin_value_of,
+    ceil_to,
     floor_to,
     read_state,
 )
@@ -378,12 +379,17 @@ def _sketches_from_raw(
         ("town/hour", "hour", "town_id"),
         ("model/hour", "hour", "model"),
         ("town/day", "day", "town_id"),
+        ("user/day", "day", "user_id"),
+        ("user/month", "month", "user_id"),
     ):
-        closed = state.hours_closed_until if grain == "hour" else state.days_closed_until
+        closed = state.closed_until(grain)
+        built = state.users_from if key == "user_id" else state.sketches_from
+        if grain == "month" and built is not None:
+            built = ceil_to(built, "month")
         for metric in metrics:
             if metric.error is not None or closed is None or metric.timestamp >= closed:
                 continue
-            if state.sketches_from is not None and metric.timestamp < state.sketches_from:
+            if built is not None and metric.timestamp < built:
                 continue
             bucket = (name, floor_to(metric.timestamp, grain), getattr(metric, key))
             n, zeros, bins, total = expected.get(bucket, (0, 0, {}, 0.0))
@@ -399,9 +405,9 @@ def _assert_sketches_match_the_raw_rows(store: MetricsStore, metrics: list[Actio
     town and model (the level read with them) equal the metrics' sums."""
     from sqlalchemy import select
 
-    from action_metrics.schema import latency_sketch, rollup
+    from action_metrics.schema import latency_sketch, rollup, rollup_user
 
-    async def read() -> tuple[list[Any], list[Any]]:
+    async def read() -> tuple[list[Any], list[Any], list[Any]]:
         repository = await store._store._open()
         async with repository.engine.connect() as connection:
             sketches = (await connection.execute(select(latency_sketch))).all()
@@ -413,10 +419,16 @@ def _assert_sketches_match_the_raw_rows(store: MetricsStore, metrics: list[Actio
                     )
                 )
             ).all()
-            return sketches, sums
+            u = rollup_user.c
+            users = (
+                await connection.execute(
+                    select(u.grain, u.user_id, u.start, u.model, u["count"], u.tokens_in, u.credits_charged)
+                )
+            ).all()
+            return sketches, sums, users
 
     state = _state(store)
-    stored, sums = store._call(read())
+    stored, sums, users = store._call(read())
     expected = _sketches_from_raw(metrics, state)
     got = {}
     for row in stored:
@@ -447,6 +459,31 @@ def _assert_sketches_match_the_raw_rows(store: MetricsStore, metrics: list[Actio
             for index, value in enumerate((1, metric.tokens_in, metric.credits_charged)):
                 totals[index] += value
     assert per_hour == want
+    _assert_user_sums(users, metrics, state)
+
+
+def _assert_user_sums(users: list[Any], metrics: list[ActionMetric], state: RollupState) -> None:
+    """The user levels' rows of every closed day and month, per user, model and bucket (their rows
+    split at price changes added up), equal the metrics' sums, from where they were built on."""
+    got: dict[tuple[str, str, datetime, str], list[int]] = {}
+    for grain, user, start, model, count, tokens_in, credits in users:
+        totals = got.setdefault((grain, user, floor_to(start, grain), model), [0, 0, 0])
+        for index, value in enumerate((count, tokens_in, credits)):
+            totals[index] += int(value)
+    want: dict[tuple[str, str, datetime, str], list[int]] = {}
+    for grain in ("day", "month"):
+        closed = state.closed_until(grain)
+        built = state.users_from
+        if grain == "month" and built is not None:
+            built = ceil_to(built, "month")
+        for metric in metrics:
+            if closed is None or metric.timestamp >= closed or (built and metric.timestamp < built):
+                continue
+            key = (grain, metric.user_id, floor_to(metric.timestamp, grain), metric.model)
+            totals = want.setdefault(key, [0, 0, 0])
+            for index, value in enumerate((1, metric.tokens_in, metric.credits_charged)):
+                totals[index] += value
+    assert got == want
 
 
 def _reset_rollups(url: str) -> None:
@@ -464,14 +501,18 @@ def _reset_rollups(url: str) -> None:
                     rollup,
                     rollup_detail,
                     rollup_state,
+                    rollup_user,
                 )
 
                 await connection.execute(delete(rollup))
+                await connection.execute(delete(rollup_user))
                 await connection.execute(delete(latency_sketch))
                 await connection.execute(delete(rollup_detail))
                 await connection.execute(delete(latency_histogram))
                 await connection.execute(
-                    update(rollup_state).values(hours_closed_until=None, days_closed_until=None)
+                    update(rollup_state).values(
+                        hours_closed_until=None, days_closed_until=None, users_from=None
+                    )
                 )
 
         store._call(empty())

@@ -109,7 +109,7 @@ class Backend:
         raise NotImplementedError
 
     def bucket_start(self, timestamp: ColumnElement[Any], grain: str) -> ColumnElement[Any]:
-        """The start of the UTC `grain` ('hour' or 'day') that holds `timestamp`."""
+        """The start of the UTC `grain` ('hour', 'day' or 'month') that holds `timestamp`."""
         raise NotImplementedError
 
     def greatest(self, first: ColumnElement[Any], *others: ColumnElement[Any]) -> ColumnElement[Any]:
@@ -502,7 +502,11 @@ def interpolated_percentile(
     return low_value + func.max(position - lower) * (high_value - low_value)
 
 
-_SQLITE_BUCKET_TEXT: Final = {"hour": (13, ":00:00.000000"), "day": (10, " 00:00:00.000000")}
+_SQLITE_BUCKET_TEXT: Final = {
+    "hour": (13, ":00:00.000000"),
+    "day": (10, " 00:00:00.000000"),
+    "month": (8, "01 00:00:00.000000"),
+}
 
 _MATH_FUNCTIONS: Final = {"ln": math.log, "exp": math.exp, "ceil": math.ceil, "floor": math.floor}
 """What the rollups compute with. SQLite has them when built with SQLITE_ENABLE_MATH_FUNCTIONS (most

@@ -27,7 +27,7 @@ class SketchLevel:
     """A grain and the column of the actions a sketch is kept per."""
 
     name: str
-    grain: Literal["hour", "day"]
+    grain: Literal["hour", "day", "month"]
     key: str
     finer: SketchLevel | None = None
     """The level a closing bucket's sketches are merged from (None: the raw rows)."""
@@ -37,7 +37,10 @@ TOWN_HOURLY: Final = SketchLevel("town/hour", "hour", "town_id")
 """The edge hours of a town's local day (added to or subtracted from a UTC day's)."""
 TOWN_DAILY: Final = SketchLevel("town/day", "day", "town_id", finer=TOWN_HOURLY)
 MODEL_HOURLY: Final = SketchLevel("model/hour", "hour", "model")
-SKETCH_LEVELS: Final = (TOWN_HOURLY, MODEL_HOURLY, TOWN_DAILY)
+USER_DAILY: Final = SketchLevel("user/day", "day", "user_id")
+"""From the raw rows (no finer level keeps the user)."""
+USER_MONTHLY: Final = SketchLevel("user/month", "month", "user_id", finer=USER_DAILY)
+SKETCH_LEVELS: Final = (TOWN_HOURLY, MODEL_HOURLY, TOWN_DAILY, USER_DAILY, USER_MONTHLY)
 
 
 BinnedRow = tuple[str, datetime, int, int, float]
@@ -82,7 +85,18 @@ async def add(
 ) -> None:
     """Add binned latencies to the level's sketches: as new rows when `new` (a closing bucket has
     none), else to the rows already there."""
-    sketches = bucket_sketches(rows)
+    await _store(connection, backend, level, bucket_sketches(rows), new=new)
+
+
+async def _store(
+    connection: AsyncConnection,
+    backend: Backend,
+    level: SketchLevel,
+    sketches: dict[tuple[datetime, str], Sketch],
+    *,
+    new: bool,
+) -> None:
+    """Write sketches per (start, key): as new rows when `new`, else added to the rows there."""
     if not sketches:
         return
     s = latency_sketch
@@ -112,10 +126,17 @@ async def add(
 
 
 async def add_from_finer(
-    connection: AsyncConnection, level: SketchLevel, since: datetime, until: datetime
+    connection: AsyncConnection,
+    backend: Backend,
+    level: SketchLevel,
+    since: datetime,
+    until: datetime,
+    *,
+    new: bool = True,
 ) -> None:
-    """Write the new sketches of `level`'s buckets in [since, until) as the merge of the finer level's
-    (a day's town sketches from its 24 hours': closed before it, and kept up to date alike)."""
+    """Add the finer level's sketches in [since, until) to `level`'s buckets holding them (a day's
+    town sketches from its 24 hours', closed before it and kept up to date alike; a month's user
+    sketches from its days, as each closes): as new rows when `new`, else to the rows there."""
     assert level.finer is not None
     s = latency_sketch
     finer = select(s.c.start, s.c.key, s.c.n, s.c.latency_sum, s.c.zero_count, s.c.bins).where(
@@ -124,10 +145,11 @@ async def add_from_finer(
     grouped: dict[tuple[datetime, str], list[Sketch]] = {}
     for row in await connection.execute(finer):
         start = row.start.replace(hour=0, minute=0, second=0, microsecond=0)
+        if level.grain == "month":
+            start = start.replace(day=1)
         grouped.setdefault((start, row.key), []).append(stored_sketch(row))
-    if grouped:
-        rows = [_row(level, start, key, Sketch.merged(parts)) for (start, key), parts in grouped.items()]
-        await connection.execute(insert(s), rows)
+    merged = {bucket: Sketch.merged(parts) for bucket, parts in grouped.items()}
+    await _store(connection, backend, level, merged, new=new)
 
 
 def levels_of(grains: Sequence[str]) -> tuple[SketchLevel, ...]:

@@ -22,7 +22,7 @@ from sqlalchemy import delete, func, select, union
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from action_metrics import migrate, rollup, sketch_reads
+from action_metrics import migrate, rollup, sketch_reads, user_reads
 from action_metrics.aggregate import Aggregate, AggregateStatements, aggregate_from_rows
 from action_metrics.breakdown import (
     BreakdownRequest,
@@ -66,6 +66,7 @@ from action_metrics.schema import (
     latency_histogram,
     latency_sketch,
     model_prices,
+    rollup_user,
 )
 from action_metrics.schema import rollup as rollup_table
 
@@ -290,6 +291,29 @@ class MetricsRepository:
             exact, grouped = request.exact, request.grouped
             starts: list[datetime] | None = None
             plans: list[ReadPlan] | None = None
+            if user_reads.answers(metric_filter, request):
+                since, until = await _window(connection, metric_filter)
+                if since >= until:
+                    return
+                if metric_filter.since is None:  # nothing is stored before: whole months from the first
+                    since = rollup.floor_to(since, "month")
+                pieces = user_reads.cover(since, until, state)
+                if not sketch_reads.pruned_pieces(pieces, state):  # else raised below
+                    price_starts = await _price_starts(connection)
+                    rows = await sketch_reads.breakdown_rows(
+                        connection,
+                        metric_filter,
+                        request,
+                        user_reads.SHAPE,
+                        pieces,
+                        state,
+                        [since, until],
+                        self.backend,
+                        price_starts,
+                    )
+                    for row in rows:
+                        yield row
+                    return
             if request.bucket is None:
                 plan = _plan(metric_filter, state, exact=exact, grouped=grouped)
             else:
@@ -436,7 +460,8 @@ class MetricsRepository:
         is_new = (await connection.execute(existing)).first() is None
         split = rollup.closed_buckets_split_by(state, start) if is_new else []
         cutoff = state.raw_kept_from
-        if cutoff is not None and any(bucket < cutoff for _, bucket in split):
+        # A month is summed again from its days, which the rollups keep: only hours and days need raw rows.
+        if cutoff is not None and any(bucket < cutoff for grain, bucket in split if grain != "month"):
             raise InvalidPrice(
                 "effective_from",
                 f"{start.isoformat()} falls inside a UTC day whose raw rows were pruned (before "
@@ -514,7 +539,7 @@ class MetricsRepository:
         state = await rollup.build(self._write_transaction, self.backend, progress=progress)
         async with self._write_transaction() as connection:  # the planner sees the new rollups at once
             await self.backend.refresh_statistics(
-                connection, rollup_table, latency_histogram, latency_sketch, action_metrics
+                connection, rollup_table, rollup_user, latency_histogram, latency_sketch, action_metrics
             )
         return state
 

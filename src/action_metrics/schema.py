@@ -231,6 +231,21 @@ class RollupDetailRow(RollupSums, Base):
     __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - as SQLAlchemy declares it
 
 
+class RollupUserRow(RollupSums, Base):
+    """The same sums per user and model, per UTC day and per UTC month (a month's rows summed from its
+    days'), which the breakdowns by user read: 1,000 users over 90 days are ~15k month rows and the
+    days of one month, not the actions. Ordered by time first, as they are written and read."""
+
+    __tablename__ = "action_metrics_rollup_user"
+
+    grain: Mapped[str] = mapped_column(String(8), primary_key=True)
+    start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+
+    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - as SQLAlchemy declares it
+
+
 class LatencyHistogramRow(Base):
     """How many actions of a bucket had a latency in each logarithmic bin (see `rollup.BINS`)."""
 
@@ -263,17 +278,18 @@ class LatencyHistogramRow(Base):
 
 
 class LatencySketchRow(Base):
-    """One bucket's latency histogram as one value (see `sketch`): per town and UTC hour or day, or
-    per model and UTC hour. Read many at a time and merged in NumPy; 15-37x faster than one row per
-    bin (docs/percentile-sketches.md)."""
+    """One bucket's latency histogram as one value (see `sketch`): per town and UTC hour or day, per
+    model and UTC hour, or per user and UTC day or month. Read many at a time and merged in NumPy;
+    15-37x faster than one row per bin (docs/percentile-sketches.md)."""
 
     __tablename__ = "action_metrics_latency_sketch"
 
     level: Mapped[str] = mapped_column(String(16), primary_key=True)
-    """`latency_sketches.SketchLevel.name`: 'town/hour', 'town/day', 'model/hour'."""
+    """`latency_sketches.SketchLevel.name`: 'town/hour', 'town/day', 'model/hour', 'user/day',
+    'user/month'."""
     start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
     key: Mapped[str] = mapped_column(String(256), primary_key=True)
-    """The town or the model."""
+    """The town, the model or the user (each at most 256 characters)."""
     n: Mapped[int] = mapped_column(BigInteger(), nullable=False)
     """How many latencies (of successful actions), zeros included."""
     latency_sum: Mapped[float] = mapped_column(Double(), nullable=False)
@@ -299,6 +315,10 @@ class RollupStateRow(Base):
     """The latency sketches of closed buckets exist from here on (None: all of them); `build` moves
     it back a day at a time, from where migration 0007 found the rollups closed to the raw rows'
     beginning."""
+    users_from: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    """The per-user rollup and sketches of closed days (and of months from their first day) exist
+    from here on (None: all of them); `build` moves it back a day at a time from where migration
+    0009 found the days closed."""
 
 
 EXPRESSION_INDEXES: Final = frozenset(
@@ -324,6 +344,7 @@ model_prices = cast(Table, ModelPriceRow.__table__)
 credit_prices = cast(Table, CreditPriceRow.__table__)
 rollup = cast(Table, RollupRow.__table__)
 rollup_detail = cast(Table, RollupDetailRow.__table__)
+rollup_user = cast(Table, RollupUserRow.__table__)
 latency_histogram = cast(Table, LatencyHistogramRow.__table__)
 rollup_state = cast(Table, RollupStateRow.__table__)
 latency_sketch = cast(Table, LatencySketchRow.__table__)

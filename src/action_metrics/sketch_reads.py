@@ -10,8 +10,8 @@ hours at 18:00 less their raw rows before 18:15). Sums subtract exactly (integer
 per row's prices, which never span a price change); sketches subtract their counts
 (`sketch.merged_percentiles`).
 
-Everything else (users, citizens, action types, exact percentiles, a sort by a percentile) is read by
-`breakdown` as before.
+Users over any window are covered by `user_reads` and read here the same way. Everything else
+(citizens, action types, exact percentiles, a sort by a percentile) is read by `breakdown` as before.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from action_metrics.breakdown import (
     BreakdownRow,
     bucket_index,
     group_key,
+    group_keys,
     group_rows,
     row_from,
 )
@@ -77,6 +78,7 @@ from action_metrics.rollup import (
     ceil_to,
     floor_to,
     latency_bin,
+    next_start,
     range_terms,
 )
 from action_metrics.schema import UTCDateTime, action_metrics, latency_sketch, rollup, rollup_detail
@@ -377,24 +379,29 @@ def _rolled_sums(
     table of the pieces (a row of an hour taken from one bucket and added to the next joins
     twice), summed per model, price period, group and bucket: no expression per row, where a
     search for each row's bucket and period made this part 5-8x slower."""
-    r = rollup
     cover = backend.rows_table("cover", COVER_COLUMNS, cover_rows(pieces, price_starts))
     c = cover.c
     levels = [shape.sums[grain] for grain in sorted({piece.grain for piece in pieces if piece.grain})]
-    # The levels read keep the same dimensions: one grain term, then their dimensions' terms.
+    # The levels read keep the same dimensions: one table, one grain term, then their dimensions' terms.
     assert len({level.keeps for level in levels}) == 1, levels
+    r = levels[0].table
     terms = [r.c.grain.in_([level.grain for level in levels]), *levels[0].dimension_terms(r)]
-    for name in ("town_id", "model"):
+    for name in ("town_id", "user_id", "model"):
         value = getattr(metric_filter, name)
-        if value is not None:
+        if value is not None and name in r.c:
             terms.append(r.c[name] == value)
     if towns is not None and metric_filter.town_id is None:
         # A list to search the key (grain, town, action, start) by: SQLite then takes each town's
         # rows of each piece's start in one step instead of scanning the level.
         terms.append(r.c.town_id.in_(towns))
     grouped = [r.c.model, c.at, *(r.c[name] for name in dimensions), c.bucket]
+    # Added pieces alone (a positive cover: by user) are summed without a product per row and sum.
+    signed = any(piece.sign < 0 for piece in pieces)
     return (
-        select(*grouped, *(func.sum(c.sign * r.c[name]).label(name) for name in SUM_COLUMNS))
+        select(
+            *grouped,
+            *(func.sum(c.sign * r.c[name] if signed else r.c[name]).label(name) for name in SUM_COLUMNS),
+        )
         .select_from(r.join(cover, and_(r.c.grain == c.grain, r.c.start == c.start)))
         .where(*terms)
         .group_by(*grouped)
@@ -476,12 +483,11 @@ async def percentiles_of_groups(
     signed, merged."""
     keyed = shape.key in request.by
     numbers: dict[tuple[Any, ...], int] = {}
+    keys = group_keys(request)
 
     def number(key: Any, bucket: int) -> int:
-        group: tuple[Any, ...] = (bucket,)
-        if keyed:
-            group = (key, bucket) if shape.key == "town_id" else (bucket, key)
-        return numbers.setdefault(group, len(numbers))
+        values = {shape.key: key, "bucket": bucket}
+        return numbers.setdefault(tuple(values[name] for name in keys), len(numbers))
 
     counted: list[Counted] = []
     for (grain, sign), members in _groups_of_pieces(pieces).items():
@@ -523,7 +529,7 @@ async def percentiles_of_groups(
         when = (
             s.c.start.in_(moments)
             if grain == "hour"
-            else any_range(s.c.start, _joined([(m, m + GRAIN_LENGTH[grain]) for m in moments]))
+            else any_range(s.c.start, _joined([(m, next_start(m, grain)) for m in moments]))
         )
         statement = select(s.c.start, s.c.key, s.c.zero_count, s.c.bins).where(
             s.c.level == level.name, when, *([] if value is None else [s.c.key == value])
@@ -579,7 +585,8 @@ async def breakdown_rows(
     empty = dict.fromkeys(PERCENTILES)
     for row in rows:
         row.update(percentiles.get(group_key(row, request), empty))
-    return [row_from(row, request, starts) for row in rows]
+    bucketed = starts if request.bucket is not None else None
+    return [row_from(row, request, bucketed) for row in rows]
 
 
 def pruned_pieces(pieces: Sequence[Piece], state: RollupState) -> bool:
