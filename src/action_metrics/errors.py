@@ -7,7 +7,7 @@ connection; the driver's exception stays attached as `__cause__`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -79,6 +79,39 @@ class StatementRefused(DatabaseError):
 class DataRejected(DatabaseError):
     """The database refused the data of a statement: a constraint or trigger of its own, a value out
     of range (SQLSTATE classes 22 and 23). The same data fails again; other data may succeed."""
+
+
+class MetricInPrunedPeriod(DataRejected):
+    """A metric's `timestamp` is before the store's prune cut-off (`cutoff`): the raw rows there are
+    gone, so a re-sent action could not be told from a new one and would count twice in the
+    rollups. Refused, as Prometheus refuses out-of-bounds samples; the batch stores nothing.
+
+    A `DataRejected`: the same metrics fail again, the others of the batch may succeed (the writer
+    and the HTTP intake store them). `indexes`: every refused position in the batch, in order.
+    """
+
+    field = "timestamp"
+
+    def __init__(self, cutoff: datetime, indexes: Sequence[int], oldest: datetime) -> None:
+        self.cutoff = cutoff
+        self.indexes = tuple(indexes)
+        self.oldest = oldest
+        self.problem = (
+            f"before the prune cut-off {cutoff.isoformat()} (action-metrics db prune removed the raw "
+            "actions before it, so a re-sent one would count twice)"
+        )
+        shown = ", ".join(str(index) for index in self.indexes[:5])
+        more = f" and {len(self.indexes) - 5} more" if len(self.indexes) > 5 else ""
+        which = f"metric {shown}" if len(self.indexes) == 1 else f"metrics {shown}{more}"
+        super().__init__(
+            f"{self.field}: {self.problem}: {which} of the batch (the oldest at {oldest.isoformat()}); "
+            f"the batch stored nothing. Send only metrics from {cutoff.isoformat()} on",
+            f"{self.field}: {self.problem}",
+        )
+
+    def offset(self, start: int) -> MetricInPrunedPeriod:
+        """The same refusal with its indexes counted from `start` (the batch's place in a longer run)."""
+        return MetricInPrunedPeriod(self.cutoff, [start + index for index in self.indexes], self.oldest)
 
 
 class SchemaError(DatabaseError, RuntimeError):
