@@ -36,9 +36,9 @@ from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
 from action_metrics.breakdown import SORT_KEYS
 from action_metrics.cli import run_async
 from action_metrics.clickhouse import ClickHouseURL, head_version, schema_versions
-from action_metrics.errors import DataRejected, RawRowsPruned, SchemaTooNew
+from action_metrics.errors import DataRejected, MetricInPrunedPeriod, RawRowsPruned, SchemaTooNew
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
-from action_metrics.rollup import bin_of
+from action_metrics.rollup import bin_of, floor_to
 from action_metrics.schema import action_metrics
 
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
@@ -375,6 +375,57 @@ def test_prune_drops_old_months_and_rows_and_the_rollups_still_answer_for_them(c
         finally:
             client.close()
     assert stored == len(kept)
+
+
+def _ids_by_day(url: str) -> dict[datetime, int]:
+    client = ClickHouseURL.parse(url).connect()
+    try:
+        rows = client.query(
+            "SELECT toStartOfDay(hour), count() FROM action_metrics_ids GROUP BY 1"
+        ).result_rows
+    finally:
+        client.close()
+    return {day.replace(tzinfo=UTC): count for day, count in rows}
+
+
+def test_an_action_re_sent_or_late_for_a_pruned_period_is_refused_whoever_pruned(clickhouse_url: str) -> None:
+    """Prune removes the ids before the cut-off with their rows (and only those), so an action from
+    before it could not be told from one stored: it is refused, naming the cut-off. The cut-off is
+    read with each insert's id lookup, so a store opened before another one pruned refuses it too;
+    the writer stores the rest of its batch, and the rollups count what was accepted once."""
+    first_day = floor_to(datetime.now(UTC) - timedelta(days=20), "day")
+    metrics = [metric(timestamp=first_day + timedelta(hours=4 * i), tokens_in=i) for i in range(100)]
+    cutoff = first_day + timedelta(days=8)
+    fresh = [metric(timestamp=datetime.now(UTC) - timedelta(minutes=i), tokens_in=7 * i) for i in range(4)]
+    late = metric(timestamp=cutoff - timedelta(microseconds=1))
+    with MetricsStore(clickhouse_url) as writing, MetricsStore(clickhouse_url) as pruning:
+        writing.emit_many(metrics)
+        ids_before = _ids_by_day(clickhouse_url)
+        assert sum(ids_before.values()) == len(metrics)
+        pruning.prune(cutoff)
+        assert _ids_by_day(clickhouse_url) == {day: n for day, n in ids_before.items() if day >= cutoff}
+
+        with pytest.raises(MetricInPrunedPeriod, match=re.escape(cutoff.isoformat())) as raised:
+            writing.emit_many([fresh[0], metrics[3], late])
+        assert (raised.value.field, raised.value.indexes, raised.value.cutoff) == (
+            "timestamp",
+            (1, 2),
+            cutoff,
+        )
+        assert writing.query(since=cutoff, limit=1000) == select_like_the_store(
+            [one for one in metrics if one.timestamp >= cutoff], {}
+        )  # the batch stored nothing
+
+        for one in [fresh[1], metrics[0], fresh[2], late, metrics[5], fresh[3]]:
+            writing.emit(one)
+        writing.flush()
+        assert writing.rejected == 3
+        accepted = [*metrics, *fresh[1:]]
+        assert_matches(writing.aggregate().to_dict(), expected_aggregate(accepted, _seed_book()))
+        kept = [one for one in accepted if one.timestamp >= cutoff]
+        assert_matches(
+            writing.aggregate(since=cutoff, exact=True).to_dict(), expected_aggregate(kept, _seed_book())
+        )
 
 
 @pytest.mark.parametrize("descending", [True, False])
