@@ -169,6 +169,23 @@ class SourcePruned(ActionMetricsError):
         )
 
 
+class DestinationPruned(ActionMetricsError):
+    """`db copy` refuses to bring actions from before the prune cut-off of the destination
+    (`cutoff`), which refuses them (`MetricInPrunedPeriod`): its ids there were pruned, so a copied
+    action could count twice. `copy_store(..., skip_pruned_period=True)` (`--skip-pruned-period`)
+    copies the actions from the cut-off on and leaves the period before it to the destination's
+    rollups."""
+
+    def __init__(self, destination: str, cutoff: datetime, source: str, oldest: datetime) -> None:
+        self.cutoff = cutoff
+        super().__init__(
+            f"{destination} was pruned: it refuses actions from before {cutoff.isoformat()} (its ids "
+            f"there were pruned with its rows, so a copied one could count twice), and {source} holds "
+            f"some from {oldest.isoformat()} on. Pass --skip-pruned-period to copy the actions from "
+            f"{cutoff.isoformat()} on and leave the period before it to what {destination} holds"
+        )
+
+
 @contextmanager
 def translated(translate: Callable[[BaseException, str], DatabaseError | None], where: str) -> Iterator[None]:
     """Re-raise a failure inside the block as the `DatabaseError` that `translate` makes of it for the
