@@ -36,7 +36,13 @@ from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
 from action_metrics.breakdown import SORT_KEYS
 from action_metrics.cli import run_async
 from action_metrics.clickhouse import ClickHouseURL, head_version, schema_versions
-from action_metrics.errors import DataRejected, MetricInPrunedPeriod, RawRowsPruned, SchemaTooNew
+from action_metrics.errors import (
+    DataRejected,
+    InvalidFilter,
+    MetricInPrunedPeriod,
+    RawRowsPruned,
+    SchemaTooNew,
+)
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 from action_metrics.rollup import bin_of, floor_to
 from action_metrics.schema import action_metrics
@@ -329,15 +335,42 @@ def test_a_database_upgraded_by_a_newer_package_is_refused(clickhouse_url: str) 
     store.close()
 
 
+def _months_back(count: int) -> list[datetime]:
+    """The first instants of the `count` whole months before this one, oldest first."""
+    first = floor_to(datetime.now(UTC), "day").replace(day=1)
+    starts = [first]
+    for _ in range(count):
+        starts.insert(0, (starts[0] - timedelta(days=1)).replace(day=1))
+    return starts[:count]
+
+
+def test_prune_refuses_a_cut_off_after_today(clickhouse_url: str) -> None:
+    """From the cut-off on every metric before it is refused: a cut-off in the future would refuse
+    today's metrics, so it is refused itself (SQLite and PostgreSQL refuse one the rollups have not
+    closed)."""
+    tomorrow = floor_to(datetime.now(UTC), "day") + timedelta(days=1)
+    with MetricsStore(clickhouse_url) as store:
+        store.emit(metric())
+        assert store.prune(tomorrow + timedelta(hours=1), dry_run=True).rows == 1
+        with pytest.raises(InvalidFilter, match=r"^before: .*after today"):
+            store.prune(tomorrow)
+        store.emit_many([metric()])
+        assert store.aggregate(exact=True).count == 2
+
+
 def test_prune_drops_old_months_and_rows_and_the_rollups_still_answer_for_them(clickhouse_url: str) -> None:
     """Two whole months go as partitions, the days of the third before the cut-off by a DELETE; the
     rollups keep them: aggregates and breakdowns over whole hours still answer, and a read that
     needs the raw rows before the cut-off is refused naming it."""
-    metrics = [metric(timestamp=START + timedelta(hours=7 * i), tokens_in=i) for i in range(300)]  # ~87 days
-    cutoff = datetime(2027, 1, 9, tzinfo=UTC)
+    months = _months_back(3)  # the first days of the three months before this one
+    metrics = [
+        metric(timestamp=months[0] + timedelta(hours=7 * i), tokens_in=i) for i in range(300)
+    ]  # ~87 days
+    cutoff = months[2] + timedelta(days=8)  # in the past: prune refuses a cut-off after today
     older = [one for one in metrics if one.timestamp < cutoff]
     kept = [one for one in metrics if one.timestamp >= cutoff]
-    assert {one.timestamp.month for one in older} == {11, 12, 1}
+    assert {one.timestamp.month for one in older} == {month.month for month in months}
+    assert kept
     with MetricsStore(clickhouse_url) as store:
         store.emit_many(metrics)
         before = [row.to_dict() for row in store.breakdown("town_id", bucket="day", sort="count")]

@@ -57,6 +57,7 @@ from action_metrics.errors import (
     DatabaseError,
     DatabaseUnavailable,
     DataRejected,
+    InvalidFilter,
     RawRowsPruned,
     StatementRefused,
     StoreClosed,
@@ -1407,7 +1408,9 @@ class ClickHouseRepository:
     ) -> PruneResult:
         """Delete raw rows older than the UTC midnight at or before `before`; the rollups keep them.
         The cut-off is recorded first, and from then on every read that needs raw rows before it
-        raises `RawRowsPruned`. Whole months go as partitions, the rest by a lightweight DELETE."""
+        raises `RawRowsPruned` and every insert of a metric before it `MetricInPrunedPeriod`, so a
+        cut-off after today's midnight is refused. Whole months go as partitions, the rest by a
+        lightweight DELETE."""
         result = await self._run(self._prune, floor_to(before, "day"), bool(dry_run))
         if progress is not None and not dry_run:
             progress(result.rows)
@@ -1426,6 +1429,14 @@ class ClickHouseRepository:
         )
         if dry_run:
             return PruneResult(cutoff, rows, dry_run=True)
+        today = floor_to(datetime.now(UTC), "day")
+        if cutoff > today:
+            raise InvalidFilter(
+                "before",
+                f"cannot prune up to {cutoff.isoformat()}: it is after today's UTC midnight "
+                f"({today.isoformat()}), and every metric from before the cut-off is refused from then "
+                "on; choose an earlier cut-off",
+            )
         kept_from = self._raw_kept_from(client)
         if kept_from is None or kept_from < cutoff:
             client.insert("raw_kept_from", [[max(cutoff, EARLIEST)]], column_names=["kept_from"])
