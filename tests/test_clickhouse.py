@@ -410,14 +410,17 @@ def test_prune_drops_old_months_and_rows_and_the_rollups_still_answer_for_them(c
     assert stored == len(kept)
 
 
-def _ids_by_day(url: str) -> dict[datetime, int]:
+def _rows(url: str, query: str) -> list[Any]:
+    """The rows of `query` on the database at `url`, read outside any store."""
     client = ClickHouseURL.parse(url).connect()
     try:
-        rows = client.query(
-            "SELECT toStartOfDay(hour), count() FROM action_metrics_ids GROUP BY 1"
-        ).result_rows
+        return list(client.query(query).result_rows)
     finally:
         client.close()
+
+
+def _ids_by_day(url: str) -> dict[datetime, int]:
+    rows = _rows(url, "SELECT toStartOfDay(hour), count() FROM action_metrics_ids GROUP BY 1")
     return {day.replace(tzinfo=UTC): count for day, count in rows}
 
 
@@ -749,13 +752,10 @@ def test_the_rollups_bin_latencies_as_rollup_bin_of_does(clickhouse_url: str) ->
     failed = metric(timestamp=START, latency_ms=5.0, error="Timeout", credits_charged=0)
     with MetricsStore(clickhouse_url) as store:
         store.emit_many([*metrics, failed])
-    client = ClickHouseURL.parse(clickhouse_url).connect()
-    try:
-        rows = client.query(
-            "SELECT sumMap(latency_bins) FROM action_metrics_rollup_hourly GROUP BY start ORDER BY start"
-        ).result_rows
-    finally:
-        client.close()
+    rows = _rows(
+        clickhouse_url,
+        "SELECT sumMap(latency_bins) FROM action_metrics_rollup_hourly GROUP BY start ORDER BY start",
+    )
     binned = [dict(zip(bins, counts, strict=True)) for ((bins, counts),) in rows]
     assert [{b: c for b, c in one.items() if c} for one in binned] == [{bin_of(x): 1} for x in latencies]
 
