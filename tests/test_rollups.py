@@ -291,7 +291,8 @@ def test_an_action_re_sent_or_late_for_a_pruned_period_is_refused_naming_the_cut
             cutoff,
         )
         assert isinstance(raised.value, DataRejected)
-        assert "metrics 1, 2 of the batch" in str(raised.value)
+        assert "metrics 1, 2 (the oldest at" in str(raised.value)
+        assert "the batch stored nothing" in str(raised.value)
         assert fresh[0].id not in {metric.id for metric in store.query(since=cutoff)}  # stored nothing
 
         async def stream() -> None:  # batches of two: the first two stay, the index counts from the start
@@ -302,6 +303,9 @@ def test_an_action_re_sent_or_late_for_a_pruned_period_is_refused_naming_the_cut
         with pytest.raises(MetricInPrunedPeriod) as raised:
             asyncio.run(stream())
         assert raised.value.indexes == (3,)
+        assert "their batch, from metric 2 on, stored nothing; the 2 before it are stored" in str(
+            raised.value
+        )
 
         # The background writer: the refused ones counted and logged, the rest of the batch stored.
         for metric in [fresh[2], *old, fresh[3], *late, at_the_cut_off, fresh[4]]:

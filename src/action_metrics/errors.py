@@ -92,10 +92,11 @@ class MetricInPrunedPeriod(DataRejected):
 
     field = "timestamp"
 
-    def __init__(self, cutoff: datetime, indexes: Sequence[int], oldest: datetime) -> None:
+    def __init__(self, cutoff: datetime, indexes: Sequence[int], oldest: datetime, start: int = 0) -> None:
         self.cutoff = cutoff
         self.indexes = tuple(indexes)
         self.oldest = oldest
+        self.start = start
         self.problem = (
             f"before the prune cut-off {cutoff.isoformat()} (action-metrics db prune removed the raw "
             "actions before it, so a re-sent one would count twice)"
@@ -103,15 +104,22 @@ class MetricInPrunedPeriod(DataRejected):
         shown = ", ".join(str(index) for index in self.indexes[:5])
         more = f" and {len(self.indexes) - 5} more" if len(self.indexes) > 5 else ""
         which = f"metric {shown}" if len(self.indexes) == 1 else f"metrics {shown}{more}"
+        stored = (
+            "the batch stored nothing"
+            if start == 0
+            else f"their batch, from metric {start} on, stored nothing; the {start} before it are stored"
+        )
         super().__init__(
-            f"{self.field}: {self.problem}: {which} of the batch (the oldest at {oldest.isoformat()}); "
-            f"the batch stored nothing. Send only metrics from {cutoff.isoformat()} on",
+            f"{self.field}: {self.problem}: {which} (the oldest at {oldest.isoformat()}); {stored}. "
+            f"Send only metrics from {cutoff.isoformat()} on",
             f"{self.field}: {self.problem}",
         )
 
     def offset(self, start: int) -> MetricInPrunedPeriod:
-        """The same refusal with its indexes counted from `start` (the batch's place in a longer run)."""
-        return MetricInPrunedPeriod(self.cutoff, [start + index for index in self.indexes], self.oldest)
+        """The same refusal with its indexes counted from `start`, its batch's place in a longer run
+        of which the metrics before `start` are stored."""
+        indexes = [start + index for index in self.indexes]
+        return MetricInPrunedPeriod(self.cutoff, indexes, self.oldest, start)
 
 
 class SchemaError(DatabaseError, RuntimeError):
