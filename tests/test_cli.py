@@ -86,6 +86,7 @@ def test_db_prune_counts_then_removes_old_raw_rows_and_the_report_still_answers(
     done = run_cli("db", "prune", "--url", url, "--older-than", "10d")
     assert done.exit_code == 0, done.output
     assert f"removed 3 raw rows from before {cutoff.isoformat()}" in done.stdout
+    assert f"metrics from before {cutoff.isoformat()} are refused from now on" in done.stdout
     assert len(store.query(since=cutoff)) == 2
     after = json.loads(run_cli("report", "--url", url, "--json").stdout)["metrics"]
     assert {key: after[key] for key in ("count", "tokens_in", "total_cost_usd")} == {

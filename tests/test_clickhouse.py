@@ -36,9 +36,15 @@ from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
 from action_metrics.breakdown import SORT_KEYS
 from action_metrics.cli import run_async
 from action_metrics.clickhouse import ClickHouseURL, head_version, schema_versions
-from action_metrics.errors import DataRejected, RawRowsPruned, SchemaTooNew
+from action_metrics.errors import (
+    DataRejected,
+    InvalidFilter,
+    MetricInPrunedPeriod,
+    RawRowsPruned,
+    SchemaTooNew,
+)
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
-from action_metrics.rollup import bin_of
+from action_metrics.rollup import bin_of, floor_to
 from action_metrics.schema import action_metrics
 
 from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
@@ -329,15 +335,42 @@ def test_a_database_upgraded_by_a_newer_package_is_refused(clickhouse_url: str) 
     store.close()
 
 
+def _months_back(count: int) -> list[datetime]:
+    """The first instants of the `count` whole months before this one, oldest first."""
+    first = floor_to(datetime.now(UTC), "day").replace(day=1)
+    starts = [first]
+    for _ in range(count):
+        starts.insert(0, (starts[0] - timedelta(days=1)).replace(day=1))
+    return starts[:count]
+
+
+def test_prune_refuses_a_cut_off_after_today(clickhouse_url: str) -> None:
+    """From the cut-off on every metric before it is refused: a cut-off in the future would refuse
+    today's metrics, so it is refused itself (SQLite and PostgreSQL refuse one the rollups have not
+    closed)."""
+    tomorrow = floor_to(datetime.now(UTC), "day") + timedelta(days=1)
+    with MetricsStore(clickhouse_url) as store:
+        store.emit(metric())
+        assert store.prune(tomorrow + timedelta(hours=1), dry_run=True).rows == 1
+        with pytest.raises(InvalidFilter, match=r"^before: .*after today"):
+            store.prune(tomorrow)
+        store.emit_many([metric()])
+        assert store.aggregate(exact=True).count == 2
+
+
 def test_prune_drops_old_months_and_rows_and_the_rollups_still_answer_for_them(clickhouse_url: str) -> None:
     """Two whole months go as partitions, the days of the third before the cut-off by a DELETE; the
     rollups keep them: aggregates and breakdowns over whole hours still answer, and a read that
     needs the raw rows before the cut-off is refused naming it."""
-    metrics = [metric(timestamp=START + timedelta(hours=7 * i), tokens_in=i) for i in range(300)]  # ~87 days
-    cutoff = datetime(2027, 1, 9, tzinfo=UTC)
+    months = _months_back(3)  # the first days of the three months before this one
+    metrics = [
+        metric(timestamp=months[0] + timedelta(hours=7 * i), tokens_in=i) for i in range(300)
+    ]  # ~87 days
+    cutoff = months[2] + timedelta(days=8)  # in the past: prune refuses a cut-off after today
     older = [one for one in metrics if one.timestamp < cutoff]
     kept = [one for one in metrics if one.timestamp >= cutoff]
-    assert {one.timestamp.month for one in older} == {11, 12, 1}
+    assert {one.timestamp.month for one in older} == {month.month for month in months}
+    assert kept
     with MetricsStore(clickhouse_url) as store:
         store.emit_many(metrics)
         before = [row.to_dict() for row in store.breakdown("town_id", bucket="day", sort="count")]
@@ -375,6 +408,60 @@ def test_prune_drops_old_months_and_rows_and_the_rollups_still_answer_for_them(c
         finally:
             client.close()
     assert stored == len(kept)
+
+
+def _rows(url: str, query: str) -> list[Any]:
+    """The rows of `query` on the database at `url`, read outside any store."""
+    client = ClickHouseURL.parse(url).connect()
+    try:
+        return list(client.query(query).result_rows)
+    finally:
+        client.close()
+
+
+def _ids_by_day(url: str) -> dict[datetime, int]:
+    rows = _rows(url, "SELECT toStartOfDay(hour), count() FROM action_metrics_ids GROUP BY 1")
+    return {day.replace(tzinfo=UTC): count for day, count in rows}
+
+
+def test_an_action_re_sent_or_late_for_a_pruned_period_is_refused_whoever_pruned(clickhouse_url: str) -> None:
+    """Prune removes the ids before the cut-off with their rows (and only those), so an action from
+    before it could not be told from one stored: it is refused, naming the cut-off. The cut-off is
+    read with each insert's id lookup, so a store opened before another one pruned refuses it too;
+    the writer stores the rest of its batch, and the rollups count what was accepted once."""
+    first_day = floor_to(datetime.now(UTC) - timedelta(days=20), "day")
+    metrics = [metric(timestamp=first_day + timedelta(hours=4 * i), tokens_in=i) for i in range(100)]
+    cutoff = first_day + timedelta(days=8)
+    fresh = [metric(timestamp=datetime.now(UTC) - timedelta(minutes=i), tokens_in=7 * i) for i in range(4)]
+    late = metric(timestamp=cutoff - timedelta(microseconds=1))
+    with MetricsStore(clickhouse_url) as writing, MetricsStore(clickhouse_url) as pruning:
+        writing.emit_many(metrics)
+        ids_before = _ids_by_day(clickhouse_url)
+        assert sum(ids_before.values()) == len(metrics)
+        pruning.prune(cutoff)
+        assert _ids_by_day(clickhouse_url) == {day: n for day, n in ids_before.items() if day >= cutoff}
+
+        with pytest.raises(MetricInPrunedPeriod, match=re.escape(cutoff.isoformat())) as raised:
+            writing.emit_many([fresh[0], metrics[3], late])
+        assert (raised.value.field, raised.value.indexes, raised.value.cutoff) == (
+            "timestamp",
+            (1, 2),
+            cutoff,
+        )
+        assert writing.query(since=cutoff, limit=1000) == select_like_the_store(
+            [one for one in metrics if one.timestamp >= cutoff], {}
+        )  # the batch stored nothing
+
+        for one in [fresh[1], metrics[0], fresh[2], late, metrics[5], fresh[3]]:
+            writing.emit(one)
+        writing.flush()
+        assert writing.rejected == 3
+        accepted = [*metrics, *fresh[1:]]
+        assert_matches(writing.aggregate().to_dict(), expected_aggregate(accepted, _seed_book()))
+        kept = [one for one in accepted if one.timestamp >= cutoff]
+        assert_matches(
+            writing.aggregate(since=cutoff, exact=True).to_dict(), expected_aggregate(kept, _seed_book())
+        )
 
 
 @pytest.mark.parametrize("descending", [True, False])
@@ -665,13 +752,10 @@ def test_the_rollups_bin_latencies_as_rollup_bin_of_does(clickhouse_url: str) ->
     failed = metric(timestamp=START, latency_ms=5.0, error="Timeout", credits_charged=0)
     with MetricsStore(clickhouse_url) as store:
         store.emit_many([*metrics, failed])
-    client = ClickHouseURL.parse(clickhouse_url).connect()
-    try:
-        rows = client.query(
-            "SELECT sumMap(latency_bins) FROM action_metrics_rollup_hourly GROUP BY start ORDER BY start"
-        ).result_rows
-    finally:
-        client.close()
+    rows = _rows(
+        clickhouse_url,
+        "SELECT sumMap(latency_bins) FROM action_metrics_rollup_hourly GROUP BY start ORDER BY start",
+    )
     binned = [dict(zip(bins, counts, strict=True)) for ((bins, counts),) in rows]
     assert [{b: c for b, c in one.items() if c} for one in binned] == [{bin_of(x): 1} for x in latencies]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Databases, assert_one_line_error, run_cli
+from conftest import Databases, assert_one_line_error, metric, run_cli
 from test_aggregate import CREDITS_CHEAPER, MINI_PRICED, SONNET_CHEAPER, START, _book, _metrics
 
 from action_metrics import ActionMetric, MetricsStore
@@ -27,7 +27,7 @@ from action_metrics.cli import run_async
 from action_metrics.clickhouse import ClickHouseURL
 from action_metrics.clickhouse_repository import ClickHouseRepository
 from action_metrics.dialects import display_url, resolve_url
-from action_metrics.errors import RawRowsPruned, SourcePruned
+from action_metrics.errors import DestinationPruned, RawRowsPruned, SourcePruned
 from action_metrics.query import CopyCheckpoint, CopyPosition
 from action_metrics.store import repository_for
 from action_metrics.transfer import CopyProgress, CopyResult, copy_store
@@ -216,3 +216,32 @@ def test_a_pruned_source_is_refused_unless_its_pruned_period_is_given_up(
                 copy.aggregate(exact=True)
     finally:
         backend.drop(url)
+
+
+def test_a_pruned_destination_is_refused_unless_the_period_it_refuses_is_given_up(
+    source: Source, destination: str
+) -> None:
+    """A destination refuses actions from before its prune cut-off (their ids went with its rows), so
+    the copy says so up front, naming the cut-off, rather than failing half-way; with the period
+    given up it copies from the cut-off on, and the destination's rollups keep what it had before."""
+    cutoff = START + timedelta(days=4)
+    own = [metric(timestamp=START + timedelta(hours=2), tokens_in=777)]
+    with MetricsStore(destination) as store:
+        store.emit_many(own)
+        store.prune(cutoff)
+    refused = run_cli("db", "copy", "--from", source.url, "--to", destination)
+    assert_one_line_error(refused, 1, f"refuses actions from before {cutoff.isoformat()}")
+    assert "--skip-pruned-period" in refused.stderr
+    with pytest.raises(DestinationPruned):
+        run_async(copy_store(source.url, destination))
+
+    copied = run_cli(
+        "db", "copy", "--from", source.url, "--to", destination, "--skip-pruned-period", "--batch-size", "700"
+    )
+    assert copied.exit_code == 0, copied.output
+    assert "the totals agree" in copied.stderr
+    kept = [one for one in source.metrics if one.timestamp >= cutoff]
+    assert f"copied {len(kept):,} actions" in copied.stderr
+    with MetricsStore(destination) as copy:
+        assert_matches(copy.aggregate(since=cutoff).to_dict(), expected_aggregate(kept, _book()))
+        assert_matches(copy.aggregate().to_dict(), expected_aggregate([*own, *kept], _book()))

@@ -6,6 +6,7 @@ on both backends; percentiles merged from histograms to 1%, everything else exac
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from action_metrics import ActionMetric, InvalidPrice, MetricsStore
+from action_metrics import (
+    ActionMetric,
+    AsyncMetricsStore,
+    DataRejected,
+    InvalidPrice,
+    MetricInPrunedPeriod,
+    MetricsStore,
+)
 from action_metrics.errors import RawRowsPruned
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 from action_metrics.rollup import (
@@ -257,6 +265,64 @@ def test_prune_keeps_the_rollups_and_says_what_needs_the_pruned_rows(database_ur
         book = _book({"opus": [(START + timedelta(days=1), "10", "50")]})
         expected = expected_aggregate(metrics, book)
         assert_matches(store.aggregate().to_dict(), expected)
+
+
+def test_an_action_re_sent_or_late_for_a_pruned_period_is_refused_naming_the_cut_off(
+    database_url: str,
+) -> None:
+    """Prune takes the ids with the rows: an action from before the cut-off could not be told from
+    one stored before it, so it is refused, never counted twice nor dropped in silence. Its batch
+    stores nothing; the writer stores the rest of its batch; the rollups stay the reference's."""
+    rng = random.Random(6)
+    metrics = _spread(rng, 400, START, NOW - timedelta(minutes=20))
+    cutoff = START + timedelta(days=3)
+    old = [metric for metric in metrics if metric.timestamp < cutoff][:3]
+    late = [_metric(rng, cutoff - timedelta(microseconds=1)), _metric(rng, START + timedelta(hours=1))]
+    fresh = [_metric(rng, NOW - timedelta(minutes=minutes)) for minutes in (3, 7, 11, 13, 17)]
+    at_the_cut_off = _metric(rng, cutoff)
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        store.prune(cutoff)
+
+        with pytest.raises(MetricInPrunedPeriod, match=re.escape(cutoff.isoformat())) as raised:
+            store.emit_many([fresh[0], old[0], late[0]])
+        assert (raised.value.field, raised.value.indexes, raised.value.cutoff) == (
+            "timestamp",
+            (1, 2),
+            cutoff,
+        )
+        assert isinstance(raised.value, DataRejected)
+        assert "metrics 1, 2 (the oldest at" in str(raised.value)
+        assert "the batch stored nothing" in str(raised.value)
+        assert fresh[0].id not in {metric.id for metric in store.query(since=cutoff)}  # stored nothing
+
+        async def stream() -> None:  # batches of two: the first two stay, the index counts from the start
+            async with AsyncMetricsStore(database_url) as streaming:
+                streaming.ingest_batch = 2
+                await streaming.emit_many([fresh[0], fresh[1], fresh[2], late[1]])
+
+        with pytest.raises(MetricInPrunedPeriod) as raised:
+            asyncio.run(stream())
+        assert raised.value.indexes == (3,)
+        assert "their batch, from metric 2 on, stored nothing; the 2 before it are stored" in str(
+            raised.value
+        )
+
+        # The background writer: the refused ones counted and logged, the rest of the batch stored.
+        for metric in [fresh[2], *old, fresh[3], *late, at_the_cut_off, fresh[4]]:
+            store.emit(metric)
+        store.flush()
+        assert (store.rejected, store.dropped) == (len(old) + len(late), len(old) + len(late))
+
+        accepted = [*metrics, *fresh, at_the_cut_off]
+        book = _book()
+        for window in [{}, {"town_id": "town-b"}, {"model": "opus", "until": START + timedelta(days=2)}]:
+            expected = expected_aggregate(select_like_the_store(accepted, window), book)
+            assert_matches(store.aggregate(**window).to_dict(), expected, f"{window}: ")
+        _assert_everything(store, accepted, book, since=cutoff)
+        assert store.query(since=cutoff) == select_like_the_store(
+            [metric for metric in accepted if metric.timestamp >= cutoff], {}
+        )
 
 
 def test_a_metric_is_in_the_next_aggregate_after_its_batch_commits(database_url: str) -> None:

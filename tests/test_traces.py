@@ -9,7 +9,7 @@ exactly what `ActionMetricsSpanProcessor` stores in process from the same spans.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from conftest import metric as make_metric
 from fake_provider import FakeProvider, directive
 from opentelemetry.exporter.otlp.json.http.trace_exporter import OTLPSpanExporter as JsonExporter
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -181,15 +182,18 @@ def post_spans(server: Server, spans: list[ReadableSpan], token: str = WRITER) -
     return ExportTraceServiceResponse.FromString(answer.content)
 
 
-def genai_spans(*calls: dict[str, Any]) -> list[ReadableSpan]:
-    """Finished spans of a hand-made GenAI instrumentation, one per call, each with these attributes."""
+def genai_spans(*calls: dict[str, Any], started: dict[int, datetime] | None = None) -> list[ReadableSpan]:
+    """Finished spans of a hand-made GenAI instrumentation, one per call, each with these attributes;
+    `started`: the start of some calls (by index), when not now."""
     finished = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(finished))
     tracer = tracer_provider.get_tracer("hand.made")
     with tracer.start_as_current_span("http request"):  # not a GenAI span: ignored
         for index, attributes in enumerate(calls):
-            with tracer.start_as_current_span(f"chat {index}", attributes=attributes):
+            at = (started or {}).get(index)
+            start_time = None if at is None else int(at.timestamp() * 1e9)
+            with tracer.start_as_current_span(f"chat {index}", attributes=attributes, start_time=start_time):
                 pass
     tracer_provider.shutdown()
     return list(finished.get_finished_spans())
@@ -222,6 +226,29 @@ def test_a_bad_span_is_a_partial_success_and_the_others_are_stored(server: Serve
         str(metric_id_for_response("chatcmpl-good")),
         str(metric_id_for_response("chatcmpl-also-good")),
     }
+
+
+def test_a_span_from_before_the_prune_cut_off_is_a_partial_success_saying_why(
+    server: Server, database_url: str
+) -> None:
+    ten_days_ago = datetime.now(UTC) - timedelta(days=10)
+    with MetricsStore(database_url) as store:
+        store.emit_many([make_metric(timestamp=ten_days_ago)])
+        cutoff = store.prune(ten_days_ago + timedelta(days=5)).cutoff
+    spans = genai_spans(
+        call(**{"gen_ai.response.id": "chatcmpl-now"}),
+        call(**{"gen_ai.response.id": "chatcmpl-pruned"}),
+        call(**{"gen_ai.response.id": "chatcmpl-also-now"}),
+        started={1: cutoff - timedelta(hours=1)},
+    )
+    answer = post_spans(server, spans)
+
+    assert answer.partial_success.rejected_spans == 1
+    message = answer.partial_success.error_message
+    assert f"spans[1]: timestamp: before the prune cut-off {cutoff.isoformat()}" in message
+    with MetricsStore(database_url) as store:
+        kept = {str(one.id) for one in store.query(since=cutoff)}
+    assert kept == {str(metric_id_for_response(f"chatcmpl-{name}")) for name in ("now", "also-now")}
 
 
 def test_a_town_limited_token_writes_only_its_towns(server: Server, database_url: str) -> None:

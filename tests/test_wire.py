@@ -209,6 +209,32 @@ def test_bad_items_are_rejected_with_their_index_and_field_and_the_rest_stored(s
     assert stored(server.url) == {item["id"]: item for item in good}
 
 
+def test_items_from_before_the_prune_cut_off_are_rejected_naming_timestamp_and_the_rest_stored(
+    server: Server,
+) -> None:
+    ten_days_ago = datetime.now(UTC) - timedelta(days=10)
+    pruned = [metric(timestamp=ten_days_ago + timedelta(minutes=i)) for i in range(3)]
+    with MetricsStore(server.url) as store:
+        store.emit_many(pruned)
+        cutoff = store.prune(ten_days_ago + timedelta(days=5)).cutoff
+    good, late = sent_metrics(4), metric(timestamp=cutoff - timedelta(seconds=1)).to_dict()
+    items = [good[0], pruned[1].to_dict(), good[1], {**good[2], "tokens_in": -5}, late, good[2], good[3]]
+    answer = post(server, json.dumps(items).encode())
+    assert answer.status_code == 200
+    result = answer.json()
+    assert (result["stored"], result["duplicate"]) == (4, 0)
+    assert [(item["index"], item["field"]) for item in result["rejected"]] == [
+        (1, "timestamp"),
+        (3, "tokens_in"),
+        (4, "timestamp"),
+    ]
+    assert cutoff.isoformat() in result["rejected"][0]["error"]
+    with MetricsStore(server.url) as store:
+        kept = {str(one.id): one.to_dict() for one in store.query(since=cutoff)}
+        assert store.aggregate().count == len(pruned) + len(good)  # the re-sent one counted once
+    assert kept == {item["id"]: item for item in good}
+
+
 def test_duplicates_are_counted_and_stored_once(server: Server) -> None:
     first, second = sent_metrics(10), sent_metrics(5)
     assert post(server, json.dumps(first).encode()).json() == {"stored": 10, "duplicate": 0, "rejected": []}

@@ -251,7 +251,8 @@ def prune(url: str | None, older_than: datetime | None, before: datetime | None,
 
     The cut-off is the UTC midnight at or before the time given. Afterwards aggregates over whole
     days before it still answer from the rollups; what needs raw rows there (exact=True, query(),
-    a user or citizen filter) raises an error naming the cut-off.
+    a user or citizen filter) raises an error naming the cut-off, and metrics from before it are
+    refused (their ids are gone, so a re-sent one would count twice).
     """
     if (older_than is None) == (before is None):
         raise click.UsageError("give exactly one of --older-than and --before")
@@ -272,7 +273,10 @@ def prune(url: str | None, older_than: datetime | None, before: datetime | None,
     if result.dry_run:
         click.echo(f"would remove {result.rows:,} raw rows from before {when}; the rollups keep their sums")
     else:
-        click.echo(f"removed {result.rows:,} raw rows from before {when}; the rollups keep their sums")
+        click.echo(
+            f"removed {result.rows:,} raw rows from before {when}; the rollups keep their sums; "
+            f"metrics from before {when} are refused from now on"
+        )
 
 
 @db.command(name="copy")

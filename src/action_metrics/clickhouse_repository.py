@@ -57,12 +57,13 @@ from action_metrics.errors import (
     DatabaseError,
     DatabaseUnavailable,
     DataRejected,
+    InvalidFilter,
     RawRowsPruned,
     StatementRefused,
     StoreClosed,
     translated,
 )
-from action_metrics.model import ActionMetric
+from action_metrics.model import ActionMetric, refuse_before
 from action_metrics.pricing import BEGINNING_OF_TIME, CreditPrice, ModelPrice
 from action_metrics.query import EQUALITY_FILTERS, CopyCheckpoint, CopyPosition, MetricFilter
 from action_metrics.repository import CatalogueWrite, PruneResult
@@ -920,13 +921,21 @@ class ClickHouseRepository:
         see every insert, so a re-sent action must not reach the table. The stored keys are read just
         before the insert (`_stored_ids`): two writers sending the same new id at once both insert
         it, and the rollups count it twice (the raw rows, read with FINAL, once); an id re-sent with
-        another town, action type or hour is a second action, as the raw table always kept it."""
+        another town, action type or hour is a second action, as the raw table always kept it.
+
+        A batch holding a metric from before the prune cut-off stores nothing
+        (`MetricInPrunedPeriod`): prune removed the ids there, so a re-sent action would count twice.
+        The cut-off comes back with the stored keys, in the same query, so it is never stale by more
+        than that query: `prune` (in any process) records it before it removes a row or an id, and a
+        lookup that misses an id it removed has therefore read the cut-off that refuses it, unless
+        the prune recorded it within that one query's run."""
         if not metrics:
             return 0
         columns = _columns(metrics)  # refused before anything is read
         client = self._open()
         numbers = [id_.int for id_ in columns[0]]
-        stored = self._stored_ids(client, columns, numbers)
+        stored, cutoff = self._stored_ids(client, columns, numbers)
+        refuse_before(cutoff, metrics)
         if stored or len(set(numbers)) < len(numbers):
             kept = []
             for index, number in enumerate(numbers):
@@ -938,12 +947,15 @@ class ClickHouseRepository:
             client.insert("action_metrics", columns, column_names=list(_COLUMNS), column_oriented=True)
         return len(columns[0])
 
-    def _stored_ids(self, client: Client, columns: list[list[Any]], numbers: list[int]) -> set[int]:
+    def _stored_ids(
+        self, client: Client, columns: list[list[Any]], numbers: list[int]
+    ) -> tuple[set[int], datetime | None]:
         """The batch's ids (as numbers) stored already with the town, action type and UTC hour of
-        the batch's action. Ids minted close together (UUIDv7, the default) are looked up as one range
-        of the ids table's order (sql/clickhouse/0005), which reads a granule or two per part however
-        full the hours are; ids spread wider (random UUIDv4) are sent one by one, and the lookup then
-        reads the ids of everything stored in the batch's hours."""
+        the batch's action, and the prune cut-off (None: never pruned). Ids minted close together
+        (UUIDv7, the default) are looked up as one range of the ids table's order
+        (sql/clickhouse/0005), which reads a granule or two per part however full the hours are; ids
+        spread wider (random UUIDv4) are sent one by one, and the lookup then reads the ids of
+        everything stored in the batch's hours."""
         ids, micros = columns[0], columns[1]
         low, high = min(numbers), max(numbers)
         parameters: dict[str, Any] = {"hours": _hours(micros)}
@@ -953,30 +965,32 @@ class ClickHouseRepository:
         else:
             wanted = "id IN {ids:Array(UUID)}"
             parameters["ids"] = ids
-        keys = {
-            (uuid.UUID(str(id_)).int, town, action, hour)
-            for id_, town, action, hour in client.query(
-                "SELECT id, town_id, action_type, toUnixTimestamp(hour) FROM action_metrics_ids "
-                "WHERE hour IN arrayMap(x -> toStartOfHour(fromUnixTimestamp64Micro(x, 'UTC')), "
-                f"{{hours:Array(Int64)}}) AND {wanted}",
-                parameters=parameters,
-            ).result_rows
-        }
+        ((rows, cutoff_micros),) = client.query(
+            "SELECT groupArray((id, town_id, action_type, toUnixTimestamp(hour))), "
+            "(SELECT toUnixTimestamp64Micro(maxOrNull(kept_from)) FROM raw_kept_from) "
+            "FROM action_metrics_ids "
+            "WHERE hour IN arrayMap(x -> toStartOfHour(fromUnixTimestamp64Micro(x, 'UTC')), "
+            f"{{hours:Array(Int64)}}) AND {wanted}",
+            parameters=parameters,
+        ).result_rows
+        cutoff = None if cutoff_micros is None else _moment(cutoff_micros)
+        keys = {(uuid.UUID(str(id_)).int, town, action, hour) for id_, town, action, hour in rows}
         found = {key[0] for key in keys}
         candidates = [index for index, number in enumerate(numbers) if number in found] if found else []
         if not candidates:
-            return set()
+            return set(), cutoff
         # Each candidate's hour as the raw table's sorting key has it (toStartOfHour stops at 1970).
         (their_hours,) = client.query(
             "SELECT arrayMap(x -> toUnixTimestamp(toStartOfHour(fromUnixTimestamp64Micro(x, 'UTC'))), "
             "{micros:Array(Int64)})",
             parameters={"micros": [micros[index] for index in candidates]},
         ).result_rows[0]
-        return {
+        stored = {
             numbers[index]
             for index, hour in zip(candidates, their_hours, strict=True)
             if (numbers[index], columns[4][index], columns[2][index], hour) in keys
         }
+        return stored, cutoff
 
     # -- reads --
 
@@ -1394,7 +1408,9 @@ class ClickHouseRepository:
     ) -> PruneResult:
         """Delete raw rows older than the UTC midnight at or before `before`; the rollups keep them.
         The cut-off is recorded first, and from then on every read that needs raw rows before it
-        raises `RawRowsPruned`. Whole months go as partitions, the rest by a lightweight DELETE."""
+        raises `RawRowsPruned` and every insert of a metric before it `MetricInPrunedPeriod`, so a
+        cut-off after today's midnight is refused. Whole months go as partitions, the rest by a
+        lightweight DELETE."""
         result = await self._run(self._prune, floor_to(before, "day"), bool(dry_run))
         if progress is not None and not dry_run:
             progress(result.rows)
@@ -1413,6 +1429,14 @@ class ClickHouseRepository:
         )
         if dry_run:
             return PruneResult(cutoff, rows, dry_run=True)
+        today = floor_to(datetime.now(UTC), "day")
+        if cutoff > today:
+            raise InvalidFilter(
+                "before",
+                f"cannot prune up to {cutoff.isoformat()}: it is after today's UTC midnight "
+                f"({today.isoformat()}), and every metric from before the cut-off is refused from then "
+                "on; choose an earlier cut-off",
+            )
         kept_from = self._raw_kept_from(client)
         if kept_from is None or kept_from < cutoff:
             client.insert("raw_kept_from", [[max(cutoff, EARLIEST)]], column_names=["kept_from"])

@@ -7,7 +7,7 @@ connection; the driver's exception stays attached as `__cause__`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -81,6 +81,47 @@ class DataRejected(DatabaseError):
     of range (SQLSTATE classes 22 and 23). The same data fails again; other data may succeed."""
 
 
+class MetricInPrunedPeriod(DataRejected):
+    """A metric's `timestamp` is before the store's prune cut-off (`cutoff`): the raw rows there are
+    gone, so a re-sent action could not be told from a new one and would count twice in the
+    rollups. Refused, as Prometheus refuses out-of-bounds samples; the batch stores nothing.
+
+    A `DataRejected`: the same metrics fail again, the others of the batch may succeed (the writer
+    and the HTTP intake store them). `indexes`: every refused position in the batch, in order.
+    """
+
+    field = "timestamp"
+
+    def __init__(self, cutoff: datetime, indexes: Sequence[int], oldest: datetime, start: int = 0) -> None:
+        self.cutoff = cutoff
+        self.indexes = tuple(indexes)
+        self.oldest = oldest
+        self.start = start
+        self.problem = (
+            f"before the prune cut-off {cutoff.isoformat()} (action-metrics db prune removed the raw "
+            "actions before it, so a re-sent one would count twice)"
+        )
+        shown = ", ".join(str(index) for index in self.indexes[:5])
+        more = f" and {len(self.indexes) - 5} more" if len(self.indexes) > 5 else ""
+        which = f"metric {shown}" if len(self.indexes) == 1 else f"metrics {shown}{more}"
+        stored = (
+            "the batch stored nothing"
+            if start == 0
+            else f"their batch, from metric {start} on, stored nothing; the {start} before it are stored"
+        )
+        super().__init__(
+            f"{self.field}: {self.problem}: {which} (the oldest at {oldest.isoformat()}); {stored}. "
+            f"Send only metrics from {cutoff.isoformat()} on",
+            f"{self.field}: {self.problem}",
+        )
+
+    def offset(self, start: int) -> MetricInPrunedPeriod:
+        """The same refusal with its indexes counted from `start`, its batch's place in a longer run
+        of which the metrics before `start` are stored."""
+        indexes = [start + index for index in self.indexes]
+        return MetricInPrunedPeriod(self.cutoff, indexes, self.oldest, start)
+
+
 class SchemaError(DatabaseError, RuntimeError):
     """The database's schema is not the one this version of action-metrics was built for."""
 
@@ -133,6 +174,23 @@ class SourcePruned(ActionMetricsError):
             "which db copy cannot bring. Pass --skip-pruned-period to copy the actions from "
             f"{cutoff.isoformat()} on and give up every figure before it (the copy records the cut-off: "
             "what needs those actions raises RawRowsPruned rather than answering zero)"
+        )
+
+
+class DestinationPruned(ActionMetricsError):
+    """`db copy` refuses to bring actions from before the prune cut-off of the destination
+    (`cutoff`), which refuses them (`MetricInPrunedPeriod`): its ids there were pruned, so a copied
+    action could count twice. `copy_store(..., skip_pruned_period=True)` (`--skip-pruned-period`)
+    copies the actions from the cut-off on and leaves the period before it to the destination's
+    rollups."""
+
+    def __init__(self, destination: str, cutoff: datetime, source: str, oldest: datetime) -> None:
+        self.cutoff = cutoff
+        super().__init__(
+            f"{destination} was pruned: it refuses actions from before {cutoff.isoformat()} (its ids "
+            f"there were pruned with its rows, so a copied one could count twice), and {source} holds "
+            f"some from {oldest.isoformat()} on. Pass --skip-pruned-period to copy the actions from "
+            f"{cutoff.isoformat()} on and leave the period before it to what {destination} holds"
         )
 
 

@@ -20,7 +20,13 @@ from typing import Final
 from fastapi import HTTPException, Request, status
 from pydantic import BaseModel
 
-from action_metrics.errors import DatabaseError, DatabaseUnavailable, DataRejected, SchemaError
+from action_metrics.errors import (
+    DatabaseError,
+    DatabaseUnavailable,
+    DataRejected,
+    MetricInPrunedPeriod,
+    SchemaError,
+)
 from action_metrics.model import ActionMetric
 from action_metrics.store import AsyncMetricsStore
 
@@ -282,30 +288,42 @@ async def write(
     """Commit the accepted metrics (index in the request, metric) in one transaction, shared with
     concurrent requests (`GroupCommit`), and count them.
 
-    An id sent twice in one request is stored once and counted once as a duplicate. Should the
-    database refuse the batch's data (a constraint the checks here do not know), each metric is
-    written on its own and only the refused ones are rejected.
+    An id sent twice in one request is stored once and counted once as a duplicate. Metrics from
+    before the store's prune cut-off are rejected (field `timestamp`) and the rest written. Should
+    the database refuse the batch's data otherwise (a constraint the checks here do not know), each
+    metric is written on its own and only the refused ones are rejected.
     """
     unique: dict[object, tuple[int, ActionMetric]] = {}
     for index, metric in accepted:
         unique.setdefault(metric.id, (index, metric))
     repeated = len(accepted) - len(unique)
-    metrics = [metric for _, metric in unique.values()]
-    refused = 0
+    pending = list(unique.values())
+    stored, already_rejected = 0, len(rejected)
     try:
-        try:
-            stored = await intake.commits.write(store, metrics)
-        except DataRejected:
-            stored = 0
-            for index, metric in unique.values():
-                try:
-                    stored += await store.emit_batch([metric])
-                except DataRejected as error:
-                    refused += 1
-                    problem = f"the database refused it: {error.reason}"
-                    rejected.append(Rejected(index=index, field=None, error=problem))
+        while pending:
+            try:
+                stored += await intake.commits.write(store, [metric for _, metric in pending])
+                break
+            except MetricInPrunedPeriod as error:  # it names them all: the rest goes again at once
+                rejected.extend(_rejected(pending[position][0], error) for position in error.indexes)
+                out = set(error.indexes)
+                pending = [item for position, item in enumerate(pending) if position not in out]
+            except DataRejected:
+                for index, metric in pending:
+                    try:
+                        stored += await store.emit_batch([metric])
+                    except DataRejected as alone:
+                        rejected.append(_rejected(index, alone))
+                break
     except DatabaseError as error:
         raise unavailable(error) from error
+    refused = len(rejected) - already_rejected
     rejected.sort(key=lambda item: item.index)
     duplicate = len(unique) - stored - refused + repeated
     return IntakeAnswer(stored=stored, duplicate=duplicate, rejected=rejected)
+
+
+def _rejected(index: int, error: DataRejected) -> Rejected:
+    if isinstance(error, MetricInPrunedPeriod):
+        return Rejected(index=index, field=error.field, error=error.problem)
+    return Rejected(index=index, field=None, error=f"the database refused it: {error.reason}")

@@ -7,12 +7,12 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from action_metrics.errors import InvalidMetric
+from action_metrics.errors import InvalidMetric, MetricInPrunedPeriod
 from action_metrics.pricing import MODEL_COSTS_PER_1M, REVENUE_PER_CREDIT_USD
 from action_metrics.validation import (
     MAX_ID_LENGTH,
@@ -423,3 +423,14 @@ class ActionMetric:
         if cost is not None:
             attributes["action.cost_usd"] = cost
         return attributes
+
+
+def refuse_before(cutoff: datetime | None, metrics: Sequence[ActionMetric]) -> None:
+    """Raise `MetricInPrunedPeriod` naming every metric of the batch from before `cutoff`, the
+    store's prune cut-off (None: never pruned, nothing to check)."""
+    if cutoff is None or not metrics:
+        return
+    oldest = min(metric.timestamp for metric in metrics)
+    if oldest < cutoff:
+        indexes = [index for index, metric in enumerate(metrics) if metric.timestamp < cutoff]
+        raise MetricInPrunedPeriod(cutoff, indexes, oldest)

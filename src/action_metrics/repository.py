@@ -48,7 +48,7 @@ from action_metrics.errors import (
     StatementRefused,
     translated,
 )
-from action_metrics.model import ActionMetric
+from action_metrics.model import ActionMetric, refuse_before
 from action_metrics.pricing import CreditPrice, ModelPrice
 from action_metrics.query import (
     CopyPosition,
@@ -196,7 +196,8 @@ class MetricsRepository:
 
     async def insert(self, metrics: Sequence[ActionMetric]) -> None:
         """Store a batch atomically, with the rollups; ids already stored are skipped, so a re-sent
-        batch is harmless.
+        batch is harmless. A batch holding a metric from before the prune cut-off stores nothing
+        (`MetricInPrunedPeriod`).
 
         Batches big enough go through the driver's bulk path (COPY, executemany), which stores the
         same values as the plain INSERT at the driver's speed.
@@ -215,12 +216,19 @@ class MetricsRepository:
         return await self._insert(groups, count_new=True)
 
     async def _insert(self, groups: Sequence[Sequence[ActionMetric]], *, count_new: bool) -> list[int]:
+        """Refuses the whole call (`MetricInPrunedPeriod`, indexes counted through the groups as
+        given) if a metric is from before the prune cut-off: its id was pruned with its row, so it
+        cannot be told from a new action. The cut-off is read under the write lock, which `prune`
+        takes to move it: no metric before it is stored after it is recorded."""
+        given = groups
         groups = _without_earlier_ids(groups) if len(groups) > 1 else groups
         metrics = [metric for group in groups for metric in group]
         if not metrics:
             return [0] * len(groups)
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
+            if state.raw_kept_from is not None:
+                refuse_before(state.raw_kept_from, [metric for group in given for metric in group])
             late = await self._new_late_metrics(connection, state, metrics)
             new = [0] * len(groups)
             if len(groups) > 1 or len(metrics) >= self.backend.bulk_insert_minimum:

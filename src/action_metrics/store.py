@@ -31,7 +31,7 @@ from action_metrics.charges import ChargeAudit
 from action_metrics.clickhouse import SCHEMES as CLICKHOUSE_SCHEMES
 from action_metrics.clickhouse import ClickHouseURL
 from action_metrics.dialects import backend_for, display_url, resolve_url
-from action_metrics.errors import InvalidFilter, StoreClosed
+from action_metrics.errors import InvalidFilter, MetricInPrunedPeriod, StoreClosed
 from action_metrics.ingest import CLICKHOUSE_INGEST_BATCH, INGEST_BATCH, metric_batches
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
@@ -152,6 +152,8 @@ class AsyncMetricsStore:
 
     `emit()` buffers; the buffer is written at least every `flush_interval` seconds, on `flush()`,
     on `close()` and at interpreter exit. `durable=True` makes `emit()` wait for the commit.
+    After `prune()`, metrics from before its cut-off are refused: `emit_many` raises
+    `MetricInPrunedPeriod`, the writer counts them in `rejected` and logs them.
     Database failures raise `DatabaseError`s; after `close()` every call that needs the database
     raises `StoreClosed` (`flush()` and `close()` do nothing, `emit()` counts the metric as dropped).
     """
@@ -261,11 +263,17 @@ class AsyncMetricsStore:
 
         Streams: every `ingest_batch` metrics (20,000; 100,000 into ClickHouse, one insert each) are
         one atomic transaction, so a generator of any length runs in bounded memory; a failure keeps
-        the batches committed before it.
+        the batches committed before it. A metric from before the prune cut-off raises
+        `MetricInPrunedPeriod` naming its position in `metrics`; its batch stores nothing.
         """
         repository = await self._open()
+        start = 0
         for batch in metric_batches(metrics, self.ingest_batch):
-            await repository.insert(batch)
+            try:
+                await repository.insert(batch)
+            except MetricInPrunedPeriod as error:
+                raise error.offset(start) from None
+            start += len(batch)
 
     async def emit_batch(self, metrics: Sequence[ActionMetric]) -> int:
         """Store `metrics` in one transaction, committed when this returns; the number whose ids were
@@ -361,7 +369,8 @@ class AsyncMetricsStore:
     ) -> PruneResult:
         """Delete raw rows from before the UTC midnight at or before `before`; the rollups stay, so
         aggregates over whole days before it still answer. `dry_run` only counts them; `progress`
-        is called with the number removed so far."""
+        is called with the number removed so far. From then on a metric from before the cut-off is
+        refused (`MetricInPrunedPeriod`): its id went with its row, so a re-sent one would count twice."""
         cutoff = as_utc("before", before, InvalidFilter)
         await self.writer.settle()
         return await (await self._open()).prune(cutoff, dry_run=bool(dry_run), progress=progress)

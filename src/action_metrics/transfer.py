@@ -14,25 +14,32 @@ at the destination) so that no late action is left behind.
 Only raw actions and prices are copied, never rollups: a source pruned by `db prune` (its actions
 before the cut-off survive only as rollup totals) is refused unless `skip_pruned_period`; then the
 destination records the cut-off, and what needs actions from before it raises `RawRowsPruned`.
+A pruned destination refuses actions from before its own cut-off (`MetricInPrunedPeriod`), so a
+source holding some is refused too (`DestinationPruned`) unless `skip_pruned_period`; then the copy
+starts at the later of the two cut-offs.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final, Protocol, runtime_checkable
 
 from action_metrics.aggregate import Aggregate
 from action_metrics.dialects import display_url, resolve_url
-from action_metrics.errors import SourcePruned, UnsupportedDatabase
+from action_metrics.errors import DestinationPruned, SourcePruned, UnsupportedDatabase
 from action_metrics.pricing import ModelPrice
 from action_metrics.query import CopyCheckpoint, CopyPosition, MetricFilter
 from action_metrics.store import Repository, repository_for
 
 DEFAULT_COPY_BATCH: Final = 10_000
 """Actions per read and per insert: one ClickHouse part (or one SQL transaction) per batch."""
+
+_LAST_ID: Final = uuid.UUID(int=(1 << 128) - 1)
+"""The greatest id in every database's order: a position at it is after every action of its instant."""
 
 
 @runtime_checkable
@@ -142,6 +149,14 @@ async def _copy(
     cutoff = await source.raw_kept_from()
     if cutoff is not None and not skip_pruned_period:
         raise SourcePruned(source_name, cutoff)
+    refused_before = await destination.raw_kept_from()
+    if refused_before is not None and (cutoff is None or cutoff < refused_before):
+        if not skip_pruned_period:
+            first = await source.read_after(None, 1)
+            if first and first[0].timestamp < refused_before:
+                raise DestinationPruned(destination_name, refused_before, source_name, first[0].timestamp)
+        else:
+            cutoff = refused_before
     # Manual prices first: writing one removes the catalogue's prices of its model from its start
     # on, which the source's catalogue prices never reach (they all begin before it).
     model_prices = sorted(await source.model_prices(), key=lambda price: price.source != "manual")
@@ -158,14 +173,17 @@ async def _copy(
     checkpoints = destination if isinstance(destination, Checkpoints) else None
     checkpoint = await checkpoints.copy_checkpoint(source_name) if checkpoints is not None else None
     resumed_after = position = checkpoint.position if checkpoint is not None else None
+    if cutoff is not None and (position is None or position.timestamp < cutoff):
+        position = CopyPosition(cutoff - timedelta(microseconds=1), _LAST_ID)  # from the cut-off on
     copied_before = checkpoint.copied if checkpoint is not None else 0
     total = await source.count_after(position)
     sent = batches = 0
     if progress is not None:
         progress(CopyProgress(sent, total, batches))
-    while batch := await source.read_after(position, batch_size):
+    while read := await source.read_after(position, batch_size):
+        batch = read if cutoff is None else [metric for metric in read if metric.timestamp >= cutoff]
         await destination.insert(batch)
-        position = CopyPosition.of(batch[-1])
+        position = CopyPosition.of(read[-1])
         sent += len(batch)
         batches += 1
         if checkpoints is not None:
@@ -174,7 +192,7 @@ async def _copy(
             )
         if progress is not None:
             progress(CopyProgress(sent, max(total, sent), batches))
-        if len(batch) < batch_size:
+        if len(read) < batch_size:
             break
     return CopyResult(
         source=source_name,

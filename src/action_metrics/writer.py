@@ -12,7 +12,8 @@ hold drops the newest metrics, and those are counted in `dropped` and logged as 
 an outage:
 - rows the database refuses (a constraint or trigger, a value out of range: `DataRejected`) fail on
   every retry, so the batch is bisected, the rest written, and only the refused metrics dropped,
-  counted in `rejected` (and `dropped`) and logged as an error;
+  counted in `rejected` (and `dropped`) and logged as an error; metrics from before the prune
+  cut-off (`MetricInPrunedPeriod`, which names them) are taken out at once, without bisecting;
 - a statement the database refuses whatever the rows (schema missing or behind, no INSERT grant:
   `StatementRefused`, `SchemaError`) is the operator's to fix, so it is retried like an outage,
   logged as an error that names the fix.
@@ -34,6 +35,7 @@ from action_metrics.errors import (
     DataRejected,
     FlushTimeout,
     InvalidValue,
+    MetricInPrunedPeriod,
     SchemaError,
     StatementRefused,
 )
@@ -381,6 +383,10 @@ class BatchWriter:
         try:
             await self._insert(batch)
             return []
+        except MetricInPrunedPeriod as error:  # it names every refused metric: no need to bisect
+            refused = set(error.indexes)
+            kept = [metric for index, metric in enumerate(batch) if index not in refused]
+            return [(batch[index], error) for index in error.indexes] + await self._write_rejecting(kept)
         except DataRejected as error:  # the same rows fail on every retry; the rest of the batch succeeds
             if len(batch) == 1:
                 return [(batch[0], error)]
@@ -397,7 +403,7 @@ class BatchWriter:
         more = f" and {len(rejected) - len(logged)} more" if len(rejected) > len(logged) else ""
         logger.error(
             "action-metrics %s: the database rejected %d metrics, dropped (the rest of their batch "
-            "is written); a constraint or trigger refuses them: %s%s",
+            "is written): %s%s",
             self.name,
             len(rejected),
             shown,
