@@ -9,6 +9,7 @@ the driver's fastest path.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -369,6 +370,12 @@ class SQLiteBackend(Backend):
     def configure(self, engine: AsyncEngine) -> None:
         in_memory = self.in_memory
 
+        @event.listens_for(engine.sync_engine, "do_connect")
+        def open_joining_on_failure(
+            _dialect: Any, _record: Any, _args: Any, parameters: dict[str, Any]
+        ) -> None:
+            parameters["async_creator_fn"] = _open_aiosqlite  # SQLAlchemy then connects through it
+
         @event.listens_for(engine.sync_engine, "connect")
         def set_pragmas(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -> None:
             # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin (see "begin").
@@ -507,6 +514,23 @@ _SQLITE_BUCKET_TEXT: Final = {"hour": (13, ":00:00.000000"), "day": (10, " 00:00
 _MATH_FUNCTIONS: Final = {"ln": math.log, "exp": math.exp, "ceil": math.ceil, "floor": math.floor}
 """What the rollups compute with. SQLite has them when built with SQLITE_ENABLE_MATH_FUNCTIONS (most
 builds since 3.35); elsewhere Python's are registered on our own connections. The views need none."""
+
+
+async def _open_aiosqlite(*args: Any, **kwargs: Any) -> Any:
+    """`aiosqlite.connect(...)` as SQLAlchemy opens it, except that a connection that fails to open
+    returns only once its worker thread has ended. aiosqlite stops that thread without waiting for
+    it, and the thread then reports to the event loop, which may be closed by then (a failed store
+    closed at once): "RuntimeError: Event loop is closed" in a thread nobody joins."""
+    import aiosqlite  # imported here: only a SQLite store needs the driver
+
+    connection = aiosqlite.connect(*args, **kwargs)
+    worker = connection._thread
+    worker.daemon = True  # as SQLAlchemy's own connect makes it: never holds up the interpreter's exit
+    try:
+        return await connection
+    except Exception:
+        await asyncio.to_thread(worker.join)
+        raise
 
 
 def _ensure_math_functions(dbapi_connection: Any) -> None:
