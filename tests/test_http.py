@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
@@ -18,7 +17,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from conftest import metric
-from serving import READER
+from serving import READER, run_node
 from serving import bearer as real_bearer
 from serving import serving as serve_subprocess
 
@@ -371,15 +370,7 @@ def test_towns_named_dot_and_dot_dot_are_read_by_curl_httpx_and_node(database_ur
             assert client.get("/v1/town/metrics", params={"town_id": ""}).status_code == 422
             assert client.get("/v1/actions").status_code == 405  # the other /v1 routes are unchanged
 
-        node = subprocess.run(
-            ["node", "-e", NODE_READER],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-            env={**os.environ, "ADDRESS": server.address, "TOKEN": READER},
-        )
-        report = json.loads(node.stdout)
+        report = run_node(NODE_READER, ADDRESS=server.address, TOKEN=READER)
         assert report["encoded"]["status"] == 404  # Node's fetch asked for /v1/metrics
         assert "?town_id=" in report["encoded"]["answer"]["detail"]
         assert report["query"]["status"] == 200
