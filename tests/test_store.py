@@ -22,6 +22,7 @@ from action_metrics import (
     SchemaTooNew,
     StoreClosed,
 )
+from action_metrics.dialects import SQLITE_CACHE_KIB, SQLITE_WAL_PAGES_BEFORE_CHECKPOINT, backend_for
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -364,3 +365,24 @@ def test_an_unreachable_database_raises_database_unavailable(backend, tmp_path) 
     store.close()
     assert raised.value.reason  # the driver's words, in one line
     assert "\n" not in raised.value.reason
+
+
+def test_sqlite_connections_keep_a_large_cache_and_wal(tmp_path) -> None:
+    """Small batches (an HTTP request's, the buffered writer's) dirty a page of most indexes per
+    metric: the pages stay cached, and a checkpoint copies them once for many commits."""
+    backend = backend_for(f"sqlite:///{tmp_path / 'metrics.db'}")
+
+    async def settings() -> tuple[Any, ...]:
+        engine = backend.create_engine()
+        try:
+            async with engine.connect() as connection:
+                names = ("journal_mode", "cache_size", "wal_autocheckpoint")
+                return tuple(
+                    [(await connection.exec_driver_sql(f"PRAGMA {name}")).scalar() for name in names]
+                )
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(settings()) == ("wal", -SQLITE_CACHE_KIB, SQLITE_WAL_PAGES_BEFORE_CHECKPOINT)
+    assert SQLITE_CACHE_KIB >= 16 * 1024
+    assert SQLITE_WAL_PAGES_BEFORE_CHECKPOINT > 1_000  # SQLite's default
