@@ -162,9 +162,10 @@ async def postgres_admin(*statements: str) -> None:
 class Databases:
     """Fresh migrated databases of one backend, cloned from a template migrated once."""
 
-    def __init__(self, backend: str, workdir: Path) -> None:
+    def __init__(self, backend: str, workdir: Path, prefix: str = "am_bench") -> None:
         self.backend = backend
         self.workdir = workdir
+        self.prefix = prefix  # of every database made here: a bench's own names, no one else's
         self.created: list[str] = []
         self.template: str | None = None
 
@@ -172,7 +173,7 @@ class Databases:
         token = uuid.uuid4().hex[:12]
         if self.backend == "clickhouse":
             # One chdb directory for the whole run (chdb opens one per process), a database per side.
-            url = f"chdb://{self.workdir.resolve()}/chdb?database=am_bench_{token}"
+            url = f"chdb://{self.workdir.resolve()}/chdb?database={self.prefix}_{token}"
             await asyncio.to_thread(upgrade, ClickHouseURL.parse(url))
             self.created.append(url)
             return url
@@ -184,11 +185,11 @@ class Databases:
             shutil.copyfile(make_url(self.template).database or "", path)
             return f"sqlite:///{path}"
         if self.template is None:
-            self.template = await self._create(f"am_bench_{token}_template")
+            self.template = await self._create(f"{self.prefix}_{token}_template")
             await migrate_to_head(self.template)
             token = uuid.uuid4().hex[:12]
         template = make_url(self.template).database
-        return await self._create(f"am_bench_{token}", f' TEMPLATE "{template}"')
+        return await self._create(f"{self.prefix}_{token}", f' TEMPLATE "{template}"')
 
     async def _create(self, name: str, clause: str = "") -> str:
         await postgres_admin(f'CREATE DATABASE "{name}"{clause}')

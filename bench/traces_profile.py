@@ -67,8 +67,8 @@ async def profile(backend: str, arguments: argparse.Namespace) -> None:
     encode, content_type = (otlp_json_body, JSON) if arguments.encoding == "json" else (otlp_body, PROTOBUF)
     bodies = [encode(chunk) for chunk in chunks]
     gc.freeze()  # as `serve` does after startup: the bench's own objects are not the server's garbage
-    with tempfile.TemporaryDirectory(prefix="am-bench-traces-") as workdir:
-        databases = Databases(backend, Path(workdir))
+    with tempfile.TemporaryDirectory(prefix=f"{arguments.prefix.replace('_', '-')}-traces-") as workdir:
+        databases = Databases(backend, Path(workdir), arguments.prefix)
         try:
             url = await databases.fresh()
             await settle(backend)
@@ -125,6 +125,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1_000, help="spans per request")
     parser.add_argument("--encoding", choices=["protobuf", "json"], default="protobuf")
     parser.add_argument("--cprofile", type=int, default=0, help="print this many functions of the write")
+    parser.add_argument(
+        "--prefix",
+        default="am_bench",
+        help="of the PostgreSQL databases (and /tmp directories) made: one of your own when others bench too",
+    )
     parser.add_argument(
         "--backend", action="append", choices=["sqlite", "postgresql"], help="default: both, in turn"
     )

@@ -208,8 +208,8 @@ async def compare(backend: str, metrics: list[ActionMetric], arguments: argparse
             (len(chunk), json.dumps([metric.to_dict() for metric in chunk]).encode()) for chunk in chunks
         ]
     ratios: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="am-bench-wire-") as workdir:
-        databases = Databases(backend, Path(workdir))
+    with tempfile.TemporaryDirectory(prefix=f"{arguments.prefix.replace('_', '-')}-wire-") as workdir:
+        databases = Databases(backend, Path(workdir), arguments.prefix)
         try:
             for run in range(1, arguments.runs + 1):
                 reference_url, wire_url = await databases.fresh(), await databases.fresh()
@@ -266,6 +266,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=1, help="concurrent requests")
     parser.add_argument("--path", choices=sorted(PATHS), default="actions", help="the endpoint posted to")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--prefix",
+        default="am_bench",
+        help="of the PostgreSQL databases (and /tmp directories) made: one of your own when others bench too",
+    )
     parser.add_argument(
         "--backend", action="append", choices=["sqlite", "postgresql"], help="default: both, in turn"
     )

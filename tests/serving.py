@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -109,3 +111,17 @@ def kill_mid_stream(
     server.kill()
     sender.join(timeout=120)
     return answered
+
+
+def run_node(script: str, **environment: str) -> Any:
+    """`script` run by Node (whose built-in `fetch` is the client), with `environment` added; what it
+    printed, read as JSON."""
+    result = subprocess.run(
+        ["node", "-e", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={**os.environ, **environment},
+    )
+    return json.loads(result.stdout)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,8 +17,11 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from conftest import metric
+from serving import READER, run_node
+from serving import bearer as real_bearer
+from serving import serving as serve_subprocess
 
-from action_metrics import ActionType, AsyncMetricsStore, ModelName, TokenConfigError, migrate
+from action_metrics import ActionType, AsyncMetricsStore, MetricsStore, ModelName, TokenConfigError, migrate
 from action_metrics.dialects import backend_for
 from action_metrics.http import ApiTokens, create_app, response_model
 from action_metrics.report import run_checks
@@ -287,6 +293,98 @@ async def test_unusual_town_ids_are_answered_not_crashed(town: str) -> None:
             assert answer.status_code in (200, 404, 422), (town_id, answer.status_code)
             if answer.status_code == 200:
                 assert answer.json()["metrics"]["count"] == 0
+
+
+# --- towns named "." and "..": no URL path can hold them ----------------------------------------
+
+DOT_TOWNS = (".", "..", "a/..", "metrics")
+"""Ids that are, or end in, a dot segment, and a town named after a read."""
+
+NODE_READER = r"""
+const [address, token] = [process.env.ADDRESS, process.env.TOKEN];
+const read = async (path) => {
+  const response = await fetch(address + path, {headers: {Authorization: "Bearer " + token}});
+  return {status: response.status, url: new URL(response.url).pathname, answer: await response.json()};
+};
+(async () => {
+  console.log(JSON.stringify({
+    encoded: await read("/v1/town/%2E%2E/metrics?since_hours=24"),
+    query: await read("/v1/town/metrics?town_id=..&since_hours=24"),
+  }));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_towns_named_dot_and_dot_dot_are_read_by_curl_httpx_and_node(database_url: str) -> None:
+    """curl and httpx keep a `%2E` segment; browsers and Node resolve it as a dot segment (WHATWG
+    URLs), and every client resolves a bare `.`: the query form `?town_id=` reaches any town."""
+    sent = {
+        town: [
+            metric(
+                town_id=town, user_id=f"user-{n % 2}", tokens_in=100 * (k + 1) + n, timestamp=hours_ago(1 + n)
+            )
+            for n in range(k + 2)
+        ]
+        for k, town in enumerate(DOT_TOWNS)
+    }
+    with MetricsStore(database_url, durable=True) as store:
+        store.emit_many([item for metrics in sent.values() for item in metrics])
+        store.emit_many([metric(town_id="town-a", timestamp=hours_ago(1))])
+
+    def expected(town: str) -> tuple[str, int, int]:
+        return town, len(sent[town]), sum(item.tokens_in for item in sent[town])
+
+    def figures(answer: dict[str, Any]) -> tuple[str, int, int]:
+        return answer["town_id"], answer["metrics"]["count"], answer["metrics"]["tokens_in"]
+
+    with serve_subprocess(database_url) as server:
+        headers = real_bearer(READER)
+        curl = ["curl", "-sS", "-H", f"Authorization: Bearer {READER}"]
+        for town, path in ((".", "%2E"), ("..", "%2e%2E"), ("a/..", "a/%2E%2E"), ("metrics", "metrics")):
+            answer = subprocess.run(
+                [*curl, f"{server.address}/v1/town/{path}/metrics?since_hours=24"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            assert figures(json.loads(answer.stdout)) == expected(town), path
+
+        with httpx.Client(base_url=server.address, headers=headers, timeout=60) as client:
+            for town in DOT_TOWNS:
+                window = {"town_id": town, "since_hours": 24}
+                assert figures(client.get("/v1/town/metrics", params=window).json()) == expected(town)
+                rows = client.get("/v1/town/breakdown", params={**window, "by": "user_id"}).json()
+                assert rows["town_id"] == town
+                by_user = {row["user_id"]: row["count"] for row in rows["rows"]}
+                assert by_user == Counter(item.user_id for item in sent[town])
+                assert client.get("/v1/town/checks", params=window).json()["town_id"] == town
+            # httpx resolves the bare segment, as every client does: the answer says what to send.
+            for path in ("/v1/town/./metrics", "/v1/town/../breakdown"):
+                answer = client.get(path)
+                assert answer.status_code == 404
+                assert "?town_id=" in answer.json()["detail"]
+            twice = client.get("/v1/town/metrics", params=[("town_id", "."), ("town_id", "..")])
+            assert twice.status_code == 422
+            assert [problem["loc"] for problem in twice.json()["detail"]] == [["query", "town_id"]]
+            assert client.get("/v1/town/metrics", params={"town_id": ""}).status_code == 422
+            assert client.get("/v1/actions").status_code == 405  # the other /v1 routes are unchanged
+
+        report = run_node(NODE_READER, ADDRESS=server.address, TOKEN=READER)
+        assert report["encoded"]["status"] == 404  # Node's fetch asked for /v1/metrics
+        assert "?town_id=" in report["encoded"]["answer"]["detail"]
+        assert report["query"]["status"] == 200
+        assert figures(report["query"]["answer"]) == expected("..")
+
+
+async def test_the_query_form_keeps_the_tokens_towns(town: str) -> None:
+    async with serving(town) as client:
+        for town_id, status in (("town-a", 200), ("..", 403), ("town-b", 403)):
+            answer = await client.get(
+                "/v1/town/metrics", params={"town_id": town_id}, headers=bearer(TOWN_A_TOKEN)
+            )
+            assert answer.status_code == status, town_id
+        assert (await client.get("/v1/town/metrics", params={"town_id": ".."})).status_code == 401
 
 
 async def test_the_openapi_schema_describes_the_endpoint(town: str) -> None:

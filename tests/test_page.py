@@ -616,3 +616,32 @@ def test_a_town_id_that_needs_percent_encoding_is_read_by_the_page(
         wait_ready(seen)
         assert float(shown(seen, "#kpi-count")[1]) == 24
         assert not [line for line in seen.console if "page error" in line]
+
+
+def test_towns_named_dot_and_dot_dot_are_read_by_the_page(serve: Any, chromium: Any, town: str) -> None:
+    """No URL path holds the ids `.` and `..` (browsers resolve them, even as %2E): the page sends
+    them as `?town_id=`, and shows each town's own figures."""
+    counts = {".": 2, "..": 3}
+    with MetricsStore(town, durable=True) as store:
+        store.emit_many(
+            [
+                metric(town_id=town_id, timestamp=hours_ago(1 + n), user_id=f"dot-{n}")
+                for town_id, count in counts.items()
+                for n in range(count)
+            ]
+        )
+    server = serve(ACTION_METRICS_API_TOKENS=f"{TOKENS};{ODD_TOKEN}:.,..")
+    with chromium() as browser:
+        seen = visit(browser)
+        page = seen.page
+        sign_in(seen, server.address, ODD_TOKEN)
+        wait_ready(seen)
+        assert page.eval_on_selector_all("#town option", "o => o.map(x => x.value)") == [".", ".."]
+        for town_id, count in counts.items():
+            page.select_option("#town", town_id)
+            page.wait_for_selector(f"#kpi-count[data-value='{count}']")
+            metrics = server.get("/v1/town/metrics", token=ODD_TOKEN, town_id=town_id, since_hours=24)
+            assert metrics["metrics"]["count"] == count
+            assert float(shown(seen, "#kpi-cost")[1]) == metrics["metrics"]["total_cost_usd"]
+            assert page.locator("#error").is_hidden()
+        assert not [line for line in seen.console if "page error" in line]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from conftest import metric
@@ -19,6 +22,7 @@ from action_metrics import (
     SchemaTooNew,
     StoreClosed,
 )
+from action_metrics.dialects import SQLITE_CACHE_KIB, SQLITE_WAL_PAGES_BEFORE_CHECKPOINT, backend_for
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -311,6 +315,45 @@ async def test_calls_after_close_raise_store_closed_on_the_async_store_too(datab
     assert not store.writer.running
 
 
+def test_a_sqlite_file_that_cannot_open_leaves_no_driver_thread_behind(tmp_path, monkeypatch) -> None:
+    """aiosqlite stops a connection that failed to open on its worker thread and tells the event
+    loop when done; that thread, descheduled for a moment as on a loaded machine, must still end
+    before the failure reaches the caller, or it reports to a loop closed by then."""
+    import aiosqlite.core
+
+    workers: list[threading.Thread] = []
+    unhandled: list[BaseException | None] = []
+    run_worker = aiosqlite.core._connection_worker_thread
+
+    def descheduled_worker(queue: Any) -> None:
+        workers.append(threading.current_thread())
+
+        class Late:
+            def get(self) -> Any:
+                item = queue.get()
+                if getattr(item[1], "__name__", "") == "close_and_stop":
+                    time.sleep(0.3)
+                return item
+
+        run_worker(Late())
+
+    monkeypatch.setattr(aiosqlite.core, "_connection_worker_thread", descheduled_worker)
+    monkeypatch.setattr(threading, "excepthook", lambda failure: unhandled.append(failure.exc_value))
+
+    async def open_and_fail() -> None:
+        store = AsyncMetricsStore(f"sqlite:///{tmp_path / 'missing-directory' / 'metrics.db'}")
+        with pytest.raises(DatabaseUnavailable):
+            await store.open()
+        assert workers
+        assert not [worker for worker in workers if worker.is_alive()]
+        await store.close()
+
+    asyncio.run(open_and_fail())  # the loop is closed as soon as the store is
+    for worker in workers:
+        worker.join(timeout=10)
+    assert unhandled == []
+
+
 def test_an_unreachable_database_raises_database_unavailable(backend, tmp_path) -> None:
     url = {
         "sqlite": f"sqlite:///{tmp_path / 'missing-directory' / 'metrics.db'}",
@@ -322,3 +365,24 @@ def test_an_unreachable_database_raises_database_unavailable(backend, tmp_path) 
     store.close()
     assert raised.value.reason  # the driver's words, in one line
     assert "\n" not in raised.value.reason
+
+
+def test_sqlite_connections_keep_a_large_cache_and_wal(tmp_path) -> None:
+    """Small batches (an HTTP request's, the buffered writer's) dirty a page of most indexes per
+    metric: the pages stay cached, and a checkpoint copies them once for many commits."""
+    backend = backend_for(f"sqlite:///{tmp_path / 'metrics.db'}")
+
+    async def settings() -> tuple[Any, ...]:
+        engine = backend.create_engine()
+        try:
+            async with engine.connect() as connection:
+                names = ("journal_mode", "cache_size", "wal_autocheckpoint")
+                return tuple(
+                    [(await connection.exec_driver_sql(f"PRAGMA {name}")).scalar() for name in names]
+                )
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(settings()) == ("wal", -SQLITE_CACHE_KIB, SQLITE_WAL_PAGES_BEFORE_CHECKPOINT)
+    assert SQLITE_CACHE_KIB >= 16 * 1024
+    assert SQLITE_WAL_PAGES_BEFORE_CHECKPOINT > 1_000  # SQLite's default

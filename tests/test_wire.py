@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import gzip
 import json
-import os
 import subprocess
 import threading
 import uuid
@@ -22,7 +21,18 @@ from typing import Any
 import httpx
 import pytest
 from conftest import metric
-from serving import LEGACY, READER, TOKENS, TOWN_A_WRITER, WRITER, Server, bearer, kill_mid_stream, serving
+from serving import (
+    LEGACY,
+    READER,
+    TOKENS,
+    TOWN_A_WRITER,
+    WRITER,
+    Server,
+    bearer,
+    kill_mid_stream,
+    run_node,
+    serving,
+)
 from sqlalchemy import event
 
 from action_metrics import ActionMetric, AsyncMetricsStore, InvalidMetric, MetricsStore, TokenConfigError
@@ -141,21 +151,9 @@ const text = ndjson ? sent.map((m) => JSON.stringify(m)).join("\n") : JSON.strin
 
 @pytest.mark.parametrize("body_format", ["array", "ndjson"])
 def test_node_fetch_posts_metrics_and_the_store_holds_what_was_sent(server: Server, body_format: str) -> None:
-    result = subprocess.run(
-        ["node", "-e", NODE_WRITER],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        env={
-            **os.environ,
-            "ADDRESS": server.address,
-            "TOKEN": TOWN_A_WRITER,
-            "COUNT": "250",
-            "FORMAT": body_format,
-        },
+    report = run_node(
+        NODE_WRITER, ADDRESS=server.address, TOKEN=TOWN_A_WRITER, COUNT="250", FORMAT=body_format
     )
-    report = json.loads(result.stdout)
     assert report["status"] == 200
     assert report["answer"] == {"stored": 250, "duplicate": 0, "rejected": []}
     holds = stored(server.url)

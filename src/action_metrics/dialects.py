@@ -9,6 +9,7 @@ the driver's fastest path.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -59,6 +60,13 @@ from action_metrics.validation import json_text
 DEFAULT_URL: Final = "sqlite:///action_metrics.db"
 URL_VARIABLE: Final = "ACTION_METRICS_URL"
 SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
+SQLITE_CACHE_KIB: Final = 32 * 1024
+SQLITE_WAL_PAGES_BEFORE_CHECKPOINT: Final = 10_000
+"""A batch of a few thousand metrics dirties a page of most indexes per metric (ids from response
+ids, users and citizens are spread through theirs). SQLite's defaults (a 2 MiB cache; a checkpoint
+once the WAL holds 1,000 pages, ~4 MiB) read those pages back from the file and copy them into it at
+nearly every commit. A 32 MiB cache keeps them, and a WAL of up to ~40 MiB (10,000 pages of 4 KiB)
+lets a checkpoint copy a page that many commits dirtied once (bench/wire.py: README, "Ingest speed")."""
 
 WRITE: Final = "action_metrics_write"
 """Connection execution option: this transaction writes (SQLite then takes its write lock up front)."""
@@ -369,6 +377,12 @@ class SQLiteBackend(Backend):
     def configure(self, engine: AsyncEngine) -> None:
         in_memory = self.in_memory
 
+        @event.listens_for(engine.sync_engine, "do_connect")
+        def open_joining_on_failure(
+            _dialect: Any, _record: Any, _args: Any, parameters: dict[str, Any]
+        ) -> None:
+            parameters["async_creator_fn"] = _open_aiosqlite  # SQLAlchemy then connects through it
+
         @event.listens_for(engine.sync_engine, "connect")
         def set_pragmas(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -> None:
             # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin (see "begin").
@@ -376,6 +390,8 @@ class SQLiteBackend(Backend):
             cursor = dbapi_connection.cursor()
             if not in_memory:
                 cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WAL_PAGES_BEFORE_CHECKPOINT}")
+                cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
@@ -511,6 +527,23 @@ _SQLITE_BUCKET_TEXT: Final = {
 _MATH_FUNCTIONS: Final = {"ln": math.log, "exp": math.exp, "ceil": math.ceil, "floor": math.floor}
 """What the rollups compute with. SQLite has them when built with SQLITE_ENABLE_MATH_FUNCTIONS (most
 builds since 3.35); elsewhere Python's are registered on our own connections. The views need none."""
+
+
+async def _open_aiosqlite(*args: Any, **kwargs: Any) -> Any:
+    """`aiosqlite.connect(...)` as SQLAlchemy opens it, except that a connection that fails to open
+    returns only once its worker thread has ended. aiosqlite stops that thread without waiting for
+    it, and the thread then reports to the event loop, which may be closed by then (a failed store
+    closed at once): "RuntimeError: Event loop is closed" in a thread nobody joins."""
+    import aiosqlite  # imported here: only a SQLite store needs the driver
+
+    connection = aiosqlite.connect(*args, **kwargs)
+    worker = connection._thread
+    worker.daemon = True  # as SQLAlchemy's own connect makes it: never holds up the interpreter's exit
+    try:
+        return await connection
+    except Exception:
+        await asyncio.to_thread(worker.join)
+        raise
 
 
 def _ensure_math_functions(dbapi_connection: Any) -> None:

@@ -16,11 +16,13 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from types import GenericAlias
 from typing import Annotated, Any, Final, Literal, get_args, get_origin, get_type_hints
+from urllib.parse import parse_qsl, quote, urlencode
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, create_model
 from sqlalchemy import URL
+from starlette import types as asgi
 from starlette.convertors import Convertor, register_url_convertor
 
 from action_metrics import wire
@@ -145,7 +147,9 @@ TownId = Annotated[
     Path(
         min_length=1,
         max_length=MAX_ID_LENGTH,
-        description="The town's id, percent-encoded: it may hold `/` (%2F), spaces, `%`, `?`, `#`.",
+        description="The town's id, percent-encoded: it may hold `/` (%2F), spaces, `%`, `?`, `#`. "
+        "The ids `.` and `..` cannot be a URL's path segment: send them as `?town_id=` instead "
+        "(`/v1/town/metrics?town_id=..`).",
     ),
 ]
 """Routed as `{town_id:town}`: a town id may hold a `/`, which arrives decoded. Each route ends in its
@@ -167,6 +171,39 @@ class TownIdConvertor(Convertor[str]):
 
 
 register_url_convertor("town", TownIdConvertor())
+
+TOWN_READS: Final = ("metrics", "breakdown", "checks")
+"""The reads of one town, each `/v1/town/{town_id}/<read>`."""
+_TOWN_IN_QUERY: Final = {f"/v1/town/{read}": read for read in TOWN_READS}
+_NO_TOWN_SEGMENT: Final = (
+    "no town id in the path: URLs resolve a path segment `.` or `..` (percent-encoded or not, in "
+    "browsers) as 'here' and 'up', so a town with such an id is read as /v1/town/{read}?town_id=.."
+)
+
+
+class TownIdInQuery:
+    """Routes `/v1/town/metrics?town_id=..` as `/v1/town/../metrics` (and so for each of
+    `TOWN_READS`): the towns `.` and `..` have no URL path of their own, since clients resolve
+    such a segment, browsers even as `%2E`, as "here" or "up". The rewrite happens before routing,
+    so the read, its checks and its token's towns are those of the path form."""
+
+    def __init__(self, app: asgi.ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        read = _TOWN_IN_QUERY.get(scope["path"]) if scope["type"] == "http" else None
+        if read is not None:
+            parameters = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+            towns = [value for name, value in parameters if name == "town_id"]
+            if len(towns) == 1:  # else not rewritten: `no_town_segment` answers
+                rest = urlencode([(name, value) for name, value in parameters if name != "town_id"])
+                scope = {
+                    **scope,
+                    "path": f"/v1/town/{towns[0]}/{read}",
+                    "raw_path": f"/v1/town/{quote(towns[0], safe='')}/{read}".encode(),
+                    "query_string": rest.encode(),
+                }
+        await self.app(scope, receive, send)
 
 
 def _invalid_query(error: InvalidFilter) -> RequestValidationError:
@@ -389,7 +426,19 @@ def create_app(
             passed=not any_failed(checks),
         )
 
+    async def no_town_segment(request: Request) -> None:
+        """Where `/v1/town/./<read>` and `/v1/town/../<read>` arrive once a client resolved them."""
+        if "town_id" in request.query_params:  # only more than one reaches here
+            raise _invalid_query(InvalidFilter("town_id", "give one town_id, not several"))
+        read = request.url.path.rsplit("/", 1)[-1]
+        raise HTTPException(status.HTTP_404_NOT_FOUND, _NO_TOWN_SEGMENT.format(read=read))
+
+    for read in TOWN_READS:
+        for path in (f"/v1/town/{read}", f"/v1/{read}"):
+            app.add_api_route(path, no_town_segment, methods=["GET"], include_in_schema=False)
+
     add_page(app)
+    app.add_middleware(TownIdInQuery)
     return app
 
 

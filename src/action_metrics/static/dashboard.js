@@ -63,20 +63,19 @@
 
   /** The answers one view of the page needs, in the shape `report --html` embeds. */
   async function loadView(town, window, tz) {
-    if (town === "." || town === "..") {
-      // A URL's path cannot hold them, encoded or not: browsers resolve them as "here" and "up".
-      throw new Error(`the town "${town}" cannot be read through a URL: its id is a path's "${town}"`);
-    }
-    const base = `v1/town/${encodeURIComponent(town)}/`;
-    const since = window.params;
+    // A URL's path cannot hold the ids "." and "..", encoded or not: browsers resolve them as "here"
+    // and "up". The server takes those as ?town_id= on /v1/town/metrics (and .../breakdown, .../checks).
+    const inQuery = town === "." || town === "..";
+    const base = inQuery ? "v1/town/" : `v1/town/${encodeURIComponent(town)}/`;
+    const shared = inQuery ? [["town_id", town], ...window.params] : window.params;
     const bucket = bucketFor(window.hours);
     const [metrics, buckets, latency, topCost, topLoss, checks] = await Promise.all([
-      getJSON(base + "metrics", since),
-      getJSON(base + "breakdown", [["bucket", bucket], ["tz", tz], ...since]),
-      getJSON(base + "breakdown", [["by", "action_type"], ["bucket", bucket], ["tz", tz], ...since]),
-      getJSON(base + "breakdown", [["by", "user_id"], ["sort", "total_cost_usd"], ["top", "10"], ...since]),
-      getJSON(base + "breakdown", [["by", "user_id"], ["sort", "total_profit_usd"], ["order", "asc"], ["top", "10"], ...since]),
-      getJSON(base + "checks", since),
+      getJSON(base + "metrics", shared),
+      getJSON(base + "breakdown", [["bucket", bucket], ["tz", tz], ...shared]),
+      getJSON(base + "breakdown", [["by", "action_type"], ["bucket", bucket], ["tz", tz], ...shared]),
+      getJSON(base + "breakdown", [["by", "user_id"], ["sort", "total_cost_usd"], ["top", "10"], ...shared]),
+      getJSON(base + "breakdown", [["by", "user_id"], ["sort", "total_profit_usd"], ["order", "asc"], ["top", "10"], ...shared]),
+      getJSON(base + "checks", shared),
     ]);
     return {
       town_id: town, since_hours: window.hours, since: window.since, until: window.until, tz, bucket,
