@@ -498,6 +498,10 @@ def test_a_long_breakdown_streams_the_rows_breakdown_returns(
         (("town_id",), "week", "America/New_York", {}),
         (("model",), "hour", "Europe/Berlin", {}),
         ((), "hour", "UTC", {"model": "opus"}),
+        # A town's action types (the page's latency chart): rollup sums, the raw rows' bins.
+        (("action_type",), "day", "Europe/Berlin", {"town_id": "town-b"}),
+        (("action_type",), "day", "Asia/Kathmandu", {"town_id": "town-b"}),
+        (("action_type",), "hour", "Asia/Kathmandu", {"town_id": "town-c"}),
     ],
 )
 def test_the_sketch_levels_answer_town_days_and_model_hours_as_the_reference(
@@ -759,6 +763,13 @@ def test_by_user_after_a_prune_answers_from_the_user_levels_kept(database_url: s
         _assert_by_user(store, metrics, _book(), since=datetime(2024, 2, 1, tzinfo=UTC), top=4)
         with pytest.raises(RawRowsPruned):  # a part of a pruned day is not kept by any level
             store.breakdown(("user_id",), since=datetime(2024, 2, 1, 12, tzinfo=UTC))
+        # A town's action types take their percentiles from raw rows: only where those are kept.
+        town = metrics[-1].town_id
+        with pytest.raises(RawRowsPruned):
+            store.breakdown(("action_type",), bucket="day", tz="Europe/Berlin", town_id=town)
+        since = datetime(2024, 3, 2, tzinfo=UTC)
+        kept = [metric for metric in metrics if metric.timestamp >= since and metric.town_id == town]
+        _assert_breakdown(store, kept, ("action_type",), "day", "Europe/Berlin", since=since, town_id=town)
 
 
 @pytest.mark.not_on_clickhouse("migration 0009 is alembic's")

@@ -318,6 +318,7 @@ class MetricsRepository:
                         [since, until],
                         self.backend,
                         price_starts,
+                        (since, until),
                     )
                     for row in rows:
                         yield row
@@ -348,6 +349,7 @@ class MetricsRepository:
                         starts,
                         self.backend,
                         price_starts,
+                        (since, until),
                     )
                     for row in rows:
                         yield row

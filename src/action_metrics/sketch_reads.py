@@ -65,9 +65,11 @@ from action_metrics.query import MetricFilter
 from action_metrics.rollup import (
     DAILY,
     DAILY_BY_TOWN,
+    DAILY_DETAIL,
     GRAIN_LENGTH,
     HOURLY,
     HOURLY_BY_TOWN,
+    HOURLY_DETAIL,
     SUM_COLUMNS,
     Grain,
     Level,
@@ -103,7 +105,8 @@ class Piece:
 @dataclass(frozen=True)
 class Shape:
     """What the sketch levels answer: sketches per `key` (town or model) at each grain read, and the
-    rollup levels whose sums go with them."""
+    rollup levels whose sums go with them. Without sketches (a town's action types) the percentiles
+    come from the window's raw rows, binned per group and bucket as the sketches bin them."""
 
     key: str
     sketches: dict[Grain, SketchLevel]
@@ -127,12 +130,18 @@ def shape_of(metric_filter: MetricFilter, request: BreakdownRequest, state: Roll
         return Shape("town_id", {"day": TOWN_DAILY, "hour": TOWN_HOURLY}, sums, subtract=True)
     if by <= {"model"} and request.bucket == "hour" and metric_filter.town_id is None:
         return Shape("model", {"hour": MODEL_HOURLY}, {"hour": HOURLY}, subtract=False)
+    if by == {"action_type"} and metric_filter.town_id is not None and metric_filter.model is None:
+        # The page's latency chart: one town's rows are few, a town x action level's would be many.
+        return Shape("action_type", {}, {"day": DAILY_DETAIL, "hour": HOURLY_DETAIL}, subtract=True)
     return None
 
 
 def readable(shape: Shape, state: RollupState, since: datetime, starts: Sequence[datetime]) -> bool:
     """Whether the sketches the covers may read exist: from a day before the window on (the cover of
-    a local day may take the UTC day before it), and, for model hours, buckets of whole UTC hours."""
+    a local day may take the UTC day before it), and, for model hours, buckets of whole UTC hours;
+    without sketches, whether the window's raw rows are all kept (else `breakdown` says they are not)."""
+    if not shape.sketches:
+        return state.raw_kept_from is None or since >= state.raw_kept_from
     if state.sketches_from is not None and floor_to(since, "day") - GRAIN_LENGTH["day"] < state.sketches_from:
         return False
     return shape.key != "model" or all(start == floor_to(start, "hour") for start in starts)
@@ -437,7 +446,12 @@ def _raw_bins(
     key: str | None,
     members: Sequence[Piece],
     bucket_of: Any,
+    *,
+    counted: bool = True,
 ) -> Select[Any]:
+    """The raw rows' latency bins per group and bucket: counted per bin, or (not `counted`) a row
+    each counting 1, where most bins of a group hold one row and counting them would sort them all
+    (a town's action types per day)."""
     m = action_metrics
     columns = [not_indexed(m.c[key]).label("key")] if key is not None else []
     binned = (
@@ -455,6 +469,8 @@ def _raw_bins(
     )
     b = binned.c
     grouped = [*([b.key] if key is not None else []), b.bucket, b.bin]
+    if not counted:
+        return select(*grouped, literal(1, Integer).label("n"))
     return select(*grouped, func.count().label("n")).group_by(*grouped)
 
 
@@ -478,9 +494,12 @@ async def percentiles_of_groups(
     pieces: Sequence[Piece],
     starts: Sequence[datetime],
     backend: Backend,
+    window: tuple[datetime, datetime],
 ) -> dict[tuple[Any, ...], dict[str, float | None]]:
     """Each group's p50/p95/p99, by `breakdown.group_key`: its pieces' sketches and raw rows' bins,
-    signed, merged."""
+    signed, merged; without sketches, the bins of the raw rows of the whole `window`."""
+    if not shape.sketches:
+        pieces = [Piece(1, None, *window, 0)]
     keyed = shape.key in request.by
     numbers: dict[tuple[Any, ...], int] = {}
     keys = group_keys(request)
@@ -494,7 +513,9 @@ async def percentiles_of_groups(
         if grain is not None:
             continue
         bucket_of = _raw_bucket_of(sign, members, starts, backend)
-        binned = _raw_bins(metric_filter, shape.key if keyed else None, members, bucket_of)
+        binned = _raw_bins(
+            metric_filter, shape.key if keyed else None, members, bucket_of, counted=bool(shape.sketches)
+        )
         rows = (await connection.execute(_bins_per_group(binned, keyed, backend))).all()
         if rows:
             bins = [backend.ints_of(row[-2]) for row in rows]
@@ -560,8 +581,9 @@ async def breakdown_rows(
     starts: Sequence[datetime],
     backend: Backend,
     price_starts: Sequence[datetime],
+    window: tuple[datetime, datetime],
 ) -> list[BreakdownRow]:
-    """The breakdown's rows, read by the pieces of `cover`."""
+    """The breakdown's rows, read by the pieces of `cover` of `window`."""
     if not pieces:
         return []
     towns = None
@@ -580,7 +602,7 @@ async def breakdown_rows(
     if not rows:
         return []
     percentiles = await percentiles_of_groups(
-        connection, metric_filter, request, shape, pieces, starts, backend
+        connection, metric_filter, request, shape, pieces, starts, backend, window
     )
     empty = dict.fromkeys(PERCENTILES)
     for row in rows:
