@@ -17,7 +17,9 @@ credit 45 days ago; `--no-price-changes` keeps the seed's prices), so effective 
 Selections: everything, one action type (lod3), one town (town-7), one model (sonnet), each over all
 time, the last 24 hours, this week (from Monday 00:00 UTC), today (from 00:00 UTC) and an unaligned
 window (13:37:11 ten days before the newest action until 04:12:09 two days later); one user and one
-citizen over all time; and the daily view summed per day, per town and per model. Breakdowns: per day
+citizen over all time; the daily view summed per day, per town and per model, and the narrower views a
+panel would read for the same sums (action_metrics_daily_by_town per day and per town,
+action_metrics_daily_by_model per model). Breakdowns: per day
 (the page's first chart) and by town x day in Europe/Berlin and in Asia/Kathmandu over 90 days, by model
 x hour (Berlin) over the last 7 days, by user over all time, the top 10 users by loss over 90 days (the
 hand side cut the same way); their hand SQL sums cost, revenue and count per group from action_metrics
@@ -157,6 +159,7 @@ class Selection:
     name: str
     filters: Filters = field(default_factory=dict)
     daily_key: str | None = None
+    daily_view: str = "action_metrics_daily"
     grouped: Grouped | None = None
 
 
@@ -191,6 +194,14 @@ def selections(now: datetime) -> list[Selection]:
     chosen.append(Selection("user-7, all time", {"user_id": "user-7"}))
     chosen.append(Selection("citizen-7, all time", {"citizen_id": "citizen-7"}))
     chosen.extend(Selection(f"daily view per {key}", daily_key=key) for key in ("day", "town_id", "model"))
+    chosen += [
+        Selection(f"{short} view per {key}", daily_key=key, daily_view=view)
+        for short, view, key in (
+            ("by-town", "action_metrics_daily_by_town", "day"),
+            ("by-town", "action_metrics_daily_by_town", "town_id"),
+            ("by-model", "action_metrics_daily_by_model", "model"),
+        )
+    ]
     ninety_days = {"since": now - timedelta(days=90)}
     chosen += [
         Selection("per Berlin day, 90d", ninety_days, grouped=Grouped((), "day", "Europe/Berlin")),
@@ -786,9 +797,7 @@ def clickhouse_breakdown_sql(grouped: Grouped) -> str:
     return clickhouse_grouped_sql(keys, where)
 
 
-DAILY_VIEW_SQL: Final = (
-    "SELECT {key}, SUM(cost_usd), SUM(revenue_usd), SUM(count) FROM action_metrics_daily GROUP BY {key}"
-)
+DAILY_VIEW_SQL: Final = "SELECT {key}, SUM(cost_usd), SUM(revenue_usd), SUM(count) FROM {view} GROUP BY {key}"
 
 
 # --- results in one shape ------------------------------------------------------------------------
@@ -857,7 +866,7 @@ class HandSQL:
     async def aggregate(self, filters: Filters) -> dict[str, Any]:
         raise NotImplementedError
 
-    async def daily_view(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
+    async def daily_view(self, key: str, view: str) -> dict[str, tuple[Decimal, Decimal, int]]:
         raise NotImplementedError
 
     async def daily(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
@@ -891,8 +900,8 @@ class SQLiteHandSQL(HandSQL):
         sql, parameters = sqlite_aggregate_sql(filters)
         return aggregate_from_rows(self.connection.execute(sql, parameters).fetchall())
 
-    async def daily_view(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
-        return daily_from_rows(self.connection.execute(DAILY_VIEW_SQL.format(key=key)).fetchall())
+    async def daily_view(self, key: str, view: str) -> dict[str, tuple[Decimal, Decimal, int]]:
+        return daily_from_rows(self.connection.execute(DAILY_VIEW_SQL.format(key=key, view=view)).fetchall())
 
     async def daily(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
         parameters = {"since": "", "until": "~"}
@@ -932,8 +941,8 @@ class PostgresHandSQL(HandSQL):
         sql, parameters = postgres_aggregate_sql(filters)
         return aggregate_from_rows(await self.connection.fetch(sql, *parameters))
 
-    async def daily_view(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
-        return daily_from_rows(await self.connection.fetch(DAILY_VIEW_SQL.format(key=key)))
+    async def daily_view(self, key: str, view: str) -> dict[str, tuple[Decimal, Decimal, int]]:
+        return daily_from_rows(await self.connection.fetch(DAILY_VIEW_SQL.format(key=key, view=view)))
 
     async def daily(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
         return daily_from_rows(await self.connection.fetch(postgres_daily_sql(key)))
@@ -980,8 +989,8 @@ class ClickHouseHandSQL(HandSQL):
     async def aggregate(self, filters: Filters) -> dict[str, Any]:
         return aggregate_from_rows(self.rows(*clickhouse_aggregate_sql(filters)))
 
-    async def daily_view(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
-        raise NotImplementedError("ClickHouse has no daily view")
+    async def daily_view(self, key: str, view: str) -> dict[str, tuple[Decimal, Decimal, int]]:
+        raise NotImplementedError("ClickHouse has no daily views")
 
     async def daily(self, key: str) -> dict[str, tuple[Decimal, Decimal, int]]:
         return daily_from_rows(self.rows(clickhouse_daily_sql(key)))
@@ -1204,7 +1213,7 @@ class Bench:
         if isinstance(self.hand, ClickHouseHandSQL):
             return await self.run_without_view(selection, key)
         sides: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-            ("view", lambda: self.hand.daily_view(key)),
+            ("view", lambda: self.hand.daily_view(key, selection.daily_view)),
             ("hand", lambda: self.hand.daily(key)),
         ]
         times, results = await self.rotate(sides)
