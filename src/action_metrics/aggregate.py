@@ -443,7 +443,9 @@ def latency_values(
     keys = [raw.c[key] for key in grouping.keys]
     if bin_raw:
         binned = (
-            select(raw.c.model, *keys, latency_bin(raw.c.latency_ms).label("bin"))
+            # The model not indexed: else SQLite reads the raw rows through the (model, timestamp)
+            # index for their GROUP BY order, all of them, not the time range's (10M actions: 0.9 s).
+            select(not_indexed(raw.c.model).label("model"), *keys, latency_bin(raw.c.latency_ms).label("bin"))
             .where(succeeded)
             .subquery("binned")
         )
@@ -752,7 +754,7 @@ def aggregate_statement(
         raw = selection.element.cte("selection").prefix_with("MATERIALIZED")
     per_model = sums_per_model(summed_parts(metric_filter, plan, raw, price_starts))
     if plan.uses_rollups:
-        latencies = latency_values(metric_filter, plan, raw)
+        latencies = latency_values(metric_filter, plan, raw, bin_raw=True)
         overall_percentiles = weighted_percentiles(latencies, [])
         model_percentiles = weighted_percentiles(latencies, ["model"])
     else:
