@@ -531,6 +531,7 @@ async def test_concurrent_requests_share_commits_and_each_counts_its_own_items(d
 
 
 @pytest.mark.anyio
+@pytest.mark.clickhouse  # which has no transactions: the requests before the refused one are stored
 async def test_a_refused_request_in_a_shared_commit_costs_the_others_nothing(database_url: str) -> None:
     from test_ingest import corrupted
 

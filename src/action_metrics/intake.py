@@ -101,10 +101,13 @@ class GroupCommit:
                 raise
 
     def _next_group(self) -> list[_Waiting]:
-        """The oldest waiting requests for one store, up to `max_metrics` (at least one request)."""
+        """The oldest waiting requests for one store, up to `max_metrics` (at least one request); one
+        request alone where the store cannot commit batches together (ClickHouse: had a later
+        request of a group been refused, the earlier ones, already stored, would have been written
+        again alone and counted as duplicates)."""
         first = self._waiting[0]
         group, size = [first], len(first.metrics)
-        for waiting in self._waiting[1:]:
+        for waiting in self._waiting[1:] if first.store.batches_commit_together else ():
             if waiting.store is not first.store or size + len(waiting.metrics) > self.max_metrics:
                 break
             group.append(waiting)

@@ -283,6 +283,12 @@ class AsyncMetricsStore:
             _check_metric(metric)
         return await (await self._open()).insert_counting(metrics)
 
+    @property
+    def batches_commit_together(self) -> bool:
+        """Whether `emit_batches` commits its batches in one transaction (SQLite, PostgreSQL), so a
+        refused batch stores none of them; ClickHouse has no transactions: each is stored in turn."""
+        return self.url.get_backend_name() not in CLICKHOUSE_SCHEMES
+
     async def emit_batches(self, batches: Sequence[Sequence[ActionMetric]]) -> list[int]:
         """`emit_batch` of each batch, all in one transaction where the database has transactions
         (SQLite, PostgreSQL): one commit for several concurrent requests of the HTTP endpoint. Each
