@@ -626,6 +626,45 @@ def test_db_upgrade_writes_the_sketches_of_buckets_closed_before_them(database_u
             _assert_everything(store, metrics + late, book, **window)
 
 
+def test_a_late_metric_before_the_sketches_are_written_back_is_in_them_once(database_url: str) -> None:
+    """Migrated to 0007 (alembic alone), a store takes a late metric for a closed day whose sketches
+    are not written yet; `db upgrade`'s write-back then writes that day's sketches from the raw rows,
+    the late metric among them, over the partial one the late path made (its plain INSERT met it)."""
+    import asyncio
+
+    from conftest import run_cli
+
+    from action_metrics import migrate
+    from action_metrics.dialects import backend_for
+
+    rng = random.Random(13)
+    metrics = _spread(rng, 600, START, NOW - timedelta(minutes=20))
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+    assert run_cli("db", "downgrade", "0006", "--url", database_url).exit_code == 0
+
+    async def upgrade_schema_only() -> None:
+        engine = backend_for(database_url).create_engine()
+        try:
+            await migrate.run_migrations(engine, migrate.upgrade_to("head"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(upgrade_schema_only())
+    late = [_metric(rng, START + timedelta(days=1, hours=5, minutes=minute), error=None) for minute in (1, 2)]
+    with MetricsStore(database_url) as store:
+        state = _state(store)
+        assert state.sketches_from is not None and late[0].timestamp < state.sketches_from
+        store.emit_many(late)
+    upgraded = run_cli("db", "upgrade", "--url", database_url)
+    assert upgraded.exit_code == 0, upgraded.output
+    with MetricsStore(database_url) as store:
+        assert _state(store).sketches_from is None
+        _assert_sketches_match_the_raw_rows(store, metrics + late)
+        for window in WINDOWS:
+            _assert_everything(store, metrics + late, _book({}), **window)
+
+
 def test_a_late_metric_after_a_price_began_inside_its_closed_day_is_charged_that_price(
     database_url: str,
 ) -> None:

@@ -915,7 +915,8 @@ async def build(
 async def _backfill_sketches(transaction: WriteTransaction, backend: Backend) -> RollupState:
     """Write the sketches of the closed buckets from before `sketches_from` (a database migrated to
     0007 with rollups already built), the newest day first, a day per transaction: interrupted, it
-    resumes; done, `sketches_from` is the prune cut-off (None: never pruned)."""
+    resumes; done, `sketches_from` is the prune cut-off (None: never pruned). Sketches already there
+    (late metrics added meanwhile) are written anew with the rest."""
     while True:
         async with transaction() as connection:
             state = await read_state(connection, for_update=True)
@@ -937,6 +938,12 @@ async def _backfill_sketches(transaction: WriteTransaction, backend: Backend) ->
                     continue  # the day is not closed yet: its close writes its sketches
                 if end <= since:
                     continue
+                # A late metric for these buckets since the migration added itself to a sketch of
+                # its own (the late path finds none to add to): the raw rows, it among them, say all.
+                s = latency_sketch
+                await connection.execute(
+                    delete(s).where(s.c.level == level.name, *range_terms(s.c.start, since, end))
+                )
                 await _write_sketches(connection, backend, level, Scope(since, end), new=True)
             await write_state(connection, state, replace(state, sketches_from=since))
 
