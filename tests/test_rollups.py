@@ -654,7 +654,8 @@ def test_a_late_metric_before_the_sketches_are_written_back_is_in_them_once(data
     late = [_metric(rng, START + timedelta(days=1, hours=5, minutes=minute), error=None) for minute in (1, 2)]
     with MetricsStore(database_url) as store:
         state = _state(store)
-        assert state.sketches_from is not None and late[0].timestamp < state.sketches_from
+        assert state.sketches_from is not None
+        assert late[0].timestamp < state.sketches_from
         store.emit_many(late)
     upgraded = run_cli("db", "upgrade", "--url", database_url)
     assert upgraded.exit_code == 0, upgraded.output
