@@ -33,6 +33,7 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
+    exists,
     false,
     func,
     literal,
@@ -490,6 +491,20 @@ def latency_values(
     return union_all(*selects).cte("latencies")
 
 
+def histograms_read(metric_filter: MetricFilter, plan: ReadPlan) -> Select[Any]:
+    """One boolean: whether the plan's rollup ranges hold any histogram row of the selection (an
+    index probe per range: PostgreSQL reads the ranges of one OR as a filter over all the level's
+    rows), so that `aggregate` bins its raw rows only where its percentiles are approximate anyway
+    (`ReadPlan.binned_raw`)."""
+    h = latency_histogram
+    found = [
+        exists().where(_level_rows(level, h, metric_filter, [one]))
+        for level, ranges in plan.ranges_per_level().items()
+        for one in ranges
+    ]
+    return select(or_(false(), *found))
+
+
 # --- money and counts ---------------------------------------------------------------------------
 
 
@@ -754,7 +769,7 @@ def aggregate_statement(
         raw = selection.element.cte("selection").prefix_with("MATERIALIZED")
     per_model = sums_per_model(summed_parts(metric_filter, plan, raw, price_starts))
     if plan.uses_rollups:
-        latencies = latency_values(metric_filter, plan, raw, bin_raw=True)
+        latencies = latency_values(metric_filter, plan, raw, bin_raw=plan.binned_raw)
         overall_percentiles = weighted_percentiles(latencies, [])
         model_percentiles = weighted_percentiles(latencies, ["model"])
     else:
@@ -834,6 +849,7 @@ class Shape:
                 (level, instant(since), stand_in[until]) for level, since, until in plan.rollup_ranges
             ),
             raw_ranges=tuple((instant(since), instant(until)) for since, until in plan.raw_ranges),
+            binned_raw=plan.binned_raw,
         )
         shaped_starts = tuple(stand_in[start] for start in price_starts)
         key = (shaped_filter, shaped_plan, shaped_starts, MAX_PRICE_PERIODS_APART)

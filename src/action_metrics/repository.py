@@ -23,7 +23,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from action_metrics import migrate, rollup, sketch_reads, user_reads
-from action_metrics.aggregate import Aggregate, AggregateStatements, aggregate_from_rows
+from action_metrics.aggregate import Aggregate, AggregateStatements, aggregate_from_rows, histograms_read
 from action_metrics.breakdown import (
     BreakdownRequest,
     BreakdownRow,
@@ -281,6 +281,8 @@ class MetricsRepository:
             plan = _plan(metric_filter, state, exact=exact)
             if rollup.reads_pruned_rows(plan, state):
                 await self._check_newest_unpruned(connection, metric_filter, state)
+            if plan.uses_rollups and await connection.scalar(histograms_read(metric_filter, plan)):
+                plan = replace(plan, binned_raw=True)
             starts = await _price_starts(connection)
             statement, parameters = self._aggregate_statements.statement(metric_filter, plan, starts)
             result = await connection.execute(statement, parameters)

@@ -777,6 +777,10 @@ class ReadPlan:
 
     rollup_ranges: tuple[tuple[Level, datetime | None, datetime], ...] = ()
     raw_ranges: tuple[Range, ...] = ()
+    binned_raw: bool = False
+    """Whether the raw rows' latencies join the histograms binned as they are (a GROUP BY rather
+    than a sort of every latency), where histogram rows are read: the percentiles are approximate
+    (within 1%) then anyway. Without histogram rows they stay exact."""
 
     @property
     def uses_rollups(self) -> bool:
