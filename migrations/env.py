@@ -13,7 +13,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from action_metrics.dialects import backend_for
-from action_metrics.schema import Base, compared
+from action_metrics.schema import Base, compared_on
 
 config = context.config
 target_metadata = Base.metadata
@@ -23,11 +23,11 @@ def database_url() -> str | None:
     return context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
 
 
-def configure(**options: object) -> None:
+def configure(dialect: str, **options: object) -> None:
     context.configure(
         target_metadata=target_metadata,
         compare_type=True,
-        include_object=compared,
+        include_object=compared_on(dialect),
         # SQLite cannot ALTER most things: alembic's batch mode copies the table instead.
         render_as_batch=True,
         **options,
@@ -35,13 +35,14 @@ def configure(**options: object) -> None:
 
 
 def run_offline() -> None:
-    configure(url=backend_for(database_url()).url, literal_binds=True)
+    backend = backend_for(database_url())
+    configure(backend.name, url=backend.url, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 
 
 def run_on(connection: Connection) -> None:
-    configure(connection=connection)
+    configure(connection.dialect.name, connection=connection)
     with context.begin_transaction():
         context.run_migrations()
 

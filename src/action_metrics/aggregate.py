@@ -266,8 +266,8 @@ def raw_rows(
         return metric_filter.newest_first(select(*columns).where(*restricted(m, only)), m.c).subquery(
             "selection"
         )
-    selection = select(*columns).where(*metric_filter.conditions(m.c, times=False), *restricted(m, only))
-    return selection.where(any_range(m.c.timestamp, plan.raw_ranges)).subquery("selection")
+    terms = [*metric_filter.conditions(m.c, times=False), *restricted(m, only)]
+    return select(*columns).where(any_range(m.c.timestamp, plan.raw_ranges, terms)).subquery("selection")
 
 
 MAX_PRICE_PERIODS_APART: Final = 16

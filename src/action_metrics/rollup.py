@@ -868,8 +868,15 @@ def range_terms(
     return terms
 
 
-def any_range(column: ColumnElement[Any], ranges: Sequence[Range]) -> ColumnElement[bool]:
-    return or_(false(), *(and_(true(), *range_terms(column, since, until)) for since, until in ranges))
+def any_range(
+    column: ColumnElement[Any], ranges: Sequence[Range], terms: Sequence[ColumnElement[bool]] = ()
+) -> ColumnElement[bool]:
+    """`terms` and `column` in any of `ranges`: the terms repeated in each range's, so that SQLite
+    searches its index per range (it does not carry terms outside an OR into its branches: a town's
+    90 Kathmandu quarter hours were one read of all its actions, each tested against every range,
+    0.6 s at 10M actions, against 0.02 s)."""
+    each = [and_(true(), *terms, *range_terms(column, since, until)) for since, until in ranges]
+    return each[0] if len(each) == 1 else or_(false(), *each)  # none: false
 
 
 # --- building ------------------------------------------------------------------------------------------

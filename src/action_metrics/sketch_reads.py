@@ -461,9 +461,11 @@ def _raw_bins(
             latency_bin(m.c.latency_ms).label("bin"),
         )
         .where(
-            *metric_filter.conditions(m.c, times=False),
-            m.c.error.is_(None),
-            any_range(m.c.timestamp, _joined_ranges(members)),
+            any_range(
+                m.c.timestamp,
+                _joined_ranges(members),
+                [*metric_filter.conditions(m.c, times=False), m.c.error.is_(None)],
+            )
         )
         .subquery("binned")
     )
