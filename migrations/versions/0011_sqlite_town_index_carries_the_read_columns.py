@@ -2,10 +2,10 @@
 0008. SQLite has no INCLUDE, so the columns follow the key (town, timestamp): the index still serves
 every search by town and time, and one town's actions are read from it alone, not looked up one by
 one in the table (a town's 200k actions over 90 days at 10M: ~0.2 s a pass, most of it reading the
-table's pages, against ~0.02 s). The dashboard page of one town at 10M actions: 2.4 s -> 0.94 s.
+table's pages, against ~0.02 s). The dashboard page of one town at 10M actions: 2.4 s -> 0.85-1.07 s.
 
-Costs: ~36 s to build at 10M actions, ~6% more disk (360 MB at 10M), and a wider index entry per
-write. The model declares the index as PostgreSQL has it; `schema.compared` leaves the SQLite one
+Costs: 30-36 s to build at 10M actions, ~6% more disk (360 MB at 10M), and a wider index entry per
+write. The model declares the index as PostgreSQL has it; `schema.compared_on` leaves the SQLite one
 out of autogenerate's comparison (SQLAlchemy's Index cannot say "these columns after the key" for
 SQLite alone).
 
