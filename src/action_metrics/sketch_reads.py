@@ -124,10 +124,22 @@ def shape_of(metric_filter: MetricFilter, request: BreakdownRequest, state: Roll
     by = set(request.by)
     if by <= {"town_id"} and metric_filter.model is None and not (request.bucket == "hour" and not by):
         per_town = "town_id" in by or metric_filter.town_id is not None
-        sums: dict[Grain, Level] = (
-            {"day": DAILY_BY_TOWN, "hour": HOURLY_BY_TOWN} if per_town else {"day": DAILY, "hour": HOURLY}
+        if per_town:
+            return Shape(
+                "town_id",
+                {"day": TOWN_DAILY, "hour": TOWN_HOURLY},
+                {"day": DAILY_BY_TOWN, "hour": HOURLY_BY_TOWN},
+                subtract=True,
+            )
+        # Every town at once: an hour's actions are in its 5 sketches per model as in its 50 per
+        # town (a day has no sketch per model), a third of the blobs to decode (per Kathmandu day
+        # at 10M actions: 18k -> 6k).
+        return Shape(
+            "town_id",
+            {"day": TOWN_DAILY, "hour": MODEL_HOURLY},
+            {"day": DAILY, "hour": HOURLY},
+            subtract=True,
         )
-        return Shape("town_id", {"day": TOWN_DAILY, "hour": TOWN_HOURLY}, sums, subtract=True)
     if by <= {"model"} and request.bucket == "hour" and metric_filter.town_id is None:
         return Shape("model", {"hour": MODEL_HOURLY}, {"hour": HOURLY}, subtract=False)
     if by == {"action_type"} and metric_filter.town_id is not None and metric_filter.model is None:
