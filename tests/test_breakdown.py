@@ -11,7 +11,9 @@ import csv
 import io
 import json
 import random
+import uuid
 from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
@@ -528,6 +530,10 @@ def test_the_sketch_levels_answer_town_days_and_model_hours_as_the_reference(
 
     monkeypatch.setattr(sketch_reads, "breakdown_rows", counted)
     metrics = _metrics(seed=31, per_window=600)
+    # A town whose name begins as town-b's sketch keys per action do ('town-b/lod3'): not town-b's.
+    metrics += [
+        replace(metric, id=uuid.uuid4(), town_id="town-b/lod3", error=None) for metric in metrics[::40]
+    ]
     opus_dearer = SPRING + timedelta(days=1, hours=7, minutes=13)  # inside a closed UTC day
     book = _book()
     book.models["opus"].append((opus_dearer, Decimal("20"), Decimal("80")))

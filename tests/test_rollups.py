@@ -441,15 +441,19 @@ def _sketches_from_raw(
     """Every sketch the closed buckets should hold, built here from the metrics themselves:
     (level, start, key) -> (n, zero count, {bin: count}, latency sum)."""
     expected: dict[tuple[str, datetime, str], Any] = {}
-    for name, grain, key in (
-        ("town/hour", "hour", "town_id"),
-        ("model/hour", "hour", "model"),
-        ("town/day", "day", "town_id"),
-        ("user/day", "day", "user_id"),
-        ("user/month", "month", "user_id"),
+
+    def town_and_action(metric: ActionMetric) -> str:
+        return f"{metric.town_id}/{metric.action_type}"
+
+    for name, grain, key, built in (
+        ("town/hour", "hour", "town_id", state.sketches_from),
+        ("model/hour", "hour", "model", state.sketches_from),
+        ("town/day", "day", "town_id", state.sketches_from),
+        ("user/day", "day", "user_id", state.users_from),
+        ("user/month", "month", "user_id", state.users_from),
+        ("town-action/day", "day", town_and_action, state.town_actions_from),
     ):
         closed = state.closed_until(grain)
-        built = state.users_from if key == "user_id" else state.sketches_from
         if grain == "month" and built is not None:
             built = ceil_to(built, "month")
         for metric in metrics:
@@ -457,7 +461,11 @@ def _sketches_from_raw(
                 continue
             if built is not None and metric.timestamp < built:
                 continue
-            bucket = (name, floor_to(metric.timestamp, grain), getattr(metric, key))
+            bucket = (
+                name,
+                floor_to(metric.timestamp, grain),
+                key(metric) if callable(key) else getattr(metric, key),
+            )
             n, zeros, bins, total = expected.get(bucket, (0, 0, {}, 0.0))
             latency = float(metric.latency_ms)
             if latency > 0:
@@ -577,7 +585,10 @@ def _reset_rollups(url: str) -> None:
                 await connection.execute(delete(latency_histogram))
                 await connection.execute(
                     update(rollup_state).values(
-                        hours_closed_until=None, days_closed_until=None, users_from=None
+                        hours_closed_until=None,
+                        days_closed_until=None,
+                        users_from=None,
+                        town_actions_from=None,
                     )
                 )
 

@@ -94,6 +94,9 @@ class Backend:
     migrates_on_first_use: ClassVar[bool]
     """Whether a store creates the schema in a brand-new, empty database (an embedded file), or
     leaves every schema change to an operator (a server)."""
+    union_of_ranges: ClassVar[bool] = False
+    """Whether rows in many time ranges are read as a UNION ALL of a statement per range
+    (`rollup.rows_in_ranges`) rather than one statement with an OR of the ranges."""
 
     def __init__(self, url: URL) -> None:
         self.given_url = url
@@ -241,6 +244,11 @@ class PostgresBackend(Backend):
     name = "postgresql"
     async_driver = "asyncpg"
     migrates_on_first_use = False  # schema changes on a server are an operator's decision
+    # An OR of ranges, each with the same filter, is planned as a BitmapOr of the ranges ANDed with
+    # a bitmap of the whole filter (PostgreSQL pulls the terms common to the branches out of the
+    # OR), then a visit of every table page: a town's 90 edge hours at 10M actions, 140 ms. A branch
+    # per range reads each from the covering index alone: 12 ms, and 5 ms to plan.
+    union_of_ranges = True
 
     def __init__(self, url: URL) -> None:
         super().__init__(url)

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import groupby
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import ColumnElement, insert, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from action_metrics.dialects import Backend
@@ -31,16 +31,40 @@ class SketchLevel:
     key: str
     finer: SketchLevel | None = None
     """The level a closing bucket's sketches are merged from (None: the raw rows)."""
+    then: str | None = None
+    """A second column the sketches are kept per (the action type of a town's): the stored key is
+    'town/action' (an action type has no '/'; a town may)."""
+    built_from: str = "sketches_from"
+    """The `RollupState` field saying from when its closed buckets' sketches exist."""
+
+    def key_of(self, columns: Any) -> ColumnElement[str]:
+        """The stored key of a row of `columns` (the raw table's, or the scratch table's)."""
+        if self.then is None:
+            return cast(ColumnElement[str], columns[self.key])
+        return cast(ColumnElement[str], columns[self.key] + KEY_SEPARATOR + columns[self.then])
+
+    def parts_of(self, stored: str) -> tuple[str, str]:
+        """The key's two values (`then` set): 'town/a/lod3' is town 'town/a', action 'lod3'."""
+        first, _, second = stored.rpartition(KEY_SEPARATOR)
+        return first, second
+
+
+KEY_SEPARATOR: Final = "/"
 
 
 TOWN_HOURLY: Final = SketchLevel("town/hour", "hour", "town_id")
 """The edge hours of a town's local day (added to or subtracted from a UTC day's)."""
 TOWN_DAILY: Final = SketchLevel("town/day", "day", "town_id", finer=TOWN_HOURLY)
 MODEL_HOURLY: Final = SketchLevel("model/hour", "hour", "model")
-USER_DAILY: Final = SketchLevel("user/day", "day", "user_id")
+USER_DAILY: Final = SketchLevel("user/day", "day", "user_id", built_from="users_from")
 """From the raw rows (no finer level keeps the user)."""
-USER_MONTHLY: Final = SketchLevel("user/month", "month", "user_id", finer=USER_DAILY)
-SKETCH_LEVELS: Final = (TOWN_HOURLY, MODEL_HOURLY, TOWN_DAILY, USER_DAILY, USER_MONTHLY)
+USER_MONTHLY: Final = SketchLevel("user/month", "month", "user_id", finer=USER_DAILY, built_from="users_from")
+TOWN_ACTION_DAILY: Final = SketchLevel(
+    "town-action/day", "day", "town_id", then="action_type", built_from="town_actions_from"
+)
+"""A town's action types per day (the page's latency chart), from the raw rows: an hourly level per
+town and action would be nearly as many rows as the actions (50 towns x 11 actions)."""
+SKETCH_LEVELS: Final = (TOWN_HOURLY, MODEL_HOURLY, TOWN_DAILY, USER_DAILY, USER_MONTHLY, TOWN_ACTION_DAILY)
 
 
 BinnedRow = tuple[str, datetime, int, int, float]

@@ -308,7 +308,7 @@ class MetricsRepository:
                 if metric_filter.since is None:  # nothing is stored before: whole months from the first
                     since = rollup.floor_to(since, "month")
                 pieces = user_reads.cover(since, until, state)
-                if not sketch_reads.pruned_pieces(pieces, state):  # else raised below
+                if not sketch_reads.pruned_pieces(pieces, state, user_reads.SHAPE):  # else raised below
                     price_starts = await _price_starts(connection)
                     rows = await sketch_reads.breakdown_rows(
                         connection,
@@ -320,7 +320,6 @@ class MetricsRepository:
                         [since, until],
                         self.backend,
                         price_starts,
-                        (since, until),
                     )
                     for row in rows:
                         yield row
@@ -337,7 +336,7 @@ class MetricsRepository:
                 shape = sketch_reads.shape_of(metric_filter, request, state)
                 if shape is not None and sketch_reads.readable(shape, state, since, starts):
                     pieces = sketch_reads.cover(shape, windows, state)
-                    if sketch_reads.pruned_pieces(pieces, state):
+                    if sketch_reads.pruned_pieces(pieces, state, shape):
                         assert state.raw_kept_from is not None
                         raise RawRowsPruned(state.raw_kept_from, "breakdown()")
                     price_starts = await _price_starts(connection)
@@ -351,7 +350,6 @@ class MetricsRepository:
                         starts,
                         self.backend,
                         price_starts,
-                        (since, until),
                     )
                     for row in rows:
                         yield row

@@ -57,7 +57,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import CreateTable, DropTable
-from sqlalchemy.sql.selectable import Subquery
+from sqlalchemy.sql.selectable import CompoundSelect, Subquery
 
 from action_metrics import latency_sketches, sketch
 from action_metrics.dialects import Backend
@@ -262,6 +262,7 @@ class RollupState:
     raw_kept_from: datetime | None = None
     sketches_from: datetime | None = None
     users_from: datetime | None = None
+    town_actions_from: datetime | None = None
 
     def closed_until(self, grain: Grain) -> datetime | None:
         """A month's rows hold its closed days: months are closed as far as days are."""
@@ -277,6 +278,7 @@ async def read_state(connection: AsyncConnection, *, for_update: bool = False) -
         rollup_state.c.raw_kept_from,
         rollup_state.c.sketches_from,
         rollup_state.c.users_from,
+        rollup_state.c.town_actions_from,
     ).where(rollup_state.c.id == STATE_ID)
     if for_update:
         statement = statement.with_for_update()
@@ -294,6 +296,7 @@ async def _write_state(connection: AsyncConnection, state: RollupState) -> None:
             raw_kept_from=state.raw_kept_from,
             sketches_from=state.sketches_from,
             users_from=state.users_from,
+            town_actions_from=state.town_actions_from,
         )
     )
 
@@ -584,7 +587,7 @@ def _scratch_bins(level: latency_sketches.SketchLevel, backend: Backend) -> Sele
     s = _scratch
     binned = (
         select(
-            s.c[level.key].label("key"),
+            level.key_of(s.c).label("key"),
             backend.bucket_start(s.c.at, level.grain).label("start"),
             s.c.bin,
             s.c.latency_ms_sum.label("latency_ms"),
@@ -604,7 +607,7 @@ def _sketch_bins(level: latency_sketches.SketchLevel, scope: Scope, backend: Bac
         where.append(m.c.id.in_(scope.ids))
     binned = (
         select(
-            m.c[level.key].label("key"),
+            level.key_of(m.c).label("key"),
             backend.bucket_start(m.c.timestamp, level.grain).label("start"),
             latency_bin(m.c.latency_ms).label("bin"),
             m.c.latency_ms,
@@ -879,6 +882,27 @@ def any_range(
     return each[0] if len(each) == 1 else or_(false(), *each)  # none: false
 
 
+def rows_in_ranges(
+    statement: Select[Any],
+    column: ColumnElement[Any],
+    ranges: Sequence[Range],
+    terms: Sequence[ColumnElement[bool]],
+    backend: Backend,
+) -> Select[Any] | CompoundSelect[Any]:
+    """`statement` (of one table) restricted to `terms` and `column` in any of `ranges`: one
+    statement with `any_range`, or where the backend reads ranges apart (`union_of_ranges`), one
+    statement per range, all of them UNION ALL."""
+    if not backend.union_of_ranges or len(ranges) < 2 or len(ranges) > MAX_RANGES_UNITED:
+        return statement.where(any_range(column, ranges, terms))
+    branches = [statement.where(*terms, *range_terms(column, since, until)) for since, until in ranges]
+    return union_all(*branches)
+
+
+MAX_RANGES_UNITED: Final = 400
+"""More ranges than this are one statement with an OR even where the backend reads them apart: a
+plan of a branch per range takes longer to make than the ranges take to read."""
+
+
 # --- building ------------------------------------------------------------------------------------------
 
 WriteTransaction = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
@@ -920,29 +944,43 @@ async def build(
             progress(BuildProgress(min(done, total), total))
         if after == before:
             await _backfill_sketches(transaction, backend)
+            await _backfill_sketches(transaction, backend, "town_actions_from", progress)
             return await _backfill_users(transaction, backend, progress)
 
 
-async def _backfill_sketches(transaction: WriteTransaction, backend: Backend) -> RollupState:
-    """Write the sketches of the closed buckets from before `sketches_from` (a database migrated to
-    0007 with rollups already built), the newest day first, a day per transaction: interrupted, it
-    resumes; done, `sketches_from` is the prune cut-off (None: never pruned). Sketches already there
+async def _backfill_sketches(
+    transaction: WriteTransaction,
+    backend: Backend,
+    built_from: str = "sketches_from",
+    progress: Callable[[BuildProgress], None] | None = None,
+) -> RollupState:
+    """Write the sketches of the closed buckets from before the state's `built_from` of the levels
+    it dates (`sketches_from`: a database migrated to 0007 with rollups already built;
+    `town_actions_from`: to 0012), the newest day first, a day per transaction: interrupted, it
+    resumes; done, `built_from` is the prune cut-off (None: never pruned). Sketches already there
     (late metrics added meanwhile) are written anew with the rest."""
+    levels = [
+        level
+        for level in latency_sketches.levels_of(["hour", "day"])
+        if level.built_from == built_from and level.built_from != "users_from"  # `_backfill_users`
+    ]
+    total: int | None = None
+    done = 0
     while True:
         async with transaction() as connection:
             state = await read_state(connection, for_update=True)
-            until = state.sketches_from
+            until = getattr(state, built_from)
             if until is None:
                 return state
             since = floor_to(until, "day") if until != floor_to(until, "day") else until - GRAIN_LENGTH["day"]
             earlier = await _next_timestamp(connection, None)
+            if total is None and earlier is not None:
+                total = max(0, (until - floor_to(earlier, "day")) // GRAIN_LENGTH["day"])
             if earlier is None or earlier >= until:
-                after = replace(state, sketches_from=state.raw_kept_from)
+                after = replace(state, **{built_from: state.raw_kept_from})
                 await write_state(connection, state, after)
                 return after
-            for level in latency_sketches.levels_of(["hour", "day"]):
-                if level.key == "user_id":
-                    continue  # `_backfill_users` writes them with the users' sums
+            for level in levels:
                 closed = state.closed_until(level.grain)
                 end = until if closed is None else min(until, closed)
                 if level.grain == "day" and since + GRAIN_LENGTH["day"] > end:
@@ -956,7 +994,10 @@ async def _backfill_sketches(transaction: WriteTransaction, backend: Backend) ->
                     delete(s).where(s.c.level == level.name, *range_terms(s.c.start, since, end))
                 )
                 await _write_sketches(connection, backend, level, Scope(since, end), new=True)
-            await write_state(connection, state, replace(state, sketches_from=since))
+            await write_state(connection, state, replace(state, **{built_from: since}))
+        done += 1
+        if progress is not None and total:
+            progress(BuildProgress(min(done, total), total))
 
 
 async def _backfill_users(

@@ -279,6 +279,10 @@ class LatencyHistogramRow(Base):
     )
 
 
+SKETCH_KEY_LENGTH: Final = 256 + 1 + 64
+"""A town (at most 256 characters), '/', and an action type (at most 64)."""
+
+
 class LatencySketchRow(Base):
     """One bucket's latency histogram as one value (see `sketch`): per town and UTC hour or day, per
     model and UTC hour, or per user and UTC day or month. Read many at a time and merged in NumPy;
@@ -288,10 +292,11 @@ class LatencySketchRow(Base):
 
     level: Mapped[str] = mapped_column(String(16), primary_key=True)
     """`latency_sketches.SketchLevel.name`: 'town/hour', 'town/day', 'model/hour', 'user/day',
-    'user/month'."""
+    'user/month', 'town-action/day'."""
     start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
-    key: Mapped[str] = mapped_column(String(256), primary_key=True)
-    """The town, the model or the user (each at most 256 characters)."""
+    key: Mapped[str] = mapped_column(String(SKETCH_KEY_LENGTH), primary_key=True)
+    """The town, the model or the user (each at most 256 characters), or a town and an action type as
+    'town/action' (`latency_sketches.SketchLevel.key_of`; since 0012)."""
     n: Mapped[int] = mapped_column(BigInteger(), nullable=False)
     """How many latencies (of successful actions), zeros included."""
     latency_sum: Mapped[float] = mapped_column(Double(), nullable=False)
@@ -321,6 +326,9 @@ class RollupStateRow(Base):
     """The per-user rollup and sketches of closed days (and of months from their first day) exist
     from here on (None: all of them); `build` moves it back a day at a time from where migration
     0009 found the days closed."""
+    town_actions_from: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    """The sketches per town, action type and closed day exist from here on (None: all of them);
+    `build` moves it back a day at a time from where migration 0012 found the days closed."""
 
 
 EXPRESSION_INDEXES: Final = frozenset(

@@ -17,10 +17,10 @@ Users over any window are covered by `user_reads` and read here the same way. Ev
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from itertools import chain
 from typing import Any, Final
 
 import numpy as np
@@ -59,7 +59,14 @@ from action_metrics.breakdown import (
     row_from,
 )
 from action_metrics.dialects import Backend, not_indexed
-from action_metrics.latency_sketches import MODEL_HOURLY, TOWN_DAILY, TOWN_HOURLY, SketchLevel
+from action_metrics.latency_sketches import (
+    KEY_SEPARATOR,
+    MODEL_HOURLY,
+    TOWN_ACTION_DAILY,
+    TOWN_DAILY,
+    TOWN_HOURLY,
+    SketchLevel,
+)
 from action_metrics.pricing import BEGINNING_OF_TIME
 from action_metrics.query import MetricFilter
 from action_metrics.rollup import (
@@ -82,6 +89,7 @@ from action_metrics.rollup import (
     latency_bin,
     next_start,
     range_terms,
+    rows_in_ranges,
 )
 from action_metrics.schema import UTCDateTime, action_metrics, latency_sketch, rollup, rollup_detail
 from action_metrics.sketch import Counted, blob_counts, merged_percentiles
@@ -104,9 +112,9 @@ class Piece:
 
 @dataclass(frozen=True)
 class Shape:
-    """What the sketch levels answer: sketches per `key` (town or model) at each grain read, and the
-    rollup levels whose sums go with them. Without sketches (a town's action types) the percentiles
-    come from the window's raw rows, binned per group and bucket as the sketches bin them."""
+    """What the sketch levels answer: sketches per `key` (town, model or a town's action type) at
+    each grain read, and the rollup levels whose sums go with them. The percentiles of a grain with
+    sums but no sketches (a town's action types' hours) come from its raw rows."""
 
     key: str
     sketches: dict[Grain, SketchLevel]
@@ -143,19 +151,25 @@ def shape_of(metric_filter: MetricFilter, request: BreakdownRequest, state: Roll
     if by <= {"model"} and request.bucket == "hour" and metric_filter.town_id is None:
         return Shape("model", {"hour": MODEL_HOURLY}, {"hour": HOURLY}, subtract=False)
     if by == {"action_type"} and metric_filter.town_id is not None and metric_filter.model is None:
-        # The page's latency chart: one town's rows are few, a town x action level's would be many.
-        return Shape("action_type", {}, {"day": DAILY_DETAIL, "hour": HOURLY_DETAIL}, subtract=True)
+        # The page's latency chart: a town's closed days from their sketches per action type, the
+        # edge hours' percentiles from the town's raw rows.
+        return Shape(
+            "action_type",
+            {"day": TOWN_ACTION_DAILY},
+            {"day": DAILY_DETAIL, "hour": HOURLY_DETAIL},
+            subtract=True,
+        )
     return None
 
 
 def readable(shape: Shape, state: RollupState, since: datetime, starts: Sequence[datetime]) -> bool:
     """Whether the sketches the covers may read exist: from a day before the window on (the cover of
-    a local day may take the UTC day before it), and, for model hours, buckets of whole UTC hours;
-    without sketches, whether the window's raw rows are all kept (else `breakdown` says they are not)."""
-    if not shape.sketches:
-        return state.raw_kept_from is None or since >= state.raw_kept_from
-    if state.sketches_from is not None and floor_to(since, "day") - GRAIN_LENGTH["day"] < state.sketches_from:
-        return False
+    a local day may take the UTC day before it), and, for model hours, buckets of whole UTC hours."""
+    earliest = floor_to(since, "day") - GRAIN_LENGTH["day"]
+    for level in shape.sketches.values():
+        built = getattr(state, level.built_from)
+        if built is not None and earliest < built:
+            return False
     return shape.key != "model" or all(start == floor_to(start, "hour") for start in starts)
 
 
@@ -251,7 +265,7 @@ def _cost(pieces: Sequence[Piece]) -> float:
 
 def cover(shape: Shape, windows: Sequence[tuple[datetime, datetime]], state: RollupState) -> list[Piece]:
     """Every bucket's pieces, bucket `index` covering `windows[index]`."""
-    grains = list(shape.sketches)
+    grains = list(shape.sums)
     pieces: list[Piece] = []
     for index, (since, until) in enumerate(windows):
         if since >= until:
@@ -283,6 +297,30 @@ def _bucket_of_piece(moment: ColumnElement[Any], pieces: Sequence[Piece]) -> Col
         (moment < bound, _bucket_of_piece(moment, pieces[:middle])),
         else_=_bucket_of_piece(moment, pieces[middle:]),
     )
+
+
+def _segments(pieces: Sequence[Piece]) -> list[tuple[datetime, datetime, tuple[tuple[int, int], ...]]]:
+    """The time the pieces cover cut where the pieces holding it change: (since, until, the
+    (bucket, sign) of each piece holding it), in order, none overlapping."""
+    events = sorted(
+        [(piece.since, 1, piece.bucket, piece.sign) for piece in pieces]
+        + [(piece.until, -1, piece.bucket, piece.sign) for piece in pieces]
+    )
+    holding: Counter[tuple[int, int]] = Counter()
+    segments: list[tuple[datetime, datetime, tuple[tuple[int, int], ...]]] = []
+    for index, (moment, change, bucket, sign) in enumerate(events):
+        holding[(bucket, sign)] += change
+        following = events[index + 1][0] if index + 1 < len(events) else moment
+        if following == moment:
+            continue
+        takers = tuple(sorted(holding.elements()))
+        if not takers:
+            continue
+        if segments and segments[-1][1] == moment and segments[-1][2] == takers:
+            segments[-1] = (segments[-1][0], following, takers)
+        else:
+            segments.append((moment, following, takers))
+    return segments
 
 
 def _raw_bucket_of(
@@ -458,33 +496,29 @@ def _raw_bins(
     key: str | None,
     members: Sequence[Piece],
     bucket_of: Any,
-    *,
-    counted: bool = True,
+    backend: Backend,
 ) -> Select[Any]:
-    """The raw rows' latency bins per group and bucket: counted per bin, or (not `counted`) a row
-    each counting 1, where most bins of a group hold one row and counting them would sort them all
-    (a town's action types per day)."""
+    """The raw rows' latency bins per group and bucket, counted per bin."""
     m = action_metrics
-    columns = [not_indexed(m.c[key]).label("key")] if key is not None else []
-    binned = (
-        select(
-            *columns,
-            bucket_of(m.c.timestamp).label("bucket"),
-            latency_bin(m.c.latency_ms).label("bin"),
-        )
-        .where(
-            any_range(
-                m.c.timestamp,
-                _joined_ranges(members),
-                [*metric_filter.conditions(m.c, times=False), m.c.error.is_(None)],
-            )
-        )
-        .subquery("binned")
-    )
+    columns: list[ColumnElement[Any]] = [m.c.timestamp, m.c.latency_ms]
+    if key is not None:
+        columns.append(not_indexed(m.c[key]).label("key"))
+    chosen: Select[Any] = select(*columns)
+    ranged = rows_in_ranges(
+        chosen,
+        m.c.timestamp,
+        _joined_ranges(members),
+        [*metric_filter.conditions(m.c, times=False), m.c.error.is_(None)],
+        backend,
+    ).subquery("ranged")
+    r = ranged.c
+    binned = select(
+        *([r.key] if key is not None else []),
+        bucket_of(r.timestamp).label("bucket"),
+        latency_bin(r.latency_ms).label("bin"),
+    ).subquery("binned")
     b = binned.c
     grouped = [*([b.key] if key is not None else []), b.bucket, b.bin]
-    if not counted:
-        return select(*grouped, literal(1, Integer).label("n"))
     return select(*grouped, func.count().label("n")).group_by(*grouped)
 
 
@@ -508,12 +542,10 @@ async def percentiles_of_groups(
     pieces: Sequence[Piece],
     starts: Sequence[datetime],
     backend: Backend,
-    window: tuple[datetime, datetime],
+    values: Collection[str],
 ) -> dict[tuple[Any, ...], dict[str, float | None]]:
     """Each group's p50/p95/p99, by `breakdown.group_key`: its pieces' sketches and raw rows' bins,
-    signed, merged; without sketches, the bins of the raw rows of the whole `window`."""
-    if not shape.sketches:
-        pieces = [Piece(1, None, *window, 0)]
+    signed, merged. `values`: the values of `shape.key` in the groups wanted."""
     keyed = shape.key in request.by
     numbers: dict[tuple[Any, ...], int] = {}
     keys = group_keys(request)
@@ -523,34 +555,30 @@ async def percentiles_of_groups(
         return numbers.setdefault(tuple(values[name] for name in keys), len(numbers))
 
     counted: list[Counted] = []
-    for (grain, sign), members in _groups_of_pieces(pieces).items():
-        if grain is not None:
-            continue
-        bucket_of = _raw_bucket_of(sign, members, starts, backend)
-        binned = _raw_bins(
-            metric_filter, shape.key if keyed else None, members, bucket_of, counted=bool(shape.sketches)
-        )
+    # Raw rows, and whole closed hours of a grain without sketches, read once however many buckets
+    # take them (an edge hour taken from one local day is added to the next): binned per segment
+    # of time with the same buckets and signs.
+    segments = _segments([piece for piece in pieces if piece.grain not in shape.sketches])
+    if segments:
+        spans = [Piece(1, None, since, until, index) for index, (since, until, _) in enumerate(segments)]
+
+        def segment_of(moment: ColumnElement[Any]) -> ColumnElement[int]:
+            return _bucket_of_piece(moment, spans)
+
+        binned = _raw_bins(metric_filter, shape.key if keyed else None, spans, segment_of, backend)
         rows = (await connection.execute(_bins_per_group(binned, keyed, backend))).all()
-        if rows:
-            bins = [backend.ints_of(row[-2]) for row in rows]
-            lengths = np.fromiter(map(len, bins), np.int64, len(bins))
-            groups = np.fromiter(
-                (number(row[0] if keyed else None, row[-3]) for row in rows), np.int64, len(rows)
-            )
-            counted.append(
-                Counted(
-                    np.repeat(groups, lengths),
-                    np.fromiter(chain.from_iterable(bins), np.int64, int(lengths.sum())),
-                    np.fromiter(
-                        chain.from_iterable(backend.ints_of(row[-1]) for row in rows),
-                        np.int64,
-                        int(lengths.sum()),
-                    )
-                    * sign,
-                )
-            )
+        groups: list[int] = []
+        bins: list[int] = []
+        counts: list[int] = []
+        for row in rows:
+            row_bins, row_counts = backend.ints_of(row[-2]), backend.ints_of(row[-1])
+            for bucket, sign in segments[row[-3]][2]:
+                groups += [number(row[0] if keyed else None, bucket)] * len(row_bins)
+                bins += row_bins
+                counts += row_counts if sign > 0 else [-count for count in row_counts]
+        if groups:
+            counted.append(Counted(np.array(groups), np.array(bins), np.array(counts)))
     s = latency_sketch
-    value = getattr(metric_filter, shape.key)
     for grain, level in shape.sketches.items():
         # Each sketch read once, however many buckets take it (an edge hour is taken from one
         # local day and added to the next).
@@ -566,16 +594,18 @@ async def percentiles_of_groups(
             if grain == "hour"
             else any_range(s.c.start, _joined([(m, next_start(m, grain)) for m in moments]))
         )
+        chosen, key_of = _chosen_keys(level, shape, metric_filter, values)
         statement = select(s.c.start, s.c.key, s.c.zero_count, s.c.bins).where(
-            s.c.level == level.name, when, *([] if value is None else [s.c.key == value])
+            s.c.level == level.name, when, *chosen
         )
         group_of: list[int] = []
         signs: list[int] = []
         blobs: list[bytes] = []
         zero_counts: list[int] = []
         for row in (await connection.execute(statement)).all():
+            key = key_of(row[1])
             for bucket, taken_sign in taken.get(row[0], ()):
-                group_of.append(number(row[1], bucket))
+                group_of.append(number(key, bucket))
                 signs.append(taken_sign)
                 zero_counts.append(row[2])
                 blobs.append(row[3])
@@ -583,6 +613,23 @@ async def percentiles_of_groups(
             counted.append(blob_counts(group_of, signs, blobs, zero_counts))
     merged = merged_percentiles(len(numbers), counted)
     return {group: merged.of(index) for group, index in numbers.items()}
+
+
+def _chosen_keys(
+    level: SketchLevel, shape: Shape, metric_filter: MetricFilter, values: Collection[str]
+) -> tuple[list[ColumnElement[bool]], Callable[[str], str]]:
+    """Which of the level's sketches the filter takes (WHERE terms on their key), and the value of
+    `shape.key` each stands for. A town's action types: the keys 'town/action' of the `values`
+    (those of the rows found), searched by the index on (level, start, key)."""
+    s = latency_sketch
+    if level.then is None:
+        value = getattr(metric_filter, level.key)
+        return ([] if value is None else [s.c.key == value]), lambda key: key
+    assert level.then == shape.key
+    town = getattr(metric_filter, level.key)
+    assert town is not None, "a town's action types are read for one town"
+    keys = {town + KEY_SEPARATOR + value: value for value in values}
+    return [s.c.key.in_(sorted(keys))], keys.__getitem__
 
 
 async def breakdown_rows(
@@ -595,9 +642,8 @@ async def breakdown_rows(
     starts: Sequence[datetime],
     backend: Backend,
     price_starts: Sequence[datetime],
-    window: tuple[datetime, datetime],
 ) -> list[BreakdownRow]:
-    """The breakdown's rows, read by the pieces of `cover` of `window`."""
+    """The breakdown's rows, read by the pieces of a cover."""
     if not pieces:
         return []
     towns = None
@@ -615,8 +661,9 @@ async def breakdown_rows(
     rows = [dict(zip(names, values, strict=True)) for values in result.all()]
     if not rows:
         return []
+    values = {row[shape.key] for row in rows if shape.key in row}
     percentiles = await percentiles_of_groups(
-        connection, metric_filter, request, shape, pieces, starts, backend, window
+        connection, metric_filter, request, shape, pieces, starts, backend, values
     )
     empty = dict.fromkeys(PERCENTILES)
     for row in rows:
@@ -625,6 +672,9 @@ async def breakdown_rows(
     return [row_from(row, request, bucketed) for row in rows]
 
 
-def pruned_pieces(pieces: Sequence[Piece], state: RollupState) -> bool:
+def pruned_pieces(pieces: Sequence[Piece], state: RollupState, shape: Shape) -> bool:
+    """Whether any piece read from raw rows (for its sums, or its percentiles where its grain has
+    no sketches) lies before the prune cut-off."""
     cutoff = state.raw_kept_from
-    return cutoff is not None and any(piece.since < cutoff for piece in pieces if piece.grain is None)
+    raw = [piece for piece in pieces if piece.grain is None or piece.grain not in shape.sketches]
+    return cutoff is not None and any(piece.since < cutoff for piece in raw)
