@@ -806,3 +806,92 @@ def test_by_user_after_migration_0009_reads_raw_rows_until_db_upgrade_builds_the
     with MetricsStore(database_url) as store:
         for window in USER_WINDOWS:
             _assert_by_user(store, [*metrics, late], _book(), **window)
+
+
+def _town_action_sketches(url: str) -> list[tuple[datetime, str]]:
+    """The (day, key) of every sketch per town, action type and day."""
+
+    async def read() -> list[tuple[datetime, str]]:
+        from action_metrics.schema import latency_sketch
+
+        engine = backend_for(url).create_engine()
+        try:
+            async with engine.connect() as connection:
+                s = latency_sketch.c
+                rows = await connection.execute(select(s.start, s.key).where(s.level == "town-action/day"))
+                return sorted((start, key) for start, key in rows)
+        finally:
+            await engine.dispose()
+
+    return run_async(read())
+
+
+@pytest.mark.not_on_clickhouse("migration 0012 is alembic's")
+def test_a_towns_action_types_after_migration_0012_read_raw_rows_until_db_upgrade_writes_their_sketches(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database from before 0012 (the longest town and action type among its metrics: a key of 321
+    characters): until `db upgrade` writes the sketches per town, action type and day (a late metric
+    arriving in between among them), a town's action types per local day read as before; afterwards
+    from the sketches, the same figures."""
+    from action_metrics import migrate, sketch_reads
+
+    longest_town, longest_action = "t" * 256, "a" * 64
+    metrics = _winter_metrics(seed=53, count=900)
+    metrics += [
+        replace(metric, id=uuid.uuid4(), town_id=longest_town, action_type=longest_action)
+        for metric in metrics[::20]
+    ]
+    metrics.sort(key=lambda metric: metric.timestamp)
+    late = a_metric(
+        town_id=longest_town,
+        action_type=longest_action,
+        latency_ms=54_321.0,
+        error=None,
+        timestamp=datetime(2024, 2, 20, 22, 30, tzinfo=UTC),  # a Berlin edge hour, in a closed day
+    )
+    with MetricsStore(database_url) as store:
+        _emitted_day_by_day(store, metrics)
+    assert run_cli("db", "downgrade", "0011", "--url", database_url).exit_code == 0
+    engine = backend_for(database_url).create_engine()
+    run_async(migrate.run_migrations(engine, migrate.upgrade_to("head")))
+    run_async(engine.dispose())
+    assert _town_action_sketches(database_url) == []
+    answered: list[int] = []
+    read = sketch_reads.breakdown_rows
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        rows = await read(*args, **kwargs)
+        answered.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(sketch_reads, "breakdown_rows", counted)
+    everything = [*metrics, late]
+    windows: list[dict[str, Any]] = [{}, {"since": datetime(2024, 2, 10, 13, 37, 11, tzinfo=UTC)}]
+    with MetricsStore(database_url) as store:
+        store.emit(late)
+        store.flush()
+        for town in (longest_town, "town-b"):
+            for window in windows:
+                kept = [
+                    m for m in everything if m.town_id == town and m.timestamp >= window.get("since", WINTER)
+                ]
+                _assert_breakdown(
+                    store, kept, ("action_type",), "day", "Europe/Berlin", town_id=town, **window
+                )
+    assert answered == []  # the days before the migration have no sketches yet: read as before
+    upgraded = run_cli("db", "upgrade", "--url", database_url)
+    assert upgraded.exit_code == 0, upgraded.output
+    written = _town_action_sketches(database_url)
+    assert (datetime(2024, 2, 20, tzinfo=UTC), f"{longest_town}/{longest_action}") in written
+    assert len({day for day, _ in written}) >= WINTER_DAYS - 1
+    with MetricsStore(database_url) as store:
+        for town in (longest_town, "town-b"):
+            for window in windows:
+                kept = [
+                    m for m in everything if m.town_id == town and m.timestamp >= window.get("since", WINTER)
+                ]
+                _assert_breakdown(
+                    store, kept, ("action_type",), "day", "Europe/Berlin", town_id=town, **window
+                )
+    assert len(answered) == 2 * len(windows)

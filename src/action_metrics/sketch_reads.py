@@ -1,6 +1,7 @@
 """`breakdown()` from the sketch levels: a town's (or every town's) local days, weeks, months or hours,
-and each model's hours, with sums from the rollups and percentiles merged from latency sketches in
-NumPy, the open buckets' raw rows joined as `breakdown` joins them.
+each model's hours, and a town's action types per local day, with sums from the rollups and
+percentiles merged from latency sketches in NumPy, the open buckets' raw rows joined as `breakdown`
+joins them.
 
 A bucket is covered by pieces, each a closed UTC day or hour (its rollup rows and sketch) or a raw
 time range, with a sign: a local day is either the closed days and hours inside it plus raw rows for
@@ -11,7 +12,8 @@ per row's prices, which never span a price change); sketches subtract their coun
 (`sketch.merged_percentiles`).
 
 Users over any window are covered by `user_reads` and read here the same way. Everything else
-(citizens, action types, exact percentiles, a sort by a percentile) is read by `breakdown` as before.
+(citizens, action types of every town, exact percentiles, a sort by a percentile) is read by
+`breakdown` as before.
 """
 
 from __future__ import annotations
