@@ -717,14 +717,19 @@ def test_by_user_from_months_days_and_raw_rows_follows_prices_late_and_resent_me
     database_url: str,
 ) -> None:
     """Cost and margin per user over random windows, read from the user levels' closed months and
-    days and raw rows for the rest, after prices that begin inside a closed day of a closed month,
-    late metrics into closed days and months, and re-sent ids, match the reference."""
+    days, the open day's closed hours and raw rows for the rest, after prices that begin inside a
+    closed day of a closed month and inside the open day's closed hours, late metrics into closed
+    days and months and the open day's closed hours, and re-sent ids, match the reference."""
     metrics = _winter_metrics(seed=41, count=1_500)
     rng = random.Random(42)
     sonnet_cheaper = datetime(2024, 2, 10, 7, 13, tzinfo=UTC)  # inside a closed day and month
     credits_dearer = datetime(2024, 3, 3, 5, 0, 7, tzinfo=UTC)
+    # The last day (April 1st) is open, its hours closed up to the last metric's less 5 minutes.
+    assert metrics[-1].timestamp > datetime(2024, 4, 1, 20, tzinfo=UTC)
+    haiku_dearer = datetime(2024, 4, 1, 9, 41, 3, tzinfo=UTC)
     book = _book()
     book.models["sonnet"].append((sonnet_cheaper, Decimal("2.5"), Decimal("12.5")))
+    book.models["haiku"].append((haiku_dearer, Decimal("1.5"), Decimal("7.5")))
     book.credits.append((credits_dearer, Decimal("0.0075")))
     late = [
         a_metric(
@@ -741,11 +746,14 @@ def test_by_user_from_months_days_and_raw_rows_follows_prices_late_and_resent_me
             datetime(2024, 1, 31, 23, 59, 59, tzinfo=UTC),
             datetime(2024, 3, 3, 5, 0, 7, tzinfo=UTC),  # at the credit price's first instant
             datetime(2024, 3, 30, 1, 2, tzinfo=UTC),
+            datetime(2024, 4, 1, 9, 41, 3, tzinfo=UTC),  # the open day's first instant of a price
+            datetime(2024, 4, 1, 15, 20, tzinfo=UTC),  # a closed hour of the open day
         )
     ]
     with MetricsStore(database_url) as store:
         _emitted_day_by_day(store, metrics)
         store.set_model_price("sonnet", "2.5", "12.5", effective_from=sonnet_cheaper)
+        store.set_model_price("haiku", "1.5", "7.5", effective_from=haiku_dearer)
         store.set_credit_price("0.0075", effective_from=credits_dearer)
         store.emit_many([*late, *metrics[:40], *metrics[700:720]])  # re-sent ids are stored once
         store.flush()

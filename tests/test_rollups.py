@@ -36,6 +36,7 @@ from action_metrics.rollup import (
     bin_value_of,
     ceil_to,
     floor_to,
+    open_user_day,
     read_state,
 )
 from action_metrics.sketch import Sketch
@@ -453,7 +454,7 @@ def _sketches_from_raw(
         ("user/month", "month", "user_id", state.users_from),
         ("town-action/day", "day", town_and_action, state.town_actions_from),
     ):
-        closed = state.closed_until(grain)
+        closed = _user_rows_until(state) if name == "user/day" else state.closed_until(grain)
         if grain == "month" and built is not None:
             built = ceil_to(built, "month")
         for metric in metrics:
@@ -536,6 +537,13 @@ def _assert_sketches_match_the_raw_rows(store: MetricsStore, metrics: list[Actio
     _assert_user_sums(users, metrics, state)
 
 
+def _user_rows_until(state: RollupState) -> datetime | None:
+    """How far the user levels' day rows and sketches hold the actions: the closed days, and the
+    open day's closed hours as they close."""
+    open_day = open_user_day(state)
+    return state.days_closed_until if open_day is None else open_day[1]
+
+
 def _assert_user_sums(users: list[Any], metrics: list[ActionMetric], state: RollupState) -> None:
     """The user levels' rows of every closed day and month, per user, model and bucket (their rows
     split at price changes added up), equal the metrics' sums, from where they were built on."""
@@ -546,7 +554,7 @@ def _assert_user_sums(users: list[Any], metrics: list[ActionMetric], state: Roll
             totals[index] += int(value)
     want: dict[tuple[str, str, datetime, str], list[int]] = {}
     for grain in ("day", "month"):
-        closed = state.closed_until(grain)
+        closed = _user_rows_until(state) if grain == "day" else state.closed_until(grain)
         built = state.users_from
         if grain == "month" and built is not None:
             built = ceil_to(built, "month")
@@ -589,6 +597,7 @@ def _reset_rollups(url: str) -> None:
                         days_closed_until=None,
                         users_from=None,
                         town_actions_from=None,
+                        user_hours_until=None,
                     )
                 )
 

@@ -480,7 +480,9 @@ class MetricsRepository:
             )
         await connection.execute(upsert)
         if split:
-            await rollup.rebuild(connection, self.backend, split, model)
+            await rollup.rebuild(connection, self.backend, state, split, model)
+        if is_new:
+            await rollup.split_open_user_day(connection, self.backend, state, start, model)
 
     async def seen_models(self) -> list[str]:
         """Every model an action was recorded for. Closed buckets' models are in the rollups (also

@@ -263,6 +263,7 @@ class RollupState:
     sketches_from: datetime | None = None
     users_from: datetime | None = None
     town_actions_from: datetime | None = None
+    user_hours_until: datetime | None = None
 
     def closed_until(self, grain: Grain) -> datetime | None:
         """A month's rows hold its closed days: months are closed as far as days are."""
@@ -279,6 +280,7 @@ async def read_state(connection: AsyncConnection, *, for_update: bool = False) -
         rollup_state.c.sketches_from,
         rollup_state.c.users_from,
         rollup_state.c.town_actions_from,
+        rollup_state.c.user_hours_until,
     ).where(rollup_state.c.id == STATE_ID)
     if for_update:
         statement = statement.with_for_update()
@@ -297,6 +299,7 @@ async def _write_state(connection: AsyncConnection, state: RollupState) -> None:
             sketches_from=state.sketches_from,
             users_from=state.users_from,
             town_actions_from=state.town_actions_from,
+            user_hours_until=state.user_hours_until,
         )
     )
 
@@ -646,12 +649,77 @@ async def close(
     hours = await _close_grain(
         connection, backend, "hour", state.hours_closed_until, floor_to(reach, "hour"), batch_since, max_hours
     )
+    reached = state.user_hours_until
+    if (
+        reached is not None
+        and state.days_closed_until is not None
+        and floor_to(hours, "day") > state.days_closed_until
+    ):
+        # The open day closes: its user rows are summed anew from its raw rows, as any closing day's.
+        await _clear_user_day(connection, state.days_closed_until)
+        reached = None
     days = await _close_grain(
         connection, backend, "day", state.days_closed_until, floor_to(hours, "day"), batch_since, max_days
     )
     if state.days_closed_until is None or state.days_closed_until < days:
         await _add_days_to_months(connection, backend, Scope(state.days_closed_until, days))
-    return replace(state, hours_closed_until=hours, days_closed_until=days)
+    reached = await _add_hours_to_open_day(connection, backend, reached, days, hours)
+    return replace(state, hours_closed_until=hours, days_closed_until=days, user_hours_until=reached)
+
+
+USER_HOURS_STEP: Final = timedelta(hours=6)
+"""How many of the open day's closed hours its user rows take at a time. Each addition reads and
+writes back the sketch of every user active since the last (~1,000 at 10M actions over 90 days,
+~0.1 s on SQLite): every hour that cost as much as the writes themselves in that shape; every six
+hours by user reads at most ~7 hours of raw rows (~30k actions)."""
+
+
+def open_user_day(state: RollupState) -> tuple[datetime, datetime] | None:
+    """[the open day's start, how far its user rows reach), when they hold any of its closed hours:
+    the user levels' day rows and sketches of the day being filled, which by user reads as it reads
+    a closed day's (the actions after it raw), instead of ~100k raw rows late in the day."""
+    day, reached = state.days_closed_until, state.user_hours_until
+    if day is None or reached is None or not day < reached <= day + GRAIN_LENGTH["day"]:
+        return None
+    return day, reached
+
+
+async def _add_hours_to_open_day(
+    connection: AsyncConnection,
+    backend: Backend,
+    reached: datetime | None,
+    day: datetime,
+    hours: datetime,
+) -> datetime | None:
+    """Add the open day's hours closed since `reached` (None: since the day began) to its user rows
+    and sketches, `USER_HOURS_STEP` at a time; how far they reach now (None: nothing of it)."""
+    closed = min(hours, day + GRAIN_LENGTH["day"])
+    since = reached if reached is not None and day < reached <= closed else day
+    until = max(since, day + (closed - day) // USER_HOURS_STEP * USER_HOURS_STEP)
+    if until <= day:
+        return None
+    if since == day:  # from the day's start: whatever rows it had are not known to hold anything
+        await _clear_user_day(connection, day)
+    if since < until:
+        await fill(
+            connection,
+            backend,
+            [DAILY_BY_USER],
+            Scope(since, until),
+            closing=False,
+            sketch_levels=[latency_sketches.USER_DAILY],
+        )
+    return until
+
+
+async def _clear_user_day(connection: AsyncConnection, day: datetime) -> None:
+    """Delete the user rows and sketches of the day starting at `day`."""
+    end = day + GRAIN_LENGTH["day"]
+    await _clear(connection, "day", Scope(day, end), [rollup_user])
+    s = latency_sketch
+    await connection.execute(
+        delete(s).where(s.c.level == latency_sketches.USER_DAILY.name, *range_terms(s.c.start, day, end))
+    )
 
 
 async def _add_days_to_months(connection: AsyncConnection, backend: Backend, scope: Scope) -> None:
@@ -702,7 +770,7 @@ async def add_late(
     connection: AsyncConnection, backend: Backend, state: RollupState, ids: Sequence[Any], since: datetime
 ) -> None:
     """Add newly stored actions with these ids (all from `since` on) to every level whose buckets
-    holding them are closed."""
+    holding them are closed, and to the open day's user rows where they reach."""
     for grain in GRAINS:
         closed = state.closed_until(grain)
         if closed is None or since >= closed:
@@ -710,6 +778,17 @@ async def add_late(
         for chunk in _chunks(ids, 5_000):
             await fill(
                 connection, backend, levels_of(grain), Scope(since, closed, ids=tuple(chunk)), closing=False
+            )
+    open_day = open_user_day(state)
+    if open_day is not None and since < open_day[1]:
+        for chunk in _chunks(ids, 5_000):
+            await fill(
+                connection,
+                backend,
+                [DAILY_BY_USER],
+                Scope(*open_day, ids=tuple(chunk)),
+                closing=False,
+                sketch_levels=[latency_sketches.USER_DAILY],
             )
 
 
@@ -744,16 +823,36 @@ def closed_buckets_split_by(state: RollupState, moment: datetime) -> list[tuple[
 async def rebuild(
     connection: AsyncConnection,
     backend: Backend,
+    state: RollupState,
     buckets: Sequence[tuple[Grain, datetime]],
     model: str | None,
 ) -> None:
     """Sum these buckets again from the raw rows (one model's, or all), splitting rows at every
-    price that begins inside them; a month from its days, rebuilt before it (so a month whose first
-    days were pruned is split too). The histograms do not depend on prices and stay."""
+    price that begins inside them; a month from its closed days, rebuilt before it (so a month whose
+    first days were pruned is split too; the open day's user rows are not the month's yet). The
+    histograms do not depend on prices and stay."""
     for grain, start in buckets:
-        scope = Scope(start, next_start(start, grain), model=model)
+        until = next_start(start, grain)
+        if grain == "month" and state.days_closed_until is not None:
+            until = min(until, state.days_closed_until)
+        scope = Scope(start, until, model=model)
         await _clear(connection, grain, scope)
         await fill(connection, backend, levels_of(grain), scope, closing=grain == "month", histograms=False)
+
+
+async def split_open_user_day(
+    connection: AsyncConnection, backend: Backend, state: RollupState, moment: datetime, model: str | None
+) -> None:
+    """A price beginning at `moment`, inside the hours the open day's user rows hold: sum them anew
+    (one model's, or all) from the raw rows, split there."""
+    open_day = open_user_day(state)
+    if open_day is None or not open_day[0] < moment < open_day[1]:
+        return
+    day, reached = open_day
+    await _clear(connection, "day", Scope(day, day + GRAIN_LENGTH["day"], model=model), [rollup_user])
+    await fill(
+        connection, backend, [DAILY_BY_USER], Scope(day, reached, model=model), closing=True, histograms=False
+    )
 
 
 async def _clear(
@@ -1046,7 +1145,7 @@ async def _rewrite_users(
     closed = state.closed_until(grain)
     if closed is None or (end > closed if grain == "day" else start >= closed):
         return
-    scope = Scope(start, end)
+    scope = Scope(start, min(end, closed))  # a month's closed days (the open day's rows are not its)
     await _clear(connection, grain, scope, [rollup_user])
     s = latency_sketch
     users = [level for level in latency_sketches.levels_of([grain]) if level.key == "user_id"]

@@ -329,6 +329,10 @@ class RollupStateRow(Base):
     town_actions_from: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     """The sketches per town, action type and closed day exist from here on (None: all of them);
     `build` moves it back a day at a time from where migration 0012 found the days closed."""
+    user_hours_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    """The user rows and sketch of the open day (from `days_closed_until`) hold its actions up to
+    here, its closed hours (None: none); each hour's close adds to them, the day's close sums them
+    anew (`rollup.open_user_day`; since 0013)."""
 
 
 EXPRESSION_INDEXES: Final = frozenset(

@@ -1,9 +1,10 @@
 """`breakdown()` by user from the user levels: a window is covered by the UTC months of the per-user
 rollup inside it (each holds its closed days, so the current month is one row per user and model up
-to the last closed day), then its closed days, then raw rows for the rest (the open day, the partial
-days at its edges, and days before the user levels were built), read as `sketch_reads` reads a
-cover: sums exact and priced per price period, percentiles merged from the user/month and user/day
-sketches with the raw rows' bins.
+to the last closed day), then its closed days, then the open day's closed hours (its user rows hold
+them as each hour closes), then raw rows for the rest (the open hour, the partial days at its edges,
+and days before the user levels were built), read as `sketch_reads` reads a cover: sums exact and
+priced per price period, percentiles merged from the user/month and user/day sketches with the raw
+rows' bins.
 
 1,000 users over 90 days are ~20k month rows (5 models, 4 months), not 450k day rows or 10M actions.
 Breakdowns by user with another dimension, a bucket, a filter the level does not keep (town, citizen,
@@ -27,6 +28,7 @@ from action_metrics.rollup import (
     ceil_to,
     floor_to,
     next_start,
+    open_user_day,
 )
 from action_metrics.sketch_reads import Piece, Shape
 
@@ -78,10 +80,26 @@ def cover(since: datetime, until: datetime, state: RollupState) -> list[Piece]:
         last = min(floor_to(high, "day"), days_closed)
         if first < last:
             pieces += _steps(first, last, "day")
-            pieces += [Piece(1, None, a, b, 0) for a, b in ((low, first), (last, high)) if a < b]
+            for a, b in ((low, first), (last, high)):
+                if a < b:
+                    pieces += _rest(a, b, state)
         else:
-            pieces.append(Piece(1, None, low, high, 0))
+            pieces += _rest(low, high, state)
     return pieces
+
+
+def _rest(since: datetime, until: datetime, state: RollupState) -> list[Piece]:
+    """Raw rows for [since, until); where it holds the open day's start and all its closed hours,
+    the open day's user rows stand for those (`rollup.open_user_day`)."""
+    open_day = open_user_day(state)
+    if open_day is None or not (since <= open_day[0] and open_day[1] <= until):
+        return [Piece(1, None, since, until, 0)]
+    day, reached = open_day
+    return [
+        *([Piece(1, None, since, day, 0)] if since < day else []),
+        Piece(1, "day", day, reached, 0),
+        *([Piece(1, None, reached, until, 0)] if reached < until else []),
+    ]
 
 
 def _steps(since: datetime, until: datetime, grain: Grain) -> list[Piece]:
