@@ -903,3 +903,68 @@ def test_a_towns_action_types_after_migration_0012_read_raw_rows_until_db_upgrad
                     store, kept, ("action_type",), "day", "Europe/Berlin", town_id=town, **window
                 )
     assert len(answered) == 2 * len(windows)
+
+
+def _open_day_user_rows(url: str) -> tuple[Any, int, int]:
+    """How far the open day's user rows reach, and how many user rows and sketches it has."""
+
+    async def read() -> tuple[Any, int, int]:
+        from sqlalchemy import func
+
+        from action_metrics.schema import latency_sketch, rollup_state, rollup_user
+
+        engine = backend_for(url).create_engine()
+        try:
+            async with engine.connect() as connection:
+                day, reached = (
+                    await connection.execute(
+                        select(rollup_state.c.days_closed_until, rollup_state.c.user_hours_until)
+                    )
+                ).one()
+                u, s = rollup_user.c, latency_sketch.c
+                rows = await connection.scalar(select(func.count()).where(u.grain == "day", u.start >= day))
+                sketches = await connection.scalar(
+                    select(func.count()).where(s.level == "user/day", s.start >= day)
+                )
+                return reached, rows or 0, sketches or 0
+        finally:
+            await engine.dispose()
+
+    return run_async(read())
+
+
+@pytest.mark.not_on_clickhouse("migration 0013 is alembic's")
+def test_the_open_days_user_rows_go_with_migration_0013_and_come_back_with_db_upgrade(
+    database_url: str,
+) -> None:
+    """At head the open day's user rows hold its closed hours (six at a time); downgrading to 0012
+    removes them (0012 writes a day's user rows when it closes, and would meet them); upgraded again,
+    by user reads the open day raw until the next write fills them again, the same figures throughout."""
+    from action_metrics import migrate
+
+    metrics = _winter_metrics(seed=59, count=900)
+    assert metrics[-1].timestamp > datetime(2024, 4, 1, 12, 6, tzinfo=UTC)  # hours closed past noon
+    with MetricsStore(database_url) as store:
+        _emitted_day_by_day(store, metrics)
+    reached, rows, sketches = _open_day_user_rows(database_url)
+    assert reached is not None
+    assert reached.hour in (12, 18)
+    assert rows > 0
+    assert sketches > 0
+    with MetricsStore(database_url) as store:
+        for window in USER_WINDOWS:
+            _assert_by_user(store, metrics, _book(), **window)
+    assert run_cli("db", "downgrade", "0012", "--url", database_url).exit_code == 0
+    engine = backend_for(database_url).create_engine()
+    run_async(migrate.run_migrations(engine, migrate.upgrade_to("head")))
+    run_async(engine.dispose())
+    assert _open_day_user_rows(database_url) == (None, 0, 0)
+    with MetricsStore(database_url) as store:
+        for window in USER_WINDOWS:
+            _assert_by_user(store, metrics, _book(), **window)
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics[-1:])  # a re-sent id: stored once, and the next write fills them
+        store.flush()
+        assert _open_day_user_rows(database_url) == (reached, rows, sketches)
+        for window in USER_WINDOWS:
+            _assert_by_user(store, metrics, _book(), **window)
