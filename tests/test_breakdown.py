@@ -518,17 +518,8 @@ def test_the_sketch_levels_answer_town_days_and_model_hours_as_the_reference(
     """Local days of towns (any zone) and hours of models are read from the sketch levels (the UTC
     day holding a local day's middle, its edge hours added and subtracted), with a late metric in an
     edge hour and a price that begins inside a closed day among them."""
-    from action_metrics import sketch_reads
 
-    answered: list[int] = []
-    read = sketch_reads.breakdown_rows
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        rows = await read(*args, **kwargs)
-        answered.append(len(rows))
-        return rows
-
-    monkeypatch.setattr(sketch_reads, "breakdown_rows", counted)
+    answered = _sketch_reads_counted(monkeypatch)
     metrics = _metrics(seed=31, per_window=600)
     # A town whose name begins as town-b's sketch keys per action do ('town-b/lod3'): not town-b's.
     metrics += [
@@ -792,16 +783,13 @@ def test_by_user_after_migration_0009_reads_raw_rows_until_db_upgrade_builds_the
 ) -> None:
     """A database from before 0009: until `db upgrade` fills the user levels (a late metric arriving
     in between among them) by user reads as before; afterwards from the levels, the same figures."""
-    from action_metrics import migrate
 
     metrics = _winter_metrics(seed=47, count=900)
     late = a_metric(user_id="user-late", model="opus", timestamp=datetime(2024, 2, 20, 3, tzinfo=UTC))
     with MetricsStore(database_url) as store:
         _emitted_day_by_day(store, metrics)
     assert run_cli("db", "downgrade", "0008", "--url", database_url).exit_code == 0
-    engine = backend_for(database_url).create_engine()
-    run_async(migrate.run_migrations(engine, migrate.upgrade_to("head")))
-    run_async(engine.dispose())
+    _upgrade_schema_alone(database_url)
     assert _user_rows(database_url) == {}
     with MetricsStore(database_url) as store:
         store.emit(late)
@@ -842,7 +830,6 @@ def test_a_towns_action_types_after_migration_0012_read_raw_rows_until_db_upgrad
     characters): until `db upgrade` writes the sketches per town, action type and day (a late metric
     arriving in between among them), a town's action types per local day read as before; afterwards
     from the sketches, the same figures."""
-    from action_metrics import migrate, sketch_reads
 
     longest_town, longest_action = "t" * 256, "a" * 64
     metrics = _winter_metrics(seed=53, count=900)
@@ -861,19 +848,9 @@ def test_a_towns_action_types_after_migration_0012_read_raw_rows_until_db_upgrad
     with MetricsStore(database_url) as store:
         _emitted_day_by_day(store, metrics)
     assert run_cli("db", "downgrade", "0011", "--url", database_url).exit_code == 0
-    engine = backend_for(database_url).create_engine()
-    run_async(migrate.run_migrations(engine, migrate.upgrade_to("head")))
-    run_async(engine.dispose())
+    _upgrade_schema_alone(database_url)
     assert _town_action_sketches(database_url) == []
-    answered: list[int] = []
-    read = sketch_reads.breakdown_rows
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        rows = await read(*args, **kwargs)
-        answered.append(len(rows))
-        return rows
-
-    monkeypatch.setattr(sketch_reads, "breakdown_rows", counted)
+    answered = _sketch_reads_counted(monkeypatch)
     everything = [*metrics, late]
     windows: list[dict[str, Any]] = [{}, {"since": datetime(2024, 2, 10, 13, 37, 11, tzinfo=UTC)}]
     with MetricsStore(database_url) as store:
@@ -940,7 +917,6 @@ def test_the_open_days_user_rows_go_with_migration_0013_and_come_back_with_db_up
     """At head the open day's user rows hold its closed hours (six at a time); downgrading to 0012
     removes them (0012 writes a day's user rows when it closes, and would meet them); upgraded again,
     by user reads the open day raw until the next write fills them again, the same figures throughout."""
-    from action_metrics import migrate
 
     metrics = _winter_metrics(seed=59, count=900)
     assert metrics[-1].timestamp > datetime(2024, 4, 1, 12, 6, tzinfo=UTC)  # hours closed past noon
@@ -955,9 +931,7 @@ def test_the_open_days_user_rows_go_with_migration_0013_and_come_back_with_db_up
         for window in USER_WINDOWS:
             _assert_by_user(store, metrics, _book(), **window)
     assert run_cli("db", "downgrade", "0012", "--url", database_url).exit_code == 0
-    engine = backend_for(database_url).create_engine()
-    run_async(migrate.run_migrations(engine, migrate.upgrade_to("head")))
-    run_async(engine.dispose())
+    _upgrade_schema_alone(database_url)
     assert _open_day_user_rows(database_url) == (None, 0, 0)
     with MetricsStore(database_url) as store:
         for window in USER_WINDOWS:
@@ -968,3 +942,28 @@ def test_the_open_days_user_rows_go_with_migration_0013_and_come_back_with_db_up
         assert _open_day_user_rows(database_url) == (reached, rows, sketches)
         for window in USER_WINDOWS:
             _assert_by_user(store, metrics, _book(), **window)
+
+
+def _sketch_reads_counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many rows each breakdown read from the sketch levels gave, as they happen."""
+    from action_metrics import sketch_reads
+
+    answered: list[int] = []
+    read = sketch_reads.breakdown_rows
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        rows = await read(*args, **kwargs)
+        answered.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(sketch_reads, "breakdown_rows", counted)
+    return answered
+
+
+def _upgrade_schema_alone(url: str) -> None:
+    """Migrate to head with alembic alone, as `db upgrade --sql` run by a DBA does: nothing built."""
+    from action_metrics import migrate
+
+    engine = backend_for(url).create_engine()
+    run_async(migrate.run_migrations(engine, migrate.upgrade_to("head")))
+    run_async(engine.dispose())
