@@ -853,17 +853,20 @@ def test_a_towns_action_types_after_migration_0012_read_raw_rows_until_db_upgrad
     answered = _sketch_reads_counted(monkeypatch)
     everything = [*metrics, late]
     windows: list[dict[str, Any]] = [{}, {"since": datetime(2024, 2, 10, 13, 37, 11, tzinfo=UTC)}]
-    with MetricsStore(database_url) as store:
-        store.emit(late)
-        store.flush()
+
+    def assert_each_town_and_window(store: MetricsStore) -> None:
         for town in (longest_town, "town-b"):
             for window in windows:
-                kept = [
-                    m for m in everything if m.town_id == town and m.timestamp >= window.get("since", WINTER)
-                ]
+                since = window.get("since", WINTER)
+                kept = [m for m in everything if m.town_id == town and m.timestamp >= since]
                 _assert_breakdown(
                     store, kept, ("action_type",), "day", "Europe/Berlin", town_id=town, **window
                 )
+
+    with MetricsStore(database_url) as store:
+        store.emit(late)
+        store.flush()
+        assert_each_town_and_window(store)
     assert answered == []  # the days before the migration have no sketches yet: read as before
     upgraded = run_cli("db", "upgrade", "--url", database_url)
     assert upgraded.exit_code == 0, upgraded.output
@@ -871,14 +874,7 @@ def test_a_towns_action_types_after_migration_0012_read_raw_rows_until_db_upgrad
     assert (datetime(2024, 2, 20, tzinfo=UTC), f"{longest_town}/{longest_action}") in written
     assert len({day for day, _ in written}) >= WINTER_DAYS - 1
     with MetricsStore(database_url) as store:
-        for town in (longest_town, "town-b"):
-            for window in windows:
-                kept = [
-                    m for m in everything if m.town_id == town and m.timestamp >= window.get("since", WINTER)
-                ]
-                _assert_breakdown(
-                    store, kept, ("action_type",), "day", "Europe/Berlin", town_id=town, **window
-                )
+        assert_each_town_and_window(store)
     assert len(answered) == 2 * len(windows)
 
 

@@ -43,10 +43,9 @@ class SketchLevel:
             return cast(ColumnElement[str], columns[self.key])
         return cast(ColumnElement[str], columns[self.key] + KEY_SEPARATOR + columns[self.then])
 
-    def parts_of(self, stored: str) -> tuple[str, str]:
-        """The key's two values (`then` set): 'town/a/lod3' is town 'town/a', action 'lod3'."""
-        first, _, second = stored.rpartition(KEY_SEPARATOR)
-        return first, second
+    def stored_key(self, first: str, then: str) -> str:
+        """`key_of` in Python: the stored key of a town and an action type (`then` set)."""
+        return first + KEY_SEPARATOR + then
 
 
 KEY_SEPARATOR: Final = "/"

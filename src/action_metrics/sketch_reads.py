@@ -62,7 +62,6 @@ from action_metrics.breakdown import (
 )
 from action_metrics.dialects import Backend, not_indexed
 from action_metrics.latency_sketches import (
-    KEY_SEPARATOR,
     MODEL_HOURLY,
     TOWN_ACTION_DAILY,
     TOWN_DAILY,
@@ -630,7 +629,7 @@ def _chosen_keys(
     assert level.then == shape.key
     town = getattr(metric_filter, level.key)
     assert town is not None, "a town's action types are read for one town"
-    keys = {town + KEY_SEPARATOR + value: value for value in values}
+    keys = {level.stored_key(town, value): value for value in values}
     return [s.c.key.in_(sorted(keys))], keys.__getitem__
 
 
