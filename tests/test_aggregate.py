@@ -167,6 +167,20 @@ def test_raw_rows_are_priced_alike_per_period_apart_or_by_one_search(
         )
 
 
+@pytest.mark.parametrize("most", [0, 8], ids=["two-sorts", "one-sort"])
+def test_exact_percentiles_per_model_are_ranked_alike_by_one_sort_or_two(
+    dataset: Dataset, most: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where each row's rank within its model comes from a running count per model in the one sort by
+    latency (up to `most` models stored; SQLite) or from a second sort per model, every model's
+    percentiles and the figures are the reference's; with a model filter, its own."""
+    monkeypatch.setattr(aggregate_module, "MAX_MODELS_RANKED_IN_ONE_SORT", most)
+    assert len(MODELS) <= 8
+    for filters in ({}, {"since": START + timedelta(days=4, hours=3)}, {"model": "sonnet"}):
+        expected = expected_aggregate(dataset.select(**filters), dataset.book)
+        assert_matches(dataset.store.aggregate(exact=True, **filters).to_dict(), expected, f"{filters}: ")
+
+
 @pytest.mark.parametrize("filters", [{}, *SINGLE, *WIDER], ids=lambda f: ",".join(f) or "everything")
 def test_query_returns_exactly_the_selection_newest_first(dataset: Dataset, filters: dict[str, Any]) -> None:
     assert dataset.store.query(**filters) == dataset.select(**filters)

@@ -387,18 +387,65 @@ def _raw_sums(raw: NamedFromClause, at: ColumnElement[Any] | datetime, grouping:
     return select(model, period, *keys, *summed).group_by(model, period, *keys, *extra)
 
 
+def _model_sums(raw: NamedFromClause, at: datetime, model: str) -> Select[Any]:
+    """One model's raw rows of one price period summed as one row (none when there are none):
+    without a GROUP BY, since every row found by the model's search is that model's."""
+    sums = raw_sums(raw)
+    summed = select(
+        literal(model, String()).label("model"),
+        literal(at, UTCDateTime()).label("at"),
+        *((func.count() if name == "count" else func.sum(sums[name])).label(name) for name in SUM_COLUMNS),
+    ).subquery("model_sums")
+    return select(summed).where(summed.c["count"] > 0)
+
+
+def searches_per_model(metric_filter: MetricFilter, plan: ReadPlan, backend: Backend) -> bool:
+    """Whether the raw rows are summed by one search per model (`Backend.sums_per_model_search`), the
+    filter's or every one stored: for raw rows only, with no filter but the model and time, no limit."""
+    return (
+        backend.sums_per_model_search
+        and not plan.uses_rollups
+        and metric_filter.limit is None
+        and all(getattr(metric_filter, name) is None for name in EQUALITY_FILTERS if name != "model")
+    )
+
+
+def stored_models() -> Select[Any]:
+    """Every model stored, in order: one search of the (model, timestamp) index per model, each
+    for the least model after the one before (a loose index scan), not a scan of the index."""
+    m = action_metrics
+    models = select(func.min(m.c.model).label("model")).cte("models", recursive=True)
+    following = select(select(func.min(m.c.model)).where(m.c.model > models.c.model).scalar_subquery())
+    models = models.union_all(following.where(models.c.model.is_not(None)))
+    return select(models.c.model).where(models.c.model.is_not(None))
+
+
 def summed_parts(
     metric_filter: MetricFilter,
     plan: ReadPlan,
     raw: NamedFromClause,
     price_starts: Sequence[datetime],
     grouping: Grouping = UNGROUPED,
+    models: Sequence[str] | None = None,
 ) -> NamedFromClause:
     """Rollup rows and raw rows alike: model, start (`at`), the grouping's keys and the summed
-    columns. Raw rows are summed per model, price segment and keys first."""
+    columns. Raw rows are summed per model, price segment and keys first: given the `models`
+    stored (see `searches_per_model`), by one search per model and price period."""
     periods = price_periods(price_starts, plan.raw_ranges)
     selects: list[Select[Any]]
-    if (
+    if models and not grouping.keys and 0 < len(periods) <= MAX_PRICE_PERIODS_APART:
+        # SQLite has no hash aggregation: a GROUP BY model sorted every row (10M actions: 12.8 s
+        # grouped by model and credits; 6.0 s for the five models' searches).
+        selects = [
+            _model_sums(
+                raw_rows(replace(metric_filter, model=model), ReadPlan(raw_ranges=tuple(inside))),
+                start,
+                model,
+            )
+            for start, inside in periods
+            for model in models
+        ]
+    elif (
         metric_filter.limit is None
         and (not reads_once(metric_filter) or bool(grouping.keys))
         and 0 < len(periods) <= MAX_PRICE_PERIODS_APART
@@ -683,24 +730,46 @@ def exact_percentiles(raw: Subquery, keys: Sequence[str], backend: Backend) -> N
     )
 
 
+MAX_MODELS_RANKED_IN_ONE_SORT: Final = 8
+"""Up to this many models stored, `_ranked_in_one_pass` ranks each row within its model by a running
+count per model in the one sort by latency, rather than by a second sort per model: at 10M actions
+on SQLite the second sort cost ~6 s more than five running counts, each ~1.2 s."""
+
+
 def _ranked_in_one_pass(
-    succeeded: Subquery, per_model: NamedFromClause
+    succeeded: Subquery, per_model: NamedFromClause, models: Sequence[str] | None = None
 ) -> tuple[NamedFromClause, NamedFromClause]:
     """Exact percentiles overall and per model from one read of the rows: each row ranked among all
-    and within its model (a window sort each), only the rows at the ranks the interpolation reads
-    kept, once, and grouped both ways. How many latencies each model has comes from the sums
-    (actions less errors), so no window counts them."""
+    and within its model, only the rows at the ranks the interpolation reads kept, once, and grouped
+    both ways. How many latencies each model has comes from the sums (actions less errors), so no
+    window counts them. Ranked by two window sorts (by latency; by model, then latency), or, given
+    the few `models` stored, by one: a row's rank within its model is how many rows of its model
+    the sort by latency has reached."""
     counts = select(per_model.c.model, (per_model.c["count"] - per_model.c.error_count).label("n")).subquery(
         "latency_counts"
     )
     total = select(func.sum(counts.c.n)).scalar_subquery()
-    model = not_indexed(succeeded.c.model)
+    model: ColumnElement[Any] = not_indexed(succeeded.c.model)
     latency = succeeded.c.latency_ms
+    overall_rank: ColumnElement[Any]
+    model_rank: ColumnElement[Any]
+    if models and len(models) <= MAX_MODELS_RANKED_IN_ONE_SORT:
+        # One window for every count, so that the database sorts once; no partition by the model,
+        # hence the column itself (an expression of it is computed again in each comparison).
+        model = succeeded.c.model
+        running: dict[str, Any] = {"order_by": latency, "rows": (None, 0)}
+        overall_rank = func.count().over(**running)
+        model_rank = case(
+            *((model == name, func.count().filter(model == name).over(**running)) for name in models)
+        )
+    else:
+        overall_rank = func.row_number().over(order_by=latency)
+        model_rank = func.row_number().over(partition_by=model, order_by=latency)
     ranked = select(
         model.label("model"),
         latency.label("latency_ms"),
-        (func.row_number().over(order_by=latency) - 1).label("overall_rank"),
-        (func.row_number().over(partition_by=model, order_by=latency) - 1).label("model_rank"),
+        (overall_rank - 1).label("overall_rank"),
+        (model_rank - 1).label("model_rank"),
     ).subquery("ranked_both")
     r = ranked.c
 
@@ -760,14 +829,19 @@ def figure_columns(sums: NamedFromClause, percentiles: NamedFromClause) -> list[
 
 
 def aggregate_statement(
-    metric_filter: MetricFilter, plan: ReadPlan, backend: Backend, price_starts: Sequence[datetime]
+    metric_filter: MetricFilter,
+    plan: ReadPlan,
+    backend: Backend,
+    price_starts: Sequence[datetime],
+    models: Sequence[str] | None = None,
 ) -> CompoundSelect[Any]:
-    """The statement; `price_starts` are every instant a model or credit price begins, sorted."""
+    """The statement; `price_starts` are every instant a model or credit price begins, sorted;
+    `models`: every model stored, where `searches_per_model`."""
     selection = raw_rows(metric_filter, plan)
     raw: NamedFromClause = selection
-    if reads_once(metric_filter):
+    if reads_once(metric_filter) and not models:
         raw = selection.element.cte("selection").prefix_with("MATERIALIZED")
-    per_model = sums_per_model(summed_parts(metric_filter, plan, raw, price_starts))
+    per_model = sums_per_model(summed_parts(metric_filter, plan, raw, price_starts, models=models))
     if plan.uses_rollups:
         latencies = latency_values(metric_filter, plan, raw, bin_raw=plan.binned_raw)
         overall_percentiles = weighted_percentiles(latencies, [])
@@ -775,7 +849,7 @@ def aggregate_statement(
     else:
         succeeded = select(*raw.c).where(raw.c.error.is_(None)).subquery("succeeded")
         if backend.ranks_in_one_pass:
-            overall_percentiles, model_percentiles = _ranked_in_one_pass(succeeded, per_model)
+            overall_percentiles, model_percentiles = _ranked_in_one_pass(succeeded, per_model, models)
         else:
             overall_percentiles = exact_percentiles(succeeded, [], backend)
             model_percentiles = exact_percentiles(succeeded, ["model"], backend)
@@ -812,12 +886,19 @@ class Shape:
     metric_filter: MetricFilter
     plan: ReadPlan
     price_starts: tuple[datetime, ...]
+    models: tuple[str, ...] | None
     names: Mapping[Any, str]
     """The parameter name of each stand-in."""
     values: dict[str, Any]
 
     @classmethod
-    def of(cls, metric_filter: MetricFilter, plan: ReadPlan, price_starts: Sequence[datetime]) -> Shape:
+    def of(
+        cls,
+        metric_filter: MetricFilter,
+        plan: ReadPlan,
+        price_starts: Sequence[datetime],
+        models: Sequence[str] | None = None,
+    ) -> Shape:
         moments: set[datetime | None] = {metric_filter.since, metric_filter.until, *price_starts}
         for _, since, rollup_until in plan.rollup_ranges:
             moments.update((since, rollup_until))
@@ -852,8 +933,16 @@ class Shape:
             binned_raw=plan.binned_raw,
         )
         shaped_starts = tuple(stand_in[start] for start in price_starts)
-        key = (shaped_filter, shaped_plan, shaped_starts, MAX_PRICE_PERIODS_APART)
-        return cls(key, shaped_filter, shaped_plan, shaped_starts, names, values)
+        shaped_models = None if models is None else tuple(models)
+        key = (
+            shaped_filter,
+            shaped_plan,
+            shaped_starts,
+            shaped_models,
+            MAX_PRICE_PERIODS_APART,
+            MAX_MODELS_RANKED_IN_ONE_SORT,
+        )
+        return cls(key, shaped_filter, shaped_plan, shaped_starts, shaped_models, names, values)
 
 
 class AggregateStatements:
@@ -869,12 +958,16 @@ class AggregateStatements:
         self._built: OrderedDict[tuple[Any, ...], CompoundSelect[Any]] = OrderedDict()
 
     def statement(
-        self, metric_filter: MetricFilter, plan: ReadPlan, price_starts: Sequence[datetime]
+        self,
+        metric_filter: MetricFilter,
+        plan: ReadPlan,
+        price_starts: Sequence[datetime],
+        models: Sequence[str] | None = None,
     ) -> tuple[CompoundSelect[Any], dict[str, Any]]:
         """The statement and the parameters to execute it with."""
         if not metric_filter.storable:  # its statement holds no filter value: nothing to reuse
-            return aggregate_statement(metric_filter, plan, self.backend, price_starts), {}
-        shape = Shape.of(metric_filter, plan, price_starts)
+            return aggregate_statement(metric_filter, plan, self.backend, price_starts, models), {}
+        shape = Shape.of(metric_filter, plan, price_starts, models)
         statement = self._built.get(shape.key)
         if statement is None:
             statement = self._build(shape)
@@ -886,7 +979,9 @@ class AggregateStatements:
         return statement, shape.values
 
     def _build(self, shape: Shape) -> CompoundSelect[Any]:
-        built = aggregate_statement(shape.metric_filter, shape.plan, self.backend, shape.price_starts)
+        built = aggregate_statement(
+            shape.metric_filter, shape.plan, self.backend, shape.price_starts, shape.models
+        )
 
         def named(element: Any, **_: Any) -> Any:
             if isinstance(element, BindParameter) and _is_stand_in(element.value):

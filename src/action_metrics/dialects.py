@@ -182,6 +182,11 @@ class Backend:
     """Whether exact percentiles overall and per model are best ranked in one pass over the rows
     (two window sorts, the rows at the wanted ranks kept once) rather than one statement each."""
 
+    sums_per_model_search: ClassVar[bool] = False
+    """Whether raw rows without a filter are best summed by one search of the (model, timestamp)
+    index per stored model and price period, each without a GROUP BY, rather than by one GROUP BY
+    per period: a database without hash aggregation sorts every row for the GROUP BY."""
+
     bulk_insert_minimum: ClassVar[int]
     """The smallest batch for which `bulk_insert_metrics` beats a plain `INSERT ... ON CONFLICT`."""
 
@@ -503,6 +508,7 @@ class SQLiteBackend(Backend):
         )
 
     ranks_in_one_pass = True
+    sums_per_model_search = True
 
 
 def not_indexed(column: ColumnElement[Any]) -> ColumnElement[str]:

@@ -23,7 +23,14 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from action_metrics import migrate, rollup, sketch_reads, user_reads
-from action_metrics.aggregate import Aggregate, AggregateStatements, aggregate_from_rows, histograms_read
+from action_metrics.aggregate import (
+    Aggregate,
+    AggregateStatements,
+    aggregate_from_rows,
+    histograms_read,
+    searches_per_model,
+    stored_models,
+)
 from action_metrics.breakdown import (
     BreakdownRequest,
     BreakdownRow,
@@ -284,7 +291,13 @@ class MetricsRepository:
             if plan.uses_rollups and await connection.scalar(histograms_read(metric_filter, plan)):
                 plan = replace(plan, binned_raw=True)
             starts = await _price_starts(connection)
-            statement, parameters = self._aggregate_statements.statement(metric_filter, plan, starts)
+            models = None
+            if searches_per_model(metric_filter, plan, self.backend):
+                if metric_filter.model is not None:
+                    models = (metric_filter.model,)
+                else:
+                    models = tuple(await connection.scalars(stored_models())) or None
+            statement, parameters = self._aggregate_statements.statement(metric_filter, plan, starts, models)
             result = await connection.execute(statement, parameters)
             return aggregate_from_rows(result.mappings().all())
 
