@@ -50,6 +50,7 @@ from action_metrics.aggregate import (
     figure_columns,
     latency_values,
     raw_rows,
+    reads_once,
     summed_parts,
     sums_per_model,
     weighted_percentiles,
@@ -318,7 +319,9 @@ def breakdown_statement(
     last one's end. Without `percentiles` the rows carry NULL percentiles (see `ranks_by_sums`)."""
     grouping = _grouping(request, starts, backend)
     raw = raw_rows(metric_filter, plan, grouping)
-    per_model = sums_per_model(summed_parts(metric_filter, plan, raw, price_starts, grouping), grouping.keys)
+    one_pass = reads_once(metric_filter, backend) and not grouping.keys
+    parts = summed_parts(metric_filter, plan, raw, price_starts, grouping, one_pass=one_pass)
+    per_model = sums_per_model(parts, grouping.keys)
     if not percentiles:
         return group_rows(per_model, request)
     keys = group_keys(request)

@@ -182,6 +182,10 @@ class Backend:
     """Whether exact percentiles overall and per model are best ranked in one pass over the rows
     (two window sorts, the rows at the wanted ranks kept once) rather than one statement each."""
 
+    covering_filters: ClassVar[frozenset[str]] = frozenset()
+    """The filters whose index on (filter, timestamp) carries every column a read of raw rows
+    takes (`INCLUDE` on PostgreSQL since migration 0008; SQLite's town index since 0011)."""
+
     sums_per_model_search: ClassVar[bool] = False
     """Whether raw rows without a filter are best summed by one search of the (model, timestamp)
     index per stored model and price period, each without a GROUP BY, rather than by one GROUP BY
@@ -254,6 +258,7 @@ class PostgresBackend(Backend):
     # OR), then a visit of every table page: a town's 90 edge hours at 10M actions, 140 ms. A branch
     # per range reads each from the covering index alone: 12 ms, and 5 ms to plan.
     union_of_ranges = True
+    covering_filters = frozenset({"town_id", "user_id", "citizen_id"})
 
     def __init__(self, url: URL) -> None:
         super().__init__(url)
@@ -509,6 +514,7 @@ class SQLiteBackend(Backend):
 
     ranks_in_one_pass = True
     sums_per_model_search = True
+    covering_filters = frozenset({"town_id"})
 
 
 def not_indexed(column: ColumnElement[Any]) -> ColumnElement[str]:
