@@ -45,6 +45,18 @@ def test_a_sketch_keeps_its_bins_and_counts_exactly() -> None:
     assert sketch.blob[0] == NARROW
 
 
+def test_a_sketch_of_distinct_bins_is_the_sketch_of_those_bins() -> None:
+    """A bucket's bins as a GROUP BY counts them (each once, in any order, the zero latencies' bin
+    among them) make the sketch `of_bins` makes of them; a bin given twice is refused."""
+    bins, counts = [9, ZERO_BIN, -3, 400, 7], [2, 5, 1, 70_000, 3]
+    distinct = Sketch.of_distinct_bins(bins, counts, 12.5)
+    assert distinct == Sketch.of_bins(bins, counts, 12.5)
+    assert (distinct.n, distinct.zero_count) == (sum(counts), 5)
+    assert Sketch.of_distinct_bins([ZERO_BIN], [4], 0.0) == Sketch(4, 0.0, 4, encode([], []))
+    with pytest.raises(SketchError, match="twice"):
+        Sketch.of_distinct_bins([3, 3], [1, 1], 0.0)
+
+
 def test_counts_and_bins_that_do_not_fit_16_bits_take_the_wide_format() -> None:
     for bins, counts in (([5, 7], [65_535, 65_536]), ([-40_000, 3], [1, 2]), ([3, 2**15], [1, 1])):
         blob = encode(bins, counts)

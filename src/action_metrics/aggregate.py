@@ -408,6 +408,12 @@ def _model_sums(raw: NamedFromClause, at: datetime, model: str) -> Select[Any]:
     return select(summed).where(summed.c["count"] > 0)
 
 
+MAX_MODEL_SEARCHES: Final = 64
+"""At most this many searches of the (model, timestamp) index (models x price periods) sum the raw
+rows; beyond, one GROUP BY per period does (a store of 800 models would otherwise build a statement
+of thousands of parts)."""
+
+
 def searches_per_model(metric_filter: MetricFilter, plan: ReadPlan, backend: Backend) -> bool:
     """Whether the raw rows are summed by one search per model (`Backend.sums_per_model_search`), the
     filter's or every one stored: for raw rows only, with no filter but the model and time, no limit."""
@@ -445,7 +451,7 @@ def summed_parts(
     (`reads_once`), `raw` by one GROUP BY."""
     periods = price_periods(price_starts, plan.raw_ranges)
     selects: list[Select[Any]]
-    if models and not grouping.keys and 0 < len(periods) <= MAX_PRICE_PERIODS_APART:
+    if models and not grouping.keys and 0 < len(periods) * len(models) <= MAX_MODEL_SEARCHES:
         # SQLite has no hash aggregation: a GROUP BY model sorted every row (10M actions: 12.8 s
         # grouped by model and credits; 6.0 s for the five models' searches).
         selects = [

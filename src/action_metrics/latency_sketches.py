@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import groupby
 from typing import Any, Final, Literal, cast
 
 from sqlalchemy import ColumnElement, insert, select, tuple_
@@ -66,20 +65,17 @@ town and action would be nearly as many rows as the actions (50 towns x 11 actio
 SKETCH_LEVELS: Final = (TOWN_HOURLY, MODEL_HOURLY, TOWN_DAILY, USER_DAILY, USER_MONTHLY, TOWN_ACTION_DAILY)
 
 
-BinnedRow = tuple[str, datetime, int, int, float]
-"""A level's key, a bucket start, a bin, how many latencies fell in it, and their sum."""
+SketchRow = Sequence[Any]
+"""A level's key, a bucket start, its distinct bins and how many latencies fell in each (two lists
+as `Backend.int_list` aggregates them), and the latencies' sum: one bucket's sketch."""
 
 
-def bucket_sketches(rows: Iterable[BinnedRow]) -> dict[tuple[datetime, str], Sketch]:
-    """One sketch per (start, key) of binned rows."""
-    ordered = sorted(rows, key=lambda row: (row[1], row[0]))
-    sketches: dict[tuple[datetime, str], Sketch] = {}
-    for (start, key), group in groupby(ordered, key=lambda row: (row[1], row[0])):
-        members = list(group)
-        sketches[(start, key)] = Sketch.of_bins(
-            [row[2] for row in members], [row[3] for row in members], sum(row[4] for row in members)
-        )
-    return sketches
+def bucket_sketches(rows: Iterable[SketchRow], backend: Backend) -> dict[tuple[datetime, str], Sketch]:
+    """The sketch of each row, by (start, key)."""
+    return {
+        (start, key): Sketch.of_distinct_bins(backend.ints_of(bins), backend.ints_of(counts), latency_sum)
+        for key, start, bins, counts, latency_sum in rows
+    }
 
 
 def _row(level: SketchLevel, start: datetime, key: str, sketch: Sketch) -> dict[str, Any]:
@@ -102,13 +98,13 @@ async def add(
     connection: AsyncConnection,
     backend: Backend,
     level: SketchLevel,
-    rows: Iterable[BinnedRow],
+    rows: Iterable[SketchRow],
     *,
     new: bool,
 ) -> None:
     """Add binned latencies to the level's sketches: as new rows when `new` (a closing bucket has
     none), else to the rows already there."""
-    await _store(connection, backend, level, bucket_sketches(rows), new=new)
+    await _store(connection, backend, level, bucket_sketches(rows, backend), new=new)
 
 
 async def _store(

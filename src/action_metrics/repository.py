@@ -24,6 +24,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from action_metrics import migrate, rollup, sketch_reads, user_reads
 from action_metrics.aggregate import (
+    MAX_MODEL_SEARCHES,
     Aggregate,
     AggregateStatements,
     aggregate_from_rows,
@@ -296,7 +297,8 @@ class MetricsRepository:
                 if metric_filter.model is not None:
                     models = (metric_filter.model,)
                 else:
-                    models = tuple(await connection.scalars(stored_models())) or None
+                    stored = tuple(await connection.scalars(stored_models().limit(MAX_MODEL_SEARCHES + 1)))
+                    models = stored if 0 < len(stored) <= MAX_MODEL_SEARCHES else None
             statement, parameters = self._aggregate_statements.statement(metric_filter, plan, starts, models)
             result = await connection.execute(statement, parameters)
             return aggregate_from_rows(result.mappings().all())

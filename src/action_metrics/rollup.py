@@ -561,8 +561,7 @@ async def fill(
         for sketch_level in sketch_levels:
             if copied:  # the raw rows are binned in the scratch table already
                 binned = await connection.execute(_scratch_bins(sketch_level, backend))
-                rows = [tuple(row) for row in binned]
-                await latency_sketches.add(connection, backend, sketch_level, rows, new=closing)
+                await latency_sketches.add(connection, backend, sketch_level, binned.all(), new=closing)
             elif closing and sketch_level.finer is not None and scope.since is not None and scope.until:
                 await latency_sketches.add_from_finer(
                     connection, backend, sketch_level, scope.since, scope.until
@@ -582,7 +581,7 @@ async def _write_sketches(
     new: bool,
 ) -> None:
     binned = await connection.execute(_sketch_bins(level, scope, backend))
-    await latency_sketches.add(connection, backend, level, [tuple(row) for row in binned], new=new)
+    await latency_sketches.add(connection, backend, level, binned.all(), new=new)
 
 
 def _scratch_bins(level: latency_sketches.SketchLevel, backend: Backend) -> Select[Any]:
@@ -598,8 +597,7 @@ def _scratch_bins(level: latency_sketches.SketchLevel, backend: Backend) -> Sele
         .where(s.c.bin.is_not(None))
         .subquery("binned")
     )
-    b = binned.c
-    return select(b.key, b.start, b.bin, func.count(), func.sum(b.latency_ms)).group_by(b.key, b.start, b.bin)
+    return _per_sketch(binned, backend)
 
 
 def _sketch_bins(level: latency_sketches.SketchLevel, scope: Scope, backend: Backend) -> Select[Any]:
@@ -618,8 +616,28 @@ def _sketch_bins(level: latency_sketches.SketchLevel, scope: Scope, backend: Bac
         .where(*where)
         .subquery("binned")
     )
+    return _per_sketch(binned, backend)
+
+
+def _per_sketch(binned: Subquery, backend: Backend) -> Select[Any]:
+    """Binned latencies (key, start, bin, latency_ms) counted per bin, then one row per sketch (key
+    and bucket start): its bins and their counts as two lists (`Backend.int_list`) and the latencies'
+    sum (`latency_sketches.SketchRow`). A row per bin made each close fetch and convert ~3.7 rows
+    per action in Python (200k actions of the dashboard shape: 734k rows, ~2.5 s of 11 s)."""
     b = binned.c
-    return select(b.key, b.start, b.bin, func.count(), func.sum(b.latency_ms)).group_by(b.key, b.start, b.bin)
+    per_bin = (
+        select(b.key, b.start, b.bin, func.count().label("n"), func.sum(b.latency_ms).label("latency"))
+        .group_by(b.key, b.start, b.bin)
+        .subquery("per_bin")
+    )
+    p = per_bin.c
+    return select(
+        p.key,
+        p.start,
+        backend.int_list(p.bin).label("bins"),
+        backend.int_list(p.n).label("counts"),
+        func.sum(p.latency).label("latency_sum"),
+    ).group_by(p.key, p.start)
 
 
 # --- the write path ----------------------------------------------------------------------------------

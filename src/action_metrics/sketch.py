@@ -96,6 +96,15 @@ class Sketch:
         return cls(int(c.sum()), float(latency_sum), int(c[zero].sum()), encode(unique, summed))
 
     @classmethod
+    def of_distinct_bins(cls, bins: npt.ArrayLike, counts: npt.ArrayLike, latency_sum: float) -> Sketch:
+        """`of_bins` where no bin is given twice (`ZERO_BIN` among them or not): one bucket's bins as a
+        GROUP BY counts them, without the sort that adds up repeated bins."""
+        b = np.asarray(bins, dtype=np.int64)
+        c = np.asarray(counts, dtype=np.int64)
+        zero = b == ZERO_BIN
+        return cls(int(c.sum()), float(latency_sum), int(c[zero].sum()), encode(b[~zero], c[~zero]))
+
+    @classmethod
     def merged(cls, sketches: Sequence[Sketch]) -> Sketch:
         """The sketch of the union of these sketches' latencies."""
         decoded = [sketch.bins() for sketch in sketches]
