@@ -25,7 +25,7 @@ from action_metrics.dialects import backend_for
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M, CreditPrice, ModelPrice
 from action_metrics.query import MetricFilter, metric_from_row, metric_rows
 from action_metrics.repository import MetricsRepository
-from action_metrics.rollup import CLOSE_DELAY
+from action_metrics.rollup import CLOSE_DELAY, SUM_COLUMNS
 from action_metrics.schema import (
     AGGREGATED_COLUMNS,
     Base,
@@ -131,6 +131,33 @@ def test_the_town_index_carries_what_the_aggregates_read(empty_database_url: str
     assert run_cli("db", "upgrade", "--url", url).exit_code == 0
     key, included = _on_database(url, _town_index)
     assert set(key[2:]) | set(included) == carried
+
+
+def _rollup_time_index(connection: Connection) -> list[str] | None:
+    """The rollup's time-ordered index: its key columns (and PostgreSQL's INCLUDE), None if absent."""
+    for index in inspect(connection).get_indexes("action_metrics_rollup"):
+        if index["name"] == "ix_action_metrics_rollup_time":
+            included = index.get("dialect_options", {}).get("postgresql_include", [])
+            return [*index["column_names"], *included]
+    return None
+
+
+def test_the_rollup_in_time_order_carries_its_sums(empty_database_url: str) -> None:
+    """PostgreSQL since 0008 (INCLUDE), SQLite since 0014 (after the key): the per-town view and the
+    breakdowns read a grain's rows by time from the index alone. Autogenerate leaves it out
+    (`compared_on`), so it is checked here, through a downgrade to 0013 and back."""
+    url = empty_database_url
+    sums = set(SUM_COLUMNS)
+    assert run_cli("db", "upgrade", "--url", url).exit_code == 0
+    columns = _on_database(url, _rollup_time_index)
+    assert columns is not None
+    assert columns[:5] == ["grain", "action_type", "start", "town_id", "model"]
+    assert set(columns[5:]) == sums
+    assert run_cli("db", "downgrade", "0013", "--url", url).exit_code == 0
+    kept = _on_database(url, _rollup_time_index)
+    assert kept == (columns if backend_for(url).name == "postgresql" else None)
+    assert run_cli("db", "upgrade", "--url", url).exit_code == 0
+    assert _on_database(url, _rollup_time_index) == columns
 
 
 def test_db_current_reports_the_revision(empty_database_url: str) -> None:

@@ -342,10 +342,11 @@ EXPRESSION_INDEXES: Final = frozenset(
         "ix_action_metrics_rollup_time",
     }
 )
-"""Indexes migrations create on PostgreSQL only, which the models do not declare: 0003's on
-expressions (the views' day and hour), and 0008's of the rollup in time order with the sums
-(`sketch_reads` joins each piece's rows by grain and start: an index-only scan instead of a
-scan of the whole rollup). Autogenerate cannot compare them, so `compared_on` leaves them out."""
+"""Indexes migrations create, which the models do not declare: 0003's on expressions (the views' day
+and hour; PostgreSQL), and 0008's of the rollup in time order with the sums (PostgreSQL's INCLUDE;
+on SQLite since 0014, the sums after the key): `sketch_reads` joins each piece's rows by grain and
+start, and the per-town view reads the open day's hours, from the index alone. Autogenerate cannot
+compare them, so `compared_on` leaves them out (tests/test_migrations.py checks the last)."""
 
 
 SQLITE_WIDER_INDEXES: Final = frozenset({"ix_action_metrics_town_id_timestamp"})
