@@ -167,14 +167,20 @@ def test_raw_rows_are_priced_alike_per_period_apart_or_by_one_search(
         )
 
 
-@pytest.mark.parametrize("most", [0, 8], ids=["two-sorts", "one-sort"])
+@pytest.mark.parametrize(
+    ("ranked", "searches"),
+    [(0, 64), (8, 64), (8, 1)],
+    ids=["two-sorts", "one-sort", "one-sort-sums-grouped"],
+)
 def test_exact_percentiles_per_model_are_ranked_alike_by_one_sort_or_two(
-    dataset: Dataset, most: int, monkeypatch: pytest.MonkeyPatch
+    dataset: Dataset, ranked: int, searches: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where each row's rank within its model comes from a running count per model in the one sort by
-    latency (up to `most` models stored; SQLite) or from a second sort per model, every model's
+    latency (up to `ranked` models stored; SQLite) or from a second sort per model, and the sums from
+    a search per model and price period (up to `searches` of them) or from a GROUP BY, every model's
     percentiles and the figures are the reference's; with a model filter, its own."""
-    monkeypatch.setattr(aggregate_module, "MAX_MODELS_RANKED_IN_ONE_SORT", most)
+    monkeypatch.setattr(aggregate_module, "MAX_MODELS_RANKED_IN_ONE_SORT", ranked)
+    monkeypatch.setattr(aggregate_module, "MAX_MODEL_SEARCHES", searches)
     assert len(MODELS) <= 8
     for filters in ({}, {"since": START + timedelta(days=4, hours=3)}, {"model": "sonnet"}):
         expected = expected_aggregate(dataset.select(**filters), dataset.book)

@@ -45,6 +45,7 @@ from sqlalchemy import (
     tuple_,
     union_all,
 )
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.selectable import NamedFromClause, Subquery
 from sqlalchemy.sql.visitors import replacement_traverse
@@ -432,6 +433,19 @@ def stored_models() -> Select[Any]:
     following = select(select(func.min(m.c.model)).where(m.c.model > models.c.model).scalar_subquery())
     models = models.union_all(following.where(models.c.model.is_not(None)))
     return select(models.c.model).where(models.c.model.is_not(None))
+
+
+async def models_searched(
+    connection: AsyncConnection, metric_filter: MetricFilter, plan: ReadPlan, backend: Backend
+) -> tuple[str, ...] | None:
+    """The models whose rows `aggregate_statement` sums by a search each (`searches_per_model`): the
+    filter's, or every one stored if there are at most `MAX_MODEL_SEARCHES`; None: no such search."""
+    if not searches_per_model(metric_filter, plan, backend):
+        return None
+    if metric_filter.model is not None:
+        return (metric_filter.model,)
+    stored = tuple(await connection.scalars(stored_models().limit(MAX_MODEL_SEARCHES + 1)))
+    return stored if 0 < len(stored) <= MAX_MODEL_SEARCHES else None
 
 
 def summed_parts(
@@ -955,6 +969,7 @@ class Shape:
             shaped_starts,
             shaped_models,
             MAX_PRICE_PERIODS_APART,
+            MAX_MODEL_SEARCHES,
             MAX_MODELS_RANKED_IN_ONE_SORT,
         )
         return cls(key, shaped_filter, shaped_plan, shaped_starts, shaped_models, names, values)

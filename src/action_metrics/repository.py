@@ -24,13 +24,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from action_metrics import migrate, rollup, sketch_reads, user_reads
 from action_metrics.aggregate import (
-    MAX_MODEL_SEARCHES,
     Aggregate,
     AggregateStatements,
     aggregate_from_rows,
     histograms_read,
-    searches_per_model,
-    stored_models,
+    models_searched,
 )
 from action_metrics.breakdown import (
     BreakdownRequest,
@@ -292,13 +290,7 @@ class MetricsRepository:
             if plan.uses_rollups and await connection.scalar(histograms_read(metric_filter, plan)):
                 plan = replace(plan, binned_raw=True)
             starts = await _price_starts(connection)
-            models = None
-            if searches_per_model(metric_filter, plan, self.backend):
-                if metric_filter.model is not None:
-                    models = (metric_filter.model,)
-                else:
-                    stored = tuple(await connection.scalars(stored_models().limit(MAX_MODEL_SEARCHES + 1)))
-                    models = stored if 0 < len(stored) <= MAX_MODEL_SEARCHES else None
+            models = await models_searched(connection, metric_filter, plan, self.backend)
             statement, parameters = self._aggregate_statements.statement(metric_filter, plan, starts, models)
             result = await connection.execute(statement, parameters)
             return aggregate_from_rows(result.mappings().all())
