@@ -36,6 +36,7 @@ from wire import otlp_body, otlp_json_body
 from action_metrics import AsyncMetricsStore
 from action_metrics.intake import Intake, write
 from action_metrics.otlp import JSON, PROTOBUF, SpanReceiver, decode_request
+from action_metrics.wire import with_credits
 
 REID = bool(os.environ.get("REID"))
 
@@ -91,12 +92,12 @@ async def profile(backend: str, arguments: argparse.Namespace) -> None:
                     cpu, wall = time.process_time(), time.perf_counter()
                     if profiler is not None:
                         profiler.enable()
-                    answer = await write(intake, store, batch.accepted, [])
+                    accepted = await with_credits(store, batch, batch.accepted)
+                    answer = await write(intake, store, accepted, [])
                     if profiler is not None:
                         profiler.disable()
                     writing += time.process_time() - cpu
                     wall_write += time.perf_counter() - wall
-                    receiver.committed(batch)
                     if answer.stored != len(batch.accepted):
                         raise RuntimeError(f"stored {answer.stored} of {len(batch.accepted)}")
             count = len(metrics)

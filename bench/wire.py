@@ -65,39 +65,54 @@ async def emit_many_path(url: str, metrics: Sequence[ActionMetric]) -> tuple[flo
 
 
 def cpu_seconds(pid: int) -> float:
-    """The CPU time (user + system) a process has used so far, from /proc/PID/stat (Linux); NaN
-    where there is none."""
+    """The CPU time (user + system) a process and its children (`serve --workers`) have used so far,
+    from /proc (Linux); NaN where there is none."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(int(child)) for child in children)
 
 
 class Serve:
     """`action-metrics serve` over `url` in a child process, stopped on exit."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, workers: int = 1) -> None:
         environment = {
             name: value for name, value in os.environ.items() if not name.startswith("ACTION_METRICS")
         }
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
         environment["ACTION_METRICS_API_TOKENS"] = f"write:{TOKEN}:*"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "action_metrics", "serve", "--url", url, "--port", "0"],
+            [
+                sys.executable,
+                "-m",
+                "action_metrics",
+                "serve",
+                "--url",
+                url,
+                "--port",
+                "0",
+                "--workers",
+                f"{workers}",
+            ],
             stdout=subprocess.DEVNULL,  # uvicorn's access log
             stderr=subprocess.PIPE,
             text=True,
             env=environment,
         )
         assert self.process.stderr is not None
-        self.address = ""
-        for line in self.process.stderr:
+        self.address, started = "", 0
+        for line in self.process.stderr:  # the address, then each worker's startup
             found = re.search(r"Uvicorn running on (http://\S+)", line)
             if found:
                 self.address = found[1]
+            started += "Application startup complete" in line
+            if self.address and started == workers:
                 break
-        if not self.address:
+        if not self.address or started < workers:
             raise RuntimeError("action-metrics serve did not start")
         threading.Thread(target=self.process.stderr.read, daemon=True).start()
 
@@ -175,11 +190,11 @@ PATHS = {
 
 
 def wire_path(
-    url: str, bodies: Sequence[tuple[int, bytes]], clients: int, path: str = "actions"
+    url: str, bodies: Sequence[tuple[int, bytes]], clients: int, path: str = "actions", workers: int = 1
 ) -> tuple[float, float]:
     """Seconds, wall clock and the server's CPU, to post `bodies`."""
     route, content_type, check = PATHS[path]
-    server = Serve(url)
+    server = Serve(url, workers)
     try:
         headers = {"Content-Type": content_type, "Authorization": f"Bearer {TOKEN}"}
         with httpx.Client(base_url=server.address, headers=headers, timeout=300) as client:
@@ -217,7 +232,7 @@ async def compare(backend: str, metrics: list[ActionMetric], arguments: argparse
                 reference, reference_cpu = await emit_many_path(reference_url, metrics)
                 await settle(backend)
                 wire, wire_cpu = await asyncio.to_thread(
-                    wire_path, wire_url, bodies, arguments.clients, arguments.path
+                    wire_path, wire_url, bodies, arguments.clients, arguments.path, arguments.workers
                 )
                 for url in (reference_url, wire_url):
                     if await stored_count(url) != len(metrics):
@@ -242,7 +257,7 @@ async def main(arguments: argparse.Namespace) -> int:
     metrics = list(generate(arguments.metrics))
     print(
         f"{arguments.metrics:,} metrics to /v1/{arguments.path}, batches of {arguments.batch}, "
-        f"{arguments.clients} client(s), "
+        f"{arguments.clients} client(s), {arguments.workers} server process(es), "
         f"{arguments.runs} run(s) per backend",
         flush=True,
     )
@@ -264,6 +279,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--metrics", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1_000, help="metrics per request")
     parser.add_argument("--clients", type=int, default=1, help="concurrent requests")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes (`serve --workers`): give as many clients"
+    )
     parser.add_argument("--path", choices=sorted(PATHS), default="actions", help="the endpoint posted to")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(

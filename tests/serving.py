@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
+
+from action_metrics.access import ApiTokens
+from action_metrics.http import create_app
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 WRITER = "writer-token-0123456789abcdef"
@@ -29,6 +33,12 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def app_client(url: str, **options: Any) -> tuple[FastAPI, httpx.AsyncClient]:
+    """The endpoint's app in this process (run its lifespan around the requests) and a client of it."""
+    app = create_app(url, tokens=ApiTokens.parse(TOKENS), **options)
+    return app, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metrics.test")
+
+
 # --- the server ---------------------------------------------------------------------------------
 
 
@@ -37,6 +47,7 @@ class Server:
     """`action-metrics serve` in a child process, on a port of its own choosing."""
 
     url: str
+    workers: int = 1
     process: subprocess.Popen[str] | None = None
     address: str = ""
 
@@ -47,19 +58,34 @@ class Server:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
         environment.update(ACTION_METRICS_API_TOKENS=TOKENS, ACTION_METRICS_API_TOKEN=LEGACY)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "action_metrics", "serve", "--url", self.url, "--port", "0"],
+            [
+                sys.executable,
+                "-m",
+                "action_metrics",
+                "serve",
+                "--url",
+                self.url,
+                "--port",
+                "0",
+                "--workers",
+                f"{self.workers}",
+            ],
             stdout=subprocess.DEVNULL,  # uvicorn's access log
             stderr=subprocess.PIPE,
             text=True,
             env=environment,
         )
         assert self.process.stderr is not None
-        for line in self.process.stderr:  # uvicorn names its port once it listens (or the process ends)
+        self.address, started = "", 0
+        for line in self.process.stderr:  # uvicorn names its port, and each process says it started
             found = re.search(r"Uvicorn running on (http://\S+)", line)
             if found:
                 self.address = found[1]
+            started += "Application startup complete" in line
+            if self.address and started == self.workers:
                 break
         assert self.address, "the server did not start"
+        assert started == self.workers, f"{started} of {self.workers} server processes started"
         # Keep reading its log, or a full pipe would block the server.
         threading.Thread(target=self.process.stderr.read, daemon=True).start()
 
@@ -75,8 +101,8 @@ class Server:
 
 
 @contextmanager
-def serving(url: str) -> Iterator[Server]:
-    server = Server(url)
+def serving(url: str, workers: int = 1) -> Iterator[Server]:
+    server = Server(url, workers)
     server.start()
     try:
         yield server

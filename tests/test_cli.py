@@ -409,6 +409,17 @@ def test_serve_refuses_to_start_without_a_token(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("serve", "--url", url, ACTION_METRICS_API_TOKENS=TOKEN), 1, "TOKEN:TOWN")
 
 
+def test_serve_refuses_workers_that_could_not_share_the_store(tmp_path: Path) -> None:
+    """Several processes need one database: not an in-memory SQLite one, not a chdb directory."""
+    for url, fragment in [
+        ("sqlite://", "in-memory SQLite"),
+        (f"chdb://{tmp_path / 'clickhouse'}", "ClickHouse store is served by one process"),
+    ]:
+        result = run_cli("serve", "--url", url, "--insecure", "--workers", "2")
+        assert_one_line_error(result, 2, fragment)
+        assert "--workers" in result.stderr
+
+
 def test_serve_answers_over_http(store: MetricsStore) -> None:
     store.emit_many([metric(), metric(action_type=ActionType.LOD4, credits_charged=100)])
     server = subprocess.Popen(

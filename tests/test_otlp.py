@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -39,6 +41,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Status, StatusCode
 
 from action_metrics import ActionMetric
+from action_metrics.charges import CreditClaim, RememberedClaims
 from action_metrics.otlp import (
     JSON,
     PROTOBUF,
@@ -259,16 +262,39 @@ def test_any_span_makes_a_metric_or_a_rejection_naming_the_field(
 
 
 def test_an_ancestor_without_a_trace_id_still_charges_its_credits_once() -> None:
-    """A broken exporter's spans with an empty trace id: the action's credits go to its first call."""
+    """A broken exporter's spans with an empty trace id: the action's credits are claimed for its
+    first call, and go to whichever call holds the claim, in this request or a later one."""
     action = OtlpSpan(0, 1, None, "lod4", 0, 9, {"action.credits": 10}, 0, "", {}, "")
     usage = {"gen_ai.request.model": "haiku", "gen_ai.usage.input_tokens": 5, "gen_ai.usage.output_tokens": 2}
     first = OtlpSpan(0, 2, 1, "chat", 1, 4, usage, 0, "", {}, "")
     second = OtlpSpan(0, 3, 1, "chat", 5, 8, usage, 0, "", {}, "")
     receiver = SpanReceiver()
     batch = receiver.read([action, first, second])
-    assert [(index, metric.credits_charged) for index, metric in batch.accepted] == [(1, 10), (2, 0)]
-    receiver.committed(batch)
-    assert [metric.credits_charged for _, metric in receiver.read([action, second]).accepted] == [0]
+    assert [metric.credits_charged for _, metric in batch.accepted] == [0, 0]  # until settled
+    first_id = batch.accepted[0][1].id
+    [claim] = batch.claims_of(batch.accepted)
+    assert (claim.identity, claim.metric_id) == ((0, 1), first_id)
+    holders = {claim.identity: claim.metric_id}
+    settled = batch.settled(batch.accepted, holders)
+    assert [(index, metric.credits_charged) for index, metric in settled] == [(1, 10), (2, 0)]
+    later = receiver.read([action, second])  # the first call's claim is held: nothing for the second
+    assert [claim.metric_id for claim in later.claims_of(later.accepted)] == [later.accepted[0][1].id]
+    assert [metric.credits_charged for _, metric in later.settled(later.accepted, holders)] == [0]
+
+
+def test_claims_remembered_in_memory_are_first_come_and_the_newest_kept() -> None:
+    """ClickHouse's claims (`RememberedClaims`): as the SQL stores', within one process, bounded."""
+    first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    claims = RememberedClaims(limit=2)
+    both = [CreditClaim(1, 2, first, at), CreditClaim(1, 2, second, at)]
+    assert claims.claim(both) == {(1, 2): first}
+    assert claims.claim([CreditClaim(1, 2, second, at)]) == {(1, 2): first}
+    assert claims.claim([CreditClaim(3, 4, third, at), CreditClaim(5, 6, third, at)]) == {
+        (3, 4): third,
+        (5, 6): third,
+    }
+    assert claims.claim([CreditClaim(1, 2, second, at)]) == {(1, 2): second}  # the oldest forgotten
 
 
 # --- the decoders against protobuf's own reading of the same bodies --------------------------------

@@ -8,7 +8,10 @@ exactly what `ActionMetricsSpanProcessor` stores in process from the same spans.
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -35,9 +38,10 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from serving import READER, TOWN_A_WRITER, WRITER, Server, bearer, kill_mid_stream, serving
+from serving import READER, TOWN_A_WRITER, WRITER, Server, app_client, bearer, kill_mid_stream, serving
 
-from action_metrics import ActionMetricsSpanProcessor, MetricsStore
+from action_metrics import ActionMetricsSpanProcessor, AsyncMetricsStore, MetricsStore
+from action_metrics.charges import CreditClaim
 from action_metrics.genai import metric_id_for_response
 
 SONNET, GPT = "claude-sonnet-4-5-20250929", "gpt-4o-mini"
@@ -351,3 +355,122 @@ def test_a_retry_after_the_server_was_killed_mid_stream_stores_every_call_and_ch
         charged.setdefault(metric["user_id"], []).append(metric["credits_charged"])
     assert sorted(charged) == sorted(f"user-{n}" for n in range(60))
     assert all(sorted(credits) == [0, 0, 100] for credits in charged.values())
+
+
+# --- several server processes (`serve --workers`) -------------------------------------------------
+
+
+def cut_differently(
+    traces: list[list[ReadableSpan]], per_request: int = 5
+) -> tuple[list[bytes], list[bytes]]:
+    """Each action's spans sent twice, cut differently (as a Collector's retries may re-batch them):
+    the action span with its first two calls, then with its last two. Both requests name the
+    action's credits; the middle call is in both."""
+
+    def bodies(calls: set[str]) -> list[bytes]:
+        wanted = [
+            [span for span in trace if span.name == "lod4 query" or span.name in calls] for trace in traces
+        ]
+        return [
+            encode_spans(
+                [span for trace in wanted[start : start + per_request] for span in trace]
+            ).SerializeToString()
+            for start in range(0, len(wanted), per_request)
+        ]
+
+    return bodies({"chat 0", "chat 1"}), bodies({"chat 1", "chat 2"})
+
+
+def assert_each_action_charged_once(database_url: str, actions: int) -> None:
+    """Every call of `traces_of_actions(actions, 3)` stored once, each action's 100 credits on one."""
+    after = stored(database_url)
+    expected = {str(metric_id_for_response(f"chatcmpl-{n}-{i}")) for n in range(actions) for i in range(3)}
+    assert set(after) == expected
+    charged: dict[str, list[int]] = {}
+    for metric in after.values():
+        charged.setdefault(metric["user_id"], []).append(metric["credits_charged"])
+    assert {user: sorted(credits) for user, credits in charged.items()} == {
+        f"user-{n}": [0, 0, 100] for n in range(actions)
+    }
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("order", ["later-calls-first", "at-once"])
+async def test_two_server_processes_charge_an_action_once_however_its_spans_are_cut(
+    database_url: str, order: str
+) -> None:
+    """Two apps over one database stand for two processes of `serve --workers 2`, each with its own
+    memory: one takes each action's first two calls, the other its last two. The action's credits go
+    to the call that claimed them first, in whichever process, and both requests that carry that
+    call store it charged: each call stored once, each action charged once."""
+    first_calls, last_calls = cut_differently(traces_of_actions(20, 3))
+    headers = {**bearer(WRITER), "Content-Type": "application/x-protobuf"}
+    (one, one_client), (other, other_client) = app_client(database_url), app_client(database_url)
+
+    async def send(client: httpx.AsyncClient, bodies: list[bytes]) -> None:
+        for body in bodies:
+            answer = await client.post("/v1/traces", content=body, headers=headers)
+            assert answer.status_code == 200, answer.text
+            assert ExportTraceServiceResponse.FromString(answer.content).partial_success.rejected_spans == 0
+
+    async with (
+        one.router.lifespan_context(one),
+        other.router.lifespan_context(other),
+        one_client,
+        other_client,
+    ):
+        if order == "at-once":
+            await asyncio.gather(send(one_client, first_calls), send(other_client, last_calls))
+        else:  # the last calls' request claims first: the other process must not charge the first call
+            await send(other_client, last_calls)
+            await send(one_client, first_calls)
+    assert_each_action_charged_once(database_url, 20)
+
+
+def test_serve_with_two_workers_stores_each_call_once_and_charges_each_action_once(database_url: str) -> None:
+    """`serve --workers 2`: two processes take concurrent connections; each action's spans, cut
+    differently, reach the server twice from several clients at once."""
+    actions = 40
+    first_calls, last_calls = cut_differently(traces_of_actions(actions, 3), per_request=2)
+    headers = {**bearer(WRITER), "Content-Type": "application/x-protobuf"}
+    with serving(database_url, workers=2) as server:
+        assert server.process is not None
+        pid = server.process.pid
+        children = [
+            Path(f"/proc/{child}/cmdline").read_bytes()
+            for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        ]
+        workers = [command for command in children if b"resource_tracker" not in command]
+        assert len(workers) == 2  # uvicorn's two worker processes under its supervisor
+
+        def send(bodies: list[bytes]) -> None:
+            with httpx.Client(base_url=server.address, headers=headers, timeout=120) as client:
+                for body in bodies:
+                    answer = client.post("/v1/traces", content=body)
+                    assert answer.status_code == 200, answer.text
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(send, [first_calls[::2], first_calls[1::2], last_calls[::2], last_calls[1::2]]))
+    assert_each_action_charged_once(database_url, actions)
+
+
+@pytest.mark.anyio
+async def test_credit_claims_are_first_come_held_in_a_retry_and_pruned_with_their_calls(
+    database_url: str,
+) -> None:
+    now = datetime.now(UTC)
+    long_ago, recent = now - timedelta(days=10), now - timedelta(hours=1)
+    first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    async with AsyncMetricsStore(database_url) as store:
+        await store.emit_many([make_metric(timestamp=long_ago), make_metric(timestamp=recent)])
+        both = [CreditClaim(1, 2, first, long_ago), CreditClaim(1, 2, second, long_ago)]
+        assert await store.claim_credits([*both, CreditClaim(3, 4, third, recent)]) == {
+            (1, 2): first,  # of two claims of one ancestor at once, the first
+            (3, 4): third,
+        }
+        assert await store.claim_credits([CreditClaim(1, 2, second, long_ago)]) == {(1, 2): first}
+        assert await store.claim_credits([CreditClaim(1, 2, first, long_ago)]) == {(1, 2): first}  # a retry
+        assert await store.claim_credits([]) == {}
+        await store.prune(now - timedelta(days=5))  # the claims of the pruned period go with it
+        claims = [CreditClaim(1, 2, second, long_ago), CreditClaim(3, 4, second, recent)]
+        assert await store.claim_credits(claims) == {(1, 2): second, (3, 4): third}

@@ -24,10 +24,10 @@ from conftest import metric
 from serving import (
     LEGACY,
     READER,
-    TOKENS,
     TOWN_A_WRITER,
     WRITER,
     Server,
+    app_client,
     bearer,
     kill_mid_stream,
     run_node,
@@ -38,7 +38,6 @@ from sqlalchemy import event
 from action_metrics import ActionMetric, AsyncMetricsStore, InvalidMetric, MetricsStore, TokenConfigError
 from action_metrics.access import READ_ONLY, ApiTokens, Scope
 from action_metrics.errors import DataRejected
-from action_metrics.http import create_app
 from action_metrics.intake import GroupCommit, IntakeLimits
 
 
@@ -340,11 +339,6 @@ def test_unreadable_bodies_are_4xx(server: Server, body: bytes, headers: dict[st
 
 
 # --- back-pressure --------------------------------------------------------------------------------
-
-
-def app_client(url: str, **options: Any) -> Any:
-    app = create_app(url, tokens=ApiTokens.parse(TOKENS), **options)
-    return app, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metrics.test")
 
 
 @pytest.mark.anyio

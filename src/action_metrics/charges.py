@@ -6,13 +6,76 @@ other action is charged exactly, under or over the credits expected.
 
 from __future__ import annotations
 
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, not_, select
+from sqlalchemy import ColumnElement, Select, and_, func, not_, select, tuple_
 
 from action_metrics.query import MetricFilter
-from action_metrics.schema import action_metrics
+from action_metrics.schema import action_metrics, credit_claims
+
+
+@dataclass(frozen=True, slots=True)
+class CreditClaim:
+    """A call charged the credits of an ancestor span (an action's): the ancestor's identity, the call's
+    metric id and timestamp. The first claim of an ancestor wins; see `schema.CreditClaimRow`."""
+
+    trace_id: int
+    span_id: int
+    metric_id: uuid.UUID
+    timestamp: datetime
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """The ancestor's trace and span id."""
+        return self.trace_id, self.span_id
+
+    @property
+    def ancestor(self) -> tuple[str, str]:
+        """The ancestor's identity as the table keys it: trace and span id in lowercase hex."""
+        return f"{self.trace_id:032x}", f"{self.span_id:016x}"
+
+    def row(self) -> dict[str, Any]:
+        trace_id, span_id = self.ancestor
+        return {
+            "trace_id": trace_id,
+            "span_id": span_id,
+            "metric_id": self.metric_id,
+            "timestamp": self.timestamp,
+        }
+
+
+def claims_held(ancestors: Iterable[tuple[str, str]]) -> Select[str, str, uuid.UUID]:
+    """The claims of these ancestors (hex trace and span ids): ancestor and the metric id holding it."""
+    key = tuple_(credit_claims.c.trace_id, credit_claims.c.span_id)
+    return select(credit_claims.c.trace_id, credit_claims.c.span_id, credit_claims.c.metric_id).where(
+        key.in_(list(ancestors))
+    )
+
+
+class RememberedClaims:
+    """Credit claims kept in one process's memory, the newest `limit` of them: for a store whose
+    database enforces no unique key to decide the first claim (ClickHouse)."""
+
+    def __init__(self, limit: int = 65_536) -> None:
+        self.limit = limit
+        self._holders: OrderedDict[tuple[int, int], uuid.UUID] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def claim(self, claims: Sequence[CreditClaim]) -> dict[tuple[int, int], uuid.UUID]:
+        """As `MetricsRepository.claim_credits`, within this process."""
+        with self._lock:
+            holders = {
+                claim.identity: self._holders.setdefault(claim.identity, claim.metric_id) for claim in claims
+            }
+            while len(self._holders) > self.limit:
+                self._holders.popitem(last=False)
+        return holders
 
 
 @dataclass(frozen=True, slots=True)

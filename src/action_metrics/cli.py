@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -28,7 +29,14 @@ from action_metrics.breakdown_report import (
     write_csv,
     write_json,
 )
-from action_metrics.dialects import URL_VARIABLE, Backend, backend_for, display_url, resolve_url
+from action_metrics.dialects import (
+    URL_VARIABLE,
+    Backend,
+    SQLiteBackend,
+    backend_for,
+    display_url,
+    resolve_url,
+)
 from action_metrics.errors import ActionMetricsError, InvalidPrice, InvalidValue
 from action_metrics.pricing import ModelPrice
 from action_metrics.repository import MetricsRepository, PruneResult
@@ -808,6 +816,19 @@ def set_price(
 # --- serve ----------------------------------------------------------------------------------
 
 
+def _check_workers(url: str | None) -> None:
+    """Several processes need one database they all reach: not ClickHouse (chdb opens its directory
+    in one process; credit claims are kept in memory there), not an in-memory SQLite database."""
+    if clickhouse.is_clickhouse_url(url):
+        raise click.BadParameter("a ClickHouse store is served by one process", param_hint="--workers")
+    backend = backend_for(resolve_url(url))
+    if isinstance(backend, SQLiteBackend) and backend.in_memory:
+        raise click.BadParameter(
+            "an in-memory SQLite database lives in one process: give a file (or PostgreSQL)",
+            param_hint="--workers",
+        )
+
+
 async def _preflight(url: str | None) -> None:
     """Fail now, in one line, rather than inside uvicorn's startup: the schema must be at head."""
     async with AsyncMetricsStore(url):
@@ -825,9 +846,19 @@ async def _preflight(url: str | None) -> None:
     is_flag=True,
     help="Serve every town to anyone, without a bearer token (local development only).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the port, each with its own connections and group commit "
+    "(SQLite files and PostgreSQL; a ClickHouse store is served by one).",
+)
 @budget_option
 @friendly_errors
-def serve(url: str | None, host: str, port: int, insecure: bool, lod3_p95_budget_ms: float) -> None:
+def serve(
+    url: str | None, host: str, port: int, insecure: bool, workers: int, lod3_p95_budget_ms: float
+) -> None:
     """Serve the metrics endpoint and the dashboard page over HTTP (needs a bearer token).
 
     GET / (the dashboard page), GET /v1/towns, GET /v1/town/{town_id}/metrics?action_type=&since_hours=
@@ -846,13 +877,22 @@ def serve(url: str | None, host: str, port: int, insecure: bool, lod3_p95_budget
             f"serve needs the server extra ({error.name} is missing): pip install 'action-metrics[server]'"
         ) from None
     app = http.create_app(url, insecure=insecure, lod3_p95_budget_ms=lod3_p95_budget_ms)
+    if workers > 1:
+        _check_workers(url)
     run_async(_preflight(url))
     if insecure:
         click.echo(f"warning: --insecure: anyone who can reach {host}:{port} reads every town", err=True)
     # What startup made (modules, the app) lives as long as the process: frozen out of the garbage
     # collector's reach, its collections no longer walk it on every request (~10% of a span's CPU).
     gc.freeze()
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+        return
+    os.environ[http.SERVE_SETTINGS_VARIABLE] = http.serve_settings(
+        url, insecure=insecure, lod3_p95_budget_ms=lod3_p95_budget_ms
+    )
+    factory = f"{http.__name__}:{http.app_from_environment.__name__}"
+    uvicorn.run(factory, factory=True, workers=workers, host=host, port=port, log_level="info")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,7 +40,7 @@ import numpy as np
 
 from action_metrics.aggregate import Aggregate, ModelAggregate
 from action_metrics.breakdown import BreakdownRequest, BreakdownRow, bucket_starts
-from action_metrics.charges import ChargeAudit
+from action_metrics.charges import ChargeAudit, CreditClaim, RememberedClaims
 from action_metrics.clickhouse import (
     DAILY_ROLLUPS,
     EARLIEST,
@@ -866,6 +866,7 @@ class ClickHouseRepository:
         self._where = url.shown()
         self._client: Client | None = None
         self._closed = False
+        self._claims = RememberedClaims()
 
     def _database_errors(self) -> AbstractContextManager[None]:
         """Re-raise a database failure inside the block as the `DatabaseError` `translate` makes."""
@@ -1347,6 +1348,12 @@ class ClickHouseRepository:
             )
             for start, price in rows
         ]
+
+    async def claim_credits(self, claims: Sequence[CreditClaim]) -> dict[tuple[int, int], uuid.UUID]:
+        """As `MetricsRepository.claim_credits`, but in this process's memory (`RememberedClaims`):
+        ClickHouse enforces no unique key that would decide the first claim across processes."""
+        self._open()
+        return self._claims.claim(claims)
 
     async def raw_kept_from(self) -> datetime | None:
         """The cut-off of the last `prune` (None: never pruned)."""

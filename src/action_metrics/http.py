@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
+import json
 import logging
+import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -239,6 +242,24 @@ async def time_window(
         return TimeWindow.resolve(now=datetime.now(UTC), since_hours=since_hours, since=since, until=until)
     except InvalidFilter as error:
         raise _invalid_query(error) from None
+
+
+SERVE_SETTINGS_VARIABLE: Final = "ACTION_METRICS_SERVE_SETTINGS"
+"""How `serve --workers N` hands its settings to its worker processes (`app_from_environment`)."""
+
+
+def serve_settings(store_url: str | None, *, insecure: bool, lod3_p95_budget_ms: float) -> str:
+    """`create_app`'s arguments as `app_from_environment` reads them from `SERVE_SETTINGS_VARIABLE`."""
+    return json.dumps(dict(store_url=store_url, insecure=insecure, lod3_p95_budget_ms=lod3_p95_budget_ms))
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process of `serve --workers N` (uvicorn's factory): `create_app` with the
+    arguments the command put in `SERVE_SETTINGS_VARIABLE`, tokens from the environment as ever."""
+    app = create_app(**json.loads(os.environ[SERVE_SETTINGS_VARIABLE]))
+    # What startup made lives as long as the process: out of the garbage collector's reach (see serve).
+    gc.freeze()
+    return app
 
 
 def create_app(

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, NamedTuple
 
@@ -33,6 +32,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from action_metrics.charges import CreditClaim
 from action_metrics.context import NO_ATTRIBUTION, Attribution, parse_attribution
 from action_metrics.errors import InvalidValue
 from action_metrics.genai import (
@@ -508,8 +508,6 @@ _ARRAY_FIELDS: Final = {"values": _READ}
 
 # --- spans to metrics ---------------------------------------------------------------------------
 
-_REMEMBERED_CLAIMS: Final = 65_536
-
 
 @dataclass(slots=True)
 class SpanBatch:
@@ -525,8 +523,33 @@ class SpanBatch:
     usage_missing: int = 0
     problems: list[str] = field(default_factory=list)
     """Attribution values that could not be read (the call was kept without them)."""
-    claims: set[tuple[int, int]] = field(default_factory=set)
-    """The ancestor spans whose credits this batch charged: remembered once it is committed."""
+    credits: dict[uuid.UUID, tuple[tuple[int, int], int]] = field(default_factory=dict)
+    """The calls that may carry the credits of an ancestor (an action's), by metric id: (that
+    ancestor's identity, its credits). They are stored without them unless they hold its claim."""
+
+    def claims_of(self, accepted: Iterable[tuple[int, ActionMetric]]) -> list[CreditClaim]:
+        """A claim for the first call under each ancestor among `accepted` (those the token may
+        write): the call this request would charge, should no other have been charged before."""
+        claims: dict[tuple[int, int], CreditClaim] = {}
+        for _, metric in accepted:
+            found = self.credits.get(metric.id)
+            if found is not None and found[0] not in claims:
+                claims[found[0]] = CreditClaim(*found[0], metric.id, metric.timestamp)
+        return list(claims.values())
+
+    def settled(
+        self, accepted: Iterable[tuple[int, ActionMetric]], holders: Mapping[tuple[int, int], uuid.UUID]
+    ) -> list[tuple[int, ActionMetric]]:
+        """`accepted`, each call that holds its ancestor's claim (`holders`: ancestor identity to
+        the metric id holding it) charged the ancestor's credits. Whichever request carries that
+        call (this one, a retry, one cut differently) stores it alike."""
+        settled = []
+        for index, metric in accepted:
+            found = self.credits.get(metric.id)
+            if found is not None and holders.get(found[0]) == metric.id:
+                metric = replace(metric, credits_charged=found[1])
+            settled.append((index, metric))
+        return settled
 
 
 class SpanReceiver:
@@ -534,9 +557,11 @@ class SpanReceiver:
 
     The mapping is the same function (`genai.call_from_span_data`); what a span inherits (ids,
     action type) comes from its ancestors in the same request, nearest first, as the processor
-    takes it from the parent span it knows. An ancestor's credits are charged once, to the first
-    call under it that has none of its own (never an ancestor made by `@instrument_action`, whose
-    own metric carries them); across requests the receiver remembers which it charged. Several
+    takes it from the parent span it knows. An ancestor's credits go to one call under it that has
+    none of its own (never an ancestor made by `@instrument_action`, whose own metric carries
+    them): each request claims them for its first such call, the store keeps the first claim of
+    each ancestor across requests and processes (`AsyncMetricsStore.claim_credits`), and the call
+    holding it is charged in every request that carries it (`SpanBatch.settled`). Several
     spans of one call in a request make one metric (`CallDeduplicator`); across requests the ids do
     it: a call's metric id comes from its provider response id, else from its span's identity, so
     a request sent again (a retry after a timeout) stores nothing twice.
@@ -544,11 +569,9 @@ class SpanReceiver:
 
     def __init__(self, mapping: SpanMapping | None = None) -> None:
         self.mapping = SpanMapping() if mapping is None else mapping
-        self._claimed: OrderedDict[tuple[int, int], None] = OrderedDict()
-        self._lock = threading.Lock()
 
     def read(self, spans: Sequence[OtlpSpan]) -> SpanBatch:
-        """The metrics of a request's spans; nothing is remembered until `committed()`."""
+        """The metrics of a request's spans, without the credits they may inherit (see `SpanBatch`)."""
         batch = SpanBatch()
         by_identity = {(span.trace_id, span.span_id): span for span in spans}
         ancestry = _Ancestry(by_identity, self.mapping.names, batch.problems)
@@ -584,11 +607,7 @@ class SpanReceiver:
                     batch.duplicates += 1
                     continue
                 if credits is not None and not data.failed and call.metric.credits_charged == 0:
-                    key, amount = credits
-                    if key not in batch.claims and not self._charged(key):
-                        batch.claims.add(key)
-                        charged = data._replace(inherited=replace(inherited, credits_charged=amount))
-                        call = call_from_span_data(charged, mapping) or call
+                    batch.credits[call.metric.id] = credits
             except InvalidValue as error:
                 batch.rejected.append((index, f"{error.field}: {error.problem}"))
                 continue
@@ -597,18 +616,6 @@ class SpanReceiver:
             batch.usage_missing += call.usage_missing
             batch.accepted.append((index, call.metric))
         return batch
-
-    def committed(self, batch: SpanBatch) -> None:
-        """The batch's metrics are stored: its ancestors' credits are charged from now on."""
-        with self._lock:
-            for key in batch.claims:
-                self._claimed[key] = None
-            while len(self._claimed) > _REMEMBERED_CLAIMS:
-                self._claimed.popitem(last=False)
-
-    def _charged(self, key: tuple[int, int]) -> bool:
-        with self._lock:
-            return key in self._claimed
 
 
 class _Ancestry:

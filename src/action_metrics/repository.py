@@ -11,6 +11,7 @@ see `errors`): everything above it catches those alone.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
@@ -41,7 +42,7 @@ from action_metrics.breakdown import (
     ranks_by_sums,
     row_from,
 )
-from action_metrics.charges import ChargeAudit, audit_statement
+from action_metrics.charges import ChargeAudit, CreditClaim, audit_statement, claims_held
 from action_metrics.dialects import WRITE, Backend, display_url
 from action_metrics.errors import (
     ActionMetricsError,
@@ -68,6 +69,7 @@ from action_metrics.query import (
 from action_metrics.rollup import BuildProgress, ReadPlan, RollupState
 from action_metrics.schema import (
     action_metrics,
+    credit_claims,
     credit_prices,
     latency_histogram,
     latency_sketch,
@@ -573,7 +575,7 @@ class MetricsRepository:
 
         The buckets before the cut-off are closed first; the cut-off is recorded before any row
         goes, so a reader never mistakes a half-pruned period for a whole one. Rows go in batches of
-        `PRUNE_BATCH`, each its own transaction.
+        `PRUNE_BATCH`, each its own transaction; then the credit claims of calls before the cut-off.
         """
         cutoff = rollup.floor_to(before, "day")
         older = action_metrics.c.timestamp < cutoff
@@ -605,7 +607,10 @@ class MetricsRepository:
             if progress is not None:
                 progress(removed)
             if deleted < PRUNE_BATCH:
-                return PruneResult(cutoff, removed, dry_run=False)
+                break
+        async with self._write_transaction() as connection:
+            await connection.execute(delete(credit_claims).where(credit_claims.c.timestamp < cutoff))
+        return PruneResult(cutoff, removed, dry_run=False)
 
     # -- what `db copy` reads and writes --
 
@@ -629,6 +634,21 @@ class MetricsRepository:
         async with self._read_connection() as connection:
             rows = (await connection.execute(statement)).all()
         return [CreditPrice(usd_per_credit=price, effective_from=start) for start, price in rows]
+
+    async def claim_credits(self, claims: Sequence[CreditClaim]) -> dict[tuple[int, int], uuid.UUID]:
+        """Each ancestor of `claims` (trace and span id) with the metric id holding its claim: the
+        first claim of that ancestor ever committed, by this process or another. One transaction;
+        of two claims of one ancestor in `claims`, the first is made."""
+        if not claims:
+            return {}
+        by_ancestor = {claim.ancestor: claim for claim in reversed(claims)}  # the first of each
+        insert = self.backend.insert(credit_claims).on_conflict_do_nothing(
+            index_elements=["trace_id", "span_id"]
+        )
+        async with self._write_transaction() as connection:
+            await connection.execute(insert, [claim.row() for claim in by_ancestor.values()])
+            held = (await connection.execute(claims_held(by_ancestor))).tuples().all()
+        return {by_ancestor[trace_id, span_id].identity: metric_id for trace_id, span_id, metric_id in held}
 
     async def raw_kept_from(self) -> datetime | None:
         """The cut-off of the last `prune` (None: never pruned)."""

@@ -335,6 +335,26 @@ class RollupStateRow(Base):
     anew (`rollup.open_user_day`; since 0013)."""
 
 
+class CreditClaimRow(Base):
+    """Which call was charged the credits of the action above it, for calls that inherit them from an
+    ancestor span (`POST /v1/traces`): one row per ancestor span, its first claim winning (since
+    0015). Claims are read and written in the database, so every process of a server
+    (`serve --workers`) charges an action once; `metric_id` names the call charged, so a retry of
+    the same request charges the same call again (its id makes it a duplicate), and `timestamp`
+    (that call's) lets `prune` remove the claims of the period it removes."""
+
+    __tablename__ = "action_metrics_credit_claims"
+
+    trace_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    """The ancestor span's trace id, 32 lowercase hex digits (as OTLP JSON writes it)."""
+    span_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    """The ancestor span's id, 16 lowercase hex digits."""
+    metric_id: Mapped[uuid.UUID] = mapped_column(Uuid(), nullable=False)
+    timestamp: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+    __table_args__ = (Index(None, "timestamp"),)
+
+
 EXPRESSION_INDEXES: Final = frozenset(
     {
         "ix_action_metrics_rollup_detail_day",
@@ -376,6 +396,7 @@ rollup_user = cast(Table, RollupUserRow.__table__)
 latency_histogram = cast(Table, LatencyHistogramRow.__table__)
 rollup_state = cast(Table, RollupStateRow.__table__)
 latency_sketch = cast(Table, LatencySketchRow.__table__)
+credit_claims = cast(Table, CreditClaimRow.__table__)
 
 # The views, for building queries against them. They live in their own MetaData so that
 # create_all() and autogenerate never mistake them for tables: migrations create them from sql/.

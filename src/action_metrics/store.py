@@ -15,6 +15,7 @@ import asyncio
 import atexit
 import concurrent.futures.thread  # noqa: F401 - see _call_at_exit
 import threading
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -27,7 +28,7 @@ from sqlalchemy import URL
 
 from action_metrics.aggregate import Aggregate
 from action_metrics.breakdown import BreakdownRequest, BreakdownRow
-from action_metrics.charges import ChargeAudit
+from action_metrics.charges import ChargeAudit, CreditClaim
 from action_metrics.clickhouse import SCHEMES as CLICKHOUSE_SCHEMES
 from action_metrics.clickhouse import ClickHouseURL
 from action_metrics.dialects import backend_for, display_url, resolve_url
@@ -103,6 +104,7 @@ class Repository(Protocol):
     async def count_after(self, position: CopyPosition | None) -> int: ...
     async def credit_prices(self) -> list[CreditPrice]: ...
     async def raw_kept_from(self) -> datetime | None: ...
+    async def claim_credits(self, claims: Sequence[CreditClaim]) -> dict[tuple[int, int], uuid.UUID]: ...
     async def record_raw_kept_from(self, cutoff: datetime) -> None: ...
 
 
@@ -300,6 +302,15 @@ class AsyncMetricsStore:
         if isinstance(repository, MetricsRepository):
             return await repository.insert_counting_groups(batches)
         return [await repository.insert_counting(batch) for batch in batches]
+
+    async def claim_credits(self, claims: Sequence[CreditClaim]) -> dict[tuple[int, int], uuid.UUID]:
+        """Which call carries the credits of each action above `claims` (for an OTLP receiver such as
+        `POST /v1/traces`): each claimed ancestor span (trace and span id) with the metric id of the
+        call holding its claim, the first claim of that ancestor ever made, whichever process made
+        it (a call that claimed before, in a retry, still holds it). Committed when this returns
+        (SQLite, PostgreSQL); on ClickHouse, which enforces no unique key, claims are kept in this
+        process's memory."""
+        return await (await self._open()).claim_credits(claims)
 
     async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - as MetricsStore's
         """Return once every metric emitted so far is committed.
