@@ -833,3 +833,19 @@ def test_upgrade_from_version_5_builds_the_timeline_and_the_days_from_what_is_st
             store.aggregate(since=since).to_dict(),
             expected_aggregate([m for m in metrics if m.timestamp >= since], _seed_book()),
         )
+
+
+def test_writers_in_one_process_sending_the_same_new_ids_at_once_count_them_once(clickhouse_url: str) -> None:
+    """Two stores and the writers of each on one database, every one sending the same new actions at
+    the same moment: the lookup of stored ids and the insert are one step per database in a
+    process, so the rollups (which see every insert) count each action once, as the raw rows do."""
+    metrics = [metric(timestamp=START + timedelta(minutes=i), user_id=f"user-{i % 7}") for i in range(300)]
+
+    async def run() -> tuple[list[int], int, int]:
+        async with AsyncMetricsStore(clickhouse_url) as one, AsyncMetricsStore(clickhouse_url) as other:
+            counts = await asyncio.gather(*(store.emit_batch(metrics) for store in [one, other] * 4))
+            return counts, (await one.aggregate()).count, (await one.aggregate(exact=True)).count
+
+    counts, from_rollups, exact = run_async(run())
+    assert sorted(counts) == [0] * 7 + [len(metrics)]  # one writer stored them, the others found them
+    assert (from_rollups, exact) == (len(metrics), len(metrics))

@@ -84,6 +84,14 @@ class ClickHouseURL:
         database = parts.path.strip("/") or "default"
         return cls(url, database, in_process=False)
 
+    @property
+    def location(self) -> tuple[str, str]:
+        """Where the database is, whoever connects: the chdb directory or the server's host and port,
+        and the database's name."""
+        parts = urlsplit(self.given)
+        place = parts.path if self.in_process else f"{parts.hostname}:{parts.port or 8123}"
+        return place, self.database
+
     def shown(self) -> str:
         """The URL without its password, for messages."""
         parts = urlsplit(self.given)

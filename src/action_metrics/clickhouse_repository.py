@@ -26,6 +26,7 @@ import asyncio
 import json
 import math
 import re
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -858,6 +859,19 @@ def translate(error: BaseException, where: str) -> DatabaseError | None:
     return None
 
 
+_WRITER_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
+def _writer_lock(url: ClickHouseURL) -> threading.Lock:
+    """The lock every store of this process holds from its lookup of stored ids to its insert, one
+    per database (`ClickHouseURL.location`): ClickHouse enforces no unique key, so two inserts of
+    one new id that both looked it up first would both store it. chdb runs in one process, so there
+    this makes first id wins exact; writers in several processes on one server are not covered."""
+    with _WRITER_LOCKS_GUARD:
+        return _WRITER_LOCKS.setdefault(url.location, threading.Lock())
+
+
 class ClickHouseRepository:
     """Reads and writes action metrics and prices on one ClickHouse database (see the module)."""
 
@@ -920,9 +934,11 @@ class ClickHouseRepository:
         """Insert the batch's actions whose key (id, town, action type, UTC hour: what the raw
         table replaces on) is not stored yet, the first of each id in the batch: the rollups' views
         see every insert, so a re-sent action must not reach the table. The stored keys are read just
-        before the insert (`_stored_ids`): two writers sending the same new id at once both insert
-        it, and the rollups count it twice (the raw rows, read with FINAL, once); an id re-sent with
-        another town, action type or hour is a second action, as the raw table always kept it.
+        before the insert (`_stored_ids`), the two one step for every store of this process on this
+        database (`_writer_lock`): writers in two processes sending the same new id at once can still
+        both insert it, and the rollups then count it twice (the raw rows, read with FINAL, once);
+        an id re-sent with another town, action type or hour is a second action, as the raw table
+        always kept it.
 
         A batch holding a metric from before the prune cut-off stores nothing
         (`MetricInPrunedPeriod`): prune removed the ids there, so a re-sent action would count twice.
@@ -935,17 +951,18 @@ class ClickHouseRepository:
         columns = _columns(metrics)  # refused before anything is read
         client = self._open()
         numbers = [id_.int for id_ in columns[0]]
-        stored, cutoff = self._stored_ids(client, columns, numbers)
-        refuse_before(cutoff, metrics)
-        if stored or len(set(numbers)) < len(numbers):
-            kept = []
-            for index, number in enumerate(numbers):
-                if number not in stored:
-                    stored.add(number)
-                    kept.append(index)
-            columns = [[column[index] for index in kept] for column in columns]
-        if columns[0]:
-            client.insert("action_metrics", columns, column_names=list(_COLUMNS), column_oriented=True)
+        with _writer_lock(self.url):  # no other insert of this process between the lookup and ours
+            stored, cutoff = self._stored_ids(client, columns, numbers)
+            refuse_before(cutoff, metrics)
+            if stored or len(set(numbers)) < len(numbers):
+                kept = []
+                for index, number in enumerate(numbers):
+                    if number not in stored:
+                        stored.add(number)
+                        kept.append(index)
+                columns = [[column[index] for index in kept] for column in columns]
+            if columns[0]:
+                client.insert("action_metrics", columns, column_names=list(_COLUMNS), column_oriented=True)
         return len(columns[0])
 
     def _stored_ids(
