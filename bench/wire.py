@@ -17,7 +17,9 @@ that wall-clock ratio mostly measures the scheduler (client and server wait on e
 run also prints CPU time per metric: emit_many's (this process, its driver thread included) and the
 server's (the child, read from /proc: Linux only), and their ratio. With `--path traces`
 each metric travels as the GenAI span an instrumentation would send (model, token counts, response
-id, `action.*` ids and credits), `--batch` spans per OTLP protobuf request.
+id, `action.*` ids and credits), `--batch` spans per OTLP protobuf request. `--workers N` runs the
+server as `serve --workers N` (its CPU then summed over its processes); give at least as many
+`--clients`, since a client's keep-alive connection stays with one process.
 """
 
 from __future__ import annotations
