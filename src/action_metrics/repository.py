@@ -638,17 +638,29 @@ class MetricsRepository:
     async def claim_credits(self, claims: Sequence[CreditClaim]) -> dict[tuple[int, int], uuid.UUID]:
         """Each ancestor of `claims` (trace and span id) with the metric id holding its claim: the
         first claim of that ancestor ever committed, by this process or another. One transaction;
-        of two claims of one ancestor in `claims`, the first is made."""
+        of two claims of one ancestor in `claims`, the first is made. The claims made come back
+        from the insert itself; the holders of the others (a retry, the same action in another
+        request) are read after it."""
         if not claims:
             return {}
         by_ancestor = {claim.ancestor: claim for claim in reversed(claims)}  # the first of each
-        insert = self.backend.insert(credit_claims).on_conflict_do_nothing(
-            index_elements=["trace_id", "span_id"]
+        c = credit_claims.c
+        insert = (
+            self.backend.insert(credit_claims)
+            .on_conflict_do_nothing(index_elements=["trace_id", "span_id"])
+            .returning(c.trace_id, c.span_id)
         )
         async with self._write_transaction() as connection:
-            await connection.execute(insert, [claim.row() for claim in by_ancestor.values()])
-            held = (await connection.execute(claims_held(by_ancestor))).tuples().all()
-        return {by_ancestor[trace_id, span_id].identity: metric_id for trace_id, span_id, metric_id in held}
+            made = await connection.execute(insert, [claim.row() for claim in by_ancestor.values()])
+            holders = {by_ancestor[key].identity: by_ancestor[key].metric_id for key in made.tuples()}
+            if len(holders) < len(by_ancestor):
+                taken = [key for key, claim in by_ancestor.items() if claim.identity not in holders]
+                held = (await connection.execute(claims_held(taken))).tuples()
+                holders.update(
+                    (by_ancestor[trace_id, span_id].identity, metric_id)
+                    for trace_id, span_id, metric_id in held
+                )
+        return holders
 
     async def raw_kept_from(self) -> datetime | None:
         """The cut-off of the last `prune` (None: never pruned)."""
