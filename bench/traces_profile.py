@@ -65,8 +65,10 @@ class StatementLog:
 async def profile(backend: str, arguments: argparse.Namespace) -> None:
     metrics = list(generate(arguments.spans))
     chunks = [metrics[start : start + arguments.batch] for start in range(0, len(metrics), arguments.batch)]
-    encode, content_type = (otlp_json_body, JSON) if arguments.encoding == "json" else (otlp_body, PROTOBUF)
-    bodies = [encode(chunk) for chunk in chunks]
+    if arguments.encoding == "json":
+        bodies, content_type = [otlp_json_body(chunk) for chunk in chunks], JSON
+    else:
+        bodies, content_type = [otlp_body(chunk, arguments.calls_per_action) for chunk in chunks], PROTOBUF
     gc.freeze()  # as `serve` does after startup: the bench's own objects are not the server's garbage
     with tempfile.TemporaryDirectory(prefix=f"{arguments.prefix.replace('_', '-')}-traces-") as workdir:
         databases = Databases(backend, Path(workdir), arguments.prefix)
@@ -125,6 +127,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--spans", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=1_000, help="spans per request")
     parser.add_argument("--encoding", choices=["protobuf", "json"], default="protobuf")
+    parser.add_argument(
+        "--calls-per-action", type=int, default=0, help="protobuf: the calls under action spans (see wire.py)"
+    )
     parser.add_argument("--cprofile", type=int, default=0, help="print this many functions of the write")
     parser.add_argument(
         "--prefix",

@@ -155,8 +155,38 @@ def genai_span(metric: ActionMetric) -> Span:
     )
 
 
-def otlp_body(metrics: Sequence[ActionMetric]) -> bytes:
-    spans = [genai_span(metric) for metric in metrics]
+ACTION_ATTRIBUTES = ("action.type", "action.user_id", "action.town_id", "action.credits", "action.citizen_id")
+
+
+def action_spans(metrics: Sequence[ActionMetric], calls_per_action: int) -> list[Span]:
+    """The spans a traced service sends when its actions make `calls_per_action` LLM calls each: an
+    action span naming the ids and credits, its calls under it without them (the server claims
+    each action's credits for one call)."""
+    spans = []
+    for start in range(0, len(metrics), calls_per_action):
+        calls = [genai_span(metric) for metric in metrics[start : start + calls_per_action]]
+        first = calls[0]
+        action = Span(
+            trace_id=first.trace_id,
+            span_id=bytes(reversed(first.span_id)),
+            name="action",
+            start_time_unix_nano=first.start_time_unix_nano,
+            end_time_unix_nano=calls[-1].end_time_unix_nano,
+            attributes=[kv for kv in first.attributes if kv.key in ACTION_ATTRIBUTES],
+        )
+        for call in calls:
+            call.trace_id, call.parent_span_id = action.trace_id, action.span_id
+            kept = [kv for kv in call.attributes if kv.key not in ACTION_ATTRIBUTES]
+            del call.attributes[:]
+            call.attributes.extend(kept)
+        spans += [*calls, action]
+    return spans
+
+
+def otlp_body(metrics: Sequence[ActionMetric], calls_per_action: int = 0) -> bytes:
+    """`metrics` as GenAI spans with their action's attributes on them, or (`calls_per_action`) under
+    action spans that carry them."""
+    spans = action_spans(metrics, calls_per_action) if calls_per_action else [genai_span(m) for m in metrics]
     request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])])
     return request.SerializeToString()
 
@@ -219,7 +249,7 @@ def wire_path(
 async def compare(backend: str, metrics: list[ActionMetric], arguments: argparse.Namespace) -> list[float]:
     chunks = [metrics[start : start + arguments.batch] for start in range(0, len(metrics), arguments.batch)]
     if arguments.path == "traces":
-        bodies = [(len(chunk), otlp_body(chunk)) for chunk in chunks]
+        bodies = [(len(chunk), otlp_body(chunk, arguments.calls_per_action)) for chunk in chunks]
     else:
         bodies = [
             (len(chunk), json.dumps([metric.to_dict() for metric in chunk]).encode()) for chunk in chunks
@@ -285,6 +315,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "--workers", type=int, default=1, help="server processes (`serve --workers`): give as many clients"
     )
     parser.add_argument("--path", choices=sorted(PATHS), default="actions", help="the endpoint posted to")
+    parser.add_argument(
+        "--calls-per-action",
+        type=int,
+        default=0,
+        help="with --path traces: each action's ids and credits on an action span above this many calls "
+        "(default: on every call's span)",
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
         "--prefix",

@@ -652,7 +652,10 @@ class MetricsRepository:
         )
         async with self._write_transaction() as connection:
             made = await connection.execute(insert, [claim.row() for claim in by_ancestor.values()])
-            holders = {by_ancestor[key].identity: by_ancestor[key].metric_id for key in made.tuples()}
+            made_keys = [
+                (trace_id, span_id) for trace_id, span_id in made.tuples()
+            ]  # plain tuples: fast keys
+            holders = {by_ancestor[key].identity: by_ancestor[key].metric_id for key in made_keys}
             if len(holders) < len(by_ancestor):
                 taken = [key for key, claim in by_ancestor.items() if claim.identity not in holders]
                 held = (await connection.execute(claims_held(taken))).tuples()
