@@ -34,9 +34,9 @@ from sqlalchemy import event
 from wire import otlp_body, otlp_json_body
 
 from action_metrics import AsyncMetricsStore
+from action_metrics.charges import InheritedCredits
 from action_metrics.intake import Intake, write
 from action_metrics.otlp import JSON, PROTOBUF, SpanReceiver, decode_request
-from action_metrics.wire import with_credits
 
 REID = bool(os.environ.get("REID"))
 
@@ -94,8 +94,8 @@ async def profile(backend: str, arguments: argparse.Namespace) -> None:
                     cpu, wall = time.process_time(), time.perf_counter()
                     if profiler is not None:
                         profiler.enable()
-                    accepted = await with_credits(store, batch, batch.accepted)
-                    answer = await write(intake, store, accepted, [])
+                    credits = InheritedCredits(batch.credits) if batch.credits else None
+                    answer = await write(intake, store, batch.accepted, [], credits)
                     if profiler is not None:
                         profiler.disable()
                     writing += time.process_time() - cpu

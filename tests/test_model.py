@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -274,3 +275,15 @@ def test_flat_metadata_is_kept_unless_it_holds_nul_or_a_lone_surrogate(metadata:
     made = metric(metadata=metadata)
     assert made.metadata == metadata
     assert made.metadata_json == json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_a_metric_charged_other_credits_keeps_everything_else() -> None:
+    original = metric(credits_charged=0, metadata={"trace_id": "ab"}, cache_read_tokens=3)
+    charged = original.charged(25)
+    assert charged == dataclasses.replace(original, credits_charged=25)  # built and checked anew
+    assert charged.metadata_json == original.metadata_json
+    assert original.credits_charged == 0
+    for bad in (-1, 2**63, 1.5, True):
+        with pytest.raises(InvalidMetric) as raised:
+            original.charged(bad)  # type: ignore[arg-type]
+        assert raised.value.field == "credits_charged"

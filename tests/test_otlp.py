@@ -41,7 +41,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Status, StatusCode
 
 from action_metrics import ActionMetric
-from action_metrics.charges import CreditClaim, RememberedClaims
+from action_metrics.charges import CreditClaim, InheritedCredits, RememberedClaims
 from action_metrics.otlp import (
     JSON,
     PROTOBUF,
@@ -270,16 +270,18 @@ def test_an_ancestor_without_a_trace_id_still_charges_its_credits_once() -> None
     second = OtlpSpan(0, 3, 1, "chat", 5, 8, usage, 0, "", {}, "")
     receiver = SpanReceiver()
     batch = receiver.read([action, first, second])
-    assert [metric.credits_charged for _, metric in batch.accepted] == [0, 0]  # until settled
-    first_id = batch.accepted[0][1].id
-    [claim] = batch.claims_of(batch.accepted)
-    assert (claim.identity, claim.metric_id) == ((0, 1), first_id)
+    assert [(index, metric.credits_charged) for index, metric in batch.accepted] == [(1, 0), (2, 0)]
+    metrics = [metric for _, metric in batch.accepted]
+    credits = InheritedCredits(batch.credits)
+    [claim] = credits.claims(metrics)
+    assert (claim.identity, claim.metric_id) == ((0, 1), metrics[0].id)
     holders = {claim.identity: claim.metric_id}
-    settled = batch.settled(batch.accepted, holders)
-    assert [(index, metric.credits_charged) for index, metric in settled] == [(1, 10), (2, 0)]
+    assert [metric.credits_charged for metric in credits.settled(metrics, holders)] == [10, 0]
     later = receiver.read([action, second])  # the first call's claim is held: nothing for the second
-    assert [claim.metric_id for claim in later.claims_of(later.accepted)] == [later.accepted[0][1].id]
-    assert [metric.credits_charged for _, metric in later.settled(later.accepted, holders)] == [0]
+    [(_, alone)] = later.accepted
+    later_credits = InheritedCredits(later.credits)
+    assert [claim.metric_id for claim in later_credits.claims([alone])] == [alone.id]
+    assert [metric.credits_charged for metric in later_credits.settled([alone], holders)] == [0]
 
 
 def test_claims_remembered_in_memory_are_first_come_and_the_newest_kept() -> None:

@@ -9,7 +9,6 @@ exactly what `ActionMetricsSpanProcessor` stores in process from the same spans.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -41,8 +40,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from serving import READER, TOWN_A_WRITER, WRITER, Server, app_client, bearer, kill_mid_stream, serving
 
 from action_metrics import ActionMetricsSpanProcessor, AsyncMetricsStore, MetricsStore
-from action_metrics.charges import CreditClaim
+from action_metrics.charges import InheritedCredits
+from action_metrics.errors import MetricInPrunedPeriod
 from action_metrics.genai import metric_id_for_response
+from action_metrics.rollup import floor_to
 
 SONNET, GPT = "claude-sonnet-4-5-20250929", "gpt-4o-mini"
 PRICES = {SONNET: (Decimal(3), Decimal(15)), GPT: (Decimal("0.15"), Decimal("0.60"))}
@@ -455,22 +456,43 @@ def test_serve_with_two_workers_stores_each_call_once_and_charges_each_action_on
 
 
 @pytest.mark.anyio
-async def test_credit_claims_are_first_come_held_in_a_retry_and_pruned_with_their_calls(
+async def test_inherited_credits_go_to_the_first_claim_in_the_transaction_that_writes_the_calls(
     database_url: str,
 ) -> None:
+    """The store's rules for calls that may carry their action's credits (`emit_batch(credits=)`):
+    the first claim of an action holds, a later call or a retry gets the holder, two batches of one
+    transaction claim in turn, a refused batch leaves no claim, and `prune` removes the claims of
+    the period it removes."""
     now = datetime.now(UTC)
     long_ago, recent = now - timedelta(days=10), now - timedelta(hours=1)
-    first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    calls = {
+        name: make_metric(timestamp=recent, credits_charged=0) for name in ("a2", "a3", "b", "c1", "c2", "d")
+    }
+    calls["a1"] = make_metric(timestamp=long_ago, credits_charged=0)
+    calls["d_old"] = make_metric(timestamp=long_ago, credits_charged=0)
+    action = {"a1": (1, 10), "a2": (1, 10), "a3": (1, 10), "b": (2, 7), "c1": (3, 5), "c2": (3, 5)}
+    action |= {"d": (4, 3), "d_old": (4, 3)}
+    credits = InheritedCredits(
+        {calls[name].id: ((ancestor, 0xA), amount) for name, (ancestor, amount) in action.items()}
+    )
+
+    async def charged(**window: datetime) -> dict[str, int]:
+        stored = {metric.id: metric.credits_charged for metric in await store.query(**window)}
+        return {name: stored[metric.id] for name, metric in calls.items() if metric.id in stored}
+
     async with AsyncMetricsStore(database_url) as store:
-        await store.emit_many([make_metric(timestamp=long_ago), make_metric(timestamp=recent)])
-        both = [CreditClaim(1, 2, first, long_ago), CreditClaim(1, 2, second, long_ago)]
-        assert await store.claim_credits([*both, CreditClaim(3, 4, third, recent)]) == {
-            (1, 2): first,  # of two claims of one ancestor at once, the first
-            (3, 4): third,
-        }
-        assert await store.claim_credits([CreditClaim(1, 2, second, long_ago)]) == {(1, 2): first}
-        assert await store.claim_credits([CreditClaim(1, 2, first, long_ago)]) == {(1, 2): first}  # a retry
-        assert await store.claim_credits([]) == {}
-        await store.prune(now - timedelta(days=5))  # the claims of the pruned period go with it
-        claims = [CreditClaim(1, 2, second, long_ago), CreditClaim(3, 4, second, recent)]
-        assert await store.claim_credits(claims) == {(1, 2): second, (3, 4): third}
+        assert await store.emit_batch([calls["a1"], calls["a2"], calls["b"]], credits=credits) == 3
+        assert await store.emit_batch([calls["a2"], calls["a3"]], credits=credits) == 1  # cut differently
+        assert await store.emit_batch([calls["a1"], calls["a2"]], credits=credits) == 0  # a retry
+        assert await store.emit_batches([[calls["c2"]], [calls["c1"]]], credits=[credits, credits]) == [1, 1]
+        assert await charged() == {"a1": 10, "a2": 0, "a3": 0, "b": 7, "c1": 0, "c2": 5}
+
+        cutoff = floor_to(now - timedelta(days=5), "day")
+        await store.prune(cutoff)  # a1 and its action's claim go
+        with pytest.raises(MetricInPrunedPeriod):
+            await store.emit_batch([calls["d_old"], calls["d"]], credits=credits)  # claims nothing
+        assert await store.emit_batch([calls["d"]], credits=credits) == 1
+        late = make_metric(timestamp=recent, credits_charged=0)
+        calls["a4"] = late
+        assert await store.emit_batch([late], credits=InheritedCredits({late.id: ((1, 0xA), 10)})) == 1
+        assert await charged(since=cutoff) == {"a2": 0, "a3": 0, "b": 7, "c1": 0, "c2": 5, "d": 3, "a4": 10}

@@ -3,10 +3,11 @@ charged the credits its ancestor span names, one row per ancestor span (trace id
 
 `POST /v1/traces` kept these claims in the server's memory, so one process had to take every
 request: two processes (`serve --workers 2`) given the same action in two requests (an exporter's
-or a Collector's retry cut into other batches) would each charge it. Now the first claim committed
-wins, in any process, and a claim names its call, so a retry of the same request charges that call
-again (and its id makes the metric a duplicate). The table starts empty: what the old in-memory
-claims knew was lost with each restart anyway.
+or a Collector's retry cut into other batches) would each charge it. Now each request claims the
+action for its first call in the transaction that writes its calls, and the first claim committed
+wins, in any process: a later request finds the action claimed, and the call charged is stored
+already. The table starts empty: what the old in-memory claims knew was lost with each restart
+anyway.
 
 Revision ID: 0015
 Revises: 0014

@@ -9,15 +9,16 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, not_, select, tuple_
+from sqlalchemy import ColumnElement, Select, and_, func, not_, select
 
+from action_metrics.model import ActionMetric
 from action_metrics.query import MetricFilter
-from action_metrics.schema import action_metrics, credit_claims
+from action_metrics.schema import action_metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +51,38 @@ class CreditClaim:
         }
 
 
-def claims_held(ancestors: Iterable[tuple[str, str]]) -> Select[str, str, uuid.UUID]:
-    """The claims of these ancestors (hex trace and span ids): ancestor and the metric id holding it."""
-    key = tuple_(credit_claims.c.trace_id, credit_claims.c.span_id)
-    return select(credit_claims.c.trace_id, credit_claims.c.span_id, credit_claims.c.metric_id).where(
-        key.in_(list(ancestors))
-    )
+@dataclass(frozen=True, slots=True)
+class InheritedCredits:
+    """Calls that may carry the credits of an ancestor span (an action's) rather than their own (an
+    OTLP request's: `otlp.SpanBatch.credits`), by metric id: (the ancestor's trace and span id, its
+    credits). The store settles them in the transaction that writes the calls: each ancestor is
+    claimed for its first call among those written (`claims`); where the claim is made (no earlier
+    one), that call is written with the credits, the others without (`settled`). Where it was made
+    before, the call that holds it was stored with it, in its own transaction."""
+
+    calls: Mapping[uuid.UUID, tuple[tuple[int, int], int]]
+
+    def claims(self, metrics: Iterable[ActionMetric]) -> list[CreditClaim]:
+        """A claim for the first call under each ancestor among `metrics`."""
+        claims: dict[tuple[int, int], CreditClaim] = {}
+        for metric in metrics:
+            found = self.calls.get(metric.id)
+            if found is not None and found[0] not in claims:
+                claims[found[0]] = CreditClaim(*found[0], metric.id, metric.timestamp)
+        return list(claims.values())
+
+    def settled(
+        self, metrics: Sequence[ActionMetric], holders: Mapping[tuple[int, int], uuid.UUID]
+    ) -> list[ActionMetric]:
+        """`metrics`, each call that holds its ancestor's claim (`holders`: ancestor to the metric id
+        holding it) charged the ancestor's credits."""
+        settled = []
+        for metric in metrics:
+            found = self.calls.get(metric.id)
+            if found is not None and holders.get(found[0]) == metric.id:
+                metric = metric.charged(found[1])
+            settled.append(metric)
+        return settled
 
 
 class RememberedClaims:
@@ -68,7 +95,8 @@ class RememberedClaims:
         self._lock = threading.Lock()
 
     def claim(self, claims: Sequence[CreditClaim]) -> dict[tuple[int, int], uuid.UUID]:
-        """As `MetricsRepository.claim_credits`, within this process."""
+        """Each claimed ancestor with the metric id holding its claim, as the SQL stores keep them
+        (`MetricsRepository`), within this process."""
         with self._lock:
             holders = {
                 claim.identity: self._holders.setdefault(claim.identity, claim.metric_id) for claim in claims

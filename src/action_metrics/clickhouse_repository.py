@@ -41,7 +41,7 @@ import numpy as np
 
 from action_metrics.aggregate import Aggregate, ModelAggregate
 from action_metrics.breakdown import BreakdownRequest, BreakdownRow, bucket_starts
-from action_metrics.charges import ChargeAudit, CreditClaim, RememberedClaims
+from action_metrics.charges import ChargeAudit, InheritedCredits, RememberedClaims
 from action_metrics.clickhouse import (
     DAILY_ROLLUPS,
     EARLIEST,
@@ -926,8 +926,14 @@ class ClickHouseRepository:
         """Store a batch in one insert, first id wins (see `_insert_counting`)."""
         await self._run(self._insert_counting, list(metrics))
 
-    async def insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
-        """`insert`, and how many of the batch's ids were not stored before it."""
+    async def insert_counting(
+        self, metrics: Sequence[ActionMetric], credits: InheritedCredits | None = None
+    ) -> int:
+        """`insert`, and how many of the batch's ids were not stored before it. `credits`: what the
+        batch's calls may inherit, claimed in this process's memory (`RememberedClaims`: ClickHouse
+        enforces no unique key that would decide the first claim across processes)."""
+        if credits is not None:
+            metrics = credits.settled(metrics, self._claims.claim(credits.claims(metrics)))
         return await self._run(self._insert_counting, list(metrics))
 
     def _insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
@@ -1365,12 +1371,6 @@ class ClickHouseRepository:
             )
             for start, price in rows
         ]
-
-    async def claim_credits(self, claims: Sequence[CreditClaim]) -> dict[tuple[int, int], uuid.UUID]:
-        """As `MetricsRepository.claim_credits`, but in this process's memory (`RememberedClaims`):
-        ClickHouse enforces no unique key that would decide the first claim across processes."""
-        self._open()
-        return self._claims.claim(claims)
 
     async def raw_kept_from(self) -> datetime | None:
         """The cut-off of the last `prune` (None: never pruned)."""

@@ -20,6 +20,7 @@ from typing import Final
 from fastapi import HTTPException, Request, status
 from pydantic import BaseModel
 
+from action_metrics.charges import InheritedCredits
 from action_metrics.errors import (
     DatabaseError,
     DatabaseUnavailable,
@@ -61,6 +62,7 @@ class _Waiting:
     store: AsyncMetricsStore
     metrics: Sequence[ActionMetric]
     answer: asyncio.Future[int]
+    credits: InheritedCredits | None
 
 
 class GroupCommit:
@@ -78,13 +80,19 @@ class GroupCommit:
         self._waiting: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def write(self, store: AsyncMetricsStore, metrics: Sequence[ActionMetric]) -> int:
-        """Commit `metrics` (with whatever else is waiting); how many of their ids were new."""
+    async def write(
+        self,
+        store: AsyncMetricsStore,
+        metrics: Sequence[ActionMetric],
+        credits: InheritedCredits | None = None,
+    ) -> int:
+        """Commit `metrics` (with whatever else is waiting), the `credits` they may inherit settled
+        in the same transaction; how many of their ids were new."""
         if not metrics:
             return 0
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[int] = loop.create_future()
-        self._waiting.append(_Waiting(store, metrics, answer))
+        self._waiting.append(_Waiting(store, metrics, answer, credits))
         if self._writer is None or self._writer.done() or self._writer.get_loop() is not loop:
             self._writer = loop.create_task(self._write_waiting())
         return await answer
@@ -117,7 +125,9 @@ class GroupCommit:
 
     async def _commit(self, group: list[_Waiting]) -> None:
         try:
-            counts = await group[0].store.emit_batches([waiting.metrics for waiting in group])
+            counts = await group[0].store.emit_batches(
+                [waiting.metrics for waiting in group], credits=[waiting.credits for waiting in group]
+            )
         except DataRejected as error:
             if len(group) == 1:
                 _answer(group[0], error=error)
@@ -125,7 +135,7 @@ class GroupCommit:
             # One request's data is refused: each goes alone, so only its own request learns it.
             for waiting in group:
                 try:
-                    _answer(waiting, await waiting.store.emit_batch(waiting.metrics))
+                    _answer(waiting, await waiting.store.emit_batch(waiting.metrics, credits=waiting.credits))
                 except DatabaseError as alone:
                     _answer(waiting, error=alone)
             return
@@ -287,6 +297,7 @@ async def write(
     store: AsyncMetricsStore,
     accepted: Sequence[tuple[int, ActionMetric]],
     rejected: list[Rejected],
+    credits: InheritedCredits | None = None,
 ) -> IntakeAnswer:
     """Commit the accepted metrics (index in the request, metric) in one transaction, shared with
     concurrent requests (`GroupCommit`), and count them.
@@ -294,7 +305,8 @@ async def write(
     An id sent twice in one request is stored once and counted once as a duplicate. Metrics from
     before the store's prune cut-off are rejected (field `timestamp`) and the rest written. Should
     the database refuse the batch's data otherwise (a constraint the checks here do not know), each
-    metric is written on its own and only the refused ones are rejected.
+    metric is written on its own and only the refused ones are rejected. `credits`: what the
+    metrics may inherit, claimed and charged in the transaction that writes them.
     """
     unique: dict[object, tuple[int, ActionMetric]] = {}
     for index, metric in accepted:
@@ -305,7 +317,7 @@ async def write(
     try:
         while pending:
             try:
-                stored += await intake.commits.write(store, [metric for _, metric in pending])
+                stored += await intake.commits.write(store, [metric for _, metric in pending], credits)
                 break
             except MetricInPrunedPeriod as error:  # it names them all: the rest goes again at once
                 rejected.extend(_rejected(pending[position][0], error) for position in error.indexes)
@@ -314,7 +326,7 @@ async def write(
             except DataRejected:
                 for index, metric in pending:
                     try:
-                        stored += await store.emit_batch([metric])
+                        stored += await store.emit_batch([metric], credits=credits)
                     except DataRejected as alone:
                         rejected.append(_rejected(index, alone))
                 break

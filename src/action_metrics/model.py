@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -299,6 +299,17 @@ class ActionMetric:
         set_(self, "error", error)
         set_(self, "metadata_json", metadata_json)
 
+    def charged(self, credits: int) -> ActionMetric:
+        """This metric with `credits` charged instead (checked as `credits_charged` is), every other
+        field as it is, not checked or serialized again: an OTLP call given its action's credits."""
+        if type(credits) is not int or not 0 <= credits <= MAX_INT64:
+            credits = check_count("credits_charged", credits)
+        metric = ActionMetric.__new__(ActionMetric)
+        for name in _SLOTS:
+            _set_field(metric, name, getattr(self, name))
+        _set_field(metric, "credits_charged", credits)
+        return metric
+
     @classmethod
     def stored(cls, **fields: Any) -> ActionMetric:
         """A metric as the database holds it, not checked again: its rules (migration 0005) already
@@ -434,3 +445,7 @@ def refuse_before(cutoff: datetime | None, metrics: Sequence[ActionMetric]) -> N
     if oldest < cutoff:
         indexes = [index for index, metric in enumerate(metrics) if metric.timestamp < cutoff]
         raise MetricInPrunedPeriod(cutoff, indexes, oldest)
+
+
+_SLOTS: Final = tuple(each.name for each in fields(ActionMetric))
+"""Every field an `ActionMetric` holds, `metadata_json` included."""

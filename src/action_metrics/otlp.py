@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, NamedTuple
 
@@ -32,7 +32,6 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from action_metrics.charges import CreditClaim
 from action_metrics.context import NO_ATTRIBUTION, Attribution, parse_attribution
 from action_metrics.errors import InvalidValue
 from action_metrics.genai import (
@@ -525,31 +524,8 @@ class SpanBatch:
     """Attribution values that could not be read (the call was kept without them)."""
     credits: dict[uuid.UUID, tuple[tuple[int, int], int]] = field(default_factory=dict)
     """The calls that may carry the credits of an ancestor (an action's), by metric id: (that
-    ancestor's identity, its credits). They are stored without them unless they hold its claim."""
-
-    def claims_of(self, accepted: Iterable[tuple[int, ActionMetric]]) -> list[CreditClaim]:
-        """A claim for the first call under each ancestor among `accepted` (those the token may
-        write): the call this request would charge, should no other have been charged before."""
-        claims: dict[tuple[int, int], CreditClaim] = {}
-        for _, metric in accepted:
-            found = self.credits.get(metric.id)
-            if found is not None and found[0] not in claims:
-                claims[found[0]] = CreditClaim(*found[0], metric.id, metric.timestamp)
-        return list(claims.values())
-
-    def settled(
-        self, accepted: Iterable[tuple[int, ActionMetric]], holders: Mapping[tuple[int, int], uuid.UUID]
-    ) -> list[tuple[int, ActionMetric]]:
-        """`accepted`, each call that holds its ancestor's claim (`holders`: ancestor identity to
-        the metric id holding it) charged the ancestor's credits. Whichever request carries that
-        call (this one, a retry, one cut differently) stores it alike."""
-        settled = []
-        for index, metric in accepted:
-            found = self.credits.get(metric.id)
-            if found is not None and holders.get(found[0]) == metric.id:
-                metric = replace(metric, credits_charged=found[1])
-            settled.append((index, metric))
-        return settled
+    ancestor's identity, its credits). `accepted` holds them without; the store charges the one
+    holding the ancestor's claim (`charges.InheritedCredits`)."""
 
 
 class SpanReceiver:
@@ -559,9 +535,9 @@ class SpanReceiver:
     action type) comes from its ancestors in the same request, nearest first, as the processor
     takes it from the parent span it knows. An ancestor's credits go to one call under it that has
     none of its own (never an ancestor made by `@instrument_action`, whose own metric carries
-    them): each request claims them for its first such call, the store keeps the first claim of
-    each ancestor across requests and processes (`AsyncMetricsStore.claim_credits`), and the call
-    holding it is charged in every request that carries it (`SpanBatch.settled`). Several
+    them): each request claims them for its first such call in the transaction that writes its
+    calls, and the first claim of an ancestor holds across requests and processes
+    (`charges.InheritedCredits`). Several
     spans of one call in a request make one metric (`CallDeduplicator`); across requests the ids do
     it: a call's metric id comes from its provider response id, else from its span's identity, so
     a request sent again (a retry after a timeout) stores nothing twice.

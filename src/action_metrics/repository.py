@@ -42,7 +42,7 @@ from action_metrics.breakdown import (
     ranks_by_sums,
     row_from,
 )
-from action_metrics.charges import ChargeAudit, CreditClaim, audit_statement, claims_held
+from action_metrics.charges import ChargeAudit, CreditClaim, InheritedCredits, audit_statement
 from action_metrics.dialects import WRITE, Backend, display_url
 from action_metrics.errors import (
     ActionMetricsError,
@@ -212,22 +212,36 @@ class MetricsRepository:
         """
         await self._insert([metrics], count_new=False)
 
-    async def insert_counting(self, metrics: Sequence[ActionMetric]) -> int:
+    async def insert_counting(
+        self, metrics: Sequence[ActionMetric], credits: InheritedCredits | None = None
+    ) -> int:
         """`insert`, and how many of the batch's ids were new: a writer over the wire is told what
         was stored and what was a duplicate. The count is the insert's own (rows the database took,
-        conflicts skipped), in the batch's transaction, so concurrent writers cannot blur it."""
-        return (await self.insert_counting_groups([metrics]))[0]
+        conflicts skipped), in the batch's transaction, so concurrent writers cannot blur it.
+        `credits`: what the batch's calls may inherit (see `AsyncMetricsStore.emit_batch`)."""
+        return (await self.insert_counting_groups([metrics], [credits]))[0]
 
-    async def insert_counting_groups(self, groups: Sequence[Sequence[ActionMetric]]) -> list[int]:
+    async def insert_counting_groups(
+        self,
+        groups: Sequence[Sequence[ActionMetric]],
+        credits: Sequence[InheritedCredits | None] | None = None,
+    ) -> list[int]:
         """Several batches in one transaction (one commit, one rollup upkeep), counted per batch as
         `insert_counting` counts one: an id in two batches is new, if at all, in the first."""
-        return await self._insert(groups, count_new=True)
+        return await self._insert(groups, count_new=True, credits=credits)
 
-    async def _insert(self, groups: Sequence[Sequence[ActionMetric]], *, count_new: bool) -> list[int]:
+    async def _insert(
+        self,
+        groups: Sequence[Sequence[ActionMetric]],
+        *,
+        count_new: bool,
+        credits: Sequence[InheritedCredits | None] | None = None,
+    ) -> list[int]:
         """Refuses the whole call (`MetricInPrunedPeriod`, indexes counted through the groups as
         given) if a metric is from before the prune cut-off: its id was pruned with its row, so it
         cannot be told from a new action. The cut-off is read under the write lock, which `prune`
-        takes to move it: no metric before it is stored after it is recorded."""
+        takes to move it: no metric before it is stored after it is recorded. Credits the groups'
+        calls may inherit are claimed and settled under that lock too, before anything is written."""
         given = groups
         groups = _without_earlier_ids(groups) if len(groups) > 1 else groups
         metrics = [metric for group in groups for metric in group]
@@ -237,6 +251,9 @@ class MetricsRepository:
             state = await rollup.read_state(connection, for_update=True)
             if state.raw_kept_from is not None:
                 refuse_before(state.raw_kept_from, [metric for group in given for metric in group])
+            if credits is not None and any(credits):
+                groups = await self._settled(connection, groups, credits)
+                metrics = [metric for group in groups for metric in group]
             late = await self._new_late_metrics(connection, state, metrics)
             new = [0] * len(groups)
             if len(groups) > 1 or len(metrics) >= self.backend.bulk_insert_minimum:
@@ -255,6 +272,45 @@ class MetricsRepository:
                 closed = await rollup.close(connection, self.backend, state, reach, batch_since=oldest)
                 await rollup.write_state(connection, state, closed)
         return new
+
+    async def _settled(
+        self,
+        connection: AsyncConnection,
+        groups: Sequence[Sequence[ActionMetric]],
+        credits: Sequence[InheritedCredits | None],
+    ) -> list[Sequence[ActionMetric]]:
+        """`groups`, each call that holds its ancestor's claim charged the ancestor's credits: every
+        group claims its ancestors for its first call under each (the earlier group first), and the
+        first claim ever committed of an ancestor holds (`_claim`)."""
+        claims = [
+            claim for group, each in zip(groups, credits, strict=True) if each for claim in each.claims(group)
+        ]
+        holders = await self._claim(connection, claims)
+        return [
+            each.settled(group, holders) if each else group
+            for group, each in zip(groups, credits, strict=True)
+        ]
+
+    async def _claim(
+        self, connection: AsyncConnection, claims: Sequence[CreditClaim]
+    ) -> dict[tuple[int, int], uuid.UUID]:
+        """The ancestors (trace and span id) of `claims` claimed now, each with its claiming metric id;
+        of two claims of one ancestor in `claims`, the first. An ancestor claimed before is left out:
+        its claim was committed with the call holding it, so that call is stored already (any copy
+        of it here is a duplicate) and no call here is charged. A concurrent writer's claim of the
+        same ancestor waits for this transaction's end, then finds it."""
+        if not claims:
+            return {}
+        by_ancestor = {claim.ancestor: claim for claim in reversed(claims)}  # the first of each
+        c = credit_claims.c
+        insert = (
+            self.backend.insert(credit_claims)
+            .on_conflict_do_nothing(index_elements=["trace_id", "span_id"])
+            .returning(c.trace_id, c.span_id)
+        )
+        made = await connection.execute(insert, [claim.row() for claim in by_ancestor.values()])
+        claimed = [by_ancestor[trace_id, span_id] for trace_id, span_id in made.tuples()]
+        return {claim.identity: claim.metric_id for claim in claimed}
 
     async def _new_late_metrics(
         self, connection: AsyncConnection, state: RollupState, metrics: Sequence[ActionMetric]
@@ -634,36 +690,6 @@ class MetricsRepository:
         async with self._read_connection() as connection:
             rows = (await connection.execute(statement)).all()
         return [CreditPrice(usd_per_credit=price, effective_from=start) for start, price in rows]
-
-    async def claim_credits(self, claims: Sequence[CreditClaim]) -> dict[tuple[int, int], uuid.UUID]:
-        """Each ancestor of `claims` (trace and span id) with the metric id holding its claim: the
-        first claim of that ancestor ever committed, by this process or another. One transaction;
-        of two claims of one ancestor in `claims`, the first is made. The claims made come back
-        from the insert itself; the holders of the others (a retry, the same action in another
-        request) are read after it."""
-        if not claims:
-            return {}
-        by_ancestor = {claim.ancestor: claim for claim in reversed(claims)}  # the first of each
-        c = credit_claims.c
-        insert = (
-            self.backend.insert(credit_claims)
-            .on_conflict_do_nothing(index_elements=["trace_id", "span_id"])
-            .returning(c.trace_id, c.span_id)
-        )
-        async with self._write_transaction() as connection:
-            made = await connection.execute(insert, [claim.row() for claim in by_ancestor.values()])
-            made_keys = [
-                (trace_id, span_id) for trace_id, span_id in made.tuples()
-            ]  # plain tuples: fast keys
-            holders = {by_ancestor[key].identity: by_ancestor[key].metric_id for key in made_keys}
-            if len(holders) < len(by_ancestor):
-                taken = [key for key, claim in by_ancestor.items() if claim.identity not in holders]
-                held = (await connection.execute(claims_held(taken))).tuples()
-                holders.update(
-                    (by_ancestor[trace_id, span_id].identity, metric_id)
-                    for trace_id, span_id, metric_id in held
-                )
-        return holders
 
     async def raw_kept_from(self) -> datetime | None:
         """The cut-off of the last `prune` (None: never pruned)."""

@@ -338,10 +338,10 @@ class RollupStateRow(Base):
 class CreditClaimRow(Base):
     """Which call was charged the credits of the action above it, for calls that inherit them from an
     ancestor span (`POST /v1/traces`): one row per ancestor span, its first claim winning (since
-    0015). Claims are read and written in the database, so every process of a server
-    (`serve --workers`) charges an action once; `metric_id` names the call charged, so a retry of
-    the same request charges the same call again (its id makes it a duplicate), and `timestamp`
-    (that call's) lets `prune` remove the claims of the period it removes."""
+    0015). A claim is written in the transaction that writes the call it charges, so every process
+    of a server (`serve --workers`) charges an action once, and a claim never outlives a write that
+    failed; `metric_id` names the call charged, and `timestamp` (that call's) lets `prune` remove
+    the claims of the period it removes."""
 
     __tablename__ = "action_metrics_credit_claims"
 

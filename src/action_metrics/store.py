@@ -15,7 +15,6 @@ import asyncio
 import atexit
 import concurrent.futures.thread  # noqa: F401 - see _call_at_exit
 import threading
-import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -28,7 +27,7 @@ from sqlalchemy import URL
 
 from action_metrics.aggregate import Aggregate
 from action_metrics.breakdown import BreakdownRequest, BreakdownRow
-from action_metrics.charges import ChargeAudit, CreditClaim
+from action_metrics.charges import ChargeAudit, InheritedCredits
 from action_metrics.clickhouse import SCHEMES as CLICKHOUSE_SCHEMES
 from action_metrics.clickhouse import ClickHouseURL
 from action_metrics.dialects import backend_for, display_url, resolve_url
@@ -80,7 +79,9 @@ class Repository(Protocol):
     async def ensure_schema(self) -> None: ...
     async def close(self) -> None: ...
     async def insert(self, metrics: Sequence[ActionMetric]) -> None: ...
-    async def insert_counting(self, metrics: Sequence[ActionMetric]) -> int: ...
+    async def insert_counting(
+        self, metrics: Sequence[ActionMetric], credits: InheritedCredits | None = None
+    ) -> int: ...
     async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]: ...
     async def aggregate(self, metric_filter: MetricFilter, *, exact: bool = False) -> Aggregate: ...
     async def breakdown(
@@ -104,7 +105,6 @@ class Repository(Protocol):
     async def count_after(self, position: CopyPosition | None) -> int: ...
     async def credit_prices(self) -> list[CreditPrice]: ...
     async def raw_kept_from(self) -> datetime | None: ...
-    async def claim_credits(self, claims: Sequence[CreditClaim]) -> dict[tuple[int, int], uuid.UUID]: ...
     async def record_raw_kept_from(self, cutoff: datetime) -> None: ...
 
 
@@ -277,13 +277,21 @@ class AsyncMetricsStore:
                 raise error.offset(start) from None
             start += len(batch)
 
-    async def emit_batch(self, metrics: Sequence[ActionMetric]) -> int:
+    async def emit_batch(
+        self, metrics: Sequence[ActionMetric], *, credits: InheritedCredits | None = None
+    ) -> int:
         """Store `metrics` in one transaction, committed when this returns; the number whose ids were
         not stored before (the rest were duplicates and changed nothing). For a bounded batch, such
-        as one request of the HTTP endpoint: unlike `emit_many`, it does not split the batch."""
+        as one request of the HTTP endpoint: unlike `emit_many`, it does not split the batch.
+
+        `credits` (an OTLP receiver's, such as `POST /v1/traces`): calls that may carry the credits
+        of the action above them. Each action is claimed for its first call here, in the
+        transaction that stores them; the first claim made of it holds, whichever process made it
+        (on ClickHouse, which enforces no unique key and has no transactions, within this process),
+        and the call holding it is stored with the credits."""
         for metric in metrics:
             _check_metric(metric)
-        return await (await self._open()).insert_counting(metrics)
+        return await (await self._open()).insert_counting(metrics, credits)
 
     @property
     def batches_commit_together(self) -> bool:
@@ -291,26 +299,27 @@ class AsyncMetricsStore:
         refused batch stores none of them; ClickHouse has no transactions: each is stored in turn."""
         return self.url.get_backend_name() not in CLICKHOUSE_SCHEMES
 
-    async def emit_batches(self, batches: Sequence[Sequence[ActionMetric]]) -> list[int]:
-        """`emit_batch` of each batch, all in one transaction where the database has transactions
-        (SQLite, PostgreSQL): one commit for several concurrent requests of the HTTP endpoint. Each
-        batch's count is the one `emit_batch` would give it after the batches before it."""
+    async def emit_batches(
+        self,
+        batches: Sequence[Sequence[ActionMetric]],
+        *,
+        credits: Sequence[InheritedCredits | None] | None = None,
+    ) -> list[int]:
+        """`emit_batch` of each batch (with its `credits`, if any), all in one transaction where the
+        database has transactions (SQLite, PostgreSQL): one commit for several concurrent requests
+        of the HTTP endpoint. Each batch's count is the one `emit_batch` would give it after the
+        batches before it."""
         for batch in batches:
             for metric in batch:
                 _check_metric(metric)
+        inherited = list(credits) if credits is not None else [None] * len(batches)
         repository = await self._open()
         if isinstance(repository, MetricsRepository):
-            return await repository.insert_counting_groups(batches)
-        return [await repository.insert_counting(batch) for batch in batches]
-
-    async def claim_credits(self, claims: Sequence[CreditClaim]) -> dict[tuple[int, int], uuid.UUID]:
-        """Which call carries the credits of each action above `claims` (for an OTLP receiver such as
-        `POST /v1/traces`): each claimed ancestor span (trace and span id) with the metric id of the
-        call holding its claim, the first claim of that ancestor ever made, whichever process made
-        it (a call that claimed before, in a retry, still holds it). Committed when this returns
-        (SQLite, PostgreSQL); on ClickHouse, which enforces no unique key, claims are kept in this
-        process's memory."""
-        return await (await self._open()).claim_credits(claims)
+            return await repository.insert_counting_groups(batches, inherited)
+        return [
+            await repository.insert_counting(batch, each)
+            for batch, each in zip(batches, inherited, strict=True)
+        ]
 
     async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - as MetricsStore's
         """Return once every metric emitted so far is committed.

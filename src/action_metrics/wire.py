@@ -21,14 +21,14 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from action_metrics.access import TokenGrant, WriteGrant
-from action_metrics.errors import DatabaseError, InvalidMetric
-from action_metrics.intake import IntakeAnswer, Rejected, intake_of, read_body, unavailable, write
+from action_metrics.charges import InheritedCredits
+from action_metrics.errors import InvalidMetric
+from action_metrics.intake import IntakeAnswer, Rejected, intake_of, read_body, write
 from action_metrics.model import ActionMetric
 from action_metrics.otlp import (
     MEDIA_TYPES,
     PROTOBUF,
     OtlpDecodeError,
-    SpanBatch,
     SpanReceiver,
     decode_request,
     encode_response,
@@ -221,17 +221,6 @@ def span_receiver(request: Request) -> SpanReceiver:
     return receiver
 
 
-async def with_credits(
-    store: AsyncMetricsStore, batch: SpanBatch, accepted: list[tuple[int, ActionMetric]]
-) -> list[tuple[int, ActionMetric]]:
-    """`accepted` (the batch's calls the token may write) with each action's credits on the call
-    that holds the action's claim in the store, whichever request or process claimed it first."""
-    if not batch.credits:
-        return accepted
-    holders = await store.claim_credits(batch.claims_of(accepted))
-    return batch.settled(accepted, holders)
-
-
 @router.post(
     "/v1/traces",
     response_class=Response,
@@ -282,11 +271,8 @@ async def post_traces(request: Request, grant: WriteGrant) -> Response:
                     Rejected(index=index, field="town_id", error="this token may not write this town")
                 )
         store: AsyncMetricsStore = request.app.state.store
-        try:
-            accepted = await with_credits(store, batch, accepted)
-        except DatabaseError as error:
-            raise unavailable(error) from error
-        answer = await write(intake, store, accepted, rejected)
+        credits = InheritedCredits(batch.credits) if batch.credits else None
+        answer = await write(intake, store, accepted, rejected, credits)
     for problem in batch.problems:
         logger.warning("POST /v1/traces: unreadable attribution %s; call recorded without it", problem)
     if batch.usage_missing:
