@@ -38,12 +38,15 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from serving import READER, TOWN_A_WRITER, WRITER, Server, app_client, bearer, kill_mid_stream, serving
+from sqlalchemy import select
 
 from action_metrics import ActionMetricsSpanProcessor, AsyncMetricsStore, MetricsStore
 from action_metrics.charges import InheritedCredits
+from action_metrics.dialects import backend_for
 from action_metrics.errors import MetricInPrunedPeriod
 from action_metrics.genai import metric_id_for_response
 from action_metrics.rollup import floor_to
+from action_metrics.schema import credit_claims
 
 SONNET, GPT = "claude-sonnet-4-5-20250929", "gpt-4o-mini"
 PRICES = {SONNET: (Decimal(3), Decimal(15)), GPT: (Decimal("0.15"), Decimal("0.60"))}
@@ -482,6 +485,16 @@ async def test_inherited_credits_go_to_the_first_claim_in_the_transaction_that_w
 
     async with AsyncMetricsStore(database_url) as store:
         assert await store.emit_batch([calls["a1"], calls["a2"], calls["b"]], credits=credits) == 3
+        engine = backend_for(database_url).create_engine()
+        try:
+            async with engine.connect() as connection:
+                rows = (await connection.execute(select(credit_claims))).all()
+        finally:
+            await engine.dispose()
+        assert sorted(rows) == [
+            (f"{ancestor:032x}", f"{0xA:016x}", calls[name].id, calls[name].timestamp)
+            for name, ancestor in (("a1", 1), ("b", 2))
+        ]
         assert await store.emit_batch([calls["a2"], calls["a3"]], credits=credits) == 1  # cut differently
         assert await store.emit_batch([calls["a1"], calls["a2"]], credits=credits) == 0  # a retry
         assert await store.emit_batches([[calls["c2"]], [calls["c1"]]], credits=[credits, credits]) == [1, 1]
