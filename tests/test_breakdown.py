@@ -296,11 +296,19 @@ def test_the_top_groups_carry_the_figures_they_have_in_the_whole_breakdown(
         }
         whole = [row.to_dict() for row in store.breakdown(by, **asked)]
         top = [row.to_dict() for row in store.breakdown(by, top=5, **asked)]
-        assert top == whole[:5]
+        # Sums of float latencies and margins differ in their last bits with the order they are added in.
+        assert top == [_floats_within(row, 1e-12) for row in whole[:5]]
         for row in top:
             assert_matches(
                 row, expected[_key(row, by, bucket)], f"{by} {bucket} {sort} {_key(row, by, bucket)}: "
             )
+
+
+def _floats_within(row: dict[str, Any], relative: float) -> dict[str, Any]:
+    return {
+        key: pytest.approx(value, rel=relative) if isinstance(value, float) else value
+        for key, value in row.items()
+    }
 
 
 def test_groups_without_a_value_sort_last_either_way(database_url: str) -> None:
@@ -467,7 +475,8 @@ def test_a_window_reaching_centuries_out_has_only_the_buckets_of_what_is_stored(
     far = {"since": datetime(1, 1, 1, tzinfo=UTC), "until": datetime(9000, 1, 1, tzinfo=UTC)}
     wide = store.breakdown("town_id", bucket="month", tz="Europe/Berlin", **far)
     assert [row.to_dict() for row in wide] == [
-        row.to_dict() for row in store.breakdown("town_id", bucket="month", tz="Europe/Berlin")
+        _floats_within(row.to_dict(), 1e-12)
+        for row in store.breakdown("town_id", bucket="month", tz="Europe/Berlin")
     ]
     assert wide
     assert store.breakdown(bucket="day", since=datetime(8000, 1, 1, tzinfo=UTC)) == []

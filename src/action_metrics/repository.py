@@ -23,7 +23,7 @@ from sqlalchemy import delete, func, select, union
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from action_metrics import migrate, rollup, sketch_reads, user_reads
+from action_metrics import closed_buckets, migrate, rollup, sketch_reads, user_reads
 from action_metrics.aggregate import (
     Aggregate,
     AggregateStatements,
@@ -151,6 +151,17 @@ def translate(error: BaseException, where: str) -> DatabaseError | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Sketched:
+    """A breakdown read from the sketch levels: the rows computed, and the closed buckets' stored
+    rows with the generation its snapshot saw (`closed_buckets`; `buckets` None: none are stored)."""
+
+    rows: list[BreakdownRow]
+    buckets: closed_buckets.Buckets | None
+    stored: dict[int, list[BreakdownRow]]
+    seen: int
+
+
 class MetricsRepository:
     """Reads and writes action metrics and prices on one database."""
 
@@ -264,7 +275,9 @@ class MetricsRepository:
                     new[0] -= len(await rollup.stored_ids(connection, [metric.id for metric in metrics]))
                 await connection.execute(self._insert_metrics, metric_rows(metrics))
             if late:
-                await rollup.add_late(connection, self.backend, state, list(late), min(late.values()))
+                earliest = min(late.values())
+                await rollup.add_late(connection, self.backend, state, list(late), earliest)
+                await closed_buckets.forget(connection, ending_after=earliest)
             newest = min(max(metric.timestamp for metric in metrics), datetime.now(UTC))
             if newest - datetime.min.replace(tzinfo=UTC) > rollup.CLOSE_DELAY:
                 oldest = min(metric.timestamp for metric in metrics)
@@ -359,13 +372,11 @@ class MetricsRepository:
     async def stream_breakdown(
         self, metric_filter: MetricFilter, request: BreakdownRequest
     ) -> AsyncIterator[BreakdownRow]:
-        """Each bucket is planned as `aggregate()` plans a window; the plans are read as one statement,
-        whose rows come through a server-side cursor as they are read."""
+        """Users from their rollups (`user_reads`); a town's, every town's or a model's buckets from
+        the sketch levels (`sketch_reads`), closed buckets stored once computed (`closed_buckets`);
+        anything else planned as `aggregate()` plans a window (`_planned`)."""
         async with self._snapshot() as connection:
             state = await rollup.read_state(connection)
-            exact, grouped = request.exact, request.grouped
-            starts: list[datetime] | None = None
-            plans: list[ReadPlan] | None = None
             if user_reads.answers(metric_filter, request):
                 since, until = await _window(connection, metric_filter)
                 if since >= until:
@@ -389,9 +400,10 @@ class MetricsRepository:
                     for row in rows:
                         yield row
                     return
-            if request.bucket is None:
-                plan = _plan(metric_filter, state, exact=exact, grouped=grouped)
-            else:
+            starts: list[datetime] | None = None
+            windows: list[tuple[datetime, datetime]] | None = None
+            sketched: _Sketched | None = None
+            if request.bucket is not None:
                 since, until = await _window(connection, metric_filter)
                 if since >= until:
                     return
@@ -400,55 +412,110 @@ class MetricsRepository:
                 windows = [(max(a, since), min(b, until)) for a, b in pairwise(starts)]
                 shape = sketch_reads.shape_of(metric_filter, request, state)
                 if shape is not None and sketch_reads.readable(shape, state, since, starts):
-                    pieces = sketch_reads.cover(shape, windows, state)
-                    if sketch_reads.pruned_pieces(pieces, state, shape):
-                        assert state.raw_kept_from is not None
-                        raise RawRowsPruned(state.raw_kept_from, "breakdown()")
-                    price_starts = await _price_starts(connection)
-                    rows = await sketch_reads.breakdown_rows(
-                        connection,
-                        metric_filter,
-                        request,
-                        shape,
-                        pieces,
-                        state,
-                        starts,
-                        self.backend,
-                        price_starts,
+                    sketched = await self._sketched(
+                        connection, metric_filter, request, state, shape, starts, windows
                     )
-                    for row in rows:
-                        yield row
-                    return
-                plans = [_plan(metric_filter, state, exact=exact, grouped=grouped, window=w) for w in windows]
-                plan = combined_plan(plans)
-            if rollup.reads_pruned_rows(plan, state):
-                assert state.raw_kept_from is not None
-                raise RawRowsPruned(state.raw_kept_from, "breakdown()")
+            if sketched is None:
+                async for row in self._planned(connection, metric_filter, request, state, starts, windows):
+                    yield row
+                return
+        if sketched.buckets is None:
+            rows = sketched.rows
+        else:
+            rows = await self._with_closed_buckets(sketched, sketched.buckets, request)
+        for row in rows:
+            yield row
+
+    async def _sketched(
+        self,
+        connection: AsyncConnection,
+        metric_filter: MetricFilter,
+        request: BreakdownRequest,
+        state: RollupState,
+        shape: sketch_reads.Shape,
+        starts: list[datetime],
+        windows: list[tuple[datetime, datetime]],
+    ) -> _Sketched:
+        """The buckets' rows from the sketch levels: those of closed buckets stored before, read back,
+        and the others computed by their pieces."""
+        pieces = sketch_reads.cover(shape, windows, state)
+        if sketch_reads.pruned_pieces(pieces, state, shape):
+            assert state.raw_kept_from is not None
+            raise RawRowsPruned(state.raw_kept_from, "breakdown()")
+        buckets = closed_buckets.Buckets.of(metric_filter, request, starts, windows, state)
+        stored: dict[int, list[BreakdownRow]] = {}
+        seen = 0
+        if buckets is not None:
+            seen = await closed_buckets.generation(connection)
+            stored = await closed_buckets.read(connection, buckets, request)
+            pieces = [piece for piece in pieces if piece.bucket not in stored]
+        rows: list[BreakdownRow] = []
+        if pieces:
             price_starts = await _price_starts(connection)
-            if not ranks_by_sums(request):
-                statement = breakdown_statement(
-                    metric_filter, request, plan, starts, self.backend, price_starts
-                )
-                result = await connection.stream(statement)
-                async for mapping in result.mappings():
-                    yield row_from(mapping, request, starts)
-                return
-            # The top groups by a sum first, then the percentiles of those groups alone, reading
-            # only their buckets' ranges.
-            statement = breakdown_statement(
-                metric_filter, request, plan, starts, self.backend, price_starts, percentiles=False
+            rows = await sketch_reads.breakdown_rows(
+                connection, metric_filter, request, shape, pieces, state, starts, self.backend, price_starts
             )
-            kept = (await connection.execute(statement)).mappings().all()
-            if not kept:
-                return
-            only = {name: sorted({row[name] for row in kept}, key=str) for name in request.by}
-            if plans is not None:
-                plan = combined_plan([plans[index] for index in sorted({row["bucket"] for row in kept})])
-            statement = percentiles_statement(metric_filter, request, plan, starts, self.backend, only)
-            found = {group_key(row, request): row for row in (await connection.execute(statement)).mappings()}
-            for row in kept:
-                percentiles = found.get(group_key(row, request))
-                yield row_from({**row, **(percentiles or {})}, request, starts)
+        return _Sketched(rows, buckets, stored, seen)
+
+    async def _with_closed_buckets(
+        self, sketched: _Sketched, buckets: closed_buckets.Buckets, request: BreakdownRequest
+    ) -> list[BreakdownRow]:
+        """Every row, in the breakdown's order, after storing the closed buckets just computed."""
+        computed = closed_buckets.by_bucket(sketched.rows, buckets)
+        new = {index: rows for index, rows in computed.items() if index not in sketched.stored}
+        if new:
+            try:
+                async with self._write_transaction() as connection:
+                    await closed_buckets.store(connection, self.backend, buckets, new, sketched.seen)
+            except (StatementRefused, DatabaseUnavailable) as error:  # a role that may only read
+                closed_buckets.refused(error)
+        every = [row for rows in sketched.stored.values() for row in rows] + sketched.rows
+        return closed_buckets.ordered(every, request)
+
+    async def _planned(
+        self,
+        connection: AsyncConnection,
+        metric_filter: MetricFilter,
+        request: BreakdownRequest,
+        state: RollupState,
+        starts: list[datetime] | None,
+        windows: list[tuple[datetime, datetime]] | None,
+    ) -> AsyncIterator[BreakdownRow]:
+        """The rows as `aggregate()` plans a window, each bucket its own plan, all read as one
+        statement whose rows come through a server-side cursor as they are read."""
+        exact, grouped = request.exact, request.grouped
+        plans: list[ReadPlan] | None = None
+        if windows is None:
+            plan = _plan(metric_filter, state, exact=exact, grouped=grouped)
+        else:
+            plans = [_plan(metric_filter, state, exact=exact, grouped=grouped, window=w) for w in windows]
+            plan = combined_plan(plans)
+        if rollup.reads_pruned_rows(plan, state):
+            assert state.raw_kept_from is not None
+            raise RawRowsPruned(state.raw_kept_from, "breakdown()")
+        price_starts = await _price_starts(connection)
+        if not ranks_by_sums(request):
+            statement = breakdown_statement(metric_filter, request, plan, starts, self.backend, price_starts)
+            result = await connection.stream(statement)
+            async for mapping in result.mappings():
+                yield row_from(mapping, request, starts)
+            return
+        # The top groups by a sum first, then the percentiles of those groups alone, reading
+        # only their buckets' ranges.
+        statement = breakdown_statement(
+            metric_filter, request, plan, starts, self.backend, price_starts, percentiles=False
+        )
+        kept = (await connection.execute(statement)).mappings().all()
+        if not kept:
+            return
+        only = {name: sorted({row[name] for row in kept}, key=str) for name in request.by}
+        if plans is not None:
+            plan = combined_plan([plans[index] for index in sorted({row["bucket"] for row in kept})])
+        statement = percentiles_statement(metric_filter, request, plan, starts, self.backend, only)
+        found = {group_key(row, request): row for row in (await connection.execute(statement)).mappings()}
+        for row in kept:
+            percentiles = found.get(group_key(row, request))
+            yield row_from({**row, **(percentiles or {})}, request, starts)
 
     async def _check_newest_unpruned(
         self, connection: AsyncConnection, metric_filter: MetricFilter, state: RollupState
@@ -489,6 +556,7 @@ class MetricsRepository:
         )
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
+            await closed_buckets.forget(connection)  # money is priced at read: any bucket may change
             if price.source == "manual":
                 # Removing a price start needs no rebuild: rollup rows are split at it, and each
                 # part is priced by whatever price is in force at its start.
@@ -520,6 +588,7 @@ class MetricsRepository:
         existing = select(credit_prices.c.id).where(credit_prices.c.effective_from == price.effective_from)
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
+            await closed_buckets.forget(connection)
             await self._apply_price(connection, state, statement, existing, price.effective_from, None)
             await self.backend.refresh_statistics(connection, model_prices, credit_prices)
 
@@ -588,6 +657,7 @@ class MetricsRepository:
         held_back: dict[str, datetime] = {}
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
+            await closed_buckets.forget(connection)
             manual_from = {model: start for model, start in await connection.execute(first_manual_price)}
             for model in models:
                 manual = manual_from.get(model)
@@ -651,6 +721,7 @@ class MetricsRepository:
             state = await rollup.read_state(connection, for_update=True)
             if state.raw_kept_from is None or state.raw_kept_from < cutoff:
                 await rollup.write_state(connection, state, replace(state, raw_kept_from=cutoff))
+                await closed_buckets.forget(connection, starting_before=cutoff)
         batch = select(action_metrics.c.id).where(older).limit(PRUNE_BATCH).scalar_subquery()
         removed = 0
         while True:
@@ -703,6 +774,7 @@ class MetricsRepository:
             state = await rollup.read_state(connection, for_update=True)
             if state.raw_kept_from is None or state.raw_kept_from < cutoff:
                 await rollup.write_state(connection, state, replace(state, raw_kept_from=cutoff))
+                await closed_buckets.forget(connection, starting_before=cutoff)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -29,6 +29,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    Text,
     TypeDecorator,
     Uuid,
 )
@@ -333,6 +334,10 @@ class RollupStateRow(Base):
     """The user rows and sketch of the open day (from `days_closed_until`) hold its actions up to
     here, its closed hours (None: none); each hour's close adds to them, the day's close sums them
     anew (`rollup.open_user_day`; since 0013)."""
+    closed_buckets_generation: Mapped[int] = mapped_column(BigInteger(), nullable=False, server_default="0")
+    """Counts the writes that changed what closed buckets hold (late actions, prices, prune): a
+    reader stores the rows of closed local buckets only if it has not moved since the snapshot they
+    were read in (`closed_buckets`; since 0016)."""
 
 
 class CreditClaimRow(Base):
@@ -353,6 +358,24 @@ class CreditClaimRow(Base):
     timestamp: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
     __table_args__ = (Index(None, "timestamp"),)
+
+
+class ClosedBucketRow(Base):
+    """A breakdown's rows for one closed bucket (a local day, week or month whose hours the rollups
+    have closed), stored by the first reader that computed them and read back by the next, so that
+    90 days of local days cost one row each instead of their rollup rows (since 0016). `question`
+    says which breakdown (dimensions, bucket, zone, filters; `closed_buckets.question`); `rows` is
+    that bucket's rows as JSON. Writes that change a closed bucket delete the rows from its end on.
+    """
+
+    __tablename__ = "action_metrics_closed_buckets"
+
+    question: Mapped[str] = mapped_column(Text(), primary_key=True)
+    bucket_start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    bucket_end: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    rows: Mapped[str] = mapped_column(Text(), nullable=False)
+
+    __table_args__ = (Index(None, "bucket_end"),)
 
 
 EXPRESSION_INDEXES: Final = frozenset(
@@ -397,6 +420,7 @@ latency_histogram = cast(Table, LatencyHistogramRow.__table__)
 rollup_state = cast(Table, RollupStateRow.__table__)
 latency_sketch = cast(Table, LatencySketchRow.__table__)
 credit_claims = cast(Table, CreditClaimRow.__table__)
+closed_buckets = cast(Table, ClosedBucketRow.__table__)
 
 # The views, for building queries against them. They live in their own MetaData so that
 # create_all() and autogenerate never mistake them for tables: migrations create them from sql/.
