@@ -452,8 +452,10 @@ class MetricsRepository:
         rows: list[BreakdownRow] = []
         if pieces:
             price_starts = await _price_starts(connection)
+            # Every row of the buckets computed: a `top` is cut from all of them, stored ones too.
+            whole = request if buckets is None else replace(request, top=None)
             rows = await sketch_reads.breakdown_rows(
-                connection, metric_filter, request, shape, pieces, state, starts, self.backend, price_starts
+                connection, metric_filter, whole, shape, pieces, state, starts, self.backend, price_starts
             )
         return _Sketched(rows, buckets, stored, seen)
 
