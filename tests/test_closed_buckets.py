@@ -142,6 +142,11 @@ def test_a_late_action_or_a_price_set_afterwards_changes_the_stored_buckets_it_f
     metrics = _metrics(seed=7, per_window=500)
     by, bucket, zone = ("town_id",), "day", "Europe/Berlin"
     with MetricsStore(database_url) as store:
+
+        def answer_matches(book: PriceBook) -> None:
+            rows = [row.to_dict() for row in store.breakdown(by, bucket=bucket, tz=zone)]
+            _check(rows, metrics, by, bucket, zone, {}, book)
+
         store.emit_many(metrics)
         store.flush()
         store.breakdown(by, bucket=bucket, tz=zone)
@@ -155,15 +160,7 @@ def test_a_late_action_or_a_price_set_afterwards_changes_the_stored_buckets_it_f
         assert set(left) < set(before)
         assert all(start < str(late.timestamp) for _, start in left)
         metrics.append(late)
-        _check(
-            [r.to_dict() for r in store.breakdown(by, bucket=bucket, tz=zone)],
-            metrics,
-            by,
-            bucket,
-            zone,
-            {},
-            _book(),
-        )
+        answer_matches(_book())
         assert _stored(database_url) == before  # stored again
         # The same action sent again changes nothing: nothing is forgotten.
         store.emit(late)
@@ -175,27 +172,11 @@ def test_a_late_action_or_a_price_set_afterwards_changes_the_stored_buckets_it_f
         assert _stored(database_url) == []
         book = _book()
         book.models["opus"].append((dearer, Decimal("20"), Decimal("80")))
-        _check(
-            [r.to_dict() for r in store.breakdown(by, bucket=bucket, tz=zone)],
-            metrics,
-            by,
-            bucket,
-            zone,
-            {},
-            book,
-        )
+        answer_matches(book)
         store.set_credit_price("0.01", effective_from=datetime(2024, 1, 1, tzinfo=UTC))
         assert _stored(database_url) == []
         book.credits.append((datetime(2024, 1, 1, tzinfo=UTC), Decimal("0.01")))
-        _check(
-            [r.to_dict() for r in store.breakdown(by, bucket=bucket, tz=zone)],
-            metrics,
-            by,
-            bucket,
-            zone,
-            {},
-            book,
-        )
+        answer_matches(book)
 
 
 def test_a_prune_forgets_the_stored_buckets_before_its_cut_off(database_url: str) -> None:
