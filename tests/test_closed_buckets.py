@@ -14,13 +14,15 @@ from typing import Any
 
 import pytest
 from conftest import Databases, postgres_admin
-from sqlalchemy import make_url
+from sqlalchemy import make_url, select, update
 from test_breakdown import AUTUMN, SPRING, _book, _expected_with, _floats_within, _key, _metrics
 from test_views import plain_sql
 
 from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore, closed_buckets, sketch_reads
 from action_metrics.cli import run_async
+from action_metrics.dialects import backend_for
 from action_metrics.repository import MetricsRepository
+from action_metrics.schema import closed_buckets as closed_buckets_table
 
 from reference import PriceBook, assert_matches
 
@@ -54,6 +56,12 @@ def _stored(url: str) -> list[tuple[str, str]]:
     """(question, bucket start as text) of every stored bucket."""
     rows = plain_sql(url, "SELECT question, bucket_start FROM action_metrics_closed_buckets")
     return sorted((row["question"], str(row["bucket_start"])) for row in rows)
+
+
+def _utc(text: str) -> datetime:
+    """A stored start as `_stored` gives it: SQLite's text is UTC without an offset."""
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _check(
@@ -264,3 +272,36 @@ def test_a_role_that_may_only_read_computes_and_stores_nothing(database_url: str
         plain_sql(database_url, f'REVOKE ALL ON SCHEMA public FROM "{role}"')
         postgres_admin(f'REVOKE ALL ON DATABASE "{database}" FROM "{role}"')
         postgres_admin(f'DROP ROLE "{role}"')
+
+
+def test_a_stored_bucket_ending_elsewhere_is_computed_again_and_replaced(database_url: str) -> None:
+    """A tzdata update can move a zone's midnight: a stored bucket with the same start but another
+    end (as its old rules had it) is not read; it is computed and stored anew."""
+    metrics = _metrics(seed=17, per_window=300)
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        store.flush()
+        store.breakdown("town_id", bucket="day", tz="Europe/Berlin")
+        stored = _stored(database_url)
+        question, start = stored[len(stored) // 2]
+
+        async def move_its_end(hours: int) -> datetime:
+            engine = backend_for(database_url).create_engine()
+            try:
+                async with engine.begin() as connection:
+                    c = closed_buckets_table.c
+                    chosen = (c.question == question) & (c.bucket_start == _utc(start))
+                    end = (await connection.execute(select(c.bucket_end).where(chosen))).scalar_one()
+                    await connection.execute(
+                        update(closed_buckets_table)
+                        .where(chosen)
+                        .values(bucket_end=end + timedelta(hours=hours))
+                    )
+                    return end
+            finally:
+                await engine.dispose()
+
+        end = run_async(move_its_end(1))
+        rows = [row.to_dict() for row in store.breakdown("town_id", bucket="day", tz="Europe/Berlin")]
+        _check(rows, metrics, ("town_id",), "day", "Europe/Berlin", {}, _book())
+        assert run_async(move_its_end(0)) == end  # replaced by the bucket as computed now

@@ -113,19 +113,20 @@ async def generation(connection: AsyncConnection) -> int:
 async def read(
     connection: AsyncConnection, buckets: Buckets, request: BreakdownRequest
 ) -> dict[int, list[BreakdownRow]]:
-    """The stored rows of `buckets.closed`, by bucket index (an empty list: a bucket with no rows)."""
+    """The stored rows of `buckets.closed`, by bucket index (an empty list: a bucket with no rows).
+    A stored bucket must end where this one does (a zone's rules may change with a tzdata update)."""
     if not buckets.closed:
         return {}
-    index_of = {since: index for index, (since, _) in buckets.closed.items()}
+    index_of = {bounds: index for index, bounds in buckets.closed.items()}
     c = closed_buckets.c
-    statement = select(c.bucket_start, c.rows).where(
+    statement = select(c.bucket_start, c.bucket_end, c.rows).where(
         c.question == buckets.question,
-        c.bucket_start >= min(index_of),
-        c.bucket_start <= max(index_of),
+        c.bucket_start >= min(since for since, _ in index_of),
+        c.bucket_start <= max(since for since, _ in index_of),
     )
     found: dict[int, list[BreakdownRow]] = {}
-    for start, text in await connection.execute(statement):
-        index = index_of.get(start)
+    for start, end, text in await connection.execute(statement):
+        index = index_of.get((start, end))
         if index is not None:
             found[index] = decode(text, request, start)
     return found
@@ -197,8 +198,12 @@ async def store(
         }
         for index, bucket_rows in rows.items()
     ]
-    insert = backend.insert(closed_buckets).on_conflict_do_nothing(
-        index_elements=["question", "bucket_start"]
+    # Another reader may have stored a bucket since: the same rows (or, after a tzdata update
+    # moved a zone's midnight, a bucket ending elsewhere), replaced.
+    insert = backend.insert(closed_buckets)
+    insert = insert.on_conflict_do_update(
+        index_elements=["question", "bucket_start"],
+        set_={"bucket_end": insert.excluded.bucket_end, "rows": insert.excluded.rows},
     )
     await connection.execute(insert, values)
     return True
