@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ import pytest
 from conftest import Databases, assert_one_line_error, metric, run_cli
 from test_aggregate import CREDITS_CHEAPER, MINI_PRICED, SONNET_CHEAPER, START, _book, _metrics
 
-from action_metrics import ActionMetric, MetricsStore
+from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
+from action_metrics.charges import InheritedCredits
 from action_metrics.cli import run_async
 from action_metrics.clickhouse import ClickHouseURL
 from action_metrics.clickhouse_repository import ClickHouseRepository
@@ -245,3 +246,27 @@ def test_a_pruned_destination_is_refused_unless_the_period_it_refuses_is_given_u
     with MetricsStore(destination) as copy:
         assert_matches(copy.aggregate(since=cutoff).to_dict(), expected_aggregate(kept, _book()))
         assert_matches(copy.aggregate().to_dict(), expected_aggregate([*own, *kept], _book()))
+
+
+def test_credit_claims_come_along_so_a_copied_action_is_charged_once(
+    database_url: str, tmp_path: Path, destination: str
+) -> None:
+    """Calls that carry their action's credits (`POST /v1/traces`): the source charged each action's
+    first call; the copy keeps its claims, so the action's other calls arriving at the copy (a retry
+    cut differently) are charged nothing. ClickHouse keeps claims in its server's memory: none go."""
+    at = datetime.now(UTC) - timedelta(hours=1)
+    calls = [metric(timestamp=at + timedelta(seconds=i), credits_charged=0) for i in range(4)]
+    credits = InheritedCredits({call.id: ((7 + i // 2, 0xB), 25) for i, call in enumerate(calls)})
+
+    async def write(url: str, chosen: list[ActionMetric]) -> dict[uuid.UUID, int]:
+        async with AsyncMetricsStore(url) as store:
+            assert await store.emit_batch(chosen, credits=credits) == len(chosen)
+            return {stored.id: stored.credits_charged for stored in await store.query()}
+
+    assert sorted(run_async(write(database_url, [calls[0], calls[2]])).values()) == [25, 25]
+    copy = f"sqlite:///{tmp_path / 'copy.db'}"
+    assert run_async(copy_store(database_url, copy, batch_size=1)).credit_claims == 2  # a claim a read
+    assert run_async(copy_store(database_url, copy)).credit_claims == 0  # run again: none new
+    charged = run_async(write(copy, [calls[1], calls[3]]))
+    assert charged == {calls[0].id: 25, calls[1].id: 0, calls[2].id: 25, calls[3].id: 0}
+    assert run_async(copy_store(database_url, destination)).credit_claims == 0

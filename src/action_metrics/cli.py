@@ -343,7 +343,8 @@ def _report_copy(result: CopyResult) -> None:
     )
     click.echo(
         f"copied {result.sent:,} actions ({result.copied:,} in all{resumed}), {result.model_prices} model "
-        f"prices and {result.credit_prices} credit prices from {result.source} to {result.destination}",
+        f"prices, {result.credit_prices} credit prices and {result.credit_claims:,} credit claims from "
+        f"{result.source} to {result.destination}",
         err=True,
     )
     if result.pruned_before is not None:

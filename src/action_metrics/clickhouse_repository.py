@@ -41,7 +41,7 @@ import numpy as np
 
 from action_metrics.aggregate import Aggregate, ModelAggregate
 from action_metrics.breakdown import BreakdownRequest, BreakdownRow, bucket_starts
-from action_metrics.charges import ChargeAudit, InheritedCredits, RememberedClaims
+from action_metrics.charges import ChargeAudit, CreditClaim, InheritedCredits, RememberedClaims
 from action_metrics.clickhouse import (
     DAILY_ROLLUPS,
     EARLIEST,
@@ -1341,6 +1341,16 @@ class ClickHouseRepository:
             .result_rows
         )
         return [_metric(row) for row in rows]
+
+    async def credit_claims_after(self, after: tuple[str, str] | None, limit: int) -> list[CreditClaim]:
+        """None: ClickHouse keeps credit claims in the server process's memory (`RememberedClaims`),
+        not in the database, so a copy from it brings none."""
+        return []
+
+    async def copy_credit_claims(self, claims: Sequence[CreditClaim]) -> int:
+        """Nothing: a claim copied into this process's memory would be lost when the copy ends; the
+        server that takes spans keeps its own (see `RememberedClaims`)."""
+        return 0
 
     async def count_after(self, position: CopyPosition | None) -> int:
         return await self._run(self._count_after, position)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select, union
+from sqlalchemy import delete, func, select, tuple_, union
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -754,6 +754,32 @@ class MetricsRepository:
         statement = select(func.count()).select_from(action_metrics).where(*after_terms(position))
         async with self._read_connection() as connection:
             return int((await connection.execute(statement)).scalar_one())
+
+    async def credit_claims_after(self, after: tuple[str, str] | None, limit: int) -> list[CreditClaim]:
+        """The next `limit` credit claims after the ancestor `after` (trace and span id in hex), in
+        that order: what `db copy` brings, so that a copy charges no action a second time."""
+        c = credit_claims.c
+        statement = select(c.trace_id, c.span_id, c.metric_id, c.timestamp).order_by(c.trace_id, c.span_id)
+        if after is not None:
+            statement = statement.where(tuple_(c.trace_id, c.span_id) > tuple_(*after))
+        async with self._read_connection() as connection:
+            rows = (await connection.execute(statement.limit(limit))).all()
+        return [
+            CreditClaim(int(trace, 16), int(span, 16), metric_id, at) for trace, span, metric_id, at in rows
+        ]
+
+    async def copy_credit_claims(self, claims: Sequence[CreditClaim]) -> int:
+        """Store claims another store made (`db copy`), keeping any this one has of the same ancestor:
+        how many were new."""
+        if not claims:
+            return 0
+        insert = (
+            self.backend.insert(credit_claims)
+            .on_conflict_do_nothing(index_elements=["trace_id", "span_id"])
+            .returning(credit_claims.c.trace_id)
+        )
+        async with self._write_transaction() as connection:
+            return len((await connection.execute(insert, [claim.row() for claim in claims])).all())
 
     async def credit_prices(self) -> list[CreditPrice]:
         """Every credit price stored, oldest first."""

@@ -11,7 +11,8 @@ is read again. A finished copy run again brings what was written to the source s
 it is newer than the last action copied: stop the source's writers before the copy (or point them
 at the destination) so that no late action is left behind.
 
-Only raw actions and prices are copied, never rollups: a source pruned by `db prune` (its actions
+Raw actions, prices and credit claims (which call carries an action's credits over OTLP) are
+copied, never rollups: a source pruned by `db prune` (its actions
 before the cut-off survive only as rollup totals) is refused unless `skip_pruned_period`; then the
 destination records the cut-off, and what needs actions from before it raises `RawRowsPruned`.
 A pruned destination refuses actions from before its own cut-off (`MetricInPrunedPeriod`), so a
@@ -75,6 +76,9 @@ class CopyResult:
     destination_only_prices: tuple[ModelPrice, ...]
     """Model prices the destination had and the source has not: they price the copied actions too."""
     pruned_before: datetime | None
+    credit_claims: int = 0
+    """Credit claims the destination did not have (SQLite and PostgreSQL keep them; ClickHouse in
+    its server's memory, so none are copied to or from it)."""
 
 
 def _source_url(url: str) -> str:
@@ -194,6 +198,7 @@ async def _copy(
             progress(CopyProgress(sent, max(total, sent), batches))
         if len(read) < batch_size:
             break
+    claims = await _copy_credit_claims(source, destination, batch_size, cutoff)
     return CopyResult(
         source=source_name,
         destination=destination_name,
@@ -204,7 +209,26 @@ async def _copy(
         credit_prices=len(credit_prices),
         destination_only_prices=destination_only,
         pruned_before=cutoff,
+        credit_claims=claims,
     )
+
+
+async def _copy_credit_claims(
+    source: Repository, destination: Repository, batch_size: int, cutoff: datetime | None
+) -> int:
+    """The source's credit claims (which call carries an action's credits, `POST /v1/traces`) from the
+    cut-off on, those the destination lacks: after the copy, spans of an action sent again to the
+    destination charge it nothing, as they would have at the source. How many were new."""
+    new = 0
+    after: tuple[str, str] | None = None
+    while claims := await source.credit_claims_after(after, batch_size):
+        new += await destination.copy_credit_claims(
+            [claim for claim in claims if cutoff is None or claim.timestamp >= cutoff]
+        )
+        after = claims[-1].ancestor
+        if len(claims) < batch_size:
+            break
+    return new
 
 
 @dataclass(frozen=True, slots=True)
