@@ -21,6 +21,7 @@ from test_views import plain_sql
 from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore, closed_buckets, sketch_reads
 from action_metrics.cli import run_async
 from action_metrics.dialects import backend_for
+from action_metrics.pricing import BEGINNING_OF_TIME
 from action_metrics.repository import MetricsRepository
 from action_metrics.schema import closed_buckets as closed_buckets_table
 
@@ -173,6 +174,14 @@ def test_a_late_action_or_a_price_set_afterwards_changes_the_stored_buckets_it_f
         # The same action sent again changes nothing: nothing is forgotten.
         store.emit(late)
         store.flush()
+        assert _stored(database_url) == before
+        # The same prices written again (as `prices sync` from cron does) change nothing.
+        for price in store.model_prices():
+            store.set_model_price(
+                price.model, price.input_per_1m, price.output_per_1m, effective_from=price.effective_from
+            )
+        store.set_credit_price("0.006", effective_from=BEGINNING_OF_TIME)  # the seed's, as migrated
+        assert not store.sync_prices().lookup.found  # the catalogue knows none of these names
         assert _stored(database_url) == before
         # A price set afterwards, inside a stored day: money follows it in every stored bucket.
         dearer = AUTUMN + timedelta(days=1, hours=3, minutes=13)

@@ -41,7 +41,7 @@ from action_metrics.breakdown import BreakdownRequest, BreakdownRow
 from action_metrics.dialects import Backend
 from action_metrics.query import MetricFilter
 from action_metrics.rollup import STATE_ID, RollupState
-from action_metrics.schema import closed_buckets, rollup_state
+from action_metrics.schema import closed_buckets, credit_prices, model_prices, rollup_state
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,24 @@ async def forget(
         .where(rollup_state.c.id == STATE_ID)
         .values(closed_buckets_generation=rollup_state.c.closed_buckets_generation + 1)
     )
+
+
+async def prices(connection: AsyncConnection) -> tuple[tuple[Any, ...], ...]:
+    """Every model and credit price as stored (a few hundred rows), to tell whether a price write
+    changed any: `prices sync` run by cron rewrites the same catalogue prices each time."""
+    found: list[tuple[Any, ...]] = []
+    for table, order in ((model_prices, ("model", "effective_from")), (credit_prices, ("effective_from",))):
+        columns = [column for column in table.c if column.name != "id"]  # every price column, new ones too
+        statement = select(*columns).order_by(*(table.c[name] for name in order))
+        found += [(table.name,), *(tuple(row) for row in await connection.execute(statement))]
+    return tuple(found)
+
+
+async def forget_if_repriced(connection: AsyncConnection, before: tuple[tuple[Any, ...], ...]) -> None:
+    """After a price write in this transaction: money is priced at read, so any closed bucket may
+    have changed if any price did; forget them all then (see `forget`)."""
+    if await prices(connection) != before:
+        await forget(connection)
 
 
 def refused(error: Exception) -> None:

@@ -558,7 +558,7 @@ class MetricsRepository:
         )
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
-            await closed_buckets.forget(connection)  # money is priced at read: any bucket may change
+            before = await closed_buckets.prices(connection)
             if price.source == "manual":
                 # Removing a price start needs no rebuild: rollup rows are split at it, and each
                 # part is priced by whatever price is in force at its start.
@@ -577,6 +577,7 @@ class MetricsRepository:
                 price.effective_from,
                 price.model,
             )
+            await closed_buckets.forget_if_repriced(connection, before)
             await self.backend.refresh_statistics(connection, model_prices, credit_prices)
 
     async def set_credit_price(self, price: CreditPrice) -> None:
@@ -590,8 +591,9 @@ class MetricsRepository:
         existing = select(credit_prices.c.id).where(credit_prices.c.effective_from == price.effective_from)
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
-            await closed_buckets.forget(connection)
+            before = await closed_buckets.prices(connection)
             await self._apply_price(connection, state, statement, existing, price.effective_from, None)
+            await closed_buckets.forget_if_repriced(connection, before)
             await self.backend.refresh_statistics(connection, model_prices, credit_prices)
 
     async def _apply_price(
@@ -659,7 +661,7 @@ class MetricsRepository:
         held_back: dict[str, datetime] = {}
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
-            await closed_buckets.forget(connection)
+            before = await closed_buckets.prices(connection)
             manual_from = {model: start for model, start in await connection.execute(first_manual_price)}
             for model in models:
                 manual = manual_from.get(model)
@@ -680,6 +682,7 @@ class MetricsRepository:
                     upsert = self._model_price_upsert(price)
                     await self._apply_price(connection, state, upsert, existing, price.effective_from, model)
                 written[model] = kept
+            await closed_buckets.forget_if_repriced(connection, before)
             await self.backend.refresh_statistics(connection, model_prices, credit_prices)
         return CatalogueWrite(written=written, held_back=held_back)
 
