@@ -6,12 +6,15 @@ raw rows (`test_breakdown._expected_with`), on SQLite and PostgreSQL (ClickHouse
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 from conftest import Databases, postgres_admin
 from sqlalchemy import make_url, select, update
@@ -314,3 +317,46 @@ def test_a_stored_bucket_ending_elsewhere_is_computed_again_and_replaced(databas
         rows = [row.to_dict() for row in store.breakdown("town_id", bucket="day", tz="Europe/Berlin")]
         _check(rows, metrics, ("town_id",), "day", "Europe/Berlin", {}, _book())
         assert run_async(move_its_end(0)) == end  # replaced by the bucket as computed now
+
+
+def test_a_reader_does_not_wait_for_a_busy_writer_to_store(database_url: str, backend: Databases) -> None:
+    """A writer holding the write lock (SQLite) or the state row (PostgreSQL) for as long as it likes:
+    the breakdown answers without waiting for it (at most `LOCK_WAIT_MS`, where SQLite's writers
+    otherwise wait 30 s and PostgreSQL's without end) and stores nothing; once it is gone, it stores."""
+    metrics = _metrics(seed=19, per_window=300)
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        store.flush()
+
+    async def breakdown_while_locked() -> list[dict[str, Any]]:
+        async with AsyncMetricsStore(database_url) as store:
+            if backend.name == "sqlite":
+                holder = sqlite3.connect(make_url(database_url).database or "", isolation_level=None)
+                holder.execute("BEGIN IMMEDIATE")
+                release: Any = lambda: holder.close()  # noqa: E731 - the lock ends with the connection
+            else:
+                holder = await asyncpg.connect(database_url)
+                transaction = holder.transaction()
+                await transaction.start()
+                await holder.execute("SELECT * FROM action_metrics_rollup_state FOR UPDATE")
+
+                async def release() -> None:
+                    await transaction.rollback()
+                    await holder.close()
+
+            try:
+                rows = await asyncio.wait_for(
+                    store.breakdown("town_id", bucket="day", tz="Europe/Berlin"), 10
+                )
+            finally:
+                done = release()
+                if asyncio.iscoroutine(done):
+                    await done
+            return [row.to_dict() for row in rows]
+
+    rows = run_async(breakdown_while_locked())
+    _check(rows, metrics, ("town_id",), "day", "Europe/Berlin", {}, _book())
+    assert _stored(database_url) == []
+    with MetricsStore(database_url) as store:
+        store.breakdown("town_id", bucket="day", tz="Europe/Berlin")
+    assert _stored(database_url)

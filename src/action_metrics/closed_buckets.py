@@ -21,7 +21,8 @@ for the rollups, under the same lock on the state row):
 - Stored rows are read in the same snapshot as everything else: a write that deleted them committed
   its own rows in the same transaction.
 
-A role that may only read (or a standby) cannot store: the breakdown is computed as before.
+A role that may only read (or a standby) cannot store, and a reader does not wait more than
+`LOCK_WAIT_MS` for a busy writer's lock: the breakdown is computed as before, nothing stored.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ logger = logging.getLogger(__name__)
 
 FORMAT: Final = 1
 """Part of every question: a change to what a stored row holds changes it, and old rows are not read."""
+
+LOCK_WAIT_MS: Final = 200
+"""How long a reader waits for the write lock (SQLite's) or the state row (PostgreSQL's) to store:
+a writer holds them for its batch's transaction, and a dashboard should not wait for a busy ingest.
+Not stored then; the next call tries again."""
 
 STORED_BUCKETS: Final = frozenset({"day", "week", "month"})
 """Hours are not stored: a week of them is answered from the hourly rows within its target anyway,

@@ -70,6 +70,9 @@ lets a checkpoint copy a page that many commits dirtied once (bench/wire.py: REA
 
 WRITE: Final = "action_metrics_write"
 """Connection execution option: this transaction writes (SQLite then takes its write lock up front)."""
+LOCK_WAIT: Final = "action_metrics_lock_wait_ms"
+"""Connection execution option, with `WRITE`: wait at most this many milliseconds for the write lock
+(`Backend.bound_lock_wait`), for a write worth doing only if it need not wait (closed buckets)."""
 
 
 def resolve_url(url: str | URL | None) -> URL:
@@ -138,6 +141,10 @@ class Backend:
     async def refresh_statistics(self, connection: AsyncConnection, *tables: Table) -> None:
         """Let the planner know a small table changed (the price tables are far below autovacuum's
         thresholds, and their estimates decide the join plans)."""
+
+    async def bound_lock_wait(self, connection: AsyncConnection, milliseconds: int) -> None:
+        """In a transaction just begun with `LOCK_WAIT`: make waiting longer for a lock an error (SQLite
+        has done it at BEGIN)."""
 
     def computed_once(self, rows: Select[Any], name: str) -> NamedFromClause:
         """`rows` as a source that a join reads without running it again for every row it meets."""
@@ -318,6 +325,9 @@ class PostgresBackend(Backend):
 
     snapshot_options: ClassVar[dict[str, Any]] = {"isolation_level": "REPEATABLE READ"}
 
+    async def bound_lock_wait(self, connection: AsyncConnection, milliseconds: int) -> None:
+        await connection.exec_driver_sql(f"SET LOCAL lock_timeout = {int(milliseconds)}")
+
     async def refresh_statistics(self, connection: AsyncConnection, *tables: Table) -> None:
         # A role that does not own the table gets a warning, not an error.
         await connection.exec_driver_sql(f"ANALYZE {', '.join(table.name for table in tables)}")
@@ -420,8 +430,17 @@ class SQLiteBackend(Backend):
         def begin(connection: Any) -> None:
             # A writer takes the lock when it begins, so busy_timeout applies; a deferred
             # transaction that upgrades to a writer later fails at once with "database is locked".
-            immediate = connection.get_execution_options().get(WRITE, False)
-            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            options = connection.get_execution_options()
+            immediate = options.get(WRITE, False)
+            wait = options.get(LOCK_WAIT)
+            if wait is None or not immediate:
+                connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+                return
+            connection.exec_driver_sql(f"PRAGMA busy_timeout={int(wait)}")  # the lock is taken at BEGIN
+            try:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            finally:
+                connection.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
     def insert(self, table: Table) -> SQLiteInsert:
         return sqlite.insert(table)

@@ -43,7 +43,7 @@ from action_metrics.breakdown import (
     row_from,
 )
 from action_metrics.charges import ChargeAudit, CreditClaim, InheritedCredits, audit_statement
-from action_metrics.dialects import WRITE, Backend, display_url
+from action_metrics.dialects import LOCK_WAIT, WRITE, Backend, display_url
 from action_metrics.errors import (
     ActionMetricsError,
     DatabaseError,
@@ -177,11 +177,15 @@ class MetricsRepository:
         return translated(translate, self._where)
 
     @asynccontextmanager
-    async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
+    async def _write_transaction(self, lock_wait_ms: int | None = None) -> AsyncIterator[AsyncConnection]:
+        """A write transaction; with `lock_wait_ms`, one that fails rather than wait longer for a lock."""
         with self._database_errors():
             async with self.engine.connect() as connection:
-                connection = await connection.execution_options(**{WRITE: True})
+                options = {WRITE: True} if lock_wait_ms is None else {WRITE: True, LOCK_WAIT: lock_wait_ms}
+                connection = await connection.execution_options(**options)
                 async with connection.begin():
+                    if lock_wait_ms is not None:
+                        await self.backend.bound_lock_wait(connection, lock_wait_ms)
                     yield connection
 
     @asynccontextmanager
@@ -467,9 +471,9 @@ class MetricsRepository:
         new = {index: rows for index, rows in computed.items() if index not in sketched.stored}
         if new:
             try:
-                async with self._write_transaction() as connection:
+                async with self._write_transaction(lock_wait_ms=closed_buckets.LOCK_WAIT_MS) as connection:
                     await closed_buckets.store(connection, self.backend, buckets, new, sketched.seen)
-            except (StatementRefused, DatabaseUnavailable) as error:  # a role that may only read
+            except (StatementRefused, DatabaseUnavailable) as error:  # may only read, or a writer is busy
                 closed_buckets.refused(error)
         every = [row for rows in sketched.stored.values() for row in rows] + sketched.rows
         return closed_buckets.ordered(every, request)
