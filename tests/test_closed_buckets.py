@@ -108,7 +108,7 @@ def test_closed_buckets_are_computed_once_then_read_back_with_the_same_rows(
     zone: str,
     filters: dict[str, Any],
 ) -> None:
-    metrics = _metrics(seed=5, per_window=500)
+    metrics = _metrics(seed=5, per_window=250)
     computed = _computed_buckets(monkeypatch)
     with MetricsStore(database_url) as store:
         store.emit_many(metrics)
@@ -151,7 +151,7 @@ def test_closed_buckets_are_computed_once_then_read_back_with_the_same_rows(
 def test_a_late_action_or_a_price_set_afterwards_changes_the_stored_buckets_it_falls_in(
     database_url: str,
 ) -> None:
-    metrics = _metrics(seed=7, per_window=500)
+    metrics = _metrics(seed=7, per_window=200)
     by, bucket, zone = ("town_id",), "day", "Europe/Berlin"
     with MetricsStore(database_url) as store:
 
@@ -200,7 +200,7 @@ def test_a_late_action_or_a_price_set_afterwards_changes_the_stored_buckets_it_f
 
 
 def test_a_prune_forgets_the_stored_buckets_before_its_cut_off(database_url: str) -> None:
-    metrics = _metrics(seed=9, per_window=400)
+    metrics = _metrics(seed=9, per_window=250)
     with MetricsStore(database_url) as store:
         store.emit_many(metrics)
         store.flush()
@@ -219,7 +219,7 @@ def test_a_write_that_commits_while_a_reader_computes_keeps_it_from_storing(
 ) -> None:
     """The reader's snapshot misses the late action; a write committed between its snapshot and its
     store moves the generation, so what it computed is not stored, and the next call is right."""
-    metrics = _metrics(seed=11, per_window=400)
+    metrics = _metrics(seed=11, per_window=250)
     late = _late(SPRING + timedelta(days=2, hours=1), id=uuid.uuid4())
     store_rows = closed_buckets.store
     writes: list[bool] = []
@@ -263,7 +263,7 @@ def test_a_write_that_commits_while_a_reader_computes_keeps_it_from_storing(
 def test_a_role_that_may_only_read_computes_and_stores_nothing(database_url: str, backend: Databases) -> None:
     if backend.name != "postgresql":
         pytest.skip("roles and privileges are PostgreSQL's (a SQLite file's reader may write it)")
-    metrics = _metrics(seed=13, per_window=300)
+    metrics = _metrics(seed=13, per_window=200)
     with MetricsStore(database_url) as store:
         store.emit_many(metrics)
         store.flush()
@@ -289,7 +289,7 @@ def test_a_role_that_may_only_read_computes_and_stores_nothing(database_url: str
 def test_a_stored_bucket_ending_elsewhere_is_computed_again_and_replaced(database_url: str) -> None:
     """A tzdata update can move a zone's midnight: a stored bucket with the same start but another
     end (as its old rules had it) is not read; it is computed and stored anew."""
-    metrics = _metrics(seed=17, per_window=300)
+    metrics = _metrics(seed=17, per_window=200)
     with MetricsStore(database_url) as store:
         store.emit_many(metrics)
         store.flush()
@@ -323,7 +323,7 @@ def test_a_reader_does_not_wait_for_a_busy_writer_to_store(database_url: str, ba
     """A writer holding the write lock (SQLite) or the state row (PostgreSQL) for as long as it likes:
     the breakdown answers without waiting for it (at most `LOCK_WAIT_MS`, where SQLite's writers
     otherwise wait 30 s and PostgreSQL's without end) and stores nothing; once it is gone, it stores."""
-    metrics = _metrics(seed=19, per_window=300)
+    metrics = _metrics(seed=19, per_window=200)
     with MetricsStore(database_url) as store:
         store.emit_many(metrics)
         store.flush()
