@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -54,6 +56,20 @@ def _late(at: datetime, **changes: Any) -> ActionMetric:
         timestamp=at,
     )
     return replace(metric, **changes)
+
+
+@contextmanager
+def _store_with(url: str, metrics: list[ActionMetric]) -> Iterator[MetricsStore]:
+    """A store holding `metrics`, its rollups closed up to the last of them."""
+    with MetricsStore(url) as store:
+        store.emit_many(metrics)
+        store.flush()
+        yield store
+
+
+def _fill(url: str, metrics: list[ActionMetric]) -> None:
+    with _store_with(url, metrics):
+        pass
 
 
 def _stored(url: str) -> list[tuple[str, str]]:
@@ -110,9 +126,7 @@ def test_closed_buckets_are_computed_once_then_read_back_with_the_same_rows(
 ) -> None:
     metrics = _metrics(seed=5, per_window=250)
     computed = _computed_buckets(monkeypatch)
-    with MetricsStore(database_url) as store:
-        store.emit_many(metrics)
-        store.flush()
+    with _store_with(database_url, metrics) as store:
         first = [
             row.to_dict()
             for row in store.breakdown(by, bucket=bucket, tz=zone, sort="total_profit_usd", **filters)
@@ -153,14 +167,12 @@ def test_a_late_action_or_a_price_set_afterwards_changes_the_stored_buckets_it_f
 ) -> None:
     metrics = _metrics(seed=7, per_window=200)
     by, bucket, zone = ("town_id",), "day", "Europe/Berlin"
-    with MetricsStore(database_url) as store:
+    with _store_with(database_url, metrics) as store:
 
         def answer_matches(book: PriceBook) -> None:
             rows = [row.to_dict() for row in store.breakdown(by, bucket=bucket, tz=zone)]
             _check(rows, metrics, by, bucket, zone, {}, book)
 
-        store.emit_many(metrics)
-        store.flush()
         store.breakdown(by, bucket=bucket, tz=zone)
         before = _stored(database_url)
         # A late action in a closed (stored) spring day: the days from it on are forgotten.
@@ -201,9 +213,7 @@ def test_a_late_action_or_a_price_set_afterwards_changes_the_stored_buckets_it_f
 
 def test_a_prune_forgets_the_stored_buckets_before_its_cut_off(database_url: str) -> None:
     metrics = _metrics(seed=9, per_window=250)
-    with MetricsStore(database_url) as store:
-        store.emit_many(metrics)
-        store.flush()
+    with _store_with(database_url, metrics) as store:
         store.breakdown("town_id", bucket="day", tz="Europe/Berlin")
         before = _stored(database_url)
         store.prune(before=AUTUMN)
@@ -247,9 +257,7 @@ def test_a_write_that_commits_while_a_reader_computes_keeps_it_from_storing(
                 row.to_dict() for row in await store.breakdown("town_id", bucket="day", tz="Europe/Berlin")
             ]
 
-    with MetricsStore(database_url) as store:
-        store.emit_many(metrics)
-        store.flush()
+    _fill(database_url, metrics)
     first = run_async(breakdown())
     assert writes == [False]
     assert _stored(database_url) == []
@@ -264,9 +272,7 @@ def test_a_role_that_may_only_read_computes_and_stores_nothing(database_url: str
     if backend.name != "postgresql":
         pytest.skip("roles and privileges are PostgreSQL's (a SQLite file's reader may write it)")
     metrics = _metrics(seed=13, per_window=200)
-    with MetricsStore(database_url) as store:
-        store.emit_many(metrics)
-        store.flush()
+    _fill(database_url, metrics)
     role = f"am_reader_{uuid.uuid4().hex[:8]}"
     database = make_url(database_url).database
     postgres_admin(f'CREATE ROLE "{role}" LOGIN')
@@ -290,9 +296,7 @@ def test_a_stored_bucket_ending_elsewhere_is_computed_again_and_replaced(databas
     """A tzdata update can move a zone's midnight: a stored bucket with the same start but another
     end (as its old rules had it) is not read; it is computed and stored anew."""
     metrics = _metrics(seed=17, per_window=200)
-    with MetricsStore(database_url) as store:
-        store.emit_many(metrics)
-        store.flush()
+    with _store_with(database_url, metrics) as store:
         store.breakdown("town_id", bucket="day", tz="Europe/Berlin")
         stored = _stored(database_url)
         question, start = stored[len(stored) // 2]
@@ -324,9 +328,7 @@ def test_a_reader_does_not_wait_for_a_busy_writer_to_store(database_url: str, ba
     the breakdown answers without waiting for it (at most `LOCK_WAIT_MS`, where SQLite's writers
     otherwise wait 30 s and PostgreSQL's without end) and stores nothing; once it is gone, it stores."""
     metrics = _metrics(seed=19, per_window=200)
-    with MetricsStore(database_url) as store:
-        store.emit_many(metrics)
-        store.flush()
+    _fill(database_url, metrics)
 
     async def breakdown_while_locked() -> list[dict[str, Any]]:
         async with AsyncMetricsStore(database_url) as store:
