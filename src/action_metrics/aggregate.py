@@ -72,6 +72,7 @@ from action_metrics.schema import (
     latency_histogram,
     model_price_periods,
 )
+from action_metrics.validation import storable_text
 
 PERCENTILES = {"p50_latency_ms": 0.50, "p95_latency_ms": 0.95, "p99_latency_ms": 0.99}
 TOKEN_KINDS = ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
@@ -442,8 +443,8 @@ async def models_searched(
     filter's, or every one stored if there are at most `MAX_MODEL_SEARCHES`; None: no such search."""
     if not searches_per_model(metric_filter, plan, backend):
         return None
-    if metric_filter.model is not None:
-        return (metric_filter.model,)
+    if metric_filter.model is not None:  # one no stored model can be (a lone surrogate): none to search
+        return (metric_filter.model,) if storable_text(metric_filter.model) else ()
     stored = tuple(await connection.scalars(stored_models().limit(MAX_MODEL_SEARCHES + 1)))
     return stored if 0 < len(stored) <= MAX_MODEL_SEARCHES else None
 
