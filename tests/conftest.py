@@ -257,6 +257,20 @@ def database_url(backend: Databases) -> Iterator[str]:
     backend.drop(url)
 
 
+@pytest.fixture(scope="module")
+def refusing_server(backend: Databases) -> Iterator[Any]:
+    """One `action-metrics serve` (tests/serving.py) per module and backend, shared by the tests that
+    send only what it must refuse, so store nothing: starting a server is most of such a test's time."""
+    from serving import serving
+
+    url = backend.migrated()
+    try:
+        with serving(url) as running:
+            yield running
+    finally:
+        backend.drop(url)
+
+
 @pytest.fixture
 def empty_database_url(backend: Databases) -> Iterator[str]:
     """A fresh database with nothing in it."""

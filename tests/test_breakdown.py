@@ -13,6 +13,7 @@ import json
 import random
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -370,11 +371,12 @@ def test_the_reader_zone_comes_from_the_environment(
 def test_bad_arguments_name_the_argument(database_url: str, arguments: dict[str, Any], named: str) -> None:
     with MetricsStore(database_url) as store:
         store.emit(ActionMetric("lod3", "u", "t", "c", 1, 1, "haiku", 1.0, 1))
-        store.emit(
-            ActionMetric(
-                "lod3", "u", "t", "c", 1, 1, "haiku", 1.0, 1, timestamp=datetime(2000, 1, 1, tzinfo=UTC)
+        if arguments == {"bucket": "hour"}:  # only this one needs the years (closing them takes a while)
+            store.emit(
+                ActionMetric(
+                    "lod3", "u", "t", "c", 1, 1, "haiku", 1.0, 1, timestamp=datetime(2000, 1, 1, tzinfo=UTC)
+                )
             )
-        )
         with pytest.raises(InvalidFilter) as raised:
             store.breakdown(**arguments)
         assert raised.value.field == named
@@ -499,38 +501,13 @@ def test_a_long_breakdown_streams_the_rows_breakdown_returns(
     assert rows == [row.to_dict() for row in store.breakdown(**asked)]
 
 
-@pytest.mark.parametrize(
-    ("by", "bucket", "zone", "filters"),
-    [
-        (("town_id",), "day", "Europe/Berlin", {}),  # 23- and 25-hour days
-        (("town_id",), "day", "Asia/Kathmandu", {}),  # the edge quarter hours from raw rows
-        ((), "day", "Asia/Kathmandu", {"town_id": "town-b"}),  # the page's days of one town
-        ((), "day", "America/St_Johns", {"since": SPRING + timedelta(hours=7, minutes=3)}),
-        (("town_id",), "week", "America/New_York", {}),
-        (("model",), "hour", "Europe/Berlin", {}),
-        ((), "hour", "UTC", {"model": "opus"}),
-        # A town's action types (the page's latency chart): rollup sums, the raw rows' bins.
-        (("action_type",), "day", "Europe/Berlin", {"town_id": "town-b"}),
-        (("action_type",), "day", "Asia/Kathmandu", {"town_id": "town-b"}),
-        (("action_type",), "hour", "Asia/Kathmandu", {"town_id": "town-c"}),
-    ],
-)
-def test_the_sketch_levels_answer_town_days_and_model_hours_as_the_reference(
-    database_url: str,
-    backend: Databases,
-    monkeypatch: pytest.MonkeyPatch,
-    by: tuple[str, ...],
-    bucket: str,
-    zone: str,
-    filters: dict[str, Any],
-) -> None:
-    """Local days of towns (any zone) and hours of models are read from the sketch levels (the UTC
-    day holding a local day's middle, its edge hours added and subtracted), with a late metric in an
-    edge hour and a price that begins inside a closed day among them."""
-
-    answered = _sketch_reads_counted(monkeypatch)
+@pytest.fixture(scope="module")
+def sketched(backend: Databases) -> Iterator[tuple[str, list[ActionMetric], PriceBook]]:
+    """A store (its URL) read by many questions and asked none twice, so loaded once per backend and
+    test process: `_metrics`, a town whose name begins as town-b's sketch keys per action do
+    ('town-b/lod3': not town-b's), a price that begins inside a closed UTC day and a late metric in
+    Berlin's and Kathmandu's edge hours; every metric stored, and the prices they are charged."""
     metrics = _metrics(seed=31, per_window=600)
-    # A town whose name begins as town-b's sketch keys per action do ('town-b/lod3'): not town-b's.
     metrics += [
         replace(metric, id=uuid.uuid4(), town_id="town-b/lod3", error=None) for metric in metrics[::40]
     ]
@@ -549,13 +526,51 @@ def test_the_sketch_levels_answer_town_days_and_model_hours_as_the_reference(
         credits_charged=100,
         timestamp=SPRING + timedelta(days=1, hours=23, minutes=50),  # Berlin's and Kathmandu's edge hours
     )
-    with MetricsStore(database_url) as store:
-        store.emit_many(metrics)
-        store.flush()
-        store.set_model_price("opus", "20", "80", effective_from=opus_dearer)
-        store.emit(late)
-        store.flush()
-        everything = [*metrics, late]
+    url = backend.migrated()
+    try:
+        with MetricsStore(url) as store:
+            store.emit_many(metrics)
+            store.flush()
+            store.set_model_price("opus", "20", "80", effective_from=opus_dearer)
+            store.emit(late)
+            store.flush()
+        yield url, [*metrics, late], book
+    finally:
+        backend.drop(url)
+
+
+@pytest.mark.parametrize(
+    ("by", "bucket", "zone", "filters"),
+    [
+        (("town_id",), "day", "Europe/Berlin", {}),  # 23- and 25-hour days
+        (("town_id",), "day", "Asia/Kathmandu", {}),  # the edge quarter hours from raw rows
+        ((), "day", "Asia/Kathmandu", {"town_id": "town-b"}),  # the page's days of one town
+        ((), "day", "America/St_Johns", {"since": SPRING + timedelta(hours=7, minutes=3)}),
+        (("town_id",), "week", "America/New_York", {}),
+        (("model",), "hour", "Europe/Berlin", {}),
+        ((), "hour", "UTC", {"model": "opus"}),
+        # A town's action types (the page's latency chart): rollup sums, the raw rows' bins.
+        (("action_type",), "day", "Europe/Berlin", {"town_id": "town-b"}),
+        (("action_type",), "day", "Asia/Kathmandu", {"town_id": "town-b"}),
+        (("action_type",), "hour", "Asia/Kathmandu", {"town_id": "town-c"}),
+    ],
+)
+def test_the_sketch_levels_answer_town_days_and_model_hours_as_the_reference(
+    sketched: tuple[str, list[ActionMetric], PriceBook],
+    backend: Databases,
+    monkeypatch: pytest.MonkeyPatch,
+    by: tuple[str, ...],
+    bucket: str,
+    zone: str,
+    filters: dict[str, Any],
+) -> None:
+    """Local days of towns (any zone) and hours of models are read from the sketch levels (the UTC
+    day holding a local day's middle, its edge hours added and subtracted), with a late metric in an
+    edge hour and a price that begins inside a closed day among them."""
+
+    answered = _sketch_reads_counted(monkeypatch)
+    url, everything, book = sketched
+    with MetricsStore(url) as store:
         chosen = [
             metric
             for metric in everything
@@ -969,6 +984,11 @@ def _upgrade_schema_alone(url: str) -> None:
     """Migrate to head with alembic alone, as `db upgrade --sql` run by a DBA does: nothing built."""
     from action_metrics import migrate
 
-    engine = backend_for(url).create_engine()
-    run_async(migrate.run_migrations(engine, migrate.upgrade_to("head")))
-    run_async(engine.dispose())
+    async def upgrade() -> None:
+        engine = backend_for(url).create_engine()
+        try:
+            await migrate.run_migrations(engine, migrate.upgrade_to("head"))
+        finally:
+            await engine.dispose()  # or run_async waits out aiosqlite's worker thread (10 s)
+
+    run_async(upgrade())

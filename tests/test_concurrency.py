@@ -23,7 +23,7 @@ from action_metrics import ActionMetric, MetricsStore
 from reference import assert_same_figures
 
 WRITERS = 8
-BATCH_SIZES = [*range(1, 100), 50]  # 100 batches of distinct sizes but one, 5,000 metrics a writer
+BATCH_SIZES = [*range(1, 50), 25]  # 50 batches of distinct sizes but one, 1,250 metrics a writer
 PER_WRITER = sum(BATCH_SIZES)
 TOTAL = WRITERS * PER_WRITER
 START = datetime(2026, 11, 25, tzinfo=UTC)
@@ -57,7 +57,7 @@ def batches(writer: int) -> list[list[ActionMetric]]:
                     model=batch_model(writer, batch),
                     latency_ms=float(serial % 97),
                     credits_charged=10,
-                    timestamp=START + timedelta(seconds=serial * 3),  # 4 hours a writer
+                    timestamp=START + timedelta(seconds=serial * 12),  # 4 hours a writer
                     id=uuid.uuid5(NAMESPACE, f"{writer}/{serial}"),
                 )
             )

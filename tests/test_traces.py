@@ -288,10 +288,12 @@ def test_a_read_only_token_may_not_send_traces(server: Server, database_url: str
     ],
 )
 def test_a_body_that_is_not_otlp_is_refused_whole(
-    server: Server, body: bytes, content_type: str, status: int
+    refusing_server: Server, body: bytes, content_type: str, status: int
 ) -> None:
     answer = httpx.post(
-        f"{server.address}/v1/traces", content=body, headers={**bearer(WRITER), "Content-Type": content_type}
+        f"{refusing_server.address}/v1/traces",
+        content=body,
+        headers={**bearer(WRITER), "Content-Type": content_type},
     )
     assert answer.status_code == status, answer.text
 

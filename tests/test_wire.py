@@ -300,7 +300,8 @@ def test_token_scopes_parse_backward_compatibly() -> None:
 # --- limits -----------------------------------------------------------------------------------------
 
 
-def test_a_gzip_bomb_is_refused_before_it_is_inflated(server: Server) -> None:
+def test_a_gzip_bomb_is_refused_before_it_is_inflated(refusing_server: Server) -> None:
+    server = refusing_server
     bomb = gzip.compress(b"[" + b" " * (256 * 1024 * 1024), compresslevel=1)  # 256 MiB in ~1 MB
     assert len(bomb) < IntakeLimits().max_body_bytes
     answer = post(server, bomb, **{"Content-Encoding": "gzip"})
@@ -308,8 +309,8 @@ def test_a_gzip_bomb_is_refused_before_it_is_inflated(server: Server) -> None:
     assert "inflated" in answer.json()["detail"]
 
 
-def test_an_oversize_body_and_too_many_items_are_413(server: Server) -> None:
-    limits = IntakeLimits()
+def test_an_oversize_body_and_too_many_items_are_413(refusing_server: Server) -> None:
+    server, limits = refusing_server, IntakeLimits()
     oversize = post(server, b"[" + b" " * limits.max_body_bytes + b"]")
     assert oversize.status_code == 413
     many = post(server, b"[" + b",".join([b"{}"] * (limits.max_items + 1)) + b"]")
@@ -332,8 +333,10 @@ def test_an_oversize_body_and_too_many_items_are_413(server: Server) -> None:
     ],
     ids=["broken", "object", "deep", "text", "brotli", "not-gzip", "truncated-gzip", "huge-int"],
 )
-def test_unreadable_bodies_are_4xx(server: Server, body: bytes, headers: dict[str, str], status: int) -> None:
-    answer = post(server, body, **headers)
+def test_unreadable_bodies_are_4xx(
+    refusing_server: Server, body: bytes, headers: dict[str, str], status: int
+) -> None:
+    answer = post(refusing_server, body, **headers)
     assert answer.status_code == status, answer.text
     assert answer.json()["detail"]
 
