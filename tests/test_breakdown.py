@@ -139,14 +139,34 @@ def _assert_breakdown(
     return rows
 
 
-@pytest.fixture
-def filled(database_url: str) -> tuple[MetricsStore, list[ActionMetric]]:
-    """A store holding `_metrics()`, its rollups closed up to the last action."""
+@pytest.fixture(scope="module")
+def filled_once(backend: Databases) -> Iterator[tuple[str, MetricsStore, list[ActionMetric]]]:
+    """A database holding `_metrics()`, its rollups closed up to the last action, and a store open
+    on it: loaded once per backend and test process for the tests that only read it."""
     metrics = _metrics()
-    with MetricsStore(database_url) as store:
-        store.emit_many(metrics)
-        store.flush()
-        yield store, metrics
+    url = backend.migrated()
+    try:
+        with MetricsStore(url) as store:
+            store.emit_many(metrics)
+            store.flush()
+            yield url, store, metrics
+    finally:
+        backend.drop(url)
+
+
+@pytest.fixture
+def filled(
+    filled_once: tuple[str, MetricsStore, list[ActionMetric]],
+) -> tuple[MetricsStore, list[ActionMetric]]:
+    """The store of `filled_once` and the metrics it holds (read it, never write to it)."""
+    _, store, metrics = filled_once
+    return store, metrics
+
+
+@pytest.fixture
+def filled_url(filled_once: tuple[str, MetricsStore, list[ActionMetric]]) -> str:
+    """The database of `filled` (for the command line and plain SQL)."""
+    return filled_once[0]
 
 
 def test_margin_per_day_in_each_zone_matches_the_reference(
@@ -353,6 +373,21 @@ def test_the_reader_zone_comes_from_the_environment(
     assert sum(row.figures.count for row in rows) == len(metrics)
 
 
+@pytest.fixture(scope="module")
+def actions_years_apart(backend: Databases) -> Iterator[MetricsStore]:
+    """A store of two actions, one now and one in 2000 (closing the years between takes a while):
+    loaded once per backend and test process for the tests that only ask it."""
+    url = backend.migrated()
+    try:
+        with MetricsStore(url) as store:
+            store.emit(ActionMetric("lod3", "u", "t", "c", 1, 1, "haiku", 1.0, 1))
+            long_ago = datetime(2000, 1, 1, tzinfo=UTC)
+            store.emit(ActionMetric("lod3", "u", "t", "c", 1, 1, "haiku", 1.0, 1, timestamp=long_ago))
+            yield store
+    finally:
+        backend.drop(url)
+
+
 @pytest.mark.parametrize(
     ("arguments", "named"),
     [
@@ -368,27 +403,21 @@ def test_the_reader_zone_comes_from_the_environment(
         ({"bucket": "hour"}, "bucket"),  # 26 years of stored hours: more buckets than a statement takes
     ],
 )
-def test_bad_arguments_name_the_argument(database_url: str, arguments: dict[str, Any], named: str) -> None:
-    with MetricsStore(database_url) as store:
-        store.emit(ActionMetric("lod3", "u", "t", "c", 1, 1, "haiku", 1.0, 1))
-        if arguments == {"bucket": "hour"}:  # only this one needs the years (closing them takes a while)
-            store.emit(
-                ActionMetric(
-                    "lod3", "u", "t", "c", 1, 1, "haiku", 1.0, 1, timestamp=datetime(2000, 1, 1, tzinfo=UTC)
-                )
-            )
-        with pytest.raises(InvalidFilter) as raised:
-            store.breakdown(**arguments)
-        assert raised.value.field == named
-        assert named in str(raised.value)
+def test_bad_arguments_name_the_argument(
+    actions_years_apart: MetricsStore, arguments: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(InvalidFilter) as raised:
+        actions_years_apart.breakdown(**arguments)
+    assert raised.value.field == named
+    assert named in str(raised.value)
 
 
 def test_report_by_user_per_berlin_day_as_csv_json_and_a_table(
-    filled: tuple[MetricsStore, list[ActionMetric]], database_url: str
+    filled: tuple[MetricsStore, list[ActionMetric]], filled_url: str
 ) -> None:
     _, metrics = filled
     expected = _expected(metrics, ("user_id",), "day", "Europe/Berlin")
-    arguments = ("report", "--url", database_url, "--by", "user", "--bucket", "day", "--tz", "Europe/Berlin")
+    arguments = ("report", "--url", filled_url, "--by", "user", "--bucket", "day", "--tz", "Europe/Berlin")
     sort = ("--sort", "total_profit_usd", "--top", "10")
     written = run_cli(*arguments, *sort, "--csv")
     assert written.exit_code == 0, written.output
@@ -410,20 +439,20 @@ def test_report_by_user_per_berlin_day_as_csv_json_and_a_table(
     assert table.exit_code == 0
     assert "user_id" in table.output
     zoned = run_cli(
-        "report", "--url", database_url, "--bucket", "day", "--json", ACTION_METRICS_TZ="Asia/Kolkata"
+        "report", "--url", filled_url, "--bucket", "day", "--json", ACTION_METRICS_TZ="Asia/Kolkata"
     )
     assert json.loads(zoned.output)[0]["bucket_start"].endswith("+05:30")
 
 
 def test_report_check_fails_naming_the_towns_and_days_over_the_limits(
-    filled: tuple[MetricsStore, list[ActionMetric]], database_url: str
+    filled: tuple[MetricsStore, list[ActionMetric]], filled_url: str
 ) -> None:
     _, metrics = filled
     per_town = _expected(metrics, ("town_id",), None, "UTC")
     margins = sorted(float(figures["gross_margin"]) for figures in per_town.values())
     floor = (margins[0] + margins[1]) / 2  # exactly one town below it
     worst = next(key[0] for key, figures in per_town.items() if float(figures["gross_margin"]) < floor)
-    base = ("report", "--url", database_url, "--check", "--by", "town")
+    base = ("report", "--url", filled_url, "--check", "--by", "town")
     result = run_cli(*base, "--min-gross-margin", str(floor))
     assert result.exit_code == 3, result.output
     assert f"min gross margin ({floor:g}): {worst} at" in result.output
@@ -445,14 +474,14 @@ def test_report_refuses_an_unknown_zone_naming_it(database_url: str) -> None:
 
 
 def test_the_sql_example_of_margin_per_town_per_berlin_day_agrees_with_breakdown(
-    filled: tuple[MetricsStore, list[ActionMetric]], database_url: str
+    filled: tuple[MetricsStore, list[ActionMetric]], filled_url: str
 ) -> None:
     """sql/examples/margin_per_town_per_local_day, run as psql, the sqlite3 shell or a ClickHouse client
     would, across both clock changes: the same days, counts and money as `breakdown()` and the Decimal
     reference."""
     store, metrics = filled
-    dialect = make_url(database_url).get_backend_name()
-    rows = plain_sql(database_url, example("margin_per_town_per_local_day", dialect))
+    dialect = make_url(filled_url).get_backend_name()
+    rows = plain_sql(filled_url, example("margin_per_town_per_local_day", dialect))
     got = {(row["town_id"], str(row["local_day"])): row for row in rows}
     expected = _expected(metrics, ("town_id",), "day", "Europe/Berlin")
     assert sorted(got) == sorted((town, start[:10]) for town, start in expected)
@@ -485,7 +514,7 @@ def test_a_window_reaching_centuries_out_has_only_the_buckets_of_what_is_stored(
 
 
 def test_a_long_breakdown_streams_the_rows_breakdown_returns(
-    filled: tuple[MetricsStore, list[ActionMetric]], database_url: str
+    filled: tuple[MetricsStore, list[ActionMetric]], filled_url: str
 ) -> None:
     """Every hour of the autumn window per model, in Kathmandu: the rows one at a time, in order."""
     store, _ = filled
@@ -493,7 +522,7 @@ def test_a_long_breakdown_streams_the_rows_breakdown_returns(
     asked.update(since=AUTUMN, until=AUTUMN + timedelta(days=4))
 
     async def streamed() -> list[dict[str, Any]]:
-        async with AsyncMetricsStore(database_url) as reader:
+        async with AsyncMetricsStore(filled_url) as reader:
             return [row.to_dict() async for row in reader.stream_breakdown(**asked)]
 
     rows = run_async(streamed())

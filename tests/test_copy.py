@@ -138,20 +138,20 @@ def test_an_interrupted_copy_resumes_after_its_checkpoint_and_counts_nothing_twi
     source: Source, destination: str
 ) -> None:
     with pytest.raises(Crash):
-        run_async(copy_store(source.url, destination, batch_size=250, progress=_stop_after(5)))
+        run_async(copy_store(source.url, destination, batch_size=500, progress=_stop_after(3)))
     with MetricsStore(destination) as copy:
-        assert copy.aggregate().count == 1250
-    # The checkpoints of batches 3 to 5 lost, as if the process had died after their inserts.
+        assert copy.aggregate().count == 1500
+    # The checkpoints of batches 2 and 3 lost, as if the process had died after their inserts.
     source_name = display_url(resolve_url(source.url))
-    first_two = run_async(_first(source.url, 500))
-    run_async(_save(destination, CopyCheckpoint(source_name, CopyPosition.of(first_two[-1]), 500)))
+    first = run_async(_first(source.url, 500))
+    run_async(_save(destination, CopyCheckpoint(source_name, CopyPosition.of(first[-1]), 500)))
 
-    result: CopyResult = run_async(copy_store(source.url, destination, batch_size=250))
-    assert result.resumed_after == CopyPosition.of(first_two[-1])
+    result: CopyResult = run_async(copy_store(source.url, destination, batch_size=500))
+    assert result.resumed_after == CopyPosition.of(first[-1])
     assert (result.sent, result.copied) == (len(source.metrics) - 500, len(source.metrics))
     assert_same_answers(source.url, destination, source.metrics)
 
-    again = run_async(copy_store(source.url, destination, batch_size=250))  # finished: nothing new
+    again = run_async(copy_store(source.url, destination, batch_size=500))  # finished: nothing new
     assert (again.sent, again.copied) == (0, len(source.metrics))
 
 
@@ -205,7 +205,7 @@ def test_a_pruned_source_is_refused_unless_its_pruned_period_is_given_up(
             run_async(copy_store(url, destination))
 
         copied = run_cli(
-            "db", "copy", "--from", url, "--to", destination, "--skip-pruned-period", "--batch-size", "100"
+            "db", "copy", "--from", url, "--to", destination, "--skip-pruned-period", "--batch-size", "300"
         )
         assert copied.exit_code == 0, copied.output
         assert "the totals agree" in copied.stderr

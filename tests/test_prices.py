@@ -8,6 +8,7 @@ import random
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from conftest import Databases, metric, run_cli
@@ -172,6 +173,53 @@ def test_a_price_set_by_hand_wins_over_the_catalogue(database_url: str) -> None:
         (datetime(2025, 3, 1, tzinfo=UTC), Decimal("0.5"), "manual"),
         (datetime(2025, 8, 1, tzinfo=UTC), Decimal(1), "manual"),
     ]
+
+
+def test_a_price_the_catalogue_no_longer_lists_goes_with_the_next_sync(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalogue is the truth for its own prices: a price change it drops (a correction) is
+    removed from every model of the sync at once, the other models' prices and manual ones kept."""
+    from dataclasses import replace
+
+    from action_metrics import catalogue
+
+    september = datetime(2025, 9, 15, tzinfo=UTC)
+    with MetricsStore(database_url) as store:
+        store.emit_many(
+            [
+                metric(model=model, tokens_in=1_000_000, tokens_out=0, timestamp=september)
+                for model in ("o3", "claude-sonnet-4-6", "gpt-4o-mini-2024-07-18")
+            ]
+        )
+        store.set_model_price("gpt-4o-mini-2024-07-18", "9", "9", datetime(2025, 10, 1, tzinfo=UTC))
+        first = store.sync_prices()
+        o3 = next(found for found in first.lookup.found if found.model == "o3")
+        assert len(o3.prices) == 2  # 10 USD per 1M input until 2025-06-10, 2 since
+        assert store.aggregate(model="o3", exact=True).total_cost_usd == pytest.approx(2)
+
+        looked_up = catalogue.look_up
+
+        def without_o3s_cut(models: Any) -> catalogue.Lookup:
+            lookup = looked_up(models)
+            found = [replace(f, prices=f.prices[:1]) if f.model == "o3" else f for f in lookup.found]
+            return replace(lookup, found=tuple(found))
+
+        monkeypatch.setattr(catalogue, "look_up", without_o3s_cut)
+        store.sync_prices()
+        assert [(p.effective_from, p.input_per_1m) for p in store.model_prices() if p.model == "o3"] == [
+            (BEGINNING_OF_TIME, Decimal(10))
+        ]
+        for exact in (True, False):
+            assert store.aggregate(model="o3", exact=exact).total_cost_usd == pytest.approx(10)
+        assert [
+            (p.effective_from, p.input_per_1m, p.source)
+            for p in store.model_prices()
+            if p.model == "gpt-4o-mini-2024-07-18"
+        ][-1] == (datetime(2025, 10, 1, tzinfo=UTC), Decimal(9), "manual")
+        assert len([p for p in store.model_prices() if p.model == "claude-sonnet-4-6"]) == len(
+            next(f for f in first.lookup.found if f.model == "claude-sonnet-4-6").prices
+        )
 
 
 def test_the_prices_commands(database_url: str) -> None:
