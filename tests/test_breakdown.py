@@ -412,6 +412,28 @@ def test_bad_arguments_name_the_argument(
     assert named in str(raised.value)
 
 
+@pytest.mark.not_on_clickhouse("ClickHouse's DateTime64 ends in 2299: it refuses these actions when stored")
+def test_a_bucket_ending_after_the_year_9999_is_refused_naming_bucket_and_an_until_gets_the_rest(
+    database_url: str,
+) -> None:
+    """No date holds the end of a bucket that starts in the last hour, day, week or month of 9999:
+    refused naming `bucket` and the until that reads the buckets before it, never an OverflowError."""
+    last = datetime(9999, 12, 31, 23, 59, tzinfo=UTC)
+    with MetricsStore(database_url) as store:
+        store.emit_many([a_metric(timestamp=last), a_metric(timestamp=last - timedelta(days=6))])
+        for bucket in ("hour", "day", "week", "month"):
+            for exact in (False, True):
+                with pytest.raises(InvalidFilter) as raised:
+                    store.breakdown(bucket=bucket, tz="Asia/Kathmandu", exact=exact)
+                assert raised.value.field == "bucket"
+                assert "give an until at or before" in str(raised.value)
+        rows = store.breakdown(bucket="day", until=datetime(9999, 12, 30, tzinfo=UTC))
+        assert [(row.bucket_start, row.figures.count) for row in rows] == [
+            (datetime(9999, 12, 25, tzinfo=UTC), 1)
+        ]
+        assert store.breakdown("town_id")[0].figures.count == 2  # without buckets, all of it
+
+
 def test_report_by_user_per_berlin_day_as_csv_json_and_a_table(
     filled: tuple[MetricsStore, list[ActionMetric]], filled_url: str
 ) -> None:

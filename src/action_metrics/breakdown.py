@@ -135,7 +135,14 @@ def bucket_starts(bucket: Bucket, zone: ZoneInfo, since: datetime, until: dateti
             raise InvalidFilter(
                 "bucket", f"more than {MAX_BUCKETS} {bucket}s between {since} and {until}: narrow since/until"
             )
-        starts.append(next_bucket(starts[-1], bucket, zone))
+        try:
+            starts.append(next_bucket(starts[-1], bucket, zone))
+        except OverflowError:  # the year 10000, which no datetime holds
+            raise InvalidFilter(
+                "bucket",
+                f"the {bucket} starting {starts[-1].isoformat()} ends after the last moment a date can hold "
+                f"(9999-12-31): give an until at or before {starts[-1].astimezone(UTC).isoformat()}",
+            ) from None
     return starts
 
 
