@@ -1156,16 +1156,20 @@ class Outcome:
             "daily_key": self.selection.daily_key,
             "groups": self.groups,
             "actions": self.rows,
-            "first_ms": None if self.first_ms is None else round(self.first_ms, 3),
-            "api_ms": round(self.api_ms, 3),
-            "exact_ms": None if self.exact_ms is None else round(self.exact_ms, 3),
-            "hand_ms": round(self.hand_ms, 3),
-            "api_over_hand": None if self.api_ms is None else round(self.api_ms / self.hand_ms, 3),
-            "exact_over_hand": None if self.exact_ms is None else round(self.exact_ms / self.hand_ms, 3),
+            "first_ms": _rounded(self.first_ms),
+            "api_ms": _rounded(self.api_ms),  # None on ClickHouse's daily view
+            "exact_ms": _rounded(self.exact_ms),
+            "hand_ms": _rounded(self.hand_ms),
+            "api_over_hand": None if self.api_ms is None else _rounded(self.api_ms / self.hand_ms),
+            "exact_over_hand": None if self.exact_ms is None else _rounded(self.exact_ms / self.hand_ms),
             "percentile_error": self.percentile_error,
             "check": self.check,
             "mismatches": self.mismatches,
         }
+
+
+def _rounded(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 3)
 
 
 async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:

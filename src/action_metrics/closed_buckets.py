@@ -100,20 +100,23 @@ class Buckets:
         closed_until = state.hours_closed_until
         if request.bucket not in STORED_BUCKETS or request.zone.key is None:
             return None
-        if closed_until is None:
-            return cls(question(metric_filter, request), {})
         closed = {
             index: (since, until)
             for index, (since, until) in enumerate(windows)
-            if since == starts[index] and until == starts[index + 1] and until <= closed_until
+            if closed_until is not None
+            and since == starts[index]
+            and until == starts[index + 1]
+            and until <= closed_until
         }
         return cls(question(metric_filter, request), closed)
 
 
+_GENERATION: Final = select(rollup_state.c.closed_buckets_generation).where(rollup_state.c.id == STATE_ID)
+
+
 async def generation(connection: AsyncConnection) -> int:
     """The state row's count of writes that changed closed buckets, as this snapshot sees it."""
-    statement = select(rollup_state.c.closed_buckets_generation).where(rollup_state.c.id == STATE_ID)
-    return int((await connection.execute(statement)).scalar_one())
+    return int((await connection.execute(_GENERATION)).scalar_one())
 
 
 async def read(
@@ -192,8 +195,7 @@ async def store(
 ) -> bool:
     """Store the rows of closed buckets computed in a snapshot that saw generation `seen`, in a write
     transaction; nothing if a write changed closed buckets since. Whether they were stored."""
-    locked = select(rollup_state.c.closed_buckets_generation).where(rollup_state.c.id == STATE_ID)
-    if int((await connection.execute(locked.with_for_update())).scalar_one()) != seen:
+    if int((await connection.execute(_GENERATION.with_for_update())).scalar_one()) != seen:
         return False
     values = [
         {
