@@ -640,6 +640,76 @@ def test_the_sketch_levels_answer_town_days_and_model_hours_as_the_reference(
             assert not rows[0]["percentiles_exact"]
 
 
+def test_raw_segments_are_found_on_the_coarsest_grid_none_of_whose_slots_meets_two() -> None:
+    """`_slot_grid`: Kathmandu's raw quarter hours lie one to an hour; a window's edge at an odd
+    second may share no slot with its neighbour (a finer grid, or none: the nested CASEs)."""
+    from action_metrics.sketch_reads import SlotGrid, _slot_grid
+
+    hour, quarter = timedelta(hours=1), timedelta(minutes=15)
+    quarters = [(SPRING + n * hour, SPRING + n * hour + quarter, ()) for n in range(48)]
+    grid = _slot_grid(quarters)
+    assert grid is not None
+    assert (grid.length, grid.origin) == (3600, int(SPRING.timestamp()))
+    assert grid.segment == {n: n for n in range(48)}
+    touching = [(SPRING, SPRING + quarter, ()), (SPRING + quarter, SPRING + hour, ())]
+    assert _slot_grid(touching) == SlotGrid(int(SPRING.timestamp()), 900, {0: 0, 1: 1, 2: 1, 3: 1})
+    odd = SPRING + timedelta(minutes=13, seconds=37)
+    assert _slot_grid([(SPRING, odd, ()), (odd, SPRING + hour, ())]) is None
+    apart = [(SPRING, odd, ()), (odd + timedelta(minutes=1), SPRING + hour, ())]  # within a quarter
+    found = _slot_grid(apart)
+    assert found is not None
+    assert (found.length, found.segment[13], found.segment[14], len(found.segment)) == (60, 0, 1, 60)
+
+
+@pytest.mark.not_on_clickhouse("the raw segments are how the SQL backends read a town's action types")
+@pytest.mark.parametrize(
+    ("bucket", "zone", "filters"),
+    [
+        ("hour", "Asia/Kathmandu", {"town_id": "town-c"}),
+        (
+            "hour",
+            "America/St_Johns",
+            {"town_id": "town-b", "since": SPRING + timedelta(minutes=13, seconds=37)},
+        ),
+    ],
+)
+def test_raw_segments_read_by_slot_or_by_nested_cases_give_the_references_rows(
+    sketched: tuple[str, list[ActionMetric], PriceBook],
+    monkeypatch: pytest.MonkeyPatch,
+    bucket: str,
+    zone: str,
+    filters: dict[str, Any],
+) -> None:
+    from action_metrics import sketch_reads
+
+    url, everything, book = sketched
+    since = filters.get("since", BEGINNING_OF_TIME)
+    chosen = [m for m in everything if m.town_id == filters["town_id"] and m.timestamp >= since]
+    expected = _expected_with(chosen, ("action_type",), bucket, zone, book)
+    grids: list[Any] = []
+    found = sketch_reads._slot_grid
+    monkeypatch.setattr(
+        sketch_reads, "_slot_grid", lambda segments: grids.append(found(segments)) or grids[-1]
+    )
+    answers = []
+    with MetricsStore(url) as store:
+        for by_slot in (True, False):
+            if not by_slot:
+                monkeypatch.setattr(sketch_reads, "_slot_grid", lambda segments: grids.append(None))
+            rows = [
+                row.to_dict() for row in store.breakdown("action_type", bucket=bucket, tz=zone, **filters)
+            ]
+            assert sorted(repr(_key(row, ("action_type",), bucket)) for row in rows) == sorted(
+                map(repr, expected)
+            )
+            for row in rows:
+                assert_matches(row, expected[_key(row, ("action_type",), bucket)], f"slot={by_slot}: ")
+            answers.append(rows)
+    assert grids[0] is not None  # each way was taken
+    assert grids[1] is None
+    assert answers[0] == [_floats_within(row, 1e-12) for row in answers[1]]
+
+
 @pytest.mark.not_on_clickhouse("rows_table is how the SQL backends hand the database breakdown pieces")
 def test_rows_passed_as_one_parameter_join_the_stored_timestamps_exactly(
     database_url: str,
