@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from action_metrics import ActionMetric, InvalidFilter, InvalidMetric, MetricsStore
 
-EXAMPLES = 100  # per property and backend
+EXAMPLES = 150  # per property and backend
 SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,
