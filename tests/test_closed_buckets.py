@@ -11,7 +11,6 @@ import sqlite3
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -20,7 +19,7 @@ import asyncpg
 import pytest
 from conftest import Databases, postgres_admin
 from sqlalchemy import make_url, select, update
-from test_breakdown import AUTUMN, SPRING, _book, _expected_with, _floats_within, _key, _metrics
+from test_breakdown import AUTUMN, SPRING, _book, _expected_with, _floats_within, _key, _late, _metrics
 from test_views import plain_sql
 
 from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore, closed_buckets, sketch_reads
@@ -40,22 +39,6 @@ ASKED: list[tuple[tuple[str, ...], str, str, dict[str, Any]]] = [
     (("town_id",), "week", "America/New_York", {}),
     ((), "month", "Europe/Berlin", {}),
 ]
-
-
-def _late(at: datetime, **changes: Any) -> ActionMetric:
-    metric = ActionMetric(
-        action_type="lod3",
-        user_id="user-late",
-        town_id="town-b",
-        citizen_id=None,
-        model="opus",
-        tokens_in=54_321,
-        tokens_out=765,
-        latency_ms=12_345.0,
-        credits_charged=400,
-        timestamp=at,
-    )
-    return replace(metric, **changes)
 
 
 @contextmanager

@@ -310,9 +310,9 @@ def _segments(pieces: Sequence[Piece]) -> list[tuple[datetime, datetime, tuple[t
     holding: Counter[tuple[int, int]] = Counter()
     segments: list[tuple[datetime, datetime, tuple[tuple[int, int], ...]]] = []
     for index, (moment, change, bucket, sign) in enumerate(events):
-        holding[(bucket, sign)] += change
-        if not holding[(bucket, sign)]:
-            del holding[(bucket, sign)]  # or every piece ever met is looked at again at each moment
+        holding[bucket, sign] += change
+        if not holding[bucket, sign]:
+            del holding[bucket, sign]  # or every piece ever met is looked at again at each moment
         following = events[index + 1][0] if index + 1 < len(events) else moment
         if following == moment:
             continue
