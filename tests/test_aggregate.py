@@ -308,3 +308,41 @@ def test_money_sums_stay_exact_when_one_huge_action_meets_many_tiny_ones(databas
     expected = expected_aggregate([huge, *tiny], book)
     assert expected["total_cost_usd"] == Decimal("1000000.005")
     assert_matches(aggregate.to_dict(), expected)
+
+
+def test_counts_whose_sum_passes_64_bits_are_summed_never_an_error(database_url: str) -> None:
+    """Each count fits 64 bits, their sum need not: one client's absurd values must not turn every
+    later question into an error (SQLite's SUM raises "integer overflow" past 2**63; PostgreSQL cast a
+    revenue past 1e11 USD to a price's NUMERIC(20, 9) to divide by it). PostgreSQL and ClickHouse
+    sum exactly; SQLite in doubles, exact below 2**53."""
+    big = 2**63 - 1
+    metrics = [
+        ActionMetric("lod5", "whale", "town-a", None, big, big, "haiku", 1.0, big, START),
+        ActionMetric(
+            "lod5", "whale", "town-a", None, big, 5, "haiku", 2.0, 2 * 10**13, START + timedelta(minutes=1)
+        ),
+        ActionMetric("lod1", "minnow", "town-a", None, 7, 0, "haiku", 3.0, 1, START + timedelta(hours=3)),
+    ]
+    exact = not database_url.startswith("sqlite")
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        answers = [
+            store.aggregate(),
+            store.aggregate(town_id="town-a"),
+            store.aggregate(exact=True),
+            store.aggregate(user_id="whale"),
+        ]
+        rows = store.breakdown("action_type", bucket="day")
+        towns = store.breakdown("town_id")
+    for figures in [*answers, *(row.figures for row in rows), *(row.figures for row in towns)]:
+        chosen = {3: metrics, 2: metrics[:2], 1: metrics[2:]}[figures.count]  # all, the whale's, lod1's
+        book = PriceBook(
+            {"haiku": [(BEGINNING_OF_TIME, *(Decimal(str(price)) for price in MODEL_COSTS_PER_1M["haiku"]))]},
+            [(BEGINNING_OF_TIME, Decimal("0.006"))],
+        )
+        expected = expected_aggregate(chosen, book)
+        for name in ("tokens_in", "tokens_out", "total_credits"):
+            want = int(expected[name])
+            assert getattr(figures, name) == (want if exact else pytest.approx(want, rel=1e-15))
+        assert figures.total_revenue_usd == pytest.approx(float(expected["total_revenue_usd"]), rel=1e-12)
+        assert figures.total_cost_usd == pytest.approx(float(expected["total_cost_usd"]), rel=1e-12)

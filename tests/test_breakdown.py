@@ -449,6 +449,58 @@ def test_a_bucket_ending_after_the_year_9999_is_refused_naming_bucket_and_an_unt
         assert store.breakdown("town_id")[0].figures.count == 2  # without buckets, all of it
 
 
+@pytest.mark.not_on_clickhouse(
+    "ClickHouse refuses actions after 2299, and its buckets span the store's hours"
+)
+def test_a_town_s_buckets_end_at_its_own_newest_action_not_another_town_s_far_future_one(
+    database_url: str,
+) -> None:
+    """A client with a broken clock stamps one town's metric in 9999: the other towns' bucketed
+    breakdowns over "the last 24 hours" still answer (the page reads them so), and that town's own
+    is refused naming `bucket`, never an OverflowError."""
+    now = datetime.now(UTC)
+    recent = [a_metric(town_id="town-normal", timestamp=now - timedelta(hours=hours)) for hours in (1, 2, 30)]
+    skewed = [
+        a_metric(town_id="town-skewed", timestamp=now + timedelta(days=1000)),
+        a_metric(
+            town_id="town-skewed", timestamp=datetime.max.replace(tzinfo=UTC) - timedelta(microseconds=1)
+        ),
+    ]
+    with MetricsStore(database_url) as store:
+        store.emit_many([*recent, *skewed])
+        since = now - timedelta(hours=24)
+        for bucket in ("hour", "day"):
+            rows = store.breakdown(bucket=bucket, town_id="town-normal", since=since, tz="Asia/Kathmandu")
+            assert sum(row.figures.count for row in rows) == 2
+            by_action = store.breakdown("action_type", bucket=bucket, town_id="town-normal", since=since)
+            assert sum(row.figures.count for row in by_action) == 2
+        assert store.breakdown(bucket="day", town_id="town-empty", since=since) == []
+        with pytest.raises(InvalidFilter) as raised:
+            store.breakdown(bucket="hour", town_id="town-skewed", since=since)
+        assert raised.value.field == "bucket"
+        with pytest.raises(InvalidFilter) as raised:
+            store.breakdown(bucket="day", since=since)  # every town: the skewed one's too
+        assert raised.value.field == "bucket"
+
+
+@pytest.mark.not_on_clickhouse("ClickHouse's DateTime64 begins in 1900: it refuses these actions when stored")
+def test_buckets_in_the_year_1_answer_or_are_refused_naming_bucket(database_url: str) -> None:
+    """The year 1's first moments: a window there reads what is stored, and a bucket that would
+    start in the year 0 (a local day west of UTC) is refused naming `bucket`, never an OverflowError."""
+    first = datetime(1, 1, 1, tzinfo=UTC)
+    with MetricsStore(database_url) as store:
+        store.emit_many([a_metric(town_id="town-old", timestamp=first + timedelta(minutes=5))])
+        window = {"since": first, "until": first + timedelta(days=2)}
+        for bucket in ("hour", "day", "week", "month"):
+            rows = store.breakdown(bucket=bucket, town_id="town-old", **window)
+            assert [(row.bucket_start, row.figures.count) for row in rows] == [(first, 1)]
+            assert store.breakdown("action_type", bucket=bucket, town_id="town-empty", **window) == []
+        with pytest.raises(InvalidFilter) as raised:
+            store.breakdown(bucket="day", tz="America/New_York", **window)
+        assert raised.value.field == "bucket"
+        assert "give a since a day later" in str(raised.value)
+
+
 def test_report_by_user_per_berlin_day_as_csv_json_and_a_table(
     filled: tuple[MetricsStore, list[ActionMetric]], filled_url: str
 ) -> None:

@@ -154,6 +154,30 @@ def test_an_aware_timestamp_is_converted_to_utc() -> None:
     assert stamped.hour == 20
 
 
+@pytest.mark.parametrize(
+    "moment",
+    [datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)],
+    ids=["first instant", "last instant"],
+)
+def test_the_first_and_last_instant_a_datetime_holds_are_refused_naming_timestamp(moment: datetime) -> None:
+    """PostgreSQL's driver writes them as -infinity and infinity, which SQL readers cannot bucket."""
+    with pytest.raises(InvalidMetric) as raised:
+        metric(timestamp=moment)
+    assert raised.value.field == "timestamp"
+    with pytest.raises(InvalidMetric) as raised:
+        ActionMetric.from_dict({**metric().to_dict(), "timestamp": moment.isoformat()})
+    assert raised.value.field == "timestamp"
+    step = timedelta(microseconds=1)
+    inside = moment + step if moment.year == 1 else moment - step
+    assert metric(timestamp=inside).timestamp == inside
+
+
+def test_a_wire_timestamp_may_end_in_a_lower_case_z() -> None:
+    """RFC 3339 allows "z" for "Z"; `datetime.fromisoformat` does not."""
+    sent = {**metric().to_dict(), "timestamp": "2026-11-28T09:00:00.5z"}
+    assert ActionMetric.from_dict(sent).timestamp == datetime(2026, 11, 28, 9, 0, 0, 500000, tzinfo=UTC)
+
+
 def test_the_seed_properties() -> None:
     action = metric(**LOD4_ON_SONNET)
     assert action.total_tokens == 800

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import given, settings
@@ -340,6 +340,32 @@ def test_the_mapping_reads_plain_span_data_and_names_a_call_by_its_response_id()
     deduplicator = CallDeduplicator()
     assert deduplicator.first_report(native, first)
     assert not deduplicator.first_report(openllmetry, second)
+
+
+def test_two_unnamed_root_spans_one_within_the_other_are_one_call_unless_made_for_two_users() -> None:
+    """Spans without a response id (a failed call has none) of one model, one enclosing the other in
+    time, are one call reported twice; not when they name different users, towns or citizens, as a
+    Collector's request holding two services' concurrent calls does."""
+    from action_metrics.genai import CallDeduplicator, SpanData, call_from_span_data
+
+    def report(trace_id: int, start: int, end: int, **attribution: str) -> tuple[SpanData, Any]:
+        attributes = {"gen_ai.request.model": "haiku", "gen_ai.usage.input_tokens": 1111}
+        attributes.update({f"action.{name}": value for name, value in attribution.items()})
+        data = SpanData("chat haiku", attributes, start, end, failed=True, trace_id=trace_id)
+        call = call_from_span_data(data)
+        assert call is not None
+        return data, call
+
+    for first, second, one_call in [
+        ({"user_id": "carol"}, {"user_id": "carol"}, True),
+        ({"user_id": "carol"}, {}, True),  # one instrumentation did not pass the user on
+        ({"user_id": "carol"}, {"user_id": "dave"}, False),
+        ({"user_id": "carol", "town_id": "a"}, {"user_id": "carol", "town_id": "b"}, False),
+        ({"citizen_id": "x"}, {"citizen_id": "y"}, False),
+    ]:
+        deduplicator = CallDeduplicator()
+        assert deduplicator.first_report(*report(1, 1_000, 9_000, **first))
+        assert deduplicator.first_report(*report(2, 2_000, 8_000, **second)) is not one_call, (first, second)
 
 
 def test_a_bad_attribution_value_is_reported_by_name_and_the_call_kept() -> None:

@@ -247,17 +247,24 @@ def test_prune_keeps_the_rollups_and_says_what_needs_the_pruned_rows(database_ur
         _assert_everything(store, metrics, book, since=cutoff)
 
         # What needs the pruned raw rows says so, naming the cut-off.
-        for call in [
-            lambda: store.aggregate(exact=True),
-            lambda: store.aggregate(user_id="user-1"),
-            lambda: store.aggregate(since=START + timedelta(days=1, hours=5, minutes=17)),
-            lambda: store.aggregate(town_id="town-a", action_type="lod3"),
-            lambda: store.query(),
-            lambda: store.query(until=cutoff, limit=3),
+        for call, question in [
+            (lambda: store.aggregate(exact=True), "aggregate(exact=True)"),
+            (lambda: store.aggregate(user_id="user-1"), "aggregate(user_id=...)"),
+            (
+                lambda: store.aggregate(since=START + timedelta(days=1, hours=5, minutes=17)),
+                "aggregate(since=...)",
+            ),
+            (
+                lambda: store.aggregate(town_id="town-a", action_type="lod3"),
+                "aggregate(town_id=..., action_type=...)",
+            ),
+            (lambda: store.query(), "query()"),
+            (lambda: store.query(until=cutoff, limit=3), "query()"),
         ]:
             with pytest.raises(RawRowsPruned, match=re.escape(cutoff.isoformat())) as raised:
                 call()
             assert raised.value.cutoff == cutoff
+            assert str(raised.value).startswith(f"{question} needs raw rows"), (question, str(raised.value))
 
         # A price can still start at a pruned day's midnight, not inside it.
         with pytest.raises(InvalidPrice, match="effective_from"):

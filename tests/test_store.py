@@ -199,6 +199,24 @@ def test_an_unmigrated_postgres_database_names_the_command_to_run(backend, empty
         MetricsStore(empty_database_url).open()
 
 
+def test_a_postgres_database_that_does_not_exist_says_to_create_it(postgres_available: None) -> None:
+    """Not "is its schema at head": there is no database to upgrade yet."""
+    from conftest import postgres_url
+
+    from action_metrics import StatementRefused
+
+    missing = f"am_missing_{uuid.uuid4().hex[:12]}"
+    store = MetricsStore(postgres_url(missing))
+    try:
+        with pytest.raises(
+            StatementRefused, match=r"does not exist; create the database \(createdb\)"
+        ) as raised:
+            store.open()
+        assert "schema at head" not in str(raised.value)
+    finally:
+        store.close()
+
+
 def test_a_database_from_a_newer_release_is_refused(database_url: str) -> None:
     import sqlite3
 

@@ -43,6 +43,7 @@ from sqlalchemy import (
     select,
     true,
     tuple_,
+    type_coerce,
     union_all,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -50,7 +51,7 @@ from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.selectable import NamedFromClause, Subquery
 from sqlalchemy.sql.visitors import replacement_traverse
 
-from action_metrics.dialects import Backend, interpolated_percentile, not_indexed
+from action_metrics.dialects import Backend, interpolated_percentile, not_indexed, sum_of_counts
 from action_metrics.pricing import BEGINNING_OF_TIME
 from action_metrics.query import EQUALITY_FILTERS, MetricFilter
 from action_metrics.rollup import (
@@ -163,6 +164,12 @@ class Aggregate:
 def _as_float(expression: ColumnElement[Any]) -> ColumnElement[float]:
     """PostgreSQL computes money in NUMERIC (exact); the API reports it as a float."""
     return cast(expression, Double)
+
+
+def _divisor(expression: ColumnElement[Any]) -> ColumnElement[Any]:
+    """`expression` to divide by, as NUMERIC of any size: SQLAlchemy casts a divisor to the numerator's
+    type, and a price's NUMERIC(20, 9) overflows past 1e11 USD of revenue (SQLite adds 0.0 instead)."""
+    return type_coerce(expression, Numeric())
 
 
 def _as_int(expression: ColumnElement[Any]) -> ColumnElement[Any]:
@@ -372,7 +379,8 @@ def _raw_sums(raw: NamedFromClause, at: ColumnElement[Any] | datetime, grouping:
             "credited_count": case((credited, func.count()), else_=0),
             **{
                 f"{tokens}_per_credit": case(
-                    (credited, cast(func.sum(raw.c[tokens]), Double) / credits), else_=literal(0.0, Double)
+                    (credited, cast(sum_of_counts(raw.c[tokens]), Double) / credits),
+                    else_=literal(0.0, Double),
                 )
                 for tokens in PRICED_TOKENS
             },
@@ -388,7 +396,7 @@ def _raw_sums(raw: NamedFromClause, at: ColumnElement[Any] | datetime, grouping:
             },
         }
     per_group["count"] = func.count()
-    summed = [per_group.get(name, func.sum(sums[name])).label(name) for name in SUM_COLUMNS]
+    summed = [per_group.get(name, sum_of_counts(sums[name])).label(name) for name in SUM_COLUMNS]
     extra = [credits] if by_credits else []
     if isinstance(at, datetime):
         moment = literal(at, UTCDateTime()).label("at")
@@ -404,7 +412,10 @@ def _model_sums(raw: NamedFromClause, at: datetime, model: str) -> Select[Any]:
     summed = select(
         literal(model, String()).label("model"),
         literal(at, UTCDateTime()).label("at"),
-        *((func.count() if name == "count" else func.sum(sums[name])).label(name) for name in SUM_COLUMNS),
+        *(
+            (func.count() if name == "count" else sum_of_counts(sums[name])).label(name)
+            for name in SUM_COLUMNS
+        ),
     ).subquery("model_sums")
     return select(summed).where(summed.c["count"] > 0)
 
@@ -629,7 +640,7 @@ def _money(
 
     # margin = 1 - cost / revenue per action, so over a group with one price the margins add up to
     # credited - (the cost formula over the sums of each token count / credits) / (1e6 * usd).
-    cost_per_revenue = priced_tokens("_per_credit") / (_ONE_MILLION * g("usd_per_credit"))
+    cost_per_revenue = priced_tokens("_per_credit") / _divisor(_ONE_MILLION * g("usd_per_credit"))
     return [
         total(g("count")).label("count"),
         total(g("tokens_in")).label("tokens_in"),
@@ -657,7 +668,7 @@ def sums_per_model(parts: NamedFromClause, keys: Sequence[str] = ()) -> NamedFro
             parts.c.model,
             *(parts.c[key] for key in keys),
             *price_columns,
-            *(func.sum(parts.c[name]).label(name) for name in SUM_COLUMNS),
+            *(sum_of_counts(parts.c[name]).label(name) for name in SUM_COLUMNS),
         )
         .select_from(priced)
         .group_by(parts.c.model, *(parts.c[key] for key in keys), *price_columns)
@@ -665,7 +676,7 @@ def sums_per_model(parts: NamedFromClause, keys: Sequence[str] = ()) -> NamedFro
     )
     g = per_price.c
     return (
-        select(g.model, *(g[key] for key in keys), *_money(g.__getitem__, func.sum))
+        select(g.model, *(g[key] for key in keys), *_money(g.__getitem__, sum_of_counts))
         .group_by(g.model, *(g[key] for key in keys))
         .cte("per_model")
     )
@@ -850,7 +861,7 @@ def figure_columns(sums: NamedFromClause, percentiles: NamedFromClause) -> list[
         _as_float(func.coalesce(revenue, 0)).label("total_revenue_usd"),
         _as_float(func.coalesce(revenue, 0) - func.coalesce(cost, 0)).label("total_profit_usd"),
         (sums.c.margin_sum / func.nullif(cast(sums.c.margin_count, Double), 0)).label("avg_margin"),
-        _as_float(case((revenue > 0, (revenue - cost) / revenue))).label("gross_margin"),
+        _as_float(case((revenue > 0, (revenue - cost) / _divisor(revenue)))).label("gross_margin"),
         _as_int(sums.c.unpriced_count).label("unpriced_count"),
         percentiles.c.approximate,
     ]
@@ -883,7 +894,7 @@ def aggregate_statement(
         else:
             overall_percentiles = exact_percentiles(succeeded, [], backend)
             model_percentiles = exact_percentiles(succeeded, ["model"], backend)
-    overall = select(*(func.sum(per_model.c[name]).label(name) for name in PER_MODEL_SUMS)).subquery(
+    overall = select(*(sum_of_counts(per_model.c[name]).label(name) for name in PER_MODEL_SUMS)).subquery(
         "overall"
     )
     overall_figures = figure_columns(overall, overall_percentiles)

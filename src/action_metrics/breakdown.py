@@ -55,7 +55,7 @@ from action_metrics.aggregate import (
     sums_per_model,
     weighted_percentiles,
 )
-from action_metrics.dialects import Backend
+from action_metrics.dialects import Backend, sum_of_counts
 from action_metrics.errors import InvalidFilter
 from action_metrics.query import MetricFilter
 from action_metrics.rollup import Level, Range, ReadPlan
@@ -129,7 +129,14 @@ def next_bucket(start: datetime, bucket: Bucket, zone: ZoneInfo) -> datetime:
 
 def bucket_starts(bucket: Bucket, zone: ZoneInfo, since: datetime, until: datetime) -> list[datetime]:
     """The starts (in `zone`) of the buckets meeting [since, until), then the end of the last one."""
-    starts = [bucket_floor(since, bucket, zone)]
+    try:
+        starts = [bucket_floor(since, bucket, zone)]
+    except OverflowError:  # in a zone west of UTC, the year 1's first moments are in the year 0
+        raise InvalidFilter(
+            "bucket",
+            f"the {bucket} holding {since.isoformat()} in {zone.key} starts before the first moment a date "
+            f"can hold (0001-01-01): give a since a {bucket} later",
+        ) from None
     while starts[-1] < until:
         if len(starts) > MAX_BUCKETS:
             raise InvalidFilter(
@@ -342,7 +349,7 @@ def breakdown_statement(
 
 def _summed_groups(per_model: NamedFromClause, keys: Sequence[str]) -> Subquery:
     grouped = [per_model.c[key] for key in keys]
-    sums = select(*grouped, *(func.sum(per_model.c[name]).label(name) for name in PER_MODEL_SUMS))
+    sums = select(*grouped, *(sum_of_counts(per_model.c[name]).label(name) for name in PER_MODEL_SUMS))
     return (sums.group_by(*grouped) if keys else sums).subquery("sums")
 
 

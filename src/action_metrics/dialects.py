@@ -47,8 +47,11 @@ from sqlalchemy.dialects.sqlite import Insert as SQLiteInsert
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlalchemy.schema import CreateTable
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import ReturnTypeFromArgs
 from sqlalchemy.sql.selectable import NamedFromClause
 from sqlalchemy.types import TypeEngine
 
@@ -133,10 +136,6 @@ class Backend:
     def epoch_seconds(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
         """The whole seconds from 1970-01-01 UTC to `timestamp`, as an integer."""
         raise NotImplementedError
-
-    def sum_without_overflow(self, expression: ColumnElement[Any]) -> ColumnElement[Any]:
-        """SUM for the rollups' sums, which must never fail a write however large the values."""
-        return func.sum(expression)
 
     async def refresh_statistics(self, connection: AsyncConnection, *tables: Table) -> None:
         """Let the planner know a small table changed (the price tables are far below autovacuum's
@@ -451,11 +450,6 @@ class SQLiteBackend(Backend):
         truncated = func.substr(type_coerce(timestamp, String), 1, kept) + literal(rest, String)
         return type_coerce(truncated, UTCDateTime())
 
-    def sum_without_overflow(self, expression: ColumnElement[Any]) -> ColumnElement[Any]:
-        # SUM() raises "integer overflow" past 2**63; TOTAL() is a double (exact below 2**53, so for
-        # any real token counts), stored back as an INTEGER whenever it is one.
-        return func.total(expression)
-
     def greatest(self, first: ColumnElement[Any], *others: ColumnElement[Any]) -> ColumnElement[Any]:
         # SQLite's multi-argument max() is NULL when any argument is.
         return type_coerce(func.max(first, *(func.coalesce(other, first) for other in others)), first.type)
@@ -613,6 +607,22 @@ def _compile_sqlite_insert() -> str:
 
 
 _SQLITE_INSERT_OR_SKIP: Final = _compile_sqlite_insert()
+
+
+class sum_of_counts(ReturnTypeFromArgs[Any]):
+    """SUM of counts of tokens or credits that never fails a read or a write, however large they are
+    (each fits 64 bits, their sum need not): PostgreSQL's SUM of BIGINT is an exact NUMERIC; SQLite's
+    SUM raises "integer overflow" past 2**63, so there it is TOTAL, a double (exact below 2**53, so
+    for any real token counts), which a rollup column stores back as an INTEGER whenever it is one."""
+
+    inherit_cache = True
+    name = "sum"
+    identifier = "sum_of_counts"
+
+
+@compiles(sum_of_counts, "sqlite")
+def _total_on_sqlite(element: sum_of_counts, compiler: SQLCompiler, **options: Any) -> str:
+    return f"total{compiler.function_argspec(element, **options)}"
 
 
 BACKENDS: Final[dict[str, type[Backend]]] = {

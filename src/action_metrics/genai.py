@@ -11,8 +11,9 @@ one call is often reported by several spans:
   (`metric_id_for_span`): the same span sent twice is still one metric.
 - Spans without one (a failed call has none) are the same call when one encloses the other in time,
   for the same request model, and they are siblings or parent and child in one trace, or both roots
-  (two instrumentations that each start a trace): the first to finish is kept. Two such calls made
-  concurrently, one enclosed by the other, would be counted once: the price of never counting twice.
+  (two instrumentations that each start a trace), and they do not name two different users, towns
+  or citizens: the first to finish is kept. Two such calls made concurrently for the same user and
+  town, one enclosed by the other, would be counted once: the price of never counting twice.
 """
 
 from __future__ import annotations
@@ -255,6 +256,8 @@ def _error_name(error_type: AttributeValue | None, description: str | None) -> s
 # --- one call, one metric --------------------------------------------------------------------
 
 _REMEMBERED: Final = 16_384
+_UNNAMED: Final = frozenset({ANONYMOUS_USER, UNKNOWN_TOWN, None})
+"""What a report that names no user, town or citizen has instead: the same call as any named one."""
 _PER_TRACE_AND_MODEL: Final = 64
 
 
@@ -265,6 +268,8 @@ class _Reported(NamedTuple):
     span_id: int
     parent_span_id: int | None
     has_response_id: bool
+    who: tuple[str, str, str | None]
+    """The call's user, town and citizen (the anonymous user, the unknown town, None when not named)."""
 
 
 @dataclass(slots=True)
@@ -292,8 +297,15 @@ class CallDeduplicator:
     def first_report(self, data: SpanData, call: GenAICall) -> bool:
         """True for the first span of a call (remembered from now on), False for a repeat."""
         has_response_id = isinstance(data.attributes.get(RESPONSE_ID), str)
+        metric = call.metric
         this = _Reported(
-            data.trace_id, data.start_ns, data.end_ns, data.span_id, data.parent_span_id, has_response_id
+            data.trace_id,
+            data.start_ns,
+            data.end_ns,
+            data.span_id,
+            data.parent_span_id,
+            has_response_id,
+            (metric.user_id, metric.town_id, metric.citizen_id),
         )
         key, metric_id = call.request_model, call.metric.id.int
         with self._lock:
@@ -329,6 +341,11 @@ class CallDeduplicator:
 def _same_call(this: _Reported, other: _Reported) -> bool:
     if this.has_response_id and other.has_response_id:
         return False  # both named their response, and differently (same ids were caught before)
+    if any(
+        mine != theirs and mine not in _UNNAMED and theirs not in _UNNAMED
+        for mine, theirs in zip(this.who, other.who, strict=True)
+    ):
+        return False  # made for two users, towns or citizens: two calls, whatever their times
     if this.parent_span_id is None and other.parent_span_id is None:
         related = True  # two root spans: each instrumentation started its own trace
     else:

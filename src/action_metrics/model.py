@@ -142,8 +142,8 @@ def _parse_timestamp(value: object) -> datetime:
     """ISO 8601 with an offset: a wire has no local time to read a naive one in."""
     if not isinstance(value, str):
         raise InvalidMetric("timestamp", f"expected an ISO 8601 string, got {type(value).__name__}")
-    try:
-        moment = datetime.fromisoformat(value)
+    try:  # RFC 3339 allows a lower-case z; fromisoformat does not
+        moment = datetime.fromisoformat(value[:-1] + "Z" if value.endswith("z") else value)
     except ValueError:
         example = "2026-01-31T12:00:00Z"
         raise InvalidMetric("timestamp", f"expected ISO 8601 such as {example}, got {shown(value)}") from None
@@ -182,6 +182,12 @@ def _remember(valid: set[str], name: str) -> str:
 
 
 _DEFAULT: Final[Any] = object()
+_FIRST_INSTANT: Final = datetime.min.replace(tzinfo=UTC)
+_LAST_INSTANT: Final = datetime.max.replace(tzinfo=UTC)
+_EDGE_INSTANT: Final = (
+    "is the first or last instant a datetime can hold, which PostgreSQL's driver stores as -infinity "
+    "or infinity: any moment between them is a metric's timestamp"
+)
 """Marks an argument left out, so that an explicit None is still checked (and refused)."""
 
 
@@ -267,8 +273,11 @@ class ActionMetric:
             error = check_error(error)
         if timestamp is _DEFAULT:
             timestamp = datetime.now(UTC)
-        elif type(timestamp) is not datetime or timestamp.tzinfo is not UTC:
-            timestamp = as_utc("timestamp", timestamp)
+        else:
+            if type(timestamp) is not datetime or timestamp.tzinfo is not UTC:
+                timestamp = as_utc("timestamp", timestamp)
+            if not _FIRST_INSTANT < timestamp < _LAST_INSTANT:
+                raise InvalidMetric("timestamp", _EDGE_INSTANT)
         if metadata is _DEFAULT or (type(metadata) is dict and not metadata):
             metadata, metadata_json = {}, "{}"  # a new dict: a caller's must not alias a frozen field
         else:

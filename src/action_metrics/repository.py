@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import delete, func, select, tuple_, union
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -58,6 +58,7 @@ from action_metrics.errors import (
 from action_metrics.model import ActionMetric, refuse_before
 from action_metrics.pricing import CreditPrice, ModelPrice
 from action_metrics.query import (
+    FILTER_NAMES,
     CopyPosition,
     MetricFilter,
     after_statement,
@@ -131,6 +132,10 @@ def _rejects_data(error: DBAPIError) -> bool:
     return isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")
 
 
+_NO_SUCH_DATABASE: Final = "3D000"
+"""PostgreSQL's SQLSTATE invalid_catalog_name: the URL names a database the server does not have."""
+
+
 def translate(error: BaseException, where: str) -> DatabaseError | None:
     """Our exception for a failure of the database at `where`; None for anything else (a bug)."""
     if isinstance(error, ActionMetricsError):
@@ -141,6 +146,12 @@ def translate(error: BaseException, where: str) -> DatabaseError | None:
             return DataRejected(f"{where} rejected the data: {reason}", reason)
         if error.connection_invalidated or isinstance(error, OperationalError | InterfaceError):
             return DatabaseUnavailable(f"cannot use {where}: {reason}", reason)
+        if getattr(error.orig, "sqlstate", None) == _NO_SUCH_DATABASE:
+            return StatementRefused(
+                f"{where} refused the connection: {reason}; create the database (createdb), then its "
+                "schema (action-metrics db upgrade)",
+                reason,
+            )
         return StatementRefused(
             f"{where} refused the statement: {reason}; is its schema at head (action-metrics db upgrade) "
             "and may this role use it?",
@@ -361,7 +372,7 @@ class MetricsRepository:
             state = await rollup.read_state(connection)
             plan = _plan(metric_filter, state, exact=exact)
             if rollup.reads_pruned_rows(plan, state):
-                await self._check_newest_unpruned(connection, metric_filter, state)
+                await self._check_newest_unpruned(connection, metric_filter, state, exact=exact)
             if plan.uses_rollups and await connection.scalar(histograms_read(metric_filter, plan)):
                 plan = replace(plan, binned_raw=True)
             starts = await _price_starts(connection)
@@ -524,12 +535,12 @@ class MetricsRepository:
             yield row_from({**row, **(percentiles or {})}, request, starts)
 
     async def _check_newest_unpruned(
-        self, connection: AsyncConnection, metric_filter: MetricFilter, state: RollupState
+        self, connection: AsyncConnection, metric_filter: MetricFilter, state: RollupState, *, exact: bool
     ) -> None:
         """Raise unless the selection is the newest `limit` metrics and all of them are kept."""
         assert state.raw_kept_from is not None
         cutoff = state.raw_kept_from
-        question = "aggregate(exact=True)" if metric_filter.limit is None else "aggregate(limit=...)"
+        question = _pruned_question(metric_filter, exact=exact)
         if metric_filter.limit is None:
             raise RawRowsPruned(cutoff, question)
         newest = metrics_statement(metric_filter).with_only_columns(action_metrics.c.timestamp).subquery()
@@ -832,6 +843,14 @@ async def _price_starts(connection: AsyncConnection) -> list[datetime]:
     return sorted((await connection.execute(starts)).scalars())
 
 
+def _pruned_question(metric_filter: MetricFilter, *, exact: bool) -> str:
+    """The `aggregate()` that needs the raw rows, named by what the caller gave it."""
+    if exact:
+        return "aggregate(exact=True)"
+    given = [f"{name}=..." for name in FILTER_NAMES if getattr(metric_filter, name) is not None]
+    return f"aggregate({', '.join(given)})"
+
+
 def _reaches_before(metric_filter: MetricFilter, cutoff: datetime) -> bool:
     return metric_filter.since is None or metric_filter.since < cutoff
 
@@ -862,25 +881,37 @@ def _plan(
 
 async def _window(connection: AsyncConnection, metric_filter: MetricFilter) -> tuple[datetime, datetime]:
     """The filter's time range within the first and last action stored (raw or rolled up): a window
-    reaching centuries out has only the buckets of what is stored. Empty (since >= until) when
-    nothing is stored in it."""
+    reaching centuries out has only the buckets of what is stored. The raw rows' bounds are those of
+    the filter's town, user, citizen, action type and model, so that another town's metric stamped
+    far in the future does not stretch this one's buckets. Empty (since >= until) when nothing is
+    stored in it."""
     m, r = action_metrics, rollup_table
     # Each bound its own subquery, so that each is one step down an index (a min and a max in one
     # SELECT made SQLite scan both tables: 0.7 s at 1M actions). Every rolled-up action is in the
     # per-model hourly level, and every day row was built from its hours.
     hourly = rollup.HOURLY.rows(r)
+    selected = metric_filter.conditions(m.c, times=False)
     bounds = select(
-        select(func.min(m.c.timestamp)).scalar_subquery(),
-        select(func.max(m.c.timestamp)).scalar_subquery(),
+        select(func.min(m.c.timestamp)).where(*selected).scalar_subquery(),
+        select(func.max(m.c.timestamp)).where(*selected).scalar_subquery(),
         select(func.min(r.c.start)).where(*hourly).scalar_subquery(),
         select(func.max(r.c.start)).where(*hourly).scalar_subquery(),
     )
     raw_first, raw_last, rolled_first, rolled_last = (await connection.execute(bounds)).one()
     firsts = [moment for moment in (raw_first, rolled_first) if moment is not None]
-    lasts = [raw_last + timedelta(microseconds=1)] if raw_last is not None else []
-    lasts += [rolled_last + rollup.GRAIN_LENGTH["hour"]] if rolled_last is not None else []
+    lasts = [_later(raw_last, timedelta(microseconds=1))] if raw_last is not None else []
+    lasts += [_later(rolled_last, rollup.GRAIN_LENGTH["hour"])] if rolled_last is not None else []
     if not firsts:
-        return datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC)
+        return _LAST_MOMENT, _FIRST_MOMENT
     since = min(firsts) if metric_filter.since is None else max(metric_filter.since, min(firsts))
     until = max(lasts) if metric_filter.until is None else min(metric_filter.until, max(lasts))
     return since, until
+
+
+_FIRST_MOMENT: Final = datetime.min.replace(tzinfo=UTC)
+_LAST_MOMENT: Final = datetime.max.replace(tzinfo=UTC)
+
+
+def _later(moment: datetime, length: timedelta) -> datetime:
+    """`moment + length`, or the last moment a datetime holds when that is past it (year 9999)."""
+    return moment + length if moment <= _LAST_MOMENT - length else _LAST_MOMENT

@@ -60,7 +60,7 @@ from sqlalchemy.schema import CreateTable, DropTable
 from sqlalchemy.sql.selectable import CompoundSelect, Subquery
 
 from action_metrics import latency_sketches, sketch
-from action_metrics.dialects import Backend
+from action_metrics.dialects import Backend, sum_of_counts
 from action_metrics.schema import (
     action_metrics,
     credit_prices,
@@ -475,7 +475,7 @@ def _summed_into(
     grouped = select(
         literal(level.grain, table.c.grain.type).label("grain"),
         *keys,
-        *(backend.sum_without_overflow(k[name]).label(name) for name in summed),
+        *(sum_of_counts(k[name]).label(name) for name in summed),
     ).group_by(*keys)
     insert = backend.insert(table).from_select(["grain", *key_names, *summed], grouped)
     if not merge:

@@ -60,7 +60,7 @@ from action_metrics.breakdown import (
     group_rows,
     row_from,
 )
-from action_metrics.dialects import Backend, not_indexed
+from action_metrics.dialects import Backend, not_indexed, sum_of_counts
 from action_metrics.latency_sketches import (
     MODEL_HOURLY,
     TOWN_ACTION_DAILY,
@@ -166,7 +166,10 @@ def shape_of(metric_filter: MetricFilter, request: BreakdownRequest, state: Roll
 def readable(shape: Shape, state: RollupState, since: datetime, starts: Sequence[datetime]) -> bool:
     """Whether the sketches the covers may read exist: from a day before the window on (the cover of
     a local day may take the UTC day before it), and, for model hours, buckets of whole UTC hours."""
-    earliest = floor_to(since, "day") - GRAIN_LENGTH["day"]
+    day = floor_to(since, "day")
+    earliest = (
+        day - GRAIN_LENGTH["day"] if day - datetime.min.replace(tzinfo=UTC) >= GRAIN_LENGTH["day"] else day
+    )
     for level in shape.sketches.values():
         built = getattr(state, level.built_from)
         if built is not None and earliest < built:
@@ -515,7 +518,7 @@ def _rolled_sums(
     return (
         select(
             *grouped,
-            *(func.sum(c.sign * r.c[name] if signed else r.c[name]).label(name) for name in SUM_COLUMNS),
+            *(sum_of_counts(c.sign * r.c[name] if signed else r.c[name]).label(name) for name in SUM_COLUMNS),
         )
         .select_from(r.join(cover, and_(r.c.grain == c.grain, r.c.start == c.start)))
         .where(*terms)
