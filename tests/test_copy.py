@@ -148,7 +148,8 @@ def test_an_interrupted_copy_resumes_after_its_checkpoint_and_counts_nothing_twi
 
     result: CopyResult = run_async(copy_store(source.url, destination, batch_size=500))
     assert result.resumed_after == CopyPosition.of(first[-1])
-    assert (result.sent, result.copied) == (len(source.metrics) - 500, len(source.metrics))
+    # Batches 2 and 3 were sent again and written once: this run wrote the rest.
+    assert (result.sent, result.copied) == (len(source.metrics) - 1500, len(source.metrics))
     assert_same_answers(source.url, destination, source.metrics)
 
     again = run_async(copy_store(source.url, destination, batch_size=500))  # finished: nothing new
@@ -176,17 +177,40 @@ def test_a_copy_back_from_clickhouse_interrupted_starts_over_and_counts_nothing_
     backend: Databases, source: Source, destination: str
 ) -> None:
     """Into SQLite or PostgreSQL there is no checkpoint: run again, the copy starts from the first
-    action and the ones already there are skipped by id."""
+    action and the ones already there are skipped by id, and counted as skipped, not copied."""
     run_async(copy_store(source.url, destination))
     back = backend.migrated()
+    count = len(source.metrics)
     try:
         with pytest.raises(Crash):
             run_async(copy_store(destination, back, batch_size=400, progress=_stop_after(2)))
         result = run_async(copy_store(destination, back, batch_size=400))
-        assert (result.sent, result.resumed_after) == (len(source.metrics), None)
+        assert (result.sent, result.copied, result.resumed_after) == (count - 800, count, None)
         assert_same_answers(source.url, back, source.metrics)
+        again = run_cli("db", "copy", "--from", destination, "--to", back, "--batch-size", "1000")
+        assert again.exit_code == 0, again.output
+        assert f"copied 0 actions ({count:,} in all)" in again.stderr
     finally:
         backend.drop(back)
+
+
+def test_a_copy_between_sql_stores_run_again_says_it_copied_nothing(
+    backend: Databases, source: Source
+) -> None:
+    """`db copy` into SQLite or PostgreSQL reports the actions it wrote: run again, it reads every
+    action again and writes none, as a copy into ClickHouse run again does."""
+    into = backend.migrated()
+    count = len(source.metrics)
+    try:
+        first = run_cli("db", "copy", "--from", source.url, "--to", into, "--batch-size", "1000")
+        assert first.exit_code == 0, first.output
+        assert f"copied {count:,} actions ({count:,} in all)" in first.stderr
+        again = run_cli("db", "copy", "--from", source.url, "--to", into, "--batch-size", "1000")
+        assert again.exit_code == 0, again.output
+        assert f"copied 0 actions ({count:,} in all)" in again.stderr
+        assert "the totals agree" in again.stderr
+    finally:
+        backend.drop(into)
 
 
 def test_a_pruned_source_is_refused_unless_its_pruned_period_is_given_up(

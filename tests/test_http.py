@@ -486,6 +486,25 @@ async def test_tables_dropped_under_a_running_server_are_503(town: str) -> None:
     assert answer.status_code == 503
 
 
+async def test_every_read_documents_the_statuses_it_answers(backend: Any, tmp_path: Path) -> None:
+    """The OpenAPI schema lists what each read really answers: `/v1/towns`, as a town's reads, is
+    503 with Retry-After while the database is unreachable, and 403 to a token that may only write."""
+    writer = "write-only-token-0123456789abcdef"
+    tokens = ApiTokens.parse(f"{ANY_TOWN_TOKEN}:* ; write:{writer}:*")
+    async with serving(unreachable_url(backend.name, tmp_path), tokens=tokens) as client:
+        schema = (await client.get("/openapi.json")).json()
+        unavailable = await client.get("/v1/towns", headers=bearer(ANY_TOWN_TOKEN))
+        denied = await client.get("/v1/towns", headers=bearer(writer))
+        anonymous = await client.get("/v1/towns")
+    assert (unavailable.status_code, denied.status_code, anonymous.status_code) == (503, 403, 401)
+    assert unavailable.headers["Retry-After"]
+    paths = schema["paths"].items()
+    reads = {path: item["get"] for path, item in paths if path.startswith("/v1/") and "get" in item}
+    assert {"/v1/towns", "/v1/town/{town_id}/metrics", "/v1/town/{town_id}/checks"} <= set(reads)
+    for path, operation in reads.items():
+        assert {"200", "401", "403", "503"} <= set(operation["responses"]), path
+
+
 # --- breakdown ------------------------------------------------------------------------------
 
 

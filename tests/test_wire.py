@@ -240,14 +240,52 @@ def test_duplicates_are_counted_and_stored_once(server: Server) -> None:
     assert stored(server.url) == {item["id"]: item for item in first + second}
 
 
-def test_ndjson_lines_that_are_not_json_are_rejected_alone(server: Server) -> None:
+def test_ndjson_lines_that_are_not_json_are_rejected_alone_by_line_number(server: Server) -> None:
+    """An NDJSON item's index is its line's number from 0, blank lines counted: what a client maps
+    back to the lines it sent."""
     good = sent_metrics(3)
-    body = "\n".join([json.dumps(good[0]), "{not json", "", json.dumps(good[1]), "NaN", json.dumps(good[2])])
-    answer = post(server, body.encode() + b"\n", **{"Content-Type": "application/x-ndjson; charset=utf-8"})
+    lines = [json.dumps(good[0]), "{not json", "", json.dumps(good[1]), "NaN", " \r", json.dumps(good[2])]
+    answer = post(
+        server, "\n".join(lines).encode() + b"\n", **{"Content-Type": "application/x-ndjson; charset=utf-8"}
+    )
     result = answer.json()
     assert (result["stored"], result["duplicate"]) == (3, 0)
-    assert [(item["index"], item["field"]) for item in result["rejected"]] == [(1, None), (3, None)]
+    assert [(item["index"], item["field"]) for item in result["rejected"]] == [(1, None), (4, None)]
     assert set(stored(server.url)) == {item["id"] for item in good}
+
+
+CUT_EMOJI = "\ud83d"
+"""The first half of U+1F600, a lone surrogate: what JavaScript's `JSON.stringify` writes, escaped
+(valid JSON), for a string cut in the middle of an emoji; so does Python's `json.dumps`."""
+
+
+@pytest.mark.parametrize("body_format", ["array", "ndjson"])
+def test_an_item_holding_a_lone_surrogate_is_rejected_alone_naming_its_field(
+    server: Server, body_format: str
+) -> None:
+    good = sent_metrics(3)
+    items: list[Any] = [
+        good[0],
+        {**good[1], "user_id": CUT_EMOJI},
+        good[1],
+        {**good[2], "metadata": {"note": f"cut {CUT_EMOJI}"}},
+        {**good[2], CUT_EMOJI: 1},
+        good[2],
+    ]
+    if body_format == "array":
+        answer = post(server, json.dumps(items).encode())
+    else:
+        lines = "\n".join(map(json.dumps, items)).encode()
+        answer = post(server, lines, **{"Content-Type": "application/x-ndjson"})
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert (result["stored"], result["duplicate"]) == (3, 0)
+    assert [(item["index"], item["field"]) for item in result["rejected"]] == [
+        (1, "user_id"),
+        (3, "metadata"),
+        (4, "\\ud83d"),  # an unknown key named as JSON escapes it: the answer is valid UTF-8
+    ]
+    assert stored(server.url) == {item["id"]: item for item in good}
 
 
 # --- tokens ---------------------------------------------------------------------------------------
@@ -330,8 +368,15 @@ def test_an_oversize_body_and_too_many_items_are_413(refusing_server: Server) ->
         (b"\x1f\x8b not gzip", {"Content-Encoding": "gzip"}, 400),
         (gzip.compress(b"[]")[:-4], {"Content-Encoding": "gzip"}, 400),
         (b"[" + b"9" * 5000 + b"]", {}, 400),
+        (b'[{"user_id": "\\ud83d"}, {not json]', {}, 400),
+        (b'[{"user_id": "\\ud83d"}, NaN]', {}, 400),
+        (b'[{"user_id": "\\ud83d"}, ' + b"[" * 100_000, {}, 400),
+        (b'[{"user_id": "\\ud83d"}, "\xed\xa0\xbd"]', {}, 400),
     ],
-    ids=["broken", "object", "deep", "text", "brotli", "not-gzip", "truncated-gzip", "huge-int"],
+    ids=[
+        *("broken", "object", "deep", "text", "brotli", "not-gzip", "truncated-gzip", "huge-int"),
+        *("surrogate-broken", "surrogate-nan", "surrogate-deep", "surrogate-bad-utf8"),
+    ],
 )
 def test_unreadable_bodies_are_4xx(
     refusing_server: Server, body: bytes, headers: dict[str, str], status: int

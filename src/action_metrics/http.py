@@ -138,10 +138,20 @@ def _store(request: Request) -> AsyncMetricsStore:
     return store
 
 
-TOWN_READ_ANSWERS: Final[dict[int | str, dict[str, Any]]] = {
+READ_ANSWERS: Final[dict[int | str, dict[str, Any]]] = {
     401: {"model": Problem, "description": "Missing or unknown bearer token"},
-    403: {"model": Problem, "description": "The token may not read this town"},
-    503: {"model": Problem, "description": "The database is unreachable or its schema is behind"},
+    403: {"model": Problem, "description": "The token may not read"},
+    503: {
+        "model": Problem,
+        "description": "The database is unreachable (retry after `Retry-After` seconds) or its schema "
+        "is behind",
+    },
+}
+"""The errors every read that asks the database may answer with."""
+
+TOWN_READ_ANSWERS: Final[dict[int | str, dict[str, Any]]] = {
+    **READ_ANSWERS,
+    403: {"model": Problem, "description": "The token may not read, or not this town"},
 }
 """The errors every read of one town may answer with."""
 
@@ -327,7 +337,7 @@ def create_app(
         "/v1/towns",
         response_model=Towns,
         tags=["metrics"],
-        responses={401: {"model": Problem, "description": "Missing or unknown bearer token"}},
+        responses=READ_ANSWERS,
     )
     async def towns(
         store: Annotated[AsyncMetricsStore, Depends(_store)],

@@ -63,8 +63,9 @@ class CopyProgress:
 @dataclass(frozen=True, slots=True)
 class CopyResult:
     """What a copy did. `resumed_after`: the checkpoint it started after (None: from the first
-    action); `sent`: actions sent by this run; `copied`: by every run into a checkpointing
-    destination, else this run's; `pruned_before`: the source's prune cut-off, when skipped."""
+    action); `sent`: actions this run wrote, those the destination did not hold yet (run again, 0);
+    `copied`: the source's actions up to where the copy got, by every run into a checkpointing
+    destination, else by this run; `pruned_before`: the source's prune cut-off, when skipped."""
 
     source: str
     destination: str
@@ -181,12 +182,12 @@ async def _copy(
         position = CopyPosition(cutoff - timedelta(microseconds=1), _LAST_ID)  # from the cut-off on
     copied_before = checkpoint.copied if checkpoint is not None else 0
     total = await source.count_after(position)
-    sent = batches = 0
+    sent = written = batches = 0
     if progress is not None:
         progress(CopyProgress(sent, total, batches))
     while read := await source.read_after(position, batch_size):
         batch = read if cutoff is None else [metric for metric in read if metric.timestamp >= cutoff]
-        await destination.insert(batch)
+        written += await destination.insert_counting(batch)  # the ids already there are skipped
         position = CopyPosition.of(read[-1])
         sent += len(batch)
         batches += 1
@@ -202,7 +203,7 @@ async def _copy(
     return CopyResult(
         source=source_name,
         destination=destination_name,
-        sent=sent,
+        sent=written,
         copied=copied_before + sent,
         resumed_after=resumed_after,
         model_prices=len(model_prices),

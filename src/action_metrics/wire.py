@@ -3,14 +3,17 @@ a JSON array or NDJSON, gzip or not. `POST /v1/traces`: OTLP/HTTP, whose GenAI s
 as `ActionMetricsSpanProcessor` makes them in process (see `otlp`).
 
 Each item is checked as `ActionMetric.from_dict` checks it and against the token's towns; a bad
-item is rejected with its index and field, the others are stored. The body as a whole is refused
-only when it cannot be read: 400 (not JSON, broken gzip), 413 (too large, too many items), 415
-(another media type or encoding).
+item is rejected with its index (its position in the array; in NDJSON its line's number from 0,
+blank lines counted) and field, the others are stored. The body as a whole is refused only when it
+cannot be read: 400 (not JSON, broken gzip), 413 (too large, too many items), 415 (another media
+type or encoding).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import uuid
 from datetime import datetime
 from enum import Enum
@@ -101,30 +104,55 @@ def _body_kind(content_type: str | None) -> _BodyKind:
     )
 
 
+_ESCAPED_SURROGATE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _json(text: bytes) -> Any:
-    """Strict JSON (orjson: several times the standard library's speed): NaN, Infinity, a lone
-    surrogate, invalid UTF-8 and nesting past 1024 levels are refused, never a crash."""
+    """Strict JSON (orjson: several times the standard library's speed): NaN, Infinity, invalid
+    UTF-8 and nesting past 1024 levels are refused, never a crash. orjson refuses an escaped lone
+    surrogate too (`"\\ud83d"`, JavaScript's cut emoji), which is valid JSON: a text it refused that
+    holds one is read again by the standard library, so that `ActionMetric.from_dict` rejects the
+    item holding it alone, naming its field."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as error:
+        if _ESCAPED_SURROGATE.search(text) is None:
+            raise _NotJson(str(error)) from None
+    return _json_with_lone_surrogates(text)
+
+
+def _json_with_lone_surrogates(text: bytes) -> Any:
+    """The standard library's JSON, NaN and Infinity refused as orjson refuses them (a number it
+    reads as infinite, or an integer past 64 bits, is left to `from_dict` to reject or keep)."""
+    try:
+        return json.loads(text.decode("utf-8"), parse_constant=_refuse_constant)
+    except RecursionError:
+        raise _NotJson("nested too deeply") from None
+    except ValueError as error:  # not JSON, not UTF-8, NaN or Infinity, an integer of 4,300 digits
         raise _NotJson(str(error)) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class _NotJson(Exception):
     pass
 
 
-def _items(kind: _BodyKind, body: bytes, max_items: int) -> list[Any]:
-    """The request's items: decoded documents, or `_NotJson` for an NDJSON line that is not one."""
+def _items(kind: _BodyKind, body: bytes, max_items: int) -> list[tuple[int, Any]]:
+    """The request's items with their indexes: decoded documents, or `_NotJson` for an NDJSON line
+    that is not one. An NDJSON item's index is its line's (from 0, blank lines counted), so that a
+    client finds the line it sent; blank lines are no items."""
     if kind is _BodyKind.LINES:
-        lines = [line for line in body.split(b"\n") if line.strip()]
+        lines = [(number, line) for number, line in enumerate(body.split(b"\n")) if line.strip()]
         _check_count(len(lines), max_items)
-        documents: list[Any] = []
-        for line in lines:
+        documents: list[tuple[int, Any]] = []
+        for number, line in lines:
             try:
-                documents.append(_json(line))
+                documents.append((number, _json(line)))
             except _NotJson as error:
-                documents.append(error)
+                documents.append((number, error))
         return documents
     try:
         document = _json(body)
@@ -136,7 +164,7 @@ def _items(kind: _BodyKind, body: bytes, max_items: int) -> list[Any]:
             f"the body is a JSON {type(document).__name__}: send an array of metrics (or NDJSON)",
         )
     _check_count(len(document), max_items)
-    return document
+    return list(enumerate(document))
 
 
 def _check_count(count: int, max_items: int) -> None:
@@ -147,18 +175,20 @@ def _check_count(count: int, max_items: int) -> None:
 
 
 def _metrics(
-    documents: list[Any], grant: TokenGrant
+    documents: list[tuple[int, Any]], grant: TokenGrant
 ) -> tuple[list[tuple[int, ActionMetric]], list[Rejected]]:
     accepted: list[tuple[int, ActionMetric]] = []
     rejected: list[Rejected] = []
-    for index, document in enumerate(documents):
+    for index, document in documents:
         if isinstance(document, _NotJson):
             rejected.append(Rejected(index=index, field=None, error=f"not JSON: {document}"))
             continue
         try:
             metric = ActionMetric.from_dict(document)
         except InvalidMetric as error:
-            rejected.append(Rejected(index=index, field=error.field, error=error.problem))
+            rejected.append(
+                Rejected(index=index, field=_encodable(error.field), error=_encodable(error.problem))
+            )
             continue
         if not grant.allows(metric.town_id):
             rejected.append(
@@ -167,6 +197,12 @@ def _metrics(
             continue
         accepted.append((index, metric))
     return accepted, rejected
+
+
+def _encodable(text: str) -> str:
+    """`text` with each lone surrogate (an unknown key may hold one) written as its JSON escape: the
+    answer must be UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 router = APIRouter(tags=["ingest"])
@@ -187,7 +223,8 @@ router = APIRouter(tags=["ingest"])
 )
 async def post_actions(request: Request, grant: WriteGrant) -> IntakeAnswer:
     """Store metrics sent in `to_dict()` form. A 200 means the stored ones are committed; the same
-    ids sent again (a retry) count as duplicates and change nothing."""
+    ids sent again (a retry) count as duplicates and change nothing. A rejected item's `index` is
+    its position in the array, or in NDJSON its line's number from 0, blank lines counted."""
     intake = intake_of(request)
     kind = _body_kind(request.headers.get("content-type"))
     async with intake.slot():
