@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -14,8 +15,12 @@ import pytest
 from conftest import Databases, metric, run_cli
 from genai_prices import Usage, calc_price
 
-from action_metrics import ActionMetric, MetricsStore
-from action_metrics.pricing import BEGINNING_OF_TIME
+from action_metrics import ActionMetric, InvalidPrice, MetricsStore
+from action_metrics.errors import RawRowsPruned
+from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
+from action_metrics.rollup import floor_to
+
+from reference import PriceBook, assert_matches, expected_aggregate, select_like_the_store
 
 pytestmark = pytest.mark.clickhouse  # SQLite, PostgreSQL and ClickHouse
 
@@ -292,3 +297,110 @@ def test_a_bad_model_name_is_refused_naming_the_argument(database_url: str) -> N
     result = run_cli("prices", "set", "x" * 129, "--input", "1", "--output", "1", "--url", database_url)
     assert result.exit_code == 2
     assert "MODEL" in result.stderr
+
+
+def _seed_book(
+    models: dict[str, list[tuple[datetime, str, str]]], credits: list[tuple[datetime, str]]
+) -> PriceBook:
+    """The seed's prices from the beginning of time, then `models` and `credits` as the test set them."""
+    book = {
+        model: [(BEGINNING_OF_TIME, Decimal(str(i)), Decimal(str(o)))]
+        for model, (i, o) in MODEL_COSTS_PER_1M.items()
+    }
+    for model, prices in models.items():
+        book[model] = [*book.get(model, []), *((at, Decimal(i), Decimal(o)) for at, i, o in prices)]
+    seed_credits = [(BEGINNING_OF_TIME, Decimal("0.006")), *((at, Decimal(usd)) for at, usd in credits)]
+    return PriceBook(book, seed_credits)
+
+
+def _every_twenty_minutes(first_day: datetime, days: int) -> list[ActionMetric]:
+    """Three calls an hour (at :05, :25 and :45), haiku and opus in turn, in two towns: each model
+    on both sides of the half hour in every other hour."""
+    return [
+        metric(
+            model=("haiku", "opus")[number % 2],
+            town_id=("town-a", "town-b")[number // 5 % 2],
+            tokens_in=1_000 + 37 * number,
+            tokens_out=100 + 11 * number,
+            credits_charged=(0, 10, 25)[number % 3],
+            latency_ms=50.0 + number % 17,
+            timestamp=first_day + timedelta(minutes=5 + 20 * number),
+        )
+        for number in range(days * 72)
+    ]
+
+
+def test_prices_changed_mid_hour_in_a_pruned_period_still_price_their_calls_from_that_moment(
+    database_url: str,
+) -> None:
+    """`set_model_price` starts a price now, so mid-hour: once the period is pruned, the all-time
+    questions are still answered from the rollups, each call priced by the prices in force at its
+    moment, as the Decimal reference prices them (ClickHouse raised RawRowsPruned)."""
+    first_day = floor_to(datetime.now(UTC) - timedelta(days=12), "day")
+    calls = [*_every_twenty_minutes(first_day, 4), metric(timestamp=datetime.now(UTC) - timedelta(hours=1))]
+    opus_from = first_day + timedelta(days=1, hours=5, minutes=30)  # between opus at :05 and :45
+    credits_from = first_day + timedelta(days=2, hours=14, minutes=50, seconds=7)
+    cutoff = first_day + timedelta(days=3)
+    with MetricsStore(database_url) as store:
+        store.emit_many(calls)  # the last one closes the buckets before the cut-off
+        store.set_model_price("opus", "10", "50", effective_from=opus_from)
+        store.set_credit_price("0.0045", effective_from=credits_from)
+        before = store.aggregate().to_dict()
+        assert store.prune(cutoff).rows == 4 * 72 - 72
+
+        book = _seed_book({"opus": [(opus_from, "10", "50")]}, [(credits_from, "0.0045")])
+        for window in [
+            {},
+            {"model": "haiku"},
+            {"model": "opus"},
+            {"town_id": "town-b"},
+            {"until": cutoff},
+            {"since": first_day + timedelta(days=1), "until": first_day + timedelta(days=2, hours=15)},
+        ]:
+            expected = expected_aggregate(select_like_the_store(calls, window), book)
+            assert_matches(store.aggregate(**window).to_dict(), expected, f"{window}: ")
+        assert store.aggregate().to_dict() == before
+        for row in store.breakdown("model", bucket="day", tz="UTC"):
+            assert row.bucket_start is not None
+            day = [c for c in calls if floor_to(c.timestamp, "day") == row.bucket_start]
+            expected = expected_aggregate(select_like_the_store(day, dict(row.keys)), book)
+            del expected["by_model"]
+            assert_matches(row.to_dict(), expected, f"{row.keys} {row.bucket_start}: ")
+        assert run_cli("report", "--url", database_url).exit_code == 0
+        with pytest.raises(RawRowsPruned):  # from 05:20: part of a pruned hour, not cut by a price
+            store.aggregate(since=opus_from - timedelta(minutes=10))
+
+        # The price from the same moment can still be replaced: the rollups are split there already.
+        store.set_model_price("opus", "12", "60", effective_from=opus_from)
+        book = _seed_book({"opus": [(opus_from, "12", "60")]}, [(credits_from, "0.0045")])
+        assert_matches(store.aggregate().to_dict(), expected_aggregate(calls, book))
+
+
+def test_a_price_inside_a_pruned_day_is_refused_naming_the_field_and_starts_at_its_midnight(
+    database_url: str,
+) -> None:
+    """A pruned day's rollups cannot be split at a new price start (its raw rows are gone): a price
+    from inside it is refused, saying to start it at the day's midnight, which is then priced."""
+    first_day = floor_to(datetime.now(UTC) - timedelta(days=12), "day")
+    calls = [*_every_twenty_minutes(first_day, 3), metric(timestamp=datetime.now(UTC) - timedelta(hours=1))]
+    pruned_day = first_day + timedelta(days=1)
+    cutoff = first_day + timedelta(days=2)
+    with MetricsStore(database_url) as store:
+        store.emit_many(calls)
+        store.prune(cutoff)
+        inside = pruned_day + timedelta(hours=3, minutes=17)
+        refusal = (
+            rf"^effective_from: {re.escape(inside.isoformat())} falls inside a UTC day whose raw rows were "
+            rf"pruned \(before {re.escape(cutoff.isoformat())}\).*start the price at the day's midnight"
+        )
+        with pytest.raises(InvalidPrice, match=refusal) as refused:
+            store.set_model_price("opus", "10", "50", effective_from=inside)
+        assert refused.value.field == "effective_from"
+        with pytest.raises(InvalidPrice, match=refusal):
+            store.set_credit_price("0.0045", effective_from=inside)
+        assert inside not in {price.effective_from for price in store.model_prices()}
+
+        store.set_model_price("opus", "10", "50", effective_from=pruned_day)
+        store.set_credit_price("0.0045", effective_from=pruned_day)
+        book = _seed_book({"opus": [(pruned_day, "10", "50")]}, [(pruned_day, "0.0045")])
+        assert_matches(store.aggregate().to_dict(), expected_aggregate(calls, book))

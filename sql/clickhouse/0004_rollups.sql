@@ -6,7 +6,8 @@
 -- our DDSketch bins: bin = ceil(ln(latency_ms) / ln(GAMMA)), GAMMA = 1.009 / 0.991 (rollup.bin_of;
 -- -2147483648 for a latency of 0), so percentiles merged from any rows are within 1% and the same
 -- every time. Money is not stored: tokens and credits are priced when read, per (hour, model), by
--- the price in force at the hour's start; an hour holding a price change is read from raw rows.
+-- the price in force at the hour's start; an hour holding a price change is read from raw rows
+-- (once they are pruned, from these rows, which `db prune` splits at the change first).
 -- A materialized view sees every insert, FINAL or not: the repository inserts only ids not stored
 -- yet (found by the bloom filter on id), so a re-sent action is counted once here too.
 -- `db prune` drops raw rows and keeps these. Upgrading from version 3 fills the rollups from the

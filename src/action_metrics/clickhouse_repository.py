@@ -12,12 +12,13 @@ tokens and credits summed as integers per price period and each period priced on
 a few groups). Without `exact`, whole UTC days and hours come from the rollups that materialized
 views keep (sql/clickhouse/0004_rollups.sql, 0006) and the rest of the window from the timeline, the
 narrow copy of the actions ordered by time (`plan`), percentiles from their merged latency
-histograms (in NumPy); a user's or a citizen's questions read the timeline alone, through its
-projections. With `exact`, or for the newest `limit`, the raw rows (FINAL) only. Exact percentiles
-are `quantilesExactInclusive` (NumPy's 'linear') over the successful actions. Inserts are first id
-wins, so that the views count an action once. ClickHouse has no transactions: a statement is
-atomic, a price sync of several statements is not, and the ids an insert skips are read just
-before it.
+histograms (in NumPy); an hour holding a price change from the timeline too, or once pruned from its
+hourly rollup rows, which prune split at the change. A user's or a citizen's questions read the
+timeline alone, through its projections. With `exact`, or for the newest `limit`, the raw rows
+(FINAL) only. Exact percentiles are `quantilesExactInclusive` (NumPy's 'linear') over the
+successful actions. Inserts are first id wins, so that the views count an action once. ClickHouse
+has no transactions: a statement is atomic, a price sync of several statements is not, and the ids
+an insert skips are read just before it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from action_metrics.errors import (
     DatabaseUnavailable,
     DataRejected,
     InvalidFilter,
+    InvalidPrice,
     RawRowsPruned,
     StatementRefused,
     StoreClosed,
@@ -178,9 +180,10 @@ _HOUR: Final = timedelta(hours=1)
 class _Sources:
     """Where a question's figures come from. Exact: the rows of `table` the filter selects,
     percentiles by `quantilesExactInclusive`. Otherwise the whole UTC days of `days` from
-    `daily_rollup`, the whole UTC hours of `hours` from `rollup`, the rest of the window (`raw`: its
-    partial hours, and the hours holding a price change) from `table`, percentiles from their merged
-    latency histograms."""
+    `daily_rollup`, the whole UTC hours of `hours` from `rollup` (and the pruned parts of hours that a
+    price change cuts, split there by prune), the rest of the window (`raw`: its partial hours, and
+    the hours holding a price change) from `table`, percentiles from their merged latency
+    histograms."""
 
     exact: bool
     table: str = _RAW
@@ -251,6 +254,33 @@ def plan(since: datetime | None, until: datetime | None, cuts: Sequence[datetime
         if end is not None:
             raw.append((last, end))
     return Plan(_merged(raw), _merged(hours), _merged(days))
+
+
+def _cut_at(ranges: Sequence[Range], moment: datetime) -> tuple[tuple[Range, ...], tuple[Range, ...]]:
+    """The parts of `ranges` before `moment` and from it on (a range across it cut in two)."""
+    before: list[Range] = []
+    after: list[Range] = []
+    for start, end in ranges:
+        if start is None or start < moment:
+            before.append((start, moment if end is None else min(end, moment)))
+        if end is None or end > moment:
+            after.append((moment if start is None else max(start, moment), end))
+    return tuple(before), tuple(after)
+
+
+def _range_start(bounded: Range) -> datetime:
+    return EARLIEST if bounded[0] is None else bounded[0]
+
+
+def _on_split_edges(ranges: Sequence[Range], changes: Sequence[int]) -> bool:
+    """Whether every range begins and ends on a UTC hour or a price change (microseconds): where
+    prune split the hourly rollups' rows of an hour (`_split_hours`), so they hold just the range."""
+    edges = {_moment(change) for change in changes}
+    return all(
+        edge is not None and (edge in edges or edge == floor_to(edge, "hour"))
+        for bounded in ranges
+        for edge in bounded
+    )
 
 
 def _ranges_sql(column: str, ranges: Sequence[Range]) -> str:
@@ -833,7 +863,52 @@ def _amount(value: Decimal | None) -> Decimal | None:
     return value.quantize(Decimal(1)) if value == value.to_integral() else value.normalize()
 
 
+_DETAIL_KEYS: Final = ("town_id", "action_type", "model")
+"""The filters the hourly detail rollup keeps (sql/clickhouse/0004_rollups.sql)."""
+
 _PARTITION: Final = re.compile(r"^(\d{4})(\d{2})$")
+
+_PART_START: Final = (
+    "arrayMax(arrayFilter(b -> b <= t, "
+    "arrayPushFront({changes:Array(Int64)}, t - positiveModulo(t, 3600000000))))"
+)
+"""Where the part of its UTC hour that holds the instant `t` starts (microseconds): the latest of
+the hour's start and the price `changes` at or before `t` (those of earlier hours are before it)."""
+_TIMELINE_PARTS: Final = """
+SELECT {part} AS part, count()
+FROM (SELECT toUnixTimestamp64Micro(timestamp) AS t FROM action_metrics_timeline WHERE {hours})
+GROUP BY part"""
+_SPLIT_PARTS: Final = """
+INSERT INTO {rollup} (start, {keys}model, credits, count, tokens_in, tokens_out, cache_read_tokens,
+    cache_write_tokens, reasoning_tokens, latency_ms_sum, succeeded, latency_bins)
+SELECT
+    fromUnixTimestamp64Micro({part}, 'UTC') AS start, {keys}model, credits_charged AS credits,
+    count(),
+    sum(toUInt128(s.tokens_in)),
+    sum(toUInt128(s.tokens_out)),
+    sum(toUInt128(s.cache_read_tokens)),
+    sum(toUInt128(s.cache_write_tokens)),
+    sum(toUInt128(s.reasoning_tokens)),
+    sum(toDecimal256(s.latency_ms, 30)),
+    countIf(s.succeeded),
+    sumMap([{bin}], [toUInt64(s.succeeded)])
+FROM (SELECT *, toUnixTimestamp64Micro(timestamp) AS t FROM action_metrics_timeline WHERE {hours}) AS s
+GROUP BY start, {keys}model, credits"""
+"""A rollup's rows of some hours summed again from the timeline as sql/clickhouse/0004_rollups.sql
+sums them, but each part of an hour between price changes in a row of its own, from the part's start."""
+
+
+def _hour_of(start: int) -> Range:
+    """The UTC hour starting at `start` (microseconds)."""
+    return _moment(start), _moment(start + _HOUR_MICROS)
+
+
+def _parts_per_hour(rows: Sequence[Sequence[Any]]) -> dict[int, dict[int, int]]:
+    """(part start, count) rows by their UTC hour (microseconds)."""
+    hours: dict[int, dict[int, int]] = {}
+    for start, count in rows:
+        hours.setdefault(start - start % _HOUR_MICROS, {})[int(start)] = int(count)
+    return hours
 
 
 # --- the repository -------------------------------------------------------------------------------------
@@ -1091,16 +1166,21 @@ class ClickHouseRepository:
         cut = plan(since, until, [*(starts or ()), *(_moment(micros) for micros in bounds)])
         if since is not None and until is not None and since >= until:
             cut = Plan()
+        raw, hours = cut.raw, cut.hours
         cutoff = self._raw_kept_from(client)
-        if cutoff is not None and any(start is None or start < cutoff for start, _ in cut.raw):
-            raise RawRowsPruned(cutoff, question, whole=_PRUNED_ANSWERED_FOR)
+        if cutoff is not None:
+            # The pruned parts of hours that a price change cuts are read from the hourly rollup.
+            pruned, raw = _cut_at(cut.raw, cutoff)
+            if not _on_split_edges(pruned, bounds):
+                raise RawRowsPruned(cutoff, question, whole=_PRUNED_ANSWERED_FOR)
+            hours = _merged(sorted((*hours, *pruned), key=_range_start))
         return _Sources(
             exact=False,
             table=TIMELINE,
             rollup=rollup,
             daily_rollup=DAILY_ROLLUPS[rollup],
-            raw=cut.raw,
-            hours=cut.hours,
+            raw=raw,
+            hours=hours,
             days=cut.days,
         )
 
@@ -1153,10 +1233,18 @@ class ClickHouseRepository:
         starts = None
         if request.bucket is not None:
             # The buckets span only what is stored (the rollups keep what `prune` removed): a window
-            # reaching centuries out asks for no more.
+            # reaching centuries out asks for no more. A town's, action type's or model's span only
+            # its own hours, so that another town's metric stamped far ahead does not stretch them.
+            equal = {name: getattr(metric_filter, name) for name in _DETAIL_KEYS}
+            equal = {name: value for name, value in equal.items() if value is not None}
+            rollup, terms = "action_metrics_rollup_hourly", ""
+            if equal and metric_filter.user_id is None and metric_filter.citizen_id is None:
+                rollup = "action_metrics_rollup_hourly_detail"
+                terms = " WHERE " + " AND ".join(f"{name} = {{{name}:String}}" for name in equal)
             count, first, last = client.query(
                 "SELECT count(), toUnixTimestamp64Micro(min(start)), toUnixTimestamp64Micro(max(start)) "
-                "FROM action_metrics_rollup_hourly"
+                f"FROM {rollup}{terms}",
+                parameters=equal,
             ).result_rows[0]
             if not count:
                 return None
@@ -1236,6 +1324,7 @@ class ClickHouseRepository:
 
     def _set_model_price(self, price: ModelPrice) -> None:
         client = self._open()
+        self._refuse_a_new_start_inside_a_pruned_day(client, price.effective_from, price.model)
         if price.source == "manual":
             _delete_prices_where(
                 client,
@@ -1249,8 +1338,30 @@ class ClickHouseRepository:
         await self._run(self._set_credit_price, price)
 
     def _set_credit_price(self, price: CreditPrice) -> None:
+        client = self._open()
+        self._refuse_a_new_start_inside_a_pruned_day(client, price.effective_from, None)
         row = [_price_start(price.effective_from), price.usd_per_credit]
-        self._open().insert("credit_prices", [row], column_names=["effective_from", "usd_per_credit"])
+        client.insert("credit_prices", [row], column_names=["effective_from", "usd_per_credit"])
+
+    def _refuse_a_new_start_inside_a_pruned_day(
+        self, client: Client, start: datetime, model: str | None
+    ) -> None:
+        """Raise `InvalidPrice` for a price of `model` (None: of a credit) from inside a pruned UTC
+        day, not its midnight, unless one starts at that very instant already: prune split the
+        rollups at the price changes it found (`_split_hours`), and the raw rows that would split
+        them at a new one are gone. SQLite and PostgreSQL refuse it alike."""
+        cutoff = self._raw_kept_from(client)
+        if cutoff is None or start >= cutoff or start == floor_to(start, "day"):
+            return
+        same_start = "effective_from = fromUnixTimestamp64Micro({start:Int64}, 'UTC')"
+        statement = (
+            f"SELECT count() FROM credit_prices FINAL WHERE {same_start}"
+            if model is None
+            else f"SELECT count() FROM model_prices FINAL WHERE model = {{model:String}} AND {same_start}"
+        )
+        parameters = {"model": model, "start": _micros(_price_start(start))}
+        if not client.query(statement, parameters=parameters).result_rows[0][0]:
+            raise InvalidPrice.inside_pruned_day(start, cutoff)
 
     async def model_prices(self) -> list[ModelPrice]:
         """Every model price stored, by model and start."""
@@ -1453,11 +1564,12 @@ class ClickHouseRepository:
         dry_run: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> PruneResult:
-        """Delete raw rows older than the UTC midnight at or before `before`; the rollups keep them.
-        The cut-off is recorded first, and from then on every read that needs raw rows before it
-        raises `RawRowsPruned` and every insert of a metric before it `MetricInPrunedPeriod`, so a
-        cut-off after today's midnight is refused. Whole months go as partitions, the rest by a
-        lightweight DELETE."""
+        """Delete raw rows older than the UTC midnight at or before `before`; the rollups keep them,
+        their hours split at the price changes inside them (`_split_hours`). The cut-off is recorded
+        before any row goes, and from then on every read that needs raw rows before it raises
+        `RawRowsPruned` and every insert of a metric before it `MetricInPrunedPeriod`, so a cut-off
+        after today's midnight is refused. Whole months go as partitions, the rest by a lightweight
+        DELETE."""
         result = await self._run(self._prune, floor_to(before, "day"), bool(dry_run))
         if progress is not None and not dry_run:
             progress(result.rows)
@@ -1484,9 +1596,11 @@ class ClickHouseRepository:
                 f"({today.isoformat()}), and every metric from before the cut-off is refused from then "
                 "on; choose an earlier cut-off",
             )
+        self._split_hours(client, cutoff)  # before any reader takes the parts for the raw rows
         kept_from = self._raw_kept_from(client)
         if kept_from is None or kept_from < cutoff:
             client.insert("raw_kept_from", [[max(cutoff, EARLIEST)]], column_names=["kept_from"])
+        self._split_hours(client, cutoff)  # again for a metric written meanwhile (refused from now on)
         # The ids that first id wins looks up go with their rows (a cut-off is a UTC midnight, so
         # an hour is either all before it or all after).
         tables = (("action_metrics", "timestamp"), ("action_metrics_ids", "hour"), (TIMELINE, "timestamp"))
@@ -1510,3 +1624,44 @@ class ClickHouseRepository:
                 parameters=parameters,
             )
         return PruneResult(cutoff, rows, dry_run=False)
+
+    def _split_hours(self, client: Client, cutoff: datetime) -> None:
+        """Split the hourly rollups' rows of each UTC hour before `cutoff` that a price change falls
+        inside at those changes, from the timeline, so that each part is still priced from its own
+        start once the raw rows are gone (SQLite and PostgreSQL split their rollups when a price is
+        set). An hour is rewritten only while the timeline holds all of it and its parts differ
+        there: run again (a prune interrupted, or the next one), this changes nothing else."""
+        changes = [c for c in self._price_changes(client) if c < _micros(cutoff) and c % _HOUR_MICROS]
+        if not changes:
+            return
+        hours = [_hour_of(start) for start in sorted({c - c % _HOUR_MICROS for c in changes})]
+        parameters = {"changes": changes}
+        statement = _TIMELINE_PARTS.format(part=_PART_START, hours=_ranges_sql("timestamp", hours))
+        timeline = _parts_per_hour(client.query(statement, parameters=parameters).result_rows)
+        for rollup, dimensions in ROLLUPS.items():
+            rolled_up = _parts_per_hour(
+                client.query(
+                    f"SELECT toUnixTimestamp64Micro(start) AS part, sum(count) FROM {rollup} "
+                    f"WHERE {_ranges_sql('start', hours)} GROUP BY part"
+                ).result_rows
+            )
+            stale = [
+                _hour_of(hour)
+                for hour, parts in timeline.items()
+                if parts != rolled_up.get(hour, {})
+                and sum(parts.values()) >= sum(rolled_up.get(hour, {}).values())
+            ]
+            if not stale:
+                continue
+            client.command(f"DELETE FROM {rollup} WHERE {_ranges_sql('start', stale)}")
+            keys = "".join(f"{dimension}, " for dimension in dimensions)
+            client.command(
+                _SPLIT_PARTS.format(
+                    rollup=rollup,
+                    keys=keys,
+                    part=_PART_START,
+                    bin=_LATENCY_BIN,
+                    hours=_ranges_sql("timestamp", stale),
+                ),
+                parameters=parameters,
+            )

@@ -34,7 +34,18 @@ class InvalidFilter(InvalidValue):
 
 
 class InvalidPrice(InvalidValue):
-    """A model or credit price is not a finite, non-negative amount."""
+    """A model or credit price is not a finite, non-negative amount, or starts where it cannot."""
+
+    @classmethod
+    def inside_pruned_day(cls, start: datetime, cutoff: datetime) -> InvalidPrice:
+        """A new price from inside a UTC day whose raw rows `prune` removed: the rollups cannot be
+        split there any more."""
+        return cls(
+            "effective_from",
+            f"{start.isoformat()} falls inside a UTC day whose raw rows were pruned (before "
+            f"{cutoff.isoformat()}), so the day cannot be split there: start the price at the "
+            "day's midnight or at the cut-off",
+        )
 
 
 class UnsupportedDatabase(ActionMetricsError, ValueError):

@@ -393,7 +393,7 @@ class MetricsRepository:
         async with self._snapshot() as connection:
             state = await rollup.read_state(connection)
             if user_reads.answers(metric_filter, request):
-                since, until = await _window(connection, metric_filter)
+                since, until = await _window(connection, metric_filter, state)
                 if since >= until:
                     return
                 if metric_filter.since is None:  # nothing is stored before: whole months from the first
@@ -419,7 +419,7 @@ class MetricsRepository:
             windows: list[tuple[datetime, datetime]] | None = None
             sketched: _Sketched | None = None
             if request.bucket is not None:
-                since, until = await _window(connection, metric_filter)
+                since, until = await _window(connection, metric_filter, state)
                 if since >= until:
                     return
                 local = bucket_starts(request.bucket, request.zone, since, until)
@@ -625,12 +625,7 @@ class MetricsRepository:
         cutoff = state.raw_kept_from
         # A month is summed again from its days, which the rollups keep: only hours and days need raw rows.
         if cutoff is not None and any(bucket < cutoff for grain, bucket in split if grain != "month"):
-            raise InvalidPrice(
-                "effective_from",
-                f"{start.isoformat()} falls inside a UTC day whose raw rows were pruned (before "
-                f"{cutoff.isoformat()}), so the day cannot be split there: start the price at the "
-                "day's midnight or at the cut-off",
-            )
+            raise InvalidPrice.inside_pruned_day(start, cutoff)
         await connection.execute(upsert)
         if split:
             await rollup.rebuild(connection, self.backend, state, split, model)
@@ -879,25 +874,30 @@ def _plan(
     return rollup.plan_reads(state, kept, since, until)
 
 
-async def _window(connection: AsyncConnection, metric_filter: MetricFilter) -> tuple[datetime, datetime]:
+async def _window(
+    connection: AsyncConnection, metric_filter: MetricFilter, state: RollupState
+) -> tuple[datetime, datetime]:
     """The filter's time range within the first and last action stored (raw or rolled up): a window
-    reaching centuries out has only the buckets of what is stored. The raw rows' bounds are those of
-    the filter's town, user, citizen, action type and model, so that another town's metric stamped
-    far in the future does not stretch this one's buckets. Empty (since >= until) when nothing is
-    stored in it."""
+    reaching centuries out has only the buckets of what is stored. The bounds are those of the
+    filter's town, user, citizen, action type and model, so that another town's metric stamped far
+    in the future does not stretch this one's buckets; only once `prune` removed raw rows are the
+    rollups' (of every town) taken too. Empty (since >= until) when nothing is stored in it."""
     m, r = action_metrics, rollup_table
     # Each bound its own subquery, so that each is one step down an index (a min and a max in one
-    # SELECT made SQLite scan both tables: 0.7 s at 1M actions). Every rolled-up action is in the
-    # per-model hourly level, and every day row was built from its hours.
-    hourly = rollup.HOURLY.rows(r)
+    # SELECT made SQLite scan both tables: 0.7 s at 1M actions). The rollups are built from the raw
+    # rows, which hold every action until a prune; every rolled-up action is in the per-model
+    # hourly level, and every day row was built from its hours.
     selected = metric_filter.conditions(m.c, times=False)
-    bounds = select(
+    bounds = [
         select(func.min(m.c.timestamp)).where(*selected).scalar_subquery(),
         select(func.max(m.c.timestamp)).where(*selected).scalar_subquery(),
-        select(func.min(r.c.start)).where(*hourly).scalar_subquery(),
-        select(func.max(r.c.start)).where(*hourly).scalar_subquery(),
-    )
-    raw_first, raw_last, rolled_first, rolled_last = (await connection.execute(bounds)).one()
+    ]
+    if state.raw_kept_from is not None:
+        hourly = rollup.HOURLY.rows(r)
+        bounds.append(select(func.min(r.c.start)).where(*hourly).scalar_subquery())
+        bounds.append(select(func.max(r.c.start)).where(*hourly).scalar_subquery())
+    raw_first, raw_last, *rolled = (await connection.execute(select(*bounds))).one()
+    rolled_first, rolled_last = rolled or (None, None)
     firsts = [moment for moment in (raw_first, rolled_first) if moment is not None]
     lasts = [_later(raw_last, timedelta(microseconds=1))] if raw_last is not None else []
     lasts += [_later(rolled_last, rollup.GRAIN_LENGTH["hour"])] if rolled_last is not None else []
