@@ -99,6 +99,18 @@ def test_db_prune_counts_then_removes_old_raw_rows_and_the_report_still_answers(
     assert_one_line_error(run_cli("db", "prune", "--url", url), 2, "exactly one of --older-than and --before")
 
 
+def test_db_prune_dry_run_refuses_what_the_prune_refuses(store: MetricsStore) -> None:
+    store.emit(metric(timestamp=an_hour_ago(days=3)))
+    url = url_of(store)
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    for dry_run in ([], ["--dry-run"]):
+        result = run_cli("db", "prune", "--url", url, "--before", tomorrow, *dry_run)
+        assert_one_line_error(
+            result, 1, f"cannot prune up to {tomorrow}T00:00:00+00:00: the rollups are closed"
+        )
+    assert len(store.query()) == 1
+
+
 def test_an_unsupported_url_is_refused_with_the_supported_ones() -> None:
     result = run_cli("db", "upgrade", "--url", "mysql://root@localhost/x")
     assert_one_line_error(result, 1, "sqlite:///")
@@ -336,6 +348,97 @@ def test_report_check_fails_on_an_undercharged_force(store: MetricsStore) -> Non
     assert "1 of 2 charged 50; 1 failed and charged nothing; 1 undercharged" in force_check["detail"]
     # The check follows --town: town-1 alone is still clean.
     assert run_cli("report", "--url", url, "--check", "--town", "town-1").exit_code == 0
+
+
+def test_report_check_checks_whatever_is_printed(store: MetricsStore, tmp_path: Path) -> None:
+    """A CI job gating on `report --check` gets exit 3 from a breakdown, CSV, JSON rows and the
+    page alike, never a silent pass; stdout stays the rows when they are CSV or JSON."""
+    store.emit_many([metric(latency_ms=float(latency)) for latency in (120, 130, 150, 900, 950)])
+    url = url_of(store)
+    assert run_cli("report", "--url", url, "--check").exit_code == 3
+    for mode in (["--by", "town"], ["--bucket", "day"], ["--by", "town", "--json"], ["--csv"]):
+        result = run_cli("report", "--url", url, "--check", *mode)
+        assert result.exit_code == 3, (mode, result.output)
+        assert "checks failed: LOD3 p95 latency within 300 ms" in result.stderr
+    rows = run_cli("report", "--url", url, "--check", "--by", "town", "--json")
+    assert [row["town_id"] for row in json.loads(rows.stdout)] == ["town-1"]
+    page = tmp_path / "page.html"
+    written = run_cli("report", "--url", url, "--check", "--html", str(page))
+    assert written.exit_code == 3, written.output
+    assert page.read_text(encoding="utf-8").startswith("<!")
+    assert "FAIL" in written.stdout
+    generous = ("--lod3-p95-budget-ms", "1000")
+    for mode in (["--by", "town"], ["--csv"], ["--html", str(page)]):
+        assert run_cli("report", "--url", url, "--check", *generous, *mode).exit_code == 0, mode
+
+
+def test_report_check_json_says_what_the_exit_code_says(store: MetricsStore) -> None:
+    """The limits are checks of the JSON like the others: `passed` is false exactly when the exit is 3."""
+    store.emit_many([metric(), metric(action_type=ActionType.LOD4, credits_charged=100)])
+    url = url_of(store)
+    generous = ("--lod3-p95-budget-ms", "100000")
+    failed = run_cli("report", "--url", url, "--check", "--json", "--min-gross-margin", "0.99999", *generous)
+    assert failed.exit_code == 3, failed.output
+    document = json.loads(failed.stdout)
+    assert document["passed"] is False
+    (limit,) = [check for check in document["checks"] if check["kind"] == "limit"]
+    assert limit["name"] == "gross margin at least 0.99999 (the selection)"
+    assert limit["status"] == "fail"
+    assert "check failed: min gross margin (0.99999): all towns at" in failed.stderr
+
+    ceiling = ("--max-cost-usd-per-day", "0.0000001")
+    per_town = run_cli("report", "--url", url, "--check", "--json", "--by", "town", *ceiling, *generous)
+    assert per_town.exit_code == 3, per_town.output
+    passed = run_cli(
+        "report",
+        "--url",
+        url,
+        "--check",
+        "--json",
+        "--min-gross-margin",
+        "-1",
+        "--max-cost-usd-per-day",
+        "1e9",
+    )
+    assert passed.exit_code == 0, passed.output
+    document = json.loads(passed.stdout)
+    assert document["passed"] is True
+    assert [check["status"] for check in document["checks"] if check["kind"] == "limit"] == ["pass", "pass"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        (["--by", "town", "--tz", "Mars/Base", "--bucket", "day"], "Invalid value for '--tz'"),
+        (["--tz", "Mars/Base"], "Invalid value for '--tz'"),
+        (["--by", "town", "--sort", "nope"], "Invalid value for '--sort'"),
+        (["--by", "town", "--csv", "--json"], "--json cannot be used with --csv"),
+        (["--html", "/nonexistent/x.html"], "Invalid value for '--html'"),
+        (["--html", "{tmp}/page.html", "--by", "town"], "--by cannot be used with --html"),
+        (["--min-gross-margin", "0.3"], "--min-gross-margin given without --check"),
+    ],
+)
+def test_a_bad_or_contradictory_report_option_is_a_one_line_error(
+    arguments: list[str], fragment: str, tmp_path: Path
+) -> None:
+    arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+    result = run_cli("report", "--url", f"sqlite:///{tmp_path / 'unused.db'}", *arguments)
+    assert_one_line_error(result, 2, fragment)
+    assert not (tmp_path / "unused.db").exists()  # refused before any database is opened
+    assert not (tmp_path / "page.html").exists()
+
+
+def test_a_bad_report_argument_found_by_the_store_names_its_option(store: MetricsStore) -> None:
+    """What only the store can judge (a bucket count over its limit) is a bad option too: exit 2."""
+    store.emit_many([metric(timestamp=datetime(2001, 1, 1, tzinfo=UTC)), metric()])
+    result = run_cli("report", "--url", url_of(store), "--bucket", "hour")
+    assert_one_line_error(result, 2, "Invalid value for '--bucket'")
+
+
+def test_report_html_into_a_file_it_cannot_write_is_one_line(store: MetricsStore, tmp_path: Path) -> None:
+    unwritable = tmp_path / f"{'x' * 300}.html"  # a name longer than a file system takes
+    result = run_cli("report", "--url", url_of(store), "--html", str(unwritable))
+    assert_one_line_error(result, 1, "cannot write")
 
 
 @pytest.mark.parametrize(

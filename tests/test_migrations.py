@@ -10,16 +10,18 @@ import dataclasses
 import json
 import math
 import random
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from conftest import run_cli
-from sqlalchemy import Connection, insert, inspect, literal, null, select, text
+from conftest import assert_one_line_error, metric, run_cli
+from sqlalchemy import Connection, insert, inspect, literal, make_url, null, select, text
 
 from action_metrics import ActionMetric, MetricsStore, SchemaOutOfDate, migrate
 from action_metrics.dialects import backend_for
@@ -175,7 +177,9 @@ def test_db_current_reports_the_revision(empty_database_url: str) -> None:
 
 
 @pytest.mark.parametrize("dialect_url", ["sqlite:///dba.db", "postgresql://dba@db.example/metrics"])
-def test_sql_flag_prints_the_migration_for_a_dba_without_connecting(dialect_url: str) -> None:
+def test_sql_flag_prints_the_migration_for_a_database_out_of_reach(dialect_url: str) -> None:
+    """A database that cannot be read (a SQLite file not there, which is not created, or a server out
+    of reach): the upgrade from base, saying so at the top, and the range form for the others."""
     upgrade = run_cli("db", "upgrade", "--sql", "--url", dialect_url)
     assert upgrade.exit_code == 0, upgrade.output
     for statement in [
@@ -187,10 +191,82 @@ def test_sql_flag_prints_the_migration_for_a_dba_without_connecting(dialect_url:
         "INSERT INTO alembic_version",
     ]:
         assert statement in upgrade.stdout
-    downgrade = run_cli("db", "downgrade", "base", "--sql", "--url", dialect_url)
+    head = migrate.head_revision()
+    assert upgrade.stdout.startswith("-- action-metrics db upgrade: ")
+    assert "the SQL from base" in upgrade.stdout.split("\n\n")[0]
+    if dialect_url.startswith("postgresql"):
+        assert "could not read the revision of postgresql://dba@db.example/metrics" in upgrade.stdout
+        assert "give the range FROM:TO" in upgrade.stdout
+    else:
+        assert not Path(make_url(dialect_url).database or "").exists()
+    downgrade = run_cli("db", "downgrade", "head:base", "--sql", "--url", dialect_url)
     assert downgrade.exit_code == 0, downgrade.output
+    header = downgrade.stdout.split("\n\n")[0]
+    assert f"the SQL from {head} to base, the range given" in header
+    assert "-- warning: this downgrade drops every action-metrics table" in header
     assert "DROP VIEW IF EXISTS action_metrics_daily" in downgrade.stdout
     assert "DROP TABLE action_metrics" in downgrade.stdout
+
+
+def test_sql_flag_starts_from_the_revision_the_database_is_at(empty_database_url: str) -> None:
+    url = empty_database_url
+    assert run_cli("db", "upgrade", "0009", "--url", url).exit_code == 0
+    upgrade = run_cli("db", "upgrade", "--sql", "--url", url)
+    assert upgrade.exit_code == 0, upgrade.output
+    assert upgrade.stdout.startswith(f"-- action-metrics db upgrade: the SQL from 0009 (where {url} is) to ")
+    assert "CREATE TABLE alembic_version" not in upgrade.stdout
+    ran = re.findall(r"-- Running upgrade (\w+) -> (\w+)", upgrade.stdout)
+    assert ran[0] == ("0009", "0010")
+    assert ran[-1][1] == migrate.head_revision()
+    # The range form prints the same migrations.
+    given = run_cli("db", "upgrade", "0009:head", "--sql", "--url", url)
+    assert given.stdout.split("\n", 1)[1] == upgrade.stdout.split("\n", 1)[1]
+
+    downgrade = run_cli("db", "downgrade", "0002", "--sql", "--url", url)
+    assert downgrade.exit_code == 0, downgrade.output
+    ran = re.findall(r"-- Running downgrade (\w+) -> (\w+)", downgrade.stdout)
+    assert (ran[0], ran[-1]) == (("0009", "0008"), ("0003", "0002"))
+    assert "-- warning: this downgrade drops every action's cache_read_tokens" in downgrade.stdout
+    assert _on_database(url, _schema)[2] == "0009"  # printed, not run
+
+    assert run_cli("db", "upgrade", "--url", url).exit_code == 0
+    at_head = run_cli("db", "upgrade", "--sql", "--url", url)
+    assert at_head.exit_code == 0
+    assert at_head.stdout.strip().endswith(f"is at revision {migrate.head_revision()} already: no SQL to run")
+
+
+def test_migrations_go_the_way_asked_or_refuse_in_one_line(empty_database_url: str) -> None:
+    """An upgrade to a revision behind the database, a downgrade to one ahead of it and an unknown
+    revision are usage errors (exit 2), never a silent no-op or alembic's traceback."""
+    url = empty_database_url
+    assert run_cli("db", "upgrade", "0009", "--url", url).exit_code == 0
+    back = run_cli("db", "upgrade", "0002", "--url", url)
+    assert_one_line_error(back, 2, "is at revision 0009, already past 0002: nothing to upgrade")
+    assert "db downgrade 0002" in back.stderr
+    assert_one_line_error(run_cli("db", "downgrade", "0012", "--url", url), 2, "below 0012")
+    for command in (["downgrade", "nonsense"], ["upgrade", "9999"], ["upgrade", "0009:nonsense", "--sql"]):
+        assert_one_line_error(run_cli("db", *command, "--url", url), 2, "unknown revision")
+    assert_one_line_error(run_cli("db", "upgrade", "0002", "--sql", "--url", url), 2, "already past 0002")
+    assert _on_database(url, _schema)[2] == "0009"
+
+    same = run_cli("db", "upgrade", "0009", "--url", url)
+    assert same.exit_code == 0
+    assert "is at revision 0009 already" in same.stderr
+    stepped = run_cli("db", "downgrade", "--url", url, "--", "-1")  # a step back, as alembic's
+    assert stepped.exit_code == 0, stepped.output
+    assert _on_database(url, _schema)[2] == "0008"
+    assert run_cli("db", "downgrade", "base", "--url", url).exit_code == 0
+    assert_one_line_error(run_cli("db", "downgrade", "0001", "--url", url), 2, "nothing to downgrade")
+
+
+def test_db_commands_create_no_sqlite_file_to_read(tmp_path: Path) -> None:
+    path = tmp_path / "nonexistent.db"
+    current = run_cli("db", "current", "--url", f"sqlite:///{path}")
+    assert current.exit_code == 0
+    assert current.stdout.strip() == "- (no schema)"
+    assert run_cli("db", "downgrade", "base", "--url", f"sqlite:///{path}").exit_code == 0
+    assert run_cli("db", "upgrade", "--sql", "--url", f"sqlite:///{path}").exit_code == 0
+    assert not path.exists()
 
 
 # --- migrations with data ---------------------------------------------------------------------
@@ -462,6 +538,8 @@ def test_db_upgrade_builds_the_rollups_from_the_rows_already_stored(empty_databa
     url = empty_database_url
     assert run_cli("db", "upgrade", "0002", "--url", url).exit_code == 0
     _at_revision(url, _fill_as_a_sql_client)
+    sql = run_cli("db", "upgrade", "--sql", "--url", url)
+    assert "run: action-metrics db upgrade" in sql.stdout  # after the DBA's SQL, the build
     upgraded = run_cli("db", "upgrade", "--url", url)
     assert upgraded.exit_code == 0, upgraded.output
     closed = (datetime.now(UTC) - CLOSE_DELAY).replace(minute=0, second=0, microsecond=0).replace(hour=0)
@@ -471,8 +549,6 @@ def test_db_upgrade_builds_the_rollups_from_the_rows_already_stored(empty_databa
     assert not everything.percentiles_exact  # answered from the rollups
     assert everything.error_count > 0  # moved out of the metadata by 0004
     assert_matches(everything.to_dict(), expected_aggregate([_as_at_head(m) for m in _data()], _book()))
-    sql = run_cli("db", "upgrade", "--sql", "--url", url)
-    assert "run: action-metrics db upgrade" in sql.stdout  # after the DBA's SQL, the build
 
 
 def test_the_price_period_views_show_each_price_until_the_next(database_url: str) -> None:
@@ -518,3 +594,59 @@ def test_a_database_at_an_older_revision_names_the_upgrade_command(empty_databas
     assert f"revision {FIRST_REVISION}" in str(raised.value)
     # Nothing was changed on the way: the database is still at the old revision.
     assert _on_database(empty_database_url, _schema)[2] == FIRST_REVISION
+
+
+# --- what a downgrade loses ----------------------------------------------------------------------
+
+
+def test_a_pruned_store_is_not_downgraded_below_0003_without_forget_prune(database_url: str) -> None:
+    """Below 0003 the rollups go, which alone hold the pruned period, with the cut-off: upgraded
+    again, the store would answer partial numbers without a word. So it is refused, in one line
+    naming the option that allows it, by the command, its --sql and the library alike."""
+    url = database_url
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    with MetricsStore(url, durable=True) as store:
+        store.emit_many([metric(timestamp=today - timedelta(days=days, hours=3)) for days in (9, 8, 2)])
+        store.prune(today - timedelta(days=5))
+        before = store.aggregate().count
+    assert before == 3
+
+    for command in (
+        ["db", "downgrade", "0002"],
+        ["db", "downgrade", "base"],
+        ["db", "downgrade", "0002", "--sql"],
+    ):
+        assert_one_line_error(run_cli(*command, "--url", url), 1, "add --forget-prune")
+    with pytest.raises(migrate.DowngradeRefused, match="pruned before"):
+        _migrate(url, migrate.downgrade_to("0002"))
+    assert _on_database(url, _schema)[2] == migrate.head_revision()
+    with MetricsStore(url) as store:
+        assert store.aggregate().count == before  # nothing was dropped on the way
+
+    kept = run_cli("db", "downgrade", "0003", "--url", url)  # the rollups and the cut-off stay
+    assert kept.exit_code == 0, kept.output
+    assert_one_line_error(run_cli("db", "downgrade", "0002", "--url", url), 1, "--forget-prune")
+    forgotten = run_cli("db", "downgrade", "0002", "--forget-prune", "--url", url)
+    assert forgotten.exit_code == 0, forgotten.output
+    assert "warning: --forget-prune: the store was pruned before" in forgotten.stderr
+    assert _on_database(url, _schema)[2] == "0002"
+
+
+def test_a_downgrade_below_0004_warns_of_the_columns_it_drops(database_url: str) -> None:
+    """Going below 0004 drops the token kinds, the errors and the cache prices; an error recorded as
+    `ActionMetric(error=...)` is not in the metadata, so it does not come back."""
+    url = database_url
+    with MetricsStore(url, durable=True) as store:
+        store.set_model_price("haiku", "1", "5", cache_read_per_1m="0.1")
+        store.emit(metric(error="TimeoutError", tokens_in=1000, cache_read_tokens=800))
+        assert store.aggregate().error_count == 1
+    downgraded = run_cli("db", "downgrade", "0003", "--url", url)
+    assert downgraded.exit_code == 0, downgraded.output
+    warning = next(line for line in downgraded.stderr.splitlines() if "cache_read_tokens" in line)
+    assert warning.startswith("warning: this downgrade drops")
+    for dropped in ("cache_write_tokens", "reasoning_tokens", "error", "cache prices"):
+        assert dropped in warning
+    assert run_cli("db", "upgrade", "--url", url).exit_code == 0
+    with MetricsStore(url) as store:
+        (again,) = store.query()
+        assert (again.error, again.cache_read_tokens) == (None, 0)  # as the warning said

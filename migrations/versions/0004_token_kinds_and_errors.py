@@ -115,7 +115,10 @@ def downgrade() -> None:
                 op.drop_column(table, kind)
         for kind in TOKEN_KINDS:
             op.drop_column("action_metrics", kind)
-        op.drop_column("action_metrics", "error")  # `metadata.error` was kept: nothing is lost
+        # Lost for good, as `action-metrics db downgrade` warns: the token kinds, and every error the
+        # metadata does not also hold (`@instrument_action` writes it there, `ActionMetric(error=...)`
+        # alone does not); the rollups of a pruned period keep no such sums or counts either.
+        op.drop_column("action_metrics", "error")
         _rebuild_kept_rollups()  # 0003's histograms count failed actions too
         create_views(
             [

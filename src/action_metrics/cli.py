@@ -9,22 +9,24 @@ import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from functools import wraps
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from action_metrics import clickhouse, migrate, page, report
 from action_metrics import demo as town
 from action_metrics.aggregate import Aggregate
-from action_metrics.breakdown import BUCKETS, TZ_VARIABLE, BreakdownRow, reader_zone
+from action_metrics.breakdown import BUCKETS, SORT_KEYS, TZ_VARIABLE, BreakdownRow, reader_zone
 from action_metrics.breakdown_report import (
     DIMENSION_OPTIONS,
     Offender,
-    limit_offenders,
     render_table,
     write_csv,
     write_json,
@@ -37,9 +39,16 @@ from action_metrics.dialects import (
     display_url,
     resolve_url,
 )
-from action_metrics.errors import ActionMetricsError, InvalidPrice, InvalidValue
+from action_metrics.errors import (
+    ActionMetricsError,
+    InvalidFilter,
+    InvalidPrice,
+    InvalidValue,
+    SchemaTooNew,
+    translated,
+)
 from action_metrics.pricing import ModelPrice
-from action_metrics.repository import MetricsRepository, PruneResult
+from action_metrics.repository import MetricsRepository, PruneResult, translate
 from action_metrics.rollup import BuildProgress, RollupState
 from action_metrics.store import AsyncMetricsStore
 from action_metrics.transfer import (
@@ -131,18 +140,172 @@ async def _on_database(backend: Backend, use: Callable[[MetricsRepository], Awai
         await repository.close()
 
 
-sql_option = click.option("--sql", is_flag=True, help="Print the SQL for a DBA instead of running it.")
+sql_option = click.option(
+    "--sql",
+    is_flag=True,
+    help="Print the SQL for a DBA instead of running it: from the revision the database is at when "
+    "it can be read (else an upgrade from base, a downgrade from head), or give the range as "
+    "REVISION, e.g. 0009:head.",
+)
+SQL_READ_TIMEOUT_S: Final = 15.0
+"""How long `--sql` waits to read the database's revision before printing from base (or head)."""
 
 
-def _migrate(direction: Literal["upgrade", "downgrade"], revision: str, url: str | None, sql: bool) -> None:
-    """Migrate the database to `revision`, or with `sql` print the SQL that would."""
+def _sqlite_file_missing(backend: Backend) -> bool:
+    """A SQLite file not there yet, in a directory that is: opening it would create it."""
+    if not isinstance(backend, SQLiteBackend) or backend.in_memory or "uri" in backend.url.query:
+        return False
+    path = Path(backend.url.database or "")
+    return not path.exists() and path.parent.is_dir()
+
+
+async def _read_schema(backend: Backend) -> migrate.SchemaState:
+    """The database's revision and prune cut-off, without creating a SQLite file to read them."""
+    if _sqlite_file_missing(backend):
+        return migrate.SchemaState(None, None)
+
+    async def read(repository: MetricsRepository) -> migrate.SchemaState:
+        with translated(translate, display_url(backend.given_url)):
+            return await migrate.schema_state(repository.engine)
+
+    return await _on_database(backend, read)
+
+
+def _position(revision: str | None, where: str) -> int:
+    try:
+        return migrate.position(revision)
+    except ValueError:
+        raise SchemaTooNew(
+            f"{where} is at schema revision {revision}, newer than this action-metrics knows "
+            f"(head {migrate.head_revision()}); upgrade the action-metrics package"
+        ) from None
+
+
+def _resolve(name: str, current: str | None) -> str | None:
+    try:
+        return migrate.resolve_revision(name, current)
+    except InvalidValue as error:
+        raise click.BadParameter(error.problem, param_hint="'REVISION'") from None
+
+
+def _named(revision: str | None) -> str:
+    return revision or "base"
+
+
+def _check_direction(
+    direction: Literal["upgrade", "downgrade"], start: str | None, target: str | None, where: str
+) -> None:
+    """An upgrade goes up and a downgrade down: the other way is a usage error, never a silent no-op."""
+    below, above = (
+        _position(target, where) < _position(start, where),
+        _position(target, where) > _position(start, where),
+    )
+    command = f"--url '{where}'"
+    if direction == "upgrade" and below:
+        raise click.UsageError(
+            f"{where} is at revision {start}, already past {_named(target)}: nothing to upgrade; "
+            f"to go back run: action-metrics db downgrade {_named(target)} {command}"
+        )
+    if direction == "downgrade" and above:
+        raise click.UsageError(
+            f"{where} is at revision {_named(start)}, below {target}: nothing to downgrade; "
+            f"to go forward run: action-metrics db upgrade {target} {command}"
+        )
+
+
+def _downgrade_warnings(state: migrate.SchemaState, target: str | None, *, forget_prune: bool) -> list[str]:
+    """What a downgrade from `state` to `target` loses for good; refused (`DowngradeRefused`) if it
+    loses a pruned period without `forget_prune`."""
+    if not forget_prune:
+        migrate.keep_the_pruned_period(state.pruned_before, target)
+    warnings = [f"this downgrade drops {what}" for what in migrate.downgrade_losses(state.revision, target)]
+    if state.pruned_before is not None and migrate.loses_the_pruned_period(target):
+        warnings.append(
+            f"--forget-prune: the store was pruned before {state.pruned_before.isoformat()}; "
+            f"{migrate.PRUNED_PERIOD_LOST}"
+        )
+    return warnings
+
+
+def _migrate(
+    direction: Literal["upgrade", "downgrade"], revision: str, url: str | None, *, forget_prune: bool = False
+) -> str | None:
+    """Migrate the database to `revision`; the revision reached."""
     backend = backend_for(url)
-    if sql:
-        click.echo(migrate.offline_sql(backend.given_url, direction, revision), nl=False)
-        return
-    action = migrate.upgrade_to(revision) if direction == "upgrade" else migrate.downgrade_to(revision)
+    where = display_url(backend.given_url)
+    state = run_async(_read_schema(backend))
+    current = state.revision
+    target = _resolve(revision, current)
+    _check_direction(direction, current, target, where)
+    if target == current:
+        click.echo(f"{where} is at revision {_named(current)} already", err=True)
+        return target
+    if direction == "upgrade":
+        action = migrate.upgrade_to(_named(target))
+    else:
+        # Checked again in the migration's transaction; here so that nothing is printed before.
+        for warning in _downgrade_warnings(state, target, forget_prune=forget_prune):
+            click.echo(f"warning: {warning}", err=True)
+        action = migrate.downgrade_to(_named(target), forget_prune=forget_prune)
     run_async(_on_database(backend, lambda database: database.run_migrations(action)))
-    click.echo(f"{display_url(backend.given_url)} is at revision {revision}", err=True)
+    click.echo(f"{where} is at revision {_named(target)}", err=True)
+    return target
+
+
+def _print_sql(
+    direction: Literal["upgrade", "downgrade"], revision: str, url: str | None, *, forget_prune: bool = False
+) -> str | None:
+    """Print the SQL from the database's revision (or the range given) to the target; the target."""
+    backend = backend_for(url)
+    where = display_url(backend.given_url)
+    header = f"-- action-metrics db {direction}"
+    if ":" in revision:
+        first, _, last = revision.partition(":")
+        if any(name[:1] in ("+", "-") for name in (first, last)):
+            raise click.BadParameter(
+                "a range FROM:TO takes revision ids, head or base", param_hint="'REVISION'"
+            )
+        start, target = _resolve(first, None), _resolve(last, None)
+        comment = f"{header}: the SQL from {_named(start)} to {_named(target)}, the range given"
+        state = None
+    else:
+        try:
+            state = run_async(asyncio.wait_for(_read_schema(backend), SQL_READ_TIMEOUT_S))
+        except (ActionMetricsError, TimeoutError) as error:
+            reason = str(error) or f"no answer in {SQL_READ_TIMEOUT_S:g} s"
+            start = None if direction == "upgrade" else migrate.head_revision()
+            target = _resolve(revision, start)
+            comment = (
+                f"{header}: could not read the revision of {where} ({reason});\n-- so the SQL from "
+                f"{_named(start)} to {_named(target)}; for a database at another revision, give the range "
+                "FROM:TO as REVISION, FROM being the revision `db current` shows"
+            )
+            state = None
+        else:
+            start = state.revision
+            target = _resolve(revision, start)
+            at = f"where {where} is" if start is not None else f"{where} has no action-metrics schema"
+            comment = f"{header}: the SQL from {_named(start)} ({at}) to {_named(target)}"
+    _check_direction(direction, start, target, where)
+    if target == start:
+        click.echo(f"{header}: {where} is at revision {_named(start)} already: no SQL to run")
+        return target
+    if direction == "downgrade":
+        known = state or migrate.SchemaState(start, None)
+        warnings = _downgrade_warnings(known, target, forget_prune=forget_prune)
+        if state is None and migrate.loses_the_pruned_period(target):
+            warnings.append(f"if the database was pruned (db prune), {migrate.PRUNED_PERIOD_LOST}")
+        comment = "\n".join([comment, *(f"-- warning: {warning}" for warning in warnings)])
+    click.echo(f"{comment}\n")
+    click.echo(
+        migrate.offline_sql(backend.given_url, direction, f"{_named(start)}:{_named(target)}"), nl=False
+    )
+    if direction == "upgrade" and target == migrate.head_revision():
+        click.echo(
+            "-- The rollups start empty. To build them from the rows already stored (a day per\n"
+            "-- transaction, resumable), run: action-metrics db upgrade --url <this database>"
+        )
+    return target
 
 
 cluster_option = click.option(
@@ -161,21 +324,16 @@ cluster_option = click.option(
 @cluster_option
 @friendly_errors
 def upgrade(revision: str, url: str | None, sql: bool, cluster: str | None) -> None:
-    """Upgrade the schema to REVISION (default: head)."""
+    """Upgrade the schema to REVISION (default: head); with --sql, REVISION may be a range FROM:TO."""
     if clickhouse.is_clickhouse_url(url):
         _upgrade_clickhouse(revision, url or "", sql, cluster)
         return
     if cluster is not None:
         raise click.UsageError("--cluster is for ClickHouse URLs (clickhouse://, chdb://) only")
-    _migrate("upgrade", revision, url, sql)
-    if revision in ("head", migrate.head_revision()):
-        if sql:
-            click.echo(
-                "-- The rollups start empty. To build them from the rows already stored (a day per\n"
-                "-- transaction, resumable), run: action-metrics db upgrade --url <this database>"
-            )
-        else:
-            _build_rollups(backend_for(url))
+    if sql:
+        _print_sql("upgrade", revision, url)
+    elif _migrate("upgrade", revision, url) == migrate.head_revision():
+        _build_rollups(backend_for(url))
 
 
 def _upgrade_clickhouse(revision: str, url: str, sql: bool, cluster: str | None) -> None:
@@ -227,9 +385,21 @@ def _build_rollups(backend: Backend) -> None:
 @click.argument("revision")
 @url_option
 @sql_option
+@click.option(
+    "--forget-prune",
+    is_flag=True,
+    help="Downgrade a pruned store below 0003 anyway: the rollups go, which alone hold the period "
+    "before the prune cut-off, and the cut-off with them (upgraded again, the store answers for that "
+    "period from what is left, without a word).",
+)
 @friendly_errors
-def downgrade(revision: str, url: str | None, sql: bool) -> None:
-    """Downgrade the schema to REVISION ('base' removes every action-metrics table)."""
+def downgrade(revision: str, url: str | None, sql: bool, forget_prune: bool) -> None:
+    """Downgrade the schema to REVISION ('base' removes every action-metrics table); with --sql,
+    REVISION may be a range FROM:TO.
+
+    Below 0004 every action's cache, reasoning token counts and error go, and the cache prices (a
+    warning names them); below 0003 a pruned store is refused without --forget-prune.
+    """
     if clickhouse.is_clickhouse_url(url):
         target = clickhouse.ClickHouseURL.parse(url or "")
         version = clickhouse.parse_version(revision)
@@ -239,7 +409,10 @@ def downgrade(revision: str, url: str | None, sql: bool) -> None:
         reached = clickhouse.downgrade(target, version)
         click.echo(f"{target.shown()} is at ClickHouse schema version {reached or 'base'}", err=True)
         return
-    _migrate("downgrade", revision, url, sql)
+    if sql:
+        _print_sql("downgrade", revision, url, forget_prune=forget_prune)
+    else:
+        _migrate("downgrade", revision, url, forget_prune=forget_prune)
 
 
 @db.command()
@@ -387,7 +560,11 @@ def current(url: str | None) -> None:
         click.echo(clickhouse.describe_version(clickhouse.ClickHouseURL.parse(url or "")))
         return
     backend = backend_for(url)
-    revision = run_async(_on_database(backend, MetricsRepository.schema_revision))
+    revision = (
+        None  # not created just to say it has no schema
+        if _sqlite_file_missing(backend)
+        else run_async(_on_database(backend, MetricsRepository.schema_revision))
+    )
     head = migrate.head_revision()
     state = "head" if revision == head else f"behind head {head}" if revision else "no schema"
     click.echo(f"{revision or '-'} ({state})")
@@ -428,11 +605,68 @@ def _stderr() -> Console:
     return Console(stderr=True, highlight=False)
 
 
-def _exit_if_failed(checks: tuple[report.CheckResult, ...]) -> None:
+def _exit_if_failed(checks: tuple[report.CheckResult, ...], offenders: tuple[Offender, ...] = ()) -> None:
+    for offender in offenders:
+        click.echo(f"check failed: {offender.describe()}", err=True)
     if report.any_failed(checks):
         failed = ", ".join(check.name for check in checks if check.failed)
         click.echo(f"checks failed: {failed}", err=True)
         raise click.exceptions.Exit(report.CHECKS_FAILED_EXIT_CODE)
+
+
+def _zone(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`--tz`: an IANA zone, checked whatever else is asked (a bad one is never silently unused)."""
+    if value is None:
+        return None
+    try:
+        reader_zone(value)
+    except InvalidFilter as error:
+        raise click.BadParameter(error.problem, ctx, param) from None
+    return value
+
+
+def _sort_key(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value not in SORT_KEYS:
+        raise click.BadParameter(
+            f"cannot sort by {value!r}: expected one of {', '.join(SORT_KEYS)}", ctx, param
+        )
+    return value
+
+
+def _html_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`--html`: a file in a directory that exists, checked before the page is computed."""
+    if value is None:
+        return None
+    folder = Path(value).absolute().parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"{value!r}: there is no directory {folder}", ctx, param)
+    return value
+
+
+_REPORT_OPTIONS: Final = {
+    "town_id": "--town",
+    "action_type": "--action",
+    "model": "--model",
+    "since": "--since",
+    "until": "--until",
+    "by": "--by",
+    "bucket": "--bucket",
+    "tz": "--tz",
+    "sort": "--sort",
+    "top": "--top",
+}
+"""The `report` option of each filter or breakdown argument, for the errors that name one."""
+
+
+def _refuse_unused(ctx: click.Context, why: str, *names: str) -> None:
+    """A usage error naming the options given (of `names`) that the command could only ignore."""
+    given = [
+        param.opts[0]
+        for param in ctx.command.params
+        if param.name in names and ctx.get_parameter_source(param.name) is not ParameterSource.DEFAULT
+    ]
+    if given:
+        raise click.UsageError(f"{' and '.join(given)} {why}")
 
 
 @main.command(name="report")
@@ -458,12 +692,17 @@ def _exit_if_failed(checks: tuple[report.CheckResult, ...]) -> None:
     callback=_since,
     help="Only actions before then (default: up to now): 30m, 24h, 7d, 2w ago, or an ISO date/time.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON: the filters and Aggregate.to_dict().")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print JSON: the filters and Aggregate.to_dict() (with --by or --bucket, the rows).",
+)
 @click.option(
     "--check",
     is_flag=True,
-    help=f"Also run the SLO and ethics checks (over --town and --since); exit "
-    f"{report.CHECKS_FAILED_EXIT_CODE} when one fails.",
+    help="Also run the SLO and ethics checks (over --town and --since) and the limits given, in every "
+    f"mode (a breakdown, --html); exit {report.CHECKS_FAILED_EXIT_CODE} when one fails.",
 )
 @budget_option
 @click.option(
@@ -478,10 +717,15 @@ def _exit_if_failed(checks: tuple[report.CheckResult, ...]) -> None:
     "--tz",
     metavar="ZONE",
     envvar=TZ_VARIABLE,
+    callback=_zone,
     help="IANA time zone of the buckets and days (env ACTION_METRICS_TZ; default UTC).",
 )
 @click.option(
-    "--sort", default="total_cost_usd", show_default=True, help="Sort the breakdown by this figure."
+    "--sort",
+    default="total_cost_usd",
+    show_default=True,
+    callback=_sort_key,
+    help="Sort the breakdown by this figure (any numeric key of a row).",
 )
 @click.option("--ascending", is_flag=True, help="Sort the breakdown smallest first.")
 @click.option("--top", type=click.IntRange(min=1), help="Keep the breakdown's first N rows.")
@@ -491,6 +735,7 @@ def _exit_if_failed(checks: tuple[report.CheckResult, ...]) -> None:
     "html_path",
     metavar="FILE",
     type=click.Path(dir_okay=False, writable=True),
+    callback=_html_file,
     help="Write the dashboard page of --town (else all towns) from --since (default 7d before --until) "
     "until --until (default now), in --tz, as one self-contained HTML file.",
 )
@@ -504,8 +749,10 @@ def _exit_if_failed(checks: tuple[report.CheckResult, ...]) -> None:
     type=click.FloatRange(min=0),
     help="With --check: fail when a day's cost (per town with --by town, days in --tz) is above this.",
 )
+@click.pass_context
 @friendly_errors
 def report_command(
+    ctx: click.Context,
     url: str | None,
     town_id: str | None,
     action_type: str | None,
@@ -527,136 +774,183 @@ def report_command(
     max_cost_usd_per_day: float | None,
 ) -> None:
     """Totals and a by-model breakdown of recorded actions (a table, or --json), or with --by and
-    --bucket a breakdown (a table, --json or --csv), or with --html the dashboard page as a file."""
+    --bucket a breakdown (a table, --json or --csv), or with --html the dashboard page as a file.
+
+    --check runs the checks whatever is printed, and the exit code is theirs: 3 when one fails."""
     if since is not None and until is not None and until <= since:
         raise click.BadParameter("must be after --since", param_hint="'--until'")
+    if as_csv:
+        _refuse_unused(ctx, "cannot be used with --csv", "as_json")
     if html_path is not None:
-        _write_html(url, html_path, town_id, since, until, tz, lod3_p95_budget_ms)
+        _refuse_unused(
+            ctx, "cannot be used with --html", "as_json", "as_csv", "by", "bucket", "action_type", "model"
+        )
+    if not check:
+        _refuse_unused(
+            ctx,
+            "given without --check, whose limits they are: add --check",
+            "min_gross_margin",
+            "max_cost_usd_per_day",
+        )
+    selection = report.Selection(town_id, action_type, model, since, until)
+
+    async def verdict(store: AsyncMetricsStore, checked: report.Selection) -> report.Verdict | None:
+        if not check:
+            return None
+        return await report.run_report_checks(
+            store,
+            checked,
+            per_town="town" in by,
+            tz=tz,
+            lod3_p95_budget_ms=lod3_p95_budget_ms,
+            min_gross_margin=min_gross_margin,
+            max_cost_usd_per_day=max_cost_usd_per_day,
+        )
+
+    try:
+        if html_path is not None:
+            checks = _write_html(url, html_path, selection, tz, lod3_p95_budget_ms, verdict)
+        elif by or bucket or as_csv:
+            form: Literal["csv", "json", "table"] = "csv" if as_csv else "json" if as_json else "table"
+            asked = _Breakdown(by, bucket, tz, sort, not ascending, top)
+            checks = _print_breakdown(url, selection, asked, form, verdict)
+        else:
+            checks = _print_report(url, selection, as_json, verdict)
+    except InvalidFilter as error:
+        if error.field not in _REPORT_OPTIONS:
+            raise
+        raise click.BadParameter(error.problem, param_hint=f"'{_REPORT_OPTIONS[error.field]}'") from None
+    if checks is None:
         return
-    filters: dict[str, Any] = {
-        "town_id": town_id,
-        "action_type": action_type,
-        "model": model,
-        "since": since,
-        "until": until,
-    }
-    selection = report.Selection(**filters)
-    if by or bucket or as_csv:
-        dimensions = tuple(DIMENSION_OPTIONS[word] for word in by)
+    if html_path is not None or by or bucket or as_csv:
+        # Beside a page or a breakdown; stdout stays the rows when it is CSV or JSON.
+        (_stderr() if as_csv or as_json else _stdout()).print(report.render_checks(checks.checks))
+    _exit_if_failed(checks.checks, checks.offenders)
 
-        async def print_breakdown() -> list[BreakdownRow]:
-            """CSV and JSON are written as the rows arrive; a table needs them all (returned)."""
-            async with AsyncMetricsStore(url) as store:
-                rows = store.stream_breakdown(
-                    dimensions, bucket=bucket, tz=tz, sort=sort, descending=not ascending, top=top, **filters
-                )
-                if as_csv:
-                    await write_csv(rows, sys.stdout)
-                elif as_json:
-                    await write_json(rows, sys.stdout)
-                else:
-                    return [row async for row in rows]
-                return []
 
-        rows = run_async(print_breakdown())
-        if not (as_csv or as_json):
-            title = f"Breakdown by {', '.join([*by, *([bucket] if bucket else [])])}: {selection.describe()}"
-            _stdout().print(render_table(rows, title))
-        if check and _over_limits(url, by, tz, min_gross_margin, max_cost_usd_per_day, filters):
-            raise click.exceptions.Exit(report.CHECKS_FAILED_EXIT_CODE)
-        return
+Verdicts = Callable[[AsyncMetricsStore, report.Selection], Awaitable[report.Verdict | None]]
 
-    async def gather() -> tuple[Aggregate, tuple[report.CheckResult, ...] | None, list[ModelPrice]]:
+
+@dataclass(frozen=True, slots=True)
+class _Breakdown:
+    """What `report` was asked to break down by, and how to order and cut the rows."""
+
+    by: tuple[str, ...]
+    bucket: str | None
+    tz: str | None
+    sort: str
+    descending: bool
+    top: int | None
+
+
+def _print_breakdown(
+    url: str | None,
+    selection: report.Selection,
+    asked: _Breakdown,
+    form: Literal["csv", "json", "table"],
+    verdict: Verdicts,
+) -> report.Verdict | None:
+    """CSV and JSON are written as the rows arrive; a table needs them all. The checks follow."""
+    dimensions = tuple(DIMENSION_OPTIONS[word] for word in asked.by)
+
+    async def read() -> tuple[list[BreakdownRow], report.Verdict | None]:
+        async with AsyncMetricsStore(url) as store:
+            rows = store.stream_breakdown(
+                dimensions,
+                bucket=asked.bucket,
+                tz=asked.tz,
+                sort=asked.sort,
+                descending=asked.descending,
+                top=asked.top,
+                **selection.filters(),
+            )
+            kept: list[BreakdownRow] = []
+            if form == "csv":
+                await write_csv(rows, sys.stdout)
+            elif form == "json":
+                await write_json(rows, sys.stdout)
+            else:
+                kept = [row async for row in rows]
+            return kept, await verdict(store, selection)
+
+    rows, checks = run_async(read())
+    if form == "table":
+        names = ", ".join([*asked.by, *([asked.bucket] if asked.bucket else [])])
+        _stdout().print(render_table(rows, f"Breakdown by {names}: {selection.describe()}"))
+    return checks
+
+
+def _print_report(
+    url: str | None, selection: report.Selection, as_json: bool, verdict: Verdicts
+) -> report.Verdict | None:
+    """The selection's totals and models (a table, or JSON whose `passed` is the checks' verdict)."""
+
+    async def gather() -> tuple[Aggregate, report.Verdict | None, list[ModelPrice]]:
         async with AsyncMetricsStore(url) as store:
             aggregate = await selection.aggregate(store)
-            checks = None
-            if check:
-                checks = await report.run_checks(
-                    store, town_id=town_id, since=since, until=until, lod3_p95_budget_ms=lod3_p95_budget_ms
-                )
+            checks = await verdict(store, selection)
             prices = [] if as_json else await store.model_prices()
             return aggregate, checks, prices
 
     with _stderr().status("Reading the metrics..."):
         aggregate, checks, prices = run_async(gather())
     if as_json:
-        click.echo(json.dumps(report.report_json(selection, aggregate, checks), indent=2))
-    else:
-        console = _stdout()
-        console.print(report.render_aggregate(aggregate, f"Actions: {selection.describe()}"))
-        if (hints := report.price_hints(aggregate, prices)) is not None:
-            console.print(hints)
-        if checks is not None:
-            console.print()
-            console.print(report.render_checks(checks))
-    over = check and _over_limits(url, by, tz, min_gross_margin, max_cost_usd_per_day, filters)
+        ran = None if checks is None else checks.checks
+        click.echo(json.dumps(report.report_json(selection, aggregate, ran), indent=2))
+        return checks
+    console = _stdout()
+    console.print(report.render_aggregate(aggregate, f"Actions: {selection.describe()}"))
+    if (hints := report.price_hints(aggregate, prices)) is not None:
+        console.print(hints)
     if checks is not None:
-        _exit_if_failed(checks)
-    if over:
-        raise click.exceptions.Exit(report.CHECKS_FAILED_EXIT_CODE)
+        console.print()
+        console.print(report.render_checks(checks.checks))
+    return checks
 
 
 def _write_html(
     url: str | None,
     path: str,
-    town_id: str | None,
-    since: datetime | None,
-    until: datetime | None,
+    selection: report.Selection,
     tz: str | None,
     lod3_p95_budget_ms: float,
-) -> None:
+    verdict: Verdicts,
+) -> report.Verdict | None:
+    """Write the page of the selection's town and window; the checks over that window."""
     now = datetime.now(UTC)
+    until = selection.until
     end = now if until is None else until
-    since_hours = (end - since).total_seconds() / 3600 if since is not None else page.DEFAULT_FILE_HOURS
+    since_hours = (
+        (end - selection.since).total_seconds() / 3600
+        if selection.since is not None
+        else page.DEFAULT_FILE_HOURS
+    )
+    shown = replace(selection, since=end - timedelta(hours=since_hours))
 
-    async def read() -> dict[str, Any]:
+    async def read() -> tuple[dict[str, Any], report.Verdict | None]:
         async with AsyncMetricsStore(url) as store:
-            return await page.read_view(
+            view = await page.read_view(
                 store,
-                town_id=town_id,
+                town_id=selection.town_id,
                 since_hours=since_hours,
                 until=until,
                 tz=reader_zone(tz).key,
                 lod3_p95_budget_ms=lod3_p95_budget_ms,
                 now=now,
             )
+            return view, await verdict(store, shown)
 
     with _stderr().status("Reading the metrics..."):
-        view = run_async(read())
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(page.report_html(view))
+        view, checks = run_async(read())
+    try:
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(page.report_html(view))
+    except OSError as error:
+        raise click.ClickException(f"cannot write {path}: {error.strerror or error}") from None
     ending = "" if until is None else f" until {until.isoformat()}"
-    told = f"wrote {path}: the dashboard of {town_id or 'all towns'} over {since_hours:g} hours{ending}"
-    click.echo(told, err=True)
-
-
-def _over_limits(
-    url: str | None,
-    by: tuple[str, ...],
-    tz: str | None,
-    min_gross_margin: float | None,
-    max_cost_usd_per_day: float | None,
-    filters: dict[str, Any],
-) -> bool:
-    """Print each group over a limit of `report --check`; whether there was one."""
-    if min_gross_margin is None and max_cost_usd_per_day is None:
-        return False
-
-    async def find() -> list[Offender]:
-        async with AsyncMetricsStore(url) as store:
-            return await limit_offenders(
-                store,
-                per_town="town" in by,
-                tz=tz,
-                min_gross_margin=min_gross_margin,
-                max_cost_usd_per_day=max_cost_usd_per_day,
-                **filters,
-            )
-
-    offenders = run_async(find())
-    for offender in offenders:
-        click.echo(f"check failed: {offender.describe()}", err=True)
-    return bool(offenders)
+    town = selection.town_id or "all towns"
+    click.echo(f"wrote {path}: the dashboard of {town} over {since_hours:g} hours{ending}", err=True)
+    return checks
 
 
 @main.command(name="demo")

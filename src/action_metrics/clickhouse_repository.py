@@ -1576,6 +1576,14 @@ class ClickHouseRepository:
         return result
 
     def _prune(self, cutoff: datetime, dry_run: bool) -> PruneResult:
+        today = floor_to(datetime.now(UTC), "day")
+        if cutoff > today:  # a dry run refuses it too
+            raise InvalidFilter(
+                "before",
+                f"cannot prune up to {cutoff.isoformat()}: it is after today's UTC midnight "
+                f"({today.isoformat()}), and every metric from before the cut-off is refused from then "
+                "on; choose an earlier cut-off",
+            )
         client = self._open()
         parameters = {"cutoff": _micros(max(cutoff, EARLIEST))}
         older = "timestamp < fromUnixTimestamp64Micro({cutoff:Int64}, 'UTC')"
@@ -1588,14 +1596,6 @@ class ClickHouseRepository:
         )
         if dry_run:
             return PruneResult(cutoff, rows, dry_run=True)
-        today = floor_to(datetime.now(UTC), "day")
-        if cutoff > today:
-            raise InvalidFilter(
-                "before",
-                f"cannot prune up to {cutoff.isoformat()}: it is after today's UTC midnight "
-                f"({today.isoformat()}), and every metric from before the cut-off is refused from then "
-                "on; choose an earlier cut-off",
-            )
         self._split_hours(client, cutoff)  # before any reader takes the parts for the raw rows
         kept_from = self._raw_kept_from(client)
         if kept_from is None or kept_from < cutoff:

@@ -8,16 +8,27 @@ that use it, as MLflow does: a process that never checks or changes a schema nev
 from __future__ import annotations
 
 import io
+import re
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TextIO
 
-from sqlalchemy import URL, Connection, inspect
+from sqlalchemy import URL, Connection, inspect, select
 
 from action_metrics.dialects import WRITE, Backend, backend_for, display_url
-from action_metrics.errors import SchemaNotCreated, SchemaOutOfDate, SchemaTooNew
+from action_metrics.errors import (
+    ActionMetricsError,
+    InvalidValue,
+    SchemaNotCreated,
+    SchemaOutOfDate,
+    SchemaTooNew,
+)
+from action_metrics.schema import rollup_state
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -85,6 +96,116 @@ def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+@cache
+def revisions() -> tuple[str, ...]:
+    """The packaged revisions, oldest first: the history is one line."""
+    return tuple(reversed([script.revision for script in _scripts().walk_revisions()]))
+
+
+def position(revision: str | None) -> int:
+    """Where `revision` stands in `revisions()`: -1 for base (no schema); ValueError for one this
+    package does not know."""
+    return -1 if revision is None else revisions().index(revision)
+
+
+_STEPS: Final = re.compile(r"[+-][0-9]{1,4}")
+
+
+def resolve_revision(name: str, current: str | None) -> str | None:
+    """The revision `name` means: `head`, `base` (None), a revision id, or `+N`/`-N` steps from
+    `current` (None: no schema). Raises `InvalidValue` naming `revision`."""
+    known = revisions()
+    if name == "head":
+        return known[-1]
+    if name == "base":
+        return None
+    if name in known:
+        return name
+    if _STEPS.fullmatch(name):
+        reached = position(current) + int(name)
+        if -1 <= reached < len(known):
+            return None if reached == -1 else known[reached]
+        raise InvalidValue(
+            "revision",
+            f"{name} from {current or 'base'} leaves the revisions (base, {known[0]} to {known[-1]})",
+        )
+    raise InvalidValue(
+        "revision",
+        f"unknown revision {name!r}: expected head, base, one of {known[0]} to {known[-1]}, "
+        "or -N/+N steps from the database's revision",
+    )
+
+
+PRUNE_RECORDED: Final = "0003"
+"""The migration that keeps the rollups and the prune cut-off (`rollup_state.raw_kept_from`)."""
+
+DOWNGRADE_DROPS: Final = {
+    "0015": "the credit claims of POST /v1/traces (action_metrics_credit_claims)",
+    "0004": "every action's cache_read_tokens, cache_write_tokens, reasoning_tokens and error, the "
+    "rollups' sums of them and error counts, and the models' cache prices: upgrading again brings "
+    "back only the errors the metadata also holds (as @instrument_action writes them; "
+    "ActionMetric(error=...) alone does not), so error_count and the cost of cached tokens change",
+}
+"""What the downgrade of each revision drops that upgrading again does not bring back."""
+
+
+def downgrade_losses(current: str | None, target: str | None) -> list[str]:
+    """What going from `current` down to `target` drops for good, the first dropped first."""
+    if target is None and current is not None:
+        return ["every action-metrics table, every action and price with them"]
+    high, low = position(current), position(target)
+    return [what for revision, what in DOWNGRADE_DROPS.items() if low < position(revision) <= high]
+
+
+class DowngradeRefused(ActionMetricsError):
+    """A downgrade would lose what the store cannot say it lost; the message names the option that
+    allows it."""
+
+
+def pruned_before(connection: Connection) -> datetime | None:
+    """The cut-off of `action-metrics db prune` (None: never pruned), at any revision."""
+    current = current_revision(connection)
+    if current is None or (current in revisions() and position(current) < position(PRUNE_RECORDED)):
+        return None
+    return connection.execute(select(rollup_state.c.raw_kept_from)).scalar()
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaState:
+    """What a downgrade or `--sql` needs to know of a database: its revision and prune cut-off."""
+
+    revision: str | None
+    pruned_before: datetime | None
+
+
+async def schema_state(engine: AsyncEngine) -> SchemaState:
+    async with engine.connect() as connection:
+        return await connection.run_sync(
+            lambda sync: SchemaState(current_revision(sync), pruned_before(sync))
+        )
+
+
+PRUNED_PERIOD_LOST: Final = (
+    f"below {PRUNE_RECORDED} the rollups, which alone hold the pruned period, go with the cut-off, so "
+    "upgraded again the store would answer partial numbers for that period without a word"
+)
+
+
+def loses_the_pruned_period(target: str | None) -> bool:
+    return position(target) < position(PRUNE_RECORDED)
+
+
+def keep_the_pruned_period(cutoff: datetime | None, target: str | None) -> None:
+    """Refuse (`DowngradeRefused`) a downgrade of a pruned store below 0003: the rollups go, which
+    alone hold the pruned period, and with them the cut-off that makes questions about it raise
+    `RawRowsPruned`."""
+    if cutoff is not None and loses_the_pruned_period(target):
+        raise DowngradeRefused(
+            f"the store was pruned before {cutoff.isoformat()} (db prune): {PRUNED_PERIOD_LOST}; to give "
+            "that period up and downgrade anyway, add --forget-prune"
+        )
+
+
 _ALEMBIC_IN_USE = threading.Lock()
 """alembic's `context` and `op` are module-level proxies: one migration at a time per process."""
 
@@ -117,17 +238,25 @@ def upgrade_to(revision: str) -> Callable[[Config], None]:
     return upgrade
 
 
-def downgrade_to(revision: str) -> Callable[[Config], None]:
+def downgrade_to(revision: str, *, forget_prune: bool = False) -> Callable[[Config], None]:
+    """Downgrade to `revision`; refused (`DowngradeRefused`) below 0003 on a pruned store unless
+    `forget_prune`, checked in the migration's own transaction."""
+
     def downgrade(config: Config) -> None:
         from alembic import command
 
+        connection = config.attributes.get("connection")
+        if connection is not None and not forget_prune:
+            target = resolve_revision(revision, current_revision(connection))
+            keep_the_pruned_period(pruned_before(connection), target)
         command.downgrade(config, revision)
 
     return downgrade
 
 
 def offline_sql(url: str | URL | None, action: str, revision: str) -> str:
-    """The SQL a migration would run, for a DBA to review and run by hand."""
+    """The SQL a migration would run, for a DBA to review and run by hand. `revision` is a range
+    `FROM:TO`, or a target alone: an upgrade from base, a downgrade from head."""
     from alembic import command
 
     buffer = io.StringIO()

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from action_metrics.aggregate import Aggregate
 from action_metrics.breakdown import TZ_VARIABLE, bucket_floor, reader_zone
+from action_metrics.breakdown_report import Offender, limit_offenders
 from action_metrics.errors import InvalidFilter
 from action_metrics.pricing import ACTION_CREDITS, BEGINNING_OF_TIME, ActionType, ModelPrice
 from action_metrics.store import AsyncMetricsStore
@@ -91,13 +92,17 @@ class Selection:
     until: datetime | None = None
 
     async def aggregate(self, store: AsyncMetricsStore) -> Aggregate:
-        return await store.aggregate(
-            town_id=self.town_id,
-            action_type=self.action_type,
-            model=self.model,
-            since=self.since,
-            until=self.until,
-        )
+        return await store.aggregate(**self.filters())
+
+    def filters(self) -> dict[str, Any]:
+        """The filters as `aggregate()` and `breakdown()` take them."""
+        return {
+            "town_id": self.town_id,
+            "action_type": self.action_type,
+            "model": self.model,
+            "since": self.since,
+            "until": self.until,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -216,6 +221,98 @@ async def run_checks(
 
 def any_failed(checks: Sequence[CheckResult]) -> bool:
     return any(check.failed for check in checks)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitCheck:
+    """One limit of `report --check` (a gross margin floor, a daily cost ceiling): its verdict, and
+    each group over it."""
+
+    result: CheckResult
+    offenders: tuple[Offender, ...]
+
+
+_SHOWN_OFFENDERS: Final = 5
+
+
+async def check_limits(
+    store: AsyncMetricsStore,
+    selection: Selection,
+    *,
+    per_town: bool,
+    tz: str | None,
+    min_gross_margin: float | None,
+    max_cost_usd_per_day: float | None,
+) -> tuple[LimitCheck, ...]:
+    """The limits given, over the selection (or each of its towns), each a check of its own."""
+    groups = "every town" if per_town else "the selection"
+    asked: list[tuple[str, float | None, float | None]] = []
+    if min_gross_margin is not None:
+        asked.append((f"gross margin at least {min_gross_margin:g}", min_gross_margin, None))
+    if max_cost_usd_per_day is not None:
+        asked.append((f"cost at most {max_cost_usd_per_day:g} USD a day", None, max_cost_usd_per_day))
+    checks = []
+    for name, floor, ceiling in asked:
+        offenders = await limit_offenders(
+            store,
+            per_town=per_town,
+            tz=tz,
+            min_gross_margin=floor,
+            max_cost_usd_per_day=ceiling,
+            **selection.filters(),
+        )
+        if offenders:
+            shown = [f"{o.group} at {'none' if o.value is None else f'{o.value:.4g}'}" for o in offenders]
+            more = len(shown) - _SHOWN_OFFENDERS
+            detail = "; ".join(shown[:_SHOWN_OFFENDERS]) + (f"; and {more} more" if more > 0 else "")
+            verdict = CheckStatus.FAIL
+        else:
+            detail, verdict = "no group over the limit", CheckStatus.PASS
+        checks.append(
+            LimitCheck(CheckResult(f"{name} ({groups})", "limit", verdict, detail), tuple(offenders))
+        )
+    return tuple(checks)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Every check `report --check` ran, and the groups over a limit (named one per line)."""
+
+    checks: tuple[CheckResult, ...]
+    offenders: tuple[Offender, ...] = ()
+
+
+async def run_report_checks(
+    store: AsyncMetricsStore,
+    selection: Selection,
+    *,
+    per_town: bool,
+    tz: str | None,
+    lod3_p95_budget_ms: float,
+    min_gross_margin: float | None,
+    max_cost_usd_per_day: float | None,
+) -> Verdict:
+    """`report --check` in every mode: the SLO and ethics checks over the selection's town and
+    window, and the limits given over the selection (per town with `per_town`)."""
+    seed_checks = await run_checks(
+        store,
+        town_id=selection.town_id,
+        since=selection.since,
+        until=selection.until,
+        lod3_p95_budget_ms=lod3_p95_budget_ms,
+    )
+    limits = await check_limits(
+        store,
+        selection,
+        per_town=per_town,
+        tz=tz,
+        min_gross_margin=min_gross_margin,
+        max_cost_usd_per_day=max_cost_usd_per_day,
+    )
+    return Verdict(
+        (*seed_checks, *(limit.result for limit in limits)),
+        tuple(offender for limit in limits for offender in limit.offenders),
+    )
 
 
 # --- the seed's dashboard ---------------------------------------------------------------------

@@ -719,19 +719,15 @@ class MetricsRepository:
         `PRUNE_BATCH`, each its own transaction; then the credit claims of calls before the cut-off.
         """
         cutoff = rollup.floor_to(before, "day")
+        # The days the rollups can close now: a dry run refuses what the prune would (it closes none).
+        _refuse_an_open_cutoff(cutoff, rollup.floor_to(datetime.now(UTC) - rollup.CLOSE_DELAY, "day"))
         older = action_metrics.c.timestamp < cutoff
         if dry_run:
             async with self._snapshot() as connection:
                 rows = (await connection.execute(select(func.count()).where(older))).scalar_one()
             return PruneResult(cutoff, rows, dry_run=True)
         state = await self.build_rollups()
-        if state.days_closed_until is None or state.days_closed_until < cutoff:
-            reach = state.days_closed_until.isoformat() if state.days_closed_until else "nothing"
-            raise InvalidFilter(
-                "before",
-                f"cannot prune up to {cutoff.isoformat()}: the rollups are closed up to {reach} only "
-                f"(a day closes {rollup.CLOSE_DELAY} after it ends); choose an earlier cut-off",
-            )
+        _refuse_an_open_cutoff(cutoff, state.days_closed_until)
         async with self._write_transaction() as connection:
             state = await rollup.read_state(connection, for_update=True)
             if state.raw_kept_from is None or state.raw_kept_from < cutoff:
@@ -836,6 +832,17 @@ async def _price_starts(connection: AsyncConnection) -> list[datetime]:
     """Every instant a model or credit price begins, in order."""
     starts = union(select(model_prices.c.effective_from), select(credit_prices.c.effective_from))
     return sorted((await connection.execute(starts)).scalars())
+
+
+def _refuse_an_open_cutoff(cutoff: datetime, closed_until: datetime | None) -> None:
+    """A prune may only remove what the rollups keep: days they closed (up to `closed_until`)."""
+    if closed_until is None or closed_until < cutoff:
+        reach = closed_until.isoformat() if closed_until else "nothing"
+        raise InvalidFilter(
+            "before",
+            f"cannot prune up to {cutoff.isoformat()}: the rollups are closed up to {reach} only "
+            f"(a day closes {rollup.CLOSE_DELAY} after it ends); choose an earlier cut-off",
+        )
 
 
 def _pruned_question(metric_filter: MetricFilter, *, exact: bool) -> str:
