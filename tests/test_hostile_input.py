@@ -274,6 +274,8 @@ def test_a_metric_at_every_extreme_at_once_reads_back_equal_or_is_refused_naming
 # --- filters ------------------------------------------------------------------------------------
 
 POPULATION_START = datetime(2026, 11, 1, tzinfo=UTC)
+FIRST_STORABLE = datetime.min.replace(tzinfo=UTC) + timedelta(microseconds=1)
+LAST_STORABLE = datetime.max.replace(tzinfo=UTC) - timedelta(microseconds=1)
 
 
 POPULATION_TEXT = [text for text in TRICKY if storable(text)]
@@ -281,9 +283,9 @@ POPULATION_TEXT = [text for text in TRICKY if storable(text)]
 
 def population() -> list[ActionMetric]:
     """Stored metrics whose ids and names are the tricky strings themselves, at the edges of time."""
-    times = [
-        datetime.min.replace(tzinfo=UTC),
-        datetime.max.replace(tzinfo=UTC),
+    times = [  # the first and last instants a datetime holds are refused as timestamps
+        FIRST_STORABLE,
+        LAST_STORABLE,
         *(POPULATION_START + timedelta(hours=hour) for hour in range(30)),
     ]
     metrics = []
@@ -398,9 +400,7 @@ def test_hostile_filters_select_exactly_what_python_selects(
 def test_the_population_holds_what_the_filters_are_meant_to_confuse() -> None:
     users = {m.user_id for m in POPULATION}
     assert {"%", "_", "\\", "'", "a%", "a_", "é", "e\u0301", "a ", "a", "A"} <= users
-    assert {datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)} <= {
-        m.timestamp for m in POPULATION
-    }
+    assert {FIRST_STORABLE, LAST_STORABLE} <= {m.timestamp for m in POPULATION}
 
 
 @pytest.mark.parametrize("name", TEXT_FILTERS)

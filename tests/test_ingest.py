@@ -33,8 +33,10 @@ def varied_metrics(count: int, start: datetime = NOW, *, extremes: bool = True) 
     """Metrics that exercise every column's storage: odd text, NULLs, nested metadata, and (the
     first few, with `extremes`) the limits of each type."""
     specials: list[dict[str, Any]] = [
-        {"timestamp": datetime(1, 1, 1, tzinfo=UTC)},
-        {"timestamp": datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)},
+        # The first and last instants a datetime holds are refused (PostgreSQL's driver writes them as
+        # -infinity and infinity): one microsecond inside them.
+        {"timestamp": datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=UTC)},
+        {"timestamp": datetime(9999, 12, 31, 23, 59, 59, 999998, tzinfo=UTC)},
         {"timestamp": datetime(2026, 3, 29, 1, 30, tzinfo=timezone(timedelta(hours=5, minutes=30)))},
         {"timestamp": datetime(1969, 12, 31, 23, 59, 59, 1, tzinfo=UTC)},
         {"tokens_in": 2**63 - 1, "tokens_out": 0, "credits_charged": 2**63 - 1},
