@@ -337,7 +337,7 @@ class MetricsRepository:
             .returning(c.trace_id, c.span_id)
         )
         made = await connection.execute(insert, [claim.row() for claim in by_ancestor.values()])
-        claimed = [by_ancestor[trace_id, span_id] for trace_id, span_id in made.tuples()]
+        claimed = [by_ancestor[trace_id, span_id] for trace_id, span_id in made]
         return {claim.identity: claim.metric_id for claim in claimed}
 
     async def _new_late_metrics(
