@@ -98,7 +98,7 @@ def run_cli(*args: str, **environment: str) -> Result:
     An exception the command does not turn into its one-line error is raised here, failing the test.
     """
     variables: dict[str, str | None] = {name: None for name in CLI_VARIABLES}
-    variables.update(COLUMNS="120", **environment)
+    variables.update({"COLUMNS": "120", **environment})
     return CliRunner().invoke(main, list(args), env=variables, catch_exceptions=False)
 
 

@@ -111,6 +111,22 @@ def test_db_prune_dry_run_refuses_what_the_prune_refuses(store: MetricsStore) ->
     assert len(store.query()) == 1
 
 
+def test_tables_written_to_a_pipe_are_not_cut_to_80_columns(store: MetricsStore) -> None:
+    """Rich takes 80 columns without a terminal: `prices list | less` read `effecti…` and `beginni…`.
+    A pipe or a file gets wide tables; `$COLUMNS` still rules when set."""
+    store.emit(metric(user_id="a-user-whose-name-is-long-enough-to-need-its-column"))
+    listed = run_cli("prices", "list", "--url", url_of(store), COLUMNS="")  # run_cli sets 120
+    assert listed.exit_code == 0, listed.output
+    assert "effective_from" in listed.output
+    assert any(
+        line.startswith("│ haiku ") and "│ beginning of time │" in line for line in listed.output.splitlines()
+    )
+    by_user = run_cli("report", "--url", url_of(store), "--by", "user", COLUMNS="")
+    assert "a-user-whose-name-is-long-enough-to-need-its-column" in by_user.output
+    narrow = run_cli("prices", "list", "--url", url_of(store), COLUMNS="60")
+    assert max(len(line) for line in narrow.output.splitlines()) <= 60
+
+
 def test_an_unsupported_url_is_refused_with_the_supported_ones() -> None:
     result = run_cli("db", "upgrade", "--url", "mysql://root@localhost/x")
     assert_one_line_error(result, 1, "sqlite:///")

@@ -597,12 +597,23 @@ budget_option = click.option(
 )
 
 
+PIPED_WIDTH: Final = 200
+"""The width of tables written to a pipe or a file: Rich takes 80 columns when it finds no terminal
+(and no `$COLUMNS`), which cut `prices list` and the breakdowns' tables to `effecti…`."""
+
+
 def _stdout() -> Console:
-    return Console(highlight=False)
+    return _console(Console(highlight=False))
 
 
 def _stderr() -> Console:
-    return Console(stderr=True, highlight=False)
+    return _console(Console(stderr=True, highlight=False))
+
+
+def _console(console: Console) -> Console:
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = PIPED_WIDTH
+    return console
 
 
 def _exit_if_failed(checks: tuple[report.CheckResult, ...], offenders: tuple[Offender, ...] = ()) -> None:
