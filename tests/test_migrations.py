@@ -25,6 +25,7 @@ from sqlalchemy import Connection, insert, inspect, literal, make_url, null, sel
 
 from action_metrics import ActionMetric, MetricsStore, SchemaOutOfDate, migrate
 from action_metrics.dialects import backend_for
+from action_metrics.errors import DowngradeRefused
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M, CreditPrice, ModelPrice
 from action_metrics.query import MetricFilter, metric_from_row, metric_rows
 from action_metrics.repository import MetricsRepository
@@ -617,7 +618,7 @@ def test_a_pruned_store_is_not_downgraded_below_0003_without_forget_prune(databa
         ["db", "downgrade", "0002", "--sql"],
     ):
         assert_one_line_error(run_cli(*command, "--url", url), 1, "add --forget-prune")
-    with pytest.raises(migrate.DowngradeRefused, match="pruned before"):
+    with pytest.raises(DowngradeRefused, match="pruned before"):
         _migrate(url, migrate.downgrade_to("0002"))
     assert _on_database(url, _schema)[2] == migrate.head_revision()
     with MetricsStore(url) as store:

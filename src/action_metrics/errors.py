@@ -56,6 +56,11 @@ class TokenConfigError(ActionMetricsError, ValueError):
     """The endpoint's API tokens are missing or malformed; the message says how to set them."""
 
 
+class DowngradeRefused(ActionMetricsError):
+    """A downgrade would lose what the store cannot say it lost (a pruned period); the message names
+    the option that allows it."""
+
+
 class StoreClosed(ActionMetricsError, RuntimeError):
     """The store was closed: open a new one to use the database again."""
 

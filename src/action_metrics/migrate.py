@@ -22,7 +22,7 @@ from sqlalchemy import URL, Connection, inspect, select
 
 from action_metrics.dialects import WRITE, Backend, backend_for, display_url
 from action_metrics.errors import (
-    ActionMetricsError,
+    DowngradeRefused,
     InvalidValue,
     SchemaNotCreated,
     SchemaOutOfDate,
@@ -155,11 +155,6 @@ def downgrade_losses(current: str | None, target: str | None) -> list[str]:
         return ["every action-metrics table, every action and price with them"]
     high, low = position(current), position(target)
     return [what for revision, what in DOWNGRADE_DROPS.items() if low < position(revision) <= high]
-
-
-class DowngradeRefused(ActionMetricsError):
-    """A downgrade would lose what the store cannot say it lost; the message names the option that
-    allows it."""
 
 
 def pruned_before(connection: Connection) -> datetime | None:
