@@ -469,6 +469,8 @@ def test_report_html_into_a_file_it_cannot_write_is_one_line(store: MetricsStore
         ("--until", "soon"),
         ("--action", "LOD3"),
         ("--action", ""),
+        ("--model", ""),
+        ("--town", ""),  # an unset shell variable: refused, not "0 actions"
     ],
 )
 def test_a_bad_filter_is_a_one_line_error(option: str, value: str, tmp_path: Path) -> None:

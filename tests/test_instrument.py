@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from opentelemetry import trace
@@ -19,11 +21,13 @@ from action_metrics import (
     AsyncMetricsStore,
     InvalidMetric,
     MetricsStore,
+    action_context,
     configure,
     default_store,
     emit_action_metric,
     instrument_action,
 )
+from action_metrics.context import current_attribution
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +291,156 @@ def test_the_default_store_comes_from_the_environment(backend, database_url: str
         configure(None)  # closes the store it opened, which flushes it
     with MetricsStore(database_url) as reader:
         assert reader.query() == [metric]
+
+
+# --- generator functions: a streamed answer is one call, from its first step to its end -------------
+
+
+def _ids_in_force() -> tuple[str | None, str | None]:
+    attribution = current_attribution()
+    return attribution.user_id, attribution.town_id
+
+
+def test_a_generator_call_lasts_until_its_end_with_its_ids_in_its_body_only(
+    store: MetricsStore, spans
+) -> None:
+    tracer = trace.get_tracer("test")
+    seen_in_body: list[tuple[str | None, str | None]] = []
+
+    @instrument_action("lod4", model="sonnet", store=store)
+    def stream_answer(user_id: str, town_id: str) -> Iterator[str]:
+        for word in ("the", "harbour", "floods"):
+            time.sleep(0.02)
+            seen_in_body.append(_ids_in_force())
+            with tracer.start_as_current_span("llm chunk"):
+                pass
+            yield word
+        return {"tokens_in": 40, "tokens_out": 3}  # type: ignore[return-value]  # its tokens
+
+    with action_context(user_id="caller", town_id="elsewhere"):
+        answer = stream_answer("user-1", "town-1")  # made here, consumed outside the block
+    seen_between: list[tuple[str | None, str | None]] = []
+    words = []
+    with tracer.start_as_current_span("consumer"):
+        for word in answer:
+            seen_between.append(_ids_in_force())
+            with tracer.start_as_current_span("consumer work"):
+                words.append(word)
+    assert words == ["the", "harbour", "floods"]
+    assert seen_in_body == [("user-1", "town-1")] * 3
+    assert seen_between == [(None, None)] * 3  # the consumer's code never runs as the action
+    [metric] = store.query()
+    assert (metric.action_type, metric.user_id, metric.town_id, metric.model) == (
+        "lod4",
+        "user-1",
+        "town-1",
+        "sonnet",
+    )
+    assert (metric.tokens_in, metric.tokens_out, metric.error) == (40, 3, None)
+    assert metric.credits_charged == ACTION_CREDITS["lod4"]
+    assert metric.latency_ms >= 60  # the whole stream, not the call that made the generator
+    finished = {span.name: span for span in spans.get_finished_spans() if span.name != "llm chunk"}
+    action_span = finished["lod4"]
+    chunks = [span for span in spans.get_finished_spans() if span.name == "llm chunk"]
+    assert len(chunks) == 3
+    assert all(
+        chunk.parent is not None and chunk.parent.span_id == action_span.context.span_id for chunk in chunks
+    )
+    consumer_work = finished["consumer work"]
+    assert consumer_work.parent is not None
+    assert consumer_work.parent.span_id == finished["consumer"].context.span_id
+    assert dict(action_span.attributes or {}) == metric.to_otel_span()
+
+
+def test_a_generator_its_consumer_leaves_early_is_recorded_when_closed(store: MetricsStore) -> None:
+    @instrument_action("dialogue", store=store)
+    def chatter(town_id: str) -> Iterator[int]:
+        yield from range(1_000)
+
+    numbers = chatter("town-2")
+    for number in numbers:
+        if number == 2:
+            break
+    assert store.query() == []  # not over yet: its consumer may come back for more
+    del numbers  # closes it (CPython: at once, by reference counting), as `numbers.close()` would
+    [metric] = store.query()
+    assert (metric.town_id, metric.error, metric.credits_charged) == (
+        "town-2",
+        None,
+        ACTION_CREDITS["dialogue"],
+    )
+
+
+def test_a_generator_that_raises_mid_stream_is_a_failed_call(store: MetricsStore, spans) -> None:
+    @instrument_action("lod3", store=store)
+    def flaky(town_id: str) -> Iterator[int]:
+        yield 1
+        raise TimeoutError("the model stopped answering")
+
+    stream = flaky("town-3")
+    assert next(stream) == 1
+    with pytest.raises(TimeoutError, match="stopped answering"):
+        next(stream)
+    [metric] = store.query()
+    assert (metric.error, metric.credits_charged) == ("TimeoutError", 0)
+    [span] = spans.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
+
+
+def test_a_generator_gets_what_its_consumer_sends_and_throws(store: MetricsStore) -> None:
+    @instrument_action("trade", store=store)
+    def haggle(town_id: str) -> Iterator[int]:
+        offer = 10
+        while True:
+            try:
+                answer = yield offer
+            except ValueError:
+                return {"tokens_in": offer, "tokens_out": 0}  # type: ignore[return-value]
+            offer = answer - 1
+
+    talk = haggle("market")
+    assert next(talk) == 10
+    assert talk.send(8) == 7
+    with pytest.raises(StopIteration) as stopped:
+        talk.throw(ValueError("no deal"))
+    assert stopped.value.value == {"tokens_in": 7, "tokens_out": 0}
+    [metric] = store.query()
+    assert (metric.town_id, metric.tokens_in, metric.error) == ("market", 7, None)
+
+
+@pytest.mark.anyio
+async def test_an_async_generator_call_lasts_until_its_end(database_url: str, spans) -> None:
+    async with AsyncMetricsStore(database_url) as store:
+
+        @instrument_action("lod4", model="haiku", store=store)
+        async def stream(user_id: str, town_id: str) -> AsyncIterator[str]:
+            for word in ("tide", "rises"):
+                await asyncio.sleep(0.02)
+                assert _ids_in_force() == ("user-4", "town-4")
+                yield word
+
+        words = []
+        async for word in stream("user-4", "town-4"):
+            assert _ids_in_force() == (None, None)
+            words.append(word)
+        assert words == ["tide", "rises"]
+
+        @instrument_action("lod3", store=store)
+        async def endless(town_id: str) -> AsyncIterator[int]:
+            number = 0
+            while True:
+                yield number
+                number += 1
+
+        numbers = endless("town-5")
+        assert [await anext(numbers), await anext(numbers)] == [0, 1]
+        await numbers.aclose()
+        metrics = {metric.action_type: metric for metric in await store.query()}
+    assert metrics["lod4"].latency_ms >= 40
+    assert (metrics["lod4"].user_id, metrics["lod4"].town_id, metrics["lod4"].error) == (
+        "user-4",
+        "town-4",
+        None,
+    )
+    assert (metrics["lod3"].town_id, metrics["lod3"].error) == ("town-5", None)
+    assert sorted(span.name for span in spans.get_finished_spans()) == ["lod3", "lod4"]

@@ -59,7 +59,7 @@ from action_metrics.transfer import (
     compare_totals,
     copy_store,
 )
-from action_metrics.validation import check_action_type, check_model
+from action_metrics.validation import check_action_type, check_id, check_model
 
 if TYPE_CHECKING:
     from action_metrics.catalogue import PriceSync
@@ -587,6 +587,10 @@ def _checked(check: Callable[[object], str]) -> Callable[[click.Context, click.P
     return callback
 
 
+def _town_id(value: object) -> str:
+    return check_id("town_id", value)
+
+
 budget_option = click.option(
     "--lod3-p95-budget-ms",
     type=click.FloatRange(min=0, min_open=True),
@@ -682,7 +686,7 @@ def _refuse_unused(ctx: click.Context, why: str, *names: str) -> None:
 
 @main.command(name="report")
 @url_option
-@click.option("--town", "town_id", metavar="TOWN", help="Only this town.")
+@click.option("--town", "town_id", metavar="TOWN", callback=_checked(_town_id), help="Only this town.")
 @click.option(
     "--action",
     "action_type",

@@ -148,6 +148,11 @@ class ActionEntry(CreditClaim):
         self.outer = outer
         self.token = _current.set(self)
 
+    def resume(self) -> None:
+        """Put this call in force again (a generator's body runs one step at a time: each step
+        resumes it, and `leave(entry.token)` ends the step)."""
+        self.token = _current.set(self)
+
     @property
     def claim(self) -> CreditClaim:
         return self

@@ -283,7 +283,12 @@ def instrument_action(
     call's `user_id`, `town_id` and `citizen_id` arguments give the ids; without them the user is
     "anonymous" and the town "unknown". Credits default to `ACTION_CREDITS[action_type]` (0 for other
     types). A call that raises is recorded with 0 credits and `{"error": <type name>}` and the span
-    marked as an error; the exception propagates unchanged. The metric is buffered (the call never
+    marked as an error; the exception propagates unchanged. A generator function's call (sync or
+    async, such as a streamed answer) lasts from its first step to its end: exhausted (a sync
+    generator's `return {...}` gives the tokens), raised, or closed by its consumer (`break`,
+    `close()`: a finished call, recorded then); its ids and enclosing block are those in force where
+    it was called, and the ids are in force in its body at every step, never in the consumer's code
+    between them. The metric is buffered (the call never
     waits on the database) unless the store is durable. Values that make no valid metric (say a
     negative token count) are logged on the `action_metrics` logger, never raised into the caller.
     """
@@ -301,6 +306,10 @@ def instrument_action(
         action = _Action(function, checked_type, checked_model, credits, credits_charged is not None, store)
         if inspect.iscoroutinefunction(function):
             return cast(Callable[P, R], _async_wrapper(action, function))
+        if inspect.isgeneratorfunction(function):
+            return cast(Callable[P, R], _generator_wrapper(action, function, _steps))
+        if inspect.isasyncgenfunction(function):
+            return cast(Callable[P, R], _generator_wrapper(action, function, _async_steps))
         return _sync_wrapper(action, function)
 
     return decorate
@@ -409,3 +418,141 @@ async def _finish_async(*call: Any) -> None:
         await asyncio.to_thread(store.emit, metric)  # a blocking commit, kept off the event loop
     else:
         store.emit(metric)
+
+
+# --- generator functions ---------------------------------------------------------------------
+#
+# A generator's body runs one step at a time, in whatever context iterates it (a web framework's
+# streaming response may iterate it in another task or thread). So the call's ids and span are put
+# in force around each step and taken away before the item is handed over: the consumer's own code
+# between steps never runs as part of this action.
+
+Steps = Callable[[_Action, ActionEntry, Any, otel_context.Context], Any]
+
+
+def _generator_wrapper(action: _Action, function: Callable[..., Any], steps: Steps) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        call = action.begin(args, kwargs)  # the ids and outer block in force where it is called
+        leave(call.token)
+        return steps(action, call, function(*args, **kwargs), otel_context.get_current())
+
+    return wrapper
+
+
+class _Step:
+    """Puts a generator call's span and ids in force for one step of its body."""
+
+    __slots__ = ("call", "context_token", "span")
+
+    def __init__(self, action: _Action, call: ActionEntry, parent: otel_context.Context) -> None:
+        span = get_tracer().start_span(action.span_name, context=parent)
+        self.span: trace.Span | None = span if span.is_recording() else None
+        self.call = call
+        self.context_token: object = None
+
+    def enter(self) -> None:
+        if self.span is not None:
+            self.context_token = otel_context.attach(trace.set_span_in_context(self.span))
+        self.call.resume()
+
+    def leave(self) -> None:
+        leave(self.call.token)
+        if self.span is not None:
+            otel_context.detach(self.context_token)  # type: ignore[arg-type]
+
+
+def _steps(action: _Action, call: ActionEntry, generator: Any, parent: otel_context.Context) -> Any:
+    """Drive `generator` for its consumer (PEP 380's `yield from`, step by step), recording the call."""
+    step = _Step(action, call, parent)
+    started_at, start = datetime.now(UTC), time.perf_counter_ns()
+    sending: Any = None
+    throwing: BaseException | None = None
+    while True:
+        step.enter()
+        try:
+            item = generator.send(sending) if throwing is None else generator.throw(throwing)
+        except StopIteration as stop:  # its end: the return value is the call's result
+            _finish_sync(
+                action, call, stop.value, None, started_at, _since(start), step.span, step.context_token
+            )
+            return stop.value
+        except BaseException as error:
+            _record_failure_sync(action, call, error, started_at, _since(start), step)
+            raise
+        step.leave()
+        throwing = None
+        try:
+            sending = yield item
+        except GeneratorExit:  # its consumer is done with it: close the body, record the call
+            step.enter()
+            try:
+                generator.close()
+            except BaseException as error:
+                _record_failure_sync(action, call, error, started_at, _since(start), step)
+                raise
+            _finish_sync(action, call, None, None, started_at, _since(start), step.span, step.context_token)
+            raise
+        except BaseException as thrown:  # thrown in by the consumer: into the body at the next step
+            throwing = thrown
+
+
+async def _async_steps(
+    action: _Action, call: ActionEntry, generator: Any, parent: otel_context.Context
+) -> Any:
+    """`_steps` for an async generator (which returns no value: its result is None)."""
+    step = _Step(action, call, parent)
+    started_at, start = datetime.now(UTC), time.perf_counter_ns()
+    sending: Any = None
+    throwing: BaseException | None = None
+    while True:
+        step.enter()
+        try:
+            item = await (generator.asend(sending) if throwing is None else generator.athrow(throwing))
+        except StopAsyncIteration:
+            await _finish_async(
+                action, call, None, None, started_at, _since(start), step.span, step.context_token
+            )
+            return
+        except BaseException as error:
+            await _record_failure_async(action, call, error, started_at, _since(start), step)
+            raise
+        step.leave()
+        throwing = None
+        try:
+            sending = yield item
+        except GeneratorExit:
+            step.enter()
+            try:
+                await generator.aclose()
+            except BaseException as error:
+                await _record_failure_async(action, call, error, started_at, _since(start), step)
+                raise
+            await _finish_async(
+                action, call, None, None, started_at, _since(start), step.span, step.context_token
+            )
+            raise
+        except BaseException as thrown:
+            throwing = thrown
+
+
+def _since(start: int) -> int:
+    return time.perf_counter_ns() - start
+
+
+def _record_failure_sync(
+    action: _Action, call: ActionEntry, error: BaseException, started_at: datetime, elapsed: int, step: _Step
+) -> None:
+    try:
+        _finish_sync(action, call, None, error, started_at, elapsed, step.span, step.context_token)
+    except Exception:  # the consumer gets the body's own exception, unchanged
+        logger.exception("action-metrics: recording the failed call of %s failed", action.qualname)
+
+
+async def _record_failure_async(
+    action: _Action, call: ActionEntry, error: BaseException, started_at: datetime, elapsed: int, step: _Step
+) -> None:
+    try:
+        await _finish_async(action, call, None, error, started_at, elapsed, step.span, step.context_token)
+    except Exception:
+        logger.exception("action-metrics: recording the failed call of %s failed", action.qualname)
