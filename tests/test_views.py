@@ -153,7 +153,7 @@ def _hour(moment: datetime) -> str:
     return moment.replace(minute=0, second=0, microsecond=0).strftime("%Y-%m-%d %H")
 
 
-@pytest.mark.parametrize(
+BUCKETED_VIEWS = pytest.mark.parametrize(
     ("view", "bucket", "key", "dimensions"),
     [
         ("action_metrics_daily", "day", _day, ("town_id", "action_type", "model")),
@@ -162,6 +162,9 @@ def _hour(moment: datetime) -> str:
         ("action_metrics_daily_by_model", "day", _day, ("model",)),
     ],
 )
+
+
+@BUCKETED_VIEWS
 def test_bucketed_views_match_the_reference_per_bucket_and_group(
     town, view: str, bucket: str, key: Any, dimensions: tuple[str, ...]
 ) -> None:
@@ -193,6 +196,170 @@ def test_bucketed_views_match_the_reference_per_bucket_and_group(
         for column, fraction in (("p50_latency_ms", 0.5), ("p95_latency_ms", 0.95)):
             want = percentile(succeeded, fraction)  # of the successful actions; none: NULL
             assert row[column] == (None if want is None else pytest.approx(want, rel=1e-12))
+
+
+COUNTED_SUMS = (
+    "tokens_in",
+    "tokens_out",
+    "credits_charged",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+"""The views' sums of what each action may carry up to 2**63 - 1."""
+
+
+@BUCKETED_VIEWS
+def test_bucketed_views_read_sums_that_fit_as_integers(
+    town, view: str, bucket: str, key: Any, dimensions: Any
+) -> None:
+    """A dashboard shows a count of 5, not 5.0: closed days and hours and the open hour alike (on
+    PostgreSQL tokens and credits are NUMERIC sums, whole numbers at any size)."""
+    url, _, _, _ = town
+    rows = plain_sql(url, f"SELECT * FROM {view}")
+    assert rows
+    for row in rows:
+        for name in ("count", "error_count", "unpriced_count"):
+            assert type(row[name]) is int, (view, name, row[name])
+        for name in COUNTED_SUMS:
+            value = row[name]
+            if isinstance(value, Decimal):
+                assert url.startswith("postgresql"), (view, name, value)
+                assert value == value.to_integral_value(), (view, name, value)
+            else:
+                assert type(value) is int, (view, name, value)
+
+
+WHALES_OPEN_DAY = datetime(2025, 3, 10, tzinfo=UTC)
+"""The open day of the whales' store: its newest action is at 07:40, which closes the hours before 07:00."""
+WHALES_SPLIT = WHALES_OPEN_DAY - timedelta(days=1) + timedelta(hours=9, minutes=17, seconds=5)
+"""A credit price change inside a closed hour of a closed day: the rollup rows are split there, so that
+hour's and that day's groups each sum two rollup rows."""
+WHALES_BOOK = PriceBook(
+    {m: [(BEGINNING_OF_TIME, Decimal(str(i)), Decimal(str(o)))] for m, (i, o) in MODEL_COSTS_PER_1M.items()},
+    # Whole dollars: SQLite stores such a price as an INTEGER, so a whale's credits x $1 is an INTEGER
+    # too, which SUM would add up past 2**63 (x $2 is past it already: SQLite makes that a REAL).
+    [
+        (BEGINNING_OF_TIME, Decimal("0.006")),
+        (WHALES_OPEN_DAY - timedelta(days=10), Decimal(2)),
+        (WHALES_SPLIT, Decimal(1)),
+    ],
+)
+
+
+def _whales_and_minnows() -> list[ActionMetric]:
+    """Two whales in each group of each path of the views: a closed day and a closed hour (rollup rows
+    split by `WHALES_SPLIT`), closed hours of the open day (hourly rows), the open hour (raw rows).
+    Every count of a whale is 2**62 or more, but for the cache tokens, which share tokens_in:
+    sonnet's whales read theirs from the cache, opus's write theirs. Minnows are ordinary actions."""
+    day = WHALES_OPEN_DAY
+    whens = [
+        WHALES_SPLIT - timedelta(minutes=7),
+        WHALES_SPLIT + timedelta(minutes=8),
+        day + timedelta(hours=3, minutes=10),
+        day + timedelta(hours=5, minutes=10),
+        day + timedelta(hours=7, minutes=10),
+        day + timedelta(hours=7, minutes=20),
+    ]
+    whales = [
+        ActionMetric(
+            action_type="lod5",
+            user_id="whale",
+            town_id="town-whale",
+            citizen_id=None,
+            tokens_in=2**62 + 1_000_003 * k,
+            tokens_out=2**62 + 7 * k,
+            cache_read_tokens=2**62 + k if model == "sonnet" else k,
+            cache_write_tokens=k if model == "sonnet" else 2**62 + k,
+            reasoning_tokens=2**62 + 3 * k,
+            credits_charged=2**62 + 11 * k,
+            model=model,
+            latency_ms=100.0 + k,
+            timestamp=when,
+        )
+        for k, (model, when) in enumerate(
+            ((model, when) for model in ("sonnet", "opus") for when in whens), 1
+        )
+    ]
+    minnow_whens = [
+        WHALES_SPLIT - timedelta(minutes=5),
+        WHALES_SPLIT + timedelta(minutes=10),
+        day + timedelta(hours=3, minutes=15),
+        day + timedelta(hours=7, minutes=15),
+        day + timedelta(hours=7, minutes=40),  # the newest
+    ]
+    minnows = [
+        metric(
+            town_id="town-minnow", tokens_in=100 + k, cache_read_tokens=k, reasoning_tokens=k, timestamp=when
+        )
+        for k, when in enumerate(minnow_whens)
+    ]
+    return [*whales, *minnows]
+
+
+@pytest.fixture(scope="module")
+def whales(backend) -> Iterator[tuple[str, list[ActionMetric]]]:
+    url = backend.migrated()
+    metrics = _whales_and_minnows()
+    with MetricsStore(url) as store:
+        for moment, usd in WHALES_BOOK.credits[1:]:
+            store.set_credit_price(str(usd), moment)
+        store.emit_many(metrics)
+    yield url, metrics
+    backend.drop(url)
+
+
+def _utc(moment: Any) -> datetime:
+    """A timestamp or date as SQLite (text) or asyncpg gives it, as an aware UTC datetime."""
+    parsed = moment if isinstance(moment, datetime) else datetime.fromisoformat(str(moment))
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+@BUCKETED_VIEWS
+def test_bucketed_views_sum_counts_past_64_bits_never_an_error(
+    whales, backend, view: str, bucket: str, key: Any, dimensions: Any
+) -> None:
+    """Each count fits 64 bits, their sum need not: two such actions in a group must not fail every
+    query over the view (SQLite's SUM raised "integer overflow" past 2**63, PostgreSQL's CAST to bigint
+    "out of range"). SQLite sums them in a double: an integer below 9.2e18 (exact below 2**53), a
+    float past it; PostgreSQL exactly, in NUMERIC."""
+    url, metrics = whales
+    (state,) = plain_sql(url, "SELECT hours_closed_until, days_closed_until FROM action_metrics_rollup_state")
+    assert _utc(state["hours_closed_until"]) == WHALES_OPEN_DAY + timedelta(hours=7)
+    assert _utc(state["days_closed_until"]) == WHALES_OPEN_DAY
+    groups: dict[tuple[str, ...], list[ActionMetric]] = defaultdict(list)
+    for m in metrics:
+        groups[(key(m.timestamp), *(getattr(m, name) for name in dimensions))].append(m)
+    rows = plain_sql(url, f"SELECT * FROM {view}")
+    assert len(rows) == len(groups)
+    exact = backend.name != "sqlite"
+    past_64_bits: set[str] = set()
+    for row in rows:
+        chosen = groups[(key(_utc(row[bucket])), *(row[name] for name in dimensions))]
+        assert row["count"] == len(chosen)
+        assert type(row["count"]) is int
+        for name in COUNTED_SUMS:
+            want, got = sum(getattr(m, name) for m in chosen), row[name]
+            if want > 2**63 - 1:
+                past_64_bits.add(name)
+            if exact or want < 2**53:
+                assert got == want, (row, name)
+            else:
+                assert got == pytest.approx(want, rel=1e-15), (row, name)
+            if exact:  # PostgreSQL: a NUMERIC sum, a whole number at any size
+                assert isinstance(got, Decimal), (row, name)
+                assert got == got.to_integral_value(), (row, name)
+            elif want < 2**53:  # an ordinary sum reads as an integer, as before
+                assert type(got) is int, (row, name)
+            else:
+                assert type(got) is (int if want < 9.2e18 else float), (row, name)
+        costs = [cost(m, WHALES_BOOK) for m in chosen]
+        assert row["unpriced_count"] == sum(c is None for c in costs) == 0
+        want_cost = float(sum(c for c in costs if c is not None))
+        assert float(row["cost_usd"]) == pytest.approx(want_cost, rel=1e-12), row
+        want_revenue = float(sum(revenue(m, WHALES_BOOK) for m in chosen))
+        assert float(row["revenue_usd"]) == pytest.approx(want_revenue, rel=1e-12), row
+    assert past_64_bits == set(COUNTED_SUMS)
 
 
 def test_average_lod3_latency_today(backend, database_url: str) -> None:

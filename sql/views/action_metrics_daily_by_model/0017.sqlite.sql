@@ -1,0 +1,133 @@
+-- action_metrics_daily_by_model: one row per UTC day x model, from the rollups: the daily totals of each model.
+-- For a dashboard summing per day, per town or per model: it reads the rollup's daily rows per model, so its
+-- cost is that of UTC day x model rows, where action_metrics_daily's is that of every town x action x
+-- model of every day.
+--
+-- Closed days come from the rollup's daily rows per model, the closed hours of the days after them from
+-- its hourly rows per model, and the newest, still open hour from the raw rows;
+-- action_metrics_rollup_state says where each ends. Rows are priced, as in action_metrics_daily, by
+-- the prices in force at each row's start:
+--   cost_usd       = SUM(((tokens_in - cache_read_tokens - cache_write_tokens) * input_per_1m
+--                        + cache_read_tokens * cache_read_per_1m + cache_write_tokens * cache_write_per_1m
+--                        + tokens_out * output_per_1m) / 1e6) over priced rows; a missing cache price
+--                    is the input price (cache reads and writes are parts of tokens_in)
+--   revenue_usd    = SUM(credits_charged * usd_per_credit)
+--   unpriced_count = actions whose model had no price at the time (they add no cost)
+--   avg_latency_ms = total latency / count
+-- Timestamps are UTC text ('YYYY-MM-DD HH:MM:SS.ffffff'), so the day is a prefix of it.
+--   error_count    = actions that failed
+-- p50/p95_latency_ms describe the successful actions; they are exact (percentile_cont written with window functions over the
+-- group's raw rows) and computed only when a
+-- query selects them; they are NULL for days whose raw rows `action-metrics db prune` removed.
+--
+-- Sums past 64 bits (since revision 0017): an action's tokens and credits may each be up to 2**63 - 1,
+-- and SQLite's SUM raises "integer overflow", failing the whole query, once a group's sum passes that.
+-- So tokens_in, tokens_out, credits_charged and the cache and reasoning tokens are summed by TOTAL, in
+-- a double, and read as an INTEGER below 9.2e18 (just under 2**63), as a REAL from there: exact
+-- integers below 2**53 (~9.0e15), rounded to a double's 53 bits above, never an error. revenue_usd is
+-- a TOTAL too (a whole-dollar credit price is stored as an INTEGER, so a SUM of its products could
+-- overflow); cost_usd adds REALs, which SUM never overflows; count, error_count and unpriced_count
+-- count actions, and stay SUM.
+CREATE VIEW action_metrics_daily_by_model AS
+WITH parts AS (
+    SELECT
+        r.start, r.model, r.count, r.tokens_in, r.tokens_out, r.credits_charged, r.latency_ms_sum,
+        r.cache_read_tokens, r.cache_write_tokens, r.reasoning_tokens, r.error_count
+    FROM action_metrics_rollup AS r
+    WHERE r.grain = 'day' AND r.town_id = '' AND r.action_type = ''
+        AND r.start < (SELECT days_closed_until FROM action_metrics_rollup_state)
+    UNION ALL
+    SELECT
+        r.start, r.model, r.count, r.tokens_in, r.tokens_out, r.credits_charged, r.latency_ms_sum,
+        r.cache_read_tokens, r.cache_write_tokens, r.reasoning_tokens, r.error_count
+    FROM action_metrics_rollup AS r
+    WHERE r.grain = 'hour' AND r.town_id = '' AND r.action_type = ''
+        AND r.start >= COALESCE((SELECT days_closed_until FROM action_metrics_rollup_state), '')
+        AND r.start < (SELECT hours_closed_until FROM action_metrics_rollup_state)
+    UNION ALL
+    SELECT
+        m."timestamp", m.model, 1, m.tokens_in, m.tokens_out, m.credits_charged, m.latency_ms,
+        m.cache_read_tokens, m.cache_write_tokens, m.reasoning_tokens,
+        CASE WHEN m.error IS NULL THEN 0 ELSE 1 END
+    FROM action_metrics AS m
+    WHERE m."timestamp" >= COALESCE((SELECT hours_closed_until FROM action_metrics_rollup_state), '')
+),
+grouped AS (
+    SELECT
+        date(s.start) AS day,
+        s.model,
+        SUM(s.count) AS count,
+        CASE WHEN TOTAL(s.tokens_in) < 9.2e18 THEN CAST(TOTAL(s.tokens_in) AS INTEGER)
+            ELSE TOTAL(s.tokens_in) END AS tokens_in,
+        CASE WHEN TOTAL(s.tokens_out) < 9.2e18 THEN CAST(TOTAL(s.tokens_out) AS INTEGER)
+            ELSE TOTAL(s.tokens_out) END AS tokens_out,
+        CASE WHEN TOTAL(s.credits_charged) < 9.2e18 THEN CAST(TOTAL(s.credits_charged) AS INTEGER)
+            ELSE TOTAL(s.credits_charged) END AS credits_charged,
+        CASE WHEN TOTAL(s.cache_read_tokens) < 9.2e18 THEN CAST(TOTAL(s.cache_read_tokens) AS INTEGER)
+            ELSE TOTAL(s.cache_read_tokens) END AS cache_read_tokens,
+        CASE WHEN TOTAL(s.cache_write_tokens) < 9.2e18 THEN CAST(TOTAL(s.cache_write_tokens) AS INTEGER)
+            ELSE TOTAL(s.cache_write_tokens) END AS cache_write_tokens,
+        CASE WHEN TOTAL(s.reasoning_tokens) < 9.2e18 THEN CAST(TOTAL(s.reasoning_tokens) AS INTEGER)
+            ELSE TOTAL(s.reasoning_tokens) END AS reasoning_tokens,
+        SUM(s.error_count) AS error_count,
+        COALESCE(SUM(
+            ((s.tokens_in - s.cache_read_tokens - s.cache_write_tokens) * p.input_per_1m
+            + s.cache_read_tokens * COALESCE(p.cache_read_per_1m, p.input_per_1m)
+            + s.cache_write_tokens * COALESCE(p.cache_write_per_1m, p.input_per_1m)
+            + s.tokens_out * p.output_per_1m) / 1000000.0
+        ), 0)
+            AS cost_usd,
+        TOTAL(s.credits_charged * c.usd_per_credit) AS revenue_usd,
+        SUM(CASE WHEN p.model IS NULL THEN s.count ELSE 0 END) AS unpriced_count,
+        SUM(s.latency_ms_sum) / SUM(s.count) AS avg_latency_ms
+    FROM parts AS s
+    LEFT JOIN model_price_periods AS p
+        ON p.model = s.model
+        AND s.start >= p.effective_from
+        AND (p.effective_until IS NULL OR s.start < p.effective_until)
+    LEFT JOIN credit_price_periods AS c
+        ON s.start >= c.effective_from
+        AND (c.effective_until IS NULL OR s.start < c.effective_until)
+    GROUP BY 1, 2
+)
+SELECT
+    g.*,
+    (
+        SELECT low + weight * (COALESCE(high, low) - low)
+        FROM (
+            SELECT
+                MAX(CASE WHEN position_rank = low_rank THEN latency_ms END) AS low,
+                MAX(CASE WHEN position_rank = low_rank + 1 THEN latency_ms END) AS high,
+                MAX(position - low_rank) AS weight
+            FROM (
+                SELECT
+                    m.latency_ms,
+                    ROW_NUMBER() OVER (ORDER BY m.latency_ms) - 1 AS position_rank,
+                    (COUNT(*) OVER () - 1) * 0.5 AS position,
+                    CAST((COUNT(*) OVER () - 1) * 0.5 AS INTEGER) AS low_rank
+                FROM action_metrics AS m
+                WHERE m.model = g.model AND m.error IS NULL
+                    AND m."timestamp" >= g.day AND m."timestamp" < date(g.day, '+1 day')
+            )
+        )
+    ) AS p50_latency_ms,
+    (
+        SELECT low + weight * (COALESCE(high, low) - low)
+        FROM (
+            SELECT
+                MAX(CASE WHEN position_rank = low_rank THEN latency_ms END) AS low,
+                MAX(CASE WHEN position_rank = low_rank + 1 THEN latency_ms END) AS high,
+                MAX(position - low_rank) AS weight
+            FROM (
+                SELECT
+                    m.latency_ms,
+                    ROW_NUMBER() OVER (ORDER BY m.latency_ms) - 1 AS position_rank,
+                    (COUNT(*) OVER () - 1) * 0.95 AS position,
+                    CAST((COUNT(*) OVER () - 1) * 0.95 AS INTEGER) AS low_rank
+                FROM action_metrics AS m
+                WHERE m.model = g.model AND m.error IS NULL
+                    AND m."timestamp" >= g.day AND m."timestamp" < date(g.day, '+1 day')
+            )
+        )
+    ) AS p95_latency_ms
+FROM grouped AS g
