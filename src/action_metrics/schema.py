@@ -37,7 +37,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 PRICE = Numeric(20, 9)
-"""USD with nine decimals: exact on PostgreSQL; SQLite keeps it as a REAL."""
+"""USD with nine decimals: exact on PostgreSQL; SQLite (NUMERIC affinity) keeps a whole number as an
+INTEGER and any other as a REAL."""
 
 MONEY = Numeric(38, 15)
 """A computed amount of USD in the views."""
