@@ -12,6 +12,7 @@ import contextlib
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -30,6 +31,7 @@ DASHBOARD_VIEWS = (
 )
 TABLES = ("action_metrics", "model_prices", "credit_prices", "alembic_version")
 START = datetime(2026, 11, 25, tzinfo=UTC)
+EXAMPLES = Path(__file__).resolve().parent.parent / "sql" / "examples"
 
 
 async def _run(url: str, *statements: str, user: str | None = None) -> list[Any]:
@@ -133,6 +135,21 @@ def test_a_dashboard_role_reads_the_views_and_cannot_write_or_read_the_tables(
             run(url, statement, user=dashboard)
     with MetricsStore(url) as store:  # and nothing changed
         assert store.aggregate().count == 30
+
+    # Granted the README's list of views, it runs every example dashboard query of sql/examples/.
+    run(
+        url,
+        "GRANT SELECT ON action_metrics_hourly, action_metrics_daily_by_town, "
+        f'action_metrics_daily_by_model TO "{dashboard}"',
+    )
+    examples = [  # PostgreSQL's own, and those of every dialect (no dialect in the name)
+        path
+        for path in sorted(EXAMPLES.glob("*.sql"))
+        if path.name.endswith(".postgresql.sql") or path.name.count(".") == 1
+    ]
+    assert {"average_lod3_latency_today.postgresql.sql", "model_usage.sql"} <= {p.name for p in examples}
+    for path in examples:
+        run(url, path.read_text(), user=dashboard)
 
 
 @pytest.mark.parametrize("search_path_from", ["role setting", "url options"])

@@ -391,7 +391,8 @@ def test_a_price_inside_a_pruned_day_is_refused_naming_the_field_and_starts_at_i
         inside = pruned_day + timedelta(hours=3, minutes=17)
         refusal = (
             rf"^effective_from: {re.escape(inside.isoformat())} falls inside a UTC day whose raw rows were "
-            rf"pruned \(before {re.escape(cutoff.isoformat())}\).*start the price at the day's midnight"
+            rf"pruned \(before {re.escape(cutoff.isoformat())}\).*start the price at that day's UTC "
+            rf"midnight, {re.escape(pruned_day.isoformat())} "
         )
         with pytest.raises(InvalidPrice, match=refusal) as refused:
             store.set_model_price("opus", "10", "50", effective_from=inside)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import numpy
 import pytest
 from conftest import metric
 from sqlalchemy import make_url
@@ -213,8 +214,9 @@ COUNTED_SUMS = (
 def test_bucketed_views_read_sums_that_fit_as_integers(
     town, view: str, bucket: str, key: Any, dimensions: Any
 ) -> None:
-    """A dashboard shows a count of 5, not 5.0: closed days and hours and the open hour alike (on
-    PostgreSQL tokens and credits are NUMERIC sums, whole numbers at any size)."""
+    """A dashboard shows a count of 5, not 5.0, and money as a number with decimals, 0.0 where
+    nothing is priced: closed days and hours and the open hour alike (on PostgreSQL tokens and
+    credits are NUMERIC sums, whole numbers at any size)."""
     url, _, _, _ = town
     rows = plain_sql(url, f"SELECT * FROM {view}")
     assert rows
@@ -228,6 +230,9 @@ def test_bucketed_views_read_sums_that_fit_as_integers(
                 assert value == value.to_integral_value(), (view, name, value)
             else:
                 assert type(value) is int, (view, name, value)
+        for name in ("cost_usd", "revenue_usd"):  # money: never an INTEGER 0 where nothing is priced
+            assert type(row[name]) is (Decimal if url.startswith("postgresql") else float), (view, name, row)
+    assert any(row["unpriced_count"] == row["count"] and row["cost_usd"] == 0 for row in rows)
 
 
 WHALES_OPEN_DAY = datetime(2025, 3, 10, tzinfo=UTC)
@@ -377,16 +382,24 @@ def test_average_lod3_latency_today(backend, database_url: str) -> None:
                 metric(latency_ms=400.0, timestamp=midnight + so_far * 3 / 4),
                 metric(latency_ms=999.0, timestamp=midnight - timedelta(hours=2)),  # yesterday
                 metric(latency_ms=5.0, timestamp=midnight + so_far / 2, action_type="lod4"),
+                # A timeout: in the count and average, not in the percentiles a user waits for.
+                metric(latency_ms=30_000.0, timestamp=midnight + so_far / 3, error="TimeoutError"),
             ]
             store.emit_many(sent)
             (row,) = plain_sql(database_url, example("average_lod3_latency_today", backend.name))
-            api = store.aggregate(action_type="lod3", since=midnight)
+            api = store.aggregate(action_type="lod3", since=midnight, exact=True)
             if datetime.now(UTC).date() == now.date():
                 break
-    today = [m.latency_ms for m in sent if m.action_type == "lod3" and m.timestamp >= midnight]
-    assert row["count"] == api.count == len(today) >= 3
+    today = [m for m in sent if m.action_type == "lod3" and m.timestamp >= midnight]
+    assert row["count"] == api.count == len(today) >= 4
     assert row["avg_latency_ms"] == pytest.approx(api.avg_latency_ms, rel=1e-12)
-    assert api.avg_latency_ms == pytest.approx(statistics.fmean(today), rel=1e-12)
+    assert api.avg_latency_ms == pytest.approx(statistics.fmean(m.latency_ms for m in today), rel=1e-12)
+    if backend.name == "postgresql":  # SQLite's example has no percentiles (no percentile_cont)
+        succeeded = [m.latency_ms for m in today if m.error is None]
+        for name, q in (("p50_latency_ms", 50), ("p95_latency_ms", 95)):
+            want = float(numpy.percentile(succeeded, q))  # NumPy's 'linear', as percentile_cont
+            assert row[name] == pytest.approx(want, rel=1e-12)
+            assert getattr(api, name) == pytest.approx(want, rel=1e-12)
 
 
 def test_gross_margin_for_lod4_this_week(town, backend) -> None:

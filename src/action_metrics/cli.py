@@ -424,7 +424,12 @@ def downgrade(revision: str, url: str | None, sql: bool, forget_prune: bool) -> 
     callback=_since,
     help="Remove raw rows older than this: 90d, 12w, 24h.",
 )
-@click.option("--before", metavar="DATE", callback=_since, help="Remove raw rows before this date (UTC).")
+@click.option(
+    "--before",
+    metavar="DATE",
+    callback=_since,
+    help="Remove raw rows before the UTC midnight at or before this date/time (no zone: local time).",
+)
 @click.option("--dry-run", is_flag=True, help="Print what would be removed, remove nothing.")
 @friendly_errors
 def prune(url: str | None, older_than: datetime | None, before: datetime | None, dry_run: bool) -> None:

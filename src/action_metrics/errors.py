@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 
 
 class ActionMetricsError(Exception):
@@ -40,11 +40,13 @@ class InvalidPrice(InvalidValue):
     def inside_pruned_day(cls, start: datetime, cutoff: datetime) -> InvalidPrice:
         """A new price from inside a UTC day whose raw rows `prune` removed: the rollups cannot be
         split there any more."""
+        midnight = start.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         return cls(
             "effective_from",
             f"{start.isoformat()} falls inside a UTC day whose raw rows were pruned (before "
-            f"{cutoff.isoformat()}), so the day cannot be split there: start the price at the "
-            "day's midnight or at the cut-off",
+            f"{cutoff.isoformat()}), so the day cannot be split there: start the price at that "
+            f"day's UTC midnight, {midnight.isoformat()} (a time without a zone is local time), or "
+            "at the cut-off",
         )
 
 

@@ -20,8 +20,9 @@
 -- a double, and read as an INTEGER below 9.2e18 (just under 2**63), as a REAL from there: exact
 -- integers below 2**53 (~9.0e15), rounded to a double's 53 bits above, never an error. revenue_usd is
 -- a TOTAL too (a whole-dollar credit price is stored as an INTEGER, so a SUM of its products could
--- overflow); cost_usd adds REALs, which SUM never overflows; count, error_count and unpriced_count
--- count actions, and stay SUM.
+-- overflow); cost_usd is a TOTAL of REALs. Both money columns are REALs in every row (0.0 where nothing
+-- is priced: SUM's NULL read as an INTEGER 0 before). count, error_count and unpriced_count count
+-- actions, and stay SUM.
 CREATE VIEW action_metrics_hourly AS
 WITH parts AS (
     SELECT
@@ -60,12 +61,12 @@ grouped AS (
         CASE WHEN TOTAL(s.reasoning_tokens) < 9.2e18 THEN CAST(TOTAL(s.reasoning_tokens) AS INTEGER)
             ELSE TOTAL(s.reasoning_tokens) END AS reasoning_tokens,
         SUM(s.error_count) AS error_count,
-        COALESCE(SUM(
+        TOTAL(
             ((s.tokens_in - s.cache_read_tokens - s.cache_write_tokens) * p.input_per_1m
             + s.cache_read_tokens * COALESCE(p.cache_read_per_1m, p.input_per_1m)
             + s.cache_write_tokens * COALESCE(p.cache_write_per_1m, p.input_per_1m)
             + s.tokens_out * p.output_per_1m) / 1000000.0
-        ), 0)
+        )
             AS cost_usd,
         TOTAL(s.credits_charged * c.usd_per_credit) AS revenue_usd,
         SUM(CASE WHEN p.model IS NULL THEN s.count ELSE 0 END) AS unpriced_count,
