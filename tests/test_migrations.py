@@ -11,16 +11,18 @@ import json
 import math
 import random
 import re
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from conftest import assert_one_line_error, metric, run_cli
+from conftest import Databases, assert_one_line_error, metric, postgres_admin, run_cli
 from sqlalchemy import Connection, insert, inspect, literal, make_url, null, select, text
 
 from action_metrics import ActionMetric, MetricsStore, SchemaOutOfDate, migrate
@@ -651,3 +653,127 @@ def test_a_downgrade_below_0004_warns_of_the_columns_it_drops(database_url: str)
     with MetricsStore(url) as store:
         (again,) = store.query()
         assert (again.error, again.cache_read_tokens) == (None, 0)  # as the warning said
+
+
+# --- what a migration that re-creates views keeps, and what of the user's stops it (PostgreSQL) ---
+# DROP VIEW takes with it what was granted on the view and is refused under a view of the user's;
+# SQLite has neither grants nor that check. Table-level grants: see test_least_privilege.py.
+
+
+async def _run_sql(url: str, *statements: str, user: str | None = None) -> list[Any]:
+    parsed = make_url(url)
+    if user is not None:
+        parsed = parsed.set(username=user, password=None)
+    connection = await asyncpg.connect(parsed.render_as_string(hide_password=False), timeout=10)
+    try:
+        rows: list[Any] = []
+        for statement in statements:
+            rows = await connection.fetch(statement)
+        return rows
+    finally:
+        await connection.close()
+
+
+def _sql(url: str, *statements: str, user: str | None = None) -> list[Any]:
+    """Run statements on `url`'s database (as `user` if given); the rows of the last one."""
+    return asyncio.run(_run_sql(url, *statements, user=user))
+
+
+@pytest.fixture
+def postgres_at_0016(backend: Databases, empty_database_url: str) -> str:
+    """A PostgreSQL database at 0016, the revision before 0017 re-creates action_metrics_daily_by_town."""
+    if backend.name != "postgresql":
+        pytest.skip("SQLite has no grants, and its DROP VIEW does not check the views depending on it")
+    upgraded = run_cli("db", "upgrade", "0016", "--url", empty_database_url)
+    assert upgraded.exit_code == 0, upgraded.output
+    return empty_database_url
+
+
+@pytest.fixture
+def reader(postgres_at_0016: str) -> Iterator[str]:
+    """A login role that may connect to the database and use its schema, and nothing else yet."""
+    url = postgres_at_0016
+    role = f"am_reader_{uuid.uuid4().hex[:10]}"
+    postgres_admin(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        _sql(
+            url,
+            f'GRANT CONNECT ON DATABASE "{make_url(url).database}" TO "{role}"',
+            f'GRANT USAGE ON SCHEMA public TO "{role}"',
+        )
+        yield role
+    finally:
+        _sql(url, f'DROP OWNED BY "{role}"')  # its privileges there, so that the role can go
+        postgres_admin(f'DROP ROLE "{role}"')
+
+
+BY_TOWN = "action_metrics_daily_by_town"
+
+
+def test_column_grants_on_a_view_survive_the_migrations_that_re_create_it(
+    postgres_at_0016: str, reader: str
+) -> None:
+    url = postgres_at_0016
+    _sql(
+        url,
+        f'GRANT SELECT (day, town_id, count, cost_usd) ON {BY_TOWN} TO "{reader}"',
+        f'GRANT SELECT (tokens_in) ON {BY_TOWN} TO "{reader}" WITH GRANT OPTION',
+        f'GRANT SELECT ON action_metrics_hourly TO "{reader}"',  # a table-level one beside them
+    )
+
+    def granted_as_before() -> None:
+        rows = _sql(url, f"SELECT day, town_id, count, cost_usd, tokens_in FROM {BY_TOWN}", user=reader)
+        assert rows == []
+        assert _sql(url, "SELECT count(*) FROM action_metrics_hourly", user=reader)[0][0] == 0
+        for denied in (
+            f"SELECT model FROM {BY_TOWN}",
+            f"SELECT * FROM {BY_TOWN}",
+            "SELECT * FROM action_metrics_daily",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                _sql(url, denied, user=reader)
+        options = _sql(
+            url,
+            f"SELECT has_column_privilege('{reader}', '{BY_TOWN}', 'tokens_in', 'SELECT WITH GRANT OPTION'), "
+            f"has_column_privilege('{reader}', '{BY_TOWN}', 'day', 'SELECT WITH GRANT OPTION')",
+        )
+        assert tuple(options[0]) == (True, False)
+
+    for command in (["upgrade", "0017"], ["downgrade", "0016"]):  # 0017 re-creates the view both ways
+        migrated = run_cli("db", *command, "--url", url)
+        assert migrated.exit_code == 0, migrated.output
+        assert _on_database(url, _schema)[2] == command[1]
+        granted_as_before()
+
+
+def test_a_column_grant_on_a_column_a_migration_drops_is_skipped(postgres_at_0016: str, reader: str) -> None:
+    """Below 0004 the views have no error_count: its grant cannot be restored, the others are."""
+    url = postgres_at_0016
+    _sql(url, f'GRANT SELECT (day, error_count) ON action_metrics_daily TO "{reader}"')
+    downgraded = run_cli("db", "downgrade", "0003", "--url", url)
+    assert downgraded.exit_code == 0, downgraded.output
+    assert _sql(url, "SELECT day FROM action_metrics_daily", user=reader) == []
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        _sql(url, "SELECT count FROM action_metrics_daily", user=reader)
+
+
+def test_a_view_of_the_users_on_a_view_a_migration_re_creates_is_named_in_one_line(
+    postgres_at_0016: str,
+) -> None:
+    url = postgres_at_0016
+    _sql(url, f"CREATE VIEW my_town_panel AS SELECT * FROM {BY_TOWN}")
+
+    def refused(*command: str, revision: str) -> None:
+        result = run_cli("db", *command, "--url", url)
+        assert_one_line_error(result, 1, "view my_town_panel depends on view action_metrics_daily_by_town")
+        assert "drop view my_town_panel, run the migration, then re-create it" in result.stderr
+        # Nothing was changed: the migration's transaction was rolled back, the user's view kept.
+        _, views, at = _on_database(url, _schema)
+        assert (at, "my_town_panel" in views) == (revision, True)
+
+    refused("upgrade", revision="0016")
+    # As the error says: drop it, migrate, re-create it; then going back is refused the same way.
+    _sql(url, "DROP VIEW my_town_panel")
+    assert run_cli("db", "upgrade", "--url", url).exit_code == 0
+    _sql(url, f"CREATE VIEW my_town_panel AS SELECT * FROM {BY_TOWN}")
+    refused("downgrade", "0016", revision=migrate.head_revision())

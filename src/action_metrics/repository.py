@@ -146,10 +146,26 @@ def translate(error: BaseException, where: str) -> DatabaseError | None:
             return DataRejected(f"{where} rejected the data: {reason}", reason)
         if error.connection_invalidated or isinstance(error, OperationalError | InterfaceError):
             return DatabaseUnavailable(f"cannot use {where}: {reason}", reason)
-        if getattr(error.orig, "sqlstate", None) == _NO_SUCH_DATABASE:
+        sqlstate = getattr(error.orig, "sqlstate", None)
+        if sqlstate == _NO_SUCH_DATABASE:
             return StatementRefused(
                 f"{where} refused the connection: {reason}; create the database (createdb), then its "
                 "schema (action-metrics db upgrade)",
+                reason,
+            )
+        if sqlstate == "2BP01":  # dependent_objects_still_exist: a migration's DROP under the user's objects
+            # asyncpg's DETAIL (on SQLAlchemy's adapter, else the driver's exception under it) has a line
+            # "view my_town_panel depends on view action_metrics_daily_by_town" per object in the way.
+            driver_error = getattr(error.orig, "__cause__", None)
+            detail = getattr(error.orig, "detail", None) or getattr(driver_error, "detail", None)
+            lines = [line.strip() for line in str(detail or "").splitlines() if line.strip()]
+            named = [line.split(" depends on ")[0] for line in lines if " depends on " in line]
+            dependents = " and ".join(dict.fromkeys(named)) or "them"
+            return StatementRefused(
+                f"{where} refused the statement: {reason} ({'; '.join(lines) or 'see the server log'}); "
+                "objects of yours depend on what the migration drops (it re-creates the views it "
+                f"redefines): drop {dependents}, run the migration, then re-create "
+                f"{'it' if len(set(named)) == 1 else 'them'}",
                 reason,
             )
         return StatementRefused(

@@ -15,10 +15,13 @@ from sqlalchemy import text
 from action_metrics.migrate import read_view_sql
 
 # Plain SQL, so that `db upgrade --sql` prints it for a DBA too. Grants to the owner are implicit.
+# Table-level grants (pg_class.relacl) have no column_name; column-level ones (pg_attribute.attacl,
+# `GRANT SELECT (day, count) ON view TO role`) have one row per column.
 _SAVE_GRANTS: Final = """
 CREATE TEMPORARY TABLE action_metrics_saved_grants ON COMMIT DROP AS
 SELECT
     c.relname AS view_name,
+    CAST(NULL AS name) AS column_name,
     a.privilege_type,
     CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END AS grantee,
     a.is_grantable
@@ -26,16 +29,44 @@ FROM pg_class AS c
 CROSS JOIN LATERAL aclexplode(c.relacl) AS a
 LEFT JOIN pg_roles AS r ON r.oid = a.grantee
 WHERE c.oid IN ({views}) AND a.grantee <> c.relowner
+UNION ALL
+SELECT
+    c.relname,
+    col.attname,
+    a.privilege_type,
+    CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END,
+    a.is_grantable
+FROM pg_class AS c
+JOIN pg_attribute AS col ON col.attrelid = c.oid AND col.attnum > 0 AND NOT col.attisdropped
+CROSS JOIN LATERAL aclexplode(col.attacl) AS a
+LEFT JOIN pg_roles AS r ON r.oid = a.grantee
+WHERE c.oid IN ({views}) AND a.grantee <> c.relowner
 """
+# A column grant is re-granted only if the re-created view still has the column (else a NOTICE).
 _RESTORE_GRANTS: Final = """
 DO $$
 DECLARE saved record;
 BEGIN
     FOR saved IN SELECT * FROM action_metrics_saved_grants LOOP
-        EXECUTE format(
-            'GRANT %s ON %I TO %s%s', saved.privilege_type, saved.view_name, saved.grantee,
-            CASE WHEN saved.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END
-        );
+        IF saved.column_name IS NULL THEN
+            EXECUTE format(
+                'GRANT %s ON %I TO %s%s', saved.privilege_type, saved.view_name, saved.grantee,
+                CASE WHEN saved.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END
+            );
+        ELSIF EXISTS (
+            SELECT FROM pg_attribute
+            WHERE attrelid = to_regclass(quote_ident(saved.view_name))
+                AND attname = saved.column_name AND attnum > 0 AND NOT attisdropped
+        ) THEN
+            EXECUTE format(
+                'GRANT %s (%I) ON %I TO %s%s', saved.privilege_type, saved.column_name, saved.view_name,
+                saved.grantee, CASE WHEN saved.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END
+            );
+        ELSE
+            RAISE NOTICE 'not re-granted, the view no longer has the column: GRANT % (%) ON % TO %',
+                saved.privilege_type, quote_ident(saved.column_name), quote_ident(saved.view_name),
+                saved.grantee;
+        END IF;
     END LOOP;
 END
 $$
@@ -45,7 +76,9 @@ $$
 @contextmanager
 def grants_kept(views: Sequence[str]) -> Iterator[None]:
     """In a migration: re-grant, after the block, what was granted on `views` before it (PostgreSQL;
-    DROP VIEW would otherwise revoke a dashboard role's SELECT silently)."""
+    DROP VIEW would otherwise revoke a dashboard role's SELECT silently): table-level grants, and
+    column-level ones on the columns the views still have after the block (one no longer there is
+    skipped with a NOTICE)."""
     from alembic import op
 
     if op.get_context().dialect.name != "postgresql":
