@@ -367,6 +367,38 @@ def test_bucketed_views_sum_counts_past_64_bits_never_an_error(
     assert past_64_bits == set(COUNTED_SUMS)
 
 
+MICROSECOND = timedelta(microseconds=1)
+
+
+@BUCKETED_VIEWS
+def test_the_open_hour_s_money_is_exact_with_one_huge_action_among_many_tiny_ones(
+    backend, database_url: str, view: str, bucket: str, key: Any, dimensions: tuple[str, ...]
+) -> None:
+    """The open hour's raw rows are priced on their sums per group and price period, as rollup rows
+    are: priced row by row, 20,000 rounded doubles added to 15 million USD drifted by ~7e-6 USD."""
+    now = datetime.now(UTC) - timedelta(seconds=1)
+    book = _book(now)  # opus at its catalogue price throughout
+    # The huge one first in time, so that a row-by-row sum adds each tiny cost to 15 million.
+    sent = [metric(model="opus", tokens_in=10**12, tokens_out=0, timestamp=now - 30_000 * MICROSECOND)]
+    sent += [
+        metric(model="opus", tokens_in=1, tokens_out=1, credits_charged=1, timestamp=now - i * MICROSECOND)
+        for i in range(20_000)
+    ]
+    with MetricsStore(database_url) as store:
+        store.emit_many(sent)
+    (state,) = plain_sql(database_url, "SELECT hours_closed_until FROM action_metrics_rollup_state")
+    if state["hours_closed_until"] is not None:
+        assert _utc(state["hours_closed_until"]) <= min(m.timestamp for m in sent)  # all in raw rows
+    rows = plain_sql(database_url, f"SELECT * FROM {view}")
+    assert len(rows) == 1
+    (row,) = rows
+    want_cost = sum(c for m in sent if (c := cost(m, book)) is not None)
+    assert abs(Decimal(str(row["cost_usd"])) - want_cost) <= Decimal("1e-9"), (row["cost_usd"], want_cost)
+    want_revenue = sum(revenue(m, book) for m in sent)
+    assert abs(Decimal(str(row["revenue_usd"])) - want_revenue) <= Decimal("1e-9")
+    assert row["count"] == len(sent)
+
+
 def test_average_lod3_latency_today(backend, database_url: str) -> None:
     # "Today" is the database's current UTC day. Today's queries are placed between midnight and
     # now, whatever the time; should midnight pass before the answers are in, ask about the new day.

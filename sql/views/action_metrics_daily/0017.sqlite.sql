@@ -46,13 +46,23 @@ WITH parts AS (
         AND r.start >= COALESCE((SELECT days_closed_until FROM action_metrics_rollup_state), '')
         AND r.start < (SELECT hours_closed_until FROM action_metrics_rollup_state)
     UNION ALL
+    -- The open hour's raw rows, one part per bucket, group and price period (as a rollup row is):
+    -- priced once on their sums, not row by row, so that a group's money is not the sum of many
+    -- rounded doubles (one huge action among 20,000 tiny ones stays exact to 1e-9 USD).
     SELECT
-        m."timestamp", m.town_id, m.action_type, m.model, 1, m.tokens_in, m.tokens_out,
-        m.credits_charged, m.latency_ms,
-        m.cache_read_tokens, m.cache_write_tokens, m.reasoning_tokens,
-        CASE WHEN m.error IS NULL THEN 0 ELSE 1 END
+        MIN(m."timestamp"), m.town_id, m.action_type, m.model, COUNT(*), TOTAL(m.tokens_in), TOTAL(m.tokens_out),
+        TOTAL(m.credits_charged), TOTAL(m.latency_ms),
+        TOTAL(m.cache_read_tokens), TOTAL(m.cache_write_tokens), TOTAL(m.reasoning_tokens), COUNT(m.error)
     FROM action_metrics AS m
+    LEFT JOIN model_price_periods AS p
+        ON p.model = m.model
+        AND m."timestamp" >= p.effective_from
+        AND (p.effective_until IS NULL OR m."timestamp" < p.effective_until)
+    LEFT JOIN credit_price_periods AS c
+        ON m."timestamp" >= c.effective_from
+        AND (c.effective_until IS NULL OR m."timestamp" < c.effective_until)
     WHERE m."timestamp" >= COALESCE((SELECT hours_closed_until FROM action_metrics_rollup_state), '')
+    GROUP BY date(m."timestamp"), m.town_id, m.action_type, m.model, p.effective_from, c.effective_from
 ),
 grouped AS (
     SELECT
