@@ -12,6 +12,11 @@ reading it):
   NUMERIC sums themselves, exact at any size (drivers read them as Decimal); the counts of actions
   stay bigint.
 
+On SQLite the views also price the open hour's raw rows on their sums per bucket, group and price
+period, as they price rollup rows, instead of row by row: a group's money was the sum of many rounded
+doubles (one huge action among 20,000 tiny ones drifted 7e-6 USD; PostgreSQL's NUMERIC was exact),
+and their money columns are REALs in every row (an INTEGER 0 where nothing was priced).
+
 Each view's header comment says what its sums are. Downgrading restores the previous definitions.
 
 Revision ID: 0017
