@@ -713,3 +713,42 @@ def test_a_late_metric_after_a_price_began_inside_its_closed_day_is_charged_that
         for window in ({"since": day, "until": day + timedelta(days=1)}, {"model": "opus"}, {}):
             _assert_everything(store, everything, book, **window)
         _assert_sketches_match_the_raw_rows(store, everything)
+
+
+def test_a_batch_spanning_a_history_not_yet_built_closes_a_bounded_part_of_it(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One old metric and one new one over rows not yet in the rollups (an upgrade interrupted or
+    still building, a `--sql` migration) span the whole backlog: their batch closed all of it in one
+    transaction, holding the write lock for tens of seconds at 300k actions. Now it closes buckets
+    holding at most a budget of actions (here 200), and later batches catch up the rest, every answer
+    exact on the way."""
+    from action_metrics import rollup
+
+    monkeypatch.setattr(rollup, "MIN_ACTIONS_CLOSED_PER_BATCH", 200)
+    rng = random.Random(11)
+    history = _spread(rng, 1_500, NOW - timedelta(days=60), NOW - timedelta(hours=2))
+    with MetricsStore(database_url) as store:
+        store.emit_many(history[:1])  # closes nothing: its batch is at the very start
+    _reset_rollups(database_url)
+    with MetricsStore(database_url) as store:
+        store._call(_insert_without_rollups(store, history[1:]))
+        mixed = [_metric(rng, NOW - timedelta(seconds=1)), _metric(rng, NOW - timedelta(days=80))]
+        store.emit_many(mixed)
+        sent = [*history, *mixed]
+        first = _state(store).hours_closed_until
+        assert first is not None
+        # 200 actions of the history are ~8 days of it (more than MAX_HOURS_CLOSED_PER_BATCH's 48 h).
+        assert first < NOW - timedelta(days=45), first
+        _assert_everything(store, sent, _book())
+        batches = 0
+        while (reached := _state(store).hours_closed_until) < floor_to(NOW - CLOSE_DELAY, "hour"):
+            new = _metric(rng, datetime.now(UTC) - timedelta(seconds=1))
+            store.emit_many([new])  # newer than the backlog: closes 48 hours of it (the backlog rule)
+            sent.append(new)
+            batches += 1
+            assert _state(store).hours_closed_until > reached  # every batch moves it on
+            assert batches < 40
+        assert batches >= 5  # the backlog took several bounded steps, not one
+        for window in WINDOWS:
+            _assert_everything(store, sent, _book(), **window)

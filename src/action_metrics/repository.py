@@ -313,7 +313,9 @@ class MetricsRepository:
             if newest - datetime.min.replace(tzinfo=UTC) > rollup.CLOSE_DELAY:
                 oldest = min(metric.timestamp for metric in metrics)
                 reach = newest - rollup.CLOSE_DELAY
-                closed = await rollup.close(connection, self.backend, state, reach, batch_since=oldest)
+                closed = await rollup.close(
+                    connection, self.backend, state, reach, batch_since=oldest, batch_size=len(metrics)
+                )
                 await rollup.write_state(connection, state, closed)
         return new
 

@@ -89,6 +89,14 @@ MAX_DAYS_CLOSED_PER_BATCH: Final = 2
 """A batch closes every bucket it moved past, but at most this much of a backlog older than itself
 (a database migrated with `--sql` and not yet built): catching up costs every batch a bounded amount
 instead of one batch all of it."""
+ACTIONS_CLOSED_PER_METRIC: Final = 4
+MIN_ACTIONS_CLOSED_PER_BATCH: Final = 50_000
+"""The buckets a batch moved past may hold far more actions than it brought: one old metric and one
+new one over a history not yet built (an upgrade interrupted, or still building) spanned the whole
+backlog, which one transaction then closed, holding the write lock for tens of seconds (other
+writers on SQLite failed with "database is locked"). So a batch closes buckets holding at most
+this many actions per metric it brings, and at least this many (or `MAX_*_CLOSED_PER_BATCH`
+buckets); a batch of new actions in time order moves past little more than its own."""
 
 STATE_ID: Final = 1
 GRAINS: Final[tuple[Grain, ...]] = ("hour", "day", "month")
@@ -658,14 +666,25 @@ async def close(
     reach: datetime,
     *,
     batch_since: datetime | None = None,
+    batch_size: int = 0,
     max_hours: int = MAX_HOURS_CLOSED_PER_BATCH,
     max_days: int = MAX_DAYS_CLOSED_PER_BATCH,
 ) -> RollupState:
     """Close the buckets that end at or before `reach`, within the connection's transaction; the
     new state, not yet written. Buckets before `batch_since` (the oldest metric of the batch doing
-    this; None: all of them) are a backlog, closed `max_hours` hours and `max_days` days at a time."""
+    this; None: all of them) are a backlog, closed `max_hours` hours and `max_days` days at a time;
+    the buckets a batch of `batch_size` metrics moved past, at most those holding
+    `ACTIONS_CLOSED_PER_METRIC` actions per metric (`MIN_ACTIONS_CLOSED_PER_BATCH` at least)."""
+    budget = max(MIN_ACTIONS_CLOSED_PER_BATCH, ACTIONS_CLOSED_PER_METRIC * batch_size)
     hours = await _close_grain(
-        connection, backend, "hour", state.hours_closed_until, floor_to(reach, "hour"), batch_since, max_hours
+        connection,
+        backend,
+        "hour",
+        state.hours_closed_until,
+        floor_to(reach, "hour"),
+        batch_since,
+        max_hours,
+        budget,
     )
     reached = state.user_hours_until
     if (
@@ -677,7 +696,14 @@ async def close(
         await _clear_user_day(connection, state.days_closed_until)
         reached = None
     days = await _close_grain(
-        connection, backend, "day", state.days_closed_until, floor_to(hours, "day"), batch_since, max_days
+        connection,
+        backend,
+        "day",
+        state.days_closed_until,
+        floor_to(hours, "day"),
+        batch_since,
+        max_days,
+        budget,
     )
     if state.days_closed_until is None or state.days_closed_until < days:
         await _add_days_to_months(connection, backend, Scope(state.days_closed_until, days))
@@ -764,19 +790,41 @@ async def _close_grain(
     target: datetime,
     batch_since: datetime | None,
     most: int,
+    budget: int,
 ) -> datetime:
     """Fill the levels of `grain` from `closed` (None: the beginning) up to `target`, skipping the
-    buckets without actions; a backlog at most `most` buckets at a time. How far it got."""
+    buckets without actions; a backlog at most `most` buckets at a time, a batch's buckets at most
+    those holding `budget` actions (or `most` buckets). How far it got."""
     if closed is not None and closed >= target:
         return closed
     following = await _next_timestamp(connection, closed)
     if following is None or following >= target:
         return target
     since = floor_to(following, grain)
+    bounded = since + most * GRAIN_LENGTH[grain]
     backlog = batch_since is None or since + GRAIN_LENGTH[grain] < floor_to(batch_since, grain)
-    until = min(target, since + most * GRAIN_LENGTH[grain]) if backlog else target
+    if backlog:
+        until = min(target, bounded)
+    else:
+        beyond = await _timestamp_after(connection, since, budget)
+        until = target if beyond is None else min(target, max(bounded, floor_to(beyond, grain)))
     await fill(connection, backend, levels_of(grain), Scope(since, until), closing=True)
     return until
+
+
+async def _timestamp_after(connection: AsyncConnection, since: datetime, actions: int) -> datetime | None:
+    """The timestamp of the action that follows the first `actions` at or after `since` (None: there
+    are no more): read through the time index, as far as those actions."""
+    m = action_metrics
+    statement = (
+        select(m.c.timestamp)
+        .where(*range_terms(m.c.timestamp, since, None))
+        .order_by(m.c.timestamp)
+        .offset(actions)
+        .limit(1)
+    )
+    result: datetime | None = (await connection.execute(statement)).scalar()
+    return result
 
 
 async def write_state(connection: AsyncConnection, before: RollupState, after: RollupState) -> None:
