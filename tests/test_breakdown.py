@@ -486,6 +486,78 @@ def test_a_town_s_buckets_end_at_its_own_newest_action_not_another_town_s_far_fu
             assert "give an until" in str(raised.value)
 
 
+def _every_37_minutes(first: datetime, count: int) -> list[ActionMetric]:
+    """Two action types, two towns and two models over ~`count` * 37 minutes from `first`."""
+    return [
+        a_metric(
+            action_type=("lod3", "lod4")[i % 2],
+            town_id=("town-1", "town-2")[i % 3 % 2],
+            model=("haiku", "sonnet")[i % 5 % 2],
+            latency_ms=10.0 + i,
+            timestamp=first + timedelta(minutes=37 * i),
+        )
+        for i in range(count)
+    ]
+
+
+def _counts(rows: list[Any], key: str | None) -> dict[Any, int]:
+    return {(row.keys.get(key) if key else None, row.bucket_start): row.figures.count for row in rows}
+
+
+def _expected_counts(
+    metrics: list[ActionMetric], key: str | None, since: datetime, until: datetime
+) -> dict[Any, int]:
+    counts: dict[Any, int] = defaultdict(int)
+    for m in metrics:
+        if since <= m.timestamp < until:
+            day = m.timestamp.replace(hour=0, minute=0, second=0, microsecond=0)
+            counts[(getattr(m, key) if key else None, day)] += 1
+    return dict(counts)
+
+
+@pytest.mark.parametrize("key", [None, "action_type", "town_id", "model"])
+def test_a_breakdown_of_one_bucket_answers(database_url: str, key: str | None) -> None:
+    """One day asked for, per day: its bucket was the inline integer 0, which a GROUP BY reads as a
+    column's position ("GROUP BY position 0 is not in select list" on PostgreSQL, "3rd GROUP BY term
+    out of range" on SQLite) wherever the statement groups by the bucket."""
+    first = floor_day(datetime.now(UTC)) - timedelta(days=20) + timedelta(hours=14)
+    metrics = _every_37_minutes(first, 600)
+    day = floor_day(first) + timedelta(days=3)
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        for exact in (False, True):
+            rows = store.breakdown(
+                *([key] if key else []), bucket="day", since=day, until=day + DAY, exact=exact
+            )
+            assert _counts(rows, key) == _expected_counts(metrics, key, day, day + DAY), exact
+
+
+def test_after_a_prune_per_day_breakdowns_answer_from_the_first_stored_day(database_url: str) -> None:
+    """The first bucket began at the first action stored (14:00), so its partial day was read from
+    raw rows, which a prune had removed: every per-day breakdown reaching it over a pruned period
+    raised `RawRowsPruned` although only whole days were asked for."""
+    first = floor_day(datetime.now(UTC)) - timedelta(days=30) + timedelta(hours=14)
+    metrics = _every_37_minutes(first, 1_100)
+    cutoff = floor_day(datetime.now(UTC)) - timedelta(days=20)
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        store.prune(cutoff)
+        end = max(m.timestamp for m in metrics) + timedelta(seconds=1)
+        for key in (None, "action_type", "town_id", "model"):
+            by = [key] if key else []
+            for since in (None, floor_day(first), floor_day(first) + DAY):
+                rows = store.breakdown(*by, bucket="day", since=since)
+                want = _expected_counts(metrics, key, since or first, end)
+                assert _counts(rows, key) == want, (key, since)
+
+
+DAY: Final = timedelta(days=1)
+
+
+def floor_day(moment: datetime) -> datetime:
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 @pytest.mark.not_on_clickhouse("ClickHouse's DateTime64 begins in 1900: it refuses these actions when stored")
 def test_buckets_in_the_year_1_answer_or_are_refused_naming_bucket(database_url: str) -> None:
     """The year 1's first moments: a window there reads what is stored, and a bucket that would

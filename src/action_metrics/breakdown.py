@@ -177,7 +177,9 @@ def bucket_index(
 
     def of(moment: ColumnElement[Any]) -> ColumnElement[int]:
         if len(starts) == 2:  # one bucket: the rows read lie in it (by user over a window)
-            return inline(0, BigInteger)
+            # Not a bare 0: in a GROUP BY both databases read an integer literal as a column's
+            # position ("GROUP BY position 0 is not in select list").
+            return cast(inline(0, BigInteger), BigInteger)
         seconds = backend.epoch_seconds(moment)
 
         def search(low: int, high: int) -> ColumnElement[int]:

@@ -440,6 +440,12 @@ class MetricsRepository:
                 since, until = await _window(connection, metric_filter, state)
                 if since >= until:
                     return
+                if metric_filter.since is None or since > metric_filter.since:
+                    # Nothing is stored before `since`: start at its UTC day (not before the filter's
+                    # own since), so that the first bucket is read from whole rollup days as the
+                    # others are, which is all a pruned period still has (it was read from the raw
+                    # rows of its first action's partial day, and refused once they were pruned).
+                    since = max(rollup.floor_to(since, "day"), metric_filter.since or _FIRST_MOMENT)
                 local = bucket_starts(request.bucket, request.zone, since, until)
                 starts = [start.astimezone(UTC) for start in local]
                 windows = [(max(a, since), min(b, until)) for a, b in pairwise(starts)]
