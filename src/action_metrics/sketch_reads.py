@@ -34,6 +34,7 @@ from sqlalchemy import (
     String,
     and_,
     case,
+    cast,
     func,
     literal,
     select,
@@ -293,8 +294,8 @@ def raw_ranges(pieces: Sequence[Piece]) -> list[Range]:
 def _bucket_of_piece(moment: ColumnElement[Any], pieces: Sequence[Piece]) -> ColumnElement[int]:
     """The bucket of the piece (of `pieces`, sorted, none overlapping) holding `moment`: a binary
     search over their starts written as nested CASEs."""
-    if len(pieces) == 1:
-        return literal(pieces[0].bucket, BigInteger, literal_execute=True)
+    if len(pieces) == 1:  # a CAST, not a bare integer, which a GROUP BY reads as a column position
+        return cast(literal(pieces[0].bucket, BigInteger, literal_execute=True), BigInteger)
     middle = len(pieces) // 2
     bound = literal(pieces[middle].since, action_metrics.c.timestamp.type)
     return case(
