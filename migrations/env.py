@@ -36,7 +36,12 @@ def configure(dialect: str, **options: object) -> None:
 
 def run_offline() -> None:
     backend = backend_for(database_url())
-    configure(backend.name, url=backend.url, literal_binds=True)
+    # One transaction for the whole script on every backend, as online: applied by hand
+    # (`sqlite3 -bail db < upgrade.sql`), a statement that fails leaves the database as it was, not
+    # between revisions with a half-copied table. alembic's SQLite default (no transactional DDL)
+    # would print no BEGIN/COMMIT at all. SQLite runs every statement of the scripts in a
+    # transaction: they hold no PRAGMA, VACUUM or ATTACH.
+    configure(backend.name, url=backend.url, literal_binds=True, transactional_ddl=True)
     with context.begin_transaction():
         context.run_migrations()
 

@@ -1249,3 +1249,76 @@ def _upgrade_schema_alone(url: str) -> None:
             await engine.dispose()  # or run_async waits out aiosqlite's worker thread (10 s)
 
     run_async(upgrade())
+
+
+def _table_rows(output: str) -> list[dict[str, str]]:
+    """The rows of the Rich table in `output`, each a dict of its column's header to its cell."""
+    lines = output.splitlines()
+    header = next(line for line in lines if line.startswith("┃"))
+    names = [name.strip() for name in header.strip("┃").split("┃")]
+    return [
+        dict(zip(names, (cell.strip() for cell in line.strip("│").split("│")), strict=True))
+        for line in lines
+        if line.startswith("│")
+    ]
+
+
+def test_a_breakdown_table_shows_unpriced_actions_never_a_silent_zero(database_url: str) -> None:
+    """A model never priced counts no cost: `report --by model` (per week too) shows its actions in an
+    `unpriced_count` column and its cost, profit and margin as n/a, not $0.0000 and 100.0%; a group
+    some of whose actions are unpriced has those figures marked *, as the table's caption says. JSON
+    and CSV carry `unpriced_count`; a table with no unpriced action has neither column nor caption."""
+    monday = datetime(2026, 11, 2, 12, tzinfo=UTC)
+    with MetricsStore(database_url) as store:
+        store.emit_many(
+            [
+                *(a_metric(model="never-priced", timestamp=monday + timedelta(hours=h)) for h in range(3)),
+                a_metric(model="haiku", timestamp=monday),
+                a_metric(model="never-priced", town_id="town-2", timestamp=monday + timedelta(days=8)),
+            ]
+        )
+    report = ("report", "--url", database_url)
+    unpriced = ("n/a", "n/a", "n/a")
+    for bucket in ((), ("--bucket", "week")):
+        table = run_cli(*report, "--by", "model", *bucket, COLUMNS="250")
+        assert table.exit_code == 0, table.output
+        rows = _table_rows(table.output)
+        assert "unpriced_count: actions of models with no price" in table.output
+        shown = {
+            (row["model"], row.get("bucket_start")): (
+                row["count"],
+                row["unpriced_count"],
+                row["total_cost_usd"],
+                row["total_profit_usd"],
+                row["gross_margin"],
+            )
+            for row in rows
+        }
+        if not bucket:
+            assert shown == {
+                ("haiku", None): ("1", "0", "$0.0001", "$0.0599", "99.9%"),
+                ("never-priced", None): ("4", "4", *unpriced),
+            }
+        else:
+            assert shown == {
+                ("haiku", "2026-11-02T00:00:00+00:00"): ("1", "0", "$0.0001", "$0.0599", "99.9%"),
+                ("never-priced", "2026-11-02T00:00:00+00:00"): ("3", "3", *unpriced),
+                ("never-priced", "2026-11-09T00:00:00+00:00"): ("1", "1", *unpriced),
+            }
+        assert all(row["total_revenue_usd"] != "n/a" for row in rows)  # revenue is known
+
+    towns = run_cli(*report, "--by", "town", COLUMNS="250")
+    by_town = {row["town_id"]: row for row in _table_rows(towns.output)}
+    assert by_town["town-1"]["unpriced_count"] == "3"
+    for figure in ("total_cost_usd", "total_profit_usd", "gross_margin"):
+        assert by_town["town-1"][figure].endswith("*")
+        assert by_town["town-2"][figure] == "n/a"
+
+    priced = run_cli(*report, "--by", "model", "--model", "haiku", COLUMNS="250")
+    assert "unpriced_count" not in priced.output
+    assert [row["total_cost_usd"] for row in _table_rows(priced.output)] == ["$0.0001"]
+
+    as_json = json.loads(run_cli(*report, "--by", "model", "--json").output)
+    assert {row["model"]: row["unpriced_count"] for row in as_json} == {"haiku": 0, "never-priced": 4}
+    as_csv = csv.DictReader(io.StringIO(run_cli(*report, "--by", "model", "--csv").output))
+    assert {line["model"]: line["unpriced_count"] for line in as_csv} == {"haiku": "0", "never-priced": "4"}

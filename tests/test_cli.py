@@ -5,18 +5,21 @@ through its real entry points in a subprocess (`test_the_console_script_runs_the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import sqlite3
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from conftest import CLI_VARIABLES, assert_one_line_error, metric, run_cli
@@ -130,6 +133,200 @@ def test_tables_written_to_a_pipe_are_not_cut_to_80_columns(store: MetricsStore)
 def test_an_unsupported_url_is_refused_with_the_supported_ones() -> None:
     result = run_cli("db", "upgrade", "--url", "mysql://root@localhost/x")
     assert_one_line_error(result, 1, "sqlite:///")
+
+
+def _execute(url: str, *statements: str) -> None:
+    """Run `statements` on the database at `url` as a DBA would, in plain SQL."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        with sqlite3.connect(parsed.database or "") as connection:
+            for statement in statements:
+                connection.execute(statement)
+        return
+
+    async def run() -> None:
+        connection = await asyncpg.connect(parsed.set(drivername="postgresql").render_as_string(False))
+        try:
+            for statement in statements:
+                await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
+
+
+def _revision(url: str) -> str:
+    return run_cli("db", "current", "--url", url).stdout.split()[0]
+
+
+@pytest.mark.parametrize("start", ["0002", "0004"])
+def test_an_upgrade_over_rows_that_break_a_rule_is_one_line(start: str, empty_database_url: str) -> None:
+    """0005's refusal is one line and exit 1, not a traceback; the database stays at its revision.
+    From before 0004, `error` is named after metadata.error, where that database keeps it, and the
+    rules over the token kinds 0004 adds as 0 (which break only with their totals) are left out."""
+    url = empty_database_url
+    assert run_cli("db", "upgrade", start, "--url", url).exit_code == 0
+    sqlite = make_url(url).get_backend_name() == "sqlite"
+    row = {
+        "id": f"'{uuid.uuid4().hex}'",
+        "timestamp": "'2026-11-20 10:00:00.000000'" if sqlite else "'2026-11-20 10:00:00+00'",
+        "action_type": "'lod3'",
+        "user_id": "'u'",
+        "town_id": "'t'",
+        "model": "'haiku'",
+        "tokens_in": "-5",
+        "tokens_out": "0",
+        "latency_ms": "1",
+        "credits_charged": "0",
+        "metadata": """'{"error": ""}'""",  # 0004 moves an empty error into `error`, which breaks it
+        **({"error": "''"} if start == "0004" else {}),
+    }
+    _execute(url, f"INSERT INTO action_metrics ({', '.join(row)}) VALUES ({', '.join(row.values())})")
+
+    result = run_cli("db", "upgrade", "--url", url)
+    error = "from metadata.error: NULL or 1-256 characters" if start == "0002" else "NULL or 1-256 characters"
+    assert_one_line_error(
+        result, 1, f"action_metrics holds rows that its readers cannot read: 1 rows break error ({error})"
+    )
+    assert "1 rows break tokens_in (an integer >= 0)" in result.stderr
+    assert ("tokens_in_parts" in result.stderr) == (start == "0004")
+    assert _revision(url) == start
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["db", "current"],
+        ["db", "upgrade"],
+        ["db", "prune", "--older-than", "5d"],
+        ["report"],
+        ["prices", "list"],
+    ],
+)
+def test_a_sqlite_url_with_two_slashes_is_one_line_showing_the_form(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(*command, "--url", "sqlite://relative.db")
+    assert_one_line_error(result, 1, "sqlite:///relative.db (from the working directory) or sqlite:////")
+    assert "'sqlite://relative.db'" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("revision", "whole_schema"), [("0099", True), ("9a1b2c3d", False)])
+def test_a_database_at_an_unknown_revision_is_named_and_left_alone(
+    backend: Any, revision: str, whole_schema: bool
+) -> None:
+    """A newer release's revision (the whole schema there), or another project's (only its
+    alembic_version): `db current` says it is unknown, every migration refuses it in one line."""
+    url = backend.migrated() if whole_schema else backend.empty()
+    try:
+        if whole_schema:
+            _execute(url, f"UPDATE alembic_version SET version_num = '{revision}'")
+        else:
+            _execute(
+                url,
+                "CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)",
+                f"INSERT INTO alembic_version VALUES ('{revision}')",
+            )
+        current = run_cli("db", "current", "--url", url)
+        assert current.exit_code == 0, current.output
+        assert current.stdout.startswith(
+            f"{revision} (unknown to this action-metrics, whose revisions are 0001 to "
+        )
+        assert "behind" not in current.stdout
+        for command in (
+            ["upgrade"],
+            ["upgrade", "--sql"],
+            ["downgrade", "base"],
+            ["downgrade", "--sql", "base"],
+            ["downgrade", "--url", url, "--", "-1"],
+            ["downgrade", "--sql", "--url", url, "--", "-1"],
+        ):
+            given = command if "--url" in command else [*command, "--url", url]
+            result = run_cli("db", *given)
+            assert_one_line_error(
+                result, 1, f"is at schema revision {revision}, unknown to this action-metrics"
+            )
+            assert "nothing was changed" in result.stderr
+        assert _revision(url) == revision
+    finally:
+        backend.drop(url)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["db", "prune", "--older-than", "5d"],
+        ["db", "prune", "--older-than", "5d", "--dry-run"],
+        ["db", "downgrade", "base"],
+        ["db", "downgrade", "--sql", "base"],
+        ["report"],
+        ["report", "--json"],
+        ["report", "--by", "town"],
+        ["prices", "list"],
+        ["prices", "sync"],
+        ["prices", "set", "haiku", "--input", "1", "--output", "5"],
+    ],
+)
+def test_a_command_on_a_sqlite_file_that_is_not_there_creates_nothing(
+    command: list[str], tmp_path: Path
+) -> None:
+    """A mistyped path is an error naming the file, not a new empty store answering zeros."""
+    missing = tmp_path / "missing.db"
+    result = run_cli(*command, "--url", f"sqlite:///{missing}")
+    assert_one_line_error(result, 1, f"there is no file {missing} (a mistyped path?)")
+    assert "action-metrics db upgrade --url" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_demo_and_db_upgrade_still_create_a_sqlite_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They are how a store is made (`make demo`, the quick start); then the other commands read it."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("demo", "--size", "5").exit_code == 0  # the default, sqlite:///action_metrics.db
+    assert (tmp_path / "action_metrics.db").is_file()
+    assert run_cli("report", "--json").exit_code == 0
+    upgraded = run_cli("db", "upgrade", "--url", "sqlite:///new.db")
+    assert upgraded.exit_code == 0, upgraded.output
+    assert run_cli("prices", "list", "--url", "sqlite:///new.db").exit_code == 0
+
+
+def test_db_prune_at_an_earlier_cutoff_says_the_later_one_stands(store: MetricsStore) -> None:
+    url = url_of(store)
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    store.emit_many([metric(timestamp=today - timedelta(days=days, hours=3)) for days in (30, 20, 3)])
+    assert run_cli("db", "prune", "--url", url, "--older-than", "10d").exit_code == 0
+    cutoff = (datetime.now(UTC) - timedelta(days=10)).replace(hour=0, minute=0, second=0, microsecond=0)
+    earlier = (cutoff - timedelta(days=15)).date().isoformat()
+
+    again = run_cli("db", "prune", "--url", url, "--before", earlier)
+    assert again.exit_code == 0, again.output
+    assert f"removed 0 raw rows from before {earlier}T00:00:00+00:00" in again.stdout
+    assert f"pruned before {cutoff.isoformat()} already, a later cut-off, which stands" in again.stdout
+    assert f"metrics from before {cutoff.isoformat()} are refused" in again.stdout
+    assert "from now on" not in again.stdout
+    dry = run_cli("db", "prune", "--url", url, "--before", earlier, "--dry-run")
+    assert f"pruned before {cutoff.isoformat()} already, which stands" in dry.stdout
+    # The cut-off in force is still the later one: what needs the raw rows before it is refused.
+    assert_one_line_error(run_cli("report", "--url", url, "--since", "12d"), 1, cutoff.isoformat())
+
+
+def test_db_copy_refuses_a_pruned_source_before_its_progress_bar(backend: Any, store: MetricsStore) -> None:
+    store.emit(metric(timestamp=an_hour_ago(days=20)))
+    url = url_of(store)
+    assert run_cli("db", "prune", "--url", url, "--older-than", "10d").exit_code == 0
+    destination = backend.migrated()
+    try:
+        result = run_cli("db", "copy", "--from", url, "--to", destination)
+        assert_one_line_error(result, 1, "was pruned")
+        assert "Copying actions" not in result.stderr
+        copied = run_cli("db", "copy", "--from", url, "--to", destination, "--skip-pruned-period")
+        assert copied.exit_code == 0, copied.output
+        assert "Copying actions" in copied.stderr  # the bar, once the copy runs
+    finally:
+        backend.drop(destination)
 
 
 # --- demo -----------------------------------------------------------------------------------

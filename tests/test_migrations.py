@@ -11,8 +11,12 @@ import json
 import math
 import random
 import re
+import shutil
+import sqlite3
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -27,7 +31,7 @@ from sqlalchemy import Connection, insert, inspect, literal, make_url, null, sel
 
 from action_metrics import ActionMetric, MetricsStore, SchemaOutOfDate, migrate
 from action_metrics.dialects import backend_for
-from action_metrics.errors import DowngradeRefused
+from action_metrics.errors import DowngradeRefused, RawRowsPruned
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M, CreditPrice, ModelPrice
 from action_metrics.query import MetricFilter, metric_from_row, metric_rows
 from action_metrics.repository import MetricsRepository
@@ -262,12 +266,77 @@ def test_migrations_go_the_way_asked_or_refuse_in_one_line(empty_database_url: s
     assert_one_line_error(run_cli("db", "downgrade", "0001", "--url", url), 2, "nothing to downgrade")
 
 
+def _sqlite_file(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """A SQLite file's revision, schema (every table, view, index and trigger with its SQL, spaces
+    aside: `--sql` prints tabs as spaces) and actions, read as the sqlite3 module reads them."""
+    with closing(sqlite3.connect(path)) as connection:
+        schema = connection.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name")
+        return (
+            connection.execute("SELECT version_num FROM alembic_version").fetchall(),
+            [(*names, " ".join((sql or "").split())) for *names, sql in schema],
+            connection.execute("SELECT * FROM action_metrics ORDER BY id").fetchall(),
+        )
+
+
+_ACTION_AT_0002 = (
+    "INSERT INTO action_metrics (id, timestamp, action_type, user_id, town_id, citizen_id, model, "
+    "tokens_in, tokens_out, latency_ms, credits_charged, metadata) VALUES ('{id}', "
+    "'2026-10-01 12:00:00.000000', 'lod3', 'user-1', 'town-1', NULL, 'haiku', {tokens_in}, 50, 120.5, "
+    "10, '{{}}')"
+)
+
+
+def test_the_sqlite_sql_output_is_one_transaction(tmp_path: Path) -> None:
+    """`db upgrade --sql` applied by hand to a SQLite file is all or nothing, as on PostgreSQL: with a
+    row breaking a rule of 0005, the script fails there and the file is as it was (its revision, its
+    views, no half-copied `_alembic_tmp_` table), by Python's sqlite3 and by the sqlite3 shell with
+    -bail; on a good file it reaches head with the schema `db upgrade` makes."""
+    files = {name: tmp_path / f"{name}.db" for name in ("bad", "good", "online")}
+    for name, path in files.items():
+        assert run_cli("db", "upgrade", "0002", "--url", f"sqlite:///{path}").exit_code == 0
+        with closing(sqlite3.connect(path)) as connection, connection:
+            connection.execute(_ACTION_AT_0002.format(id="0" * 32, tokens_in=100))
+            if name == "bad":
+                connection.execute(_ACTION_AT_0002.format(id=uuid.uuid4().hex, tokens_in=-5))
+    printed = run_cli("db", "upgrade", "--sql", "--url", f"sqlite:///{files['bad']}")
+    assert printed.exit_code == 0, printed.output
+    script = printed.stdout
+    assert "the SQL from 0002" in script.split("\n", 1)[0]
+    statements = [line for line in script.splitlines() if line and not line.startswith("--")]
+    assert (statements[0], statements[-1]) == ("BEGIN;", "COMMIT;")
+
+    before = _sqlite_file(files["bad"])
+    with (
+        closing(sqlite3.connect(files["bad"])) as connection,
+        pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"),
+    ):
+        connection.executescript(script)
+    assert _sqlite_file(files["bad"]) == before
+    if shutil.which("sqlite3"):
+        shell = subprocess.run(
+            ["sqlite3", "-bail", str(files["bad"])], input=script, capture_output=True, text=True, check=False
+        )
+        assert shell.returncode != 0
+        assert "CHECK constraint failed" in shell.stderr
+        assert _sqlite_file(files["bad"]) == before
+
+    with closing(sqlite3.connect(files["good"])) as connection:
+        connection.executescript(script)
+    assert run_cli("db", "upgrade", "--url", f"sqlite:///{files['online']}").exit_code == 0
+    upgraded, online = _sqlite_file(files["good"]), _sqlite_file(files["online"])
+    assert upgraded[0] == [(migrate.head_revision(),)]
+    assert upgraded == online
+    assert {name for kind, name, *_ in upgraded[1] if kind == "view"} >= VIEWS
+
+
 def test_db_commands_create_no_sqlite_file_to_read(tmp_path: Path) -> None:
     path = tmp_path / "nonexistent.db"
     current = run_cli("db", "current", "--url", f"sqlite:///{path}")
     assert current.exit_code == 0
     assert current.stdout.strip() == "- (no schema)"
-    assert run_cli("db", "downgrade", "base", "--url", f"sqlite:///{path}").exit_code == 0
+    # Refused in one line (exit 1) rather than creating the file (see test_cli.py).
+    downgrade = run_cli("db", "downgrade", "base", "--url", f"sqlite:///{path}")
+    assert_one_line_error(downgrade, 1, "there is no file")
     assert run_cli("db", "upgrade", "--sql", "--url", f"sqlite:///{path}").exit_code == 0
     assert not path.exists()
 
@@ -626,13 +695,84 @@ def test_a_pruned_store_is_not_downgraded_below_0003_without_forget_prune(databa
     with MetricsStore(url) as store:
         assert store.aggregate().count == before  # nothing was dropped on the way
 
-    kept = run_cli("db", "downgrade", "0003", "--url", url)  # the rollups and the cut-off stay
+    # The rollups and the cut-off stay at 0003, but not the levels of later revisions (see below).
+    kept = run_cli("db", "downgrade", "0003", "--forget-prune", "--url", url)
     assert kept.exit_code == 0, kept.output
     assert_one_line_error(run_cli("db", "downgrade", "0002", "--url", url), 1, "--forget-prune")
     forgotten = run_cli("db", "downgrade", "0002", "--forget-prune", "--url", url)
     assert forgotten.exit_code == 0, forgotten.output
     assert "warning: --forget-prune: the store was pruned before" in forgotten.stderr
     assert _on_database(url, _schema)[2] == "0002"
+
+
+def test_a_pruned_store_is_not_downgraded_past_the_levels_only_its_rollups_hold(database_url: str) -> None:
+    """Upgrading again rebuilds 0007's latency sketches per town, 0009's per-user rollup and 0012's
+    sketches per town and action type from raw rows, which the prune removed: downgraded below
+    those and upgraded again, breakdowns over the pruned period that answered would raise
+    `RawRowsPruned` for good. So a pruned store is refused there too, in one line naming what goes
+    and the option that allows it, by the command, its --sql and the library in the migration's
+    own transaction; down to 0012 nothing of the pruned period goes (0016's closed buckets are a
+    cache)."""
+    url = database_url
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    with MetricsStore(url, durable=True) as store:
+        store.emit_many(
+            [
+                metric(
+                    timestamp=today - timedelta(days=days), user_id=f"user-{days % 2}", latency_ms=days * 1.0
+                )
+                for days in (9, 8, 2)
+            ]
+        )
+        store.prune(today - timedelta(days=5))
+    questions: dict[str, Callable[[MetricsStore], list[Any]]] = {
+        "by town per hour (0007)": lambda store: store.breakdown(("town_id",), bucket="hour"),
+        "by user (0009)": lambda store: store.breakdown(("user_id",)),
+        "a town's by action type per day (0012)": lambda store: store.breakdown(
+            ("action_type",), bucket="day", town_id="town-1"
+        ),
+    }
+
+    def answers() -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        with MetricsStore(url) as store:
+            for name, ask in questions.items():
+                try:
+                    found[name] = [row.to_dict() for row in ask(store)]
+                except RawRowsPruned:
+                    found[name] = "RawRowsPruned"
+        return found
+
+    before = answers()
+    for name, rows in before.items():  # over all time, the pruned period included
+        assert sum(row["count"] for row in rows) == 3, name
+
+    for target in ("0011", "0008", "0006", "0003"):
+        refused = run_cli("db", "downgrade", target, "--url", url)
+        assert_one_line_error(refused, 1, "add --forget-prune")
+        assert f"pruned before {(today - timedelta(days=5)).isoformat()}" in refused.stderr
+    lost = run_cli("db", "downgrade", "0006", "--url", url).stderr
+    for what in ("by action_type", "by user_id", "by town_id", "RawRowsPruned"):
+        assert what in lost
+    assert "by user_id" not in run_cli("db", "downgrade", "0011", "--url", url).stderr  # only 0012's
+    assert_one_line_error(run_cli("db", "downgrade", "0006", "--sql", "--url", url), 1, "add --forget-prune")
+    with pytest.raises(DowngradeRefused, match="pruned before"):
+        _migrate(url, migrate.downgrade_to("0006"))
+    assert _on_database(url, _schema)[2] == migrate.head_revision()
+    assert answers() == before  # nothing was dropped on the way
+
+    kept = run_cli("db", "downgrade", "0012", "--url", url)
+    assert kept.exit_code == 0, kept.output
+    assert "pruned" not in kept.stderr
+    assert run_cli("db", "upgrade", "--url", url).exit_code == 0
+    assert answers() == before
+
+    forgotten = run_cli("db", "downgrade", "0006", "--forget-prune", "--url", url)
+    assert forgotten.exit_code == 0, forgotten.output
+    assert "warning: --forget-prune: the store was pruned before" in forgotten.stderr
+    assert _on_database(url, _schema)[2] == "0006"
+    assert run_cli("db", "upgrade", "--url", url).exit_code == 0
+    assert answers() == dict.fromkeys(questions, "RawRowsPruned")  # as the refusal said
 
 
 def test_a_downgrade_below_0004_warns_of_the_columns_it_drops(database_url: str) -> None:

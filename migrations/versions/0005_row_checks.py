@@ -32,6 +32,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy import text
 
+from action_metrics.errors import UpgradeRefused
 from action_metrics.views import create_views, drop_views
 
 revision: str = "0005"
@@ -138,6 +139,24 @@ def _condition(rule: Rule, dialect: str) -> str | None:
     return rule.postgresql if dialect == "postgresql" else rule.sqlite
 
 
+UPGRADED_FROM = "action_metrics_upgraded_from"
+"""`config.attributes` key: the revision the upgrade started from (None: base), which `action-metrics
+db upgrade` sets (`action_metrics.cli.UPGRADED_FROM`); absent, the start is not known."""
+# What 0004 added to every action: the token kinds as 0 (the rules over them and their totals then
+# break only where tokens_in or tokens_out does), and `error` from the metadata's `error` key.
+ADDED_BY_0004 = frozenset(
+    {"cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "tokens_in_parts", "tokens_out_parts"}
+)
+
+
+def _upgraded_from_before_0004() -> bool:
+    config = op.get_context().config
+    if config is None or UPGRADED_FROM not in config.attributes:
+        return False
+    start = config.attributes[UPGRADED_FROM]
+    return start in (None, "0001", "0002", "0003")
+
+
 def _refuse_existing_rows_that_break_a_rule(dialect: str) -> None:
     rules = [(rule, _condition(rule, dialect)) for rule in RULES]
     counts = ", ".join(
@@ -148,13 +167,18 @@ def _refuse_existing_rows_that_break_a_rule(dialect: str) -> None:
         if condition
     )
     broken = op.get_bind().execute(text(f"SELECT {counts} FROM {TABLE}")).one()._mapping
+    failed = [rule for rule, condition in rules if condition and broken[rule.field]]
+    origin: dict[str, str] = {}
+    if _upgraded_from_before_0004():
+        # Columns this database did not have: name what they came from, or leave them to the totals.
+        failed = [rule for rule in failed if rule.field not in ADDED_BY_0004] or failed
+        origin["error"] = "from metadata.error: "
     problems = [
-        f"{broken[rule.field]} rows break {rule.field} ({rule.rule})"
-        for rule, condition in rules
-        if condition and broken[rule.field]
+        f"{broken[rule.field]} rows break {rule.field} ({origin.get(rule.field, '')}{rule.rule})"
+        for rule in failed
     ]
     if problems:
-        raise RuntimeError(
+        raise UpgradeRefused(
             f"{TABLE} holds rows that its readers cannot read: {'; '.join(problems)}. "
             "Fix or delete them, then upgrade again."
         )

@@ -37,16 +37,48 @@ _SHOWN: Final = (
 """The table's figures (JSON and CSV hold every one)."""
 
 
+_UNPRICED_LEAVE_OUT: Final = frozenset({"total_cost_usd", "total_profit_usd", "gross_margin"})
+"""The figures an unpriced action makes wrong: it counts no cost (never a silent $0)."""
+
+UNPRICED_NOTE: Final = (
+    "unpriced_count: actions of models with no price at their time, which count no cost; n/a: none "
+    "of the group's actions is priced; *: the figure leaves the unpriced actions' cost out. Price them "
+    "with `action-metrics prices sync`, or `action-metrics prices set` for a model the catalogue lacks."
+)
+"""The table's caption when a group holds unpriced actions."""
+
+
 def render_table(rows: Sequence[BreakdownRow], title: str) -> Table:
+    """The groups' figures; when any group holds actions of unpriced models, an `unpriced_count`
+    column, and their cost, profit and margin shown n/a (none priced) or marked * (some), as the
+    caption says: JSON and CSV carry `unpriced_count` as it is."""
     table = Table(title=title, title_justify="left")
     keys = list(rows[0].to_dict()) if rows else []
     labels = [key for key in keys if key not in rows[0].figures.to_dict()] if rows else []
-    for label in [*labels, *_SHOWN]:
+    unpriced = any(row.figures.unpriced_count for row in rows)
+    shown = [*_SHOWN[:1], "unpriced_count", *_SHOWN[1:]] if unpriced else list(_SHOWN)
+    for label in [*labels, *shown]:
         table.add_column(label, justify="left" if label in labels else "right")
     for row in rows:
         values = row.to_dict()
-        table.add_row(*(str(values[label]) for label in labels), *(_cell(key, values[key]) for key in _SHOWN))
+        table.add_row(
+            *(str(values[label]) for label in labels), *(_priced_cell(key, values[key], row) for key in shown)
+        )
+    if unpriced:
+        table.caption = UNPRICED_NOTE
+        table.caption_justify = "left"
     return table
+
+
+def _priced_cell(key: str, value: Any, row: BreakdownRow) -> str:
+    """`_cell`, but n/a for a figure that needs a cost where no action of the group is priced, and
+    marked * where some are not."""
+    figures = row.figures
+    if key not in _UNPRICED_LEAVE_OUT or not figures.unpriced_count:
+        return _cell(key, value)
+    if figures.unpriced_count >= figures.count:
+        return "n/a"
+    return f"{_cell(key, value)}*"
 
 
 def _cell(key: str, value: Any) -> str:

@@ -19,6 +19,7 @@ import click
 from click.core import ParameterSource
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy import URL
 
 from action_metrics import clickhouse, migrate, page, report
 from action_metrics import demo as town
@@ -44,13 +45,14 @@ from action_metrics.errors import (
     InvalidFilter,
     InvalidPrice,
     InvalidValue,
+    SchemaNotCreated,
     SchemaTooNew,
     translated,
 )
 from action_metrics.pricing import ModelPrice
 from action_metrics.repository import MetricsRepository, PruneResult, translate
 from action_metrics.rollup import BuildProgress, RollupState
-from action_metrics.store import AsyncMetricsStore
+from action_metrics.store import AsyncMetricsStore, repository_for
 from action_metrics.transfer import (
     DEFAULT_COPY_BATCH,
     CopyProgress,
@@ -62,6 +64,8 @@ from action_metrics.transfer import (
 from action_metrics.validation import check_action_type, check_id, check_model
 
 if TYPE_CHECKING:
+    from alembic.config import Config
+
     from action_metrics.catalogue import PriceSync
 
 P = ParamSpec("P")
@@ -159,26 +163,60 @@ def _sqlite_file_missing(backend: Backend) -> bool:
     return not path.exists() and path.parent.is_dir()
 
 
+def _require_store_file(url: str | None) -> None:
+    """Refuse (`SchemaNotCreated`) a SQLite file that is not there: a command that reads or changes a
+    store would create a new one, and answer from it (a mistyped path read as an empty store). `db
+    upgrade` and `demo` make stores; `serve` too (see the README)."""
+    if clickhouse.is_clickhouse_url(url):
+        return
+    backend = backend_for(url)
+    if _sqlite_file_missing(backend):
+        where = display_url(backend.given_url)
+        raise SchemaNotCreated(
+            f"{where}: there is no file {Path(backend.url.database or '').absolute()} (a mistyped path?); "
+            f"to create a store there: action-metrics db upgrade --url '{where}'"
+        )
+
+
+def _is_known(revision: str | None) -> bool:
+    return revision is None or revision in migrate.revisions()
+
+
+def _unknown_revision() -> str:
+    known = migrate.revisions()
+    return f"unknown to this action-metrics, whose revisions are {known[0]} to {known[-1]}"
+
+
+def _refuse_unknown(revision: str | None, where: str) -> None:
+    """Refuse a database at a revision this package does not know before changing anything: neither
+    steps from it (-1) nor a direction to it mean anything."""
+    if not _is_known(revision):
+        raise SchemaTooNew(
+            f"{where} is at schema revision {revision}, {_unknown_revision()}; nothing was changed. "
+            "If a newer action-metrics migrated it, upgrade the package; else it is not an "
+            "action-metrics schema"
+        )
+
+
 async def _read_schema(backend: Backend) -> migrate.SchemaState:
-    """The database's revision and prune cut-off, without creating a SQLite file to read them."""
+    """The database's revision and prune cut-off, without creating a SQLite file to read them. At a
+    revision this package does not know, the cut-off is not read (its table may not be there)."""
     if _sqlite_file_missing(backend):
         return migrate.SchemaState(None, None)
 
     async def read(repository: MetricsRepository) -> migrate.SchemaState:
         with translated(translate, display_url(backend.given_url)):
+            revision = await repository.schema_revision()
+            if not _is_known(revision):
+                return migrate.SchemaState(revision, None)
             return await migrate.schema_state(repository.engine)
 
     return await _on_database(backend, read)
 
 
 def _position(revision: str | None, where: str) -> int:
-    try:
-        return migrate.position(revision)
-    except ValueError:
-        raise SchemaTooNew(
-            f"{where} is at schema revision {revision}, newer than this action-metrics knows "
-            f"(head {migrate.head_revision()}); upgrade the action-metrics package"
-        ) from None
+    _refuse_unknown(revision, where)
+    return migrate.position(revision)
 
 
 def _resolve(name: str, current: str | None) -> str | None:
@@ -217,14 +255,27 @@ def _downgrade_warnings(state: migrate.SchemaState, target: str | None, *, forge
     """What a downgrade from `state` to `target` loses for good; refused (`DowngradeRefused`) if it
     loses a pruned period without `forget_prune`."""
     if not forget_prune:
-        migrate.keep_the_pruned_period(state.pruned_before, target)
+        migrate.keep_the_pruned_period(state.pruned_before, target, state.revision)
     warnings = [f"this downgrade drops {what}" for what in migrate.downgrade_losses(state.revision, target)]
-    if state.pruned_before is not None and migrate.loses_the_pruned_period(target):
+    if state.pruned_before is not None and migrate.loses_the_pruned_period(target, state.revision):
         warnings.append(
             f"--forget-prune: the store was pruned before {state.pruned_before.isoformat()}; "
             f"{migrate.PRUNED_PERIOD_LOST}"
         )
     return warnings
+
+
+UPGRADED_FROM: Final = "action_metrics_upgraded_from"
+"""alembic `config.attributes` key: the revision an upgrade starts from, for a migration's messages
+(0005 names what 0004 filled in a database that was behind it: `error` from `metadata.error`)."""
+
+
+def _upgrade_from(start: str | None, upgrade: Callable[[Config], None]) -> Callable[[Config], None]:
+    def run(config: Config) -> None:
+        config.attributes[UPGRADED_FROM] = start
+        upgrade(config)
+
+    return run
 
 
 def _migrate(
@@ -235,13 +286,16 @@ def _migrate(
     where = display_url(backend.given_url)
     state = run_async(_read_schema(backend))
     current = state.revision
+    _refuse_unknown(current, where)
+    if direction == "downgrade" and current is None:
+        _require_store_file(url)  # a mistyped file: not "at revision base already"
     target = _resolve(revision, current)
     _check_direction(direction, current, target, where)
     if target == current:
         click.echo(f"{where} is at revision {_named(current)} already", err=True)
         return target
     if direction == "upgrade":
-        action = migrate.upgrade_to(_named(target))
+        action = _upgrade_from(current, migrate.upgrade_to(_named(target)))
     else:
         # Checked again in the migration's transaction; here so that nothing is printed before.
         for warning in _downgrade_warnings(state, target, forget_prune=forget_prune):
@@ -269,6 +323,8 @@ def _print_sql(
         comment = f"{header}: the SQL from {_named(start)} to {_named(target)}, the range given"
         state = None
     else:
+        if direction == "downgrade":
+            _require_store_file(url)  # else "at revision base already: no SQL to run"
         try:
             state = run_async(asyncio.wait_for(_read_schema(backend), SQL_READ_TIMEOUT_S))
         except (ActionMetricsError, TimeoutError) as error:
@@ -283,6 +339,7 @@ def _print_sql(
             state = None
         else:
             start = state.revision
+            _refuse_unknown(start, where)
             target = _resolve(revision, start)
             at = f"where {where} is" if start is not None else f"{where} has no action-metrics schema"
             comment = f"{header}: the SQL from {_named(start)} ({at}) to {_named(target)}"
@@ -388,9 +445,9 @@ def _build_rollups(backend: Backend) -> None:
 @click.option(
     "--forget-prune",
     is_flag=True,
-    help="Downgrade a pruned store below 0003 anyway: the rollups go, which alone hold the period "
-    "before the prune cut-off, and the cut-off with them (upgraded again, the store answers for that "
-    "period from what is left, without a word).",
+    help="Downgrade a pruned store below 0012 anyway: rollup levels go that alone hold the period "
+    "before the prune cut-off (below 0003 the cut-off with them; upgraded again, the store cannot "
+    "answer some breakdowns of that period, or answers from what is left without a word).",
 )
 @friendly_errors
 def downgrade(revision: str, url: str | None, sql: bool, forget_prune: bool) -> None:
@@ -398,7 +455,8 @@ def downgrade(revision: str, url: str | None, sql: bool, forget_prune: bool) -> 
     REVISION may be a range FROM:TO.
 
     Below 0004 every action's cache, reasoning token counts and error go, and the cache prices (a
-    warning names them); below 0003 a pruned store is refused without --forget-prune.
+    warning names them); a pruned store is refused below 0012, whose levels alone hold the pruned
+    period, without --forget-prune.
     """
     if clickhouse.is_clickhouse_url(url):
         target = clickhouse.ClickHouseURL.parse(url or "")
@@ -444,25 +502,50 @@ def prune(url: str | None, older_than: datetime | None, before: datetime | None,
         raise click.UsageError("give exactly one of --older-than and --before")
     cutoff = older_than if older_than is not None else before
     assert cutoff is not None
+    _require_store_file(url)
     err = _stderr()
 
-    async def run() -> PruneResult:
+    async def run() -> tuple[PruneResult, datetime | None]:
         async with AsyncMetricsStore(url) as store:
             if dry_run:
-                return await store.prune(cutoff, dry_run=True)
-            with _progress(err) as progress:
-                task = progress.add_task("Removing raw rows", total=None)
-                return await store.prune(cutoff, progress=lambda done: progress.update(task, completed=done))
+                result = await store.prune(cutoff, dry_run=True)
+            else:
+                with _progress(err) as progress:
+                    task = progress.add_task("Removing raw rows", total=None)
+                    result = await store.prune(
+                        cutoff, progress=lambda done: progress.update(task, completed=done)
+                    )
+        return result, await _cutoff_in_force(store.url)  # once the store is closed (chdb: one client)
 
-    result = run_async(run())
+    result, in_force = run_async(run())
     when = result.cutoff.isoformat()
+    # The cut-off only moves forward: an earlier one leaves the store's own standing.
+    later = in_force.isoformat() if in_force is not None and in_force > result.cutoff else None
     if result.dry_run:
-        click.echo(f"would remove {result.rows:,} raw rows from before {when}; the rollups keep their sums")
+        stands = "" if later is None else f"; the store is pruned before {later} already, which stands"
+        click.echo(
+            f"would remove {result.rows:,} raw rows from before {when}; the rollups keep their sums{stands}"
+        )
+    elif later is not None:
+        click.echo(
+            f"removed {result.rows:,} raw rows from before {when}: the store was pruned before {later} "
+            f"already, a later cut-off, which stands; metrics from before {later} are refused, as they were"
+        )
     else:
         click.echo(
             f"removed {result.rows:,} raw rows from before {when}; the rollups keep their sums; "
             f"metrics from before {when} are refused from now on"
         )
+
+
+async def _cutoff_in_force(url: URL) -> datetime | None:
+    """The prune cut-off of the store at `url` (None: never pruned)."""
+    repository = repository_for(url)()
+    try:
+        await repository.ensure_schema()  # ClickHouse's connects here
+        return await repository.raw_kept_from()
+    finally:
+        await repository.close()
 
 
 @db.command(name="copy")
@@ -492,12 +575,18 @@ def copy_command(source: str, destination: str, batch_size: int, skip_pruned_per
     last one copied, is left behind.
     """
     err = _stderr()
-    with _progress(err) as progress:
-        task = progress.add_task("Copying actions", total=None)
+    # Started at the first report, which comes after the refusals (a pruned source, ...): a refused
+    # copy prints its one line without a bar at 0/? above it.
+    progress = _progress(err)
+    task = progress.add_task("Copying actions", total=None, start=False)
 
-        def report_progress(done: CopyProgress) -> None:
-            progress.update(task, completed=done.sent, total=done.total)
+    def report_progress(done: CopyProgress) -> None:
+        if not progress.live.is_started:
+            progress.start()
+            progress.start_task(task)
+        progress.update(task, completed=done.sent, total=done.total)
 
+    try:
         result = run_async(
             copy_store(
                 source,
@@ -507,6 +596,8 @@ def copy_command(source: str, destination: str, batch_size: int, skip_pruned_per
                 progress=report_progress,
             )
         )
+    finally:
+        progress.stop()
     _report_copy(result)
     with err.status("Comparing the totals..."):
         totals = run_async(compare_totals(source, destination, result.pruned_before))
@@ -571,7 +662,10 @@ def current(url: str | None) -> None:
         else run_async(_on_database(backend, MetricsRepository.schema_revision))
     )
     head = migrate.head_revision()
-    state = "head" if revision == head else f"behind head {head}" if revision else "no schema"
+    if not _is_known(revision):
+        state = f"{_unknown_revision()}: a newer release's, or not an action-metrics revision"
+    else:
+        state = "head" if revision == head else f"behind head {head}" if revision else "no schema"
     click.echo(f"{revision or '-'} ({state})")
 
 
@@ -812,6 +906,7 @@ def report_command(
             "min_gross_margin",
             "max_cost_usd_per_day",
         )
+    _require_store_file(url)  # after the options: a bad one is a usage error whatever the URL
     selection = report.Selection(town_id, action_type, model, since, until)
 
     async def verdict(store: AsyncMetricsStore, checked: report.Selection) -> report.Verdict | None:
@@ -1043,6 +1138,7 @@ def sync_prices(url: str | None) -> None:
     The catalogue is genai-prices, whose data ships inside the package: no network is needed. A
     price set by hand wins: a model's catalogue prices stop at its first manual one.
     """
+    _require_store_file(url)
 
     async def run() -> PriceSync:
         async with AsyncMetricsStore(url) as store:
@@ -1058,6 +1154,7 @@ def sync_prices(url: str | None) -> None:
 @friendly_errors
 def list_prices(url: str | None) -> None:
     """Every model price stored: from when, USD per 1M tokens, and who set it."""
+    _require_store_file(url)
 
     async def run() -> list[ModelPrice]:
         async with AsyncMetricsStore(url) as store:
@@ -1104,6 +1201,7 @@ def set_price(
     url: str | None,
 ) -> None:
     """Price MODEL by hand from --from until its next price; it wins over the catalogue."""
+    _require_store_file(url)
 
     async def run() -> None:
         async with AsyncMetricsStore(url) as store:

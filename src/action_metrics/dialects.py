@@ -639,4 +639,12 @@ def backend_for(url: str | URL | None) -> Backend:
         raise UnsupportedDatabase(
             f"action-metrics runs on sqlite:/// and postgresql:// URLs, not {display_url(resolved)!r}"
         )
+    if backend is SQLiteBackend and any(
+        (resolved.host, resolved.port, resolved.username, resolved.password)
+    ):  # sqlite://relative.db: SQLAlchemy would refuse it later, in a traceback
+        raise UnsupportedDatabase(
+            f"cannot read {display_url(resolved)!r} as a SQLite URL (two slashes: a host, which SQLite "
+            "has not): the file follows three, sqlite:///relative.db (from the working directory) or "
+            "sqlite:////absolute/path.db"
+        )
     return backend(resolved)

@@ -63,6 +63,11 @@ class DowngradeRefused(ActionMetricsError):
     the option that allows it."""
 
 
+class UpgradeRefused(ActionMetricsError, RuntimeError):
+    """An upgrade stopped before changing anything: the database holds what the new revision refuses
+    (rows breaking migration 0005's rules); the message says what to fix before upgrading again."""
+
+
 class StoreClosed(ActionMetricsError, RuntimeError):
     """The store was closed: open a new one to use the database again."""
 

@@ -180,25 +180,81 @@ async def schema_state(engine: AsyncEngine) -> SchemaState:
         )
 
 
-PRUNED_PERIOD_LOST: Final = (
+PRUNED_DOWNGRADE_DROPS: Final = {
+    "0012": "the latency sketches per town, action type and day (a town's breakdown by action_type "
+    "per day or month would then raise RawRowsPruned)",
+    "0009": "the per-user rollup and sketches (every breakdown by user_id would then raise RawRowsPruned)",
+    "0007": "the latency sketches per town and model (a breakdown by town_id per hour, day or month "
+    "could then raise RawRowsPruned)",
+    "0004": "the rollups' cache and reasoning token sums and error counts (they would read 0, and cached "
+    "tokens would cost the input price)",
+}
+"""What the downgrade of each revision drops of a pruned period for good, besides `DOWNGRADE_DROPS`:
+the rollups or sketches alone hold it, and upgrading again rebuilds them from the raw rows, which the
+prune removed (the cut-off stays, so what needs them raises `RawRowsPruned`). Below `PRUNE_RECORDED`
+the rollups go with the cut-off (`PRUNED_BELOW_0003`)."""
+
+PRUNED_BELOW_0003: Final = (
     f"below {PRUNE_RECORDED} the rollups, which alone hold the pruned period, go with the cut-off, so "
     "upgraded again the store would answer partial numbers for that period without a word"
 )
 
+_DROPS_FOR_GOOD: Final = (
+    "drops for good what only the rollups and sketches hold of the pruned period, as upgrading again "
+    "rebuilds them from raw rows, which the prune removed"
+)
 
-def loses_the_pruned_period(target: str | None) -> bool:
-    return position(target) < position(PRUNE_RECORDED)
+PRUNED_PERIOD_LOST: Final = (
+    f"a downgrade {_DROPS_FOR_GOOD}: "
+    + "; ".join(f"below {revision} {what}" for revision, what in PRUNED_DOWNGRADE_DROPS.items())
+    + f"; and {PRUNED_BELOW_0003}"
+)
+"""What a downgrade of a pruned store may lose, whatever the target (see `pruned_period_losses`)."""
 
 
-def keep_the_pruned_period(cutoff: datetime | None, target: str | None) -> None:
-    """Refuse (`DowngradeRefused`) a downgrade of a pruned store below 0003: the rollups go, which
-    alone hold the pruned period, and with them the cut-off that makes questions about it raise
-    `RawRowsPruned`."""
-    if cutoff is not None and loses_the_pruned_period(target):
-        raise DowngradeRefused(
-            f"the store was pruned before {cutoff.isoformat()} (db prune): {PRUNED_PERIOD_LOST}; to give "
-            "that period up and downgrade anyway, add --forget-prune"
-        )
+def pruned_period_losses(current: str | None, target: str | None) -> list[str]:
+    """What going from `current` down to `target` drops for good of a pruned period, the first
+    dropped first; below 0003 only `PRUNED_BELOW_0003`, which takes all the rest with it."""
+    if current is not None and current not in revisions():
+        current = revisions()[-1]  # newer than this package: all it knows of may go
+    if position(current) < position(PRUNE_RECORDED):
+        return []  # no rollups, no cut-off: nothing was pruned
+    if position(target) < position(PRUNE_RECORDED):
+        return [PRUNED_BELOW_0003]
+    high, low = position(current), position(target)
+    return [what for revision, what in PRUNED_DOWNGRADE_DROPS.items() if low < position(revision) <= high]
+
+
+_AT_HEAD: Final = "head"
+
+
+def loses_the_pruned_period(target: str | None, current: str | None = _AT_HEAD) -> bool:
+    """Whether a downgrade from `current` (head unless given) to `target` loses some of a pruned
+    period for good."""
+    return bool(pruned_period_losses(head_revision() if current == _AT_HEAD else current, target))
+
+
+def keep_the_pruned_period(
+    cutoff: datetime | None, target: str | None, current: str | None = _AT_HEAD
+) -> None:
+    """Refuse (`DowngradeRefused`) a downgrade of a pruned store from `current` (head unless given)
+    to `target` that loses some of the pruned period for good (`pruned_period_losses`): below 0003
+    the rollups go with the cut-off that makes questions about that period raise `RawRowsPruned`;
+    below 0012, 0009, 0007 and 0004 rollup levels and sketches go that only the pruned raw rows
+    could rebuild."""
+    if cutoff is None:
+        return
+    lost = pruned_period_losses(head_revision() if current == _AT_HEAD else current, target)
+    if not lost:
+        return
+    if lost == [PRUNED_BELOW_0003]:
+        what = PRUNED_BELOW_0003
+    else:
+        what = f"a downgrade to {target} {_DROPS_FOR_GOOD}: {'; '.join(lost)}"
+    raise DowngradeRefused(
+        f"the store was pruned before {cutoff.isoformat()} (db prune): {what}; to give that up and "
+        "downgrade anyway, add --forget-prune"
+    )
 
 
 _ALEMBIC_IN_USE = threading.Lock()
@@ -234,16 +290,18 @@ def upgrade_to(revision: str) -> Callable[[Config], None]:
 
 
 def downgrade_to(revision: str, *, forget_prune: bool = False) -> Callable[[Config], None]:
-    """Downgrade to `revision`; refused (`DowngradeRefused`) below 0003 on a pruned store unless
-    `forget_prune`, checked in the migration's own transaction."""
+    """Downgrade to `revision`; on a pruned store refused (`DowngradeRefused`) where it loses some of
+    the pruned period for good (`pruned_period_losses`) unless `forget_prune`, checked in the
+    migration's own transaction."""
 
     def downgrade(config: Config) -> None:
         from alembic import command
 
         connection = config.attributes.get("connection")
         if connection is not None and not forget_prune:
-            target = resolve_revision(revision, current_revision(connection))
-            keep_the_pruned_period(pruned_before(connection), target)
+            current = current_revision(connection)
+            target = resolve_revision(revision, current)
+            keep_the_pruned_period(pruned_before(connection), target, current)
         command.downgrade(config, revision)
 
     return downgrade
