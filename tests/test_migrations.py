@@ -28,6 +28,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import Databases, assert_one_line_error, metric, postgres_admin, run_cli
 from sqlalchemy import Connection, insert, inspect, literal, make_url, null, select, text
+from test_least_privilege import run as _sql
 
 from action_metrics import ActionMetric, MetricsStore, SchemaOutOfDate, migrate
 from action_metrics.dialects import backend_for
@@ -798,25 +799,6 @@ def test_a_downgrade_below_0004_warns_of_the_columns_it_drops(database_url: str)
 # --- what a migration that re-creates views keeps, and what of the user's stops it (PostgreSQL) ---
 # DROP VIEW takes with it what was granted on the view and is refused under a view of the user's;
 # SQLite has neither grants nor that check. Table-level grants: see test_least_privilege.py.
-
-
-async def _run_sql(url: str, *statements: str, user: str | None = None) -> list[Any]:
-    parsed = make_url(url)
-    if user is not None:
-        parsed = parsed.set(username=user, password=None)
-    connection = await asyncpg.connect(parsed.render_as_string(hide_password=False), timeout=10)
-    try:
-        rows: list[Any] = []
-        for statement in statements:
-            rows = await connection.fetch(statement)
-        return rows
-    finally:
-        await connection.close()
-
-
-def _sql(url: str, *statements: str, user: str | None = None) -> list[Any]:
-    """Run statements on `url`'s database (as `user` if given); the rows of the last one."""
-    return asyncio.run(_run_sql(url, *statements, user=user))
 
 
 @pytest.fixture
