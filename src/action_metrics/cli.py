@@ -350,7 +350,7 @@ def _print_sql(
     if direction == "downgrade":
         known = state or migrate.SchemaState(start, None)
         warnings = _downgrade_warnings(known, target, forget_prune=forget_prune)
-        if state is None and migrate.loses_the_pruned_period(target):
+        if state is None and migrate.loses_the_pruned_period(target, start):
             warnings.append(f"if the database was pruned (db prune), {migrate.PRUNED_PERIOD_LOST}")
         comment = "\n".join([comment, *(f"-- warning: {warning}" for warning in warnings)])
     click.echo(f"{comment}\n")

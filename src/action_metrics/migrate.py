@@ -153,8 +153,13 @@ def downgrade_losses(current: str | None, target: str | None) -> list[str]:
     """What going from `current` down to `target` drops for good, the first dropped first."""
     if target is None and current is not None:
         return ["every action-metrics table, every action and price with them"]
+    return _dropped(DOWNGRADE_DROPS, current, target)
+
+
+def _dropped(drops: dict[str, str], current: str | None, target: str | None) -> list[str]:
+    """The `drops` of the revisions a downgrade from `current` to `target` undoes."""
     high, low = position(current), position(target)
-    return [what for revision, what in DOWNGRADE_DROPS.items() if low < position(revision) <= high]
+    return [what for revision, what in drops.items() if low < position(revision) <= high]
 
 
 def pruned_before(connection: Connection) -> datetime | None:
@@ -221,30 +226,22 @@ def pruned_period_losses(current: str | None, target: str | None) -> list[str]:
         return []  # no rollups, no cut-off: nothing was pruned
     if position(target) < position(PRUNE_RECORDED):
         return [PRUNED_BELOW_0003]
-    high, low = position(current), position(target)
-    return [what for revision, what in PRUNED_DOWNGRADE_DROPS.items() if low < position(revision) <= high]
+    return _dropped(PRUNED_DOWNGRADE_DROPS, current, target)
 
 
-_AT_HEAD: Final = "head"
+def loses_the_pruned_period(target: str | None, current: str | None) -> bool:
+    """Whether a downgrade from `current` to `target` loses some of a pruned period for good."""
+    return bool(pruned_period_losses(current, target))
 
 
-def loses_the_pruned_period(target: str | None, current: str | None = _AT_HEAD) -> bool:
-    """Whether a downgrade from `current` (head unless given) to `target` loses some of a pruned
-    period for good."""
-    return bool(pruned_period_losses(head_revision() if current == _AT_HEAD else current, target))
-
-
-def keep_the_pruned_period(
-    cutoff: datetime | None, target: str | None, current: str | None = _AT_HEAD
-) -> None:
-    """Refuse (`DowngradeRefused`) a downgrade of a pruned store from `current` (head unless given)
-    to `target` that loses some of the pruned period for good (`pruned_period_losses`): below 0003
-    the rollups go with the cut-off that makes questions about that period raise `RawRowsPruned`;
-    below 0012, 0009, 0007 and 0004 rollup levels and sketches go that only the pruned raw rows
-    could rebuild."""
+def keep_the_pruned_period(cutoff: datetime | None, target: str | None, current: str | None) -> None:
+    """Refuse (`DowngradeRefused`) a downgrade of a pruned store from `current` to `target` that
+    loses some of the pruned period for good (`pruned_period_losses`): below 0003 the rollups go
+    with the cut-off that makes questions about that period raise `RawRowsPruned`; below 0012,
+    0009, 0007 and 0004 rollup levels and sketches go that only the pruned raw rows could rebuild."""
     if cutoff is None:
         return
-    lost = pruned_period_losses(head_revision() if current == _AT_HEAD else current, target)
+    lost = pruned_period_losses(current, target)
     if not lost:
         return
     if lost == [PRUNED_BELOW_0003]:
