@@ -12,11 +12,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from conftest import metric
 from sqlalchemy import make_url
 
 from action_metrics import MetricsStore
 from action_metrics.migrate import downgrade_to, run_migrations, upgrade_to
-from tests.conftest import metric
 
 AT = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 
