@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import math
 import subprocess
 import threading
 import uuid
@@ -286,6 +287,71 @@ def test_an_item_holding_a_lone_surrogate_is_rejected_alone_naming_its_field(
         (4, "\\ud83d"),  # an unknown key named as JSON escapes it: the answer is valid UTF-8
     ]
     assert stored(server.url) == {item["id"]: item for item in good}
+
+
+WIDE_INTEGERS = {"request": 2**64, "below": -(2**63) - 1, "huge": 10**30, "nested": {"ids": [2**64 + 1]}}
+"""Integers beyond 64 bits (a provider's 20-digit request number): orjson alone reads them as floats."""
+
+
+def typed(value: Any) -> Any:
+    """`value` with each number paired with its type: 1e19 == 10**19 in Python."""
+    if isinstance(value, dict):
+        return {key: typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [typed(item) for item in value]
+    return (type(value).__name__, value)
+
+
+def test_integers_beyond_64_bits_in_metadata_are_stored_exactly_and_a_float_stays_a_float(
+    server: Server,
+) -> None:
+    array, lines = sent_metrics(3), sent_metrics(3, user_id="user-2")
+    for items in (array, lines):
+        items[0]["metadata"] = {**WIDE_INTEGERS, "sampled_at": 1e19}
+        items[2]["metadata"] = {"sampled_at": 1e19}  # a float alone, as `json.dumps` writes it: 1e+19
+    assert post(server, json.dumps(array).encode()).json() == {"stored": 3, "duplicate": 0, "rejected": []}
+    ndjson = "\n".join(map(json.dumps, lines)).encode()
+    assert post(server, ndjson, **{"Content-Type": "application/x-ndjson"}).json() == {
+        "stored": 3,
+        "duplicate": 0,
+        "rejected": [],
+    }
+    holds = stored(server.url)
+    for item in array + lines:
+        assert typed(holds[item["id"]]["metadata"]) == typed(item["metadata"])
+    assert holds[array[0]["id"]]["metadata"]["request"] == 18446744073709551616
+    assert type(holds[lines[2]["id"]]["metadata"]["sampled_at"]) is float
+
+
+def test_a_number_beyond_a_double_is_kept_as_an_int_or_rejected_alone_as_an_infinity(
+    server: Server,
+) -> None:
+    """orjson refuses a number past 1.8e308; Python keeps such an integer and refuses an infinite
+    float (what `1e400` is) naming its field: so does the wire, in an array and in NDJSON."""
+    good = sent_metrics(4)
+    items = [
+        good[0],
+        {**good[1], "metadata": {"digits": 10**400}},
+        {**good[2], "metadata": {"ratio": "INFINITE"}},
+        {**good[2], "latency_ms": "INFINITE"},
+        good[3],
+    ]
+    texts = [json.dumps(item).replace('"INFINITE"', "1e400") for item in items]
+    array = post(server, f"[{','.join(texts)}]".encode()).json()
+    lines = post(server, "\n".join(texts).encode(), **{"Content-Type": "application/x-ndjson"}).json()
+    for answer, stored_now in ((array, 3), (lines, 0)):
+        assert (answer["stored"], answer["duplicate"]) == (stored_now, 3 - stored_now)
+        assert [(item["index"], item["field"]) for item in answer["rejected"]] == [
+            (2, "metadata"),
+            (3, "latency_ms"),
+        ]
+    for field, value in (("metadata", {"ratio": math.inf}), ("latency_ms", math.inf)):
+        with pytest.raises(InvalidMetric) as refused:
+            ActionMetric.from_dict({**good[2], field: value})
+        assert refused.value.field == field
+    holds = stored(server.url)
+    assert holds == {item["id"]: item for item in (good[0], items[1], good[3])}
+    assert holds[good[1]["id"]]["metadata"]["digits"] == 10**400
 
 
 # --- tokens ---------------------------------------------------------------------------------------

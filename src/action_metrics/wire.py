@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from enum import Enum
 from typing import Any, Final
@@ -38,7 +39,13 @@ from action_metrics.otlp import (
     media_type,
 )
 from action_metrics.store import AsyncMetricsStore
-from action_metrics.validation import ACTION_TYPE_PATTERN, MAX_ID_LENGTH, MAX_INT64, MAX_MODEL_LENGTH
+from action_metrics.validation import (
+    ACTION_TYPE_PATTERN,
+    MAX_ID_LENGTH,
+    MAX_INT64,
+    MAX_METADATA_DEPTH,
+    MAX_MODEL_LENGTH,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -105,23 +112,51 @@ def _body_kind(content_type: str | None) -> _BodyKind:
 
 
 _ESCAPED_SURROGATE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+_INFINITE_NUMBER: Final = "number is infinity"
+"""How orjson's refusal of a number beyond a double's range (1.8e308, an integer too) begins."""
+_WIDE_FLOAT: Final = 2.0**63
+"""orjson reads a JSON integer below -2**63 or above 2**64 - 1 as a float: of at least this magnitude."""
 
 
 def _json(text: bytes) -> Any:
     """Strict JSON (orjson: several times the standard library's speed): NaN, Infinity, invalid
-    UTF-8 and nesting past 1024 levels are refused, never a crash. orjson refuses an escaped lone
-    surrogate too (`"\\ud83d"`, JavaScript's cut emoji), which is valid JSON: a text it refused that
-    holds one is read again by the standard library, so that `ActionMetric.from_dict` rejects the
-    item holding it alone, naming its field."""
+    UTF-8 and nesting past 1024 levels are refused, never a crash. Where orjson would change or
+    refuse what Python keeps, the text is read again by the standard library, so that the item is
+    stored as `emit()` stores it or rejected alone, naming its field: an escaped lone surrogate
+    (`"\\ud83d"`, JavaScript's cut emoji, valid JSON that orjson refuses), an integer beyond 64 bits
+    in metadata (which orjson reads as a float, a provider's 20-digit request number changed), or a
+    number beyond a double's range (which orjson refuses)."""
     try:
-        return orjson.loads(text)
+        document = orjson.loads(text)
     except orjson.JSONDecodeError as error:
-        if _ESCAPED_SURROGATE.search(text) is None:
+        if _ESCAPED_SURROGATE.search(text) is None and not str(error).startswith(_INFINITE_NUMBER):
             raise _NotJson(str(error)) from None
-    return _json_with_lone_surrogates(text)
+        return _json_by_stdlib(text)
+    for item in document if type(document) is list else (document,):
+        metadata = item.get("metadata") if type(item) is dict else None
+        if type(metadata) is dict and _holds_wide_float(metadata.values(), 1):
+            return _json_by_stdlib(text)
+    return document
 
 
-def _json_with_lone_surrogates(text: bytes) -> Any:
+def _holds_wide_float(values: Iterable[Any], depth: int) -> bool:
+    """Whether metadata holds a float that may be orjson's reading of an integer beyond 64 bits.
+    Only metadata keeps such a number: any other field refuses it (or ignores it) as an int or a
+    float alike. The walk stops where `from_dict` refuses metadata as nested too deeply."""
+    for value in values:
+        kind = type(value)
+        if kind is float:
+            if not -_WIDE_FLOAT < value < _WIDE_FLOAT:
+                return True
+        elif kind is dict:
+            if depth < MAX_METADATA_DEPTH and _holds_wide_float(value.values(), depth + 1):
+                return True
+        elif kind is list and depth < MAX_METADATA_DEPTH and _holds_wide_float(value, depth + 1):
+            return True
+    return False
+
+
+def _json_by_stdlib(text: bytes) -> Any:
     """The standard library's JSON, NaN and Infinity refused as orjson refuses them (a number it
     reads as infinite, or an integer past 64 bits, is left to `from_dict` to reject or keep)."""
     try:
