@@ -10,6 +10,8 @@ against the source.
 
 from __future__ import annotations
 
+import re
+import shlex
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -213,6 +215,40 @@ def test_a_copy_between_sql_stores_run_again_says_it_copied_nothing(
         backend.drop(into)
 
 
+def test_a_price_the_destination_set_by_hand_is_not_overwritten_by_a_different_one(
+    backend: Databases, source: Source
+) -> None:
+    """The destination priced sonnet by hand from the instant the source's cheaper sonnet starts, at
+    another price: the copy names both and writes nothing. With the source's price set as the error
+    says, the copy goes on: the same price passes (a copy run again writes its prices again)."""
+    into = backend.migrated()
+    try:
+        with MetricsStore(into) as store:
+            store.set_model_price("sonnet", "2", "10", SONNET_CHEAPER)
+            held = store.model_prices()
+        refused = run_cli("db", "copy", "--from", source.url, "--to", into)
+        assert_one_line_error(
+            refused,
+            1,
+            f"{display_url(resolve_url(into))} has a price of sonnet set by hand from "
+            f"{SONNET_CHEAPER.isoformat()}, 2 / 10 USD per 1M input / output tokens, and "
+            f"{display_url(resolve_url(source.url))} a different one from the same instant, 2.5 / 12.5 "
+            "USD per 1M input / output tokens (cache read 0.25, cache write 3.125)",
+        )
+        with MetricsStore(into) as store:
+            assert (store.model_prices(), store.aggregate().count) == (held, 0)
+
+        take_source = re.search(r"run: action-metrics (.+?); to keep", refused.stderr)
+        assert take_source is not None, refused.stderr
+        assert run_cli(*shlex.split(take_source[1])).exit_code == 0
+        copied = run_cli("db", "copy", "--from", source.url, "--to", into, "--batch-size", "1000")
+        assert copied.exit_code == 0, copied.output
+        assert f"copied {len(source.metrics):,} actions" in copied.stderr
+        assert "the totals agree" in copied.stderr
+    finally:
+        backend.drop(into)
+
+
 def test_a_pruned_source_is_refused_unless_its_pruned_period_is_given_up(
     backend: Databases, destination: str
 ) -> None:
@@ -232,13 +268,36 @@ def test_a_pruned_source_is_refused_unless_its_pruned_period_is_given_up(
             "db", "copy", "--from", url, "--to", destination, "--skip-pruned-period", "--batch-size", "300"
         )
         assert copied.exit_code == 0, copied.output
-        assert "the totals agree" in copied.stderr
+        assert f"the totals of the copied period, from {cutoff.isoformat()} on, agree" in copied.stderr
         assert f"holds no actions from before {cutoff.isoformat()}" in copied.stderr
         kept = [metric for metric in metrics if metric.timestamp >= cutoff]
         with MetricsStore(destination) as copy:
             assert_matches(copy.aggregate(since=cutoff).to_dict(), expected_aggregate(kept, _book()))
             with pytest.raises(RawRowsPruned):  # the rollups answer; raw rows before the cut-off are gone
                 copy.aggregate(exact=True)
+    finally:
+        backend.drop(url)
+
+
+def test_a_refused_copy_leaves_no_new_destination_file_behind(backend: Databases, tmp_path: Path) -> None:
+    """A copy refused before it writes (here: its source pruned) removes the SQLite file it created,
+    with its journal, WAL and shared-memory files; a destination file that was there stays."""
+    url = backend.migrated()
+    try:
+        with MetricsStore(url) as store:
+            store.emit(metric(timestamp=START))
+            store.prune(START + timedelta(days=1))
+        new = tmp_path / "new.db"
+        refused = run_cli("db", "copy", "--from", url, "--to", f"sqlite:///{new}")
+        assert_one_line_error(refused, 1, "--skip-pruned-period")
+        assert list(tmp_path.iterdir()) == []
+
+        existing = tmp_path / "existing.db"
+        with MetricsStore(f"sqlite:///{existing}"):
+            pass
+        refused = run_cli("db", "copy", "--from", url, "--to", f"sqlite:///{existing}")
+        assert_one_line_error(refused, 1, "--skip-pruned-period")
+        assert existing.is_file()
     finally:
         backend.drop(url)
 
@@ -264,7 +323,7 @@ def test_a_pruned_destination_is_refused_unless_the_period_it_refuses_is_given_u
         "db", "copy", "--from", source.url, "--to", destination, "--skip-pruned-period", "--batch-size", "700"
     )
     assert copied.exit_code == 0, copied.output
-    assert "the totals agree" in copied.stderr
+    assert f"the totals of the copied period, from {cutoff.isoformat()} on, agree" in copied.stderr
     kept = [one for one in source.metrics if one.timestamp >= cutoff]
     assert f"copied {len(kept):,} actions" in copied.stderr
     with MetricsStore(destination) as copy:

@@ -637,12 +637,17 @@ def _report_totals(totals: Totals, result: CopyResult) -> None:
             f"{aggregate.total_revenue_usd:.9f} USD revenue",
             err=True,
         )
+    compared = (
+        "the totals"
+        if result.pruned_before is None
+        else f"the totals of the copied period, from {result.pruned_before.isoformat()} on,"
+    )
     if totals.agree:
-        click.echo("the totals agree", err=True)
+        click.echo(f"{compared} agree", err=True)
     else:
         click.echo(
-            "warning: the totals differ: the destination held other actions or prices before the copy, "
-            "or the source was written to during it",
+            f"warning: {compared} differ: the destination held other actions or prices before the "
+            "copy, or the source was written to during it",
             err=True,
         )
 

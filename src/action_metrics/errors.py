@@ -217,6 +217,35 @@ class DestinationPruned(ActionMetricsError):
         )
 
 
+class PriceConflict(ActionMetricsError):
+    """`db copy` refuses to write a source's model price over a different one that the destination
+    had set by hand for the same model from the same instant: which is right is the operator's call.
+    Refused before anything is written; `model` and `effective_from` name the first such price,
+    `kept` and `copied` are the destination's and the source's (USD per 1M tokens, as shown)."""
+
+    def __init__(
+        self,
+        destination: str,
+        source: str,
+        model: str,
+        effective_from: datetime,
+        kept: str,
+        copied: str,
+        *,
+        take_source: str,
+        others: int,
+    ) -> None:
+        self.model = model
+        self.effective_from = effective_from
+        more = f" ({others} more of its hand-set prices differ likewise)" if others else ""
+        super().__init__(
+            f"{destination} has a price of {model} set by hand from {effective_from.isoformat()}, {kept}, "
+            f"and {source} a different one from the same instant, {copied}: db copy would overwrite it, "
+            f"so it copied nothing{more}. To take the source's, run: {take_source}; to keep the "
+            "destination's, set it so on the source. Then run the copy again"
+        )
+
+
 @contextmanager
 def translated(translate: Callable[[BaseException, str], DatabaseError | None], where: str) -> Iterator[None]:
     """Re-raise a failure inside the block as the `DatabaseError` that `translate` makes of it for the

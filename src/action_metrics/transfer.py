@@ -17,22 +17,27 @@ before the cut-off survive only as rollup totals) is refused unless `skip_pruned
 destination records the cut-off, and what needs actions from before it raises `RawRowsPruned`.
 A pruned destination refuses actions from before its own cut-off (`MetricInPrunedPeriod`), so a
 source holding some is refused too (`DestinationPruned`) unless `skip_pruned_period`; then the copy
-starts at the later of the two cut-offs.
+starts at the later of the two cut-offs. A price the destination had set by hand for a model from
+the same instant as one of the source's, but different, is refused (`PriceConflict`): the copy
+would overwrite it. Every refusal comes before anything is written, and removes the destination's
+SQLite file if the copy created it.
 """
 
 from __future__ import annotations
 
+import shlex
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Final, Protocol, runtime_checkable
 
 from action_metrics.aggregate import Aggregate
 from action_metrics.dialects import display_url, resolve_url
-from action_metrics.errors import DestinationPruned, SourcePruned, UnsupportedDatabase
-from action_metrics.pricing import ModelPrice
+from action_metrics.errors import DestinationPruned, PriceConflict, SourcePruned, UnsupportedDatabase
+from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M, ModelPrice, exact
 from action_metrics.query import CopyCheckpoint, CopyPosition, MetricFilter
 from action_metrics.store import Repository, repository_for
 
@@ -92,8 +97,103 @@ def _source_url(url: str) -> str:
     return url
 
 
+_SQLITE_COMPANIONS: Final = ("-journal", "-wal", "-shm")
+
+
+def _files_a_store_would_create(url: str) -> tuple[Path, ...]:
+    """The SQLite file at `url` and its journal, WAL and shared-memory files, if the file is not there
+    yet (opening a store creates and migrates it), but none that exists already: what a copy refused
+    before writing anything removes. None for other databases, nor for a SQLite URI filename."""
+    resolved = resolve_url(url)
+    path = resolved.database
+    if resolved.get_backend_name() != "sqlite" or not path or path == ":memory:" or "uri" in resolved.query:
+        return ()
+    if Path(path).exists():
+        return ()
+    files = (Path(path), *(Path(path + suffix) for suffix in _SQLITE_COMPANIONS))
+    return tuple(file for file in files if not file.exists())
+
+
 def _price_key(price: ModelPrice) -> tuple[str, datetime]:
     return price.model, price.effective_from
+
+
+def _charged(price: ModelPrice) -> tuple[Decimal, ...]:
+    """What a price charges per 1M input, output, cache read and cache write tokens (a cache price
+    not set is the input price): two prices charging the same are the same price."""
+    return (
+        price.input_per_1m,
+        price.output_per_1m,
+        price.input_per_1m if price.cache_read_per_1m is None else price.cache_read_per_1m,
+        price.input_per_1m if price.cache_write_per_1m is None else price.cache_write_per_1m,
+    )
+
+
+def _seeded(price: ModelPrice) -> bool:
+    """A price every new store holds (the seed's, from the beginning of time), not one set by hand."""
+    seed = MODEL_COSTS_PER_1M.get(price.model)
+    if seed is None or price.effective_from != BEGINNING_OF_TIME:
+        return False
+    input_price, output_price = exact(seed[0]), exact(seed[1])
+    return _charged(price) == (input_price, output_price, input_price, input_price)
+
+
+def _amount(value: Decimal) -> str:
+    return f"{value.normalize():f}"
+
+
+def _shown(price: ModelPrice) -> str:
+    cache = [
+        f"cache {kind} {_amount(value)}"
+        for kind, value in (("read", price.cache_read_per_1m), ("write", price.cache_write_per_1m))
+        if value is not None
+    ]
+    more = f" ({', '.join(cache)})" if cache else ""
+    amounts = f"{_amount(price.input_per_1m)} / {_amount(price.output_per_1m)}"
+    return f"{amounts} USD per 1M input / output tokens{more}"
+
+
+def _set_command(price: ModelPrice, url: str) -> str:
+    """The `prices set` command that gives the store at `url` this price."""
+    cache = "".join(
+        f" --cache-{kind} {_amount(value)}"
+        for kind, value in (("read", price.cache_read_per_1m), ("write", price.cache_write_per_1m))
+        if value is not None
+    )
+    return (
+        f"action-metrics prices set {shlex.quote(price.model)} --input {_amount(price.input_per_1m)} "
+        f"--output {_amount(price.output_per_1m)}{cache} --from {price.effective_from.isoformat()} "
+        f"--url {shlex.quote(url)}"
+    )
+
+
+def _refuse_overwriting_hand_set_prices(
+    copied: Sequence[ModelPrice], held: Sequence[ModelPrice], source_name: str, destination_name: str
+) -> None:
+    """`PriceConflict` if a price the copy writes would replace a different one the destination had
+    set by hand for the same model from the same instant. The same price passes: run again, a copy
+    writes its prices again."""
+    writes = {_price_key(price): price for price in copied}
+    conflicts = [
+        (kept, writes[_price_key(kept)])
+        for kept in held
+        if kept.source == "manual"
+        and not _seeded(kept)
+        and _price_key(kept) in writes
+        and _charged(kept) != _charged(writes[_price_key(kept)])
+    ]
+    if conflicts:
+        kept, price = conflicts[0]
+        raise PriceConflict(
+            destination_name,
+            source_name,
+            kept.model,
+            kept.effective_from,
+            _shown(kept),
+            _shown(price),
+            take_source=_set_command(price, destination_name),
+            others=len(conflicts) - 1,
+        )
 
 
 async def _open(url: str) -> Repository:
@@ -122,35 +222,49 @@ async def copy_store(
     destination_name = display_url(resolve_url(destination_url))
     if source_name == destination_name:
         raise UnsupportedDatabase(f"the source and the destination are the same database: {source_name}")
+    created = _files_a_store_would_create(destination_url)
     source = await _open(source_url)
     try:
-        destination = await _open(destination_url)
+        refused = True  # until the first write; from then on a new destination is the copy's to resume
         try:
-            return await _copy(
-                source,
-                destination,
-                source_name,
-                destination_name,
-                batch_size,
-                skip_pruned_period=skip_pruned_period,
-                progress=progress,
-            )
+            destination = await _open(destination_url)
+            try:
+                plan = await _plan(
+                    source, destination, source_name, destination_name, skip_pruned_period=skip_pruned_period
+                )
+                refused = False
+                return await _copy(
+                    source, destination, source_name, destination_name, batch_size, plan, progress=progress
+                )
+            finally:
+                await destination.close()
         finally:
-            await destination.close()
+            if refused:
+                for file in created:
+                    file.unlink(missing_ok=True)
     finally:
         await source.close()
 
 
-async def _copy(
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a copy writes, decided before it writes anything: the prune cut-off it starts at (None:
+    from the first action) and the source's model prices, manual ones first."""
+
+    cutoff: datetime | None
+    model_prices: tuple[ModelPrice, ...]
+
+
+async def _plan(
     source: Repository,
     destination: Repository,
     source_name: str,
     destination_name: str,
-    batch_size: int,
     *,
     skip_pruned_period: bool,
-    progress: Callable[[CopyProgress], None] | None,
-) -> CopyResult:
+) -> _Plan:
+    """Every refusal of a copy, before it writes anything: a pruned source or destination, a price
+    set by hand in the destination that the source's would overwrite."""
     cutoff = await source.raw_kept_from()
     if cutoff is not None and not skip_pruned_period:
         raise SourcePruned(source_name, cutoff)
@@ -165,6 +279,23 @@ async def _copy(
     # Manual prices first: writing one removes the catalogue's prices of its model from its start
     # on, which the source's catalogue prices never reach (they all begin before it).
     model_prices = sorted(await source.model_prices(), key=lambda price: price.source != "manual")
+    _refuse_overwriting_hand_set_prices(
+        model_prices, await destination.model_prices(), source_name, destination_name
+    )
+    return _Plan(cutoff, tuple(model_prices))
+
+
+async def _copy(
+    source: Repository,
+    destination: Repository,
+    source_name: str,
+    destination_name: str,
+    batch_size: int,
+    plan: _Plan,
+    *,
+    progress: Callable[[CopyProgress], None] | None,
+) -> CopyResult:
+    cutoff, model_prices = plan.cutoff, plan.model_prices
     for price in model_prices:
         await destination.set_model_price(price)
     credit_prices = await source.credit_prices()
