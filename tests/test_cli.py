@@ -25,7 +25,7 @@ import pytest
 from conftest import CLI_VARIABLES, assert_one_line_error, metric, run_cli
 from sqlalchemy import make_url
 
-from action_metrics import ActionType, MetricsStore, ModelName
+from action_metrics import ActionType, MetricsStore, ModelName, SchemaUnknown
 from action_metrics.demo import DEMO_TOWN, SYSTEM_USER, TownPlan, simulate
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -90,6 +90,7 @@ def test_db_prune_counts_then_removes_old_raw_rows_and_the_report_still_answers(
     assert done.exit_code == 0, done.output
     assert f"removed 3 raw rows from before {cutoff.isoformat()}" in done.stdout
     assert f"metrics from before {cutoff.isoformat()} are refused from now on" in done.stdout
+    assert "Removing raw rows" in done.stderr  # the bar, once the cut-off is accepted
     assert len(store.query(since=cutoff)) == 2
     after = json.loads(run_cli("report", "--url", url, "--json").stdout)["metrics"]
     assert {key: after[key] for key in ("count", "tokens_in", "total_cost_usd")} == {
@@ -103,6 +104,8 @@ def test_db_prune_counts_then_removes_old_raw_rows_and_the_report_still_answers(
 
 
 def test_db_prune_dry_run_refuses_what_the_prune_refuses(store: MetricsStore) -> None:
+    """An open cut-off is refused in one line, before the prune's progress bar shows (at 0/? above
+    the error, it looked like a prune that had started)."""
     store.emit(metric(timestamp=an_hour_ago(days=3)))
     url = url_of(store)
     tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
@@ -111,6 +114,7 @@ def test_db_prune_dry_run_refuses_what_the_prune_refuses(store: MetricsStore) ->
         assert_one_line_error(
             result, 1, f"cannot prune up to {tomorrow}T00:00:00+00:00: the rollups are closed"
         )
+        assert "Removing raw rows" not in result.stderr
     assert len(store.query()) == 1
 
 
@@ -249,6 +253,19 @@ def test_a_database_at_an_unknown_revision_is_named_and_left_alone(
                 result, 1, f"is at schema revision {revision}, unknown to this action-metrics"
             )
             assert "nothing was changed" in result.stderr
+        # A store refuses it too: as newer only where it is a revision number past head.
+        report = run_cli("report", "--url", url)
+        if whole_schema:
+            assert_one_line_error(report, 1, f"at schema revision {revision}, newer than this action-metrics")
+        else:
+            assert_one_line_error(report, 1, f"at schema revision {revision}, unknown to this action-metrics")
+            assert "newer" not in report.stderr
+            store = MetricsStore(url)
+            try:
+                with pytest.raises(SchemaUnknown, match="names an action-metrics database"):
+                    store.open()
+            finally:
+                store.close()
         assert _revision(url) == revision
     finally:
         backend.drop(url)

@@ -26,11 +26,12 @@ import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from click.testing import Result
 from conftest import Databases, assert_one_line_error, metric, postgres_admin, run_cli
 from sqlalchemy import Connection, insert, inspect, literal, make_url, null, select, text
 from test_least_privilege import run as _sql
 
-from action_metrics import ActionMetric, MetricsStore, SchemaOutOfDate, migrate
+from action_metrics import ActionMetric, MetricsStore, SchemaOutOfDate, migrate, rollup
 from action_metrics.dialects import backend_for
 from action_metrics.errors import DowngradeRefused, RawRowsPruned
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M, CreditPrice, ModelPrice
@@ -607,14 +608,18 @@ def test_data_written_at_the_first_revision_survives_upgrade_downgrade_and_upgra
         _assert_same(store.aggregate().to_dict(), at_head["aggregate 0 exact=False"], "store")
 
 
-def test_db_upgrade_builds_the_rollups_from_the_rows_already_stored(empty_database_url: str) -> None:
+def test_db_upgrade_builds_the_rollups_from_the_rows_already_stored(
+    empty_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted (Ctrl-C) and run again, it resumes where it stopped."""
     url = empty_database_url
     assert run_cli("db", "upgrade", "0002", "--url", url).exit_code == 0
     _at_revision(url, _fill_as_a_sql_client)
     sql = run_cli("db", "upgrade", "--sql", "--url", url)
     assert "run: action-metrics db upgrade" in sql.stdout  # after the DBA's SQL, the build
-    upgraded = run_cli("db", "upgrade", "--url", url)
-    assert upgraded.exit_code == 0, upgraded.output
+    upgraded = _interrupted_then_resumed(
+        url, "days_closed_until", "the rollups are built up to {} only", monkeypatch
+    )
     closed = (datetime.now(UTC) - CLOSE_DELAY).replace(minute=0, second=0, microsecond=0).replace(hour=0)
     assert f"rollups built: whole days up to {closed.isoformat()}" in upgraded.stderr  # up to today
     with MetricsStore(url) as store:
@@ -622,6 +627,66 @@ def test_db_upgrade_builds_the_rollups_from_the_rows_already_stored(empty_databa
     assert not everything.percentiles_exact  # answered from the rollups
     assert everything.error_count > 0  # moved out of the metadata by 0004
     assert_matches(everything.to_dict(), expected_aggregate([_as_at_head(m) for m in _data()], _book()))
+
+
+def test_db_upgrade_writes_back_the_sketches_resumably(
+    empty_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From 0006, with the rollups built: 0007's write-back of the sketches, interrupted, resumes."""
+    url = empty_database_url
+    assert run_cli("db", "upgrade", "0002", "--url", url).exit_code == 0
+    _at_revision(url, _fill_as_a_sql_client)
+    assert run_cli("db", "upgrade", "--url", url).exit_code == 0
+    assert run_cli("db", "downgrade", "0006", "--url", url).exit_code == 0
+    _interrupted_then_resumed(
+        url, "sketches_from", "the latency sketches are written back to {} only", monkeypatch
+    )
+
+
+def _record_days_of(mark: str, monkeypatch: pytest.MonkeyPatch, interrupt_at: int | None = None) -> list[Any]:
+    """The value of `mark` in the rollup state before each day the build writes that moves it;
+    with `interrupt_at`, Ctrl-C (KeyboardInterrupt) as that day is about to be written."""
+    moved_from: list[Any] = []
+    write_state = rollup.write_state
+
+    async def recording(connection: Any, before: rollup.RollupState, after: rollup.RollupState) -> None:
+        if getattr(after, mark) != getattr(before, mark):
+            moved_from.append(getattr(before, mark))
+            if len(moved_from) == interrupt_at:
+                raise KeyboardInterrupt
+        await write_state(connection, before, after)
+
+    monkeypatch.setattr(rollup, "write_state", recording)
+    return moved_from
+
+
+def _interrupted_then_resumed(url: str, mark: str, left: str, monkeypatch: pytest.MonkeyPatch) -> Result:
+    """`db upgrade` interrupted in the build it runs after migrating, on its third day moving `mark`:
+    it says in one line that the schema is at head and how to resume; `db current` says what is left
+    (`left`, at the day it stopped); `db upgrade` again resumes there and finishes (its result)."""
+    head = migrate.head_revision()
+    with monkeypatch.context() as interrupting:
+        written = _record_days_of(mark, interrupting, interrupt_at=3)
+        interrupted = run_cli("db", "upgrade", "--url", url)
+    assert interrupted.exit_code == 130, interrupted.output
+    assert "Aborted!" not in interrupted.output
+    said = interrupted.stderr.splitlines()[-1]
+    assert said.startswith(f"interrupted: {url} is at revision {head} "), said
+    assert said.endswith(f"run again: action-metrics db upgrade --url '{url}'"), said
+    stopped_at = written[-1]  # the day under way was rolled back, the two before it stay
+
+    current = run_cli("db", "current", "--url", url).stdout.strip()
+    assert current.startswith(f"{head} (head, but the build db upgrade runs after migrating is unfinished: ")
+    assert left.format(stopped_at.isoformat()) in current
+    assert current.endswith(f"to finish it, run: action-metrics db upgrade --url '{url}')")
+
+    with monkeypatch.context() as recording:
+        resumed = _record_days_of(mark, recording)
+        upgraded = run_cli("db", "upgrade", "--url", url)
+    assert upgraded.exit_code == 0, upgraded.output
+    assert resumed[0] == stopped_at  # where it stopped, not from the start again
+    assert run_cli("db", "current", "--url", url).stdout == f"{head} (head)\n"
+    return upgraded
 
 
 def test_the_price_period_views_show_each_price_until_the_next(database_url: str) -> None:

@@ -33,6 +33,7 @@ from alembic import op
 from sqlalchemy import text
 
 from action_metrics.errors import UpgradeRefused
+from action_metrics.migrate import UPGRADED_FROM
 from action_metrics.views import create_views, drop_views
 
 revision: str = "0005"
@@ -139,9 +140,6 @@ def _condition(rule: Rule, dialect: str) -> str | None:
     return rule.postgresql if dialect == "postgresql" else rule.sqlite
 
 
-UPGRADED_FROM = "action_metrics_upgraded_from"
-"""`config.attributes` key: the revision the upgrade started from (None: base), which `action-metrics
-db upgrade` sets (`action_metrics.cli.UPGRADED_FROM`); absent, the start is not known."""
 # What 0004 added to every action: the token kinds as 0 (the rules over them and their totals then
 # break only where tokens_in or tokens_out does), and `error` from the metadata's `error` key.
 ADDED_BY_0004 = frozenset(

@@ -182,18 +182,13 @@ def _is_known(revision: str | None) -> bool:
     return revision is None or revision in migrate.revisions()
 
 
-def _unknown_revision() -> str:
-    known = migrate.revisions()
-    return f"unknown to this action-metrics, whose revisions are {known[0]} to {known[-1]}"
-
-
 def _refuse_unknown(revision: str | None, where: str) -> None:
     """Refuse a database at a revision this package does not know before changing anything: neither
     steps from it (-1) nor a direction to it mean anything."""
     if not _is_known(revision):
         raise SchemaTooNew(
-            f"{where} is at schema revision {revision}, {_unknown_revision()}; nothing was changed. "
-            "If a newer action-metrics migrated it, upgrade the package; else it is not an "
+            f"{where} is at schema revision {revision}, {migrate.unknown_to_this_package()}; nothing was "
+            "changed. If a newer action-metrics migrated it, upgrade the package; else it is not an "
             "action-metrics schema"
         )
 
@@ -265,14 +260,9 @@ def _downgrade_warnings(state: migrate.SchemaState, target: str | None, *, forge
     return warnings
 
 
-UPGRADED_FROM: Final = "action_metrics_upgraded_from"
-"""alembic `config.attributes` key: the revision an upgrade starts from, for a migration's messages
-(0005 names what 0004 filled in a database that was behind it: `error` from `metadata.error`)."""
-
-
 def _upgrade_from(start: str | None, upgrade: Callable[[Config], None]) -> Callable[[Config], None]:
     def run(config: Config) -> None:
-        config.attributes[UPGRADED_FROM] = start
+        config.attributes[migrate.UPGRADED_FROM] = start
         upgrade(config)
 
     return run
@@ -433,7 +423,18 @@ def _build_rollups(backend: Backend) -> None:
 
             return await repository.build_rollups(report_progress)
 
-    state = run_async(_on_database(backend, build))
+    try:
+        state = run_async(_on_database(backend, build))
+    except KeyboardInterrupt:
+        # A day per transaction: what was written stays, the day under way was rolled back.
+        where = display_url(backend.given_url)
+        click.echo(
+            f"interrupted: {where} is at revision {migrate.head_revision()} with its rollups built in "
+            "part (every answer is still right, read from raw rows meanwhile); to resume where it "
+            f"stopped, run again: action-metrics db upgrade --url '{where}'",
+            err=True,
+        )
+        raise click.exceptions.Exit(130) from None
     reach = state.days_closed_until.isoformat() if state.days_closed_until else "nothing stored yet"
     click.echo(f"rollups built: whole days up to {reach}", err=True)
 
@@ -510,11 +511,21 @@ def prune(url: str | None, older_than: datetime | None, before: datetime | None,
             if dry_run:
                 result = await store.prune(cutoff, dry_run=True)
             else:
-                with _progress(err) as progress:
-                    task = progress.add_task("Removing raw rows", total=None)
-                    result = await store.prune(
-                        cutoff, progress=lambda done: progress.update(task, completed=done)
-                    )
+                # Started at the first report, which comes once the cut-off is accepted: a refused
+                # one prints its one line without a bar at 0/? above it.
+                progress = _progress(err)
+                task = progress.add_task("Removing raw rows", total=None, start=False)
+
+                def report_progress(done: int) -> None:
+                    if not progress.live.is_started:
+                        progress.start()
+                        progress.start_task(task)
+                    progress.update(task, completed=done)
+
+                try:
+                    result = await store.prune(cutoff, progress=report_progress)
+                finally:
+                    progress.stop()
         return result, await _cutoff_in_force(store.url)  # once the store is closed (chdb: one client)
 
     result, in_force = run_async(run())
@@ -661,16 +672,28 @@ def current(url: str | None) -> None:
         click.echo(clickhouse.describe_version(clickhouse.ClickHouseURL.parse(url or "")))
         return
     backend = backend_for(url)
-    revision = (
-        None  # not created just to say it has no schema
-        if _sqlite_file_missing(backend)
-        else run_async(_on_database(backend, MetricsRepository.schema_revision))
-    )
     head = migrate.head_revision()
+
+    async def read(repository: MetricsRepository) -> tuple[str | None, list[str]]:
+        revision = await repository.schema_revision()
+        return revision, await repository.unfinished_build() if revision == head else []
+
+    revision, unfinished = (
+        (None, [])  # not created just to say it has no schema
+        if _sqlite_file_missing(backend)
+        else run_async(_on_database(backend, read))
+    )
     if not _is_known(revision):
-        state = f"{_unknown_revision()}: a newer release's, or not an action-metrics revision"
+        state = f"{migrate.unknown_to_this_package()}: a newer release's, or not an action-metrics revision"
     else:
         state = "head" if revision == head else f"behind head {head}" if revision else "no schema"
+    if unfinished:
+        where = display_url(backend.given_url)
+        state += (
+            f", but the build db upgrade runs after migrating is unfinished: {'; '.join(unfinished)} "
+            "(every answer is still right, read from raw rows meanwhile); to finish it, run: "
+            f"action-metrics db upgrade --url '{where}'"
+        )
     click.echo(f"{revision or '-'} ({state})")
 
 

@@ -1569,13 +1569,8 @@ class ClickHouseRepository:
         before any row goes, and from then on every read that needs raw rows before it raises
         `RawRowsPruned` and every insert of a metric before it `MetricInPrunedPeriod`, so a cut-off
         after today's midnight is refused. Whole months go as partitions, the rest by a lightweight
-        DELETE."""
-        result = await self._run(self._prune, floor_to(before, "day"), bool(dry_run))
-        if progress is not None and not dry_run:
-            progress(result.rows)
-        return result
-
-    def _prune(self, cutoff: datetime, dry_run: bool) -> PruneResult:
+        DELETE. `progress` gets 0 once the cut-off is accepted, then the rows removed."""
+        cutoff = floor_to(before, "day")
         today = floor_to(datetime.now(UTC), "day")
         if cutoff > today:  # a dry run refuses it too
             raise InvalidFilter(
@@ -1584,6 +1579,14 @@ class ClickHouseRepository:
                 f"({today.isoformat()}), and every metric from before the cut-off is refused from then "
                 "on; choose an earlier cut-off",
             )
+        if progress is not None and not dry_run:
+            progress(0)
+        result = await self._run(self._prune, cutoff, bool(dry_run))
+        if progress is not None and not dry_run:
+            progress(result.rows)
+        return result
+
+    def _prune(self, cutoff: datetime, dry_run: bool) -> PruneResult:
         client = self._open()
         parameters = {"cutoff": _micros(max(cutoff, EARLIEST))}
         older = "timestamp < fromUnixTimestamp64Micro({cutoff:Int64}, 'UTC')"

@@ -161,6 +161,11 @@ class SchemaTooNew(SchemaError):
     """The database was migrated by a newer action-metrics: upgrade the package."""
 
 
+class SchemaUnknown(SchemaError):
+    """The database is at a revision that is not one of action-metrics' numbered ones (another
+    project's alembic_version): check that the URL names an action-metrics database."""
+
+
 class RawRowsPruned(ActionMetricsError, LookupError):
     """The question needs raw rows from before the cut-off of `action-metrics db prune`, which are gone.
 

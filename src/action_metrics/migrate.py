@@ -27,6 +27,7 @@ from action_metrics.errors import (
     SchemaNotCreated,
     SchemaOutOfDate,
     SchemaTooNew,
+    SchemaUnknown,
 )
 from action_metrics.schema import rollup_state
 
@@ -100,6 +101,18 @@ def current_revision(connection: Connection) -> str | None:
 def revisions() -> tuple[str, ...]:
     """The packaged revisions, oldest first: the history is one line."""
     return tuple(reversed([script.revision for script in _scripts().walk_revisions()]))
+
+
+def unknown_to_this_package() -> str:
+    """How a revision missing from `revisions()` is named, with the ones this package has."""
+    known = revisions()
+    return f"unknown to this action-metrics, whose revisions are {known[0]} to {known[-1]}"
+
+
+def is_newer(revision: str) -> bool:
+    """Whether `revision`, not one of `revisions()`, can be a newer release's: a number past head
+    (ours are numbered). Anything else is not an action-metrics revision."""
+    return revision.isascii() and revision.isdigit() and int(revision) > int(revisions()[-1])
 
 
 def position(revision: str | None) -> int:
@@ -277,6 +290,12 @@ async def run_migrations(
             await connection.run_sync(_run_with_connection, action, stdout)
 
 
+UPGRADED_FROM: Final = "action_metrics_upgraded_from"
+"""alembic `config.attributes` key: the revision an upgrade starts from (None: base), which `db
+upgrade` sets for a migration's messages (0005 names what 0004 filled in a database that was behind
+it: `error` from `metadata.error`); absent, the start is not known."""
+
+
 def upgrade_to(revision: str) -> Callable[[Config], None]:
     def upgrade(config: Config) -> None:
         from alembic import command
@@ -343,15 +362,20 @@ async def ensure_schema(engine: AsyncEngine, backend: Backend) -> None:
         raise SchemaNotCreated(f"{where} has no action-metrics schema; create it with: {command_hint}")
     if revision == head:
         return
-    known = {script.revision for script in _scripts().walk_revisions()}
-    if revision in known:
+    if revision in revisions():
         raise SchemaOutOfDate(
             f"{where} is at schema revision {revision}, this action-metrics needs {head}; "
             f"upgrade it with: {command_hint}"
         )
-    raise SchemaTooNew(
-        f"{where} is at schema revision {revision}, newer than this action-metrics knows "
-        f"(head {head}); upgrade the action-metrics package"
+    if is_newer(revision):
+        raise SchemaTooNew(
+            f"{where} is at schema revision {revision}, newer than this action-metrics knows "
+            f"(head {head}); upgrade the action-metrics package"
+        )
+    raise SchemaUnknown(
+        f"{where} is at schema revision {revision}, {unknown_to_this_package()}: not an action-metrics "
+        "revision (another project's alembic_version?); check that the URL names an action-metrics "
+        "database"
     )
 
 

@@ -729,6 +729,12 @@ class MetricsRepository:
             )
         return state
 
+    async def unfinished_build(self) -> list[str]:
+        """What `build_rollups` has yet to write of the rows stored (`rollup.unfinished`): an
+        interrupted `db upgrade` leaves the schema at head and this not empty."""
+        async with self._snapshot() as connection:
+            return await rollup.unfinished(connection)
+
     async def prune(
         self,
         before: datetime,
@@ -741,6 +747,7 @@ class MetricsRepository:
         The buckets before the cut-off are closed first; the cut-off is recorded before any row
         goes, so a reader never mistakes a half-pruned period for a whole one. Rows go in batches of
         `PRUNE_BATCH`, each its own transaction; then the credit claims of calls before the cut-off.
+        `progress` gets 0 once the cut-off is accepted, then the rows removed so far.
         """
         cutoff = rollup.floor_to(before, "day")
         # The days the rollups can close now: a dry run refuses what the prune would (it closes none).
@@ -750,6 +757,8 @@ class MetricsRepository:
             async with self._snapshot() as connection:
                 rows = (await connection.execute(select(func.count()).where(older))).scalar_one()
             return PruneResult(cutoff, rows, dry_run=True)
+        if progress is not None:
+            progress(0)
         state = await self.build_rollups()
         _refuse_an_open_cutoff(cutoff, state.days_closed_until)
         async with self._write_transaction() as connection:

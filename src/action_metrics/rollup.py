@@ -1113,6 +1113,39 @@ async def build(
             return await _backfill_users(transaction, backend, progress)
 
 
+WRITTEN_BACK: Final = {
+    "sketches_from": "the latency sketches are",
+    "town_actions_from": "the latency sketches per town and action type are",
+    "users_from": "the user rollup is",
+}
+"""The state's write-back marks (see `_backfill_sketches`, `_backfill_users`), each named for an operator."""
+
+
+async def unfinished(connection: AsyncConnection) -> list[str]:
+    """What `build` (run by `db upgrade`) has yet to write of the rows stored, a few words each (none:
+    it finished). Writers close the buckets their batches move `CLOSE_DELAY` past, so the rollups are
+    behind only where such a bucket of the newest row is open; a write-back is behind while raw rows
+    are older than its mark (when done, the mark is the prune cut-off, before which none are left)."""
+    state = await read_state(connection)
+    newest = (await connection.execute(select(func.max(action_metrics.c.timestamp)))).scalar()
+    if newest is None:
+        return []
+    hours = floor_to(min(newest, datetime.now(UTC)) - CLOSE_DELAY, "hour")
+    left = []
+    closing = ((state.hours_closed_until, hours), (state.days_closed_until, floor_to(hours, "day")))
+    for closed, target in closing:
+        following = await _next_timestamp(connection, closed)
+        if following is not None and following < target:
+            left.append(f"the rollups are built up to {closed.isoformat() if closed else 'nothing'} only")
+            break
+    oldest = await _next_timestamp(connection, None)
+    for mark, what in WRITTEN_BACK.items():
+        until = getattr(state, mark)
+        if until is not None and oldest is not None and oldest < until:
+            left.append(f"{what} written back to {until.isoformat()} only")
+    return left
+
+
 async def _backfill_sketches(
     transaction: WriteTransaction,
     backend: Backend,

@@ -397,7 +397,8 @@ class AsyncMetricsStore:
     ) -> PruneResult:
         """Delete raw rows from before the UTC midnight at or before `before`; the rollups stay, so
         aggregates over whole days before it still answer. `dry_run` only counts them; `progress`
-        is called with the number removed so far. From then on a metric from before the cut-off is
+        is called with 0 once the cut-off is accepted (a refused one raises first), then with the
+        number removed so far. From then on a metric from before the cut-off is
         refused (`MetricInPrunedPeriod`): its id went with its row, so a re-sent one would count twice."""
         cutoff = as_utc("before", before, InvalidFilter)
         await self.writer.settle()
