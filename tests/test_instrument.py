@@ -21,6 +21,7 @@ from action_metrics import (
     AsyncMetricsStore,
     InvalidMetric,
     MetricsStore,
+    StoreClosed,
     action_context,
     configure,
     default_store,
@@ -223,6 +224,38 @@ def test_a_result_that_makes_no_valid_metric_is_logged_not_raised(
     assert store.query() == []
 
 
+@pytest.mark.parametrize(
+    "usage",
+    [{"input_tokens": 5, "output_tokens": 2}, {"prompt_tokens": 5, "completion_tokens": 2}],
+    ids=["anthropic", "openai"],
+)
+def test_a_result_counting_tokens_under_a_providers_names_is_warned_of_once_per_function(
+    store: MetricsStore, caplog: pytest.LogCaptureFixture, usage: dict[str, int]
+) -> None:
+    @instrument_action("lod3", model="haiku", store=store)
+    def summarise(user_id: str, town_id: str) -> dict[str, int]:
+        return usage
+
+    @instrument_action("lod3", model="haiku", store=store)
+    def counted(user_id: str, town_id: str) -> dict[str, int]:
+        return {"tokens_in": 5, "tokens_out": 2, **usage}
+
+    @instrument_action("branch", store=store)
+    def branch(user_id: str, town_id: str) -> dict[str, str]:
+        return {"answer": "no tokens here"}
+
+    with caplog.at_level(logging.WARNING, logger="action_metrics"):
+        for _ in range(3):
+            summarise("u", "t")
+            counted("u", "t")
+            branch("u", "t")
+    [warning] = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert "summarise returned " + ", ".join(usage) in warning
+    assert "tokens_in and tokens_out" in warning
+    recorded = sorted((m.action_type, m.tokens_in, m.tokens_out) for m in store.query())
+    assert recorded == [("branch", 0, 0)] * 3 + [("lod3", 0, 0)] * 3 + [("lod3", 5, 2)] * 3
+
+
 def test_bad_decorator_arguments_fail_at_decoration() -> None:
     with pytest.raises(InvalidMetric, match=r"^action_type:"):
         instrument_action("LOD 3")
@@ -241,6 +274,47 @@ def test_a_durable_store_has_the_metric_committed_when_the_call_returns(database
 
         branch("u", "t")
         assert [m.action_type for m in reader.query()] == ["branch"]
+
+
+@pytest.mark.anyio
+async def test_calls_into_a_closed_store_are_counted_and_logged_never_raised(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocking, durable = MetricsStore(database_url), MetricsStore(database_url, durable=True)
+    asynchronous = AsyncMetricsStore(database_url)
+    blocking.close()
+    durable.close()
+    await asynchronous.close()
+    with caplog.at_level(logging.WARNING, logger="action_metrics"):
+        for store in (blocking, durable, asynchronous):
+
+            @instrument_action("lod3", store=store)
+            def recall(user_id: str) -> dict[str, int]:
+                return {"tokens_in": 1, "tokens_out": 1}
+
+            @instrument_action("lod3", store=store)
+            async def speak(user_id: str) -> dict[str, int]:
+                return {"tokens_in": 1, "tokens_out": 1}
+
+            assert recall("user-1") == {"tokens_in": 1, "tokens_out": 1}
+            assert await speak("user-1") == {"tokens_in": 1, "tokens_out": 1}
+            assert store.dropped == 2
+    assert caplog.text.count("the writer is closed, dropping metrics") == 3  # once per store
+    configure(blocking)
+    try:  # a direct call is told, as store.emit() is
+        with pytest.raises(StoreClosed, match="is closed"):
+            emit_action_metric(
+                action_type="lod3",
+                user_id="u",
+                town_id="t",
+                tokens_in=1,
+                tokens_out=1,
+                model="haiku",
+                latency_ms=1,
+                credits_charged=1,
+            )
+    finally:
+        configure(None)
 
 
 def test_emit_action_metric_goes_to_the_configured_store(store: MetricsStore) -> None:
@@ -269,6 +343,42 @@ def test_emit_action_metric_goes_to_the_configured_store(store: MetricsStore) ->
     assert isinstance(metric, ActionMetric)
     assert {m.id for m in store.query()} >= {metric.id}
     assert sorted(m.action_type for m in store.query()) == ["lod4", "lod5"]
+
+
+def test_emit_action_metric_in_a_context_naming_no_citizen_records_none(store: MetricsStore) -> None:
+    configure(store)
+    try:
+        with action_context(action_type="dialogue", user_id="u1", town_id="t1", credits_charged=10):
+            made = emit_action_metric(tokens_in=5, tokens_out=2, model="haiku", latency_ms=1.5)
+    finally:
+        configure(None)
+    assert (made.citizen_id, made.credits_charged, made.user_id) == (None, 10, "u1")
+    assert store.query() == [made]
+
+
+def test_emit_action_metric_names_a_field_neither_the_call_nor_the_context_gives(store: MetricsStore) -> None:
+    """An `InvalidMetric` naming the field, never `__init__`'s TypeError; a refused metric takes none
+    of the block's credits."""
+    call = {"tokens_in": 5, "tokens_out": 2, "model": "haiku", "latency_ms": 1.5}
+    configure(store)
+    try:
+        with action_context(action_type="dialogue", user_id="u1", town_id="t1", credits_charged=10):
+            with pytest.raises(InvalidMetric, match=r"^latency_ms: missing: pass it to emit_\w+\(\)$"):
+                emit_action_metric(tokens_in=5, tokens_out=2, model="haiku")
+            with pytest.raises(InvalidMetric, match=r"^input_tokens: unknown field; a metric"):
+                emit_action_metric(**call, input_tokens=5)
+            with pytest.raises(InvalidMetric, match=r"^tokens_in: expected 0 <= tokens_in"):
+                emit_action_metric(**{**call, "tokens_in": -1})
+            made = emit_action_metric(**call)
+        with action_context(action_type="dialogue", user_id="u1"):
+            with pytest.raises(InvalidMetric, match=r"^town_id: missing: .* enclosing action_context\(\)$"):
+                emit_action_metric(**call, credits_charged=0)
+            with pytest.raises(InvalidMetric, match=r"^credits_charged: missing"):
+                emit_action_metric(**call, town_id="t1")
+    finally:
+        configure(None)
+    assert made.credits_charged == 10
+    assert store.query() == [made]
 
 
 def test_the_default_store_comes_from_the_environment(backend, database_url: str, monkeypatch) -> None:

@@ -89,6 +89,15 @@ def _drift(connection: Connection) -> list[Any]:
     return list(compare_metadata(context, Base.metadata))
 
 
+def test_the_head_read_from_the_file_names_is_alembics_head() -> None:
+    """A store reads the head from the migrations' file names, without loading alembic."""
+    scripts = migrate._scripts()
+    assert migrate.head_revision() == scripts.get_current_head()
+    for script in scripts.walk_revisions():
+        assert script.path is not None
+        assert Path(script.path).name.startswith(f"{script.revision}_")
+
+
 def test_upgrade_downgrade_and_upgrade_again(empty_database_url: str) -> None:
     url = empty_database_url
     assert run_cli("db", "upgrade", "--url", url).exit_code == 0

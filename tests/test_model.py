@@ -8,6 +8,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import METRIC_FIELDS, metric
 from hypothesis import given, settings
@@ -88,6 +89,11 @@ LOD4_ON_SONNET: dict[str, Any] = {
         ("cache_read_tokens", 1.0),
         ("cache_write_tokens", True),
         ("reasoning_tokens", 2**63),
+        ("tokens_in", np.True_),
+        ("tokens_in", np.int64(-1)),
+        ("tokens_out", np.uint64(2**64 - 1)),
+        ("credits_charged", np.float64(10.0)),
+        ("latency_ms", np.True_),
     ],
 )
 def test_bad_input_is_refused_naming_the_field(field: str, value: Any) -> None:
@@ -114,6 +120,24 @@ def test_deeply_nested_metadata_is_refused() -> None:
 def test_counts_accept_the_full_64_bit_range(value: int) -> None:
     action = metric(tokens_in=value, tokens_out=value, credits_charged=value)
     assert action.tokens_in == value
+
+
+def test_numpy_integers_are_integers_made_plain() -> None:
+    """Counts computed with NumPy (an `int64` from an array sum) are integers: anything with `__index__`."""
+    action = metric(
+        tokens_in=np.int64(7),
+        tokens_out=np.uint32(3),
+        credits_charged=np.int16(10),
+        latency_ms=np.int64(12),
+        cache_read_tokens=np.int64(2),
+        reasoning_tokens=np.int8(1),
+    )
+    counts = (action.tokens_in, action.tokens_out, action.credits_charged)
+    kinds = (action.cache_read_tokens, action.cache_write_tokens, action.reasoning_tokens)
+    assert (counts, kinds, action.latency_ms) == ((7, 3, 10), (2, 0, 1), 12.0)
+    assert {type(value) for value in (*counts, *kinds)} == {int}
+    assert json.loads(json.dumps(action.to_dict()))["tokens_in"] == 7
+    assert action.charged(np.int64(4)).credits_charged == 4
 
 
 def test_sub_millisecond_latency_is_kept() -> None:

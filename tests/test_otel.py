@@ -295,6 +295,21 @@ def test_a_span_that_makes_no_valid_metric_is_counted_never_raised(
     assert [m.tokens_in for m in store.query()] == [3]
 
 
+def test_a_span_ending_after_the_store_closed_is_counted_never_raised(
+    store: MetricsStore, app, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider, processor, _ = app
+    store.close()
+    with (
+        caplog.at_level(logging.WARNING, logger="action_metrics"),
+        provider.get_tracer("genai").start_as_current_span("chat") as span,
+    ):
+        span.set_attributes({"gen_ai.request.model": "haiku", "gen_ai.usage.input_tokens": 3})
+    assert store.dropped == 1
+    assert (processor.recorded, processor.rejected) == (0, 0)
+    assert "the writer is closed, dropping metrics" in caplog.text
+
+
 def test_spans_of_our_own_decorator_are_not_stored_twice(store: MetricsStore, app) -> None:
     provider, processor, _ = app
     tracer = provider.get_tracer("action_metrics")

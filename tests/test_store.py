@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import metric
 
@@ -17,6 +18,7 @@ from action_metrics import (
     DatabaseUnavailable,
     InvalidFilter,
     InvalidPrice,
+    InvalidValue,
     MetricsStore,
     SchemaNotCreated,
     SchemaTooNew,
@@ -119,6 +121,9 @@ def test_real_provider_model_names_are_kept(store: MetricsStore) -> None:
         ({"until": 1700000000}, "until"),
         ({"limit": -1}, "limit"),
         ({"limit": 2.5}, "limit"),
+        ({"limit": True}, "limit"),
+        ({"limit": np.True_}, "limit"),
+        ({"limit": np.int64(-1)}, "limit"),
     ],
 )
 def test_bad_filters_name_the_field(store: MetricsStore, filters: dict[str, object], field: str) -> None:
@@ -141,6 +146,39 @@ def test_bad_filters_name_the_field(store: MetricsStore, filters: dict[str, obje
 def test_bad_prices_name_the_field(store: MetricsStore, args: tuple[object, ...], field: str) -> None:
     with pytest.raises(InvalidPrice, match=f"^{field}:"):
         store.set_model_price(*args)  # type: ignore[arg-type]
+
+
+def test_numpy_integers_are_whole_numbers_for_every_integer_argument(store: MetricsStore) -> None:
+    """A dashboard's `limit` or `top` from NumPy (anything with `__index__`) is an integer."""
+    metrics = [metric(timestamp=NOW + timedelta(minutes=m), tokens_in=np.int64(m)) for m in range(5)]
+    store.emit_many(reversed(metrics))
+    assert store.query(limit=np.int64(3)) == metrics[:-4:-1]
+    assert [row.keys for row in store.breakdown("model", top=np.int64(1))] == [{"model": "haiku"}]
+    assert store.audit_charges(np.int64(10)).exact == 5
+    store.set_model_price("numpy-priced", np.int64(1), np.int64(2))
+    [price] = [price for price in store.model_prices() if price.model == "numpy-priced"]
+    assert (price.input_per_1m, price.output_per_1m) == (1, 2)
+    with pytest.raises(InvalidFilter, match=r"^credits:"):
+        store.audit_charges("10")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("flag", ["false", "no", 0, 1, None, np.True_])
+def test_yes_or_no_arguments_are_bools_never_read_as_truthy(
+    database_url: str, store: MetricsStore, flag: object
+) -> None:
+    """`exact="false"` is not exact, and not the other mode either: refused, naming the argument."""
+    kept = metric(timestamp=NOW - timedelta(days=2))
+    store.emit(kept)
+    with pytest.raises(InvalidFilter, match=r"^exact: expected True or False"):
+        store.aggregate(exact=flag)  # type: ignore[arg-type]
+    for name in ("descending", "exact"):
+        with pytest.raises(InvalidFilter, match=f"^{name}: expected True or False"):
+            store.breakdown("model", **{name: flag})
+    with pytest.raises(InvalidFilter, match=r"^dry_run: expected True or False"):
+        store.prune(NOW, dry_run=flag)  # type: ignore[arg-type]
+    assert store.query() == [kept]
+    with pytest.raises(InvalidValue, match=r"^durable: expected True or False"):
+        MetricsStore(database_url, durable=flag)  # type: ignore[arg-type]
 
 
 def test_bad_input_loses_nothing_already_accepted(store: MetricsStore) -> None:
@@ -306,13 +344,14 @@ def test_calls_after_close_raise_store_closed(database_url: str) -> None:
         lambda: store.emit_many([metric()]),
         lambda: store.set_model_price("haiku", 1, 2),
         lambda: store.set_credit_price("0.01"),
+        lambda: store.emit(metric()),  # the caller is told: the metric does not vanish unseen
+        lambda: store.emit_nowait(metric()),
     ):
-        with pytest.raises(StoreClosed, match="is closed"):
+        with pytest.raises(StoreClosed, match=r"MetricsStore\(.* is closed"):
             call()
     store.flush()  # nothing left to write
     store.close()  # closing twice is harmless
-    store.emit(metric())  # emit never raises for the database: the metric is counted as dropped
-    assert store.dropped == 1
+    assert store.dropped == 0
     with MetricsStore(database_url) as reopened:
         assert reopened.aggregate().count == 1
 
@@ -326,11 +365,43 @@ async def test_calls_after_close_raise_store_closed_on_the_async_store_too(datab
         await store.query()
     with pytest.raises(StoreClosed):
         await store.emit_many([metric()])
+    with pytest.raises(StoreClosed, match="is closed"):
+        await store.emit(metric())
+    with pytest.raises(StoreClosed, match="is closed"):
+        store.emit_nowait(metric())
     await store.flush()
     await store.close()
-    await store.emit(metric())
-    assert store.dropped == 1
+    assert store.dropped == 0
     assert not store.writer.running
+
+
+def test_a_thread_emitting_while_the_store_closes_is_told_and_nothing_vanishes(database_url: str) -> None:
+    emitted = 0
+    refused: list[StoreClosed] = []
+    emitting, stop = threading.Event(), threading.Event()
+
+    def emit_until_refused(store: MetricsStore) -> None:
+        nonlocal emitted
+        while not stop.is_set():
+            try:
+                store.emit(metric())
+            except StoreClosed as error:
+                refused.append(error)
+                return
+            emitted += 1
+            if emitted == 50:
+                emitting.set()
+            time.sleep(0.0005)  # pacing a load generator, not synchronisation
+
+    with MetricsStore(database_url) as store:
+        worker = threading.Thread(target=emit_until_refused, args=(store,), daemon=True)
+        worker.start()
+        assert emitting.wait(30)
+    worker.join(10)  # its next emit after close() raises
+    stop.set()
+    assert refused, "emit() after close() returned as if the metric were kept"
+    with MetricsStore(database_url) as reader:  # a racing emit may be dropped, never lost unseen
+        assert reader.aggregate().count + store.dropped == emitted
 
 
 def test_a_sqlite_file_that_cannot_open_leaves_no_driver_thread_behind(tmp_path, monkeypatch) -> None:

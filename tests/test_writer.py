@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from conftest import metric
 from sqlalchemy import make_url
 
-from action_metrics import AsyncMetricsStore, FlushTimeout, InvalidValue, MetricsStore
+from action_metrics import AsyncMetricsStore, FlushTimeout, InvalidValue, MetricsStore, migrate
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -121,6 +122,29 @@ async def test_the_async_store_buffers_the_same_way(database_url: str) -> None:
         assert store.writer.written == 1
 
 
+@pytest.mark.anyio
+async def test_the_first_write_loads_no_alembic_scripts_on_the_callers_event_loop(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # emit() never waits for the database, so the first write's schema check must not stall the
+    # application's loop for the ~0.3 s alembic takes to load (it stalled it 221-648 ms).
+    ran_in: list[threading.Thread] = []
+    for name in ("_scripts", "current_revision"):
+        alembic_step = getattr(migrate, name)
+
+        def recording(*args: object, alembic_step=alembic_step) -> object:
+            ran_in.append(threading.current_thread())
+            return alembic_step(*args)
+
+        monkeypatch.setattr(migrate, name, recording)
+    store = AsyncMetricsStore(database_url, flush_interval=3600)
+    await store.emit(metric())
+    await store.flush()
+    await store.close()
+    assert threading.current_thread() not in ran_in
+    assert stored(database_url) == 1
+
+
 # --- interpreter exit ------------------------------------------------------------------------
 
 EXIT_SCRIPT = textwrap.dedent(
@@ -166,6 +190,45 @@ def test_metrics_emitted_without_flush_are_written_at_exit(database_url: str, mo
     assert result.returncode == 0, result.stderr
     assert "dropped" not in result.stderr
     assert stored(database_url) == 1234
+
+
+EMIT_AFTER_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading
+    from action_metrics import ActionMetric, MetricsStore
+
+    store = MetricsStore(sys.argv[1], flush_interval=3600)
+
+    def finishing_late():
+        threading.main_thread().join()  # the interpreter is exiting: its hook closed the store
+        store.emit(ActionMetric("lod3", "late", "town", None, 1, 1, "haiku", 1.0, 10))
+        print("dropped", store.dropped)
+
+    threading.Thread(target=finishing_late).start()
+    store.emit(ActionMetric("lod3", "early", "town", None, 1, 1, "haiku", 1.0, 10))
+    """
+)
+
+
+def test_a_thread_emitting_after_the_exit_flush_is_not_raised_at_but_counted(database_url: str) -> None:
+    # The exit hook closes a store no caller closed, while non-daemon threads still run: their
+    # emits are counted in `dropped` and logged, not raised at as after close().
+    url = database_url
+    if make_url(url).host == "127.0.0.1":  # a host name needs a resolver thread, late in shutdown
+        url = url.replace("@127.0.0.1", "@localhost")
+    result = subprocess.run(
+        [sys.executable, "-c", EMIT_AFTER_EXIT_SCRIPT, url],
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "StoreClosed" not in result.stderr
+    assert result.stdout.strip() == "dropped 1"
+    assert "the writer is closed, dropping metrics" in result.stderr
+    assert stored(database_url) == 1
 
 
 # --- an outage -------------------------------------------------------------------------------
@@ -330,6 +393,48 @@ def test_metrics_emitted_while_sqlite_is_locked_arrive_once_it_is_released(
         store.flush()
         assert store.dropped == 0
     assert stored(database_url) == 1
+
+
+@pytest.fixture
+def unreachable_url(backend, tmp_path: Path) -> str:
+    """A database every write fails to reach at once: an outage without a proxy to cut."""
+    return {
+        "sqlite": f"sqlite:///{tmp_path / 'missing-directory' / 'metrics.db'}",
+        "postgresql": "postgresql://postgres@127.0.0.1:1/nowhere",
+    }[backend.name]
+
+
+def test_closing_after_a_flush_timed_out_leaves_asyncio_no_error_to_report(
+    unreachable_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MetricsStore(unreachable_url, flush_interval=3600)
+    store.emit(metric())
+    with pytest.raises(FlushTimeout, match="still waiting"):
+        store.flush(timeout=0.3)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        store.close(timeout=0.3)
+        del store
+        gc.collect()  # a future whose error nobody retrieved is reported when it is collected
+    assert "never retrieved" not in caplog.text
+    assert not [record for record in caplog.records if record.name == "asyncio"]
+
+
+@pytest.mark.anyio
+async def test_a_flush_waiting_when_close_gives_up_raises_instead_of_waiting_forever(
+    unreachable_url: str,
+) -> None:
+    store = AsyncMetricsStore(unreachable_url, flush_interval=3600)
+    await store.emit(metric())
+    with pytest.raises(FlushTimeout):
+        await store.flush(timeout=0.3)  # the writer now holds the metric, retrying
+    # The flush starts first and waits behind the metric the writer retries; close() then gives up.
+    waited, closed = await asyncio.wait_for(
+        asyncio.gather(store.flush(), store.close(timeout=0.3), return_exceptions=True), 30
+    )
+    assert isinstance(waited, FlushTimeout)
+    assert "the store was closed before these metrics were written" in str(waited)
+    assert closed is None
+    assert store.dropped == 1
 
 
 def test_close_gives_up_after_its_timeout_and_counts_what_is_lost(

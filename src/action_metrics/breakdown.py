@@ -60,7 +60,7 @@ from action_metrics.errors import InvalidFilter
 from action_metrics.query import MetricFilter
 from action_metrics.rollup import Level, Range, ReadPlan
 from action_metrics.schema import UTCDateTime
-from action_metrics.validation import shown
+from action_metrics.validation import as_integer, check_flag, shown
 
 Bucket = Literal["hour", "day", "week", "month"]
 BUCKETS: Final[tuple[str, ...]] = get_args(Bucket)
@@ -257,10 +257,13 @@ class BreakdownRequest:
             raise InvalidFilter("bucket", f"unknown bucket {shown(bucket)}: expected one of {BUCKETS}")
         if sort not in SORT_KEYS:
             raise InvalidFilter("sort", f"cannot sort by {shown(sort)}: expected one of {SORT_KEYS}")
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        count = None if top is None else as_integer(top)
+        if top is not None and (count is None or count < 1):
             raise InvalidFilter("top", f"expected a whole number of at least 1, got {shown(top)}")
         valid_bucket: Bucket | None = bucket  # type: ignore[assignment]  # checked against BUCKETS above
-        return cls(dimensions, valid_bucket, reader_zone(tz), sort, bool(descending), top, bool(exact))
+        descending = check_flag("descending", descending, InvalidFilter)
+        exact = check_flag("exact", exact, InvalidFilter)
+        return cls(dimensions, valid_bucket, reader_zone(tz), sort, descending, count, exact)
 
     @property
     def grouped(self) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ from action_metrics.context import (
     current_entry,
     leave,
 )
-from action_metrics.errors import InvalidValue
+from action_metrics.errors import InvalidMetric, InvalidValue, StoreClosed
 from action_metrics.model import ANONYMOUS_USER, UNKNOWN_MODEL, UNKNOWN_TOWN, ActionMetric, uuid7
 from action_metrics.pricing import ACTION_CREDITS
 from action_metrics.store import AsyncMetricsStore, MetricsStore
@@ -89,24 +89,50 @@ def default_store() -> Store:
 
 
 _INHERITED_FIELDS: Final = ("action_type", "user_id", "town_id", "citizen_id")
+_CONTEXT_FIELDS: Final = frozenset((*_INHERITED_FIELDS, "credits_charged"))
+_METRIC_PARAMETERS: Final = inspect.signature(ActionMetric).parameters
+_METRIC_FIELDS: Final = tuple(_METRIC_PARAMETERS)
+_REQUIRED_FIELDS: Final = tuple(
+    name
+    for name, parameter in _METRIC_PARAMETERS.items()
+    if parameter.default is parameter.empty and name != "citizen_id"  # a metric may name no citizen
+)
+_KNOWN: Final = frozenset(_METRIC_FIELDS)
+_REQUIRED: Final = frozenset(_REQUIRED_FIELDS)
+
+
+def _refuse_fields(fields: Mapping[str, Any]) -> None:
+    """An `InvalidMetric` naming the first field unknown or missing, rather than `__init__`'s TypeError."""
+    if unknown := fields.keys() - _KNOWN:
+        raise InvalidMetric(min(unknown)[:64], f"unknown field; a metric has {', '.join(_METRIC_FIELDS)}")
+    for name in _REQUIRED_FIELDS:
+        if name not in fields:
+            where = " or set it in an enclosing action_context()" if name in _CONTEXT_FIELDS else ""
+            raise InvalidMetric(name, f"missing: pass it to emit_action_metric(){where}")
 
 
 def emit_action_metric(**fields: Any) -> ActionMetric:
     """Build an `ActionMetric` from its fields, emit it to the default store, and return it.
 
     Fields not given come from the `action_context` in force (its credits only if no metric made
-    inside it has taken them yet).
+    inside it has taken them yet); `citizen_id` may be left out (None). Another field left out is an
+    `InvalidMetric` naming it.
     """
     inherited = current_attribution()
     for name in _INHERITED_FIELDS:
         value = getattr(inherited, name)
         if value is not None and name not in fields:
             fields[name] = value
-    if "credits_charged" not in fields:
-        claim = current_claim()
-        if claim is not None:
-            fields["credits_charged"] = claim.take() or 0  # 0 once a metric inside took them
+    claim = None if "credits_charged" in fields else current_claim()
+    if claim is not None:
+        fields["credits_charged"] = 0  # the block's credits are taken once the metric is valid, below
+    if "citizen_id" not in fields:
+        fields["citizen_id"] = None
+    if not _REQUIRED <= fields.keys() <= _KNOWN:
+        _refuse_fields(fields)
     metric = ActionMetric(**fields)
+    if claim is not None and (credits := claim.take()):  # None once a metric inside took them
+        metric = metric.charged(credits)
     store = default_store()
     if isinstance(store, MetricsStore):
         store.emit(metric)
@@ -192,6 +218,7 @@ class _Action:
         self.town_id = _Argument.find(signature, "town_id")
         self.citizen_id = _Argument.find(signature, "citizen_id")
         self.span_name = action_type
+        self.warned_of_usage_names = False
 
     def begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ActionEntry:
         """Put the call's attribution in force for its body: the LLM calls made inside inherit its
@@ -236,6 +263,8 @@ class _Action:
             tokens_in = result.get("tokens_in", 0)
             tokens_out = result.get("tokens_out", 0)
             model = result.get("model") or model
+            if not self.warned_of_usage_names and "tokens_in" not in result and "tokens_out" not in result:
+                self.warn_of_usage_names(result)
         try:
             return ActionMetric(
                 self.action_type,
@@ -257,8 +286,30 @@ class _Action:
             logger.warning("action-metrics: %s recorded no metric: %s", self.qualname, invalid)
             return None
 
+    def warn_of_usage_names(self, result: Mapping[Any, Any]) -> None:
+        """Log, once per function, a result that counts its tokens under a provider's names: they
+        would be recorded as 0 without a word."""
+        found = [name for name in _PROVIDER_TOKEN_KEYS if name in result]
+        if not found:
+            return
+        with _warning_lock:
+            if self.warned_of_usage_names:
+                return
+            self.warned_of_usage_names = True
+        logger.warning(
+            "action-metrics: %s returned %s but no tokens_in or tokens_out: recorded 0 tokens; "
+            "return the counts as tokens_in and tokens_out (warned once for this function)",
+            self.qualname,
+            ", ".join(found),
+        )
+
     def store_for_call(self) -> Store:
         return self.store if self.store is not None else default_store()
+
+
+_PROVIDER_TOKEN_KEYS: Final = ("input_tokens", "output_tokens", "prompt_tokens", "completion_tokens")
+"""Token counts under providers' names (Anthropic's and OpenAI's usage), which the decorator does not read."""
+_warning_lock: Final = threading.Lock()
 
 
 def _record_span(span: trace.Span, metric: ActionMetric | None, error: BaseException | None) -> None:
@@ -279,7 +330,8 @@ def instrument_action(
     """Record one `ActionMetric` and one span per call of the decorated function (sync or async).
 
     Latency is the call's, on a monotonic clock. A dict result gives `tokens_in`, `tokens_out` and
-    optionally `model` (which wins over `model=`; neither: "unknown", counted as unpriced). The
+    optionally `model` (which wins over `model=`; neither: "unknown", counted as unpriced); one with
+    a provider's names instead (`input_tokens`...) is logged as a warning, once per function. The
     call's `user_id`, `town_id` and `citizen_id` arguments give the ids; without them the user is
     "anonymous" and the town "unknown". Credits default to `ACTION_CREDITS[action_type]` (0 for other
     types). A call that raises is recorded with 0 credits and `{"error": <type name>}` and the span
@@ -370,10 +422,13 @@ def _finish_sync(*call: Any) -> None:
     if concluded is None:
         return
     metric, store = concluded
-    if type(store) is MetricsStore:
-        store.emit(metric)
-    else:
-        store.emit_nowait(metric)  # a sync function cannot await an async store's commit
+    try:
+        if type(store) is MetricsStore:
+            store.emit(metric)
+        else:
+            store.emit_nowait(metric)  # a sync function cannot await an async store's commit
+    except StoreClosed:  # the application is not told: counted in `dropped` and logged
+        store.writer.drop_closed()
 
 
 def _async_wrapper(action: _Action, function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -412,12 +467,15 @@ async def _finish_async(*call: Any) -> None:
     if concluded is None:
         return
     metric, store = concluded
-    if type(store) is AsyncMetricsStore:
-        await store.emit(metric)
-    elif store.durable:
-        await asyncio.to_thread(store.emit, metric)  # a blocking commit, kept off the event loop
-    else:
-        store.emit(metric)
+    try:
+        if type(store) is AsyncMetricsStore:
+            await store.emit(metric)
+        elif store.durable:
+            await asyncio.to_thread(store.emit, metric)  # a blocking commit, kept off the event loop
+        else:
+            store.emit(metric)
+    except StoreClosed:  # the application is not told: counted in `dropped` and logged
+        store.writer.drop_closed()
 
 
 # --- generator functions ---------------------------------------------------------------------

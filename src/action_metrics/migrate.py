@@ -7,6 +7,7 @@ that use it, as MLflow does: a process that never checks or changes a schema nev
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import sys
@@ -18,12 +19,13 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TextIO
 
-from sqlalchemy import URL, Connection, inspect, select
+from sqlalchemy import URL, Connection, column, inspect, select, table
 
 from action_metrics.dialects import WRITE, Backend, backend_for, display_url
 from action_metrics.errors import (
     DowngradeRefused,
     InvalidValue,
+    SchemaError,
     SchemaNotCreated,
     SchemaOutOfDate,
     SchemaTooNew,
@@ -85,10 +87,14 @@ def _scripts() -> ScriptDirectory:
     return ScriptDirectory.from_config(alembic_config())
 
 
+@cache
 def head_revision() -> str:
-    head = _scripts().get_current_head()
-    assert head is not None, "the packaged migrations have no head"
-    return head
+    """The packaged migrations' head: the highest-numbered file of `migrations/versions`, as ours are
+    numbered in one line (tests/test_migrations.py holds this to alembic's head). Read without
+    alembic, whose import and script loading take ~0.3 s: a store checks its schema on the caller's
+    event loop, which must not stall that long (`ensure_schema`)."""
+    scripts = (migrations_dir() / "versions").glob("[0-9][0-9][0-9][0-9]_*.py")
+    return max(script.name[:4] for script in scripts)
 
 
 def current_revision(connection: Connection) -> str | None:
@@ -353,35 +359,49 @@ async def ensure_schema(engine: AsyncEngine, backend: Backend) -> None:
             revision, has_tables = await connection.run_sync(_inspect_schema)
             if revision is None and not has_tables and may_migrate:
                 # Inside the same write transaction, so two processes opening one new file
-                # cannot both migrate it.
+                # cannot both migrate it. alembic is loaded off the caller's event loop first.
+                await asyncio.to_thread(revisions)
                 await connection.run_sync(_run_with_connection, upgrade_to("head"), io.StringIO())
                 return
+    if revision != head:
+        raise await asyncio.to_thread(_schema_refusal, revision, head, backend)  # alembic, off the loop
+
+
+def _schema_refusal(revision: str | None, head: str, backend: Backend) -> SchemaError:
+    """Why a store cannot use a schema not at `head`, with the command that fixes it."""
     command_hint = f"action-metrics db upgrade --url '{display_url(backend.given_url)}'"
     where = display_url(backend.given_url)
     if revision is None:
-        raise SchemaNotCreated(f"{where} has no action-metrics schema; create it with: {command_hint}")
-    if revision == head:
-        return
+        return SchemaNotCreated(f"{where} has no action-metrics schema; create it with: {command_hint}")
     if revision in revisions():
-        raise SchemaOutOfDate(
+        return SchemaOutOfDate(
             f"{where} is at schema revision {revision}, this action-metrics needs {head}; "
             f"upgrade it with: {command_hint}"
         )
     if is_newer(revision):
-        raise SchemaTooNew(
+        return SchemaTooNew(
             f"{where} is at schema revision {revision}, newer than this action-metrics knows "
             f"(head {head}); upgrade the action-metrics package"
         )
-    raise SchemaUnknown(
+    return SchemaUnknown(
         f"{where} is at schema revision {revision}, {unknown_to_this_package()}: not an action-metrics "
         "revision (another project's alembic_version?); check that the URL names an action-metrics "
         "database"
     )
 
 
+_alembic_version: Final = table("alembic_version", column("version_num"))
+
+
 def _inspect_schema(connection: Connection) -> tuple[str | None, bool]:
-    tables = set(inspect(connection).get_table_names()) - {"alembic_version"}
-    return current_revision(connection), bool(tables)
+    """The stored revision, and whether other tables exist: read without alembic (see head_revision)."""
+    tables = set(inspect(connection).get_table_names())
+    if "alembic_version" not in tables:
+        return None, bool(tables)
+    stored = connection.execute(select(_alembic_version.c.version_num)).scalars().all()
+    if len(stored) > 1:  # a branched history, not ours: alembic's own reading says what is wrong
+        return current_revision(connection), True
+    return (stored[0] if stored else None), len(tables) > 1
 
 
 async def revision_of(connection: AsyncConnection) -> str | None:

@@ -38,7 +38,7 @@ from action_metrics.context import (
     current_claim,
     parse_attribution,
 )
-from action_metrics.errors import FlushTimeout, InvalidValue
+from action_metrics.errors import FlushTimeout, InvalidValue, StoreClosed
 from action_metrics.genai import CallDeduplicator, SpanData, SpanMapping, call_from_span_data
 from action_metrics.model import ANONYMOUS_USER, UNKNOWN_TOWN, ActionMetric
 from action_metrics.store import AsyncMetricsStore, MetricsStore
@@ -272,7 +272,11 @@ class ActionMetricsSpanProcessor(SpanProcessor):
                 call.metric.model,
                 span.name,
             )
-        self.store.emit_nowait(call.metric)
+        try:
+            self.store.emit_nowait(call.metric)
+        except StoreClosed:  # counted in the store's `dropped` and logged, never raised
+            self.store.writer.drop_closed()
+            return
         with self._count_lock:
             self.recorded += 1
             if call.usage_missing:

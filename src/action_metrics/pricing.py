@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Final, Literal
 
 from action_metrics.errors import InvalidPrice
-from action_metrics.validation import as_utc, check_model
+from action_metrics.validation import as_integer, as_utc, check_model
 
 
 class ActionType(StrEnum):
@@ -87,7 +87,10 @@ def exact(value: float | int | str | Decimal) -> Decimal:
 
 def _checked_price(field_name: str, value: float | int | str | Decimal) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, float | int | str | Decimal):
-        raise InvalidPrice(field_name, f"expected a number, got {type(value).__name__}")
+        integer = as_integer(value)  # NumPy's int64, say
+        if integer is None:
+            raise InvalidPrice(field_name, f"expected a number, got {type(value).__name__}")
+        value = integer
     try:
         price = exact(value)
     except ArithmeticError:

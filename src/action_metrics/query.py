@@ -13,7 +13,7 @@ from sqlalchemy import ColumnCollection, ColumnElement, Row, Select, and_, false
 from action_metrics.errors import InvalidFilter
 from action_metrics.model import ActionMetric
 from action_metrics.schema import action_metrics
-from action_metrics.validation import MAX_INT64, as_utc, shown, storable_text
+from action_metrics.validation import MAX_INT64, as_integer, as_utc, shown, storable_text
 
 EQUALITY_FILTERS: Final = ("user_id", "town_id", "citizen_id", "action_type", "model")
 
@@ -42,11 +42,12 @@ class MetricFilter:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, as_utc(name, value, InvalidFilter))
-        limit = self.limit
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_INT64
-        ):
-            raise InvalidFilter("limit", f"expected a whole number from 0 to 2**63 - 1, got {shown(limit)}")
+        if self.limit is not None:
+            limit = as_integer(self.limit)
+            if limit is None or not 0 <= limit <= MAX_INT64:
+                got = shown(self.limit if limit is None else limit)
+                raise InvalidFilter("limit", f"expected a whole number from 0 to 2**63 - 1, got {got}")
+            object.__setattr__(self, "limit", limit)
 
     @property
     def storable(self) -> bool:

@@ -31,13 +31,13 @@ from action_metrics.charges import ChargeAudit, CreditClaim, InheritedCredits
 from action_metrics.clickhouse import SCHEMES as CLICKHOUSE_SCHEMES
 from action_metrics.clickhouse import ClickHouseURL
 from action_metrics.dialects import backend_for, display_url, resolve_url
-from action_metrics.errors import InvalidFilter, MetricInPrunedPeriod, StoreClosed
+from action_metrics.errors import InvalidFilter, InvalidValue, MetricInPrunedPeriod, StoreClosed
 from action_metrics.ingest import CLICKHOUSE_INGEST_BATCH, INGEST_BATCH, metric_batches
 from action_metrics.model import ActionMetric
 from action_metrics.pricing import CreditPrice, ModelPrice
 from action_metrics.query import CopyPosition, MetricFilter
 from action_metrics.repository import CatalogueWrite, MetricsRepository, PruneResult
-from action_metrics.validation import as_utc
+from action_metrics.validation import as_utc, check_count, check_flag
 from action_metrics.writer import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BUFFER_SIZE,
@@ -159,7 +159,8 @@ class AsyncMetricsStore:
     After `prune()`, metrics from before its cut-off are refused: `emit_many` raises
     `MetricInPrunedPeriod`, the writer counts them in `rejected` and logs them.
     Database failures raise `DatabaseError`s; after `close()` every call that needs the database
-    raises `StoreClosed` (`flush()` and `close()` do nothing, `emit()` counts the metric as dropped).
+    raises `StoreClosed`, `emit()` too (`flush()` and `close()` do nothing); `@instrument_action` and
+    the span processor, which never raise into the application, count such metrics in `dropped`.
     """
 
     def __init__(
@@ -178,7 +179,7 @@ class AsyncMetricsStore:
             CLICKHOUSE_INGEST_BATCH if self.url.get_backend_name() in CLICKHOUSE_SCHEMES else INGEST_BATCH
         )
         """Metrics per atomic batch when `emit_many` streams."""
-        self.durable = bool(durable)
+        self.durable = check_flag("durable", durable, InvalidValue)
         settings = WriterSettings(
             buffer_size=buffer_size,
             batch_size=batch_size,
@@ -190,6 +191,7 @@ class AsyncMetricsStore:
         self._opening = asyncio.Lock()
         self._exit_hook_registered = False
         self._closed = False
+        self._closed_at_exit = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({display_url(self.url)!r})"
@@ -229,26 +231,38 @@ class AsyncMetricsStore:
     async def emit(self, metric: ActionMetric) -> None:
         """Store one metric (once: emitting the same id again changes nothing).
 
-        Returns at once, before the write, unless the store is durable.
+        Returns at once, before the write, unless the store is durable; `StoreClosed` after `close()`.
         """
         _check_metric(metric)
         if self.durable:
             await self.emit_many([metric])
             return
-        if not self._closed:
+        if not self.writer.put(metric):
+            self._emitted_after_close(self)
+        elif not self._closed:
             self._start_writer()
-        self.writer.put(metric)
 
     def emit_nowait(self, metric: ActionMetric) -> None:
-        """Buffer one metric without awaiting, from any thread, even on a durable store."""
+        """Buffer one metric without awaiting, from any thread, even on a durable store; `StoreClosed`
+        after `close()`, as `emit()`."""
         _check_metric(metric)
-        self.writer.put(metric)
+        if not self.writer.put(metric):
+            self._emitted_after_close(self)
+            return
         if not self.writer.running and not self._closed:
             try:
                 asyncio.get_running_loop()
             except RuntimeError:
                 return  # no loop here: written when the store is next used, or at exit
             self._start_writer()
+
+    def _emitted_after_close(self, caller: AsyncMetricsStore | MetricsStore) -> None:
+        """An emit after `close()` raises `StoreClosed`, so its metric does not vanish unseen. Not
+        after the interpreter exit's close, which no caller asked for: threads still finishing then
+        have their metrics counted in `dropped` and logged."""
+        if not self._closed_at_exit:
+            raise _closed_error(caller)
+        self.writer.drop_closed()
 
     def _start_writer(self) -> None:
         if self.writer.running:
@@ -343,9 +357,10 @@ class AsyncMetricsStore:
         Served from the rollups where they keep the filters (every figure exact; percentiles within
         1%, `percentiles_exact` False); `exact=True` reads raw rows only, percentiles exact too.
         """
+        exact = check_flag("exact", exact, InvalidFilter)
         metric_filter = MetricFilter(**filters)
         await self.writer.settle()
-        return await (await self._open()).aggregate(metric_filter, exact=bool(exact))
+        return await (await self._open()).aggregate(metric_filter, exact=exact)
 
     async def breakdown(
         self,
@@ -401,8 +416,9 @@ class AsyncMetricsStore:
         number removed so far. From then on a metric from before the cut-off is
         refused (`MetricInPrunedPeriod`): its id went with its row, so a re-sent one would count twice."""
         cutoff = as_utc("before", before, InvalidFilter)
+        dry_run = check_flag("dry_run", dry_run, InvalidFilter)
         await self.writer.settle()
-        return await (await self._open()).prune(cutoff, dry_run=bool(dry_run), progress=progress)
+        return await (await self._open()).prune(cutoff, dry_run=dry_run, progress=progress)
 
     async def set_model_price(
         self,
@@ -456,6 +472,7 @@ class AsyncMetricsStore:
 
         An action that failed (its `error` is set) and was charged nothing counts as `failed`, not under.
         """
+        credits = check_count("credits", credits, InvalidFilter)
         metric_filter = MetricFilter(**filters)
         await self.writer.settle()
         return await (await self._open()).audit_charges(metric_filter, credits)
@@ -482,6 +499,7 @@ class AsyncMetricsStore:
         timeout = writer.settings.close_timeout
         loop = writer.loop
         if loop is not None and loop.is_running():  # in another thread, as a MetricsStore's is
+            self._closed_at_exit = True
             asyncio.run_coroutine_threadsafe(self.close(), loop).result()
             return
         # The store's loop has ended (asyncio.run() returned): write on a loop and engine of our own.
@@ -608,14 +626,15 @@ class MetricsStore:
             _check_metric(metric)
         if self.durable:
             self._call(self._store.emit_many([metric]))
-        else:
-            self._put(metric)
+        elif not self._put(metric):
+            self._store._emitted_after_close(self)
 
     def emit_nowait(self, metric: ActionMetric) -> None:
         """Buffer one metric and return at once, even on a durable store."""
         if type(metric) is not ActionMetric:
             _check_metric(metric)
-        self._put(metric)
+        if not self._put(metric):
+            self._store._emitted_after_close(self)
 
     def emit_many(self, metrics: Iterable[ActionMetric]) -> None:
         # Drawn here: the caller's iterable stays on its thread.

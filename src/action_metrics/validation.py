@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -100,12 +101,40 @@ def check_error(value: object) -> str:
     return str(value)
 
 
-def check_count(field_name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidMetric(field_name, f"expected an integer, got {type(value).__name__}")
-    if not 0 <= value <= MAX_INT64:
-        raise InvalidMetric(field_name, f"expected 0 <= {field_name} < 2**63, got {shown(value)}")
-    return int(value)
+def as_integer(value: object) -> int | None:
+    """`value` as a plain int when it is an integer of any kind (NumPy's `int64`, anything with
+    `__index__`); None for anything else. A bool is no count, NumPy's (`dtype.kind` "b") neither."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b":
+        return None
+    try:
+        return int(operator.index(value))  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def check_flag(field_name: str, value: object, error: type[InvalidValue]) -> bool:
+    """A yes-or-no argument: True or False only, since `bool("false")` is True and would run the
+    other mode without a word."""
+    if value is True or value is False:
+        return value
+    kind = type(value)
+    got = (
+        shown(value)
+        if kind in (str, int, float) or value is None
+        else f"a {kind.__module__}.{kind.__qualname__}"
+    )
+    raise error(field_name, f"expected True or False, got {got}")
+
+
+def check_count(field_name: str, value: object, error: type[InvalidValue] = InvalidMetric) -> int:
+    count = as_integer(value)
+    if count is None:
+        raise error(field_name, f"expected an integer, got {type(value).__name__}")
+    if not 0 <= count <= MAX_INT64:
+        raise error(field_name, f"expected 0 <= {field_name} < 2**63, got {shown(count)}")
+    return count
 
 
 def check_token_kinds(
@@ -133,7 +162,10 @@ def check_token_kinds(
 
 def check_latency(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidMetric("latency_ms", f"expected a number, got {type(value).__name__}")
+        integer = as_integer(value)
+        if integer is None:
+            raise InvalidMetric("latency_ms", f"expected a number, got {type(value).__name__}")
+        value = integer
     try:
         latency = float(value)
     except OverflowError:  # an int beyond the range of a float

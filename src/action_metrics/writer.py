@@ -91,6 +91,12 @@ class WriterSettings:
                 raise InvalidValue(name, f"expected a number of seconds > 0, got {value!r}")
 
 
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a future's error as seen, so asyncio does not report it when the future is collected."""
+    if not future.cancelled():
+        future.exception()
+
+
 class _Barrier:
     """A mark in the buffer: `done` resolves once every metric put before it is written.
 
@@ -149,16 +155,26 @@ class BatchWriter:
 
     # --- any thread ----------------------------------------------------------------------------
 
-    def put(self, metric: ActionMetric) -> None:
-        """Buffer `metric` and return at once; never waits, never raises for a database problem."""
+    def put(self, metric: ActionMetric) -> bool:
+        """Buffer `metric` and return at once; never waits, never raises for a database problem (a
+        full buffer drops it: counted in `dropped` and logged). False, taking nothing, once `close()`
+        has begun: the store's `emit()` then raises `StoreClosed`."""
         buffer = self._buffer
-        if not self._accepting or len(buffer) >= self.settings.buffer_size:
-            self._drop(1, "the writer is closed" if not self._accepting else "the buffer is full")
-            return
+        if not self._accepting:
+            return False
+        if len(buffer) >= self.settings.buffer_size:
+            self._drop(1, "the buffer is full")
+            return True
         buffer.append(metric)
         if len(buffer) >= self.settings.batch_size and not self._wake_pending:
             self._wake_pending = True
             self._wake_from_any_thread()
+        return True
+
+    def drop_closed(self, count: int = 1) -> None:
+        """Count metrics that came after `close()` from callers that must not raise (the decorator,
+        the span processor): in `dropped`, logged once per run of drops."""
+        self._drop(count, "the writer is closed")
 
     @property
     def pending(self) -> int:
@@ -242,6 +258,11 @@ class BatchWriter:
         try:
             await asyncio.wait_for(asyncio.shield(barrier.done), timeout)
         except TimeoutError:
+            if barrier.done.done():
+                raise  # close() gave up on these metrics: its own FlushTimeout says so
+            # Nobody awaits the barrier any more: close() may yet fail it, and asyncio would log
+            # that error as never retrieved.
+            barrier.done.add_done_callback(_retrieve)
             raise FlushTimeout(
                 f"{self.pending} metrics still waiting for the database after {timeout} s "
                 f"(last error: {self._last_error!r}); they stay buffered and are retried, "
@@ -269,17 +290,20 @@ class BatchWriter:
         self._wake_now()
         timeout = self.settings.close_timeout if timeout is None else timeout
         done, _ = await asyncio.wait([task], timeout=timeout)
+        buffered: list[_Barrier] = []
         if not done:
             self._giving_up = True  # the task's cancellation must not start another last write
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            buffered = [item for item in self._buffer if type(item) is _Barrier]
             lost = self.take_pending()
             self.count_lost(
                 len(lost),
                 f"still unwritten {timeout} s into close() (last write error: {self._last_error!r})",
             )
-        for barrier in self._in_flight_barriers:
+        for barrier in (*self._in_flight_barriers, *buffered):  # a flush() still waiting must not hang
             barrier.resolve(FlushTimeout("the store was closed before these metrics were written"))
+        self._in_flight_barriers.clear()
         self._task = None
 
     def _barrier(self, fail_fast: bool) -> _Barrier | None:
