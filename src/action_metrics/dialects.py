@@ -17,7 +17,9 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from operator import attrgetter
+from pathlib import Path
 from typing import Any, ClassVar, Final
+from urllib.parse import urlencode
 
 from sqlalchemy import (
     URL,
@@ -88,8 +90,17 @@ def resolve_url(url: str | URL | None) -> URL:
         raise UnsupportedDatabase(f"cannot parse database URL {str(url)!r}: {error}") from None
 
 
+SECRET_PARAMETERS: Final = ("password", "sslpassword")
+"""URL parameters whose values `display_url` hides, as it hides the password."""
+
+
 def display_url(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
+    """The URL to show in messages and logs: the password, and any secret parameter, as ***."""
+    hidden = {name: "HIDDEN" for name in SECRET_PARAMETERS if name in url.query}
+    shown = url.update_query_dict(hidden).render_as_string(hide_password=True)
+    for name in hidden:  # *** itself would be rendered percent-encoded
+        shown = shown.replace(f"{name}=HIDDEN", f"{name}=***")
+    return shown
 
 
 class Backend:
@@ -255,6 +266,90 @@ def server_settings(options: str | Sequence[str]) -> dict[str, str]:
     return settings
 
 
+SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+"""libpq's `sslmode` values, which asyncpg's `ssl` argument takes as they are."""
+SSL_FILES: Final = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+_SSL_CONNECTION_STRING: Final = (*SSL_FILES, "sslpassword")
+"""libpq parameters asyncpg reads only from a connection string, not as keyword arguments."""
+_TRANSLATED: Final = (
+    "sslmode",
+    "ssl",
+    "connect_timeout",
+    "application_name",
+    "options",
+    *_SSL_CONNECTION_STRING,
+)
+_PASSED_AS_GIVEN: Final = (
+    "host",
+    "port",
+    "target_session_attrs",
+    "passfile",
+    "krbsrvname",
+    "gsslib",
+    "prepared_statement_cache_size",
+)
+"""Parameters SQLAlchemy's asyncpg dialect hands over as they are, which it or asyncpg reads with
+libpq's meaning (`prepared_statement_cache_size`: SQLAlchemy's own)."""
+POSTGRES_URL_PARAMETERS: Final = (*_TRANSLATED, *_PASSED_AS_GIVEN)
+
+
+def asyncpg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
+    """A PostgreSQL URL's libpq parameters as asyncpg.connect() arguments, and the URL without them.
+
+    SQLAlchemy passes every URL parameter to asyncpg.connect() as a keyword argument of the same
+    name, and asyncpg has few of libpq's (`?sslmode=require` was a TypeError at the first
+    connection). Any parameter neither translated nor asyncpg's own is refused here, before a
+    connection is tried."""
+    where = display_url(url)
+    unknown = [name for name in url.query if name not in POSTGRES_URL_PARAMETERS]
+    if unknown:
+        raise UnsupportedDatabase(
+            f"{where}: action-metrics does not know the URL parameter{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(unknown)}; remove {'them' if len(unknown) > 1 else 'it'}, or use one of "
+            f"{', '.join(POSTGRES_URL_PARAMETERS)}"
+        )
+    given = {name: value if isinstance(value, str) else value[-1] for name, value in url.query.items()}
+
+    # JIT compiles plans whose cost estimate is large, which the range joins on the price
+    # periods make of even a small selection: measured, the compile took 0.9 s of a 0.92 s
+    # aggregate of 4,000 actions. `?options=-cjit%3Don` turns it back on.
+    settings = {"jit": "off"}
+    if "options" in url.query:
+        settings.update(server_settings(url.query["options"]))
+    if "application_name" in given:
+        settings["application_name"] = given["application_name"]
+    connect_args: dict[str, Any] = {"server_settings": settings}
+
+    modes = {name: given[name] for name in ("sslmode", "ssl") if name in given}
+    for name, mode in modes.items():
+        if mode not in SSL_MODES:
+            raise UnsupportedDatabase(f"{where}: {name} {mode!r} is not one of {', '.join(SSL_MODES)}")
+    if len(set(modes.values())) > 1:
+        raise UnsupportedDatabase(f"{where}: sslmode and ssl differ: give one")
+    if modes:
+        connect_args["ssl"] = next(iter(modes.values()))
+
+    if "connect_timeout" in given:
+        try:
+            seconds = int(given["connect_timeout"])
+        except ValueError:
+            raise UnsupportedDatabase(
+                f"{where}: connect_timeout is whole seconds (0: no limit), not {given['connect_timeout']!r}"
+            ) from None
+        connect_args["timeout"] = float(seconds) if seconds > 0 else None  # libpq: 0 or less waits forever
+
+    for file_parameter in SSL_FILES:
+        if file_parameter in given and not Path(given[file_parameter]).is_file():
+            raise UnsupportedDatabase(
+                f"{where}: {file_parameter} names no file here, {given[file_parameter]!r}"
+            )
+    ssl_parameters: dict[str, str] = {name: given[name] for name in _SSL_CONNECTION_STRING if name in given}
+    if ssl_parameters:
+        # asyncpg's keyword arguments (host, user, ...) override the connection string's.
+        connect_args["dsn"] = f"postgresql://?{urlencode(ssl_parameters)}"
+    return url.difference_update_query(_TRANSLATED), connect_args
+
+
 class PostgresBackend(Backend):
     name = "postgresql"
     async_driver = "asyncpg"
@@ -268,16 +363,12 @@ class PostgresBackend(Backend):
 
     def __init__(self, url: URL) -> None:
         super().__init__(url)
-        options = self.url.query.get("options")
-        # JIT compiles plans whose cost estimate is large, which the range joins on the price
-        # periods make of even a small selection: measured, the compile took 0.9 s of a 0.92 s
-        # aggregate of 4,000 actions. `?options=-cjit%3Don` turns it back on.
-        self.server_settings = {"jit": "off", **(server_settings(options) if options is not None else {})}
-        self.url = self.url.difference_update_query(["options"])
+        without_them, self.connect_args = asyncpg_connect_args(url)  # its messages show the URL as given
+        self.url = without_them.set(drivername=self.url.drivername)
 
     def engine_options(self) -> dict[str, Any]:
         # A pooled connection may have died with a restarted server: test it before use.
-        return {"pool_pre_ping": True, "connect_args": {"server_settings": self.server_settings}}
+        return {"pool_pre_ping": True, "connect_args": self.connect_args}
 
     def insert(self, table: Table) -> PostgresInsert:
         return postgresql.insert(table)
