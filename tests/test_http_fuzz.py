@@ -62,7 +62,7 @@ def ndjson(context: Any, value: Any) -> bytes:
     return b"\n".join(json.dumps(item).encode() for item in items)
 
 
-EXAMPLES = 100
+EXAMPLES = 60
 """Hypothesis examples per operation, per generation mode, per kind of credentials."""
 MODES = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
 CHECKS = [
