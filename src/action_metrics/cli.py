@@ -8,7 +8,8 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import wraps
@@ -411,6 +412,25 @@ def _progress(console: Console) -> Progress:
     )
 
 
+@contextmanager
+def _bar_from_first_report(console: Console, description: str) -> Iterator[Callable[..., None]]:
+    """A progress bar shown from its first report on, which comes once the command's refusals are
+    behind it: a refused command prints its one line without a bar at 0/? above it."""
+    progress = _progress(console)
+    task = progress.add_task(description, total=None, start=False)
+
+    def report(completed: int, total: int | None = None) -> None:
+        if not progress.live.is_started:
+            progress.start()
+            progress.start_task(task)
+        progress.update(task, completed=completed, total=total)
+
+    try:
+        yield report
+    finally:
+        progress.stop()
+
+
 def _build_rollups(backend: Backend) -> None:
     """Sum the rows already stored into the rollups, a day per transaction: run again, it resumes."""
 
@@ -511,21 +531,8 @@ def prune(url: str | None, older_than: datetime | None, before: datetime | None,
             if dry_run:
                 result = await store.prune(cutoff, dry_run=True)
             else:
-                # Started at the first report, which comes once the cut-off is accepted: a refused
-                # one prints its one line without a bar at 0/? above it.
-                progress = _progress(err)
-                task = progress.add_task("Removing raw rows", total=None, start=False)
-
-                def report_progress(done: int) -> None:
-                    if not progress.live.is_started:
-                        progress.start()
-                        progress.start_task(task)
-                    progress.update(task, completed=done)
-
-                try:
-                    result = await store.prune(cutoff, progress=report_progress)
-                finally:
-                    progress.stop()
+                with _bar_from_first_report(err, "Removing raw rows") as report:  # the cut-off accepted
+                    result = await store.prune(cutoff, progress=report)
         return result, await _cutoff_in_force(store.url)  # once the store is closed (chdb: one client)
 
     result, in_force = run_async(run())
@@ -586,18 +593,11 @@ def copy_command(source: str, destination: str, batch_size: int, skip_pruned_per
     last one copied, is left behind.
     """
     err = _stderr()
-    # Started at the first report, which comes after the refusals (a pruned source, ...): a refused
-    # copy prints its one line without a bar at 0/? above it.
-    progress = _progress(err)
-    task = progress.add_task("Copying actions", total=None, start=False)
+    with _bar_from_first_report(err, "Copying actions") as report:  # after the refusals: a pruned source, ...
 
-    def report_progress(done: CopyProgress) -> None:
-        if not progress.live.is_started:
-            progress.start()
-            progress.start_task(task)
-        progress.update(task, completed=done.sent, total=done.total)
+        def report_progress(done: CopyProgress) -> None:
+            report(done.sent, done.total)
 
-    try:
         result = run_async(
             copy_store(
                 source,
@@ -607,8 +607,6 @@ def copy_command(source: str, destination: str, batch_size: int, skip_pruned_per
                 progress=report_progress,
             )
         )
-    finally:
-        progress.stop()
     _report_copy(result)
     with err.status("Comparing the totals..."):
         totals = run_async(compare_totals(source, destination, result.pruned_before))
