@@ -120,6 +120,8 @@ def _one_line(error: BaseException) -> str:
     """The driver's error in one line, without SQLAlchemy's statement and parameters."""
     reason = getattr(error, "orig", None) or error
     first_line = next(iter(str(reason).strip().splitlines()), "")
+    if not first_line and isinstance(reason, TimeoutError):  # asyncio's, of a connect_timeout: no text
+        first_line = "no answer within the connection's time limit (connect_timeout)"
     return f"{type(reason).__name__}: {first_line}"
 
 
