@@ -94,7 +94,7 @@ def test_connect_timeout_bounds_the_wait_for_a_server_that_never_answers() -> No
         port = silent.getsockname()[1]
         started = time.monotonic()
         with (
-            pytest.raises(DatabaseUnavailable, match="TimeoutError: no answer within .*connect_timeout"),
+            pytest.raises(DatabaseUnavailable, match=r"TimeoutError: no answer within .*connect_timeout"),
             MetricsStore(f"postgresql://app@127.0.0.1:{port}/metrics?connect_timeout=1") as store,
         ):
             store.aggregate()

@@ -140,7 +140,10 @@ def bucket_starts(bucket: Bucket, zone: ZoneInfo, since: datetime, until: dateti
     while starts[-1] < until:
         if len(starts) > MAX_BUCKETS:
             raise InvalidFilter(
-                "bucket", f"more than {MAX_BUCKETS} {bucket}s between {since} and {until}: narrow since/until"
+                "bucket",
+                f"more than {MAX_BUCKETS} {bucket}s between {since} and {until}: narrow since/until (a "
+                "window without until ends at the newest action stored for the selection, which may be "
+                "one stamped far in the future: give until)",
             )
         try:
             starts.append(next_bucket(starts[-1], bucket, zone))
