@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 import uuid
+from collections import deque
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from conftest import metric
 
 from action_metrics import (
+    ActionMetric,
     AsyncMetricsStore,
     DatabaseUnavailable,
     InvalidFilter,
@@ -402,6 +404,48 @@ def test_a_thread_emitting_while_the_store_closes_is_told_and_nothing_vanishes(d
     assert refused, "emit() after close() returned as if the metric were kept"
     with MetricsStore(database_url) as reader:  # a racing emit may be dropped, never lost unseen
         assert reader.aggregate().count + store.dropped == emitted
+
+
+class _StallingBuffer(deque[Any]):
+    """The writer's buffer, whose next append of a metric (once armed) waits to be released: an
+    emit() descheduled between its check that the store is open and its append."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.stalled, self.released = threading.Event(), threading.Event()
+
+    def append(self, item: Any) -> None:
+        if self.armed and isinstance(item, ActionMetric):
+            self.armed = False
+            self.stalled.set()
+            self.released.wait(10)
+        super().append(item)
+
+
+def test_a_metric_emitted_as_close_begins_is_written_not_left_in_the_buffer(database_url: str) -> None:
+    """emit() checks that the store takes metrics, then appends: close() may begin in between. The
+    metric is in the buffer before close()'s last write looks (close waits for the append), never
+    after it (it was: left unwritten, not counted as dropped, close() none the wiser)."""
+    store = MetricsStore(database_url)
+    store.emit(metric())
+    store.flush()
+    buffer = _StallingBuffer()
+    store.writer._buffer = buffer
+    buffer.armed = True
+    emitter = threading.Thread(target=store.emit, args=(metric(),), daemon=True)
+    emitter.start()
+    assert buffer.stalled.wait(10)
+    closer = threading.Thread(target=store.close, daemon=True)
+    closer.start()
+    time.sleep(0.3)  # close() under way: without the lock it has written its last batch by now
+    buffer.released.set()
+    emitter.join(10)
+    closer.join(30)
+    assert not closer.is_alive()
+    assert store.dropped == 0
+    with MetricsStore(database_url) as reader:
+        assert reader.aggregate().count == 2
 
 
 def test_a_sqlite_file_that_cannot_open_leaves_no_driver_thread_behind(tmp_path, monkeypatch) -> None:

@@ -145,6 +145,9 @@ class BatchWriter:
         self._closing = False
         self._giving_up = False
         self._accepting = True
+        self._accepting_lock = threading.Lock()
+        """Held by `put` from its check of `_accepting` to its append, and by `close` to clear it: a
+        metric taken while `close` begins is in the buffer before the last write looks, never after."""
         self._last_error: BaseException | None = None
         self._drop_lock = threading.Lock()
         self._dropping = False
@@ -160,12 +163,15 @@ class BatchWriter:
         full buffer drops it: counted in `dropped` and logged). False, taking nothing, once `close()`
         has begun: the store's `emit()` then raises `StoreClosed`."""
         buffer = self._buffer
-        if not self._accepting:
-            return False
-        if len(buffer) >= self.settings.buffer_size:
+        with self._accepting_lock:
+            if not self._accepting:
+                return False
+            full = len(buffer) >= self.settings.buffer_size
+            if not full:
+                buffer.append(metric)
+        if full:
             self._drop(1, "the buffer is full")
             return True
-        buffer.append(metric)
         if len(buffer) >= self.settings.batch_size and not self._wake_pending:
             self._wake_pending = True
             self._wake_from_any_thread()
@@ -280,9 +286,10 @@ class BatchWriter:
 
         Metrics still unwritten then are counted in `dropped` and logged: never lost silently.
         """
+        self._stop_accepting()
         if (self._buffer or self._in_flight) and not self.running:
             self.start()  # metrics put before the writer ever started
-        self._accepting = False
+            self._stop_accepting()  # start() accepts again
         task = self._task
         if task is None or task.done():
             return
@@ -305,6 +312,10 @@ class BatchWriter:
             barrier.resolve(FlushTimeout("the store was closed before these metrics were written"))
         self._in_flight_barriers.clear()
         self._task = None
+
+    def _stop_accepting(self) -> None:
+        with self._accepting_lock:  # a put under way finishes its append first
+            self._accepting = False
 
     def _barrier(self, fail_fast: bool) -> _Barrier | None:
         if not self._buffer and not self._in_flight:
