@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import metric
 from sqlalchemy import make_url
@@ -108,6 +109,11 @@ def test_emit_refuses_what_is_not_a_metric(database_url: str) -> None:
 def test_writer_settings_are_checked() -> None:
     with pytest.raises(InvalidValue, match=r"^buffer_size:"):
         MetricsStore("sqlite:///:memory:", buffer_size=0)
+    with pytest.raises(InvalidValue, match=r"^batch_size:"):
+        MetricsStore("sqlite:///:memory:", batch_size=np.True_)  # type: ignore[arg-type]
+    with MetricsStore("sqlite:///:memory:", buffer_size=np.int64(10), batch_size=np.int32(5)) as store:
+        assert (store.writer.settings.buffer_size, store.writer.settings.batch_size) == (10, 5)
+        assert type(store.writer.settings.batch_size) is int  # NumPy's integers are integers
     with pytest.raises(InvalidValue, match=r"^flush_interval:"):
         AsyncMetricsStore("sqlite:///:memory:", flush_interval=-1)
 

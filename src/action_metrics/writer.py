@@ -40,6 +40,7 @@ from action_metrics.errors import (
     StatementRefused,
 )
 from action_metrics.model import ActionMetric
+from action_metrics.validation import as_integer
 
 logger: Final = logging.getLogger(__name__)
 
@@ -83,8 +84,10 @@ class WriterSettings:
     def __post_init__(self) -> None:
         for name in ("buffer_size", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            count = as_integer(value)  # NumPy's int64 too, never a bool
+            if count is None or count < 1:
                 raise InvalidValue(name, f"expected a whole number >= 1, got {value!r}")
+            object.__setattr__(self, name, count)  # frozen: the plain int, once
         for name in ("flush_interval", "first_retry_delay", "max_retry_delay", "close_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
