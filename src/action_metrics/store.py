@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures.thread  # noqa: F401 - see _call_at_exit
+import concurrent.futures
+import concurrent.futures.thread
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
@@ -21,7 +22,7 @@ from datetime import datetime
 from decimal import Decimal
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self, TypedDict, TypeVar, Unpack
 
 from sqlalchemy import URL
 
@@ -138,6 +139,10 @@ def _call_at_exit(hook: Callable[[], None]) -> None:
         register(hook)
     except RuntimeError:  # already shutting down
         atexit.register(hook)
+
+
+_EXIT_MARGIN_SECONDS: Final = 5.0
+"""How long past its close_timeout interpreter exit waits for a store's close() on its own loop."""
 
 
 def _write_at_exit(store_ref: weakref.ref[AsyncMetricsStore]) -> None:
@@ -494,14 +499,22 @@ class AsyncMetricsStore:
     def _write_at_exit(self) -> None:
         """Interpreter exit: write what is still buffered, so a program need not call flush()."""
         writer = self.writer
+        loop = writer.loop
+        if loop is not None and loop.is_running():  # in another thread, as a MetricsStore's is
+            # Closed even with nothing to write: a thread still running emits into a closed store
+            # (counted and logged), not into a buffer that goes with the store's daemon thread.
+            self._closed_at_exit = True
+            closing = asyncio.run_coroutine_threadsafe(self.close(), loop)
+            try:  # close() gives up after close_timeout; a loop that never runs it must not hang exit
+                closing.result(writer.settings.close_timeout + _EXIT_MARGIN_SECONDS)
+            except concurrent.futures.TimeoutError:
+                writer.count_lost(
+                    writer.pending, "not written at interpreter exit: the store's event loop is stuck"
+                )
+            return
         if not writer.pending:
             return
         timeout = writer.settings.close_timeout
-        loop = writer.loop
-        if loop is not None and loop.is_running():  # in another thread, as a MetricsStore's is
-            self._closed_at_exit = True
-            asyncio.run_coroutine_threadsafe(self.close(), loop).result()
-            return
         # The store's loop has ended (asyncio.run() returned): write on a loop and engine of our own.
         pending = writer.take_pending()
         rescue = AsyncMetricsStore(self.url, durable=True)
