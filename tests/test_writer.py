@@ -180,13 +180,13 @@ EXIT_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("mode", ["blocking", "asyncio.run", "abandoned loop"])
-def test_metrics_emitted_without_flush_are_written_at_exit(database_url: str, mode: str) -> None:
+def run_until_exit(script: str, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`script` in a fresh interpreter given the database's URL and `args`, run to its exit."""
     url = database_url
     if make_url(url).host == "127.0.0.1":  # a host name needs a resolver thread, late in shutdown
         url = url.replace("@127.0.0.1", "@localhost")
     result = subprocess.run(
-        [sys.executable, "-c", EXIT_SCRIPT, url, mode, "1234"],
+        [sys.executable, "-c", script, url, *args],
         env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
@@ -194,6 +194,12 @@ def test_metrics_emitted_without_flush_are_written_at_exit(database_url: str, mo
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.parametrize("mode", ["blocking", "asyncio.run", "abandoned loop"])
+def test_metrics_emitted_without_flush_are_written_at_exit(database_url: str, mode: str) -> None:
+    result = run_until_exit(EXIT_SCRIPT, database_url, mode, "1234")
     assert "dropped" not in result.stderr
     assert stored(database_url) == 1234
 
@@ -225,18 +231,7 @@ def test_a_thread_emitting_after_the_exit_flush_is_not_raised_at_but_counted(
     # The exit hook closes a store no caller closed, while non-daemon threads still run: their
     # emits are counted in `dropped` and logged, not raised at as after close(); with nothing
     # buffered at exit too (such an emit was buffered, then lost with the store's daemon thread).
-    url = database_url
-    if make_url(url).host == "127.0.0.1":  # a host name needs a resolver thread, late in shutdown
-        url = url.replace("@127.0.0.1", "@localhost")
-    result = subprocess.run(
-        [sys.executable, "-c", EMIT_AFTER_EXIT_SCRIPT, url, at_exit],
-        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_until_exit(EMIT_AFTER_EXIT_SCRIPT, database_url, at_exit)
     assert "StoreClosed" not in result.stderr
     assert result.stdout.strip() == "dropped 1"
     assert "the writer is closed, dropping metrics" in result.stderr
