@@ -152,6 +152,30 @@ def test_a_dashboard_role_reads_the_views_and_cannot_write_or_read_the_tables(
         run(url, path.read_text(), user=dashboard)
 
 
+def test_db_current_as_a_role_that_reads_only_the_revision_says_so(
+    roles: Roles, empty_database_url: str
+) -> None:
+    """A monitoring role granted `alembic_version` alone: `db current` gives the revision, and says
+    that whether the rollups' build is done could not be read (it reads the raw table and the
+    rollup state), not an error."""
+    url = empty_database_url
+    assert run_cli("db", "upgrade", "--url", url).exit_code == 0
+    monitor = roles.make("monitor")
+    roles.used_in(url)
+    run(
+        url,
+        f'GRANT CONNECT ON DATABASE "{make_url(url).database}" TO "{monitor}"',
+        f'GRANT USAGE ON SCHEMA public TO "{monitor}"',
+        f'GRANT SELECT ON alembic_version TO "{monitor}"',
+    )
+    as_monitor = make_url(url).set(username=monitor).render_as_string(hide_password=False)
+    result = run_cli("db", "current", "--url", as_monitor)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"{migrate.head_revision()} (head; whether the build")
+    assert "could not be read" in result.stdout
+    assert "permission denied" in result.stdout
+
+
 @pytest.mark.parametrize("search_path_from", ["role setting", "url options"])
 def test_the_store_runs_as_a_role_that_owns_only_its_own_schema(
     roles: Roles, empty_database_url: str, search_path_from: str

@@ -48,6 +48,7 @@ from action_metrics.errors import (
     InvalidValue,
     SchemaNotCreated,
     SchemaTooNew,
+    StatementRefused,
     translated,
 )
 from action_metrics.pricing import ModelPrice
@@ -672,9 +673,15 @@ def current(url: str | None) -> None:
     backend = backend_for(url)
     head = migrate.head_revision()
 
-    async def read(repository: MetricsRepository) -> tuple[str | None, list[str]]:
+    async def read(repository: MetricsRepository) -> tuple[str | None, list[str] | str]:
+        """The revision, and at head what the build has left (or why that could not be read)."""
         revision = await repository.schema_revision()
-        return revision, await repository.unfinished_build() if revision == head else []
+        if revision != head:
+            return revision, []
+        try:
+            return revision, await repository.unfinished_build()
+        except StatementRefused as refused:  # a role that may read alembic_version only
+            return revision, refused.reason
 
     revision, unfinished = (
         (None, [])  # not created just to say it has no schema
@@ -685,7 +692,11 @@ def current(url: str | None) -> None:
         state = f"{migrate.unknown_to_this_package()}: a newer release's, or not an action-metrics revision"
     else:
         state = "head" if revision == head else f"behind head {head}" if revision else "no schema"
-    if unfinished:
+    if isinstance(unfinished, str):
+        state += (
+            f"; whether the build db upgrade runs after migrating is done could not be read: {unfinished}"
+        )
+    elif unfinished:
         where = display_url(backend.given_url)
         state += (
             f", but the build db upgrade runs after migrating is unfinished: {'; '.join(unfinished)} "
