@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.server
 import json
@@ -277,6 +278,22 @@ def test_a_failed_genai_call_charges_nothing(store: MetricsStore, app) -> None:
         "RateLimitError",
     )
     assert (metric.user_id, metric.town_id, metric.tokens_in) == ("anonymous", "unknown", 0)
+
+
+def test_an_exception_in_a_genai_span_is_stored_by_its_type_name_never_its_message(
+    store: MetricsStore, app
+) -> None:
+    """The SDK sets the status description to "<type>: <message>" for an exception raised in a span,
+    and instrumentations often set no `error.type`: the message may hold what a customer typed."""
+    provider, processor, _ = app
+    tracer = provider.get_tracer("app")
+    with contextlib.suppress(ValueError), tracer.start_as_current_span("chat") as span:
+        span.set_attributes({"gen_ai.request.model": "haiku", "action.credits": 9})
+        raise ValueError("customer email bob@example.com not found")
+    processor.force_flush()
+    [metric] = store.query()
+    assert (metric.error, metric.metadata["error"], metric.credits_charged) == ("ValueError", "ValueError", 0)
+    assert "bob@example.com" not in repr(metric.to_dict())
 
 
 def test_a_span_that_makes_no_valid_metric_is_counted_never_raised(

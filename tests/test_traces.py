@@ -298,6 +298,17 @@ def test_a_body_that_is_not_otlp_is_refused_whole(
     assert answer.status_code == status, answer.text
 
 
+def test_too_many_spans_are_413_naming_spans(server: Server) -> None:
+    answer = httpx.post(
+        f"{server.address}/v1/traces",
+        content=encode_spans(genai_spans(*(call() for _ in range(10_001)))).SerializeToString(),
+        headers={**bearer(WRITER), "Content-Type": "application/x-protobuf"},
+        timeout=60,
+    )
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["detail"].endswith(" spans in one request; send at most 10000")
+
+
 def traces_of_actions(count: int, calls: int) -> list[list[ReadableSpan]]:
     """`count` traces as a service's tracer makes them: an action span naming its credits, around
     `calls` GenAI calls with response ids; each trace's spans together, as a batch exporter sends them."""

@@ -61,6 +61,8 @@ _PROVIDERS: Final = ("gen_ai.provider.name", "gen_ai.system")
 _METADATA_KEYS: Final = ("gen_ai.operation.name", *_PROVIDERS, RESPONSE_ID)
 _RESPONSE_NAMESPACE: Final = uuid.UUID("6f1c1a52-3d0e-5b8f-9a51-2f0b7c1e4d93")
 _CLASS_REPR: Final = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>")
+_LEADING_NAME: Final = re.compile(r"(?:<class '(?:[\w.]*\.)?)?([\w.]+)'?>?(?::.*)?", re.DOTALL)
+"""A status description that starts with a (dotted) name or a code, alone or before ": ": the error's type."""
 
 
 class SpanData(NamedTuple):
@@ -247,10 +249,16 @@ def _is_count(*values: object) -> bool:
 
 
 def _error_name(error_type: AttributeValue | None, description: str | None) -> str:
-    """The error's type name; "<class 'openai.InternalServerError'>" (as some report it) read as its name."""
-    text = error_type if isinstance(error_type, str) and error_type else description or "error"
-    match = _CLASS_REPR.fullmatch(text)
-    return (match.group(1) if match else text)[:256]
+    """The error's type name; "<class 'openai.InternalServerError'>" (as some report it) read as its name.
+
+    Without `error.type`, the name leading the status description ("TimeoutError: <message>", as the
+    SDK writes it for an exception raised in a span), never the message, which may hold anything a
+    customer typed; a description that starts with no name is "error"."""
+    if isinstance(error_type, str) and error_type:
+        match = _CLASS_REPR.fullmatch(error_type)
+        return (match.group(1) if match else error_type)[:256]
+    named = _LEADING_NAME.fullmatch(description or "")
+    return named.group(1)[:256] if named else "error"
 
 
 # --- one call, one metric --------------------------------------------------------------------

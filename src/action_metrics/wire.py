@@ -202,10 +202,10 @@ def _items(kind: _BodyKind, body: bytes, max_items: int) -> list[tuple[int, Any]
     return list(enumerate(document))
 
 
-def _check_count(count: int, max_items: int) -> None:
+def _check_count(count: int, max_items: int, what: str = "metrics") -> None:
     if count > max_items:
         raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE, f"{count} metrics in one request; send at most {max_items}"
+            status.HTTP_413_CONTENT_TOO_LARGE, f"{count} {what} in one request; send at most {max_items}"
         )
 
 
@@ -330,7 +330,7 @@ async def post_traces(request: Request, grant: WriteGrant) -> Response:
             spans = decode_request(body, content_type)
         except OtlpDecodeError as error:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, str(error)) from None
-        _check_count(len(spans), intake.limits.max_items)
+        _check_count(len(spans), intake.limits.max_items, "spans")
         receiver = span_receiver(request)
         batch = receiver.read(spans)
         rejected = [Rejected(index=index, field=None, error=why) for index, why in batch.rejected]
