@@ -973,3 +973,68 @@ def test_a_view_of_the_users_on_a_view_a_migration_re_creates_is_named_in_one_li
     assert run_cli("db", "upgrade", "--url", url).exit_code == 0
     _sql(url, f"CREATE VIEW my_town_panel AS SELECT * FROM {BY_TOWN}")
     refused("downgrade", "0016", revision=migrate.head_revision())
+
+
+async def _month_rows(repository: MetricsRepository) -> dict[str, Any]:
+    """The rollup's and the latency histogram's month rows, in key order."""
+    from action_metrics.schema import latency_histogram, rollup
+
+    async with repository.engine.connect() as connection:
+        rows = {}
+        for table in (rollup, latency_histogram):
+            key = list(table.primary_key.columns)
+            result = await connection.execute(select(table).where(table.c.grain == "month").order_by(*key))
+            rows[table.name] = [dict(row) for row in result.mappings()]
+        return rows
+
+
+def test_the_monthly_levels_migration_sums_the_days_as_the_writers_do(empty_database_url: str) -> None:
+    """0018 writes the month rows of a database whose days are closed from its day rows, split at the
+    prices beginning inside a month as the writers split them when days close: downgraded to 0017 and
+    upgraded again, the month rows are the same and every answer the reference's."""
+    url = empty_database_url
+    _migrate(url, UPGRADE_TO_HEAD)
+    rng = random.Random(18)
+    spread = [
+        dataclasses.replace(
+            metric,
+            id=uuid.uuid4(),
+            timestamp=START + timedelta(seconds=rng.uniform(-20 * 86_400, 50 * 86_400)),
+        )
+        for metric in rng.sample(_data(), 1_000)
+    ]
+    data = sorted([_as_at_head(metric) for metric in _data()] + spread, key=lambda metric: metric.timestamp)
+    with MetricsStore(url) as store:
+        for price in PRICE_CHANGES:
+            store.set_model_price(
+                price.model, price.input_per_1m, price.output_per_1m, effective_from=price.effective_from
+            )
+        for credit in CREDIT_CHANGES:
+            store.set_credit_price(credit.usd_per_credit, effective_from=credit.effective_from)
+        for start in range(0, len(data), 500):
+            store.emit_many(data[start : start + 500])
+    written = _at_revision(url, _month_rows)
+    months = {
+        row["start"].replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        for row in written["action_metrics_rollup"]
+    }
+    assert len(months) >= 3
+    assert written["action_metrics_latency_histogram"]
+    assert any(row["start"].day != 1 for row in written["action_metrics_rollup"])  # split at a price
+
+    _migrate(url, migrate.downgrade_to("0017"))
+    assert _at_revision(url, _month_rows) == {
+        "action_metrics_rollup": [],
+        "action_metrics_latency_histogram": [],
+    }
+    _migrate(url, UPGRADE_TO_HEAD)
+    _assert_same(written, _at_revision(url, _month_rows), "months")
+    with MetricsStore(url) as store:
+        for filters in [
+            {},
+            {"action_type": "lod4"},
+            {"model": "sonnet"},
+            {"since": START, "until": START + timedelta(days=31)},
+        ]:
+            expected = expected_aggregate(select_like_the_store(data, filters), _book())
+            assert_matches(store.aggregate(**filters).to_dict(), expected, f"{filters}: ")

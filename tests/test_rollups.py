@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_breakdown import _expected_with, _key
 
 from action_metrics import (
     ActionMetric,
@@ -752,3 +753,129 @@ def test_a_batch_spanning_a_history_not_yet_built_closes_a_bounded_part_of_it(
         assert batches >= 5  # the backlog took several bounded steps, not one
         for window in WINDOWS:
             _assert_everything(store, sent, _book(), **window)
+
+
+# --- months ------------------------------------------------------------------------------------------
+
+
+def _assert_months_match_the_raw_rows(store: MetricsStore, metrics: list[ActionMetric]) -> None:
+    """The month rows of every model and of each action type (sums split at prices added up) and
+    their latency histograms equal the metrics' of the closed days, month by month."""
+    from sqlalchemy import select
+
+    from action_metrics.schema import latency_histogram, rollup
+
+    async def read() -> tuple[list[Any], list[Any]]:
+        repository = await store._store._open()
+        async with repository.engine.connect() as connection:
+            r, h = rollup.c, latency_histogram.c
+            sums = await connection.execute(
+                select(r.action_type, r.start, r.model, r["count"], r.tokens_in, r.credits_charged).where(
+                    r.grain == "month", r.town_id == ""
+                )
+            )
+            bins = await connection.execute(
+                select(h.action_type, h.start, h.model, h.bin, h["count"]).where(
+                    h.grain == "month", h.town_id == ""
+                )
+            )
+            return sums.all(), bins.all()
+
+    closed = _state(store).days_closed_until
+    assert closed is not None
+    sums, bins = store._call(read())
+    got: dict[tuple[str, datetime, str], list[int]] = {}
+    for action, start, model, count, tokens_in, credits in sums:
+        assert start < closed
+        totals = got.setdefault((action, floor_to(start, "month"), model), [0, 0, 0])
+        for index, value in enumerate((count, tokens_in, credits)):
+            totals[index] += int(value)
+    got_bins: dict[tuple[str, datetime, str], dict[int, int]] = {}
+    for action, start, model, bin_, count in bins:
+        assert start == floor_to(start, "month")
+        got_bins.setdefault((action, start, model), {})[bin_] = int(count)
+    want: dict[tuple[str, datetime, str], list[int]] = {}
+    want_bins: dict[tuple[str, datetime, str], dict[int, int]] = {}
+    for metric in metrics:
+        if metric.timestamp >= closed:
+            continue
+        for action in ("", metric.action_type):
+            key = (action, floor_to(metric.timestamp, "month"), metric.model)
+            totals = want.setdefault(key, [0, 0, 0])
+            for index, value in enumerate((1, metric.tokens_in, metric.credits_charged)):
+                totals[index] += value
+            if metric.error is None:
+                counted = want_bins.setdefault(key, {})
+                counted[bin_of(metric.latency_ms)] = counted.get(bin_of(metric.latency_ms), 0) + 1
+    assert got == want
+    assert got_bins == want_bins
+
+
+def test_months_hold_their_closed_days_through_late_metrics_prices_and_a_prune(database_url: str) -> None:
+    """Over 70 days (two month boundaries or more), everything and an action type over all time or
+    whole months read the month rows: they hold the closed days of their month, the month being filled
+    too, through late and re-sent metrics, a price beginning inside a day and one set afterwards at a
+    day's midnight inside a closed month, and a prune; every answer the reference's."""
+    from action_metrics.rollup import MONTHLY, MONTHLY_BY_ACTION, plan_reads
+
+    rng = random.Random(12)
+    first = floor_to(NOW - timedelta(days=70), "day")
+    metrics = _spread(rng, 1_800, first, NOW - timedelta(minutes=2))
+    credits_dearer = first + timedelta(days=17, hours=7, minutes=13)  # inside a day
+    sonnet_cheaper = floor_to(NOW - timedelta(days=40), "day")  # a midnight inside a closed month
+    if sonnet_cheaper == floor_to(sonnet_cheaper, "month"):
+        sonnet_cheaper += timedelta(days=1)
+    late = [_metric(rng, first + timedelta(seconds=rng.uniform(0, 60 * 86_400))) for _ in range(60)]
+    months = [floor_to(first, "month")]
+    while months[-1] < NOW:
+        months.append(ceil_to(months[-1] + timedelta(days=1), "month"))
+    windows: list[dict[str, Any]] = [
+        {},
+        {"since": months[1]},
+        {"until": months[2]},
+        {"since": months[1], "until": months[2]},
+        {
+            "since": first + timedelta(days=3, hours=13, minutes=37, seconds=11),
+            "until": months[2] + timedelta(hours=5),
+        },
+        {"action_type": "lod3"},
+        {"action_type": "dialogue", "since": months[1] - timedelta(days=2)},
+        {"model": "sonnet"},
+        {"town_id": "town-a"},
+    ]
+    with MetricsStore(database_url) as store:
+        store.set_credit_price("0.0075", effective_from=credits_dearer)
+        for start in range(0, len(metrics), 300):
+            store.emit_many(metrics[start : start + 300])
+        store.emit_many([*late, *rng.sample(metrics, 20)])  # late ones and re-sent ones
+        everything = [*metrics, *late]
+        store.set_model_price("sonnet", "2.5", "12.5", effective_from=sonnet_cheaper)
+        book = _book({"sonnet": [(sonnet_cheaper, "2.5", "12.5")]}, [(credits_dearer, "0.0075")])
+        state = _state(store)
+        assert plan_reads(state, (), None, None).rollup_ranges[0][0] == MONTHLY
+        assert plan_reads(state, ("action_type",), None, None).rollup_ranges[0][0] == MONTHLY_BY_ACTION
+        _assert_months_match_the_raw_rows(store, everything)
+        for window in windows:
+            _assert_everything(store, everything, book, **window)
+        # Breakdowns per month read the month rows of their whole months alike.
+        for by, zone in [(("model",), "UTC"), (("model",), "Europe/Berlin"), (("action_type",), "UTC")]:
+            rows = [row.to_dict() for row in store.breakdown(by, bucket="month", tz=zone)]
+            expected = _expected_with(everything, by, "month", zone, book)
+            assert sorted(repr(_key(row, by, "month")) for row in rows) == sorted(map(repr, expected))
+            for row in rows:
+                assert_matches(row, expected[_key(row, by, "month")], f"{by} {zone}: ")
+
+        cutoff = floor_to(NOW - timedelta(days=30), "day")
+        store.prune(cutoff)
+        _assert_months_match_the_raw_rows(store, everything)  # the pruned days' too
+        # A price at a pruned day's midnight: the month is summed again from its days.
+        opus_dearer = cutoff - timedelta(days=12)
+        store.set_model_price("opus", "20", "80", effective_from=opus_dearer)
+        book = _book(
+            {"sonnet": [(sonnet_cheaper, "2.5", "12.5")], "opus": [(opus_dearer, "20", "80")]},
+            [(credits_dearer, "0.0075")],
+        )
+        for window in [{}, {"since": months[1]}, {"action_type": "lod3"}, {"model": "opus"}]:
+            expected = expected_aggregate(select_like_the_store(everything, window), book)
+            assert_matches(store.aggregate(**window).to_dict(), expected, f"{window}: ")
+        _assert_months_match_the_raw_rows(store, everything)
