@@ -6,6 +6,7 @@ import dataclasses
 import json
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -138,6 +139,16 @@ def test_numpy_integers_are_integers_made_plain() -> None:
     assert {type(value) for value in (*counts, *kinds)} == {int}
     assert json.loads(json.dumps(action.to_dict()))["tokens_in"] == 7
     assert action.charged(np.int64(4)).credits_charged == 4
+
+
+def test_latencies_of_any_real_number_type_are_floats() -> None:
+    """A latency from a NumPy float32 array or a Fraction is a latency (float64 is a float already)."""
+    for value, expected in [(np.float32(12.5), 12.5), (Fraction(3, 4), 0.75), (np.float16(2.0), 2.0)]:
+        latency = metric(latency_ms=value).latency_ms
+        assert (latency, type(latency)) == (expected, float)
+    for bad in (np.float32("nan"), np.float32(-1.0), Decimal("1.5"), np.bool_(False)):
+        with pytest.raises(InvalidMetric, match=r"^latency_ms:"):
+            metric(latency_ms=bad)
 
 
 def test_sub_millisecond_latency_is_kept() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import operator
 import re
 from collections.abc import Mapping
@@ -163,9 +164,12 @@ def check_token_kinds(
 def check_latency(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         integer = as_integer(value)
-        if integer is None:
+        if integer is not None:
+            value = integer
+        elif isinstance(value, numbers.Real) and getattr(getattr(value, "dtype", None), "kind", None) != "b":
+            value = float(value)  # NumPy's float32 (time.perf_counter deltas kept in an array), a Fraction
+        else:
             raise InvalidMetric("latency_ms", f"expected a number, got {type(value).__name__}")
-        value = integer
     try:
         latency = float(value)
     except OverflowError:  # an int beyond the range of a float
