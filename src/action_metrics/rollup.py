@@ -186,9 +186,10 @@ DAILY_BY_USER: Final = Level("day", USER, histogram=False)
 """Per user, model and day, from the raw rows (no finer level keeps the user); its percentiles are
 the user/day sketches."""
 MONTHLY: Final = Level("month", (), histogram=True, sums_from=DAILY, histogram_from=DAILY)
-"""Per model and month, from its closed days: everything or one model over all time reads ~3 months
-of these and the days since, instead of ~90 days (the day histograms of 5 models are ~105k rows at
-10M actions, ~70 ms of SQLite's 130 for everything over all time; a month's ~3.5k)."""
+"""Per model and month, from its closed days: everything or one model over all time reads the rows of
+~4 months (the month being filled holds its closed days) and the hours since, instead of ~90 days
+(at 10M actions over 90 days the day histograms of 5 models are ~105k rows, ~70 ms of SQLite's 130
+for everything over all time; the months' ~4k)."""
 MONTHLY_BY_ACTION: Final = Level(
     "month", ("action_type",), histogram=True, sums_from=DAILY_BY_ACTION, histogram_from=DAILY_BY_ACTION
 )
