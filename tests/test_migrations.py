@@ -240,6 +240,17 @@ def test_sql_flag_starts_from_the_revision_the_database_is_at(empty_database_url
     given = run_cli("db", "upgrade", "0009:head", "--sql", "--url", url)
     assert given.stdout.split("\n", 1)[1] == upgrade.stdout.split("\n", 1)[1]
 
+    assert upgrade.stdout.rstrip().endswith(
+        "resumable), run: action-metrics db upgrade --url <this database>"
+    )
+    assert "Part of the rollups is left unwritten" in upgrade.stdout  # 0012 and 0013 leave some
+    # From 0013 on every migration writes its rollup rows in its SQL: no build is asked for.
+    for since in ("0013", "0017"):
+        later = run_cli("db", "upgrade", f"{since}:head", "--sql", "--url", url)
+        assert later.exit_code == 0, later.output
+        assert "run: action-metrics db upgrade" not in later.stdout
+        assert later.stdout.rstrip().endswith("COMMIT;")
+
     downgrade = run_cli("db", "downgrade", "0002", "--sql", "--url", url)
     assert downgrade.exit_code == 0, downgrade.output
     ran = re.findall(r"-- Running downgrade (\w+) -> (\w+)", downgrade.stdout)

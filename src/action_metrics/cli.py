@@ -349,9 +349,14 @@ def _print_sql(
     click.echo(
         migrate.offline_sql(backend.given_url, direction, f"{_named(start)}:{_named(target)}"), nl=False
     )
-    if direction == "upgrade" and target == migrate.head_revision():
+    if direction == "upgrade" and target == migrate.head_revision() and migrate.needs_a_build(start, target):
+        left = (
+            "The rollups start empty. To build them"
+            if migrate.needs_a_build(start, "0003")
+            else "Part of the rollups is left unwritten. To write it"
+        )
         click.echo(
-            "-- The rollups start empty. To build them from the rows already stored (a day per\n"
+            f"-- {left} from the rows already stored (a day per\n"
             "-- transaction, resumable), run: action-metrics db upgrade --url <this database>"
         )
     return target

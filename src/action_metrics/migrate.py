@@ -115,6 +115,17 @@ def unknown_to_this_package() -> str:
     return f"unknown to this action-metrics, whose revisions are {known[0]} to {known[-1]}"
 
 
+BUILT_AFTER_THE_SQL: Final = ("0003", "0007", "0009", "0012", "0013")
+"""The revisions that leave rollups or sketches for `db upgrade` to write from the rows already stored
+(`rollup.build`), which a migration's SQL cannot do a day per transaction: an upgrade printed by
+`--sql` across any of them is followed by that build."""
+
+
+def needs_a_build(start: str | None, target: str) -> bool:
+    """Whether an upgrade from `start` (None: base) to `target` crosses `BUILT_AFTER_THE_SQL`."""
+    return any(position(start) < position(revision) <= position(target) for revision in BUILT_AFTER_THE_SQL)
+
+
 def is_newer(revision: str) -> bool:
     """Whether `revision`, not one of `revisions()`, can be a newer release's: a number past head
     (ours are numbered). Anything else is not an action-metrics revision."""
