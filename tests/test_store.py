@@ -257,14 +257,15 @@ def test_a_postgres_database_that_does_not_exist_says_to_create_it(postgres_avai
         store.close()
 
 
-def test_a_database_from_a_newer_release_is_refused(database_url: str) -> None:
+def _stamp(database_url: str, revision: str) -> None:
+    """Set the schema's revision as an upgrade (or downgrade) by another process would."""
     import sqlite3
 
     import asyncpg
     from sqlalchemy import make_url
 
     url = make_url(database_url)
-    statement = "UPDATE alembic_version SET version_num = '9999'"
+    statement = f"UPDATE alembic_version SET version_num = '{revision}'"
     if url.get_backend_name() == "sqlite":
         with sqlite3.connect(url.database or "") as connection:
             connection.execute(statement)
@@ -276,12 +277,40 @@ def test_a_database_from_a_newer_release_is_refused(database_url: str) -> None:
             await connection.close()
 
         asyncio.run(stamp())
+
+
+def test_a_database_from_a_newer_release_is_refused(database_url: str) -> None:
+    _stamp(database_url, "9999")
     store = MetricsStore(database_url)
     try:
         with pytest.raises(SchemaTooNew, match="upgrade the action-metrics package"):
             store.open()
     finally:
         store.close()
+
+
+def test_a_store_open_while_the_schema_moves_stops_writing_and_says_why(database_url: str) -> None:
+    """A process already running when another release upgrades (or downgrades) the schema would keep
+    the rollups as its own release keeps them: every write refuses instead, naming the revisions,
+    and nothing of the refused batch is stored; at head again, it writes."""
+    from action_metrics import SchemaOutOfDate, migrate
+
+    head = migrate.head_revision()
+    with MetricsStore(database_url) as store:
+        store.emit_many([metric()])
+        for revision, refusal, says in [
+            (f"{int(head) + 1:04d}", SchemaTooNew, "upgrade the action-metrics package"),
+            (migrate.revisions()[-2], SchemaOutOfDate, "action-metrics db upgrade --url"),
+        ]:
+            _stamp(database_url, revision)
+            with pytest.raises(refusal, match=f"at schema revision {revision}.*{says}"):
+                store.emit_many([metric(), metric()])
+            with pytest.raises(refusal):
+                store.set_credit_price("0.007", effective_from=datetime(2026, 1, 1, tzinfo=UTC))
+            assert store.aggregate(exact=True).count == 1  # nothing of the refused batch
+        _stamp(database_url, head)
+        store.emit_many([metric()])
+        assert store.aggregate(exact=True).count == 2
 
 
 def test_ids_are_time_ordered_uuid7(store: MetricsStore) -> None:

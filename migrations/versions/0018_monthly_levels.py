@@ -67,6 +67,9 @@ def _greatest(first: str, *others: str) -> str:
 
 def upgrade() -> None:
     sqlite = op.get_context().dialect.name == "sqlite"
+    if not sqlite:
+        # Writers lock the state row: one under way commits its days before these sums read them.
+        op.execute("SELECT id FROM action_metrics_rollup_state FOR UPDATE")
     # SQLite's SUM fails past 2**63; TOTAL is a double, stored back as an INTEGER whenever it is one.
     total = "TOTAL" if sqlite else "SUM"
     columns = ", ".join(f'"{name}"' for name in SUMS)

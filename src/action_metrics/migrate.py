@@ -378,6 +378,15 @@ async def ensure_schema(engine: AsyncEngine, backend: Backend) -> None:
         raise await asyncio.to_thread(_schema_refusal, revision, head, backend)  # alembic, off the loop
 
 
+async def check_still_at_head(connection: AsyncConnection, backend: Backend) -> None:
+    """Raise `_schema_refusal`'s error unless the schema, read in the connection's transaction, is
+    at this package's head (one plain SELECT; alembic only to word a refusal, off the event loop)."""
+    revision = (await connection.execute(select(_alembic_version.c.version_num))).scalar()
+    head = head_revision()
+    if revision != head:
+        raise await asyncio.to_thread(_schema_refusal, revision, head, backend)
+
+
 def _schema_refusal(revision: str | None, head: str, backend: Backend) -> SchemaError:
     """Why a store cannot use a schema not at `head`, with the command that fixes it."""
     command_hint = f"action-metrics db upgrade --url '{display_url(backend.given_url)}'"

@@ -217,6 +217,18 @@ class MetricsRepository:
                         await self.backend.bound_lock_wait(connection, lock_wait_ms)
                     yield connection
 
+    async def _locked_state(self, connection: AsyncConnection) -> RollupState:
+        """In a write transaction: the rollup state, locked (writers take their turn on it), once the
+        schema is known to be still at this package's head. A process already running when the
+        schema is upgraded (or downgraded) would otherwise keep writing the rollups as its own
+        release keeps them, which the new schema's readers do not expect: it refuses instead
+        (`SchemaTooNew`, `SchemaOutOfDate`; its writer keeps the metrics and retries, as for an
+        outage). Migrations that move rollup rows lock the state row first, so a write under way
+        commits before they read, and the next one sees their revision."""
+        state = await rollup.read_state(connection, for_update=True)
+        await migrate.check_still_at_head(connection, self.backend)
+        return state
+
     @asynccontextmanager
     async def _read_connection(self) -> AsyncIterator[AsyncConnection]:
         with self._database_errors():
@@ -292,7 +304,7 @@ class MetricsRepository:
         if not metrics:
             return [0] * len(groups)
         async with self._write_transaction() as connection:
-            state = await rollup.read_state(connection, for_update=True)
+            state = await self._locked_state(connection)
             if state.raw_kept_from is not None:
                 refuse_before(state.raw_kept_from, [metric for group in given for metric in group])
             if credits is not None and any(credits):
@@ -598,7 +610,7 @@ class MetricsRepository:
             model_prices.c.model == price.model, model_prices.c.effective_from == price.effective_from
         )
         async with self._write_transaction() as connection:
-            state = await rollup.read_state(connection, for_update=True)
+            state = await self._locked_state(connection)
             before = await closed_buckets.prices(connection)
             if price.source == "manual":
                 # Removing a price start needs no rebuild: rollup rows are split at it, and each
@@ -631,7 +643,7 @@ class MetricsRepository:
         )
         existing = select(credit_prices.c.id).where(credit_prices.c.effective_from == price.effective_from)
         async with self._write_transaction() as connection:
-            state = await rollup.read_state(connection, for_update=True)
+            state = await self._locked_state(connection)
             before = await closed_buckets.prices(connection)
             await self._apply_price(connection, state, statement, existing, price.effective_from, None)
             await closed_buckets.forget_if_repriced(connection, before)
@@ -696,7 +708,7 @@ class MetricsRepository:
         written: dict[str, tuple[ModelPrice, ...]] = {}
         held_back: dict[str, datetime] = {}
         async with self._write_transaction() as connection:
-            state = await rollup.read_state(connection, for_update=True)
+            state = await self._locked_state(connection)
             before = await closed_buckets.prices(connection)
             manual_from = {model: start for model, start in await connection.execute(first_manual_price)}
             for model in models:
@@ -764,7 +776,7 @@ class MetricsRepository:
         state = await self.build_rollups()
         _refuse_an_open_cutoff(cutoff, state.days_closed_until)
         async with self._write_transaction() as connection:
-            state = await rollup.read_state(connection, for_update=True)
+            state = await self._locked_state(connection)
             if state.raw_kept_from is None or state.raw_kept_from < cutoff:
                 await rollup.write_state(connection, state, replace(state, raw_kept_from=cutoff))
                 await closed_buckets.forget(connection, starting_before=cutoff)
@@ -843,7 +855,7 @@ class MetricsRepository:
         """Mark the raw rows before `cutoff` as gone (a copy of a pruned store had none to bring):
         what needs them raises `RawRowsPruned`; the rollups answer for what they hold there."""
         async with self._write_transaction() as connection:
-            state = await rollup.read_state(connection, for_update=True)
+            state = await self._locked_state(connection)
             if state.raw_kept_from is None or state.raw_kept_from < cutoff:
                 await rollup.write_state(connection, state, replace(state, raw_kept_from=cutoff))
                 await closed_buckets.forget(connection, starting_before=cutoff)
