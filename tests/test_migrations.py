@@ -244,7 +244,8 @@ def test_sql_flag_starts_from_the_revision_the_database_is_at(empty_database_url
         "resumable), run: action-metrics db upgrade --url <this database>"
     )
     assert "Part of the rollups is left unwritten" in upgrade.stdout  # 0012 and 0013 leave some
-    # From 0013 on every migration writes its rollup rows in its SQL: no build is asked for.
+    # From 0013 on every migration writes its rollup rows in its SQL (0019 re-opens the open day's
+    # hours, which the next batch written closes again): no build is asked for.
     for since in ("0013", "0017"):
         later = run_cli("db", "upgrade", f"{since}:head", "--sql", "--url", url)
         assert later.exit_code == 0, later.output
@@ -637,11 +638,12 @@ def test_db_upgrade_builds_the_rollups_from_the_rows_already_stored(
     _at_revision(url, _fill_as_a_sql_client)
     sql = run_cli("db", "upgrade", "--sql", "--url", url)
     assert "run: action-metrics db upgrade" in sql.stdout  # after the DBA's SQL, the build
+    today = {rollup.floor_to(datetime.now(UTC) - CLOSE_DELAY, "day")}
     upgraded = _interrupted_then_resumed(
         url, "days_closed_until", "the rollups are built up to {} only", monkeypatch
     )
-    closed = (datetime.now(UTC) - CLOSE_DELAY).replace(minute=0, second=0, microsecond=0).replace(hour=0)
-    assert f"rollups built: whole days up to {closed.isoformat()}" in upgraded.stderr  # up to today
+    today.add(rollup.floor_to(datetime.now(UTC) - CLOSE_DELAY, "day"))  # the build may cross midnight
+    assert any(f"rollups built: whole days up to {day.isoformat()}" in upgraded.stderr for day in today)
     with MetricsStore(url) as store:
         everything = store.aggregate()
     assert not everything.percentiles_exact  # answered from the rollups
@@ -1049,3 +1051,118 @@ def test_the_monthly_levels_migration_sums_the_days_as_the_writers_do(empty_data
         ]:
             expected = expected_aggregate(select_like_the_store(data, filters), _book())
             assert_matches(store.aggregate(**filters).to_dict(), expected, f"{filters}: ")
+
+
+async def _open_day_rows(repository: MetricsRepository) -> dict[str, Any]:
+    """What the hours' close writes (the hour and day rows of the rollups and histograms, the hour
+    sketches) and the state, in key order."""
+    from action_metrics.schema import latency_histogram, latency_sketch, rollup, rollup_detail, rollup_state
+
+    async with repository.engine.connect() as connection:
+        rows: dict[str, Any] = {}
+        for table in (rollup, rollup_detail, latency_histogram):
+            key = list(table.primary_key.columns)
+            result = await connection.execute(
+                select(table).where(table.c.grain.in_(["hour", "day"])).order_by(*key)
+            )
+            rows[table.name] = [dict(row) for row in result.mappings()]
+        s = latency_sketch.c
+        result = await connection.execute(
+            select(latency_sketch)
+            .where(s.level.in_(["town/hour", "model/hour"]))
+            .order_by(s.level, s.start, s.key)
+        )
+        rows[latency_sketch.name] = [dict(row) for row in result.mappings()]
+        state = await connection.execute(
+            select(rollup_state.c.hours_closed_until, rollup_state.c.days_closed_until)
+        )
+        rows["state"] = list(state.one())
+        return rows
+
+
+def test_the_open_day_migration_reopens_its_hours_and_the_next_batch_closes_them_as_before(
+    empty_database_url: str,
+) -> None:
+    """0019 re-opens the open day's closed hours (their hour rows and sketches go, and the local
+    buckets stored past the day's start) for the next batch to close again, filling the day rows:
+    then every row is what the writers at 0019 wrote. Answers are exact on the way; an action for a
+    re-opened hour is counted in a stored bucket; downgraded, the open day's day rows go."""
+    from test_breakdown import _expected_with, _key
+    from test_rollups import _book as book
+    from test_rollups import _spread
+
+    async def upgrade_without_the_build(repository: MetricsRepository) -> None:
+        # The build `db upgrade` runs next closes every hour up to now, which `day` is days before.
+        await migrate.run_migrations(repository.engine, UPGRADE_TO_HEAD)
+
+    url = empty_database_url
+    _at_revision(url, upgrade_without_the_build)
+    rng = random.Random(19)
+    day = rollup.floor_to(datetime.now(UTC) - timedelta(days=3), "day")
+    end = day + timedelta(hours=20, minutes=20)
+    data = _spread(rng, 1_200, day - timedelta(days=2), end)
+    # Kathmandu's days end at 18:15 UTC: the one ending inside the open day's closed hours is stored.
+    kathmandu = {"by": ("town_id",), "bucket": "day", "tz": "Asia/Kathmandu"}
+
+    def breakdown(store: MetricsStore, metrics: list[ActionMetric]) -> None:
+        rows = [row.to_dict() for row in store.breakdown(**kathmandu)]
+        expected = _expected_with(metrics, ("town_id",), "day", "Asia/Kathmandu", book())
+        assert sorted(repr(_key(row, ("town_id",), "day")) for row in rows) == sorted(map(repr, expected))
+        for row in rows:
+            assert_matches(row, expected[_key(row, ("town_id",), "day")], "by town and Kathmandu day: ")
+
+    with MetricsStore(url) as store:
+        for start in range(0, len(data), 100):
+            store.emit_many(data[start : start + 100])
+        breakdown(store, data)
+    assert day + timedelta(hours=18, minutes=15) in _at_revision(url, _stored_bucket_ends)
+    written = _at_revision(url, _open_day_rows)
+    assert written["state"] == [day + timedelta(hours=20), day]
+    assert any(row["grain"] == "day" and row["start"] >= day for row in written["action_metrics_rollup"])
+
+    _migrate(url, migrate.downgrade_to("0018"))
+    at_0018 = _at_revision(url, _open_day_rows)
+    for table in ("action_metrics_rollup", "action_metrics_latency_histogram"):
+        kept = [row for row in written[table] if row["grain"] == "hour" or row["start"] < day]
+        _assert_same(kept, at_0018[table], f"{table} at 0018")
+
+    _at_revision(url, upgrade_without_the_build)
+    reopened = _at_revision(url, _open_day_rows)
+    assert reopened["state"] == [day, day]
+    for table in (
+        "action_metrics_rollup",
+        "action_metrics_rollup_detail",
+        "action_metrics_latency_histogram",
+    ):
+        assert all(row["start"] < day for row in reopened[table])
+    assert all(row["start"] < day for row in reopened["action_metrics_latency_sketch"])
+    assert all(ended <= day for ended in _at_revision(url, _stored_bucket_ends))
+    with MetricsStore(url) as store:
+        for filters in [{}, {"action_type": "lod3"}, {"since": day}, {"town_id": "town-a"}]:
+            expected = expected_aggregate(select_like_the_store(data, filters), book())
+            assert_matches(store.aggregate(**filters).to_dict(), expected, f"re-opened {filters}: ")
+        # The next batch (an action in the open hour) closes the hours again as the writers had.
+        closing = dataclasses.replace(data[-1], id=uuid.uuid4(), timestamp=end)
+        store.emit_many([closing])
+    _assert_same(written, _at_revision(url, _open_day_rows), "closed again")
+
+    # An action for a re-opened hour is not late: the buckets stored past the day's start went with
+    # the migration, or the next breakdown would read them without it.
+    _migrate(url, migrate.downgrade_to("0018"))
+    _at_revision(url, upgrade_without_the_build)
+    arrived = dataclasses.replace(data[-1], id=uuid.uuid4(), timestamp=day + timedelta(hours=3))
+    newest = dataclasses.replace(closing, id=uuid.uuid4())
+    with MetricsStore(url) as store:
+        store.emit_many([arrived, newest])  # closes the hours again, the stored bucket's among them
+        everything = [*data, closing, arrived, newest]
+        breakdown(store, everything)
+        for filters in [{}, {"action_type": "lod3"}, {"since": day}, {"town_id": "town-a"}]:
+            expected = expected_aggregate(select_like_the_store(everything, filters), book())
+            assert_matches(store.aggregate(**filters).to_dict(), expected, f"{filters}: ")
+
+
+async def _stored_bucket_ends(repository: MetricsRepository) -> list[datetime]:
+    from action_metrics.schema import closed_buckets
+
+    async with repository.engine.connect() as connection:
+        return list((await connection.execute(select(closed_buckets.c.bucket_end))).scalars())

@@ -32,6 +32,7 @@ from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
 from action_metrics.rollup import (
     CLOSE_DELAY,
     BuildProgress,
+    Grain,
     RollupState,
     bin_of,
     bin_value_of,
@@ -758,9 +759,12 @@ def test_a_batch_spanning_a_history_not_yet_built_closes_a_bounded_part_of_it(
 # --- months ------------------------------------------------------------------------------------------
 
 
-def _assert_months_match_the_raw_rows(store: MetricsStore, metrics: list[ActionMetric]) -> None:
-    """The month rows of every model and of each action type (sums split at prices added up) and
-    their latency histograms equal the metrics' of the closed days, month by month."""
+def _assert_levels_match_the_raw_rows(
+    store: MetricsStore, metrics: list[ActionMetric], grain: Grain = "month"
+) -> None:
+    """The `grain` rows of every model and of each action type (sums split at prices added up) and
+    their latency histograms equal the metrics' of what they hold, bucket by bucket: a month's its
+    closed days, a day's its closed hours (the day being filled too)."""
     from sqlalchemy import select
 
     from action_metrics.schema import latency_histogram, rollup
@@ -771,28 +775,29 @@ def _assert_months_match_the_raw_rows(store: MetricsStore, metrics: list[ActionM
             r, h = rollup.c, latency_histogram.c
             sums = await connection.execute(
                 select(r.action_type, r.start, r.model, r["count"], r.tokens_in, r.credits_charged).where(
-                    r.grain == "month", r.town_id == ""
+                    r.grain == grain, r.town_id == ""
                 )
             )
             bins = await connection.execute(
                 select(h.action_type, h.start, h.model, h.bin, h["count"]).where(
-                    h.grain == "month", h.town_id == ""
+                    h.grain == grain, h.town_id == ""
                 )
             )
             return sums.all(), bins.all()
 
-    closed = _state(store).days_closed_until
+    state = _state(store)
+    closed = state.days_closed_until if grain == "month" else state.hours_closed_until
     assert closed is not None
     sums, bins = store._call(read())
     got: dict[tuple[str, datetime, str], list[int]] = {}
     for action, start, model, count, tokens_in, credits in sums:
         assert start < closed
-        totals = got.setdefault((action, floor_to(start, "month"), model), [0, 0, 0])
+        totals = got.setdefault((action, floor_to(start, grain), model), [0, 0, 0])
         for index, value in enumerate((count, tokens_in, credits)):
             totals[index] += int(value)
     got_bins: dict[tuple[str, datetime, str], dict[int, int]] = {}
     for action, start, model, bin_, count in bins:
-        assert start == floor_to(start, "month")
+        assert start == floor_to(start, grain)
         got_bins.setdefault((action, start, model), {})[bin_] = int(count)
     want: dict[tuple[str, datetime, str], list[int]] = {}
     want_bins: dict[tuple[str, datetime, str], dict[int, int]] = {}
@@ -800,7 +805,7 @@ def _assert_months_match_the_raw_rows(store: MetricsStore, metrics: list[ActionM
         if metric.timestamp >= closed:
             continue
         for action in ("", metric.action_type):
-            key = (action, floor_to(metric.timestamp, "month"), metric.model)
+            key = (action, floor_to(metric.timestamp, grain), metric.model)
             totals = want.setdefault(key, [0, 0, 0])
             for index, value in enumerate((1, metric.tokens_in, metric.credits_charged)):
                 totals[index] += value
@@ -854,7 +859,7 @@ def test_months_hold_their_closed_days_through_late_metrics_prices_and_a_prune(d
         state = _state(store)
         assert plan_reads(state, (), None, None).rollup_ranges[0][0] == MONTHLY
         assert plan_reads(state, ("action_type",), None, None).rollup_ranges[0][0] == MONTHLY_BY_ACTION
-        _assert_months_match_the_raw_rows(store, everything)
+        _assert_levels_match_the_raw_rows(store, everything)
         for window in windows:
             _assert_everything(store, everything, book, **window)
         # Breakdowns per month read the month rows of their whole months alike.
@@ -867,7 +872,7 @@ def test_months_hold_their_closed_days_through_late_metrics_prices_and_a_prune(d
 
         cutoff = floor_to(NOW - timedelta(days=30), "day")
         store.prune(cutoff)
-        _assert_months_match_the_raw_rows(store, everything)  # the pruned days' too
+        _assert_levels_match_the_raw_rows(store, everything)  # the pruned days' too
         # A price at a pruned day's midnight: the month is summed again from its days.
         opus_dearer = cutoff - timedelta(days=12)
         store.set_model_price("opus", "20", "80", effective_from=opus_dearer)
@@ -878,4 +883,76 @@ def test_months_hold_their_closed_days_through_late_metrics_prices_and_a_prune(d
         for window in [{}, {"since": months[1]}, {"action_type": "lod3"}, {"model": "opus"}]:
             expected = expected_aggregate(select_like_the_store(everything, window), book)
             assert_matches(store.aggregate(**window).to_dict(), expected, f"{window}: ")
-        _assert_months_match_the_raw_rows(store, everything)
+        _assert_levels_match_the_raw_rows(store, everything)
+
+
+# --- the day being filled -------------------------------------------------------------------------------
+
+
+def test_the_open_day_holds_its_closed_hours_through_late_metrics_prices_and_its_close(
+    database_url: str,
+) -> None:
+    """Everything and an action type over all time read the open day's rows of every model and of
+    each action type, which hold its closed hours as each closes, and raw rows of the open hour only;
+    late and re-sent metrics for those hours, a price set afterwards inside them, one beginning in the
+    open hour, and the day's close keep the rows the metrics' own; every answer the reference's."""
+    from action_metrics.rollup import DAILY, DAILY_BY_ACTION, plan_reads
+
+    rng = random.Random(13)
+    day = floor_to(NOW - timedelta(days=3), "day")  # the open day: in the past, whatever the clock says
+    first, end = day - timedelta(days=2), day + timedelta(hours=15, minutes=20)
+    metrics = _spread(rng, 1_500, first, end)
+    late = [_metric(rng, day + timedelta(seconds=rng.uniform(0, 15 * 3_600))) for _ in range(25)]
+    late += [_metric(rng, day - timedelta(seconds=rng.uniform(1, 86_400))) for _ in range(10)]
+    sonnet_dearer = day + timedelta(hours=7, minutes=13)  # inside the open day's closed hours
+    credits_dearer = day + timedelta(hours=15, minutes=10)  # inside its open hour
+    windows: list[dict[str, Any]] = [
+        {},
+        {"action_type": "lod3"},
+        {"since": day},
+        {"action_type": "dialogue", "since": day - timedelta(days=1) + timedelta(hours=13, minutes=37)},
+        {"since": day + timedelta(hours=2, minutes=30), "until": day + timedelta(hours=15, minutes=10)},
+        {"until": day + timedelta(hours=9)},
+        {"model": "sonnet"},
+        {"town_id": "town-c"},
+    ]
+    with MetricsStore(database_url) as store:
+        for start in range(0, len(metrics), 100):  # in time order: the open day's hours close one by one
+            store.emit_many(metrics[start : start + 100])
+        state = _state(store)
+        assert (state.days_closed_until, state.hours_closed_until) == (day, day + timedelta(hours=15))
+        for kept, level in (((), DAILY), (("action_type",), DAILY_BY_ACTION)):
+            plan = plan_reads(state, kept, None, end)
+            assert (level, day, day + timedelta(hours=15)) in plan.rollup_ranges
+            assert plan.raw_ranges == ((day + timedelta(hours=15), end),)
+        _assert_levels_match_the_raw_rows(store, metrics, "day")
+
+        store.emit_many([*late, *rng.sample(metrics, 20)])  # late ones and re-sent ones
+        store.set_model_price("sonnet", "4", "20", effective_from=sonnet_dearer)
+        store.set_credit_price("0.0075", effective_from=credits_dearer)
+        everything = [*metrics, *late]
+        book = _book({"sonnet": [(sonnet_dearer, "4", "20")]}, [(credits_dearer, "0.0075")])
+        _assert_levels_match_the_raw_rows(store, everything, "day")
+        for window in windows:
+            _assert_everything(store, everything, book, **window)
+        rows = [row.to_dict() for row in store.breakdown(("action_type",), bucket="day")]
+        expected = _expected_with(everything, ("action_type",), "day", "UTC", book)
+        assert sorted(repr(_key(row, ("action_type",), "day")) for row in rows) == sorted(map(repr, expected))
+        for row in rows:
+            assert_matches(row, expected[_key(row, ("action_type",), "day")], "by action type and day: ")
+
+        # The day closes: its rows, filled hour by hour, are the day's; the next day's are filled alike.
+        following = _spread(rng, 400, end, day + timedelta(days=1, hours=2, minutes=30))
+        for start in range(0, len(following), 100):
+            store.emit_many(following[start : start + 100])
+        everything += following
+        state = _state(store)
+        assert (state.days_closed_until, state.hours_closed_until) == (
+            day + timedelta(days=1),
+            day + timedelta(days=1, hours=2),
+        )
+        _assert_levels_match_the_raw_rows(store, everything, "day")
+        _assert_levels_match_the_raw_rows(store, everything, "month")
+        for window in windows:
+            _assert_everything(store, everything, book, **window)
+        _assert_sketches_match_the_raw_rows(store, everything)

@@ -8,6 +8,9 @@ transaction instead of by a scheduler):
   transaction sums the bucket's raw rows into the rollups, in bulk. Until then the bucket is *open*
   and readers take its raw rows. `action_metrics_rollup_state` says how far each grain is closed;
   readers read it and the data in one snapshot, so every action is counted once, from one side.
+- Some levels grow as finer buckets close (`Level.filled_as`): the month being filled holds its
+  closed days, and the day being filled, of every model and of each action type, its closed hours.
+  Readers take such a level's open bucket as far as it reaches (`RollupState.filled_until`).
 - A metric that arrives for a closed bucket (late) is added to the rollups by its own batch, once:
   ids already stored are skipped, as they are in the raw table.
 - Money is not stored. Tokens and credits are, and priced when read by the price in force at each
@@ -142,6 +145,9 @@ class Level:
     histogram: bool
     sums_from: Level | None = None
     histogram_from: Level | None = None
+    filled_as: Grain | None = None
+    """A finer grain whose buckets, as each closes, are added to this level's bucket holding them, so
+    that its open bucket holds the closed ones (None: a bucket is summed when it closes)."""
 
     @property
     def table(self) -> Table:
@@ -177,23 +183,36 @@ HOURLY_DETAIL: Final = Level("hour", DIMENSIONS, histogram=False)
 HOURLY_BY_TOWN: Final = Level("hour", ("town_id",), histogram=False, sums_from=HOURLY_DETAIL)
 """Per town, model and hour: the edge hours of a town's local day, added to or subtracted from a UTC
 day's sums (`sketch_reads`); its percentiles are the town/hour sketches."""
-DAILY: Final = Level("day", (), histogram=True, sums_from=HOURLY, histogram_from=HOURLY)
+DAILY: Final = Level("day", (), histogram=True, sums_from=HOURLY, histogram_from=HOURLY, filled_as="hour")
+"""Per model and day, the day being filled holding its closed hours: everything over all time reads
+its rows of today (5 models' ~1k histogram rows) rather than today's hours' (~10k late in the day)."""
 DAILY_DETAIL: Final = Level("day", DIMENSIONS, histogram=False, sums_from=HOURLY_DETAIL)
 """Per town, action, model and day: the `action_metrics_daily` view."""
 DAILY_BY_TOWN: Final = Level("day", ("town_id",), histogram=True, sums_from=DAILY_DETAIL)
-DAILY_BY_ACTION: Final = Level("day", ("action_type",), histogram=True, sums_from=DAILY_DETAIL)
+DAILY_BY_ACTION: Final = Level(
+    "day", ("action_type",), histogram=True, sums_from=HOURLY_DETAIL, filled_as="hour"
+)
+"""Per action type, model and day, the day being filled holding its closed hours (its histogram from
+their raw rows as they close): an action type over all time reads the raw rows of the open hour only,
+not today's (~9k of lod3 at 10M actions late in the day, 50-110 ms), and no level per action and
+hour (~0.6 histogram rows per action) is kept for it."""
 DAILY_BY_USER: Final = Level("day", USER, histogram=False)
 """Per user, model and day, from the raw rows (no finer level keeps the user); its percentiles are
 the user/day sketches."""
-MONTHLY: Final = Level("month", (), histogram=True, sums_from=DAILY, histogram_from=DAILY)
+MONTHLY: Final = Level("month", (), histogram=True, sums_from=DAILY, histogram_from=DAILY, filled_as="day")
 """Per model and month, from its closed days: everything or one model over all time reads the rows of
 ~4 months (the month being filled holds its closed days) and the hours since, instead of ~90 days
 (at 10M actions over 90 days the day histograms of 5 models are ~105k rows, ~70 ms of SQLite's 130
 for everything over all time; the months' ~4k)."""
 MONTHLY_BY_ACTION: Final = Level(
-    "month", ("action_type",), histogram=True, sums_from=DAILY_BY_ACTION, histogram_from=DAILY_BY_ACTION
+    "month",
+    ("action_type",),
+    histogram=True,
+    sums_from=DAILY_BY_ACTION,
+    histogram_from=DAILY_BY_ACTION,
+    filled_as="day",
 )
-MONTHLY_BY_USER: Final = Level("month", USER, histogram=False, sums_from=DAILY_BY_USER)
+MONTHLY_BY_USER: Final = Level("month", USER, histogram=False, sums_from=DAILY_BY_USER, filled_as="day")
 """Per user, model and month, from its days: by user over all time reads ~3 months of these and the
 days since, instead of ~90 days (1,000 users x 5 models: 15k rows rather than 450k)."""
 
@@ -212,13 +231,21 @@ LEVELS: Final = (
 )
 """Every level, each after the levels it is summed from. A town or action filter over part of a day
 reads raw rows through their indexes (a town's day is ~1/50 of the actions): hourly levels per town
-or action would be nearly as large as the raw table at 50 towns x 11 actions x 5 models. Months are
-kept where a day's rows are many (every model's histogram, an action type's, a user's sums): a
-town's days are few enough (its histogram per day is ~1/50 of everything's)."""
+or action would be nearly as large as the raw table at 50 towns x 11 actions x 5 models; instead the
+day of every model and of each action type is filled as its hours close, so that over all time
+only the open hour is raw. Months are kept where a day's rows are many (every model's histogram, an
+action type's, a user's sums): a town's days are few enough (its histogram per day is ~1/50 of
+everything's)."""
 
 
 def levels_of(grain: Grain) -> tuple[Level, ...]:
     return tuple(level for level in LEVELS if level.grain == grain)
+
+
+def closing_with(grain: Grain) -> tuple[Level, ...]:
+    """The levels a closing `grain` bucket is added to: its grain's own, but those filled as a finer
+    grain closes, and those filled as it closes (`Level.filled_as`); each after its sources."""
+    return tuple(level for level in LEVELS if (level.filled_as or level.grain) == grain)
 
 
 def reading_level(grain: Grain, kept: Iterable[str]) -> Level | None:
@@ -287,6 +314,11 @@ class RollupState:
     def closed_until(self, grain: Grain) -> datetime | None:
         """A month's rows hold its closed days: months are closed as far as days are."""
         return self.hours_closed_until if grain == "hour" else self.days_closed_until
+
+    def filled_until(self, level: Level) -> datetime | None:
+        """How far `level`'s rows hold the actions: to the end of its grain's closed buckets, or of
+        the finer ones it is filled as (its open bucket holding those)."""
+        return self.closed_until(level.filled_as or level.grain)
 
 
 async def read_state(connection: AsyncConnection, *, for_update: bool = False) -> RollupState:
@@ -545,14 +577,16 @@ async def fill(
     histograms: bool = True,
     sketch_levels: Sequence[latency_sketches.SketchLevel] | None = None,
 ) -> None:
-    """Add the scope's actions to `levels` (in order). When `closing` the buckets have no rows yet,
-    and each level sums a finer level's rows where it has one; otherwise (late metrics, rebuilds)
-    every level sums the raw rows and adds to its rows. `histograms=False` fills the sums only;
-    `sketch_levels` are the sketches filled (None: every one of the levels' grains)."""
+    """Add the scope's actions to `levels` (in order). When `closing` the buckets have no rows yet
+    (but those of levels filled as finer buckets close, which are added to), and each level sums a
+    finer level's rows where it has one; otherwise (late metrics, rebuilds) every level sums the raw
+    rows and adds to its rows. `histograms=False` fills the sums only; `sketch_levels` are the
+    sketches filled (None: every one of the levels' grains)."""
     grains = {level.grain for level in levels}
     split = {grain: await _prices_start_inside(connection, grain, scope) for grain in grains}
     copied = False
     for level in levels:
+        merge = not closing or level.filled_as is not None
         sources = [(False, level.sums_from)] + (
             [(True, level.histogram_from)] if level.histogram and histograms else []
         )
@@ -569,9 +603,9 @@ async def fill(
                     copied = True
                 source = _raw_source(histogram=histogram)
             statement = (
-                _fill_histogram(level, source, backend, merge=not closing)
+                _fill_histogram(level, source, backend, merge=merge)
                 if histogram
-                else _fill_sums(level, source, backend, split=split[level.grain], merge=not closing)
+                else _fill_sums(level, source, backend, split=split[level.grain], merge=merge)
             )
             await connection.execute(statement)
     if sketch_levels is None:
@@ -716,8 +750,6 @@ async def close(
         max_days,
         budget,
     )
-    if state.days_closed_until is None or state.days_closed_until < days:
-        await _add_days_to_months(connection, backend, Scope(state.days_closed_until, days))
     reached = await _add_hours_to_open_day(connection, backend, reached, days, hours)
     return replace(state, hours_closed_until=hours, days_closed_until=days, user_hours_until=reached)
 
@@ -777,25 +809,6 @@ async def _clear_user_day(connection: AsyncConnection, day: datetime) -> None:
     )
 
 
-async def _add_days_to_months(connection: AsyncConnection, backend: Backend, scope: Scope) -> None:
-    """Add the days just closed to the month levels' rows, histograms and sketches (a month's rows hold
-    its closed days, so the current month is one row per user and model, not a row per day)."""
-    split = await _prices_start_inside(connection, "month", scope)
-    for level in levels_of("month"):
-        assert level.sums_from is not None
-        source = _level_source(level.sums_from, scope, histogram=False)
-        await connection.execute(_fill_sums(level, source, backend, split=split, merge=True))
-        if level.histogram_from is not None:
-            source = _level_source(level.histogram_from, scope, histogram=True)
-            await connection.execute(_fill_histogram(level, source, backend, merge=True))
-    for sketch_level in latency_sketches.levels_of(["month"]):
-        since = scope.since or datetime.min.replace(tzinfo=UTC)
-        assert scope.until is not None
-        await latency_sketches.add_from_finer(
-            connection, backend, sketch_level, since, scope.until, new=False
-        )
-
-
 async def _close_grain(
     connection: AsyncConnection,
     backend: Backend,
@@ -822,8 +835,24 @@ async def _close_grain(
     else:
         beyond = await _timestamp_after(connection, since, budget)
         until = target if beyond is None else min(target, max(bounded, floor_to(beyond, grain)))
-    await fill(connection, backend, levels_of(grain), Scope(since, until), closing=True)
+    scope = Scope(since, until)
+    # The buckets closing are added to the levels filled as they close (the day being filled holds its
+    # closed hours, the month its closed days): rows, histograms, and the months' user sketches.
+    sketches = latency_sketches.levels_of([grain])
+    await fill(connection, backend, closing_with(grain), scope, closing=True, sketch_levels=sketches)
+    for sketch_level in latency_sketches.levels_of(SKETCHES_CLOSING_WITH[grain]):
+        if sketch_level.grain != grain:  # a month's, holding its closed days
+            await latency_sketches.add_from_finer(connection, backend, sketch_level, since, until, new=False)
     return until
+
+
+SKETCHES_CLOSING_WITH: Final[dict[Grain, tuple[str, ...]]] = {
+    "hour": ("hour",),
+    "day": ("day", "month"),
+    "month": (),
+}
+"""The grains of the sketches a closing bucket of each grain is added to: its own grain's (a new
+sketch each), and the month's, which holds its closed days as the month levels do (`closing_with`)."""
 
 
 async def _timestamp_after(connection: AsyncConnection, since: datetime, actions: int) -> datetime | None:
@@ -852,13 +881,13 @@ async def add_late(
     """Add newly stored actions with these ids (all from `since` on) to every level whose buckets
     holding them are closed, and to the open day's user rows where they reach."""
     for grain in GRAINS:
-        closed = state.closed_until(grain)
-        if closed is None or since >= closed:
+        closed, levels = state.closed_until(grain), closing_with(grain)
+        if not levels or closed is None or since >= closed:
             continue
+        sketches = latency_sketches.levels_of(SKETCHES_CLOSING_WITH[grain])
         for chunk in _chunks(ids, 5_000):
-            await fill(
-                connection, backend, levels_of(grain), Scope(since, closed, ids=tuple(chunk)), closing=False
-            )
+            scope = Scope(since, closed, ids=tuple(chunk))
+            await fill(connection, backend, levels, scope, closing=False, sketch_levels=sketches)
     open_day = open_user_day(state)
     if open_day is not None and since < open_day[1]:
         for chunk in _chunks(ids, 5_000):
@@ -890,14 +919,24 @@ async def stored_ids(connection: AsyncConnection, ids: Sequence[Any]) -> set[Any
 
 
 def closed_buckets_split_by(state: RollupState, moment: datetime) -> list[tuple[Grain, datetime]]:
-    """The closed buckets a price beginning at `moment` falls strictly inside."""
+    """The buckets with rows a price beginning at `moment` falls strictly inside: closed ones, and
+    those being filled with closed finer ones (the open day's closed hours, the month's days)."""
     split: list[tuple[Grain, datetime]] = []
     for grain in GRAINS:
         start = floor_to(moment, grain)
-        closed = state.closed_until(grain)
-        if start != moment and closed is not None and start < closed:
+        if start != moment and _levels_holding(state, grain, start):
             split.append((grain, start))
     return split
+
+
+def _levels_holding(state: RollupState, grain: Grain, start: datetime) -> list[tuple[Level, datetime]]:
+    """The levels of `grain` whose rows hold actions of the bucket at `start`, with how far they do."""
+    held = []
+    for level in levels_of(grain):
+        reach = state.filled_until(level)
+        if reach is not None and start < reach:
+            held.append((level, reach))
+    return held
 
 
 async def rebuild(
@@ -908,16 +947,21 @@ async def rebuild(
     model: str | None,
 ) -> None:
     """Sum these buckets again from the raw rows (one model's, or all), splitting rows at every
-    price that begins inside them; a month from its closed days, rebuilt before it (so a month whose
-    first days were pruned is split too; the open day's user rows are not the month's yet). The
-    histograms do not depend on prices and stay."""
+    price that begins inside them, each level as far as it holds them (the day being filled, its
+    closed hours); a month from its closed days, rebuilt before it (so a month whose first days were
+    pruned is split too; the open day's user rows are not the month's yet). The histograms do not
+    depend on prices and stay."""
     for grain, start in buckets:
-        until = next_start(start, grain)
-        if grain == "month" and state.days_closed_until is not None:
-            until = min(until, state.days_closed_until)
+        held = _levels_holding(state, grain, start)
+        levels = [level for level, _ in held]
+        until = min([next_start(start, grain), *(reach for _, reach in held)])
         scope = Scope(start, until, model=model)
-        await _clear(connection, grain, scope)
-        await fill(connection, backend, levels_of(grain), scope, closing=grain == "month", histograms=False)
+        for level in levels:
+            table = level.table
+            await connection.execute(
+                delete(table).where(*level.rows(table), *scope.terms(table.c.start, table.c.model))
+            )
+        await fill(connection, backend, levels, scope, closing=grain == "month", histograms=False)
 
 
 async def split_open_user_day(
@@ -1017,12 +1061,13 @@ def _cover(
         return []
     grain, finer = grains[0], grains[1:]
     level = reading_level(grain, kept)
-    closed = state.closed_until(grain)
+    closed = None if level is None else state.filled_until(level)
     if level is None or closed is None:
         return _cover(state, kept, since, until, finer)
     first = None if since is None else ceil_to(since, grain)
-    # Up to the end of the closed buckets: a month's rows hold its closed days, so the month being
-    # filled covers it from its start up to `closed` (its last closed day's end).
+    # Up to the end of what its rows hold: a month's rows hold its closed days, so the month being
+    # filled covers it from its start up to `closed` (its last closed day's end); the day being
+    # filled, of a level filled as hours close, up to its last closed hour's end.
     last = closed if until is None or until >= closed else floor_to(until, grain)
     if first is not None and first >= last:
         return _cover(state, kept, since, until, finer)

@@ -312,7 +312,9 @@ class LatencySketchRow(Base):
 
 class RollupStateRow(Base):
     """How far the rollups reach, in one row: actions before `hours_closed_until` are in the hourly
-    rollups, before `days_closed_until` in the daily ones; raw rows before `raw_kept_from` were pruned."""
+    rollups, before `days_closed_until` in the daily ones (and, since 0019, the open day's rows of
+    every model and of each action type hold its hours before `hours_closed_until`); raw rows before
+    `raw_kept_from` were pruned."""
 
     __tablename__ = "action_metrics_rollup_state"
 
