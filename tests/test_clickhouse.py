@@ -41,6 +41,7 @@ from action_metrics.errors import (
     InvalidFilter,
     MetricInPrunedPeriod,
     RawRowsPruned,
+    SchemaOutOfDate,
     SchemaTooNew,
 )
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
@@ -850,3 +851,50 @@ def test_writers_in_one_process_sending_the_same_new_ids_at_once_count_them_once
     counts, from_rollups, exact = run_async(run())
     assert sorted(counts) == [0] * 7 + [len(metrics)]  # one writer stored them, the others found them
     assert (from_rollups, exact) == (len(metrics), len(metrics))
+
+
+def test_a_store_open_while_another_release_moves_the_schema_stops_writing(clickhouse_url: str) -> None:
+    """Checked by every write, not only at open (as on SQLite and PostgreSQL): a process left running
+    across another release's upgrade or downgrade is refused, naming the fix, and nothing of its
+    batch or price is stored; at head again, it writes."""
+    head = head_version()
+
+    def command(statement: str) -> None:
+        client = ClickHouseURL.parse(clickhouse_url).connect()
+        try:
+            client.command(statement)
+        finally:
+            client.close()
+
+    with MetricsStore(clickhouse_url) as store:
+
+        def credit_prices() -> list[Any]:
+            async def read() -> list[Any]:
+                return await (await store._store._open()).credit_prices()
+
+            return store._call(read())
+
+        store.emit_many([metric()])
+        prices = credit_prices()
+        for moved, refusal, says in [
+            (
+                f"INSERT INTO action_metrics_schema_version (version, name) VALUES ({head + 1}, 'future')",
+                SchemaTooNew,
+                "upgrade action-metrics",
+            ),
+            (
+                f"DELETE FROM action_metrics_schema_version WHERE version >= {head}",
+                SchemaOutOfDate,
+                "action-metrics db upgrade --url",
+            ),
+        ]:
+            command(moved)
+            with pytest.raises(refusal, match=says):
+                store.emit_many([metric(), metric()])
+            with pytest.raises(refusal, match=says):
+                store.set_credit_price("0.007", effective_from=datetime(2026, 1, 1, tzinfo=UTC))
+            assert store.aggregate(exact=True).count == 1  # nothing of the refused batch
+            assert credit_prices() == prices
+        command(f"INSERT INTO action_metrics_schema_version (version, name) VALUES ({head}, 'back')")
+        store.emit_many([metric()])
+        assert store.aggregate(exact=True).count == 2

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 SCHEMES: Final = ("chdb", "clickhouse", "clickhouses")
 VERSION_TABLE: Final = "action_metrics_schema_version"
+VERSION_QUERY: Final = f"SELECT max(version) FROM {VERSION_TABLE}"
+"""The version applied (0: none), read by every write to refuse one the schema moved under."""
 EARLIEST: Final = datetime(1900, 1, 1, tzinfo=UTC)
 """DateTime64's first instant: the beginning of time of this backend (prices seeded from it)."""
 LATEST: Final = datetime(2300, 1, 1, tzinfo=UTC)
@@ -247,7 +249,7 @@ def current_version(client: Client) -> int | None:
     """The version applied, or None when the database has no action-metrics schema."""
     if not client.command(f"EXISTS TABLE {VERSION_TABLE}"):
         return None
-    number = client.query(f"SELECT max(version) FROM {VERSION_TABLE}").result_rows[0][0]
+    number = client.query(VERSION_QUERY).result_rows[0][0]
     return int(number) or None
 
 

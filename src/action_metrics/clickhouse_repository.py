@@ -49,6 +49,7 @@ from action_metrics.clickhouse import (
     LATEST,
     ROLLUPS,
     TIMELINE,
+    VERSION_QUERY,
     ClickHouseURL,
     check_version,
     upgrade_on,
@@ -1029,6 +1030,11 @@ class ClickHouseRepository:
         an id re-sent with another town, action type or hour is a second action, as the raw table
         always kept it.
 
+        A batch stores nothing when the schema is not at this package's head any more (another
+        release upgraded or downgraded it since this store opened: `SchemaTooNew`, `SchemaOutOfDate`),
+        read in the same query as the stored keys; ClickHouse has no transaction to hold it to the
+        insert, so an upgrade within that one query's run is not seen.
+
         A batch holding a metric from before the prune cut-off stores nothing
         (`MetricInPrunedPeriod`): prune removed the ids there, so a re-sent action would count twice.
         The cut-off comes back with the stored keys, in the same query, so it is never stale by more
@@ -1041,7 +1047,8 @@ class ClickHouseRepository:
         client = self._open()
         numbers = [id_.int for id_ in columns[0]]
         with _writer_lock(self.url):  # no other insert of this process between the lookup and ours
-            stored, cutoff = self._stored_ids(client, columns, numbers)
+            stored, cutoff, version = self._stored_ids(client, columns, numbers)
+            check_version(version, self.url)
             refuse_before(cutoff, metrics)
             if stored or len(set(numbers)) < len(numbers):
                 kept = []
@@ -1056,10 +1063,10 @@ class ClickHouseRepository:
 
     def _stored_ids(
         self, client: Client, columns: list[list[Any]], numbers: list[int]
-    ) -> tuple[set[int], datetime | None]:
+    ) -> tuple[set[int], datetime | None, int | None]:
         """The batch's ids (as numbers) stored already with the town, action type and UTC hour of
-        the batch's action, and the prune cut-off (None: never pruned). Ids minted close together
-        (UUIDv7, the default) are looked up as one range of the ids table's order
+        the batch's action, the prune cut-off (None: never pruned) and the schema's version. Ids
+        minted close together (UUIDv7, the default) are looked up as one range of the ids table's order
         (sql/clickhouse/0005), which reads a granule or two per part however full the hours are; ids
         spread wider (random UUIDv4) are sent one by one, and the lookup then reads the ids of
         everything stored in the batch's hours."""
@@ -1072,9 +1079,10 @@ class ClickHouseRepository:
         else:
             wanted = "id IN {ids:Array(UUID)}"
             parameters["ids"] = ids
-        ((rows, cutoff_micros),) = client.query(
+        ((rows, cutoff_micros, version),) = client.query(
             "SELECT groupArray((id, town_id, action_type, toUnixTimestamp(hour))), "
-            "(SELECT toUnixTimestamp64Micro(maxOrNull(kept_from)) FROM raw_kept_from) "
+            "(SELECT toUnixTimestamp64Micro(maxOrNull(kept_from)) FROM raw_kept_from), "
+            f"({VERSION_QUERY}) "
             "FROM action_metrics_ids "
             "WHERE hour IN arrayMap(x -> toStartOfHour(fromUnixTimestamp64Micro(x, 'UTC')), "
             f"{{hours:Array(Int64)}}) AND {wanted}",
@@ -1084,8 +1092,9 @@ class ClickHouseRepository:
         keys = {(uuid.UUID(str(id_)).int, town, action, hour) for id_, town, action, hour in rows}
         found = {key[0] for key in keys}
         candidates = [index for index, number in enumerate(numbers) if number in found] if found else []
+        version = int(version) or None
         if not candidates:
-            return set(), cutoff
+            return set(), cutoff, version
         # Each candidate's hour as the raw table's sorting key has it (toStartOfHour stops at 1970).
         (their_hours,) = client.query(
             "SELECT arrayMap(x -> toUnixTimestamp(toStartOfHour(fromUnixTimestamp64Micro(x, 'UTC'))), "
@@ -1097,7 +1106,12 @@ class ClickHouseRepository:
             for index, hour in zip(candidates, their_hours, strict=True)
             if (numbers[index], columns[4][index], columns[2][index], hour) in keys
         }
-        return stored, cutoff
+        return stored, cutoff, version
+
+    def _check_still_at_head(self, client: Client) -> None:
+        """Refuse a write when another release moved the schema since this store opened (as every
+        insert does, `_insert_counting`): prices and prunes, one query each."""
+        check_version(int(client.query(VERSION_QUERY).result_rows[0][0]) or None, self.url)
 
     # -- reads --
 
@@ -1324,6 +1338,7 @@ class ClickHouseRepository:
 
     def _set_model_price(self, price: ModelPrice) -> None:
         client = self._open()
+        self._check_still_at_head(client)
         self._refuse_a_new_start_inside_a_pruned_day(client, price.effective_from, price.model)
         if price.source == "manual":
             _delete_prices_where(
@@ -1339,6 +1354,7 @@ class ClickHouseRepository:
 
     def _set_credit_price(self, price: CreditPrice) -> None:
         client = self._open()
+        self._check_still_at_head(client)
         self._refuse_a_new_start_inside_a_pruned_day(client, price.effective_from, None)
         row = [_price_start(price.effective_from), price.usd_per_credit]
         client.insert("credit_prices", [row], column_names=["effective_from", "usd_per_credit"])
@@ -1411,6 +1427,7 @@ class ClickHouseRepository:
 
     def _replace_catalogue_prices(self, histories: Mapping[str, Sequence[ModelPrice]]) -> CatalogueWrite:
         client = self._open()
+        self._check_still_at_head(client)
         models = sorted(histories)
         manual_from = {
             model: _moment(start)
@@ -1599,6 +1616,7 @@ class ClickHouseRepository:
         )
         if dry_run:
             return PruneResult(cutoff, rows, dry_run=True)
+        self._check_still_at_head(client)
         self._split_hours(client, cutoff)  # before any reader takes the parts for the raw rows
         kept_from = self._raw_kept_from(client)
         if kept_from is None or kept_from < cutoff:
