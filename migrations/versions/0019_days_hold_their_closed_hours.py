@@ -11,7 +11,8 @@ day histogram needs its raw rows binned): their hour rows, histograms and sketch
 `hours_closed_until` goes back to `days_closed_until`, and the breakdowns stored for local buckets
 ending after it are forgotten (an action arriving for a re-opened hour is no longer late). The next
 batch written, or the build `db upgrade` runs after migrating, closes those hours again and fills the
-day rows as it goes (with `--sql`, no build is needed: any writer's next batch does it); until then
+day rows as it goes (with `--sql`, the build is optional: any writer's next batch does it; `db current` reports
+the re-opened hours as a build unfinished until then); until then
 readers take those hours from raw rows, exactly. The downgrade deletes
 the open day's day rows, which 0018 sums when the day closes. No closed day changes either way.
 
@@ -44,10 +45,12 @@ def _open_day() -> str:
 
 
 def _lock_the_state() -> None:
-    """Writers lock the state row: one under way commits its batch first (SQLite's writer holds the
-    database's write lock already)."""
+    """Writers lock the state row (`SELECT ... FOR UPDATE`): one under way commits its batch first,
+    and the next waits for this migration (SQLite's writer holds the database's write lock already).
+    EXCLUSIVE mode conflicts with their row locks and lets plain reads through; as a statement, not a
+    SELECT, it prints no result set in the `--sql` script `psql` runs."""
     if op.get_context().dialect.name != "sqlite":
-        op.execute("SELECT id FROM action_metrics_rollup_state FOR UPDATE")
+        op.execute("LOCK TABLE action_metrics_rollup_state IN EXCLUSIVE MODE")
 
 
 def upgrade() -> None:
