@@ -11,10 +11,10 @@ day histogram needs its raw rows binned): their hour rows, histograms and sketch
 `hours_closed_until` goes back to `days_closed_until`, and the breakdowns stored for local buckets
 ending after it are forgotten (an action arriving for a re-opened hour is no longer late). The next
 batch written, or the build `db upgrade` runs after migrating, closes those hours again and fills the
-day rows as it goes (with `--sql`, the build is optional: any writer's next batch does it; `db current` reports
-the re-opened hours as a build unfinished until then); until then
-readers take those hours from raw rows, exactly. The downgrade deletes
-the open day's day rows, which 0018 sums when the day closes. No closed day changes either way.
+day rows as it goes (with `--sql` the build is optional: any writer's next batch does it, and `db
+current` reports the re-opened hours as a build unfinished until then); until then readers take
+those hours from raw rows, exactly. The downgrade deletes the open day's day rows, which 0018 sums
+when the day closes. No closed day changes either way.
 
 Revision ID: 0019
 Revises: 0018
