@@ -60,7 +60,7 @@ from action_metrics.errors import InvalidFilter
 from action_metrics.query import MetricFilter
 from action_metrics.rollup import Level, Range, ReadPlan
 from action_metrics.schema import UTCDateTime
-from action_metrics.validation import as_integer, check_flag, shown
+from action_metrics.validation import MAX_INT64, as_integer, check_flag, shown
 
 Bucket = Literal["hour", "day", "week", "month"]
 BUCKETS: Final[tuple[str, ...]] = get_args(Bucket)
@@ -261,8 +261,8 @@ class BreakdownRequest:
         if sort not in SORT_KEYS:
             raise InvalidFilter("sort", f"cannot sort by {shown(sort)}: expected one of {SORT_KEYS}")
         count = None if top is None else as_integer(top)
-        if top is not None and (count is None or count < 1):
-            raise InvalidFilter("top", f"expected a whole number of at least 1, got {shown(top)}")
+        if top is not None and (count is None or not 1 <= count <= MAX_INT64):
+            raise InvalidFilter("top", f"expected a whole number from 1 to 2**63 - 1, got {shown(top)}")
         valid_bucket: Bucket | None = bucket  # type: ignore[assignment]  # checked against BUCKETS above
         descending = check_flag("descending", descending, InvalidFilter)
         exact = check_flag("exact", exact, InvalidFilter)
