@@ -893,6 +893,8 @@ def test_a_store_open_while_another_release_moves_the_schema_stops_writing(click
                 store.emit_many([metric(), metric()])
             with pytest.raises(refusal, match=says):
                 store.set_credit_price("0.007", effective_from=datetime(2026, 1, 1, tzinfo=UTC))
+            with pytest.raises(refusal, match=says):
+                store.prune(datetime.now(UTC) - timedelta(days=10))
             assert store.aggregate(exact=True).count == 1  # nothing of the refused batch
             assert credit_prices() == prices
         command(f"INSERT INTO action_metrics_schema_version (version, name) VALUES ({head}, 'back')")

@@ -27,6 +27,7 @@ from action_metrics import (
     StoreClosed,
 )
 from action_metrics.dialects import SQLITE_CACHE_KIB, SQLITE_WAL_PAGES_BEFORE_CHECKPOINT, backend_for
+from action_metrics.rollup import read_state
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -296,8 +297,20 @@ def test_a_store_open_while_the_schema_moves_stops_writing_and_says_why(database
     from action_metrics import SchemaOutOfDate, migrate
 
     head = migrate.head_revision()
+
+    def hours_closed(store: MetricsStore) -> Any:
+        async def read() -> Any:
+            repository = await store._store._open()
+            async with repository.engine.connect() as connection:
+                return (await read_state(connection)).hours_closed_until
+
+        return store._call(read())
+
     with MetricsStore(database_url) as store:
-        store.emit_many([metric()])
+        # Its hour is not closed yet: a prune would close it first (the build), but must not when
+        # refused.
+        store.emit_many([metric(timestamp=datetime.now(UTC) - timedelta(hours=2))])
+        closed = hours_closed(store)
         for revision, refusal, says in [
             (f"{int(head) + 1:04d}", SchemaTooNew, "upgrade the action-metrics package"),
             (migrate.revisions()[-2], SchemaOutOfDate, "action-metrics db upgrade --url"),
@@ -307,6 +320,9 @@ def test_a_store_open_while_the_schema_moves_stops_writing_and_says_why(database
                 store.emit_many([metric(), metric()])
             with pytest.raises(refusal):
                 store.set_credit_price("0.007", effective_from=datetime(2026, 1, 1, tzinfo=UTC))
+            with pytest.raises(refusal):
+                store.prune(datetime.now(UTC) - timedelta(days=10))
+            assert hours_closed(store) == closed  # the prune's build closed nothing first
             assert store.aggregate(exact=True).count == 1  # nothing of the refused batch
         _stamp(database_url, head)
         store.emit_many([metric()])

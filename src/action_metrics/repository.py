@@ -736,7 +736,9 @@ class MetricsRepository:
 
     async def build_rollups(self, progress: Callable[[BuildProgress], None] | None = None) -> RollupState:
         """Close every bucket that can be closed now, a day per transaction (resumable)."""
-        state = await rollup.build(self._write_transaction, self.backend, progress=progress)
+        state = await rollup.build(
+            self._write_transaction, self.backend, progress=progress, lock=self._locked_state
+        )
         async with self._write_transaction() as connection:  # the planner sees the new rollups at once
             await self.backend.refresh_statistics(
                 connection, rollup_table, rollup_user, latency_histogram, latency_sketch, action_metrics

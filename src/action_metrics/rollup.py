@@ -28,7 +28,7 @@ exist is a trade between write cost and the questions they answer fast: see `LEV
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -1136,6 +1136,13 @@ plan of a branch per range takes longer to make than the ranges take to read."""
 # --- building ------------------------------------------------------------------------------------------
 
 WriteTransaction = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+StateLock = Callable[[AsyncConnection], Awaitable[RollupState]]
+"""How a write transaction takes the state row: `lock_state`, or the repository's, which also
+refuses a schema moved since the store opened."""
+
+
+async def lock_state(connection: AsyncConnection) -> RollupState:
+    return await read_state(connection, for_update=True)
 
 
 @dataclass(frozen=True)
@@ -1152,9 +1159,11 @@ async def build(
     *,
     now: datetime | None = None,
     progress: Callable[[BuildProgress], None] | None = None,
+    lock: StateLock = lock_state,
 ) -> RollupState:
     """Close every bucket up to `now` (less `CLOSE_DELAY`), a day of actions per transaction, so that
-    an interrupted build resumes where it stopped; `progress` gets the days covered so far."""
+    an interrupted build resumes where it stopped; `progress` gets the days covered so far. Each
+    transaction takes the state row by `lock` first."""
     reach = (now or datetime.now(UTC)) - CLOSE_DELAY
     async with transaction() as connection:
         first = await _next_timestamp(connection, None)
@@ -1162,7 +1171,7 @@ async def build(
     total = 0 if first_day is None else max(0, (floor_to(reach, "day") - first_day) // GRAIN_LENGTH["day"])
     while True:
         async with transaction() as connection:
-            before = await read_state(connection, for_update=True)
+            before = await lock(connection)
             following = await _next_timestamp(connection, before.hours_closed_until)
             step = (
                 reach if following is None else min(reach, floor_to(following, "day") + GRAIN_LENGTH["day"])
@@ -1173,9 +1182,9 @@ async def build(
             done = max(0, (after.days_closed_until - first_day) // GRAIN_LENGTH["day"])
             progress(BuildProgress(min(done, total), total))
         if after == before:
-            await _backfill_sketches(transaction, backend)
-            await _backfill_sketches(transaction, backend, "town_actions_from", progress)
-            return await _backfill_users(transaction, backend, progress)
+            await _backfill_sketches(transaction, backend, lock)
+            await _backfill_sketches(transaction, backend, lock, "town_actions_from", progress)
+            return await _backfill_users(transaction, backend, lock, progress)
 
 
 WRITTEN_BACK: Final = {
@@ -1214,6 +1223,7 @@ async def unfinished(connection: AsyncConnection) -> list[str]:
 async def _backfill_sketches(
     transaction: WriteTransaction,
     backend: Backend,
+    lock: StateLock,
     built_from: str = "sketches_from",
     progress: Callable[[BuildProgress], None] | None = None,
 ) -> RollupState:
@@ -1231,7 +1241,7 @@ async def _backfill_sketches(
     done = 0
     while True:
         async with transaction() as connection:
-            state = await read_state(connection, for_update=True)
+            state = await lock(connection)
             until = getattr(state, built_from)
             if until is None:
                 return state
@@ -1264,7 +1274,10 @@ async def _backfill_sketches(
 
 
 async def _backfill_users(
-    transaction: WriteTransaction, backend: Backend, progress: Callable[[BuildProgress], None] | None
+    transaction: WriteTransaction,
+    backend: Backend,
+    lock: StateLock,
+    progress: Callable[[BuildProgress], None] | None,
 ) -> RollupState:
     """Write the user levels' sums and sketches of the closed days from before `users_from` (a
     database migrated to 0009 with rollups already built), the newest day first, a day per
@@ -1275,7 +1288,7 @@ async def _backfill_users(
     done = 0
     while True:
         async with transaction() as connection:
-            state = await read_state(connection, for_update=True)
+            state = await lock(connection)
             until = state.users_from
             if until is None:
                 return state
