@@ -1166,3 +1166,38 @@ async def _stored_bucket_ends(repository: MetricsRepository) -> list[datetime]:
 
     async with repository.engine.connect() as connection:
         return list((await connection.execute(select(closed_buckets.c.bucket_end))).scalars())
+
+
+def test_the_sql_for_a_url_with_a_search_path_builds_the_schema_where_the_store_looks(
+    backend: Databases, empty_database_url: str
+) -> None:
+    """A store whose URL sets `?options=-csearch_path=metrics` migrates into `metrics` with `db
+    upgrade`; the `--sql` a DBA runs with psql did the same only if it sets the options too (it
+    built every table in `public`, and the store then found no schema)."""
+    if backend.name != "postgresql":
+        pytest.skip("a search_path is PostgreSQL's")
+    _sql(empty_database_url, "CREATE SCHEMA metrics")
+    url = str(make_url(empty_database_url).update_query_dict({"options": "-csearch_path=metrics"}))
+    printed = run_cli("db", "upgrade", "--sql", "--url", url)
+    assert printed.exit_code == 0, printed.output
+    assert "SELECT pg_catalog.set_config('search_path', 'metrics', false);" in printed.stdout
+    parsed = make_url(empty_database_url)
+    psql = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", parsed.host or "127.0.0.1"]
+    psql += ["-p", str(parsed.port or 5432), "-U", parsed.username or "postgres", "-d", parsed.database or ""]
+    ran = subprocess.run(
+        psql,
+        input=printed.stdout,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    (placed,) = _sql(
+        empty_database_url,
+        "SELECT array_agg(DISTINCT table_schema::text) FROM information_schema.tables "
+        "WHERE table_name IN ('action_metrics', 'alembic_version', 'action_metrics_rollup')",
+    )
+    assert list(placed[0]) == ["metrics"]
+    with MetricsStore(url) as store:
+        store.emit_many([metric()])
+        assert store.aggregate().count == 1

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final, TextIO
 
 from sqlalchemy import URL, Connection, column, inspect, select, table
 
-from action_metrics.dialects import WRITE, Backend, backend_for, display_url
+from action_metrics.dialects import WRITE, Backend, backend_for, display_url, server_settings
 from action_metrics.errors import (
     DowngradeRefused,
     InvalidValue,
@@ -355,7 +355,26 @@ def offline_sql(url: str | URL | None, action: str, revision: str) -> str:
             command.upgrade(config, revision, sql=True)
         else:
             command.downgrade(config, revision, sql=True)
-    return buffer.getvalue()
+    return _session_settings(url) + buffer.getvalue()
+
+
+def _session_settings(url: str | URL | None) -> str:
+    """The settings a PostgreSQL URL's `options` give its sessions (`?options=-csearch_path%3Dmetrics`),
+    as statements run first, so that the DBA's session creates the tables where the store's sessions
+    look for them, as a migration run by `db upgrade` does (without them the script built the schema
+    in `public`, the store then finding none in `metrics`). `set_config` reads each value as `-c`
+    does: a search_path list stays a list."""
+    if url is None:
+        return ""
+    backend = backend_for(url)
+    options = backend.given_url.query.get("options")
+    if backend.name != "postgresql" or options is None:
+        return ""
+    lines = ["-- the settings of this URL's options, as its sessions have them"]
+    for name, value in server_settings(options).items():
+        quoted = [text.replace("'", "''") for text in (name, value)]
+        lines.append(f"SELECT pg_catalog.set_config('{quoted[0]}', '{quoted[1]}', false);")
+    return "\n".join(lines) + "\n\n"
 
 
 async def ensure_schema(engine: AsyncEngine, backend: Backend) -> None:
