@@ -1201,3 +1201,31 @@ def test_the_sql_for_a_url_with_a_search_path_builds_the_schema_where_the_store_
     with MetricsStore(url) as store:
         store.emit_many([metric()])
         assert store.aggregate().count == 1
+
+
+def test_ctrl_c_during_a_migration_rolls_it_back_and_says_where_the_database_is(
+    empty_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The migrations run in one transaction: interrupted (here as the last of them finishes, its
+    work done but not committed), nothing of them stays, and the command says so in one line with
+    the revision read anew, rather than click's bare "Aborted!"; run again, it migrates."""
+    url = empty_database_url
+    assert run_cli("db", "upgrade", "0016", "--url", url).exit_code == 0
+    migrated = migrate._run_with_connection
+
+    def interrupted(*arguments: Any) -> None:
+        migrated(*arguments)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as interrupting:
+        interrupting.setattr(migrate, "_run_with_connection", interrupted)
+        result = run_cli("db", "upgrade", "--url", url)
+    assert result.exit_code == 130, result.output
+    assert "Aborted!" not in result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"interrupted: the migration was rolled back, {url} is at revision 0016; "
+        "run the command again to migrate"
+    )
+    assert run_cli("db", "current", "--url", url).stdout == f"0016 (behind head {migrate.head_revision()})\n"
+    assert run_cli("db", "upgrade", "--url", url).exit_code == 0
+    assert run_cli("db", "current", "--url", url).stdout == f"{migrate.head_revision()} (head)\n"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, ParamSpec, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -293,9 +293,27 @@ def _migrate(
         for warning in _downgrade_warnings(state, target, forget_prune=forget_prune):
             click.echo(f"warning: {warning}", err=True)
         action = migrate.downgrade_to(_named(target), forget_prune=forget_prune)
-    run_async(_on_database(backend, lambda database: database.run_migrations(action)))
+    try:
+        run_async(_on_database(backend, lambda database: database.run_migrations(action)))
+    except KeyboardInterrupt:
+        _interrupted_migration(backend, where)
     click.echo(f"{where} is at revision {_named(target)}", err=True)
     return target
+
+
+def _interrupted_migration(backend: Backend, where: str) -> NoReturn:
+    """Ctrl-C during a migration: its one transaction was rolled back (the connection closed with it);
+    say where the database is, read anew, and how to go on, rather than click's bare "Aborted!"."""
+    try:
+        revision = _named(run_async(_read_schema(backend)).revision)
+    except (ActionMetricsError, KeyboardInterrupt):
+        revision = "it was at before (a migration runs in one transaction)"
+    click.echo(
+        f"interrupted: the migration was rolled back, {where} is at revision {revision}; "
+        "run the command again to migrate",
+        err=True,
+    )
+    raise click.exceptions.Exit(130) from None
 
 
 def _print_sql(
