@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 from action_metrics.errors import SchemaNotCreated, SchemaOutOfDate, SchemaTooNew, UnsupportedDatabase
@@ -249,7 +249,11 @@ def current_version(client: Client) -> int | None:
     """The version applied, or None when the database has no action-metrics schema."""
     if not client.command(f"EXISTS TABLE {VERSION_TABLE}"):
         return None
-    number = client.query(VERSION_QUERY).result_rows[0][0]
+    return applied_version(client.query(VERSION_QUERY).result_rows[0][0])
+
+
+def applied_version(number: Any) -> int | None:
+    """`VERSION_QUERY`'s answer as a version: None when none is applied (its max is 0)."""
     return int(number) or None
 
 

@@ -51,6 +51,7 @@ from action_metrics.clickhouse import (
     TIMELINE,
     VERSION_QUERY,
     ClickHouseURL,
+    applied_version,
     check_version,
     upgrade_on,
     version_on,
@@ -1092,7 +1093,7 @@ class ClickHouseRepository:
         keys = {(uuid.UUID(str(id_)).int, town, action, hour) for id_, town, action, hour in rows}
         found = {key[0] for key in keys}
         candidates = [index for index, number in enumerate(numbers) if number in found] if found else []
-        version = int(version) or None
+        version = applied_version(version)
         if not candidates:
             return set(), cutoff, version
         # Each candidate's hour as the raw table's sorting key has it (toStartOfHour stops at 1970).
@@ -1111,7 +1112,7 @@ class ClickHouseRepository:
     def _check_still_at_head(self, client: Client) -> None:
         """Refuse a write when another release moved the schema since this store opened (as every
         insert does, `_insert_counting`): prices and prunes, one query each."""
-        check_version(int(client.query(VERSION_QUERY).result_rows[0][0]) or None, self.url)
+        check_version(applied_version(client.query(VERSION_QUERY).result_rows[0][0]), self.url)
 
     # -- reads --
 
