@@ -163,6 +163,23 @@ BUCKETED_VIEWS = pytest.mark.parametrize(
         ("action_metrics_daily_by_model", "day", _day, ("model",)),
     ],
 )
+HISTOGRAM_PERCENTILES = {
+    "action_metrics_daily_by_town": ("town_id", "model"),
+    "action_metrics_daily_by_model": ("model",),
+}
+"""The views whose p50/p95 come from the rollups' histograms (since 0020; their open day's raw rows
+for the per-town view): within 1% of the exact value, and as `aggregate()` gives for the same day and
+group; the other views' are exact over raw rows."""
+
+
+def _day_filters(view: str, row: dict[str, Any]) -> dict[str, Any]:
+    """`aggregate()`'s filters for a row of a per-day view: its UTC day and its group."""
+    start = _utc(row["day"])
+    return {"since": start, "until": start + timedelta(days=1)} | {
+        name: row[name] for name in HISTOGRAM_PERCENTILES[view]
+    }
+
+
 BUCKETED_VIEW_NAMES = (
     "action_metrics_daily",
     "action_metrics_hourly",
@@ -175,7 +192,7 @@ BUCKETED_VIEW_NAMES = (
 def test_bucketed_views_match_the_reference_per_bucket_and_group(
     town, view: str, bucket: str, key: Any, dimensions: tuple[str, ...]
 ) -> None:
-    url, _, metrics, now = town
+    url, store, metrics, now = town
     book = _book(now)
     groups: dict[tuple[str, ...], list[ActionMetric]] = defaultdict(list)
     for m in metrics:
@@ -200,9 +217,73 @@ def test_bucketed_views_match_the_reference_per_bucket_and_group(
         assert abs(Decimal(str(row["cost_usd"])) - sum((c for c in costs if c), Decimal(0))) < Decimal("1e-9")
         assert abs(Decimal(str(row["revenue_usd"])) - sum(revenue(m, book) for m in chosen)) < Decimal("1e-9")
         assert row["avg_latency_ms"] == pytest.approx(statistics.fmean(latencies), rel=1e-12)
+        tolerance = 0.01 if view in HISTOGRAM_PERCENTILES else 1e-12
         for column, fraction in (("p50_latency_ms", 0.5), ("p95_latency_ms", 0.95)):
             want = percentile(succeeded, fraction)  # of the successful actions; none: NULL
-            assert row[column] == (None if want is None else pytest.approx(want, rel=1e-12))
+            assert row[column] == (None if want is None else pytest.approx(want, rel=tolerance))
+        if view in HISTOGRAM_PERCENTILES and _utc(row["day"]) + timedelta(days=1) <= now - timedelta(hours=1):
+            api = store.aggregate(**_day_filters(view, row))  # a closed day: the same histogram
+            assert api.count == row["count"]
+            for column in ("p50_latency_ms", "p95_latency_ms"):
+                want = None if not succeeded else pytest.approx(getattr(api, column), rel=1e-9)
+                assert row[column] == want, (view, column)
+
+
+def test_the_per_model_and_per_town_views_keep_their_percentiles_through_a_prune(database_url: str) -> None:
+    """Their percentiles come from the histograms, which a prune keeps; the wider views' sort raw
+    rows, so a pruned day's are NULL there (the README says so)."""
+    now = datetime.now(UTC)
+    metrics = _metrics(now)
+    with MetricsStore(database_url) as store:
+        store.emit_many(metrics)
+        before = {view: plain_sql(database_url, f"SELECT * FROM {view}") for view in HISTOGRAM_PERCENTILES}
+        cutoff = store.prune(now - timedelta(days=7)).cutoff
+    assert any(m.timestamp < cutoff for m in metrics)
+    for view, dimensions in HISTOGRAM_PERCENTILES.items():
+        after = plain_sql(database_url, f"SELECT * FROM {view}")
+        assert sorted(map(repr, after)) == sorted(map(repr, before[view])), view
+        pruned = [row for row in after if _utc(row["day"]) < cutoff]
+        assert pruned, view
+        for row in pruned:
+            succeeded = [
+                m.latency_ms
+                for m in metrics
+                if m.error is None
+                and _day(m.timestamp) == _utc(row["day"]).date().isoformat()
+                and all(getattr(m, name) == row[name] for name in dimensions)
+            ]
+            for column, fraction in (("p50_latency_ms", 0.5), ("p95_latency_ms", 0.95)):
+                want = percentile(succeeded, fraction)
+                assert row[column] == (None if want is None else pytest.approx(want, rel=0.01)), (view, row)
+    wider = plain_sql(database_url, "SELECT day, p50_latency_ms, p95_latency_ms FROM action_metrics_daily")
+    assert all(row["p50_latency_ms"] is None for row in wider if _utc(row["day"]) < cutoff)
+
+
+def test_the_per_model_and_per_town_views_merge_today_s_closed_hours_with_the_open_hour(
+    database_url: str,
+) -> None:
+    """Today's row of each: the closed hours' histograms (per model; per town, its raw rows) and the
+    open hour's raw latencies, most of the day's here, so that leaving either out moves p50 and p95."""
+    now = datetime.now(UTC)
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    earlier = [hour - timedelta(minutes=50 + k) for k in range(6)] if hour.hour else []  # a closed hour
+    in_the_open_hour = [hour + (now - hour) * k / 21 for k in range(21)]
+    sent = [
+        metric(model="opus", town_id="town-q", latency_ms=latency, timestamp=when)
+        for latency, when in zip(
+            [*(30.0 + 7 * k for k in range(len(earlier))), *(1000.0 + 41 * k for k in range(21))],
+            [*earlier, *in_the_open_hour],
+            strict=True,
+        )
+    ]
+    with MetricsStore(database_url) as store:
+        store.emit_many(sent)
+    want = {name: percentile([m.latency_ms for m in sent], q) for name, q in (("p50", 0.5), ("p95", 0.95))}
+    for view in HISTOGRAM_PERCENTILES:
+        (row,) = plain_sql(database_url, f"SELECT * FROM {view} WHERE model = 'opus'")
+        assert row["count"] == len(sent)
+        assert row["p50_latency_ms"] == pytest.approx(want["p50"], rel=0.01), view
+        assert row["p95_latency_ms"] == pytest.approx(want["p95"], rel=0.01), view
 
 
 COUNTED_SUMS = (

@@ -57,6 +57,11 @@ def sql_dir() -> Path:
     return _resource("sql")
 
 
+def read_sql(*parts: str) -> str:
+    """A file of `sql/` (hand-written SQL a migration runs), by its path's parts."""
+    return sql_dir().joinpath(*parts).read_text(encoding="utf-8")
+
+
 def read_view_sql(view: str, revision: str, dialect: str) -> str:
     """A view's definition as of `revision`: `sql/views/<view>/<revision>[.<dialect>].sql`."""
     folder = sql_dir() / "views" / view

@@ -281,6 +281,19 @@ class LatencyHistogramRow(Base):
     )
 
 
+class LatencyBinRow(Base):
+    """The latency each histogram bin stands for (`sketch.bin_value_of`), one row per bin a stored
+    latency can fall in (since 0020, filled by `sql/latency_bins/0020.sql`): the views turn
+    histograms into percentiles by joining it, with no exp() (a SQLite may be built without it)."""
+
+    __tablename__ = "action_metrics_latency_bins"
+
+    bin: Mapped[int] = mapped_column(Integer(), primary_key=True, autoincrement=False)
+    value_ms: Mapped[float] = mapped_column(Double(), nullable=False)
+
+    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - as SQLAlchemy declares it
+
+
 SKETCH_KEY_LENGTH: Final = 256 + 1 + 64
 """A town (at most 256 characters), '/', and an action type (at most 64)."""
 
