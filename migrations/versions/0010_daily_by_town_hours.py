@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from action_metrics.views import create_views, drop_views, grants_kept
+from action_metrics.views import redefine_views
 
 revision: str = "0010"
 down_revision: str | None = "0009"
@@ -31,9 +31,7 @@ VIEW = "action_metrics_daily_by_town"
 def _define(view_revision: str) -> None:
     if op.get_context().dialect.name != "postgresql":
         return
-    with grants_kept([VIEW]):
-        drop_views([VIEW])
-        create_views([(VIEW, view_revision)])
+    redefine_views({VIEW: view_revision})
 
 
 def upgrade() -> None:

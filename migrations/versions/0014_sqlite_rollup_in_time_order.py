@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from action_metrics.views import create_views, drop_views, grants_kept
+from action_metrics.views import redefine_views
 
 revision: str = "0014"
 down_revision: str | None = "0013"
@@ -50,23 +50,17 @@ ROLLUP_SUMS = (
 """The rollup's summed columns at 0014 (a summed column added later is added here by its migration)."""
 
 
-def _redefine(view_revision: str) -> None:
-    with grants_kept([VIEW]):
-        drop_views([VIEW])
-        create_views([(VIEW, view_revision)])
-
-
 def upgrade() -> None:
     if op.get_context().dialect.name != "sqlite":
         return
     op.create_index(
         NAME, "action_metrics_rollup", ["grain", "action_type", "start", "town_id", "model", *ROLLUP_SUMS]
     )
-    _redefine("0014")
+    redefine_views({VIEW: "0014"})
 
 
 def downgrade() -> None:
     if op.get_context().dialect.name != "sqlite":
         return
-    _redefine("0004")
+    redefine_views({VIEW: "0004"})
     op.drop_index(NAME, table_name="action_metrics_rollup")

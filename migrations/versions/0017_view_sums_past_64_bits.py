@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from action_metrics.views import create_views, drop_views, grants_kept
+from action_metrics.views import redefine_views
 
 revision: str = "0017"
 down_revision: str | None = "0016"
@@ -54,16 +54,9 @@ PREVIOUS: dict[str, dict[str, str]] = {
 """Each view's definition before this revision, per dialect (sql/views/<view>/<revision>.<dialect>.sql)."""
 
 
-def _redefine(revisions: dict[str, str]) -> None:
-    views = list(revisions)
-    with grants_kept(views):
-        drop_views(views)
-        create_views(list(revisions.items()))
-
-
 def upgrade() -> None:
-    _redefine(dict.fromkeys(PREVIOUS[op.get_context().dialect.name], "0017"))
+    redefine_views(dict.fromkeys(PREVIOUS[op.get_context().dialect.name], "0017"))
 
 
 def downgrade() -> None:
-    _redefine(PREVIOUS[op.get_context().dialect.name])
+    redefine_views(PREVIOUS[op.get_context().dialect.name])

@@ -36,7 +36,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from action_metrics.migrate import read_sql
-from action_metrics.views import create_views, drop_views, grants_kept
+from action_metrics.views import redefine_views
 
 revision: str = "0020"
 down_revision: str | None = "0019"
@@ -49,12 +49,6 @@ PREVIOUS = "0017"
 """Both views' definition before this revision (sql/views/<view>/0017.<dialect>.sql)."""
 
 
-def _redefine(view_revision: str) -> None:
-    with grants_kept(VIEWS):
-        drop_views(VIEWS)
-        create_views([(view, view_revision) for view in VIEWS])
-
-
 def upgrade() -> None:
     op.create_table(
         BINS,
@@ -64,9 +58,9 @@ def upgrade() -> None:
         sqlite_with_rowid=False,
     )
     op.execute(read_sql("latency_bins", "0020.sql"))
-    _redefine("0020")
+    redefine_views(dict.fromkeys(VIEWS, "0020"))
 
 
 def downgrade() -> None:
-    _redefine(PREVIOUS)
+    redefine_views(dict.fromkeys(VIEWS, PREVIOUS))
     op.drop_table(BINS)

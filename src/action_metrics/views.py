@@ -6,7 +6,7 @@ Used inside migrations only, where alembic's `op` is set up.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Final
 
@@ -104,3 +104,12 @@ def drop_views(views: Iterable[str]) -> None:
 
     for view in views:
         op.execute(f"DROP VIEW IF EXISTS {view}")
+
+
+def redefine_views(revisions: Mapping[str, str]) -> None:
+    """In a migration: replace each view by its definition at the revision given (view -> revision),
+    keeping what was granted on them."""
+    views = list(revisions)
+    with grants_kept(views):
+        drop_views(views)
+        create_views(list(revisions.items()))
