@@ -92,14 +92,15 @@ CLI_VARIABLES = (
 )
 
 
-def run_cli(*args: str, **environment: str) -> Result:
-    """`action-metrics ARGS` in this process, with none of our variables set but `environment`.
+def run_cli(*args: str, stdin: str | None = None, **environment: str) -> Result:
+    """`action-metrics ARGS` in this process, with none of our variables set but `environment`,
+    reading `stdin` (none: end of input, as a script without a terminal gives).
 
     An exception the command does not turn into its one-line error is raised here, failing the test.
     """
     variables: dict[str, str | None] = {name: None for name in CLI_VARIABLES}
     variables.update({"COLUMNS": "120", **environment})
-    return CliRunner().invoke(main, list(args), env=variables, catch_exceptions=False)
+    return CliRunner().invoke(main, list(args), input=stdin, env=variables, catch_exceptions=False)
 
 
 def assert_one_line_error(result: Result, exit_code: int, fragment: str) -> None:

@@ -271,6 +271,28 @@ def test_a_database_at_an_unknown_revision_is_named_and_left_alone(
         backend.drop(url)
 
 
+def test_db_downgrade_to_base_asks_first_naming_the_actions_it_drops(database_url: str) -> None:
+    """No answer (a script without a terminal) and 'n' are no: nothing changes. 'y' or --yes drops
+    the tables; --sql prints without asking."""
+    with MetricsStore(database_url) as store:
+        store.emit_many([metric(), metric(), metric()])
+    for answer in (None, "n\n"):
+        refused = run_cli("db", "downgrade", "base", "--url", database_url, stdin=answer)
+        assert refused.exit_code == 1, refused.output
+        assert "to base drops every action-metrics table, with the 3 actions stored. Go on?" in refused.stderr
+        assert "Aborted" in refused.stderr
+        with MetricsStore(database_url) as store:
+            assert len(store.query()) == 3
+    assert run_cli("db", "downgrade", "base", "--sql", "--url", database_url).exit_code == 0
+    # Not to base: no question.
+    assert run_cli("db", "downgrade", "0019", "--url", database_url).exit_code == 0
+    dropped = run_cli("db", "downgrade", "base", "--url", database_url, stdin="y\n")
+    assert dropped.exit_code == 0, dropped.output
+    assert "is at revision base" in dropped.stderr
+    assert run_cli("db", "upgrade", "--url", database_url).exit_code == 0
+    assert run_cli("db", "downgrade", "base", "--yes", "--url", database_url).exit_code == 0
+
+
 @pytest.mark.parametrize(
     "command",
     [

@@ -556,7 +556,12 @@ def test_db_downgrade_to_a_version_and_to_base_then_upgrade_again(clickhouse_url
     assert "copy_checkpoints" not in _tables(clickhouse_url)
     assert "raw_kept_from" in _tables(clickhouse_url)
 
-    base = run_cli("db", "downgrade", "base", "--url", clickhouse_url)
+    asked = run_cli("db", "downgrade", "base", "--url", clickhouse_url)  # no answer: no
+    assert asked.exit_code == 1, asked.output
+    assert f"Downgrading {ClickHouseURL.parse(clickhouse_url).shown()} to base drops every" in asked.stderr
+    assert "Aborted" in asked.stderr
+    assert "raw_kept_from" in _tables(clickhouse_url)
+    base = run_cli("db", "downgrade", "base", "--url", clickhouse_url, stdin="y\n")
     assert base.exit_code == 0, base.output
     assert run_cli("db", "current", "--url", clickhouse_url).stdout == "- (no schema)\n"
     assert _tables(clickhouse_url) == []

@@ -106,7 +106,7 @@ def test_upgrade_downgrade_and_upgrade_again(empty_database_url: str) -> None:
     assert views >= VIEWS
     assert revision == migrate.head_revision()
 
-    downgraded = run_cli("db", "downgrade", "base", "--url", url)
+    downgraded = run_cli("db", "downgrade", "base", "--yes", "--url", url)
     assert downgraded.exit_code == 0, downgraded.output
     tables, views, revision = _on_database(url, _schema)
     assert tables <= {"alembic_version"}
@@ -285,7 +285,7 @@ def test_migrations_go_the_way_asked_or_refuse_in_one_line(empty_database_url: s
     stepped = run_cli("db", "downgrade", "--url", url, "--", "-1")  # a step back, as alembic's
     assert stepped.exit_code == 0, stepped.output
     assert _on_database(url, _schema)[2] == "0008"
-    assert run_cli("db", "downgrade", "base", "--url", url).exit_code == 0
+    assert run_cli("db", "downgrade", "base", "--yes", "--url", url).exit_code == 0
     assert_one_line_error(run_cli("db", "downgrade", "0001", "--url", url), 2, "nothing to downgrade")
 
 

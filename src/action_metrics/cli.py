@@ -271,9 +271,15 @@ def _upgrade_from(start: str | None, upgrade: Callable[[Config], None]) -> Calla
 
 
 def _migrate(
-    direction: Literal["upgrade", "downgrade"], revision: str, url: str | None, *, forget_prune: bool = False
+    direction: Literal["upgrade", "downgrade"],
+    revision: str,
+    url: str | None,
+    *,
+    forget_prune: bool = False,
+    confirm_base: bool = False,
 ) -> str | None:
-    """Migrate the database to `revision`; the revision reached."""
+    """Migrate the database to `revision`; the revision reached. `confirm_base`: ask before a
+    downgrade to base."""
     backend = backend_for(url)
     where = display_url(backend.given_url)
     state = run_async(_read_schema(backend))
@@ -292,6 +298,8 @@ def _migrate(
         # Checked again in the migration's transaction; here so that nothing is printed before.
         for warning in _downgrade_warnings(state, target, forget_prune=forget_prune):
             click.echo(f"warning: {warning}", err=True)
+        if target is None and confirm_base:
+            _confirm_dropping_everything(where, run_async(_on_database(backend, _actions_stored)))
         action = migrate.downgrade_to(_named(target), forget_prune=forget_prune)
     try:
         run_async(_on_database(backend, lambda database: database.run_migrations(action)))
@@ -494,10 +502,17 @@ def _build_rollups(backend: Backend) -> None:
     "before the prune cut-off (below 0003 the cut-off with them; upgraded again, the store cannot "
     "answer some breakdowns of that period, or answers from what is left without a word).",
 )
+@click.option(
+    "--yes",
+    "-y",
+    is_flag=True,
+    help="Downgrade to base without asking: it drops every action-metrics table, the actions stored "
+    "with them.",
+)
 @friendly_errors
-def downgrade(revision: str, url: str | None, sql: bool, forget_prune: bool) -> None:
-    """Downgrade the schema to REVISION ('base' removes every action-metrics table); with --sql,
-    REVISION may be a range FROM:TO.
+def downgrade(revision: str, url: str | None, sql: bool, forget_prune: bool, yes: bool) -> None:
+    """Downgrade the schema to REVISION ('base' removes every action-metrics table, and asks first
+    unless --yes); with --sql, REVISION may be a range FROM:TO.
 
     Below 0004 every action's cache, reasoning token counts and error go, and the cache prices (a
     warning names them); a pruned store is refused below 0012, whose levels alone hold the pruned
@@ -509,13 +524,30 @@ def downgrade(revision: str, url: str | None, sql: bool, forget_prune: bool) -> 
         if sql:
             click.echo(clickhouse.downgrade_sql(target, version), nl=False)
             return
+        if version == 0 and not yes and clickhouse.version_of(target) is not None:
+            _confirm_dropping_everything(target.shown(), clickhouse.actions_stored(target))
         reached = clickhouse.downgrade(target, version)
         click.echo(f"{target.shown()} is at ClickHouse schema version {reached or 'base'}", err=True)
         return
     if sql:
         _print_sql("downgrade", revision, url, forget_prune=forget_prune)
     else:
-        _migrate("downgrade", revision, url, forget_prune=forget_prune)
+        _migrate("downgrade", revision, url, forget_prune=forget_prune, confirm_base=not yes)
+
+
+async def _actions_stored(repository: MetricsRepository) -> int:
+    return await repository.count_after(None)
+
+
+def _confirm_dropping_everything(where: str, actions: int | None) -> None:
+    """Ask before a downgrade to base (which drops the actions with the tables); no answer (a script,
+    no terminal) is no."""
+    held = "" if actions is None else f", with the {actions:,} actions stored"
+    click.confirm(
+        f"Downgrading {where} to base drops every action-metrics table{held}. Go on? (--yes: do not ask)",
+        abort=True,
+        err=True,
+    )
 
 
 @db.command()

@@ -315,6 +315,17 @@ def version_of(url: ClickHouseURL) -> int | None:
         client.close()
 
 
+def actions_stored(url: ClickHouseURL) -> int | None:
+    """How many actions the database holds, each id once (None: it has no action table)."""
+    client = url.connect()
+    try:
+        if not client.command("EXISTS TABLE action_metrics"):
+            return None
+        return int(client.query("SELECT count() FROM action_metrics FINAL").result_rows[0][0])
+    finally:
+        client.close()
+
+
 def version_on(client: Client, url: ClickHouseURL) -> int | None:
     """`version_of` through a client of the server, left on the database if it exists."""
     if not client.command("EXISTS DATABASE {database:Identifier}", parameters={"database": url.database}):
