@@ -279,7 +279,10 @@ def test_db_downgrade_to_base_asks_first_naming_the_actions_it_drops(database_ur
     for answer in (None, "n\n"):
         refused = run_cli("db", "downgrade", "base", "--url", database_url, stdin=answer)
         assert refused.exit_code == 1, refused.output
-        assert "to base drops every action-metrics table, with the 3 actions stored. Go on?" in refused.stderr
+        assert (
+            "drops every action-metrics table, with the 3 actions stored and the rollups. Go on?"
+            in refused.stderr
+        )
         assert "Aborted" in refused.stderr
         with MetricsStore(database_url) as store:
             assert len(store.query()) == 3

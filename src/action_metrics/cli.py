@@ -542,7 +542,11 @@ async def _actions_stored(repository: MetricsRepository) -> int:
 def _confirm_dropping_everything(where: str, actions: int | None) -> None:
     """Ask before a downgrade to base (which drops the actions with the tables); no answer (a script,
     no terminal) is no."""
-    held = "" if actions is None else f", with the {actions:,} actions stored"
+    held = (
+        ""
+        if actions is None
+        else f", with the {actions:,} action{'' if actions == 1 else 's'} stored and the rollups"
+    )
     click.confirm(
         f"Downgrading {where} to base drops every action-metrics table{held}. Go on? (--yes: do not ask)",
         abort=True,
