@@ -299,7 +299,8 @@ def _migrate(
         for warning in _downgrade_warnings(state, target, forget_prune=forget_prune):
             click.echo(f"warning: {warning}", err=True)
         if target is None and confirm_base:
-            _confirm_dropping_everything(where, run_async(_on_database(backend, _actions_stored)))
+            stored = run_async(_on_database(backend, lambda repository: repository.count_after(None)))
+            _confirm_dropping_everything(where, stored)
         action = migrate.downgrade_to(_named(target), forget_prune=forget_prune)
     try:
         run_async(_on_database(backend, lambda database: database.run_migrations(action)))
@@ -533,10 +534,6 @@ def downgrade(revision: str, url: str | None, sql: bool, forget_prune: bool, yes
         _print_sql("downgrade", revision, url, forget_prune=forget_prune)
     else:
         _migrate("downgrade", revision, url, forget_prune=forget_prune, confirm_base=not yes)
-
-
-async def _actions_stored(repository: MetricsRepository) -> int:
-    return await repository.count_after(None)
 
 
 def _confirm_dropping_everything(where: str, actions: int | None) -> None:
