@@ -29,13 +29,14 @@ import math
 import re
 import threading
 import uuid
+from bisect import bisect_right
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from itertools import pairwise
-from operator import attrgetter
+from decimal import Context, Decimal, localcontext
+from itertools import chain, pairwise
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import numpy as np
@@ -338,13 +339,14 @@ _ROLLUP_SOURCE: Final = """
         sum(r.reasoning_tokens) AS g_reasoning,
         sum(r.latency_ms_sum) AS g_latency_sum,
         sum(r.succeeded) AS g_succeeded,
-        toUInt8(0) AS g_latencies
+        {latencies} AS g_latencies
     FROM {rollup} AS r
     WHERE {where}
     GROUP BY {group}model, credits, period"""
+_BOUNDS: Final = "\n    arrayMap(m -> fromUnixTimestamp64Micro(m, 'UTC'), {bounds:Array(Int64)}) AS bounds"
+"""Every instant a price changes, sorted: an action's price period is how many it is at or after."""
 _PERIODS: Final = """
-WITH
-    arrayMap(m -> fromUnixTimestamp64Micro(m, 'UTC'), {{bounds:Array(Int64)}}) AS bounds,
+WITH{bounds},
 periods AS ({sources}
 ),
 priced AS (
@@ -372,7 +374,7 @@ priced AS (
 )"""
 """Raw rows and rollup rows summed per (group, model, credit charge, price period), as integers, and
 only those few sums priced: a price is looked up per period, not per action (the ASOF JOINs meet a
-few rows). `bounds` is every instant a price changes, read just before (`_price_changes`)."""
+few rows). `bounds` is every instant a price changes, read just before (`_prices`)."""
 _PRICED_COLUMNS: Final = {
     _RAW: "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, "
     "reasoning_tokens, credits_charged, latency_ms, error IS NULL AS succeeded",
@@ -474,15 +476,18 @@ def _histograms_read(rows: Sequence[Sequence[Any]], offset: int) -> list[list[An
     return [[*row[:at], [p50[i], p95[i], p99[i]], *row[at + 1 :]] for i, row in enumerate(rows)]
 
 
-def _priced(
+def _summed_sources(
     metric_filter: MetricFilter,
     sources: _Sources,
     dimensions: Sequence[str],
     starts: Sequence[datetime] | None,
-    bounds: Sequence[int],
-) -> tuple[str, dict[str, Any]]:
-    """The WITH clause that ends in `priced` (see `_PERIODS`), grouped by `dimensions` (not the model)
-    and the bucket when `starts` is given, and its parameters."""
+    *,
+    binned: bool = False,
+) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Each source's sums per (`dimensions`, the bucket when `starts` is given, model, credit charge,
+    price period) (`_RAW_SOURCE`, `_ROLLUP_SOURCE`), each source's latency histogram per (`dimensions`,
+    bucket, model, bin) (`_RAW_BINS`, `_ROLLUP_BINS`), and their parameters. `binned`: each row of
+    sums carries its group's histogram instead (sumMap), and no histogram parts are made."""
     grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
     group = "".join(f"{g}, " for g in grouped)
 
@@ -498,7 +503,8 @@ def _priced(
         latencies = f"{_EXACT_MERGE.replace('Merge', 'State')}(s.latency_ms, s.succeeded)"
     else:
         selection, parameters = _selection(metric_filter, columns, sources.raw, sources.table)
-        latencies = "toUInt8(0)"  # the histograms are summed apart (`_HISTOGRAM`)
+        # The histograms are summed apart (`_HISTOGRAM`), or here per group when `binned`.
+        latencies = f"sumMap([{_LATENCY_BIN}], [toUInt64(s.succeeded)])" if binned else "toUInt8(0)"
     parts = []
     bins = []
 
@@ -508,11 +514,12 @@ def _priced(
                 keys=keys("s", "s.timestamp"), latencies=latencies, selection=rows, group=group
             )
         )
-        bins.append(
-            _RAW_BINS.format(
-                keys=keys("s", "s.timestamp", inline=True), bin=_LATENCY_BIN, selection=rows, group=group
+        if not binned:
+            bins.append(
+                _RAW_BINS.format(
+                    keys=keys("s", "s.timestamp", inline=True), bin=_LATENCY_BIN, selection=rows, group=group
+                )
             )
-        )
 
     if sources.exact or sources.raw:
         add_raw(selection)
@@ -524,40 +531,230 @@ def _priced(
         if not metric_filter.storable:
             where.append("0")
         arguments = {"rollup": rollup, "where": " AND ".join(where), "group": group}
-        parts.append(_ROLLUP_SOURCE.format(keys=keys("r", "r.start"), **arguments))
-        bins.append(_ROLLUP_BINS.format(keys=keys("r", "r.start", inline=True), **arguments))
+        rolled = "sumMap(r.latency_bins)" if binned else "toUInt8(0)"
+        parts.append(_ROLLUP_SOURCE.format(keys=keys("r", "r.start"), latencies=rolled, **arguments))
+        if not binned:
+            bins.append(_ROLLUP_BINS.format(keys=keys("r", "r.start", inline=True), **arguments))
     if not parts:  # an empty window: one source that selects nothing
         add_raw(selection + " LIMIT 0")
+    return parts, bins, parameters
+
+
+def _priced(
+    metric_filter: MetricFilter,
+    sources: _Sources,
+    dimensions: Sequence[str],
+    starts: Sequence[datetime] | None,
+    bounds: Sequence[int],
+) -> tuple[str, dict[str, Any]]:
+    """The WITH clause that ends in `priced` (see `_PERIODS`), grouped by `dimensions` (not the model)
+    and the bucket when `starts` is given, and its parameters."""
+    grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
+    parts, bins, parameters = _summed_sources(metric_filter, sources, dimensions, starts)
     statement = _PERIODS.format(
-        sources="\n    UNION ALL".join(parts), carried="".join(f"g.{g} AS {g}, " for g in grouped)
+        bounds=_BOUNDS,
+        sources="\n    UNION ALL".join(parts),
+        carried="".join(f"g.{g} AS {g}, " for g in grouped),
     )
     if not sources.exact:
         statement += "," + _HISTOGRAM.format(parts="\n    UNION ALL".join(bins))
     return statement, {**parameters, "bounds": list(bounds)}
 
 
-def _aggregate_statement(
+def _exact_statement(
     metric_filter: MetricFilter, sources: _Sources, bounds: Sequence[int]
 ) -> tuple[str, dict[str, Any]]:
+    """`aggregate(exact=True)`: every figure of the selection (model NULL) and of each model, in SQL."""
     priced, parameters = _priced(metric_filter, sources, (), None, bounds)
-    if sources.exact:
-        figures = _FIGURES.format(latencies=f"{_EXACT_MERGE}(g_latencies) AS f_latencies,\n")
-        statement = (
-            f"{priced}\nSELECT model, {_OUTER} FROM (\nSELECT model,{figures}"
-            "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())\n)"
-        )
-        return statement, parameters
-    # The whole selection's row has model NULL (GROUPING SETS); '' stands for it in the join (no
-    # model is empty).
+    figures = _FIGURES.format(latencies=f"{_EXACT_MERGE}(g_latencies) AS f_latencies,\n")
     statement = (
-        f"{priced}\nSELECT f.model, {_OUTER} FROM (\nSELECT model,{_FIGURES.format(latencies='')}"
-        "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())\n) AS f\nLEFT JOIN (\n"
-        f"SELECT model_key, {_SORTED_BINS} AS f_latencies FROM (\n"
-        "SELECT ifNull(model, '') AS model_key, arraySort(groupArray((b, n))) AS h FROM (\n"
-        "SELECT model, b, sum(n) AS n FROM hist GROUP BY GROUPING SETS ((model, b), (b))\n"
-        ") GROUP BY model_key)\n) AS q ON ifNull(f.model, '') = q.model_key"
+        f"{priced}\nSELECT model, {_OUTER} FROM (\nSELECT model,{figures}"
+        "\nFROM priced\nGROUP BY GROUPING SETS ((model), ())\n)"
     )
     return statement, parameters
+
+
+def _summed_statement(metric_filter: MetricFilter, sources: _Sources) -> tuple[str, dict[str, Any]]:
+    """`aggregate()` from the rollups: each source's sums per (model, credit charge, price period) with
+    their latency histogram, as ClickHouse reads them, priced and added up by `_tally` (a statement
+    that also priced, grouped and merged them took 2-3x as long, most of it planning; see README)."""
+    parts, _, parameters = _summed_sources(metric_filter, sources, (), None, binned=True)
+    return f"WITH {_BOUNDS}" + "\n    UNION ALL".join(parts), parameters
+
+
+_MONEY: Final = Context(prec=100)
+"""Exact for any sum of tokens (below 2**128) times a price (20 digits), and for the margins'
+quotients far past the 1e-9 they are compared to."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Rate:
+    """A model's price per million tokens, each cache price its own or the input price."""
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal
+    cache_write: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class _Prices:
+    """Every price stored. `bounds`: every instant a model or credit price starts (microseconds,
+    sorted); an action's price period is how many of them are at or before it, and period n > 0 is
+    priced by what is in force at bounds[n - 1] (as `_PERIODS`' ASOF JOINs find it). Period 0, before
+    any price, is unpriced and earns nothing."""
+
+    bounds: list[int]
+    models: Mapping[str, Sequence[tuple[int, _Rate]]]
+    """Each model's rates by start, oldest first."""
+    credits: Sequence[tuple[int, Decimal]]
+    """The credit's price by start, oldest first."""
+
+    def rate(self, model: str, period: int) -> _Rate | None:
+        return _in_force(self.models.get(model, ()), self.bounds, period)
+
+    def per_credit(self, period: int) -> Decimal:
+        return _in_force(self.credits, self.bounds, period) or Decimal(0)
+
+
+def _in_force(history: Sequence[tuple[int, T]], bounds: Sequence[int], period: int) -> T | None:
+    """The value of `history` in force in price period `period` (see `_Prices`)."""
+    if period == 0:
+        return None
+    at = bisect_right(history, bounds[period - 1], key=itemgetter(0))
+    return history[at - 1][1] if at else None
+
+
+_PRICES_QUERY: Final = (
+    "SELECT model, toUnixTimestamp64Micro(effective_from), input_per_1m, output_per_1m, "
+    "cache_read_per_1m, cache_write_per_1m FROM model_prices FINAL "
+    "UNION ALL SELECT NULL, toUnixTimestamp64Micro(effective_from), usd_per_credit, NULL, NULL, NULL "
+    "FROM credit_prices FINAL"
+)
+"""Every model price, and every credit price (model NULL, its price as the input's)."""
+
+
+def _prices_of(rows: Sequence[Sequence[Any]]) -> _Prices:
+    models: dict[str, list[tuple[int, _Rate]]] = {}
+    credits: list[tuple[int, Decimal]] = []
+    for model, start, price, output, cache_read, cache_write in sorted(rows, key=itemgetter(1)):
+        if model is None:
+            credits.append((start, Decimal(price)))
+            continue
+        rate = _Rate(
+            input=Decimal(price),
+            output=Decimal(output),
+            cache_read=Decimal(price if cache_read is None else cache_read),
+            cache_write=Decimal(price if cache_write is None else cache_write),
+        )
+        models.setdefault(model, []).append((start, rate))
+    return _Prices(sorted({int(row[1]) for row in rows}), models, credits)
+
+
+@dataclass(slots=True)
+class _Tally:
+    """The figures of a selection or a model, added up from `_summed_statement`'s rows as `_FIGURES`
+    adds up priced groups in SQL: money exact (Decimal), USD x 1e6 until the end."""
+
+    count: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    credits: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    latency_sum: Decimal = Decimal(0)
+    succeeded: int = 0
+    cost_e6: Decimal = Decimal(0)
+    unpriced: int = 0
+    revenue: Decimal = Decimal(0)
+    margin_sum: Decimal = Decimal(0)
+    margin_count: int = 0
+
+    def add(self, sums: Sequence[Any], credits: int, cost_e6: Decimal | None, unit_revenue: Decimal) -> None:
+        count, tokens_in, tokens_out, cache_read, cache_write, reasoning, latency_sum, succeeded = sums
+        self.count += count
+        self.tokens_in += tokens_in
+        self.tokens_out += tokens_out
+        self.credits += credits * count
+        self.cache_read_tokens += cache_read
+        self.cache_write_tokens += cache_write
+        self.reasoning_tokens += reasoning
+        self.latency_sum += Decimal(latency_sum)
+        self.succeeded += succeeded
+        if cost_e6 is None:
+            self.unpriced += count
+        else:
+            self.cost_e6 += cost_e6
+        self.revenue += unit_revenue * count
+        if cost_e6 is not None and unit_revenue > 0:
+            # The actions of one group share their revenue: their margins add up to n - cost / revenue.
+            self.margin_sum += count - cost_e6 / (unit_revenue * _ONE_MILLION)
+            self.margin_count += count
+
+    def figures(self, percentiles: Sequence[float]) -> _Figures:
+        return _Figures(
+            count=self.count,
+            tokens_in=self.tokens_in,
+            tokens_out=self.tokens_out,
+            credits=self.credits,
+            cache_read_tokens=self.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens,
+            reasoning_tokens=self.reasoning_tokens,
+            avg_latency_ms=float(self.latency_sum / self.count) if self.count else None,
+            succeeded=self.succeeded,
+            percentiles=percentiles,
+            cost=self.cost_e6 / _ONE_MILLION,
+            unpriced=self.unpriced,
+            revenue=self.revenue,
+            margin_sum=self.margin_sum,
+            margin_count=self.margin_count,
+            errors=self.count - self.succeeded,
+        )
+
+
+def _tally(rows: Sequence[Sequence[Any]], prices: _Prices) -> tuple[_Figures, dict[str, _Figures]]:
+    """The selection's figures and each model's from `_summed_statement`'s rows: each row priced by its
+    period, its histogram merged into its model's and the selection's (in NumPy)."""
+    total = _Tally()
+    tallies: dict[str, _Tally] = {}
+    index: dict[str, int] = {}
+    groups: list[int] = []
+    histograms: list[tuple[Sequence[int], Sequence[int]]] = []
+    with localcontext(_MONEY):
+        for model, credits, period, *sums, (bins, counts) in rows:
+            rate = prices.rate(model, period)
+            cost_e6 = None
+            if rate is not None:
+                tokens_in, tokens_out, cache_read, cache_write = sums[1:5]
+                cost_e6 = (
+                    (tokens_in - cache_read - cache_write) * rate.input
+                    + cache_read * rate.cache_read
+                    + cache_write * rate.cache_write
+                    + tokens_out * rate.output
+                )
+            unit_revenue = credits * prices.per_credit(period)
+            groups.append(index.setdefault(model, len(index)))
+            tallies.setdefault(model, _Tally()).add(sums, credits, cost_e6, unit_revenue)
+            total.add(sums, credits, cost_e6, unit_revenue)
+            histograms.append((bins, counts))
+    lengths = [len(bins) for bins, _ in histograms]
+    bins_all = np.fromiter(chain.from_iterable(bins for bins, _ in histograms), np.int64, sum(lengths))
+    counts_all = np.fromiter(chain.from_iterable(counts for _, counts in histograms), np.int64, sum(lengths))
+    per_model = np.repeat(np.asarray(groups, np.int64), lengths)
+    merged = merged_percentiles(
+        len(tallies) + 1,
+        [
+            Counted(per_model, bins_all, counts_all),
+            Counted(np.full(bins_all.size, len(tallies), np.int64), bins_all.copy(), counts_all),
+        ],
+    ).values
+    p50, p95, p99 = (merged[name].tolist() for name in FRACTIONS)
+    figures = {
+        model: tally.figures([p50[i], p95[i], p99[i]]) for i, (model, tally) in enumerate(tallies.items())
+    }
+    last = len(tallies)
+    return total.figures([p50[last], p95[last], p99[last]]), figures
 
 
 _SORT_KEYS: Final = {
@@ -1139,14 +1336,9 @@ class ClickHouseRepository:
         if count < metric_filter.limit or _moment(oldest) < cutoff:
             raise RawRowsPruned(cutoff, question, whole=_PRUNED_ANSWERED_FOR)
 
-    def _price_changes(self, client: Client) -> list[int]:
-        """Every instant a model or credit price starts, sorted, in microseconds."""
-        rows = client.query(
-            "SELECT DISTINCT toUnixTimestamp64Micro(effective_from) AS start FROM ("
-            "SELECT effective_from FROM model_prices FINAL "
-            "UNION ALL SELECT effective_from FROM credit_prices FINAL) ORDER BY start"
-        ).result_rows
-        return [int(start) for (start,) in rows]
+    def _prices(self, client: Client) -> _Prices:
+        """Every model and credit price, and the instants they start (`_Prices`)."""
+        return _prices_of(client.query(_PRICES_QUERY).result_rows)
 
     def _sources(
         self,
@@ -1221,22 +1413,28 @@ class ClickHouseRepository:
     def _aggregate(self, metric_filter: MetricFilter, exact: bool) -> Aggregate:
         client = self._open()
         question = "aggregate()" if metric_filter.limit is None else "aggregate(limit=...)"
-        bounds = self._price_changes(client)
+        prices = self._prices(client)
         sources = self._sources(
-            client, metric_filter, exact=exact, by=(), bounds=bounds, starts=None, question=question
+            client, metric_filter, exact=exact, by=(), bounds=prices.bounds, starts=None, question=question
         )
-        statement, parameters = _aggregate_statement(metric_filter, sources, bounds)
-        rows = client.query(statement, parameters=parameters, settings=_FIGURE_SETTINGS).result_rows
-        if not sources.exact:
-            rows = _histograms_read(rows, 1)
-        total, by_model = _EMPTY, {}
-        for model, *figures in rows:
-            if model is None:
-                total = _Figures.of(figures)
-            else:
-                by_model[model] = _Figures.of(figures).for_model()
+        if sources.exact:
+            statement, parameters = _exact_statement(metric_filter, sources, prices.bounds)
+            rows = client.query(statement, parameters=parameters, settings=_FIGURE_SETTINGS).result_rows
+            total, by_model = _EMPTY, {}
+            for model, *figures in rows:
+                if model is None:
+                    total = _Figures.of(figures)
+                else:
+                    by_model[model] = _Figures.of(figures)
+        else:
+            statement, parameters = _summed_statement(metric_filter, sources)
+            parameters["bounds"] = prices.bounds
+            rows = client.query(statement, parameters=parameters, settings=_READ_SETTINGS).result_rows
+            total, by_model = _tally(rows, prices)
         # Busiest first, then by name, as the other backends list them.
-        ordered = dict(sorted(by_model.items(), key=lambda item: (-item[1].count, item[0])))
+        ordered = dict(
+            sorted(((m, f.for_model()) for m, f in by_model.items()), key=lambda i: (-i[1].count, i[0]))
+        )
         return total.aggregate(ordered, exact=sources.exact)
 
     def _breakdown_query(
@@ -1244,7 +1442,7 @@ class ClickHouseRepository:
     ) -> _BreakdownQuery | None:
         """The statement of a breakdown (None when it has no rows: an empty window)."""
         client = self._open()
-        bounds = self._price_changes(client)
+        bounds = self._prices(client).bounds
         starts = None
         if request.bucket is not None:
             # The buckets span only what is stored (the rollups keep what `prune` removed): a window
@@ -1653,7 +1851,7 @@ class ClickHouseRepository:
         start once the raw rows are gone (SQLite and PostgreSQL split their rollups when a price is
         set). An hour is rewritten only while the timeline holds all of it and its parts differ
         there: run again (a prune interrupted, or the next one), this changes nothing else."""
-        changes = [c for c in self._price_changes(client) if c < _micros(cutoff) and c % _HOUR_MICROS]
+        changes = [c for c in self._prices(client).bounds if c < _micros(cutoff) and c % _HOUR_MICROS]
         if not changes:
             return
         hours = [_hour_of(start) for start in sorted({c - c % _HOUR_MICROS for c in changes})]
