@@ -9,6 +9,8 @@ chdb runs one engine directory per process, so the session shares one directory 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import re
 import uuid
 from collections.abc import Iterator
@@ -35,7 +37,8 @@ from test_aggregate import (
 from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
 from action_metrics.breakdown import SORT_KEYS
 from action_metrics.cli import run_async
-from action_metrics.clickhouse import ClickHouseURL, head_version, schema_versions
+from action_metrics.clickhouse import EARLIEST, ClickHouseURL, head_version, schema_versions
+from action_metrics.clickhouse_repository import Plan, plan
 from action_metrics.errors import (
     DataRejected,
     InvalidFilter,
@@ -905,3 +908,141 @@ def test_a_store_open_while_another_release_moves_the_schema_stops_writing(click
         command(f"INSERT INTO action_metrics_schema_version (version, name) VALUES ({head}, 'back')")
         store.emit_many([metric()])
         assert store.aggregate(exact=True).count == 2
+
+
+def test_a_window_is_read_by_whole_months_then_days_then_hours_then_raw_rows() -> None:
+    """`plan`: between two cuts (a price change here), the whole UTC months from the monthly rollups,
+    the whole days around them from the daily ones, the whole hours around those, and the partial
+    hours at the edges from raw rows; every instant of the window read once."""
+    since, until = datetime(2026, 5, 20, 13, 37, 11, tzinfo=UTC), datetime(2026, 9, 10, 4, 12, 9, tzinfo=UTC)
+    change = datetime(2026, 7, 14, 10, 30, tzinfo=UTC)
+
+    def at(month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+        return datetime(2026, month, day, hour, minute, tzinfo=UTC)
+
+    cut = plan(since, until, [change, at(1, 1), at(12, 1)])  # cuts outside the window change nothing
+    assert cut.months == ((at(6, 1), at(7, 1)), (at(8, 1), at(9, 1)))
+    assert cut.days == (
+        (at(5, 21), at(6, 1)),
+        (at(7, 1), at(7, 14)),
+        (at(7, 15), at(8, 1)),
+        (at(9, 1), at(9, 10)),
+    )
+    assert cut.hours == (
+        (at(5, 20, 14), at(5, 21)),
+        (at(7, 14), at(7, 14, 10)),
+        (at(7, 14, 11), at(7, 15)),
+        (at(9, 10), at(9, 10, 4)),
+    )
+    assert cut.raw == ((since, at(5, 20, 14)), (at(7, 14, 10), at(7, 14, 11)), (at(9, 10, 4), until))
+    pieces = sorted((*cut.raw, *cut.hours, *cut.days, *cut.months), key=lambda r: r[0] or EARLIEST)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+    assert (pieces[0][0], pieces[-1][1]) == (since, until)
+    # Unbounded: everything before the cut's month is months; within a month only days.
+    everything = plan(None, None, [change])
+    assert everything.months == ((None, at(7, 1)), (at(8, 1), None))
+    assert everything.days == ((at(7, 1), at(7, 14)), (at(7, 15), at(8, 1)))
+    assert plan(at(7, 2, 5, 1), at(7, 3, 6), []) == Plan(
+        raw=((at(7, 2, 5, 1), at(7, 2, 6)),),
+        hours=((at(7, 2, 6), at(7, 3, 6)),),  # touching: one
+    )
+
+
+def test_months_answer_long_windows_as_the_raw_rows_do(clickhouse_url: str) -> None:
+    """Actions over four months, a price change inside one of them and one on a month's first
+    instant: all time, an unaligned window across months and the filters each rollup keeps agree
+    with the reference, read from whole months, their days and hours and raw edges; the monthly
+    rollups hold what the daily ones hold, summed per month."""
+    first = datetime(2026, 5, 20, 7, 13, tzinfo=UTC)
+    rng = random.Random(7)
+    metrics = [
+        metric(
+            timestamp=first + timedelta(minutes=97 * i + rng.randint(0, 90)),
+            latency_ms=rng.lognormvariate(5, 1),
+            tokens_in=rng.randint(40, 5000),
+            tokens_out=rng.randint(0, 900),
+            cache_read_tokens=rng.choice([0, 40]),
+            model=rng.choice(["haiku", "sonnet", "opus"]),
+            town_id=f"town-{i % 3}",
+            action_type=rng.choice(["lod3", "lod4", "greet"]),
+            error="Timeout" if i % 29 == 0 else None,
+        )
+        for i in range(1700)  # to mid-September
+    ]
+    sonnet_change = datetime(2026, 7, 14, 10, 30, tzinfo=UTC)
+    credit_change = datetime(2026, 8, 1, tzinfo=UTC)
+    book = _seed_book()
+    book.models["sonnet"].append((sonnet_change, Decimal("2.5"), Decimal("12.5"), Decimal("0.25"), None))
+    book.credits.append((credit_change, Decimal("0.0045")))
+    with MetricsStore(clickhouse_url) as store:
+        store.set_model_price("sonnet", "2.5", "12.5", sonnet_change, cache_read_per_1m="0.25")
+        store.set_credit_price("0.0045", effective_from=credit_change)
+        store.emit_many(metrics)
+        since, until = (
+            datetime(2026, 5, 28, 13, 37, 11, tzinfo=UTC),
+            datetime(2026, 9, 3, 4, 12, 9, tzinfo=UTC),
+        )
+        for filters in ({}, {"town_id": "town-1"}, {"action_type": "lod4"}, {"model": "sonnet"}):
+            for window in ({}, {"since": since, "until": until}):
+                got = store.aggregate(**filters, **window)
+                assert not got.percentiles_exact
+                chosen = select_like_the_store(metrics, {**filters, **window})
+                assert_matches(got.to_dict(), expected_aggregate(chosen, book), where=f"{filters} {window}: ")
+    for monthly, daily in (("monthly", "daily"), ("monthly_detail", "daily_detail")):
+        sums = (
+            "SELECT toYYYYMM(start) AS month, sum(count), sum(tokens_in), sum(succeeded), "
+            "sumMap(latency_bins) FROM {} GROUP BY month ORDER BY month"
+        )
+        per_month = _rows(clickhouse_url, sums.format(f"action_metrics_rollup_{monthly}"))
+        assert per_month == _rows(clickhouse_url, sums.format(f"action_metrics_rollup_{daily}"))
+        assert [row[0] for row in per_month] == [202605, 202606, 202607, 202608, 202609]
+    # Whole months are read from there: a row added to June's shows in every window holding June.
+    client = ClickHouseURL.parse(clickhouse_url).connect()
+    try:
+        client.command(
+            "INSERT INTO action_metrics_rollup_monthly (start, model, credits, count, succeeded, "
+            "latency_bins) VALUES ('2026-06-01 00:00:00', 'haiku', 0, 1000, 0, ([], []))"
+        )
+    finally:
+        client.close()
+    in_window = len(select_like_the_store(metrics, {"since": since, "until": until}))
+    with MetricsStore(clickhouse_url) as store:
+        assert store.aggregate().count == len(metrics) + 1000
+        assert store.aggregate(since=since, until=until).count == in_window + 1000
+        assert store.aggregate(since=since, until=until, exact=True).count == len(
+            select_like_the_store(metrics, window)
+        )
+
+
+def test_upgrade_from_version_6_fills_the_months_from_the_days(clickhouse_url: str) -> None:
+    """Version 7's monthly rollups are filled from the daily ones (which keep a pruned period), also
+    when the upgrade is run again; `db downgrade 6` takes them away and the answers stay."""
+    metrics = [
+        metric(timestamp=datetime(2026, 6, 25, tzinfo=UTC) + timedelta(hours=7 * i), latency_ms=1 + i % 50)
+        for i in range(400)  # to the end of August
+    ]
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics)
+        store.prune(datetime(2026, 7, 10, tzinfo=UTC))
+    assert run_cli("db", "downgrade", "6", "--url", clickhouse_url).exit_code == 0
+    assert not {"action_metrics_rollup_monthly", "action_metrics_rollup_monthly_detail"} & set(
+        _tables(clickhouse_url)
+    )
+    with pytest.raises(SchemaOutOfDate), MetricsStore(clickhouse_url) as store:
+        store.aggregate()
+    client = ClickHouseURL.parse(clickhouse_url).connect()
+    try:
+        version = next(v for v in schema_versions() if v.number == 7)
+        for statement in version.statements()[:3]:  # cut off after the first month's fill
+            client.command(statement)
+    finally:
+        client.close()
+    assert run_cli("db", "upgrade", "--url", clickhouse_url).exit_code == 0
+    for monthly in ("monthly", "monthly_detail"):
+        counted = _rows(clickhouse_url, f"SELECT sum(count) FROM action_metrics_rollup_{monthly}")
+        assert counted == [(len(metrics),)]  # the pruned period's too, once
+    with MetricsStore(clickhouse_url) as store:
+        got = store.aggregate(since=datetime(2026, 7, 10, tzinfo=UTC))
+        kept = [m for m in metrics if m.timestamp >= datetime(2026, 7, 10, tzinfo=UTC)]
+        assert_matches(got.to_dict(), expected_aggregate(kept, _seed_book()))
+        assert store.aggregate().count == len(metrics)  # whole months and days of the pruned period

@@ -49,6 +49,11 @@ DAILY_ROLLUPS: Final = {
     "action_metrics_rollup_hourly_detail": "action_metrics_rollup_daily_detail",
 }
 """Each hourly rollup's sums per UTC day (sql/clickhouse/0006_timeline_and_days.sql)."""
+MONTHLY_ROLLUPS: Final = {
+    "action_metrics_rollup_hourly": "action_metrics_rollup_monthly",
+    "action_metrics_rollup_hourly_detail": "action_metrics_rollup_monthly_detail",
+}
+"""Each hourly rollup's sums per UTC month (sql/clickhouse/0007_months.sql)."""
 TIMELINE: Final = "action_metrics_timeline"
 """The actions, narrow, ordered by time, by user and by citizen (sql/clickhouse/0006): what the
 rollups leave to raw rows is read there, counted as the rollups count it."""

@@ -17,7 +17,8 @@ The same versions as `sql/clickhouse/`, rewritten statement by statement:
   JOINs of a read find the whole price history wherever they run; an INSERT into one reaches all;
 - the ids table of version 5 is sharded by id as the actions are, fed per shard by its view.
 - version 6's daily rollups and timeline are sharded as the rollups are (rand()), each shard's views
-  feeding its `_local` tables (the timeline's projections are part of each shard's table).
+  feeding its `_local` tables (the timeline's projections are part of each shard's table), and
+  version 7's monthly rollups the same way.
 A statement of a new version that this printer cannot place on a cluster raises, so the test of
 the printed SQL fails rather than printing something half right.
 """
@@ -27,7 +28,14 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from action_metrics.clickhouse import DAILY_ROLLUPS, ROLLUPS, TIMELINE, ClickHouseURL, upgrade_statements
+from action_metrics.clickhouse import (
+    DAILY_ROLLUPS,
+    MONTHLY_ROLLUPS,
+    ROLLUPS,
+    TIMELINE,
+    ClickHouseURL,
+    upgrade_statements,
+)
 from action_metrics.errors import UnsupportedDatabase
 
 SHARDED: Final = "action_metrics"
@@ -40,7 +48,7 @@ its own, and a re-sent id is looked up where its first copy went."""
 SHARDING_KEYS: Final = {
     SHARDED: SHARDING_KEY,
     IDS: SHARDING_KEY,
-    **dict.fromkeys([*ROLLUPS, *DAILY_ROLLUPS.values(), TIMELINE], "rand()"),
+    **dict.fromkeys([*ROLLUPS, *DAILY_ROLLUPS.values(), *MONTHLY_ROLLUPS.values(), TIMELINE], "rand()"),
 }
 """Every table split across shards, and how; the others are replicated whole to every node."""
 

@@ -8,17 +8,18 @@ serialises the calls on its handle itself. A streamed breakdown reads on a clien
 a handle with an open stream answers nothing else.
 
 The figures: money in Decimal (sums of tokens x price are exact, divided by 1e6 once, in Python),
-tokens and credits summed as integers per price period and each period priced once (ASOF JOIN of
-a few groups). Without `exact`, whole UTC days and hours come from the rollups that materialized
-views keep (sql/clickhouse/0004_rollups.sql, 0006) and the rest of the window from the timeline, the
-narrow copy of the actions ordered by time (`plan`), percentiles from their merged latency
-histograms (in NumPy); an hour holding a price change from the timeline too, or once pruned from its
-hourly rollup rows, which prune split at the change. A user's or a citizen's questions read the
-timeline alone, through its projections. With `exact`, or for the newest `limit`, the raw rows
-(FINAL) only. Exact percentiles are `quantilesExactInclusive` (NumPy's 'linear') over the
-successful actions. Inserts are first id wins, so that the views count an action once. ClickHouse
-has no transactions: a statement is atomic, a price sync of several statements is not, and the ids
-an insert skips are read just before it.
+tokens and credits summed as integers per price period and each period priced once: in SQL by ASOF
+JOIN of a few groups for breakdowns and `exact=True`, in Python for `aggregate()` (`_tally`), whose
+statement then only sums. Without `exact`, whole UTC months, days and hours come from the rollups
+that materialized views keep (sql/clickhouse/0004_rollups.sql, 0006, 0007) and the rest of the window
+from the timeline, the narrow copy of the actions ordered by time (`plan`), percentiles from their
+merged latency histograms (in NumPy); an hour holding a price change from the timeline too, or once
+pruned from its hourly rollup rows, which prune split at the change. A user's or a citizen's
+questions read the timeline alone, through its projections. With `exact`, or for the newest `limit`,
+the raw rows (FINAL) only. Exact percentiles are `quantilesExactInclusive` (NumPy's 'linear') over
+the successful actions. Inserts are first id wins, so that the views count an action once.
+ClickHouse has no transactions: a statement is atomic, a price sync of several statements is not, and
+the ids an insert skips are read just before it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from action_metrics.clickhouse import (
     DAILY_ROLLUPS,
     EARLIEST,
     LATEST,
+    MONTHLY_ROLLUPS,
     ROLLUPS,
     TIMELINE,
     VERSION_QUERY,
@@ -73,7 +75,7 @@ from action_metrics.model import ActionMetric, refuse_before
 from action_metrics.pricing import BEGINNING_OF_TIME, CreditPrice, ModelPrice
 from action_metrics.query import EQUALITY_FILTERS, CopyCheckpoint, CopyPosition, MetricFilter
 from action_metrics.repository import CatalogueWrite, PruneResult
-from action_metrics.rollup import LN_GAMMA, REPRESENTATIVE_FACTOR, ZERO_BIN, ceil_to, floor_to
+from action_metrics.rollup import GRAINS, LN_GAMMA, REPRESENTATIVE_FACTOR, ZERO_BIN, ceil_to, floor_to
 from action_metrics.sketch import FRACTIONS, Counted, merged_percentiles
 
 if TYPE_CHECKING:
@@ -182,23 +184,29 @@ _HOUR: Final = timedelta(hours=1)
 @dataclass(frozen=True, slots=True)
 class _Sources:
     """Where a question's figures come from. Exact: the rows of `table` the filter selects,
-    percentiles by `quantilesExactInclusive`. Otherwise the whole UTC days of `days` from
-    `daily_rollup`, the whole UTC hours of `hours` from `rollup` (and the pruned parts of hours that a
-    price change cuts, split there by prune), the rest of the window (`raw`: its partial hours, and
-    the hours holding a price change) from `table`, percentiles from their merged latency
-    histograms."""
+    percentiles by `quantilesExactInclusive`. Otherwise the whole UTC months of `months` from
+    `monthly_rollup`, the whole UTC days of `days` from `daily_rollup`, the whole UTC hours of
+    `hours` from `rollup` (and the pruned parts of hours that a price change cuts, split there by
+    prune), the rest of the window (`raw`: its partial hours, and the hours holding a price change)
+    from `table`, percentiles from their merged latency histograms."""
 
     exact: bool
     table: str = _RAW
     rollup: str = ""
     daily_rollup: str = ""
+    monthly_rollup: str = ""
     raw: tuple[Range, ...] = ()
     hours: tuple[Range, ...] = ()
     days: tuple[Range, ...] = ()
+    months: tuple[Range, ...] = ()
 
     def rolled_up(self) -> list[tuple[str, tuple[Range, ...]]]:
         """Each rollup read and the ranges of its `start` it reads."""
-        levels = [(self.daily_rollup, self.days), (self.rollup, self.hours)]
+        levels = [
+            (self.monthly_rollup, self.months),
+            (self.daily_rollup, self.days),
+            (self.rollup, self.hours),
+        ]
         return [(table, ranges) for table, ranges in levels if ranges]
 
 
@@ -221,42 +229,43 @@ def _merged(ranges: Sequence[Range]) -> tuple[Range, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """A window cut into what each source reads: raw rows, whole UTC hours, whole UTC days."""
+    """A window cut into what each source reads: raw rows, whole UTC hours, days and months."""
 
     raw: tuple[Range, ...] = ()
     hours: tuple[Range, ...] = ()
     days: tuple[Range, ...] = ()
+    months: tuple[Range, ...] = ()
 
 
 def plan(since: datetime | None, until: datetime | None, cuts: Sequence[datetime]) -> Plan:
     """Split [since, until) at `cuts` (the buckets' starts, the price changes): each piece's whole
-    UTC days come from a daily rollup, its whole UTC hours around them from an hourly one, and its
-    partial hours at either end from raw rows."""
+    UTC months come from a monthly rollup, its whole UTC days around them from a daily one, its whole
+    UTC hours around those from an hourly one, and its partial hours at either end from raw rows."""
     inside = sorted({c for c in cuts if (since is None or c > since) and (until is None or c < until)})
-    raw: list[Range] = []
-    hours: list[Range] = []
-    days: list[Range] = []
-    for start, end in pairwise([since, *inside, until]):
-        first = None if start is None else ceil_to(start, "hour")
-        last = None if end is None else floor_to(end, "hour")
+    levels: list[list[Range]] = [[] for _ in range(len(GRAINS) + 1)]  # raw rows, then each grain's
+
+    def split(start: datetime | None, end: datetime | None, level: int) -> None:
+        """[start, end) at `level` or coarser: its whole buckets of the next grain one level up, the
+        rest (all of it when it holds none) here."""
+        if level == len(GRAINS):
+            levels[level].append((start, end))
+            return
+        grain = GRAINS[level]
+        first = None if start is None else ceil_to(start, grain)
+        last = None if end is None else floor_to(end, grain)
         if first is not None and last is not None and first >= last:
-            raw.append((start, end))
-            continue
+            levels[level].append((start, end))
+            return
         if start is not None:
-            raw.append((start, first))
-        first_day = None if first is None else ceil_to(first, "day")
-        last_day = None if last is None else floor_to(last, "day")
-        if first_day is not None and last_day is not None and first_day >= last_day:
-            hours.append((first, last))
-        else:
-            if first is not None:
-                hours.append((first, first_day))
-            days.append((first_day, last_day))
-            if last is not None:
-                hours.append((last_day, last))
+            levels[level].append((start, first))
+        split(first, last, level + 1)
         if end is not None:
-            raw.append((last, end))
-    return Plan(_merged(raw), _merged(hours), _merged(days))
+            levels[level].append((last, end))
+
+    for start, end in pairwise([since, *inside, until]):
+        split(start, end, 0)
+    raw, hours, days, months = (_merged(ranges) for ranges in levels)
+    return Plan(raw, hours, days, months)
 
 
 def _cut_at(ranges: Sequence[Range], moment: datetime) -> tuple[tuple[Range, ...], tuple[Range, ...]]:
@@ -1386,9 +1395,11 @@ class ClickHouseRepository:
             table=TIMELINE,
             rollup=rollup,
             daily_rollup=DAILY_ROLLUPS[rollup],
+            monthly_rollup=MONTHLY_ROLLUPS[rollup],
             raw=raw,
             hours=hours,
             days=cut.days,
+            months=cut.months,
         )
 
     async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]:
