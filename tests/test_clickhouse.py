@@ -38,7 +38,7 @@ from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
 from action_metrics.breakdown import SORT_KEYS
 from action_metrics.cli import run_async
 from action_metrics.clickhouse import EARLIEST, ClickHouseURL, head_version, schema_versions
-from action_metrics.clickhouse_repository import Plan, plan
+from action_metrics.clickhouse_repository import Plan, corrected_plan, plan
 from action_metrics.errors import (
     DataRejected,
     InvalidFilter,
@@ -948,10 +948,39 @@ def test_a_window_is_read_by_whole_months_then_days_then_hours_then_raw_rows() -
     )
 
 
+def test_a_corrected_plan_reads_whole_days_and_months_and_reprices_after_each_change() -> None:
+    """`corrected_plan`: the window's whole months, days and hours whatever the prices did; an hour
+    holding a change from raw rows; a day or month holding changes from its rollup, with one
+    `Correction` from its first change to its end, cut at every change (each piece one period)."""
+    since, until = datetime(2026, 5, 20, 13, 37, 11, tzinfo=UTC), datetime(2026, 9, 10, 4, 12, 9, tzinfo=UTC)
+
+    def at(month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+        return datetime(2026, month, day, hour, minute, tzinfo=UTC)
+
+    changes = [at(6, 10, 8, 20), at(6, 20, 17, 45), at(8, 1), at(9, 10, 1, 30), at(5, 20, 13, 50), at(1, 1)]
+    cut, corrections = corrected_plan(since, until, changes)
+    assert cut.months == ((at(6, 1), at(9, 1)),)  # August's first instant cuts nothing
+    assert cut.days == ((at(5, 21), at(6, 1)), (at(9, 1), at(9, 10)))
+    # The hour holding 01:30 on the last day is read raw, the rest of the edge hours from the rollup.
+    assert cut.hours == ((at(5, 20, 14), at(5, 21)), (at(9, 10), at(9, 10, 1)), (at(9, 10, 2), at(9, 10, 4)))
+    assert cut.raw == ((since, at(5, 20, 14)), (at(9, 10, 1), at(9, 10, 2)), (at(9, 10, 4), until))
+    assert [c.base for c in corrections] == [at(6, 1)]  # June, once, from its first change
+    (june,) = corrections
+    assert june.plan == plan(at(6, 10, 8, 20), at(7, 1), changes)
+    assert june.plan.raw[0] == (at(6, 10, 8, 20), at(6, 10, 9))
+    assert (at(6, 20, 17), at(6, 20, 18)) in june.plan.raw  # the second change's hour: raw rows
+    # With no change inside it, a window is planned as `plan` plans it.
+    assert corrected_plan(at(7, 2, 5, 1), at(7, 30, 6), changes) == (
+        plan(at(7, 2, 5, 1), at(7, 30, 6), []),
+        (),
+    )
+
+
 def test_months_answer_long_windows_as_the_raw_rows_do(clickhouse_url: str) -> None:
-    """Actions over four months, a price change inside one of them and one on a month's first
-    instant: all time, an unaligned window across months and the filters each rollup keeps agree
-    with the reference, read from whole months, their days and hours and raw edges; the monthly
+    """Actions over four months; a price change inside July, two inside June, one on August's first
+    instant, a model priced only from mid-August (unpriced before): all time, an unaligned window
+    across months and the filters each rollup keeps agree with the reference, read from whole months
+    (those holding a change corrected after it), their days and hours and raw edges; the monthly
     rollups hold what the daily ones hold, summed per month."""
     first = datetime(2026, 5, 20, 7, 13, tzinfo=UTC)
     rng = random.Random(7)
@@ -962,7 +991,7 @@ def test_months_answer_long_windows_as_the_raw_rows_do(clickhouse_url: str) -> N
             tokens_in=rng.randint(40, 5000),
             tokens_out=rng.randint(0, 900),
             cache_read_tokens=rng.choice([0, 40]),
-            model=rng.choice(["haiku", "sonnet", "opus"]),
+            model=rng.choice(["haiku", "sonnet", "opus", "newcomer"]),
             town_id=f"town-{i % 3}",
             action_type=rng.choice(["lod3", "lod4", "greet"]),
             error="Timeout" if i % 29 == 0 else None,
@@ -974,16 +1003,27 @@ def test_months_answer_long_windows_as_the_raw_rows_do(clickhouse_url: str) -> N
     book = _seed_book()
     book.models["sonnet"].append((sonnet_change, Decimal("2.5"), Decimal("12.5"), Decimal("0.25"), None))
     book.credits.append((credit_change, Decimal("0.0045")))
+    opus_changes = [datetime(2026, 6, 10, 8, 20, tzinfo=UTC), datetime(2026, 6, 20, 17, 45, 30, tzinfo=UTC)]
+    newcomer_priced = datetime(2026, 8, 12, 3, 30, tzinfo=UTC)
+    book.models["opus"] += [
+        (opus_changes[0], Decimal(14), Decimal(70)),
+        (opus_changes[1], Decimal(16), Decimal(80)),
+    ]
+    book.models["newcomer"] = [(newcomer_priced, Decimal("0.5"), Decimal(2))]
     with MetricsStore(clickhouse_url) as store:
         store.set_model_price("sonnet", "2.5", "12.5", sonnet_change, cache_read_per_1m="0.25")
         store.set_credit_price("0.0045", effective_from=credit_change)
+        store.set_model_price("opus", 14, 70, opus_changes[0])
+        store.set_model_price("opus", 16, 80, opus_changes[1])
+        store.set_model_price("newcomer", "0.5", 2, newcomer_priced)
         store.emit_many(metrics)
         since, until = (
             datetime(2026, 5, 28, 13, 37, 11, tzinfo=UTC),
             datetime(2026, 9, 3, 4, 12, 9, tzinfo=UTC),
         )
-        for filters in ({}, {"town_id": "town-1"}, {"action_type": "lod4"}, {"model": "sonnet"}):
-            for window in ({}, {"since": since, "until": until}):
+        windows = ({}, {"since": since, "until": until}, {"since": datetime(2026, 6, 10, 8, 20, tzinfo=UTC)})
+        for filters in ({}, {"town_id": "town-1"}, {"action_type": "lod4"}, {"model": "opus"}):
+            for window in windows:
                 got = store.aggregate(**filters, **window)
                 assert not got.percentiles_exact
                 chosen = select_like_the_store(metrics, {**filters, **window})
@@ -1009,9 +1049,7 @@ def test_months_answer_long_windows_as_the_raw_rows_do(clickhouse_url: str) -> N
     with MetricsStore(clickhouse_url) as store:
         assert store.aggregate().count == len(metrics) + 1000
         assert store.aggregate(since=since, until=until).count == in_window + 1000
-        assert store.aggregate(since=since, until=until, exact=True).count == len(
-            select_like_the_store(metrics, window)
-        )
+        assert store.aggregate(since=since, until=until, exact=True).count == in_window
 
 
 def test_upgrade_from_version_6_fills_the_months_from_the_days(clickhouse_url: str) -> None:
@@ -1046,3 +1084,38 @@ def test_upgrade_from_version_6_fills_the_months_from_the_days(clickhouse_url: s
         kept = [m for m in metrics if m.timestamp >= datetime(2026, 7, 10, tzinfo=UTC)]
         assert_matches(got.to_dict(), expected_aggregate(kept, _seed_book()))
         assert store.aggregate().count == len(metrics)  # whole months and days of the pruned period
+
+
+def test_a_month_holding_a_price_change_is_corrected_from_the_hours_prune_split(clickhouse_url: str) -> None:
+    """After a prune, the part of a month after a price change inside it is read again from the
+    hourly rollup, whose rows prune split at the change (the raw rows are gone): all time and a window
+    from inside the pruned month still agree with the reference, money included."""
+    first = datetime(2026, 6, 1, 0, 5, tzinfo=UTC)
+    metrics = [
+        metric(
+            timestamp=first + timedelta(minutes=53 * i),
+            latency_ms=1 + i % 90,
+            tokens_in=100 + i,
+            tokens_out=i % 300,
+            model=("sonnet", "opus", "haiku")[i % 3],
+        )
+        for i in range(2500)  # to mid-August
+    ]
+    change = datetime(2026, 7, 14, 10, 30, tzinfo=UTC)  # inside an hour, a day and a month
+    # Sonnet on both sides of the change within its hour, which prune splits there.
+    metrics += [
+        metric(timestamp=change + timedelta(minutes=m), model="sonnet", tokens_in=90_000, tokens_out=7_000)
+        for m in (-25, -10, 1, 12, 29)
+    ]
+    book = _seed_book()
+    book.models["sonnet"].append((change, Decimal("2.5"), Decimal("12.5")))
+    with MetricsStore(clickhouse_url) as store:
+        store.set_model_price("sonnet", "2.5", "12.5", change)
+        store.emit_many(metrics)
+        store.prune(datetime(2026, 8, 5, tzinfo=UTC))
+        assert_matches(store.aggregate().to_dict(), expected_aggregate(metrics, book))
+        since = datetime(2026, 7, 2, 6, tzinfo=UTC)
+        chosen = [m for m in metrics if m.timestamp >= since]
+        assert_matches(store.aggregate(since=since).to_dict(), expected_aggregate(chosen, book))
+        with pytest.raises(RawRowsPruned):
+            store.aggregate(since=datetime(2026, 7, 2, 6, 17, tzinfo=UTC))  # a pruned partial hour

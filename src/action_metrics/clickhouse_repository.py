@@ -33,7 +33,7 @@ import uuid
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal, localcontext
 from itertools import chain, pairwise
@@ -75,7 +75,16 @@ from action_metrics.model import ActionMetric, refuse_before
 from action_metrics.pricing import BEGINNING_OF_TIME, CreditPrice, ModelPrice
 from action_metrics.query import EQUALITY_FILTERS, CopyCheckpoint, CopyPosition, MetricFilter
 from action_metrics.repository import CatalogueWrite, PruneResult
-from action_metrics.rollup import GRAINS, LN_GAMMA, REPRESENTATIVE_FACTOR, ZERO_BIN, ceil_to, floor_to
+from action_metrics.rollup import (
+    GRAINS,
+    LN_GAMMA,
+    REPRESENTATIVE_FACTOR,
+    ZERO_BIN,
+    Grain,
+    ceil_to,
+    floor_to,
+    next_start,
+)
 from action_metrics.sketch import FRACTIONS, Counted, merged_percentiles
 
 if TYPE_CHECKING:
@@ -188,7 +197,8 @@ class _Sources:
     `monthly_rollup`, the whole UTC days of `days` from `daily_rollup`, the whole UTC hours of
     `hours` from `rollup` (and the pruned parts of hours that a price change cuts, split there by
     prune), the rest of the window (`raw`: its partial hours, and the hours holding a price change)
-    from `table`, percentiles from their merged latency histograms."""
+    from `table`, percentiles from their merged latency histograms. `corrections`: the days and
+    months read whole although a price changes inside them (`corrected_plan`, `aggregate()` only)."""
 
     exact: bool
     table: str = _RAW
@@ -199,6 +209,7 @@ class _Sources:
     hours: tuple[Range, ...] = ()
     days: tuple[Range, ...] = ()
     months: tuple[Range, ...] = ()
+    corrections: tuple[Correction, ...] = ()
 
     def rolled_up(self) -> list[tuple[str, tuple[Range, ...]]]:
         """Each rollup read and the ranges of its `start` it reads."""
@@ -268,6 +279,48 @@ def plan(since: datetime | None, until: datetime | None, cuts: Sequence[datetime
     return Plan(raw, hours, days, months)
 
 
+@dataclass(frozen=True, slots=True)
+class Correction:
+    """The part of a UTC day or month after a price change inside it: the bucket's rollup row is
+    priced by the period in force at its `base` (the bucket's start), so this part's sums are read
+    again, finer (`plan` cut at every change: each piece in one period), and added at their own
+    prices less the base's. Money is linear in the sums; counts and latencies are the row's alone."""
+
+    base: datetime
+    plan: Plan
+
+
+def corrected_plan(
+    since: datetime | None, until: datetime | None, changes: Sequence[datetime]
+) -> tuple[Plan, tuple[Correction, ...]]:
+    """[since, until) as whole months, days and hours whatever the prices did (`plan` without cuts),
+    and what a price change inside them needs: an hour holding one is read from raw rows (each priced
+    by its own period), a day or a month holding one from its rollup with a `Correction` from the
+    first change on. Over all time that reads a month where `plan` read the days around a change."""
+    coarse = plan(since, until, ())
+    raw, hours = list(coarse.raw), coarse.hours
+    corrections: dict[datetime, Correction] = {}
+    inside = {c for c in changes if (since is None or c > since) and (until is None or c < until)}
+    for change in sorted(inside):
+        hour = floor_to(change, "hour")
+        if change != hour and _holds(hours, change):
+            before, rest = _cut_at(hours, hour)
+            hours = _merged([*before, *_cut_at(rest, hour + _HOUR)[1]])
+            raw.append((hour, hour + _HOUR))
+            continue
+        levels: tuple[tuple[Grain, tuple[Range, ...]], ...] = (("day", coarse.days), ("month", coarse.months))
+        for grain, ranges in levels:
+            start = floor_to(change, grain)
+            if change != start and start not in corrections and _holds(ranges, change):
+                corrections[start] = Correction(start, plan(change, next_start(start, grain), changes))
+    raw_ranges = _merged(sorted(raw, key=_range_start))
+    return replace(coarse, raw=raw_ranges, hours=hours), tuple(corrections.values())
+
+
+def _holds(ranges: Sequence[Range], moment: datetime) -> bool:
+    return any((start is None or start <= moment) and (end is None or moment < end) for start, end in ranges)
+
+
 def _cut_at(ranges: Sequence[Range], moment: datetime) -> tuple[tuple[Range, ...], tuple[Range, ...]]:
     """The parts of `ranges` before `moment` and from it on (a range across it cut in two)."""
     before: list[Range] = []
@@ -278,6 +331,15 @@ def _cut_at(ranges: Sequence[Range], moment: datetime) -> tuple[tuple[Range, ...
         if end is None or end > moment:
             after.append((moment if start is None else max(start, moment), end))
     return tuple(before), tuple(after)
+
+
+def _pruned_raw_from_hours(cut: Plan, cutoff: datetime, bounds: Sequence[int], question: str) -> Plan:
+    """`cut` with its raw ranges before the prune's `cutoff` read from the hourly rollup instead, which
+    holds them only when they begin and end on an hour or a price change (`_on_split_edges`)."""
+    pruned, raw = _cut_at(cut.raw, cutoff)
+    if not _on_split_edges(pruned, bounds):
+        raise RawRowsPruned(cutoff, question, whole=_PRUNED_ANSWERED_FOR)
+    return replace(cut, raw=raw, hours=_merged(sorted((*cut.hours, *pruned), key=_range_start)))
 
 
 def _range_start(bounded: Range) -> datetime:
@@ -485,18 +547,24 @@ def _histograms_read(rows: Sequence[Sequence[Any]], offset: int) -> list[list[An
     return [[*row[:at], [p50[i], p95[i], p99[i]], *row[at + 1 :]] for i, row in enumerate(rows)]
 
 
+def _rollup_terms(metric_filter: MetricFilter) -> list[str]:
+    """The filter's terms on a rollup's rows besides their start (a detail rollup keeps town and
+    action type; every rollup the model)."""
+    terms = [
+        f"r.{name} = {{{name}:String}}" for name in _DETAIL_KEYS if getattr(metric_filter, name) is not None
+    ]
+    return [*terms, *([] if metric_filter.storable else ["0"])]
+
+
 def _summed_sources(
     metric_filter: MetricFilter,
     sources: _Sources,
     dimensions: Sequence[str],
     starts: Sequence[datetime] | None,
-    *,
-    binned: bool = False,
 ) -> tuple[list[str], list[str], dict[str, Any]]:
     """Each source's sums per (`dimensions`, the bucket when `starts` is given, model, credit charge,
     price period) (`_RAW_SOURCE`, `_ROLLUP_SOURCE`), each source's latency histogram per (`dimensions`,
-    bucket, model, bin) (`_RAW_BINS`, `_ROLLUP_BINS`), and their parameters. `binned`: each row of
-    sums carries its group's histogram instead (sumMap), and no histogram parts are made."""
+    bucket, model, bin) (`_RAW_BINS`, `_ROLLUP_BINS`), and their parameters."""
     grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
     group = "".join(f"{g}, " for g in grouped)
 
@@ -512,8 +580,7 @@ def _summed_sources(
         latencies = f"{_EXACT_MERGE.replace('Merge', 'State')}(s.latency_ms, s.succeeded)"
     else:
         selection, parameters = _selection(metric_filter, columns, sources.raw, sources.table)
-        # The histograms are summed apart (`_HISTOGRAM`), or here per group when `binned`.
-        latencies = f"sumMap([{_LATENCY_BIN}], [toUInt64(s.succeeded)])" if binned else "toUInt8(0)"
+        latencies = "toUInt8(0)"  # the histograms are summed apart (`_HISTOGRAM`)
     parts = []
     bins = []
 
@@ -523,27 +590,19 @@ def _summed_sources(
                 keys=keys("s", "s.timestamp"), latencies=latencies, selection=rows, group=group
             )
         )
-        if not binned:
-            bins.append(
-                _RAW_BINS.format(
-                    keys=keys("s", "s.timestamp", inline=True), bin=_LATENCY_BIN, selection=rows, group=group
-                )
+        bins.append(
+            _RAW_BINS.format(
+                keys=keys("s", "s.timestamp", inline=True), bin=_LATENCY_BIN, selection=rows, group=group
             )
+        )
 
     if sources.exact or sources.raw:
         add_raw(selection)
     for rollup, ranges in () if sources.exact else sources.rolled_up():
-        where = [_ranges_sql("r.start", ranges)]
-        for name in ("town_id", "action_type", "model"):
-            if getattr(metric_filter, name) is not None:
-                where.append(f"r.{name} = {{{name}:String}}")
-        if not metric_filter.storable:
-            where.append("0")
-        arguments = {"rollup": rollup, "where": " AND ".join(where), "group": group}
-        rolled = "sumMap(r.latency_bins)" if binned else "toUInt8(0)"
-        parts.append(_ROLLUP_SOURCE.format(keys=keys("r", "r.start"), latencies=rolled, **arguments))
-        if not binned:
-            bins.append(_ROLLUP_BINS.format(keys=keys("r", "r.start", inline=True), **arguments))
+        where = " AND ".join([_ranges_sql("r.start", ranges), *_rollup_terms(metric_filter)])
+        arguments = {"rollup": rollup, "where": where, "group": group}
+        parts.append(_ROLLUP_SOURCE.format(keys=keys("r", "r.start"), latencies="toUInt8(0)", **arguments))
+        bins.append(_ROLLUP_BINS.format(keys=keys("r", "r.start", inline=True), **arguments))
     if not parts:  # an empty window: one source that selects nothing
         add_raw(selection + " LIMIT 0")
     return parts, bins, parameters
@@ -583,12 +642,51 @@ def _exact_statement(
     return statement, parameters
 
 
-def _summed_statement(metric_filter: MetricFilter, sources: _Sources) -> tuple[str, dict[str, Any]]:
-    """`aggregate()` from the rollups: each source's sums per (model, credit charge, price period) with
-    their latency histogram, as ClickHouse reads them, priced and added up by `_tally` (a statement
-    that also priced, grouped and merged them took 2-3x as long, most of it planning; see README)."""
-    parts, _, parameters = _summed_sources(metric_filter, sources, (), None, binned=True)
-    return f"WITH {_BOUNDS}" + "\n    UNION ALL".join(parts), parameters
+def _summed_statement(
+    metric_filter: MetricFilter, sources: _Sources, bounds: Sequence[int]
+) -> tuple[str, dict[str, Any]]:
+    """`aggregate()` from the rollups: one read of each source (the raw edges, the hours, the days,
+    the months), its sums per (base, model, credit charge, price period) with the group's latency
+    histogram, priced and added up by `_tally` (a statement that also priced, grouped and merged them
+    in SQL took 2-3x as long, most of it planning; see README). `base` is -1 for what the window
+    reads there, or, for a `Correction`'s rows, the price period its bucket's row is priced by (their
+    sums only: the bucket's row holds their count and latencies)."""
+    levels: list[tuple[str, str, tuple[Range, ...], Callable[[Plan], tuple[Range, ...]]]] = [
+        (sources.table, "s.timestamp", sources.raw, attrgetter("raw")),
+        (sources.rollup, "r.start", sources.hours, attrgetter("hours")),
+        (sources.daily_rollup, "r.start", sources.days, attrgetter("days")),
+        (sources.monthly_rollup, "r.start", sources.months, attrgetter("months")),
+    ]
+    columns = _PRICED_COLUMNS[sources.table]
+    parts = []
+    nothing, parameters = _selection(metric_filter, columns, (), sources.table)  # the filter's values
+    for table, moment, ranges, of in levels:
+        corrected = [(bisect_right(bounds, _micros(c.base)), of(c.plan)) for c in sources.corrections]
+        corrected = [(base, within) for base, within in corrected if within]
+        if not ranges and not corrected:
+            continue
+        read = (*ranges, *(r for _, within in corrected for r in within))
+        cases = "".join(f"{_ranges_sql(moment, within)}, {base}, " for base, within in corrected)
+        keys = f"multiIf({cases}-1) AS base," if corrected else "toInt64(-1) AS base,"
+        if table == sources.table:
+            selection, _ = _selection(metric_filter, columns, read, table)
+            bins = f"sumMapIf([{_LATENCY_BIN}], [toUInt64(s.succeeded)], base < 0)"
+            parts.append(_RAW_SOURCE.format(keys=keys, latencies=bins, selection=selection, group="base, "))
+        else:
+            where = " AND ".join([_ranges_sql("r.start", read), *_rollup_terms(metric_filter)])
+            bins = "sumMapIf(r.latency_bins, base < 0)"
+            parts.append(
+                _ROLLUP_SOURCE.format(keys=keys, latencies=bins, rollup=table, where=where, group="base, ")
+            )
+    if not parts:  # an empty window: one source that selects nothing
+        selection = nothing
+        bins = f"sumMap([{_LATENCY_BIN}], [toUInt64(s.succeeded)])"
+        parts.append(
+            _RAW_SOURCE.format(
+                keys="toInt64(-1) AS base,", latencies=bins, selection=selection, group="base, "
+            )
+        )
+    return f"WITH {_BOUNDS}" + "\n    UNION ALL".join(parts), {**parameters, "bounds": list(bounds)}
 
 
 _MONEY: Final = Context(prec=100)
@@ -680,7 +778,8 @@ class _Tally:
     margin_sum: Decimal = Decimal(0)
     margin_count: int = 0
 
-    def add(self, sums: Sequence[Any], credits: int, cost_e6: Decimal | None, unit_revenue: Decimal) -> None:
+    def add(self, sums: Sequence[Any], credits: int) -> None:
+        """A group's counts, tokens and latencies."""
         count, tokens_in, tokens_out, cache_read, cache_write, reasoning, latency_sum, succeeded = sums
         self.count += count
         self.tokens_in += tokens_in
@@ -691,15 +790,19 @@ class _Tally:
         self.reasoning_tokens += reasoning
         self.latency_sum += Decimal(latency_sum)
         self.succeeded += succeeded
+
+    def price(self, count: int, money: tuple[Decimal | None, Decimal], sign: int = 1) -> None:
+        """A group's money (`_money`), or with `sign` -1 taken back: all of it is linear in the sums."""
+        cost_e6, unit_revenue = money
         if cost_e6 is None:
-            self.unpriced += count
+            self.unpriced += sign * count
         else:
-            self.cost_e6 += cost_e6
-        self.revenue += unit_revenue * count
+            self.cost_e6 += sign * cost_e6
+        self.revenue += sign * unit_revenue * count
         if cost_e6 is not None and unit_revenue > 0:
             # The actions of one group share their revenue: their margins add up to n - cost / revenue.
-            self.margin_sum += count - cost_e6 / (unit_revenue * _ONE_MILLION)
-            self.margin_count += count
+            self.margin_sum += sign * (count - cost_e6 / (unit_revenue * _ONE_MILLION))
+            self.margin_count += sign * count
 
     def figures(self, percentiles: Sequence[float]) -> _Figures:
         return _Figures(
@@ -722,31 +825,48 @@ class _Tally:
         )
 
 
+def _money(
+    prices: _Prices, model: str, credits: int, period: int, sums: Sequence[Any]
+) -> tuple[Decimal | None, Decimal]:
+    """The cost (USD x 1e6; None: unpriced) and the unit revenue of a group of `model`, credit charge
+    and price `period` with these `sums` (tokens in, out, cache read, cache write at 1-4), as
+    `_PERIODS` prices them in SQL."""
+    rate = prices.rate(model, period)
+    cost_e6 = None
+    if rate is not None:
+        tokens_in, tokens_out, cache_read, cache_write = sums[1:5]
+        cost_e6 = (
+            (tokens_in - cache_read - cache_write) * rate.input
+            + cache_read * rate.cache_read
+            + cache_write * rate.cache_write
+            + tokens_out * rate.output
+        )
+    return cost_e6, credits * prices.per_credit(period)
+
+
 def _tally(rows: Sequence[Sequence[Any]], prices: _Prices) -> tuple[_Figures, dict[str, _Figures]]:
     """The selection's figures and each model's from `_summed_statement`'s rows: each row priced by its
-    period, its histogram merged into its model's and the selection's (in NumPy)."""
+    period (a correction's less its base period's), its histogram merged into its model's and the
+    selection's (in NumPy)."""
     total = _Tally()
     tallies: dict[str, _Tally] = {}
     index: dict[str, int] = {}
     groups: list[int] = []
     histograms: list[tuple[Sequence[int], Sequence[int]]] = []
     with localcontext(_MONEY):
-        for model, credits, period, *sums, (bins, counts) in rows:
-            rate = prices.rate(model, period)
-            cost_e6 = None
-            if rate is not None:
-                tokens_in, tokens_out, cache_read, cache_write = sums[1:5]
-                cost_e6 = (
-                    (tokens_in - cache_read - cache_write) * rate.input
-                    + cache_read * rate.cache_read
-                    + cache_write * rate.cache_write
-                    + tokens_out * rate.output
-                )
-            unit_revenue = credits * prices.per_credit(period)
-            groups.append(index.setdefault(model, len(index)))
-            tallies.setdefault(model, _Tally()).add(sums, credits, cost_e6, unit_revenue)
-            total.add(sums, credits, cost_e6, unit_revenue)
-            histograms.append((bins, counts))
+        for base, model, credits, period, *sums, (bins, counts) in rows:
+            money = _money(prices, model, credits, period, sums)
+            index.setdefault(model, len(index))
+            for one in (tallies.setdefault(model, _Tally()), total):
+                if base < 0:
+                    one.add(sums, credits)
+                    one.price(sums[0], money)
+                else:  # a correction: its sums at their own price, less their bucket row's
+                    one.price(sums[0], money)
+                    one.price(sums[0], _money(prices, model, credits, base, sums), -1)
+            if base < 0:
+                groups.append(index[model])
+                histograms.append((bins, counts))
     lengths = [len(bins) for bins, _ in histograms]
     bins_all = np.fromiter(chain.from_iterable(bins for bins, _ in histograms), np.int64, sum(lengths))
     counts_all = np.fromiter(chain.from_iterable(counts for _, counts in histograms), np.int64, sum(lengths))
@@ -1359,9 +1479,11 @@ class ClickHouseRepository:
         bounds: Sequence[int],
         starts: Sequence[datetime] | None,
         question: str,
+        corrected: bool = False,
     ) -> _Sources:
         """Where the figures come from: the rollups and the raw rows around them, unless the question
-        needs exact percentiles or something no rollup keeps (a user, a citizen, the newest `limit`)."""
+        needs exact percentiles or something no rollup keeps (a user, a citizen, the newest `limit`).
+        `corrected`: whole days and months holding a price change too, with their `Correction`s."""
         needed = {
             *(d for d in by if d != "model"),
             *(
@@ -1377,19 +1499,25 @@ class ClickHouseRepository:
             return _EXACT if exact or metric_filter.limit is not None else _TIMELINE_EXACT
         since = None if metric_filter.since is None else min(max(metric_filter.since, EARLIEST), LATEST)
         until = None if metric_filter.until is None else max(min(metric_filter.until, LATEST), EARLIEST)
-        # Every price change cuts the window: no rollup row then spans one (a row is priced by the
-        # price in force at its start).
-        cut = plan(since, until, [*(starts or ()), *(_moment(micros) for micros in bounds)])
+        changes = [_moment(micros) for micros in bounds]
+        corrections: tuple[Correction, ...] = ()
         if since is not None and until is not None and since >= until:
             cut = Plan()
-        raw, hours = cut.raw, cut.hours
+        elif corrected:
+            cut, corrections = corrected_plan(since, until, changes)
+        else:
+            # Every price change cuts the window: no rollup row then spans one (a row is priced by the
+            # price in force at its start).
+            cut = plan(since, until, [*(starts or ()), *changes])
         cutoff = self._raw_kept_from(client)
         if cutoff is not None:
-            # The pruned parts of hours that a price change cuts are read from the hourly rollup.
-            pruned, raw = _cut_at(cut.raw, cutoff)
-            if not _on_split_edges(pruned, bounds):
-                raise RawRowsPruned(cutoff, question, whole=_PRUNED_ANSWERED_FOR)
-            hours = _merged(sorted((*hours, *pruned), key=_range_start))
+            # The pruned parts of hours that a price change cuts are read from the hourly rollup,
+            # which prune split there.
+            cut = _pruned_raw_from_hours(cut, cutoff, bounds, question)
+            corrections = tuple(
+                replace(c, plan=_pruned_raw_from_hours(c.plan, cutoff, bounds, question)) for c in corrections
+            )
+        raw, hours = cut.raw, cut.hours
         return _Sources(
             exact=False,
             table=TIMELINE,
@@ -1400,6 +1528,7 @@ class ClickHouseRepository:
             hours=hours,
             days=cut.days,
             months=cut.months,
+            corrections=corrections,
         )
 
     async def select(self, metric_filter: MetricFilter) -> list[ActionMetric]:
@@ -1426,7 +1555,14 @@ class ClickHouseRepository:
         question = "aggregate()" if metric_filter.limit is None else "aggregate(limit=...)"
         prices = self._prices(client)
         sources = self._sources(
-            client, metric_filter, exact=exact, by=(), bounds=prices.bounds, starts=None, question=question
+            client,
+            metric_filter,
+            exact=exact,
+            by=(),
+            bounds=prices.bounds,
+            starts=None,
+            question=question,
+            corrected=True,
         )
         if sources.exact:
             statement, parameters = _exact_statement(metric_filter, sources, prices.bounds)
@@ -1438,8 +1574,7 @@ class ClickHouseRepository:
                 else:
                     by_model[model] = _Figures.of(figures)
         else:
-            statement, parameters = _summed_statement(metric_filter, sources)
-            parameters["bounds"] = prices.bounds
+            statement, parameters = _summed_statement(metric_filter, sources, prices.bounds)
             rows = client.query(statement, parameters=parameters, settings=_READ_SETTINGS).result_rows
             total, by_model = _tally(rows, prices)
         # Busiest first, then by name, as the other backends list them.
