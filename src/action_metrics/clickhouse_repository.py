@@ -614,11 +614,9 @@ def _priced(
     dimensions: Sequence[str],
     starts: Sequence[datetime] | None,
     bounds: Sequence[int],
-) -> tuple[str, str | None, dict[str, Any]]:
+) -> tuple[str, dict[str, Any]]:
     """The WITH clause that ends in `priced` (see `_PERIODS`), grouped by `dimensions` (not the model)
-    and the bucket when `starts` is given; the `hist` common table expression of the same groups'
-    histograms from the rollups (None when `exact`: the exact percentiles are in `priced`); and
-    their parameters."""
+    and the bucket when `starts` is given, and its parameters."""
     grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
     parts, bins, parameters = _summed_sources(metric_filter, sources, dimensions, starts)
     statement = _PERIODS.format(
@@ -626,15 +624,16 @@ def _priced(
         sources="\n    UNION ALL".join(parts),
         carried="".join(f"g.{g} AS {g}, " for g in grouped),
     )
-    histograms = None if sources.exact else _HISTOGRAM.format(parts="\n    UNION ALL".join(bins))
-    return statement, histograms, {**parameters, "bounds": list(bounds)}
+    if not sources.exact:
+        statement += "," + _HISTOGRAM.format(parts="\n    UNION ALL".join(bins))
+    return statement, {**parameters, "bounds": list(bounds)}
 
 
 def _exact_statement(
     metric_filter: MetricFilter, sources: _Sources, bounds: Sequence[int]
 ) -> tuple[str, dict[str, Any]]:
     """`aggregate(exact=True)`: every figure of the selection (model NULL) and of each model, in SQL."""
-    priced, _, parameters = _priced(metric_filter, sources, (), None, bounds)
+    priced, parameters = _priced(metric_filter, sources, (), None, bounds)
     figures = _FIGURES.format(latencies=f"{_EXACT_MERGE}(g_latencies) AS f_latencies,\n")
     statement = (
         f"{priced}\nSELECT model, {_OUTER} FROM (\nSELECT model,{figures}"
@@ -1031,14 +1030,7 @@ def _sort_key(sort: str, *, exact: bool) -> str:
 @dataclass(frozen=True, slots=True)
 class _BreakdownQuery:
     statement: str
-    """Every row's figures, sorted and cut in SQL: what `stream_breakdown` streams."""
     parameters: dict[str, Any]
-    split: tuple[str, str] | None
-    """From the rollups (not `exact`), what `breakdown()` reads instead: each group's figures but its
-    percentiles, then each group's merged histogram, two statements (parameters as `statement`'s)
-    that ClickHouse plans and runs in about half the time of the one that joins, sorts and cuts
-    them (README); `_split_rows` does that in Python."""
-    request: BreakdownRequest
     starts: list[datetime] | None
     """The buckets' UTC starts, then the last one's end (None when not bucketed)."""
     exact: bool
@@ -1054,18 +1046,15 @@ def _breakdown_query(
     bounds: Sequence[int],
 ) -> _BreakdownQuery:
     dimensions = [d for d in request.by if d != "model"]
-    priced, hist, parameters = _priced(metric_filter, sources, dimensions, starts, bounds)
+    priced, parameters = _priced(metric_filter, sources, dimensions, starts, bounds)
     grouped = [*request.by, *(["bucket"] if starts is not None else [])]
     group_by = f"\nGROUP BY {', '.join(grouped)}" if grouped else ""
     order = "DESC" if request.descending else "ASC"
     leading = "".join(f"{g}, " for g in grouped)
-    split = None
-    common = priced
-    if hist is None:
+    if sources.exact:
         figures = _FIGURES.format(latencies=f"{_EXACT_MERGE}(g_latencies) AS f_latencies,\n")
         source = f"(\nSELECT {leading}{figures}\nFROM priced{group_by}\n)"
     else:
-        common += "," + hist
         figures = _FIGURES.format(latencies="")
         histograms = (
             f"SELECT {leading}{_SORTED_BINS} AS f_latencies FROM (\n"
@@ -1077,9 +1066,8 @@ def _breakdown_query(
             f"(\nSELECT {leading}{figures}\nFROM priced{group_by}\n) AS f\n"
             f"{'LEFT' if grouped else 'CROSS'} JOIN (\n{histograms}\n) AS q {join}"
         )
-        split = (f"{priced}\nSELECT {leading}{figures}\nFROM priced{group_by}", f"WITH{hist}\n{histograms}")
     statement = (
-        common
+        priced
         + f"\nSELECT {leading}{_OUTER} FROM {source}"
         + f"\nWHERE f_count > 0\nORDER BY {_sort_key(request.sort, exact=sources.exact)} {order} NULLS LAST"
         + "".join(f", {g} ASC" for g in grouped)
@@ -1087,7 +1075,7 @@ def _breakdown_query(
     if request.top is not None:
         statement += "\nLIMIT {top:UInt64}"
         parameters["top"] = request.top
-    return _BreakdownQuery(statement, parameters, split, request, starts, sources.exact, len(grouped))
+    return _BreakdownQuery(statement, parameters, starts, sources.exact, len(grouped))
 
 
 def _breakdown_row(
@@ -1101,57 +1089,6 @@ def _breakdown_row(
         offset += 1
     figures = _Figures.of(row[offset : offset + _FIGURE_COUNT])
     return BreakdownRow(keys, bucket, figures.aggregate({}, exact=exact))
-
-
-def _sort_value(figures: _Figures, sort: str) -> Any:
-    """`_SORT_KEYS[sort]` of a group's figures in Python (None where SQL has NULL)."""
-    cost, revenue = figures.cost, figures.revenue
-    values: dict[str, Callable[[], Any]] = {
-        "count": lambda: figures.count,
-        "tokens_in": lambda: figures.tokens_in,
-        "tokens_out": lambda: figures.tokens_out,
-        "total_tokens": lambda: figures.tokens_in + figures.tokens_out,
-        "total_credits": lambda: figures.credits,
-        "cache_read_tokens": lambda: figures.cache_read_tokens,
-        "cache_write_tokens": lambda: figures.cache_write_tokens,
-        "reasoning_tokens": lambda: figures.reasoning_tokens,
-        "avg_latency_ms": lambda: figures.avg_latency_ms,
-        "p50_latency_ms": lambda: figures.percentile(0),
-        "p95_latency_ms": lambda: figures.percentile(1),
-        "p99_latency_ms": lambda: figures.percentile(2),
-        "total_cost_usd": lambda: cost,
-        "total_revenue_usd": lambda: revenue,
-        "total_profit_usd": lambda: revenue - cost,
-        "avg_margin": lambda: figures.margin_sum / figures.margin_count if figures.margin_count else None,
-        "gross_margin": lambda: float((revenue - cost) / revenue) if revenue > 0 else None,
-        "unpriced_count": lambda: figures.unpriced,
-        "error_count": lambda: figures.errors,
-    }
-    return values[sort]()
-
-
-def _split_rows(
-    figure_rows: Sequence[Sequence[Any]], histogram_rows: Sequence[Sequence[Any]], query: _BreakdownQuery
-) -> list[list[Any]]:
-    """`query.statement`'s rows from its `split` statements' (each group's figures, each group's
-    histogram): joined on the group, percentiles from the histograms, sorted as its ORDER BY sorts
-    (the sort key, NULLs last, then the group's keys ascending, NULLs last) and cut at `top`."""
-    keys = query.keys
-    histograms = {tuple(row[:keys]): row[keys] for row in histogram_rows}
-    at = keys + _PERCENTILES_AT
-    joined = [
-        [*row[:at], histograms.get(tuple(row[:keys])), *row[at:]] for row in figure_rows if row[keys] > 0
-    ]
-    rows = _histograms_read(joined, keys)
-    request = query.request
-
-    def order(row: Sequence[Any]) -> tuple[Any, ...]:
-        value = _sort_value(_Figures.of(row[keys : keys + _FIGURE_COUNT]), request.sort)
-        ranked = (value is None, 0 if value is None else -value if request.descending else value)
-        return (*ranked, *((key is None, key) for key in row[:keys]))  # a tie never compares two NULLs
-
-    rows.sort(key=order)
-    return rows if request.top is None else rows[: request.top]
 
 
 def _open_stream(client: Client, query: _BreakdownQuery) -> Any:
@@ -1695,16 +1632,8 @@ class ClickHouseRepository:
         query = self._breakdown_query(metric_filter, request)
         if query is None:
             return []
-        client = self._open()
-
-        def read(statement: str) -> Sequence[Sequence[Any]]:
-            return client.query(statement, parameters=query.parameters, settings=_FIGURE_SETTINGS).result_rows
-
-        if query.split is None:
-            rows = read(query.statement)
-        else:
-            figures, histograms = query.split
-            rows = _split_rows(read(figures), read(histograms), query)
+        result = self._open().query(query.statement, parameters=query.parameters, settings=_FIGURE_SETTINGS)
+        rows = result.result_rows if query.exact else _histograms_read(result.result_rows, query.keys)
         return [_breakdown_row(row, request, query.starts, query.exact) for row in rows]
 
     async def stream_breakdown(
