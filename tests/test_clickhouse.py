@@ -38,7 +38,7 @@ from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
 from action_metrics.breakdown import SORT_KEYS
 from action_metrics.cli import run_async
 from action_metrics.clickhouse import EARLIEST, ClickHouseURL, head_version, schema_versions
-from action_metrics.clickhouse_repository import Plan, corrected_plan, plan
+from action_metrics.clickhouse_repository import Plan, _ranges_sql, corrected_plan, plan
 from action_metrics.errors import (
     DataRejected,
     InvalidFilter,
@@ -974,6 +974,67 @@ def test_a_corrected_plan_reads_whole_days_and_months_and_reprices_after_each_ch
         plan(at(7, 2, 5, 1), at(7, 30, 6), []),
         (),
     )
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def test_many_ranges_select_exactly_the_instants_within_them(clickhouse_url: str) -> None:
+    """`_ranges_sql` with more ranges than it chains (the short ones' whole hours one set, the rest
+    chained) selects what Python selects: instants a microsecond either side of every edge and
+    hour, before 1970 and after 2106 (where the set's `toStartOfHour` would clamp), unbounded ends."""
+    url = ClickHouseURL.parse(clickhouse_url)
+    admin = url.connect(with_database=False)
+    admin.command("CREATE DATABASE {d:Identifier}", parameters={"d": url.database})
+    admin.close()
+    client = url.connect()
+    client.command("CREATE TABLE instants (t DateTime64(6, 'UTC')) ENGINE = MergeTree ORDER BY t")
+    generator = random.Random(11)
+    hour = timedelta(hours=1)
+    base = datetime(2026, 3, 1, tzinfo=UTC)
+    far = [datetime(1900, 1, 1, 0, 30, tzinfo=UTC), datetime(1969, 12, 31, 23, tzinfo=UTC),
+           datetime(2106, 2, 6, 22, tzinfo=UTC), datetime(2299, 12, 31, 22, tzinfo=UTC)]  # fmt: skip
+    cases: list[list[tuple[datetime | None, datetime | None]]] = []
+    for size in (5, 6, 9, 30, 95):
+        starts = sorted(generator.sample(range(0, 24 * 60, 10), size))  # hours after `base`, 10 apart
+        ranges: list[tuple[datetime | None, datetime | None]] = []
+        for start in starts:
+            first = base + timedelta(hours=start, minutes=generator.choice([0, 0, 15, 59]))
+            length = timedelta(hours=generator.randrange(9), minutes=generator.choice([0, 0, 30, 1]))
+            ranges.append((first, first + (length or hour)))
+        ranges[-1] = (ranges[-1][0], base + timedelta(days=70))  # and a long one: chained
+        cases.append(ranges)
+    cases.append(
+        [
+            (None, far[0] + hour),
+            *((moment, moment + 3 * hour) for moment in far[1:]),
+            (far[3] + 2 * hour, None),
+        ]
+    )
+    cases.append([(base + hour * 3 * n, base + hour * (3 * n + 2)) for n in range(40)])  # whole hours only
+    cases.append(generator.sample(cases[3], len(cases[3])))  # in no order, as a window's and its corrections'
+    instants = {moment for moment in far}
+    for ranges in cases:
+        for start, end in ranges:
+            for edge in (start, end):
+                if edge is not None:
+                    for moment in (edge, edge + hour / 2):
+                        instants.update(moment + timedelta(microseconds=d) for d in (-1, 0, 1))
+    instants |= {floor_to(moment, "hour") + delta for moment in list(instants) for delta in (-hour, hour)}
+    column = [[moment] for moment in sorted(instants)]
+    client.insert("instants", column, column_names=["t"])
+    for ranges in cases:
+        expected = [
+            moment for moment in sorted(instants)
+            if any((s is None or s <= moment) and (e is None or moment < e) for s, e in ranges)
+        ]  # fmt: skip
+        condition = _ranges_sql("t", ranges)
+        assert "toStartOfHour" in condition
+        query = f"SELECT toUnixTimestamp64Micro(t) FROM instants WHERE {condition} ORDER BY t"
+        selected = [row[0] for row in client.query(query).result_rows]
+        assert selected == [(moment - EPOCH) // timedelta(microseconds=1) for moment in expected], ranges
+    assert "toStartOfHour" not in _ranges_sql("t", cases[0][:4])  # a few ranges stay chained
+    client.close()
 
 
 def test_months_answer_long_windows_as_the_raw_rows_do(clickhouse_url: str) -> None:

@@ -357,18 +357,67 @@ def _on_split_edges(ranges: Sequence[Range], changes: Sequence[int]) -> bool:
     )
 
 
+_CHAINED_RANGES: Final = 4
+"""Up to this many ranges are written as an OR of comparisons; past it the whole hours of the short
+ones become one set (see `_ranges_sql`)."""
+_SHORT_RANGE: Final = timedelta(hours=6)
+_MOST_HOURS_IN_A_SET: Final = 5_000
+"""A statement holds at most 256 KiB of text (ClickHouse's `max_query_size`)."""
+_DATETIME_HOURS: Final = (datetime(1970, 1, 1, tzinfo=UTC), datetime(2106, 2, 7, tzinfo=UTC))
+"""Where `toStartOfHour`, which returns a 32-bit DateTime, is exact: outside it, it clamps."""
+
+
+def _between(column: str, start: datetime | None, end: datetime | None) -> str:
+    terms = []
+    if start is not None:
+        terms.append(f"{column} >= fromUnixTimestamp64Micro({_micros(start)}, 'UTC')")
+    if end is not None:
+        terms.append(f"{column} < fromUnixTimestamp64Micro({_micros(end)}, 'UTC')")
+    return f"({' AND '.join(terms) or '1'})"
+
+
+def _whole_hours(ranges: Sequence[Range]) -> tuple[list[datetime], list[Range]]:
+    """The whole UTC hours within the short `ranges` (at most `_SHORT_RANGE` of whole hours, between
+    1970 and 2106), sorted, and what is left over: the longer ranges, and the short ones' pieces
+    before and after their whole hours. The ranges may come in any order (a window's and its
+    corrections')."""
+    hours: list[datetime] = []
+    pieces: list[Range] = []
+    low, high = _DATETIME_HOURS
+    for start, end in ranges:
+        first = last = None
+        if start is not None and end is not None:
+            first = floor_to(start, "hour")
+            first = max(first if first == start else first + _HOUR, low)
+            last = min(floor_to(end, "hour"), high)
+        if first is None or last is None or first >= last or last - first > _SHORT_RANGE:
+            pieces.append((start, end))
+            continue
+        if start is None or start < first:
+            pieces.append((start, first))
+        if end is None or last < end:
+            pieces.append((last, end))
+        hours.extend(first + _HOUR * n for n in range((last - first) // _HOUR))
+    return sorted(hours), pieces
+
+
 def _ranges_sql(column: str, ranges: Sequence[Range]) -> str:
-    """`column` within any of `ranges` (microseconds computed here, never a user's text)."""
+    """`column` within any of `ranges` (microseconds computed here, never a user's text). Many ranges
+    (a local day's edge hours, read from raw rows, are one each) are one set of their short ones'
+    whole hours, `toUnixTimestamp(toStartOfHour(column)) IN (...)`, and an OR of what is left over:
+    ClickHouse plans an OR of 95 hours in 125-140 ms and such a set in 10-20, and skips the same
+    granules with either (the timeline at 10M: 131 of 1,286; README)."""
     if not ranges:
         return "0"
-    alternatives = []
-    for start, end in ranges:
-        terms = []
-        if start is not None:
-            terms.append(f"{column} >= fromUnixTimestamp64Micro({_micros(start)}, 'UTC')")
-        if end is not None:
-            terms.append(f"{column} < fromUnixTimestamp64Micro({_micros(end)}, 'UTC')")
-        alternatives.append(f"({' AND '.join(terms) or '1'})")
+    hours, pieces = _whole_hours(ranges) if len(ranges) > _CHAINED_RANGES else ([], list(ranges))
+    if len(hours) > _MOST_HOURS_IN_A_SET:
+        hours, pieces = [], list(ranges)
+    alternatives = [_between(column, start, end) for start, end in pieces]
+    if hours:
+        # toStartOfHour clamps outside 1970-2106: the hull keeps it to where it is exact.
+        listed = ", ".join(str(int(hour.timestamp())) for hour in hours)
+        hull = _between(column, hours[0], hours[-1] + _HOUR)
+        alternatives.append(f"({hull} AND toUnixTimestamp(toStartOfHour({column})) IN ({listed}))")
     return f"({' OR '.join(alternatives)})"
 
 
