@@ -1663,6 +1663,9 @@ class ClickHouseRepository:
                 return None
             local = bucket_starts(request.bucket, request.zone, since, until)
             starts = [start.astimezone(UTC) for start in local]
+            # Nothing is stored outside the buckets: a window open at either end would add sources
+            # that read nothing, each costing ClickHouse ~10-20 ms to plan.
+            metric_filter = replace(metric_filter, since=since, until=until)
         sources = self._sources(
             client,
             metric_filter,
