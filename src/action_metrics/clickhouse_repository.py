@@ -385,17 +385,18 @@ def _whole_hours(ranges: Sequence[Range]) -> tuple[list[datetime], list[Range]]:
     pieces: list[Range] = []
     low, high = _DATETIME_HOURS
     for start, end in ranges:
-        first = last = None
-        if start is not None and end is not None:
-            first = floor_to(start, "hour")
-            first = max(first if first == start else first + _HOUR, low)
-            last = min(floor_to(end, "hour"), high)
-        if first is None or last is None or first >= last or last - first > _SHORT_RANGE:
+        if start is None or end is None:
             pieces.append((start, end))
             continue
-        if start is None or start < first:
+        first = floor_to(start, "hour")
+        first = max(first if first == start else first + _HOUR, low)
+        last = min(floor_to(end, "hour"), high)
+        if first >= last or last - first > _SHORT_RANGE:
+            pieces.append((start, end))
+            continue
+        if start < first:
             pieces.append((start, first))
-        if end is None or last < end:
+        if last < end:
             pieces.append((last, end))
         hours.extend(first + _HOUR * n for n in range((last - first) // _HOUR))
     return sorted(hours), pieces
