@@ -28,11 +28,12 @@ exist is a trade between write cost and the questions they answer fast: see `LEV
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -44,6 +45,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    bindparam,
     case,
     cast,
     delete,
@@ -60,6 +62,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import CreateTable, DropTable
+from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.selectable import CompoundSelect, Subquery
 
 from action_metrics import latency_sketches, sketch
@@ -409,6 +412,64 @@ class Scope:
             terms.append(model == self.model)
         return terms
 
+    @property
+    def shape(self) -> tuple[bool, bool, bool, bool]:
+        """Which of since, until, model and ids are given: all a statement of `bound_terms` depends on."""
+        return (self.since is not None, self.until is not None, self.model is not None, self.ids is not None)
+
+    def bound_terms(
+        self,
+        moment: ColumnElement[Any],
+        model: ColumnElement[str],
+        ids: ColumnElement[Any] | None = None,
+    ) -> list[ColumnElement[bool]]:
+        """`terms` (and the ids, given their column `ids`) with the values bound by name (`parameters`), for a
+        statement built once per shape (`_reused`)."""
+        terms: list[ColumnElement[bool]] = []
+        if self.since is not None:
+            terms.append(moment >= bindparam("scope_since"))
+        if self.until is not None:
+            terms.append(moment < bindparam("scope_until"))
+        if self.model is not None:
+            terms.append(model == bindparam("scope_model"))
+        if self.ids is not None:
+            assert ids is not None, "a scope of ids selects raw rows"
+            terms.append(ids.in_(bindparam("scope_ids", expanding=True)))
+        return terms
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The values `bound_terms` binds."""
+        values: dict[str, Any] = {
+            "scope_since": self.since,
+            "scope_until": self.until,
+            "scope_model": self.model,
+        }
+        parameters = {name: value for name, value in values.items() if value is not None}
+        if self.ids is not None:
+            parameters["scope_ids"] = list(self.ids)
+        return parameters
+
+
+E = TypeVar("E", bound=Executable)
+_built: dict[tuple[Any, ...], Any] = {}
+_built_lock = threading.Lock()
+
+
+def _reused(key: tuple[Any, ...], build: Callable[[], E]) -> E:
+    """`build()`, once per process for `key`: the fill statements are rebuilt for every bucket closed
+    and every late batch otherwise, and building them (not running them) took most of a small batch's
+    time. A statement holds no values (`Scope.bound_terms`), no engine and no URL, so every store on
+    the same kind of database (`key` holds the backend's class) shares it; its cache key is memoized
+    and its compiled form kept in each engine's compiled cache."""
+    with _built_lock:
+        statement = _built.get(key)
+    if statement is None:  # built outside the lock: two threads may both build it, alike
+        built = build()
+        with _built_lock:
+            statement = _built.setdefault(key, built)
+    return statement  # type: ignore[no-any-return]
+
 
 _scratch_columns = [
     Column("town_id", rollup.c.town_id.type),
@@ -431,11 +492,10 @@ every level: one pass over the raw table instead of one per level."""
 
 
 def _raw_rows(scope: Scope) -> Select[Any]:
-    """The scope's raw rows as the scratch table holds them: keys, sums' terms and latency bin."""
+    """The scope's raw rows as the scratch table holds them: keys, sums' terms and latency bin (the
+    scope's values bound by name: `Scope.parameters`)."""
     m = action_metrics
-    where = scope.terms(m.c.timestamp, m.c.model)
-    if scope.ids is not None:
-        where.append(m.c.id.in_(scope.ids))
+    where = scope.bound_terms(m.c.timestamp, m.c.model, m.c.id)
     sums = raw_sums(m)
     return select(
         m.c.town_id,
@@ -452,7 +512,10 @@ def _raw_rows(scope: Scope) -> Select[Any]:
 async def _copy_raw_rows(connection: AsyncConnection, scope: Scope) -> None:
     await connection.execute(CreateTable(_scratch))
     columns = [column.name for column in _scratch_columns]
-    await connection.execute(insert(_scratch).from_select(columns, _raw_rows(scope)))
+    statement = _reused(
+        ("scratch", scope.shape), lambda: insert(_scratch).from_select(columns, _raw_rows(scope))
+    )
+    await connection.execute(statement, scope.parameters)
 
 
 def _raw_source(*, histogram: bool) -> Subquery:
@@ -474,7 +537,7 @@ def _level_source(finer: Level, scope: Scope, *, histogram: bool) -> Subquery:
             table.c.start.label("at"),
             *(table.c[name] for name in measures),
         )
-        .where(*finer.rows(table), *scope.terms(table.c.start, table.c.model))
+        .where(*finer.rows(table), *scope.bound_terms(table.c.start, table.c.model))
         .subquery("source")
     )
 
@@ -550,6 +613,34 @@ def _fill_histogram(level: Level, source: Subquery, backend: Backend, *, merge: 
     return _summed_into(latency_histogram, level, source, start, ("bin",), ("count",), backend, merge)
 
 
+def _fill_statement(
+    backend: Backend,
+    level: Level,
+    origin: Level | Literal["raw", "scratch"],
+    scope: Scope,
+    *,
+    histogram: bool,
+    split: bool,
+    merge: bool,
+) -> Executable:
+    """The INSERT adding the scope's rows of `origin` (a finer level, the raw rows, or the scratch
+    table's copy of them) to `level`'s sums or histogram; built once per process (`_reused`)."""
+
+    def build() -> Executable:
+        if origin == "scratch":
+            source = _raw_source(histogram=histogram)
+        elif origin == "raw":
+            source = _raw_rows(scope).subquery("source")
+        else:
+            source = _level_source(origin, scope, histogram=histogram)
+        if histogram:
+            return _fill_histogram(level, source, backend, merge=merge)  # type: ignore[no-any-return]
+        return _fill_sums(level, source, backend, split=split, merge=merge)  # type: ignore[no-any-return]
+
+    shape = () if origin == "scratch" else scope.shape
+    return _reused(("fill", type(backend), level, origin, shape, histogram, split, merge), build)
+
+
 async def _prices_start_inside(connection: AsyncConnection, grain: Grain, scope: Scope) -> bool:
     """Whether a model or credit price begins strictly inside a `grain` bucket of the scope's range:
     from the start of the bucket holding `since` (a late metric at 23:50 goes into the day's row that
@@ -591,23 +682,22 @@ async def fill(
             [(True, level.histogram_from)] if level.histogram and histograms else []
         )
         for histogram, finer in sources:
+            origin: Level | Literal["raw", "scratch"]
             if finer is not None and closing:
-                source = _level_source(finer, scope, histogram=histogram)
+                origin = finer
             elif not copied and level.keeps == USER:
                 # A closing day's user rows are the only ones summed from raw rows: read them where
                 # they are rather than copy a day of them.
-                source = _raw_rows(scope).subquery("source")
+                origin = "raw"
             else:
                 if not copied:
                     await _copy_raw_rows(connection, scope)
                     copied = True
-                source = _raw_source(histogram=histogram)
-            statement = (
-                _fill_histogram(level, source, backend, merge=merge)
-                if histogram
-                else _fill_sums(level, source, backend, split=split[level.grain], merge=merge)
+                origin = "scratch"
+            statement = _fill_statement(
+                backend, level, origin, scope, histogram=histogram, split=split[level.grain], merge=merge
             )
-            await connection.execute(statement)
+            await connection.execute(statement, {} if origin == "scratch" else scope.parameters)
     if sketch_levels is None:
         sketch_levels = latency_sketches.levels_of(sorted(grains))
     if histograms:
@@ -633,12 +723,19 @@ async def _write_sketches(
     *,
     new: bool,
 ) -> None:
-    binned = await connection.execute(_sketch_bins(level, scope, backend))
+    statement = _reused(
+        ("sketch bins", type(backend), level, scope.shape), lambda: _sketch_bins(level, scope, backend)
+    )
+    binned = await connection.execute(statement, scope.parameters)
     await latency_sketches.add(connection, backend, level, binned.all(), new=new)
 
 
 def _scratch_bins(level: latency_sketches.SketchLevel, backend: Backend) -> Select[Any]:
     """`_sketch_bins` of the raw rows copied to the scratch table (their bins computed once)."""
+    return _reused(("scratch bins", type(backend), level), lambda: _build_scratch_bins(level, backend))
+
+
+def _build_scratch_bins(level: latency_sketches.SketchLevel, backend: Backend) -> Select[Any]:
     s = _scratch
     binned = (
         select(
@@ -656,9 +753,7 @@ def _scratch_bins(level: latency_sketches.SketchLevel, backend: Backend) -> Sele
 def _sketch_bins(level: latency_sketches.SketchLevel, scope: Scope, backend: Backend) -> Select[Any]:
     """The scope's successful actions' latencies binned per key of the sketch level and bucket."""
     m = action_metrics
-    where = [*scope.terms(m.c.timestamp, m.c.model), m.c.error.is_(None)]
-    if scope.ids is not None:
-        where.append(m.c.id.in_(scope.ids))
+    where = [*scope.bound_terms(m.c.timestamp, m.c.model, m.c.id), m.c.error.is_(None)]
     binned = (
         select(
             level.key_of(m.c).label("key"),
