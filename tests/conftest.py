@@ -169,6 +169,14 @@ class Databases:
         self.workdir = workdir
         self._created: list[str] = []
         self._template: str | None = None
+        self._clickhouse_admin: Any = None
+
+    def _clickhouse_client(self, url: str) -> Any:
+        """One client without a database for this process's engine directory, kept for the session:
+        opening one takes ~0.15 s (it asks the server its version and settings), twice a test."""
+        if self._clickhouse_admin is None:
+            self._clickhouse_admin = clickhouse.ClickHouseURL.parse(url).connect(with_database=False)
+        return self._clickhouse_admin
 
     def empty(self) -> str:
         token = uuid.uuid4().hex[:12]
@@ -211,33 +219,26 @@ class Databases:
         template = clickhouse.ClickHouseURL.parse(self._template).database
         url = self.empty()
         database = clickhouse.ClickHouseURL.parse(url).database
-        client = clickhouse.ClickHouseURL.parse(url).connect(with_database=False)
-        try:
-            objects = client.query(
-                "SELECT name, create_table_query, total_rows FROM system.tables WHERE database = {d:String} "
-                "ORDER BY engine = 'MaterializedView', name",  # a view after the tables it reads and writes
-                parameters={"d": template},
-            ).result_rows
-            client.command("CREATE DATABASE {d:Identifier}", parameters={"d": database})
-            for _, create, _ in objects:
-                client.command(create.replace(f"{template}.", f"{database}."))
-            for name, _, rows in objects:
-                if rows:
-                    client.command(f"INSERT INTO {database}.{name} SELECT * FROM {template}.{name}")
-        finally:
-            client.close()
+        client = self._clickhouse_client(url)
+        objects = client.query(
+            "SELECT name, create_table_query, total_rows FROM system.tables WHERE database = {d:String} "
+            "ORDER BY engine = 'MaterializedView', name",  # a view after the tables it reads and writes
+            parameters={"d": template},
+        ).result_rows
+        client.command("CREATE DATABASE {d:Identifier}", parameters={"d": database})
+        for _, create, _ in objects:
+            client.command(create.replace(f"{template}.", f"{database}."))
+        for name, _, rows in objects:
+            if rows:
+                client.command(f"INSERT INTO {database}.{name} SELECT * FROM {template}.{name}")
         return url
 
     def drop(self, url: str) -> None:
         if self.name == "clickhouse":
-            client = clickhouse.ClickHouseURL.parse(url).connect(with_database=False)
-            try:
-                database = clickhouse.ClickHouseURL.parse(url).database
-                client.command(
-                    "DROP DATABASE IF EXISTS {database:Identifier}", parameters={"database": database}
-                )
-            finally:
-                client.close()
+            database = clickhouse.ClickHouseURL.parse(url).database
+            self._clickhouse_client(url).command(
+                "DROP DATABASE IF EXISTS {database:Identifier}", parameters={"database": database}
+            )
             return
         database = make_url(url).database or ""
         if self.name == "postgresql" and database in self._created:
@@ -245,6 +246,9 @@ class Databases:
             self._created.remove(database)
 
     def drop_all(self) -> None:
+        if self._clickhouse_admin is not None:
+            self._clickhouse_admin.close()
+            self._clickhouse_admin = None
         if self.name == "postgresql" and self._created:
             postgres_admin(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in self._created))
             self._created.clear()
