@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
@@ -301,17 +301,25 @@ async def project_path(url: str, metrics: Sequence[ActionMetric]) -> float:
 
 async def plain_sqlalchemy(url: str, metrics: Sequence[ActionMetric]) -> float:
     """The path before the bulk insert: Core INSERT ... ON CONFLICT DO NOTHING, same batches."""
+    return sum(await plain_inserts(url, metric_batches(metrics)))
+
+
+async def plain_inserts(url: str, batches: Iterable[Sequence[ActionMetric]]) -> list[float]:
+    """Each batch written by a Core INSERT ... ON CONFLICT DO NOTHING in a transaction of its own,
+    on one connection: the seconds each took."""
     backend = backend_for(url)
     engine = backend.create_engine()
     statement = backend.insert(action_metrics).on_conflict_do_nothing(index_elements=["id"])
     try:
         async with engine.connect() as connection:
             connection = await connection.execution_options(**{WRITE: True})
-            started = time.perf_counter()
-            for batch in metric_batches(metrics):
+            times = []
+            for batch in batches:
+                started = time.perf_counter()
                 async with connection.begin():
                     await connection.execute(statement, metric_rows(batch))
-            return time.perf_counter() - started
+                times.append(time.perf_counter() - started)
+            return times
     finally:
         await engine.dispose()
 

@@ -32,12 +32,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+from ingest import plain_inserts
 from sqlalchemy import make_url
 
 from action_metrics import ActionMetric, AsyncMetricsStore, migrate
-from action_metrics.dialects import WRITE, backend_for
-from action_metrics.query import metric_rows
-from action_metrics.schema import action_metrics
+from action_metrics.dialects import backend_for
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "ACTION_METRICS_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -121,21 +120,7 @@ async def through_the_store(
 async def plain(url: str, past: list[ActionMetric], batches: Sequence[list[ActionMetric]]) -> list[float]:
     async with AsyncMetricsStore(url) as store:  # the same history, so the same table size
         await store.emit_many(past)
-    backend = backend_for(url)
-    engine = backend.create_engine()
-    statement = backend.insert(action_metrics).on_conflict_do_nothing(index_elements=["id"])
-    try:
-        async with engine.connect() as connection:
-            connection = await connection.execution_options(**{WRITE: True})
-            times = []
-            for batch in batches:
-                started = time.perf_counter()
-                async with connection.begin():
-                    await connection.execute(statement, metric_rows(batch))
-                times.append(time.perf_counter() - started)
-            return times
-    finally:
-        await engine.dispose()
+    return await plain_inserts(url, batches)
 
 
 def summary(times: list[float]) -> tuple[float, float]:
