@@ -1,7 +1,9 @@
 """Metrics over the wire: `POST /v1/actions` on a real `action-metrics serve`, on both backends.
 
 Clients are the ones a writer in another language uses: `curl`, Node's built-in `fetch`, and httpx.
-What the store holds afterwards (`query()`) is compared with what was sent.
+What the store holds afterwards (`query()`) is compared with what was sent: the tests that only add
+metrics share one server per module and backend (`server`; starting one is most of such a test's
+time), and each compares what its requests added to the store with what it sent.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import metric
+from conftest import Databases, metric
 from serving import (
     LEGACY,
     READER,
@@ -42,12 +45,6 @@ from action_metrics.errors import DataRejected
 from action_metrics.intake import GroupCommit, IntakeLimits
 
 
-@pytest.fixture
-def server(database_url: str) -> Iterator[Server]:
-    with serving(database_url) as running:
-        yield running
-
-
 def stored(url: str) -> dict[str, dict[str, Any]]:
     """Every metric in the database, by id, in `to_dict()` form."""
     with MetricsStore(url) as store:
@@ -55,6 +52,43 @@ def stored(url: str) -> dict[str, dict[str, Any]]:
     by_id = {str(metric.id): metric.to_dict() for metric in metrics}
     assert len(by_id) == len(metrics), "an id is stored twice"
     return by_id
+
+
+@dataclass(frozen=True)
+class SharedServer:
+    """The module's server for one test: where it listens, its database, and the ids its store held
+    when the test began (a test process runs one test at a time, so nothing else writes meanwhile)."""
+
+    running: Server
+    before: frozenset[str]
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+
+def added(server: SharedServer) -> dict[str, dict[str, Any]]:
+    """What the test's requests added to the store: `stored` but the ids held when it began."""
+    return {key: item for key, item in stored(server.url).items() if key not in server.before}
+
+
+@pytest.fixture(scope="module")
+def module_server(backend: Databases) -> Iterator[Server]:
+    url = backend.migrated()
+    try:
+        with serving(url) as running:
+            yield running
+    finally:
+        backend.drop(url)
+
+
+@pytest.fixture
+def server(module_server: Server) -> SharedServer:
+    return SharedServer(module_server, frozenset(stored(module_server.url)))
 
 
 def sent_metrics(count: int, **fields: Any) -> list[dict[str, Any]]:
@@ -72,7 +106,7 @@ def sent_metrics(count: int, **fields: Any) -> list[dict[str, Any]]:
     ]
 
 
-def post(server: Server, body: bytes, token: str = WRITER, **headers: str) -> httpx.Response:
+def post(server: Server | SharedServer, body: bytes, token: str = WRITER, **headers: str) -> httpx.Response:
     headers = {"Content-Type": "application/json", **bearer(token), **headers}
     return httpx.post(f"{server.address}/v1/actions", content=body, headers=headers, timeout=120)
 
@@ -81,7 +115,7 @@ def post(server: Server, body: bytes, token: str = WRITER, **headers: str) -> ht
 
 
 def test_curl_posts_an_array_and_gzip_ndjson_and_the_store_holds_what_was_sent(
-    server: Server, tmp_path: Path
+    server: SharedServer, tmp_path: Path
 ) -> None:
     array, lines = sent_metrics(300, town_id="town-a"), sent_metrics(200, user_id="user-2")
     (tmp_path / "array.json").write_text(json.dumps(array))
@@ -116,7 +150,7 @@ def test_curl_posts_an_array_and_gzip_ndjson_and_the_store_holds_what_was_sent(
         "duplicate": 0,
         "rejected": [],
     }
-    assert stored(server.url) == {item["id"]: item for item in array + lines}
+    assert added(server) == {item["id"]: item for item in array + lines}
 
 
 NODE_WRITER = r"""
@@ -150,13 +184,15 @@ const text = ndjson ? sent.map((m) => JSON.stringify(m)).join("\n") : JSON.strin
 
 
 @pytest.mark.parametrize("body_format", ["array", "ndjson"])
-def test_node_fetch_posts_metrics_and_the_store_holds_what_was_sent(server: Server, body_format: str) -> None:
+def test_node_fetch_posts_metrics_and_the_store_holds_what_was_sent(
+    server: SharedServer, body_format: str
+) -> None:
     report = run_node(
         NODE_WRITER, ADDRESS=server.address, TOKEN=TOWN_A_WRITER, COUNT="250", FORMAT=body_format
     )
     assert report["status"] == 200
     assert report["answer"] == {"stored": 250, "duplicate": 0, "rejected": []}
-    holds = stored(server.url)
+    holds = added(server)
     assert set(holds) == {item["id"] for item in report["sent"]}
     for item in report["sent"]:
         kept = holds[item["id"]]
@@ -168,7 +204,7 @@ def test_node_fetch_posts_metrics_and_the_store_holds_what_was_sent(server: Serv
 # --- what each item gets ---------------------------------------------------------------------------
 
 
-def test_bad_items_are_rejected_with_their_index_and_field_and_the_rest_stored(server: Server) -> None:
+def test_bad_items_are_rejected_with_their_index_and_field_and_the_rest_stored(server: SharedServer) -> None:
     good = sent_metrics(4)
     items: list[Any] = [
         good[0],
@@ -204,12 +240,17 @@ def test_bad_items_are_rejected_with_their_index_and_field_and_the_rest_stored(s
         (11, "metric"),
     ]
     assert all(item["error"] for item in result["rejected"])
-    assert stored(server.url) == {item["id"]: item for item in good}
+    assert added(server) == {item["id"]: item for item in good}
 
 
 def test_items_from_before_the_prune_cut_off_are_rejected_naming_timestamp_and_the_rest_stored(
-    server: Server,
+    database_url: str,
 ) -> None:
+    with serving(database_url) as server:  # a server of its own: it prunes its store
+        prune_and_post(server)
+
+
+def prune_and_post(server: Server) -> None:
     ten_days_ago = datetime.now(UTC) - timedelta(days=10)
     pruned = [metric(timestamp=ten_days_ago + timedelta(minutes=i)) for i in range(3)]
     with MetricsStore(server.url) as store:
@@ -233,15 +274,15 @@ def test_items_from_before_the_prune_cut_off_are_rejected_naming_timestamp_and_t
     assert kept == {item["id"]: item for item in good}
 
 
-def test_duplicates_are_counted_and_stored_once(server: Server) -> None:
+def test_duplicates_are_counted_and_stored_once(server: SharedServer) -> None:
     first, second = sent_metrics(10), sent_metrics(5)
     assert post(server, json.dumps(first).encode()).json() == {"stored": 10, "duplicate": 0, "rejected": []}
     again = first[:6] + second + second[:2]  # six sent before, two twice within the request
     assert post(server, json.dumps(again).encode()).json() == {"stored": 5, "duplicate": 8, "rejected": []}
-    assert stored(server.url) == {item["id"]: item for item in first + second}
+    assert added(server) == {item["id"]: item for item in first + second}
 
 
-def test_ndjson_lines_that_are_not_json_are_rejected_alone_by_line_number(server: Server) -> None:
+def test_ndjson_lines_that_are_not_json_are_rejected_alone_by_line_number(server: SharedServer) -> None:
     """An NDJSON item's index is its line's number from 0, blank lines counted: what a client maps
     back to the lines it sent."""
     good = sent_metrics(3)
@@ -252,7 +293,7 @@ def test_ndjson_lines_that_are_not_json_are_rejected_alone_by_line_number(server
     result = answer.json()
     assert (result["stored"], result["duplicate"]) == (3, 0)
     assert [(item["index"], item["field"]) for item in result["rejected"]] == [(1, None), (4, None)]
-    assert set(stored(server.url)) == {item["id"] for item in good}
+    assert set(added(server)) == {item["id"] for item in good}
 
 
 CUT_EMOJI = "\ud83d"
@@ -262,7 +303,7 @@ CUT_EMOJI = "\ud83d"
 
 @pytest.mark.parametrize("body_format", ["array", "ndjson"])
 def test_an_item_holding_a_lone_surrogate_is_rejected_alone_naming_its_field(
-    server: Server, body_format: str
+    server: SharedServer, body_format: str
 ) -> None:
     good = sent_metrics(3)
     items: list[Any] = [
@@ -286,7 +327,7 @@ def test_an_item_holding_a_lone_surrogate_is_rejected_alone_naming_its_field(
         (3, "metadata"),
         (4, "\\ud83d"),  # an unknown key named as JSON escapes it: the answer is valid UTF-8
     ]
-    assert stored(server.url) == {item["id"]: item for item in good}
+    assert added(server) == {item["id"]: item for item in good}
 
 
 WIDE_INTEGERS = {"request": 2**64, "below": -(2**63) - 1, "huge": 10**30, "nested": {"ids": [2**64 + 1]}}
@@ -303,7 +344,7 @@ def typed(value: Any) -> Any:
 
 
 def test_integers_beyond_64_bits_in_metadata_are_stored_exactly_and_a_float_stays_a_float(
-    server: Server,
+    server: SharedServer,
 ) -> None:
     array, lines = sent_metrics(3), sent_metrics(3, user_id="user-2")
     for items in (array, lines):
@@ -316,7 +357,7 @@ def test_integers_beyond_64_bits_in_metadata_are_stored_exactly_and_a_float_stay
         "duplicate": 0,
         "rejected": [],
     }
-    holds = stored(server.url)
+    holds = added(server)
     for item in array + lines:
         assert typed(holds[item["id"]]["metadata"]) == typed(item["metadata"])
     assert holds[array[0]["id"]]["metadata"]["request"] == 18446744073709551616
@@ -324,7 +365,7 @@ def test_integers_beyond_64_bits_in_metadata_are_stored_exactly_and_a_float_stay
 
 
 def test_a_number_beyond_a_double_is_kept_as_an_int_or_rejected_alone_as_an_infinity(
-    server: Server,
+    server: SharedServer,
 ) -> None:
     """orjson refuses a number past 1.8e308; Python keeps such an integer and refuses an infinite
     float (what `1e400` is) naming its field: so does the wire, in an array and in NDJSON."""
@@ -349,7 +390,7 @@ def test_a_number_beyond_a_double_is_kept_as_an_int_or_rejected_alone_as_an_infi
         with pytest.raises(InvalidMetric) as refused:
             ActionMetric.from_dict({**good[2], field: value})
         assert refused.value.field == field
-    holds = stored(server.url)
+    holds = added(server)
     assert holds == {item["id"]: item for item in (good[0], items[1], good[3])}
     assert holds[good[1]["id"]]["metadata"]["digits"] == 10**400
 
@@ -357,7 +398,7 @@ def test_a_number_beyond_a_double_is_kept_as_an_int_or_rejected_alone_as_an_infi
 # --- tokens ---------------------------------------------------------------------------------------
 
 
-def test_a_town_limited_token_writes_only_its_towns(server: Server) -> None:
+def test_a_town_limited_token_writes_only_its_towns(server: SharedServer) -> None:
     mine, theirs = sent_metrics(3, town_id="town-a"), sent_metrics(2, town_id="town-b")
     answer = post(
         server, json.dumps([mine[0], theirs[0], mine[1], theirs[1], mine[2]]).encode(), TOWN_A_WRITER
@@ -365,10 +406,10 @@ def test_a_town_limited_token_writes_only_its_towns(server: Server) -> None:
     result = answer.json()
     assert (result["stored"], result["duplicate"]) == (3, 0)
     assert [(item["index"], item["field"]) for item in result["rejected"]] == [(1, "town_id"), (3, "town_id")]
-    assert set(stored(server.url)) == {item["id"] for item in mine}
+    assert set(added(server)) == {item["id"] for item in mine}
 
 
-def test_read_only_tokens_cannot_write_and_write_only_tokens_cannot_read(server: Server) -> None:
+def test_read_only_tokens_cannot_write_and_write_only_tokens_cannot_read(server: SharedServer) -> None:
     body = json.dumps(sent_metrics(2)).encode()
     # A token configured before tokens could write (ACTION_METRICS_API_TOKEN, or an entry without
     # a scope) still only reads.
@@ -380,7 +421,7 @@ def test_read_only_tokens_cannot_write_and_write_only_tokens_cannot_read(server:
     assert post(server, body, "not-a-token-of-this-server-0123").status_code == 401
     assert httpx.post(f"{server.address}/v1/actions", content=body).status_code == 401
     assert httpx.get(f"{server.address}/v1/town/town-a/metrics", headers=bearer(WRITER)).status_code == 403
-    assert stored(server.url) == {}
+    assert added(server) == {}
 
 
 def test_token_scopes_parse_backward_compatibly() -> None:
