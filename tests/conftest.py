@@ -289,10 +289,9 @@ def database_url(backend: Databases) -> Iterator[str]:
     backend.drop(url)
 
 
-@pytest.fixture(scope="module")
-def refusing_server(backend: Databases) -> Iterator[Any]:
-    """One `action-metrics serve` (tests/serving.py) per module and backend, shared by the tests that
-    send only what it must refuse, so store nothing: starting a server is most of such a test's time."""
+def serving_a_database(backend: Databases) -> Iterator[Any]:
+    """`action-metrics serve` (tests/serving.py) of a database of its own, dropped after it stops:
+    a module-scoped fixture's server, shared by its tests (starting one is most of such a test's time)."""
     from serving import serving
 
     url = backend.migrated()
@@ -301,6 +300,13 @@ def refusing_server(backend: Databases) -> Iterator[Any]:
             yield running
     finally:
         backend.drop(url)
+
+
+@pytest.fixture(scope="module")
+def refusing_server(backend: Databases) -> Iterator[Any]:
+    """One server per module and backend for the tests that send only what it must refuse, so store
+    nothing."""
+    yield from serving_a_database(backend)
 
 
 @pytest.fixture

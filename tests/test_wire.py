@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Databases, metric
+from conftest import Databases, metric, serving_a_database
 from serving import (
     LEGACY,
     READER,
@@ -78,12 +78,7 @@ def added(server: SharedServer) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def module_server(backend: Databases) -> Iterator[Server]:
-    url = backend.migrated()
-    try:
-        with serving(url) as running:
-            yield running
-    finally:
-        backend.drop(url)
+    yield from serving_a_database(backend)
 
 
 @pytest.fixture
