@@ -26,6 +26,7 @@ from action_metrics import (
     InvalidPrice,
     MetricInPrunedPeriod,
     MetricsStore,
+    rollup,
 )
 from action_metrics.errors import RawRowsPruned
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M
@@ -151,6 +152,39 @@ def test_late_and_resent_metrics_are_counted_once_in_the_closed_buckets(database
             _assert_everything(store, everything, _book(), **window)
         assert not store.aggregate().percentiles_exact  # the rollups answered
         _assert_sketches_match_the_raw_rows(store, everything)
+
+
+def test_batches_closing_and_adding_to_other_buckets_reuse_the_statements_built_before(
+    database_url: str,
+) -> None:
+    """The fill statements are built once per process, level and kind of scope, the scope's bounds
+    and ids bound by name (`rollup._reused`): batches that close other hours and days, and late
+    batches into other closed hours with other ids, build none of their own. A bound or an id
+    written into a statement's key would have every batch build one and keep it for the life of the
+    process. Fixed days, inside one month: a month's close builds statements of its own."""
+    rng = random.Random(7)
+    first = datetime(2026, 3, 9, tzinfo=UTC)
+
+    def batch(day: int, hour: int, count: int = 6) -> list[ActionMetric]:
+        at = first + timedelta(days=day, hours=hour)
+        return [_metric(rng, at + timedelta(minutes=7 * index)) for index in range(count)]
+
+    def hour_by_hour(since: int, until: int) -> list[list[ActionMetric]]:
+        """On time: a batch in each hour from `since` to `until` (hours from the first day's start)."""
+        return [batch(0, hour) for hour in range(since, until)]
+
+    with MetricsStore(database_url) as store:
+        # What batches of each kind build, if this process has not built it yet: hours and a day
+        # closed on time, late batches into closed hours.
+        for metrics in [*hour_by_hour(0, 30), batch(0, 3), batch(0, 20)]:
+            store.emit_many(metrics)
+        built = len(rollup._built)
+        for metrics in [*hour_by_hour(30, 54), batch(0, 9), batch(1, 2), batch(1, 14), batch(0, 22)]:
+            store.emit_many(metrics)
+        assert len(rollup._built) == built
+        closed = _state(store).days_closed_until
+        assert closed == first + timedelta(days=2)  # two days closed, the second by the measured batches
+        assert store.aggregate(exact=True).count == 6 * (54 + 6)
 
 
 def test_a_price_set_afterwards_inside_closed_buckets_reprices_them(database_url: str) -> None:
