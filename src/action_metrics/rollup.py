@@ -402,16 +402,6 @@ class Scope:
     model: str | None = None
     ids: tuple[Any, ...] | None = None
 
-    def terms(self, moment: ColumnElement[Any], model: ColumnElement[str]) -> list[ColumnElement[bool]]:
-        terms: list[ColumnElement[bool]] = []
-        if self.since is not None:
-            terms.append(moment >= self.since)
-        if self.until is not None:
-            terms.append(moment < self.until)
-        if self.model is not None:
-            terms.append(model == self.model)
-        return terms
-
     @property
     def shape(self) -> tuple[bool, bool, bool, bool]:
         """Which of since, until, model and ids are given: all a statement of `bound_terms` depends on."""
@@ -423,8 +413,9 @@ class Scope:
         model: ColumnElement[str],
         ids: ColumnElement[Any] | None = None,
     ) -> list[ColumnElement[bool]]:
-        """`terms` (and the ids, given their column `ids`) with the values bound by name (`parameters`), for a
-        statement built once per shape (`_reused`)."""
+        """WHERE terms selecting the scope's rows by their `moment` and `model` (and, given their
+        column, `ids`), the values bound by name (`parameters`): a statement of them is built once
+        per shape (`_reused`)."""
         terms: list[ColumnElement[bool]] = []
         if self.since is not None:
             terms.append(moment >= bindparam("scope_since"))
@@ -723,10 +714,7 @@ async def _write_sketches(
     *,
     new: bool,
 ) -> None:
-    statement = _reused(
-        ("sketch bins", type(backend), level, scope.shape), lambda: _sketch_bins(level, scope, backend)
-    )
-    binned = await connection.execute(statement, scope.parameters)
+    binned = await connection.execute(_sketch_bins(level, scope, backend), scope.parameters)
     await latency_sketches.add(connection, backend, level, binned.all(), new=new)
 
 
@@ -751,7 +739,14 @@ def _build_scratch_bins(level: latency_sketches.SketchLevel, backend: Backend) -
 
 
 def _sketch_bins(level: latency_sketches.SketchLevel, scope: Scope, backend: Backend) -> Select[Any]:
-    """The scope's successful actions' latencies binned per key of the sketch level and bucket."""
+    """The scope's successful actions' latencies binned per key of the sketch level and bucket (the
+    scope's values bound by name: `Scope.parameters`)."""
+    return _reused(
+        ("sketch bins", type(backend), level, scope.shape), lambda: _build_sketch_bins(level, scope, backend)
+    )
+
+
+def _build_sketch_bins(level: latency_sketches.SketchLevel, scope: Scope, backend: Backend) -> Select[Any]:
     m = action_metrics
     where = [*scope.bound_terms(m.c.timestamp, m.c.model, m.c.id), m.c.error.is_(None)]
     binned = (
@@ -1054,7 +1049,8 @@ async def rebuild(
         for level in levels:
             table = level.table
             await connection.execute(
-                delete(table).where(*level.rows(table), *scope.terms(table.c.start, table.c.model))
+                delete(table).where(*level.rows(table), *scope.bound_terms(table.c.start, table.c.model)),
+                scope.parameters,
             )
         await fill(connection, backend, levels, scope, closing=grain == "month", histograms=False)
 
@@ -1082,8 +1078,8 @@ async def _clear(
 ) -> None:
     """Delete the sums of `grain`'s levels in the scope (of these tables)."""
     for table in tables:
-        where = [table.c.grain == grain, *scope.terms(table.c.start, table.c.model)]
-        await connection.execute(delete(table).where(*where))
+        where = [table.c.grain == grain, *scope.bound_terms(table.c.start, table.c.model)]
+        await connection.execute(delete(table).where(*where), scope.parameters)
 
 
 # --- reading -----------------------------------------------------------------------------------------
