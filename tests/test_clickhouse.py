@@ -13,6 +13,7 @@ import itertools
 import random
 import re
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -37,7 +38,7 @@ from test_aggregate import (
 from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
 from action_metrics.breakdown import SORT_KEYS
 from action_metrics.cli import run_async
-from action_metrics.clickhouse import EARLIEST, ClickHouseURL, head_version, schema_versions
+from action_metrics.clickhouse import EARLIEST, USER_ROLLUPS, ClickHouseURL, head_version, schema_versions
 from action_metrics.clickhouse_repository import Plan, _ranges_sql, corrected_plan, plan
 from action_metrics.errors import (
     DataRejected,
@@ -114,8 +115,10 @@ def dataset(engine_directory: Path) -> Iterator[Dataset]:
 def test_aggregate_matches_the_reference(dataset: Dataset, filters: dict[str, Any], exact: bool) -> None:
     expected = expected_aggregate(dataset.select(**filters), dataset.book)
     aggregate = dataset.store.aggregate(exact=exact, **filters).to_dict()
-    # The rollups answer unless the question is exact or keeps what they do not (a user, a citizen, a limit).
-    raw_only = exact or any(name in filters for name in ("user_id", "citizen_id", "limit"))
+    # The rollups answer unless the question is exact or keeps what none does (a citizen, a limit, a
+    # user with a town or an action type).
+    users_beside = "user_id" in filters and any(name in filters for name in ("town_id", "action_type"))
+    raw_only = exact or users_beside or any(name in filters for name in ("citizen_id", "limit"))
     assert aggregate["percentiles_exact"] is raw_only
     assert_matches(aggregate, expected)
 
@@ -395,13 +398,21 @@ def test_prune_drops_old_months_and_rows_and_the_rollups_still_answer_for_them(c
             expected_aggregate([one for one in metrics if one.timestamp >= a_day_earlier], _seed_book()),
         )
         assert [row.to_dict() for row in store.breakdown("town_id", bucket="day", sort="count")] == before
+        # The user rollups keep the pruned period's whole UTC days and months.
+        user = metrics[0].user_id
+        of_user = [one for one in metrics if one.user_id == user]
+        assert_matches(store.aggregate(user_id=user).to_dict(), expected_aggregate(of_user, _seed_book()))
+        per_user = {row.keys["user_id"]: row.figures.count for row in store.breakdown("user_id")}
+        assert per_user == Counter(one.user_id for one in metrics)
+        with pytest.raises(RawRowsPruned, match="for whole UTC days without exact=True"):
+            store.breakdown("user_id", since=cutoff - timedelta(minutes=90))  # a partial hour
         for call in (
             lambda: store.aggregate(exact=True),
             lambda: store.aggregate(since=cutoff - timedelta(minutes=90)),  # a partial hour
-            lambda: store.aggregate(user_id="u1"),
+            lambda: store.aggregate(user_id=user, town_id=kept[0].town_id),
             lambda: store.aggregate(limit=len(kept) + 1),
             lambda: store.query(),
-            lambda: store.breakdown("user_id"),
+            lambda: store.breakdown("user_id", exact=True),
         ):
             with pytest.raises(RawRowsPruned, match=re.escape(f"before {cutoff.isoformat()}")) as raised:
                 call()
@@ -1145,6 +1156,105 @@ def test_upgrade_from_version_6_fills_the_months_from_the_days(clickhouse_url: s
         kept = [m for m in metrics if m.timestamp >= datetime(2026, 7, 10, tzinfo=UTC)]
         assert_matches(got.to_dict(), expected_aggregate(kept, _seed_book()))
         assert store.aggregate().count == len(metrics)  # whole months and days of the pruned period
+
+
+def test_upgrade_from_version_7_fills_the_user_rollups_and_refuses_what_an_earlier_prune_took(
+    clickhouse_url: str,
+) -> None:
+    """Version 8's rollups per user are filled from the timeline (also when the upgrade is run again
+    after an interruption): what a prune removed before it is in none, so a question about users
+    reaching before that cut-off is refused, and answered from it on; a later prune keeps them. A
+    row added by hand to a month's user rollup shows in every question about users holding that
+    month (the months are what is read); `db downgrade 7` takes them away and the answers stay."""
+    first = datetime(2026, 6, 25, tzinfo=UTC)
+    metrics = [
+        metric(
+            timestamp=first + timedelta(hours=7, minutes=13) * i,
+            latency_ms=1 + i % 50,
+            tokens_in=100 + i,
+            user_id=f"user-{i % 3}",
+            model=("sonnet", "haiku")[i % 2],
+        )
+        for i in range(400)  # to the end of August
+    ]
+    cutoff = datetime(2026, 7, 10, tzinfo=UTC)
+    kept = [m for m in metrics if m.timestamp >= cutoff]
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics)
+        store.prune(cutoff)
+    assert run_cli("db", "downgrade", "7", "--url", clickhouse_url).exit_code == 0
+    assert not {*USER_ROLLUPS, "user_rollups_from"} & set(_tables(clickhouse_url))
+    client = ClickHouseURL.parse(clickhouse_url).connect()
+    try:
+        version = next(v for v in schema_versions() if v.number == 8)
+        for statement in version.statements()[:7]:  # cut off after the daily rollup's fill
+            client.command(statement)
+    finally:
+        client.close()
+    assert run_cli("db", "upgrade", "--url", clickhouse_url).exit_code == 0
+    for table in USER_ROLLUPS:
+        assert _rows(clickhouse_url, f"SELECT sum(count) FROM {table}") == [(len(kept),)]  # once each
+    book = _seed_book()
+    with MetricsStore(clickhouse_url) as store:
+        for question in (
+            lambda: store.breakdown("user_id"),
+            lambda: store.aggregate(user_id="user-1"),
+            lambda: store.breakdown("user_id", since=cutoff - timedelta(days=1)),
+        ):
+            with pytest.raises(RawRowsPruned, match=re.escape(f"before {cutoff.isoformat()}")):
+                question()
+        since = datetime(2026, 7, 20, 13, 37, tzinfo=UTC)
+        for window in (
+            {"since": cutoff},
+            {"since": since},
+            {"since": since, "until": datetime(2026, 8, 9, tzinfo=UTC)},
+        ):
+            rows = store.breakdown("user_id", **window)
+            assert len(rows) == 3
+            for row in rows:
+                chosen = select_like_the_store(kept, {**window, "user_id": row.keys["user_id"]})
+                expected = expected_aggregate(chosen, book)
+                del expected["by_model"]
+                assert_matches(row.figures.to_dict(), expected, where=f"{window} {row.keys}: ")
+            assert_matches(
+                store.aggregate(user_id="user-2", **window).to_dict(),
+                expected_aggregate(select_like_the_store(kept, {**window, "user_id": "user-2"}), book),
+            )
+        store.prune(datetime(2026, 8, 1, tzinfo=UTC))  # the user rollups keep what this one takes
+        august = [m for m in kept if m.timestamp >= datetime(2026, 8, 1, tzinfo=UTC)]
+        assert store.breakdown("user_id", since=cutoff)[0].figures.count == max(
+            Counter(m.user_id for m in kept).values()
+        )
+        assert store.aggregate(user_id="user-0", since=cutoff).count == sum(
+            m.user_id == "user-0" for m in kept
+        )
+    # A row added by hand to August's user rollup: in every question about users holding August.
+    client = ClickHouseURL.parse(clickhouse_url).connect()
+    try:
+        client.command(
+            "INSERT INTO action_metrics_rollup_monthly_user (start, user_id, model, credits, count, "
+            "succeeded, latency_bins) VALUES ('2026-08-01 00:00:00', 'user-0', 'haiku', 0, 1000, 0, ([], []))"
+        )
+    finally:
+        client.close()
+    with MetricsStore(clickhouse_url) as store:
+        of_user_0 = sum(m.user_id == "user-0" for m in kept)
+        assert store.aggregate(user_id="user-0", since=cutoff).count == of_user_0 + 1000
+        counts = {row.keys["user_id"]: row.figures.count for row in store.breakdown("user_id", since=cutoff)}
+        assert counts == {**Counter(m.user_id for m in kept), "user-0": of_user_0 + 1000}
+        in_july = store.aggregate(user_id="user-0", since=cutoff, until=datetime(2026, 8, 1, tzinfo=UTC))
+        assert in_july.count == of_user_0 - sum(m.user_id == "user-0" for m in august)
+    # Down and up again: filled from the timeline, which keeps August on.
+    assert run_cli("db", "downgrade", "7", "--url", clickhouse_url).exit_code == 0
+    assert not {*USER_ROLLUPS, "user_rollups_from"} & set(_tables(clickhouse_url))
+    assert run_cli("db", "upgrade", "--url", clickhouse_url).exit_code == 0
+    with MetricsStore(clickhouse_url) as store:
+        rows = store.breakdown("user_id", since=datetime(2026, 8, 1, tzinfo=UTC))
+        assert {row.keys["user_id"]: row.figures.count for row in rows} == Counter(m.user_id for m in august)
+        with pytest.raises(
+            RawRowsPruned, match=re.escape(f"before {datetime(2026, 8, 1, tzinfo=UTC).isoformat()}")
+        ):
+            store.breakdown("user_id", since=cutoff)
 
 
 def test_a_month_holding_a_price_change_is_corrected_from_the_hours_prune_split(clickhouse_url: str) -> None:

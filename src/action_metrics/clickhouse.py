@@ -54,6 +54,11 @@ MONTHLY_ROLLUPS: Final = {
     "action_metrics_rollup_hourly_detail": "action_metrics_rollup_monthly_detail",
 }
 """Each hourly rollup's sums per UTC month (sql/clickhouse/0007_months.sql)."""
+USER_ROLLUPS: Final = ("action_metrics_rollup_daily_user", "action_metrics_rollup_monthly_user")
+"""The sums per user, model and credit charge per UTC day and per UTC month (sql/clickhouse/0008_users.sql):
+no hourly level. They hold every action from `USER_ROLLUPS_FROM` on."""
+USER_ROLLUPS_FROM: Final = "user_rollups_from"
+"""The prune cut-off in force when version 8 filled the user rollups (no row: never pruned then)."""
 TIMELINE: Final = "action_metrics_timeline"
 """The actions, narrow, ordered by time, by user and by citizen (sql/clickhouse/0006): what the
 rollups leave to raw rows is read there, counted as the rollups count it."""

@@ -18,7 +18,7 @@ The same versions as `sql/clickhouse/`, rewritten statement by statement:
 - the ids table of version 5 is sharded by id as the actions are, fed per shard by its view.
 - version 6's daily rollups and timeline are sharded as the rollups are (rand()), each shard's views
   feeding its `_local` tables (the timeline's projections are part of each shard's table), and
-  version 7's monthly rollups the same way.
+  version 7's monthly rollups and version 8's rollups per user the same way.
 A statement of a new version that this printer cannot place on a cluster raises, so the test of
 the printed SQL fails rather than printing something half right.
 """
@@ -33,6 +33,7 @@ from action_metrics.clickhouse import (
     MONTHLY_ROLLUPS,
     ROLLUPS,
     TIMELINE,
+    USER_ROLLUPS,
     ClickHouseURL,
     upgrade_statements,
 )
@@ -48,7 +49,9 @@ its own, and a re-sent id is looked up where its first copy went."""
 SHARDING_KEYS: Final = {
     SHARDED: SHARDING_KEY,
     IDS: SHARDING_KEY,
-    **dict.fromkeys([*ROLLUPS, *DAILY_ROLLUPS.values(), *MONTHLY_ROLLUPS.values(), TIMELINE], "rand()"),
+    **dict.fromkeys(
+        [*ROLLUPS, *DAILY_ROLLUPS.values(), *MONTHLY_ROLLUPS.values(), *USER_ROLLUPS, TIMELINE], "rand()"
+    ),
 }
 """Every table split across shards, and how; the others are replicated whole to every node."""
 

@@ -52,6 +52,8 @@ from action_metrics.clickhouse import (
     MONTHLY_ROLLUPS,
     ROLLUPS,
     TIMELINE,
+    USER_ROLLUPS,
+    USER_ROLLUPS_FROM,
     VERSION_QUERY,
     ClickHouseURL,
     applied_version,
@@ -211,15 +213,6 @@ class _Sources:
     months: tuple[Range, ...] = ()
     corrections: tuple[Correction, ...] = ()
 
-    def rolled_up(self) -> list[tuple[str, tuple[Range, ...]]]:
-        """Each rollup read and the ranges of its `start` it reads."""
-        levels = [
-            (self.monthly_rollup, self.months),
-            (self.daily_rollup, self.days),
-            (self.rollup, self.hours),
-        ]
-        return [(table, ranges) for table, ranges in levels if ranges]
-
 
 _EXACT: Final = _Sources(exact=True)
 _TIMELINE_EXACT: Final = _Sources(exact=True, table=TIMELINE)
@@ -291,13 +284,18 @@ class Correction:
 
 
 def corrected_plan(
-    since: datetime | None, until: datetime | None, changes: Sequence[datetime]
+    since: datetime | None,
+    until: datetime | None,
+    changes: Sequence[datetime],
+    cuts: Sequence[datetime] = (),
 ) -> tuple[Plan, tuple[Correction, ...]]:
-    """[since, until) as whole months, days and hours whatever the prices did (`plan` without cuts),
-    and what a price change inside them needs: an hour holding one is read from raw rows (each priced
-    by its own period), a day or a month holding one from its rollup with a `Correction` from the
-    first change on. Over all time that reads a month where `plan` read the days around a change."""
-    coarse = plan(since, until, ())
+    """[since, until) as whole months, days and hours whatever the prices did (`plan` cut only at
+    `cuts`, a breakdown's buckets), and what a price change inside them needs: an hour holding one is
+    read from raw rows (each priced by its own period), a day or a month holding one from its rollup
+    with a `Correction` from the first change on. Over all time that reads a month where `plan` read
+    the days around a change. (No cut lies inside a day or a month read whole, so a correction's rows
+    fall in its bucket's.)"""
+    coarse = plan(since, until, cuts)
     raw, hours = list(coarse.raw), coarse.hours
     corrections: dict[datetime, Correction] = {}
     inside = {c for c in changes if (since is None or c > since) and (until is None or c < until)}
@@ -340,6 +338,12 @@ def _pruned_raw_from_hours(cut: Plan, cutoff: datetime, bounds: Sequence[int], q
     if not _on_split_edges(pruned, bounds):
         raise RawRowsPruned(cutoff, question, whole=_PRUNED_ANSWERED_FOR)
     return replace(cut, raw=raw, hours=_merged(sorted((*cut.hours, *pruned), key=_range_start)))
+
+
+def _hours_as_raw(cut: Plan) -> Plan:
+    """`cut` for a rollup without an hourly level (the user rollups): its whole hours read from the
+    timeline with its raw rows."""
+    return replace(cut, raw=_merged(sorted((*cut.raw, *cut.hours), key=_range_start)), hours=())
 
 
 def _range_start(bounded: Range) -> datetime:
@@ -450,7 +454,7 @@ _ROLLUP_SOURCE: Final = """
         {keys}
         r.model AS model,
         r.credits AS credits,
-        -- No rollup row spans a price change (each change cuts the window): its start's period is its own.
+        -- A row is priced by the period in force at its start (a `Correction` adds a change inside it).
         arrayCount(b -> b <= r.start, bounds) AS period,
         sum(r.count) AS g_count,
         sum(r.tokens_in) AS g_tokens_in,
@@ -473,29 +477,41 @@ periods AS ({sources}
 priced AS (
     SELECT
         {carried}
+        g.weight AS weight, toUInt8(g.base < 0) AS counted,
         g.model AS model, g.credits AS credits, g.g_count AS g_count, g.g_tokens_in AS g_tokens_in,
         g.g_tokens_out AS g_tokens_out, g.g_cache_read AS g_cache_read, g.g_cache_write AS g_cache_write,
         g.g_reasoning AS g_reasoning, g.g_latency_sum AS g_latency_sum, g.g_succeeded AS g_succeeded,
         g.g_latencies AS g_latencies,
         -- USD x 1e6, exact: the division by 1e6 is done once, on the sum. Period 0 is before any
         -- price: unpriced, no revenue.
-        if(g.period = 0, NULL,
+        if(g.priced_period = 0, NULL,
             toDecimal256(g.g_tokens_in - g.g_cache_read - g.g_cache_write, 0) * p.input_per_1m
             + toDecimal256(g.g_cache_read, 0) * coalesce(p.cache_read_per_1m, p.input_per_1m)
             + toDecimal256(g.g_cache_write, 0) * coalesce(p.cache_write_per_1m, p.input_per_1m)
             + toDecimal256(g.g_tokens_out, 0) * p.output_per_1m) AS cost_e6,
         toDecimal256(g.credits, 0)
-            * if(g.period = 0, toDecimal128(0, 9), coalesce(c.usd_per_credit, toDecimal128(0, 9)))
+            * if(g.priced_period = 0, toDecimal128(0, 9), coalesce(c.usd_per_credit, toDecimal128(0, 9)))
             AS unit_revenue
-    FROM (SELECT *, bounds[greatest(period, 1)] AS starts, toUInt8(1) AS one FROM periods) AS g
+    FROM (
+        SELECT *, pw.1 AS priced_period, pw.2 AS weight, bounds[greatest(priced_period, 1)] AS starts,
+            toUInt8(1) AS one
+        FROM periods
+        -- A correction's sums (base >= 0) at their own period's prices less its bucket row's.
+        ARRAY JOIN if(
+            base < 0, [(period, toInt8(1))], [(period, toInt8(1)), (toUInt64(base), toInt8(-1))]
+        ) AS pw
+    ) AS g
     ASOF LEFT JOIN (SELECT * FROM model_prices FINAL) AS p
         ON g.model = p.model AND g.starts >= p.effective_from
     ASOF LEFT JOIN (SELECT toUInt8(1) AS one, effective_from, usd_per_credit FROM credit_prices FINAL) AS c
         ON g.one = c.one AND g.starts >= c.effective_from
 )"""
-"""Raw rows and rollup rows summed per (group, model, credit charge, price period), as integers, and
-only those few sums priced: a price is looked up per period, not per action (the ASOF JOINs meet a
-few rows). `bounds` is every instant a price changes, read just before (`_prices`)."""
+"""Raw rows and rollup rows summed per (group, model, credit charge, price period, base), as integers,
+and only those few sums priced: a price is looked up per period, not per action (the ASOF JOINs meet
+a few rows). `bounds` is every instant a price changes, read just before (`_prices`). `base` is -1
+for what the window reads, or for a `Correction`'s sums the price period its bucket's row is priced
+by: those rows count no action (`counted` 0) and add their money at their own period's prices
+(`weight` 1) less the base's (-1)."""
 _PRICED_COLUMNS: Final = {
     _RAW: "model, timestamp, tokens_in, tokens_out, cache_read_tokens, cache_write_tokens, "
     "reasoning_tokens, credits_charged, latency_ms, error IS NULL AS succeeded",
@@ -503,26 +519,27 @@ _PRICED_COLUMNS: Final = {
     "reasoning_tokens, credits_charged, latency_ms, succeeded",
 }
 _FIGURES: Final = """
-    sum(g_count) AS f_count,
-    sum(g_tokens_in) AS f_tokens_in,
-    sum(g_tokens_out) AS f_tokens_out,
-    sum(toUInt128(credits) * g_count) AS f_credits,
-    sum(g_cache_read) AS f_cache_read,
-    sum(g_cache_write) AS f_cache_write,
-    sum(g_reasoning) AS f_reasoning,
-    sum(g_latency_sum) AS f_latency_sum,
-    sum(g_succeeded) AS f_succeeded,
-    {latencies}    ifNull(sum(cost_e6), toDecimal256(0, 9)) AS f_cost_e6,
-    sumIf(g_count, cost_e6 IS NULL) AS f_unpriced,
-    sum(unit_revenue * g_count) AS f_revenue,
+    sumIf(g_count, counted) AS f_count,
+    sumIf(g_tokens_in, counted) AS f_tokens_in,
+    sumIf(g_tokens_out, counted) AS f_tokens_out,
+    sumIf(toUInt128(credits) * g_count, counted) AS f_credits,
+    sumIf(g_cache_read, counted) AS f_cache_read,
+    sumIf(g_cache_write, counted) AS f_cache_write,
+    sumIf(g_reasoning, counted) AS f_reasoning,
+    sumIf(g_latency_sum, counted) AS f_latency_sum,
+    sumIf(g_succeeded, counted) AS f_succeeded,
+    {latencies}    ifNull(sum(cost_e6 * weight), toDecimal256(0, 9)) AS f_cost_e6,
+    sumIf(toInt64(g_count) * weight, cost_e6 IS NULL) AS f_unpriced,
+    sum(unit_revenue * g_count * weight) AS f_revenue,
     -- The actions of one period and credit charge share their revenue: their margins add up to
     -- n - cost / revenue (20 places, so that no sum overflows Decimal256).
     sumIf(
-        g_count - toDecimal256(ifNull(cost_e6, 0), 20) / if(unit_revenue > 0, unit_revenue * 1000000, 1),
+        (g_count - toDecimal256(ifNull(cost_e6, 0), 20) / if(unit_revenue > 0, unit_revenue * 1000000, 1))
+            * weight,
         unit_revenue > 0 AND cost_e6 IS NOT NULL
     ) AS f_margin_sum,
-    sumIf(g_count, unit_revenue > 0 AND cost_e6 IS NOT NULL) AS f_margin_count,
-    sum(g_count - g_succeeded) AS f_errors"""
+    sumIf(toInt64(g_count) * weight, unit_revenue > 0 AND cost_e6 IS NOT NULL) AS f_margin_count,
+    sumIf(g_count - g_succeeded, counted) AS f_errors"""
 _FIGURE_COUNT: Final = 16
 """Latencies and margins are summed as Decimal, so the figures do not depend on the order in which
 threads add rows up: `top` gives the same rows."""
@@ -530,17 +547,18 @@ _EXACT_MERGE: Final = "quantilesExactInclusiveIfMerge(0.5, 0.95, 0.99)"
 _HISTOGRAM: Final = """
 hist AS ({parts}
 )"""
-"""The latency histogram of each group and model: (bin, count) rows of the raw rows binned and of the
-rollups' bins unnested (an ARRAY JOIN and a GROUP BY: faster than merging maps with sumMap)."""
+"""The latency histogram of each group (and model, when grouped by it): (bin, count) rows of the raw
+rows binned and of the rollups' bins unnested (an ARRAY JOIN and a GROUP BY: faster than merging maps
+with sumMap). Not by model unless asked: by user over all time at 10M, 918 -> 451 ms (README)."""
 _RAW_BINS: Final = """
-    SELECT {keys}s.model AS model, {bin} AS b, countIf(s.succeeded) AS n
+    SELECT {keys}{bin} AS b, countIf(s.succeeded) AS n
     FROM ({selection}) AS s
-    GROUP BY {group}model, b"""
+    GROUP BY {group}b"""
 _ROLLUP_BINS: Final = """
-    SELECT {keys}r.model AS model, b, sum(n) AS n
+    SELECT {keys}b, sum(n) AS n
     FROM {rollup} AS r ARRAY JOIN r.latency_bins.1 AS b, r.latency_bins.2 AS n
     WHERE {where}
-    GROUP BY {group}model, b"""
+    GROUP BY {group}b"""
 _SORTED_BINS: Final = "(arrayMap(x -> x.1, h), arrayMap(x -> x.2, h))"
 """The histogram `h` (an array of (bin, count) sorted by bin) as `_histogram_percentiles` reads it."""
 
@@ -599,11 +617,49 @@ def _histograms_read(rows: Sequence[Sequence[Any]], offset: int) -> list[list[An
 
 def _rollup_terms(metric_filter: MetricFilter) -> list[str]:
     """The filter's terms on a rollup's rows besides their start (a detail rollup keeps town and
-    action type; every rollup the model)."""
+    action type, a user rollup the user; every rollup the model)."""
     terms = [
-        f"r.{name} = {{{name}:String}}" for name in _DETAIL_KEYS if getattr(metric_filter, name) is not None
+        f"r.{name} = {{{name}:String}}" for name in _ROLLUP_KEYS if getattr(metric_filter, name) is not None
     ]
     return [*terms, *([] if metric_filter.storable else ["0"])]
+
+
+@dataclass(frozen=True, slots=True)
+class _Level:
+    """One source a window reads: its table, the column placing its rows in time, the ranges read for
+    the window, and each `Correction`'s ranges there with the price period of its bucket's row."""
+
+    table: str
+    moment: str
+    ranges: tuple[Range, ...]
+    corrected: tuple[tuple[int, tuple[Range, ...]], ...]
+
+    @property
+    def read(self) -> tuple[Range, ...]:
+        return (*self.ranges, *(r for _, within in self.corrected for r in within))
+
+    def base(self) -> str:
+        """`base` (see `_PERIODS`): -1, or the period of the bucket row a corrected range belongs to."""
+        cases = "".join(f"{_ranges_sql(self.moment, within)}, {base}, " for base, within in self.corrected)
+        return f"multiIf({cases}-1) AS base," if self.corrected else "toInt64(-1) AS base,"
+
+
+def _levels(sources: _Sources, bounds: Sequence[int]) -> list[_Level]:
+    """The sources a window reads (the raw edges, the hours, the days, the months), those it reads
+    nothing from left out."""
+    levels: list[tuple[str, str, tuple[Range, ...], Callable[[Plan], tuple[Range, ...]]]] = [
+        (sources.table, "s.timestamp", sources.raw, attrgetter("raw")),
+        (sources.rollup, "r.start", sources.hours, attrgetter("hours")),
+        (sources.daily_rollup, "r.start", sources.days, attrgetter("days")),
+        (sources.monthly_rollup, "r.start", sources.months, attrgetter("months")),
+    ]
+    read = []
+    for table, moment, ranges, of in levels:
+        corrected = [(bisect_right(bounds, _micros(c.base)), of(c.plan)) for c in sources.corrections]
+        level = _Level(table, moment, ranges, tuple((base, within) for base, within in corrected if within))
+        if level.read:
+            read.append(level)
+    return read
 
 
 def _summed_sources(
@@ -611,50 +667,91 @@ def _summed_sources(
     sources: _Sources,
     dimensions: Sequence[str],
     starts: Sequence[datetime] | None,
+    binned_by_model: bool,
+    bounds: Sequence[int],
 ) -> tuple[list[str], list[str], dict[str, Any]]:
-    """Each source's sums per (`dimensions`, the bucket when `starts` is given, model, credit charge,
-    price period) (`_RAW_SOURCE`, `_ROLLUP_SOURCE`), each source's latency histogram per (`dimensions`,
-    bucket, model, bin) (`_RAW_BINS`, `_ROLLUP_BINS`), and their parameters."""
+    """Each source's sums per (`dimensions`, the bucket when `starts` is given, base, model, credit
+    charge, price period) (`_RAW_SOURCE`, `_ROLLUP_SOURCE`; `base`: see `_PERIODS`), each source's
+    latency histogram per (`dimensions`, bucket, the model when `binned_by_model`, bin) (`_RAW_BINS`,
+    `_ROLLUP_BINS`; a correction's ranges have none: its bucket's row holds their latencies), and
+    their parameters."""
     grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
     group = "".join(f"{g}, " for g in grouped)
 
-    def keys(alias: str, moment: str, *, inline: bool = False) -> str:
+    def keys(alias: str, moment: str) -> list[str]:
         made = [f"{alias}.{d} AS {d}," for d in dimensions]
         if starts is not None:
             made.append(f"{_bucket_index(starts, moment)} AS bucket,")
-        return "".join(f"{m} " for m in made) if inline else "\n        ".join(made)
+        return made
 
+    def bin_keys(alias: str, moment: str) -> str:
+        return "".join(
+            f"{m} " for m in keys(alias, moment) + ([f"{alias}.model AS model,"] if binned_by_model else [])
+        )
+
+    bin_group = group + ("model, " if binned_by_model else "")
     columns = ", ".join((*dimensions, _PRICED_COLUMNS[sources.table]))
-    if sources.exact:
-        selection, parameters = _selection(metric_filter, columns, table=sources.table)
-        latencies = f"{_EXACT_MERGE.replace('Merge', 'State')}(s.latency_ms, s.succeeded)"
-    else:
-        selection, parameters = _selection(metric_filter, columns, sources.raw, sources.table)
-        latencies = "toUInt8(0)"  # the histograms are summed apart (`_HISTOGRAM`)
+    nothing, parameters = _selection(metric_filter, columns, (), sources.table)  # the filter's values
     parts = []
     bins = []
 
-    def add_raw(rows: str) -> None:
+    def add_raw(level: _Level, sums: str, latencies: str, binned: str | None) -> None:
         parts.append(
             _RAW_SOURCE.format(
-                keys=keys("s", "s.timestamp"), latencies=latencies, selection=rows, group=group
+                keys="\n        ".join([*keys("s", "s.timestamp"), level.base()]),
+                latencies=latencies,
+                selection=sums,
+                group=group + "base, ",
             )
         )
+        if binned is not None:
+            bins.append(
+                _RAW_BINS.format(
+                    keys=bin_keys("s", "s.timestamp"), bin=_LATENCY_BIN, selection=binned, group=bin_group
+                )
+            )
+
+    if sources.exact:
+        latencies = f"{_EXACT_MERGE.replace('Merge', 'State')}(s.latency_ms, s.succeeded)"
+        every, parameters = _selection(metric_filter, columns, table=sources.table)
+        add_raw(_Level(sources.table, "s.timestamp", (), ()), every, latencies, None)
+        return parts, bins, parameters
+    for level in _levels(sources, bounds):
+        terms = _rollup_terms(metric_filter)
+        if level.table == sources.table:
+            rows, _ = _selection(metric_filter, columns, level.read, level.table)
+            binned = (
+                _selection(metric_filter, columns, level.ranges, level.table)[0] if level.ranges else None
+            )
+            add_raw(level, rows, "toUInt8(0)", binned)  # the histograms are summed apart (`_HISTOGRAM`)
+            continue
+        parts.append(
+            _ROLLUP_SOURCE.format(
+                keys="\n        ".join([*keys("r", "r.start"), level.base()]),
+                latencies="toUInt8(0)",
+                rollup=level.table,
+                where=" AND ".join([_ranges_sql("r.start", level.read), *terms]),
+                group=group + "base, ",
+            )
+        )
+        if level.ranges:
+            where = " AND ".join([_ranges_sql("r.start", level.ranges), *terms])
+            bins.append(
+                _ROLLUP_BINS.format(
+                    keys=bin_keys("r", "r.start"), rollup=level.table, where=where, group=bin_group
+                )
+            )
+    if not parts:  # an empty window: one source that selects nothing
+        add_raw(_Level(sources.table, "s.timestamp", (), ()), nothing + " LIMIT 0", "toUInt8(0)", None)
+    if not bins:
         bins.append(
             _RAW_BINS.format(
-                keys=keys("s", "s.timestamp", inline=True), bin=_LATENCY_BIN, selection=rows, group=group
+                keys=bin_keys("s", "s.timestamp"),
+                bin=_LATENCY_BIN,
+                selection=nothing + " LIMIT 0",
+                group=bin_group,
             )
         )
-
-    if sources.exact or sources.raw:
-        add_raw(selection)
-    for rollup, ranges in () if sources.exact else sources.rolled_up():
-        where = " AND ".join([_ranges_sql("r.start", ranges), *_rollup_terms(metric_filter)])
-        arguments = {"rollup": rollup, "where": where, "group": group}
-        parts.append(_ROLLUP_SOURCE.format(keys=keys("r", "r.start"), latencies="toUInt8(0)", **arguments))
-        bins.append(_ROLLUP_BINS.format(keys=keys("r", "r.start", inline=True), **arguments))
-    if not parts:  # an empty window: one source that selects nothing
-        add_raw(selection + " LIMIT 0")
     return parts, bins, parameters
 
 
@@ -664,11 +761,16 @@ def _priced(
     dimensions: Sequence[str],
     starts: Sequence[datetime] | None,
     bounds: Sequence[int],
+    *,
+    binned_by_model: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """The WITH clause that ends in `priced` (see `_PERIODS`), grouped by `dimensions` (not the model)
-    and the bucket when `starts` is given, and its parameters."""
+    and the bucket when `starts` is given, and `hist` (the histograms, by model too when
+    `binned_by_model`), and its parameters."""
     grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
-    parts, bins, parameters = _summed_sources(metric_filter, sources, dimensions, starts)
+    parts, bins, parameters = _summed_sources(
+        metric_filter, sources, dimensions, starts, binned_by_model, bounds
+    )
     statement = _PERIODS.format(
         bounds=_BOUNDS,
         sources="\n    UNION ALL".join(parts),
@@ -701,32 +803,23 @@ def _summed_statement(
     in SQL took 2-3x as long, most of it planning; see README). `base` is -1 for what the window
     reads there, or, for a `Correction`'s rows, the price period its bucket's row is priced by (their
     sums only: the bucket's row holds their count and latencies)."""
-    levels: list[tuple[str, str, tuple[Range, ...], Callable[[Plan], tuple[Range, ...]]]] = [
-        (sources.table, "s.timestamp", sources.raw, attrgetter("raw")),
-        (sources.rollup, "r.start", sources.hours, attrgetter("hours")),
-        (sources.daily_rollup, "r.start", sources.days, attrgetter("days")),
-        (sources.monthly_rollup, "r.start", sources.months, attrgetter("months")),
-    ]
     columns = _PRICED_COLUMNS[sources.table]
     parts = []
     nothing, parameters = _selection(metric_filter, columns, (), sources.table)  # the filter's values
-    for table, moment, ranges, of in levels:
-        corrected = [(bisect_right(bounds, _micros(c.base)), of(c.plan)) for c in sources.corrections]
-        corrected = [(base, within) for base, within in corrected if within]
-        if not ranges and not corrected:
-            continue
-        read = (*ranges, *(r for _, within in corrected for r in within))
-        cases = "".join(f"{_ranges_sql(moment, within)}, {base}, " for base, within in corrected)
-        keys = f"multiIf({cases}-1) AS base," if corrected else "toInt64(-1) AS base,"
-        if table == sources.table:
-            selection, _ = _selection(metric_filter, columns, read, table)
+    for level in _levels(sources, bounds):
+        if level.table == sources.table:
+            selection, _ = _selection(metric_filter, columns, level.read, level.table)
             bins = f"sumMapIf([{_LATENCY_BIN}], [toUInt64(s.succeeded)], base < 0)"
-            parts.append(_RAW_SOURCE.format(keys=keys, latencies=bins, selection=selection, group="base, "))
+            parts.append(
+                _RAW_SOURCE.format(keys=level.base(), latencies=bins, selection=selection, group="base, ")
+            )
         else:
-            where = " AND ".join([_ranges_sql("r.start", read), *_rollup_terms(metric_filter)])
+            where = " AND ".join([_ranges_sql("r.start", level.read), *_rollup_terms(metric_filter)])
             bins = "sumMapIf(r.latency_bins, base < 0)"
             parts.append(
-                _ROLLUP_SOURCE.format(keys=keys, latencies=bins, rollup=table, where=where, group="base, ")
+                _ROLLUP_SOURCE.format(
+                    keys=level.base(), latencies=bins, rollup=level.table, where=where, group="base, "
+                )
             )
     if not parts:  # an empty window: one source that selects nothing
         selection = nothing
@@ -1096,7 +1189,9 @@ def _breakdown_query(
     bounds: Sequence[int],
 ) -> _BreakdownQuery:
     dimensions = [d for d in request.by if d != "model"]
-    priced, parameters = _priced(metric_filter, sources, dimensions, starts, bounds)
+    priced, parameters = _priced(
+        metric_filter, sources, dimensions, starts, bounds, binned_by_model="model" in request.by
+    )
     grouped = [*request.by, *(["bucket"] if starts is not None else [])]
     group_by = f"\nGROUP BY {', '.join(grouped)}" if grouped else ""
     order = "DESC" if request.descending else "ASC"
@@ -1243,6 +1338,10 @@ def _amount(value: Decimal | None) -> Decimal | None:
 
 _DETAIL_KEYS: Final = ("town_id", "action_type", "model")
 """The filters the hourly detail rollup keeps (sql/clickhouse/0004_rollups.sql)."""
+_ROLLUP_KEYS: Final = (*_DETAIL_KEYS, "user_id")
+"""The filters some rollup keeps: a question is read from one that keeps all of its own."""
+_USER_KEPT: Final = frozenset({"user_id"})
+"""What the user rollups keep besides the model and the credit charge (sql/clickhouse/0008_users.sql)."""
 
 _PARTITION: Final = re.compile(r"^(\d{4})(\d{2})$")
 
@@ -1499,6 +1598,13 @@ class ClickHouseRepository:
         ).result_rows[0]
         return _moment(micros) if count else None
 
+    def _user_rollups_from(self, client: Client) -> datetime | None:
+        """Where the user rollups begin: the prune cut-off in force when they were filled (None: all)."""
+        count, micros = client.query(
+            f"SELECT count(), toUnixTimestamp64Micro(max(kept_from)) FROM {USER_ROLLUPS_FROM}"
+        ).result_rows[0]
+        return _moment(micros) if count else None
+
     def _check_not_pruned(self, client: Client, metric_filter: MetricFilter, question: str) -> None:
         """Raise unless the selection holds no pruned period, or is the newest `limit` and all kept."""
         cutoff = self._raw_kept_from(client)
@@ -1529,11 +1635,13 @@ class ClickHouseRepository:
         bounds: Sequence[int],
         starts: Sequence[datetime] | None,
         question: str,
-        corrected: bool = False,
     ) -> _Sources:
         """Where the figures come from: the rollups and the raw rows around them, unless the question
-        needs exact percentiles or something no rollup keeps (a user, a citizen, the newest `limit`).
-        `corrected`: whole days and months holding a price change too, with their `Correction`s."""
+        needs exact percentiles or something no rollup keeps (a citizen, a user with a town or an
+        action type, the newest `limit`). A user's questions read the user rollups' whole days and
+        months, and the timeline for the rest (they have no hourly level, and keep nothing from
+        before `USER_ROLLUPS_FROM`). Whole days and months holding a price change are read whole too,
+        with their `Correction`s."""
         needed = {
             *(d for d in by if d != "model"),
             *(
@@ -1542,8 +1650,9 @@ class ClickHouseRepository:
                 if getattr(metric_filter, name)
             ),
         }
-        rollup = next((table for table, keeps in ROLLUPS.items() if needed <= set(keeps)), None)
-        if exact or rollup is None or metric_filter.limit is not None:
+        users = bool(needed) and needed <= _USER_KEPT
+        rollup = None if users else next((t for t, keeps in ROLLUPS.items() if needed <= set(keeps)), None)
+        if exact or (rollup is None and not users) or metric_filter.limit is not None:
             self._check_not_pruned(client, metric_filter, question)
             # The newest `limit` are ordered by id, which only the raw rows keep.
             return _EXACT if exact or metric_filter.limit is not None else _TIMELINE_EXACT
@@ -1553,13 +1662,30 @@ class ClickHouseRepository:
         corrections: tuple[Correction, ...] = ()
         if since is not None and until is not None and since >= until:
             cut = Plan()
-        elif corrected:
-            cut, corrections = corrected_plan(since, until, changes)
         else:
-            # Every price change cuts the window: no rollup row then spans one (a row is priced by the
-            # price in force at its start).
-            cut = plan(since, until, [*(starts or ()), *changes])
+            cut, corrections = corrected_plan(since, until, changes, starts or ())
         cutoff = self._raw_kept_from(client)
+        if users:
+            users_from = self._user_rollups_from(client)
+            if users_from is not None and (since is None or since < users_from):
+                raise RawRowsPruned(users_from, question, whole="UTC days")
+            cut = _hours_as_raw(cut)
+            corrections = tuple(replace(c, plan=_hours_as_raw(c.plan)) for c in corrections)
+            pieces = (cut, *(c.plan for c in corrections))
+            if cutoff is not None and any(_cut_at(piece.raw, cutoff)[0] for piece in pieces):
+                raise RawRowsPruned(cutoff, question, whole="UTC days")
+            daily_rollup, monthly_rollup = USER_ROLLUPS
+            return _Sources(
+                exact=False,
+                table=TIMELINE,
+                daily_rollup=daily_rollup,
+                monthly_rollup=monthly_rollup,
+                raw=cut.raw,
+                days=cut.days,
+                months=cut.months,
+                corrections=corrections,
+            )
+        assert rollup is not None
         if cutoff is not None:
             # The pruned parts of hours that a price change cuts are read from the hourly rollup,
             # which prune split there.
@@ -1612,7 +1738,6 @@ class ClickHouseRepository:
             bounds=prices.bounds,
             starts=None,
             question=question,
-            corrected=True,
         )
         if sources.exact:
             statement, parameters = _exact_statement(metric_filter, sources, prices.bounds)
