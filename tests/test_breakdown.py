@@ -313,6 +313,7 @@ def test_top_users_by_loss_and_sorting_either_way(filled: tuple[MetricsStore, li
         (("town_id",), "hour", False),
         ((), "day", False),
         (("action_type", "citizen_id"), "week", False),
+        (("town_id", "model", "action_type"), "day", False),
     ],
 )
 def test_the_top_groups_carry_the_figures_they_have_in_the_whole_breakdown(

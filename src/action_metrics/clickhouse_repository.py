@@ -447,7 +447,7 @@ _RAW_SOURCE: Final = """
         sum(toDecimal256(s.latency_ms, 30)) AS g_latency_sum,
         countIf(s.succeeded) AS g_succeeded,
         {latencies} AS g_latencies
-    FROM ({selection}) AS s
+    FROM ({selection}) AS s{where}
     GROUP BY {group}model, credits, period"""
 _ROLLUP_SOURCE: Final = """
     SELECT
@@ -552,7 +552,7 @@ rows binned and of the rollups' bins unnested (an ARRAY JOIN and a GROUP BY: fas
 with sumMap). Not by model unless asked: by user over all time at 10M, 918 -> 451 ms (README)."""
 _RAW_BINS: Final = """
     SELECT {keys}{bin} AS b, countIf(s.succeeded) AS n
-    FROM ({selection}) AS s
+    FROM ({selection}) AS s{where}
     GROUP BY {group}b"""
 _ROLLUP_BINS: Final = """
     SELECT {keys}b, sum(n) AS n
@@ -669,12 +669,14 @@ def _summed_sources(
     starts: Sequence[datetime] | None,
     binned_by_model: bool,
     bounds: Sequence[int],
+    chosen: Sequence[Any] | None = None,
 ) -> tuple[list[str], list[str], dict[str, Any]]:
     """Each source's sums per (`dimensions`, the bucket when `starts` is given, base, model, credit
     charge, price period) (`_RAW_SOURCE`, `_ROLLUP_SOURCE`; `base`: see `_PERIODS`), each source's
     latency histogram per (`dimensions`, bucket, the model when `binned_by_model`, bin) (`_RAW_BINS`,
     `_ROLLUP_BINS`; a correction's ranges have none: its bucket's row holds their latencies), and
-    their parameters."""
+    their parameters. `chosen`: only the groups with these values of `dimensions` (a tuple each when
+    there are several; None: every group)."""
     grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
     group = "".join(f"{g}, " for g in grouped)
 
@@ -692,6 +694,19 @@ def _summed_sources(
     bin_group = group + ("model, " if binned_by_model else "")
     columns = ", ".join((*dimensions, _PRICED_COLUMNS[sources.table]))
     nothing, parameters = _selection(metric_filter, columns, (), sources.table)  # the filter's values
+    kind = "String" if len(dimensions) == 1 else f"Tuple({', '.join(['String'] * len(dimensions))})"
+    if chosen is not None:
+        parameters["chosen"] = list(chosen)
+
+    def among_chosen(alias: str) -> list[str]:
+        """The term keeping the chosen groups' rows (none when every group is read)."""
+        if chosen is None:
+            return []
+        return [f"({', '.join(f'{alias}.{d}' for d in dimensions)}) IN {{chosen:Array({kind})}}"]
+
+    def raw_where() -> str:
+        return "".join(f"\n    WHERE {term}" for term in among_chosen("s"))
+
     parts = []
     bins = []
 
@@ -701,13 +716,18 @@ def _summed_sources(
                 keys="\n        ".join([*keys("s", "s.timestamp"), level.base()]),
                 latencies=latencies,
                 selection=sums,
+                where=raw_where(),
                 group=group + "base, ",
             )
         )
         if binned is not None:
             bins.append(
                 _RAW_BINS.format(
-                    keys=bin_keys("s", "s.timestamp"), bin=_LATENCY_BIN, selection=binned, group=bin_group
+                    keys=bin_keys("s", "s.timestamp"),
+                    bin=_LATENCY_BIN,
+                    selection=binned,
+                    where=raw_where(),
+                    group=bin_group,
                 )
             )
 
@@ -717,7 +737,7 @@ def _summed_sources(
         add_raw(_Level(sources.table, "s.timestamp", (), ()), every, latencies, None)
         return parts, bins, parameters
     for level in _levels(sources, bounds):
-        terms = _rollup_terms(metric_filter)
+        terms = [*_rollup_terms(metric_filter), *among_chosen("r")]
         if level.table == sources.table:
             rows, _ = _selection(metric_filter, columns, level.read, level.table)
             binned = (
@@ -749,6 +769,7 @@ def _summed_sources(
                 keys=bin_keys("s", "s.timestamp"),
                 bin=_LATENCY_BIN,
                 selection=nothing + " LIMIT 0",
+                where="",
                 group=bin_group,
             )
         )
@@ -763,13 +784,14 @@ def _priced(
     bounds: Sequence[int],
     *,
     binned_by_model: bool = False,
+    chosen: Sequence[Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The WITH clause that ends in `priced` (see `_PERIODS`), grouped by `dimensions` (not the model)
     and the bucket when `starts` is given, and `hist` (the histograms, by model too when
     `binned_by_model`), and its parameters."""
     grouped = [*dimensions, *(["bucket"] if starts is not None else [])]
     parts, bins, parameters = _summed_sources(
-        metric_filter, sources, dimensions, starts, binned_by_model, bounds
+        metric_filter, sources, dimensions, starts, binned_by_model, bounds, chosen
     )
     statement = _PERIODS.format(
         bounds=_BOUNDS,
@@ -811,7 +833,9 @@ def _summed_statement(
             selection, _ = _selection(metric_filter, columns, level.read, level.table)
             bins = f"sumMapIf([{_LATENCY_BIN}], [toUInt64(s.succeeded)], base < 0)"
             parts.append(
-                _RAW_SOURCE.format(keys=level.base(), latencies=bins, selection=selection, group="base, ")
+                _RAW_SOURCE.format(
+                    keys=level.base(), latencies=bins, selection=selection, where="", group="base, "
+                )
             )
         else:
             where = " AND ".join([_ranges_sql("r.start", level.read), *_rollup_terms(metric_filter)])
@@ -826,7 +850,7 @@ def _summed_statement(
         bins = f"sumMap([{_LATENCY_BIN}], [toUInt64(s.succeeded)])"
         parts.append(
             _RAW_SOURCE.format(
-                keys="toInt64(-1) AS base,", latencies=bins, selection=selection, group="base, "
+                keys="toInt64(-1) AS base,", latencies=bins, selection=selection, where="", group="base, "
             )
         )
     return f"WITH {_BOUNDS}" + "\n    UNION ALL".join(parts), {**parameters, "bounds": list(bounds)}
@@ -1181,16 +1205,39 @@ class _BreakdownQuery:
     """How many columns come before the figures (the groups' keys)."""
 
 
+def _chooses_top(request: BreakdownRequest, sources: _Sources) -> bool:
+    """Whether the top groups are chosen first (`_breakdown_query`'s `choosing`): cut to the top
+    groups, sorted by a sum, grouped by something besides the model and the bucket."""
+    return (
+        not sources.exact
+        and request.top is not None
+        and request.sort not in PERCENTILES
+        and any(d != "model" for d in request.by)
+    )
+
+
 def _breakdown_query(
     metric_filter: MetricFilter,
     request: BreakdownRequest,
     starts: list[datetime] | None,
     sources: _Sources,
     bounds: Sequence[int],
+    *,
+    choosing: bool = False,
+    chosen: Sequence[Any] | None = None,
 ) -> _BreakdownQuery:
+    """The breakdown's statement. `choosing`: the statement choosing its top groups instead, their
+    values of the dimensions besides the model (`_chooses_top`); `chosen`: those values, the
+    statement then reading only those groups' sums and histograms."""
     dimensions = [d for d in request.by if d != "model"]
     priced, parameters = _priced(
-        metric_filter, sources, dimensions, starts, bounds, binned_by_model="model" in request.by
+        metric_filter,
+        sources,
+        dimensions,
+        starts,
+        bounds,
+        binned_by_model="model" in request.by,
+        chosen=chosen,
     )
     grouped = [*request.by, *(["bucket"] if starts is not None else [])]
     group_by = f"\nGROUP BY {', '.join(grouped)}" if grouped else ""
@@ -1203,24 +1250,21 @@ def _breakdown_query(
         figures = _FIGURES.format(latencies=f"{_EXACT_MERGE}(g_latencies) AS f_latencies,\n")
         source = f"(\nSELECT {leading}{figures}\nFROM priced{group_by}\n)"
     else:
-        figures = _FIGURES.format(latencies="")
-        summed = f"SELECT {leading}{figures}\nFROM priced{group_by}"
-        chosen = ""
-        if request.top is not None and grouped and request.sort not in PERCENTILES:
-            # The top groups are chosen by their sums: only theirs need a histogram (the sums are
-            # read twice, ClickHouse inlining the subquery; the top 10 users by loss over 90 days at
-            # 10M: README). No group key is NULL here (a citizen's are read exactly).
-            summed += f"\nHAVING f_count > 0\n{ordering}\nLIMIT {{top:UInt64}}"
-            keys = ", ".join(grouped)
-            chosen = f" WHERE ({keys}) IN (SELECT {keys} FROM (\n{summed}\n))"
-        histograms = (
-            f"SELECT {leading}{_SORTED_BINS} AS f_latencies FROM (\n"
-            f"SELECT {leading}arraySort(groupArray((b, n))) AS h FROM (\n"
-            f"SELECT {leading}b, sum(n) AS n FROM hist{chosen} GROUP BY {leading}b\n){group_by})"
-        )
-        join = f"USING ({', '.join(grouped)})" if grouped else ""
-        source = f"(\n{summed}\n) AS f\n{'LEFT' if grouped else 'CROSS'} JOIN (\n{histograms}\n) AS q {join}"
-    statement = priced + f"\nSELECT {leading}{_OUTER} FROM {source}\nWHERE f_count > 0\n{ordering}"
+        summed = f"SELECT {leading}{_FIGURES.format(latencies='')}\nFROM priced{group_by}"
+        if choosing:
+            source = f"(\n{summed}\n)"
+        else:
+            histograms = (
+                f"SELECT {leading}{_SORTED_BINS} AS f_latencies FROM (\n"
+                f"SELECT {leading}arraySort(groupArray((b, n))) AS h FROM (\n"
+                f"SELECT {leading}b, sum(n) AS n FROM hist GROUP BY {leading}b\n){group_by})"
+            )
+            join = f"USING ({', '.join(grouped)})" if grouped else ""
+            source = (
+                f"(\n{summed}\n) AS f\n{'LEFT' if grouped else 'CROSS'} JOIN (\n{histograms}\n) AS q {join}"
+            )
+    columns = ", ".join(dimensions) if choosing else f"{leading}{_OUTER}"
+    statement = priced + f"\nSELECT {columns} FROM {source}\nWHERE f_count > 0\n{ordering}"
     if request.top is not None:
         statement += "\nLIMIT {top:UInt64}"
         parameters["top"] = request.top
@@ -1805,7 +1849,14 @@ class ClickHouseRepository:
             starts=starts,
             question="breakdown()",
         )
-        return _breakdown_query(metric_filter, request, starts, sources, bounds)
+        chosen = None
+        if _chooses_top(request, sources):
+            # The top groups by their sums first: then only theirs are summed again with their
+            # histograms (top 10 users by loss over 90 days at 10M: README).
+            first = _breakdown_query(metric_filter, request, starts, sources, bounds, choosing=True)
+            rows = client.query(first.statement, parameters=first.parameters, settings=_FIGURE_SETTINGS)
+            chosen = [row[0] if len(row) == 1 else tuple(row) for row in rows.result_rows]
+        return _breakdown_query(metric_filter, request, starts, sources, bounds, chosen=chosen)
 
     async def breakdown(self, metric_filter: MetricFilter, request: BreakdownRequest) -> list[BreakdownRow]:
         return await self._run(self._breakdown, metric_filter, request)
