@@ -426,6 +426,17 @@ def test_prune_drops_old_months_and_rows_and_the_rollups_still_answer_for_them(c
     assert stored == len(kept)
 
 
+def _upgrade_cut_off(url: str, number: int, count: int) -> None:
+    """An upgrade to version `number` cut off after its first `count` statements."""
+    client = ClickHouseURL.parse(url).connect()
+    try:
+        version = next(v for v in schema_versions() if v.number == number)
+        for statement in version.statements()[:count]:
+            client.command(statement)
+    finally:
+        client.close()
+
+
 def _rows(url: str, query: str) -> list[Any]:
     """The rows of `query` on the database at `url`, read outside any store."""
     client = ClickHouseURL.parse(url).connect()
@@ -1140,13 +1151,7 @@ def test_upgrade_from_version_6_fills_the_months_from_the_days(clickhouse_url: s
     )
     with pytest.raises(SchemaOutOfDate), MetricsStore(clickhouse_url) as store:
         store.aggregate()
-    client = ClickHouseURL.parse(clickhouse_url).connect()
-    try:
-        version = next(v for v in schema_versions() if v.number == 7)
-        for statement in version.statements()[:3]:  # cut off after the first month's fill
-            client.command(statement)
-    finally:
-        client.close()
+    _upgrade_cut_off(clickhouse_url, 7, 3)  # after the first month's fill
     assert run_cli("db", "upgrade", "--url", clickhouse_url).exit_code == 0
     for monthly in ("monthly", "monthly_detail"):
         counted = _rows(clickhouse_url, f"SELECT sum(count) FROM action_metrics_rollup_{monthly}")
@@ -1184,13 +1189,7 @@ def test_upgrade_from_version_7_fills_the_user_rollups_and_refuses_what_an_earli
         store.prune(cutoff)
     assert run_cli("db", "downgrade", "7", "--url", clickhouse_url).exit_code == 0
     assert not {*USER_ROLLUPS, "user_rollups_from"} & set(_tables(clickhouse_url))
-    client = ClickHouseURL.parse(clickhouse_url).connect()
-    try:
-        version = next(v for v in schema_versions() if v.number == 8)
-        for statement in version.statements()[:7]:  # cut off after the daily rollup's fill
-            client.command(statement)
-    finally:
-        client.close()
+    _upgrade_cut_off(clickhouse_url, 8, 7)  # after the daily user rollup's fill
     assert run_cli("db", "upgrade", "--url", clickhouse_url).exit_code == 0
     for table in USER_ROLLUPS:
         assert _rows(clickhouse_url, f"SELECT sum(count) FROM {table}") == [(len(kept),)]  # once each

@@ -14,8 +14,10 @@ statement then only sums. Without `exact`, whole UTC months, days and hours come
 that materialized views keep (sql/clickhouse/0004_rollups.sql, 0006, 0007) and the rest of the window
 from the timeline, the narrow copy of the actions ordered by time (`plan`), percentiles from their
 merged latency histograms (in NumPy); an hour holding a price change from the timeline too, or once
-pruned from its hourly rollup rows, which prune split at the change. A user's or a citizen's
-questions read the timeline alone, through its projections. With `exact`, or for the newest `limit`,
+pruned from its hourly rollup rows, which prune split at the change. A user's questions read the
+user rollups' whole days and months (0008) and the timeline for the rest; a citizen's the timeline
+alone, through its projection. A day or a month holding a price change is read whole and corrected
+(`corrected_plan`). With `exact`, or for the newest `limit`,
 the raw rows (FINAL) only. Exact percentiles are `quantilesExactInclusive` (NumPy's 'linear') over
 the successful actions. Inserts are first id wins, so that the views count an action once.
 ClickHouse has no transactions: a statement is atomic, a price sync of several statements is not, and
