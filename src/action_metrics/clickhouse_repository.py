@@ -607,10 +607,12 @@ def _histograms_read(rows: Sequence[Sequence[Any]], offset: int) -> list[list[An
     at = offset + _PERCENTILES_AT
     histograms = [row[at] or ((), ()) for row in rows]
     lengths = [len(bins) for bins, _ in histograms]
+    # chain.from_iterable feeds fromiter in C: a generator expression took 3x as long (2M bins of
+    # town x Berlin day at 10M: ~200 -> ~60 ms).
     counted = Counted(
         np.repeat(np.arange(len(rows), dtype=np.int64), lengths),
-        np.fromiter((b for bins, _ in histograms for b in bins), np.int64, sum(lengths)),
-        np.fromiter((c for _, counts in histograms for c in counts), np.int64, sum(lengths)),
+        np.fromiter(chain.from_iterable(bins for bins, _ in histograms), np.int64, sum(lengths)),
+        np.fromiter(chain.from_iterable(counts for _, counts in histograms), np.int64, sum(lengths)),
     )
     merged = merged_percentiles(len(rows), [counted]).values
     p50, p95, p99 = (merged[name].tolist() for name in FRACTIONS)
