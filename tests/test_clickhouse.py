@@ -1003,8 +1003,9 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def test_many_ranges_select_exactly_the_instants_within_them(clickhouse_url: str) -> None:
     """`_ranges_sql` with more ranges than it chains (the short ones' whole hours one set, the rest
-    chained) selects what Python selects: instants a microsecond either side of every edge and
-    hour, before 1970 and after 2106 (where the set's `toStartOfHour` would clamp), unbounded ends."""
+    chained; or, with only short whole hours between them, their hull less those hours) selects what
+    Python selects: instants a microsecond either side of every edge and hour, before 1970 and after
+    2106 (where the set's `toStartOfHour` would clamp), unbounded ends."""
     url = ClickHouseURL.parse(clickhouse_url)
     admin = url.connect(with_database=False)
     admin.command("CREATE DATABASE {d:Identifier}", parameters={"d": url.database})
@@ -1035,6 +1036,28 @@ def test_many_ranges_select_exactly_the_instants_within_them(clickhouse_url: str
     )
     cases.append([(base + hour * 3 * n, base + hour * (3 * n + 2)) for n in range(40)])  # whole hours only
     cases.append(generator.sample(cases[3], len(cases[3])))  # in no order, as a window's and its corrections'
+    # A rollup's hours around a local day's edge hours (Kathmandu's), in no order: the hull less them.
+    days = [(base + timedelta(hours=24 * n + 19), base + timedelta(hours=24 * n + 42)) for n in range(30)]
+    cases.append(generator.sample(days, len(days)))
+    # Unbounded, next to 1970 and 2106 (gaps there stay out of the set: toStartOfHour clamps), and
+    # gaps of up to six hours and longer.
+    early = datetime(1970, 1, 1, tzinfo=UTC)
+    late = datetime(2106, 2, 6, 18, tzinfo=UTC)
+    cases.append(
+        [(None, early + hour), *((early + hour * (3 * n + 2), early + hour * (3 * n + 3)) for n in range(6))]
+    )
+    cases.append(
+        [(None, early), *((early + hour * (2 * n + 1), early + hour * (2 * n + 2)) for n in range(5))]
+    )
+    cases.append(
+        [*((late - hour * (2 * n + 1), late - hour * 2 * n) for n in range(5)), (late + 2 * hour, None)]
+    )
+    cases.append([(base + hour * 7 * n, base + hour * (7 * n + 1)) for n in range(6)])  # 6-hour gaps
+    cases.append([(base + hour * 8 * n, base + hour * (8 * n + 1)) for n in range(6)])  # 7: chained
+    # Which of these are their hull less the hours between them (the others are chained).
+    complements = dict(
+        zip(range(len(cases) - 6, len(cases)), (True, True, False, True, True, False), strict=True)
+    )
     instants = {moment for moment in far}
     for ranges in cases:
         for start, end in ranges:
@@ -1051,7 +1074,9 @@ def test_many_ranges_select_exactly_the_instants_within_them(clickhouse_url: str
             if any((s is None or s <= moment) and (e is None or moment < e) for s, e in ranges)
         ]  # fmt: skip
         condition = _ranges_sql("t", ranges)
-        assert "toStartOfHour" in condition
+        number = cases.index(ranges)
+        assert "toStartOfHour" in condition or number == len(cases) - 1
+        assert ("NOT IN" in condition) is complements.get(number, "NOT IN" in condition), ranges
         query = f"SELECT toUnixTimestamp64Micro(t) FROM instants WHERE {condition} ORDER BY t"
         selected = [row[0] for row in client.query(query).result_rows]
         assert selected == [(moment - EPOCH) // timedelta(microseconds=1) for moment in expected], ranges
