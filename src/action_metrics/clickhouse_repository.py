@@ -850,6 +850,11 @@ def _exact_statement(
     return statement, parameters
 
 
+_NO_BINS: Final = "CAST(([], []), 'Tuple(Array(Int32), Array(UInt64))')"
+"""A source read only for corrections (sums only: their bucket's row holds their latencies) reads no
+bins: their column is the largest a rollup row has."""
+
+
 def _summed_statement(
     metric_filter: MetricFilter, sources: _Sources, bounds: Sequence[int]
 ) -> tuple[str, dict[str, Any]]:
@@ -865,7 +870,9 @@ def _summed_statement(
     for level in _levels(sources, bounds):
         if level.table == sources.table:
             selection, _ = _selection(metric_filter, columns, level.read, level.table)
-            bins = f"sumMapIf([{_LATENCY_BIN}], [toUInt64(s.succeeded)], base < 0)"
+            bins = (
+                f"sumMapIf([{_LATENCY_BIN}], [toUInt64(s.succeeded)], base < 0)" if level.ranges else _NO_BINS
+            )
             parts.append(
                 _RAW_SOURCE.format(
                     keys=level.base(), latencies=bins, selection=selection, where="", group="base, "
@@ -873,7 +880,7 @@ def _summed_statement(
             )
         else:
             where = " AND ".join([_ranges_sql("r.start", level.read), *_rollup_terms(metric_filter)])
-            bins = "sumMapIf(r.latency_bins, base < 0)"
+            bins = "sumMapIf(r.latency_bins, base < 0)" if level.ranges else _NO_BINS
             parts.append(
                 _ROLLUP_SOURCE.format(
                     keys=level.base(), latencies=bins, rollup=level.table, where=where, group="base, "
