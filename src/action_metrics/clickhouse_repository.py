@@ -1763,34 +1763,26 @@ class ClickHouseRepository:
             pieces = (cut, *(c.plan for c in corrections))
             if cutoff is not None and any(_cut_at(piece.raw, cutoff)[0] for piece in pieces):
                 raise RawRowsPruned(cutoff, question, whole="UTC days")
-            daily_rollup, monthly_rollup = USER_ROLLUPS
-            return _Sources(
-                exact=False,
-                table=TIMELINE,
-                daily_rollup=daily_rollup,
-                monthly_rollup=monthly_rollup,
-                raw=cut.raw,
-                days=cut.days,
-                months=cut.months,
-                corrections=corrections,
-            )
-        assert rollup is not None
-        if cutoff is not None:
-            # The pruned parts of hours that a price change cuts are read from the hourly rollup,
-            # which prune split there.
-            cut = _pruned_raw_from_hours(cut, cutoff, bounds, question)
-            corrections = tuple(
-                replace(c, plan=_pruned_raw_from_hours(c.plan, cutoff, bounds, question)) for c in corrections
-            )
-        raw, hours = cut.raw, cut.hours
+            hourly, (daily, monthly) = "", USER_ROLLUPS
+        else:
+            assert rollup is not None  # a question no rollup keeps was answered exactly above
+            if cutoff is not None:
+                # The pruned parts of hours that a price change cuts are read from the hourly rollup,
+                # which prune split there.
+                cut = _pruned_raw_from_hours(cut, cutoff, bounds, question)
+                corrections = tuple(
+                    replace(c, plan=_pruned_raw_from_hours(c.plan, cutoff, bounds, question))
+                    for c in corrections
+                )
+            hourly, daily, monthly = rollup, DAILY_ROLLUPS[rollup], MONTHLY_ROLLUPS[rollup]
         return _Sources(
             exact=False,
             table=TIMELINE,
-            rollup=rollup,
-            daily_rollup=DAILY_ROLLUPS[rollup],
-            monthly_rollup=MONTHLY_ROLLUPS[rollup],
-            raw=raw,
-            hours=hours,
+            rollup=hourly,
+            daily_rollup=daily,
+            monthly_rollup=monthly,
+            raw=cut.raw,
+            hours=cut.hours,
             days=cut.days,
             months=cut.months,
             corrections=corrections,
