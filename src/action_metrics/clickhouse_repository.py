@@ -591,8 +591,6 @@ _ROLLUP_BINS: Final = """
     FROM {rollup} AS r ARRAY JOIN r.latency_bins.1 AS b, r.latency_bins.2 AS n
     WHERE {where}
     GROUP BY {group}b"""
-_SORTED_BINS: Final = "(arrayMap(x -> x.1, h), arrayMap(x -> x.2, h))"
-"""The histogram `h` (an array of (bin, count) sorted by bin) as `_histogram_percentiles` reads it."""
 
 
 def _bin_value(bin_number: str) -> str:
@@ -601,20 +599,28 @@ def _bin_value(bin_number: str) -> str:
     return f"if({bin_number} = {ZERO_BIN}, 0., {scaled})"
 
 
-def _histogram_percentiles() -> str:
-    """p50, p95 and p99 of the merged histogram `f_latencies` (sorted bins, counts): NumPy's 'linear'
-    interpolation between the representatives of the ranks it needs."""
+def _percentiles_of_histograms(leading: str, group_by: str) -> str:
+    """p50, p95 and p99 of each group's histogram in `hist` (`f_latencies`): NumPy's 'linear'
+    interpolation between the representatives of the ranks it needs, as `sketch.merged_percentiles`
+    computes them. The (bin, count) pairs are sorted, not added up per bin first: a bin that several
+    sources hold comes as a run of pairs, and the first running count above a rank falls in the run
+    of the bin holding that rank. In SQL, not in NumPy: town x Berlin day at 10M returned ~2M
+    (bin, count) pairs that Python took ~300 ms to read and merge (README)."""
 
-    def ranked(rank: str) -> str:
-        return _bin_value(f"f_latencies.1[arrayFirstIndex(c -> c > {rank}, arrayCumSum(f_latencies.2))]")
+    def value(rank: str) -> str:
+        return _bin_value(f"bins[arrayFirstIndex(c -> c > {rank}, running)]")
 
-    parts = []
-    for fraction in (0.5, 0.95, 0.99):
-        position = f"(toFloat64(f_succeeded) - 1) * {fraction}"
-        low = f"floor({position})"
-        high = f"least({low} + 1, toFloat64(f_succeeded) - 1)"
-        parts.append(f"{ranked(low)} + ({position} - {low}) * ({ranked(high)} - {ranked(low)})")
-    return f"[{', '.join(parts)}]"
+    return (
+        f"SELECT {leading}arrayMap(\n"
+        f"    (p, v) -> v.1 + (p - floor(p)) * (v.2 - v.1),\n"
+        f"    positions,\n"
+        f"    arrayMap(p -> ({value('floor(p)')}, {value('least(floor(p) + 1, total - 1)')}), positions)\n"
+        f") AS f_latencies FROM (\n"
+        f"SELECT {leading}arrayMap(x -> x.1, h) AS bins, arrayCumSum(arrayMap(x -> x.2, h)) AS running,\n"
+        f"    toFloat64(running[-1]) AS total,\n"
+        f"    arrayMap(f -> (total - 1) * f, [0.5, 0.95, 0.99]) AS positions\n"
+        f"FROM (SELECT {leading}arraySort(groupArray((b, n))) AS h FROM hist{group_by}))"
+    )
 
 
 _OUTER: Final = (
@@ -622,31 +628,8 @@ _OUTER: Final = (
     "f_latency_sum, f_succeeded, f_latencies AS f_percentiles, f_cost_e6, f_unpriced, f_revenue, "
     "f_margin_sum, f_margin_count, f_errors"
 )
-"""The figures a statement returns. With the rollups, the merged histogram (sorted bins, counts)
-stands in place of the percentiles, which `_histograms_read` computes: in SQL they cost more to plan
-than the rest of a small question."""
-
-
-_PERCENTILES_AT: Final = 9
-"""Where the percentiles are among a row's figures."""
-
-
-def _histograms_read(rows: Sequence[Sequence[Any]], offset: int) -> list[list[Any]]:
-    """The rows with the histogram at `offset + _PERCENTILES_AT` replaced by its p50, p95 and p99:
-    NumPy's 'linear' interpolation between the bins' representatives, every row in one merge."""
-    at = offset + _PERCENTILES_AT
-    histograms = [row[at] or ((), ()) for row in rows]
-    lengths = [len(bins) for bins, _ in histograms]
-    # chain.from_iterable feeds fromiter in C: a generator expression took 3x as long (2M bins of
-    # town x Berlin day at 10M: ~200 -> ~60 ms).
-    counted = Counted(
-        np.repeat(np.arange(len(rows), dtype=np.int64), lengths),
-        np.fromiter(chain.from_iterable(bins for bins, _ in histograms), np.int64, sum(lengths)),
-        np.fromiter(chain.from_iterable(counts for _, counts in histograms), np.int64, sum(lengths)),
-    )
-    merged = merged_percentiles(len(rows), [counted]).values
-    p50, p95, p99 = (merged[name].tolist() for name in FRACTIONS)
-    return [[*row[:at], [p50[i], p95[i], p99[i]], *row[at + 1 :]] for i, row in enumerate(rows)]
+"""The figures a statement returns, the percentiles as [p50, p95, p99] (`_EXACT_MERGE`'s, or
+`_percentiles_of_histograms`')."""
 
 
 def _rollup_terms(metric_filter: MetricFilter) -> list[str]:
@@ -1104,9 +1087,9 @@ _SORT_KEYS: Final = {
     "cache_write_tokens": "f_cache_write",
     "reasoning_tokens": "f_reasoning",
     "avg_latency_ms": "f_latency_sum / greatest(f_count, 1)",
-    "p50_latency_ms": "if(f_succeeded > 0, {percentiles}[1], NULL)",
-    "p95_latency_ms": "if(f_succeeded > 0, {percentiles}[2], NULL)",
-    "p99_latency_ms": "if(f_succeeded > 0, {percentiles}[3], NULL)",
+    "p50_latency_ms": "if(f_succeeded > 0, f_latencies[1], NULL)",
+    "p95_latency_ms": "if(f_succeeded > 0, f_latencies[2], NULL)",
+    "p99_latency_ms": "if(f_succeeded > 0, f_latencies[3], NULL)",
     "total_cost_usd": "f_cost_e6",
     "total_revenue_usd": "f_revenue",
     "total_profit_usd": "f_revenue * 1000000 - f_cost_e6",
@@ -1230,11 +1213,6 @@ def _bucket_index(starts: Sequence[datetime], column: str) -> str:
     return f"multiIf({', '.join(branches)}, {within(runs[-1])})"
 
 
-def _sort_key(sort: str, *, exact: bool) -> str:
-    """`_SORT_KEYS[sort]`, a histogram's percentiles computed in SQL when they sort the rows."""
-    return _SORT_KEYS[sort].format(percentiles="f_latencies" if exact else _histogram_percentiles())
-
-
 @dataclass(frozen=True, slots=True)
 class _BreakdownQuery:
     statement: str
@@ -1242,8 +1220,6 @@ class _BreakdownQuery:
     starts: list[datetime] | None
     """The buckets' UTC starts, then the last one's end (None when not bucketed)."""
     exact: bool
-    keys: int
-    """How many columns come before the figures (the groups' keys)."""
 
 
 def _chooses_top(request: BreakdownRequest, sources: _Sources) -> bool:
@@ -1284,7 +1260,7 @@ def _breakdown_query(
     group_by = f"\nGROUP BY {', '.join(grouped)}" if grouped else ""
     order = "DESC" if request.descending else "ASC"
     leading = "".join(f"{g}, " for g in grouped)
-    ordering = f"ORDER BY {_sort_key(request.sort, exact=sources.exact)} {order} NULLS LAST" + "".join(
+    ordering = f"ORDER BY {_SORT_KEYS[request.sort]} {order} NULLS LAST" + "".join(
         f", {g} ASC" for g in grouped
     )
     if sources.exact:
@@ -1295,11 +1271,7 @@ def _breakdown_query(
         if choosing:
             source = f"(\n{summed}\n)"
         else:
-            histograms = (
-                f"SELECT {leading}{_SORTED_BINS} AS f_latencies FROM (\n"
-                f"SELECT {leading}arraySort(groupArray((b, n))) AS h FROM (\n"
-                f"SELECT {leading}b, sum(n) AS n FROM hist GROUP BY {leading}b\n){group_by})"
-            )
+            histograms = _percentiles_of_histograms(leading, group_by)
             join = f"USING ({', '.join(grouped)})" if grouped else ""
             source = (
                 f"(\n{summed}\n) AS f\n{'LEFT' if grouped else 'CROSS'} JOIN (\n{histograms}\n) AS q {join}"
@@ -1309,7 +1281,7 @@ def _breakdown_query(
     if request.top is not None:
         statement += "\nLIMIT {top:UInt64}"
         parameters["top"] = request.top
-    return _BreakdownQuery(statement, parameters, starts, sources.exact, len(grouped))
+    return _BreakdownQuery(statement, parameters, starts, sources.exact)
 
 
 def _breakdown_row(
@@ -1899,8 +1871,7 @@ class ClickHouseRepository:
         if query is None:
             return []
         result = self._open().query(query.statement, parameters=query.parameters, settings=_FIGURE_SETTINGS)
-        rows = result.result_rows if query.exact else _histograms_read(result.result_rows, query.keys)
-        return [_breakdown_row(row, request, query.starts, query.exact) for row in rows]
+        return [_breakdown_row(row, request, query.starts, query.exact) for row in result.result_rows]
 
     async def stream_breakdown(
         self, metric_filter: MetricFilter, request: BreakdownRequest
@@ -1914,7 +1885,7 @@ class ClickHouseRepository:
             stream = await self._run(_open_stream, client, query)
             try:
                 while (block := await self._run(next, stream, None)) is not None:
-                    for row in block if query.exact else _histograms_read(block, query.keys):
+                    for row in block:
                         yield _breakdown_row(row, request, query.starts, query.exact)
             finally:
                 await self._run(stream.__exit__, None, None, None)
