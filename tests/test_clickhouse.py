@@ -39,7 +39,7 @@ from action_metrics import ActionMetric, AsyncMetricsStore, MetricsStore
 from action_metrics.breakdown import SORT_KEYS
 from action_metrics.cli import run_async
 from action_metrics.clickhouse import EARLIEST, USER_ROLLUPS, ClickHouseURL, head_version, schema_versions
-from action_metrics.clickhouse_repository import Plan, _ranges_sql, corrected_plan, plan
+from action_metrics.clickhouse_repository import ClickHouseRepository, Plan, _ranges_sql, corrected_plan, plan
 from action_metrics.errors import (
     DataRejected,
     InvalidFilter,
@@ -881,6 +881,53 @@ def test_writers_in_one_process_sending_the_same_new_ids_at_once_count_them_once
     counts, from_rollups, exact = run_async(run())
     assert sorted(counts) == [0] * 7 + [len(metrics)]  # one writer stored them, the others found them
     assert (from_rollups, exact) == (len(metrics), len(metrics))
+
+
+def test_writers_in_two_processes_sending_the_same_new_batch_at_once_count_it_once(
+    clickhouse_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes cannot open one chdb directory, so their race is staged: every lookup of the
+    stored ids answers as it would have before the other process's insert landed (nothing stored),
+    and two stores insert the same new batch (the second in another order). The insert's
+    deduplication token (schema version 9) drops the second insert in the raw table and in every
+    table its views feed: each figure counts each action once, from the hours, days, months, the
+    detail rollups and the user rollups alike. A price change inside the window has the corrections
+    read the days and hours again, so those levels are read too."""
+    metrics = [
+        metric(
+            timestamp=START + timedelta(minutes=37 * i),
+            user_id=f"user-{i % 7}",
+            town_id=f"town-{i % 3}",
+            latency_ms=5.0 + i,
+            tokens_in=10 + i,
+        )
+        for i in range(400)
+    ]
+    original = ClickHouseRepository._stored_ids
+
+    def looked_up_before_the_other_insert(
+        self: ClickHouseRepository, client: Any, columns: list[list[Any]], numbers: list[int]
+    ) -> tuple[set[int], datetime | None, int | None]:
+        _, cutoff, version = original(self, client, columns, numbers)
+        return set(), cutoff, version
+
+    monkeypatch.setattr(ClickHouseRepository, "_stored_ids", looked_up_before_the_other_insert)
+    with MetricsStore(clickhouse_url) as one, MetricsStore(clickhouse_url) as other:
+        one.set_model_price("haiku", 2, 10, START + timedelta(days=4, minutes=13))
+        one.emit_many(metrics)
+        other.emit_many(metrics[::-1])
+        book = _seed_book()
+        book.models["haiku"].append((START + timedelta(days=4, minutes=13), Decimal(2), Decimal(10)))
+        assert_matches(one.aggregate().to_dict(), expected_aggregate(metrics, book))
+        assert_matches(one.aggregate(exact=True).to_dict(), expected_aggregate(metrics, book))
+        for filters in ({"town_id": "town-1"}, {"user_id": "user-3"}, {"since": START + timedelta(hours=5)}):
+            expected = expected_aggregate(select_like_the_store(metrics, filters), book)
+            assert_matches(other.aggregate(**filters).to_dict(), expected)
+        for by in ("user_id", "town_id"):
+            counts: Counter[str] = Counter()
+            for row in one.breakdown(by, bucket="day"):
+                counts[row.keys[by]] += row.figures.count
+            assert counts == Counter(getattr(m, by) for m in metrics)
 
 
 def test_a_store_open_while_another_release_moves_the_schema_stops_writing(clickhouse_url: str) -> None:

@@ -18,7 +18,9 @@ The same versions as `sql/clickhouse/`, rewritten statement by statement:
 - the ids table of version 5 is sharded by id as the actions are, fed per shard by its view.
 - version 6's daily rollups and timeline are sharded as the rollups are (rand()), each shard's views
   feeding its `_local` tables (the timeline's projections are part of each shard's table), and
-  version 7's monthly rollups and version 8's rollups per user the same way.
+  version 7's monthly rollups and version 8's rollups per user the same way;
+- version 9's deduplication window is set on the shards' tables, not the Distributed ones (a
+  Replicated table keeps its insert tokens in Keeper whatever it says: replicated_deduplication_window).
 A statement of a new version that this printer cannot place on a cluster raises, so the test of
 the printed SQL fails rather than printing something half right.
 """
@@ -58,7 +60,9 @@ SHARDING_KEYS: Final = {
 _CLUSTER_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _CREATE_TABLE: Final = re.compile(r"^CREATE TABLE IF NOT EXISTS (\w+)\n")
 _ALTER_TABLE: Final = re.compile(r"^ALTER TABLE (\w+) ")
-_INDEX: Final = re.compile(r"^(ADD|DROP|MATERIALIZE) INDEX ")
+_LOCAL_ONLY: Final = re.compile(r"^((ADD|DROP|MATERIALIZE) INDEX|(MODIFY|RESET) SETTING) ")
+"""What an ALTER of a sharded table changes in the shards' MergeTree tables only: a skip index, a
+MergeTree setting (version 9's deduplication window)."""
 _TRUNCATE: Final = re.compile(r"^TRUNCATE TABLE IF EXISTS (\w+)$")
 _VIEW: Final = re.compile(r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+) TO (\w+) AS\n")
 _ENGINE: Final = re.compile(
@@ -122,7 +126,7 @@ def cluster_statements(url: ClickHouseURL, cluster: str, target: int | None = No
             rest = statement[alter.end() :]
             if alter[1] in SHARDING_KEYS:
                 rewritten.append(f"ALTER TABLE {alter[1]}_local {on} {rest}")
-                if not _INDEX.match(rest):  # the Distributed table mirrors the local table's columns
+                if not _LOCAL_ONLY.match(rest):  # the Distributed table mirrors the local one's columns
                     rewritten.append(f"ALTER TABLE {alter[1]} {on} {rest}")
             else:
                 rewritten.append(f"ALTER TABLE {alter[1]} {on} {rest}")

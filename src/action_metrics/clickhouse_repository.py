@@ -27,6 +27,7 @@ the ids an insert skips are read just before it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import re
@@ -1325,6 +1326,25 @@ def _columns(metrics: Sequence[ActionMetric]) -> list[list[Any]]:
     return columns
 
 
+def _deduplicated(columns: list[list[Any]]) -> dict[str, Any]:
+    """The settings of a batch's insert: a deduplication token naming its actions (their keys as the
+    raw table replaces on: id, town, action type, UTC hour; sorted, so the same actions in another
+    order name the same insert), which ClickHouse keeps for each table's last inserts (schema version
+    9), so that the same actions inserted again at once by another process are dropped by the raw
+    table and by every table its views feed (see `_insert_counting`)."""
+    keys = sorted(
+        zip(
+            (id_.int for id_ in columns[0]),
+            columns[4],
+            columns[2],
+            (moment // _HOUR_MICROS for moment in columns[1]),
+            strict=True,
+        )
+    )
+    token = hashlib.sha256(repr(keys).encode()).hexdigest()
+    return {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
+
+
 def _hours(micros: Sequence[int]) -> list[int]:
     """The UTC hours (as microseconds since 1970) that the moments fall in: every hour from the
     earliest to the latest when they span a day or less (no work per row), else each one found."""
@@ -1562,10 +1582,12 @@ class ClickHouseRepository:
         table replaces on) is not stored yet, the first of each id in the batch: the rollups' views
         see every insert, so a re-sent action must not reach the table. The stored keys are read just
         before the insert (`_stored_ids`), the two one step for every store of this process on this
-        database (`_writer_lock`): writers in two processes sending the same new id at once can still
-        both insert it, and the rollups then count it twice (the raw rows, read with FINAL, once);
-        an id re-sent with another town, action type or hour is a second action, as the raw table
-        always kept it.
+        database (`_writer_lock`). Writers in two processes sending the same new actions at once both
+        find them not stored: the insert's deduplication token (`_deduplicated`) makes the second
+        insert of the same actions a no-op in every table (schema version 9); two batches sharing
+        only some new actions, sent at once, still both insert those, and the rollups then count
+        them twice (the raw rows, read with FINAL, once). An id re-sent with another town, action
+        type or hour is a second action, as the raw table always kept it.
 
         A batch stores nothing when the schema is not at this package's head any more (another
         release upgraded or downgraded it since this store opened: `SchemaTooNew`, `SchemaOutOfDate`),
@@ -1595,7 +1617,13 @@ class ClickHouseRepository:
                         kept.append(index)
                 columns = [[column[index] for index in kept] for column in columns]
             if columns[0]:
-                client.insert("action_metrics", columns, column_names=list(_COLUMNS), column_oriented=True)
+                client.insert(
+                    "action_metrics",
+                    columns,
+                    column_names=list(_COLUMNS),
+                    column_oriented=True,
+                    settings=_deduplicated(columns),
+                )
         return len(columns[0])
 
     def _stored_ids(
@@ -2267,4 +2295,7 @@ class ClickHouseRepository:
                     hours=_ranges_sql("timestamp", stale),
                 ),
                 parameters=parameters,
+                # The rows just deleted, written again: not a duplicate of an earlier insert (with
+                # schema version 9's window, an insert without a token is compared by its content).
+                settings={"insert_deduplicate": 0},
             )
