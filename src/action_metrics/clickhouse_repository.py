@@ -603,10 +603,11 @@ def _bin_value(bin_number: str) -> str:
 def _percentiles_of_histograms(leading: str, group_by: str) -> str:
     """p50, p95 and p99 of each group's histogram in `hist` (`f_latencies`): NumPy's 'linear'
     interpolation between the representatives of the ranks it needs, as `sketch.merged_percentiles`
-    computes them. The (bin, count) pairs are sorted, not added up per bin first: a bin that several
-    sources hold comes as a run of pairs, and the first running count above a rank falls in the run
-    of the bin holding that rank. In SQL, not in NumPy: town x Berlin day at 10M returned ~2M
-    (bin, count) pairs that Python took ~300 ms to read and merge (README)."""
+    computes them. The counts are sorted by their bins, not added up per bin first: a bin that
+    several sources hold comes as a run, and the first running count above a rank falls in the run of
+    the bin holding that rank (the counts are never negative). Two sorts of numbers, not one of
+    (bin, count) tuples: town x Berlin day at 10M 1,388 -> 1,242 ms. In SQL, not in NumPy: that
+    breakdown returned ~2M (bin, count) pairs that Python took ~300 ms to read and merge (README)."""
 
     def value(rank: str) -> str:
         return _bin_value(f"bins[arrayFirstIndex(c -> c > {rank}, running)]")
@@ -617,10 +618,11 @@ def _percentiles_of_histograms(leading: str, group_by: str) -> str:
         f"    positions,\n"
         f"    arrayMap(p -> ({value('floor(p)')}, {value('least(floor(p) + 1, total - 1)')}), positions)\n"
         f") AS f_latencies FROM (\n"
-        f"SELECT {leading}arrayMap(x -> x.1, h) AS bins, arrayCumSum(arrayMap(x -> x.2, h)) AS running,\n"
-        f"    toFloat64(running[-1]) AS total,\n"
+        f"SELECT {leading}bins, arrayCumSum(counts) AS running, toFloat64(running[-1]) AS total,\n"
         f"    arrayMap(f -> (total - 1) * f, [0.5, 0.95, 0.99]) AS positions\n"
-        f"FROM (SELECT {leading}arraySort(groupArray((b, n))) AS h FROM hist{group_by}))"
+        f"FROM (SELECT {leading}groupArray(b) AS unsorted, arraySort(unsorted) AS bins,\n"
+        f"    arraySort((count, bin) -> bin, groupArray(n), unsorted) AS counts\n"
+        f"FROM hist{group_by}))"
     )
 
 
