@@ -723,18 +723,25 @@ def test_a_window_reaching_centuries_out_has_only_the_buckets_of_what_is_stored(
 def test_a_long_breakdown_streams_the_rows_breakdown_returns(
     filled: tuple[MetricsStore, list[ActionMetric]], filled_url: str
 ) -> None:
-    """Every hour of the autumn window per model, in Kathmandu: the rows one at a time, in order."""
+    """Every hour of the autumn window per model, in Kathmandu: the rows one at a time, in order. And
+    the top groups by a sum (which ClickHouse chooses in a statement of their own, then streams) as
+    breakdown() returns them."""
     store, _ = filled
     asked: dict[str, Any] = {"by": ("model",), "bucket": "hour", "tz": "Asia/Kathmandu", "sort": "count"}
     asked.update(since=AUTUMN, until=AUTUMN + timedelta(days=4))
+    top: dict[str, Any] = {"by": ("town_id", "model"), "bucket": "day", "sort": "total_cost_usd", "top": 5}
 
-    async def streamed() -> list[dict[str, Any]]:
+    async def streamed(question: dict[str, Any]) -> list[dict[str, Any]]:
         async with AsyncMetricsStore(filled_url) as reader:
-            return [row.to_dict() async for row in reader.stream_breakdown(**asked)]
+            return [row.to_dict() async for row in reader.stream_breakdown(**question)]
 
-    rows = run_async(streamed())
+    rows = run_async(streamed(asked))
     assert len(rows) > 250
     assert rows == [row.to_dict() for row in store.breakdown(**asked)]
+    top_rows = run_async(streamed(top))
+    assert len(top_rows) == 5
+    assert all(row["p95_latency_ms"] is not None for row in top_rows)
+    assert top_rows == [row.to_dict() for row in store.breakdown(**top)]
 
 
 @pytest.fixture(scope="module")
