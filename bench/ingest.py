@@ -71,10 +71,15 @@ from action_metrics import (
 )
 from action_metrics.clickhouse import ClickHouseURL, is_clickhouse_url, upgrade
 from action_metrics.dialects import WRITE, backend_for
-from action_metrics.ingest import INGEST_BATCH, metric_batches
+from action_metrics.ingest import CLICKHOUSE_INGEST_BATCH, INGEST_BATCH, metric_batches
 from action_metrics.query import metric_rows
 from action_metrics.schema import action_metrics
-from action_metrics.writer import DEFAULT_BATCH_SIZE, DEFAULT_BUFFER_SIZE
+from action_metrics.writer import (
+    CLICKHOUSE_BATCH_SIZE,
+    CLICKHOUSE_BUFFER_SIZE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BUFFER_SIZE,
+)
 
 TARGET_RATIO = 0.7
 RSS_LIMIT_MB = 300
@@ -330,15 +335,17 @@ BACK_PRESSURE_CHECK = 1_000
 
 @dataclass(frozen=True)
 class WriterSettings:
-    buffer_size: int = DEFAULT_BUFFER_SIZE
-    batch_size: int = DEFAULT_BATCH_SIZE
+    """The writer's sizes; None: the store's default for its backend."""
+
+    buffer_size: int | None = None
+    batch_size: int | None = None
 
 
 def produce(url: str, metrics: Sequence[ActionMetric], settings: WriterSettings) -> tuple[float, int]:
     """Emit every metric from this thread, waiting while the buffer is nearly full, then flush."""
-    full = max(settings.buffer_size - BACK_PRESSURE_CHECK, 1)
     with MetricsStore(url, buffer_size=settings.buffer_size, batch_size=settings.batch_size) as store:
         writer = store.writer
+        full = max(writer.settings.buffer_size - BACK_PRESSURE_CHECK, 1)
         emit = store.emit
         started = time.perf_counter()
         for start in range(0, len(metrics), BACK_PRESSURE_CHECK):
@@ -502,17 +509,23 @@ async def stream(backend: str, count: int, workdir: Path) -> float:
         await databases.drop_all()
 
 
+def _size(chosen: int | None, default: int, clickhouse: int) -> str:
+    return f"{chosen:,}" if chosen is not None else f"{default:,} (ClickHouse {clickhouse:,})"
+
+
 async def main(arguments: argparse.Namespace) -> int:
     if arguments.without_sketches:  # the write path as before the sketch levels, for a comparison
         from action_metrics import latency_sketches, rollup
 
         latency_sketches.levels_of = lambda grains: ()  # type: ignore[assignment]
         rollup.LEVELS = tuple(level for level in rollup.LEVELS if level is not rollup.HOURLY_BY_TOWN)  # type: ignore[misc]
+    buffer = _size(arguments.writer_buffer, DEFAULT_BUFFER_SIZE, CLICKHOUSE_BUFFER_SIZE)
+    batch = _size(arguments.writer_batch, DEFAULT_BATCH_SIZE, CLICKHOUSE_BATCH_SIZE)
     print(
         f"action-metrics ingest bench: {arguments.metrics:,} metrics ({arguments.shape} shape),"
         f" {arguments.runs} runs per backend,"
-        f" {os.cpu_count()} CPUs, emit_many batches of {INGEST_BATCH:,}; writer buffer"
-        f" {arguments.writer_buffer:,}, batches up to {arguments.writer_batch:,}",
+        f" {os.cpu_count()} CPUs, emit_many batches of {INGEST_BATCH:,} (ClickHouse"
+        f" {CLICKHOUSE_INGEST_BATCH:,}); writer buffer {buffer}, batches up to {batch}",
         flush=True,
     )
     writer_settings = WriterSettings(arguments.writer_buffer, arguments.writer_batch)
@@ -567,10 +580,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--stream", type=int, default=10_000_000, help="metrics to stream (0: skip)")
     parser.add_argument(
-        "--writer-buffer", type=int, default=DEFAULT_BUFFER_SIZE, help="the writer's buffer_size"
+        "--writer-buffer", type=int, help="the writer's buffer_size (default: the store's for the backend)"
     )
     parser.add_argument(
-        "--writer-batch", type=int, default=DEFAULT_BATCH_SIZE, help="the writer's batch_size"
+        "--writer-batch", type=int, help="the writer's batch_size (default: the store's for the backend)"
     )
     parser.add_argument(
         "--backend",

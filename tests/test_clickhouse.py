@@ -176,6 +176,39 @@ def test_emit_many_streams_into_clickhouse_in_inserts_of_its_own_batch_size(
     assert AsyncMetricsStore("sqlite:///unused.db").ingest_batch == 20_000
 
 
+def test_the_writer_inserts_into_clickhouse_in_batches_of_its_own_size(
+    clickhouse_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background writer's defaults follow emit_many's: ClickHouse's batches (and the buffer that
+    holds the next one while one is in flight) are larger than the SQL backends'; sizes given win."""
+    from action_metrics import clickhouse_repository
+    from action_metrics import store as store_module
+
+    monkeypatch.setattr(store_module, "CLICKHOUSE_BATCH_SIZE", 7)
+    monkeypatch.setattr(store_module, "CLICKHOUSE_BUFFER_SIZE", 14)
+    sizes: list[int] = []
+    insert = clickhouse_repository.ClickHouseRepository.insert
+
+    async def recorded(self: Any, metrics: Any) -> None:
+        sizes.append(len(metrics))
+        await insert(self, metrics)
+
+    monkeypatch.setattr(clickhouse_repository.ClickHouseRepository, "insert", recorded)
+    metrics = [metric(timestamp=START + timedelta(minutes=i)) for i in range(12)]
+    with MetricsStore(clickhouse_url, flush_interval=3600) as store:
+        assert (store.writer.settings.batch_size, store.writer.settings.buffer_size) == (7, 14)
+        for one in metrics:
+            store.emit(one)
+        store.flush()
+        assert sum(sizes) == 12 and max(sizes) == 7, sizes  # the first 7 go as soon as they wait
+        assert store.dropped == 0
+        assert store.aggregate().count == 12
+    with MetricsStore(clickhouse_url, buffer_size=30, batch_size=20) as store:
+        assert (store.writer.settings.batch_size, store.writer.settings.buffer_size) == (20, 30)
+    sql = AsyncMetricsStore("sqlite:///unused.db").writer.settings
+    assert (sql.batch_size, sql.buffer_size) == (20_000, 50_000)
+
+
 async def _emit_async(url: str, metrics: list[ActionMetric]) -> None:
     async with AsyncMetricsStore(url) as store:
         await store.emit_many(iter(metrics))
