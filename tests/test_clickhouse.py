@@ -200,7 +200,8 @@ def test_the_writer_inserts_into_clickhouse_in_batches_of_its_own_size(
         for one in metrics:
             store.emit(one)
         store.flush()
-        assert sum(sizes) == 12 and max(sizes) == 7, sizes  # the first 7 go as soon as they wait
+        assert sum(sizes) == 12, sizes
+        assert max(sizes) == 7, sizes  # the first 7 go as soon as they wait
         assert store.dropped == 0
         assert store.aggregate().count == 12
     with MetricsStore(clickhouse_url, buffer_size=30, batch_size=20) as store:

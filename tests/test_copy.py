@@ -30,7 +30,7 @@ from action_metrics.cli import run_async
 from action_metrics.clickhouse import ClickHouseURL
 from action_metrics.clickhouse_repository import ClickHouseRepository
 from action_metrics.dialects import display_url, resolve_url
-from action_metrics.errors import DestinationPruned, RawRowsPruned, SourcePruned
+from action_metrics.errors import DestinationPruned, PriceInPrunedDestination, RawRowsPruned, SourcePruned
 from action_metrics.query import CopyCheckpoint, CopyPosition
 from action_metrics.store import repository_for
 from action_metrics.transfer import CopyProgress, CopyResult, copy_store
@@ -329,6 +329,61 @@ def test_a_pruned_destination_is_refused_unless_the_period_it_refuses_is_given_u
     with MetricsStore(destination) as copy:
         assert_matches(copy.aggregate(since=cutoff).to_dict(), expected_aggregate(kept, _book()))
         assert_matches(copy.aggregate().to_dict(), expected_aggregate([*own, *kept], _book()))
+
+
+@pytest.mark.parametrize("into", ["sql", "clickhouse"])
+def test_a_price_the_pruned_destination_cannot_take_is_refused_before_anything_is_written(
+    backend: Databases, destination: str, into: str
+) -> None:
+    """A pruned destination refuses a new price from inside a UTC day it pruned (its rollups cannot be
+    split there without the raw rows): the copy finds that out before it writes a price or an action,
+    names the price, and the destination is left as it was. Into SQLite or PostgreSQL (the backend's
+    own rule: the closed hours and days a price would split) and into ClickHouse."""
+    source_url = backend.migrated()
+    into_url = backend.migrated() if into == "sql" else destination
+    cutoff = START + timedelta(days=4)
+    inside = START + timedelta(days=2, hours=5, minutes=30)  # inside a day the destination pruned
+    try:
+        with MetricsStore(into_url) as store:
+            store.emit_many([metric(timestamp=START + timedelta(days=2, hours=h)) for h in range(3)])
+            store.emit_many([metric(timestamp=cutoff + timedelta(hours=h)) for h in range(2)])
+            store.prune(cutoff)
+            prices_before = store.model_prices()
+            held_before = store.aggregate().to_dict()
+        midnight = START + timedelta(days=2)
+        starts = [(inside, "sonnet"), (inside, None), (midnight, "sonnet"), (cutoff, "sonnet")]
+        refusals = run_async(_refusals(into_url, starts))
+        # Inside a pruned day, a model's or a credit's; not at its midnight, nor from the cut-off on.
+        assert refusals == [cutoff, cutoff, None, None]
+        with MetricsStore(source_url) as store:
+            # One it could take (at a midnight), written before the one it cannot.
+            store.set_model_price("openai/gpt-4o-mini", "0.15", "0.6", START)
+            store.set_model_price("sonnet", "2.5", "12.5", inside)
+            store.emit_many([metric(timestamp=cutoff + timedelta(hours=5 + h)) for h in range(3)])
+        refused = run_cli("db", "copy", "--from", source_url, "--to", into_url, "--skip-pruned-period")
+        assert_one_line_error(refused, 1, f"the price of sonnet from {inside.isoformat()}")
+        assert "Nothing was written" in refused.stderr
+        with pytest.raises(PriceInPrunedDestination) as raised:
+            run_async(copy_store(source_url, into_url, skip_pruned_period=True))
+        error = raised.value
+        assert (error.model, error.effective_from, error.cutoff) == ("sonnet", inside, cutoff)
+        with MetricsStore(into_url) as store:
+            assert store.model_prices() == prices_before
+            assert store.aggregate().to_dict() == held_before
+    finally:
+        backend.drop(source_url)
+        if into == "sql":
+            backend.drop(into_url)
+
+
+async def _refusals(url: str, starts: list[tuple[datetime, str | None]]) -> list[datetime | None]:
+    """`price_start_refused` of each (start, model) on the store at `url`."""
+    repository = repository_for(resolve_url(url))()
+    try:
+        await repository.ensure_schema()
+        return [await repository.price_start_refused(start, model) for start, model in starts]
+    finally:
+        await repository.close()
 
 
 def test_credit_claims_come_along_so_a_copied_action_is_charged_once(

@@ -1979,9 +1979,14 @@ class ClickHouseRepository:
         day, not its midnight, unless one starts at that very instant already: prune split the
         rollups at the price changes it found (`_split_hours`), and the raw rows that would split
         them at a new one are gone. SQLite and PostgreSQL refuse it alike."""
+        cutoff = self._refusing_cutoff(client, start, model)
+        if cutoff is not None:
+            raise InvalidPrice.inside_pruned_day(start, cutoff)
+
+    def _refusing_cutoff(self, client: Client, start: datetime, model: str | None) -> datetime | None:
         cutoff = self._raw_kept_from(client)
         if cutoff is None or start >= cutoff or start == floor_to(start, "day"):
-            return
+            return None
         same_start = "effective_from = fromUnixTimestamp64Micro({start:Int64}, 'UTC')"
         statement = (
             f"SELECT count() FROM credit_prices FINAL WHERE {same_start}"
@@ -1989,8 +1994,15 @@ class ClickHouseRepository:
             else f"SELECT count() FROM model_prices FINAL WHERE model = {{model:String}} AND {same_start}"
         )
         parameters = {"model": model, "start": _micros(_price_start(start))}
-        if not client.query(statement, parameters=parameters).result_rows[0][0]:
-            raise InvalidPrice.inside_pruned_day(start, cutoff)
+        return None if client.query(statement, parameters=parameters).result_rows[0][0] else cutoff
+
+    async def price_start_refused(self, start: datetime, model: str | None) -> datetime | None:
+        """The prune cut-off for which `set_model_price` (`model`) or `set_credit_price` (None)
+        would refuse a price from `start` now (`InvalidPrice.inside_pruned_day`), else None."""
+        return await self._run(self._price_start_refused, start, model)
+
+    def _price_start_refused(self, start: datetime, model: str | None) -> datetime | None:
+        return self._refusing_cutoff(self._open(), start, model)
 
     async def model_prices(self) -> list[ModelPrice]:
         """Every model price stored, by model and start."""

@@ -222,6 +222,27 @@ class DestinationPruned(ActionMetricsError):
         )
 
 
+class PriceInPrunedDestination(ActionMetricsError):
+    """`db copy` refuses a source's price that starts inside a UTC day whose raw rows the
+    destination pruned (before its cut-off, not at a midnight, and new to it): the destination
+    refuses to set it (`InvalidPrice.inside_pruned_day`), since its rollups cannot be split there.
+    Refused before anything is written; `model` is None for a credit price."""
+
+    def __init__(
+        self, destination: str, cutoff: datetime, source: str, model: str | None, start: datetime
+    ) -> None:
+        self.cutoff = cutoff
+        self.model = model
+        self.effective_from = start
+        price = "the credit price" if model is None else f"the price of {model}"
+        super().__init__(
+            f"{destination} was pruned before {cutoff.isoformat()}, and {source} holds {price} from "
+            f"{start.isoformat()}, inside a UTC day whose raw rows {destination} pruned: its rollups "
+            "cannot be split there, so it cannot take that price. Nothing was written; copy into a "
+            "destination that was not pruned"
+        )
+
+
 class PriceConflict(ActionMetricsError):
     """`db copy` refuses to write a source's model price over a different one that the destination
     had set by hand for the same model from the same instant: which is right is the operator's call.

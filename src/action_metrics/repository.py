@@ -67,7 +67,7 @@ from action_metrics.query import (
     metric_rows,
     metrics_statement,
 )
-from action_metrics.rollup import BuildProgress, ReadPlan, RollupState
+from action_metrics.rollup import BuildProgress, Grain, ReadPlan, RollupState
 from action_metrics.schema import (
     action_metrics,
     credit_claims,
@@ -189,6 +189,15 @@ class _Sketched:
     buckets: closed_buckets.Buckets | None
     stored: dict[int, list[BreakdownRow]]
     seen: int
+
+
+def _refusing_cutoff(state: RollupState, split: Sequence[tuple[Grain, datetime]]) -> datetime | None:
+    """The prune cut-off that refuses a new price splitting the buckets `split`, or None: a month is
+    summed again from its days, which the rollups keep; an hour or a day needs its raw rows."""
+    cutoff = state.raw_kept_from
+    if cutoff is not None and any(bucket < cutoff for grain, bucket in split if grain != "month"):
+        return cutoff
+    return None
 
 
 class MetricsRepository:
@@ -660,15 +669,27 @@ class MetricsRepository:
     ) -> None:
         is_new = (await connection.execute(existing)).first() is None
         split = rollup.closed_buckets_split_by(state, start) if is_new else []
-        cutoff = state.raw_kept_from
-        # A month is summed again from its days, which the rollups keep: only hours and days need raw rows.
-        if cutoff is not None and any(bucket < cutoff for grain, bucket in split if grain != "month"):
+        cutoff = _refusing_cutoff(state, split)
+        if cutoff is not None:
             raise InvalidPrice.inside_pruned_day(start, cutoff)
         await connection.execute(upsert)
         if split:
             await rollup.rebuild(connection, self.backend, state, split, model)
         if is_new:
             await rollup.split_open_user_day(connection, self.backend, state, start, model)
+
+    async def price_start_refused(self, start: datetime, model: str | None) -> datetime | None:
+        """The prune cut-off for which `set_model_price` (`model`) or `set_credit_price` (None)
+        would refuse a price from `start` now (`InvalidPrice.inside_pruned_day`), else None."""
+        table = credit_prices if model is None else model_prices
+        existing = select(table.c.id).where(table.c.effective_from == start)
+        if model is not None:
+            existing = existing.where(model_prices.c.model == model)
+        async with self._snapshot() as connection:
+            state = await rollup.read_state(connection)
+            if state.raw_kept_from is None or (await connection.execute(existing)).first() is not None:
+                return None
+            return _refusing_cutoff(state, rollup.closed_buckets_split_by(state, start))
 
     async def seen_models(self) -> list[str]:
         """Every model an action was recorded for. Closed buckets' models are in the rollups (also

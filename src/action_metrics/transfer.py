@@ -19,8 +19,9 @@ A pruned destination refuses actions from before its own cut-off (`MetricInPrune
 source holding some is refused too (`DestinationPruned`) unless `skip_pruned_period`; then the copy
 starts at the later of the two cut-offs. A price the destination had set by hand for a model from
 the same instant as one of the source's, but different, is refused (`PriceConflict`): the copy
-would overwrite it. Every refusal comes before anything is written, and removes the destination's
-SQLite file if the copy created it.
+would overwrite it; so is a price the pruned destination cannot take, one starting inside a UTC
+day it pruned (`PriceInPrunedDestination`). Every refusal comes before anything is written, and
+removes the destination's SQLite file if the copy created it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ from typing import Final, Protocol, runtime_checkable
 
 from action_metrics.aggregate import Aggregate
 from action_metrics.dialects import display_url, resolve_url
-from action_metrics.errors import DestinationPruned, PriceConflict, SourcePruned, UnsupportedDatabase
+from action_metrics.errors import (
+    DestinationPruned,
+    PriceConflict,
+    PriceInPrunedDestination,
+    SourcePruned,
+    UnsupportedDatabase,
+)
 from action_metrics.pricing import BEGINNING_OF_TIME, MODEL_COSTS_PER_1M, ModelPrice, exact
 from action_metrics.query import CopyCheckpoint, CopyPosition, MetricFilter
 from action_metrics.store import Repository, repository_for
@@ -264,7 +271,8 @@ async def _plan(
     skip_pruned_period: bool,
 ) -> _Plan:
     """Every refusal of a copy, before it writes anything: a pruned source or destination, a price
-    set by hand in the destination that the source's would overwrite."""
+    set by hand in the destination that the source's would overwrite, a price the pruned destination
+    cannot take (one starting inside a UTC day it pruned)."""
     cutoff = await source.raw_kept_from()
     if cutoff is not None and not skip_pruned_period:
         raise SourcePruned(source_name, cutoff)
@@ -282,6 +290,13 @@ async def _plan(
     _refuse_overwriting_hand_set_prices(
         model_prices, await destination.model_prices(), source_name, destination_name
     )
+    if refused_before is not None:
+        starts: list[tuple[str | None, datetime]] = [(p.model, p.effective_from) for p in model_prices]
+        starts += [(None, price.effective_from) for price in await source.credit_prices()]
+        for model, start in starts:
+            refusing = await destination.price_start_refused(start, model)
+            if refusing is not None:
+                raise PriceInPrunedDestination(destination_name, refusing, source_name, model, start)
     return _Plan(cutoff, tuple(model_prices))
 
 
