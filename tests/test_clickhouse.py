@@ -148,15 +148,10 @@ def test_re_sent_batches_are_stored_once_after_the_merges_too(clickhouse_url: st
         assert store.query() == select_like_the_store(metrics, {})
 
 
-def test_emit_many_streams_into_clickhouse_in_inserts_of_its_own_batch_size(
-    clickhouse_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ClickHouse takes larger batches than the SQL backends (each insert's parts and views cost the
-    same whatever its size); a generator is still drawn a batch at a time, sync and async alike."""
+def _insert_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the batches ClickHouse repositories insert from now on, in order."""
     from action_metrics import clickhouse_repository
-    from action_metrics import store as store_module
 
-    monkeypatch.setattr(store_module, "CLICKHOUSE_INGEST_BATCH", 7)
     sizes: list[int] = []
     insert = clickhouse_repository.ClickHouseRepository.insert
 
@@ -165,6 +160,18 @@ def test_emit_many_streams_into_clickhouse_in_inserts_of_its_own_batch_size(
         await insert(self, metrics)
 
     monkeypatch.setattr(clickhouse_repository.ClickHouseRepository, "insert", recorded)
+    return sizes
+
+
+def test_emit_many_streams_into_clickhouse_in_inserts_of_its_own_batch_size(
+    clickhouse_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ClickHouse takes larger batches than the SQL backends (each insert's parts and views cost the
+    same whatever its size); a generator is still drawn a batch at a time, sync and async alike."""
+    from action_metrics import store as store_module
+
+    monkeypatch.setattr(store_module, "CLICKHOUSE_INGEST_BATCH", 7)
+    sizes = _insert_sizes(monkeypatch)
     metrics = [metric(timestamp=START + timedelta(minutes=i)) for i in range(30)]
     with MetricsStore(clickhouse_url) as store:
         assert store._store.ingest_batch == 7
@@ -181,19 +188,11 @@ def test_the_writer_inserts_into_clickhouse_in_batches_of_its_own_size(
 ) -> None:
     """The background writer's defaults follow emit_many's: ClickHouse's batches (and the buffer that
     holds the next one while one is in flight) are larger than the SQL backends'; sizes given win."""
-    from action_metrics import clickhouse_repository
     from action_metrics import store as store_module
 
     monkeypatch.setattr(store_module, "CLICKHOUSE_BATCH_SIZE", 7)
     monkeypatch.setattr(store_module, "CLICKHOUSE_BUFFER_SIZE", 14)
-    sizes: list[int] = []
-    insert = clickhouse_repository.ClickHouseRepository.insert
-
-    async def recorded(self: Any, metrics: Any) -> None:
-        sizes.append(len(metrics))
-        await insert(self, metrics)
-
-    monkeypatch.setattr(clickhouse_repository.ClickHouseRepository, "insert", recorded)
+    sizes = _insert_sizes(monkeypatch)
     metrics = [metric(timestamp=START + timedelta(minutes=i)) for i in range(12)]
     with MetricsStore(clickhouse_url, flush_interval=3600) as store:
         assert (store.writer.settings.batch_size, store.writer.settings.buffer_size) == (7, 14)
