@@ -345,6 +345,58 @@ def test_db_upgrade_sql_prints_the_ddl_and_changes_nothing(clickhouse_url: str) 
     assert run_cli("db", "current", "--url", clickhouse_url).stdout == "- (no schema)\n"
 
 
+def test_db_upgrade_sql_starts_from_the_version_the_database_is_at(clickhouse_url: str) -> None:
+    """As on the SQL backends: `--sql` prints from the version the database is at (or the range
+    FROM:TO given), never from base for a database that has one: its fills would run again, and on a
+    pruned database the hourly rollup, emptied and filled from the raw rows left, would lose the
+    period it keeps. What a DBA runs from the printed SQL brings a pruned database at version 5 to
+    the head with every action still counted, as `db upgrade` does."""
+    metrics = [metric(timestamp=START + timedelta(hours=5 * i), tokens_in=i) for i in range(60)]
+    cutoff = START + timedelta(days=5)
+    with MetricsStore(clickhouse_url) as store:
+        store.emit_many(metrics)
+        store.prune(cutoff)
+        before = store.aggregate().to_dict()
+    assert before["count"] == 60
+    assert run_cli("db", "downgrade", "5", "--url", clickhouse_url).exit_code == 0
+
+    printed = run_cli("db", "upgrade", "--sql", "--url", clickhouse_url)
+    assert printed.exit_code == 0, printed.output
+    assert printed.stdout.startswith(
+        f"-- action-metrics db upgrade: the ClickHouse SQL from version 5 (where {clickhouse_url} is) "
+        f"to {head_version()}\n"
+    )
+    assert "-- version 5:" not in printed.stdout
+    assert "-- version 6:" in printed.stdout
+    assert "TRUNCATE TABLE IF EXISTS action_metrics_rollup_hourly;" not in printed.stdout  # version 4's
+    given = run_cli("db", "upgrade", "5:head", "--sql", "--url", clickhouse_url)
+    assert given.stdout.split("\n", 1)[1] == printed.stdout.split("\n", 1)[1]
+    cluster = run_cli("db", "upgrade", "8:9", "--sql", "--cluster", "prod", "--url", clickhouse_url)
+    assert cluster.exit_code == 0, cluster.output
+    assert "-- version 9:" in cluster.stdout
+    assert "-- version 8:" not in cluster.stdout
+    assert "ALTER TABLE action_metrics_local ON CLUSTER `prod` MODIFY SETTING" in cluster.stdout
+    assert run_cli("db", "current", "--url", clickhouse_url).stdout == f"5 (behind head {head_version()})\n"
+
+    client = ClickHouseURL.parse(clickhouse_url).connect(with_database=False)
+    try:
+        for statement in _statements(printed.stdout):
+            client.command(statement)
+    finally:
+        client.close()
+    assert run_cli("db", "current", "--url", clickhouse_url).stdout == f"{head_version()} (head)\n"
+    with MetricsStore(clickhouse_url) as store:
+        assert store.aggregate().to_dict() == before  # the pruned period is still counted
+    at_head = run_cli("db", "upgrade", "--sql", "--url", clickhouse_url)
+    assert at_head.stdout.endswith("already: no SQL to run\n")
+    down = run_cli("db", "upgrade", "9:5", "--sql", "--url", clickhouse_url)
+    assert down.exit_code != 0
+    assert "db downgrade goes down" in down.output
+    ranged = run_cli("db", "upgrade", "5:9", "--url", clickhouse_url)
+    assert ranged.exit_code != 0
+    assert "FROM:TO is for --sql" in ranged.output
+
+
 def test_the_printed_sql_builds_the_same_schema_as_upgrade(engine_directory: Path) -> None:
     """What a DBA runs from `--sql` gives a database the store accepts, with the seeded prices."""
     url = _new_database_url(engine_directory)

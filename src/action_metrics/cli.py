@@ -420,19 +420,76 @@ def upgrade(revision: str, url: str | None, sql: bool, cluster: str | None) -> N
 def _upgrade_clickhouse(revision: str, url: str, sql: bool, cluster: str | None) -> None:
     """ClickHouse keeps its own numbered DDL (`sql/clickhouse/`), not alembic's revisions."""
     target = clickhouse.ClickHouseURL.parse(url)
-    version = clickhouse.parse_version(revision)
     if cluster is not None:
         if not sql:
             raise click.UsageError("--cluster prints the DDL only: add --sql and run it as an operator")
+        from action_metrics.clickhouse_cluster import check_cluster_name
+
+        check_cluster_name(cluster)  # before anything is read
+    if sql:
+        _print_clickhouse_sql(target, revision, cluster)
+        return
+    if ":" in revision:
+        raise click.BadParameter("a range FROM:TO is for --sql", param_hint="'REVISION'")
+    reached = clickhouse.upgrade(target, clickhouse.parse_version(revision))
+    click.echo(f"{target.shown()} is at ClickHouse schema version {reached}", err=True)
+
+
+def _print_clickhouse_sql(url: clickhouse.ClickHouseURL, revision: str, cluster: str | None) -> None:
+    """`db upgrade --sql` on ClickHouse, as on the SQL backends: the statements from the version the
+    database is at (or the range FROM:TO given) to the target. Printed from base, a database already
+    at a version would run its fills again: a pruned one would lose the period its rollups keep."""
+    header = "-- action-metrics db upgrade"
+    where = url.shown()
+    if ":" in revision:
+        first, _, last = revision.partition(":")
+        start, version = clickhouse.parse_version(first), clickhouse.parse_version(last)
+        comment = f"{header}: the ClickHouse SQL from version {start} to {version}, the range given"
+    else:
+        version = clickhouse.parse_version(revision)
+        try:
+            start = _clickhouse_version_for_sql(url) or 0
+        except _clickhouse_read_errors() as error:
+            start = 0
+            comment = (
+                f"{header}: could not read the version of {where} ({error});\n-- so the ClickHouse SQL "
+                f"from base to version {version}; for a database at another version, give the range "
+                "FROM:TO as REVISION, FROM being the version `db current` shows"
+            )
+        else:
+            at = f"where {where} is" if start else f"{where} has no action-metrics schema"
+            comment = f"{header}: the ClickHouse SQL from version {start or 'base'} ({at}) to {version}"
+    if version < start:
+        raise click.UsageError(f"version {version} is below {start}: db downgrade goes down")
+    if version == start:
+        click.echo(f"{header}: {where} is at ClickHouse schema version {start} already: no SQL to run")
+        return
+    if cluster is not None:
         from action_metrics.clickhouse_cluster import cluster_statements
 
-        click.echo(clickhouse.printed(cluster_statements(target, cluster, version)), nl=False)
-        return
-    if sql:
-        click.echo(clickhouse.upgrade_sql(target, target=version), nl=False)
-        return
-    reached = clickhouse.upgrade(target, version)
-    click.echo(f"{target.shown()} is at ClickHouse schema version {reached}", err=True)
+        statements = cluster_statements(url, cluster, version, after=start)
+        comment += f", ON CLUSTER {cluster}"
+    else:
+        statements = clickhouse.upgrade_statements(url, version, after=start)
+    click.echo(comment)
+    click.echo(clickhouse.printed(statements), nl=False)
+
+
+def _clickhouse_read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a ClickHouse database's version raises when it cannot be read."""
+    try:
+        from clickhouse_connect.driver.exceptions import ClickHouseError
+    except ImportError:  # the extra is not installed: connecting says so
+        return (ActionMetricsError, OSError)
+    return (ActionMetricsError, OSError, ClickHouseError)
+
+
+def _clickhouse_version_for_sql(url: clickhouse.ClickHouseURL) -> int | None:
+    """The version the database is at, read without creating anything: a chdb directory that is not
+    there has no schema (opening it would create it)."""
+    if url.in_process and not Path(url.location[0]).exists():
+        return None
+    return clickhouse.version_of(url)
 
 
 def _progress(console: Console) -> Progress:

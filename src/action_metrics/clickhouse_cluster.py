@@ -98,8 +98,10 @@ def _replicated(statement: str, table: str) -> str:
     )
 
 
-def cluster_statements(url: ClickHouseURL, cluster: str, target: int | None = None) -> list[str]:
-    """`upgrade_statements` for a cluster (see the module)."""
+def cluster_statements(
+    url: ClickHouseURL, cluster: str, target: int | None = None, after: int = 0
+) -> list[str]:
+    """`upgrade_statements` (from version `after` to `target`) for a cluster (see the module)."""
     on = f"ON CLUSTER `{check_cluster_name(cluster)}`"
 
     def distributed(table: str) -> str:
@@ -109,7 +111,7 @@ def cluster_statements(url: ClickHouseURL, cluster: str, target: int | None = No
         )
 
     rewritten: list[str] = []
-    for statement in upgrade_statements(url, target):
+    for statement in upgrade_statements(url, target, after):
         if statement.startswith(("--", "USE ", "INSERT INTO ")):
             if statement.startswith(f"INSERT INTO {SHARDED} "):
                 raise UnsupportedDatabase(f"cannot place this statement on a cluster: {statement}")
