@@ -397,6 +397,22 @@ def test_db_upgrade_sql_starts_from_the_version_the_database_is_at(clickhouse_ur
     assert "FROM:TO is for --sql" in ranged.output
 
 
+def test_db_upgrade_sql_for_a_database_it_cannot_read_prints_from_base_and_says_so(tmp_path: Path) -> None:
+    """A server out of reach: the SQL from base, its comment saying why and how to give a range. A
+    chdb directory that is not there has no schema, and printing does not create it."""
+    unreachable = run_cli("db", "upgrade", "--sql", "--url", "clickhouse://default@127.0.0.1:1/metrics")
+    assert unreachable.exit_code == 0, unreachable.output
+    first, second = unreachable.stdout.splitlines()[:2]
+    assert first.startswith("-- action-metrics db upgrade: could not read the version of clickhouse://")
+    assert second.startswith("-- so the ClickHouse SQL from base to version")
+    assert "give the range FROM:TO" in second
+    assert "CREATE DATABASE IF NOT EXISTS `metrics`;" in unreachable.stdout
+    missing = tmp_path / "not-there"
+    printed = run_cli("db", "upgrade", "--sql", "--url", f"chdb://{missing}?database=metrics")
+    assert printed.stdout.startswith("-- action-metrics db upgrade: the ClickHouse SQL from version base (")
+    assert not missing.exists()
+
+
 def test_the_printed_sql_builds_the_same_schema_as_upgrade(engine_directory: Path) -> None:
     """What a DBA runs from `--sql` gives a database the store accepts, with the seeded prices."""
     url = _new_database_url(engine_directory)

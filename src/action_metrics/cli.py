@@ -452,7 +452,8 @@ def _print_clickhouse_sql(url: clickhouse.ClickHouseURL, revision: str, cluster:
         except _clickhouse_read_errors() as error:
             start = 0
             comment = (
-                f"{header}: could not read the version of {where} ({error});\n-- so the ClickHouse SQL "
+                f"{header}: could not read the version of {where} ({' '.join(str(error).split())});\n"
+                "-- so the ClickHouse SQL "
                 f"from base to version {version}; for a database at another version, give the range "
                 "FROM:TO as REVISION, FROM being the version `db current` shows"
             )
