@@ -351,7 +351,8 @@ def test_a_price_the_pruned_destination_cannot_take_is_refused_before_anything_i
             prices_before = store.model_prices()
             held_before = store.aggregate().to_dict()
         midnight = START + timedelta(days=2)
-        starts = [(inside, "sonnet"), (inside, None), (midnight, "sonnet"), (cutoff, "sonnet")]
+        after = cutoff + timedelta(minutes=5)
+        starts = [(inside, "sonnet"), (inside, None), (midnight, "sonnet"), (after, "sonnet")]
         refusals = run_async(_refusals(into_url, starts))
         # Inside a pruned day, a model's or a credit's; not at its midnight, nor from the cut-off on.
         assert refusals == [cutoff, cutoff, None, None]

@@ -1999,10 +1999,7 @@ class ClickHouseRepository:
     async def price_start_refused(self, start: datetime, model: str | None) -> datetime | None:
         """The prune cut-off for which `set_model_price` (`model`) or `set_credit_price` (None)
         would refuse a price from `start` now (`InvalidPrice.inside_pruned_day`), else None."""
-        return await self._run(self._price_start_refused, start, model)
-
-    def _price_start_refused(self, start: datetime, model: str | None) -> datetime | None:
-        return self._refusing_cutoff(self._open(), start, model)
+        return await self._run(self._refusing_cutoff, self._open(), start, model)
 
     async def model_prices(self) -> list[ModelPrice]:
         """Every model price stored, by model and start."""
